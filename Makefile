@@ -1,0 +1,29 @@
+# Developer entry points. `make test` is the only command a fresh machine needs.
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+
+.PHONY: dev test test-unit lint deb demo bench clean
+
+dev:
+	bash tools/setup-dev
+
+test: dev
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-unit: dev
+	$(PY) -m pytest -ra -m 'not integration' $(PYTEST_ARGS)
+
+lint: dev
+	$(PY) -m pytest -ra tests/test_lint.py
+
+deb:
+	bash tools/build-deb
+
+demo: dev
+	bash tools/demo
+
+bench: dev
+	$(PY) -m bench
+
+clean:
+	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache
