@@ -1,0 +1,62 @@
+"""Errors that reach users: one sentence, an HTTP status and an OpenAI-shaped body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LlamadError(Exception):
+    """A failure with a message meant for the user of whichever channel it reaches."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+                          "source": "llamad"}}
+
+
+class ConfigError(LlamadError):
+    """A configuration file or value is wrong; the message names file, key, value and range."""
+
+    code = "invalid_config"
+
+
+class BadRequest(LlamadError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(LlamadError):
+    status = 404
+    type = "not_found_error"
+    code = "model_not_found"
+
+
+class Unavailable(LlamadError):
+    """The model cannot serve now; the client may retry after `retry_after` seconds."""
+
+    status = 503
+    type = "unavailable_error"
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class BackendError(LlamadError):
+    status = 502
+    type = "backend_error"
+    code = "backend_failed"

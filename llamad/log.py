@@ -1,0 +1,24 @@
+"""Logging setup and die(): one sentence for the user, an optional hint, a non-zero exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import NoReturn
+
+log = logging.getLogger("llamad")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    # Under systemd stderr goes to the journal, which adds its own timestamps.
+    fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def die(message: str, hint: str | None = None, status: int = 1) -> NoReturn:
+    print(f"llamad: {message}", file=sys.stderr)
+    if hint:
+        print(f"llamad: hint: {hint}", file=sys.stderr)
+    raise SystemExit(status)
