@@ -1,0 +1,188 @@
+"""The global configuration file, parsed once into a frozen Config."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from validate import Validator
+
+from llamad.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/llamad/llamad.conf")
+DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
+SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
+
+_SIZE = re.compile(r"(\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity)")
+_LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
+
+# key: (validate check, what is allowed). The check strings are configobj/validate
+# syntax; the second column is what an error message tells the user.
+SPEC: dict[str, tuple[str, str]] = {
+    "models-dir": ("force_list(default=list('/var/lib/llamad/models'))",
+                   "one or more directory paths separated by commas"),
+    "llama-cache": ("boolean(default=yes)", "yes or no"),
+    "llama-cache-dir": ("string(default='')", "a directory path or empty"),
+    "models-preset": ("string(default=None)", "a file path or empty"),
+    "llama-server": ("string(default='')", "the path of the llama-server binary"),
+    "args": ("string(default='')", "llama-server arguments in shell syntax"),
+    "models-max": ("integer(min=0, default=4)", "a whole number >= 0 (0 = unlimited)"),
+    "models-autoload": ("boolean(default=yes)", "yes or no"),
+    "backend": ("option('unix', 'tcp', default='unix')", "unix or tcp"),
+    "run-dir": ("string(default='/run/llamad')", "an absolute directory path"),
+    "tcp-port-base": ("integer(min=1024, max=64511, default=39000)",
+                      "a port number from 1024 to 64511"),
+    "listen": ("string(default='127.0.0.1:8080')", "HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"),
+    "idle-ttl": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
+    "idle-exit": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
+    "api-keys-file": ("string(default='')", "a file path or empty"),
+    "load-timeout": ("float(min=1, default=300)", "seconds >= 1"),
+    "queue-size": ("integer(min=1, default=64)", "a whole number >= 1"),
+    "queue-timeout": ("float(min=0, default=300)", "seconds >= 0"),
+    "drain-timeout": ("float(min=0, default=600)", "seconds >= 0"),
+    "max-body-mb": ("integer(min=1, default=32)", "a whole number of MiB >= 1"),
+    "stop-timeout": ("float(min=0, default=10)", "seconds >= 0"),
+    "restart-sec": ("float(min=0, default=2)", "seconds >= 0"),
+    "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
+    "start-limit-interval": ("float(min=0, default=60)", "seconds >= 0"),
+    "unit-user": ("string(default='dynamic')", "dynamic or a user name"),
+    "memory-reserve-mb": ("integer(min=0, default=1024)", "a whole number of MiB >= 0"),
+    "memory-budget-mb": ("integer(min=0, default=0)",
+                         "a whole number of MiB >= 0 (0 = measured free memory)"),
+    "eviction-policy": ("option('lru', 'largest', 'cheapest-reload', default='lru')",
+                        "lru, largest or cheapest-reload"),
+    "slice-memory-max": ("string(default='')",
+                         "a systemd size such as 16G, a percentage, infinity, or empty"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    models_dirs: tuple[Path, ...]
+    llama_cache: bool
+    llama_cache_dir: Path | None
+    models_preset: Path | None
+    llama_server: Path
+    args: tuple[str, ...]
+    models_max: int
+    models_autoload: bool
+    backend: str
+    run_dir: Path
+    tcp_port_base: int
+    listen: str
+    idle_ttl: float
+    idle_exit: float
+    api_keys_file: Path | None
+    load_timeout: float
+    queue_size: int
+    queue_timeout: float
+    drain_timeout: float
+    max_body_mb: int
+    stop_timeout: float
+    restart_sec: float
+    start_limit_burst: int
+    start_limit_interval: float
+    unit_user: str
+    memory_reserve_mb: int
+    memory_budget_mb: int
+    eviction_policy: str
+    slice_memory_max: str | None
+
+    @classmethod
+    def default(cls, **overrides: Any) -> Config:
+        """All defaults (as if the file were empty), with attributes replaced by keyword."""
+        values = _build(None, _validated(ConfigObj([], configspec=_spec_lines()), None))
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def dynamic_user(self) -> bool:
+        return self.unit_user == "dynamic"
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read and validate the file; a missing default file means all defaults."""
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"{path}: the configuration file does not exist.")
+        return Config.default()
+    try:
+        obj = ConfigObj(str(path), configspec=_spec_lines(), file_error=True,
+                        encoding="utf-8", list_values=True)
+    except (ConfigObjError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a configuration file: {e}.") from e
+    if obj.sections:
+        raise ConfigError(f"{path}: section [{obj.sections[0]}] is not allowed; "
+                          "the file has keys only.")
+    return Config(**_build(path, _validated(obj, path)))
+
+
+def _spec_lines() -> list[str]:
+    return [f"{key} = {check}" for key, (check, _) in SPEC.items()]
+
+
+def _bad(path: Path | None, key: str, value: object) -> ConfigError:
+    where = f"{path}: " if path else ""
+    return ConfigError(f"{where}{key} = {value!r} is invalid; allowed: {SPEC[key][1]}.")
+
+
+def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
+    raw = dict(obj)
+    result = obj.validate(Validator(), preserve_errors=True, copy=True)
+    if result is not True:
+        for _sections, key, _error in flatten_errors(obj, result):
+            raise _bad(path, key, raw.get(key))
+    extra = get_extra_values(obj)
+    if extra:
+        key = extra[0][1]
+        known = ", ".join(SPEC)
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}unknown key {key!r}; known keys: {known}.")
+    return dict(obj)
+
+
+def _opt_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
+    """Turn validated values into Config attributes, checking what validate cannot."""
+    for key in ("listen", "slice-memory-max"):
+        pattern = _LISTEN if key == "listen" else _SIZE
+        if v[key] and not pattern.fullmatch(v[key]):
+            raise _bad(path, key, v[key])
+    if not v["listen"]:
+        raise _bad(path, "listen", v["listen"])
+    try:
+        args = tuple(shlex.split(v["args"]))
+    except ValueError as e:
+        raise _bad(path, "args", v["args"]) from e
+    if not v["unit-user"] or not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", v["unit-user"]):
+        raise _bad(path, "unit-user", v["unit-user"])
+    if not Path(v["run-dir"]).is_absolute():
+        raise _bad(path, "run-dir", v["run-dir"])
+    preset = v["models-preset"]
+    if preset is None:
+        preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
+    server = v["llama-server"] or str(
+        next((p for p in SERVER_CANDIDATES if p.exists()), SERVER_CANDIDATES[0]))
+    out = {f.name: v.get(f.name.replace("_", "-")) for f in fields(Config)}
+    out.update(
+        path=path,
+        models_dirs=tuple(Path(d) for d in v["models-dir"] if d),
+        llama_cache_dir=_opt_path(v["llama-cache-dir"]),
+        models_preset=_opt_path(preset),
+        llama_server=Path(server),
+        args=args,
+        run_dir=Path(v["run-dir"]),
+        api_keys_file=_opt_path(v["api-keys-file"]),
+        slice_memory_max=v["slice-memory-max"] or None,
+    )
+    return out

@@ -1,0 +1,231 @@
+"""Header-only GGUF metadata through the gguf package, cached by (dev, inode, size, mtime)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+log = logging.getLogger("llamad.gguf")
+
+Scalar = str | int | float | bool
+StatKey = tuple[int, int, int, int]
+CACHE_VERSION = 1
+
+
+class GGUFError(Exception):
+    """The file is not a complete, readable GGUF file; the message says why."""
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    architecture: str | None
+    parameters: int | None
+    context_length: int | None
+    block_count: int | None
+    head_count: int | None
+    head_count_kv: int | None
+    embedding_length: int | None
+    key_length: int | None
+    value_length: int | None
+    size: int
+    quantization: str | None
+    modalities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What one file's header says; enough to build GGUFInfo without reading it again."""
+
+    fields: dict[str, Scalar]
+    parameters: int
+    tensor_type: str | None  # the most common type of the weight matrices
+    size: int
+
+
+class _HeaderReader(gguf.GGUFReader):
+    """GGUFReader that steps over array values instead of unpacking every element.
+
+    A tokenizer holds hundreds of thousands of strings; GGUFReader turns each into
+    numpy views, which takes seconds for one model. Only scalar keys are needed here.
+    """
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+        if raw_type != gguf.GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, count = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0])
+        offs = orig_offs + 12
+        if itype == gguf.GGUFValueType.STRING:
+            order = ">" if self.byte_order == "S" else "<"
+            buf = memoryview(self.data)  # type: ignore[arg-type]
+            for _ in range(count):
+                offs += 8 + struct.unpack_from(order + "Q", buf, offs)[0]
+        elif itype in self.gguf_scalar_to_np:
+            offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+        else:
+            return super()._get_field_parts(orig_offs, raw_type)
+        if offs > len(self.data):
+            raise ValueError("array runs past the end of the file")
+        return offs - orig_offs, [raw_itype, alen], [], [gguf.GGUFValueType.ARRAY, itype]
+
+
+def _scalar(field: Any) -> Scalar | None:
+    if not field.data or field.types[0] == gguf.GGUFValueType.ARRAY:
+        return None
+    part = field.parts[field.data[0]]
+    if field.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", "replace")
+    value: Scalar = part[0].item()
+    return bool(value) if field.types[0] == gguf.GGUFValueType.BOOL else value
+
+
+def read_header(path: Path) -> FileHeader:
+    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+    try:
+        size = path.stat().st_size
+        reader = _HeaderReader(path)
+    except OSError as e:
+        raise GGUFError(f"cannot be read ({e.strerror or e})") from e
+    except Exception as e:  # the gguf package raises many types for bad input
+        raise GGUFError(f"is not a valid GGUF file ({e})") from e
+    fields = {k: v for k, f in reader.fields.items() if (v := _scalar(f)) is not None}
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
+    if end > size:
+        raise GGUFError(f"is incomplete: its tensors need {end} bytes but it has {size}")
+    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    tensor_type = types.most_common(1)[0][0] if types else None
+    return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size)
+
+
+def _quantization(head: FileHeader) -> str | None:
+    file_type = head.fields.get("general.file_type")
+    if isinstance(file_type, int):
+        try:
+            name = gguf.LlamaFileType(file_type).name
+        except ValueError:
+            name = None
+        if name:
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return head.tensor_type
+
+
+def _int(head: FileHeader, key: str) -> int | None:
+    value = head.fields.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _modalities(mmproj: FileHeader | None) -> tuple[str, ...]:
+    if mmproj is None:
+        return ("text",)
+    vision = mmproj.fields.get("clip.has_vision_encoder")
+    audio = mmproj.fields.get("clip.has_audio_encoder")
+    if vision is None and audio is None:
+        vision = True
+    return ("text",) + (("image",) if vision else ()) + (("audio",) if audio else ())
+
+
+def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
+    """Build one model's GGUFInfo from its shards' headers (first shard first)."""
+    first = shards[0]
+    arch = first.fields.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+    p = f"{arch}." if arch else "-"
+    return GGUFInfo(
+        architecture=arch,
+        parameters=sum(s.parameters for s in shards) or None,
+        context_length=_int(first, p + "context_length"),
+        block_count=_int(first, p + "block_count"),
+        head_count=_int(first, p + "attention.head_count"),
+        head_count_kv=_int(first, p + "attention.head_count_kv"),
+        embedding_length=_int(first, p + "embedding_length"),
+        key_length=_int(first, p + "attention.key_length"),
+        value_length=_int(first, p + "attention.value_length"),
+        size=sum(s.size for s in shards),
+        quantization=_quantization(first),
+        modalities=_modalities(mmproj),
+    )
+
+
+def _stat_key(st: os.stat_result) -> StatKey:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class InfoCache:
+    """Headers (or why a file was rejected) by path, valid while the stat key matches.
+
+    Optionally backed by a JSON file so a short-lived command (`llamad models`) is
+    as fast on its second run as the daemon is on a rescan.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._entries: dict[str, tuple[StatKey, FileHeader | str]] = {}
+        self._dirty = False
+        if path is not None:
+            self._load(path)
+
+    def header(self, path: Path, st: os.stat_result | None = None) -> FileHeader:
+        st = st or path.stat()
+        key, name = _stat_key(st), str(path)
+        hit = self._entries.get(name)
+        if hit is None or hit[0] != key:
+            try:
+                value: FileHeader | str = read_header(path)
+            except GGUFError as e:
+                value = str(e)
+            hit = (key, value)
+            self._entries[name] = hit
+            self._dirty = True
+        if isinstance(hit[1], str):
+            raise GGUFError(hit[1])
+        return hit[1]
+
+    def retain(self, paths: Iterable[str]) -> None:
+        """Forget files that are gone, so the cache does not grow without bound."""
+        keep = set(paths)
+        for name in [n for n in self._entries if n not in keep]:
+            del self._entries[name]
+            self._dirty = True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        data = {"version": CACHE_VERSION, "gguf": gguf.__name__, "entries": {
+            n: [list(k), asdict(v) if isinstance(v, FileHeader) else v]
+            for n, (k, v) in self._entries.items()}}
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, separators=(",", ":")))
+            tmp.replace(self.path)
+            self._dirty = False
+        except OSError as e:
+            log.debug("cannot write the metadata cache %s: %s", self.path, e)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != CACHE_VERSION:
+                return
+            for name, (key, value) in data["entries"].items():
+                header = value if isinstance(value, str) else FileHeader(**value)
+                self._entries[name] = (tuple(key), header)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            # A missing or damaged cache only costs a slower scan.
+            log.debug("ignoring the metadata cache %s: %s", path, e)
+            self._entries.clear()

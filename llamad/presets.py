@@ -1,0 +1,354 @@
+"""llama.cpp-compatible preset INI -> per-model settings; renders llama-server argv.
+
+Options are kept as {canonical flag: rendered argv tokens}, merged by canonical flag
+(later sources replace earlier ones in place), so the order of a model's argv is
+the order in which flags first appear: global `args`, then [*], then its section.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from llamad.errors import ConfigError
+from llamad.llama_flags import FLAGS
+
+TRUE = ("on", "enabled", "true", "1", "yes")
+FALSE = ("off", "disabled", "false", "0", "no")
+Options = dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    neg: tuple[str, ...]
+    kind: str  # value | bool | flag | two
+    env: str | None
+
+    @property
+    def canonical(self) -> str:
+        return self.names[-1]  # llama.cpp renders the last (long) spelling too
+
+
+def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]:
+    """(preset key -> (flag, negated)), (command-line spelling -> (flag, negated))."""
+    by_key: dict[str, tuple[Flag, bool]] = {}
+    by_arg: dict[str, tuple[Flag, bool]] = {}
+    for names, neg, kind, env in FLAGS:
+        flag = Flag(names, neg, kind, env)
+        for spellings, negated in ((names, False), (neg, True)):
+            for s in spellings:
+                by_key[s.lstrip("-")] = by_arg[s] = (flag, negated)
+        if env:
+            by_key[env] = (flag, False)
+            if neg:
+                by_key[env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")] = (flag, True)
+    return by_key, by_arg
+
+
+BY_KEY, BY_ARG = _keys()
+MODEL, MMPROJ, ALIAS, HF_REPO = (BY_KEY[k][0].canonical for k in ("model", "mmproj", "alias",
+                                                                    "hf-repo"))
+MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
+# Flags llamad itself sets for every child or that only make sense for a router.
+OWNED = frozenset(BY_KEY[k][0].canonical for k in (
+    "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
+    "models-max", "models-preset", "models-autoload", "help", "version"))
+PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split")
+_SIZE = re.compile(r"\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One preset section: llama-server options plus llamad's own keys (None = unset)."""
+
+    name: str
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    model: Path | None = None
+    hf_repo: str | None = None
+    aliases: tuple[str, ...] = ()
+    extra: Mapping[str, object] = field(default_factory=dict)  # preset-only / llamad-only
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Presets:
+    path: Path | None
+    defaults: Section
+    sections: Mapping[str, Section]
+
+    @classmethod
+    def empty(cls) -> Presets:
+        return cls(None, Section("*"), MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    args: tuple[str, ...]
+    load_on_startup: bool
+    stop_timeout: float | None
+    pin: bool
+    ttl: float | None
+    memory_max: str | None
+    memory_high: str | None
+    devices: tuple[int, ...] | None
+    split: bool
+    preset_text: str
+
+
+def truthy(value: str) -> bool | None:
+    v = value.strip().lower()
+    return True if v in TRUE else False if v in FALSE else None
+
+
+def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tuple[str, ...]:
+    """argv tokens for one option; () means 'leave the flag out'."""
+    if flag.kind == "value":
+        return (flag.canonical, value)
+    if flag.kind == "two":
+        raise ConfigError(f"{where}: {key} takes two values, which presets do not support.")
+    on = truthy(value)
+    if on is None:
+        raise ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: true or false.")
+    on = on != negated
+    if flag.kind == "bool":
+        return (flag.canonical,) if on else (flag.neg[-1],)
+    return (flag.canonical,) if on else ()
+
+
+def parse_args(tokens: tuple[str, ...], where: str) -> Options:
+    """Parse a llama-server command line (the config's `args`) into options."""
+    out: Options = {}
+    i = 0
+    while i < len(tokens):
+        arg = tokens[i]
+        if arg.startswith("--"):
+            arg = arg.replace("_", "-")  # llama-server accepts --ctx_size too
+        if arg not in BY_ARG:
+            raise ConfigError(f"{where}: {tokens[i]!r} is not a llama-server option.")
+        flag, negated = BY_ARG[arg]
+        _check_owned(flag, where, tokens[i])
+        n = {"value": 1, "two": 2}.get(flag.kind, 0)
+        if i + n >= len(tokens) and n:
+            raise ConfigError(f"{where}: {tokens[i]} needs a value.")
+        values = tokens[i + 1:i + 1 + n]
+        if flag.kind in ("value", "two"):
+            out[flag.canonical] = (flag.canonical, *values)
+        else:
+            out[flag.canonical] = _render(flag, negated, "true", where, tokens[i])
+        i += 1 + n
+    return out
+
+
+def _check_owned(flag: Flag, where: str, key: str) -> None:
+    if flag.canonical in OWNED:
+        raise ConfigError(f"{where}: {key} is set by llamad itself and cannot be given here.")
+
+
+def _extra(key: str, value: str, where: str) -> object:
+    """Validate a preset-only or llamad-only key."""
+    bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
+    try:
+        if key in ("load-on-startup", "pin", "split", "dedup-cache-models"):
+            on = truthy(value)
+            if on is None:
+                raise bad
+            return on
+        if key in ("stop-timeout", "ttl"):
+            number = float(value)
+            if number < 0 and not (key == "ttl" and number == -1):
+                raise bad
+            return None if number == -1 else number
+        if key in ("memory-max", "memory-high"):
+            if not _SIZE.fullmatch(value.strip()):
+                raise bad
+            return value.strip()
+        devices = tuple(int(d) for d in value.split(","))
+        if any(d < 0 for d in devices):
+            raise bad
+        return devices
+    except ValueError:
+        raise bad from None
+
+
+_ALLOWED = {
+    "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
+    "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
+    "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
+    "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
+    "devices": "comma-separated GPU indices such as 0,1",
+}
+
+
+_HEADER = re.compile(r"[ \t]*\[[ \t]*([^\]]*?)[ \t]*\][ \t]*([;#].*)?")
+_KV = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*([^;#\r\n]*?)[ \t]*([;#].*)?")
+_BLANK = re.compile(r"[ \t]*([;#].*)?")
+_TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+
+
+def canonical_name(section: str) -> str:
+    """`user/repo:q4_k_m` -> `user/repo:Q4_K_M`, as the router spells cache models."""
+    head, colon, tag = section.rpartition(":")
+    if not colon or section == "*":
+        return section
+    m = _TAG.search(tag)
+    return head + ":" + (m.group(1) if m else tag).upper()
+
+
+def parse_ini(text: str, where: str) -> list[tuple[str, list[tuple[str, str]], str]]:
+    """[(section, [(key, value)], section text)] in file order; llama.cpp's INI dialect."""
+    out: list[tuple[str, list[tuple[str, str]], str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if m := _HEADER.fullmatch(line):
+            name = canonical_name(m.group(1))
+            if any(s[0] == name for s in out):
+                raise ConfigError(f"{where}:{n}: section [{name}] appears twice.")
+            out.append((name, [], line + "\n"))
+        elif m := _KV.fullmatch(line):
+            if not out:
+                raise ConfigError(f"{where}:{n}: {m.group(1)} is outside any section; "
+                                  "put defaults under [*].")
+            name, items, body = out[-1]
+            if any(k == m.group(1) for k, _ in items):
+                raise ConfigError(f"{where}:{n}: {m.group(1)} appears twice in [{name}].")
+            items.append((m.group(1), m.group(2)))
+            out[-1] = (name, items, body + line + "\n")
+        elif _BLANK.fullmatch(line):
+            if out:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + line + "\n")
+        else:
+            raise ConfigError(f"{where}:{n}: cannot parse {line.strip()!r}; "
+                              "expected [section], key = value or a comment.")
+    return out
+
+
+def build_section(name: str, items: list[tuple[str, str]], text: str, where: str) -> Section:
+    where = f"{where} [{name}]"
+    options: Options = {}
+    extra: dict[str, object] = {}
+    model: Path | None = None
+    hf_repo: str | None = None
+    aliases: tuple[str, ...] = ()
+    for key, value in items:
+        if key == "version":
+            continue  # reserved by llama.cpp for the file format
+        if key in PRESET_ONLY or key in LLAMAD_ONLY:
+            extra[key] = _extra(key, value, f"{where} {key}")
+            continue
+        if key not in BY_KEY:
+            raise ConfigError(f"{where}: unknown key {key!r}; keys are llama-server flags "
+                              "without dashes, LLAMA_ARG_* names, or llamad's own keys.")
+        flag, negated = BY_KEY[key]
+        _check_owned(flag, where, key)
+        if flag.canonical == MODEL:
+            model = Path(value)
+        elif flag.canonical == HF_REPO:
+            hf_repo = canonical_name(value)
+        elif flag.canonical == ALIAS:
+            aliases = tuple(a.strip() for a in value.split(",") if a.strip())
+        else:
+            options[flag.canonical] = _render(flag, negated, value, where, key)
+    if name == "*" and (model or hf_repo or aliases):
+        raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
+    return Section(name, MappingProxyType(options), model, hf_repo, aliases,
+                   MappingProxyType(extra), text)
+
+
+def parse_presets(text: str, path: Path | None = None) -> Presets:
+    where = str(path) if path else "presets"
+    defaults = Section("*")
+    sections: dict[str, Section] = {}
+    for name, items, body in parse_ini(text, where):
+        section = build_section(name, items, body, where)
+        if name == "*":
+            defaults = section
+        else:
+            sections[name] = section
+    return Presets(path, defaults, MappingProxyType(sections))
+
+
+def load_presets(path: Path | None) -> Presets:
+    """Read the preset file; None means no presets."""
+    if path is None:
+        return Presets.empty()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: the preset file cannot be read ({e}).") from e
+    return parse_presets(text, path)
+
+
+def _pick(key: str, section: Section | None, defaults: Section) -> object:
+    if section is not None and key in section.extra:
+        return section.extra[key]
+    return defaults.extra.get(key)
+
+
+def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Presets,
+                   global_args: Options) -> ModelSettings:
+    """Merge global args < [*] < the model's section and render its argv."""
+    section = presets.sections.get(model_id)
+    options: Options = dict(global_args)
+    options.update(presets.defaults.options)
+    if section is not None:
+        options.update(section.options)
+    head: list[str] = [MODEL, str(path)]
+    # --no-mmproj in a preset turns off the automatically paired projector, as in llama.cpp.
+    auto = options.get(MMPROJ_AUTO, (MMPROJ_AUTO,)) == (MMPROJ_AUTO,)
+    if mmproj is not None and MMPROJ not in options and auto:
+        head += [MMPROJ, str(mmproj)]
+    head += [ALIAS, model_id]
+    args = tuple(head) + tuple(t for tokens in options.values() for t in tokens)
+    stop = _pick("stop-timeout", section, presets.defaults)
+    ttl = _pick("ttl", section, presets.defaults)
+    devices = _pick("devices", section, presets.defaults)
+    return ModelSettings(
+        args=args,
+        load_on_startup=bool(_pick("load-on-startup", section, presets.defaults)),
+        stop_timeout=float(stop) if isinstance(stop, float) else None,
+        pin=bool(_pick("pin", section, presets.defaults)),
+        ttl=float(ttl) if isinstance(ttl, float) else None,
+        memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
+        memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
+        devices=devices if isinstance(devices, tuple) else None,
+        split=bool(_pick("split", section, presets.defaults)),
+        preset_text=_ini(model_id, args, section, presets.defaults),
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
+         defaults: Section) -> str:
+    """The model's effective preset as INI, like the router's status.preset."""
+    lines = [f"[{model_id}]"]
+    i = 0
+    while i < len(args):
+        flag = BY_ARG[args[i]][0]
+        n = {"value": 1, "two": 2}.get(flag.kind, 0)
+        value = " ".join(args[i + 1:i + 1 + n]) if n else \
+            ("false" if args[i] in flag.neg else "true")
+        lines.append(f"{flag.canonical.lstrip('-')} = {value}")
+        i += 1 + n
+    extra = dict(defaults.extra)
+    if section is not None:
+        extra.update(section.extra)
+    for key, extra_value in extra.items():
+        lines.append(f"{key} = {_ini_value(extra_value)}")
+    if section is not None and section.aliases:
+        lines.append(f"alias = {','.join(section.aliases)}")
+    return "\n".join(lines) + "\n"
+
+
+def _ini_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "-1" if value is None else str(value)

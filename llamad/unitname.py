@@ -1,0 +1,60 @@
+"""Model name -> llama-server@<instance>.service, and back through the unit's environment.
+
+The instance string is only an identifier: it is never unescaped into a path. Names
+that are already valid and readable are used as they are; any other name is made
+readable (`/` becomes `-`, other characters `_`) and gets a short hash of the real
+name, so `a/b` and `a-b` map to different units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+UNIT_PREFIX = "llama-server@"
+UNIT_SUFFIX = ".service"
+# The real model name travels in this environment variable of the unit.
+MODEL_ENV = "LLAMAD_MODEL"
+UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX minus the terminating NUL
+INSTANCE_MAX = UNIT_NAME_MAX - len(UNIT_PREFIX) - len(UNIT_SUFFIX)
+HASH_LEN = 8
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:-]+")
+_OTHER = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def _hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:HASH_LEN]
+
+
+def instance_name(model_id: str) -> str:
+    if (_PLAIN.fullmatch(model_id) and not model_id.startswith(".")
+            and len(model_id) <= INSTANCE_MAX):
+        return model_id
+    readable = _OTHER.sub("_", model_id.replace("/", "-"))
+    if readable.startswith("."):
+        readable = "_" + readable[1:]
+    readable = readable[:INSTANCE_MAX - HASH_LEN - 1]
+    return f"{readable}-{_hash(model_id)}" if readable else _hash(model_id)
+
+
+def unit_name(model_id: str) -> str:
+    return f"{UNIT_PREFIX}{instance_name(model_id)}{UNIT_SUFFIX}"
+
+
+def is_model_unit(unit: str) -> bool:
+    return unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX)
+
+
+def unit_environment(model_id: str) -> str:
+    """The Environment= entry that lets a unit be mapped back to its model."""
+    return f"{MODEL_ENV}={model_id}"
+
+
+def model_from_environment(environment: Iterable[str]) -> str | None:
+    prefix = MODEL_ENV + "="
+    for entry in environment:
+        if entry.startswith(prefix):
+            return entry[len(prefix):]
+    return None
