@@ -1,0 +1,167 @@
+"""Measured memory: NVIDIA GPUs through NVML (nvidia-ml-py's `pynvml`), system RAM from /proc.
+
+NVML is optional. Without the binding or without a usable GPU, GpuMonitor reports no GPUs, logs
+one line saying so, and llamad schedules by system RAM alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llamad.gpu")
+
+PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    total: int  # bytes
+    used: int
+    free: int
+
+
+class GpuMonitor:
+    """NVML, opened once. `nvml` is the pynvml module, or a stand-in with the same functions;
+    left out, pynvml is imported if installed."""
+
+    def __init__(self, nvml: Any = None) -> None:
+        self._nvml: Any = None
+        self._last_error = ""
+        try:
+            module = nvml if nvml is not None else importlib.import_module("pynvml")
+        except ImportError:
+            log.info("no NVML binding (pip install nvidia-ml-py): scheduling by system RAM alone")
+            return
+        try:
+            module.nvmlInit()
+            count = module.nvmlDeviceGetCount()
+        except module.NVMLError as e:
+            log.info("no NVIDIA GPU usable (%s): scheduling by system RAM alone", e)
+            return
+        if count == 0:
+            module.nvmlShutdown()
+            log.info("NVML sees no GPU: scheduling by system RAM alone")
+            return
+        self._nvml = module
+        log.info("NVML: %d GPU(s), scheduling by VRAM and RAM", count)
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def gpus(self) -> tuple[GpuInfo, ...]:
+        """Every GPU's memory now; () without NVML or when NVML fails."""
+        if self._nvml is None:
+            return ()
+        nvml = self._nvml
+        try:
+            out = []
+            for i in range(nvml.nvmlDeviceGetCount()):
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                out.append(GpuInfo(i, _text(nvml.nvmlDeviceGetName(h)),
+                                   _text(nvml.nvmlDeviceGetUUID(h)),
+                                   int(mem.total), int(mem.used), int(mem.free)))
+            return tuple(out)
+        except nvml.NVMLError as e:
+            self._warn(e)
+            return ()
+
+    def per_unit_vram(self, proc: Path = PROC) -> dict[str, int]:
+        """VRAM per systemd unit, summed over GPUs, from the compute processes NVML lists.
+
+        Processes outside any service, or whose memory NVML cannot attribute (it says None,
+        as in some containers), are left out.
+        """
+        out: dict[str, int] = {}
+        for pid, used in self._processes():
+            unit = unit_of_pid(pid, proc)
+            if unit is not None:
+                out[unit] = out.get(unit, 0) + used
+        return out
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError as e:
+                self._warn(e)
+            self._nvml = None
+
+    def _processes(self) -> list[tuple[int, int]]:
+        if self._nvml is None:
+            return []
+        nvml = self._nvml
+        try:
+            out = []
+            for i in range(nvml.nvmlDeviceGetCount()):
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+                for p in nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    if p.usedGpuMemory is not None:
+                        out.append((int(p.pid), int(p.usedGpuMemory)))
+            return out
+        except nvml.NVMLError as e:
+            self._warn(e)
+            return []
+
+    def _warn(self, e: Exception) -> None:
+        # Polled every few seconds: say each distinct failure once, not on every poll.
+        if str(e) != self._last_error:
+            self._last_error = str(e)
+            log.warning("NVML query failed: %s", e)
+
+
+def unit_of_pid(pid: int, proc: Path = PROC) -> str | None:
+    """The systemd service a process runs in, from /proc/<pid>/cgroup; None if none or gone."""
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    return unit_from_cgroup(text)
+
+
+def unit_from_cgroup(text: str) -> str | None:
+    """The service in a /proc/<pid>/cgroup text: the last path component ending in .service.
+
+    cgroup v2 has one line `0::/path`; v1 and hybrid systems also have systemd's own hierarchy
+    `name=systemd`, which is read when the v2 line names no service.
+    """
+    paths = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths[parts[1]] = parts[2]
+    for hierarchy in ("", "name=systemd"):
+        units = [c for c in paths.get(hierarchy, "").split("/") if c.endswith(".service")]
+        if units:
+            return units[-1]
+    return None
+
+
+def mem_available(meminfo: Path = PROC / "meminfo") -> int:
+    """Bytes of RAM available for new work without swapping (MemAvailable)."""
+    return _meminfo(meminfo, "MemAvailable")
+
+
+def mem_total(meminfo: Path = PROC / "meminfo") -> int:
+    return _meminfo(meminfo, "MemTotal")
+
+
+def _meminfo(meminfo: Path, key: str) -> int:
+    for line in meminfo.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name == key:
+            return int(rest.split()[0]) * 1024  # the kernel writes kB, meaning KiB
+    raise ValueError(f"{meminfo} has no {key}")
+
+
+def _text(value: str | bytes) -> str:
+    # Older nvidia-ml-py releases return bytes.
+    return value.decode() if isinstance(value, bytes) else value

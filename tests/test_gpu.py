@@ -1,0 +1,203 @@
+"""gpu.py against a stand-in for pynvml at its boundary, and against this machine's real /proc."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pynvml
+import pytest
+
+from llamad.gpu import GpuInfo, GpuMonitor, mem_available, mem_total, unit_from_cgroup, unit_of_pid
+
+G = 1024**3
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+@dataclass
+class FakeDevice:
+    name: str | bytes
+    total: int
+    used: int
+    processes: list[tuple[int, int | None]] = field(default_factory=list)
+
+
+class FakeNvml:
+    """The part of pynvml that gpu.py calls, over a list of fake devices."""
+
+    NVMLError = FakeNVMLError
+
+    def __init__(self, devices: list[FakeDevice], init_error: str | None = None) -> None:
+        self.devices = devices
+        self.init_error = init_error
+        self.open = False
+        self.fail_queries = False
+
+    def nvmlInit(self) -> None:
+        if self.init_error:
+            raise FakeNVMLError(self.init_error)
+        self.open = True
+
+    def nvmlShutdown(self) -> None:
+        self.open = False
+
+    def nvmlDeviceGetCount(self) -> int:
+        if self.fail_queries:
+            raise FakeNVMLError("GPU is lost")
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> FakeDevice:
+        return self.devices[i]
+
+    def nvmlDeviceGetMemoryInfo(self, h: FakeDevice) -> SimpleNamespace:
+        return SimpleNamespace(total=h.total, used=h.used, free=h.total - h.used)
+
+    def nvmlDeviceGetName(self, h: FakeDevice) -> str | bytes:
+        return h.name
+
+    def nvmlDeviceGetUUID(self, h: FakeDevice) -> str:
+        return f"GPU-{self.devices.index(h):08d}"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeDevice) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in h.processes]
+
+
+def test_fake_matches_the_real_binding() -> None:
+    names = [n for n in vars(FakeNvml) if n.startswith("nvml") or n == "NVMLError"]
+    missing = [n for n in names if not hasattr(pynvml, n)]
+    assert names and missing == []
+
+
+def test_gpus_lists_memory_per_device() -> None:
+    fake = FakeNvml([FakeDevice("NVIDIA H100", 80 * G, 10 * G),
+                     FakeDevice(b"NVIDIA L4", 24 * G, 0)])
+    mon = GpuMonitor(fake)
+    assert mon.available
+    assert mon.gpus() == (
+        GpuInfo(0, "NVIDIA H100", "GPU-00000000", 80 * G, 10 * G, 70 * G),
+        GpuInfo(1, "NVIDIA L4", "GPU-00000001", 24 * G, 0, 24 * G),
+    )
+    mon.close()
+    assert not fake.open and not mon.available
+
+
+def write_proc(root: Path, pid: int, cgroup: str) -> None:
+    (root / str(pid)).mkdir(parents=True)
+    (root / str(pid) / "cgroup").write_text(cgroup)
+
+
+def test_per_unit_vram_maps_processes_to_units(tmp_path: Path) -> None:
+    unit_a = "llama-server@gemma\\x2da.service"
+    write_proc(tmp_path, 100, f"0::/llama-server.slice/{unit_a}\n")
+    write_proc(tmp_path, 101, f"0::/llama-server.slice/{unit_a}\n")
+    write_proc(tmp_path, 102, "0::/user.slice/user-0.slice/session-1.scope\n")
+    write_proc(tmp_path, 104, "0::/llama-server.slice/llama-server@b.service\n")
+    fake = FakeNvml([
+        FakeDevice("gpu0", 80 * G, 9 * G, [(100, 3 * G), (102, 1 * G), (103, 5 * G)]),
+        FakeDevice("gpu1", 80 * G, 9 * G, [(101, 2 * G), (104, None)]),
+    ])
+    # 101 is the same unit on the other GPU: summed. 102 is no service, 103 has exited,
+    # and NVML could not say what 104 uses.
+    assert GpuMonitor(fake).per_unit_vram(tmp_path) == {unit_a: 5 * G}
+
+
+def test_failed_init_falls_back_to_ram_with_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llamad.gpu")
+    mon = GpuMonitor(FakeNvml([], init_error="NVML Shared Library Not Found"))
+    assert not mon.available
+    assert mon.gpus() == () and mon.per_unit_vram() == {}
+    assert [r.getMessage() for r in caplog.records] == [
+        "no NVIDIA GPU usable (NVML Shared Library Not Found): scheduling by system RAM alone"]
+
+
+def test_zero_gpus_is_ram_only() -> None:
+    fake = FakeNvml([])
+    mon = GpuMonitor(fake)
+    assert not mon.available and not fake.open
+
+
+def test_query_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeNvml([FakeDevice("gpu0", 8 * G, 0, [(1, G)])])
+    mon = GpuMonitor(fake)
+    fake.fail_queries = True
+    caplog.set_level(logging.WARNING, logger="llamad.gpu")
+    for _ in range(3):
+        assert mon.gpus() == ()
+        assert mon.per_unit_vram() == {}
+    assert len(caplog.records) == 1 and "GPU is lost" in caplog.records[0].getMessage()
+
+
+def test_real_binding_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llamad.gpu")
+    mon = GpuMonitor()
+    gpus = mon.gpus()
+    if mon.available:  # a machine with an NVIDIA GPU
+        assert gpus and all(g.total >= g.free > 0 for g in gpus)
+    else:
+        assert gpus == () and mon.per_unit_vram() == {}
+        assert len(caplog.records) == 1
+        assert "scheduling by system RAM alone" in caplog.records[0].getMessage()
+    mon.close()
+
+
+def test_unit_from_cgroup(subtests) -> None:  # type: ignore[no-untyped-def]
+    table = [
+        ("v2 service", "0::/system.slice/llamad.service\n", "llamad.service"),
+        ("v2 nested slice", "0::/llama-server.slice/llama-server@m.service\n",
+         "llama-server@m.service"),
+        ("v2 sub-cgroup of a service", "0::/system.slice/x.service/payload\n", "x.service"),
+        ("last service wins", "0::/system.slice/box.service/payload/system.slice/in.service\n",
+         "in.service"),
+        ("scope is no service", "0::/user.slice/user-0.slice/session-3.scope\n", None),
+        ("root", "0::/\n", None),
+        ("v1 systemd hierarchy", "4:memory:/x\n1:name=systemd:/system.slice/old.service\n",
+         "old.service"),
+        ("hybrid, unit only in v1 line", "1:name=systemd:/system.slice/h.service\n0::/\n",
+         "h.service"),
+        ("empty", "", None),
+    ]
+    for name, text, want in table:
+        with subtests.test(name):
+            assert unit_from_cgroup(text) == want
+
+
+def test_unit_of_real_processes() -> None:
+    mine = unit_of_pid(os.getpid())
+    text = Path(f"/proc/{os.getpid()}/cgroup").read_text()
+    assert mine is None or (mine.endswith(".service") and mine in text)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert unit_of_pid(child.pid) == mine  # a child stays in its parent's cgroup
+    finally:
+        child.kill()
+        child.wait()
+    assert unit_of_pid(child.pid) is None  # gone
+
+
+def test_meminfo_real_and_parsed(tmp_path: Path) -> None:
+    assert 0 < mem_available() <= mem_total()
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16384 kB\nMemFree:         1024 kB\n"
+                       "MemAvailable:    8192 kB\n")
+    assert (mem_total(meminfo), mem_available(meminfo)) == (16384 * 1024, 8192 * 1024)
+    meminfo.write_text("MemTotal:       16384 kB\n")
+    with pytest.raises(ValueError, match="MemAvailable"):
+        mem_available(meminfo)
+
+
+def test_without_the_binding(monkeypatch: pytest.MonkeyPatch,
+                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import now raises ImportError
+    caplog.set_level(logging.INFO, logger="llamad.gpu")
+    mon = GpuMonitor()
+    assert not mon.available and mon.gpus() == ()
+    assert [r.getMessage() for r in caplog.records] == [
+        "no NVML binding (pip install nvidia-ml-py): scheduling by system RAM alone"]
