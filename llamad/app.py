@@ -1,0 +1,152 @@
+"""Builds the aiohttp application and runs it: sockets, background work, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from llamad import proxy
+from llamad.activation import Notifier, bind, systemd_sockets
+from llamad.catalog import Catalog
+from llamad.config import Config
+from llamad.measure import Measure
+from llamad.supervisor import Supervisor
+from llamad.units import UnitManager
+from llamad.watcher import CatalogWatcher
+
+log = logging.getLogger("llamad")
+
+TICK = 1.0
+MIB = 1024 * 1024
+
+
+async def journal_tail(unit: str, lines: int = 5) -> str:
+    """The unit's last log lines, for a failure reason; '' if the journal can't be read."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "journalctl", "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(proc.communicate(), 5)
+    except (OSError, asyncio.TimeoutError):
+        return ""
+    return " | ".join(line for line in out.decode(errors="replace").splitlines() if line)
+
+
+class Daemon:
+    """Everything `llamad serve` runs, wired together; background work in cleanup_ctx."""
+
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.catalog = Catalog(config)
+        self.stop = asyncio.Event()
+        self.last_request = time.monotonic()
+        self.sup: Supervisor | None = None
+
+    def app(self) -> web.Application:
+        middlewares = [self._activity, proxy.error_middleware]
+        keys = load_api_keys(self.config)
+        if keys:
+            middlewares.insert(1, proxy.key_middleware(keys))
+        app = web.Application(client_max_size=self.config.max_body_mb * MIB,
+                              middlewares=middlewares)
+        proxy.add_routes(app)
+        app.cleanup_ctx.append(self._supervise)
+        return app
+
+    @web.middleware
+    async def _activity(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.last_request = time.monotonic()
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        finally:
+            self.last_request = time.monotonic()
+
+    async def _supervise(self, app: web.Application) -> AsyncIterator[None]:
+        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props))
+        await units.open()
+        sup = Supervisor(self.config, self.catalog.snapshot, units, Measure(self.config),
+                         journal_tail)
+        self.sup = sup
+        app[proxy.SUPERVISOR] = sup
+        self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
+        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
+        watcher.start()
+        await sup.adopt()
+        await sup.preload()
+        ticker = asyncio.ensure_future(self._tick())
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            watcher.stop()
+            await sup.close()
+            units.close()
+
+    def _on_unit(self, unit: str, props: dict[str, Any]) -> None:
+        if self.sup is not None:
+            self.sup.on_unit_change(unit, props)
+
+    async def _tick(self) -> None:
+        interval = min(TICK, self.notifier.watchdog_interval or TICK)
+        while True:
+            await asyncio.sleep(interval)
+            sup = self.sup
+            assert sup is not None
+            sup.expire()
+            self.notifier.watchdog()
+            self.notifier.status(sup.status_line())
+            idle_for = time.monotonic() - self.last_request
+            busy = any(s.in_flight or s.queued for s in sup.slots.values())
+            if self.config.idle_exit and not busy and idle_for > self.config.idle_exit:
+                log.info("idle for %.0fs: exiting; the socket starts llamad again on demand",
+                         idle_for)
+                self.stop.set()
+
+
+def load_api_keys(config: Config) -> frozenset[str]:
+    if config.api_keys_file is None:
+        return frozenset()
+    text = config.api_keys_file.read_text()
+    return frozenset(line.strip() for line in text.splitlines()
+                     if line.strip() and not line.lstrip().startswith("#"))
+
+
+def _runner_kwargs() -> dict[str, Any]:
+    # aiohttp >= 3.9 no longer cancels a handler when its client goes away;
+    # we want that, so a dropped client frees the backend's slot at once.
+    params = inspect.signature(web.Server.__init__).parameters
+    return {"handler_cancellation": True} if "handler_cancellation" in params else {}
+
+
+async def serve(config: Config, listen: str | None = None) -> None:
+    sockets = systemd_sockets() or [bind(listen or config.listen)]
+    notifier = Notifier()
+    daemon = Daemon(config, notifier)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop.set)
+    runner = web.AppRunner(daemon.app(), access_log=None, **_runner_kwargs())
+    await runner.setup()
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        assert daemon.sup is not None
+        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
+                 daemon.sup.status_line())
+        notifier.ready(daemon.sup.status_line())
+        await daemon.stop.wait()
+    finally:
+        notifier.stopping()
+        # Backends keep running: the next llamad adopts them.
+        with contextlib.suppress(Exception):
+            await runner.cleanup()

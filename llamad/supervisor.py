@@ -1,0 +1,552 @@
+"""The one owner of model state: carries out the scheduler's decisions through systemd.
+
+Every mutation of a Slot happens on the event loop thread and never across
+an await, so a decision and the state change that follows it are atomic:
+fifty requests for an unloaded model see one UNLOADED (and start it) and
+forty-nine STARTING (and wait). Unit state comes back as D-Bus signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llamad import backend as be
+from llamad.catalog import Model, Snapshot
+from llamad.config import Config
+from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
+from llamad.scheduler import (
+    Drain, Load, Memory, ModelView, Policy, Reject, Resources, Serve, State, decide, expired,
+)
+from llamad.units import UnitSpec, UnitStatus
+
+log = logging.getLogger("llamad.supervisor")
+
+HEALTH_INTERVAL = 0.1
+
+
+class Units(Protocol):
+    """What the supervisor needs of units.UnitManager (a fake can stand in for tests)."""
+
+    async def start(self, spec: UnitSpec) -> None: ...
+    async def stop(self, name: str) -> None: ...
+    async def reset_failed(self, name: str) -> None: ...
+    async def status(self, name: str) -> UnitStatus: ...
+    async def list_ours(self) -> list[UnitStatus]: ...
+
+
+class Measure(Protocol):
+    def resources(self, config: Config) -> Resources: ...
+    def need(self, model: Model) -> Memory: ...
+
+
+@dataclass
+class Slot:
+    """Mutable runtime state of one model; owned by the Supervisor alone."""
+
+    model: Model
+    state: State = State.UNLOADED
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float = 0.0
+    backend: be.Backend | None = None
+    invocation_id: str = ""
+    main_pid: int = 0
+    n_restarts: int = 0
+    reason: str = ""
+    served: int = 0
+    load_started: float = 0.0
+    load_seconds: float | None = None
+    keep_alive: float | None = None  # per-request override of the TTL, seconds
+    gpus: tuple[int, ...] = ()
+    last_exit: dict[str, Any] = field(default_factory=dict)
+    stopping_by_us: bool = False
+
+    @property
+    def unit(self) -> str:
+        return self.model.unit
+
+
+class Supervisor:
+    def __init__(self, config: Config, snapshot: Snapshot, units: Units,
+                 measure: Measure, journal: Callable[[str], Awaitable[str]]) -> None:
+        self.config = config
+        self.snapshot = snapshot
+        self.units = units
+        self.measure = measure
+        self.journal = journal
+        self.policy = Policy(config.eviction_policy)
+        self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.monotonic()
+
+    # -- views ---------------------------------------------------------------
+
+    def resolve(self, name: object) -> Slot:
+        if not isinstance(name, str) or not name:
+            raise BadRequest("the request names no model; set \"model\" to one of GET /v1/models",
+                             code="model_required")
+        model = self.snapshot.resolve(name)
+        if model is None or model.id not in self.slots:
+            raise NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
+        return self.slots[model.id]
+
+    def by_unit(self, unit: str) -> Slot | None:
+        for slot in self.slots.values():
+            if slot.unit == unit:
+                return slot
+        return None
+
+    def _view(self, slot: Slot) -> ModelView:
+        s = slot.model.settings
+        return ModelView(
+            id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
+            last_used=slot.last_used, pinned=s.pin, need=self.measure.need(slot.model),
+            load_seconds=slot.load_seconds, gpus=slot.gpus, devices=s.devices or (),
+            split=s.split, reason=slot.reason)
+
+    def views(self, target: Slot | None = None) -> dict[str, ModelView]:
+        """Loaded models (and `target`): unloaded ones play no part in a decision,
+        and skipping them keeps a decision cheap with thousands catalogued."""
+        views = {s.model.id: self._view(s) for s in self.loaded()}
+        if target is not None:
+            views[target.model.id] = self._view(target)
+        return views
+
+    def loaded(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.state is not State.UNLOADED]
+
+    def status_line(self) -> str:
+        ready = [s.model.id for s in self.slots.values() if s.state is State.READY]
+        names = ", ".join(ready[:5]) + (", ..." if len(ready) > 5 else "")
+        line = f"{len(self.slots)} models, {len(ready)} loaded"
+        return f"{line}: {names}" if ready else line
+
+    def describe(self, slot: Slot) -> dict[str, Any]:
+        """llamad's own fields for GET /models and /status."""
+        now = time.monotonic()
+        ttl = self.ttl(slot)
+        idle = now - slot.last_used if slot.last_used else 0.0
+        need = self.measure.need(slot.model)
+        return {
+            "state": slot.state.value, "unit": slot.unit, "main_pid": slot.main_pid or None,
+            "invocation_id": slot.invocation_id or None, "in_flight": slot.in_flight,
+            "queued": slot.queued, "served": slot.served, "restarts": slot.n_restarts,
+            "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
+            "load_seconds": slot.load_seconds, "reason": slot.reason or None,
+            "ttl_left": None if ttl is None or slot.state is not State.READY
+            else max(0.0, ttl - idle),
+            "pinned": slot.model.settings.pin, "gpus": list(slot.gpus),
+            "estimate": {"ram": need.ram, "vram": need.vram},
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "status": self.status_line(), "uptime": time.monotonic() - self.started,
+            "models": {s.model.id: self.describe(s) for s in self.loaded()},
+            "catalogued": len(self.slots),
+        }
+
+    # -- change notification ------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, deadline: float, what: str) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unavailable(f"timed out waiting for {what}", code="timeout")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), left)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests ------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, slot: Slot, keep_alive: float | None = None) -> AsyncIterator[be.Backend]:
+        """Hold the model for one request: wait until it is ready, count it in flight."""
+        backend = await self.acquire(slot)
+        try:
+            yield backend
+        finally:
+            self.release(slot, keep_alive)
+
+    async def acquire(self, slot: Slot, explicit: bool = False) -> be.Backend:
+        if slot.queued >= self.config.queue_size:
+            raise Unavailable(f"model {slot.model.id} has {slot.queued} requests waiting, "
+                              "the queue limit; retry later", code="queue_full")
+        if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
+            raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
+                             "POST /models/load first", code="model_not_loaded")
+        deadline = time.monotonic() + self.config.queue_timeout
+        slot.queued += 1
+        try:
+            while True:
+                backend = self._step(slot, explicit)
+                if backend is not None:
+                    return backend
+                explicit = False  # a retry of a failed model happens once
+                await self._wait_change(deadline, f"model {slot.model.id} to become ready")
+        finally:
+            slot.queued -= 1
+
+    def _step(self, slot: Slot, explicit: bool) -> be.Backend | None:
+        """One decision and the state change it implies; no awaits in here."""
+        decision = decide(slot.model.id, self.views(slot), self.measure.resources(self.config),
+                          self.policy, explicit=explicit)
+        if isinstance(decision, Serve) and slot.backend is not None:
+            slot.in_flight += 1
+            slot.last_used = time.monotonic()
+            return slot.backend
+        if isinstance(decision, Reject):
+            raise Unavailable(decision.message, retry_after=10)
+        if isinstance(decision, Load):
+            for victim in decision.evict:
+                self._begin_stop(self.slots[victim], "evicted")
+            self._begin_start(slot, decision)
+        if isinstance(decision, Drain):
+            log.info("%s waits for %s to finish before it can load", slot.model.id,
+                     ", ".join(decision.wait_for))
+        return None
+
+    def release(self, slot: Slot, keep_alive: float | None = None) -> None:
+        slot.in_flight -= 1
+        slot.served += 1
+        slot.last_used = time.monotonic()
+        if keep_alive is not None:
+            slot.keep_alive = keep_alive
+        if keep_alive == 0 and slot.in_flight == 0 and slot.queued == 0:
+            self._begin_stop(slot, "keep_alive 0")
+        self._notify()
+
+    # -- starting ------------------------------------------------------------
+
+    def spec(self, slot: Slot, gpus: tuple[int, ...] = ()) -> tuple[UnitSpec, str]:
+        cfg, model = self.config, slot.model
+        instance = model.unit.removeprefix("llama-server@").removesuffix(".service")
+        if cfg.backend == "unix":
+            address = be.unix_address(cfg.run_dir, instance)
+        else:
+            address = be.tcp_address(self._port_for(model.id))
+        argv = (str(cfg.llama_server), *model.settings.args, *be.listen_args(address))
+        env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
+               f"LLAMAD_ARGS={args_digest(argv)}"]
+        if gpus:
+            env.append("CUDA_VISIBLE_DEVICES=" + ",".join(map(str, gpus)))
+        s = model.settings
+        spec = UnitSpec(
+            name=model.unit, description=model.id, argv=argv, environment=tuple(env),
+            user=None if cfg.dynamic_user else cfg.unit_user, restart_sec=cfg.restart_sec,
+            start_limit_burst=cfg.start_limit_burst,
+            start_limit_interval=cfg.start_limit_interval,
+            stop_timeout=s.stop_timeout if s.stop_timeout is not None else cfg.stop_timeout,
+            memory_max=parse_size(s.memory_max), memory_high=parse_size(s.memory_high),
+            runtime_dir=be.runtime_dir(instance) if cfg.backend == "unix" else None,
+            devices=gpu_devices() if gpus else ())
+        return spec, address
+
+    def _port_for(self, model_id: str) -> int:
+        # Stable across restarts of llamad, so adopted units keep their port.
+        ids = sorted(self.slots)
+        return self.config.tcp_port_base + ids.index(model_id)
+
+    def _begin_start(self, slot: Slot, decision: Load) -> None:
+        spec, address = self.spec(slot, decision.gpus)
+        slot.state = State.STARTING
+        slot.reason = ""
+        slot.gpus = decision.gpus
+        slot.backend = be.Backend(address)
+        slot.load_started = time.monotonic()
+        slot.stopping_by_us = False
+        self._notify()
+        self._spawn(self._start(slot, spec, decision.evict))
+
+    async def _start(self, slot: Slot, spec: UnitSpec, evicted: tuple[str, ...]) -> None:
+        # Memory is only free once the evicted processes are gone.
+        deadline = time.monotonic() + self.config.drain_timeout
+        while any(self.slots[v].state is State.STOPPING for v in evicted if v in self.slots):
+            await self._wait_change(deadline, "evicted models to stop")
+        try:
+            await self.units.reset_failed(spec.name)
+            await self.units.start(spec)
+        except Exception as e:
+            self._fail(slot, f"systemd refused to start {spec.name}: {e}")
+            return
+        log.info("starting %s for model %s", spec.name, slot.model.id)
+
+    def _fail(self, slot: Slot, reason: str) -> None:
+        log.warning("model %s failed: %s", slot.model.id, reason)
+        slot.state = State.FAILED
+        slot.reason = reason
+        self._drop_backend(slot)
+        self._notify()
+
+    def _drop_backend(self, slot: Slot) -> None:
+        if slot.backend is not None:
+            self._spawn(slot.backend.close())
+            slot.backend = None
+
+    async def _wait_healthy(self, slot: Slot, invocation: str) -> None:
+        deadline = slot.load_started + self.config.load_timeout
+        backend = slot.backend
+        while slot.state is State.LOADING and slot.backend is backend and backend is not None:
+            if await backend.healthy():
+                if slot.state is State.LOADING and slot.backend is backend:
+                    slot.state = State.READY
+                    slot.load_seconds = time.monotonic() - slot.load_started
+                    log.info("model %s ready after %.2fs", slot.model.id, slot.load_seconds)
+                    self._notify()
+                return
+            if time.monotonic() > deadline:
+                self._fail(slot, f"not ready within load-timeout ({self.config.load_timeout:g}s)")
+                self._spawn(self.units.stop(slot.unit))
+                return
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    # -- stopping ------------------------------------------------------------
+
+    def _begin_stop(self, slot: Slot, why: str) -> None:
+        if slot.state in (State.UNLOADED, State.STOPPING):
+            return
+        log.info("stopping model %s (%s)", slot.model.id, why)
+        slot.state = State.STOPPING
+        slot.stopping_by_us = True
+        slot.keep_alive = None
+        self._drop_backend(slot)
+        self._notify()
+        self._spawn(self._stop(slot))
+
+    async def _stop(self, slot: Slot) -> None:
+        try:
+            await self.units.stop(slot.unit)
+        except Exception as e:  # already gone: the signal path settles the state
+            log.info("stopping %s: %s", slot.unit, e)
+            status = await self.units.status(slot.unit)
+            self.on_unit_change(slot.unit, {"ActiveState": status.active_state})
+
+    async def unload(self, slot: Slot) -> None:
+        """Stop a model once its requests in flight have finished (bounded)."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        while slot.in_flight > 0:
+            await self._wait_change(deadline, f"requests on {slot.model.id} to finish")
+        if slot.state is State.FAILED:
+            slot.state = State.UNLOADED
+            slot.reason = ""
+            await self.units.reset_failed(slot.unit)
+            self._notify()
+            return
+        self._begin_stop(slot, "unload requested")
+
+    async def load(self, slot: Slot) -> None:
+        """An explicit load: returns once the unit is starting (like router mode)."""
+        if slot.state is State.FAILED:
+            slot.state = State.UNLOADED
+            slot.reason = ""
+        if slot.state is State.UNLOADED:
+            backend = self._step(slot, explicit=True)
+            assert backend is None
+        if slot.state is State.UNLOADED:
+            # The scheduler said drain or wait: finish the load in the background.
+            self._spawn(self._load_later(slot))
+
+    async def _load_later(self, slot: Slot) -> None:
+        try:
+            await self.acquire(slot, explicit=True)
+        except LlamadError as e:
+            log.warning("loading %s: %s", slot.model.id, e.message)
+            return
+        slot.in_flight -= 1
+        self._notify()
+
+    # -- unit signals --------------------------------------------------------
+
+    def on_unit_change(self, unit: str, props: dict[str, Any]) -> None:
+        slot = self.by_unit(unit)
+        if slot is None:
+            return
+        for key in ("Result", "ExecMainCode", "ExecMainStatus"):
+            if key in props:
+                slot.last_exit[key] = props[key]
+        if "MainPID" in props:
+            slot.main_pid = int(props["MainPID"])
+        if "NRestarts" in props:
+            slot.n_restarts = int(props["NRestarts"])
+        if "InvocationID" in props and props["InvocationID"]:
+            slot.invocation_id = bytes(props["InvocationID"]).hex()
+        active = props.get("ActiveState")
+        if active is not None:
+            # A queued start job means "inactive" is the state before the start.
+            job = props.get("Job", (0, b"/"))
+            self._on_active(slot, active, props.get("SubState", ""), int(job[0]))
+
+    def _on_active(self, slot: Slot, active: str, sub: str, job: int) -> None:
+        if active == "active" and slot.state is State.STARTING:
+            slot.state = State.LOADING
+            self._notify()
+            self._spawn(self._wait_healthy(slot, slot.invocation_id))
+        elif active == "activating" and sub == "auto-restart":
+            if slot.state in (State.READY, State.LOADING):
+                log.warning("model %s crashed (%s); systemd restarts it", slot.model.id,
+                            describe_exit(slot.last_exit))
+                slot.state = State.STARTING
+                slot.load_started = time.monotonic()
+                self._drop_backend(slot)
+                slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
+                self._notify()
+        elif active in ("inactive", "failed") and job == 0:
+            self._on_gone(slot, active)
+
+    def _on_gone(self, slot: Slot, active: str) -> None:
+        clean = active == "inactive" and slot.last_exit.get("Result", "success") == "success"
+        if slot.stopping_by_us or slot.state is State.STOPPING or (
+                clean and slot.state is not State.FAILED):
+            if slot.state is not State.UNLOADED:
+                slot.state = State.UNLOADED
+                slot.main_pid = 0
+                slot.gpus = ()
+                self._drop_backend(slot)
+                self._notify()
+        elif slot.state not in (State.UNLOADED, State.FAILED):
+            self._spawn(self._record_failure(slot))
+
+    async def _record_failure(self, slot: Slot) -> None:
+        if slot.state is State.FAILED:
+            return
+        exit_text = describe_exit(slot.last_exit)
+        slot.state = State.FAILED  # before the await, so the signal storm records once
+        slot.reason = exit_text
+        self._drop_backend(slot)
+        self._notify()
+        tail = await self.journal(slot.unit)
+        slot.reason = f"{exit_text}; last log lines: {tail}" if tail else exit_text
+        log.warning("model %s failed: %s", slot.model.id, slot.reason)
+        self._notify()
+
+    # -- background ----------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Take over units a previous llamad started; stop the ones that no longer fit."""
+        for status in await self.units.list_ours():
+            model_id = status.env("LLAMAD_MODEL")
+            slot = self.slots.get(model_id or "")
+            adoptable = status.active_state in ("active", "activating", "reloading")
+            if slot is not None and adoptable and self._same_args(slot, status):
+                self._adopt(slot, status)
+            elif status.active_state not in ("inactive", "failed"):
+                log.info("stopping stale unit %s", status.name)
+                await self.units.stop(status.name)
+            else:
+                await self.units.reset_failed(status.name)
+
+    def _same_args(self, slot: Slot, status: UnitStatus) -> bool:
+        spec, address = self.spec(slot)
+        return (status.env("LLAMAD_ARGS") == args_digest(spec.argv)
+                and status.env("LLAMAD_BACKEND") == address)
+
+    def _adopt(self, slot: Slot, status: UnitStatus) -> None:
+        log.info("adopting %s (invocation %s)", status.name, status.invocation_id)
+        slot.backend = be.Backend(status.env("LLAMAD_BACKEND") or "")
+        slot.invocation_id = status.invocation_id
+        slot.main_pid = status.main_pid
+        slot.n_restarts = status.n_restarts
+        slot.last_used = time.monotonic()
+        slot.load_started = time.monotonic()
+        if status.active_state == "active":
+            slot.state = State.LOADING
+            self._spawn(self._wait_healthy(slot, status.invocation_id))
+        else:
+            slot.state = State.STARTING
+        self._notify()
+
+    async def preload(self) -> None:
+        for slot in self.slots.values():
+            if slot.model.settings.load_on_startup and slot.state is State.UNLOADED:
+                await self.load(slot)
+
+    def expire(self) -> None:
+        """Stop models whose idle TTL ran out; called periodically."""
+        now = time.monotonic()
+        ttls = {s.model.id: self.ttl(s) for s in self.loaded()}
+        for mid in expired(self.views().values(), now, ttls):
+            self._begin_stop(self.slots[mid], "idle TTL")
+
+    def ttl(self, slot: Slot) -> float | None:
+        """Idle seconds before unloading; None = never."""
+        ttl = slot.keep_alive
+        if ttl is None:
+            ttl = slot.model.settings.ttl
+        if ttl is None:
+            ttl = self.config.idle_ttl or None
+        if ttl is not None and (ttl < 0 or math.isinf(ttl)):
+            return None
+        return ttl
+
+    def update_snapshot(self, snapshot: Snapshot) -> None:
+        """Take a new catalog; models that vanished are stopped."""
+        self.snapshot = snapshot
+        for mid, slot in list(self.slots.items()):
+            model = snapshot.models.get(mid)
+            if model is None:
+                self._begin_stop(slot, "removed from the catalog")
+                if slot.state is State.UNLOADED or slot.state is State.FAILED:
+                    del self.slots[mid]
+            else:
+                slot.model = model
+        for mid, model in snapshot.models.items():
+            self.slots.setdefault(mid, Slot(model))
+        self._notify()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for slot in self.slots.values():
+            if slot.backend is not None:
+                await slot.backend.close()
+
+
+def args_digest(argv: tuple[str, ...]) -> str:
+    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
+
+
+def describe_exit(last: dict[str, Any]) -> str:
+    result = last.get("Result", "unknown")
+    code, status = last.get("ExecMainCode", 0), last.get("ExecMainStatus", 0)
+    if result == "oom-kill":
+        return "out of memory (killed by the kernel's OOM killer in its cgroup)"
+    if code == 1:
+        return f"systemd result {result!r}, exit status {status}"
+    if code in (2, 3):
+        return f"systemd result {result!r}, killed by signal {status}"
+    return f"systemd result {result!r}"
+
+
+_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str | None) -> int | None:
+    """systemd-style sizes: '512M', '4G', plain bytes."""
+    if not text:
+        return None
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in _SIZES:
+        return int(float(text[:-1]) * _SIZES[text[-1]])
+    return int(text)
+
+
+def gpu_devices() -> tuple[str, ...]:
+    from pathlib import Path
+    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    return tuple(nodes + sorted(str(p) for p in Path("/dev/dri").glob("*")))

@@ -1,0 +1,211 @@
+"""A throwaway systemd for tests on machines whose PID 1 is not systemd.
+
+The box is the host root seen through an overlay whose upper layer is a tmpfs,
+booted with `systemd-nspawn --boot`. Everything systemd writes (tmpfiles
+cleaning /tmp included) lands in that tmpfs, never on the host. The host
+reaches the box's system bus through /proc/<init>/root, and shares its network.
+
+Usable outside pytest too (tools/demo, bench/): `with Box() as box: ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache" / "llamad-ci"))
+LLAMA_SERVER = CACHE / "llama-server-11434.0.0" / "llama-server"
+GEMMA = CACHE / "models" / "gemma3-270m-q4_k_m.gguf"
+# Not under /tmp or /var/tmp: units with PrivateTmp=yes would not see them.
+RIG_ROOT = Path("/var/lib/llamad-rig")
+BOX_PREFIX = "llamad-box-"
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0,
+             interval: float = 0.05) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def missing_requirements() -> str | None:
+    """One sentence saying why the box can't run here, or None."""
+    if os.geteuid() != 0:
+        return "integration tests need root to mount an overlay and run systemd-nspawn"
+    if not shutil.which("systemd-nspawn"):
+        return "integration tests need systemd-nspawn (apt-get install systemd-container)"
+    for path in (LLAMA_SERVER, GEMMA):
+        if not path.exists():
+            return f"integration tests need {path}; run `make dev` first"
+    return None
+
+
+class Box:
+    """One booted systemd container; a context manager that always tears down."""
+
+    def __init__(self) -> None:
+        # Also the machine name, which allows no underscores.
+        self.root = Path("/var/tmp") / f"{BOX_PREFIX}{uuid.uuid4().hex[:12]}"
+        self.root.mkdir(mode=0o700)
+        RIG_ROOT.mkdir(mode=0o755, exist_ok=True)
+        # Shared with the box at the same path through a bind mount, so files the
+        # host writes later (hot-added models) show up inside immediately.
+        self.workdir = Path(tempfile.mkdtemp(prefix="work-", dir=RIG_ROOT))
+        self.workdir.chmod(0o755)
+        self.merged = self.root / "merged"
+        self.pid = 0
+        self._nspawn: subprocess.Popen[bytes] | None = None
+        self._log = self.root.with_suffix(".log")
+
+    @property
+    def bus_address(self) -> str:
+        return f"unix:path=/proc/{self.pid}/root/run/dbus/system_bus_socket"
+
+    def __enter__(self) -> Box:
+        try:
+            self._boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _boot(self) -> None:
+        _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(self.root)])
+        for sub in ("upper", "work", "merged"):
+            (self.root / sub).mkdir()
+        _run(["mount", "-t", "overlay", "overlay", "-o",
+              f"lowerdir=/,upperdir={self.root}/upper,workdir={self.root}/work",
+              str(self.merged)])
+        with open(self._log, "wb") as log:
+            self._nspawn = subprocess.Popen(
+                ["systemd-nspawn", f"--directory={self.merged}", "--register=no",
+                 "--keep-unit", f"--uuid={uuid.uuid4().hex}", "--boot", "--console=pipe",
+                 f"--bind={self.workdir}", f"--machine={self.root.name}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self.pid = wait_for("the container's init", self._find_init, timeout=30)
+        state = self.wait_running()
+        if state != "running":
+            failed = self.run("systemctl --failed --no-legend", check=False).stdout
+            raise RuntimeError(f"box reached {state!r}, not 'running'; failed units: {failed}")
+
+    def _find_init(self) -> int | None:
+        assert self._nspawn is not None
+        if self._nspawn.poll() is not None:
+            raise RuntimeError(f"systemd-nspawn exited early; see {self._log}")
+        children = Path(f"/proc/{self._nspawn.pid}/task/{self._nspawn.pid}/children")
+        with contextlib.suppress(OSError):
+            for pid in children.read_text().split():
+                if Path(f"/proc/{pid}/root/run/dbus/system_bus_socket").exists():
+                    return int(pid)
+        return None
+
+    def wait_running(self, timeout: float = 60) -> str:
+        out = self.run(["systemctl", "is-system-running", "--wait"], check=False,
+                       timeout=timeout)
+        return out.stdout.strip()
+
+    def run(self, cmd: str | Sequence[str], check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the box (a string goes through bash -c)."""
+        argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], env=env,
+                              capture_output=True, text=True, check=check, timeout=timeout,
+                              input=input)
+
+    def journal(self, *args: str) -> str:
+        return self.run(["journalctl", "--no-pager", "-o", "cat", *args], check=False).stdout
+
+    def close(self) -> None:
+        if self._nspawn is not None and self._nspawn.poll() is None:
+            if self.pid:
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=10)
+            try:
+                self._nspawn.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._nspawn.pid, 9)
+                self._nspawn.wait(timeout=10)
+        for mnt in (self.merged, self.root):
+            if os.path.ismount(mnt):
+                _run(["umount", "--lazy", str(mnt)])
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+class Assets:
+    """The real llama-server and Gemma model, hard-linked into a box's workdir.
+
+    Hard links cost no disk and keep the cache's world-readable modes, which
+    DynamicUser units need.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "assets"
+        self.dir.mkdir(mode=0o755, exist_ok=True)
+        self.llama_server = self._link(LLAMA_SERVER, "llama-server")
+        self.model = self._link(GEMMA, "gemma3-270m.gguf")
+
+    def _link(self, src: Path, name: str) -> Path:
+        dest = self.dir / name
+        if not dest.exists():
+            os.link(src, dest)
+        return dest
+
+    def models_dir(self, name: str, models: Sequence[str]) -> Path:
+        """A models directory holding the Gemma file under each of `models` names."""
+        path = self.dir.parent / name
+        path.mkdir(mode=0o755, exist_ok=True)
+        for model in models:
+            target = path / f"{model}.gguf"
+            if not target.exists():
+                os.link(self.model, target)
+        return path
+
+
+def leftovers() -> list[str]:
+    """Containers, mounts and llama-server processes a run left behind."""
+    found = []
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount {line.split()[4]}" for line in mounts.splitlines()
+              if f"/{BOX_PREFIX}" in line.split()[4]]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            comm = (proc / "comm").read_text().strip()
+            if comm in ("systemd-nspawn", "llama-server"):
+                found.append(f"process {proc.name} ({comm})")
+    return found
+
+
+@contextlib.contextmanager
+def booted() -> Iterator[tuple[Box, Assets]]:
+    with Box() as box:
+        yield box, Assets(box.workdir)
