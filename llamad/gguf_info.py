@@ -98,7 +98,7 @@ def read_header(path: Path) -> FileHeader:
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except Exception as e:  # the gguf package raises many types for bad input
-        raise GGUFError(f"is not a valid GGUF file ({e})") from e
+        raise GGUFError(f"is not a GGUF file or is truncated ({e})") from e
     fields = {k: v for k, f in reader.fields.items() if (v := _scalar(f)) is not None}
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
     if end > size:

@@ -334,7 +334,8 @@ def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
         n = {"value": 1, "two": 2}.get(flag.kind, 0)
         value = " ".join(args[i + 1:i + 1 + n]) if n else \
             ("false" if args[i] in flag.neg else "true")
-        lines.append(f"{flag.canonical.lstrip('-')} = {value}")
+        if flag.canonical != ALIAS:  # the id; real aliases are listed below
+            lines.append(f"{flag.canonical.lstrip('-')} = {value}")
         i += 1 + n
     extra = dict(defaults.extra)
     if section is not None:
