@@ -1,0 +1,300 @@
+"""Memory estimates from GGUF metadata and llama-server arguments, and the learned store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gguf import GGUFReader
+
+from llamad.memory import (
+    GPU_CONTEXT,
+    Learned,
+    LearnedStore,
+    ServerArgs,
+    estimate,
+    need,
+    parse_args,
+)
+from llamad.scheduler import Memory
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Meta:
+    architecture: str | None = "llama"
+    block_count: int | None = 32
+    context_length: int | None = 8192
+    head_count: int | None = 32
+    head_count_kv: int | None = 8
+    embedding_length: int | None = 4096
+    key_length: int | None = None
+    value_length: int | None = None
+    size: int = 4_920_000_000
+    sliding_window: int | None = None
+
+
+LLAMA3_8B = Meta()  # the shape of Llama 3 8B (Q4_K_M file size)
+
+
+def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
+    table = [
+        ("defaults", [], ServerArgs()),
+        ("layers", ["-ngl", "20"], ServerArgs(gpu_layers=20)),
+        ("layers auto", ["--gpu-layers", "auto"], ServerArgs()),
+        ("layers all, = form", ["--n-gpu-layers=all"], ServerArgs()),
+        ("layers -1 is auto", ["-ngl", "-1"], ServerArgs()),
+        ("no offload", ["-ngl", "0"], ServerArgs(gpu_layers=0)),
+        ("context", ["-c", "4096"], ServerArgs(ctx_size=4096)),
+        ("context 0 is the model's", ["--ctx-size=0"], ServerArgs()),
+        ("cache types", ["-ctk", "q8_0", "--cache-type-v", "Q4_0"],
+         ServerArgs(cache_type_k="q8_0", cache_type_v="q4_0")),
+        ("slots", ["-np", "2"], ServerArgs(parallel=2)),
+        ("slots auto", ["--parallel", "-1"], ServerArgs()),
+        ("unified on", ["-kvu"], ServerArgs(kv_unified=True)),
+        ("unified off", ["--no-kv-unified"], ServerArgs(kv_unified=False)),
+        ("kv on host", ["-nkvo"], ServerArgs(kv_offload=False)),
+        ("per-slot context, ubatch, full SWA",
+         ["--kv-unified-per-slot", "2048", "-ub", "256", "--swa-full"],
+         ServerArgs(kv_per_slot=2048, ubatch=256, swa_full=True)),
+        ("later flag wins", ["-c", "1024", "--ctx-size", "2048"], ServerArgs(ctx_size=2048)),
+        ("other flags and values ignored", ["--jinja", "-t", "4", "--alias", "-c"],
+         ServerArgs()),
+        ("bad number falls back to the default", ["-c", "lots"], ServerArgs()),
+    ]
+    for name, args, want in table:
+        with subtests.test(name):
+            assert parse_args(args) == want
+
+
+def kv_formula(m: Meta, n_ctx: int, bytes_per: float) -> int:
+    """The textbook KV size: K and V, per layer, per cell, per KV head, per head dimension."""
+    assert m.block_count and m.head_count and m.head_count_kv and m.embedding_length
+    head_dim = m.embedding_length // m.head_count
+    return int(2 * m.block_count * n_ctx * m.head_count_kv * head_dim * bytes_per)
+
+
+def test_kv_cache_matches_the_formula(subtests) -> None:  # type: ignore[no-untyped-def]
+    table = [
+        ("f16, trained context", [], 8192, 2.0),
+        ("f16, -c 4096", ["-c", "4096"], 4096, 2.0),
+        ("q8_0", ["-ctk", "q8_0", "-ctv", "q8_0"], 8192, 34 / 32),
+        ("q4_0", ["-ctk", "q4_0", "-ctv", "q4_0"], 8192, 18 / 32),
+        ("4 separate slots share the context", ["-np", "4", "-c", "8192"], 8192, 2.0),
+        ("context padded to 256", ["-c", "1000"], 1024, 2.0),
+        ("per-slot context sizes the pool", ["--kv-unified-per-slot", "1024"], 4096, 2.0),
+    ]
+    for name, args, n_ctx, bytes_per in table:
+        with subtests.test(name):
+            est = estimate(LLAMA3_8B, args, gpu=True)
+            assert est.ctx == n_ctx
+            assert est.kv.ram + est.kv.vram == kv_formula(LLAMA3_8B, n_ctx, bytes_per)
+    # llama.cpp reports 1024 MiB of f16 KV cache for Llama 3 8B at 8192 tokens.
+    assert estimate(LLAMA3_8B, [], gpu=True).kv == Memory(0, 1024 * MIB)
+
+
+def test_offload_splits_weights_and_kv(subtests) -> None:  # type: ignore[no-untyped-def]
+    size = LLAMA3_8B.size
+    full = estimate(LLAMA3_8B, [], gpu=True)
+    table = [
+        ("all layers on the GPU", [], Memory(0, size), Memory(0, full.kv.vram)),
+        ("no offload", ["-ngl", "0"], Memory(size, 0), Memory(full.kv.vram, 0)),
+        ("half the layers", ["-ngl", "16"],
+         Memory(size - size * 16 // 33, size * 16 // 33),
+         Memory(full.kv.vram // 2, full.kv.vram // 2)),
+        ("KV kept on the host", ["-nkvo"], Memory(0, size), Memory(full.kv.vram, 0)),
+        ("more layers than the model has", ["-ngl", "99"], Memory(0, size),
+         Memory(0, full.kv.vram)),
+    ]
+    for name, args, weights, kv in table:
+        with subtests.test(name):
+            est = estimate(LLAMA3_8B, args, gpu=True)
+            assert (est.weights, est.kv) == (weights, kv)
+            assert est.total.ram == est.weights.ram + est.kv.ram + est.compute.ram
+    assert full.compute.vram > GPU_CONTEXT
+    assert estimate(LLAMA3_8B, ["-ngl", "0"], gpu=True).compute.vram == 0
+
+
+def test_sliding_window_layers_hold_only_the_window() -> None:
+    gemma_like = Meta(architecture="gemma3", block_count=18, head_count=4, head_count_kv=1,
+                      embedding_length=640, key_length=256, value_length=256,
+                      context_length=32768, sliding_window=512, size=253 * MIB)
+    per_cell = 1 * (256 + 256) * 2
+    # Layers 5, 11 and 17 attend to everything; the other 15 to a window of 512 tokens
+    # for each of the 4 default slots, plus one ubatch.
+    want = 3 * 32768 * per_cell + 15 * (512 * 4 + 512) * per_cell
+    est = estimate(gemma_like, [], gpu=True)
+    assert est.kv.ram + est.kv.vram == want
+    swa_full = estimate(gemma_like, ["--swa-full"], gpu=True)
+    assert swa_full.kv.ram + swa_full.kv.vram == 18 * 32768 * per_cell
+
+
+def test_missing_metadata_still_counts_the_weights() -> None:
+    bare = Meta(architecture=None, block_count=None, context_length=None, head_count=None,
+                head_count_kv=None, embedding_length=None, size=3 * GIB)
+    est = estimate(bare, [], gpu=True)
+    assert est.weights == Memory(0, 3 * GIB) and est.kv == Memory()
+    assert est.total.vram > 3 * GIB
+    assert estimate(bare, ["-ngl", "0"], gpu=True).total.vram == 0
+
+
+def test_learned_store_keeps_peaks_and_persists(tmp_path: Path) -> None:
+    store = LearnedStore(tmp_path)
+    args = ["-c", "4096"]
+    assert store.get("m", args) is None
+    store.record("m", args, ram=500 * MIB, load_seconds=3.5)
+    store.record("m", args, ram=400 * MIB, vram=2 * GIB)  # lower RAM: the peak stays
+    got = store.record("m", args, load_seconds=2.0)
+    assert got == Learned(ram=500 * MIB, vram=2 * GIB, load_seconds=2.0)
+    assert store.get("m", ["-c", "8192"]) is None  # other arguments, other figures
+    assert LearnedStore(tmp_path).get("m", args) == got  # read back from disk
+    assert [p.name for p in tmp_path.iterdir()] == ["learned.json"]  # no temp files left
+
+
+def test_learned_store_in_memory_only() -> None:
+    store = LearnedStore()
+    store.record("m", [], ram=GIB)
+    assert store.get("m", []) == Learned(ram=GIB)
+
+
+def test_corrupt_store_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "learned.json").write_text("{not json")
+    store = LearnedStore(tmp_path)
+    assert store.get("m", []) is None
+    assert "ignoring learned memory figures" in caplog.text
+    store.record("m", [], ram=GIB)
+    assert json.loads((tmp_path / "learned.json").read_text())["version"] == 1
+
+
+def test_unwritable_store_keeps_working(tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = LearnedStore(blocker / "state")  # a directory below a file cannot exist
+    with caplog.at_level(logging.WARNING):
+        assert store.record("m", [], ram=GIB) == Learned(ram=GIB)
+    assert "cannot save learned memory figures" in caplog.text
+    assert store.get("m", []) == Learned(ram=GIB)
+
+
+def test_need_prefers_learned_figures(subtests) -> None:  # type: ignore[no-untyped-def]
+    est = estimate(LLAMA3_8B, [], gpu=True).total
+    table = [
+        ("nothing learned", None, est),
+        ("learned RAM and VRAM", Learned(ram=GIB, vram=5 * GIB), Memory(GIB, 5 * GIB)),
+        ("VRAM not attributable: estimate's VRAM", Learned(ram=GIB), Memory(GIB, est.vram)),
+        ("load time alone is no memory figure", Learned(load_seconds=3.0), est),
+    ]
+    for name, learned, want in table:
+        with subtests.test(name):
+            assert need(LLAMA3_8B, [], learned, gpu=True) == want
+
+
+def test_no_gpu_means_no_offload() -> None:
+    assert estimate(LLAMA3_8B, [], gpu=False) == estimate(LLAMA3_8B, ["-ngl", "0"], gpu=True)
+
+
+# The real model and llama-server that tools/setup-dev builds.
+CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache/llamad-ci"))
+GEMMA = CACHE / "models/gemma3-270m-q4_k_m.gguf"
+LLAMA_SERVER = CACHE / "llama-server-11434.0.0/llama-server"
+
+
+def read_meta(path: Path) -> Meta:
+    """The metadata through the gguf package's own reader, independent of llamad's."""
+    reader = GGUFReader(path)
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture")
+    return Meta(architecture=arch, block_count=value(f"{arch}.block_count"),
+                context_length=value(f"{arch}.context_length"),
+                head_count=value(f"{arch}.attention.head_count"),
+                head_count_kv=value(f"{arch}.attention.head_count_kv"),
+                embedding_length=value(f"{arch}.embedding_length"),
+                key_length=value(f"{arch}.attention.key_length"),
+                value_length=value(f"{arch}.attention.value_length"),
+                sliding_window=value(f"{arch}.attention.sliding_window"),
+                size=path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class Measured:
+    kv: int  # llama.cpp's own KV cache size, summed over its caches
+    compute: int  # its compute buffer
+    peak_rss: int  # VmHWM once ready
+
+
+def run_llama_server(args: list[str]) -> Measured:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([str(LLAMA_SERVER), "-m", str(GEMMA), "--host", "127.0.0.1",
+                                 "--port", str(port), "-t", "2", "-lv", "4", *args],
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(port, proc)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        out.seek(0)
+        log_text = out.read()
+    kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log_text)
+    compute = re.findall(r"CPU compute buffer size = +([\d.]+) MiB", log_text)
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+    assert kv and compute and hwm, log_text[-2000:]
+    return Measured(int(sum(float(x) for x in kv) * MIB), int(float(compute[-1]) * MIB),
+                    int(hwm.group(1)) * 1024)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "llama-server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("llama-server not ready in 120 s")
+
+
+def test_estimate_against_real_llama_server(subtests) -> None:  # type: ignore[no-untyped-def]
+    meta = read_meta(GEMMA)
+    assert (meta.architecture, meta.block_count, meta.sliding_window) == ("gemma3", 18, 512)
+    table = [
+        ("defaults: trained context, 4 unified slots", []),
+        ("8k context, 2 separate slots, q8_0 cache",
+         ["-c", "8192", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]),
+    ]
+    for name, args in table:
+        with subtests.test(name):
+            est = estimate(meta, args, gpu=False)
+            real = run_llama_server(args)
+            print(f"\n{name}: estimate {est.total.ram / MIB:.1f} MiB (KV {est.kv.ram / MIB:.1f},"
+                  f" compute {est.compute.ram / MIB:.1f}); llama-server KV"
+                  f" {real.kv / MIB:.1f}, compute {real.compute / MIB:.1f},"
+                  f" peak RSS {real.peak_rss / MIB:.1f} MiB")
+            assert est.total.vram == 0
+            assert abs(est.kv.ram - real.kv) < MIB / 100  # the log rounds to 0.01 MiB
+            # An upper bound, but not a wasteful one.
+            assert real.peak_rss <= est.total.ram <= 1.5 * real.peak_rss
