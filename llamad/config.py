@@ -36,7 +36,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "run-dir": ("string(default='/run/llamad')", "an absolute directory path"),
     "tcp-port-base": ("integer(min=1024, max=64511, default=39000)",
                       "a port number from 1024 to 64511"),
-    "listen": ("string(default='127.0.0.1:8080')", "HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"),
+    "listen": ("string(default='127.0.0.1:8080')", "HOST:PORT such as 127.0.0.1:8080 or [::1]:8080"),
     "idle-ttl": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
     "idle-exit": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
     "api-keys-file": ("string(default='')", "a file path or empty"),

@@ -1,0 +1,230 @@
+"""Discovery on real directories: names, split sets, projectors, cache, presets, problems."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ggufgen
+import pytest
+
+from llamad.catalog import Catalog, Snapshot, scan, split_info
+from llamad.config import Config
+from llamad.gguf_info import InfoCache
+from llamad.presets import parse_presets
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def age(root: Path, seconds: float = 60) -> None:
+    """Make files look finished: older than the settle window."""
+    then = time.time() - seconds
+    for p in root.rglob("*"):
+        if p.exists():
+            os.utime(p, (then, then))
+
+
+def config(*dirs: Path, cache: Path | None = None, **kw: object) -> Config:
+    kw.setdefault("llama_cache", cache is not None)
+    return Config.default(models_dirs=dirs, llama_cache_dir=cache, models_preset=None, **kw)
+
+
+def cache_repo(root: Path, repo: str, files: dict[str, str]) -> Path:
+    """An HF-hub style cache entry; files maps relative name -> kind (model|mmproj)."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT + "\n")
+    snap = folder / "snapshots" / COMMIT
+    for rel, kind in files.items():
+        if kind == "mmproj":
+            ggufgen.write_mmproj(snap / rel)
+        else:
+            ggufgen.write_model(snap / rel)
+    return snap
+
+
+def problems_about(snap: Snapshot, word: str) -> list[str]:
+    return [p for p in snap.problems if word in p]
+
+
+def test_models_dir_naming(tmp_path: Path) -> None:
+    d = tmp_path / "models"
+    ggufgen.write_model(d / "Alpha.gguf")
+    ggufgen.write_model(d / "alpha.gguf")
+    shards = ggufgen.write_split(d / "Big", "big-Q4_K_M", 3)
+    proj = ggufgen.write_mmproj(d / "Big" / "mmproj-big-F16.gguf")
+    ggufgen.write_model(d / "Solo" / "whatever-name.gguf")
+    ggufgen.write_mmproj(d / "mmproj-top.gguf")  # a projector alone is not a model
+    ggufgen.write_model(d / "Deep" / "nested" / "x.gguf")  # router looks one level down
+    age(d)
+    snap = scan(config(d))
+    assert sorted(snap.models) == ["Alpha", "Big", "Solo", "alpha"]  # case-sensitive
+    big = snap.models["Big"]
+    assert big.path == shards[0] and big.shards == tuple(shards) and big.mmproj == proj
+    assert big.info is not None and big.info.modalities == ("text", "image")
+    assert big.info.size == sum(p.stat().st_size for p in shards)
+    assert big.source == "models_dir" and big.unit == "llama-server@Big.service"
+    assert big.settings.args[:4] == ("--model", str(shards[0]), "--mmproj", str(proj))
+    assert snap.models["Solo"].path.name == "whatever-name.gguf"
+    assert snap.models["Alpha"].created == int(d.joinpath("Alpha.gguf").stat().st_mtime)
+
+
+def test_gemma_is_discovered(tmp_path: Path) -> None:
+    d = tmp_path / "models"
+    d.mkdir()
+    os.symlink(ggufgen.GEMMA, d / "gemma3-270m.gguf")
+    snap = scan(config(d))
+    info = snap.models["gemma3-270m"].info
+    assert info is not None and info.architecture == "gemma3"
+    assert info.parameters and info.parameters > 200_000_000
+
+
+def test_unservable_files_are_skipped_with_one_problem_each(tmp_path: Path) -> None:
+    d = tmp_path / "models"
+    ggufgen.write_model(d / "good.gguf")
+    (d / "readme.txt").write_text("not a model")
+    (d / "fake.gguf").write_bytes(b"definitely not gguf" * 20)
+    ggufgen.truncate(ggufgen.write_model(d / "cut.gguf"), 3000)
+    os.symlink(d / "gone.gguf", d / "dangling.gguf")
+    ggufgen.write_split(d / "Partial", "p", 3)[1].unlink()
+    locked = ggufgen.write_model(d / "locked.gguf")
+    age(d)
+    locked.chmod(0)
+    try:
+        snap = scan(config(d), cache=InfoCache())
+    finally:
+        locked.chmod(0o644)
+    expected = ["good"] + (["locked"] if os.geteuid() == 0 else [])  # root reads anything
+    assert sorted(snap.models) == expected
+    for word in ("readme.txt", "fake.gguf", "cut.gguf", "dangling.gguf", "p-00002-of-00003"):
+        assert len(problems_about(snap, word)) == 1, (word, snap.problems)
+    assert all(p.endswith(".") for p in snap.problems)
+
+
+def test_file_still_being_written_waits(tmp_path: Path) -> None:
+    d = tmp_path / "models"
+    ggufgen.write_model(d / "fresh.gguf")
+    snap = scan(config(d), settle=30)
+    assert "fresh" not in snap.models and snap.pending
+    assert problems_about(snap, "still being written")
+    age(d)
+    later = scan(config(d), settle=30)
+    assert "fresh" in later.models and not later.pending
+
+
+def test_llama_cache_layout(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    snap_dir = cache_repo(hub, "ggml-org/tiny-GGUF", {
+        "tiny-Q4_K_M.gguf": "model", "tiny-Q8_0.gguf": "model",
+        "mmproj-tiny-F16.gguf": "mmproj", "big/tiny-F16-00001-of-00002.gguf": "model",
+        "big/tiny-F16-00002-of-00002.gguf": "model", "imatrix.gguf": "model"})
+    (hub / "models--bad").mkdir()
+    (hub / "not-a-repo").mkdir()
+    age(hub)
+    snap = scan(config(cache=hub))
+    assert sorted(snap.models) == ["ggml-org/tiny-GGUF:F16", "ggml-org/tiny-GGUF:Q4_K_M",
+                                   "ggml-org/tiny-GGUF:Q8_0"]
+    q4 = snap.models["ggml-org/tiny-GGUF:Q4_K_M"]
+    assert q4.source == "cache" and q4.mmproj == snap_dir / "mmproj-tiny-F16.gguf"
+    assert q4.unit.startswith("llama-server@ggml-org-tiny-GGUF:Q4_K_M-")
+    assert len(snap.models["ggml-org/tiny-GGUF:F16"].shards) == 2
+    assert scan(config(cache=hub, llama_cache=False)).models == {}
+
+
+def test_cache_directory_follows_llama_cpp_environment(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    from llamad.hfcache import cache_dir
+    for var in ("LLAMA_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME",
+                "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = Config.default()
+    assert cache_dir(c) == tmp_path / ".cache/huggingface/hub"
+    monkeypatch.setenv("HF_HOME", "/hf")
+    assert cache_dir(c) == Path("/hf/hub")
+    monkeypatch.setenv("LLAMA_CACHE", "/lc")
+    assert cache_dir(c) == Path("/lc")
+    assert cache_dir(Config.default(llama_cache_dir=Path("/x"))) == Path("/x")
+
+
+def test_name_conflicts_are_reported_not_shadowed(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    ggufgen.write_model(a / "same.gguf")
+    ggufgen.write_model(b / "same.gguf")
+    ggufgen.write_model(b / "same" / "other.gguf")
+    age(tmp_path)
+    snap = scan(config(a, b))
+    assert snap.models["same"].path == a / "same.gguf"
+    assert len(problems_about(snap, "'same' is used by both")) == 2
+
+
+def test_presets_add_and_adjust_models(tmp_path: Path) -> None:
+    d, hub = tmp_path / "models", tmp_path / "hub"
+    ggufgen.write_model(d / "base.gguf")
+    extra = ggufgen.write_model(tmp_path / "elsewhere" / "x.gguf")
+    cache_repo(hub, "u/r", {"r-Q4_K_M.gguf": "model"})
+    (tmp_path / "presets").mkdir()
+    age(tmp_path)
+    preset = parse_presets(
+        "[*]\nngl = 9\n[base]\nalias = b1, shared\npin = true\n"
+        "[custom]\nmodel = ../elsewhere/x.gguf\nalias = shared\n"
+        "[hf]\nhf-repo = u/r:q4_k_m\n[missing-hf]\nhf-repo = u/none:Q8_0\n"
+        "[nothing]\nc = 1\n", tmp_path / "presets" / "p.ini")
+    snap = scan(config(d, cache=hub), preset=preset)
+    assert snap.models["base"].source == "preset" and snap.models["base"].settings.pin
+    assert snap.models["custom"].path == tmp_path / "presets" / "../elsewhere/x.gguf"
+    assert snap.models["custom"].path.resolve() == extra
+    assert snap.models["hf"].path.name == "r-Q4_K_M.gguf"
+    assert "u/r:Q4_K_M" in snap.models  # without dedup-cache-models both stay
+    assert snap.resolve("b1") is snap.models["base"]
+    assert snap.resolve("shared") is snap.models["base"]  # first claim wins
+    assert problems_about(snap, "alias 'shared'")
+    assert problems_about(snap, "u/none:Q8_0 is not in the llama.cpp cache")
+    assert problems_about(snap, "preset [nothing] matches no model")
+    assert snap.resolve("nope") is None
+
+
+def test_dedup_cache_models_hides_the_cache_entry(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    cache_repo(hub, "u/r", {"r-Q4_K_M.gguf": "model"})
+    age(hub)
+    preset = parse_presets("[nice]\nhf-repo = u/r:Q4_K_M\ndedup-cache-models = true\n")
+    assert sorted(scan(config(cache=hub), preset=preset).models) == ["nice"]
+
+
+def test_global_args_reach_every_model(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    ggufgen.write_model(d / "a.gguf")
+    age(d)
+    snap = scan(config(d, args=("-c", "8192", "-ngl", "99")))
+    assert snap.models["a"].settings.args == (
+        "--model", str(d / "a.gguf"), "--alias", "a", "--ctx-size", "8192",
+        "--n-gpu-layers", "99")
+
+
+def test_split_names() -> None:
+    assert split_info("m-Q4-00001-of-00003.gguf") == ("m-Q4", 1, 3)
+    assert split_info("m-1-of-3.gguf") is None and split_info("plain.gguf") is None
+
+
+def test_catalog_change_feed(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    ggufgen.write_model(d / "a.gguf")
+    age(d)
+    catalog = Catalog(config(d))
+    changes: list[tuple[set[str], set[str]]] = []
+    unsubscribe = catalog.subscribe(lambda old, new: changes.append((set(old.models),
+                                                                     set(new.models))))
+    first = catalog.rescan()
+    assert changes == [(set(), {"a"})]
+    assert catalog.rescan() is not first and len(changes) == 1  # nothing changed, no event
+    (d / "a.gguf").rename(d / "b.gguf")
+    catalog.rescan()
+    assert changes[-1] == ({"a"}, {"b"})
+    unsubscribe()
+    (d / "b.gguf").unlink()
+    catalog.rescan()
+    assert len(changes) == 2 and catalog.snapshot.models == {}
+    with pytest.raises(TypeError):
+        catalog.snapshot.models["x"] = first.models["a"]  # type: ignore[index]

@@ -1,0 +1,109 @@
+"""Config file parsing: defaults, every kind of value, and one-sentence errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamad import config as cfg
+from llamad.config import Config, load_config
+from llamad.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "llamad.conf"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_documented_values() -> None:
+    c = Config.default()
+    assert c.models_dirs == (Path("/var/lib/llamad/models"),)
+    assert (c.models_max, c.models_autoload, c.backend) == (4, True, "unix")
+    assert (c.idle_ttl, c.idle_exit, c.load_timeout, c.stop_timeout) == (0, 0, 300, 10)
+    assert c.run_dir == Path("/run/llamad") and c.tcp_port_base == 39000
+    assert c.listen == "127.0.0.1:8080" and c.args == () and c.api_keys_file is None
+    assert c.dynamic_user and c.eviction_policy == "lru" and c.slice_memory_max is None
+
+
+def test_reference_config_is_all_defaults() -> None:
+    # etc/llamad.conf documents every key with its default, all commented out.
+    reference = Path(__file__).parent.parent / "etc" / "llamad.conf"
+    text = reference.read_text()
+    for key in cfg.SPEC:
+        assert f"# {key} =" in text, key
+    assert load_config(reference) == Config.default(path=reference)
+
+
+def test_values_are_parsed_into_types(tmp_path: Path) -> None:
+    path = write(tmp_path, "models-dir = /a, /b\nargs = '-c 8192 --chat-template \"a b\"'\n"
+                 "backend = tcp\nidle-ttl = 30\nmodels-autoload = no\nlisten = [::1]:80\n"
+                 "slice-memory-max = 16G\nunit-user = llama\napi-keys-file = /etc/k\n"
+                 "models-preset =\n")
+    c = load_config(path)
+    assert c.path == path
+    assert c.models_dirs == (Path("/a"), Path("/b"))
+    assert c.args == ("-c", "8192", "--chat-template", "a b")
+    assert (c.backend, c.idle_ttl, c.models_autoload, c.listen) == ("tcp", 30.0, False, "[::1]:80")
+    assert c.slice_memory_max == "16G" and not c.dynamic_user
+    assert c.api_keys_file == Path("/etc/k") and c.models_preset is None
+
+
+BAD = [
+    ("models-max = -1", "models-max", "0 = unlimited"),
+    ("models-max = lots", "models-max", "whole number"),
+    ("backend = pipe", "backend", "unix or tcp"),
+    ("idle-ttl = -5", "idle-ttl", "seconds >= 0"),
+    ("llama-cache = maybe", "llama-cache", "yes or no"),
+    ("listen = localhost", "listen", "HOST:PORT"),
+    ("slice-memory-max = lots", "slice-memory-max", "systemd size"),
+    ("eviction-policy = random", "eviction-policy", "cheapest-reload"),
+    ("tcp-port-base = 80", "tcp-port-base", "1024"),
+    ("args = '-c \"unclosed'", "args", "shell syntax"),
+    ("run-dir = relative", "run-dir", "absolute"),
+    ("unit-user = Bad User", "unit-user", "user name"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "allowed"), BAD)
+def test_bad_value_names_file_key_value_and_range(tmp_path: Path, line: str, key: str,
+                                                  allowed: str) -> None:
+    path = write(tmp_path, line + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = e.value.message
+    value = line.split("=", 1)[1].strip()
+    assert message.startswith(f"{path}: {key} = ")
+    assert value.strip("'") in message and allowed in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_unknown_key_and_sections_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'model-dir'"):
+        load_config(write(tmp_path, "model-dir = /x\n"))
+    with pytest.raises(ConfigError, match=r"section \[main\] is not allowed"):
+        load_config(write(tmp_path, "[main]\nmodels-max = 2\n"))
+
+
+def test_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.conf")
+    monkeypatch.setattr(cfg, "DEFAULT_PATH", tmp_path / "absent.conf")
+    assert load_config() == Config.default()
+
+
+def test_default_preset_file_is_used_only_when_present(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    presets = tmp_path / "presets.ini"
+    monkeypatch.setattr(cfg, "DEFAULT_PRESETS", presets)
+    assert Config.default().models_preset is None
+    presets.write_text("[*]\n")
+    assert Config.default().models_preset == presets
+    assert load_config(write(tmp_path, "models-preset =\n")).models_preset is None
+
+
+def test_config_is_frozen() -> None:
+    c = Config.default()
+    with pytest.raises(AttributeError):
+        c.models_max = 3  # type: ignore[misc]

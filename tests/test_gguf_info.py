@@ -1,0 +1,101 @@
+"""Header-only metadata from real GGUF files: the Gemma model and files written here."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ggufgen
+import pytest
+
+from llamad.gguf_info import GGUFError, InfoCache, combine, read_header
+
+
+def test_gemma_metadata_is_read_quickly() -> None:
+    assert ggufgen.GEMMA.exists(), "run tools/setup-dev to assemble the Gemma model"
+    start = time.perf_counter()
+    head = read_header(ggufgen.GEMMA)
+    elapsed = time.perf_counter() - start
+    info = combine([head], None)
+    assert info.architecture == "gemma3" and info.quantization == "Q4_K_M"
+    assert (info.context_length, info.block_count, info.embedding_length) == (32768, 18, 640)
+    assert (info.head_count, info.head_count_kv, info.key_length) == (4, 1, 256)
+    assert info.size == ggufgen.GEMMA.stat().st_size
+    assert 260_000_000 < (info.parameters or 0) < 280_000_000
+    # The 262k-entry vocabulary is stepped over, not unpacked (GGUFReader alone: ~10 s).
+    assert elapsed < 2.0
+
+
+def test_written_model_and_split_set(tmp_path: Path) -> None:
+    single = combine([read_header(ggufgen.write_model(tmp_path / "a.gguf", context=1234,
+                                                      blocks=3))], None)
+    assert (single.architecture, single.context_length, single.block_count) == ("llama", 1234, 3)
+    assert single.parameters == 3 * 8 * 64 and single.quantization == "F32"
+    shards = ggufgen.write_split(tmp_path / "s", "m", 3)
+    heads = [read_header(p) for p in shards]
+    info = combine(heads, read_header(ggufgen.write_mmproj(tmp_path / "s" / "mmproj.gguf")))
+    assert info.size == sum(p.stat().st_size for p in shards)
+    assert info.parameters == 3 * 2 * 8 * 64
+    assert info.modalities == ("text", "image")
+
+
+def test_modalities_follow_the_projector(tmp_path: Path) -> None:
+    head = read_header(ggufgen.write_model(tmp_path / "m.gguf"))
+    audio = read_header(ggufgen.write_mmproj(tmp_path / "a.gguf", vision=False, audio=True))
+    both = read_header(ggufgen.write_mmproj(tmp_path / "b.gguf", vision=True, audio=True))
+    assert combine([head], None).modalities == ("text",)
+    assert combine([head], audio).modalities == ("text", "audio")
+    assert combine([head], both).modalities == ("text", "image", "audio")
+
+
+def test_corrupt_and_truncated_files_are_errors(tmp_path: Path) -> None:
+    full = ggufgen.write_model(tmp_path / "full.gguf")
+    size = full.stat().st_size
+    cases = {
+        "empty": b"",
+        "text": b"hello, not a model\n" * 10,
+        "half header": full.read_bytes()[:60],
+        "no tensor data": full.read_bytes()[:size // 2],
+        "last byte missing": full.read_bytes()[:size - 1],
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        with pytest.raises(GGUFError):
+            read_header(path)
+
+
+def test_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(GGUFError, match="cannot be read"):
+        read_header(tmp_path / "missing.gguf")
+
+
+def test_cache_rereads_only_changed_files(tmp_path: Path) -> None:
+    path = ggufgen.write_model(tmp_path / "m.gguf", context=100)
+    cache = InfoCache()
+    first = cache.header(path)
+    assert cache.header(path) is first  # same stat key: no new read
+    ggufgen.write_model(path, context=200)
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 1_000_000))
+    assert cache.header(path).fields["llama.context_length"] == 200
+    cache.retain([])
+    assert len(cache) == 0
+
+
+def test_cache_remembers_bad_files_and_persists(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"junk" * 100)
+    good = ggufgen.write_model(tmp_path / "good.gguf")
+    store = tmp_path / "cache" / "info.json"
+    cache = InfoCache(store)
+    with pytest.raises(GGUFError):
+        cache.header(bad)
+    head = cache.header(good)
+    cache.save()
+    again = InfoCache(store)
+    assert len(again) == 2 and again.header(good) == head
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        again.header(bad)
+    store.write_text("{broken")
+    assert len(InfoCache(store)) == 0

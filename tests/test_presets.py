@@ -1,0 +1,146 @@
+"""Preset INI in llama.cpp's format -> per-model settings and a deterministic argv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pytest_subtests import SubTests
+
+from llamad.errors import ConfigError
+from llamad.presets import (
+    BY_KEY,
+    Presets,
+    canonical_name,
+    load_presets,
+    model_settings,
+    parse_args,
+    parse_presets,
+)
+
+M = Path("/m/x.gguf")
+
+
+def argv(text: str, model: str = "x", global_args: tuple[str, ...] = (),
+         mmproj: Path | None = None) -> tuple[str, ...]:
+    p = parse_presets(text)
+    return model_settings(model, M, mmproj, p, parse_args(global_args, "args")).args
+
+
+def test_flag_table_comes_from_llama_cpp() -> None:
+    # A few well-known flags in all three spellings, with the right kinds.
+    assert BY_KEY["c"][0] is BY_KEY["ctx-size"][0] is BY_KEY["LLAMA_ARG_CTX_SIZE"][0]
+    assert BY_KEY["ctx-size"][0].kind == "value"
+    assert BY_KEY["jinja"][0].kind == "bool" and BY_KEY["no-jinja"][1] is True
+    assert BY_KEY["LLAMA_ARG_NO_JINJA"][1] is True
+    assert BY_KEY["ngl"][0].canonical == "--n-gpu-layers"
+
+
+KEY_SPELLINGS = [
+    ("c = 2048", ("--ctx-size", "2048")),
+    ("ctx-size = 2048", ("--ctx-size", "2048")),
+    ("LLAMA_ARG_CTX_SIZE = 2048", ("--ctx-size", "2048")),
+    ("jinja = true", ("--jinja",)),
+    ("jinja = off", ("--no-jinja",)),
+    ("no-jinja = true", ("--no-jinja",)),
+    ("no-jinja = 0", ("--jinja",)),
+    ("LLAMA_ARG_NO_JINJA = 1", ("--no-jinja",)),
+    ("cpu-moe = true", ("--cpu-moe",)),
+    ("cpu-moe = false", ()),
+    ("temp = 0.7 ; comment", ("--temperature", "0.7")),
+    ("chat-template-kwargs = {\"a\": 1}", ("--chat-template-kwargs", '{"a": 1}')),
+]
+
+
+def test_key_spellings_and_booleans(subtests: SubTests) -> None:
+    head = ("--model", str(M), "--alias", "x")
+    for line, expected in KEY_SPELLINGS:
+        with subtests.test(line=line):
+            assert argv(f"[x]\n{line}\n") == head + expected
+
+
+def test_precedence_model_over_defaults_over_global_args() -> None:
+    text = "[*]\nc = 4096\nngl = 10\n[x]\nc = 1024\n"
+    args = argv(text, global_args=("-c", "8192", "--jinja", "-t", "4"))
+    # Order is first appearance; values come from the most specific source.
+    assert args[4:] == ("--ctx-size", "1024", "--jinja", "--threads", "4",
+                        "--n-gpu-layers", "10")
+    other = argv(text, model="y", global_args=("-c", "8192"))
+    assert other[4:] == ("--ctx-size", "4096", "--n-gpu-layers", "10")
+
+
+def test_render_is_deterministic() -> None:
+    text = "[*]\nngl = 99\n[x]\njinja = true\nc = 1\n"
+    assert len({argv(text, global_args=("-t", "2")) for _ in range(5)}) == 1
+
+
+def test_mmproj_is_added_unless_turned_off() -> None:
+    proj = Path("/m/mmproj.gguf")
+    assert argv("", mmproj=proj)[:6] == ("--model", str(M), "--mmproj", str(proj),
+                                         "--alias", "x")
+    assert "--mmproj" not in argv("[x]\nno-mmproj = true\n", mmproj=proj)
+    assert argv("[x]\nmmproj = /o.gguf\n", mmproj=proj).count("--mmproj") == 1
+
+
+ERRORS = [
+    ("[x]\nbogus = 1\n", r"\[x\]: unknown key 'bogus'"),
+    ("[x]\nhost = 0.0.0.0\n", "set by llamad itself"),
+    ("[x]\nport = 1\n", "set by llamad itself"),
+    ("[*]\napi-key = secret\n", "set by llamad itself"),
+    ("[x]\nssl-key-file = /k\n", "set by llamad itself"),
+    ("[x]\njinja = maybe\n", "jinja = 'maybe' is invalid; allowed: true or false"),
+    ("[x]\npin = perhaps\n", "pin = 'perhaps' is invalid"),
+    ("[x]\nttl = -3\n", "ttl = '-3' is invalid"),
+    ("[x]\nmemory-max = lots\n", "systemd size"),
+    ("[x]\ndevices = a,b\n", "GPU indices"),
+    ("[*]\nmodel = /x.gguf\n", "belong in a model's own section"),
+    ("c = 1\n", "outside any section"),
+    ("[x]\nc = 1\nc = 2\n", "appears twice"),
+    ("[x]\n[x]\n", r"section \[x\] appears twice"),
+    ("[x]\n!!\n", "cannot parse"),
+]
+
+
+def test_errors_name_section_and_key(subtests: SubTests) -> None:
+    for text, pattern in ERRORS:
+        with subtests.test(text=text), pytest.raises(ConfigError, match=pattern):
+            parse_presets(text)
+
+
+def test_llamad_and_preset_only_keys() -> None:
+    p = parse_presets("[*]\nttl = 300\nstop-timeout = 5\n[x]\npin = yes\nttl = -1\n"
+                      "memory-max = 8G\nmemory-high = 6G\ndevices = 0,1\nsplit = true\n"
+                      "load-on-startup = true\nalias = a, b\n")
+    s = model_settings("x", M, None, p, {})
+    assert (s.pin, s.ttl, s.stop_timeout, s.load_on_startup) == (True, None, 5.0, True)
+    assert (s.memory_max, s.memory_high, s.devices, s.split) == ("8G", "6G", (0, 1), True)
+    assert p.sections["x"].aliases == ("a", "b")
+    y = model_settings("y", M, None, p, {})
+    assert (y.pin, y.ttl, y.stop_timeout, y.devices) == (False, 300.0, 5.0, None)
+    assert "pin = true" in s.preset_text and "alias = a,b" in s.preset_text
+    assert s.preset_text.startswith("[x]\nmodel = /m/x.gguf\n")
+
+
+def test_global_args_errors() -> None:
+    with pytest.raises(ConfigError, match="'--bogus' is not a llama-server option"):
+        parse_args(("--bogus",), "args")
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_args(("-c",), "args")
+    with pytest.raises(ConfigError, match="set by llamad itself"):
+        parse_args(("--port", "1"), "args")
+    assert parse_args(("--ctx_size", "5"), "args") == {"--ctx-size": ("--ctx-size", "5")}
+
+
+def test_section_names_use_canonical_quant_tags() -> None:
+    assert canonical_name("user/repo:q4_k_m") == "user/repo:Q4_K_M"
+    assert canonical_name("plain") == "plain"
+    assert "user/repo:Q4_K_M" in parse_presets("[user/repo:q4_k_m]\nc = 1\n").sections
+
+
+def test_files(tmp_path: Path) -> None:
+    assert load_presets(None) == Presets.empty()
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_presets(tmp_path / "missing.ini")
+    example = Path(__file__).parent.parent / "etc" / "presets.ini"
+    p = load_presets(example)
+    assert p.sections and p.defaults.options

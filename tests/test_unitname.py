@@ -1,0 +1,76 @@
+"""Unit names for hostile model names, checked against systemd's own parser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from pytest_subtests import SubTests
+
+from llamad.unitname import (
+    UNIT_NAME_MAX,
+    instance_name,
+    is_model_unit,
+    model_from_environment,
+    unit_environment,
+    unit_name,
+)
+
+HOSTILE = [
+    "../x", "a\\x2db", "@", "a\x00b", "x" * 300, "Ünïcödé-模型", ".hidden", "user/repo:Q4_K_M",
+    "a/b", "a-b", "", " ", "a b", "-leading", "a@b.service", "..", "x" * 234, "x" * 235,
+    "$(rm -rf /)", "tab\there", "new\nline", "%i%n", "a.service",
+]
+READABLE = ["gemma", "Qwen3-8B-Q4_K_M", "user-repo:Q8_0", "a_b.c"]
+
+
+def systemd_accepts(unit: str) -> bool:
+    """systemd-escape refuses to take the instance out of an invalid unit name."""
+    run = subprocess.run(["systemd-escape", "--unescape", "--instance", unit],
+                         capture_output=True, text=True)
+    return run.returncode == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_systemd_escape() -> None:
+    assert shutil.which("systemd-escape"), "systemd-escape (package systemd) is required"
+
+
+def test_oracle_rejects_invalid_names() -> None:
+    # The check below means something only if systemd rejects what it should.
+    assert not systemd_accepts("llama-server@a/b.service")
+    assert not systemd_accepts("llama-server@" + "x" * 240 + ".service")
+    assert systemd_accepts("llama-server@ok.service")
+
+
+def test_hostile_names(subtests: SubTests) -> None:
+    units: dict[str, str] = {}
+    for name in HOSTILE + READABLE:
+        with subtests.test(name=name):
+            unit = unit_name(name)
+            assert systemd_accepts(unit), unit
+            assert len(unit) <= UNIT_NAME_MAX
+            assert not instance_name(name).startswith(".")
+            assert is_model_unit(unit)
+            assert unit == unit_name(name)  # stable
+            assert unit not in units, f"{name!r} and {units.get(unit)!r} collide"
+            units[unit] = name
+
+
+def test_readable_names_are_kept(subtests: SubTests) -> None:
+    for name in READABLE:
+        with subtests.test(name=name):
+            assert instance_name(name) == name
+
+
+def test_changed_names_stay_readable_and_distinct() -> None:
+    assert instance_name("user/repo:Q4_K_M").startswith("user-repo:Q4_K_M-")
+    assert instance_name("a/b") != instance_name("a-b") == "a-b"
+    assert instance_name(".hidden").startswith("_hidden-")
+
+
+def test_environment_maps_unit_back_to_model() -> None:
+    env = ["PATH=/usr/bin", unit_environment("user/repo:Q4_K_M")]
+    assert model_from_environment(env) == "user/repo:Q4_K_M"
+    assert model_from_environment(["PATH=/usr/bin"]) is None
