@@ -135,7 +135,7 @@ def victims(models: Iterable[ModelView], policy: Policy) -> tuple[str, ...]:
     """Models that may be stopped now (ready, idle, unpinned), the first to go first."""
     idle = [m for m in models if m.state is State.READY and not m.busy and not m.pinned]
     if policy is Policy.LARGEST:
-        idle.sort(key=lambda m: (-_total(m.used or m.need), m.last_used, m.id))
+        idle.sort(key=lambda m: (-(_total(m.used) or _total(m.need)), m.last_used, m.id))
     elif policy is Policy.CHEAPEST_RELOAD:
         # An unknown load time counts as expensive: it might be a slow model.
         idle.sort(key=lambda m: (_or_inf(m.load_seconds), m.last_used, m.id))

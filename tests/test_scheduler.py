@@ -215,14 +215,16 @@ def test_victims_order_per_policy(subtests) -> None:  # type: ignore[no-untyped-
         ready("old-small", vram(1), 1, load_seconds=9.0),
         ready("mid-big", vram(9), 2),  # load time never measured
         ready("new-mid", vram(4), 3, load_seconds=2.0),
+        ModelView("unmeasured", State.READY, last_used=4, need=vram(5), gpus=(0,)),
         ready("busy", vram(20), 0, in_flight=1, load_seconds=0.1),
         ready("pinned", vram(20), 0, pinned=True, load_seconds=0.1),
         ModelView("loading", State.LOADING, need=vram(30), load_seconds=0.1),
     ]
     table = [
-        (Policy.LRU, ("old-small", "mid-big", "new-mid")),
-        (Policy.LARGEST, ("mid-big", "new-mid", "old-small")),
-        (Policy.CHEAPEST_RELOAD, ("new-mid", "old-small", "mid-big")),
+        (Policy.LRU, ("old-small", "mid-big", "new-mid", "unmeasured")),
+        # Not measured yet: its estimated need stands in for its use.
+        (Policy.LARGEST, ("mid-big", "unmeasured", "new-mid", "old-small")),
+        (Policy.CHEAPEST_RELOAD, ("new-mid", "old-small", "mid-big", "unmeasured")),
     ]
     for policy, want in table:
         with subtests.test(policy.value):
