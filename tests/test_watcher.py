@@ -1,0 +1,134 @@
+"""Real watchdog events on a real directory: slow copies, renames, deletions, presets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import ggufgen
+
+from llamad.catalog import Catalog, Snapshot
+from llamad.config import Config
+from llamad.watcher import CatalogWatcher
+
+SETTLE = 0.6
+DEBOUNCE = 0.2
+
+
+class Feed:
+    """Records every published snapshot (with the time it came) for assertions."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.snapshots: list[Snapshot] = []
+        catalog.subscribe(lambda old, new: self.snapshots.append(new))
+
+    async def until(self, check: Callable[[Snapshot], bool], timeout: float = 10) -> Snapshot:
+        async def poll() -> Snapshot:
+            while not check(self.catalog.snapshot):
+                await asyncio.sleep(0.05)
+            return self.catalog.snapshot
+        return await asyncio.wait_for(poll(), timeout)
+
+
+def make_catalog(d: Path, preset: Path | None = None) -> Catalog:
+    config = Config.default(models_dirs=(d,), llama_cache=False, models_preset=preset)
+    return Catalog(config, settle=SETTLE)
+
+
+def aged_model(path: Path) -> Path:
+    ggufgen.write_model(path)
+    os.utime(path, (1, 1_000_000_000))
+    return path
+
+
+async def test_start_scans_and_stop_ends_the_observer(tmp_path: Path) -> None:
+    aged_model(tmp_path / "a.gguf")
+    catalog = make_catalog(tmp_path)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE) as w:
+        assert set(catalog.snapshot.models) == {"a"}
+        observer = w._observer
+        assert observer is not None and observer.is_alive()
+    assert not observer.is_alive()
+
+
+async def test_slow_copy_appears_only_when_complete(tmp_path: Path) -> None:
+    src = ggufgen.write_model(tmp_path / "src.gguf", rows=512)
+    models = tmp_path / "models"
+    models.mkdir()
+    catalog = make_catalog(models)
+    feed = Feed(catalog)
+    scans = 0
+    compute = catalog.compute
+
+    def counting() -> Snapshot:
+        nonlocal scans
+        scans += 1
+        return compute()
+
+    catalog.compute = counting  # type: ignore[method-assign]
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE):
+        # Pauses longer than the debounce, so scans happen while the file is half there.
+        copy = asyncio.get_running_loop().run_in_executor(
+            None, ggufgen.copy_slowly, src, models / "slow.gguf", 6, DEBOUNCE * 2)
+        await copy
+        scans_while_copying = scans
+        snap = await feed.until(lambda s: "slow" in s.models)
+    assert scans_while_copying >= 3  # the start scan plus scans of the half-written file
+    info = snap.models["slow"].info
+    assert info is not None and info.size == src.stat().st_size
+    assert all(m.info is not None and m.info.size == src.stat().st_size
+               for s in feed.snapshots for m in s.models.values())
+
+
+async def test_rename_is_one_change_and_delete_removes(tmp_path: Path) -> None:
+    aged_model(tmp_path / "old.gguf")
+    catalog = make_catalog(tmp_path)
+    feed = Feed(catalog)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE):
+        (tmp_path / "old.gguf").rename(tmp_path / "new.gguf")
+        await feed.until(lambda s: "new" in s.models)
+        assert [set(s.models) for s in feed.snapshots] == [{"old"}, {"new"}]
+        (tmp_path / "new.gguf").unlink()
+        await feed.until(lambda s: not s.models)
+
+
+async def test_directory_moved_in_and_removed(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    staging = tmp_path / "staging" / "Big"
+    ggufgen.write_split(staging, "big", 2)
+    ggufgen.write_mmproj(staging / "mmproj.gguf")
+    for p in staging.iterdir():
+        os.utime(p, (1, 1_000_000_000))
+    catalog = make_catalog(models)
+    feed = Feed(catalog)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE):
+        staging.rename(models / "Big")
+        snap = await feed.until(lambda s: "Big" in s.models)
+        assert snap.models["Big"].mmproj is not None and len(snap.models["Big"].shards) == 2
+        shutil.rmtree(models / "Big")
+        await feed.until(lambda s: "Big" not in s.models)
+
+
+async def test_preset_edit_triggers_rescan(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    aged_model(models / "a.gguf")
+    preset = tmp_path / "etc" / "presets.ini"
+    preset.parent.mkdir()
+    preset.write_text("[a]\nc = 1024\n")
+    catalog = make_catalog(models, preset)
+    feed = Feed(catalog)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE):
+        assert "1024" in catalog.snapshot.models["a"].settings.args
+        preset.write_text("[a]\nc = 2048\nalias = first\n")
+        snap = await feed.until(lambda s: s.resolve("first") is not None)
+        assert "2048" in snap.models["a"].settings.args
+        preset.write_text("[a]\nbogus = 1\n")  # broken: keep the last good presets
+        aged_model(models / "b.gguf")
+        snap = await feed.until(lambda s: "b" in s.models)
+        assert snap.resolve("first") is snap.models["a"]
+        assert "2048" in snap.models["a"].settings.args
