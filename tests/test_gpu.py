@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import pynvml
 import pytest
 
 from llamad.gpu import GpuInfo, GpuMonitor, mem_available, mem_total, unit_from_cgroup, unit_of_pid
@@ -71,6 +70,8 @@ class FakeNvml:
 
 
 def test_fake_matches_the_real_binding() -> None:
+    import pynvml  # here, so the other tests run where nvidia-ml-py is not installed
+
     names = [n for n in vars(FakeNvml) if n.startswith("nvml") or n == "NVMLError"]
     missing = [n for n in names if not hasattr(pynvml, n)]
     assert names and missing == []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 
 from llamad.memory import (
     GPU_CONTEXT,
@@ -218,8 +218,14 @@ def read_meta(path: Path) -> Meta:
     reader = GGUFReader(path)
 
     def value(key: str) -> Any:
+        # parts/data rather than contents(), which gguf 0.10 (the oldest supported) lacks.
         field = reader.fields.get(key)
-        return field.contents() if field is not None else None
+        if field is None:
+            return None
+        part = field.parts[field.data[0]]
+        if field.types[0] == GGUFValueType.STRING:
+            return bytes(part).decode()
+        return part[0].item()
 
     arch = value("general.architecture")
     return Meta(architecture=arch, block_count=value(f"{arch}.block_count"),
