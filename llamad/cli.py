@@ -95,8 +95,8 @@ def cmd_models(config_path: Path | None, as_json: bool) -> int:
     for problem in snapshot.problems:
         print(f"llamad: {problem}", file=sys.stderr)
     if as_json:
-        json.dump([model_json(m) for m in models], sys.stdout, indent=2)
-        print()
+        # One write: json.dump writes each token separately, seconds for 10,000 models.
+        sys.stdout.write(json.dumps([model_json(m) for m in models], indent=2) + "\n")
     elif not models:
         print("no models found in " + (", ".join(map(str, config.models_dirs)) or "no directory"))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ggufgen
 import pytest
 from pytest_subtests import SubTests
 
@@ -144,3 +145,22 @@ def test_files(tmp_path: Path) -> None:
     example = Path(__file__).parent.parent / "etc" / "presets.ini"
     p = load_presets(example)
     assert p.sections and p.defaults.options
+
+
+def test_flag_table_matches_the_built_llama_server() -> None:
+    """tools/gen-llama-flags read arg.cpp; the binary built from it must agree."""
+    import re
+    import subprocess
+
+    binary = ggufgen.GEMMA.parent.parent / "llama-server-11434.0.0" / "llama-server"
+    assert binary.exists(), "run tools/setup-dev to build llama-server"
+    text = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
+                          timeout=60).stdout
+    spelled: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("-"):
+            # Help text starts at column 40 unless the flags are too long to fit.
+            head = line[:40] if line[38:40] == "  " else line
+            spelled |= set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w.-]*)", head))
+    ours = {s for flag, _ in BY_KEY.values() for s in flag.names + flag.neg}
+    assert len(spelled) > 300 and spelled == ours
