@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llamad import __version__, cli
+from llamad import __version__, app, cli
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
 
@@ -33,8 +33,23 @@ def add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(func=lambda a: cli.cmd_check_config(a.config))
 
 
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the proxy (socket-activated under systemd)")
+    _config_arg(p)
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="listen here when systemd passes no socket (default: config's listen)")
+    p.set_defaults(func=lambda a: app.run(a.config, a.listen))
+
+
+def add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ps", help="show the running daemon's models as a table")
+    _config_arg(p)
+    p.add_argument("--url", help="llamad's address (default: from the config's listen)")
+    p.set_defaults(func=lambda a: cli.cmd_ps(a.config, a.url))
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    add_models, add_check_config,
+    add_models, add_check_config, add_serve, add_ps,
 ]
 
 

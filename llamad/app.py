@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,8 @@ from aiohttp import web
 from llamad import proxy
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
-from llamad.config import Config
+from llamad.config import Config, load_config
+from llamad.log import die
 from llamad.measure import Measure
 from llamad.supervisor import Supervisor
 from llamad.units import UnitManager
@@ -35,7 +37,7 @@ async def journal_tail(unit: str, lines: int = 5) -> str:
             "journalctl", "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         out, _ = await asyncio.wait_for(proc.communicate(), 5)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return ""
     return " | ".join(line for line in out.decode(errors="replace").splitlines() if line)
 
@@ -47,6 +49,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier
         self.catalog = Catalog(config)
+        self.catalog.rescan()
         self.stop = asyncio.Event()
         self.last_request = time.monotonic()
         self.sup: Supervisor | None = None
@@ -80,7 +83,7 @@ class Daemon:
         app[proxy.SUPERVISOR] = sup
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
-        watcher.start()
+        await watcher.start()
         await sup.adopt()
         await sup.preload()
         ticker = asyncio.ensure_future(self._tick())
@@ -88,7 +91,7 @@ class Daemon:
             yield
         finally:
             ticker.cancel()
-            watcher.stop()
+            await watcher.stop()
             await sup.close()
             units.close()
 
@@ -150,3 +153,14 @@ async def serve(config: Config, listen: str | None = None) -> None:
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
+
+
+def run(config_path: Path | None, listen: str | None) -> int:
+    """`llamad serve`: returns the exit status; a bad config raises ConfigError."""
+    config = load_config(config_path)
+    try:
+        asyncio.run(serve(config, listen))
+    except OSError as e:
+        die(f"cannot listen: {e}", hint="another process may hold the port")
+    return 0
+

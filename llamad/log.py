@@ -13,7 +13,8 @@ log = logging.getLogger("llamad")
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     # Under systemd stderr goes to the journal, which adds its own timestamps.
-    fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    journal = os.environ.get("JOURNAL_STREAM")
+    fmt = "%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 

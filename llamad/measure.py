@@ -50,7 +50,8 @@ class Measure:
         found = self._needs.get(key)
         if found is None:
             learned = self.learned.get(model.id, model.settings.args)
-            found = memory.need(model.info, model.settings.args, learned)
+            found = memory.need(model.info, model.settings.args, learned,
+                                gpu=self.monitor.available)
             self._needs[key] = found
         return found
 

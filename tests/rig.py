@@ -95,18 +95,26 @@ class Box:
         _run(["mount", "-t", "overlay", "overlay", "-o",
               f"lowerdir=/,upperdir={self.root}/upper,workdir={self.root}/work",
               str(self.merged)])
+        # Boot only what tests need: the host's enabled services (a database, a
+        # web server...) would otherwise start in the box and slow or block boot.
+        target = self.merged / "etc/systemd/system/llamad-box.target"
+        target.write_text("[Unit]\nDescription=llamad test box\nRequires=basic.target\n"
+                          "After=basic.target\nAllowIsolate=yes\n")
         with open(self._log, "wb") as log:
             self._nspawn = subprocess.Popen(
                 ["systemd-nspawn", f"--directory={self.merged}", "--register=no",
                  "--keep-unit", f"--uuid={uuid.uuid4().hex}", "--boot", "--console=pipe",
-                 f"--bind={self.workdir}", f"--machine={self.root.name}"],
+                 f"--bind={self.workdir}", f"--machine={self.root.name}",
+                 "systemd.unit=llamad-box.target"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.pid = wait_for("the container's init", self._find_init, timeout=30)
         state = self.wait_running()
         if state != "running":
-            failed = self.run("systemctl --failed --no-legend", check=False).stdout
-            raise RuntimeError(f"box reached {state!r}, not 'running'; failed units: {failed}")
+            failed = self.run("systemctl --failed --no-legend; systemctl list-jobs --no-legend",
+                              check=False).stdout
+            raise RuntimeError(f"box reached {state!r}, not 'running'; failed units and "
+                               f"jobs left: {failed}")
 
     def _find_init(self) -> int | None:
         assert self._nspawn is not None
@@ -119,9 +127,12 @@ class Box:
                     return int(pid)
         return None
 
-    def wait_running(self, timeout: float = 60) -> str:
-        out = self.run(["systemctl", "is-system-running", "--wait"], check=False,
-                       timeout=timeout)
+    def wait_running(self, timeout: float = 120) -> str:
+        try:
+            out = self.run(["systemctl", "is-system-running", "--wait"], check=False,
+                           timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"still starting after {timeout:.0f}s"
         return out.stdout.strip()
 
     def run(self, cmd: str | Sequence[str], check: bool = True, timeout: float = 60,
@@ -152,6 +163,7 @@ class Box:
                 _run(["umount", "--lazy", str(mnt)])
         with contextlib.suppress(OSError):
             self.root.rmdir()
+            self._log.unlink()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

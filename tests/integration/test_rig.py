@@ -6,10 +6,9 @@ import json
 import os
 import urllib.request
 
+import rig
 from pystemd.dbuslib import DBus
 from pystemd.systemd1 import Manager, Unit
-
-import rig
 
 UNIT = b"llama-server@gemma-a.service"
 PORT = 18181

@@ -1,0 +1,125 @@
+"""`llamad serve` running inside the box as a transient unit, for the integration tests."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import rig
+
+PYTHON = Path(sys.prefix) / "bin" / "python"
+_ports = itertools.count(18300)
+_names = itertools.count(1)
+
+
+class Llamad:
+    """One llamad; started with systemd-run in the box, so it is a real Type=notify service."""
+
+    def __init__(self, box: rig.Box, assets: rig.Assets, models: list[str],
+                 **settings: Any) -> None:
+        self.box = box
+        self.n = next(_names)
+        self.port = next(_ports)
+        self.unit = f"llamad-test-{self.n}.service"
+        self.dir = box.workdir / f"llamad-{self.n}"
+        self.dir.mkdir(mode=0o755)
+        self.models_dir = assets.models_dir(f"models-{self.n}", models)
+        conf = {"models-dir": str(self.models_dir), "llama-server": str(assets.llama_server),
+                "args": "-c 4096 -np 4", "llama-cache": "no",
+                "tcp-port-base": 19000 + 50 * self.n,
+                "restart-sec": 0.5, **settings}
+        self.config = self.dir / "llamad.conf"
+        self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
+                      "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
+                      "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
+                      "serve", "--config", str(self.config), "--listen", f"127.0.0.1:{self.port}"], timeout=60)
+
+    def stop(self) -> None:
+        self.box.run(["systemctl", "stop", self.unit], check=False)
+        self.box.run(["systemctl", "reset-failed", self.unit], check=False)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.box.run(["systemctl", "show", "-P", prop, unit]).stdout.strip()
+
+    def model_units(self) -> dict[str, str]:
+        out = self.box.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",
+                            "llama-server@*"]).stdout
+        return {line.split()[0]: line.split()[2] for line in out.splitlines() if line.strip()}
+
+    def starts(self, model: str) -> int:
+        """How often systemd started this model's unit during this llamad's life."""
+        log = self.box.journal("-u", f"llama-server@{model}.service")
+        return log.count(f"Started llama-server@{model}.service")
+
+    def log(self) -> str:
+        return self.box.journal("-u", self.unit)
+
+    def cleanup(self) -> None:
+        self.stop()
+        for unit in self.model_units():
+            self.box.run(["systemctl", "stop", unit], check=False)
+        rig.wait_for("model units to stop", lambda: not self.model_units(), timeout=60)
+
+
+async def chat(session: aiohttp.ClientSession, url: str, model: str, text: str = "Hi",
+               max_tokens: int = 8, **extra: Any) -> tuple[int, dict[str, Any]]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens, **extra}
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        return r.status, json.loads(await r.read())
+
+
+async def stream(session: aiohttp.ClientSession, url: str, model: str,
+                 max_tokens: int = 64) -> list[dict[str, Any]]:
+    """Every SSE data event of a streamed chat completion, [DONE] as {'done': True}."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": max_tokens, "stream": True}
+    events: list[dict[str, Any]] = []
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers.get("X-Accel-Buffering") == "no"
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                data = line[6:].strip()
+                events.append({"done": True} if data == b"[DONE]" else json.loads(data))
+    return events
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    import urllib.request
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+    rig.wait_for(f"{url} to answer", up, timeout=timeout)
+
+
+def models(url: str) -> dict[str, dict[str, Any]]:
+    import urllib.request
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        return {m["id"]: m for m in json.loads(r.read())["data"]}
+
+
+def state(url: str, model: str) -> str:
+    return str(models(url)[model]["llamad"]["state"])
+
+
+def wait_state(url: str, model: str, want: str, timeout: float = 60) -> None:
+    rig.wait_for(f"{model} to be {want}", lambda: state(url, model) == want, timeout=timeout)
+
+

@@ -1,0 +1,208 @@
+"""The .deb end to end: built by tools/build-deb, installed with apt into a booted
+Debian 12 with Debian's own python3-* packages, used from the host with the official
+openai client, then removed and purged.
+
+The tests run in file order and share one box of their own: installing packages
+changes the whole system, and `apt remove` stops every model unit, which would
+pull the rug from under tests using the shared box.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import rig
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "gemma"
+QUESTION = "What is the capital of France? Answer with one word."
+
+
+def free_port() -> int:
+    # The box shares the host's network, so a port free here is free there.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    subprocess.run(["bash", str(ROOT / "tools" / "build-deb")], check=True, timeout=600)
+    version = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(ROOT / "packaging" / "debian" / "changelog"),
+         "-S", "Version"], check=True, capture_output=True, text=True).stdout.strip()
+    path = ROOT / "dist" / f"llamad_{version}_all.deb"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def pkgbox() -> Iterator[rig.Box]:
+    reason = rig.missing_requirements()
+    if reason:
+        pytest.fail(reason)
+    with rig.Box() as box:
+        # The host's Docker-style policy-rc.d forbids starting services from
+        # maintainer scripts; a real system has none, and the test wants the
+        # maintainer scripts to run as they would there.
+        box.run("rm -f /usr/sbin/policy-rc.d")
+        yield box
+
+
+@pytest.fixture(scope="module")
+def installed(pkgbox: rig.Box, deb: Path) -> str:
+    """The package installed and configured; returns the API's base URL."""
+    box = pkgbox
+    assets = rig.Assets(box.workdir)
+    port = free_port()
+    # An admin's drop-in, written before the install so the socket that the
+    # postinst starts already uses this port.
+    box.run(f"mkdir -p /etc/systemd/system/llamad.socket.d && printf "
+            f"'[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' "
+            f"> /etc/systemd/system/llamad.socket.d/port.conf")
+    pkg = box.workdir / deb.name
+    pkg.write_bytes(deb.read_bytes())
+    box.run("apt-get update -qq", timeout=300)
+    box.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {pkg}", timeout=600)
+    box.run(f"echo 'llama-server = {assets.llama_server}' >> /etc/llamad/llamad.conf")
+    box.run(f"ln -s {assets.model} /var/lib/llamad/models/{MODEL}.gguf")
+    box.run("systemctl start llamad.socket")
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def client(installed: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=installed, api_key="unused", timeout=300, max_retries=0)
+
+
+def test_installed_with_debians_python(pkgbox: rig.Box, installed: str) -> None:
+    # llamad must run on Debian's packages, not on anything pip put on the host.
+    out = pkgbox.run(["/usr/bin/python3", "-c", "import aiohttp, numpy, pystemd; "
+                      "print(aiohttp.__file__, numpy.__file__, pystemd.__file__)"]).stdout
+    assert out.split() == [f"/usr/lib/python3/dist-packages/{m}/__init__.py"
+                           for m in ("aiohttp", "numpy", "pystemd")]
+    assert pkgbox.run("systemctl is-enabled llamad.socket").stdout.strip() == "enabled"
+    assert pkgbox.run("llamad check-config").returncode == 0
+
+
+def test_installed_units_verify(pkgbox: rig.Box, installed: str) -> None:
+    out = pkgbox.run("systemd-analyze verify llamad.socket llamad.service llama-server.slice",
+                     check=False)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
+
+
+def test_models_listed(client: openai.OpenAI) -> None:
+    assert MODEL in [m.id for m in client.models.list()]
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16)
+    assert reply.choices[0].message.content.strip()
+
+
+def test_chat_completion_streamed(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16,
+        stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and text.strip()
+
+
+def test_model_log_in_journal(pkgbox: rig.Box, client: openai.OpenAI) -> None:
+    log = pkgbox.run(["journalctl", "--no-pager", "-u", "llama-server@*"]).stdout
+    assert f"Started llama-server@{MODEL}.service" in log
+    assert "llama-server[" in log  # the server's own output, not only systemd's
+
+
+def test_status_line(pkgbox: rig.Box, client: openai.OpenAI) -> None:
+    out = pkgbox.run("systemctl status --no-pager llamad.service", check=False).stdout
+    assert re.search(r"^\s+Status: \".+\"$", out, re.M), out
+
+
+def test_model_runs_unprivileged_in_the_slice(pkgbox: rig.Box, client: openai.OpenAI) -> None:
+    unit = f"llama-server@{MODEL}.service"
+    props = pkgbox.run(["systemctl", "show", "-P", "DynamicUser", "-P", "Slice",
+                        "-P", "ActiveState", unit]).stdout.split()
+    assert props == ["yes", "llama-server.slice", "active"]
+
+
+def test_security_exposure(pkgbox: rig.Box, installed: str) -> None:
+    out = pkgbox.run("systemd-analyze security --no-pager llamad.service", check=False).stdout
+    level = re.search(r"Overall exposure level for llamad.service: (\d+\.\d)", out)
+    assert level and float(level.group(1)) <= 2.0, out
+
+
+def test_crash_loop_keeps_the_socket(pkgbox: rig.Box, client: openai.OpenAI,
+                                     installed: str) -> None:
+    box = pkgbox
+    port = int(installed.split(":")[2].split("/")[0])
+    box.run("mkdir -p /etc/systemd/system/llamad.service.d && printf "
+            "'[Service]\\nExecStart=\\nExecStart=/bin/false\\n' "
+            "> /etc/systemd/system/llamad.service.d/crash.conf && systemctl daemon-reload "
+            "&& systemctl stop llamad.service")
+
+    def knock() -> None:
+        # Each connection queues on the socket and triggers a start; the
+        # recv timeout paces the loop.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+            s.settimeout(0.2)
+            try:
+                s.recv(1)
+            except TimeoutError:
+                pass
+
+    def restarts() -> int:
+        knock()
+        return int(box.run("systemctl show -P NRestarts llamad.service").stdout)
+
+    # Far more crashes than systemd's default start limit (5 in 10 s) tolerates.
+    rig.wait_for("llamad to crash 7 times", lambda: restarts() >= 7, timeout=60)
+    assert box.run("systemctl show -P ActiveState llamad.socket").stdout.strip() == "active"
+
+    box.run("rm -r /etc/systemd/system/llamad.service.d && systemctl daemon-reload")
+    # The next automatic restart runs the real llamad again, on the same port.
+    assert MODEL in rig.wait_for("llamad to answer again", lambda: _ids(client), timeout=60)
+
+
+def _ids(client: openai.OpenAI) -> list[str] | None:
+    try:
+        return [m.id for m in client.models.list()]
+    except openai.APIError:
+        return None
+
+
+def test_remove_stops_everything_and_purge_removes_config(pkgbox: rig.Box,
+                                                          client: openai.OpenAI) -> None:
+    box = pkgbox
+    # A model is running before the removal.
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                   max_tokens=4)
+    assert box.run(["systemctl", "is-active", f"llama-server@{MODEL}.service"]).stdout.strip() \
+        == "active"
+
+    box.run("DEBIAN_FRONTEND=noninteractive apt-get remove -y -q llamad", timeout=300)
+    for unit in ("llamad.socket", "llamad.service", f"llama-server@{MODEL}.service"):
+        state = box.run(["systemctl", "is-active", unit], check=False).stdout.strip()
+        assert state in ("inactive", "failed") or state == "", (unit, state)
+    assert box.run("systemctl list-units --no-legend --plain 'llama-server@*'").stdout == ""
+    assert box.run("pgrep -x llama-server", check=False).returncode == 1
+    assert box.run("pgrep -f /usr/bin/llamad", check=False).returncode == 1
+    # remove keeps the configuration ...
+    assert box.run("test -f /etc/llamad/llamad.conf", check=False).returncode == 0
+
+    box.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q llamad", timeout=300)
+    # ... purge deletes it, but not the admin's models.
+    assert box.run("test -e /etc/llamad", check=False).returncode == 1
+    assert box.run(f"test -L /var/lib/llamad/models/{MODEL}.gguf", check=False).returncode == 0
+    assert box.run("dpkg-query -W -f='${Status}' llamad", check=False).stdout \
+        in ("", "unknown ok not-installed")
