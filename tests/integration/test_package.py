@@ -138,6 +138,29 @@ def test_model_runs_unprivileged_in_the_slice(pkgbox: rig.Box, client: openai.Op
     assert props == {"DynamicUser": "yes", "Slice": "llama-server.slice", "ActiveState": "active"}
 
 
+def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:
+    out = pkgbox.run(["sh", str(ROOT / "packaging" / "debian" / "tests" / "smoke")], check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_upgrade_keeps_models_running(pkgbox: rig.Box, client: openai.OpenAI,
+                                      deb: Path) -> None:
+    unit = f"llama-server@{MODEL}.service"
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                   max_tokens=4)
+    pid = pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
+    llamad_pid = pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip()
+    pkgbox.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall "
+               f"{pkgbox.workdir / deb.name}", timeout=300)
+    # The upgrade restarted llamad, not the model it was serving.
+    assert pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip() != llamad_pid
+    assert pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip() == pid
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
+    assert reply.choices[0].message.content
+    assert pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip() == pid
+
+
 def test_security_exposure(pkgbox: rig.Box, installed: str) -> None:
     out = pkgbox.run("systemd-analyze security --no-pager llamad.service", check=False).stdout
     level = re.search(r"Overall exposure level for llamad.service: (\d+\.\d)", out)
