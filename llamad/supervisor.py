@@ -22,10 +22,22 @@ from llamad import backend as be
 from llamad.catalog import Model, Snapshot
 from llamad.config import Config
 from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
+from llamad.gpu import GpuInfo
+from llamad.measure import derived_limit, proc_memory
 from llamad.scheduler import (
-    Drain, Load, Memory, ModelView, Policy, Reject, Resources, Serve, State, decide, expired,
+    Drain,
+    Load,
+    Memory,
+    ModelView,
+    Policy,
+    Reject,
+    Resources,
+    Serve,
+    State,
+    decide,
+    expired,
 )
-from llamad.units import UnitSpec, UnitStatus
+from llamad.units import UnitError, UnitSpec, UnitStatus
 
 log = logging.getLogger("llamad.supervisor")
 
@@ -43,8 +55,16 @@ class Units(Protocol):
 
 
 class Measure(Protocol):
+    """What the supervisor needs of measure.Measure."""
+
     def resources(self, config: Config) -> Resources: ...
     def need(self, model: Model) -> Memory: ...
+    def estimate(self, model: Model) -> Memory: ...
+    def vram_by_unit(self) -> dict[str, int]: ...
+    def gpu_list(self) -> tuple[GpuInfo, ...]: ...
+    def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool: ...
+    def learn(self, model: Model, ram: int, vram: int | None,
+              load_seconds: float | None) -> None: ...
 
 
 @dataclass
@@ -68,6 +88,9 @@ class Slot:
     gpus: tuple[int, ...] = ()
     last_exit: dict[str, Any] = field(default_factory=dict)
     stopping_by_us: bool = False
+    used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
+    peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
+    sampled_pid: int = 0
 
     @property
     def unit(self) -> str:
@@ -111,6 +134,7 @@ class Supervisor:
             id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
             last_used=slot.last_used, pinned=s.pin, need=self.measure.need(slot.model),
             load_seconds=slot.load_seconds, gpus=slot.gpus, devices=s.devices or (),
+            used=slot.used,
             split=s.split, reason=slot.reason)
 
     def views(self, target: Slot | None = None) -> dict[str, ModelView]:
@@ -145,7 +169,19 @@ class Supervisor:
             "ttl_left": None if ttl is None or slot.state is not State.READY
             else max(0.0, ttl - idle),
             "pinned": slot.model.settings.pin, "gpus": list(slot.gpus),
-            "estimate": {"ram": need.ram, "vram": need.vram},
+            "need": {"ram": need.ram, "vram": need.vram},
+            **self._memory_fields(slot),
+        }
+
+    def _memory_fields(self, slot: Slot) -> dict[str, Any]:
+        """Estimate beside measurement: bytes; measured ones None until a sample."""
+        est = self.measure.estimate(slot.model)
+        running = slot.state is not State.UNLOADED and slot.sampled_pid == slot.main_pid != 0
+        return {
+            "estimate": {"ram": est.ram, "vram": est.vram},
+            "ram": slot.used.ram if running and slot.used.ram else None,
+            "vram": slot.used.vram if running and slot.peak.vram else None,
+            "peak": {"ram": slot.peak.ram or None, "vram": slot.peak.vram or None},
         }
 
     def status(self) -> dict[str, Any]:
@@ -153,6 +189,8 @@ class Supervisor:
             "status": self.status_line(), "uptime": time.monotonic() - self.started,
             "models": {s.model.id: self.describe(s) for s in self.loaded()},
             "catalogued": len(self.slots),
+            "gpus": [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
+                      "free": g.free} for g in self.measure.gpu_list()],
         }
 
     # -- change notification ------------------------------------------------
@@ -253,10 +291,18 @@ class Supervisor:
             start_limit_burst=cfg.start_limit_burst,
             start_limit_interval=cfg.start_limit_interval,
             stop_timeout=s.stop_timeout if s.stop_timeout is not None else cfg.stop_timeout,
-            memory_max=parse_size(s.memory_max), memory_high=parse_size(s.memory_high),
+            memory_max=self._memory_max(slot), memory_high=parse_size(s.memory_high),
             runtime_dir=be.runtime_dir(instance) if cfg.backend == "unix" else None,
             devices=gpu_devices() if gpus else ())
         return spec, address
+
+    def _memory_max(self, slot: Slot) -> int | None:
+        """The preset's memory-max, else one derived from the need if memory-limit asks."""
+        if slot.model.settings.memory_max:
+            return parse_size(slot.model.settings.memory_max)
+        if self.config.memory_limit == "estimate":
+            return derived_limit(self.measure.need(slot.model))
+        return None
 
     def _port_for(self, model_id: str) -> int:
         # Stable across restarts of llamad, so adopted units keep their port.
@@ -280,12 +326,28 @@ class Supervisor:
         while any(self.slots[v].state is State.STOPPING for v in evicted if v in self.slots):
             await self._wait_change(deadline, "evicted models to stop")
         try:
-            await self.units.reset_failed(spec.name)
-            await self.units.start(spec)
+            await self._start_unit(spec)
         except Exception as e:
             self._fail(slot, f"systemd refused to start {spec.name}: {e}")
             return
         log.info("starting %s for model %s", spec.name, slot.model.id)
+
+    async def _start_unit(self, spec: UnitSpec) -> None:
+        await self.units.reset_failed(spec.name)
+        for _ in range(100):
+            try:
+                await self.units.start(spec)
+                return
+            except UnitError as e:
+                # A stopped unit stays loaded until systemd garbage-collects it, and
+                # a transient unit of that name can't be made before. Where cgroup
+                # empty notifications are late (cgroup v1, containers) that can take
+                # forever; a stop job on the dead unit makes systemd look again.
+                if "UnitExists" not in str(e):
+                    raise
+                await self.units.stop(spec.name)
+            await asyncio.sleep(0.05)
+        await self.units.start(spec)
 
     def _fail(self, slot: Slot, reason: str) -> None:
         log.warning("model %s failed: %s", slot.model.id, reason)
@@ -384,7 +446,7 @@ class Supervisor:
             slot.main_pid = int(props["MainPID"])
         if "NRestarts" in props:
             slot.n_restarts = int(props["NRestarts"])
-        if "InvocationID" in props and props["InvocationID"]:
+        if props.get("InvocationID"):
             slot.invocation_id = bytes(props["InvocationID"]).hex()
         active = props.get("ActiveState")
         if active is not None:
@@ -393,7 +455,10 @@ class Supervisor:
             self._on_active(slot, active, props.get("SubState", ""), int(job[0]))
 
     def _on_active(self, slot: Slot, active: str, sub: str, job: int) -> None:
-        if active == "active" and slot.state is State.STARTING:
+        if active == "activating" and sub == "auto-restart" and (
+                slot.last_exit.get("Result") == "oom-kill"):
+            self._on_oom(slot)
+        elif active == "active" and slot.state is State.STARTING:
             slot.state = State.LOADING
             self._notify()
             self._spawn(self._wait_healthy(slot, slot.invocation_id))
@@ -421,6 +486,14 @@ class Supervisor:
                 self._notify()
         elif slot.state not in (State.UNLOADED, State.FAILED):
             self._spawn(self._record_failure(slot))
+
+    def _on_oom(self, slot: Slot) -> None:
+        """An OOM kill would recur on restart: fail the model and cancel systemd's restart,
+        rather than let Restart=on-failure load it into the same wall again."""
+        if slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
+            return
+        self._spawn(self._record_failure(slot))
+        self._spawn(self.units.stop(slot.unit))
 
     async def _record_failure(self, slot: Slot) -> None:
         if slot.state is State.FAILED:
@@ -475,6 +548,38 @@ class Supervisor:
         for slot in self.slots.values():
             if slot.model.settings.load_on_startup and slot.state is State.UNLOADED:
                 await self.load(slot)
+
+    async def sample(self) -> None:
+        """Measure each running model; the daemon's tick calls this, never a request.
+
+        RAM is systemd's MemoryCurrent of the unit, or the main process's RSS where systemd
+        does not account memory (cgroup v1); VRAM is NVML's figure for the unit's processes.
+        """
+        vram = self.measure.vram_by_unit()
+        for slot in [s for s in self.loaded() if s.main_pid and s.state is not State.STOPPING]:
+            pid = slot.main_pid
+            ram, peak = await self._ram(slot.unit, pid)
+            if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):
+                continue  # it stopped or restarted meanwhile: the sample is not its own
+            if slot.sampled_pid != pid:
+                slot.sampled_pid, slot.peak = pid, Memory()
+            slot.used = Memory(ram, vram.get(slot.unit, 0))
+            slot.peak = Memory(max(slot.peak.ram, peak), max(slot.peak.vram, slot.used.vram))
+            if slot.state is State.READY and self.measure.should_learn(
+                    slot.model, slot.peak.ram, slot.load_seconds):
+                self.measure.learn(slot.model, slot.peak.ram, slot.peak.vram,
+                                   slot.load_seconds)
+
+    async def _ram(self, unit: str, pid: int) -> tuple[int, int]:
+        """Bytes (now, peak) of one model's unit; zeros when nothing can be read."""
+        try:
+            current = (await self.units.status(unit)).memory_current
+        except UnitError:
+            current = None
+        if current is not None:
+            return current, current
+        proc = proc_memory(pid)
+        return (proc.rss, proc.peak) if proc is not None else (0, 0)
 
     def expire(self) -> None:
         """Stop models whose idle TTL ran out; called periodically."""

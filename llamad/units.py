@@ -154,14 +154,20 @@ def _s(value: Any) -> Any:
     return value
 
 
-def _start_args(spec: UnitSpec) -> list[Any]:
-    args: list[Any] = apply_signature(b"ss", [spec.name.encode(), b"fail"])
-    args.append((ord("a"), b"(sv)"))
-    for name, sig, value in transient_properties(spec):
+def _prop_array(props: Sequence[tuple[str, bytes, Any]]) -> list[Any]:
+    """An a(sv) argument, each variant with its own signature."""
+    args: list[Any] = [(ord("a"), b"(sv)")]
+    for name, sig, value in props:
         args += [(ord("r"), b"sv"), (ord("s"), name.encode()), (ord("v"), sig)]
         args += apply_signature(sig, [_b(value)])
         args += [(-1, None), (-1, None)]
     args.append((-1, None))
+    return args
+
+
+def _start_args(spec: UnitSpec) -> list[Any]:
+    args: list[Any] = apply_signature(b"ss", [spec.name.encode(), b"fail"])
+    args += _prop_array(transient_properties(spec))
     # No auxiliary units.
     args += [(ord("a"), b"(sa(sv))"), (-1, None)]
     return args
@@ -219,7 +225,8 @@ class _Caller:
         return await asyncio.get_running_loop().run_in_executor(self._pool, do)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        # A call stuck in systemd must not hang llamad's exit.
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _describe(e: Exception) -> str:
@@ -306,6 +313,12 @@ class UnitManager:
     async def stop(self, name: str) -> None:
         await self._caller.call(MANAGER_PATH, MANAGER, b"StopUnit",
                                 apply_signature(b"ss", [name.encode(), b"replace"]))
+
+    async def set_properties(self, name: str, props: Sequence[tuple[str, bytes, Any]]) -> None:
+        """SetUnitProperties for this boot only (runtime), like `systemctl set-property
+        --runtime`: llamad sets them again from its configuration on every start."""
+        args = apply_signature(b"sb", [name.encode(), True]) + _prop_array(props)
+        await self._caller.call(MANAGER_PATH, MANAGER, b"SetUnitProperties", args)
 
     async def reset_failed(self, name: str) -> None:
         try:

@@ -100,6 +100,7 @@ class Box:
         target = self.merged / "etc/systemd/system/llamad-box.target"
         target.write_text("[Unit]\nDescription=llamad test box\nRequires=basic.target\n"
                           "After=basic.target\nAllowIsolate=yes\n")
+        cgroups = self._make_cgroups()
         with open(self._log, "wb") as log:
             self._nspawn = subprocess.Popen(
                 ["systemd-nspawn", f"--directory={self.merged}", "--register=no",
@@ -107,7 +108,7 @@ class Box:
                  f"--bind={self.workdir}", f"--machine={self.root.name}",
                  "systemd.unit=llamad-box.target"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=lambda: _join(cgroups))
         self.pid = wait_for("the container's init", self._find_init, timeout=30)
         state = self.wait_running()
         if state != "running":
@@ -115,6 +116,18 @@ class Box:
                               check=False).stdout
             raise RuntimeError(f"box reached {state!r}, not 'running'; failed units and "
                                f"jobs left: {failed}")
+
+    def _make_cgroups(self) -> list[Path]:
+        # On a host whose PID 1 is not systemd, every box would otherwise build
+        # its cgroup tree at the same place, and two boxes' units of the same
+        # name would share one cgroup (and kill each other's processes).
+        made = []
+        for hierarchy in CGROUP_HIERARCHIES:
+            if hierarchy.is_dir():
+                path = hierarchy / self.root.name
+                path.mkdir(exist_ok=True)
+                made.append(path)
+        return made
 
     def _find_init(self) -> int | None:
         assert self._nspawn is not None
@@ -161,10 +174,31 @@ class Box:
         for mnt in (self.merged, self.root):
             if os.path.ismount(mnt):
                 _run(["umount", "--lazy", str(mnt)])
+        for hierarchy in CGROUP_HIERARCHIES:
+            _remove_cgroup(hierarchy / self.root.name)
         with contextlib.suppress(OSError):
             self.root.rmdir()
             self._log.unlink()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+
+
+def _join(cgroups: list[Path]) -> None:
+    for path in cgroups:
+        (path / "cgroup.procs").write_text("0")  # "0" means the writing process
+
+
+def _remove_cgroup(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()),
+                      key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _run(argv: list[str]) -> None:
@@ -207,6 +241,8 @@ def leftovers() -> list[str]:
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mounts.splitlines()
               if f"/{BOX_PREFIX}" in line.split()[4]]
+    found += [f"cgroup {p}" for h in CGROUP_HIERARCHIES if h.is_dir()
+              for p in h.glob(BOX_PREFIX + "*")]
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import random
+import socket
 import json
 import sys
 from pathlib import Path
@@ -12,8 +14,15 @@ import aiohttp
 import rig
 
 PYTHON = Path(sys.prefix) / "bin" / "python"
-_ports = itertools.count(18300)
 _names = itertools.count(1)
+
+
+def free_port() -> int:
+    """A port nobody on this machine listens on (the box shares the host's network)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Llamad:
@@ -23,24 +32,32 @@ class Llamad:
                  **settings: Any) -> None:
         self.box = box
         self.n = next(_names)
-        self.port = next(_ports)
+        self.port = free_port()
         self.unit = f"llamad-test-{self.n}.service"
         self.dir = box.workdir / f"llamad-{self.n}"
         self.dir.mkdir(mode=0o755)
         self.models_dir = assets.models_dir(f"models-{self.n}", models)
         conf = {"models-dir": str(self.models_dir), "llama-server": str(assets.llama_server),
                 "args": "-c 4096 -np 4", "llama-cache": "no",
-                "tcp-port-base": 19000 + 50 * self.n,
+                "tcp-port-base": random.randrange(20000, 30000, 100),
                 "restart-sec": 0.5, **settings}
         self.config = self.dir / "llamad.conf"
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self.url = f"http://127.0.0.1:{self.port}"
+        self.cursor = ""
 
     def start(self) -> None:
-        self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
+        if not self.cursor:
+            # Unit names repeat across tests in the one box: count from here on.
+            shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
+            self.cursor = shown.split("cursor: ")[-1].strip()
+        out = self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
                       "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
                       "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
-                      "serve", "--config", str(self.config), "--listen", f"127.0.0.1:{self.port}"], timeout=60)
+                      "serve", "--config", str(self.config),
+                      "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"llamad did not start: {out.stderr}\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
         self.box.run(["systemctl", "stop", self.unit], check=False)
@@ -54,17 +71,20 @@ class Llamad:
         return self.box.run(["systemctl", "show", "-P", prop, unit]).stdout.strip()
 
     def model_units(self) -> dict[str, str]:
+        """Model units that are not stopped (a stopped one lingers briefly before GC)."""
         out = self.box.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",
                             "llama-server@*"]).stdout
-        return {line.split()[0]: line.split()[2] for line in out.splitlines() if line.strip()}
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        return {row[0]: row[2] for row in rows if row[2] != "inactive"}
 
     def starts(self, model: str) -> int:
         """How often systemd started this model's unit during this llamad's life."""
-        log = self.box.journal("-u", f"llama-server@{model}.service")
+        log = self.box.journal("-u", f"llama-server@{model}.service",
+                               f"--after-cursor={self.cursor}")
         return log.count(f"Started llama-server@{model}.service")
 
     def log(self) -> str:
-        return self.box.journal("-u", self.unit)
+        return self.box.journal("-u", self.unit, f"--after-cursor={self.cursor}")
 
     def cleanup(self) -> None:
         self.stop()
@@ -85,7 +105,9 @@ async def stream(session: aiohttp.ClientSession, url: str, model: str,
                  max_tokens: int = 64) -> list[dict[str, Any]]:
     """Every SSE data event of a streamed chat completion, [DONE] as {'done': True}."""
     body = {"model": model, "messages": [{"role": "user", "content": "Tell a long story."}],
-            "max_tokens": max_tokens, "stream": True}
+            "max_tokens": max_tokens, "stream": True,
+            # llama-server's own option: generate exactly max_tokens, for predictable timing.
+            "ignore_eos": True}
     events: list[dict[str, Any]] = []
     async with session.post(url + "/v1/chat/completions", json=body) as r:
         assert r.status == 200, await r.text()

@@ -1,17 +1,22 @@
-"""llamad serve on real systemd, real llama-server and the real Gemma model."""
+"""llamad serve on real systemd, real llama-server and the real Gemma model: routing,
+swapping, queueing, streaming and the management API."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import Llamad, chat, models, state, stream, wait_http
+from llamad_fixture import Llamad, chat, models, state, stream, wait_http, wait_state
+
+Factory = Callable[..., Llamad]
 
 
 @pytest.fixture
-def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[object]:
+def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
     made: list[Llamad] = []
 
     def make(names: list[str], **settings: object) -> Llamad:
@@ -25,7 +30,7 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[object]:
         d.cleanup()
 
 
-async def test_chat_and_listing(llamad_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_chat_stream_and_listing(llamad_factory: Factory) -> None:
     d = llamad_factory(["gemma-a"])
     listing = models(d.url)
     assert listing["gemma-a"]["status"]["value"] == "unloaded"
@@ -35,8 +40,127 @@ async def test_chat_and_listing(llamad_factory) -> None:  # type: ignore[no-unty
         assert status == 200, body
         assert body["choices"][0]["message"]["content"]
         events = await stream(s, d.url, "gemma-a", max_tokens=16)
+        async with s.get(d.url + "/props") as r:
+            assert (await r.json())["role"] == "router"
+        async with s.get(d.url + "/props", params={"model": "gemma-a"}) as r:
+            assert r.status == 200 and "default_generation_settings" in await r.json()
     assert events[-1] == {"done": True}
+    assert any(e.get("choices", [{}])[0].get("delta", {}).get("content") for e in events[:-1])
     assert state(d.url, "gemma-a") == "ready"
+    assert models(d.url)["gemma-a"]["status"]["value"] == "loaded"
     assert d.model_units() == {"llama-server@gemma-a.service": "active"}
     rig.wait_for("STATUS= to name the loaded model",
                  lambda: d.show(d.unit, "StatusText") == "1 models, 1 loaded: gemma-a", timeout=10)
+
+
+async def test_two_models_alternate_with_models_max_1(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a", "gemma-b"], **{"models-max": 1})
+    async with aiohttp.ClientSession() as s:
+        for model in ("gemma-a", "gemma-b", "gemma-a", "gemma-b"):
+            status, body = await chat(s, d.url, model)
+            assert status == 200, body
+            assert body["model"] == model
+            other = "gemma-b" if model == "gemma-a" else "gemma-a"
+            assert d.model_units() == {f"llama-server@{model}.service": "active"}
+            assert state(d.url, other) == "unloaded"
+    assert d.starts("gemma-a") == 2 and d.starts("gemma-b") == 2
+
+
+async def test_fifty_concurrent_requests_start_one_unit(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"])
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(chat(s, d.url, "gemma-a", f"Count to {i}", 4)
+                                         for i in range(50)))
+    assert [status for status, _ in results] == [200] * 50
+    assert all(body["choices"][0]["message"]["content"] is not None for _, body in results)
+    assert d.starts("gemma-a") == 1
+    assert models(d.url)["gemma-a"]["llamad"]["served"] == 50
+
+
+async def test_streaming_request_is_not_cut_by_a_swap(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a", "gemma-b"], **{"models-max": 1})
+    async with aiohttp.ClientSession() as s:
+        long = asyncio.ensure_future(stream(s, d.url, "gemma-a", max_tokens=200))
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready")
+        await asyncio.to_thread(rig.wait_for, "the stream to be in flight",
+                                lambda: models(d.url)["gemma-a"]["llamad"]["in_flight"] == 1)
+        other = asyncio.ensure_future(chat(s, d.url, "gemma-b"))
+        events = await long
+        # gemma-b waited for the stream: it cannot have loaded and answered yet.
+        assert not other.done()
+        status, body = await other
+    assert status == 200 and body["model"] == "gemma-b"
+    assert events[-1] == {"done": True}
+    assert not any("error" in e for e in events)
+    finish = [e["choices"][0].get("finish_reason") for e in events[:-1] if e.get("choices")]
+    assert finish[-1] in ("length", "stop")
+    assert d.model_units() == {"llama-server@gemma-b.service": "active"}
+
+
+async def test_load_and_unload_api(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
+            assert r.status == 200 and (await r.json())["success"] is True
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready")
+        # Unloading a busy model waits for its request to finish.
+        long = asyncio.ensure_future(stream(s, d.url, "gemma-a", max_tokens=120))
+        await asyncio.to_thread(rig.wait_for, "the stream to be in flight",
+                                lambda: models(d.url)["gemma-a"]["llamad"]["in_flight"] == 1)
+        async with s.post(d.url + "/models/unload", json={"model": "gemma-a"}) as r:
+            assert r.status == 200
+        events = await long
+        assert events[-1] == {"done": True}
+    await asyncio.to_thread(wait_state, d.url, "gemma-a", "unloaded")
+    rig.wait_for("the unit to be gone", lambda: not d.model_units())
+
+
+async def test_autoload_off_requires_an_explicit_load(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"], **{"models-autoload": "no"})
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, "gemma-a")
+        assert status == 400 and body["error"]["code"] == "model_not_loaded"
+        assert not d.model_units()
+        async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
+            assert r.status == 200
+        status, body = await chat(s, d.url, "gemma-a")
+        assert status == 200
+
+
+HOSTILE = ["../x", "a\\x2db", "@", "a\0b", "x" * 300, "ü/../../etc", ".hidden", "", "gemma-a/"]
+
+
+async def test_bad_requests_get_4xx_and_start_nothing(llamad_factory: Factory,
+                                                      subtests: Any) -> None:
+    d = llamad_factory(["gemma-a"], **{"max-body-mb": 1})
+    since = "@" + d.box.run(["date", "+%s"]).stdout.strip()
+    async with aiohttp.ClientSession() as s:
+        for name in HOSTILE:
+            with subtests.test(model=name):
+                status, body = await chat(s, d.url, name)
+                assert status in (400, 404), body
+                assert body["error"]["source"] == "llamad" and body["error"]["message"]
+        for bad, want in [(b"{not json", 400), (b"[1, 2]", 400), (b'{"model": 7}', 400),
+                          (b'{"messages": []}', 400), (b"x" * (2 * 1024 * 1024), 413)]:
+            with subtests.test(body=bad[:20]):
+                async with s.post(d.url + "/v1/chat/completions", data=bad,
+                                  headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == want
+                    assert (await r.json())["error"]["source"] == "llamad"
+        async with s.get(d.url + "/no/such/endpoint") as r:
+            assert r.status == 404 and "error" in await r.json()
+        async with s.post(d.url + "/models/load", json={"model": "../x"}) as r:
+            assert r.status == 404
+        async with s.get(d.url + "/props", params={"model": "nope"}) as r:
+            assert r.status == 404
+    assert d.model_units() == {}
+    assert "llama-server@" not in d.box.journal("_PID=1", "--since", since)
+
+
+async def test_keep_alive_is_validated(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"])
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, "gemma-a", keep_alive="soon")
+    assert status == 400 and "keep_alive" in body["error"]["message"]
+    assert d.model_units() == {}
+
