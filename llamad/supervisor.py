@@ -88,6 +88,7 @@ class Slot:
     gpus: tuple[int, ...] = ()
     last_exit: dict[str, Any] = field(default_factory=dict)
     stopping_by_us: bool = False
+    checking: bool = False  # a failure is being confirmed with systemd
     used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
     peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
     sampled_pid: int = 0
@@ -496,7 +497,18 @@ class Supervisor:
         self._spawn(self.units.stop(slot.unit))
 
     async def _record_failure(self, slot: Slot) -> None:
-        if slot.state is State.FAILED:
+        if slot.state is State.FAILED or slot.checking:
+            return
+        slot.checking = True
+        try:
+            # systemd 252 passes through "failed" on its way to an automatic
+            # restart; only systemd knows whether one is coming, so ask.
+            status = await self.units.status(slot.unit)
+        finally:
+            slot.checking = False
+        restarting = status.sub_state == "auto-restart" or status.active_state in (
+            "activating", "active", "reloading")
+        if restarting or slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
         exit_text = describe_exit(slot.last_exit)
         slot.state = State.FAILED  # before the await, so the signal storm records once
