@@ -16,7 +16,7 @@ test-unit: dev
 lint: dev
 	$(PY) -m pytest -ra tests/test_lint.py
 
-deb:
+deb: dev
 	bash tools/build-deb
 
 demo: dev
