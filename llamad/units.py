@@ -58,6 +58,7 @@ class UnitSpec:
     memory_high: int | None = None
     runtime_dir: str | None = None  # relative to /run, e.g. "llamad/gemma"
     devices: tuple[str, ...] = ()  # device nodes let through (GPUs)
+    tcp: bool = False  # the backend listens on loopback TCP rather than a UNIX socket
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,19 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("LockPersonality", b"b", True),
         # Other users must be able to connect() to the backend's UNIX socket.
         ("UMask", b"u", 0o011),
+        ("CapabilityBoundingSet", b"t", 0),
+        ("PrivateUsers", b"b", True),
+        ("ProtectProc", b"s", "invisible"),
+        ("ProcSubset", b"s", "pid"),
+        ("ProtectKernelLogs", b"b", True),
+        ("ProtectClock", b"b", True),
+        ("ProtectHostname", b"b", True),
+        ("RestrictNamespaces", b"t", 0),  # 0: no namespace may be created
+        ("RestrictRealtime", b"b", True),
+        ("SystemCallArchitectures", b"as", ["native"]),
+        ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
+        ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
+        *_network(spec.tcp),
     ]
     if spec.user is None:
         props.append(("DynamicUser", b"b", True))
@@ -124,7 +138,8 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         props += [("DevicePolicy", b"s", "closed"),
                   ("DeviceAllow", b"a(ss)", [(dev, "rw") for dev in spec.devices])]
     else:
-        props.append(("PrivateDevices", b"b", True))
+        # CUDA may generate code at run time; CPU backends never need W+X memory.
+        props += [("PrivateDevices", b"b", True), ("MemoryDenyWriteExecute", b"b", True)]
     if spec.runtime_dir:
         props += [("RuntimeDirectory", b"as", [spec.runtime_dir]),
                   ("RuntimeDirectoryMode", b"u", 0o755)]
@@ -133,6 +148,21 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
     if spec.memory_high is not None:
         props.append(("MemoryHigh", b"t", spec.memory_high))
     return props
+
+
+AF_INET, AF_INET6 = 2, 10
+_LOOPBACK = [(AF_INET, [127, 0, 0, 0], 8), (AF_INET6, [0] * 15 + [1], 128)]
+_ANY = [(AF_INET, [0] * 4, 0), (AF_INET6, [0] * 16, 0)]
+
+
+def _network(tcp: bool) -> list[tuple[str, bytes, Any]]:
+    """A UNIX-socket backend needs no network at all; a TCP one only loopback."""
+    if not tcp:
+        return [("PrivateNetwork", b"b", True),
+                ("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX"])),
+                ("IPAddressDeny", b"a(iayu)", _ANY)]
+    return [("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
+            ("IPAddressDeny", b"a(iayu)", _ANY), ("IPAddressAllow", b"a(iayu)", _LOOPBACK)]
 
 
 def _b(value: Any) -> Any:

@@ -49,6 +49,12 @@ async def test_chat_stream_and_listing(llamad_factory: Factory) -> None:
     assert state(d.url, "gemma-a") == "ready"
     assert models(d.url)["gemma-a"]["status"]["value"] == "loaded"
     assert d.model_units() == {"llama-server@gemma-a.service": "active"}
+    # The sandbox of a running model unit, as systemd scores it (0 best, 10 worst).
+    report = d.box.run(["systemd-analyze", "security", "--no-pager",
+                        "llama-server@gemma-a.service"], check=False).stdout
+    score = float(report.split("Overall exposure level for")[1].split(":")[1].split()[0])
+    assert score <= 1.0, report
+    print(f"model unit exposure: {score}")
     rig.wait_for("STATUS= to name the loaded model",
                  lambda: d.show(d.unit, "StatusText") == "1 models, 1 loaded: gemma-a", timeout=10)
 
@@ -164,3 +170,12 @@ async def test_keep_alive_is_validated(llamad_factory: Factory) -> None:
     assert status == 400 and "keep_alive" in body["error"]["message"]
     assert d.model_units() == {}
 
+
+
+async def test_tcp_backend(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"], backend="tcp")
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, "gemma-a")
+    assert status == 200, body
+    argv = models(d.url)["gemma-a"]["status"]["args"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "--port" in argv
