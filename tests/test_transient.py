@@ -1,0 +1,58 @@
+"""The transient unit's properties, marshalled through pystemd exactly as llamad sends them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pystemd.dbuslib import apply_signature
+
+from llamad.units import UnitSpec, _start_args, status_from_props, transient_properties
+
+SPEC = UnitSpec(name="llama-server@m.service", description="m",
+                argv=("/usr/bin/llama-server", "-m", "/models/m.gguf"),
+                environment=("LLAMAD_MODEL=m",), runtime_dir="llamad/m", memory_max=2 << 30)
+
+
+def _props(spec: UnitSpec) -> dict[str, Any]:
+    return {name: value for name, _sig, value in transient_properties(spec)}
+
+
+def test_every_property_marshals() -> None:
+    args = _start_args(SPEC)
+    # name, mode, then the a(sv) array opened and closed, then the empty aux array.
+    assert args[:2] == apply_signature(b"ss", [b"llama-server@m.service", b"fail"])
+    assert args[-2:] == [(ord("a"), b"(sa(sv))"), (-1, None)]
+
+
+def test_what_the_unit_promises(subtests: Any) -> None:
+    props = _props(SPEC)
+    for key, want in [("Slice", "llama-server.slice"), ("Restart", "on-failure"),
+                      ("CollectMode", "inactive-or-failed"), ("KillMode", "control-group"),
+                      ("DynamicUser", True), ("ProtectSystem", "strict"), ("PrivateTmp", True),
+                      ("NoNewPrivileges", True), ("MemoryMax", 2 << 30),
+                      ("RuntimeDirectory", ["llamad/m"]), ("PrivateNetwork", True),
+                      ("PrivateDevices", True)]:
+        with subtests.test(key=key):
+            assert props[key] == want
+    assert "LLAMAD_MANAGED=1" in props["Environment"]
+    assert props["ExecStart"] == [(SPEC.argv[0], list(SPEC.argv), False)]
+
+
+def test_gpu_and_tcp_variants() -> None:
+    spec = UnitSpec(name="x", description="x", argv=("/bin/true",),
+                    devices=("/dev/nvidia0", "/dev/nvidiactl"), tcp=True, user="llama")
+    props = _props(spec)
+    assert props["DeviceAllow"] == [("/dev/nvidia0", "rw"), ("/dev/nvidiactl", "rw")]
+    assert "PrivateDevices" not in props and "MemoryDenyWriteExecute" not in props
+    assert "PrivateNetwork" not in props and props["User"] == "llama"
+    assert "DynamicUser" not in props
+
+
+def test_status_from_systemd_properties() -> None:
+    st = status_from_props("u", {"ActiveState": "active", "MainPID": 42, "NRestarts": 1,
+                                 "InvocationID": bytes(range(16)), "ExecMainCode": 2,
+                                 "ExecMainStatus": 9, "MemoryCurrent": 2**64 - 1,
+                                 "Environment": ["LLAMAD_MANAGED=1", "LLAMAD_MODEL=a=b"]})
+    assert st.ours and st.env("LLAMAD_MODEL") == "a=b" and st.env("NOPE") is None
+    assert st.exit_code == "killed" and st.memory_current is None
+    assert st.invocation_id == bytes(range(16)).hex()
