@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from llamad import backend as be
 from llamad.catalog import Model, Snapshot
 from llamad.config import Config
-from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
+from llamad.errors import BackendError, BadRequest, LlamadError, NotFound, Unavailable
 from llamad.gpu import GpuInfo
 from llamad.measure import derived_limit, proc_memory
 from llamad.scheduler import (
@@ -168,7 +168,7 @@ class Supervisor:
             "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
             "load_seconds": slot.load_seconds, "reason": slot.reason or None,
             "ttl_left": None if ttl is None or slot.state is not State.READY
-            else max(0.0, ttl - idle),
+            or slot.model.settings.pin else max(0.0, ttl - idle),
             "pinned": slot.model.settings.pin, "gpus": list(slot.gpus),
             "need": {"ram": need.ram, "vram": need.vram},
             **self._memory_fields(slot),
@@ -220,8 +220,22 @@ class Supervisor:
         backend = await self.acquire(slot)
         try:
             yield backend
+        except BackendError as e:
+            raise await self._explain(slot, e) from e
         finally:
             self.release(slot, keep_alive)
+
+    async def _explain(self, slot: Slot, err: BackendError) -> LlamadError:
+        """A backend that broke mid-request: once systemd says why (within a second), tell
+        the client that, e.g. out of memory, rather than only that the connection broke."""
+        deadline = time.monotonic() + 1.0
+        while slot.state is State.READY and time.monotonic() < deadline:
+            with contextlib.suppress(Unavailable):
+                await self._wait_change(deadline, "the backend's exit status")
+        if slot.state is State.FAILED and slot.reason:
+            return Unavailable(f"model {slot.model.id} failed during the request: "
+                               f"{slot.reason}", code="model_failed")
+        return err
 
     async def acquire(self, slot: Slot, explicit: bool = False) -> be.Backend:
         if slot.queued >= self.config.queue_size:
@@ -294,7 +308,7 @@ class Supervisor:
             stop_timeout=s.stop_timeout if s.stop_timeout is not None else cfg.stop_timeout,
             memory_max=self._memory_max(slot), memory_high=parse_size(s.memory_high),
             runtime_dir=be.runtime_dir(instance) if cfg.backend == "unix" else None,
-            devices=gpu_devices() if gpus else ())
+            devices=gpu_devices() if gpus else (), tcp=cfg.backend == "tcp")
         return spec, address
 
     def _memory_max(self, slot: Slot) -> int | None:
@@ -485,6 +499,9 @@ class Supervisor:
                 slot.gpus = ()
                 self._drop_backend(slot)
                 self._notify()
+            if slot.model.id not in self.snapshot.models:
+                # Its file went away while it was loaded: now it is stopped, forget it.
+                self.slots.pop(slot.model.id, None)
         elif slot.state not in (State.UNLOADED, State.FAILED):
             self._spawn(self._record_failure(slot))
 
@@ -493,7 +510,7 @@ class Supervisor:
         rather than let Restart=on-failure load it into the same wall again."""
         if slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
-        self._spawn(self._record_failure(slot))
+        self._fail(slot, describe_exit(slot.last_exit))
         self._spawn(self.units.stop(slot.unit))
 
     async def _record_failure(self, slot: Slot) -> None:

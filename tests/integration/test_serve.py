@@ -4,6 +4,7 @@ swapping, queueing, streaming and the management API."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -179,3 +180,61 @@ async def test_tcp_backend(llamad_factory: Factory) -> None:
     assert status == 200, body
     argv = models(d.url)["gemma-a"]["status"]["args"]
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and "--port" in argv
+
+
+async def test_queue_bound_answers_503_with_retry_after(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"], **{"queue-size": 2})
+    async with aiohttp.ClientSession() as s:
+
+        async def one() -> tuple[int, str | None]:
+            body = {"model": "gemma-a", "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "Hi"}]}
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+                return r.status, r.headers.get("Retry-After")
+        results = await asyncio.gather(*(one() for _ in range(6)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses.count(200) >= 2 and 503 in statuses, statuses
+    assert all(retry is not None and int(retry) > 0 for status, retry in results
+               if status == 503)
+    assert d.starts("gemma-a") == 1
+
+
+async def test_client_disconnect_frees_the_backend_slot(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"])
+    body = {"model": "gemma-a", "messages": [{"role": "user", "content": "Go on."}],
+            "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+            for _ in range(3):
+                await r.content.readline()
+        # The response is closed: the connection is gone mid-stream.
+
+        async def busy() -> bool:
+            async with s.get(d.url + "/slots", params={"model": "gemma-a"}) as r:
+                return any(slot["is_processing"] for slot in await r.json())
+        for _ in range(100):
+            if not await busy():
+                break
+            await asyncio.sleep(0.1)
+        assert not await busy()
+    assert models(d.url)["gemma-a"]["llamad"]["in_flight"] == 0
+
+
+async def test_hot_added_model_is_served_and_removal_unlists_it(llamad_factory: Factory,
+                                                                assets: rig.Assets) -> None:
+    d = llamad_factory(["gemma-a"])
+    new = d.models_dir / "gemma-new.gguf"
+    os.link(assets.model, new)
+    rig.wait_for("the new model to be listed", lambda: "gemma-new" in models(d.url),
+                 timeout=30)
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, "gemma-new")
+        assert status == 200 and body["model"] == "gemma-new"
+        new.unlink()
+        rig.wait_for("the removed model to leave the list",
+                     lambda: "gemma-new" not in models(d.url), timeout=30)
+        rig.wait_for("its unit to stop", lambda: "llama-server@gemma-new.service"
+                     not in d.model_units(), timeout=30)
+        status, body = await chat(s, d.url, "gemma-new")
+    assert status == 404
