@@ -71,3 +71,11 @@ def test_systemd_sockets_from_listen_fds() -> None:
     listener.close()
     count, port, leaked = out.stdout.split()
     assert count == "1" and int(port) > 0 and leaked == "False"
+
+
+def test_hop_by_hop_and_credentials_are_not_forwarded() -> None:
+    from llamad.proxy import _forward_headers
+    sent = {"Connection": "keep-alive", "Transfer-Encoding": "chunked", "Host": "x",
+            "Authorization": "Bearer k", "Content-Length": "3", "Accept": "text/event-stream",
+            "X-Request-Id": "7"}
+    assert _forward_headers(sent) == {"Accept": "text/event-stream", "X-Request-Id": "7"}

@@ -56,6 +56,8 @@ async def test_chat_stream_and_listing(llamad_factory: Factory) -> None:
     score = float(report.split("Overall exposure level for")[1].split(":")[1].split()[0])
     assert score <= 1.0, report
     print(f"model unit exposure: {score}")
+    # The unit runs with WatchdogSec=10: systemd has seen llamad's pings.
+    assert d.show(d.unit, "WatchdogTimestampMonotonic") not in ("", "0")
     rig.wait_for("STATUS= to name the loaded model",
                  lambda: d.show(d.unit, "StatusText") == "1 models, 1 loaded: gemma-a", timeout=10)
 
