@@ -19,14 +19,15 @@ from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
 from llamad.log import die
-from llamad.measure import Measure
+from llamad.measure import Measure, memory_max_props
 from llamad.supervisor import Supervisor
-from llamad.units import UnitManager
+from llamad.units import UnitError, UnitManager
 from llamad.watcher import CatalogWatcher
 
 log = logging.getLogger("llamad")
 
 TICK = 1.0
+SLICE = "llama-server.slice"
 MIB = 1024 * 1024
 
 
@@ -77,7 +78,9 @@ class Daemon:
     async def _supervise(self, app: web.Application) -> AsyncIterator[None]:
         units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props))
         await units.open()
-        sup = Supervisor(self.config, self.catalog.snapshot, units, Measure(self.config),
+        await limit_slice(units, self.config)
+        measure = Measure(self.config, state_dir=self.config.state_dir)
+        sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
                          journal_tail)
         self.sup = sup
         app[proxy.SUPERVISOR] = sup
@@ -108,12 +111,32 @@ class Daemon:
             sup.expire()
             self.notifier.watchdog()
             self.notifier.status(sup.status_line())
+            await sample(sup)  # after the ping: D-Bus calls may be slow
             idle_for = time.monotonic() - self.last_request
             busy = any(s.in_flight or s.queued for s in sup.slots.values())
             if self.config.idle_exit and not busy and idle_for > self.config.idle_exit:
                 log.info("idle for %.0fs: exiting; the socket starts llamad again on demand",
                          idle_for)
                 self.stop.set()
+
+
+async def sample(sup: Supervisor) -> None:
+    """Measure the models' memory; a failure is logged and the next tick tries again."""
+    try:
+        await sup.sample()
+    except Exception:  # never let a measurement bug stop the watchdog pings
+        log.exception("measuring the models' memory failed")
+
+
+async def limit_slice(units: UnitManager, config: Config) -> None:
+    """slice-memory-max: MemoryMax= of llama-server.slice, the total for all models."""
+    if not config.slice_memory_max:
+        return
+    try:
+        await units.set_properties(SLICE, memory_max_props(config.slice_memory_max))
+        log.info("%s: MemoryMax=%s", SLICE, config.slice_memory_max)
+    except UnitError as e:
+        log.warning("cannot set MemoryMax=%s on %s: %s", config.slice_memory_max, SLICE, e)
 
 
 def load_api_keys(config: Config) -> frozenset[str]:

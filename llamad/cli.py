@@ -115,12 +115,14 @@ def cmd_ps(config_path: Path | None, url: str | None) -> int:
             status = json.loads(r.read())
     except (urllib.error.URLError, OSError) as e:
         raise LlamadError(f"cannot reach llamad at {base}: {e}; is llamad.socket started?") from e
-    rows = [("MODEL", "STATE", "PID", "RAM", "ESTIMATE", "IN FLIGHT", "SERVED", "TTL LEFT")]
+    rows = [("MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD", "IN FLIGHT", "SERVED",
+             "TTL LEFT")]
     for model, d in sorted(status["models"].items()):
         ttl = "-" if d["ttl_left"] is None else f"{d['ttl_left']:.0f}s"
+        load = "-" if d.get("load_seconds") is None else f"{d['load_seconds']:.1f}s"
         rows.append((model, d["state"], str(d["main_pid"] or "-"), _mib(d.get("ram")),
-                     _mib(d["estimate"]["ram"] + d["estimate"]["vram"]), str(d["in_flight"]),
-                     str(d["served"]), ttl))
+                     _mib(d.get("vram")), _mib(d["estimate"]["ram"] + d["estimate"]["vram"]),
+                     load, str(d["in_flight"]), str(d["served"]), ttl))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -58,6 +58,8 @@ SPEC: dict[str, tuple[str, str]] = {
                         "lru, largest or cheapest-reload"),
     "slice-memory-max": ("string(default='')",
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
+    "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
+    "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
 }
 
 
@@ -93,6 +95,8 @@ class Config:
     memory_budget_mb: int
     eviction_policy: str
     slice_memory_max: str | None
+    memory_limit: str
+    state_dir: Path
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -167,8 +171,9 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         raise _bad(path, "args", v["args"]) from e
     if not v["unit-user"] or not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", v["unit-user"]):
         raise _bad(path, "unit-user", v["unit-user"])
-    if not Path(v["run-dir"]).is_absolute():
-        raise _bad(path, "run-dir", v["run-dir"])
+    for key in ("run-dir", "state-dir"):
+        if not Path(v[key]).is_absolute():
+            raise _bad(path, key, v[key])
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -183,6 +188,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         llama_server=Path(server),
         args=args,
         run_dir=Path(v["run-dir"]),
+        state_dir=Path(v["state-dir"]),
         api_keys_file=_opt_path(v["api-keys-file"]),
         slice_memory_max=v["slice-memory-max"] or None,
     )

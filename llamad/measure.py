@@ -7,6 +7,7 @@ decision per request stays cheap.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamad import gpu, memory
@@ -15,7 +16,49 @@ from llamad.config import Config
 from llamad.scheduler import GpuFree, Memory, Resources
 
 MIB = 1024 * 1024
+KIB = 1024
 GPU_CACHE_SECONDS = 0.5
+# A learned peak is written again only when a later sample beats it by this much,
+# so a slowly growing RSS does not rewrite the state file on every tick.
+RELEARN_GROWTH = 1.05
+# memory-limit = estimate: MemoryMax is the RAM estimate times this, plus LIMIT_SLACK.
+LIMIT_FACTOR = 1.5
+LIMIT_SLACK = 256 * MIB
+
+
+@dataclass(frozen=True)
+class ProcMemory:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), bytes."""
+
+    rss: int
+    peak: int
+
+
+def proc_memory(pid: int, proc: Path = gpu.PROC) -> ProcMemory | None:
+    """From /proc/<pid>/status; None when the process is gone or unreadable.
+
+    The fallback for systemd's MemoryCurrent, which is unset where the memory controller
+    is not systemd's (cgroup v1 hosts, some containers).
+    """
+    try:
+        text = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * KIB
+    if "VmRSS" not in found:
+        return None  # a kernel thread or a zombie
+    return ProcMemory(found["VmRSS"], found.get("VmHWM", found["VmRSS"]))
+
+
+def derived_limit(need: Memory) -> int:
+    """MemoryMax for memory-limit = estimate: generous, since the estimate is no promise,
+    but enough to stop a runaway model from taking the whole machine. (Without a GPU the
+    estimate already puts everything in `ram`.)"""
+    return int(need.ram * LIMIT_FACTOR) + LIMIT_SLACK
 
 
 class Measure:
@@ -55,7 +98,53 @@ class Measure:
             self._needs[key] = found
         return found
 
+    def estimate(self, model: Model) -> Memory:
+        """The estimate alone (never the learned figure), for showing beside the measurement."""
+        if model.info is None:
+            return Memory()
+        return memory.estimate(model.info, model.settings.args,
+                               gpu=self.monitor.available).total
+
+    def learned_for(self, model: Model) -> memory.Learned | None:
+        return self.learned.get(model.id, model.settings.args)
+
+    def gpu_list(self) -> tuple[gpu.GpuInfo, ...]:
+        return self.monitor.gpus() if self.monitor.available else ()
+
+    def vram_by_unit(self) -> dict[str, int]:
+        return self.monitor.per_unit_vram() if self.monitor.available else {}
+
+    def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool:
+        """Whether a sample is news: nothing learned yet for these arguments, a new load
+        time, or a peak clearly above the learned one."""
+        old = self.learned_for(model)
+        if old is None or not old.ram:
+            return ram > 0
+        return ram > old.ram * RELEARN_GROWTH or (
+            load_seconds is not None and load_seconds != old.load_seconds)
+
     def learn(self, model: Model, ram: int, vram: int | None, load_seconds: float | None) -> None:
+        # Without NVML a VRAM figure of 0 means "not measured", not "none used".
+        vram = vram if self.monitor.available else None
         self.learned.record(model.id, model.settings.args, ram=ram, vram=vram,
                             load_seconds=load_seconds)
         self._needs.pop((model.id, model.settings.args), None)
+
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+_UNITS = {"K": 1024, "M": MIB, "G": 1024 * MIB, "T": 1024**4, "P": 1024**5, "E": 1024**6}
+
+
+def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
+    """D-Bus properties for a systemd MemoryMax= value ('16G', '75%', 'infinity', bytes),
+    as `systemctl set-property` sends them; config.py has checked the syntax."""
+    text = text.strip()
+    if text == "infinity":
+        return [("MemoryMax", b"t", UINT64_MAX)]
+    if text.endswith("%"):
+        # systemd's scale: a fraction of the machine's memory in units of 1/UINT32_MAX.
+        return [("MemoryMaxScale", b"u", int(float(text[:-1]) * UINT32_MAX / 100))]
+    factor = _UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in _UNITS else text
+    return [("MemoryMax", b"t", int(float(number) * factor))]

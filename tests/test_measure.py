@@ -1,0 +1,211 @@
+"""Measurement glue (measure.py) and the supervisor's use of it: sampling, learning, OOM.
+
+systemd is faked at the Units boundary; the property dicts fed to on_unit_change are the ones
+systemd sends (Service interface first, then Unit), so the real signal path is exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ggufgen import write_model
+
+from llamad import measure
+from llamad.catalog import Model, scan
+from llamad.config import Config
+from llamad.errors import BackendError, Unavailable
+from llamad.gpu import GpuMonitor
+from llamad.measure import Measure, derived_limit, memory_max_props, proc_memory
+from llamad.scheduler import Memory, State
+from llamad.supervisor import Supervisor
+from llamad.units import UnitSpec, UnitStatus
+
+MIB = 1024**2
+
+
+def test_proc_memory_of_this_process() -> None:
+    found = proc_memory(os.getpid())
+    assert found is not None and 1 * MIB < found.rss <= found.peak
+
+
+def test_proc_memory_missing_or_kernel_thread(tmp_path: Path) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "status").write_text("Name:\tkthreadd\nState:\tS\n")
+    assert proc_memory(7, tmp_path) is None
+    assert proc_memory(8, tmp_path) is None
+
+
+def test_memory_max_props() -> None:
+    assert memory_max_props("16G") == [("MemoryMax", b"t", 16 * 1024**3)]
+    assert memory_max_props("512M") == [("MemoryMax", b"t", 512 * MIB)]
+    assert memory_max_props("1048576") == [("MemoryMax", b"t", MIB)]
+    assert memory_max_props("infinity") == [("MemoryMax", b"t", 2**64 - 1)]
+    ((name, sig, scale),) = memory_max_props("50%")
+    assert (name, sig) == ("MemoryMaxScale", b"u") and abs(scale - 2**31) <= 1
+
+
+def test_derived_limit() -> None:
+    assert derived_limit(Memory(400 * MIB, 0)) == 600 * MIB + measure.LIMIT_SLACK
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    models = tmp_path / "models"
+    models.mkdir()
+    os.utime(write_model(models / "tiny.gguf"), (0, 0))  # older than the settle window
+    return Config.default(models_dirs=(models,), llama_cache=False, models_preset=None,
+                          state_dir=tmp_path / "state", memory_reserve_mb=0)
+
+
+def model(config: Config) -> Model:
+    return scan(config).models["tiny"]
+
+
+def test_learning_is_persisted_and_replaces_the_estimate(config: Config) -> None:
+    m = model(config)
+    meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+    est = meas.estimate(m)
+    assert meas.need(m) == est and est.ram > 0
+    assert meas.should_learn(m, 123 * MIB, 1.5)
+    meas.learn(m, 123 * MIB, 0, 1.5)
+    assert meas.need(m) == Memory(123 * MIB, 0) and meas.estimate(m) == est
+    # A sample within 5% of the peak, with the same load time, is no news.
+    assert not meas.should_learn(m, 125 * MIB, 1.5)
+    assert meas.should_learn(m, 140 * MIB, 1.5) and meas.should_learn(m, 100 * MIB, 2.0)
+    again = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+    learned = again.learned_for(m)
+    assert learned is not None and learned.ram == 123 * MIB and learned.vram is None
+
+
+class NoNvml:
+    """pynvml without a GPU: the RAM-only path."""
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self) -> None:
+        raise self.NVMLError("no driver")
+
+
+class FakeUnits:
+    def __init__(self, memory_current: int | None = None) -> None:
+        self.memory_current = memory_current
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    async def start(self, spec: UnitSpec) -> None:
+        self.started.append(spec.name)
+
+    async def stop(self, name: str) -> None:
+        self.stopped.append(name)
+
+    async def reset_failed(self, name: str) -> None:
+        pass
+
+    async def status(self, name: str) -> UnitStatus:
+        return UnitStatus(name, "loaded", "active", "running",
+                          memory_current=self.memory_current)
+
+    async def list_ours(self) -> list[UnitStatus]:
+        return []
+
+
+async def no_journal(unit: str) -> str:
+    return ""
+
+
+def supervisor(config: Config, units: FakeUnits) -> Supervisor:
+    meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+    return Supervisor(config, scan(config), units, meas, no_journal)
+
+
+async def running(sup: Supervisor, pid: int) -> Any:
+    """Start tiny through the real decision path and drive it to READY by unit signals."""
+    slot = sup.slots["tiny"]
+    await sup.load(slot)
+    await asyncio.sleep(0)
+    sup.on_unit_change(slot.unit, {"MainPID": pid, "InvocationID": b"\x01" * 16})
+    sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    # Skip the health probe: nothing listens; mark it ready as _wait_healthy would.
+    slot.state, slot.load_seconds = State.READY, 0.5
+    return slot
+
+
+async def test_sample_falls_back_to_rss_and_learns(config: Config) -> None:
+    sup = supervisor(config, FakeUnits(memory_current=None))
+    slot = await running(sup, os.getpid())
+    await sup.sample()
+    rss = proc_memory(os.getpid())
+    assert rss is not None and slot.used.ram > MIB and slot.peak.ram >= slot.used.ram
+    fields = sup.describe(slot)
+    assert fields["ram"] == slot.used.ram and fields["vram"] is None
+    assert fields["estimate"]["ram"] > 0 and fields["load_seconds"] == 0.5
+    learned = sup.measure.learned_for(slot.model)  # type: ignore[attr-defined]
+    assert learned.ram == slot.peak.ram and learned.load_seconds == 0.5
+    assert sup.status()["gpus"] == []
+    await sup.close()
+
+
+async def test_sample_prefers_memory_current(config: Config) -> None:
+    sup = supervisor(config, FakeUnits(memory_current=300 * MIB))
+    slot = await running(sup, os.getpid())
+    await sup.sample()
+    assert slot.used == Memory(300 * MIB, 0)
+    assert sup.describe(slot)["ram"] == 300 * MIB
+    await sup.close()
+
+
+async def test_memory_limit_estimate_sets_memory_max(config: Config) -> None:
+    from dataclasses import replace
+    sup = supervisor(replace(config, memory_limit="estimate"), FakeUnits())
+    slot = sup.slots["tiny"]
+    spec, _ = sup.spec(slot)
+    assert spec.memory_max == derived_limit(sup.measure.need(slot.model))
+    await sup.close()
+
+
+async def test_oom_kill_fails_the_model_and_cancels_the_restart(config: Config) -> None:
+    units = FakeUnits()
+    sup = supervisor(config, units)
+    slot = await running(sup, 4242)
+    # What systemd sends when the kernel OOM-kills the main process of a
+    # Restart=on-failure service: the Service interface, then the Unit interface.
+    sup.on_unit_change(slot.unit, {"Result": "oom-kill", "ExecMainCode": 2,
+                                   "ExecMainStatus": 9, "MainPID": 0})
+    sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
+    await asyncio.sleep(0.01)
+    assert slot.state is State.FAILED and slot.reason.startswith("out of memory")
+    assert units.stopped == [slot.unit]  # the pending restart is cancelled
+    # Our stop lands: the model stays failed, with its reason.
+    sup.on_unit_change(slot.unit, {"ActiveState": "inactive", "SubState": "dead"})
+    assert slot.state is State.FAILED
+    with pytest.raises(Unavailable) as err:
+        await sup.acquire(slot)
+    assert err.value.status == 503 and "out of memory" in err.value.message
+    assert units.started == [slot.unit]  # no restart
+    await sup.close()
+
+
+async def test_request_in_flight_during_an_oom_kill_is_told_so(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    slot = await running(sup, 4242)
+
+    async def oom_kill_signals() -> None:
+        await asyncio.sleep(0.05)
+        sup.on_unit_change(slot.unit, {"Result": "oom-kill", "ExecMainCode": 2,
+                                       "ExecMainStatus": 9})
+        sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
+
+    with pytest.raises(Unavailable) as err:
+        async with sup.use(slot):
+            signals = asyncio.ensure_future(oom_kill_signals())
+            # What proxy.forward raises when the killed backend drops the connection.
+            raise BackendError("the model's backend failed before answering")
+    await signals
+    assert err.value.code == "model_failed" and "out of memory" in err.value.message
+    assert slot.in_flight == 0
+    await sup.close()
