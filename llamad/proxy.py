@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import weakref
 from typing import Any
 
 import aiohttp
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from llamad.backend import Backend
 from llamad.errors import BackendError, BadRequest, LlamadError
+from llamad.scheduler import State
 from llamad.supervisor import Slot, Supervisor
 
 log = logging.getLogger("llamad.proxy")
@@ -154,10 +156,35 @@ def model_entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     }
 
 
+# GET /v1/models with 10,000 models catalogued took ~1 s, nearly all of it building and
+# encoding entries of unloaded models, which do not change until the model is loaded
+# again. So an unloaded model's encoded entry is kept, keyed by what it is built from.
+_listed: weakref.WeakKeyDictionary[Supervisor, dict[str, tuple[Any, bytes]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]) -> bytes:
+    if slot.state is not State.UNLOADED:
+        return json.dumps(model_entry(sup, slot)).encode()
+    key = (slot.served, slot.last_used, slot.n_restarts, slot.reason,
+           sup.measure.need(slot.model))
+    hit = cache.get(slot.model.id)
+    # The catalog publishes a new Model object whenever the model's file or settings change.
+    if hit is not None and hit[0][0] is slot.model and hit[0][1] == key:
+        return hit[1]
+    data = json.dumps(model_entry(sup, slot)).encode()
+    cache[slot.model.id] = ((slot.model, key), data)
+    return data
+
+
 async def handle_models(request: web.Request) -> web.Response:
     sup = supervisor(request)
-    data = [model_entry(sup, slot) for slot in sup.slots.values()]
-    return web.json_response({"object": "list", "data": data})
+    cache = _listed.setdefault(sup, {})
+    if len(cache) > 2 * len(sup.slots):
+        cache.clear()  # models removed from the catalog
+    parts = [_entry_json(sup, slot, cache) for slot in sup.slots.values()]
+    body = b'{"object": "list", "data": [' + b", ".join(parts) + b"]}"
+    return web.Response(body=body, content_type="application/json")
 
 
 async def _model_from_body(request: web.Request) -> Slot:
