@@ -1,0 +1,65 @@
+"""`make bench`: boot the box, run every section, write docs/benchmarks.md and plots.
+
+    .venv/bin/python -m bench [--quick] [--out FILE] [--sections 1,2,...]
+
+A full run takes about 15 minutes on a 2-core machine; --quick runs every
+section with tiny counts (for the smoke test), and writes nothing under docs/
+unless --out says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench import ROOT, report, sections
+from bench.contenders import contenders
+
+# Sections needing the model loaded in llamad run before the ones that unload it;
+# the footprint and scale sections start other llamads, so llamad's own models go first.
+ORDER = (1, 2, 5, 3, 4, 6, 7)
+RUN = {1: sections.latency, 2: sections.streaming, 3: sections.cold_start, 4: sections.swap,
+       5: sections.concurrency, 6: sections.footprint, 7: sections.scale}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    ap.add_argument("--out", type=Path, help="markdown report (default docs/benchmarks.md; "
+                    "with --quick, nothing is written unless given)")
+    ap.add_argument("--only", help="comma-separated section numbers, e.g. 1,5 (a partial "
+                    "report: targets of skipped sections are left out)")
+    opts = ap.parse_args(argv)
+    wanted = {int(x) for x in opts.only.split(",")} if opts.only else set(ORDER)
+    counts = sections.QUICK if opts.quick else sections.Counts()
+    out = opts.out or (None if opts.quick else ROOT / "docs" / "benchmarks.md")
+    res = sections.Results()
+    started = time.monotonic()
+    info = report.machine()
+    with contenders() as setup:
+        for number in (n for n in ORDER if n in wanted):
+            if number == 6:
+                # Stop llamad's own models: the other llamads adopt or stop units they find.
+                setup.llamad.cleanup()
+            RUN[number](setup, counts, res)
+    seconds = time.monotonic() - started
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    plots = report.plot(res, out.parent) if out else []
+    text = report.markdown(res, counts, info, opts.quick, plots, seconds)
+    if out:
+        out.write_text(text)
+        raw = out.with_suffix(".json")
+        raw.write_text(json.dumps([asdict(s) for s in res.series.values()], indent=1))
+        print(f"wrote {out}, {raw.name} and {', '.join(plots)}")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
