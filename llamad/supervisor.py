@@ -180,7 +180,7 @@ class Supervisor:
         running = slot.state is not State.UNLOADED and slot.sampled_pid == slot.main_pid != 0
         return {
             "estimate": {"ram": est.ram, "vram": est.vram},
-            "ram": slot.used.ram if running and slot.used.ram else None,
+            "ram": slot.used.ram or None if running else None,
             "vram": slot.used.vram if running and slot.peak.vram else None,
             "peak": {"ram": slot.peak.ram or None, "vram": slot.peak.vram or None},
         }
@@ -592,8 +592,11 @@ class Supervisor:
                 continue  # it stopped or restarted meanwhile: the sample is not its own
             if slot.sampled_pid != pid:
                 slot.sampled_pid, slot.peak = pid, Memory()
-            slot.used = Memory(ram, vram.get(slot.unit, 0))
-            slot.peak = Memory(max(slot.peak.ram, peak), max(slot.peak.vram, slot.used.vram))
+            now = Memory(ram, vram.get(slot.unit, 0))
+            slot.peak = Memory(max(slot.peak.ram, peak), max(slot.peak.vram, now.vram))
+            # Only a ready model's figure stands in for its need: one taken mid-load is
+            # too low, and the scheduler would fit a second model beside it.
+            slot.used = now if slot.state is State.READY else Memory()
             if slot.state is State.READY and self.measure.should_learn(
                     slot.model, slot.peak.ram, slot.load_seconds):
                 self.measure.learn(slot.model, slot.peak.ram, slot.peak.vram,
