@@ -89,6 +89,7 @@ class Slot:
     last_exit: dict[str, Any] = field(default_factory=dict)
     stopping_by_us: bool = False
     checking: bool = False  # a failure is being confirmed with systemd
+    adopted: bool = False  # taken over from an earlier llamad: its load time is unknown
     used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
     peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
     sampled_pid: int = 0
@@ -332,6 +333,7 @@ class Supervisor:
         slot.backend = be.Backend(address)
         slot.load_started = time.monotonic()
         slot.stopping_by_us = False
+        slot.adopted = False
         self._notify()
         self._spawn(self._start(slot, spec, decision.evict))
 
@@ -349,7 +351,7 @@ class Supervisor:
 
     async def _start_unit(self, spec: UnitSpec) -> None:
         await self.units.reset_failed(spec.name)
-        for _ in range(100):
+        for _ in range(600):  # 30 s
             try:
                 await self.units.start(spec)
                 return
@@ -383,7 +385,8 @@ class Supervisor:
             if await backend.healthy():
                 if slot.state is State.LOADING and slot.backend is backend:
                     slot.state = State.READY
-                    slot.load_seconds = time.monotonic() - slot.load_started
+                    if not slot.adopted:  # an adopted unit loaded before we looked
+                        slot.load_seconds = time.monotonic() - slot.load_started
                     log.info("model %s ready after %.2fs", slot.model.id, slot.load_seconds)
                     self._notify()
                 return
@@ -483,6 +486,7 @@ class Supervisor:
                             describe_exit(slot.last_exit))
                 slot.state = State.STARTING
                 slot.load_started = time.monotonic()
+                slot.adopted = False
                 self._drop_backend(slot)
                 slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
                 self._notify()
@@ -566,6 +570,7 @@ class Supervisor:
         slot.n_restarts = status.n_restarts
         slot.last_used = time.monotonic()
         slot.load_started = time.monotonic()
+        slot.adopted = True
         if status.active_state == "active":
             slot.state = State.LOADING
             self._spawn(self._wait_healthy(slot, status.invocation_id))
@@ -674,10 +679,13 @@ _SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def parse_size(text: str | None) -> int | None:
-    """systemd-style sizes: '512M', '4G', plain bytes."""
-    if not text:
+    """systemd-style sizes: '512M', '4G', '50%' (of RAM), plain bytes; 'infinity' is no limit."""
+    if not text or text.strip().lower() == "infinity":
         return None
     text = text.strip().upper().removesuffix("B")
+    if text.endswith("%"):
+        from llamad.gpu import mem_total
+        return int(mem_total() * float(text[:-1]) / 100)
     if text and text[-1] in _SIZES:
         return int(float(text[:-1]) * _SIZES[text[-1]])
     return int(text)

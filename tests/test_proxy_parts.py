@@ -79,3 +79,9 @@ def test_hop_by_hop_and_credentials_are_not_forwarded() -> None:
             "Authorization": "Bearer k", "Content-Length": "3", "Accept": "text/event-stream",
             "X-Request-Id": "7"}
     assert _forward_headers(sent) == {"Accept": "text/event-stream", "X-Request-Id": "7"}
+
+
+def test_size_forms() -> None:
+    from llamad.gpu import mem_total
+    assert parse_size("infinity") is None
+    assert parse_size("50%") == mem_total() // 2

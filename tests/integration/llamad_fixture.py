@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import socket
-import json
 import sys
 from pathlib import Path
 from typing import Any
