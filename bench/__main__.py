@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     res = sections.Results()
     started = time.monotonic()
     info = report.machine()
+    load_at_start = os.getloadavg()[0]
     with contenders() as setup:
         for number in (n for n in ORDER if n in wanted):
             if number == 6:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 setup.llamad.cleanup()
             RUN[number](setup, counts, res)
     seconds = time.monotonic() - started
+    info["Load average"] = f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
     plots = report.plot(res, out.parent) if out else []

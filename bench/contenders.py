@@ -27,7 +27,11 @@ import rig
 from llamad_fixture import PYTHON, Llamad
 
 # 32 slots so the parallel section runs 32 streams at once; 512 tokens of context each.
-ARGS = ("-c", "16384", "-np", "32")
+# One thread: on this shared 2-core machine, two threads that wait for each other at every
+# step stall whenever the client, llamad or another job takes one core (streams fell from
+# 85 to 8-20 tokens/s); one thread just gets a fair share. llamad's own CPU per streamed
+# token is reported separately, for machines where the model has every core.
+ARGS = ("-c", "16384", "-np", "32", "-t", "1")
 MODELS = ("gemma-a", "gemma-b")
 NICE = -5
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import rig
 
+from bench.contenders import ARGS, NICE
 from bench.sections import SOCKET, SWAP, Counts, Results, Series
 
 TITLES = {
@@ -173,8 +174,9 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
              "Produced by `make bench` (`.venv/bin/python -m bench`); do not edit by hand. "
              "All contenders run in one throwaway systemd box on this machine, with the same "
              "llama-server binary, the same model file (hard links) and the same arguments "
-             "(`-c 16384 -np 32`). They take turns request by request, in rotated order, so "
-             "drift of the machine falls on all alike. Clients are on 127.0.0.1.", "",
+             f"(`{' '.join(ARGS)}`). They take turns request by request, in rotated order, so "
+             "drift of the machine falls on all alike. Clients are on 127.0.0.1. The box and "
+             f"the client run at nice {NICE}: the machine is shared with other jobs.", "",
              "- **llamad**: `llamad serve` as a Type=notify unit, `models-max = 1`, "
              "default UNIX-socket backend, each model a transient `llama-server@` unit;",
              "- **direct**: one llama-server started by hand (transient unit), spoken to "
@@ -248,6 +250,7 @@ def plot(res: Results, outdir: Path) -> list[str]:
     ecdf(axes[0], 1, "/tokenize", "ms")
     ecdf(axes[1], 1, "1-token completion", "ms")
     ecdf(axes[2], 2, "inter-chunk delay", "ms")
+    axes[1].set_xscale("log")  # a few slow outliers would squash the rest
     axes[2].set_xscale("log")
     fig.tight_layout()
     fig.savefig(outdir / "bench-latency.png", dpi=90)

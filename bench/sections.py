@@ -5,6 +5,7 @@ jobs, thermal state, page cache) falls on all of them alike.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +46,11 @@ class Counts:
     warmup: int = 20
     stream_rounds: int = 6
     stream_tokens: int = 256
-    cold_rounds: int = 5
+    cold_rounds: int = 6
     swap_rounds: int = 8      # requests per contender, alternating models
     clients: int = 32
-    parallel_tokens: int = 24    # 32 x 24 tokens: CPU-bound batches of 32 on 2 cores
-    parallel_rounds: int = 6
+    parallel_tokens: int = 16    # 32 x 16 tokens: compute-bound batches of 32
+    parallel_rounds: int = 4
     socket_rounds: int = 5
     catalog_small: int = 1000
     catalog_large: int = 10_000
@@ -187,6 +188,7 @@ def concurrency(setup: Setup, n: Counts, res: Results) -> None:
         Conn(url).ok("POST", "/v1/completions", ONE_TOKEN)
     for i in range(n.parallel_rounds):
         for name in rotated(list(urls), i):
+            cpu = cpu_seconds(setup, setup.llamad.unit)
             tokens, wall = parallel_streams(urls[name], "/v1/completions",
                                             generate(n.parallel_tokens), n.clients)
             if tokens < n.clients * n.parallel_tokens * 0.9:
@@ -194,6 +196,17 @@ def concurrency(setup: Setup, n: Counts, res: Results) -> None:
                                    f"{n.clients * n.parallel_tokens} came back")
             res.add(5, f"aggregate tokens/s, {n.clients} streams", name, "tok/s",
                     tokens / wall, higher_is_better=True)
+            if name == "llamad":
+                # What the proxy takes from the model's CPU share, per streamed token.
+                used = cpu_seconds(setup, setup.llamad.unit) - cpu
+                res.add(5, "llamad CPU per streamed token", name, "us", used / tokens * 1e6)
+
+
+def cpu_seconds(setup: Setup, unit: str) -> float:
+    """User + system CPU time of a unit's main process so far (from /proc/PID/stat)."""
+    pid = setup.box.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
+    fields = setup.box.run(["cat", f"/proc/{pid}/stat"]).stdout.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- 6. footprint and 7. scale ------------------------------------------------------
