@@ -18,6 +18,7 @@ from llamad import proxy
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
+from llamad.gguf_info import InfoCache
 from llamad.log import die
 from llamad.measure import Measure, memory_max_props
 from llamad.supervisor import Supervisor
@@ -49,7 +50,8 @@ class Daemon:
     def __init__(self, config: Config, notifier: Notifier) -> None:
         self.config = config
         self.notifier = notifier
-        self.catalog = Catalog(config)
+        # Headers survive restarts: a socket-activated start need not re-read them.
+        self.catalog = Catalog(config, cache=InfoCache(config.state_dir / "gguf-info.json"))
         self.catalog.rescan()
         self.stop = asyncio.Event()
         self.last_request = time.monotonic()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ class Backend:
             async with self.session().get(self.base_url + "/health",
                                           timeout=aiohttp.ClientTimeout(total=2)) as r:
                 return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def close(self) -> None:

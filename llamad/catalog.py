@@ -344,7 +344,9 @@ class Catalog:
         except ConfigError as e:
             # Keep serving with the last good presets; the file may be mid-edit.
             log.warning("%s Keeping the previous presets.", e.message)
-        return scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle)
+        snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle)
+        self.cache.save()  # a no-op unless the cache has a file and changed
+        return snapshot
 
     def publish(self, new: Snapshot) -> None:
         old, self.snapshot = self.snapshot, new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -12,14 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
-import numpy as np
-
 log = logging.getLogger("llamad.gguf")
 
 Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class GGUFError(Exception):
@@ -50,37 +48,50 @@ class FileHeader:
     parameters: int
     tensor_type: str | None  # the most common type of the weight matrices
     size: int
+    file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
 
 
-class _HeaderReader(gguf.GGUFReader):
-    """GGUFReader that steps over array values instead of unpacking every element.
+@functools.cache
+def _gguf() -> tuple[Any, Any]:
+    """The gguf package and a reader class built on it, imported on first use.
 
-    A tokenizer holds hundreds of thousands of strings; GGUFReader turns each into
-    numpy views, which takes seconds for one model. Only scalar keys are needed here.
+    gguf pulls in numpy: 18 MB and 75 ms that a daemon whose headers are all
+    in the on-disk cache never needs.
     """
+    import gguf
+    import numpy as np
 
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
-        if raw_type != gguf.GGUFValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        raw_itype = self._get(orig_offs, np.uint32)
-        alen = self._get(orig_offs + 4, np.uint64)
-        itype, count = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0])
-        offs = orig_offs + 12
-        if itype == gguf.GGUFValueType.STRING:
-            order = ">" if self.byte_order == "S" else "<"
-            buf = memoryview(self.data)  # type: ignore[arg-type]
-            for _ in range(count):
-                offs += 8 + struct.unpack_from(order + "Q", buf, offs)[0]
-        elif itype in self.gguf_scalar_to_np:
-            offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
-        else:
-            return super()._get_field_parts(orig_offs, raw_type)
-        if offs > len(self.data):
-            raise ValueError("array runs past the end of the file")
-        return offs - orig_offs, [raw_itype, alen], [], [gguf.GGUFValueType.ARRAY, itype]
+    class HeaderReader(gguf.GGUFReader):
+        """GGUFReader that steps over array values instead of unpacking every element.
+
+        A tokenizer holds hundreds of thousands of strings; GGUFReader turns each into
+        numpy views, which takes seconds for one model. Only scalar keys are needed here.
+        """
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+            if raw_type != gguf.GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, count = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0])
+            offs = orig_offs + 12
+            if itype == gguf.GGUFValueType.STRING:
+                order = ">" if self.byte_order == "S" else "<"
+                buf = memoryview(self.data)  # type: ignore[arg-type]
+                for _ in range(count):
+                    offs += 8 + struct.unpack_from(order + "Q", buf, offs)[0]
+            elif itype in self.gguf_scalar_to_np:
+                offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+            else:
+                return super()._get_field_parts(orig_offs, raw_type)
+            if offs > len(self.data):
+                raise ValueError("array runs past the end of the file")
+            return offs - orig_offs, [raw_itype, alen], [], [gguf.GGUFValueType.ARRAY, itype]
+
+    return gguf, HeaderReader
 
 
-def _scalar(field: Any) -> Scalar | None:
+def _scalar(gguf: Any, field: Any) -> Scalar | None:
     if not field.data or field.types[0] == gguf.GGUFValueType.ARRAY:
         return None
     part = field.parts[field.data[0]]
@@ -90,35 +101,40 @@ def _scalar(field: Any) -> Scalar | None:
     return bool(value) if field.types[0] == gguf.GGUFValueType.BOOL else value
 
 
+def _file_type(gguf: Any, fields: dict[str, Scalar]) -> str | None:
+    file_type = fields.get("general.file_type")
+    if not isinstance(file_type, int):
+        return None
+    try:
+        name: str = gguf.LlamaFileType(file_type).name
+    except ValueError:
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def read_header(path: Path) -> FileHeader:
     """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+    gguf, reader_class = _gguf()
     try:
         size = path.stat().st_size
-        reader = _HeaderReader(path)
+        reader = reader_class(path)
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except Exception as e:  # the gguf package raises many types for bad input
         raise GGUFError(f"is not a GGUF file or is truncated ({e})") from e
-    fields = {k: v for k, f in reader.fields.items() if (v := _scalar(f)) is not None}
+    fields = {k: v for k, f in reader.fields.items() if (v := _scalar(gguf, f)) is not None}
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
     if end > size:
         raise GGUFError(f"is incomplete: its tensors need {end} bytes but it has {size}")
     types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
     params = sum(int(t.n_elements) for t in reader.tensors)
     tensor_type = types.most_common(1)[0][0] if types else None
-    return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size)
+    return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size,
+                      file_type=_file_type(gguf, fields))
 
 
 def _quantization(head: FileHeader) -> str | None:
-    file_type = head.fields.get("general.file_type")
-    if isinstance(file_type, int):
-        try:
-            name = gguf.LlamaFileType(file_type).name
-        except ValueError:
-            name = None
-        if name:
-            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    return head.tensor_type
+    return head.file_type or head.tensor_type
 
 
 def _int(head: FileHeader, key: str) -> int | None:
@@ -205,7 +221,7 @@ class InfoCache:
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
-        data = {"version": CACHE_VERSION, "gguf": gguf.__name__, "entries": {
+        data = {"version": CACHE_VERSION, "gguf": "gguf", "entries": {
             n: [list(k), asdict(v) if isinstance(v, FileHeader) else v]
             for n, (k, v) in self._entries.items()}}
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -108,7 +107,7 @@ async def forward(request: web.Request, backend: Backend, body: bytes) -> web.St
                 return await _stream(request, up)
             data = await up.read()
             return web.Response(status=up.status, body=data, headers=_forward_headers(up.headers))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise BackendError(f"the model's backend failed before answering ({_why(e)}); "
                            "systemd restarts it, retry shortly") from e
 
@@ -121,7 +120,7 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse) -> web.Strea
     try:
         async for chunk in up.content.iter_any():
             await resp.write(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         # Headers are gone already: tell the client in the stream, never truncate silently.
         err = BackendError(f"the model's backend failed mid-stream ({_why(e)})")
         await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")

@@ -42,6 +42,7 @@ from llamad.units import UnitError, UnitSpec, UnitStatus
 log = logging.getLogger("llamad.supervisor")
 
 HEALTH_INTERVAL = 0.1
+HEALTH_FIRST_INTERVAL = 0.005
 
 
 class Units(Protocol):
@@ -381,20 +382,24 @@ class Supervisor:
     async def _wait_healthy(self, slot: Slot, invocation: str) -> None:
         deadline = slot.load_started + self.config.load_timeout
         backend = slot.backend
+        interval = HEALTH_FIRST_INTERVAL
         while slot.state is State.LOADING and slot.backend is backend and backend is not None:
             if await backend.healthy():
                 if slot.state is State.LOADING and slot.backend is backend:
                     slot.state = State.READY
+                    took = time.monotonic() - slot.load_started
                     if not slot.adopted:  # an adopted unit loaded before we looked
-                        slot.load_seconds = time.monotonic() - slot.load_started
-                    log.info("model %s ready after %.2fs", slot.model.id, slot.load_seconds)
+                        slot.load_seconds = took
+                    log.info("model %s ready after %.2fs", slot.model.id, took)
                     self._notify()
                 return
             if time.monotonic() > deadline:
                 self._fail(slot, f"not ready within load-timeout ({self.config.load_timeout:g}s)")
                 self._spawn(self.units.stop(slot.unit))
                 return
-            await asyncio.sleep(HEALTH_INTERVAL)
+            # Often at first, as small models load in a second; then back off.
+            await asyncio.sleep(interval)
+            interval = min(HEALTH_INTERVAL, interval * 1.5)
 
     # -- stopping ------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import rig  # noqa: E402
+import rig
 
 # .ci/run sets this: there, a missing box is a failure, not a skip.
 REQUIRE_BOX = os.environ.get("LLAMAD_REQUIRE_BOX") == "1"
