@@ -187,5 +187,7 @@ def run(config_path: Path | None, listen: str | None) -> int:
         asyncio.run(serve(config, listen))
     except OSError as e:
         die(f"cannot listen: {e}", hint="another process may hold the port")
+    except UnitError as e:
+        die(str(e))
     return 0
 

@@ -284,7 +284,11 @@ class UnitManager:
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         bus = DBus()
-        bus.open()
+        try:
+            bus.open()
+        except Exception as e:
+            raise UnitError(f"cannot connect to systemd's system bus ({_describe(e)}); "
+                            "llamad needs systemd as PID 1, or DBUS_SYSTEM_BUS_ADDRESS") from e
         # pystemd tags the callback with attributes (bound methods refuse) and
         # holds it without a reference, so keep plain functions alive here.
         self._callbacks = [_plain(self._on_props), _plain(self._on_removed)]
