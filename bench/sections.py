@@ -236,6 +236,13 @@ def footprint(setup: Setup, n: Counts, res: Results) -> None:
             d.start()
             wait_http(d.url, timeout=120)
             listed(d.url, count)
+            # The very first start parses every header (and imports gguf/numpy); later
+            # starts take them from the cache in state-dir. Both are reported.
+            res.add(6, f"idle RSS, {label}, first start", "llamad", "MB",
+                    wait_settled_rss(setup, d.unit))
+            d.restart()
+            wait_http(d.url, timeout=120)
+            listed(d.url, count)
             res.add(6, f"idle RSS, {label}", "llamad", "MB", wait_settled_rss(setup, d.unit))
         finally:
             d.cleanup()
