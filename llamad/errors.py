@@ -60,3 +60,9 @@ class BackendError(LlamadError):
     status = 502
     type = "backend_error"
     code = "backend_failed"
+
+
+class BackendUnreachable(BackendError):
+    """The backend refused the connection: the request never reached the model."""
+
+    code = "backend_unreachable"

@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from llamad.backend import Backend
-from llamad.errors import BackendError, BadRequest, LlamadError
+from llamad.errors import BackendError, BackendUnreachable, BadRequest, LlamadError
 from llamad.scheduler import State
 from llamad.supervisor import Slot, Supervisor
 
@@ -82,8 +82,20 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     body, data = await read_json(request)
     slot = sup.resolve(data.get("model"))
     keep_alive = parse_keep_alive(data.get("keep_alive"))
-    async with sup.use(slot, keep_alive) as backend:
-        return await forward(request, backend, body)
+    return await _proxied(request, slot, body, keep_alive)
+
+
+async def _proxied(request: web.Request, slot: Slot, body: bytes,
+                   keep_alive: float | None = None) -> web.StreamResponse:
+    sup = supervisor(request)
+    try:
+        async with sup.use(slot, keep_alive) as backend:
+            return await forward(request, backend, body)
+    except BackendUnreachable:
+        # Nothing reached the model, so sending it again is safe: once systemd has
+        # restarted the backend (use() waits for that), try one more time.
+        async with sup.use(slot, keep_alive) as backend:
+            return await forward(request, backend, body)
 
 
 async def handle_get_model(request: web.Request) -> web.StreamResponse:
@@ -92,9 +104,7 @@ async def handle_get_model(request: web.Request) -> web.StreamResponse:
     if name is None and request.path == "/props":
         return web.json_response({"role": "router", "llamad": True,
                                   "models": len(sup.slots)})
-    slot = sup.resolve(name)
-    async with sup.use(slot) as backend:
-        return await forward(request, backend, b"")
+    return await _proxied(request, sup.resolve(name), b"")
 
 
 async def forward(request: web.Request, backend: Backend, body: bytes) -> web.StreamResponse:
@@ -107,6 +117,9 @@ async def forward(request: web.Request, backend: Backend, body: bytes) -> web.St
                 return await _stream(request, up)
             data = await up.read()
             return web.Response(status=up.status, body=data, headers=_forward_headers(up.headers))
+    except aiohttp.ClientConnectorError as e:
+        raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
+                                 "systemd restarts it, retry shortly") from e
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise BackendError(f"the model's backend failed before answering ({_why(e)}); "
                            "systemd restarts it, retry shortly") from e

@@ -21,7 +21,14 @@ from typing import Any, Protocol
 from llamad import backend as be
 from llamad.catalog import Model, Snapshot
 from llamad.config import Config
-from llamad.errors import BackendError, BadRequest, LlamadError, NotFound, Unavailable
+from llamad.errors import (
+    BackendError,
+    BackendUnreachable,
+    BadRequest,
+    LlamadError,
+    NotFound,
+    Unavailable,
+)
 from llamad.gpu import GpuInfo
 from llamad.measure import derived_limit, proc_memory
 from llamad.scheduler import (
@@ -90,7 +97,9 @@ class Slot:
     last_exit: dict[str, Any] = field(default_factory=dict)
     stopping_by_us: bool = False
     checking: bool = False  # a failure is being confirmed with systemd
-    adopted: bool = False  # taken over from an earlier llamad: its load time is unknown
+    # Adopted from an earlier llamad, or re-checked after a refused connection: the
+    # next "ready" ends no load that we timed.
+    load_time_unknown: bool = False
     used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
     peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
     sampled_pid: int = 0
@@ -222,10 +231,24 @@ class Supervisor:
         backend = await self.acquire(slot)
         try:
             yield backend
+        except BackendUnreachable:
+            self._suspect(slot, backend)
+            raise
         except BackendError as e:
             raise await self._explain(slot, e) from e
         finally:
             self.release(slot, keep_alive)
+
+    def _suspect(self, slot: Slot, backend: be.Backend) -> None:
+        """The backend refused a connection: it likely died and systemd has not told us
+        yet. Stop serving it until /health answers again (or systemd's signals move on)."""
+        if slot.state is State.READY and slot.backend is backend:
+            log.warning("model %s refused a connection; checking its health", slot.model.id)
+            slot.state = State.LOADING
+            slot.load_started = time.monotonic()
+            slot.load_time_unknown = True
+            self._notify()
+            self._spawn(self._wait_healthy(slot, slot.invocation_id))
 
     async def _explain(self, slot: Slot, err: BackendError) -> LlamadError:
         """A backend that broke mid-request: once systemd says why (within a second), tell
@@ -340,7 +363,7 @@ class Supervisor:
         slot.backend = be.Backend(address)
         slot.load_started = time.monotonic()
         slot.stopping_by_us = False
-        slot.adopted = False
+        slot.load_time_unknown = False
         self._notify()
         self._spawn(self._start(slot, spec, decision.evict))
 
@@ -394,7 +417,7 @@ class Supervisor:
                 if slot.state is State.LOADING and slot.backend is backend:
                     slot.state = State.READY
                     took = time.monotonic() - slot.load_started
-                    if not slot.adopted:  # an adopted unit loaded before we looked
+                    if not slot.load_time_unknown:
                         slot.load_seconds = took
                     log.info("model %s ready after %.2fs", slot.model.id, took)
                     self._notify()
@@ -497,7 +520,7 @@ class Supervisor:
                             describe_exit(slot.last_exit))
                 slot.state = State.STARTING
                 slot.load_started = time.monotonic()
-                slot.adopted = False
+                slot.load_time_unknown = False
                 self._drop_backend(slot)
                 slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
                 self._notify()
@@ -581,7 +604,7 @@ class Supervisor:
         slot.n_restarts = status.n_restarts
         slot.last_used = time.monotonic()
         slot.load_started = time.monotonic()
-        slot.adopted = True
+        slot.load_time_unknown = True
         if status.active_state == "active":
             slot.state = State.LOADING
             self._spawn(self._wait_healthy(slot, status.invocation_id))

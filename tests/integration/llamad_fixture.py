@@ -46,11 +46,14 @@ class Llamad:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cursor = ""
 
+    def journal_cursor(self) -> str:
+        shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
+        return shown.split("cursor: ")[-1].strip()
+
     def start(self) -> None:
         if not self.cursor:
             # Unit names repeat across tests in the one box: count from here on.
-            shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
-            self.cursor = shown.split("cursor: ")[-1].strip()
+            self.cursor = self.journal_cursor()
         out = self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
                       "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
                       "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
