@@ -7,6 +7,7 @@ import json
 import random
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import rig
 
 PYTHON = Path(sys.prefix) / "bin" / "python"
 _names = itertools.count(1)
+Factory = Callable[..., "Llamad"]  # the llamad_factory fixture (conftest.py)
 
 
 def free_port() -> int:
@@ -29,7 +31,7 @@ class Llamad:
     """One llamad; started with systemd-run in the box, so it is a real Type=notify service."""
 
     def __init__(self, box: rig.Box, assets: rig.Assets, models: list[str],
-                 **settings: Any) -> None:
+                 preset: str = "", **settings: Any) -> None:
         self.box = box
         self.n = next(_names)
         self.port = free_port()
@@ -40,7 +42,12 @@ class Llamad:
         conf = {"models-dir": str(self.models_dir), "llama-server": str(assets.llama_server),
                 "args": "-c 4096 -np 4", "llama-cache": "no",
                 "tcp-port-base": random.randrange(20000, 30000, 100),
+                # Each llamad learns and caches on its own.
+                "state-dir": str(self.dir / "state"),
                 "restart-sec": 0.5, **settings}
+        if preset:
+            (self.dir / "presets.ini").write_text(preset)
+            conf["models-preset"] = str(self.dir / "presets.ini")
         self.config = self.dir / "llamad.conf"
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self.url = f"http://127.0.0.1:{self.port}"

@@ -6,33 +6,25 @@ import asyncio
 import json
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 import rig
-from llamad_fixture import PYTHON, Llamad, chat, free_port, models, state, wait_http, wait_state
+from llamad_fixture import (
+    PYTHON,
+    Factory,
+    Llamad,
+    chat,
+    free_port,
+    models,
+    state,
+    wait_http,
+    wait_state,
+)
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import ggufgen
-
-Factory = Callable[..., Llamad]
-
-
-@pytest.fixture
-def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
-    made: list[Llamad] = []
-
-    def make(names: list[str], **settings: object) -> Llamad:
-        d = Llamad(box, assets, names, **settings)
-        made.append(d)
-        d.start()
-        wait_http(d.url)
-        return d
-    yield make
-    for d in made:
-        d.cleanup()
 
 
 def _main_pid(d: Llamad, model: str) -> int:

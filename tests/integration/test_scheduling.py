@@ -11,40 +11,14 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 import rig
-from llamad_fixture import Llamad, chat, models, state, stream, wait_http, wait_state
+from llamad_fixture import Factory, Llamad, chat, models, state, stream, wait_http, wait_state
 
 MIB = 1024 * 1024
-Factory = Callable[..., Llamad]
 
-
-@pytest.fixture
-def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
-    made: list[Llamad] = []
-
-    def make(names: list[str], preset: str = "", **settings: Any) -> Llamad:
-        d = Llamad(box, assets, names, **settings)
-        # A free port, not the fixture's fixed sequence: other test runs share the network.
-        d.port = free_port()
-        d.url = f"http://127.0.0.1:{d.port}"
-        extra = f"state-dir = {d.dir / 'state'}\n"
-        if preset:
-            path = d.dir / "presets.ini"
-            path.write_text(preset)
-            extra += f"models-preset = {path}\n"
-        d.config.write_text(d.config.read_text() + extra)
-        made.append(d)
-        d.start()
-        wait_http(d.url)
-        return d
-    yield make
-    for d in made:
-        d.cleanup()
 
 
 def names(tag: str, *roles: str) -> tuple[str, ...]:

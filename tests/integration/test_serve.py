@@ -5,30 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 import rig
-from llamad_fixture import Llamad, chat, models, state, stream, wait_http, wait_state
-
-Factory = Callable[..., Llamad]
-
-
-@pytest.fixture
-def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
-    made: list[Llamad] = []
-
-    def make(names: list[str], **settings: object) -> Llamad:
-        d = Llamad(box, assets, names, **settings)
-        made.append(d)
-        d.start()
-        wait_http(d.url)
-        return d
-    yield make
-    for d in made:
-        d.cleanup()
+from llamad_fixture import Factory, chat, models, state, stream, wait_state
 
 
 async def test_chat_stream_and_listing(llamad_factory: Factory) -> None:

@@ -1,0 +1,26 @@
+"""The integration tests' way to run llamad: `llamad_factory(models, preset=, **config)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import rig
+from llamad_fixture import Factory, Llamad, wait_http
+
+
+@pytest.fixture
+def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
+    """Start llamads in the box; every one is stopped, with its model units, afterwards."""
+    made: list[Llamad] = []
+
+    def make(names: list[str], preset: str = "", **settings: Any) -> Llamad:
+        d = Llamad(box, assets, names, preset, **settings)
+        made.append(d)
+        d.start()
+        wait_http(d.url)
+        return d
+    yield make
+    for d in made:
+        d.cleanup()
