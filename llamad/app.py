@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import proxy
+from llamad import proxy, report, sampling
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -112,7 +112,7 @@ class Daemon:
             assert sup is not None
             sup.expire()
             self.notifier.watchdog()
-            self.notifier.status(sup.status_line())
+            self.notifier.status(report.status_line(sup))
             await sample(sup)  # after the ping: D-Bus calls may be slow
             idle_for = time.monotonic() - self.last_request
             busy = any(s.in_flight or s.queued for s in sup.slots.values())
@@ -125,7 +125,7 @@ class Daemon:
 async def sample(sup: Supervisor) -> None:
     """Measure the models' memory; a failure is logged and the next tick tries again."""
     try:
-        await sup.sample()
+        await sampling.sample(sup)
     except Exception:  # never let a measurement bug stop the watchdog pings
         log.exception("measuring the models' memory failed")
 
@@ -170,8 +170,8 @@ async def serve(config: Config, listen: str | None = None) -> None:
             await web.SockSite(runner, sock).start()
         assert daemon.sup is not None
         log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
-                 daemon.sup.status_line())
-        notifier.ready(daemon.sup.status_line())
+                 report.status_line(daemon.sup))
+        notifier.ready(report.status_line(daemon.sup))
         await daemon.stop.wait()
     finally:
         notifier.stopping()

@@ -11,10 +11,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from llamad import report
 from llamad.backend import Backend
 from llamad.errors import BackendError, BackendUnreachable, BadRequest, LlamadError
 from llamad.scheduler import State
-from llamad.supervisor import Slot, Supervisor
+from llamad.slot import Slot
+from llamad.supervisor import Supervisor
 
 log = logging.getLogger("llamad.proxy")
 
@@ -164,7 +166,7 @@ def model_entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "id": m.id, "object": "model", "owned_by": "llamad", "created": m.created,
         "aliases": list(m.aliases), "tags": [], "source": m.source, "status": status,
         "architecture": {"input_modalities": modalities, "output_modalities": ["text"]},
-        "llamad": sup.describe(slot),
+        "llamad": report.describe(sup, slot),
     }
 
 
@@ -223,7 +225,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_status(request: web.Request) -> web.Response:
-    return web.json_response(supervisor(request).status())
+    return web.json_response(report.status(supervisor(request)))
 
 
 async def handle_running(request: web.Request) -> web.Response:

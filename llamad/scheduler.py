@@ -160,6 +160,18 @@ def expired(models: Iterable[ModelView], now: float,
     return tuple(m.id for m in sorted(out, key=lambda m: (m.last_used, m.id)))
 
 
+def effective_ttl(keep_alive: float | None, model_ttl: float | None,
+                  idle_ttl: float) -> float | None:
+    """Idle seconds before unloading (None = never): a request's keep_alive, else the
+    model's preset ttl, else the global idle-ttl (0 = never); negative keeps forever."""
+    ttl = keep_alive if keep_alive is not None else model_ttl
+    if ttl is None:
+        ttl = idle_ttl or None
+    if ttl is not None and (ttl < 0 or math.isinf(ttl)):
+        return None
+    return ttl
+
+
 def ttl_left(model: ModelView, now: float, ttl: float | None) -> float | None:
     """Seconds until the idle TTL stops this model; None when no TTL applies now."""
     if ttl is None or ttl < 0 or model.state is not State.READY or model.busy or model.pinned:

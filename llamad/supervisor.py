@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from llamad import backend as be
-from llamad.catalog import Model, Snapshot
+from llamad import unitspec
+from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import (
     BackendError,
@@ -29,84 +27,25 @@ from llamad.errors import (
     NotFound,
     Unavailable,
 )
-from llamad.gpu import GpuInfo
-from llamad.measure import derived_limit, proc_memory
 from llamad.scheduler import (
     Drain,
     Load,
-    Memory,
     ModelView,
     Policy,
     Reject,
-    Resources,
     Serve,
     State,
     decide,
+    effective_ttl,
     expired,
 )
-from llamad.units import UnitError, UnitSpec, UnitStatus
+from llamad.slot import Measure, Slot, Units
+from llamad.units import UnitSpec, UnitStatus
 
 log = logging.getLogger("llamad.supervisor")
 
 HEALTH_INTERVAL = 0.1
 HEALTH_FIRST_INTERVAL = 0.005
-
-
-class Units(Protocol):
-    """What the supervisor needs of units.UnitManager (a fake can stand in for tests)."""
-
-    async def start(self, spec: UnitSpec) -> None: ...
-    async def stop(self, name: str) -> None: ...
-    async def reset_failed(self, name: str) -> None: ...
-    async def status(self, name: str) -> UnitStatus: ...
-    async def list_ours(self) -> list[UnitStatus]: ...
-
-
-class Measure(Protocol):
-    """What the supervisor needs of measure.Measure."""
-
-    def resources(self, config: Config) -> Resources: ...
-    def need(self, model: Model) -> Memory: ...
-    def estimate(self, model: Model) -> Memory: ...
-    def vram_by_unit(self) -> dict[str, int]: ...
-    def gpu_list(self) -> tuple[GpuInfo, ...]: ...
-    def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool: ...
-    def learn(self, model: Model, ram: int, vram: int | None,
-              load_seconds: float | None) -> None: ...
-
-
-@dataclass
-class Slot:
-    """Mutable runtime state of one model; owned by the Supervisor alone."""
-
-    model: Model
-    state: State = State.UNLOADED
-    in_flight: int = 0
-    queued: int = 0
-    last_used: float = 0.0
-    backend: be.Backend | None = None
-    invocation_id: str = ""
-    main_pid: int = 0
-    n_restarts: int = 0
-    reason: str = ""
-    served: int = 0
-    load_started: float = 0.0
-    load_seconds: float | None = None
-    keep_alive: float | None = None  # per-request override of the TTL, seconds
-    gpus: tuple[int, ...] = ()
-    last_exit: dict[str, Any] = field(default_factory=dict)
-    stopping_by_us: bool = False
-    checking: bool = False  # a failure is being confirmed with systemd
-    # Adopted from an earlier llamad, or re-checked after a refused connection: the
-    # next "ready" ends no load that we timed.
-    load_time_unknown: bool = False
-    used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
-    peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
-    sampled_pid: int = 0
-
-    @property
-    def unit(self) -> str:
-        return self.model.unit
 
 
 class Supervisor:
@@ -159,51 +98,6 @@ class Supervisor:
 
     def loaded(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.state is not State.UNLOADED]
-
-    def status_line(self) -> str:
-        ready = [s.model.id for s in self.slots.values() if s.state is State.READY]
-        names = ", ".join(ready[:5]) + (", ..." if len(ready) > 5 else "")
-        line = f"{len(self.slots)} models, {len(ready)} loaded"
-        return f"{line}: {names}" if ready else line
-
-    def describe(self, slot: Slot) -> dict[str, Any]:
-        """llamad's own fields for GET /models and /status."""
-        now = time.monotonic()
-        ttl = self.ttl(slot)
-        idle = now - slot.last_used if slot.last_used else 0.0
-        need = self.measure.need(slot.model)
-        return {
-            "state": slot.state.value, "unit": slot.unit, "main_pid": slot.main_pid or None,
-            "invocation_id": slot.invocation_id or None, "in_flight": slot.in_flight,
-            "queued": slot.queued, "served": slot.served, "restarts": slot.n_restarts,
-            "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
-            "load_seconds": slot.load_seconds, "reason": slot.reason or None,
-            "ttl_left": None if ttl is None or slot.state is not State.READY
-            or slot.model.settings.pin else max(0.0, ttl - idle),
-            "pinned": slot.model.settings.pin, "gpus": list(slot.gpus),
-            "need": {"ram": need.ram, "vram": need.vram},
-            **self._memory_fields(slot),
-        }
-
-    def _memory_fields(self, slot: Slot) -> dict[str, Any]:
-        """Estimate beside measurement: bytes; measured ones None until a sample."""
-        est = self.measure.estimate(slot.model)
-        running = slot.state is not State.UNLOADED and slot.sampled_pid == slot.main_pid != 0
-        return {
-            "estimate": {"ram": est.ram, "vram": est.vram},
-            "ram": slot.used.ram or None if running else None,
-            "vram": slot.used.vram if running and slot.peak.vram else None,
-            "peak": {"ram": slot.peak.ram or None, "vram": slot.peak.vram or None},
-        }
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "status": self.status_line(), "uptime": time.monotonic() - self.started,
-            "models": {s.model.id: self.describe(s) for s in self.loaded()},
-            "catalogued": len(self.slots),
-            "gpus": [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
-                      "free": g.free} for g in self.measure.gpu_list()],
-        }
 
     # -- change notification ------------------------------------------------
 
@@ -319,36 +213,11 @@ class Supervisor:
     # -- starting ------------------------------------------------------------
 
     def spec(self, slot: Slot, gpus: tuple[int, ...] = ()) -> tuple[UnitSpec, str]:
-        cfg, model = self.config, slot.model
-        instance = model.unit.removeprefix("llama-server@").removesuffix(".service")
-        if cfg.backend == "unix":
-            address = be.unix_address(cfg.run_dir, instance)
-        else:
-            address = be.tcp_address(self._port_for(model.id))
-        argv = (str(cfg.llama_server), *model.settings.args, *be.listen_args(address))
-        env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
-               f"LLAMAD_ARGS={args_digest(argv)}"]
-        if gpus:
-            env.append("CUDA_VISIBLE_DEVICES=" + ",".join(map(str, gpus)))
-        s = model.settings
-        spec = UnitSpec(
-            name=model.unit, description=model.id, argv=argv, environment=tuple(env),
-            user=None if cfg.dynamic_user else cfg.unit_user, restart_sec=cfg.restart_sec,
-            start_limit_burst=cfg.start_limit_burst,
-            start_limit_interval=cfg.start_limit_interval,
-            stop_timeout=s.stop_timeout if s.stop_timeout is not None else cfg.stop_timeout,
-            memory_max=self._memory_max(slot), memory_high=parse_size(s.memory_high),
-            runtime_dir=be.runtime_dir(instance) if cfg.backend == "unix" else None,
-            devices=gpu_devices() if gpus else (), tcp=cfg.backend == "tcp")
+        """The unit a load would start now, and the address its backend listens on."""
+        address = unitspec.address(self.config, slot.model, self._port_for)
+        limit = unitspec.memory_max(self.config, slot.model, self.measure.need(slot.model))
+        spec = unitspec.build(self.config, slot.model, address, gpus, limit)
         return spec, address
-
-    def _memory_max(self, slot: Slot) -> int | None:
-        """The preset's memory-max, else one derived from the need if memory-limit asks."""
-        if slot.model.settings.memory_max:
-            return parse_size(slot.model.settings.memory_max)
-        if self.config.memory_limit == "estimate":
-            return derived_limit(self.measure.need(slot.model))
-        return None
 
     def _port_for(self, model_id: str) -> int:
         # Stable across restarts of llamad, so adopted units keep their port.
@@ -373,28 +242,11 @@ class Supervisor:
         while any(self.slots[v].state is State.STOPPING for v in evicted if v in self.slots):
             await self._wait_change(deadline, "evicted models to stop")
         try:
-            await self._start_unit(spec)
+            await self.units.start(spec)
         except Exception as e:
             self._fail(slot, f"systemd refused to start {spec.name}: {e}")
             return
         log.info("starting %s for model %s", spec.name, slot.model.id)
-
-    async def _start_unit(self, spec: UnitSpec) -> None:
-        await self.units.reset_failed(spec.name)
-        for _ in range(600):  # 30 s
-            try:
-                await self.units.start(spec)
-                return
-            except UnitError as e:
-                # A stopped unit stays loaded until systemd garbage-collects it, and
-                # a transient unit of that name can't be made before. Where cgroup
-                # empty notifications are late (cgroup v1, containers) that can take
-                # forever; a stop job on the dead unit makes systemd look again.
-                if "UnitExists" not in str(e):
-                    raise
-                await self.units.stop(spec.name)
-            await asyncio.sleep(0.05)
-        await self.units.start(spec)
 
     def _fail(self, slot: Slot, reason: str) -> None:
         log.warning("model %s failed: %s", slot.model.id, reason)
@@ -517,7 +369,7 @@ class Supervisor:
         elif active == "activating" and sub == "auto-restart":
             if slot.state in (State.READY, State.LOADING):
                 log.warning("model %s crashed (%s); systemd restarts it", slot.model.id,
-                            describe_exit(slot.last_exit))
+                            unitspec.describe_exit(slot.last_exit))
                 slot.state = State.STARTING
                 slot.load_started = time.monotonic()
                 slot.load_time_unknown = False
@@ -548,7 +400,7 @@ class Supervisor:
         rather than let Restart=on-failure load it into the same wall again."""
         if slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
-        self._fail(slot, describe_exit(slot.last_exit))
+        self._fail(slot, unitspec.describe_exit(slot.last_exit))
         self._spawn(self.units.stop(slot.unit))
 
     async def _record_failure(self, slot: Slot) -> None:
@@ -565,7 +417,7 @@ class Supervisor:
             "activating", "active", "reloading")
         if restarting or slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
-        exit_text = describe_exit(slot.last_exit)
+        exit_text = unitspec.describe_exit(slot.last_exit)
         slot.state = State.FAILED  # before the await, so the signal storm records once
         slot.reason = exit_text
         self._drop_backend(slot)
@@ -583,18 +435,13 @@ class Supervisor:
             model_id = status.env("LLAMAD_MODEL")
             slot = self.slots.get(model_id or "")
             adoptable = status.active_state in ("active", "activating", "reloading")
-            if slot is not None and adoptable and self._same_args(slot, status):
+            if slot is not None and adoptable and unitspec.matches(status, *self.spec(slot)):
                 self._adopt(slot, status)
             elif status.active_state not in ("inactive", "failed"):
                 log.info("stopping stale unit %s", status.name)
                 await self.units.stop(status.name)
             else:
                 await self.units.reset_failed(status.name)
-
-    def _same_args(self, slot: Slot, status: UnitStatus) -> bool:
-        spec, address = self.spec(slot)
-        return (status.env("LLAMAD_ARGS") == args_digest(spec.argv)
-                and status.env("LLAMAD_BACKEND") == address)
 
     def _adopt(self, slot: Slot, status: UnitStatus) -> None:
         log.info("adopting %s (invocation %s)", status.name, status.invocation_id)
@@ -617,41 +464,6 @@ class Supervisor:
             if slot.model.settings.load_on_startup and slot.state is State.UNLOADED:
                 await self.load(slot)
 
-    async def sample(self) -> None:
-        """Measure each running model; the daemon's tick calls this, never a request.
-
-        RAM is systemd's MemoryCurrent of the unit, or the main process's RSS where systemd
-        does not account memory (cgroup v1); VRAM is NVML's figure for the unit's processes.
-        """
-        vram = self.measure.vram_by_unit()
-        for slot in [s for s in self.loaded() if s.main_pid and s.state is not State.STOPPING]:
-            pid = slot.main_pid
-            ram, peak = await self._ram(slot.unit, pid)
-            if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):
-                continue  # it stopped or restarted meanwhile: the sample is not its own
-            if slot.sampled_pid != pid:
-                slot.sampled_pid, slot.peak = pid, Memory()
-            now = Memory(ram, vram.get(slot.unit, 0))
-            slot.peak = Memory(max(slot.peak.ram, peak), max(slot.peak.vram, now.vram))
-            # Only a ready model's figure stands in for its need: one taken mid-load is
-            # too low, and the scheduler would fit a second model beside it.
-            slot.used = now if slot.state is State.READY else Memory()
-            if slot.state is State.READY and self.measure.should_learn(
-                    slot.model, slot.peak.ram, slot.load_seconds):
-                self.measure.learn(slot.model, slot.peak.ram, slot.peak.vram,
-                                   slot.load_seconds)
-
-    async def _ram(self, unit: str, pid: int) -> tuple[int, int]:
-        """Bytes (now, peak) of one model's unit; zeros when nothing can be read."""
-        try:
-            current = (await self.units.status(unit)).memory_current
-        except UnitError:
-            current = None
-        if current is not None:
-            return current, current
-        proc = proc_memory(pid)
-        return (proc.rss, proc.peak) if proc is not None else (0, 0)
-
     def expire(self) -> None:
         """Stop models whose idle TTL ran out; called periodically."""
         now = time.monotonic()
@@ -661,14 +473,7 @@ class Supervisor:
 
     def ttl(self, slot: Slot) -> float | None:
         """Idle seconds before unloading; None = never."""
-        ttl = slot.keep_alive
-        if ttl is None:
-            ttl = slot.model.settings.ttl
-        if ttl is None:
-            ttl = self.config.idle_ttl or None
-        if ttl is not None and (ttl < 0 or math.isinf(ttl)):
-            return None
-        return ttl
+        return effective_ttl(slot.keep_alive, slot.model.settings.ttl, self.config.idle_ttl)
 
     def update_snapshot(self, snapshot: Snapshot) -> None:
         """Take a new catalog; models that vanished are stopped."""
@@ -692,40 +497,3 @@ class Supervisor:
             if slot.backend is not None:
                 await slot.backend.close()
 
-
-def args_digest(argv: tuple[str, ...]) -> str:
-    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
-
-
-def describe_exit(last: dict[str, Any]) -> str:
-    result = last.get("Result", "unknown")
-    code, status = last.get("ExecMainCode", 0), last.get("ExecMainStatus", 0)
-    if result == "oom-kill":
-        return "out of memory (killed by the kernel's OOM killer in its cgroup)"
-    if code == 1:
-        return f"systemd result {result!r}, exit status {status}"
-    if code in (2, 3):
-        return f"systemd result {result!r}, killed by signal {status}"
-    return f"systemd result {result!r}"
-
-
-_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_size(text: str | None) -> int | None:
-    """systemd-style sizes: '512M', '4G', '50%' (of RAM), plain bytes; 'infinity' is no limit."""
-    if not text or text.strip().lower() == "infinity":
-        return None
-    text = text.strip().upper().removesuffix("B")
-    if text.endswith("%"):
-        from llamad.gpu import mem_total
-        return int(mem_total() * float(text[:-1]) / 100)
-    if text and text[-1] in _SIZES:
-        return int(float(text[:-1]) * _SIZES[text[-1]])
-    return int(text)
-
-
-def gpu_devices() -> tuple[str, ...]:
-    from pathlib import Path
-    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
-    return tuple(nodes + sorted(str(p) for p in Path("/dev/dri").glob("*")))

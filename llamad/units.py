@@ -342,6 +342,24 @@ class UnitManager:
             log.exception("unit change handler failed for %s", name)
 
     async def start(self, spec: UnitSpec) -> None:
+        """Start the transient unit, clearing a failed or lingering one of that name."""
+        await self.reset_failed(spec.name)
+        for _ in range(600):  # 30 s
+            try:
+                await self._start(spec)
+                return
+            except UnitError as e:
+                # A stopped unit stays loaded until systemd garbage-collects it, and
+                # a transient unit of that name can't be made before. Where cgroup
+                # empty notifications are late (cgroup v1, containers) that can take
+                # forever; a stop job on the dead unit makes systemd look again.
+                if "UnitExists" not in str(e):
+                    raise
+                await self.stop(spec.name)
+            await asyncio.sleep(0.05)
+        await self._start(spec)
+
+    async def _start(self, spec: UnitSpec) -> None:
         await self._caller.call(MANAGER_PATH, MANAGER, b"StartTransientUnit", _start_args(spec))
 
     async def stop(self, name: str) -> None:

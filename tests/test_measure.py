@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from ggufgen import write_model
 
-from llamad import measure
+from llamad import measure, report, sampling
 from llamad.catalog import Model, scan
 from llamad.config import Config
 from llamad.errors import BackendError, Unavailable
@@ -138,24 +138,24 @@ async def running(sup: Supervisor, pid: int) -> Any:
 async def test_sample_falls_back_to_rss_and_learns(config: Config) -> None:
     sup = supervisor(config, FakeUnits(memory_current=None))
     slot = await running(sup, os.getpid())
-    await sup.sample()
+    await sampling.sample(sup)
     rss = proc_memory(os.getpid())
     assert rss is not None and slot.used.ram > MIB and slot.peak.ram >= slot.used.ram
-    fields = sup.describe(slot)
+    fields = report.describe(sup, slot)
     assert fields["ram"] == slot.used.ram and fields["vram"] is None
     assert fields["estimate"]["ram"] > 0 and fields["load_seconds"] == 0.5
     learned = sup.measure.learned_for(slot.model)  # type: ignore[attr-defined]
     assert learned.ram == slot.peak.ram and learned.load_seconds == 0.5
-    assert sup.status()["gpus"] == []
+    assert report.status(sup)["gpus"] == []
     await sup.close()
 
 
 async def test_sample_prefers_memory_current(config: Config) -> None:
     sup = supervisor(config, FakeUnits(memory_current=300 * MIB))
     slot = await running(sup, os.getpid())
-    await sup.sample()
+    await sampling.sample(sup)
     assert slot.used == Memory(300 * MIB, 0)
-    assert sup.describe(slot)["ram"] == 300 * MIB
+    assert report.describe(sup, slot)["ram"] == 300 * MIB
     await sup.close()
 
 

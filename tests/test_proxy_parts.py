@@ -15,7 +15,7 @@ from llamad.activation import bind
 from llamad.backend import listen_args, runtime_dir, unix_address
 from llamad.errors import BadRequest
 from llamad.proxy import parse_keep_alive
-from llamad.supervisor import describe_exit, parse_size
+from llamad.unitspec import describe_exit, parse_size
 
 
 def test_keep_alive(subtests: Any) -> None:

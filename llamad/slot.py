@@ -1,0 +1,70 @@
+"""One model's runtime state, and what its owner (the Supervisor) needs from outside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llamad import backend as be
+from llamad.catalog import Model
+from llamad.config import Config
+from llamad.gpu import GpuInfo
+from llamad.scheduler import Memory, Resources, State
+from llamad.units import UnitSpec, UnitStatus
+
+
+class Units(Protocol):
+    """What the supervisor needs of units.UnitManager (a fake can stand in for tests)."""
+
+    async def start(self, spec: UnitSpec) -> None: ...
+    async def stop(self, name: str) -> None: ...
+    async def reset_failed(self, name: str) -> None: ...
+    async def status(self, name: str) -> UnitStatus: ...
+    async def list_ours(self) -> list[UnitStatus]: ...
+
+
+class Measure(Protocol):
+    """What the supervisor needs of measure.Measure."""
+
+    def resources(self, config: Config) -> Resources: ...
+    def need(self, model: Model) -> Memory: ...
+    def estimate(self, model: Model) -> Memory: ...
+    def vram_by_unit(self) -> dict[str, int]: ...
+    def gpu_list(self) -> tuple[GpuInfo, ...]: ...
+    def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool: ...
+    def learn(self, model: Model, ram: int, vram: int | None,
+              load_seconds: float | None) -> None: ...
+
+
+@dataclass
+class Slot:
+    """Mutable runtime state of one model; owned by the Supervisor alone."""
+
+    model: Model
+    state: State = State.UNLOADED
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float = 0.0
+    backend: be.Backend | None = None
+    invocation_id: str = ""
+    main_pid: int = 0
+    n_restarts: int = 0
+    reason: str = ""
+    served: int = 0
+    load_started: float = 0.0
+    load_seconds: float | None = None
+    keep_alive: float | None = None  # per-request override of the TTL, seconds
+    gpus: tuple[int, ...] = ()
+    last_exit: dict[str, Any] = field(default_factory=dict)
+    stopping_by_us: bool = False
+    checking: bool = False  # a failure is being confirmed with systemd
+    # Adopted from an earlier llamad, or re-checked after a refused connection: the
+    # next "ready" ends no load that we timed.
+    load_time_unknown: bool = False
+    used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
+    peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
+    sampled_pid: int = 0
+
+    @property
+    def unit(self) -> str:
+        return self.model.unit

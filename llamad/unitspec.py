@@ -1,0 +1,97 @@
+"""What a model's llama-server@ unit looks like: command line, address, limits, and the
+environment by which a later llamad recognizes it. Pure functions of config and catalog."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamad import backend as be
+from llamad.catalog import Model
+from llamad.config import Config
+from llamad.measure import derived_limit
+from llamad.scheduler import Memory
+from llamad.units import UnitSpec, UnitStatus
+
+
+def instance(model: Model) -> str:
+    return model.unit.removeprefix("llama-server@").removesuffix(".service")
+
+
+def address(config: Config, model: Model, port_for: Callable[[str], int]) -> str:
+    if config.backend == "unix":
+        return be.unix_address(config.run_dir, instance(model))
+    return be.tcp_address(port_for(model.id))
+
+
+def memory_max(config: Config, model: Model, need: Memory) -> int | None:
+    """The preset's memory-max, else one derived from the need if memory-limit asks."""
+    if model.settings.memory_max:
+        return parse_size(model.settings.memory_max)
+    if config.memory_limit == "estimate":
+        return derived_limit(need)
+    return None
+
+
+def build(config: Config, model: Model, address: str, gpus: tuple[int, ...],
+          memory_max: int | None) -> UnitSpec:
+    argv = (str(config.llama_server), *model.settings.args, *be.listen_args(address))
+    env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
+           f"LLAMAD_ARGS={args_digest(argv)}"]
+    if gpus:
+        env.append("CUDA_VISIBLE_DEVICES=" + ",".join(map(str, gpus)))
+    s, unix = model.settings, config.backend == "unix"
+    return UnitSpec(
+        name=model.unit, description=model.id, argv=argv, environment=tuple(env),
+        user=None if config.dynamic_user else config.unit_user,
+        restart_sec=config.restart_sec, start_limit_burst=config.start_limit_burst,
+        start_limit_interval=config.start_limit_interval,
+        stop_timeout=s.stop_timeout if s.stop_timeout is not None else config.stop_timeout,
+        memory_max=memory_max, memory_high=parse_size(s.memory_high),
+        runtime_dir=be.runtime_dir(instance(model)) if unix else None,
+        devices=gpu_devices() if gpus else (), tcp=not unix)
+
+
+def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:
+    """Whether a running unit is the one llamad would start now: same argv and address."""
+    return (status.env("LLAMAD_ARGS") == args_digest(spec.argv)
+            and status.env("LLAMAD_BACKEND") == address)
+
+
+def args_digest(argv: tuple[str, ...]) -> str:
+    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
+
+
+def describe_exit(last: dict[str, Any]) -> str:
+    result = last.get("Result", "unknown")
+    code, status = last.get("ExecMainCode", 0), last.get("ExecMainStatus", 0)
+    if result == "oom-kill":
+        return "out of memory (killed by the kernel's OOM killer in its cgroup)"
+    if code == 1:
+        return f"systemd result {result!r}, exit status {status}"
+    if code in (2, 3):
+        return f"systemd result {result!r}, killed by signal {status}"
+    return f"systemd result {result!r}"
+
+
+_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str | None) -> int | None:
+    """systemd-style sizes: '512M', '4G', '50%' (of RAM), plain bytes; 'infinity' is no limit."""
+    if not text or text.strip().lower() == "infinity":
+        return None
+    text = text.strip().upper().removesuffix("B")
+    if text.endswith("%"):
+        from llamad.gpu import mem_total
+        return int(mem_total() * float(text[:-1]) / 100)
+    if text and text[-1] in _SIZES:
+        return int(float(text[:-1]) * _SIZES[text[-1]])
+    return int(text)
+
+
+def gpu_devices() -> tuple[str, ...]:
+    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    return tuple(nodes + sorted(str(p) for p in Path("/dev/dri").glob("*")))
