@@ -17,7 +17,14 @@ log = logging.getLogger("llamad.gguf")
 
 Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+
+
+KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
+                       "clip.has_vision_encoder", "clip.has_audio_encoder"))
+KEPT_ARCH_KEYS = ("context_length", "embedding_length", "block_count", "attention.head_count",
+                  "attention.head_count_kv", "attention.key_length", "attention.value_length",
+                  "attention.sliding_window")
 
 
 class GGUFError(Exception):
@@ -38,6 +45,7 @@ class GGUFInfo:
     size: int
     quantization: str | None
     modalities: tuple[str, ...]
+    sliding_window: int | None = None  # tokens; memory.py sizes SWA layers' cache by it
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,12 @@ def read_header(path: Path) -> FileHeader:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except Exception as e:  # the gguf package raises many types for bad input
         raise GGUFError(f"is not a GGUF file or is truncated ({e})") from e
-    fields = {k: v for k, f in reader.fields.items() if (v := _scalar(gguf, f)) is not None}
+    arch = _scalar(gguf, reader.fields["general.architecture"]) \
+        if "general.architecture" in reader.fields else None
+    # Only the keys llamad reads: thousands of cached headers stay small.
+    wanted = KEPT_KEYS | {f"{arch}.{key}" for key in KEPT_ARCH_KEYS}
+    fields = {k: v for k, f in reader.fields.items()
+              if k in wanted and (v := _scalar(gguf, f)) is not None}
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
     if end > size:
         raise GGUFError(f"is incomplete: its tensors need {end} bytes but it has {size}")
@@ -171,6 +184,7 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
+        sliding_window=_int(first, p + "attention.sliding_window"),
     )
 
 

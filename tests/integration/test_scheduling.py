@@ -97,8 +97,9 @@ async def test_ram_budget_evicts_the_idle_model(llamad_factory: Factory) -> None
 async def test_what_cannot_fit_gets_503_with_figures_and_stops_nothing(
         llamad_factory: Factory) -> None:
     A, BIG = names("what-cannot", "a", "big")
-    # BIG asks for the trained 32k context: about 900 MiB, more than the whole budget.
-    d = llamad_factory([A, BIG], preset=f"[{BIG}]\nc = 32768\n", **BUDGET)
+    # BIG asks for the trained 32k context with a full-size sliding-window cache: about
+    # 900 MiB, more than the whole budget.
+    d = llamad_factory([A, BIG], preset=f"[{BIG}]\nc = 32768\nswa-full = true\n", **BUDGET)
     async with aiohttp.ClientSession() as s:
         code, _ = await chat(s, d.url, A)
         assert code == 200
