@@ -177,14 +177,12 @@ class Supervisor:
 
     def _step(self, slot: Slot, explicit: bool) -> be.Backend | None:
         """One decision and the state change it implies; no awaits in here."""
-        if slot.state is State.READY and slot.backend is not None:
-            # decide() serves a ready model whatever else holds: skip measuring
-            # memory and building views on the hot path.
-            slot.in_flight += 1
-            slot.last_used = time.monotonic()
-            return slot.backend
-        decision = decide(slot.model.id, self.views(slot), self.measure.resources(self.config),
-                          self.policy, explicit=explicit)
+        # decide() serves a ready model whatever else holds: skip measuring memory and
+        # building views on the hot path.
+        ready = slot.state is State.READY and slot.backend is not None
+        decision = Serve(slot.model.id) if ready else decide(
+            slot.model.id, self.views(slot), self.measure.resources(self.config), self.policy,
+            explicit=explicit)
         if isinstance(decision, Serve) and slot.backend is not None:
             slot.in_flight += 1
             slot.last_used = time.monotonic()
