@@ -194,7 +194,7 @@ class Supervisor:
                 self._begin_stop(self.slots[victim], "evicted")
             self._begin_start(slot, decision)
         if isinstance(decision, Drain):
-            log.info("%s waits for %s to finish before it can load", slot.model.id,
+            log.debug("%s waits for %s to finish before it can load", slot.model.id,
                      ", ".join(decision.wait_for))
         return None
 
