@@ -94,6 +94,9 @@ class Load:
     model: str
     evict: tuple[str, ...] = ()
     gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES for the unit; () = CPU only
+    # The evicted make room by count only: memory fits while they still run, so the
+    # start need not wait for them to exit.
+    overlap: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ def _plan_load(target: ModelView, models: Mapping[str, ModelView], res: Resource
     if chosen is not None:
         gpus = _place(target, others, res, frozenset(chosen))
         assert gpus is not None  # _fewest only returns sets that place
-        return Load(target.id, chosen, gpus)
+        overlap = bool(chosen) and _place(target, others, res, frozenset()) == gpus
+        return Load(target.id, chosen, gpus, overlap)
     later = _leaving(others, idle)
     chosen = _fewest(target, others, res, idle + later)
     if chosen is not None:

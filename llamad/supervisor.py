@@ -232,7 +232,7 @@ class Supervisor:
         slot.stopping_by_us = False
         slot.load_time_unknown = False
         self._notify()
-        self._spawn(self._start(slot, spec, decision.evict))
+        self._spawn(self._start(slot, spec, () if decision.overlap else decision.evict))
 
     async def _start(self, slot: Slot, spec: UnitSpec, evicted: tuple[str, ...]) -> None:
         # Memory is only free once the evicted processes are gone.
