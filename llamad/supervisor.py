@@ -142,7 +142,7 @@ class Supervisor:
             slot.load_started = time.monotonic()
             slot.load_time_unknown = True
             self._notify()
-            self._spawn(self._wait_healthy(slot, slot.invocation_id))
+            self._spawn(self._wait_healthy(slot))
 
     async def _explain(self, slot: Slot, err: BackendError) -> LlamadError:
         """A backend that broke mid-request: once systemd says why (within a second), tell
@@ -258,7 +258,7 @@ class Supervisor:
             self._spawn(slot.backend.close())
             slot.backend = None
 
-    async def _wait_healthy(self, slot: Slot, invocation: str) -> None:
+    async def _wait_healthy(self, slot: Slot) -> None:
         deadline = slot.load_started + self.config.load_timeout
         backend = slot.backend
         interval = HEALTH_FIRST_INTERVAL
@@ -363,7 +363,7 @@ class Supervisor:
         elif active == "active" and slot.state is State.STARTING:
             slot.state = State.LOADING
             self._notify()
-            self._spawn(self._wait_healthy(slot, slot.invocation_id))
+            self._spawn(self._wait_healthy(slot))
         elif active == "activating" and sub == "auto-restart":
             if slot.state in (State.READY, State.LOADING):
                 log.warning("model %s crashed (%s); systemd restarts it", slot.model.id,
@@ -416,14 +416,11 @@ class Supervisor:
         if restarting or slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
         exit_text = unitspec.describe_exit(slot.last_exit)
-        slot.state = State.FAILED  # before the await, so the signal storm records once
-        slot.reason = exit_text
-        self._drop_backend(slot)
-        self._notify()
+        self._fail(slot, exit_text)  # before the await, so the signal storm records once
         tail = await self.journal(slot.unit)
-        slot.reason = f"{exit_text}; last log lines: {tail}" if tail else exit_text
-        log.warning("model %s failed: %s", slot.model.id, slot.reason)
-        self._notify()
+        if tail and slot.reason == exit_text:  # not retried or replaced meanwhile
+            slot.reason = f"{exit_text}; last log lines: {tail}"
+            self._notify()
 
     # -- background ----------------------------------------------------------
 
@@ -452,7 +449,7 @@ class Supervisor:
         slot.load_time_unknown = True
         if status.active_state == "active":
             slot.state = State.LOADING
-            self._spawn(self._wait_healthy(slot, status.invocation_id))
+            self._spawn(self._wait_healthy(slot))
         else:
             slot.state = State.STARTING
         self._notify()
@@ -478,10 +475,11 @@ class Supervisor:
         self.snapshot = snapshot
         for mid, slot in list(self.slots.items()):
             model = snapshot.models.get(mid)
-            if model is None:
+            if model is None and slot.state is State.UNLOADED:
+                del self.slots[mid]
+            elif model is None:
+                # _on_gone forgets the slot once its unit has stopped.
                 self._begin_stop(slot, "removed from the catalog")
-                if slot.state is State.UNLOADED or slot.state is State.FAILED:
-                    del self.slots[mid]
             else:
                 slot.model = model
         for mid, model in snapshot.models.items():
