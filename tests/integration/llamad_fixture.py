@@ -111,9 +111,10 @@ async def chat(session: aiohttp.ClientSession, url: str, model: str, text: str =
         return r.status, json.loads(await r.read())
 
 
-async def stream(session: aiohttp.ClientSession, url: str, model: str,
-                 max_tokens: int = 64) -> list[dict[str, Any]]:
-    """Every SSE data event of a streamed chat completion, [DONE] as {'done': True}."""
+async def stream(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int = 64,
+                 on_event: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Every SSE data event of a streamed chat completion, [DONE] as {'done': True};
+    `on_event(n)` is called after the n-th event arrives."""
     body = {"model": model, "messages": [{"role": "user", "content": "Tell a long story."}],
             "max_tokens": max_tokens, "stream": True,
             # llama-server's own option: generate exactly max_tokens, for predictable timing.
@@ -126,6 +127,8 @@ async def stream(session: aiohttp.ClientSession, url: str, model: str,
             if line.startswith(b"data: "):
                 data = line[6:].strip()
                 events.append({"done": True} if data == b"[DONE]" else json.loads(data))
+                if on_event is not None:
+                    on_event(len(events))
     return events
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import sys
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +18,7 @@ from llamad_fixture import (
     free_port,
     models,
     state,
+    stream,
     wait_http,
     wait_state,
 )
@@ -30,20 +30,6 @@ import ggufgen
 def _main_pid(d: Llamad, model: str) -> int:
     return int(d.show(f"llama-server@{model}.service", "MainPID") or 0)
 
-
-async def _stream_events(s: aiohttp.ClientSession, url: str, model: str,
-                         on_chunk: Callable[[int], None]) -> list[dict[str, object]]:
-    body = {"model": model, "messages": [{"role": "user", "content": "Go on."}],
-            "max_tokens": 2000, "stream": True, "ignore_eos": True}
-    events: list[dict[str, object]] = []
-    async with s.post(url + "/v1/chat/completions", json=body) as r:
-        assert r.status == 200
-        async for line in r.content:
-            if line.startswith(b"data: "):
-                data = line[6:].strip()
-                events.append({"done": True} if data == b"[DONE]" else json.loads(data))
-                on_chunk(len(events))
-    return events
 
 
 async def test_backend_killed_mid_stream(llamad_factory: Factory) -> None:
@@ -57,7 +43,7 @@ async def test_backend_killed_mid_stream(llamad_factory: Factory) -> None:
             d.box.run(["kill", "-9", str(pid)])
 
     async with aiohttp.ClientSession() as s:
-        events = await _stream_events(s, d.url, "gemma-a", kill_once)
+        events = await stream(s, d.url, "gemma-a", max_tokens=2000, on_event=kill_once)
         # The client learns of the failure in the stream itself, then the stream ends.
         assert killed
         assert "error" in events[-1], events[-3:]

@@ -221,3 +221,25 @@ async def test_hot_added_model_is_served_and_removal_unlists_it(llamad_factory: 
                      not in d.model_units(), timeout=30)
         status, body = await chat(s, d.url, "gemma-new")
     assert status == 404
+
+
+async def test_api_keys_guard_everything_but_health(llamad_factory: Factory,
+                                                    box: rig.Box) -> None:
+    keys = box.workdir / "api-keys"
+    keys.write_text("# one key per line\nsecret-1\n")
+    d = llamad_factory(["gemma-a"], **{"api-keys-file": str(keys)})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(d.url + "/health") as r:
+            assert r.status == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret-1"}):
+            async with s.get(d.url + "/v1/models", headers=headers) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "invalid_api_key"
+        status, _ = await chat(s, d.url, "gemma-a")
+        assert status == 401
+        assert d.model_units() == {}
+        async with s.get(d.url + "/v1/models",
+                         headers={"Authorization": "Bearer secret-1"}) as r:
+            assert r.status == 200
+        async with s.get(d.url + "/v1/models", headers={"x-api-key": "secret-1"}) as r:
+            assert r.status == 200
