@@ -51,8 +51,8 @@ class Daemon:
         self.config = config
         self.notifier = notifier
         # Headers survive restarts: a socket-activated start need not re-read them.
+        # The first scan is the watcher's (in _supervise), in a worker thread.
         self.catalog = Catalog(config, cache=InfoCache(config.state_dir / "gguf-info.json"))
-        self.catalog.rescan()
         self.stop = asyncio.Event()
         self.last_request = time.monotonic()
         self.sup: Supervisor | None = None
