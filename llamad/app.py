@@ -20,9 +20,10 @@ from llamad.catalog import Catalog
 from llamad.config import Config, load_config
 from llamad.gguf_info import InfoCache
 from llamad.log import die
-from llamad.measure import Measure, memory_max_props
+from llamad.measure import Measure
 from llamad.supervisor import Supervisor
 from llamad.units import UnitError, UnitManager
+from llamad.unitspec import memory_max_props
 from llamad.watcher import CatalogWatcher
 
 log = logging.getLogger("llamad")

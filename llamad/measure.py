@@ -21,9 +21,6 @@ GPU_CACHE_SECONDS = 0.5
 # A learned peak is written again only when a later sample beats it by this much,
 # so a slowly growing RSS does not rewrite the state file on every tick.
 RELEARN_GROWTH = 1.05
-# memory-limit = estimate: MemoryMax is the RAM estimate times this, plus LIMIT_SLACK.
-LIMIT_FACTOR = 1.5
-LIMIT_SLACK = 256 * MIB
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,6 @@ def proc_memory(pid: int, proc: Path = gpu.PROC) -> ProcMemory | None:
     if "VmRSS" not in found:
         return None  # a kernel thread or a zombie
     return ProcMemory(found["VmRSS"], found.get("VmHWM", found["VmRSS"]))
-
-
-def derived_limit(need: Memory) -> int:
-    """MemoryMax for memory-limit = estimate: generous, since the estimate is no promise,
-    but enough to stop a runaway model from taking the whole machine. (Without a GPU the
-    estimate already puts everything in `ram`.)"""
-    return int(need.ram * LIMIT_FACTOR) + LIMIT_SLACK
 
 
 class Measure:
@@ -129,22 +119,3 @@ class Measure:
         self.learned.record(model.id, model.settings.args, ram=ram, vram=vram,
                             load_seconds=load_seconds)
         self._needs.pop((model.id, model.settings.args), None)
-
-
-UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
-_UNITS = {"K": 1024, "M": MIB, "G": 1024 * MIB, "T": 1024**4, "P": 1024**5, "E": 1024**6}
-
-
-def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
-    """D-Bus properties for a systemd MemoryMax= value ('16G', '75%', 'infinity', bytes),
-    as `systemctl set-property` sends them; config.py has checked the syntax."""
-    text = text.strip()
-    if text == "infinity":
-        return [("MemoryMax", b"t", UINT64_MAX)]
-    if text.endswith("%"):
-        # systemd's scale: a fraction of the machine's memory in units of 1/UINT32_MAX.
-        return [("MemoryMaxScale", b"u", int(float(text[:-1]) * UINT32_MAX / 100))]
-    factor = _UNITS.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in _UNITS else text
-    return [("MemoryMax", b"t", int(float(number) * factor))]

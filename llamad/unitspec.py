@@ -11,7 +11,6 @@ from typing import Any
 from llamad import backend as be
 from llamad.catalog import Model
 from llamad.config import Config
-from llamad.measure import derived_limit
 from llamad.scheduler import Memory
 from llamad.units import UnitSpec, UnitStatus
 
@@ -24,6 +23,35 @@ def address(config: Config, model: Model, port_for: Callable[[str], int]) -> str
     if config.backend == "unix":
         return be.unix_address(config.run_dir, instance(model))
     return be.tcp_address(port_for(model.id))
+
+
+MIB = 1024 * 1024
+# memory-limit = estimate: MemoryMax is the RAM estimate times this, plus LIMIT_SLACK.
+LIMIT_FACTOR = 1.5
+LIMIT_SLACK = 256 * MIB
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def derived_limit(need: Memory) -> int:
+    """MemoryMax for memory-limit = estimate: generous, since the estimate is no promise,
+    but enough to stop a runaway model from taking the whole machine. (Without a GPU the
+    estimate already puts everything in `ram`.)"""
+    return int(need.ram * LIMIT_FACTOR) + LIMIT_SLACK
+
+
+def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
+    """D-Bus properties for a systemd MemoryMax= value ('16G', '75%', 'infinity', bytes),
+    as `systemctl set-property` sends them; config.py has checked the syntax."""
+    text = text.strip()
+    if text == "infinity":
+        return [("MemoryMax", b"t", UINT64_MAX)]
+    if text.endswith("%"):
+        # systemd's scale: a fraction of the machine's memory in units of 1/UINT32_MAX.
+        return [("MemoryMaxScale", b"u", int(float(text[:-1]) * UINT32_MAX / 100))]
+    size = parse_size(text)
+    assert size is not None
+    return [("MemoryMax", b"t", size)]
 
 
 def memory_max(config: Config, model: Model, need: Memory) -> int | None:
@@ -76,7 +104,7 @@ def describe_exit(last: dict[str, Any]) -> str:
     return f"systemd result {result!r}"
 
 
-_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5, "E": 1024**6}
 
 
 def parse_size(text: str | None) -> int | None:

@@ -14,15 +14,16 @@ from typing import Any
 import pytest
 from ggufgen import write_model
 
-from llamad import measure, report, sampling
+from llamad import report, sampling
 from llamad.catalog import Model, scan
 from llamad.config import Config
 from llamad.errors import BackendError, Unavailable
 from llamad.gpu import GpuMonitor
-from llamad.measure import Measure, derived_limit, memory_max_props, proc_memory
+from llamad.measure import Measure, proc_memory
 from llamad.scheduler import Memory, State
 from llamad.supervisor import Supervisor
 from llamad.units import UnitSpec, UnitStatus
+from llamad.unitspec import LIMIT_SLACK, derived_limit, memory_max_props
 
 MIB = 1024**2
 
@@ -49,7 +50,7 @@ def test_memory_max_props() -> None:
 
 
 def test_derived_limit() -> None:
-    assert derived_limit(Memory(400 * MIB, 0)) == 600 * MIB + measure.LIMIT_SLACK
+    assert derived_limit(Memory(400 * MIB, 0)) == 600 * MIB + LIMIT_SLACK
 
 
 @pytest.fixture
