@@ -27,6 +27,7 @@ from llamad.errors import (
     NotFound,
     Unavailable,
 )
+from llamad.events import TRANSITIONS, Cause, Change, Hub
 from llamad.scheduler import (
     Drain,
     Load,
@@ -59,6 +60,7 @@ class Supervisor:
         self.policy = Policy(config.eviction_policy)
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
         self._changed = asyncio.Event()
+        self.events = Hub()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
 
@@ -105,6 +107,21 @@ class Supervisor:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def move(self, slot: Slot, new: State, cause: Cause, detail: str = "") -> None:
+        """The one place a model's state changes: checked against the transition table,
+        logged, waiters woken and listeners told."""
+        old = slot.state
+        if new is old:
+            return
+        if new not in TRANSITIONS[old]:
+            log.error("illegal state change of model %s: %s -> %s (%s)", slot.model.id,
+                      old.value, new.value, cause.value)
+        log.debug("model %s: %s -> %s (%s%s)", slot.model.id, old.value, new.value,
+                  cause.value, f": {detail}" if detail else "")
+        slot.state = new
+        self._notify()
+        self.events.emit(Change(slot.model.id, old, new, cause, detail, time.time()))
+
     async def _wait_change(self, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -138,10 +155,9 @@ class Supervisor:
         yet. Stop serving it until /health answers again (or systemd's signals move on)."""
         if slot.state is State.READY and slot.backend is backend:
             log.warning("model %s refused a connection; checking its health", slot.model.id)
-            slot.state = State.LOADING
             slot.load_started = time.monotonic()
             slot.load_time_unknown = True
-            self._notify()
+            self.move(slot, State.LOADING, Cause.SUSPECT)
             self._spawn(self._wait_healthy(slot))
 
     async def _explain(self, slot: Slot, err: BackendError) -> LlamadError:
@@ -190,8 +206,9 @@ class Supervisor:
         if isinstance(decision, Reject):
             raise Unavailable(decision.message, retry_after=10)
         if isinstance(decision, Load):
+            cause = Cause.EVICT_COUNT if decision.overlap else Cause.EVICT_MEMORY
             for victim in decision.evict:
-                self._begin_stop(self.slots[victim], "evicted")
+                self._begin_stop(self.slots[victim], cause, f"to load {slot.model.id}")
             self._begin_start(slot, decision)
         if isinstance(decision, Drain):
             log.debug("%s waits for %s to finish before it can load", slot.model.id,
@@ -205,7 +222,7 @@ class Supervisor:
         if keep_alive is not None:
             slot.keep_alive = keep_alive
         if keep_alive == 0 and slot.in_flight == 0 and slot.queued == 0:
-            self._begin_stop(slot, "keep_alive 0")
+            self._begin_stop(slot, Cause.KEEP_ALIVE)
         self._notify()
 
     # -- starting ------------------------------------------------------------
@@ -224,14 +241,13 @@ class Supervisor:
 
     def _begin_start(self, slot: Slot, decision: Load) -> None:
         spec, address = self.spec(slot, decision.gpus)
-        slot.state = State.STARTING
         slot.reason = ""
         slot.gpus = decision.gpus
         slot.backend = be.Backend(address)
         slot.load_started = time.monotonic()
         slot.stopping_by_us = False
         slot.load_time_unknown = False
-        self._notify()
+        self.move(slot, State.STARTING, Cause.LOAD)
         self._spawn(self._start(slot, spec, () if decision.overlap else decision.evict))
 
     async def _start(self, slot: Slot, spec: UnitSpec, evicted: tuple[str, ...]) -> None:
@@ -248,10 +264,9 @@ class Supervisor:
 
     def _fail(self, slot: Slot, reason: str) -> None:
         log.warning("model %s failed: %s", slot.model.id, reason)
-        slot.state = State.FAILED
         slot.reason = reason
         self._drop_backend(slot)
-        self._notify()
+        self.move(slot, State.FAILED, Cause.FAILED, reason)
 
     def _drop_backend(self, slot: Slot) -> None:
         if slot.backend is not None:
@@ -265,12 +280,11 @@ class Supervisor:
         while slot.state is State.LOADING and slot.backend is backend and backend is not None:
             if await backend.healthy():
                 if slot.state is State.LOADING and slot.backend is backend:
-                    slot.state = State.READY
                     took = time.monotonic() - slot.load_started
                     if not slot.load_time_unknown:
                         slot.load_seconds = took
                     log.info("model %s ready after %.2fs", slot.model.id, took)
-                    self._notify()
+                    self.move(slot, State.READY, Cause.HEALTHY)
                 return
             if time.monotonic() > deadline:
                 self._fail(slot, f"not ready within load-timeout ({self.config.load_timeout:g}s)")
@@ -282,15 +296,15 @@ class Supervisor:
 
     # -- stopping ------------------------------------------------------------
 
-    def _begin_stop(self, slot: Slot, why: str) -> None:
+    def _begin_stop(self, slot: Slot, cause: Cause, detail: str = "") -> None:
         if slot.state in (State.UNLOADED, State.STOPPING):
             return
-        log.info("stopping model %s (%s)", slot.model.id, why)
-        slot.state = State.STOPPING
+        log.info("stopping model %s (%s%s)", slot.model.id, cause.value,
+                 f" {detail}" if detail else "")
         slot.stopping_by_us = True
         slot.keep_alive = None
         self._drop_backend(slot)
-        self._notify()
+        self.move(slot, State.STOPPING, cause, detail)
         self._spawn(self._stop(slot))
 
     async def _stop(self, slot: Slot) -> None:
@@ -307,18 +321,17 @@ class Supervisor:
         while slot.in_flight > 0:
             await self._wait_change(deadline, f"requests on {slot.model.id} to finish")
         if slot.state is State.FAILED:
-            slot.state = State.UNLOADED
             slot.reason = ""
+            self.move(slot, State.UNLOADED, Cause.RESET)
             await self.units.reset_failed(slot.unit)
-            self._notify()
             return
-        self._begin_stop(slot, "unload requested")
+        self._begin_stop(slot, Cause.UNLOAD)
 
     async def load(self, slot: Slot) -> None:
         """An explicit load: returns once the unit is starting (like router mode)."""
         if slot.state is State.FAILED:
-            slot.state = State.UNLOADED
             slot.reason = ""
+            self.move(slot, State.UNLOADED, Cause.RESET)
         if slot.state is State.UNLOADED:
             backend = self._step(slot, explicit=True)
             assert backend is None
@@ -361,19 +374,18 @@ class Supervisor:
                 slot.last_exit.get("Result") == "oom-kill"):
             self._on_oom(slot)
         elif active == "active" and slot.state is State.STARTING:
-            slot.state = State.LOADING
-            self._notify()
+            self.move(slot, State.LOADING, Cause.ACTIVE)
             self._spawn(self._wait_healthy(slot))
         elif active == "activating" and sub == "auto-restart":
             if slot.state in (State.READY, State.LOADING):
                 log.warning("model %s crashed (%s); systemd restarts it", slot.model.id,
                             unitspec.describe_exit(slot.last_exit))
-                slot.state = State.STARTING
                 slot.load_started = time.monotonic()
                 slot.load_time_unknown = False
                 self._drop_backend(slot)
                 slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
-                self._notify()
+                self.move(slot, State.STARTING, Cause.CRASH,
+                          unitspec.describe_exit(slot.last_exit))
         elif active in ("inactive", "failed") and job == 0:
             self._on_gone(slot, active)
 
@@ -382,11 +394,10 @@ class Supervisor:
         if slot.stopping_by_us or slot.state is State.STOPPING or (
                 clean and slot.state is not State.FAILED):
             if slot.state is not State.UNLOADED:
-                slot.state = State.UNLOADED
                 slot.main_pid = 0
                 slot.gpus = ()
                 self._drop_backend(slot)
-                self._notify()
+                self.move(slot, State.UNLOADED, Cause.STOPPED)
             if slot.model.id not in self.snapshot.models:
                 # Its file went away while it was loaded: now it is stopped, forget it.
                 self.slots.pop(slot.model.id, None)
@@ -448,11 +459,10 @@ class Supervisor:
         slot.load_started = time.monotonic()
         slot.load_time_unknown = True
         if status.active_state == "active":
-            slot.state = State.LOADING
+            self.move(slot, State.LOADING, Cause.ADOPTED)
             self._spawn(self._wait_healthy(slot))
         else:
-            slot.state = State.STARTING
-        self._notify()
+            self.move(slot, State.STARTING, Cause.ADOPTED)
 
     async def preload(self) -> None:
         for slot in self.slots.values():
@@ -464,7 +474,7 @@ class Supervisor:
         now = time.monotonic()
         ttls = {s.model.id: self.ttl(s) for s in self.loaded()}
         for mid in expired(self.views().values(), now, ttls):
-            self._begin_stop(self.slots[mid], "idle TTL")
+            self._begin_stop(self.slots[mid], Cause.TTL)
 
     def ttl(self, slot: Slot) -> float | None:
         """Idle seconds before unloading; None = never."""
@@ -479,7 +489,7 @@ class Supervisor:
                 del self.slots[mid]
             elif model is None:
                 # _on_gone forgets the slot once its unit has stopped.
-                self._begin_stop(slot, "removed from the catalog")
+                self._begin_stop(slot, Cause.REMOVED)
             else:
                 slot.model = model
         for mid, model in snapshot.models.items():
