@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import proxy, report, sampling
+from llamad import api, middleware, proxy, report, sampling
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -59,13 +59,14 @@ class Daemon:
         self.sup: Supervisor | None = None
 
     def app(self) -> web.Application:
-        middlewares = [self._activity, proxy.error_middleware]
+        middlewares = [self._activity, middleware.error_middleware]
         keys = load_api_keys(self.config)
         if keys:
-            middlewares.insert(1, proxy.key_middleware(keys))
+            middlewares.insert(1, middleware.key_middleware(keys))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
         proxy.add_routes(app)
+        api.add_routes(app)
         app.cleanup_ctx.append(self._supervise)
         return app
 
@@ -86,7 +87,7 @@ class Daemon:
         sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
                          journal_tail)
         self.sup = sup
-        app[proxy.SUPERVISOR] = sup
+        app[api.SUPERVISOR] = sup
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         await watcher.start()

@@ -62,6 +62,7 @@ class Box:
     def __init__(self) -> None:
         # Also the machine name, which allows no underscores.
         self.root = Path("/var/tmp") / f"{BOX_PREFIX}{uuid.uuid4().hex[:12]}"
+        _booted.add(self.root.name)
         self.root.mkdir(mode=0o700)
         RIG_ROOT.mkdir(mode=0o755, exist_ok=True)
         # Shared with the box at the same path through a bind mount, so files the
@@ -235,22 +236,41 @@ class Assets:
         return path
 
 
+# Boxes this process booted: other test runs (other developers, CI jobs) may share the
+# machine, and their boxes are not ours to report.
+_booted: set[str] = set()
+
+
 def leftovers() -> list[str]:
-    """Containers, mounts and llama-server processes a run left behind."""
+    """Containers, mounts and llama-server processes this process left behind."""
     found = []
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mounts.splitlines()
-              if f"/{BOX_PREFIX}" in line.split()[4]]
-    found += [f"cgroup {p}" for h in CGROUP_HIERARCHIES if h.is_dir()
-              for p in h.glob(BOX_PREFIX + "*")]
+              if any(f"/{name}" in line.split()[4] for name in _booted)]
+    found += [f"cgroup {h / name}" for h in CGROUP_HIERARCHIES for name in _booted
+              if (h / name).is_dir()]
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             comm = (proc / "comm").read_text().strip()
-            if comm in ("systemd-nspawn", "llama-server"):
+            if comm in ("systemd-nspawn", "llama-server") and _ours(proc):
                 found.append(f"process {proc.name} ({comm})")
     return found
+
+
+def _ours(proc: Path) -> bool:
+    """In one of our boxes' cgroups, or a descendant of this process."""
+    cgroup = (proc / "cgroup").read_text()
+    if any(name in cgroup for name in _booted):
+        return True
+    pid = int(proc.name)
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ import pytest
 
 from llamad.activation import bind
 from llamad.backend import listen_args, runtime_dir, unix_address
+from llamad.body import parse_keep_alive
 from llamad.errors import BadRequest
-from llamad.proxy import parse_keep_alive
 from llamad.unitspec import describe_exit, parse_size
 
 
@@ -74,7 +74,7 @@ def test_systemd_sockets_from_listen_fds() -> None:
 
 
 def test_hop_by_hop_and_credentials_are_not_forwarded() -> None:
-    from llamad.proxy import _forward_headers
+    from llamad.forward import _forward_headers
     sent = {"Connection": "keep-alive", "Transfer-Encoding": "chunked", "Host": "x",
             "Authorization": "Bearer k", "Content-Length": "3", "Accept": "text/event-stream",
             "X-Request-Id": "7"}

@@ -1,0 +1,59 @@
+"""Sending one request to a model's llama-server and streaming its answer back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from llamad.backend import Backend
+from llamad.errors import BackendError, BackendUnreachable
+
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+))
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+async def forward(request: web.Request, backend: Backend, body: bytes) -> web.StreamResponse:
+    url = backend.base_url + request.path_qs
+    try:
+        async with backend.session().request(
+                request.method, url, data=body or None,
+                headers=_forward_headers(request.headers)) as up:
+            if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await _stream(request, up)
+            data = await up.read()
+            return web.Response(status=up.status, body=data, headers=_forward_headers(up.headers))
+    except aiohttp.ClientConnectorError as e:
+        raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
+                                 "systemd restarts it, retry shortly") from e
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        raise BackendError(f"the model's backend failed before answering ({_why(e)}); "
+                           "systemd restarts it, retry shortly") from e
+
+
+async def _stream(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    resp = web.StreamResponse(status=up.status, headers=_forward_headers(up.headers))
+    resp.headers["X-Accel-Buffering"] = "no"
+    resp.headers["Cache-Control"] = "no-cache"
+    await resp.prepare(request)
+    try:
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)
+    except (TimeoutError, aiohttp.ClientError) as e:
+        # Headers are gone already: tell the client in the stream, never truncate silently.
+        err = BackendError(f"the model's backend failed mid-stream ({_why(e)})")
+        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__

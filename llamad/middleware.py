@@ -1,0 +1,50 @@
+"""Middlewares: OpenAI-shaped errors, API keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from llamad.errors import LlamadError
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except LlamadError as e:
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
+        err = LlamadError(_http_message(e), status=e.status,
+                          code=code.get(e.status, "http_error"))
+        err.type = "invalid_request_error"
+        return web.json_response(err.body(), status=e.status)
+
+
+def _http_message(e: web.HTTPException) -> str:
+    if e.status == 413:
+        return "the request body is larger than max-body-mb allows"
+    if e.status == 404:
+        return "no such endpoint on llamad"
+    return e.reason
+
+
+def key_middleware(keys: frozenset[str]) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/health":
+            auth = request.headers.get("Authorization", "")
+            key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key")
+            if key not in keys:
+                err = LlamadError("a valid API key is required (Authorization: Bearer KEY)",
+                                  status=401, code="invalid_api_key")
+                err.type = "authentication_error"
+                return web.json_response(err.body(), status=401)
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    return check
