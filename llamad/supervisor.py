@@ -46,6 +46,9 @@ from llamad.units import UnitSpec, UnitStatus
 log = logging.getLogger("llamad.supervisor")
 
 HEALTH_INTERVAL = 0.1
+STOP_WORDS = {Cause.EVICT_COUNT: "evicted", Cause.EVICT_MEMORY: "evicted", Cause.TTL: "idle TTL",
+              Cause.KEEP_ALIVE: "keep_alive 0", Cause.UNLOAD: "unload requested",
+              Cause.REMOVED: "removed from the catalog"}
 HEALTH_FIRST_INTERVAL = 0.005
 
 
@@ -299,8 +302,8 @@ class Supervisor:
     def _begin_stop(self, slot: Slot, cause: Cause, detail: str = "") -> None:
         if slot.state in (State.UNLOADED, State.STOPPING):
             return
-        log.info("stopping model %s (%s%s)", slot.model.id, cause.value,
-                 f" {detail}" if detail else "")
+        log.info("stopping model %s (%s)", slot.model.id,
+                 "; ".join(filter(None, (STOP_WORDS.get(cause, cause.value), detail))))
         slot.stopping_by_us = True
         slot.keep_alive = None
         self._drop_backend(slot)

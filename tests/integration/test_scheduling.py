@@ -90,7 +90,7 @@ async def test_ram_budget_evicts_the_idle_model(llamad_factory: Factory) -> None
             code, body = await chat(s, d.url, model)
             assert code == 200, body
             assert d.model_units() == {f"llama-server@{model}.service": "active"}
-    assert f"stopping model {A} (evicted)" in d.log()
+    assert f"stopping model {A} (evicted; to load {B})" in d.log()
     assert d.starts(A) == 2 and d.starts(B) == 1
 
 
