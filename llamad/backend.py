@@ -1,9 +1,11 @@
-"""Where a model's llama-server listens, and one HTTP client session to reach it."""
+"""Where a model's llama-server listens, and the HTTP client sessions that reach it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,39 +41,74 @@ def listen_args(address: str) -> tuple[str, ...]:
     return ("--host", host, "--port", port)
 
 
+# llama-server (cpp-httplib) closes a connection idle for 5 s. Reusing one at that moment
+# loses the request, so pooled connections are dropped well before.
+KEEPALIVE = 2.0
+HEALTH_TIMEOUT = 2.0
+
+
 @dataclass
 class Backend:
+    """One model process's address and the HTTP client sessions that reach it.
+
+    Requests hold a session through `client()`. `renew()` retires the pooled connections
+    (they may lead to a process that died) without cutting responses still in flight on
+    them; `close()` never cuts them either: a session closes when its last user leaves.
+    """
+
     address: str  # "unix:/run/llamad/x/llama.sock" or "tcp:127.0.0.1:39001"
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    _users: dict[aiohttp.ClientSession, int] = field(default_factory=dict, repr=False)
+    _closed: bool = field(default=False, repr=False)
 
     @property
     def base_url(self) -> str:
         kind, _, rest = self.address.partition(":")
         return "http://localhost" if kind == "unix" else f"http://{rest}"
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            kind, _, rest = self.address.partition(":")
-            connector: aiohttp.BaseConnector
-            if kind == "unix":
-                connector = aiohttp.UnixConnector(path=rest, limit=0)
-            else:
-                connector = aiohttp.TCPConnector(limit=0)
-            # No overall timeout: generations may stream for minutes.
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  auto_decompress=False)
-        return self._session
+    def _new_session(self) -> aiohttp.ClientSession:
+        kind, _, rest = self.address.partition(":")
+        connector: aiohttp.BaseConnector
+        if kind == "unix":
+            connector = aiohttp.UnixConnector(path=rest, limit=0, keepalive_timeout=KEEPALIVE)
+        else:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE)
+        # No overall timeout: generations may stream for minutes (forward watches silence).
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
-    async def healthy(self) -> bool:
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The current session, held until the response is done with."""
+        if self._session is None or self._session.closed:
+            self._session = self._new_session()
+        session = self._session
+        self._users[session] = self._users.get(session, 0) + 1
         try:
-            async with self.session().get(self.base_url + "/health",
-                                          timeout=aiohttp.ClientTimeout(total=2)) as r:
+            yield session
+        finally:
+            self._users[session] -= 1
+            if self._users[session] == 0:
+                del self._users[session]
+                if session is not self._session or self._closed:
+                    await session.close()
+
+    async def renew(self) -> None:
+        """Never reuse the pooled connections again: later requests connect afresh."""
+        old, self._session = self._session, None
+        if old is not None and old not in self._users:
+            await old.close()
+
+    async def healthy(self, timeout: float = HEALTH_TIMEOUT) -> bool:
+        """/health answers 200 within `timeout` seconds."""
+        try:
+            async with self.client() as session, session.get(
+                    self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the idle session now; one still in use closes after its last response."""
+        self._closed = True
+        await self.renew()

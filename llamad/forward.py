@@ -1,58 +1,149 @@
-"""Sending one request to a model's llama-server and streaming its answer back."""
+"""Sending one request to a model's llama-server and streaming its answer back.
+
+What a client gets when the backend fails depends on how far the answer got:
+- nothing came back (connection refused or reset, the backend hung up before the status
+  line, or it answered 503 while loading again): `BackendUnreachable`, and the caller may
+  send the request once more when the backend is back; the backend's pooled connections
+  are dropped, as they may lead to a dead process;
+- the backend went silent: after `idle_timeout` seconds without a byte its /health is
+  asked; one that answers is busy (a long prompt) and is waited for, one that does not is
+  wedged: 504 before the answer started, an SSE error event after, and `on_wedged` is told;
+- the answer broke after it started: an SSE error event in a stream, 502 otherwise.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from llamad.backend import Backend
-from llamad.errors import BackendError, BackendUnreachable
+from llamad.errors import BackendError, BackendTimeout, BackendUnreachable, LlamadError
+
+T = TypeVar("T")
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
 ))
+FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How one request watches its backend for silence."""
+
+    idle_timeout: float  # seconds without a byte before /health is asked; 0: wait forever
+    health_timeout: float  # how long /health may take before the backend counts as wedged
+    on_wedged: Callable[[str], Awaitable[None]]  # told why, once the client has its error
+
+
+class _Wedged(Exception):
+    """The backend sent nothing for idle_timeout and its /health did not answer either."""
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-async def forward(request: web.Request, backend: Backend, body: bytes) -> web.StreamResponse:
-    url = backend.base_url + request.path_qs
-    try:
-        async with backend.session().request(
-                request.method, url, data=body or None,
-                headers=_forward_headers(request.headers)) as up:
+async def forward(request: web.Request, backend: Backend, body: bytes,
+                  watch: Watch) -> web.StreamResponse:
+    async with backend.client() as session:
+        up = await _open(request, backend, session, body, watch)
+        try:
             if up.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await _stream(request, up)
-            data = await up.read()
-            return web.Response(status=up.status, body=data, headers=_forward_headers(up.headers))
-    except aiohttp.ClientConnectorError as e:
-        raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
+                return await _stream(request, backend, up, watch)
+            try:
+                data = await _patiently(backend, up.read(), watch)
+            except _Wedged as e:
+                raise await _timeout(watch, str(e)) from e
+            except FAILURES as e:
+                raise BackendError(f"the model's backend failed while answering ({_why(e)})"
+                                   ) from e
+            return web.Response(status=up.status, body=data,
+                                headers=_forward_headers(up.headers))
+        finally:
+            up.release()  # back to the pool only if the answer was read to its end
+
+
+async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientSession,
+                body: bytes, watch: Watch) -> aiohttp.ClientResponse:
+    """Send the request; the response once its status line and headers are in."""
+    async def send() -> aiohttp.ClientResponse:
+        return await session.request(request.method, backend.base_url + request.path_qs,
+                                     data=body or None,
+                                     headers=_forward_headers(request.headers))
+    try:
+        up = await _patiently(backend, send(), watch)
+    except _Wedged as e:
+        raise await _timeout(watch, str(e)) from e
+    except FAILURES as e:
+        await backend.renew()
+        raise BackendUnreachable(f"the model's backend failed before answering ({_why(e)}); "
                                  "systemd restarts it, retry shortly") from e
-    except (TimeoutError, aiohttp.ClientError, OSError) as e:
-        raise BackendError(f"the model's backend failed before answering ({_why(e)}); "
-                           "systemd restarts it, retry shortly") from e
+    if up.status == 503 and not await backend.healthy(watch.health_timeout):
+        # llama-server refuses everything with 503 while it loads: the model never saw it.
+        up.close()
+        raise BackendUnreachable("the model's backend is loading again; retry shortly")
+    return up
 
 
-async def _stream(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch) -> T:
+    """Await the backend's next bytes. Each time it stays silent for idle_timeout, ask its
+    /health: a backend busy with a long prompt answers and is waited for again."""
+    task = asyncio.ensure_future(step)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=watch.idle_timeout or None)
+            if done:
+                return task.result()
+            if not await backend.healthy(watch.health_timeout) and not task.done():
+                raise _Wedged(f"nothing for {watch.idle_timeout:g}s and /health did not "
+                              f"answer within {watch.health_timeout:g}s")
+    finally:
+        task.cancel()  # a no-op once done; otherwise the client left or the backend is wedged
+
+
+async def _timeout(watch: Watch, why: str) -> LlamadError:
+    await watch.on_wedged(why)
+    return BackendTimeout(f"the model's backend stopped answering ({why}); "
+                          "it is being restarted, retry shortly")
+
+
+async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResponse,
+                  watch: Watch) -> web.StreamResponse:
     resp = web.StreamResponse(status=up.status, headers=_forward_headers(up.headers))
     resp.headers["X-Accel-Buffering"] = "no"
     resp.headers["Cache-Control"] = "no-cache"
     await resp.prepare(request)
-    try:
-        async for chunk in up.content.iter_any():
-            await resp.write(chunk)
-    except (TimeoutError, aiohttp.ClientError) as e:
-        # Headers are gone already: tell the client in the stream, never truncate silently.
-        err = BackendError(f"the model's backend failed mid-stream ({_why(e)})")
-        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+    while True:
+        try:
+            chunk = await _patiently(backend, up.content.readany(), watch)
+        except _Wedged as e:
+            await _error_event(resp, BackendTimeout(f"the model's backend stopped answering "
+                                                    f"mid-stream ({e}); it is being restarted"))
+            await resp.write_eof()
+            await watch.on_wedged(str(e))
+            return resp
+        except FAILURES as e:
+            # Headers are gone already: tell the client in the stream, never truncate silently.
+            await _error_event(resp, BackendError(f"the model's backend failed mid-stream "
+                                                  f"({_why(e)})"))
+            break
+        if not chunk:
+            break
+        await resp.write(chunk)
     await resp.write_eof()
     return resp
+
+
+async def _error_event(resp: web.StreamResponse, err: LlamadError) -> None:
+    await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
 
 
 def _why(e: BaseException) -> str:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from aiohttp import web
 
 from llamad.api import supervisor
+from llamad.backend import Backend
 from llamad.body import parse_keep_alive, read_json
 from llamad.errors import BackendUnreachable
-from llamad.forward import forward
+from llamad.forward import Watch, forward
 from llamad.slot import Slot
+from llamad.supervisor import Supervisor
 
 log = logging.getLogger("llamad.proxy")
 
@@ -37,12 +40,18 @@ async def _proxied(request: web.Request, slot: Slot, body: bytes,
     sup = supervisor(request)
     try:
         async with sup.use(slot, keep_alive) as backend:
-            return await forward(request, backend, body)
+            return await forward(request, backend, body, _watch(sup, slot, backend))
     except BackendUnreachable:
-        # Nothing reached the model, so sending it again is safe: once systemd has
-        # restarted the backend (use() waits for that), try one more time.
+        # Nothing came back, so the model never answered: once systemd has restarted the
+        # backend (use() waits for that), send it one more time.
         async with sup.use(slot, keep_alive) as backend:
-            return await forward(request, backend, body)
+            return await forward(request, backend, body, _watch(sup, slot, backend))
+
+
+def _watch(sup: Supervisor, slot: Slot, backend: Backend) -> Watch:
+    """A backend found wedged is reported to the supervisor, which has its unit restarted."""
+    return Watch(sup.config.backend_idle_timeout, sup.config.health_timeout,
+                 functools.partial(sup.restart_wedged, slot, backend))
 
 
 async def handle_get_model(request: web.Request) -> web.StreamResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -41,7 +42,7 @@ from llamad.scheduler import (
     expired,
 )
 from llamad.slot import Measure, Slot, Units
-from llamad.units import UnitSpec, UnitStatus
+from llamad.units import UnitError, UnitSpec, UnitStatus
 
 log = logging.getLogger("llamad.supervisor")
 
@@ -154,14 +155,26 @@ class Supervisor:
             self.release(slot, keep_alive)
 
     def _suspect(self, slot: Slot, backend: be.Backend) -> None:
-        """The backend refused a connection: it likely died and systemd has not told us
+        """The backend gave no answer at all: it likely died and systemd has not told us
         yet. Stop serving it until /health answers again (or systemd's signals move on)."""
         if slot.state is State.READY and slot.backend is backend:
-            log.warning("model %s refused a connection; checking its health", slot.model.id)
+            log.warning("model %s gave no answer; checking its health", slot.model.id)
             slot.load_started = time.monotonic()
             slot.load_time_unknown = True
             self.move(slot, State.LOADING, Cause.SUSPECT)
             self._spawn(self._wait_healthy(slot))
+
+    async def restart_wedged(self, slot: Slot, backend: be.Backend, why: str) -> None:
+        """The backend went silent and deaf to /health (SIGSTOP, a GPU hang): kill it, and
+        systemd's Restart= starts it afresh; meanwhile nothing more is sent to it."""
+        if slot.state is not State.READY or slot.backend is not backend:
+            return  # another request reported it first, or it is being restarted already
+        log.warning("model %s stopped answering (%s); restarting it", slot.model.id, why)
+        self._suspect(slot, backend)
+        try:
+            await self.units.kill(slot.unit, signal.SIGKILL)
+        except UnitError as e:
+            log.warning("cannot kill %s: %s", slot.unit, e)
 
     async def _explain(self, slot: Slot, err: BackendError) -> LlamadError:
         """A backend that broke mid-request: once systemd says why (within a second), tell

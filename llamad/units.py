@@ -366,6 +366,11 @@ class UnitManager:
         await self._caller.call(MANAGER_PATH, MANAGER, b"StopUnit",
                                 apply_signature(b"ss", [name.encode(), b"replace"]))
 
+    async def kill(self, name: str, signal: int) -> None:
+        """Send `signal` to the unit's main process (a SIGKILL makes Restart= start it again)."""
+        await self._caller.call(MANAGER_PATH, MANAGER, b"KillUnit",
+                                apply_signature(b"ssi", [name.encode(), b"main", signal]))
+
     async def set_properties(self, name: str, props: Sequence[tuple[str, bytes, Any]]) -> None:
         """SetUnitProperties for this boot only (runtime), like `systemctl set-property
         --runtime`: llamad sets them again from its configuration on every start."""

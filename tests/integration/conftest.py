@@ -15,8 +15,11 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
     """Start llamads in the box; every one is stopped, with its model units, afterwards."""
     made: list[Llamad] = []
 
-    def make(names: list[str], preset: str = "", **settings: Any) -> Llamad:
+    def make(names: list[str], preset: str = "", unit: tuple[str, ...] = (),
+             **settings: Any) -> Llamad:
+        """`unit`: more systemd properties of llamad's own unit, such as Restart=."""
         d = Llamad(box, assets, names, preset, **settings)
+        d.unit_properties += unit
         made.append(d)
         d.start()
         wait_http(d.url)

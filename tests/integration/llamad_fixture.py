@@ -52,6 +52,8 @@ class Llamad:
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self.url = f"http://127.0.0.1:{self.port}"
         self.cursor = ""
+        # systemd properties of llamad's own unit; a test may add Restart= and the like.
+        self.unit_properties = ["Type=notify", "NotifyAccess=main", "WatchdogSec=10"]
 
     def journal_cursor(self) -> str:
         shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
@@ -61,8 +63,8 @@ class Llamad:
         if not self.cursor:
             # Unit names repeat across tests in the one box: count from here on.
             self.cursor = self.journal_cursor()
-        out = self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
-                      "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
+        props = [arg for prop in self.unit_properties for arg in ("-p", prop)]
+        out = self.box.run(["systemd-run", f"--unit={self.unit}", *props,
                       "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
                       "serve", "--config", str(self.config),
                       "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
