@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, Llamad, chat, models, stream
+from llamad_fixture import (
+    PYTHON,
+    Factory,
+    Llamad,
+    chat,
+    free_port,
+    models,
+    state,
+    stream,
+    wait_http,
+    wait_state,
+)
 
 UNIT_A = "llama-server@gemma-a.service"
+# llamad's own unit restarts it when it dies, as the shipped llamad.service does.
+RESTART = ("Restart=on-failure", "RestartSec=0.5", "LimitCORE=0")
 
 
 def main_pid(d: Llamad, unit: str = UNIT_A) -> int:
@@ -84,3 +100,185 @@ async def test_a_stopped_backend_gets_its_stream_an_error_and_is_restarted(
     finally:
         for pid, _, _ in stopped:  # gone once killed; never leave a stopped process behind
             d.box.run(["kill", "-CONT", str(pid)], check=False)
+
+
+def failed_units(d: Llamad) -> str:
+    return d.box.run(["systemctl", "list-units", "--failed", "--no-legend", "--plain",
+                      "llama-server@*", "llamad*"]).stdout.strip()
+
+
+async def stream_outcome(s: aiohttp.ClientSession, url: str, model: str,
+                         on_event: Callable[[int], None] | None = None) -> str:
+    """How a stream ended: 'done', 'error event', or the client's exception, within 60 s."""
+    try:
+        events = await asyncio.wait_for(stream(s, url, model, max_tokens=2000,
+                                               on_event=on_event), 60)
+    except (aiohttp.ClientError, ConnectionError) as e:
+        return type(e).__name__
+    return "done" if events[-1] == {"done": True} else "error event"
+
+
+async def test_llamad_killed_mid_stream(llamad_factory: Factory) -> None:
+    """kill -9 of llamad with a stream on each of two models: the clients get an error at
+    once (no hang); systemd restarts llamad, which adopts both running models."""
+    d = llamad_factory(["gemma-a", "gemma-b"], unit=RESTART, **{"models-max": 2})
+    async with aiohttp.ClientSession() as s:
+        for model in ("gemma-a", "gemma-b"):
+            assert (await chat(s, d.url, model))[0] == 200
+        before = {m: d.show(f"llama-server@{m}.service", "InvocationID")
+                  for m in ("gemma-a", "gemma-b")}
+        old_pid = main_pid(d, d.unit)
+        killed: list[float] = []
+
+        def kill_once(n: int) -> None:
+            if n == 3 and not killed:
+                d.box.run(["kill", "-9", str(old_pid)])
+                killed.append(time.monotonic())
+
+        outcomes = await asyncio.gather(stream_outcome(s, d.url, "gemma-a", kill_once),
+                                        stream_outcome(s, d.url, "gemma-b"))
+        assert killed and all(o not in ("done", "error event") for o in outcomes), outcomes
+        assert time.monotonic() - killed[0] < 10
+        rig.wait_for("systemd to restart llamad",
+                     lambda: main_pid(d, d.unit) not in (0, old_pid), timeout=30)
+        await asyncio.to_thread(wait_http, d.url)
+        for model in ("gemma-a", "gemma-b"):
+            await asyncio.to_thread(wait_state, d.url, model, "ready", 30)
+            assert (await chat(s, d.url, model))[0] == 200
+    for model, invocation in before.items():  # adopted, not restarted
+        assert d.show(f"llama-server@{model}.service", "InvocationID") == invocation
+        assert d.starts(model) == 1
+    assert d.model_units() == {f"llama-server@{m}.service": "active" for m in before}
+    assert not failed_units(d)
+
+
+SOCKET = """[Socket]
+ListenStream=127.0.0.1:{port}
+"""
+SERVICE = """[Service]
+Type=notify
+ExecStart={python} -m llamad serve --config {config}
+WatchdogSec=10
+Restart=on-failure
+RestartSec=0.5
+"""
+
+
+def test_restart_with_connections_queued_on_the_socket(box: rig.Box,
+                                                       assets: rig.Assets) -> None:
+    """Requests queued on llamad.socket while llamad cannot accept (stopped), then
+    `systemctl restart llamad`: every queued request is served, by the old or the new
+    llamad, and the new one adopts the running model."""
+    d = Llamad(box, assets, ["gemma-a"])
+    port = free_port()
+    unit_dir = Path(f"/proc/{box.pid}/root/etc/systemd/system")
+    (unit_dir / "llamad-fq.socket").write_text(SOCKET.format(port=port))
+    (unit_dir / "llamad-fq.service").write_text(SERVICE.format(python=PYTHON, config=d.config))
+    box.run("systemctl daemon-reload && systemctl start llamad-fq.socket")
+    url = f"http://127.0.0.1:{port}"
+    queued: list[asyncio.Future[tuple[int, dict[str, Any]]]] = []
+    try:
+        d.cursor = d.journal_cursor()
+        wait_http(url, timeout=60)
+        invocation, old_pid = "", main_pid(d, "llamad-fq.service")
+
+        async def run() -> list[tuple[int, dict[str, Any]]]:
+            nonlocal invocation
+            async with aiohttp.ClientSession() as s:
+                assert (await chat(s, url, "gemma-a"))[0] == 200
+                invocation = d.show(UNIT_A, "InvocationID")
+                box.run(["kill", "-STOP", str(old_pid)])
+                queued.extend(asyncio.ensure_future(chat(s, url, "gemma-a", f"Count to {i}"))
+                              for i in range(8))
+                # Connected (in the socket's queue), nothing accepted: llamad is stopped.
+                await asyncio.to_thread(rig.wait_for, "8 connections in the queue",
+                                        lambda: queue_length(box, port) >= 8, 30)
+                await asyncio.to_thread(box.run, ["systemctl", "restart", "llamad-fq.service"])
+                return await asyncio.gather(*queued)
+        results = asyncio.run(run())
+        assert [status for status, _ in results] == [200] * 8, results
+        assert main_pid(d, "llamad-fq.service") not in (0, old_pid)
+        assert d.show(UNIT_A, "InvocationID") == invocation
+        assert d.model_units() == {UNIT_A: "active"}
+        assert not failed_units(d)
+    finally:
+        box.run(["kill", "-CONT", str(old_pid)], check=False)
+        box.run("systemctl stop llamad-fq.socket llamad-fq.service", check=False)
+        box.run("systemctl stop 'llama-server@*'", check=False)
+
+
+def queue_length(box: rig.Box, port: int) -> int:
+    """Connections waiting in the accept queue of the listening socket on `port`."""
+    out = box.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.split()
+    return int(out[1]) if len(out) > 1 else 0
+
+
+async def test_watchdog_restarts_a_stalled_llamad(llamad_factory: Factory) -> None:
+    """llamad stopped (SIGSTOP) past WatchdogSec: systemd's watchdog kills it and
+    Restart= starts it again; the model keeps running and is adopted."""
+    d = llamad_factory(["gemma-a"], unit=(*RESTART, "WatchdogSec=3"))
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+        invocation, old_pid = d.show(UNIT_A, "InvocationID"), main_pid(d, d.unit)
+        d.box.run(["kill", "-STOP", str(old_pid)])
+        try:
+            rig.wait_for("the watchdog to restart llamad",
+                         lambda: main_pid(d, d.unit) not in (0, old_pid), timeout=60)
+        finally:
+            d.box.run(["kill", "-CONT", str(old_pid)], check=False)
+        await asyncio.to_thread(wait_http, d.url)
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready", 30)
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+    assert "Watchdog timeout" in d.box.journal("-u", d.unit, f"--after-cursor={d.cursor}")
+    assert d.show(UNIT_A, "InvocationID") == invocation
+    assert d.model_units() == {UNIT_A: "active"}
+    assert not failed_units(d)
+
+
+async def test_a_backend_loading_again_gets_nothing_forwarded(
+        llamad_factory: Factory) -> None:
+    """llama-server restarted behind llamad's back answers /health (and everything else)
+    503 while it loads: requests sent meanwhile are held until it is ready, and none is
+    answered with its 503."""
+    d = llamad_factory(["gemma-a"])
+    sock = "/run/llamad/gemma-a/llama.sock"
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+        invocation = d.show(UNIT_A, "InvocationID")
+        d.box.run(["systemctl", "restart", "--no-block", UNIT_A])
+        await asyncio.to_thread(rig.wait_for, "the new backend to answer 503", lambda: d.box.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", sock,
+             "http://localhost/health"], check=False).stdout == "503", 60, 0.01)
+        results = await asyncio.gather(*(chat(s, d.url, "gemma-a") for _ in range(4)))
+    assert [status for status, _ in results] == [200] * 4, results
+    assert d.show(UNIT_A, "InvocationID") != invocation
+    clean_log(d)
+
+
+async def test_a_start_limit_failed_model_recovers_on_an_explicit_load(
+        llamad_factory: Factory) -> None:
+    """A model killed until systemd's start limit fails it: requests get 503 with the
+    reason; an explicit load starts it again at once (no UnitExists) and it serves."""
+    d = llamad_factory(["gemma-a"], **{"start-limit-burst": 2})
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+        kills = 0
+        while state(d.url, "gemma-a") != "failed":
+            pid = main_pid(d)
+            if pid:
+                d.box.run(["kill", "-9", str(pid)], check=False)
+                kills += 1
+                rig.wait_for("the unit to restart or fail", lambda pid=pid: main_pid(d) != pid or
+                             state(d.url, "gemma-a") == "failed", timeout=60)
+            assert kills <= 3
+        reason = models(d.url)["gemma-a"]["llamad"]["reason"]
+        assert "start-limit-hit" in reason or "start limit" in reason, reason
+        status, body = await chat(s, d.url, "gemma-a")
+        assert status == 503 and "failed" in body["error"]["message"]
+        async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
+            assert r.status == 200, await r.text()
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready", 60)
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+    assert "UnitExists" not in d.log()
+    assert d.model_units() == {UNIT_A: "active"}
+    assert not failed_units(d)
