@@ -4,10 +4,9 @@ slow clients, keys, browsers, memory, local users."""
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import urllib.error
 import urllib.request
+from typing import Any
 
 import aiohttp
 import pytest
