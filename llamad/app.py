@@ -8,6 +8,7 @@ import inspect
 import logging
 import signal
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from llamad.watcher import CatalogWatcher
 log = logging.getLogger("llamad")
 
 TICK = 1.0
+STOP_GRACE = 2.0
 SLICE = "llama-server.slice"
 MIB = 1024 * 1024
 
@@ -57,6 +59,8 @@ class Daemon:
         self.stop = asyncio.Event()
         self.reloads: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
+        # Connections that have sent a request (their transports): see stop_accepting.
+        self.answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.sup: Supervisor | None = None
         # Fails closed: a key file that is set but unusable stops llamad here.
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
@@ -76,6 +80,8 @@ class Daemon:
     @web.middleware
     async def _activity(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.last_request = time.monotonic()
+        if request.transport is not None:
+            self.answered.add(request.transport)
         try:
             resp: web.StreamResponse = await handler(request)
             return resp
@@ -190,9 +196,25 @@ async def serve(config: Config, listen: str | None = None) -> None:
         await daemon.stop.wait()
     finally:
         notifier.stopping()
+        await stop_accepting(runner, daemon.answered)
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
+
+
+async def stop_accepting(runner: web.AppRunner,
+                         answered: weakref.WeakSet[asyncio.BaseTransport]) -> None:
+    """Stop accepting: connections still queued on the socket wait there for the next
+    llamad. Those accepted just before may not have been read yet; shutting down closes
+    a connection without a request as idle, which would lose theirs, so give them
+    STOP_GRACE seconds to be read."""
+    for site in list(runner.sites):
+        await site.stop()
+    deadline = time.monotonic() + STOP_GRACE
+    while runner.server is not None and time.monotonic() < deadline and any(
+            c.transport is not None and c.transport not in answered
+            for c in runner.server.connections):
+        await asyncio.sleep(0.02)
 
 
 def run(config_path: Path | None, listen: str | None) -> int:
