@@ -10,6 +10,7 @@ from aiohttp import web
 
 from llamad import report
 from llamad.body import read_json
+from llamad.errors import BadRequest
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -93,6 +94,19 @@ async def handle_unload(request: web.Request) -> web.Response:
                               "state": slot.state.value})
 
 
+async def handle_pin(request: web.Request) -> web.Response:
+    """`{"model": ..., "pinned": true|false}`: keep a model loaded (no eviction, no TTL)
+    until unpinned or llamad restarts."""
+    _, data = await read_json(request)
+    sup = supervisor(request)
+    slot = sup.resolve(data.get("model"))
+    pinned = data.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise BadRequest('"pinned" must be true or false', code="invalid_pinned")
+    sup.set_pin(slot, pinned)
+    return web.json_response({"success": True, "model": slot.model.id, "pinned": slot.pinned})
+
+
 async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -115,6 +129,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/models", handle_models)
     r.add_post("/models/load", handle_load)
     r.add_post("/models/unload", handle_unload)
+    r.add_post("/models/pin", handle_pin)
     r.add_get("/health", handle_health)
     r.add_get("/status", handle_status)
     r.add_get("/running", handle_running)

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import api, middleware, proxy, report, sampling
+from llamad import api, dashboard, middleware, proxy, report, sampling, webui
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -67,6 +67,8 @@ class Daemon:
                               middlewares=middlewares)
         proxy.add_routes(app)
         api.add_routes(app)
+        dashboard.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir)
         app.cleanup_ctx.append(self._supervise)
         return app
 
