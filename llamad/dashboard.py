@@ -23,7 +23,7 @@ from aiohttp import web
 from llamad import gpu, report
 from llamad.api import supervisor
 from llamad.events import Change
-from llamad.middleware import add_public
+from llamad.keys import admin_only, public
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -94,6 +94,7 @@ class Feed:
                                "removed": sorted(removed), "machine": machine(sup)})
 
 
+@admin_only  # every model, as /status shows them
 async def handle_events(request: web.Request) -> web.StreamResponse:
     sup = supervisor(request)
     feed = Feed(sup)
@@ -130,6 +131,5 @@ def _page(name: str) -> Any:
 
 def add_routes(app: web.Application) -> None:
     for route, name in PAGES.items():
-        app.router.add_get(route, _page(name))
-        add_public(app, route)  # the page holds no data; its event stream needs a key
+        app.router.add_get(route, public(_page(name)))  # no data in them
     app.router.add_get("/dashboard/events", handle_events)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from llamad.middleware import add_public
+from llamad.keys import public
 
 log = logging.getLogger("llamad.webui")
 
@@ -106,8 +106,7 @@ def missing_handler(message: str) -> Handler:
 
 
 def _add(app: web.Application, path: str, handler: Handler) -> None:
-    app.router.add_get(path, handler)
-    add_public(app, path)
+    app.router.add_get(path, public(handler))
 
 
 def add_routes(app: web.Application, ui_dir: Path | None) -> None:

@@ -12,7 +12,7 @@ import rig
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from llamad import middleware, webui
+from llamad import keys, middleware, webui
 
 BUILT = rig.WEB_UI
 JS = b"console.log('hi');\n" * 200
@@ -126,7 +126,10 @@ def test_built_ui_loads_nothing_from_the_internet() -> None:
 async def test_ui_files_need_no_api_key(tmp_path: Path) -> None:
     """Like llama-server: a browser cannot send a key for a page load; the API it then
     calls still needs one."""
-    app = web.Application(middlewares=[middleware.key_middleware(frozenset({"k"}))])
+    (tmp_path / "keys").write_text("k\n")
+    (tmp_path / "keys").chmod(0o600)
+    keyring = keys.Keyring(tmp_path / "keys")
+    app = web.Application(middlewares=[middleware.error_middleware, keys.middleware(keyring)])
     webui.add_routes(app, fake_build(tmp_path / "ui"))
     async def api(request: web.Request) -> web.Response:
         return web.json_response({})
