@@ -143,6 +143,11 @@ def _ram_shown(driver: Any, model: str) -> str:
     return text if measured and text.endswith("MiB") else ""
 
 
+def journal(driver: Any) -> str:
+    text: str = driver.find_element("css selector", "#journal-lines").text
+    return text
+
+
 def test_dashboard_load_pin_unload(llamad_factory: Factory, browser: Any) -> None:
     d = llamad_factory(["gemma-a", "gemma-b"], **SETTINGS)
     unit = "llama-server@gemma-b.service"
@@ -161,6 +166,9 @@ def test_dashboard_load_pin_unload(llamad_factory: Factory, browser: Any) -> Non
     until(browser, "the PID shown", lambda: f"PID {pid}" in row(browser, "gemma-b").text)
     assert "CPU" in row(browser, "gemma-b").find_element("css selector",
                                                           "[data-f=placement]").text
+    # The model's journal, streamed live from journald.
+    click(browser, "#models tr[data-model='gemma-b'] button[data-action=journal]", "Journal")
+    until(browser, "the journal of gemma-b's unit", lambda: f"Started {unit}" in journal(browser))
     click(browser, "#models tr[data-model='gemma-b'] button[data-action=pin]", "Pin")
     until(browser, "gemma-b pinned", lambda: models(d.url)["gemma-b"]["llamad"]["pinned"])
     until(browser, "the pin shown", lambda: row(browser, "gemma-b").find_element(
@@ -172,6 +180,7 @@ def test_dashboard_load_pin_unload(llamad_factory: Factory, browser: Any) -> Non
     until(browser, "gemma-b shown unloaded", lambda: row(browser, "gemma-b").get_attribute(
         "data-state") == "unloaded")
     rig.wait_for(f"{unit} gone", lambda: unit not in d.model_units())
+    until(browser, "the stop in the journal", lambda: f"Stopped {unit}" in journal(browser))
     until(browser, "the status line updated", lambda: "0 loaded" in browser.find_element(
         "css selector", "#status").text)
     assert browser.execute_script("return window.sameDocument") is True

@@ -66,8 +66,9 @@ async def test_feed_follows_every_state_change(llamad_factory: Factory) -> None:
                     seen.append(data["state"])
                 if kind == "figures":
                     measured.update({m["id"]: m for m in data["models"]})
-                if seen and seen[-1] == until and (until != "ready" or measured.get(
-                        "gemma-a", {}).get("ram")):
+                a = measured.get("gemma-a", {})
+                if seen and seen[-1] == until and (
+                        until != "ready" or (a.get("ram") and a["served"] == 1)):
                     return
 
         status, _ = await chat(s, d.url, "gemma-a")

@@ -160,8 +160,8 @@ def test_web_ui_and_dashboard(installed: str) -> None:
         assert "dashboard/dashboard.js" in r.read().decode()
     with urllib.request.urlopen(base + "/dashboard/events", timeout=30) as r:
         assert r.readline() == b"event: hello\n"
-        assert MODEL in json.loads(r.readline().decode().removeprefix("data: "))["models"][0][
-            "id"]
+        hello = json.loads(r.readline().decode().removeprefix("data: "))
+        assert [m["id"] for m in hello["models"]] == [MODEL]
 
 
 def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:
