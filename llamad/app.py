@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import api, middleware, proxy, report, sampling
+from llamad import api, logstream, middleware, proxy, report, sampling
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -67,6 +67,7 @@ class Daemon:
                               middlewares=middlewares)
         proxy.add_routes(app)
         api.add_routes(app)
+        logstream.add_routes(app)
         app.cleanup_ctx.append(self._supervise)
         return app
 

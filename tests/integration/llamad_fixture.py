@@ -85,7 +85,9 @@ class Llamad:
         out = self.box.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",
                             "llama-server@*"]).stdout
         rows = [line.split() for line in out.splitlines() if line.strip()]
-        return {row[0]: row[2] for row in rows if row[2] != "inactive"}
+        # A description with a newline in it (tests of hostile names) adds short rows.
+        return {row[0]: row[2] for row in rows
+                if len(row) > 2 and row[0].startswith("llama-server@") and row[2] != "inactive"}
 
     def starts(self, model: str) -> int:
         """How often systemd started this model's unit during this llamad's life."""
