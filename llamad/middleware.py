@@ -37,7 +37,7 @@ def _http_message(e: web.HTTPException) -> str:
 def key_middleware(keys: frozenset[str]) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/health":
+        if request.path not in ("/health", "/v1/health"):  # public, as in llama-server
             auth = request.headers.get("Authorization", "")
             key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key")
             if key not in keys:
