@@ -9,10 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import listing, report
+from llamad import keys, listing, report
 from llamad.body import read_json
 from llamad.catalog import Catalog
-from llamad.errors import LlamadError, NotFound
+from llamad.errors import LlamadError
 from llamad.feed import ModelFeed
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -33,6 +33,17 @@ def supervisor(request: web.Request) -> Supervisor:
     return sup
 
 
+def resolve(request: web.Request, name: object) -> Slot:
+    """The model a request names, as far as its API key may see it (keys.py)."""
+    slot = supervisor(request).resolve(name)
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    return slot
+
+
+def visible(request: web.Request, slots: Any) -> list[Slot]:
+    return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
+
+
 class NotSupported(LlamadError):
     status = 501
     type = "not_supported_error"
@@ -43,25 +54,23 @@ async def handle_models(request: web.Request) -> web.Response:
     if request.query.get("reload") and CATALOG in request.app:
         catalog: Catalog = request.app[CATALOG]
         await catalog.rescan_async()  # the new snapshot reaches the supervisor on publish
-    return web.Response(body=listing.listing(supervisor(request)),
+    sup = supervisor(request)
+    return web.Response(body=listing.listing(sup, visible(request, sup.slots.values())),
                         content_type="application/json")
 
 
 async def handle_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one entry (the OpenAI SDK's models.retrieve)."""
-    sup = supervisor(request)
-    model = sup.snapshot.resolve(request.match_info["id"])
-    if model is None or model.id not in sup.slots:
-        raise NotFound(f"model {request.match_info['id']!r} is not known to llamad; "
-                       "GET /v1/models lists them")
-    return web.json_response(listing.entry(sup, sup.slots[model.id]))
+    slot = resolve(request, request.match_info["id"])
+    return web.json_response(listing.entry(supervisor(request), slot))
 
 
 async def _model_from_body(request: web.Request) -> Slot:
     _, data = await read_json(request)
-    return supervisor(request).resolve(data.get("model"))
+    return resolve(request, data.get("model"))
 
 
+@keys.admin_only
 async def handle_load(request: web.Request) -> web.Response:
     slot = await _model_from_body(request)
     await supervisor(request).load(slot)
@@ -69,6 +78,7 @@ async def handle_load(request: web.Request) -> web.Response:
                               "state": slot.state.value})
 
 
+@keys.admin_only
 async def handle_unload(request: web.Request) -> web.Response:
     slot = await _model_from_body(request)
     await supervisor(request).unload(slot)
@@ -76,6 +86,7 @@ async def handle_unload(request: web.Request) -> web.Response:
                               "state": slot.state.value})
 
 
+@keys.admin_only
 async def handle_download(request: web.Request) -> web.Response:
     """POST and DELETE /models: router mode downloads and deletes cached models."""
     raise NotSupported("llamad does not download or delete models; put GGUF files in a "
@@ -131,6 +142,7 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@keys.admin_only
 async def handle_status(request: web.Request) -> web.Response:
     return web.json_response(report.status(supervisor(request)))
 
@@ -140,7 +152,7 @@ async def handle_running(request: web.Request) -> web.Response:
     sup = supervisor(request)
     return web.json_response({"running": [
         {"model": s.model.id, "state": s.state.value, "unit": s.unit,
-         "ttl": sup.ttl(s) or 0} for s in sup.loaded()]})
+         "ttl": sup.ttl(s) or 0} for s in visible(request, sup.loaded())]})
 
 
 def attach(app: web.Application, sup: Supervisor, catalog: Catalog) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamad import exits, hfcache, unitpaths
+from llamad import exits, hfcache, keys, unitpaths
 from llamad.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError, LlamadError
@@ -27,6 +27,8 @@ def check(config: Config) -> Presets:
     """Everything check-config verifies beyond parsing; raises ConfigError."""
     presets = load_presets(config.models_preset)
     parse_args(config.args, f"{config.path or 'configuration'}: args")
+    if config.api_keys_file is not None:
+        keys.load(config.api_keys_file)
     server = config.llama_server
     if not (server.is_file() and os.access(server, os.X_OK)):
         raise ConfigError(f"{config.path or 'configuration'}: llama-server = {str(server)!r} "

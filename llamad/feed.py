@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import listing
+from llamad import keys, listing
 from llamad.catalog import Snapshot
 from llamad.events import Cause, Change
 from llamad.measure import Measure
@@ -41,7 +41,8 @@ class ModelFeed:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
-        self.clients: set[asyncio.Queue[bytes | None]] = set()
+        # Each client's queue of (model, encoded record); None ends the feed.
+        self.clients: set[asyncio.Queue[tuple[str, bytes] | None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         sup.events.subscribe(self.on_change)
 
@@ -78,7 +79,7 @@ class ModelFeed:
                 self.clients.discard(queue)
                 queue.put_nowait(None)
             else:
-                queue.put_nowait(line)
+                queue.put_nowait((model, line))
 
     def progress(self, slot: Slot) -> dict[str, Any]:
         stages = list(listing.LOAD_STAGES[:2] if slot.model.mmproj else listing.LOAD_STAGES[:1])
@@ -109,22 +110,28 @@ class ModelFeed:
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self.clients.add(queue)
         try:
             while True:
                 try:
-                    line = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                    item = await asyncio.wait_for(queue.get(), KEEPALIVE)
                 except TimeoutError:
-                    line = b": keep-alive\n\n"
-                if line is None:
+                    item = ("*", b": keep-alive\n\n")
+                if item is None:
                     break
-                await resp.write(line)
+                if self._visible(request, item[0]):
+                    await resp.write(item[1])
         except (ConnectionError, RuntimeError):
             pass  # the client went away
         finally:
             self.clients.discard(queue)
         return resp
+
+    def _visible(self, request: web.Request, model: str) -> bool:
+        """A client with a scoped API key hears only of its own models."""
+        slot = self.sup.slots.get(model)
+        return slot is None or keys.may_use(request, model, slot.model.aliases)
 
     async def close(self) -> None:
         """End every feed, so a shutdown need not wait for the clients to leave."""

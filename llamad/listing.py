@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from llamad import memory, report
@@ -105,11 +106,10 @@ def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]
     return data
 
 
-def listing(sup: Supervisor) -> bytes:
-    """The encoded body of GET /v1/models: every model not hidden by the preset."""
+def listing(sup: Supervisor, slots: Iterable[Slot]) -> bytes:
+    """The encoded body of GET /v1/models: these models, less those the preset hides."""
     cache = _listed.setdefault(sup, {})
     if len(cache) > 2 * len(sup.slots):
         cache.clear()  # models removed from the catalog
-    parts = [_entry_json(sup, slot, cache) for slot in sup.slots.values()
-             if not slot.model.hidden]
+    parts = [_entry_json(sup, slot, cache) for slot in slots if not slot.model.hidden]
     return b'{"object": "list", "data": [' + b", ".join(parts) + b"]}"

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import streams
-from llamad.api import router_props, supervisor
+from llamad import keys, streams
+from llamad.api import resolve, router_props, supervisor
 from llamad.body import parse_keep_alive, read_json
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
 from llamad.forward import forward
@@ -55,10 +55,11 @@ def autoload(request: web.Request) -> bool:
 
 
 async def handle_post(request: web.Request) -> web.StreamResponse:
-    sup = supervisor(request)
     body, data = await read_json(request)
-    slot = sup.resolve(data.get("model"))
+    slot = resolve(request, data.get("model"))
     keep_alive = parse_keep_alive(data.get("keep_alive"))
+    if keep_alive is not None:
+        keys.require_admin(request, "keep_alive")
     streams.remember(request, slot)
     return await proxied(request, slot, body, keep_alive)
 
@@ -68,7 +69,7 @@ async def handle_form(request: web.Request) -> web.StreamResponse:
     if not request.content_type.startswith("multipart/form-data"):
         return await handle_post(request)
     body = await request.read()
-    return await proxied(request, supervisor(request).resolve(form_field(
+    return await proxied(request, resolve(request, form_field(
         request.headers.get("Content-Type", ""), body, "model")), body)
 
 
@@ -87,11 +88,10 @@ def form_field(content_type: str, body: bytes, name: str) -> str | None:
 
 
 async def handle_get(request: web.Request) -> web.StreamResponse:
-    sup = supervisor(request)
     name = request.query.get("model")
     if name is None and request.path == "/props":
         return await router_props(request)
-    return await proxied(request, sup.resolve(name), b"")
+    return await proxied(request, resolve(request, name), b"")
 
 
 async def proxied(request: web.Request, slot: Slot, body: bytes,

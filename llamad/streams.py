@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from llamad import keys
 from llamad.api import supervisor
 from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
 from llamad.forward import forward
@@ -62,6 +63,8 @@ def _owner(request: web.Request, conv: str) -> tuple[str | None, Slot | None]:
     """The conversation's model, and its slot if that model is ready to serve it."""
     model = request.app[CONVERSATIONS].owner(conv)
     slot = supervisor(request).slots.get(model) if model else None
+    if slot is not None and not keys.may_use(request, slot.model.id, slot.model.aliases):
+        return None, None  # a scoped key's other models look unknown
     return model, slot if slot is not None and slot.state is State.READY else None
 
 

@@ -42,14 +42,14 @@ def test_entry_has_router_fields_and_failed_shape(config: Config) -> None:
     assert status == {**status, "value": "unloaded", "failed": True, "exit_code": 1}
     slot.last_exit = {"ExecMainStatus": 134}
     assert listing.entry(sup, slot)["status"]["exit_code"] == 134
-    body = json.loads(listing.listing(sup))
+    body = json.loads(listing.listing(sup, sup.slots.values()))
     assert [m["id"] for m in body["data"]] == ["tiny"] and body["object"] == "list"
 
 
 async def test_feed_records_follow_state_changes(config: Config) -> None:
     sup = supervisor(config, FakeUnits())
     feed = ModelFeed(sup)
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
     feed.clients.add(queue)
     slot = sup.slots["tiny"]
     await sup.load(slot)
@@ -85,8 +85,9 @@ def test_expected_load_time_learned_else_guessed(config: Config) -> None:
     assert expected_load_seconds(sup, slot) == 2.0
 
 
-def drain(queue: asyncio.Queue[bytes | None]) -> list[bytes]:
+def drain(queue: asyncio.Queue[tuple[str, bytes] | None]) -> list[bytes]:
     out: list[Any] = []
     while not queue.empty():
-        out.append(queue.get_nowait())
+        item = queue.get_nowait()
+        out.append(item[1] if item else None)
     return out

@@ -4,11 +4,14 @@ slow clients, keys, browsers, memory, local users."""
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from typing import Any
 
 import aiohttp
+import pytest
 import rig
-from llamad_fixture import Factory, chat, models
+from llamad_fixture import PYTHON, Factory, Llamad, chat, models
 
 # A file name that, written raw into a transient unit file, adds a command systemd runs as
 # root when the unit stops after a daemon-reload. A file name holds no '/': `touch` is
@@ -68,3 +71,81 @@ async def test_control_characters_from_presets_stop_at_the_systemd_boundary(
     message = body["error"]["message"]
     assert "refuses to send ExecStart=" in message and "control characters" in message
     assert d.model_units() == {}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _get(url: str, key: str) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=_auth(key)),
+                                    timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_key_file_without_keys_stops_llamad_and_check_config(box: rig.Box,
+                                                             assets: rig.Assets,
+                                                             subtests: Any) -> None:
+    keys = box.workdir / "no-keys"
+    keys.write_text("# keys go here, one a line\n")
+    for path, why in [(keys, "holds no key"), (box.workdir / "absent", "cannot be read")]:
+        with subtests.test(why=why):
+            d = Llamad(box, assets, ["gemma-a"], **{"api-keys-file": str(path)})
+            try:
+                with pytest.raises(RuntimeError, match="llamad did not start"):
+                    d.start()
+                assert f"llamad: {path}: api-keys-file {why}" in d.log()
+            finally:
+                d.cleanup()
+            out = box.run([str(PYTHON), "-m", "llamad", "check-config", "--config",
+                           str(d.config)], check=False)
+            assert out.returncode == 1 and f"llamad: {path}: api-keys-file {why}" in out.stderr
+
+
+async def test_key_scopes_and_reload(llamad_factory: Factory, box: rig.Box) -> None:
+    keys = box.workdir / "scoped-keys"
+    keys.write_text("boss admin\nplain\nnarrow models=gemma-b\n")
+    keys.chmod(0o644)
+    d = llamad_factory(["gemma-a", "gemma-b"], **{"api-keys-file": str(keys)})
+    assert "readable by group or others (mode 0644)" in d.log()
+    body = {"model": "gemma-a"}
+    async with aiohttp.ClientSession() as s:
+        async def status(method: str, path: str, key: str, **kw: Any) -> int:
+            async with s.request(method, d.url + path, headers=_auth(key), **kw) as r:
+                await r.read()
+                return r.status
+
+        # Management needs an admin key; a plain key may not set keep_alive either.
+        for method, path, kw in [("POST", "/models/load", {"json": body}),
+                                 ("POST", "/models/unload", {"json": body}),
+                                 ("GET", "/status", {}), ("GET", "/logs/stream", {}),
+                                 ("POST", "/v1/chat/completions",
+                                  {"json": {**body, "keep_alive": -1}})]:
+            assert await status(method, path, "plain", **kw) == 403, path
+            assert await status(method, path, "narrow", **kw) in (403, 404), path
+        assert await status("GET", "/status", "boss") == 200
+        assert d.model_units() == {}
+        # A scoped key sees and uses only its models.
+        async with s.get(d.url + "/v1/models", headers=_auth("narrow")) as r:
+            assert [m["id"] for m in (await r.json())["data"]] == ["gemma-b"]
+        async with s.get(d.url + "/v1/models", headers=_auth("plain")) as r:
+            assert len((await r.json())["data"]) == 2
+        assert await status("POST", "/v1/chat/completions", "narrow", json=body) == 404
+        assert await status("GET", "/props?model=gemma-a", "narrow") == 404
+        assert d.model_units() == {}
+        status_b, answer = await chat(s, d.url, "gemma-b", headers=_auth("narrow"))
+        assert status_b == 200, answer
+
+        # systemctl reload reads the file again: a new key works, a removed one no more.
+        keys.write_text("boss admin\nnewer\n")
+        box.run(["systemctl", "reload", d.unit])
+        rig.wait_for("the new key to work", lambda: _get(d.url + "/v1/models", "newer") == 200)
+        assert await status("GET", "/v1/models", "plain") == 401
+        # A broken file fails the reload and keeps the keys in force.
+        keys.write_text("# emptied by mistake\n")
+        out = box.run(["systemctl", "reload", d.unit], check=False)
+        assert out.returncode != 0
+        assert await status("GET", "/v1/models", "newer") == 200
