@@ -147,8 +147,9 @@ def presented(request: web.Request) -> str:
 def middleware(keyring: Keyring) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        # /health is public, as in llama-server; so are routes declared @public.
         public = getattr(request.match_info.handler, PUBLIC_ATTR, False)
-        if request.path != "/health" and not public:
+        if request.path not in ("/health", "/v1/health") and not public:
             key = find(keyring.keys, presented(request))
             if key is None:
                 raise _refused("a valid API key is required (Authorization: Bearer KEY)",
