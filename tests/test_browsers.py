@@ -33,6 +33,6 @@ def test_cors_origins_are_origins(tmp_path: Path) -> None:
     assert c.cors_origins == ("https://ui.example.org", "http://127.0.0.1:3000")
     assert c.allowed_hosts == ("llm.example.org",)
     conf.write_text("cors-origins = ui.example.org/path\n")
-    with pytest.raises(ConfigError, match="cors-origins = 'ui.example.org/path' is invalid"):
+    with pytest.raises(ConfigError, match=r"cors-origins = 'ui\.example\.org/path' is invalid"):
         load_config(conf)
     assert Config.default().cors_origins == () and Config.default().allowed_hosts == ()
