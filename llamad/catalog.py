@@ -53,6 +53,8 @@ class Model:
     info: GGUFInfo | None
     settings: ModelSettings
     created: int
+    # Served under its name but left out of GET /v1/models (a preset's dedup-cache-models).
+    hidden: bool = False
 
 
 @dataclass(frozen=True)
