@@ -14,16 +14,21 @@ What a client gets when the backend fails depends on how far the answer got:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from llamad.backend import Backend
 from llamad.errors import BackendError, BackendTimeout, BackendUnreachable, LlamadError
+
+if TYPE_CHECKING:
+    from llamad.slot import Slot
+    from llamad.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -41,6 +46,13 @@ class Watch:
     idle_timeout: float  # seconds without a byte before /health is asked; 0: wait forever
     health_timeout: float  # how long /health may take before the backend counts as wedged
     on_wedged: Callable[[str], Awaitable[None]]  # told why, once the client has its error
+
+
+def watch(sup: Supervisor, slot: Slot, backend: Backend) -> Watch:
+    """The configured watch; a wedged backend is reported to the supervisor, which has its
+    unit restarted."""
+    return Watch(sup.config.backend_idle_timeout, sup.config.health_timeout,
+                 functools.partial(sup.restart_wedged, slot, backend))
 
 
 class _Wedged(Exception):
