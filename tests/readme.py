@@ -20,7 +20,9 @@ def quick_start() -> list[list[str]]:
     section = text[text.index(SECTION):]
     section = section[:section.find("\n## ", len(SECTION))]
     blocks = re.findall(r"^```sh\n(.*?)^```$", section, re.M | re.S)
-    return [[line for line in block.splitlines() if line.strip()] for block in blocks]
+    # A line ending in a backslash goes on on the next one, as in the shell.
+    return [[line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip()]
+            for block in blocks]
 
 
 def command(line: str) -> str:
