@@ -14,7 +14,18 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import api, browsers, keys, logstream, middleware, proxy, report, sampling
+from llamad import (
+    api,
+    browsers,
+    dashboard,
+    keys,
+    logstream,
+    middleware,
+    proxy,
+    report,
+    sampling,
+    webui,
+)
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -72,6 +83,8 @@ class Daemon:
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
+        dashboard.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir)
         app.cleanup_ctx.append(self._supervise)
         return app
 
