@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit test-stress lint deb demo bench clean
+.PHONY: dev test test-unit test-stress test-trixie lint deb demo bench clean
 
 dev:
 	bash tools/setup-dev
@@ -17,6 +17,9 @@ test-unit: dev
 # (BUSY_LOOPS=N for more) and are stopped at the end, whatever happens.
 test-stress: dev
 	tools/busy $(PY) -m pytest -ra -m integration $(PYTEST_ARGS)
+
+test-trixie: dev
+	$(PY) -m pytest -ra -k debian13 tests/integration/test_package.py $(PYTEST_ARGS)
 
 lint: dev
 	$(PY) -m pytest -ra tests/test_lint.py
