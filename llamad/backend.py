@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,16 @@ def unix_address(run_dir: Path, instance: str) -> str:
 
 def tcp_address(port: int) -> str:
     return f"tcp:127.0.0.1:{port}"
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """CPU time process `pid` has used, in clock ticks; None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text() if pid > 0 else ""
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return int(fields[11]) + int(fields[12]) if len(fields) > 12 else None  # utime + stime
 
 
 def listen_args(address: str) -> tuple[str, ...]:
@@ -60,6 +72,8 @@ class Backend:
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     _users: dict[aiohttp.ClientSession, int] = field(default_factory=dict, repr=False)
     _closed: bool = field(default=False, repr=False)
+    last_heard: float = 0.0  # monotonic time of its last answer on any request (heard())
+    _probe: asyncio.Future[bool] | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -99,14 +113,37 @@ class Backend:
         if old is not None and old not in self._users:
             await old.close()
 
+    def heard(self) -> None:
+        """Bytes came from the backend: it is alive."""
+        self.last_heard = time.monotonic()
+
     async def healthy(self, timeout: float = HEALTH_TIMEOUT) -> bool:
         """/health answers 200 within `timeout` seconds."""
         try:
             async with self.client() as session, session.get(
                     self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                return r.status == 200
+                ok = r.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
+        if ok:
+            self.heard()
+        return ok
+
+    async def probe(self, timeout: float, pid: int = 0) -> bool:
+        """Alive: /health answers 200 within `timeout`, or process `pid` (0: unknown) uses
+        CPU meanwhile. llama-server can leave /health queued behind a burst of requests
+        for many seconds while it computes; a stopped or deadlocked process computes
+        nothing. One check at a time, shared by the requests that ask meanwhile."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._check(timeout, pid))
+        return await asyncio.shield(self._probe)
+
+    async def _check(self, timeout: float, pid: int) -> bool:
+        before = cpu_ticks(pid)
+        if await self.healthy(timeout):
+            return True
+        after = cpu_ticks(pid)
+        return before is not None and after is not None and after > before
 
     async def close(self) -> None:
         """Close the idle session now; one still in use closes after its last response."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,13 +47,14 @@ class Watch:
     idle_timeout: float  # seconds without a byte before /health is asked; 0: wait forever
     health_timeout: float  # how long /health may take before the backend counts as wedged
     on_wedged: Callable[[str], Awaitable[None]]  # told why, once the client has its error
+    pid: Callable[[], int] = lambda: 0  # the backend's process, if known
 
 
 def watch(sup: Supervisor, slot: Slot, backend: Backend) -> Watch:
     """The configured watch; a wedged backend is reported to the supervisor, which has its
     unit restarted."""
     return Watch(sup.config.backend_idle_timeout, sup.config.health_timeout,
-                 functools.partial(sup.restart_wedged, slot, backend))
+                 functools.partial(sup.restart_wedged, slot, backend), lambda: slot.main_pid)
 
 
 class _Wedged(Exception):
@@ -106,17 +108,27 @@ async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientS
 
 
 async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch) -> T:
-    """Await the backend's next bytes. Each time it stays silent for idle_timeout, ask its
-    /health: a backend busy with a long prompt answers and is waited for again."""
+    """Await the backend's next bytes. A backend that sent nothing, on this request or any
+    other, for idle_timeout is probed (Backend.probe); one busy with a long prompt is alive
+    and is waited for again."""
     task = asyncio.ensure_future(step)
+    started = time.monotonic()
+
+    def quiet() -> float:
+        return time.monotonic() - max(started, backend.last_heard)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=watch.idle_timeout or None)
+            left = watch.idle_timeout - quiet() if watch.idle_timeout else None
+            done, _ = await asyncio.wait({task}, timeout=None if left is None else max(left, 0))
             if done:
+                backend.heard()
                 return task.result()
-            if not await backend.healthy(watch.health_timeout) and not task.done():
-                raise _Wedged(f"nothing for {watch.idle_timeout:g}s and /health did not "
-                              f"answer within {watch.health_timeout:g}s")
+            if quiet() < watch.idle_timeout or await backend.probe(watch.health_timeout,
+                                                                   watch.pid()):
+                continue
+            if not task.done() and quiet() >= watch.idle_timeout:
+                raise _Wedged(f"nothing for {watch.idle_timeout:g}s, /health did not answer "
+                              f"within {watch.health_timeout:g}s and it used no CPU")
     finally:
         task.cancel()  # a no-op once done; otherwise the client left or the backend is wedged
 

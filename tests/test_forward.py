@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,8 +21,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from rig import wait_for
 
-from llamad.backend import Backend
+from llamad.backend import Backend, cpu_ticks
 from llamad.forward import Watch, forward
 from llamad.middleware import error_middleware
 
@@ -55,7 +59,7 @@ class FakeServer:
             return web.json_response({"error": {"message": "Loading model"}}, status=503)
         if self.answer == "silent":
             await self.never.wait()
-        await asyncio.sleep(self.delay)
+        await asyncio.sleep(body.get("delay", self.delay))
         if not body.get("stream"):
             return web.json_response({"text": "done"})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -107,8 +111,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         await runner.cleanup()
 
 
-async def chat(rig: Rig, stream: bool = False) -> tuple[int, Any]:
-    r = await rig.client.post("/v1/chat/completions", json={"stream": stream})
+async def chat(rig: Rig, stream: bool = False, **extra: Any) -> tuple[int, Any]:
+    r = await rig.client.post("/v1/chat/completions", json={"stream": stream, **extra})
     text = await r.text()
     if stream:
         return r.status, [json.loads(line[6:]) for line in text.splitlines()
@@ -132,6 +136,18 @@ async def test_a_wedged_stream_ends_with_an_error_event_and_is_reported(rig: Rig
     assert events[-1]["error"]["code"] == "backend_timeout", events
     assert IDLE + HEALTH <= took < IDLE + HEALTH + 2
     assert len(rig.wedged) == 1 and "/health" in rig.wedged[0]
+
+
+async def test_a_backend_answering_other_requests_is_not_wedged(rig: Rig) -> None:
+    """llama-server may leave /health queued behind requests in flight; a backend that
+    answers other requests is alive, however long this one takes."""
+    rig.server.health = "silent"
+    slow = asyncio.ensure_future(chat(rig, delay=5 * IDLE))
+    while not slow.done():
+        assert await chat(rig) == (200, {"text": "done"})
+        await asyncio.sleep(IDLE / 2)
+    assert await slow == (200, {"text": "done"})
+    assert rig.wedged == []
 
 
 async def test_wedged_before_the_answer_is_504_and_reported(rig: Rig) -> None:
@@ -174,4 +190,25 @@ async def test_closing_a_backend_never_cuts_a_live_answer(rig: Rig) -> None:
     await rig.backend.close()
     assert await pending == (200, [{"n": 1}, {"n": 2}])
     assert in_use and all(session.closed for session in in_use)  # once the answer was in
+
+
+
+def test_cpu_ticks_tell_a_stopped_process_from_a_busy_one() -> None:
+    spin = [sys.executable, "-c", "while True: pass"]
+    busy, stopped = subprocess.Popen(spin), subprocess.Popen(spin)
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        wait_for("the process to stop", lambda: Path(f"/proc/{stopped.pid}/stat")
+                     .read_text().rpartition(") ")[2].startswith("T"))
+        frozen, start = cpu_ticks(stopped.pid), cpu_ticks(busy.pid)
+        assert frozen is not None and start is not None
+        # While the busy one uses CPU (a tick is 10 ms of it), the stopped one uses none.
+        wait_for("CPU time of the busy one", lambda: (cpu_ticks(busy.pid) or 0) >= start + 5,
+                     timeout=30)
+        assert cpu_ticks(stopped.pid) == frozen
+    finally:
+        for p in (busy, stopped):
+            p.kill()
+            p.wait()
+    assert cpu_ticks(busy.pid) is None and cpu_ticks(0) is None
 

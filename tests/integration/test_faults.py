@@ -135,6 +135,22 @@ async def stream_outcome(s: aiohttp.ClientSession, url: str, model: str,
     return "done" if events[-1] == {"done": True} else "error event"
 
 
+
+async def test_a_busy_backend_is_not_taken_for_wedged(llamad_factory: Factory) -> None:
+    """Fifty requests on four slots with a short backend-idle-timeout: most wait far
+    longer than it for their answer, and llama-server can leave /health queued behind
+    them, but the backend answers one request or another all along: nothing is cut."""
+    d = llamad_factory(["gemma-a"], **{"backend-idle-timeout": 2, "health-timeout": 1})
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+        results = await asyncio.gather(*(chat(s, d.url, "gemma-a", f"Count to {i}", 4)
+                                         for i in range(50)))
+    assert [status for status, _ in results] == [200] * 50, [b for st, b in results
+                                                             if st != 200][:2]
+    assert "stopped answering" not in d.log()
+    assert d.starts("gemma-a") == 1
+    account(d, "busy backend", {UNIT_A}, faults=0, requests=51, lost=0)
+
 async def test_llamad_killed_mid_stream(llamad_factory: Factory) -> None:
     """kill -9 of llamad with a stream on each of two models: the clients get an error at
     once (no hang); systemd restarts llamad, which adopts both running models."""
@@ -185,9 +201,9 @@ RestartSec=0.5
 
 def test_restart_with_connections_queued_on_the_socket(box: rig.Box,
                                                        assets: rig.Assets) -> None:
-    """Requests queued on llamad.socket while llamad cannot accept (stopped), then
-    `systemctl restart llamad`: every queued request is served, by the old or the new
-    llamad, and the new one adopts the running model."""
+    """`systemctl restart llamad` with requests queued on llamad.socket: those queued while
+    the old llamad could not accept (stopped) and those queued while the new one starts
+    are all served, and the new llamad adopts the running model."""
     d = Llamad(box, assets, ["gemma-a"])
     port = free_port()
     unit_dir = Path(f"/proc/{box.pid}/root/etc/systemd/system")
@@ -195,40 +211,45 @@ def test_restart_with_connections_queued_on_the_socket(box: rig.Box,
     (unit_dir / "llamad-fq.service").write_text(SERVICE.format(python=PYTHON, config=d.config))
     box.run("systemctl daemon-reload && systemctl start llamad-fq.socket")
     url = f"http://127.0.0.1:{port}"
-    queued: list[asyncio.Future[tuple[int, dict[str, Any]]]] = []
+    old_pid = 0
     try:
         d.cursor = d.journal_cursor()
         wait_http(url, timeout=60)
-        invocation, old_pid = "", main_pid(d, "llamad-fq.service")
-
-        async def run() -> list[tuple[int, dict[str, Any]]]:
-            nonlocal invocation
-            # One connection per request, so that each waits in the socket's queue.
-            async with aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(force_close=True)) as s:
-                assert (await chat(s, url, "gemma-a"))[0] == 200
-                invocation = d.show(UNIT_A, "InvocationID")
-                box.run(["kill", "-STOP", str(old_pid)])
-                queued.extend(asyncio.ensure_future(chat(s, url, "gemma-a", f"Count to {i}", 4))
-                              for i in range(8))
-                # Connected (in the socket's queue), nothing accepted: llamad is stopped.
-                await asyncio.to_thread(rig.wait_for, "8 connections in the queue",
-                                        lambda: queue_length(box, port) >= 8, 30)
-                box.run(["systemctl", "restart", "--no-block", "llamad-fq.service"])
-                return await asyncio.gather(*queued)
-        results = asyncio.run(run())
+        old_pid = main_pid(d, "llamad-fq.service")
+        invocation, results = asyncio.run(_restart_with_a_queue(d, url, port, old_pid))
         assert [status for status, _ in results] == [200] * 8, results
-        rig.wait_for("the new llamad", lambda: main_pid(d, "llamad-fq.service") not in
-                     (0, old_pid), timeout=60)
+        assert main_pid(d, "llamad-fq.service") not in (0, old_pid)
         assert d.show(UNIT_A, "InvocationID") == invocation
-        wait_http(url)
         by_new = models(url)["gemma-a"]["llamad"]["served"]
+        assert by_new >= 4  # at least the second batch
         account(d, "restart with a queue", {UNIT_A}, faults=1, requests=8, lost=0,
                 served_by_old=8 - by_new, served_by_new=by_new)
     finally:
         box.run(["kill", "-CONT", str(old_pid)], check=False)
         box.run("systemctl stop llamad-fq.socket llamad-fq.service", check=False)
         box.run("systemctl stop 'llama-server@*'", check=False)
+
+
+async def _restart_with_a_queue(d: Llamad, url: str, port: int,
+                                old_pid: int) -> tuple[str, list[tuple[int, Any]]]:
+    box = d.box
+    # One connection per request, so that each waits in the socket's queue.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        assert (await chat(s, url, "gemma-a"))[0] == 200
+        invocation = d.show(UNIT_A, "InvocationID")
+        box.run(["kill", "-STOP", str(old_pid)])
+        queued = [asyncio.ensure_future(chat(s, url, "gemma-a", f"Count to {i}", 4))
+                  for i in range(4)]
+        # Connected (in the socket's queue), nothing accepted: llamad is stopped.
+        await asyncio.to_thread(rig.wait_for, "4 connections in the queue",
+                                lambda: queue_length(box, port) >= 4, 30)
+        box.run(["systemctl", "restart", "--no-block", "llamad-fq.service"])
+        await asyncio.to_thread(rig.wait_for, "the old llamad to exit", lambda: box.run(
+            ["kill", "-0", str(old_pid)], check=False).returncode != 0, 60)
+        # The new llamad is starting: these wait in the queue for it.
+        queued += [asyncio.ensure_future(chat(s, url, "gemma-a", f"Count to {i}", 4))
+                   for i in range(4, 8)]
+        return invocation, await asyncio.gather(*queued)
 
 
 def queue_length(box: rig.Box, port: int) -> int:
