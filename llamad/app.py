@@ -93,7 +93,8 @@ class Daemon:
         await watcher.start()
         await sup.adopt()
         await sup.preload()
-        ticker = asyncio.ensure_future(self._tick())
+        ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
+        ticker.add_done_callback(self._tick_ended)
         try:
             yield
         finally:
@@ -110,18 +111,30 @@ class Daemon:
         interval = min(TICK, self.notifier.watchdog_interval or TICK)
         while True:
             await asyncio.sleep(interval)
-            sup = self.sup
-            assert sup is not None
-            sup.expire()
-            self.notifier.watchdog()
-            self.notifier.status(report.status_line(sup))
-            await sample(sup)  # after the ping: D-Bus calls may be slow
-            idle_for = time.monotonic() - self.last_request
-            busy = any(s.in_flight or s.queued for s in sup.slots.values())
-            if self.config.idle_exit and not busy and idle_for > self.config.idle_exit:
-                log.info("idle for %.0fs: exiting; the socket starts llamad again on demand",
-                         idle_for)
-                self.stop.set()
+            try:
+                await self._tick_once()
+            except Exception:  # a bug in one step must not stop the watchdog pings
+                log.exception("the periodic tick failed")
+
+    def _tick_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            # Without the tick no TTL runs and the watchdog starves: let systemd restart us.
+            log.error("the periodic tick ended: %r; exiting", task.exception())
+            self.stop.set()
+
+    async def _tick_once(self) -> None:
+        sup = self.sup
+        assert sup is not None
+        self.notifier.watchdog()
+        sup.expire()
+        self.notifier.status(report.status_line(sup))
+        await sample(sup)  # after the ping: D-Bus calls may be slow
+        idle_for = time.monotonic() - self.last_request
+        busy = any(s.in_flight or s.queued for s in sup.slots.values())
+        if self.config.idle_exit and not busy and idle_for > self.config.idle_exit:
+            log.info("idle for %.0fs: exiting; the socket starts llamad again on demand",
+                     idle_for)
+            self.stop.set()
 
 
 async def sample(sup: Supervisor) -> None:

@@ -9,6 +9,7 @@ from llamad import backend as be
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.gpu import GpuInfo
+from llamad.memory import Learned
 from llamad.scheduler import Memory, Resources, State
 from llamad.units import UnitSpec, UnitStatus
 
@@ -29,6 +30,7 @@ class Measure(Protocol):
     def resources(self, config: Config) -> Resources: ...
     def need(self, model: Model) -> Memory: ...
     def estimate(self, model: Model) -> Memory: ...
+    def learned_for(self, model: Model) -> Learned | None: ...
     def vram_by_unit(self) -> dict[str, int]: ...
     def gpu_list(self) -> tuple[GpuInfo, ...]: ...
     def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool: ...
@@ -42,6 +44,8 @@ class Slot:
 
     model: Model
     state: State = State.UNLOADED
+    # Bumped by every state change: a task that awaited re-checks it before it acts.
+    epoch: int = 0
     in_flight: int = 0
     queued: int = 0
     last_used: float = 0.0

@@ -22,6 +22,8 @@ from typing import Any
 
 from pystemd.dbuslib import DBus, apply_signature, path_decode, path_encode
 
+from llamad.unitname import UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
+
 log = logging.getLogger("llamad.units")
 
 SYSTEMD = b"org.freedesktop.systemd1"
@@ -31,7 +33,6 @@ UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
 PROPS_IFACE = b"org.freedesktop.DBus.Properties"
 UNIT_PREFIX = b"/org/freedesktop/systemd1/unit"
-PATTERN = "llama-server@*.service"
 MARKER = "LLAMAD_MANAGED=1"
 USEC = 1_000_000
 
@@ -75,6 +76,7 @@ class UnitStatus:
     exit_status: int = 0
     memory_current: int | None = None
     environment: tuple[str, ...] = field(default_factory=tuple)
+    job: int = 0  # id of a queued or running job (start, stop, restart); 0 = none
 
     @property
     def ours(self) -> bool:
@@ -223,6 +225,7 @@ def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
         # systemd reports "unknown" as the maximum uint64.
         memory_current=None if memory is None or memory >= 2**64 - 1 else int(memory),
         environment=tuple(props.get("Environment", ())),
+        job=int(props.get("Job", (0, ""))[0]),
     )
 
 
@@ -271,7 +274,7 @@ def _plain(method: Callable[[Any], None]) -> Callable[..., None]:
 
 
 class UnitManager:
-    """Start, stop and watch llama-server@ units; state changes go to `on_change`."""
+    """Start, stop and watch model units; state changes go to `on_change`."""
 
     def __init__(self, on_change: ChangeCallback) -> None:
         self._on_change = on_change
@@ -321,7 +324,7 @@ class UnitManager:
         self._handled = True
         msg.process_reply(True)
         path = bytes(msg.headers.get("Path", b""))
-        if not path.startswith(UNIT_PREFIX + b"/llama_2dserver_40"):
+        if not path.startswith(UNIT_PATH_PREFIX.encode()):
             return
         name = bytes(path_decode(path, UNIT_PREFIX)).decode()
         _iface, changed, _invalidated = msg.body
@@ -332,7 +335,7 @@ class UnitManager:
         self._handled = True
         msg.process_reply(True)
         name = _s(msg.body[0])
-        if name.startswith("llama-server@"):
+        if is_model_unit(name):
             self._emit(name, {"ActiveState": "inactive", "LoadState": "not-found"})
 
     def _emit(self, name: str, props: dict[str, Any]) -> None:
@@ -389,9 +392,9 @@ class UnitManager:
         return status_from_props(name, props)
 
     async def list_ours(self) -> list[UnitStatus]:
-        """Loaded llama-server@ units that carry llamad's marker."""
+        """Loaded model units that carry llamad's marker."""
         body = await self._caller.call(MANAGER_PATH, MANAGER, b"ListUnitsByPatterns",
-                                       apply_signature(b"asas", [[], [PATTERN.encode()]]))
+                                       apply_signature(b"asas", [[], [UNIT_PATTERN.encode()]]))
         names: Sequence[str] = [_s(row[0]) for row in body]
         found = [await self.status(name) for name in names]
         return [s for s in found if s.ours]

@@ -1,4 +1,4 @@
-"""What a model's llama-server@ unit looks like: command line, address, limits, and the
+"""What a model's unit looks like: command line, address, limits, and the
 environment by which a later llamad recognizes it. Pure functions of config and catalog."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from llamad import backend as be
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.scheduler import Memory
+from llamad.unitname import instance_of
 from llamad.units import UnitSpec, UnitStatus
 
 
 def instance(model: Model) -> str:
-    return model.unit.removeprefix("llama-server@").removesuffix(".service")
+    return instance_of(model.unit)
 
 
 def address(config: Config, model: Model, port_for: Callable[[str], int]) -> str:

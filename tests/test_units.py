@@ -136,3 +136,16 @@ def test_package_installs_every_unit_file() -> None:
     rules = (ROOT / "packaging" / "debian" / "rules").read_text()
     for name in (*UNIT_FILES, "llamad.sysusers", "llamad.tmpfiles"):
         assert f"units/{name}" in rules, name
+
+
+def test_model_unit_paths_are_named_in_one_place() -> None:
+    from pystemd.dbuslib import path_encode
+
+    from llamad.unitname import UNIT_PATH_PREFIX, bus_label, unit_name
+    from llamad.units import unit_path
+
+    for name in ("gemma-a", "a/b:Q4_K_M", "ü.x", "x" * 200):
+        unit = unit_name(name)
+        assert unit_path(unit).decode().startswith(UNIT_PATH_PREFIX)
+        assert "/org/freedesktop/systemd1/unit/" + bus_label(unit) == bytes(
+            path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())).decode()

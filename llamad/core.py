@@ -1,0 +1,181 @@
+"""The state the supervisor's parts share, and the one way to change a model's state.
+
+The Supervisor is assembled from one class per concern, each a layer over this one:
+lifecycle.py (starting, stopping, health), admission.py (requests), unitsignals.py
+(what systemd tells us). They all hold the same Slots, and every state change goes
+through `Core.move`. Slots are mutated only on the event loop thread and never across
+an await: a task that awaits re-checks `slot.epoch` (bumped by every move) before it
+acts on what it decided earlier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from llamad import unitspec
+from llamad.catalog import Snapshot
+from llamad.config import Config
+from llamad.errors import Unavailable
+from llamad.events import TRANSITIONS, Cause, Change, Hub
+from llamad.scheduler import ModelView, Policy, State, effective_ttl
+from llamad.slot import Measure, Slot, Units
+from llamad.units import UnitError, UnitSpec
+
+log = logging.getLogger("llamad.supervisor")
+
+Journal = Callable[[str], Awaitable[str]]
+
+
+class IllegalMove(RuntimeError):
+    """A state change that events.TRANSITIONS forbids: a bug in llamad, never user error."""
+
+
+class Core:
+    def __init__(self, config: Config, snapshot: Snapshot, units: Units,
+                 measure: Measure, journal: Journal) -> None:
+        self.config = config
+        self.snapshot = snapshot
+        self.units = units
+        self.measure = measure
+        self.journal = journal
+        self.policy = Policy(config.eviction_policy)
+        self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
+        self._changed = asyncio.Event()
+        self.events = Hub()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.monotonic()
+
+    # -- views ---------------------------------------------------------------
+
+    def by_unit(self, unit: str) -> Slot | None:
+        for slot in self.slots.values():
+            if slot.unit == unit:
+                return slot
+        return None
+
+    def view(self, slot: Slot) -> ModelView:
+        s = slot.model.settings
+        learned = self.measure.learned_for(slot.model)
+        # cheapest-reload ranks by the load time learned on earlier loads too.
+        load = learned.load_seconds if learned and learned.load_seconds is not None \
+            else slot.load_seconds
+        return ModelView(
+            id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
+            last_used=slot.last_used, pinned=s.pin, need=self.measure.need(slot.model),
+            load_seconds=load, gpus=slot.gpus, devices=s.devices or (), used=slot.used,
+            split=s.split, reason=slot.reason)
+
+    def views(self, target: Slot | None = None) -> dict[str, ModelView]:
+        """Loaded models (and `target`): unloaded ones play no part in a decision,
+        and skipping them keeps a decision cheap with thousands catalogued."""
+        views = {s.model.id: self.view(s) for s in self.loaded()}
+        if target is not None:
+            views[target.model.id] = self.view(target)
+        return views
+
+    def loaded(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.state is not State.UNLOADED]
+
+    def ttl(self, slot: Slot) -> float | None:
+        """Idle seconds before unloading; None = never."""
+        return effective_ttl(slot.keep_alive, slot.model.settings.ttl, self.config.idle_ttl)
+
+    def current(self, slot: Slot) -> bool:
+        """Whether the slot is still the catalog's (a removed model's slot is forgotten)."""
+        return self.slots.get(slot.model.id) is slot
+
+    # -- the one state change ------------------------------------------------
+
+    def move(self, slot: Slot, new: State, cause: Cause, detail: str = "") -> None:
+        """The one place a model's state changes: checked against the transition table,
+        logged, waiters woken and listeners told. An illegal move raises IllegalMove."""
+        old = slot.state
+        if new is old:
+            return
+        if new not in TRANSITIONS[old]:
+            raise IllegalMove(f"illegal state change of model {slot.model.id}: "
+                              f"{old.value} -> {new.value} ({cause.value})")
+        log.debug("model %s: %s -> %s (%s%s)", slot.model.id, old.value, new.value,
+                  cause.value, f": {detail}" if detail else "")
+        slot.state = new
+        slot.epoch += 1
+        self._notify()
+        self.events.emit(Change(slot.model.id, old, new, cause, detail, time.time()))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, deadline: float, what: str) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unavailable(f"timed out waiting for {what}", code="timeout")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), left)
+
+    # -- background tasks ----------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str,
+              slot: Slot | None = None) -> asyncio.Task[Any]:
+        """Run `coro` as a named task whose failure is reported: it marks `slot` failed
+        with the reason rather than leave it stuck in a passing state."""
+        name = f"{what} {slot.model.id}" if slot is not None else what
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        epoch = slot.epoch if slot is not None else 0
+        task.add_done_callback(lambda t: self._reap(t, slot, epoch))
+        return task
+
+    def _reap(self, task: asyncio.Task[Any], slot: Slot | None, epoch: int) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        if isinstance(err, UnitError):  # systemd said no: its message is the reason
+            log.warning("%s: %s", task.get_name(), err)
+        else:
+            log.error("%s failed: %r", task.get_name(), err, exc_info=err)
+        # Only where the step it carried out is still the slot's latest: a later
+        # move has already settled the state.
+        if slot is not None and self.current(slot) and slot.epoch == epoch:
+            self._fail(slot, f"{task.get_name()} failed: {err}")
+
+    # -- the unit and its backend --------------------------------------------
+
+    def spec(self, slot: Slot, gpus: tuple[int, ...] = ()) -> tuple[UnitSpec, str]:
+        """The unit a load would start now, and the address its backend listens on."""
+        address = unitspec.address(self.config, slot.model, self._port_for)
+        limit = unitspec.memory_max(self.config, slot.model, self.measure.need(slot.model))
+        spec = unitspec.build(self.config, slot.model, address, gpus, limit)
+        return spec, address
+
+    def _port_for(self, model_id: str) -> int:
+        # Stable across restarts of llamad, so adopted units keep their port.
+        ids = sorted(self.slots)
+        return self.config.tcp_port_base + ids.index(model_id)
+
+    def _fail(self, slot: Slot, reason: str) -> None:
+        if slot.state is State.FAILED:
+            return
+        log.warning("model %s failed: %s", slot.model.id, reason)
+        slot.reason = reason
+        self._drop_backend(slot)
+        self.move(slot, State.FAILED, Cause.FAILED, reason)
+
+    def _drop_backend(self, slot: Slot) -> None:
+        if slot.backend is not None:
+            self.spawn(slot.backend.close(), f"closing the backend session of {slot.model.id}")
+            slot.backend = None
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for slot in self.slots.values():
+            if slot.backend is not None:
+                await slot.backend.close()

@@ -1,0 +1,99 @@
+"""What systemd tells llamad about model units (PropertiesChanged, UnitRemoved) and the
+state changes that follow; see "Unit lifecycle as llamad sees it" in docs/design.md."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from llamad import backend as be
+from llamad import unitspec
+from llamad.admission import Admission
+from llamad.events import Cause
+from llamad.scheduler import State
+from llamad.slot import Slot
+
+log = logging.getLogger("llamad.supervisor")
+
+
+class Signals(Admission):
+    def on_unit_change(self, unit: str, props: dict[str, Any]) -> None:
+        slot = self.by_unit(unit)
+        if slot is None:
+            return
+        for key in ("Result", "ExecMainCode", "ExecMainStatus"):
+            if key in props:
+                slot.last_exit[key] = props[key]
+        if "MainPID" in props:
+            slot.main_pid = int(props["MainPID"])
+        if "NRestarts" in props:
+            slot.n_restarts = int(props["NRestarts"])
+        if props.get("InvocationID"):
+            slot.invocation_id = bytes(props["InvocationID"]).hex()
+        active = props.get("ActiveState")
+        if active is not None:
+            # A queued start job means "inactive" is the state before the start.
+            job = props.get("Job", (0, b"/"))
+            self._on_active(slot, active, props.get("SubState", ""), int(job[0]))
+
+    def _on_active(self, slot: Slot, active: str, sub: str, job: int) -> None:
+        if active == "activating" and sub == "auto-restart" and (
+                slot.last_exit.get("Result") == "oom-kill"):
+            self._on_oom(slot)
+        elif active == "active" and slot.state is State.STARTING:
+            self.move(slot, State.LOADING, Cause.ACTIVE)
+            self._begin_health(slot)
+        elif active == "activating" and sub == "auto-restart":
+            if slot.state in (State.READY, State.LOADING):
+                self._on_crash(slot)
+        elif active in ("inactive", "failed") and job == 0:
+            self._on_gone(slot, active)
+
+    def _on_crash(self, slot: Slot) -> None:
+        why = unitspec.describe_exit(slot.last_exit)
+        log.warning("model %s crashed (%s); systemd restarts it", slot.model.id, why)
+        slot.load_started = time.monotonic()
+        slot.load_time_unknown = False
+        self._drop_backend(slot)
+        slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
+        self.move(slot, State.STARTING, Cause.CRASH, why)
+
+    def _on_gone(self, slot: Slot, active: str) -> None:
+        clean = active == "inactive" and slot.last_exit.get("Result", "success") == "success"
+        if slot.stopping_by_us or slot.state is State.STOPPING or (
+                clean and slot.state is not State.FAILED):
+            self._unit_gone(slot)
+        elif slot.state not in (State.UNLOADED, State.FAILED):
+            self.spawn(self._record_failure(slot), "recording the failure of", slot)
+
+    def _on_oom(self, slot: Slot) -> None:
+        """An OOM kill would recur on restart: fail the model and cancel systemd's restart,
+        rather than let Restart=on-failure load it into the same wall again."""
+        if slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
+            return
+        self._fail(slot, unitspec.describe_exit(slot.last_exit))
+        self.spawn(self.units.stop(slot.unit), f"stopping {slot.unit}")
+
+    async def _record_failure(self, slot: Slot) -> None:
+        if slot.checking:
+            return
+        epoch = slot.epoch
+        slot.checking = True
+        try:
+            # systemd 252 passes through "failed" on its way to an automatic
+            # restart; only systemd knows whether one is coming, so ask.
+            status = await self.units.status(slot.unit)
+        finally:
+            slot.checking = False
+        restarting = status.sub_state == "auto-restart" or status.active_state in (
+            "activating", "active", "reloading")
+        if restarting or slot.epoch != epoch:
+            return
+        exit_text = unitspec.describe_exit(slot.last_exit)
+        self._fail(slot, exit_text)  # before the await, so the signal storm records once
+        epoch = slot.epoch
+        tail = await self.journal(slot.unit)
+        if tail and slot.epoch == epoch:  # not retried or replaced meanwhile
+            slot.reason = f"{exit_text}; last log lines: {tail}"
+            self._notify()
