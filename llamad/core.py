@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from llamad import unitspec
+from llamad import exits, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
@@ -150,9 +150,15 @@ class Core:
     def spec(self, slot: Slot, gpus: tuple[int, ...] = ()) -> tuple[UnitSpec, str]:
         """The unit a load would start now, and the address its backend listens on."""
         address = unitspec.address(self.config, slot.model, self._port_for)
-        limit = unitspec.memory_max(self.config, slot.model, self.measure.need(slot.model))
+        limit = unitspec.memory_max(self.config, slot.model,
+                                    self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address, gpus, limit)
         return spec, address
+
+    def exit_text(self, slot: Slot) -> str:
+        """The unit's last end as a sentence, naming a file its sandbox keeps from it."""
+        files = [*slot.model.shards, *([slot.model.mmproj] if slot.model.mmproj else [])]
+        return exits.describe(slot.last_exit, self.spec(slot, slot.gpus)[0], files)
 
     def _port_for(self, model_id: str) -> int:
         # Stable across restarts of llamad, so adopted units keep their port.

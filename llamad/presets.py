@@ -50,8 +50,8 @@ def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]
 
 
 BY_KEY, BY_ARG = _keys()
-MODEL, MMPROJ, ALIAS, HF_REPO = (BY_KEY[k][0].canonical for k in ("model", "mmproj", "alias",
-                                                                    "hf-repo"))
+MODEL, MMPROJ, ALIAS, HF_REPO, TAGS = (BY_KEY[k][0].canonical for k in (
+    "model", "mmproj", "alias", "hf-repo", "tags"))
 MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
 # Flags llamad itself sets for every child or that only make sense for a router.
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
@@ -73,6 +73,7 @@ class Section:
     aliases: tuple[str, ...] = ()
     extra: Mapping[str, object] = field(default_factory=dict)  # preset-only / llamad-only
     text: str = ""
+    tags: tuple[str, ...] | None = None  # informational, as router mode lists them
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class ModelSettings:
     devices: tuple[int, ...] | None
     split: bool
     preset_text: str
+    tags: tuple[str, ...] = ()
 
 
 def truthy(value: str) -> bool | None:
@@ -233,6 +235,7 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
     model: Path | None = None
     hf_repo: str | None = None
     aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] | None = None
     for key, value in items:
         if key == "version":
             continue  # reserved by llama.cpp for the file format
@@ -249,13 +252,20 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
         elif flag.canonical == HF_REPO:
             hf_repo = canonical_name(value)
         elif flag.canonical == ALIAS:
-            aliases = tuple(a.strip() for a in value.split(",") if a.strip())
+            aliases = _names(value)
+        elif flag.canonical == TAGS:
+            tags = _names(value)
         else:
             options[flag.canonical] = _render(flag, negated, value, where, key)
     if name == "*" and (model or hf_repo or aliases):
         raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
     return Section(name, MappingProxyType(options), model, hf_repo, aliases,
-                   MappingProxyType(extra), text)
+                   MappingProxyType(extra), text, tags)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (aliases, tags), blanks dropped."""
+    return tuple(a.strip() for a in value.split(",") if a.strip())
 
 
 def parse_presets(text: str, path: Path | None = None) -> Presets:
@@ -317,7 +327,14 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         devices=devices if isinstance(devices, tuple) else None,
         split=bool(_pick("split", section, presets.defaults)),
         preset_text=_ini(model_id, args, section, presets.defaults),
+        tags=_tags(section, presets.defaults),
     )
+
+
+def _tags(section: Section | None, defaults: Section) -> tuple[str, ...]:
+    if section is not None and section.tags is not None:
+        return section.tags
+    return defaults.tags or ()
 
 
 def _str_or_none(value: object) -> str | None:

@@ -51,7 +51,7 @@ class Signals(Admission):
             self._on_gone(slot, active)
 
     def _on_crash(self, slot: Slot) -> None:
-        why = unitspec.describe_exit(slot.last_exit)
+        why = self.exit_text(slot)
         log.warning("model %s crashed (%s); systemd restarts it", slot.model.id, why)
         slot.load_started = time.monotonic()
         slot.load_time_unknown = False
@@ -90,7 +90,7 @@ class Signals(Admission):
             "activating", "active", "reloading")
         if restarting or slot.epoch != epoch:
             return
-        exit_text = unitspec.describe_exit(slot.last_exit)
+        exit_text = self.exit_text(slot)
         self._fail(slot, exit_text)  # before the await, so the signal storm records once
         epoch = slot.epoch
         tail = await self.journal(slot.unit)
