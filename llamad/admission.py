@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from llamad import backend as be
+from llamad.catalog import may_appear
 from llamad.errors import (
     BackendError,
     BackendUnreachable,
@@ -25,6 +26,22 @@ log = logging.getLogger("llamad.supervisor")
 
 
 class Admission(Lifecycle):
+    async def find(self, name: object) -> Slot:
+        """resolve(), but a model whose file is being copied in is waited for (until it
+        settles, bounded by queue-timeout) rather than answered 404."""
+        try:
+            return self.resolve(name)
+        except NotFound:
+            assert isinstance(name, str)
+            if self.rescan is None or not (name in self.snapshot.settling
+                                           or may_appear(self.config, name)):
+                raise
+        await self.rescan()  # the watcher may not have seen the file yet
+        deadline = time.monotonic() + self.config.queue_timeout
+        while name in self.snapshot.settling:
+            await self._wait_change(deadline, f"the file of model {name} to be complete")
+        return self.resolve(name)
+
     def resolve(self, name: object) -> Slot:
         if not isinstance(name, str) or not name:
             raise BadRequest("the request names no model; set \"model\" to one of GET /v1/models",
@@ -38,6 +55,7 @@ class Admission(Lifecycle):
     async def use(self, slot: Slot, keep_alive: float | None = None) -> AsyncIterator[be.Backend]:
         """Hold the model for one request: wait until it is ready, count it in flight."""
         backend = await self.acquire(slot)
+        self.sessions.hold(backend)
         try:
             yield backend
         except BackendUnreachable:
@@ -47,6 +65,8 @@ class Admission(Lifecycle):
             raise await self._explain(slot, e) from e
         finally:
             self.release(slot, keep_alive)
+            if self.sessions.let_go(backend) is not None:
+                self._close(backend)
 
     async def acquire(self, slot: Slot, explicit: bool = False) -> be.Backend:
         if slot.queued >= self.config.queue_size:
@@ -60,7 +80,7 @@ class Admission(Lifecycle):
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
         slot.in_flight -= 1
         slot.served += 1
-        slot.last_used = time.monotonic()
+        slot.last_used = slot.alive_at = time.monotonic()
         if keep_alive is not None:
             slot.keep_alive = keep_alive
         if keep_alive == 0 and slot.in_flight == 0 and slot.queued == 0:
@@ -90,13 +110,14 @@ class Admission(Lifecycle):
         return err
 
     async def unload(self, slot: Slot) -> None:
-        """Stop a model once its requests in flight have finished (bounded)."""
-        deadline = time.monotonic() + self.config.drain_timeout
-        while slot.in_flight > 0:
-            await self._wait_change(deadline, f"requests on {slot.model.id} to finish")
+        """Stop a model; returns once its requests in flight have finished (bounded by
+        drain-timeout) and the stop is under way."""
         if slot.state is State.FAILED:
             slot.reason = ""
             self.move(slot, State.UNLOADED, Cause.RESET)
             await self.units.reset_failed(slot.unit)
             return
         self._begin_stop(slot, Cause.UNLOAD)
+        deadline = time.monotonic() + self.config.drain_timeout + 1
+        while slot.state is State.STOPPING and not slot.stop_sent:
+            await self._wait_change(deadline, f"requests on {slot.model.id} to finish")

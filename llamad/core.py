@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from llamad import backend as be
 from llamad import exits, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
@@ -31,23 +33,66 @@ log = logging.getLogger("llamad.supervisor")
 Journal = Callable[[str], Awaitable[str]]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class IllegalMove(RuntimeError):
     """A state change that events.TRANSITIONS forbids: a bug in llamad, never user error."""
 
 
+class Sessions:
+    """Backends with responses in flight. A retired backend's HTTP session (its pooled
+    connections) is closed only once its last response has ended: closing it earlier
+    would cut the streams still using it."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, int] = {}
+        self._retired: dict[int, be.Backend] = {}
+
+    def hold(self, backend: be.Backend) -> None:
+        self._users[id(backend)] = self._users.get(id(backend), 0) + 1
+
+    def let_go(self, backend: be.Backend) -> be.Backend | None:
+        """One response ended; returns the backend if it is now to be closed."""
+        left = self._users.pop(id(backend)) - 1
+        if left:
+            self._users[id(backend)] = left
+            return None
+        return self._retired.pop(id(backend), None)
+
+    def retire(self, backend: be.Backend) -> bool:
+        """The model no longer sends new requests there; True: close it now."""
+        if id(backend) in self._users:
+            self._retired[id(backend)] = backend
+            return False
+        return True
+
+
 class Core:
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
-                 measure: Measure, journal: Journal) -> None:
+                 measure: Measure, journal: Journal,
+                 rescan: Callable[[], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.snapshot = snapshot
         self.units = units
         self.measure = measure
         self.journal = journal
+        self.rescan = rescan  # a catalog scan that starts now (the watcher's)
+        self.sessions = Sessions()
         self.policy = Policy(config.eviction_policy)
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
         self._changed = asyncio.Event()
         self.events = Hub()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Task[Any]] = set()  # finished, not cancelled, on close()
+        self._closed = False
         self.started = time.monotonic()
 
     # -- views ---------------------------------------------------------------
@@ -125,6 +170,9 @@ class Core:
         """Run `coro` as a named task whose failure is reported: it marks `slot` failed
         with the reason rather than leave it stuck in a passing state."""
         name = f"{what} {slot.model.id}" if slot is not None else what
+        if self._closed:  # llamad is exiting: units outlive it, nothing new starts
+            coro.close()
+            coro = asyncio.sleep(0)
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         epoch = slot.epoch if slot is not None else 0
@@ -133,7 +181,7 @@ class Core:
 
     def _reap(self, task: asyncio.Task[Any], slot: Slot | None, epoch: int) -> None:
         self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled() or task.exception() is None or self._closed:
             return
         err = task.exception()
         if isinstance(err, UnitError):  # systemd said no: its message is the reason
@@ -147,9 +195,11 @@ class Core:
 
     # -- the unit and its backend --------------------------------------------
 
-    def spec(self, slot: Slot, gpus: tuple[int, ...] = ()) -> tuple[UnitSpec, str]:
-        """The unit a load would start now, and the address its backend listens on."""
-        address = unitspec.address(self.config, slot.model, self._port_for)
+    def spec(self, slot: Slot, gpus: tuple[int, ...] = (),
+             address: str | None = None) -> tuple[UnitSpec, str]:
+        """The unit a load would start now, and the address its backend listens on:
+        `address`, else the slot's own (a TCP port is allocated when the model starts)."""
+        address = address or slot.address or unitspec.address(self.config, slot.model)
         limit = unitspec.memory_max(self.config, slot.model,
                                     self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address, gpus, limit)
@@ -160,10 +210,26 @@ class Core:
         files = [*slot.model.shards, *([slot.model.mmproj] if slot.model.mmproj else [])]
         return exits.describe(slot.last_exit, self.spec(slot, slot.gpus)[0], files)
 
-    def _port_for(self, model_id: str) -> int:
-        # Stable across restarts of llamad, so adopted units keep their port.
-        ids = sorted(self.slots)
-        return self.config.tcp_port_base + ids.index(model_id)
+    def _allocate(self, slot: Slot) -> str:
+        """The slot's backend address, allocated once while it runs. A TCP port is the
+        lowest from tcp-port-base up that no model holds and nothing else listens on,
+        so adding a model never moves a running one (adoption takes the unit's own)."""
+        if slot.address or self.config.backend == "unix":
+            return slot.address or unitspec.address(self.config, slot.model)
+        held = {unitspec.tcp_port(s.address) for s in self.slots.values()}
+        for port in range(self.config.tcp_port_base, 65536):
+            if port not in held and _bindable(port):
+                return unitspec.address(self.config, slot.model, port)
+        raise Unavailable(f"no free loopback port from tcp-port-base "
+                          f"{self.config.tcp_port_base} up for model {slot.model.id}")
+
+    def _adoptable(self, slot: Slot, address: str) -> bool:
+        """Whether a running unit's recorded address can be the slot's."""
+        if self.config.backend == "unix":
+            return address == unitspec.address(self.config, slot.model)
+        port = unitspec.tcp_port(address)
+        return port is not None and all(
+            unitspec.tcp_port(s.address) != port for s in self.slots.values() if s is not slot)
 
     def _fail(self, slot: Slot, reason: str) -> None:
         if slot.state is State.FAILED:
@@ -174,12 +240,19 @@ class Core:
         self.move(slot, State.FAILED, Cause.FAILED, reason)
 
     def _drop_backend(self, slot: Slot) -> None:
-        if slot.backend is not None:
-            self.spawn(slot.backend.close(), f"closing the backend session of {slot.model.id}")
-            slot.backend = None
+        """No new requests go to this backend; its session closes after the last response."""
+        if slot.backend is not None and self.sessions.retire(slot.backend):
+            self._close(slot.backend)
+        slot.backend = None
+
+    def _close(self, backend: be.Backend) -> None:
+        task = self.spawn(backend.close(), f"closing the session to {backend.address}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        self._closed = True
+        for task in self._tasks - self._closing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for slot in self.slots.values():

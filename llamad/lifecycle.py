@@ -30,7 +30,7 @@ HEALTH_FIRST_INTERVAL = 0.005
 HEALTH_INTERVAL = 0.1
 STOP_WORDS = {Cause.EVICT_COUNT: "evicted", Cause.EVICT_MEMORY: "evicted", Cause.TTL: "idle TTL",
               Cause.KEEP_ALIVE: "keep_alive 0", Cause.UNLOAD: "unload requested",
-              Cause.REMOVED: "removed from the catalog"}
+              Cause.REMOVED: "removed from the catalog", Cause.CHANGED: "changed"}
 
 
 class Lifecycle(Core):
@@ -100,18 +100,28 @@ class Lifecycle(Core):
     # -- starting ------------------------------------------------------------
 
     def _begin_start(self, slot: Slot, decision: Load) -> None:
+        slot.address = self._allocate(slot)
         spec, address = self.spec(slot, decision.gpus)
         slot.reason = ""
         slot.gpus = decision.gpus
         slot.backend = be.Backend(address)
         slot.load_started = time.monotonic()
         slot.stopping_by_us = False
+        slot.stop_sent = False
         slot.load_time_unknown = False
+        slot.start_pending = True  # until systemd has the unit: reconcile leaves it alone
+        slot.identity = self._identity(slot)
         self.move(slot, State.STARTING, Cause.LOAD)
         evicted = () if decision.overlap else tuple(self.slots[v] for v in decision.evict)
         self.spawn(self._start(slot, spec, evicted), "starting", slot)
 
     async def _start(self, slot: Slot, spec: UnitSpec, evicted: tuple[Slot, ...]) -> None:
+        try:
+            await self._start_unit(slot, spec, evicted)
+        finally:
+            slot.start_pending = False
+
+    async def _start_unit(self, slot: Slot, spec: UnitSpec, evicted: tuple[Slot, ...]) -> None:
         epoch = slot.epoch
         # Memory is only free once the evicted processes are gone.
         deadline = time.monotonic() + self.config.drain_timeout
@@ -134,6 +144,16 @@ class Lifecycle(Core):
                 self._fail(slot, f"systemd refused to start {spec.name}: {e}")
             return
         log.info("starting %s for model %s", spec.name, slot.model.id)
+
+    def _crashed(self, slot: Slot) -> None:
+        """The process died and systemd restarts it: a new process, maybe a new address."""
+        why = self.exit_text(slot)
+        log.warning("model %s crashed (%s); systemd restarts it", slot.model.id, why)
+        slot.load_started = time.monotonic()
+        slot.load_time_unknown = False
+        self._drop_backend(slot)
+        slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
+        self.move(slot, State.STARTING, Cause.CRASH, why)
 
     def _begin_health(self, slot: Slot) -> None:
         self.spawn(self._health(slot), "waiting for /health of", slot)
@@ -161,23 +181,44 @@ class Lifecycle(Core):
         if not slot.load_time_unknown:
             slot.load_seconds = took
         log.info("model %s ready after %.2fs", slot.model.id, took)
+        # Its idle TTL counts from now: an explicit load is a use too.
+        slot.alive_at = slot.last_used = time.monotonic()
         self.move(slot, State.READY, Cause.HEALTHY)
 
     # -- stopping ------------------------------------------------------------
 
     def _begin_stop(self, slot: Slot, cause: Cause, detail: str = "") -> None:
+        """Stop a model like an unload: no new requests from now on, the ones in flight
+        finish first (bounded by drain-timeout), then the unit is stopped."""
         if slot.state in (State.UNLOADED, State.STOPPING):
             return
         log.info("stopping model %s (%s)", slot.model.id,
                  "; ".join(filter(None, (STOP_WORDS.get(cause, cause.value), detail))))
         slot.stopping_by_us = True
         slot.keep_alive = None
-        self._drop_backend(slot)
         self.move(slot, State.STOPPING, cause, detail)
         self.spawn(self._stop(slot), "stopping", slot)
 
+    async def _drain(self, slot: Slot) -> None:
+        epoch = slot.epoch
+        deadline = time.monotonic() + self.config.drain_timeout
+        while slot.in_flight > 0 and slot.epoch == epoch:
+            try:
+                await self._wait_change(deadline, f"requests on {slot.model.id} to finish")
+            except Unavailable:
+                log.warning("model %s still has %d requests in flight after drain-timeout "
+                            "(%gs); stopping it anyway", slot.model.id, slot.in_flight,
+                            self.config.drain_timeout)
+                return
+
     async def _stop(self, slot: Slot) -> None:
         epoch = slot.epoch
+        await self._drain(slot)
+        if slot.epoch != epoch:
+            return
+        self._drop_backend(slot)
+        slot.stop_sent = True
+        self._notify()
         try:
             await self.units.stop(slot.unit)
         except UnitError as e:
@@ -192,11 +233,16 @@ class Lifecycle(Core):
         if slot.state is not State.UNLOADED:
             slot.main_pid = 0
             slot.gpus = ()
+            slot.identity = None
+            slot.address = ""
             self._drop_backend(slot)
             self.move(slot, State.UNLOADED, Cause.STOPPED)
         if slot.model.id not in self.snapshot.models and self.current(slot):
             # Its file went away while it was loaded: now it is stopped, forget it.
             del self.slots[slot.model.id]
+        elif slot.reload and self.current(slot):
+            slot.reload = False
+            self.spawn(self.load(slot), "loading again", slot)
 
     # -- adoption, TTL, catalog ----------------------------------------------
 
@@ -206,8 +252,7 @@ class Lifecycle(Core):
             model_id = status.env("LLAMAD_MODEL")
             slot = self.slots.get(model_id or "")
             adoptable = status.active_state in ("active", "activating", "reloading")
-            if slot is not None and adoptable and slot.state is State.UNLOADED and \
-                    unitspec.matches(status, *self.spec(slot)):
+            if slot is not None and adoptable and self._fits(slot, status):
                 self._adopt(slot, status)
             elif status.active_state not in ("inactive", "failed"):
                 log.info("stopping stale unit %s", status.name)
@@ -215,9 +260,19 @@ class Lifecycle(Core):
             else:
                 await self.units.reset_failed(status.name)
 
+    def _fits(self, slot: Slot, status: UnitStatus) -> bool:
+        """Whether a running unit is the one llamad would start for this unloaded model,
+        at the address the unit recorded."""
+        address = status.env("LLAMAD_BACKEND") or ""
+        return slot.state is State.UNLOADED and status.name == slot.unit and \
+            self._adoptable(slot, address) and \
+            unitspec.matches(status, *self.spec(slot, address=address))
+
     def _adopt(self, slot: Slot, status: UnitStatus) -> None:
         log.info("adopting %s (invocation %s)", status.name, status.invocation_id)
-        slot.backend = be.Backend(status.env("LLAMAD_BACKEND") or "")
+        slot.identity = self._identity(slot)
+        slot.address = status.env("LLAMAD_BACKEND") or ""
+        slot.backend = be.Backend(slot.address)
         slot.invocation_id = status.invocation_id
         slot.main_pid = status.main_pid
         slot.n_restarts = status.n_restarts
@@ -243,7 +298,8 @@ class Lifecycle(Core):
             self._begin_stop(self.slots[mid], Cause.TTL)
 
     def update_snapshot(self, snapshot: Snapshot) -> None:
-        """Take a new catalog; models that vanished are stopped."""
+        """Take a new catalog. A loaded model whose file vanished is drained and stopped;
+        one whose file or arguments changed is drained and started again."""
         self.snapshot = snapshot
         for mid, slot in list(self.slots.items()):
             model = snapshot.models.get(mid)
@@ -254,6 +310,20 @@ class Lifecycle(Core):
                 self._begin_stop(slot, Cause.REMOVED)
             else:
                 slot.model = model
+                self._follow_change(slot)
         for mid, model in snapshot.models.items():
             self.slots.setdefault(mid, Slot(model))
         self._notify()
+
+    def _follow_change(self, slot: Slot) -> None:
+        if slot.identity is None or slot.identity == self._identity(slot):
+            return
+        if slot.state in (State.STARTING, State.LOADING, State.READY):
+            slot.reload = True
+            self._begin_stop(slot, Cause.CHANGED, "its file or arguments changed")
+
+    def _identity(self, slot: Slot) -> tuple[object, ...]:
+        """What a running unit was made from: its command line and its files' identity.
+        A model whose identity changed must be restarted to serve what the catalog says."""
+        m = slot.model
+        return m.settings.args, m.created, m.info

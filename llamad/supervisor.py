@@ -6,16 +6,19 @@ the same Slots and changing a model's state only through `Core.move`:
 - core.py: the slots, `move`, views, supervised background tasks;
 - lifecycle.py: decisions carried out: starting, /health, stopping, adoption, TTLs;
 - admission.py: requests: names, queue bounds, holding a model for one request;
-- unitsignals.py: systemd's signals about model units.
+- reconcile.py: systemd's own view of the units, compared and repaired periodically;
+- unitsignals.py: systemd's signals about model units;
+- liveness.py: wedged backends (probed every tick, or reported by forwarding) restarted;
+- idle.py: idle TTLs handed to systemd timers while llamad is away (idle-exit).
 """
 
 from __future__ import annotations
 
 from llamad.core import IllegalMove
-from llamad.unitsignals import Signals
+from llamad.idle import Idle
 
 __all__ = ["IllegalMove", "Supervisor"]
 
 
-class Supervisor(Signals):
+class Supervisor(Idle):
     """All of the above; what app.py builds and the HTTP handlers use."""

@@ -48,6 +48,22 @@ def is_model_unit(unit: str) -> bool:
     return unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX)
 
 
+# While llamad is away (idle-exit), a model's remaining idle TTL runs in a timer that
+# starts a service conflicting with the model's unit: llamad-ttl@<instance>.timer/.service.
+TTL_PREFIX = "llamad-ttl@"
+TTL_TIMER_PATTERN = f"{TTL_PREFIX}*.timer"
+
+
+def ttl_units(unit: str) -> tuple[str, str]:
+    """The TTL timer of a model unit, and the service it starts."""
+    name = TTL_PREFIX + instance_of(unit)
+    return f"{name}.timer", f"{name}.service"
+
+
+def unit_of_ttl_timer(timer: str) -> str:
+    return f"{UNIT_PREFIX}{timer.removeprefix(TTL_PREFIX).removesuffix('.timer')}{UNIT_SUFFIX}"
+
+
 def instance_of(unit: str) -> str:
     """llama-server@<instance>.service -> <instance>."""
     return unit.removeprefix(UNIT_PREFIX).removesuffix(UNIT_SUFFIX)

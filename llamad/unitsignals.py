@@ -4,23 +4,26 @@ state changes that follow; see "Unit lifecycle as llamad sees it" in docs/design
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from llamad import backend as be
 from llamad import unitspec
-from llamad.admission import Admission
 from llamad.events import Cause
+from llamad.reconcile import Reconcile
 from llamad.scheduler import State
 from llamad.slot import Slot
+from llamad.units import REMOVED
 
 log = logging.getLogger("llamad.supervisor")
 
 
-class Signals(Admission):
+class Signals(Reconcile):
     def on_unit_change(self, unit: str, props: dict[str, Any]) -> None:
         slot = self.by_unit(unit)
         if slot is None:
+            return
+        if props.get(REMOVED):
+            if slot.state is not State.UNLOADED:
+                self.spawn(self.recheck(slot), "asking systemd about", slot)
             return
         for key in ("Result", "ExecMainCode", "ExecMainStatus"):
             if key in props:
@@ -42,22 +45,16 @@ class Signals(Admission):
                 slot.last_exit.get("Result") == "oom-kill"):
             self._on_oom(slot)
         elif active == "active" and slot.state is State.STARTING:
+            if slot.replacing and slot.invocation_id == slot.replacing:
+                return  # still the wedged process, not yet killed
+            slot.replacing = ""
             self.move(slot, State.LOADING, Cause.ACTIVE)
             self._begin_health(slot)
         elif active == "activating" and sub == "auto-restart":
             if slot.state in (State.READY, State.LOADING):
-                self._on_crash(slot)
+                self._crashed(slot)
         elif active in ("inactive", "failed") and job == 0:
             self._on_gone(slot, active)
-
-    def _on_crash(self, slot: Slot) -> None:
-        why = self.exit_text(slot)
-        log.warning("model %s crashed (%s); systemd restarts it", slot.model.id, why)
-        slot.load_started = time.monotonic()
-        slot.load_time_unknown = False
-        self._drop_backend(slot)
-        slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
-        self.move(slot, State.STARTING, Cause.CRASH, why)
 
     def _on_gone(self, slot: Slot, active: str) -> None:
         clean = active == "inactive" and slot.last_exit.get("Result", "success") == "success"

@@ -4,7 +4,6 @@ environment by which a later llamad recognizes it. Pure functions of config and 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,21 @@ def instance(model: Model) -> str:
     return instance_of(model.unit)
 
 
-def address(config: Config, model: Model, port_for: Callable[[str], int]) -> str:
+def address(config: Config, model: Model, port: int = 0) -> str:
+    """Where the model's backend listens: its UNIX socket, or the loopback `port` llamad
+    allocated to it (0 until it has one)."""
     if config.backend == "unix":
         return be.unix_address(config.run_dir, instance(model))
-    return be.tcp_address(port_for(model.id))
+    return be.tcp_address(port)
+
+
+def tcp_port(address: str) -> int | None:
+    """The port of a loopback TCP backend address, None for anything else."""
+    kind, _, rest = address.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or host != "127.0.0.1" or not port.isdigit():
+        return None
+    return int(port)
 
 
 UINT32_MAX = 2**32 - 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -19,8 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from llamad.bus import Props
 from llamad.supervisor import Supervisor
-from llamad.units import UnitError, UnitSpec, UnitStatus
+from llamad.units import MARKER, UnitError, UnitSpec, UnitStatus
 
 
 class Watch:
@@ -48,26 +51,43 @@ class Watch:
 
 
 class FakeSystemd:
-    """Records calls; a unit exists from its start until the test says it stopped."""
+    """Records calls and keeps systemd's view of the units (`units`); a unit is
+    activating from its start until the test says it is active, and exists until the
+    test says it is gone. Signals are sent only where a test sends them."""
 
     def __init__(self, watch: Watch) -> None:
         self.watch = watch
         self.started: list[str] = []
         self.stopped: list[str] = []
-        self.running: dict[str, UnitSpec] = {}
+        self.killed: list[tuple[str, int]] = []
+        self.units: dict[str, UnitStatus] = {}
+        self.specs: dict[str, UnitSpec] = {}  # the latest start of each unit
+        self.transient: dict[str, dict[str, Any]] = {}  # other transient units: properties
         self.status_error: Exception | None = None
         self.memory_current: int | None = None
 
+    @property
+    def running(self) -> set[str]:
+        return set(self.units)
+
     async def start(self, spec: UnitSpec) -> None:
         self.started.append(spec.name)
-        self.running[spec.name] = spec
+        self.specs[spec.name] = spec
+        self.units[spec.name] = UnitStatus(spec.name, "loaded", "activating", "start",
+                                           environment=(*spec.environment, MARKER))
         self.watch.poke()
 
     async def stop(self, name: str) -> None:
         self.stopped.append(name)
         self.watch.poke()
-        if name not in self.running:
+        if self.transient.pop(name, None) is not None:
+            return
+        if name not in self.units:
             raise UnitError(f"org.freedesktop.systemd1.NoSuchUnit: Unit {name} not loaded.")
+
+    async def kill(self, name: str, signal: int) -> None:
+        self.killed.append((name, signal))
+        self.watch.poke()
 
     async def reset_failed(self, name: str) -> None:
         pass
@@ -76,25 +96,43 @@ class FakeSystemd:
         self.watch.poke()
         if self.status_error is not None:
             raise self.status_error
-        if name not in self.running:
-            return UnitStatus(name)
-        return UnitStatus(name, "loaded", "active", "running",
-                          memory_current=self.memory_current)
+        found = self.units.get(name, UnitStatus(name))
+        return dataclasses.replace(found, memory_current=self.memory_current)
 
     async def list_ours(self) -> list[UnitStatus]:
-        return []
+        return [s for s in self.units.values() if s.ours]
 
-    # What systemd sends (Service interface first, then Unit) ----------------
+    async def start_transient(self, name: str, props: Props,
+                              aux: list[tuple[str, Props]] | None = None) -> None:
+        self.transient[name] = {key: value for key, _sig, value in props}
+        for aux_name, aux_props in aux or []:
+            self.transient[aux_name] = {key: value for key, _sig, value in aux_props}
+        self.watch.poke()
 
-    def active(self, sup: Supervisor, name: str, pid: int = 4242) -> None:
-        sup.on_unit_change(name, {"MainPID": pid, "InvocationID": os.urandom(16)})
-        sup.on_unit_change(name, {"ActiveState": "active", "SubState": "running"})
+    async def names(self, pattern: str) -> list[str]:
+        return [n for n in (*self.units, *self.transient) if fnmatch.fnmatchcase(n, pattern)]
 
-    def gone(self, sup: Supervisor, name: str, result: str = "success") -> None:
-        self.running.pop(name, None)
-        sup.on_unit_change(name, {"Result": result, "MainPID": 0})
-        sup.on_unit_change(name, {"ActiveState": "inactive" if result == "success"
-                                  else "failed", "SubState": "dead"})
+    async def properties(self, name: str, iface: bytes) -> dict[str, Any]:
+        return {"NextElapseUSecMonotonic": self.transient[name]["due"]}
+
+    # systemd's side: its view changes, and (unless quiet) the signals it sends ----------
+
+    def active(self, sup: Supervisor, name: str, pid: int = 4242, quiet: bool = False) -> None:
+        invocation = os.urandom(16)
+        self.units[name] = dataclasses.replace(
+            self.units[name], active_state="active", sub_state="running", main_pid=pid,
+            invocation_id=invocation.hex())
+        if not quiet:  # the Service interface, then the Unit interface
+            sup.on_unit_change(name, {"MainPID": pid, "InvocationID": invocation})
+            sup.on_unit_change(name, {"ActiveState": "active", "SubState": "running"})
+
+    def gone(self, sup: Supervisor, name: str, result: str = "success",
+             quiet: bool = False) -> None:
+        self.units.pop(name, None)
+        if not quiet:
+            sup.on_unit_change(name, {"Result": result, "MainPID": 0})
+            sup.on_unit_change(name, {"ActiveState": "inactive" if result == "success"
+                                      else "failed", "SubState": "dead"})
 
 
 @contextlib.contextmanager
@@ -107,19 +145,35 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class FakeLlamaServers:
+    """llama-server's /health on each model's socket under run_dir: 200, or no answer at
+    all for the instances in `stalled` (a stopped or hung process)."""
+
+    def __init__(self) -> None:
+        self.stalled: set[str] = set()
+        self.asked: list[str] = []
+
+
 @contextlib.asynccontextmanager
-async def fake_llama_servers(run_dir: Path, instances: list[str]) -> AsyncIterator[None]:
-    """An HTTP server answering GET /health 200 on each model's socket under run_dir."""
-    app = web.Application()
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
+async def fake_llama_servers(run_dir: Path, instances: list[str]
+                             ) -> AsyncIterator[FakeLlamaServers]:
+    fake = FakeLlamaServers()
+    runners = []
     for name in instances:
+        async def health(_: web.Request, name: str = name) -> web.Response:
+            fake.asked.append(name)
+            if name in fake.stalled:
+                await asyncio.Event().wait()
+            return web.json_response({"status": "ok"})
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
         (run_dir / name).mkdir(parents=True, exist_ok=True)
         await web.UnixSite(runner, str(run_dir / name / "llama.sock")).start()
+        runners.append(runner)
     try:
-        yield
+        yield fake
     finally:
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()

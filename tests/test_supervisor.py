@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from fakesystemd import FakeSystemd, Watch, fake_llama_servers, short_dir
+from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
 from ggufgen import write_model
 from test_measure import NoNvml
 
 from llamad import report
 from llamad.catalog import scan
 from llamad.config import Config
-from llamad.errors import Unavailable
+from llamad.errors import NotFound, Unavailable
 from llamad.events import Cause
 from llamad.gpu import GpuMonitor
 from llamad.measure import Measure
@@ -51,6 +53,8 @@ def config(tmp_path: Path, run_dir: Path) -> Config:
 class Rig:
     """A supervisor on a fake systemd, and the Watch to wait on both."""
 
+    servers: FakeLlamaServers
+
     def __init__(self, config: Config) -> None:
         self.watch = Watch()
         self.units = FakeSystemd(self.watch)
@@ -64,6 +68,12 @@ class Rig:
     async def state(self, name: str, want: State) -> None:
         await self.watch.until(f"{name} to be {want.value}",
                                lambda: self.slot(name).state is want)
+
+    async def probe(self) -> None:
+        """What the daemon's tick does once a second: probe, here awaited to its end."""
+        self.sup.probe()
+        await asyncio.gather(*(t for t in asyncio.all_tasks()
+                               if t.get_name().startswith("probing ")))
 
     async def ready(self, name: str) -> Slot:
         """Load through the real decision path and drive the model to READY as systemd
@@ -83,7 +93,8 @@ async def no_journal(unit: str) -> str:
 @pytest.fixture
 async def rig(config: Config, run_dir: Path) -> AsyncIterator[Rig]:
     r = Rig(config)
-    async with fake_llama_servers(run_dir, MODELS):
+    async with fake_llama_servers(run_dir, MODELS) as servers:
+        Rig.servers = servers
         yield r
         await r.sup.close()
 
@@ -203,3 +214,202 @@ async def test_cheapest_reload_evicts_by_learned_load_time(rig: Rig) -> None:
     await r.sup.load(r.slot("tiny-c"))
     assert (a.state, b.state) == (State.STOPPING, State.READY)
     await r.sup.close()
+
+
+# -- reconciling with systemd's view (signals missed) ---------------------------
+
+
+async def test_reconcile_finds_a_unit_active_without_its_signal(rig: Rig) -> None:
+    slot = rig.slot("tiny-a")
+    await rig.sup.load(slot)
+    await rig.watch.until("the start", lambda: slot.unit in rig.units.running)
+    rig.units.active(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    await rig.state("tiny-a", State.READY)
+
+
+async def test_reconcile_unloads_a_unit_stopped_behind_llamads_back(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.gone(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    assert slot.state is State.UNLOADED and slot.backend is None
+    await rig.ready("tiny-a")  # and an explicit load works again
+    assert rig.units.started == [slot.unit] * 2
+
+
+async def test_reconcile_adopts_a_ghost_and_stops_a_stray(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.gone(rig.sup, slot.unit)  # llamad saw the stop...
+    await rig.state("tiny-a", State.UNLOADED)
+    spec, _ = rig.sup.spec(slot)
+    await rig.units.start(spec)  # ...but a unit of the same model runs again
+    rig.units.active(rig.sup, slot.unit, quiet=True)
+    stray = dataclasses.replace(spec, name="llama-server@gone.service", environment=(
+        "LLAMAD_MODEL=gone", "LLAMAD_BACKEND=unix:/nowhere", "LLAMAD_ARGS=0"))
+    await rig.units.start(stray)
+    rig.units.active(rig.sup, stray.name, quiet=True)
+    await rig.sup.reconcile()
+    await rig.state("tiny-a", State.READY)
+    await rig.watch.until("the stray unit's stop", lambda: stray.name in rig.units.stopped)
+    assert slot.unit not in rig.units.stopped
+
+
+async def test_reconcile_follows_a_restart_it_was_not_told_of(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    old = slot.invocation_id
+    rig.units.active(rig.sup, slot.unit, pid=4343, quiet=True)  # a new invocation
+    await rig.sup.reconcile()
+    assert slot.state is State.LOADING and slot.invocation_id != old
+    await rig.state("tiny-a", State.READY)
+
+
+async def test_unit_removed_is_checked_not_believed(rig: Rig) -> None:
+    from llamad.units import REMOVED
+    slot = await rig.ready("tiny-a")
+    # daemon-reload sends UnitRemoved for every unit, running ones included.
+    rig.sup.on_unit_change(slot.unit, {REMOVED: True})
+    asked = [t for t in asyncio.all_tasks() if t.get_name() == "asking systemd about tiny-a"]
+    await asyncio.gather(*asked)
+    assert asked and slot.state is State.READY
+    rig.units.gone(rig.sup, slot.unit, quiet=True)
+    rig.sup.on_unit_change(slot.unit, {REMOVED: True})
+    await rig.state("tiny-a", State.UNLOADED)
+
+
+# -- wedged backends ----------------------------------------------------------------------
+
+
+async def test_a_silent_backend_is_wedged_and_restarted(rig: Rig) -> None:
+    r = with_config(rig, liveness_timeout=0.3)
+    slot = await r.ready("tiny-a")
+    old = slot.backend
+    assert old is not None
+    old.session()  # its clients' connections
+    r.servers.stalled.add("tiny-a")  # kill -STOP
+    while slot.state is State.READY:
+        await r.probe()
+    assert slot.state is State.STARTING and slot.backend is not old
+    await r.watch.until("the kill", lambda: r.units.killed == [(slot.unit, signal.SIGKILL)])
+    # Still the stopped process (a signal before the kill lands): not the new one yet.
+    r.sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    assert slot.state is State.STARTING
+    r.servers.stalled.clear()
+    r.units.active(r.sup, slot.unit)  # systemd's Restart=: a new process, a new invocation
+    await r.state("tiny-a", State.READY)
+    await r.sup.close()
+
+
+async def test_a_backend_that_answers_is_left_alone(rig: Rig) -> None:
+    r = with_config(rig, liveness_timeout=0.3)
+    slot = await r.ready("tiny-a")
+    for _ in range(3):
+        asked = len(r.servers.asked)
+        await r.probe()
+        assert len(r.servers.asked) == asked + 1
+    assert slot.state is State.READY and r.units.killed == []
+    await r.sup.close()
+
+
+async def test_a_stale_wedge_report_is_ignored(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    old = slot.backend
+    assert old is not None
+    rig.sup.wedged(slot, old, "no bytes for 30s")
+    assert slot.state is State.STARTING
+    rig.sup.wedged(slot, old, "a second report from another request")
+    await rig.watch.until("the kill", lambda: rig.units.killed)
+    assert rig.units.killed == [(slot.unit, signal.SIGKILL)]
+
+
+# -- files changing under load ------------------------------------------------------------
+
+
+def catalog(r: Rig, **changes: object) -> None:
+    """A rescan, as the watcher would publish it."""
+    r.sup.update_snapshot(scan(dataclasses.replace(r.sup.config, **changes),
+                               previous=r.sup.snapshot))
+
+
+async def test_a_removed_model_is_drained_not_cut(rig: Rig, config: Config) -> None:
+    slot = await rig.ready("tiny-a")
+    async with rig.sup.use(slot) as backend:
+        session = backend.session()  # a stream in flight
+        (config.models_dirs[0] / "tiny-a.gguf").unlink()
+        catalog(rig)
+        assert slot.state is State.STOPPING
+        assert rig.units.stopped == [] and not session.closed
+    await rig.watch.until("the stop once the stream ended", lambda: rig.units.stopped)
+    assert session.closed
+    rig.units.gone(rig.sup, slot.unit)
+    assert "tiny-a" not in rig.sup.slots
+
+
+async def test_an_edited_preset_restarts_the_model_with_its_new_arguments(
+        rig: Rig, config: Config, tmp_path: Path) -> None:
+    slot = await rig.ready("tiny-a")
+    first = rig.units.specs[slot.unit].argv
+    (tmp_path / "presets.ini").write_text("[tiny-a]\nctx-size = 2048\n")
+    catalog(rig, models_preset=tmp_path / "presets.ini")
+    assert slot.state is State.STOPPING
+    await rig.watch.until("the stop", lambda: rig.units.stopped)
+    rig.units.gone(rig.sup, slot.unit)
+    await rig.watch.until("a new start", lambda: len(rig.units.started) == 2)
+    argv = rig.units.specs[slot.unit].argv
+    assert "2048" in argv and "2048" not in first
+
+
+async def test_a_request_for_a_model_being_copied_in_waits(rig: Rig, config: Config) -> None:
+    fresh = config.models_dirs[0] / "fresh.gguf"
+    write_model(fresh)  # just copied: still "being written"
+
+    async def rescan() -> None:
+        catalog(rig)
+    rig.sup.rescan = rescan
+    found = asyncio.ensure_future(rig.sup.find("fresh"))
+    await rig.watch.until("the copy to be seen", lambda: "fresh" in rig.sup.snapshot.settling)
+    assert not found.done()
+    os.utime(fresh, (0, 0))  # the copy is done
+    catalog(rig)
+    assert (await found).model.id == "fresh"
+    with pytest.raises(NotFound):
+        await rig.sup.find("never-copied")
+
+
+# -- idle TTLs while llamad is away -------------------------------------------------------
+
+
+async def test_idle_ttls_go_to_systemd_and_come_back(rig: Rig) -> None:
+    r = with_config(rig, idle_ttl=100.0)
+    slot = await r.ready("tiny-a")
+    assert r.sup.quiet()
+    await r.sup.hand_off()
+    timer = r.units.transient["llamad-ttl@tiny-a.timer"]
+    ((base, usec),) = timer["TimersMonotonic"]
+    assert base == "OnActiveSec" and 99e6 < usec <= 100e6
+    assert r.units.transient["llamad-ttl@tiny-a.service"]["Conflicts"] == [slot.unit]
+    # The next llamad adopts the model; the timer was due in 40 s.
+    timer["due"] = int((time.monotonic() + 40) * 1e6)
+    slot.last_used = time.monotonic()
+    await r.sup.take_back()
+    assert "llamad-ttl@tiny-a.timer" in r.units.stopped
+    assert 39 < report.describe(r.sup, slot)["ttl_left"] <= 40
+    await r.sup.close()
+
+
+async def test_not_quiet_while_a_model_starts(rig: Rig) -> None:
+    await rig.sup.load(rig.slot("tiny-a"))
+    assert not rig.sup.quiet()
+
+
+async def test_a_model_failed_by_a_bus_error_is_taken_back_from_systemd(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.status_error = UnitError("Connection reset by peer")
+    rig.units.gone(rig.sup, slot.unit, result="exit-code", quiet=True)
+    rig.sup.on_unit_change(slot.unit, {"ActiveState": "failed", "SubState": "failed"})
+    await rig.state("tiny-a", State.FAILED)  # systemd could not say otherwise
+    rig.units.status_error = None
+    spec, _ = rig.sup.spec(slot)
+    await rig.units.start(spec)  # while systemd, in fact, restarted it
+    rig.units.active(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    await rig.state("tiny-a", State.READY)

@@ -141,8 +141,8 @@ def test_package_installs_every_unit_file() -> None:
 def test_model_unit_paths_are_named_in_one_place() -> None:
     from pystemd.dbuslib import path_encode
 
+    from llamad.bus import unit_path
     from llamad.unitname import UNIT_PATH_PREFIX, bus_label, unit_name
-    from llamad.units import unit_path
 
     for name in ("gemma-a", "a/b:Q4_K_M", "ü.x", "x" * 200):
         unit = unit_name(name)
