@@ -109,6 +109,12 @@ class Admission(Lifecycle):
                                f"{slot.reason}", code="model_failed")
         return err
 
+    def set_pin(self, slot: Slot, pinned: bool) -> None:
+        """Pin or unpin a model until llamad restarts; the preset's `pin` is the default."""
+        slot.pin = pinned
+        log.info("model %s %s", slot.model.id, "pinned" if pinned else "unpinned")
+        self._notify()  # a load waiting for room decides again
+
     async def unload(self, slot: Slot) -> None:
         """Stop a model; returns once its requests in flight have finished (bounded by
         drain-timeout) and the stop is under way."""

@@ -111,7 +111,7 @@ class Core:
             else slot.load_seconds
         return ModelView(
             id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
-            last_used=slot.last_used, pinned=s.pin, need=self.measure.need(slot.model),
+            last_used=slot.last_used, pinned=slot.pinned, need=self.measure.need(slot.model),
             load_seconds=load, gpus=slot.gpus, devices=s.devices or (), used=slot.used,
             split=s.split, reason=slot.reason)
 

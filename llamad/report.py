@@ -30,7 +30,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "load_seconds": slot.load_seconds, "reason": slot.reason or None,
         # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
-        "pinned": slot.model.settings.pin, "gpus": list(slot.gpus),
+        "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
         **_memory_fields(sup, slot),
     }

@@ -83,7 +83,13 @@ class Slot:
     alive_at: float = 0.0  # monotonic: last /health answer or finished request while ready
     probing: bool = False  # a liveness probe is in flight
     replacing: str = ""  # the InvocationID of a wedged process being replaced
+    pin: bool | None = None  # set at runtime (POST /models/pin); None: the preset's `pin`
 
     @property
     def unit(self) -> str:
         return self.model.unit
+
+    @property
+    def pinned(self) -> bool:
+        """Never evicted nor stopped by TTL."""
+        return self.model.settings.pin if self.pin is None else self.pin
