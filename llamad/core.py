@@ -1,8 +1,7 @@
 """The state the supervisor's parts share, and the one way to change a model's state.
 
-The Supervisor is assembled from one class per concern, each a layer over this one:
-lifecycle.py (starting, stopping, health), admission.py (requests), unitsignals.py
-(what systemd tells us). They all hold the same Slots, and every state change goes
+The Supervisor is assembled from one class per concern, each a layer over this one
+(supervisor.py lists them). They all hold the same Slots, and every state change goes
 through `Core.move`. Slots are mutated only on the event loop thread and never across
 an await: a task that awaits re-checks `slot.epoch` (bumped by every move) before it
 acts on what it decided earlier.

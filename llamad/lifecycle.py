@@ -155,6 +155,33 @@ class Lifecycle(Core):
         slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
         self.move(slot, State.STARTING, Cause.CRASH, why)
 
+    def _confirm_failure(self, slot: Slot) -> None:
+        """The unit looks failed: ask systemd whether it is, and if so fail the model with
+        the exit and the unit's last journal lines."""
+        if not slot.checking:
+            self.spawn(self._record_failure(slot), "recording the failure of", slot)
+
+    async def _record_failure(self, slot: Slot) -> None:
+        epoch = slot.epoch
+        slot.checking = True
+        try:
+            # systemd 252 passes through "failed" on its way to an automatic
+            # restart; only systemd knows whether one is coming, so ask.
+            status = await self.units.status(slot.unit)
+        finally:
+            slot.checking = False
+        restarting = status.sub_state == "auto-restart" or status.active_state in (
+            "activating", "active", "reloading")
+        if restarting or slot.epoch != epoch:
+            return
+        exit_text = self.exit_text(slot)
+        self._fail(slot, exit_text)  # before the await, so the signal storm records once
+        epoch = slot.epoch
+        tail = await self.journal(slot.unit)
+        if tail and slot.epoch == epoch:  # not retried or replaced meanwhile
+            slot.reason = f"{exit_text}; last log lines: {tail}"
+            self._notify()
+
     def _begin_health(self, slot: Slot) -> None:
         self.spawn(self._health(slot), "waiting for /health of", slot)
 
@@ -264,7 +291,7 @@ class Lifecycle(Core):
         """Whether a running unit is the one llamad would start for this unloaded model,
         at the address the unit recorded."""
         address = status.env("LLAMAD_BACKEND") or ""
-        return slot.state is State.UNLOADED and status.name == slot.unit and \
+        return slot.state in (State.UNLOADED, State.FAILED) and status.name == slot.unit and \
             self._adoptable(slot, address) and \
             unitspec.matches(status, *self.spec(slot, address=address))
 

@@ -16,7 +16,6 @@ import logging
 from typing import Any
 
 from llamad import backend as be
-from llamad import unitspec
 from llamad.admission import Admission
 from llamad.events import Cause
 from llamad.scheduler import State
@@ -89,23 +88,12 @@ class Reconcile(Admission):
                             status.name)
                 self.spawn(self.units.stop(status.name), f"stopping {status.name}")
 
-    async def recheck(self, slot: Slot) -> None:
-        """Reconcile one model now (after a signal that says little, like UnitRemoved)."""
-        epoch = slot.epoch
-        try:
-            status = await self.units.status(slot.unit)
-        except UnitError as e:  # systemd away a moment (daemon-reexec): the next round
-            log.info("reconcile: cannot ask systemd about %s now (%s)", slot.unit, e)
-            self.reconcile_soon()
-            return
-        if slot.epoch == epoch and self._settled(slot, status):
-            self._repair(slot, None if status.load_state == "not-found" else status)
-
     def _settled(self, slot: Slot, status: UnitStatus | None) -> bool:
         """Neither llamad nor systemd is half-way through a change of this unit: no start
         call in flight, no job queued. The signals that follow will tell; if not, the next
         round will."""
-        return self.current(slot) and not slot.start_pending and not (status and status.job)
+        return self.current(slot) and not slot.start_pending and not slot.checking and \
+            not (status and status.job)
 
     def _repair(self, slot: Slot, status: UnitStatus | None) -> None:
         now = seen(status)
@@ -113,8 +101,6 @@ class Reconcile(Admission):
         if state is State.UNLOADED or state is State.FAILED:
             if now in (Seen.RUNNING, Seen.STARTING):
                 assert status is not None
-                if state is State.FAILED:  # the failure was llamad's view, not systemd's
-                    self.move(slot, State.UNLOADED, Cause.RECONCILE, "its unit runs")
                 self._take_over(slot, status)
         elif state is State.STOPPING:
             if now in (Seen.GONE, Seen.FAILED):
@@ -133,8 +119,9 @@ class Reconcile(Admission):
         """A model llamad believes starting, loading or ready, whose unit systemd has."""
         state = slot.state
         if now is Seen.FAILED:
-            self._differs(slot, now, "failed")
-            self._fail(slot, f"{unitspec.describe_exit(_exit(status))} (found by reconcile)")
+            # systemd 252 shows "failed" on its way to an automatic restart too: confirm.
+            self._differs(slot, now, "checking whether it failed")
+            self._confirm_failure(slot)
         elif now is Seen.STOPPING:
             self._differs(slot, now, "stopping (stopped behind llamad's back)")
             self._drop_backend(slot)
@@ -159,9 +146,13 @@ class Reconcile(Admission):
                 self._begin_health(slot)
 
     def _take_over(self, slot: Slot, status: UnitStatus) -> None:
-        """A unit runs for a model llamad believes unloaded."""
+        """A unit runs for a model llamad believes unloaded or failed: adopted if it is the
+        one llamad would start, else stopped (and the model stays as it is)."""
         if self._fits(slot, status):
             self._differs(slot, seen(status), "adopting it")
+            if slot.state is State.FAILED:  # the failure was llamad's view, not systemd's
+                slot.reason = ""
+                self.move(slot, State.UNLOADED, Cause.RECONCILE, "its unit runs")
             self._adopt(slot, status)
         else:
             self._differs(slot, seen(status), "stopping it")
@@ -176,8 +167,3 @@ class Reconcile(Admission):
         log.warning("reconcile: model %s is %s in llamad but %s in systemd; now %s",
                     slot.model.id, slot.state.value, now.value, repair)
 
-
-def _exit(status: UnitStatus) -> dict[str, object]:
-    codes = {"exited": 1, "killed": 2, "dumped": 3}
-    return {"Result": status.result or "unknown", "ExecMainCode": codes.get(status.exit_code, 0),
-            "ExecMainStatus": status.exit_status}

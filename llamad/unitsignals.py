@@ -22,8 +22,9 @@ class Signals(Reconcile):
         if slot is None:
             return
         if props.get(REMOVED):
-            if slot.state is not State.UNLOADED:
-                self.spawn(self.recheck(slot), "asking systemd about", slot)
+            # Ask systemd in the next reconcile, which lists loaded units only: asking about
+            # this one by its path would load it again, and its removal would signal again.
+            self.reconcile_soon()
             return
         for key in ("Result", "ExecMainCode", "ExecMainStatus"):
             if key in props:
@@ -62,7 +63,7 @@ class Signals(Reconcile):
                 clean and slot.state is not State.FAILED):
             self._unit_gone(slot)
         elif slot.state not in (State.UNLOADED, State.FAILED):
-            self.spawn(self._record_failure(slot), "recording the failure of", slot)
+            self._confirm_failure(slot)
 
     def _on_oom(self, slot: Slot) -> None:
         """An OOM kill would recur on restart: fail the model and cancel systemd's restart,
@@ -71,26 +72,3 @@ class Signals(Reconcile):
             return
         self._fail(slot, unitspec.describe_exit(slot.last_exit))
         self.spawn(self.units.stop(slot.unit), f"stopping {slot.unit}")
-
-    async def _record_failure(self, slot: Slot) -> None:
-        if slot.checking:
-            return
-        epoch = slot.epoch
-        slot.checking = True
-        try:
-            # systemd 252 passes through "failed" on its way to an automatic
-            # restart; only systemd knows whether one is coming, so ask.
-            status = await self.units.status(slot.unit)
-        finally:
-            slot.checking = False
-        restarting = status.sub_state == "auto-restart" or status.active_state in (
-            "activating", "active", "reloading")
-        if restarting or slot.epoch != epoch:
-            return
-        exit_text = self.exit_text(slot)
-        self._fail(slot, exit_text)  # before the await, so the signal storm records once
-        epoch = slot.epoch
-        tail = await self.journal(slot.unit)
-        if tail and slot.epoch == epoch:  # not retried or replaced meanwhile
-            slot.reason = f"{exit_text}; last log lines: {tail}"
-            self._notify()

@@ -60,6 +60,7 @@ class FakeSystemd:
         self.started: list[str] = []
         self.stopped: list[str] = []
         self.killed: list[tuple[str, int]] = []
+        self.asked: list[str] = []  # status() calls
         self.units: dict[str, UnitStatus] = {}
         self.specs: dict[str, UnitSpec] = {}  # the latest start of each unit
         self.transient: dict[str, dict[str, Any]] = {}  # other transient units: properties
@@ -93,6 +94,7 @@ class FakeSystemd:
         pass
 
     async def status(self, name: str) -> UnitStatus:
+        self.asked.append(name)
         self.watch.poke()
         if self.status_error is not None:
             raise self.status_error

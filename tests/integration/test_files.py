@@ -85,14 +85,21 @@ async def test_a_model_copied_in_and_requested_at_once_is_served(llamad_factory:
     assert status == 200, body
 
 
+def running_args(d: Llamad) -> str:
+    """The model process's command line, as the kernel has it."""
+    pid = d.show(UNIT, "MainPID")
+    out = d.box.run(["cat", f"/proc/{pid}/cmdline"], check=False).stdout
+    return " ".join(out.split("\0"))
+
+
 async def test_an_edited_preset_restarts_the_model_with_its_new_arguments(
         llamad_factory: Factory) -> None:
-    d = llamad_factory(["gemma-a"], preset="[gemma-a]\nctx-size = 2048\n")
+    d = llamad_factory(["gemma-a"], preset="[gemma-a]\nbatch-size = 256\n")
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, d.url, "gemma-a"))[0] == 200
-        assert "--ctx-size 2048" in d.show(UNIT, "ExecStart")
-        (d.dir / "presets.ini").write_text("[gemma-a]\nctx-size = 1024\n")
+        assert "--batch-size 256" in running_args(d)
+        (d.dir / "presets.ini").write_text("[gemma-a]\nbatch-size = 128\n")
         await asyncio.to_thread(rig.wait_for, "the unit to run the new arguments",
-                                lambda: "--ctx-size 1024" in d.show(UNIT, "ExecStart"), 60)
+                                lambda: "--batch-size 128" in running_args(d), 60)
         await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready", 120)
         assert (await chat(s, d.url, "gemma-a"))[0] == 200
