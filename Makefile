@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit lint deb demo bench clean
+.PHONY: dev test test-unit lint deb demo bench clean conformance
 
 dev:
 	bash tools/setup-dev
@@ -12,6 +12,10 @@ test: dev
 
 test-unit: dev
 	$(PY) -m pytest -ra -m 'not integration' $(PYTEST_ARGS)
+
+# llama.cpp's own server tests against llamad on the box; writes docs/conformance.md.
+conformance: dev
+	$(PY) tests/conformance/run.py $(CONFORMANCE_ARGS)
 
 lint: dev
 	$(PY) -m pytest -ra tests/test_lint.py

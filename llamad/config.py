@@ -60,6 +60,7 @@ SPEC: dict[str, tuple[str, str]] = {
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
+    "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
 }
 
 
@@ -97,6 +98,7 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    debug_request_delay: float
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:

@@ -9,6 +9,7 @@ a conversation's stream).
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import logging
 from typing import Any
@@ -104,6 +105,8 @@ async def proxied(request: web.Request, slot: Slot, body: bytes,
                          code="model_not_loaded")
     try:
         async with sup.use(slot, keep_alive) as backend:
+            if sup.config.debug_request_delay:
+                await asyncio.sleep(sup.config.debug_request_delay)
             return await forward(request, backend, body)
     except BackendUnreachable:
         if not load:
