@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import keys, streams
+from llamad import browsers, keys, streams
 from llamad.api import resolve, router_props, supervisor
 from llamad.body import parse_keep_alive, read_json
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
@@ -65,6 +65,7 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     return await proxied(request, slot, body, keep_alive)
 
 
+@browsers.takes_files
 async def handle_form(request: web.Request) -> web.StreamResponse:
     """Multipart uploads (audio transcriptions) name the model in a form field."""
     if not request.content_type.startswith("multipart/form-data"):
