@@ -161,7 +161,7 @@ def test_web_ui_and_dashboard(installed: str) -> None:
     with urllib.request.urlopen(base + "/dashboard/events", timeout=30) as r:
         assert r.readline() == b"event: hello\n"
         hello = json.loads(r.readline().decode().removeprefix("data: "))
-        assert [m["id"] for m in hello["models"]] == [MODEL]
+        assert hello["ids"] == [MODEL]
 
 
 def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:
