@@ -57,6 +57,27 @@ NOT_APPLICABLE = {
 }
 # Tests that run but fail by design: llamad deliberately differs. Listed with the reason.
 DIFFERENCES: dict[str, str] = {}
+# Where llamad answers otherwise than router mode on purpose, though no test here trips.
+KNOWN_DIFFERENCES = (
+    "Deliberate differences from router mode that these tests do not trip: an unknown "
+    "model is 404 `model_not_found` (router mode: 400), as OpenAI answers; "
+    "`POST /models/load` of a running model and `POST /models/unload` of a stopped one "
+    "succeed (router mode: 400), so retries are harmless; `POST /models/unload` returns once "
+    "the model's requests in flight have finished (router mode returns at once); a failed "
+    "model stays failed (503 with the reason) until an explicit load, where router mode "
+    "spawns it again on the next request; `POST /models` (download) and `DELETE /models` "
+    "answer 501.")
+SINGLE_NOTE = (
+    "The single-model files ({files}) start llama-server with one model (`-hf`) and send "
+    "requests that name none. The launcher runs them as a llamad serving that one model, "
+    "and the plugin (tests/conformance/plugin.py) names it in each request, since a "
+    "router needs the name, as llama.cpp's router does: `make conformance "
+    "CONFORMANCE_ARGS=\"--files unit/test_basic.py ...\"`. Their expectations are written "
+    "for the stories260K test models (exact texts, token ids, a BOS id of 1), which the "
+    "offline cache can only replace with Gemma, so a failure there has to be told apart "
+    "from a routing fault by running the same case against llama-server itself on the same "
+    "Gemma file. That classified run is not part of this document yet: on the shared "
+    "2-core machine the 113 cases did not finish within the task that built this.")
 
 
 @dataclass
@@ -161,10 +182,16 @@ def write_doc(path: Path, results: list[Result], took: float, files: list[str]) 
         f"{counts['not applicable']} not applicable, {counts['skipped']} skipped by the "
         f"suite itself; {took / 60:.1f} minutes on 2 cores.",
         "",
-        "Reference: llama-server's own router mode, run the same way "
-        "(upstream-router-tests.md), passes 15 of `test_router.py`'s 17; the two it "
-        "fails need the internet.",
+        "Reference: llama-server's own router mode, run the same way offline, passes 15 of "
+        "`test_router.py`'s 17 cases; `test_router_remote_preset` and "
+        "`test_router_download_model` fail for want of the internet, and "
+        "`test_router_delete_model` passes there only on what the failed download left in "
+        "its model list.",
         "",
+        KNOWN_DIFFERENCES,
+        "",
+        *([SINGLE_NOTE.format(files=", ".join(f"`{f}`" for f in SINGLE_FILES)), ""]
+          if not set(SINGLE_FILES) & set(files) else []),
         "| test | result | why |",
         "| --- | --- | --- |",
     ]
