@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import api, logstream, middleware, proxy, report, sampling
+from llamad import api, logstream, metrics, middleware, proxy, record, report, requestlog, sampling
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -57,9 +57,15 @@ class Daemon:
         self.stop = asyncio.Event()
         self.last_request = time.monotonic()
         self.sup: Supervisor | None = None
+        self.runner: web.AppRunner | None = None
+        self.metrics = metrics.Metrics(self._connections)
+        self.request_log = requestlog.JournalWriter() if config.request_log else None
 
     def app(self) -> web.Application:
-        middlewares = [self._activity, middleware.error_middleware]
+        sinks: list[record.Sink] = [self.metrics.on_request]
+        if self.request_log is not None:
+            sinks.append(self.request_log)
+        middlewares = [self._activity, middleware.error_middleware, record.middleware(sinks)]
         keys = load_api_keys(self.config)
         if keys:
             middlewares.insert(1, middleware.key_middleware(keys))
@@ -68,6 +74,7 @@ class Daemon:
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
+        app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.append(self._supervise)
         return app
 
@@ -89,6 +96,7 @@ class Daemon:
                          journal_tail)
         self.sup = sup
         app[api.SUPERVISOR] = sup
+        self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         await watcher.start()
@@ -102,6 +110,12 @@ class Daemon:
             await watcher.stop()
             await sup.close()
             units.close()
+            if self.request_log is not None:
+                self.request_log.close()
+
+    def _connections(self) -> int:
+        server = self.runner.server if self.runner is not None else None
+        return len(server.connections) if server is not None else 0
 
     def _on_unit(self, unit: str, props: dict[str, Any]) -> None:
         if self.sup is not None:
@@ -166,7 +180,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
-    runner = web.AppRunner(daemon.app(), access_log=None, **_runner_kwargs())
+    runner = daemon.runner = web.AppRunner(daemon.app(), access_log=None, **_runner_kwargs())
     await runner.setup()
     try:
         for sock in sockets:

@@ -60,6 +60,8 @@ SPEC: dict[str, tuple[str, str]] = {
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
+    "request-log": ("boolean(default=yes)", "yes or no"),
+    "load-progress": ("boolean(default=yes)", "yes or no"),
 }
 
 
@@ -97,6 +99,8 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    request_log: bool
+    load_progress: bool
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:

@@ -53,6 +53,7 @@ BY_KEY, BY_ARG = _keys()
 MODEL, MMPROJ, ALIAS, HF_REPO = (BY_KEY[k][0].canonical for k in ("model", "mmproj", "alias",
                                                                     "hf-repo"))
 MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
+METRICS = BY_KEY["metrics"][0].canonical
 # Flags llamad itself sets for every child or that only make sense for a router.
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
@@ -98,6 +99,9 @@ class ModelSettings:
     devices: tuple[int, ...] | None
     split: bool
     preset_text: str
+    # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
+    # the flag), since llamad's /metrics merges every ready model's.
+    metrics: bool = True
 
 
 def truthy(value: str) -> bool | None:
@@ -317,6 +321,7 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         devices=devices if isinstance(devices, tuple) else None,
         split=bool(_pick("split", section, presets.defaults)),
         preset_text=_ini(model_id, args, section, presets.defaults),
+        metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
     )
 
 

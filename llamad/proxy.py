@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from llamad import metrics, progress
 from llamad.api import supervisor
 from llamad.body import parse_keep_alive, read_json
 from llamad.errors import BackendUnreachable
@@ -29,25 +30,30 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     body, data = await read_json(request)
     slot = sup.resolve(data.get("model"))
     keep_alive = parse_keep_alive(data.get("keep_alive"))
-    return await _proxied(request, slot, body, keep_alive)
+    return await _proxied(request, slot, body, keep_alive, stream=data.get("stream") is True)
 
 
 async def _proxied(request: web.Request, slot: Slot, body: bytes,
-                   keep_alive: float | None = None) -> web.StreamResponse:
+                   keep_alive: float | None = None, stream: bool = False) -> web.StreamResponse:
     sup = supervisor(request)
-    try:
-        async with sup.use(slot, keep_alive) as backend:
-            return await forward(request, backend, body)
-    except BackendUnreachable:
-        # Nothing reached the model, so sending it again is safe: once systemd has
-        # restarted the backend (use() waits for that), try one more time.
-        async with sup.use(slot, keep_alive) as backend:
-            return await forward(request, backend, body)
+    wait = progress.Wait(request, sup, slot, stream)
+    async with wait:  # an error once load progress went out ends the stream instead
+        try:
+            async with sup.use(slot, keep_alive) as backend:
+                return await forward(request, backend, body, await wait.done())
+        except BackendUnreachable:
+            # Nothing reached the model, so sending it again is safe: once systemd has
+            # restarted the backend (use() waits for that), try one more time.
+            async with sup.use(slot, keep_alive) as backend:
+                return await forward(request, backend, body, await wait.done())
+    return wait.response
 
 
 async def handle_get_model(request: web.Request) -> web.StreamResponse:
     sup = supervisor(request)
     name = request.query.get("model")
+    if name is None and request.path == "/metrics":
+        return await metrics.handle(request)  # llamad's own, for Prometheus
     if name is None and request.path == "/props":
         return web.json_response({"role": "router", "llamad": True,
                                   "models": len(sup.slots)})
