@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import report
+from llamad import keys, report
 from llamad.body import read_json
 from llamad.scheduler import State
 from llamad.slot import Slot
@@ -21,6 +21,17 @@ SUPERVISOR: Any = web.AppKey("supervisor", Supervisor) if hasattr(web, "AppKey")
 def supervisor(request: web.Request) -> Supervisor:
     sup: Supervisor = request.app[SUPERVISOR]
     return sup
+
+
+def resolve(request: web.Request, name: object) -> Slot:
+    """The model a request names, as far as its API key may see it (keys.py)."""
+    slot = supervisor(request).resolve(name)
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    return slot
+
+
+def visible(request: web.Request, slots: Any) -> list[Slot]:
+    return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
 
 ROUTER_STATUS = {"unloaded": "unloaded", "starting": "loading", "loading": "loading",
                  "ready": "loaded", "stopping": "unloaded", "failed": "unloaded"}
@@ -69,16 +80,17 @@ async def handle_models(request: web.Request) -> web.Response:
     cache = _listed.setdefault(sup, {})
     if len(cache) > 2 * len(sup.slots):
         cache.clear()  # models removed from the catalog
-    parts = [_entry_json(sup, slot, cache) for slot in sup.slots.values()]
+    parts = [_entry_json(sup, slot, cache) for slot in visible(request, sup.slots.values())]
     body = b'{"object": "list", "data": [' + b", ".join(parts) + b"]}"
     return web.Response(body=body, content_type="application/json")
 
 
 async def _model_from_body(request: web.Request) -> Slot:
     _, data = await read_json(request)
-    return supervisor(request).resolve(data.get("model"))
+    return resolve(request, data.get("model"))
 
 
+@keys.admin_only
 async def handle_load(request: web.Request) -> web.Response:
     slot = await _model_from_body(request)
     await supervisor(request).load(slot)
@@ -86,6 +98,7 @@ async def handle_load(request: web.Request) -> web.Response:
                               "state": slot.state.value})
 
 
+@keys.admin_only
 async def handle_unload(request: web.Request) -> web.Response:
     slot = await _model_from_body(request)
     await supervisor(request).unload(slot)
@@ -97,6 +110,7 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@keys.admin_only
 async def handle_status(request: web.Request) -> web.Response:
     return web.json_response(report.status(supervisor(request)))
 
@@ -106,7 +120,7 @@ async def handle_running(request: web.Request) -> web.Response:
     sup = supervisor(request)
     return web.json_response({"running": [
         {"model": s.model.id, "state": s.state.value, "unit": s.unit,
-         "ttl": sup.ttl(s) or 0} for s in sup.loaded()]})
+         "ttl": sup.ttl(s) or 0} for s in visible(request, sup.loaded())]})
 
 
 def add_routes(app: web.Application) -> None:

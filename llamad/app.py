@@ -14,7 +14,18 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import api, logstream, metrics, middleware, proxy, record, report, requestlog, sampling
+from llamad import (
+    api,
+    keys,
+    logstream,
+    metrics,
+    middleware,
+    proxy,
+    record,
+    report,
+    requestlog,
+    sampling,
+)
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -55,20 +66,23 @@ class Daemon:
         # The first scan is the watcher's (in _supervise), in a worker thread.
         self.catalog = Catalog(config, cache=InfoCache(config.state_dir / "gguf-info.json"))
         self.stop = asyncio.Event()
+        self.reloads: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
         self.sup: Supervisor | None = None
+        # Fails closed: a key file that is set but unusable stops llamad here.
+        self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
         self.request_log = requestlog.JournalWriter() if config.request_log else None
 
     def app(self) -> web.Application:
+        middlewares = [self._activity, middleware.error_middleware]
+        if self.keyring is not None:
+            middlewares.append(keys.middleware(self.keyring))
         sinks: list[record.Sink] = [self.metrics.on_request]
         if self.request_log is not None:
             sinks.append(self.request_log)
-        middlewares = [self._activity, middleware.error_middleware, record.middleware(sinks)]
-        keys = load_api_keys(self.config)
-        if keys:
-            middlewares.insert(1, middleware.key_middleware(keys))
+        middlewares.append(record.middleware(sinks))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
         proxy.add_routes(app)
@@ -158,12 +172,21 @@ async def limit_slice(units: UnitManager, config: Config) -> None:
         log.warning("cannot set MemoryMax=%s on %s: %s", config.slice_memory_max, SLICE, e)
 
 
-def load_api_keys(config: Config) -> frozenset[str]:
-    if config.api_keys_file is None:
-        return frozenset()
-    text = config.api_keys_file.read_text()
-    return frozenset(line.strip() for line in text.splitlines()
-                     if line.strip() and not line.lstrip().startswith("#"))
+def reload(daemon: Daemon) -> None:
+    """SIGHUP (`systemctl reload llamad`): read the API keys again."""
+    if daemon.keyring is None:
+        log.info("reload: no api-keys-file is set; nothing to reload")
+        return
+    task = asyncio.get_running_loop().create_task(daemon.keyring.reload(),
+                                                  name="reloading the API keys")
+    daemon.reloads.add(task)
+    task.add_done_callback(_reloaded)
+    task.add_done_callback(daemon.reloads.discard)
+
+
+def _reloaded(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reloading the API keys failed: %s", task.exception())
 
 
 def _runner_kwargs() -> dict[str, Any]:
@@ -180,6 +203,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, daemon)
     runner = daemon.runner = web.AppRunner(daemon.app(), access_log=None, **_runner_kwargs())
     await runner.setup()
     try:

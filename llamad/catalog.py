@@ -31,6 +31,7 @@ from llamad.presets import (
     model_settings,
     parse_args,
 )
+from llamad.safetext import one_line, unsafe
 from llamad.unitname import unit_name
 
 log = logging.getLogger("llamad.catalog")
@@ -248,11 +249,25 @@ def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, F
     return found
 
 
+def _unsafe(f: Found) -> str | None:
+    """A problem line if the model's name or files could not reach systemd intact: the
+    name becomes Description= and Environment=, the paths ExecStart= (safetext)."""
+    for what, text in (("name", f.id), *(("file", str(p)) for p in f.shards),
+                       *((("projector", str(f.mmproj)),) if f.mmproj else ())):
+        why = unsafe(text)
+        if why is not None:
+            return f"{one_line(str(f.shards[0]))}: the model's {what} {why}; skipped."
+    return None
+
+
 def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for model in models.values():
         for alias in model.aliases:
-            if alias in models or alias in out:
+            if unsafe(alias) is not None:
+                problems.append(f"alias {alias!r} of model {model.id!r} "
+                                f"{unsafe(alias)}; ignored.")
+            elif alias in models or alias in out:
                 problems.append(f"alias {alias!r} of model {model.id!r} clashes with another "
                                 "model or alias; ignored.")
             else:
@@ -291,6 +306,9 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     models: dict[str, Model] = {}
     units: dict[str, str] = {}
     for f in merged.values():
+        if (why := _unsafe(f)) is not None:
+            st.problems.append(why)
+            continue
         shards = _shard_set(f.shards[0], st) if len(f.shards) == 1 else f.shards
         if shards is None:
             continue

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from llamad.catalog import Model, scan
+from llamad import exits, hfcache, keys, unitpaths
+from llamad.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError, LlamadError
 from llamad.gguf_info import InfoCache
@@ -25,6 +27,8 @@ def check(config: Config) -> Presets:
     """Everything check-config verifies beyond parsing; raises ConfigError."""
     presets = load_presets(config.models_preset)
     parse_args(config.args, f"{config.path or 'configuration'}: args")
+    if config.api_keys_file is not None:
+        keys.load(config.api_keys_file)
     server = config.llama_server
     if not (server.is_file() and os.access(server, os.X_OK)):
         raise ConfigError(f"{config.path or 'configuration'}: llama-server = {str(server)!r} "
@@ -33,9 +37,38 @@ def check(config: Config) -> Presets:
     return presets
 
 
+def unit_reach(config: Config) -> list[str]:
+    """Configured paths that model units (or llamad.service, for the preset) cannot see or
+    read, one sentence each: their sandbox hides /tmp, /var/tmp and maybe /home and /root,
+    and a dynamic user reads only what every user may."""
+    box = unitpaths.for_units(config.llama_server, None if config.dynamic_user
+                              else config.unit_user)
+    checks = [("llama-server", config.llama_server, box, "x", exits.MOVE_SERVER)]
+    checks += [("models-dir", d, box, "rx", exits.MOVE_MODEL) for d in config.models_dirs]
+    if config.models_preset is not None:
+        # Read by llamad.service as root: only what its sandbox hides matters.
+        as_root = unitpaths.Sandbox(box.hidden, "root", "llamad.service")
+        checks.append(("models-preset", config.models_preset, as_root, "r",
+                       "keep it in /etc/llamad"))
+    cache = hfcache.cache_dir(config) if config.llama_cache else None
+    if cache is not None and cache.exists():
+        checks.append(("llama-cache-dir", cache, box, "rx",
+                       "set llama-cache-dir to a directory every user may read"))
+    where = config.path or "configuration"
+    out = []
+    for key, path, sandbox, need, fix in checks:
+        found = unitpaths.problem(path, sandbox, need)
+        if found:
+            out.append(f"{where}: {key}: {found}; {fix}." if path.exists() else
+                       f"{where}: {key}: {found}.")
+    return out
+
+
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     presets = check(config)
+    for warning in unit_reach(config):
+        print(f"llamad: warning: {warning}", file=sys.stderr)
     where = config.path or "defaults (no configuration file)"
     dirs = ", ".join(map(str, config.models_dirs)) or "none"
     preset = f"{config.models_preset} ({len(presets.sections)} sections)" \
@@ -86,10 +119,23 @@ def _text(m: Model) -> list[str]:
     return lines
 
 
+def settled_scan(config: Config, cache: InfoCache, rounds: int = 3) -> Snapshot:
+    """A scan that waits out the settle window for files that were just written, so a
+    model copied in a moment ago is listed rather than left out; a file still growing
+    after `rounds` windows is reported as still being written."""
+    snapshot = scan(config, cache=cache)
+    for _ in range(rounds):
+        if not snapshot.pending:
+            break
+        time.sleep(SETTLE_SECONDS)
+        snapshot = scan(config, cache=cache)
+    return snapshot
+
+
 def cmd_models(config_path: Path | None, as_json: bool) -> int:
     config = load_config(config_path)
     cache = InfoCache(cache_path())
-    snapshot = scan(config, cache=cache)
+    snapshot = settled_scan(config, cache)
     cache.save()
     models = sorted(snapshot.models.values(), key=lambda m: m.id)
     for problem in snapshot.problems:

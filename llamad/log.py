@@ -7,6 +7,8 @@ import os
 import sys
 from typing import NoReturn
 
+from llamad.safetext import CONTROL, one_line
+
 log = logging.getLogger("llamad")
 
 
@@ -16,6 +18,17 @@ def setup_logging(verbose: bool = False) -> None:
     journal = os.environ.get("JOURNAL_STREAM")
     fmt = "%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """A message is one journal entry: a newline in a model name must not forge a second
+    one (tracebacks, added after the message, keep theirs)."""
+    message = record.getMessage()
+    if CONTROL.search(message):
+        record.msg, record.args = one_line(message), None
+    return True
 
 
 def die(message: str, hint: str | None = None, status: int = 1) -> NoReturn:

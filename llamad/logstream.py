@@ -24,6 +24,8 @@ from typing import Any
 from aiohttp import web
 from systemd import journal
 
+from llamad import keys
+from llamad import keys
 from llamad.api import supervisor
 from llamad.errors import BadRequest, Unavailable
 from llamad.gpu import unit_of_pid
@@ -151,10 +153,14 @@ def own_unit() -> str | None:
     return unit_of_pid(os.getpid()) if os.environ.get("INVOCATION_ID") else None
 
 
+@keys.admin_only
+@keys.admin_only
 async def handle_daemon(request: web.Request) -> web.StreamResponse:
     return await stream(request, own_unit())
 
 
+@keys.admin_only
+@keys.admin_only
 async def handle_model(request: web.Request) -> web.StreamResponse:
     slot = supervisor(request).resolve(request.match_info["model"])
     return await stream(request, slot.unit)

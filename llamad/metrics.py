@@ -31,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from llamad import keys
 from llamad.events import Cause, Change
 from llamad.gpu import mem_available
 from llamad.record import Record
@@ -257,6 +258,7 @@ METRICS: Any = web.AppKey("metrics", Metrics) if hasattr(web, "AppKey") else "me
 
 
 async def handle(request: web.Request) -> web.Response:
+    keys.require_admin(request, "llamad's /metrics")  # it names every model
     metrics: Metrics = request.app[METRICS]
     return web.Response(body=await metrics.render(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})

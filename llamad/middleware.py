@@ -1,4 +1,4 @@
-"""Middlewares: OpenAI-shaped errors, API keys."""
+"""Middlewares: OpenAI-shaped errors (API keys: keys.py)."""
 
 from __future__ import annotations
 
@@ -32,19 +32,3 @@ def _http_message(e: web.HTTPException) -> str:
     if e.status == 404:
         return "no such endpoint on llamad"
     return e.reason
-
-
-def key_middleware(keys: frozenset[str]) -> Any:
-    @web.middleware
-    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/health":
-            auth = request.headers.get("Authorization", "")
-            key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key")
-            if key not in keys:
-                err = LlamadError("a valid API key is required (Authorization: Bearer KEY)",
-                                  status=401, code="invalid_api_key")
-                err.type = "authentication_error"
-                return web.json_response(err.body(), status=401)
-        resp: web.StreamResponse = await handler(request)
-        return resp
-    return check

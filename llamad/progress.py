@@ -23,7 +23,7 @@ from aiohttp import web
 
 from llamad import record
 from llamad.errors import LlamadError
-from llamad.requestlog import clean
+from llamad.safetext import one_line
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -43,7 +43,7 @@ def expected_load(sup: Supervisor, slot: Slot) -> float | None:
 
 def describe(slot: Slot, expected: float | None, now: float) -> str:
     """The comment's text: what the model is doing and how far along its load is."""
-    model = clean(slot.model.id)
+    model = one_line(slot.model.id)
     if slot.state not in (State.STARTING, State.LOADING):
         return f"waiting for {model} ({slot.state.value})"
     elapsed = max(0.0, now - slot.load_started)

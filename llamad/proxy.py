@@ -6,8 +6,8 @@ import logging
 
 from aiohttp import web
 
-from llamad import metrics, progress
-from llamad.api import supervisor
+from llamad import keys, metrics, progress
+from llamad.api import resolve, supervisor
 from llamad.body import parse_keep_alive, read_json
 from llamad.errors import BackendUnreachable
 from llamad.forward import forward
@@ -26,10 +26,11 @@ POST_ROUTES = (
 GET_ROUTES = ("/props", "/slots", "/metrics")
 
 async def handle_post(request: web.Request) -> web.StreamResponse:
-    sup = supervisor(request)
     body, data = await read_json(request)
-    slot = sup.resolve(data.get("model"))
+    slot = resolve(request, data.get("model"))
     keep_alive = parse_keep_alive(data.get("keep_alive"))
+    if keep_alive is not None:
+        keys.require_admin(request, "keep_alive")
     return await _proxied(request, slot, body, keep_alive, stream=data.get("stream") is True)
 
 
@@ -57,7 +58,7 @@ async def handle_get_model(request: web.Request) -> web.StreamResponse:
     if name is None and request.path == "/props":
         return web.json_response({"role": "router", "llamad": True,
                                   "models": len(sup.slots)})
-    return await _proxied(request, sup.resolve(name), b"")
+    return await _proxied(request, resolve(request, name), b"")
 
 
 def add_routes(app: web.Application) -> None:

@@ -4,7 +4,7 @@
 
 Fields (docs/operations.md): MODEL, STATUS, CODE, METHOD, PATH, STREAM, QUEUE_MS, TTFT_MS,
 DURATION_MS, PROMPT_TOKENS, COMPLETION_TOKENS, and MESSAGE_ID, the same for every request
-entry. Never the prompt or the answer. Every string is stripped of control characters
+entry. Never the prompt or the answer. Every string has its control characters escaped
 first: the journal's export format and systemd's own parsers treat them as structure.
 
 One writer thread sends the entries, so a journald that falls behind never stalls the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,17 +22,17 @@ from typing import Any
 from systemd import journal
 
 from llamad.record import Record
+from llamad.safetext import one_line
 
 log = logging.getLogger("llamad.requestlog")
 
 MESSAGE_ID = "0f1c8d3ad0e54c6c9e1b8f7a62d5b4e3"  # `journalctl MESSAGE_ID=...` finds them all
 QUEUE = 10_000
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def clean(text: str) -> str:
-    """`text` without control characters (each becomes '?')."""
-    return _CONTROL.sub("?", text)
+    """`text` with control characters escaped (safetext), as one journal field."""
+    return one_line(text)
 
 
 def fields(rec: Record) -> dict[str, str]:

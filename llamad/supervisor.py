@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from llamad import backend as be
-from llamad import unitspec
+from llamad import exits, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import (
@@ -237,6 +237,11 @@ class Supervisor:
         spec = unitspec.build(self.config, slot.model, address, gpus, limit)
         return spec, address
 
+    def exit_text(self, slot: Slot) -> str:
+        """The unit's last end as a sentence, naming a file its sandbox keeps from it."""
+        files = [*slot.model.shards, *([slot.model.mmproj] if slot.model.mmproj else [])]
+        return exits.describe(slot.last_exit, self.spec(slot, slot.gpus)[0], files)
+
     def _port_for(self, model_id: str) -> int:
         # Stable across restarts of llamad, so adopted units keep their port.
         ids = sorted(self.slots)
@@ -382,13 +387,12 @@ class Supervisor:
         elif active == "activating" and sub == "auto-restart":
             if slot.state in (State.READY, State.LOADING):
                 log.warning("model %s crashed (%s); systemd restarts it", slot.model.id,
-                            unitspec.describe_exit(slot.last_exit))
+                            self.exit_text(slot))
                 slot.load_started = time.monotonic()
                 slot.load_time_unknown = False
                 self._drop_backend(slot)
                 slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
-                self.move(slot, State.STARTING, Cause.CRASH,
-                          unitspec.describe_exit(slot.last_exit))
+                self.move(slot, State.STARTING, Cause.CRASH, self.exit_text(slot))
         elif active in ("inactive", "failed") and job == 0:
             self._on_gone(slot, active)
 
@@ -429,7 +433,7 @@ class Supervisor:
             "activating", "active", "reloading")
         if restarting or slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
-        exit_text = unitspec.describe_exit(slot.last_exit)
+        exit_text = self.exit_text(slot)
         self._fail(slot, exit_text)  # before the await, so the signal storm records once
         tail = await self.journal(slot.unit)
         if tail and slot.reason == exit_text:  # not retried or replaced meanwhile

@@ -22,6 +22,8 @@ from typing import Any
 
 from pystemd.dbuslib import DBus, apply_signature, path_decode, path_encode
 
+from llamad.safetext import unsafe
+
 log = logging.getLogger("llamad.units")
 
 SYSTEMD = b"org.freedesktop.systemd1"
@@ -165,14 +167,18 @@ def _network(tcp: bool) -> list[tuple[str, bytes, Any]]:
             ("IPAddressDeny", b"a(iayu)", _ANY), ("IPAddressAllow", b"a(iayu)", _LOOPBACK)]
 
 
-def _b(value: Any) -> Any:
-    """pystemd wants bytes for strings, recursively."""
+def _b(value: Any, what: str = "a value") -> Any:
+    """pystemd wants bytes for strings, recursively. The last line of defence of safetext:
+    no string with a control character reaches systemd, whatever path it came by."""
     if isinstance(value, str):
+        why = unsafe(value)
+        if why is not None:
+            raise UnitError(f"llamad refuses to send {what} {value!r} to systemd: it {why}")
         return value.encode()
     if isinstance(value, list):
-        return [_b(v) for v in value]
+        return [_b(v, what) for v in value]
     if isinstance(value, tuple):
-        return tuple(_b(v) for v in value)
+        return tuple(_b(v, what) for v in value)
     return value
 
 
@@ -189,14 +195,14 @@ def _prop_array(props: Sequence[tuple[str, bytes, Any]]) -> list[Any]:
     args: list[Any] = [(ord("a"), b"(sv)")]
     for name, sig, value in props:
         args += [(ord("r"), b"sv"), (ord("s"), name.encode()), (ord("v"), sig)]
-        args += apply_signature(sig, [_b(value)])
+        args += apply_signature(sig, [_b(value, f"{name}=")])
         args += [(-1, None), (-1, None)]
     args.append((-1, None))
     return args
 
 
 def _start_args(spec: UnitSpec) -> list[Any]:
-    args: list[Any] = apply_signature(b"ss", [spec.name.encode(), b"fail"])
+    args: list[Any] = apply_signature(b"ss", [_b(spec.name, "a unit name"), b"fail"])
     args += _prop_array(transient_properties(spec))
     # No auxiliary units.
     args += [(ord("a"), b"(sa(sv))"), (-1, None)]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad import backend as be
+from llamad import exits
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.scheduler import Memory
@@ -96,15 +97,8 @@ def args_digest(argv: tuple[str, ...]) -> str:
 
 
 def describe_exit(last: dict[str, Any]) -> str:
-    result = last.get("Result", "unknown")
-    code, status = last.get("ExecMainCode", 0), last.get("ExecMainStatus", 0)
-    if result == "oom-kill":
-        return "out of memory (killed by the kernel's OOM killer in its cgroup)"
-    if code == 1:
-        return f"systemd result {result!r}, exit status {status}"
-    if code in (2, 3):
-        return f"systemd result {result!r}, killed by signal {status}"
-    return f"systemd result {result!r}"
+    """systemd's account of a unit's last end as a sentence (exits.describe)."""
+    return exits.describe(last)
 
 
 _SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5, "E": 1024**6}

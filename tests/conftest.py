@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """An empty directory every user may reach and model units can see (pytest's tmp_path
+    is under a 0700 one, and /tmp and /var/tmp are private to units)."""
+    path = Path(tempfile.mkdtemp(prefix="llamad-test-", dir="/var/lib"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ggufgen
@@ -87,6 +88,63 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "[x]: unknown key 'frobnicate'" in bad.stderr
     missing = llamad("check-config", "--config", str(tmp_path / "none.conf"), home=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_check_config_warns_about_paths_model_units_cannot_reach(tmp_path: Path,
+                                                                  open_dir: Path) -> None:
+    server = tmp_path / "llama-server"  # under /tmp: PrivateTmp hides it from units
+    server.write_text("#!/bin/sh\n")
+    server.chmod(0o755)
+    models = open_dir / "models"
+    models.mkdir(mode=0o700)
+    cache = open_dir / "cache"
+    cache.mkdir(mode=0o755)
+    (cache / "hub").mkdir(mode=0o750)
+    preset = tmp_path / "presets.ini"
+    preset.write_text("")
+    conf = open_dir / "llamad.conf"
+    conf.write_text(f"llama-server = {server}\nmodels-dir = {models}\nmodels-preset = {preset}\n"
+                    f"llama-cache-dir = {cache / 'hub'}\n")
+    run = llamad("check-config", "--config", str(conf), home=tmp_path)
+    assert run.returncode == 0 and run.stdout.startswith(f"{conf}: OK;"), run.stderr
+    hidden = "which model units see as an empty private directory (PrivateTmp=yes)"
+    assert run.stderr.splitlines() == [
+        f"llamad: warning: {conf}: llama-server: {server} is under /tmp, {hidden}; put "
+        "llama-server where every user may run it, such as /usr/local/bin.",
+        f"llamad: warning: {conf}: models-dir: {models} is not listable by the model units' "
+        f"dynamic user: directory {models} has mode 0700; keep models in "
+        "/var/lib/llamad/models, readable by every user.",
+        f"llamad: warning: {conf}: models-preset: {preset} is under /tmp, which "
+        "llamad.service see as an empty private directory (PrivateTmp=yes); keep it in "
+        "/etc/llamad.",
+        f"llamad: warning: {conf}: llama-cache-dir: {cache / 'hub'} is not listable by the "
+        f"model units' dynamic user: directory {cache / 'hub'} has mode 0750; set "
+        "llama-cache-dir to a directory every user may read.",
+    ]
+    # The same places, reachable: no warning.
+    models.chmod(0o755)
+    (cache / "hub").chmod(0o755)
+    conf.write_text(f"llama-server = /bin/true\nmodels-dir = {models}\nmodels-preset =\n"
+                    f"llama-cache-dir = {cache / 'hub'}\n")
+    run = llamad("check-config", "--config", str(conf), home=tmp_path)
+    assert (run.returncode, run.stderr) == (0, "")
+
+
+def test_models_waits_for_a_file_copied_a_moment_ago(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    fresh = ggufgen.write_model(models / "fresh.gguf")
+    growing = ggufgen.write_model(models / "growing.gguf")
+    conf = tmp_path / "llamad.conf"
+    conf.write_text(f"models-dir = {models}\nllama-cache = no\nllama-server = /bin/true\n"
+                    "models-preset =\n")
+    now = time.time()
+    os.utime(fresh, (now, now + 0.5))  # inside the settle window for 1.5 s
+    os.utime(growing, (now, now + 60))  # a copy that goes on for a minute
+    run = llamad("models", "--config", str(conf), "--json", home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert [m["id"] for m in json.loads(run.stdout)] == ["fresh"]
+    assert run.stderr == f"llamad: {growing} is still being written; it will be added when " \
+        "done.\n"
 
 
 def test_version_and_usage(tmp_path: Path) -> None:

@@ -57,12 +57,12 @@ def test_request_log_fields_are_clean_and_hold_no_text() -> None:
     rec.see(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
     rec.first_byte = 100.5
     f = requestlog.fields(rec)
-    assert f["MODEL"] == "evil?MODEL=x?[31m" and f["PATH"] == "/v1/chat/?completions"
+    assert f["MODEL"] == "evil\\nMODEL=x\\x1b[31m" and f["PATH"] == "/v1/chat/\\ncompletions"
     assert (f["QUEUE_MS"], f["TTFT_MS"], f["DURATION_MS"]) == ("250", "500", "1000")
     assert (f["PROMPT_TOKENS"], f["COMPLETION_TOKENS"]) == ("3", "2")
     assert f["STATUS"] == "503" and f["CODE"] == "timeout" and f["STREAM"] == "1"
     assert all(ch >= " " and ch != "\x7f" for v in f.values() for ch in v)
-    assert f["MESSAGE"] == ("evil?MODEL=x?[31m POST /v1/chat/?completions 503 timeout "
+    assert f["MESSAGE"] == ("evil\\nMODEL=x\\x1b[31m POST /v1/chat/\\ncompletions 503 timeout "
                             "in 1000 ms, 3+2 tokens")
     bare = requestlog.fields(Record("GET", "/props", model="m", status=200))
     assert "PROMPT_TOKENS" not in bare and "TTFT_MS" not in bare and "CODE" not in bare
@@ -155,13 +155,13 @@ def test_progress_text() -> None:
             self.model = type("M", (), {"id": "gem\nma"})()
     now = 100.0
     assert progress.describe(Slotish(S.LOADING, 99.0), 4.0, now) == (  # type: ignore[arg-type]
-        "loading gem?ma 25% (1.0s of ~4.0s)")
+        "loading gem\\nma 25% (1.0s of ~4.0s)")
     assert progress.describe(Slotish(S.STARTING, 90.0), 4.0, now).startswith(  # type: ignore[arg-type]
-        "loading gem?ma 99%")
+        "loading gem\\nma 99%")
     assert progress.describe(Slotish(S.LOADING, 98.0), None, now) == (  # type: ignore[arg-type]
-        "loading gem?ma (2.0s)")
+        "loading gem\\nma (2.0s)")
     assert progress.describe(Slotish(S.STOPPING, 0.0), 4.0, now) == (  # type: ignore[arg-type]
-        "waiting for gem?ma (stopping)")
+        "waiting for gem\\nma (stopping)")
 
 
 def test_model_units_serve_metrics_unless_the_preset_says_no(tmp_path: Path) -> None:

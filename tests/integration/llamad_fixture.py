@@ -63,6 +63,9 @@ class Llamad:
             self.cursor = self.journal_cursor()
         out = self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
                       "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
+                      # As units/llamad.service does it.
+                      "-p", f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
+                      "-p", "ExecReload=/bin/kill -HUP $MAINPID",
                       "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
                       "serve", "--config", str(self.config),
                       "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
@@ -85,7 +88,9 @@ class Llamad:
         out = self.box.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",
                             "llama-server@*"]).stdout
         rows = [line.split() for line in out.splitlines() if line.strip()]
-        return {row[0]: row[2] for row in rows if row[2] != "inactive"}
+        # A description with a newline in it (tests of hostile names) adds short rows.
+        return {row[0]: row[2] for row in rows
+                if len(row) > 2 and row[0].startswith("llama-server@") and row[2] != "inactive"}
 
     def starts(self, model: str) -> int:
         """How often systemd started this model's unit during this llamad's life."""
@@ -104,10 +109,11 @@ class Llamad:
 
 
 async def chat(session: aiohttp.ClientSession, url: str, model: str, text: str = "Hi",
-               max_tokens: int = 8, **extra: Any) -> tuple[int, dict[str, Any]]:
+               max_tokens: int = 8, headers: dict[str, str] | None = None,
+               **extra: Any) -> tuple[int, dict[str, Any]]:
     body = {"model": model, "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens, **extra}
-    async with session.post(url + "/v1/chat/completions", json=body) as r:
+    async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
         return r.status, json.loads(await r.read())
 
 

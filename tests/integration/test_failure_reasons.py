@@ -1,0 +1,76 @@
+"""Failures a new user meets, told as sentences that name the cause: in the 503 body, in
+`/v1/models` and in llamad's journal. And exits.py's table read against systemd itself."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import rig
+from llamad_fixture import Factory, Llamad, chat, models, wait_state
+
+from llamad import exits
+
+
+@pytest.fixture
+def box_dir(box: rig.Box, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory inside the box under the parent the test names (indirect)."""
+    path = Path(request.param) / f"llamad-exits-{uuid.uuid4().hex[:8]}"
+    box.run(["mkdir", "-p", str(path)])
+    yield path
+    box.run(["rm", "-rf", str(path)])
+
+
+async def failure(d: Llamad, model: str) -> tuple[str, str]:
+    """(the 503 message, the reason /v1/models shows) once the model has failed."""
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, model)
+    assert status == 503, body
+    wait_state(d.url, model, "failed")
+    return body["error"]["message"], models(d.url)[model]["llamad"]["reason"]
+
+
+@pytest.mark.parametrize("box_dir", ["/var/tmp"], indirect=True)
+async def test_llama_server_under_var_tmp(llamad_factory: Factory, box: rig.Box,
+                                          assets: rig.Assets, box_dir: Path) -> None:
+    server = box_dir / "llama-server"
+    box.run(["ln", "-s", str(assets.llama_server), str(server)])
+    d = llamad_factory(["gemma-a"], **{"llama-server": server})
+    sentence = (f"systemd failed executing llama-server (exit status 203/EXEC); likely cause: "
+                f"{server} is under /var/tmp, which model units see as an empty private "
+                "directory (PrivateTmp=yes); put llama-server where every user may run it, "
+                "such as /usr/local/bin")
+    message, reason = await failure(d, "gemma-a")
+    assert sentence in message and reason.startswith(sentence), (message, reason)
+    assert f"model gemma-a failed: {sentence}" in d.log()
+
+
+@pytest.mark.parametrize("box_dir", ["/root"], indirect=True)
+async def test_model_under_root(llamad_factory: Factory, box: rig.Box, assets: rig.Assets,
+                                box_dir: Path) -> None:
+    model = box_dir / "gemma.gguf"
+    box.run(["ln", "-s", str(assets.model), str(model)])
+    d = llamad_factory([], **{"models-dir": box_dir})
+    sentence = (f"llama-server ended with exit status 1; likely cause: the model file {model} "
+                "is not readable by the model units' dynamic user: directory /root has mode "
+                "0700; keep models in /var/lib/llamad/models, readable by every user")
+    message, reason = await failure(d, "gemma")
+    assert sentence in message and reason.startswith(sentence), (message, reason)
+    assert f"model gemma failed: {sentence}" in d.log()
+
+
+def test_status_names_are_systemds(box: rig.Box) -> None:
+    # systemd prints its own name for each status: `status=203/EXEC`.
+    statuses = " ".join(map(str, exits.SYSTEMD_STATUSES))
+    out = box.run(f"for n in {statuses}; do u=llamad-exit-$n-{uuid.uuid4().hex[:6]}; "
+                  "systemd-run -q --wait --unit=$u sh -c \"exit $n\" 2>/dev/null; "
+                  "systemctl status --no-pager $u | grep -o 'status=[0-9]*/[A-Z_]*'; "
+                  "systemctl reset-failed $u; done", check=False, timeout=300).stdout
+    shown = {int(k): v for k, v in re.findall(r"status=(\d+)/(\w+)", out)}
+    table = {k: name for k, (name, _) in exits.SYSTEMD_STATUSES.items()}
+    assert shown == {k: v for k, v in table.items() if k in shown}
+    assert set(table) - set(shown) <= {245}, out  # KSM is newer than systemd 252

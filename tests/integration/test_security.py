@@ -1,0 +1,151 @@
+"""Attacks on llamad from docs/security.md, each tried on the real box: hostile file names,
+slow clients, keys, browsers, memory, local users."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import aiohttp
+import pytest
+import rig
+from llamad_fixture import PYTHON, Factory, Llamad, chat, models
+
+# A file name that, written raw into a transient unit file, adds a command systemd runs as
+# root when the unit stops after a daemon-reload. A file name holds no '/': `touch` is
+# found on systemd's fixed search path, and its relative path lands in /, the working
+# directory of system services.
+MARKER = "llamad-pwned"
+INJECTED = f"evil\n[Service]\nExecStopPost=+touch {MARKER}"
+SAFE = ("50%-off", "br[ack]et")
+
+
+async def test_hostile_file_names_never_reach_systemd_raw(llamad_factory: Factory,
+                                                          assets: rig.Assets,
+                                                          subtests: Any) -> None:
+    d = llamad_factory(["gemma-a"])
+    for name in (INJECTED, *SAFE):
+        os.link(assets.model, d.models_dir / f"{name}.gguf")
+    rig.wait_for("the catalog to take the new files",
+                 lambda: set(SAFE) <= set(models(d.url)), timeout=30)
+    listed = models(d.url)
+    async with aiohttp.ClientSession() as s:
+        answers = {name: await chat(s, d.url, name) for name in (INJECTED, *SAFE)}
+    units = {name: m["llamad"]["unit"] for name, m in listed.items() if name != "gemma-a"}
+    files = {name: d.box.run(["cat", f"/run/systemd/transient/{unit}"], check=False).stdout
+             for name, unit in units.items()}
+    # systemd reads the transient files back; then every model's unit is stopped (by
+    # systemctl: llamad itself loses track of its units on a daemon-reload today).
+    d.box.run(["systemctl", "daemon-reload"])
+    shown = {name: d.show(unit, "Description") for name, unit in units.items()}
+    d.box.run(["systemctl", "stop", *units.values()])
+
+    rig.wait_for("the units to stop", lambda: not d.model_units(), timeout=60)
+    with subtests.test("nothing injected ran"):
+        assert d.box.run(["test", "-e", f"/{MARKER}"], check=False).returncode == 1
+    with subtests.test("refused at scan time, one problem line naming the file"):
+        assert INJECTED not in listed and answers[INJECTED][0] == 404, answers[INJECTED]
+        log = d.log()
+        assert f"{d.models_dir}/evil\\n[Service]\\nExecStopPost=+touch {MARKER}.gguf" in log
+        assert not any(line.startswith(("[Service]", "ExecStopPost")) for line in
+                       log.splitlines())
+    for name in SAFE:
+        with subtests.test("served safely", model=name):
+            assert answers[name][0] == 200, answers[name]
+            descriptions = [line for line in files[name].splitlines()
+                            if line.startswith("Description=")]
+            assert descriptions == [f"Description={name.replace('%', '%%')}"], files[name]
+            assert "ExecStopPost" not in files[name]
+            assert shown[name] == name
+
+
+async def test_control_characters_from_presets_stop_at_the_systemd_boundary(
+        llamad_factory: Factory) -> None:
+    # A tab inside a preset value passes the INI parser; it must still never reach systemd.
+    d = llamad_factory(["gemma-a"], preset="[gemma-a]\nchat-template = a\tb\n")
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, "gemma-a")
+    assert status == 503, body
+    message = body["error"]["message"]
+    assert "refuses to send ExecStart=" in message and "control characters" in message
+    assert d.model_units() == {}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _get(url: str, key: str) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=_auth(key)),
+                                    timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_key_file_without_keys_stops_llamad_and_check_config(box: rig.Box,
+                                                             assets: rig.Assets,
+                                                             subtests: Any) -> None:
+    keys = box.workdir / "no-keys"
+    keys.write_text("# keys go here, one a line\n")
+    for path, why in [(keys, "holds no key"), (box.workdir / "absent", "cannot be read")]:
+        with subtests.test(why=why):
+            d = Llamad(box, assets, ["gemma-a"], **{"api-keys-file": str(path)})
+            try:
+                with pytest.raises(RuntimeError, match="llamad did not start"):
+                    d.start()
+                assert f"llamad: {path}: api-keys-file {why}" in d.log()
+            finally:
+                d.cleanup()
+            out = box.run([str(PYTHON), "-m", "llamad", "check-config", "--config",
+                           str(d.config)], check=False)
+            assert out.returncode == 1 and f"llamad: {path}: api-keys-file {why}" in out.stderr
+
+
+async def test_key_scopes_and_reload(llamad_factory: Factory, box: rig.Box) -> None:
+    keys = box.workdir / "scoped-keys"
+    keys.write_text("boss admin\nplain\nnarrow models=gemma-b\n")
+    keys.chmod(0o644)
+    d = llamad_factory(["gemma-a", "gemma-b"], **{"api-keys-file": str(keys)})
+    assert "readable by group or others (mode 0644)" in d.log()
+    body = {"model": "gemma-a"}
+    async with aiohttp.ClientSession() as s:
+        async def status(method: str, path: str, key: str, **kw: Any) -> int:
+            async with s.request(method, d.url + path, headers=_auth(key), **kw) as r:
+                await r.read()
+                return r.status
+
+        # Management needs an admin key; a plain key may not set keep_alive either.
+        for method, path, kw in [("POST", "/models/load", {"json": body}),
+                                 ("POST", "/models/unload", {"json": body}),
+                                 ("GET", "/status", {}), ("GET", "/logs/stream", {}),
+                                 ("POST", "/v1/chat/completions",
+                                  {"json": {**body, "keep_alive": -1}})]:
+            assert await status(method, path, "plain", **kw) == 403, path
+            assert await status(method, path, "narrow", **kw) in (403, 404), path
+        assert await status("GET", "/status", "boss") == 200
+        assert d.model_units() == {}
+        # A scoped key sees and uses only its models.
+        async with s.get(d.url + "/v1/models", headers=_auth("narrow")) as r:
+            assert [m["id"] for m in (await r.json())["data"]] == ["gemma-b"]
+        async with s.get(d.url + "/v1/models", headers=_auth("plain")) as r:
+            assert len((await r.json())["data"]) == 2
+        assert await status("POST", "/v1/chat/completions", "narrow", json=body) == 404
+        assert await status("GET", "/props?model=gemma-a", "narrow") == 404
+        assert d.model_units() == {}
+        status_b, answer = await chat(s, d.url, "gemma-b", headers=_auth("narrow"))
+        assert status_b == 200, answer
+
+        # systemctl reload reads the file again: a new key works, a removed one no more.
+        keys.write_text("boss admin\nnewer\n")
+        box.run(["systemctl", "reload", d.unit])
+        rig.wait_for("the new key to work", lambda: _get(d.url + "/v1/models", "newer") == 200)
+        assert await status("GET", "/v1/models", "plain") == 401
+        # A broken file fails the reload and keeps the keys in force.
+        keys.write_text("# emptied by mistake\n")
+        out = box.run(["systemctl", "reload", d.unit], check=False)
+        assert out.returncode != 0
+        assert await status("GET", "/v1/models", "newer") == 200

@@ -1,0 +1,64 @@
+"""A unit's end as a sentence: systemd's exit statuses, signals, and the likely cause."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llamad import exits
+from llamad.units import UnitSpec
+
+
+def ended(status: int, code: int = 1, result: str = "exit-code") -> dict[str, Any]:
+    return {"Result": result, "ExecMainCode": code, "ExecMainStatus": status}
+
+
+def spec(server: str) -> UnitSpec:
+    return UnitSpec(name="llama-server@m.service", description="m", argv=(server, "-m", "x"))
+
+
+def test_every_systemd_status_has_a_name_and_a_step() -> None:
+    # 223 and 234 are reserved (once tcpwrap and kdbus); the others are systemd's own.
+    assert sorted(exits.SYSTEMD_STATUSES) == [s for s in range(200, 246) if s not in (223, 234)]
+    for status, (name, step) in exits.SYSTEMD_STATUSES.items():
+        text = exits.describe(ended(status))
+        assert text.startswith(f"systemd failed {step} (exit status {status}/{name})"), text
+
+
+def test_exec_failure_names_the_hidden_binary(tmp_path: Path) -> None:
+    server = tmp_path / "llama-server"
+    server.write_text("")
+    server.chmod(0o755)
+    text = exits.describe(ended(203), spec(str(server)))
+    assert text == (f"systemd failed executing llama-server (exit status 203/EXEC); likely "
+                    f"cause: {server} is under /tmp, which model units see as an empty "
+                    "private directory (PrivateTmp=yes); put llama-server where every user "
+                    "may run it, such as /usr/local/bin")
+    # Without the unit at hand, the usual causes.
+    assert "missing, not executable by every user" in exits.describe(ended(203))
+
+
+def test_unreadable_model_is_the_likely_cause(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_text("")
+    text = exits.describe(ended(1), spec("/usr/bin/true"), [model])
+    assert text == (f"llama-server ended with exit status 1; likely cause: the model file "
+                    f"{model} is under /tmp, which model units see as an empty private "
+                    "directory (PrivateTmp=yes); keep models in /var/lib/llamad/models, "
+                    "readable by every user")
+    # A model the unit can read: llama-server's own failure, told as such.
+    shared = Path("/usr/share/common-licenses/GPL-3")
+    assert exits.describe(ended(1), spec("/usr/bin/true"), [shared]) == \
+        "llama-server ended with exit status 1"
+
+
+def test_signals_oom_and_other_results() -> None:
+    assert exits.describe(ended(9, code=2, result="signal")) == \
+        "llama-server was killed by signal 9 (SIGKILL)"
+    assert exits.describe(ended(6, code=3, result="core-dump")) == \
+        "llama-server was killed by signal 6 (SIGABRT), dumping core"
+    assert exits.describe({"Result": "oom-kill"}) == exits.OOM
+    assert exits.describe({"Result": "timeout"}) == \
+        "systemd result 'timeout': it did not start or stop within its timeout"
+    assert exits.describe({"Result": "success"}) == "systemd result 'success'"
+    assert "shared library" in exits.describe(ended(127))
