@@ -25,7 +25,6 @@ from aiohttp import web
 from systemd import journal
 
 from llamad import keys
-from llamad import keys
 from llamad.api import supervisor
 from llamad.errors import BadRequest, Unavailable
 from llamad.gpu import unit_of_pid
@@ -154,12 +153,10 @@ def own_unit() -> str | None:
 
 
 @keys.admin_only
-@keys.admin_only
 async def handle_daemon(request: web.Request) -> web.StreamResponse:
     return await stream(request, own_unit())
 
 
-@keys.admin_only
 @keys.admin_only
 async def handle_model(request: web.Request) -> web.StreamResponse:
     slot = supervisor(request).resolve(request.match_info["model"])
