@@ -1,21 +1,31 @@
-"""The management API: the model list, load and unload, status, health."""
+"""The management API: the model list, load and unload, router properties, status, health."""
 
 from __future__ import annotations
 
-import json
-import weakref
+import asyncio
+import re
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from llamad import keys, report
+from llamad import keys, listing, report
 from llamad.body import read_json
-from llamad.scheduler import State
+from llamad.catalog import Catalog
+from llamad.errors import LlamadError
+from llamad.feed import ModelFeed
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
 
-# aiohttp 3.8 (Debian 12) has no AppKey; later releases warn about plain string keys.
-SUPERVISOR: Any = web.AppKey("supervisor", Supervisor) if hasattr(web, "AppKey") else "supervisor"
+
+def _key(name: str, kind: type) -> Any:
+    # aiohttp 3.8 (Debian 12) has no AppKey; later releases warn about plain string keys.
+    return web.AppKey(name, kind) if hasattr(web, "AppKey") else name
+
+
+SUPERVISOR: Any = _key("supervisor", Supervisor)
+CATALOG: Any = _key("catalog", Catalog)
+FEED: Any = _key("feed", ModelFeed)
 
 
 def supervisor(request: web.Request) -> Supervisor:
@@ -33,56 +43,26 @@ def resolve(request: web.Request, name: object) -> Slot:
 def visible(request: web.Request, slots: Any) -> list[Slot]:
     return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
 
-ROUTER_STATUS = {"unloaded": "unloaded", "starting": "loading", "loading": "loading",
-                 "ready": "loaded", "stopping": "unloaded", "failed": "unloaded"}
 
-
-def model_entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
-    m = slot.model
-    status: dict[str, Any] = {"value": ROUTER_STATUS[slot.state.value],
-                              "args": list(sup.spec(slot, slot.gpus)[0].argv),
-                              "preset": m.settings.preset_text}
-    if slot.state.value == "failed":
-        status.update(value="failed", failed=True, reason=slot.reason,
-                      exit_code=slot.last_exit.get("ExecMainStatus"))
-    modalities = list(m.info.modalities) if m.info else ["text"]
-    return {
-        "id": m.id, "object": "model", "owned_by": "llamad", "created": m.created,
-        "aliases": list(m.aliases), "tags": [], "source": m.source, "status": status,
-        "architecture": {"input_modalities": modalities, "output_modalities": ["text"]},
-        "llamad": report.describe(sup, slot),
-    }
-
-
-# GET /v1/models with 10,000 models catalogued took ~1 s, nearly all of it building and
-# encoding entries of unloaded models, which do not change until the model is loaded
-# again. So an unloaded model's encoded entry is kept, keyed by what it is built from.
-_listed: weakref.WeakKeyDictionary[Supervisor, dict[str, tuple[Any, bytes]]] = \
-    weakref.WeakKeyDictionary()
-
-
-def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]) -> bytes:
-    if slot.state is not State.UNLOADED:
-        return json.dumps(model_entry(sup, slot)).encode()
-    key = (slot.served, slot.last_used, slot.n_restarts, slot.reason,
-           sup.measure.need(slot.model))
-    hit = cache.get(slot.model.id)
-    # The catalog publishes a new Model object whenever the model's file or settings change.
-    if hit is not None and hit[0][0] is slot.model and hit[0][1] == key:
-        return hit[1]
-    data = json.dumps(model_entry(sup, slot)).encode()
-    cache[slot.model.id] = ((slot.model, key), data)
-    return data
+class NotSupported(LlamadError):
+    status = 501
+    type = "not_supported_error"
+    code = "not_supported"
 
 
 async def handle_models(request: web.Request) -> web.Response:
+    if request.query.get("reload") and CATALOG in request.app:
+        catalog: Catalog = request.app[CATALOG]
+        await catalog.rescan_async()  # the new snapshot reaches the supervisor on publish
     sup = supervisor(request)
-    cache = _listed.setdefault(sup, {})
-    if len(cache) > 2 * len(sup.slots):
-        cache.clear()  # models removed from the catalog
-    parts = [_entry_json(sup, slot, cache) for slot in visible(request, sup.slots.values())]
-    body = b'{"object": "list", "data": [' + b", ".join(parts) + b"]}"
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=listing.listing(sup, visible(request, sup.slots.values())),
+                        content_type="application/json")
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one entry (the OpenAI SDK's models.retrieve)."""
+    slot = resolve(request, request.match_info["id"])
+    return web.json_response(listing.entry(supervisor(request), slot))
 
 
 async def _model_from_body(request: web.Request) -> Slot:
@@ -106,6 +86,58 @@ async def handle_unload(request: web.Request) -> web.Response:
                               "state": slot.state.value})
 
 
+@keys.admin_only
+async def handle_download(request: web.Request) -> web.Response:
+    """POST and DELETE /models: router mode downloads and deletes cached models."""
+    raise NotSupported("llamad does not download or delete models; put GGUF files in a "
+                       "models directory, or download them with llama-server -hf into the "
+                       "llama.cpp cache")
+
+
+async def router_props(request: web.Request) -> web.Response:
+    """GET /props without a model: what llama.cpp's router answers."""
+    config = supervisor(request).config
+    return web.json_response({
+        "role": "router", "max_instances": config.models_max,
+        "models_autoload": config.models_autoload,
+        "model_alias": "llama-server", "model_path": "none",
+        "default_generation_settings": {"params": None, "n_ctx": 0},
+        "ui_settings": {}, "build_info": await build_info(config.llama_server),
+        "cors_proxy_enabled": False,
+    })
+
+
+_build_info: dict[Path, str] = {}
+_VERSION = re.compile(r"build (\d+), commit ([^)\s]+)")
+
+
+async def build_info(binary: Path) -> str:
+    """llama-server's build as llama.cpp spells it ("b<number>-<commit>"), asked once."""
+    if binary not in _build_info:
+        out = b""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(binary), "--version", stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        except (TimeoutError, OSError):
+            pass
+        m = _VERSION.search(out.decode(errors="replace"))
+        # llama.cpp's own spelling of a build that knows neither.
+        _build_info[binary] = f"b{m.group(1)}-{m.group(2)}" if m else "b0-unknown"
+    return _build_info[binary]
+
+
+async def handle_sse(request: web.Request) -> web.StreamResponse:
+    feed: ModelFeed = request.app[FEED]
+    return await feed.handle(request)
+
+
+async def close_feed(app: web.Application) -> None:
+    if FEED in app:
+        await app[FEED].close()
+
+
 async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -123,12 +155,27 @@ async def handle_running(request: web.Request) -> web.Response:
          "ttl": sup.ttl(s) or 0} for s in visible(request, sup.loaded())]})
 
 
+def attach(app: web.Application, sup: Supervisor, catalog: Catalog) -> None:
+    """Give the handlers the daemon's supervisor and catalog, once both exist."""
+    app[SUPERVISOR] = sup
+    app[CATALOG] = catalog
+    feed = ModelFeed(sup)
+    catalog.subscribe(feed.on_catalog)
+    app[FEED] = feed
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/models", handle_models)
     r.add_get("/v1/models", handle_models)
+    r.add_get("/models/sse", handle_sse)
+    r.add_get("/v1/models/{id:.+}", handle_model)
     r.add_post("/models/load", handle_load)
     r.add_post("/models/unload", handle_unload)
+    r.add_post("/models", handle_download)
+    r.add_delete("/models", handle_download)
     r.add_get("/health", handle_health)
+    r.add_get("/v1/health", handle_health)
     r.add_get("/status", handle_status)
     r.add_get("/running", handle_running)
+    app.on_shutdown.append(close_feed)

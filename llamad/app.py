@@ -109,7 +109,7 @@ class Daemon:
         sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
                          journal_tail)
         self.sup = sup
-        app[api.SUPERVISOR] = sup
+        api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())

@@ -11,20 +11,30 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("llamad.gguf")
 
 Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
                        "clip.has_vision_encoder", "clip.has_audio_encoder"))
-KEPT_ARCH_KEYS = ("context_length", "embedding_length", "block_count", "attention.head_count",
-                  "attention.head_count_kv", "attention.key_length", "attention.value_length",
-                  "attention.sliding_window")
+# GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
+ARCH_FIELDS = {
+    "context_length": "context_length", "block_count": "block_count",
+    "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
+    "embedding_length": "embedding_length", "key_length": "attention.key_length",
+    "value_length": "attention.value_length", "sliding_window": "attention.sliding_window",
+    "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
+    "expert_used_count": "expert_used_count",
+    "expert_feed_forward_length": "expert_feed_forward_length",
+}
+KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
+# Tensors llama.cpp keeps with the input layer, which always stays on the host.
+INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
 
 
 class GGUFError(Exception):
@@ -46,6 +56,59 @@ class GGUFInfo:
     quantization: str | None
     modalities: tuple[str, ...]
     sliding_window: int | None = None  # tokens; memory.py sizes SWA layers' cache by it
+    feed_forward_length: int | None = None
+    expert_count: int | None = None
+    expert_used_count: int | None = None
+    expert_feed_forward_length: int | None = None
+    tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
+
+
+class TensorBytes(NamedTuple):
+    """The tensor table boiled down to what placement needs: bytes per repeating layer
+    (`blk.N.*`), of the input layer (token embeddings, kept on the host), and of the output
+    layer (everything else: output norm and head). Without an `output.weight` tensor the head
+    is tied to the token embedding, which llama.cpp then also copies to the output's device."""
+
+    layers: tuple[int, ...] = ()
+    input: int = 0
+    output: int = 0
+    tied: bool = True
+    vocab: int = 0  # token embedding rows
+
+    @classmethod
+    def of(cls, tensors: Iterable[tuple[str, int, int]]) -> TensorBytes:
+        """From (name, bytes, last dimension) per tensor."""
+        layers: dict[int, int] = {}
+        inp = out = vocab = 0
+        tied = True
+        for name, size, rows in tensors:
+            block = _block(name)
+            if block is not None:
+                layers[block] = layers.get(block, 0) + size
+            elif name.startswith(INPUT_TENSORS):
+                inp += size
+                vocab = rows if name == "token_embd.weight" else vocab
+            else:
+                out += size
+                tied = tied and name != "output.weight"
+        return cls(tuple(layers.get(i, 0) for i in range(max(layers, default=-1) + 1)),
+                   inp, out, tied, vocab)
+
+    def plus(self, other: TensorBytes) -> TensorBytes:
+        """Two shards of one model together."""
+        n = max(len(self.layers), len(other.layers))
+        pad = (0,) * n
+        layers = tuple(a + b for a, b in zip((self.layers + pad)[:n], (other.layers + pad)[:n],
+                                             strict=True))
+        return TensorBytes(layers, self.input + other.input, self.output + other.output,
+                           self.tied and other.tied, self.vocab or other.vocab)
+
+
+def _block(name: str) -> int | None:
+    if not name.startswith("blk."):
+        return None
+    number = name[4:].partition(".")[0]
+    return int(number) if number.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +120,7 @@ class FileHeader:
     tensor_type: str | None  # the most common type of the weight matrices
     size: int
     file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
+    tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
 
 
 @functools.cache
@@ -142,17 +206,14 @@ def read_header(path: Path) -> FileHeader:
     types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
     params = sum(int(t.n_elements) for t in reader.tensors)
     tensor_type = types.most_common(1)[0][0] if types else None
+    table = TensorBytes.of((t.name, int(t.n_bytes), int(t.shape[-1]) if len(t.shape) > 1 else 0)
+                           for t in reader.tensors)
     return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size,
-                      file_type=_file_type(gguf, fields))
+                      file_type=_file_type(gguf, fields), tensors=table)
 
 
 def _quantization(head: FileHeader) -> str | None:
     return head.file_type or head.tensor_type
-
-
-def _int(head: FileHeader, key: str) -> int | None:
-    value = head.fields.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _modalities(mmproj: FileHeader | None) -> tuple[str, ...]:
@@ -168,24 +229,34 @@ def _modalities(mmproj: FileHeader | None) -> tuple[str, ...]:
 def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
     """Build one model's GGUFInfo from its shards' headers (first shard first)."""
     first = shards[0]
-    arch = first.fields.get("general.architecture")
+    fields = first.fields
+    arch = fields.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
     p = f"{arch}." if arch else "-"
+    # This runs for every model on every rescan: one pass over prefixed keys made once per
+    # architecture. (type() rather than isinstance(): a bool is no count.)
+    ints = {name: value if type(value) is int else None
+            for name, key in _arch_keys(p) for value in (fields.get(key),)}
     return GGUFInfo(
         architecture=arch,
         parameters=sum(s.parameters for s in shards) or None,
-        context_length=_int(first, p + "context_length"),
-        block_count=_int(first, p + "block_count"),
-        head_count=_int(first, p + "attention.head_count"),
-        head_count_kv=_int(first, p + "attention.head_count_kv"),
-        embedding_length=_int(first, p + "embedding_length"),
-        key_length=_int(first, p + "attention.key_length"),
-        value_length=_int(first, p + "attention.value_length"),
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
-        sliding_window=_int(first, p + "attention.sliding_window"),
+        tensors=first.tensors if len(shards) == 1 else functools.reduce(
+            TensorBytes.plus, (s.tensors for s in shards)),
+        **ints,
     )
+
+
+@functools.cache
+def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
+    return tuple((name, prefix + key) for name, key in ARCH_FIELDS.items())
+
+
+def _header(value: dict[str, Any]) -> FileHeader:
+    layers, *rest = value.pop("tensors")
+    return FileHeader(**value, tensors=TensorBytes(tuple(layers), *rest))
 
 
 def _stat_key(st: os.stat_result) -> StatKey:
@@ -253,7 +324,7 @@ class InfoCache:
             if data.get("version") != CACHE_VERSION:
                 return
             for name, (key, value) in data["entries"].items():
-                header = value if isinstance(value, str) else FileHeader(**value)
+                header = value if isinstance(value, str) else _header(value)
                 self._entries[name] = (tuple(key), header)
         except (OSError, ValueError, TypeError, KeyError) as e:
             # A missing or damaged cache only costs a slower scan.

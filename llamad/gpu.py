@@ -18,6 +18,16 @@ PROC = Path("/proc")
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A process NVML lists on a GPU; `used` is None where NVML cannot attribute memory
+    (some containers and virtual machines)."""
+
+    gpu: int  # NVML index
+    pid: int
+    used: int | None
+
+
+@dataclass(frozen=True)
 class GpuInfo:
     index: int
     name: str
@@ -29,9 +39,10 @@ class GpuInfo:
 
 class GpuMonitor:
     """NVML, opened once. `nvml` is the pynvml module, or a stand-in with the same functions;
-    left out, pynvml is imported if installed."""
+    left out, pynvml is imported if installed. `proc`: where to read processes' cgroups."""
 
-    def __init__(self, nvml: Any = None) -> None:
+    def __init__(self, nvml: Any = None, proc: Path = PROC) -> None:
+        self.proc = proc
         self._nvml: Any = None
         self._last_error = ""
         try:
@@ -74,17 +85,26 @@ class GpuMonitor:
             self._warn(e)
             return ()
 
-    def per_unit_vram(self, proc: Path = PROC) -> dict[str, int]:
+    def per_unit_vram(self, proc: Path | None = None) -> dict[str, int]:
         """VRAM per systemd unit, summed over GPUs, from the compute processes NVML lists.
 
         Processes outside any service, or whose memory NVML cannot attribute (it says None,
         as in some containers), are left out.
         """
         out: dict[str, int] = {}
-        for pid, used in self._processes():
-            unit = unit_of_pid(pid, proc)
+        for unit, found in self.unit_processes(proc).items():
+            known = [p.used for p in found if p.used is not None]
+            if known:
+                out[unit] = sum(known)
+        return out
+
+    def unit_processes(self, proc: Path | None = None) -> dict[str, list[GpuProcess]]:
+        """NVML's compute processes by the systemd unit they run in; others left out."""
+        out: dict[str, list[GpuProcess]] = {}
+        for p in self._processes():
+            unit = unit_of_pid(p.pid, proc or self.proc)
             if unit is not None:
-                out[unit] = out.get(unit, 0) + used
+                out.setdefault(unit, []).append(p)
         return out
 
     def close(self) -> None:
@@ -95,7 +115,7 @@ class GpuMonitor:
                 self._warn(e)
             self._nvml = None
 
-    def _processes(self) -> list[tuple[int, int]]:
+    def _processes(self) -> list[GpuProcess]:
         if self._nvml is None:
             return []
         nvml = self._nvml
@@ -104,8 +124,8 @@ class GpuMonitor:
             for i in range(nvml.nvmlDeviceGetCount()):
                 h = nvml.nvmlDeviceGetHandleByIndex(i)
                 for p in nvml.nvmlDeviceGetComputeRunningProcesses(h):
-                    if p.usedGpuMemory is not None:
-                        out.append((int(p.pid), int(p.usedGpuMemory)))
+                    used = p.usedGpuMemory
+                    out.append(GpuProcess(i, int(p.pid), None if used is None else int(used)))
             return out
         except nvml.NVMLError as e:
             self._warn(e)

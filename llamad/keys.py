@@ -138,7 +138,7 @@ def presented(request: web.Request) -> str:
 def middleware(keyring: Keyring) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/health":
+        if request.path not in ("/health", "/v1/health"):  # public, as in llama-server
             key = find(keyring.keys, presented(request))
             if key is None:
                 raise _refused("a valid API key is required (Authorization: Bearer KEY)",

@@ -3,8 +3,8 @@ whose streamed request has to wait for a load.
 
 Such a client gets a 200 with SSE comment lines (`: loading gemma-a 40% (1.2s of ~3.0s)`)
 once a second until the model is ready; the answer then follows in the same stream. SSE
-clients ignore comments. Percentages come from the model's last load time (this run's,
-else the learned one); a model never loaded before shows seconds only. Non-streaming
+clients ignore comments. Percentages come from the model's expected load time, as
+/models/sse shows it (feed.expected_load_seconds). Non-streaming
 requests see nothing of this, and `load-progress = no` turns it off.
 
 Once the comments have begun the status line is gone: a failure after that (the load
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from llamad import record
 from llamad.errors import LlamadError
+from llamad.feed import expected_load_seconds
 from llamad.safetext import one_line
 from llamad.scheduler import State
 from llamad.slot import Slot
@@ -33,22 +34,12 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
 
-def expected_load(sup: Supervisor, slot: Slot) -> float | None:
-    """Seconds the model's load should take: this run's last load, else the learned one."""
-    if slot.load_seconds:
-        return slot.load_seconds
-    learned = sup.measure.learned_for(slot.model)
-    return learned.load_seconds if learned is not None else None
-
-
-def describe(slot: Slot, expected: float | None, now: float) -> str:
+def describe(slot: Slot, expected: float, now: float) -> str:
     """The comment's text: what the model is doing and how far along its load is."""
     model = one_line(slot.model.id)
     if slot.state not in (State.STARTING, State.LOADING):
         return f"waiting for {model} ({slot.state.value})"
     elapsed = max(0.0, now - slot.load_started)
-    if not expected:
-        return f"loading {model} ({elapsed:.1f}s)"
     percent = min(99, int(100 * elapsed / expected))
     return f"loading {model} {percent}% ({elapsed:.1f}s of ~{expected:.1f}s)"
 
@@ -65,7 +56,7 @@ class Wait:
         self.record.stream = stream
         self.response = record.TapResponse(self.record)
         self._show = stream and sup.config.load_progress and slot.state is not State.READY
-        self._expected = expected_load(sup, slot) if self._show else None
+        self._expected = expected_load_seconds(sup, slot) if self._show else 0.0
         self._stop = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
 

@@ -233,7 +233,8 @@ class Supervisor:
     def spec(self, slot: Slot, gpus: tuple[int, ...] = ()) -> tuple[UnitSpec, str]:
         """The unit a load would start now, and the address its backend listens on."""
         address = unitspec.address(self.config, slot.model, self._port_for)
-        limit = unitspec.memory_max(self.config, slot.model, self.measure.need(slot.model))
+        limit = unitspec.memory_max(self.config, slot.model,
+                                    self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address, gpus, limit)
         return spec, address
 

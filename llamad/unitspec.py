@@ -12,7 +12,6 @@ from llamad import backend as be
 from llamad import exits
 from llamad.catalog import Model
 from llamad.config import Config
-from llamad.scheduler import Memory
 from llamad.units import UnitSpec, UnitStatus
 
 
@@ -26,19 +25,8 @@ def address(config: Config, model: Model, port_for: Callable[[str], int]) -> str
     return be.tcp_address(port_for(model.id))
 
 
-MIB = 1024 * 1024
-# memory-limit = estimate: MemoryMax is the RAM estimate times this, plus LIMIT_SLACK.
-LIMIT_FACTOR = 1.5
-LIMIT_SLACK = 256 * MIB
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
-
-
-def derived_limit(need: Memory) -> int:
-    """MemoryMax for memory-limit = estimate: generous, since the estimate is no promise,
-    but enough to stop a runaway model from taking the whole machine. (Without a GPU the
-    estimate already puts everything in `ram`.)"""
-    return int(need.ram * LIMIT_FACTOR) + LIMIT_SLACK
 
 
 def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
@@ -55,12 +43,13 @@ def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
     return [("MemoryMax", b"t", size)]
 
 
-def memory_max(config: Config, model: Model, need: Memory) -> int | None:
-    """The preset's memory-max, else one derived from the need if memory-limit asks."""
+def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
+    """The preset's memory-max, else, if memory-limit asks, the one derived from the
+    estimate (memory.memory_limit, through Measure.derived_limit)."""
     if model.settings.memory_max:
         return parse_size(model.settings.memory_max)
     if config.memory_limit == "estimate":
-        return derived_limit(need)
+        return derived
     return None
 
 

@@ -91,3 +91,53 @@ def copy_file(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return dst
+
+
+def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, head_dim: int,
+                blocks: int = 1, vocab: int = 1024, context: int = 32768) -> Path:
+    """A llama-architecture model llama-server loads and runs: every tensor of a llama block,
+    F16 zeros, and a byte-level vocabulary. Its answers are nonsense; its buffers are real."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(context)
+    w.add_block_count(blocks)
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    w.add_tokenizer_model("llama")
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [bytes([97 + i % 26]) * (1 + i // 26)
+                                             for i in range(vocab - 3)]
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def f16(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float16)
+
+    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
+    w.add_tensor("output.weight", f16(vocab, embd))
+    for i in range(blocks):
+        for name, shape in (("attn_q", (heads * head_dim, embd)),
+                            ("attn_k", (heads_kv * head_dim, embd)),
+                            ("attn_v", (heads_kv * head_dim, embd)),
+                            ("attn_output", (embd, heads * head_dim)),
+                            ("ffn_gate", (ff, embd)), ("ffn_up", (ff, embd)),
+                            ("ffn_down", (embd, ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(embd, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

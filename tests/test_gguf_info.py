@@ -99,3 +99,33 @@ def test_cache_remembers_bad_files_and_persists(tmp_path: Path) -> None:
         again.header(bad)
     store.write_text("{broken")
     assert len(InfoCache(store)) == 0
+
+
+def test_tensor_table_per_layer(tmp_path: Path) -> None:
+    """Bytes per layer, input and output, as llama.cpp assigns tensors to layers."""
+    gemma = combine([read_header(ggufgen.GEMMA)], None).tensors
+    assert gemma is not None and len(gemma.layers) == 18
+    assert gemma.tied and gemma.vocab == 262144  # no output.weight: the head is the embedding
+    assert gemma.input == 170 * 1024**2  # token_embd, Q8_0
+    # llama-server on the CPU logs "CPU_Mapped model buffer size = 235.16 MiB" for all of them.
+    total = sum(gemma.layers) + gemma.input + gemma.output
+    assert abs(total / 1024**2 - 235.16) < 0.01
+    llama = combine([read_header(ggufgen.write_llama(
+        tmp_path / "l.gguf", embd=64, ff=128, heads=4, heads_kv=2, head_dim=16, blocks=3,
+        vocab=100))], None).tensors
+    assert llama is not None and not llama.tied and llama.vocab == 100
+    block = 2 * (64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128) + 2 * 64 * 4  # F16 weights, F32 norms
+    assert llama.layers == (block,) * 3
+    assert (llama.input, llama.output) == (100 * 64 * 2, 100 * 64 * 2 + 64 * 4)
+    shards = [read_header(p) for p in ggufgen.write_split(tmp_path / "s", "m", 2, blocks=2)]
+    split = combine(shards, None).tensors
+    assert split is not None and split.layers == (8 * 64 * 4,) * 4  # blk.0-1 and blk.2-3
+
+
+def test_cached_tensor_table_survives_a_restart(tmp_path: Path) -> None:
+    store = tmp_path / "info.json"
+    cache = InfoCache(store)
+    head = cache.header(ggufgen.GEMMA)
+    cache.save()
+    assert InfoCache(store).header(ggufgen.GEMMA) == head
+    assert store.stat().st_size < 1200  # the table boiled down, not 236 tensors

@@ -63,7 +63,7 @@ class FakeNvml:
         return h.name
 
     def nvmlDeviceGetUUID(self, h: FakeDevice) -> str:
-        return f"GPU-{self.devices.index(h):08d}"
+        return f"GPU-{next(i for i, d in enumerate(self.devices) if d is h):08d}"
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: FakeDevice) -> list[SimpleNamespace]:
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in h.processes]

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ggufgen import write_model
+from ggufgen import GEMMA, write_model
+from test_gpu import FakeDevice, FakeNvml
+from test_memory import H100, H100_NAME, gemma_info
 
 from llamad import report, sampling
 from llamad.catalog import Model, scan
@@ -20,12 +22,15 @@ from llamad.config import Config
 from llamad.errors import BackendError, Unavailable
 from llamad.gpu import GpuMonitor
 from llamad.measure import Measure, proc_memory
+from llamad.memory import memory_limit
+from llamad.presets import ModelSettings
 from llamad.scheduler import Memory, State
 from llamad.supervisor import Supervisor
 from llamad.units import UnitSpec, UnitStatus
-from llamad.unitspec import LIMIT_SLACK, derived_limit, memory_max_props
+from llamad.unitspec import memory_max_props
 
 MIB = 1024**2
+GIB = 1024**3
 
 
 def test_proc_memory_of_this_process() -> None:
@@ -47,10 +52,6 @@ def test_memory_max_props() -> None:
     assert memory_max_props("infinity") == [("MemoryMax", b"t", 2**64 - 1)]
     ((name, sig, scale),) = memory_max_props("50%")
     assert (name, sig) == ("MemoryMaxScale", b"u") and abs(scale - 2**31) <= 1
-
-
-def test_derived_limit() -> None:
-    assert derived_limit(Memory(400 * MIB, 0)) == 600 * MIB + LIMIT_SLACK
 
 
 @pytest.fixture
@@ -165,7 +166,8 @@ async def test_memory_limit_estimate_sets_memory_max(config: Config) -> None:
     sup = supervisor(replace(config, memory_limit="estimate"), FakeUnits())
     slot = sup.slots["tiny"]
     spec, _ = sup.spec(slot)
-    assert spec.memory_max == derived_limit(sup.measure.need(slot.model))
+    est = sup.measure._estimate(slot.model)  # type: ignore[attr-defined]
+    assert spec.memory_max == memory_limit(est) > est.total.ram
     await sup.close()
 
 
@@ -210,3 +212,86 @@ async def test_request_in_flight_during_an_oom_kill_is_told_so(config: Config) -
     assert err.value.code == "model_failed" and "out of memory" in err.value.message
     assert slot.in_flight == 0
     await sup.close()
+
+
+# The fixed cost of CUDA per GPU, learned from a load measured through (fake) NVML.
+
+GEMMA_UNIT = "llama-server@gemma.service"
+
+
+def gemma(args: str, devices: tuple[int, ...] | None = None, split: bool = False) -> Model:
+    settings = ModelSettings(args=tuple(args.split()), load_on_startup=False, stop_timeout=None,
+                             pin=False, ttl=None, memory_max=None, memory_high=None,
+                             devices=devices, split=split, preset_text="")
+    return Model("gemma", (), GEMMA_UNIT, GEMMA, (GEMMA,), None, "models_dir", gemma_info(),
+                 settings, 0)
+
+
+def h100(tmp_path: Path, *processes: tuple[int, int | None], gpus: int = 1) -> Measure:
+    """Measure over a fake NVML with H100s; `processes` (pid, bytes) run on GPU 0 in the
+    Gemma model's unit."""
+    proc = tmp_path / "proc"
+    for pid, _ in processes:
+        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+        (proc / str(pid) / "cgroup").write_text(f"0::/llama-server.slice/{GEMMA_UNIT}\n")
+    devices = [FakeDevice(H100_NAME, 80 * GIB, GIB, list(processes) if i == 0 else [])
+               for i in range(gpus)]
+    return Measure(Config.default(), GpuMonitor(FakeNvml(devices), proc=proc),
+                   state_dir=tmp_path / "state")
+
+
+def test_learned_cuda_cost_brings_every_h100_row_within_2_percent(tmp_path: Path,
+                                                                   subtests) -> None:  # type: ignore[no-untyped-def]
+    for first, nvml, *_ in H100:
+        with subtests.test(f"first load {first}"):
+            where = tmp_path / first.replace(" ", "_")
+            meas = h100(where, (4242, nvml * MIB))
+            loaded = gemma(first)
+            assert meas.vram_by_unit() == {GEMMA_UNIT: nvml * MIB}
+            meas.learn(loaded, 800 * MIB, nvml * MIB, 1.7)
+            cost = meas.costs.get("GPU-00000000")
+            assert cost is not None and 588 * MIB <= cost <= 600 * MIB
+            assert meas.need(loaded).vram == nvml * MIB  # the model's own learned figure
+            again = h100(where)  # a restarted llamad reads the learned cost back
+            for args, measured, *_ in H100:
+                for m in (meas, again):
+                    assert measured * MIB <= m.estimate(gemma(args)).vram <= 1.02 * measured * MIB
+
+
+def test_cuda_cost_by_gpu_model_and_spread(tmp_path: Path) -> None:
+    meas = h100(tmp_path, (4242, 912 * MIB), gpus=2)
+    meas.vram_by_unit()
+    meas.learn(gemma("-ngl 99 -c 8192"), 800 * MIB, 912 * MIB, 1.7)
+    learned = meas.costs.get("GPU-00000000")
+    assert learned is not None and meas.costs.get("GPU-00000001") is None
+    # The second H100 has never run a model: the first's figure stands in (same model, same
+    # driver), not the default.
+    assert meas.costs.get("GPU-00000001", H100_NAME) == learned
+    one = meas.estimate(gemma("-ngl 99 -c 1024")).vram
+    both = meas.estimate(gemma("-ngl 99 -c 1024", split=True)).vram
+    pinned = meas.estimate(gemma("-ngl 99 -c 1024", devices=(0, 1))).vram
+    assert both == pinned == one + learned
+
+
+def test_no_vram_is_learned_from_a_cpu_fallback(tmp_path: Path) -> None:
+    model = gemma("-ngl 99 -c 8192")
+    meas = h100(tmp_path)  # NVML lists no process of the unit: llama-server stayed on the CPU
+    assert meas.vram_by_unit() == {}
+    meas.learn(model, 1500 * MIB, 0, 1.3)
+    assert meas.learned_for(model) is None and meas.costs.get("GPU-00000000") is None
+    # NVML lists the process but cannot say how much it holds (some containers): RAM and
+    # load time are the plan's; VRAM stays the estimate's.
+    attributed = h100(tmp_path / "b", (4242, None))
+    assert attributed.vram_by_unit() == {}
+    attributed.learn(model, 800 * MIB, 0, 1.7)
+    learned = attributed.learned_for(model)
+    assert learned is not None and learned.ram == 800 * MIB and learned.vram is None
+    assert attributed.need(model).vram == attributed.estimate(model).vram
+    assert attributed.costs.get("GPU-00000000") is None
+
+
+def test_gpu_uuids_name_cards_for_cuda(tmp_path: Path) -> None:
+    meas = h100(tmp_path, gpus=2)
+    assert meas.gpu_uuids((1,)) == ("GPU-00000001",)
+    assert meas.gpu_uuids((0, 1)) == ("GPU-00000000", "GPU-00000001")
+    assert meas.gpu_uuids((5,)) == ("5",)  # not known to NVML now: left as CUDA's index

@@ -158,8 +158,6 @@ def test_progress_text() -> None:
         "loading gem\\nma 25% (1.0s of ~4.0s)")
     assert progress.describe(Slotish(S.STARTING, 90.0), 4.0, now).startswith(  # type: ignore[arg-type]
         "loading gem\\nma 99%")
-    assert progress.describe(Slotish(S.LOADING, 98.0), None, now) == (  # type: ignore[arg-type]
-        "loading gem\\nma (2.0s)")
     assert progress.describe(Slotish(S.STOPPING, 0.0), 4.0, now) == (  # type: ignore[arg-type]
         "waiting for gem\\nma (stopping)")
 

@@ -1,0 +1,93 @@
+"""What GET /v1/models and /models/sse say of a model, with systemd faked at the Units
+boundary (the real feed runs on the box in tests/integration/test_router_contract.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+from test_measure import FakeUnits, config, supervisor
+
+from llamad import listing
+from llamad.catalog import scan
+from llamad.config import Config
+from llamad.events import Cause
+from llamad.feed import ModelFeed, expected_load_seconds
+from llamad.scheduler import State
+
+__all__ = ["config"]  # the fixture, shared with test_measure
+
+
+def test_context_per_request_follows_slots_and_unified_cache(config: Config) -> None:
+    cases = [((), 4096), (("-c", "8192"), 8192), (("-c", "8192", "-np", "4"), 2048),
+             (("-c", "8192", "-np", "4", "--kv-unified"), 8192), (("-np", "2"), 2048),
+             (("-c", "0", "-np", "2"), 2048)]
+    for args, want in cases:
+        model = scan(dataclasses.replace(config, args=args)).models["tiny"]
+        assert listing.n_ctx(model) == want, args
+
+
+def test_entry_has_router_fields_and_failed_shape(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    slot = sup.slots["tiny"]
+    entry = listing.entry(sup, slot)
+    assert entry["status"]["value"] == "unloaded" and "failed" not in entry["status"]
+    assert entry["name"] == "tiny" and entry["context_length"] == 4096
+    assert entry["meta"]["n_ctx_train"] == 4096 and entry["meta"]["n_params"] > 0
+    slot.state, slot.last_exit = State.FAILED, {"ExecMainStatus": 0}
+    status = listing.entry(sup, slot)["status"]
+    # The router shows a failed child as unloaded with a non-zero exit code.
+    assert status == {**status, "value": "unloaded", "failed": True, "exit_code": 1}
+    slot.last_exit = {"ExecMainStatus": 134}
+    assert listing.entry(sup, slot)["status"]["exit_code"] == 134
+    body = json.loads(listing.listing(sup, sup.slots.values()))
+    assert [m["id"] for m in body["data"]] == ["tiny"] and body["object"] == "list"
+
+
+async def test_feed_records_follow_state_changes(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    feed = ModelFeed(sup)
+    queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+    feed.clients.add(queue)
+    slot = sup.slots["tiny"]
+    await sup.load(slot)
+    sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    sup.move(slot, State.READY, Cause.HEALTHY)
+    sup.move(slot, State.STOPPING, Cause.UNLOAD)
+    sup.move(slot, State.UNLOADED, Cause.STOPPED)
+    records = [json.loads(line[6:]) for line in drain(queue)]
+    loads = [r for r in records if r["data"].get("llamad")]
+    assert [(r["event"], r["data"]["status"], r["data"]["llamad"]["state"]) for r in loads] == [
+        ("model_status", "loading", "starting"), ("status_change", "loading", "loading"),
+        ("status_change", "loaded", "ready"), ("status_change", "unloaded", "stopping"),
+        ("status_change", "unloaded", "unloaded")]
+    assert loads[0]["data"]["progress"]["current"] == "text_model"
+    assert loads[2]["data"]["info"]["meta"]["n_ctx_train"] == 4096
+    assert loads[3]["data"]["exit_code"] == 0
+    feed.on_catalog(sup.snapshot, sup.snapshot)
+    (line,) = drain(queue)
+    assert json.loads(line[6:]) == {"model": "*", "event": "models_reload"}
+    await feed.close()
+    assert not feed.clients and queue.get_nowait() is None
+    await sup.close()
+
+
+def test_expected_load_time_learned_else_guessed(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    slot = sup.slots["tiny"]
+    guess = expected_load_seconds(sup, slot)
+    assert 1.0 <= guess < 1.1  # a tiny file: the fixed part of the guess
+    sup.measure.learn(slot.model, 1, None, 7.5)  # type: ignore[attr-defined]
+    assert expected_load_seconds(sup, slot) == 7.5
+    slot.load_seconds = 2.0
+    assert expected_load_seconds(sup, slot) == 2.0
+
+
+def drain(queue: asyncio.Queue[tuple[str, bytes] | None]) -> list[bytes]:
+    out: list[Any] = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        out.append(item[1] if item else None)
+    return out
