@@ -16,6 +16,7 @@ from aiohttp import web
 
 from llamad import (
     api,
+    browsers,
     keys,
     logstream,
     metrics,
@@ -76,7 +77,8 @@ class Daemon:
         self.request_log = requestlog.JournalWriter() if config.request_log else None
 
     def app(self) -> web.Application:
-        middlewares = [self._activity, middleware.error_middleware]
+        door = browsers.Door(self.config, keyed=self.keyring is not None)
+        middlewares = [self._activity, middleware.error_middleware, door.middleware]
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
         sinks: list[record.Sink] = [self.metrics.on_request]
@@ -85,6 +87,7 @@ class Daemon:
         middlewares.append(record.middleware(sinks))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
+        app.on_response_prepare.append(door.on_prepare)
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
