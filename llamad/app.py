@@ -17,6 +17,7 @@ from aiohttp import web
 from llamad import (
     api,
     browsers,
+    dashboard,
     keys,
     logstream,
     metrics,
@@ -26,6 +27,7 @@ from llamad import (
     report,
     requestlog,
     sampling,
+    webui,
 )
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
@@ -91,6 +93,8 @@ class Daemon:
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
+        dashboard.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir)
         app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.append(self._supervise)
         return app

@@ -1,8 +1,9 @@
 """Commands that talk to the running llamad over its HTTP API: load, unload, logs, ps, top.
 
-The address is --url, else $LLAMAD_URL, else http://<listen> of the configuration; the API
-key, when llamad wants one, comes from $LLAMAD_API_KEY. Tables and lines are for people,
---json for scripts. Anything that goes wrong is one sentence (LlamadError).
+The address is --url, else $LLAMAD_URL, else llamad.socket's address, else http://<listen>
+of the configuration; the API key, when llamad wants one, comes from $LLAMAD_API_KEY.
+Tables and lines are for people, --json for scripts. Anything that goes wrong is one
+sentence (LlamadError).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -37,7 +39,7 @@ class Client:
 
     @classmethod
     def make(cls, config_path: Path | None, url: str | None) -> Client:
-        base = url or os.environ.get(ENV_URL) or "http://" + load_config(config_path).listen
+        base = url or os.environ.get(ENV_URL) or daemon_url(config_path)
         return cls(base.rstrip("/"), os.environ.get(ENV_KEY) or None)
 
     @contextlib.contextmanager
@@ -78,6 +80,20 @@ class Client:
     def post(self, path: str, body: dict[str, Any]) -> Any:
         with self.open("POST", path, body) as r:
             return json.loads(r.read())
+
+
+def daemon_url(config_path: Path | None) -> str:
+    """Where llamad answers: llamad.socket's first address (an admin may have moved it with
+    a drop-in), else the configuration's `listen`."""
+    if config_path is None:
+        try:
+            out = subprocess.run(["systemctl", "show", "-P", "Listen", "llamad.socket"],
+                                 capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.split():
+            return "http://" + out.stdout.split()[0]
+    return "http://" + load_config(config_path).listen
 
 
 def _print_json(data: Any) -> None:
