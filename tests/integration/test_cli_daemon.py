@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import rig
@@ -81,6 +83,14 @@ def test_errors_are_one_sentence(llamad_factory: Factory, box: rig.Box) -> None:
     out = llamad("logs", "--url", d.url, key="plain")
     assert out.returncode == 1 and "needs an admin key" in out.stderr
     assert llamad("ps", "--url", d.url, key="boss").returncode == 0
+    # llamad's /metrics names every model: admin keys only, like /status.
+    for key, want in (("plain", 403), ("boss", 200)):
+        req = urllib.request.Request(d.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert (r.status, want) == (200, 200)
+        except urllib.error.HTTPError as e:
+            assert e.code == want
     out = llamad("load", "nope", "--url", d.url, key="boss")
     assert out.returncode == 1
     assert out.stderr.startswith("llamad: model 'nope' is not known to llamad")
