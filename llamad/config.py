@@ -59,6 +59,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "slice-memory-max": ("string(default='')",
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
+    "gpu-fallback": ("option('fail', 'degraded', default='fail')", "fail or degraded"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
 }
 
@@ -97,6 +98,7 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    gpu_fallback: str
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
