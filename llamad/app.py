@@ -14,7 +14,18 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import api, keys, logstream, middleware, proxy, report, sampling
+from llamad import (
+    api,
+    browsers,
+    dashboard,
+    keys,
+    logstream,
+    middleware,
+    proxy,
+    report,
+    sampling,
+    webui,
+)
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
 from llamad.config import Config, load_config
@@ -62,14 +73,18 @@ class Daemon:
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
 
     def app(self) -> web.Application:
-        middlewares = [self._activity, middleware.error_middleware]
+        door = browsers.Door(self.config, keyed=self.keyring is not None)
+        middlewares = [self._activity, middleware.error_middleware, door.middleware]
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
+        app.on_response_prepare.append(door.on_prepare)
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
+        dashboard.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir)
         app.cleanup_ctx.append(self._supervise)
         return app
 

@@ -27,6 +27,7 @@ from llamad.presets import (
     ModelSettings,
     Options,
     Presets,
+    canonical_name,
     load_presets,
     model_settings,
     parse_args,
@@ -79,6 +80,8 @@ class Found:
     shards: tuple[Path, ...]
     mmproj: Path | None
     source: str
+    draft: Path | None = None  # a preset's spec-draft-hf, found in the cache
+    hidden: bool = False  # a cache entry a preset with dedup-cache-models stands for
 
 
 @dataclass
@@ -221,32 +224,52 @@ def _merge(found: Iterable[Found], problems: list[str]) -> dict[str, Found]:
     return out
 
 
+def _in_cache(cached: dict[str, Found], repo: str) -> Found | None:
+    """`user/repo:TAG`, or the first cached quantization of `user/repo`."""
+    repo = canonical_name(repo)
+    return cached.get(repo) or next(
+        (f for k, f in cached.items() if k.split(":")[0] == repo), None)
+
+
 def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, Found],
                    problems: list[str]) -> dict[str, Found]:
     """Sections add paths (model =, hf-repo =) or settle which file a name means."""
     base = preset.path.parent if preset.path else Path.cwd()
     for name, section in preset.sections.items():
         target: Found | None = None
+        backing: list[Found] = []  # cache entries this section's files come from
         if section.model is not None:
             path = section.model if section.model.is_absolute() else base / section.model
             target = Found(name, (path,), found[name].mmproj if name in found else None,
                            "preset")
         elif section.hf_repo is not None:
-            hit = cached.get(section.hf_repo) or next(
-                (f for k, f in cached.items() if k.split(":")[0] == section.hf_repo), None)
+            hit = _in_cache(cached, section.hf_repo)
             if hit is None:
                 problems.append(f"preset [{name}]: {section.hf_repo} is not in the llama.cpp "
                                 "cache; download it first; skipped.")
                 continue
             target = Found(name, hit.shards, hit.mmproj, "preset")
-            if section.extra.get("dedup-cache-models") and found.get(hit.id) is hit:
-                del found[hit.id]
+            backing.append(hit)
         elif name in found:
             target = Found(name, found[name].shards, found[name].mmproj, "preset")
         else:
             problems.append(f"preset [{name}] matches no model found and has no model = path; "
                             "ignored.")
             continue
+        if section.draft_hf is not None:
+            draft = _in_cache(cached, section.draft_hf)
+            if draft is None:
+                problems.append(f"preset [{name}]: the draft model {section.draft_hf} is not in "
+                                "the llama.cpp cache; download it first; skipped.")
+                continue
+            target.draft = draft.shards[0]
+            backing.append(draft)
+        dedup = section.extra.get("dedup-cache-models",
+                                  preset.defaults.extra.get("dedup-cache-models"))
+        for hit in backing:
+            # Only a pure cache entry: a section of the same name makes it a preset model.
+            if dedup and found.get(hit.id) is hit:
+                hit.hidden = True
         found[name] = target
     return found
 
@@ -279,14 +302,14 @@ def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
 
 def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options) -> Model:
     section = preset.sections.get(f.id)
-    settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args)
+    settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
     return Model(
         id=f.id, aliases=section.aliases if section else (), unit=unit_name(f.id),
         path=f.shards[0], shards=f.shards, mmproj=mmproj, source=f.source, info=info,
-        settings=settings, created=int(f.shards[0].stat().st_mtime))
+        settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden)
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,

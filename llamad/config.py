@@ -18,6 +18,7 @@ DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
 SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
 
 _SIZE = re.compile(r"(\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity)")
+_ORIGIN = re.compile(r"https?://[^/\s]+")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 # key: (validate check, what is allowed). The check strings are configobj/validate
@@ -41,6 +42,10 @@ SPEC: dict[str, tuple[str, str]] = {
     "idle-ttl": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
     "idle-exit": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
     "api-keys-file": ("string(default='')", "a file path or empty"),
+    "allowed-hosts": ("force_list(default=list())",
+                      "host names separated by commas, or * for any"),
+    "cors-origins": ("force_list(default=list())",
+                     "origins such as https://ui.example.org separated by commas, or *"),
     "load-timeout": ("float(min=1, default=300)", "seconds >= 1"),
     "queue-size": ("integer(min=1, default=64)", "a whole number >= 1"),
     "queue-timeout": ("float(min=0, default=300)", "seconds >= 0"),
@@ -61,6 +66,8 @@ SPEC: dict[str, tuple[str, str]] = {
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
     "gpu-fallback": ("option('fail', 'degraded', default='fail')", "fail or degraded"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
+    "ui-dir": ("string(default='/usr/share/llamad/ui')",
+               "an absolute directory path, or empty for no web UI"),
 }
 
 
@@ -82,6 +89,8 @@ class Config:
     idle_ttl: float
     idle_exit: float
     api_keys_file: Path | None
+    allowed_hosts: tuple[str, ...]
+    cors_origins: tuple[str, ...]
     load_timeout: float
     queue_size: int
     queue_timeout: float
@@ -99,6 +108,7 @@ class Config:
     memory_limit: str
     state_dir: Path
     gpu_fallback: str
+    ui_dir: Path | None
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -176,6 +186,11 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for key in ("run-dir", "state-dir"):
         if not Path(v[key]).is_absolute():
             raise _bad(path, key, v[key])
+    if v["ui-dir"] and not Path(v["ui-dir"]).is_absolute():
+        raise _bad(path, "ui-dir", v["ui-dir"])
+    for origin in v["cors-origins"]:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise _bad(path, "cors-origins", origin)
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -191,7 +206,10 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         args=args,
         run_dir=Path(v["run-dir"]),
         state_dir=Path(v["state-dir"]),
+        ui_dir=_opt_path(v["ui-dir"]),
         api_keys_file=_opt_path(v["api-keys-file"]),
+        allowed_hosts=tuple(h.lower().rstrip(".") for h in v["allowed-hosts"] if h),
+        cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
         slice_memory_max=v["slice-memory-max"] or None,
     )
     return out

@@ -1,8 +1,14 @@
 """llama.cpp-compatible preset INI -> per-model settings; renders llama-server argv.
 
 Options are kept as {canonical flag: rendered argv tokens}, merged by canonical flag
-(later sources replace earlier ones in place), so the order of a model's argv is
-the order in which flags first appear: global `args`, then [*], then its section.
+with router mode's precedence: [*] < the model's section < llamad.conf `args` (the
+router's own command line). A model's argv lists flags in the order they first appear:
+[*], then its section, then `args`.
+
+The file is read as llama.cpp reads it: keys before the first section belong to a
+section named "default" (`version` is skipped there as everywhere), a key given twice
+keeps its last value, a section given twice keeps its last body, and relative file
+paths are taken from the preset file's directory.
 """
 
 from __future__ import annotations
@@ -50,8 +56,14 @@ def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]
 
 
 BY_KEY, BY_ARG = _keys()
-MODEL, MMPROJ, ALIAS, HF_REPO, TAGS = (BY_KEY[k][0].canonical for k in (
-    "model", "mmproj", "alias", "hf-repo", "tags"))
+MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
+    "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
+# Flags whose value is a file or directory: relative ones are taken from the preset's place.
+PATHS = frozenset(BY_KEY[k][0].canonical for k in (
+    "model", "mmproj", "spec-draft-model", "lora", "control-vector", "chat-template-file",
+    "grammar-file", "json-schema-file", "slot-save-path", "media-path", "lookup-cache-static",
+    "lookup-cache-dynamic", "log-file", "ui-config-file", "mcp-servers-config"))
+DEFAULT_SECTION = "default"  # llama.cpp's name for keys before the first section
 MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
 # Flags llamad itself sets for every child or that only make sense for a router.
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
@@ -74,6 +86,7 @@ class Section:
     extra: Mapping[str, object] = field(default_factory=dict)  # preset-only / llamad-only
     text: str = ""
     tags: tuple[str, ...] | None = None  # informational, as router mode lists them
+    draft_hf: str | None = None  # spec-draft-hf: a draft model from the llama.cpp cache
 
 
 @dataclass(frozen=True)
@@ -202,33 +215,35 @@ def canonical_name(section: str) -> str:
 
 
 def parse_ini(text: str, where: str) -> list[tuple[str, list[tuple[str, str]], str]]:
-    """[(section, [(key, value)], section text)] in file order; llama.cpp's INI dialect."""
-    out: list[tuple[str, list[tuple[str, str]], str]] = []
+    """[(section, [(key, value)], section text)] in file order; llama.cpp's INI dialect.
+
+    Keys before any section are section "default"; a repeated key or section replaces
+    the earlier one, as llama.cpp's parser does."""
+    out: dict[str, tuple[list[tuple[str, str]], str]] = {}
+    current = DEFAULT_SECTION
     for n, line in enumerate(text.splitlines(), 1):
         if m := _HEADER.fullmatch(line):
-            name = canonical_name(m.group(1))
-            if any(s[0] == name for s in out):
-                raise ConfigError(f"{where}:{n}: section [{name}] appears twice.")
-            out.append((name, [], line + "\n"))
+            current = canonical_name(m.group(1))
+            out.pop(current, None)  # a section given again starts afresh, and goes last
+            out[current] = ([], line + "\n")
         elif m := _KV.fullmatch(line):
-            if not out:
-                raise ConfigError(f"{where}:{n}: {m.group(1)} is outside any section; "
-                                  "put defaults under [*].")
-            name, items, body = out[-1]
-            if any(k == m.group(1) for k, _ in items):
-                raise ConfigError(f"{where}:{n}: {m.group(1)} appears twice in [{name}].")
+            items, body = out.setdefault(current, ([], ""))
+            items[:] = [(k, v) for k, v in items if k != m.group(1)]
             items.append((m.group(1), m.group(2)))
-            out[-1] = (name, items, body + line + "\n")
+            out[current] = (items, body + line + "\n")
         elif _BLANK.fullmatch(line):
-            if out:
-                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + line + "\n")
+            if current in out:
+                out[current] = (out[current][0], out[current][1] + line + "\n")
         else:
             raise ConfigError(f"{where}:{n}: cannot parse {line.strip()!r}; "
                               "expected [section], key = value or a comment.")
-    return out
+    return [(name, items, body) for name, (items, body) in out.items()
+            if name != DEFAULT_SECTION or any(k != "version" for k, _ in items)]
 
 
-def build_section(name: str, items: list[tuple[str, str]], text: str, where: str) -> Section:
+def build_section(name: str, items: list[tuple[str, str]], text: str, where: str,
+                  base: Path | None = None) -> Section:
+    """One section's keys; relative paths are resolved against `base` when given."""
     where = f"{where} [{name}]"
     options: Options = {}
     extra: dict[str, object] = {}
@@ -236,6 +251,7 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
     hf_repo: str | None = None
     aliases: tuple[str, ...] = ()
     tags: tuple[str, ...] | None = None
+    draft_hf: str | None = None
     for key, value in items:
         if key == "version":
             continue  # reserved by llama.cpp for the file format
@@ -247,6 +263,8 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
                               "without dashes, LLAMA_ARG_* names, or llamad's own keys.")
         flag, negated = BY_KEY[key]
         _check_owned(flag, where, key)
+        if flag.canonical in PATHS and base is not None and value:
+            value = str(base / value)  # an absolute value stays as it is
         if flag.canonical == MODEL:
             model = Path(value)
         elif flag.canonical == HF_REPO:
@@ -255,12 +273,14 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
             aliases = _names(value)
         elif flag.canonical == TAGS:
             tags = _names(value)
+        elif flag.canonical == DRAFT_HF:
+            draft_hf = value.strip()
         else:
             options[flag.canonical] = _render(flag, negated, value, where, key)
     if name == "*" and (model or hf_repo or aliases):
         raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
     return Section(name, MappingProxyType(options), model, hf_repo, aliases,
-                   MappingProxyType(extra), text, tags)
+                   MappingProxyType(extra), text, tags, draft_hf)
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -272,8 +292,9 @@ def parse_presets(text: str, path: Path | None = None) -> Presets:
     where = str(path) if path else "presets"
     defaults = Section("*")
     sections: dict[str, Section] = {}
+    base = path.parent if path else None
     for name, items, body in parse_ini(text, where):
-        section = build_section(name, items, body, where)
+        section = build_section(name, items, body, where, base)
         if name == "*":
             defaults = section
         else:
@@ -299,13 +320,16 @@ def _pick(key: str, section: Section | None, defaults: Section) -> object:
 
 
 def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Presets,
-                   global_args: Options) -> ModelSettings:
-    """Merge global args < [*] < the model's section and render its argv."""
+                   global_args: Options, draft: Path | None = None) -> ModelSettings:
+    """Merge [*] < the model's section < global args, as router mode does, and render its
+    argv. `draft`: the file a section's spec-draft-hf names in the cache."""
     section = presets.sections.get(model_id)
-    options: Options = dict(global_args)
-    options.update(presets.defaults.options)
+    options: Options = dict(presets.defaults.options)
     if section is not None:
         options.update(section.options)
+    if draft is not None and DRAFT not in options:
+        options[DRAFT] = (DRAFT, str(draft))
+    options.update(global_args)
     head: list[str] = [MODEL, str(path)]
     # --no-mmproj in a preset turns off the automatically paired projector, as in llama.cpp.
     auto = options.get(MMPROJ_AUTO, (MMPROJ_AUTO,)) == (MMPROJ_AUTO,)

@@ -26,6 +26,7 @@ T = TypeVar("T")
 CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache" / "llamad-ci"))
 LLAMA_SERVER = CACHE / "llama-server-11434.0.0" / "llama-server"
 GEMMA = CACHE / "models" / "gemma3-270m-q4_k_m.gguf"
+WEB_UI = CACHE / "ui-11434.0.0"  # llama.cpp's web UI, built by tools/setup-dev
 # Not under /tmp or /var/tmp: units with PrivateTmp=yes would not see them.
 RIG_ROOT = Path("/var/lib/llamad-rig")
 BOX_PREFIX = "llamad-box-"

@@ -189,8 +189,20 @@ def test_dedup_cache_models_hides_the_cache_entry(tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     cache_repo(hub, "u/r", {"r-Q4_K_M.gguf": "model"})
     age(hub)
-    preset = parse_presets("[nice]\nhf-repo = u/r:Q4_K_M\ndedup-cache-models = true\n")
-    assert sorted(scan(config(cache=hub), preset=preset).models) == ["nice"]
+    cache_repo(hub, "u/d", {"d-F32.gguf": "draft"})
+    age(hub)
+    text = "[nice]\nhf-repo = u/r:Q4_K_M\nspec-draft-hf = u/d\n"
+    for dedup in (text + "dedup-cache-models = true\n",
+                  "[*]\ndedup-cache-models = 1\n" + text):
+        models = scan(config(cache=hub), preset=parse_presets(dedup)).models
+        # Hidden from the list, still served under its name (as in router mode).
+        assert {m.id for m in models.values() if m.hidden} == {"u/r:Q4_K_M", "u/d:F32"}
+        nice = models["nice"]
+        assert not nice.hidden and nice.path == models["u/r:Q4_K_M"].path
+        assert nice.settings.args[nice.settings.args.index("--model-draft") + 1] == \
+            str(models["u/d:F32"].path)
+    models = scan(config(cache=hub), preset=parse_presets(text)).models
+    assert not any(m.hidden for m in models.values())
 
 
 def test_global_args_reach_every_model(tmp_path: Path) -> None:

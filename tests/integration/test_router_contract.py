@@ -113,3 +113,24 @@ async def test_reload_rescans_before_answering(llamad_factory: Factory) -> None:
     assert status == 200
     listed = {m["id"]: m for m in body["data"]}
     assert listed["gemma-a"]["aliases"] == ["first"] and "extra" in listed
+
+
+async def test_preset_precedence_and_relative_paths(llamad_factory: Factory) -> None:
+    """Router mode's precedence: llamad.conf args (its command line) > [model] > [*];
+    a relative model path is taken from the preset file's directory."""
+    preset = ("version = 1\n[*]\nc = 1024\nthreads = 1\nbatch-size = 64\n"
+              "[gemma-a]\nc = 512\nthreads = 2\n"
+              "[relative]\nmodel = ../{models}/gemma-a.gguf\n")
+    d = llamad_factory(["gemma-a"], preset="[gemma-a]\n", args="-c 2048 -np 2")
+    d.dir.joinpath("presets.ini").write_text(preset.format(models=d.models_dir.name))
+    async with aiohttp.ClientSession() as s:
+        status, body = await get(s, d.url + "/v1/models", reload="1")
+        listed = {m["id"]: m for m in body["data"]}
+        argv = listed["gemma-a"]["status"]["args"]
+        flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+        assert (flags["--ctx-size"], flags["--threads"], flags["--batch-size"],
+                flags["--parallel"]) == ("2048", "2", "64", "2")
+        assert listed["relative"]["status"]["args"][1:3] == [
+            "--model", str(d.dir / ".." / d.models_dir.name / "gemma-a.gguf")]
+        status, body = await get(s, d.url + "/props", model="relative")
+    assert status == 200 and body["default_generation_settings"]["n_ctx"] == 1024

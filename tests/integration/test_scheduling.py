@@ -99,7 +99,10 @@ async def test_what_cannot_fit_gets_503_with_figures_and_stops_nothing(
     A, BIG = names("what-cannot", "a", "big")
     # BIG asks for the trained 32k context with a full-size sliding-window cache: about
     # 900 MiB, more than the whole budget.
-    d = llamad_factory([A, BIG], preset=f"[{BIG}]\nc = 32768\nswa-full = true\n", **BUDGET)
+    # The fixture's args (-c 4096) would override the section, as the router's command
+    # line does: give the small context through [*] instead.
+    d = llamad_factory([A, BIG], preset=f"[*]\nc = 4096\nnp = 4\n[{BIG}]\nc = 32768\n"
+                       "swa-full = true\n", args="", **BUDGET)
     async with aiohttp.ClientSession() as s:
         code, _ = await chat(s, d.url, A)
         assert code == 200

@@ -127,6 +127,10 @@ async def test_key_scopes_and_reload(llamad_factory: Factory, box: rig.Box) -> N
             assert await status(method, path, "plain", **kw) == 403, path
             assert await status(method, path, "narrow", **kw) in (403, 404), path
         assert await status("GET", "/status", "boss") == 200
+        # With keys, any Host name may reach llamad (it is meant to be exposed then).
+        async with s.get(d.url + "/v1/models",
+                         headers={**_auth("plain"), "Host": "llm.example.org"}) as r:
+            assert r.status == 200
         assert d.model_units() == {}
         # A scoped key sees and uses only its models.
         async with s.get(d.url + "/v1/models", headers=_auth("narrow")) as r:
@@ -149,3 +153,62 @@ async def test_key_scopes_and_reload(llamad_factory: Factory, box: rig.Box) -> N
         out = box.run(["systemctl", "reload", d.unit], check=False)
         assert out.returncode != 0
         assert await status("GET", "/v1/models", "newer") == 200
+
+
+async def test_browsers_cannot_drive_the_api(llamad_factory: Factory, subtests: Any) -> None:
+    ui = "http://ui.example:3000"
+    d = llamad_factory(["gemma-a"], **{"allowed-hosts": "llm.example",
+                                       "cors-origins": ui})
+    port = d.port
+    body = b'{"model": "gemma-a"}'
+    async with aiohttp.ClientSession() as s:
+        async def post(path: str, data: bytes, **headers: str) -> int:
+            async with s.post(d.url + path, data=data, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        with subtests.test("form content types are refused before anything happens"):
+            for ctype in ("text/plain", "application/x-www-form-urlencoded",
+                          "multipart/form-data; boundary=x"):
+                assert await post("/models/load", body, **{"Content-Type": ctype}) == 415
+                assert await post("/v1/chat/completions", body,
+                                  **{"Content-Type": ctype}) == 415
+            assert await post("/models/unload", body) == 415  # no type at all
+            assert d.model_units() == {}
+            assert await post("/models/load", body, **{
+                "Content-Type": "application/json; charset=utf-8"}) == 200
+
+        with subtests.test("DNS rebinding: only loopback or allowed Host names"):
+            for host, want in [(f"rebind.attacker.example:{port}", 403), ("localhost", 200),
+                               (f"[::1]:{port}", 200), ("127.0.0.2", 200),
+                               (f"LLM.example.:{port}", 200), ("gemma.localhost", 200)]:
+                async with s.get(d.url + "/v1/models", headers={"Host": host}) as r:
+                    assert r.status == want, host
+            async with s.get(d.url + "/v1/models",
+                             headers={"Host": "rebind.attacker.example"}) as r:
+                assert (await r.json())["error"]["code"] == "host_not_allowed"
+
+        with subtests.test("a cross-origin POST is refused, a same-origin one is not"):
+            json_type = {"Content-Type": "application/json"}
+            assert await post("/models/unload", body, Origin="http://evil.example",
+                              **json_type) == 403
+            assert await post("/models/unload", body, Origin=d.url, **json_type) == 200
+
+        with subtests.test("CORS is llamad's own"):
+            # llama-server answers every origin with its own CORS headers: llamad drops them.
+            for origin, allowed in (("http://evil.example", None), (ui, ui)):
+                async with s.get(d.url + "/props", params={"model": "gemma-a"},
+                                 headers={"Origin": origin}) as r:
+                    assert r.status == 200
+                    assert r.headers.get("Access-Control-Allow-Origin") == allowed
+                    assert "Access-Control-Allow-Credentials" not in r.headers
+            preflight = {"Access-Control-Request-Method": "POST",
+                         "Access-Control-Request-Headers": "authorization,content-type"}
+            async with s.options(d.url + "/v1/chat/completions",
+                                 headers={"Origin": ui, **preflight}) as r:
+                assert r.status == 204
+                assert r.headers["Access-Control-Allow-Origin"] == ui
+                assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            async with s.options(d.url + "/v1/chat/completions",
+                                 headers={"Origin": "http://evil.example", **preflight}) as r:
+                assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers

@@ -1,0 +1,128 @@
+"""What a web page in a local user's browser can make llamad do: nothing it is not meant to.
+
+- DNS rebinding: without API keys, a request whose Host is not a loopback name or address
+  (or listed in `allowed-hosts`) is refused, so a page whose name points at 127.0.0.1 gets
+  nothing.
+- Cross-site requests: a browser sends a POST without asking first (no CORS preflight) only
+  with a form's content types, so every POST must be `application/json` (415 otherwise), or
+  `multipart/form-data` for a route declared @takes_files; a POST from another origin than
+  llamad's own that is not in `cors-origins` is refused outright.
+- CORS is llamad's own: the backends' `Access-Control-*` headers never reach the client;
+  origins listed in `cors-origins` get them from llamad, and OPTIONS is answered here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from llamad.config import Config
+from llamad.errors import LlamadError
+
+FILES_ATTR = "llamad_takes_files"
+METHODS = "GET, POST, OPTIONS"
+H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def takes_files(handler: H) -> H:
+    """Declare that a POST route reads `multipart/form-data` (uploads) besides JSON."""
+    setattr(handler, FILES_ATTR, True)
+    return handler
+
+
+class Refused(LlamadError):
+    status = 403
+    type = "permission_error"
+
+
+def host_name(header: str) -> str:
+    """'LocalHost:8080' -> 'localhost', '[::1]:80' -> '::1'."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0].rstrip(".") if h.count(":") == 1 else h.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    if name == "localhost" or name.endswith(".localhost"):
+        return True  # RFC 6761: browsers resolve these to loopback themselves
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Door:
+    """The checks above, as one middleware and one response hook (see app.py)."""
+
+    def __init__(self, config: Config, keyed: bool) -> None:
+        self.check_host = not keyed and "*" not in config.allowed_hosts
+        self.hosts = frozenset(config.allowed_hosts)
+        self.origins = frozenset(config.cors_origins)
+
+    def cors_allowed(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self.origins or origin.lower() in self.origins)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if self.check_host and host is not None:
+            name = host_name(host)
+            if not is_loopback(name) and name not in self.hosts:
+                raise Refused(f"Host {name!r} is not a loopback name; add it to allowed-hosts "
+                              "in llamad.conf to serve it (or set api-keys-file)",
+                              code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS":
+            return self.preflight(request, origin)
+        if request.method == "POST":
+            if origin is not None and not self.cors_allowed(origin) and \
+                    urlsplit(origin).netloc.lower() != (host or "").lower():
+                raise Refused(f"a request from the web page origin {origin!r} is refused; "
+                              "list it in cors-origins to allow it", code="origin_not_allowed")
+            _check_content_type(request)
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
+    def preflight(self, request: web.Request, origin: str | None) -> web.Response:
+        if origin is None:  # not a CORS preflight: say what llamad accepts
+            return web.Response(status=204, headers={"Allow": METHODS})
+        if not self.cors_allowed(origin):
+            raise Refused(f"the web page origin {origin!r} may not use llamad; list it in "
+                          "cors-origins to allow it", code="origin_not_allowed")
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": METHODS,
+            "Access-Control-Allow-Headers": asked or "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600"})
+
+    async def on_prepare(self, request: web.Request, resp: web.StreamResponse) -> None:
+        """Every response, before its headers go out (streams included): drop what a backend
+        said about CORS, then say llamad's own."""
+        for name in [k for k in resp.headers if k.lower().startswith("access-control-")
+                     and request.method != "OPTIONS"]:
+            del resp.headers[name]
+        origin = request.headers.get("Origin")
+        if self.cors_allowed(origin):
+            assert origin is not None
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = "Retry-After"
+            resp.headers.add("Vary", "Origin")
+
+
+def _check_content_type(request: web.Request) -> None:
+    media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if media == "application/json":
+        return
+    files = getattr(request.match_info.handler, FILES_ATTR, False)
+    if files and media == "multipart/form-data":
+        return
+    wanted = "application/json or multipart/form-data" if files else "application/json"
+    err = LlamadError(f"the request body must be {wanted} (Content-Type), not "
+                      f"{media or 'untyped'}", status=415, code="unsupported_media_type")
+    err.type = "invalid_request_error"
+    raise err

@@ -1,0 +1,68 @@
+"""The dashboard's feed: what each event carries, with systemd faked at the Units boundary
+(the real thing runs on the box in tests/integration/test_dashboard.py and test_browser.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ggufgen import write_model
+from test_measure import FakeUnits, config, supervisor
+
+from llamad.catalog import scan
+from llamad.config import Config
+from llamad.dashboard import Feed
+from llamad.events import Cause
+from llamad.scheduler import State
+
+__all__ = ["config"]  # the fixture, shared with test_measure
+
+
+def events(data: bytes) -> list[tuple[str, Any]]:
+    out = []
+    for block in data.decode().split("\n\n"):
+        if block:
+            kind, payload = block.split("\n")
+            out.append((kind.removeprefix("event: "), json.loads(payload.removeprefix("data: "))))
+    return out
+
+
+async def test_state_changes_and_catalog_changes_reach_the_page(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    feed = Feed(sup)
+    sup.events.subscribe(feed.on_change)
+    [(kind, hello)] = events(feed.hello())
+    assert kind == "hello" and [m["id"] for m in hello["models"]] == ["tiny"]
+    assert hello["models"][0]["state"] == "unloaded" and hello["machine"]["ram"]["total"] > 0
+
+    slot = sup.slots["tiny"]
+    sup.move(slot, State.STARTING, Cause.LOAD)
+    sup.move(slot, State.LOADING, Cause.ACTIVE)
+    assert feed.wake.is_set()
+    # Two moves between writes: the page gets the model once, as it is now.
+    assert [(k, m["state"]) for k, m in events(feed.changes())] == [("model", "loading")]
+    assert feed.changes() == b""
+
+    # Loaded models come with every `figures`; unloaded ones only when they join.
+    [(kind, figures)] = events(feed.figures())
+    assert kind == "figures" and [m["id"] for m in figures["models"]] == ["tiny"]
+    models_dir = config.models_dirs[0]
+    os.utime(write_model(models_dir / "other.gguf"), (0, 0))
+    sup.update_snapshot(scan(config))
+    [(_, figures)] = events(feed.figures())
+    assert sorted(m["id"] for m in figures["models"]) == ["other", "tiny"]
+    (models_dir / "other.gguf").unlink()
+    sup.update_snapshot(scan(config))
+    [(_, figures)] = events(feed.figures())
+    assert figures["removed"] == ["other"] and [m["id"] for m in figures["models"]] == ["tiny"]
+
+
+async def test_runtime_pin_overrides_the_preset(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    slot = sup.slots["tiny"]
+    assert not slot.pinned
+    sup.set_pin(slot, True)
+    assert slot.pinned and sup.views(slot)["tiny"].pinned
+    sup.set_pin(slot, False)
+    assert not slot.pinned
