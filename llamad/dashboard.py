@@ -1,11 +1,12 @@
 """llamad's dashboard: one page of plain HTML, CSS and JavaScript (llamad/static/), and
 the server-sent events that keep it live.
 
-`GET /dashboard/events` sends a `hello` with every model and the machine's figures, then
-a `model` event for each model whose state changed (told by `Supervisor.events`, so
-nothing polls the supervisor for state) and, every FIGURES_SECONDS, a `figures` event
-with the loaded models' measurements (memory, requests, TTL left), the machine's memory
-and models that joined or left the catalog. The model journal comes from
+`GET /dashboard/events` sends a `hello` with every model's id and the machine's figures,
+the models in full in `models` events of BATCH each, then a `model` event for each model
+whose state changed (told by `Supervisor.events`, so nothing polls the supervisor for
+state) and, every FIGURES_SECONDS, a `figures` event with the loaded models' measurements
+(memory, requests, TTL left), the machine's memory and models that left the catalog
+(models that joined come in `models` events). The model journal comes from
 `GET /logs/stream/{model}` (logstream.py); load, unload and pin are the API's own.
 """
 
@@ -34,6 +35,7 @@ PAGES = {"/dashboard": "dashboard.html", "/dashboard/dashboard.js": "dashboard.j
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8"}
 FIGURES_SECONDS = 2.0
+BATCH = 100  # models per `models` event
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -73,25 +75,40 @@ class Feed:
         self.changed.add(change.model)
         self.wake.set()
 
-    def hello(self) -> bytes:
+    def hello(self) -> tuple[bytes, list[str]]:
+        """The first event (every model's id, the machine) and the ids to send in full."""
         self.known = set(self.sup.slots)
-        return sse("hello", {"models": [entry(self.sup, s) for s in self.sup.slots.values()],
-                             "machine": machine(self.sup)})
+        ids = list(self.sup.slots)
+        return sse("hello", {"ids": ids, "machine": machine(self.sup)}), ids
+
+    def batch(self, ids: list[str]) -> bytes:
+        """A `models` event: these models in full."""
+        slots = [self.sup.slots[i] for i in ids if i in self.sup.slots]
+        return sse("models", [entry(self.sup, s) for s in slots])
 
     def changes(self) -> bytes:
         ids, self.changed = self.changed, set()
         slots = [self.sup.slots[i] for i in sorted(ids) if i in self.sup.slots]
         return b"".join(sse("model", entry(self.sup, s)) for s in slots)
 
-    def figures(self) -> bytes:
+    def figures(self) -> tuple[bytes, list[str]]:
+        """The periodic event (loaded models, models that left, the machine) and the ids
+        of models that joined the catalog, to send in full."""
         sup = self.sup
         now = set(sup.slots)
-        added, removed = now - self.known, self.known - now
+        added, removed = sorted(now - self.known), sorted(self.known - now)
         self.known = now
-        shown = [s for s in sup.slots.values() if s.state is not State.UNLOADED
-                 or s.model.id in added]
-        return sse("figures", {"models": [entry(sup, s) for s in shown],
-                               "removed": sorted(removed), "machine": machine(sup)})
+        loaded = [entry(sup, s) for s in sup.slots.values() if s.state is not State.UNLOADED]
+        return sse("figures", {"models": loaded, "removed": removed,
+                               "machine": machine(sup)}), added
+
+
+async def send_models(resp: web.StreamResponse, feed: Feed, ids: list[str]) -> None:
+    """Models in full, BATCH at a time, letting other work run in between: an entry costs
+    a memory estimate (~0.3 ms), and thousands of models may be catalogued."""
+    for start in range(0, len(ids), BATCH):
+        await resp.write(feed.batch(ids[start:start + BATCH]))
+        await asyncio.sleep(0)
 
 
 @admin_only  # every model, as /status shows them
@@ -102,7 +119,9 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     try:
         await resp.prepare(request)
-        await resp.write(feed.hello())
+        hello, ids = feed.hello()
+        await resp.write(hello)
+        await send_models(resp, feed, ids)
         next_figures = time.monotonic() + FIGURES_SECONDS
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -112,7 +131,9 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
             if feed.changed:
                 await resp.write(feed.changes())
             if time.monotonic() >= next_figures:
-                await resp.write(feed.figures())
+                figures, added = feed.figures()
+                await resp.write(figures)
+                await send_models(resp, feed, added)
                 next_figures = time.monotonic() + FIGURES_SECONDS
     except ConnectionResetError:  # the page went away
         return resp

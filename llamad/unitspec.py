@@ -56,7 +56,10 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
           memory_max: int | None) -> UnitSpec:
     """`gpus`: the GPUs planned for it, by UUID; () for none."""
-    argv = (str(config.llama_server), *model.settings.args, *gpuload.fit_args(model),
+    metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
+        model.settings.args else ()
+    argv = (str(config.llama_server), *model.settings.args, *metrics,
+            *gpuload.fit_args(model),
             *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
            f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]

@@ -32,9 +32,13 @@ async def test_state_changes_and_catalog_changes_reach_the_page(config: Config) 
     sup = supervisor(config, FakeUnits())
     feed = Feed(sup)
     sup.events.subscribe(feed.on_change)
-    [(kind, hello)] = events(feed.hello())
-    assert kind == "hello" and [m["id"] for m in hello["models"]] == ["tiny"]
-    assert hello["models"][0]["state"] == "unloaded" and hello["machine"]["ram"]["total"] > 0
+    data, ids = feed.hello()
+    [(kind, hello)] = events(data)
+    assert kind == "hello" and hello["ids"] == ids == ["tiny"]
+    assert hello["machine"]["ram"]["total"] > 0
+    [(kind, batch)] = events(feed.batch(ids))
+    assert kind == "models" and [(m["id"], m["state"]) for m in batch] == [("tiny", "unloaded")]
+    assert batch[0]["estimate"]["ram"] > 0 and batch[0]["unit"] == "llama-server@tiny.service"
 
     slot = sup.slots["tiny"]
     sup.move(slot, State.STARTING, Cause.LOAD)
@@ -44,18 +48,20 @@ async def test_state_changes_and_catalog_changes_reach_the_page(config: Config) 
     assert [(k, m["state"]) for k, m in events(feed.changes())] == [("model", "loading")]
     assert feed.changes() == b""
 
-    # Loaded models come with every `figures`; unloaded ones only when they join.
-    [(kind, figures)] = events(feed.figures())
+    # Loaded models come with every `figures`; models that join are sent in full apart.
+    data, added = feed.figures()
+    [(kind, figures)] = events(data)
     assert kind == "figures" and [m["id"] for m in figures["models"]] == ["tiny"]
+    assert added == [] and figures["removed"] == []
     models_dir = config.models_dirs[0]
     os.utime(write_model(models_dir / "other.gguf"), (0, 0))
     sup.update_snapshot(scan(config))
-    [(_, figures)] = events(feed.figures())
-    assert sorted(m["id"] for m in figures["models"]) == ["other", "tiny"]
+    data, added = feed.figures()
+    assert added == ["other"] and [m["id"] for m in events(data)[0][1]["models"]] == ["tiny"]
     (models_dir / "other.gguf").unlink()
     sup.update_snapshot(scan(config))
-    [(_, figures)] = events(feed.figures())
-    assert figures["removed"] == ["other"] and [m["id"] for m in figures["models"]] == ["tiny"]
+    data, added = feed.figures()
+    assert events(data)[0][1]["removed"] == ["other"] and added == []
 
 
 async def test_runtime_pin_overrides_the_preset(config: Config) -> None:

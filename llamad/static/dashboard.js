@@ -247,11 +247,11 @@ function device(label, total, byModels, used, text, cls) {
 function onFeed(ev) {
   const data = JSON.parse(ev.data);
   if (ev.event === "hello") {
-    const ids = new Set(data.models.map((e) => e.id));
+    const ids = new Set(data.ids);
     for (const id of [...models.keys()]) if (!ids.has(id)) remove(id);
-    machine = data.machine;
-    data.models.forEach(upsert);
     showMachine(data.machine);
+  } else if (ev.event === "models") {
+    data.forEach(upsert);
   } else if (ev.event === "model") {
     upsert(data);
   } else if (ev.event === "figures") {

@@ -55,10 +55,11 @@ async def test_feed_follows_every_state_change(llamad_factory: Factory) -> None:
     async with aiohttp.ClientSession() as s:
         feed = events(s, d.url)
         kind, hello = await feed.__anext__()
-        assert kind == "hello"
-        assert {m["id"]: m["state"] for m in hello["models"]} == {
-            "gemma-a": "unloaded", "gemma-b": "unloaded"}
+        assert kind == "hello" and sorted(hello["ids"]) == ["gemma-a", "gemma-b"]
         assert hello["machine"]["ram"]["total"] > 0
+        kind, batch = await feed.__anext__()
+        assert kind == "models" and {m["id"]: m["state"] for m in batch} == {
+            "gemma-a": "unloaded", "gemma-b": "unloaded"}
 
         async def watch(until: str) -> None:
             async for kind, data in feed:
