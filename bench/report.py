@@ -216,11 +216,15 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
         lines += ["## Notes", ""] + [f"- {note}" for note in res.notes] + [""]
     if ANALYSIS.exists() and not quick:
         lines += [ANALYSIS.read_text()]
+    if GPU.exists() and not quick:
+        lines += [GPU.read_text()]
     return "\n".join(lines)
 
 
 # Hand-written: what was profiled for each missed target, and the fixes; appended as is.
 ANALYSIS = Path(__file__).with_name("analysis.md")
+# Hand-written: what has and has not run on a GPU, and how to re-check it (bench/gpu_check).
+GPU = Path(__file__).with_name("gpu.md")
 
 COLORS = {"llamad": "tab:blue", "direct": "tab:green", "router": "tab:orange",
           "bare": "tab:gray"}

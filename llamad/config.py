@@ -64,9 +64,12 @@ SPEC: dict[str, tuple[str, str]] = {
     "slice-memory-max": ("string(default='')",
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
+    "gpu-fallback": ("option('fail', 'degraded', default='fail')", "fail or degraded"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
     "ui-dir": ("string(default='/usr/share/llamad/ui')",
                "an absolute directory path, or empty for no web UI"),
+    "request-log": ("boolean(default=yes)", "yes or no"),
+    "load-progress": ("boolean(default=yes)", "yes or no"),
 }
 
 
@@ -106,7 +109,10 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    gpu_fallback: str
     ui_dir: Path | None
+    request_log: bool
+    load_progress: bool
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
