@@ -21,7 +21,8 @@ def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-async def forward(request: web.Request, backend: Backend, body: bytes) -> web.StreamResponse:
+async def forward(request: web.Request, backend: Backend,
+                  body: bytes | bytearray) -> web.StreamResponse:
     url = backend.base_url + request.path_qs
     try:
         async with backend.session().request(
