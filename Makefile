@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit lint deb demo bench clean
+.PHONY: dev test test-unit test-trixie lint deb demo bench clean
 
 dev:
 	bash tools/setup-dev
@@ -12,6 +12,9 @@ test: dev
 
 test-unit: dev
 	$(PY) -m pytest -ra -m 'not integration' $(PYTEST_ARGS)
+
+test-trixie: dev
+	$(PY) -m pytest -ra -k debian13 tests/integration/test_package.py $(PYTEST_ARGS)
 
 lint: dev
 	$(PY) -m pytest -ra tests/test_lint.py

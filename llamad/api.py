@@ -12,7 +12,7 @@ from aiohttp import web
 from llamad import keys, listing, report
 from llamad.body import read_json
 from llamad.catalog import Catalog
-from llamad.errors import LlamadError
+from llamad.errors import BadRequest, LlamadError
 from llamad.feed import ModelFeed
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -87,6 +87,18 @@ async def handle_unload(request: web.Request) -> web.Response:
 
 
 @keys.admin_only
+async def handle_pin(request: web.Request) -> web.Response:
+    """`{"model": ..., "pinned": true|false}`: keep a model loaded (no eviction, no TTL)
+    until unpinned or llamad restarts."""
+    _, data = await read_json(request)
+    slot = resolve(request, data.get("model"))
+    pinned = data.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise BadRequest('"pinned" must be true or false', code="invalid_pinned")
+    supervisor(request).set_pin(slot, pinned)
+    return web.json_response({"success": True, "model": slot.model.id, "pinned": slot.pinned})
+
+
 async def handle_download(request: web.Request) -> web.Response:
     """POST and DELETE /models: router mode downloads and deletes cached models."""
     raise NotSupported("llamad does not download or delete models; put GGUF files in a "
@@ -172,6 +184,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/models/{id:.+}", handle_model)
     r.add_post("/models/load", handle_load)
     r.add_post("/models/unload", handle_unload)
+    r.add_post("/models/pin", handle_pin)
     r.add_post("/models", handle_download)
     r.add_delete("/models", handle_download)
     r.add_get("/health", handle_health)

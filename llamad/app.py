@@ -19,6 +19,7 @@ from llamad import (
     api,
     body,
     browsers,
+    dashboard,
     keys,
     limits,
     logstream,
@@ -26,6 +27,7 @@ from llamad import (
     proxy,
     report,
     sampling,
+    webui,
 )
 from llamad.activation import Notifier, bind, systemd_sockets
 from llamad.catalog import Catalog
@@ -88,6 +90,8 @@ class Daemon:
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
+        dashboard.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir)
         app.cleanup_ctx.append(self._supervise)
         return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,12 +151,26 @@ def cmd_models(config_path: Path | None, as_json: bool) -> int:
     return 0
 
 
+def daemon_url(config_path: Path | None) -> str:
+    """Where llamad answers: llamad.socket's first address (an admin may have moved it with
+    a drop-in), else the configuration's `listen`."""
+    if config_path is None:
+        try:
+            out = subprocess.run(["systemctl", "show", "-P", "Listen", "llamad.socket"],
+                                 capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.split():
+            return "http://" + out.stdout.split()[0]
+    return "http://" + load_config(config_path).listen
+
+
 def cmd_ps(config_path: Path | None, url: str | None) -> int:
     """`llamad ps`: the running daemon's loaded models as a table."""
     import urllib.error
     import urllib.request
 
-    base = url or "http://" + load_config(config_path).listen
+    base = url or daemon_url(config_path)
     try:
         with urllib.request.urlopen(base.rstrip("/") + "/status", timeout=10) as r:
             status = json.loads(r.read())

@@ -66,6 +66,8 @@ SPEC: dict[str, tuple[str, str]] = {
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
+    "ui-dir": ("string(default='/usr/share/llamad/ui')",
+               "an absolute directory path, or empty for no web UI"),
 }
 
 
@@ -106,6 +108,7 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    ui_dir: Path | None
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -183,6 +186,8 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for key in ("run-dir", "state-dir"):
         if not Path(v[key]).is_absolute():
             raise _bad(path, key, v[key])
+    if v["ui-dir"] and not Path(v["ui-dir"]).is_absolute():
+        raise _bad(path, "ui-dir", v["ui-dir"])
     for origin in v["cors-origins"]:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise _bad(path, "cors-origins", origin)
@@ -201,6 +206,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         args=args,
         run_dir=Path(v["run-dir"]),
         state_dir=Path(v["state-dir"]),
+        ui_dir=_opt_path(v["ui-dir"]),
         api_keys_file=_opt_path(v["api-keys-file"]),
         allowed_hosts=tuple(h.lower().rstrip(".") for h in v["allowed-hosts"] if h),
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),

@@ -92,6 +92,7 @@ _RESULTS = {
 }
 OOM = "out of memory (killed by the kernel's OOM killer in its cgroup)"
 MOVE_SERVER = "put llama-server where every user may run it, such as /usr/local/bin"
+INSTALL_SERVER = "install llama-server there, or set llama-server in llamad.conf to its path"
 MOVE_MODEL = "keep models in /var/lib/llamad/models, readable by every user"
 
 
@@ -122,9 +123,11 @@ def _cause(status: int, spec: UnitSpec | None, models: Sequence[Path]) -> str | 
     if spec is not None:
         box = unitpaths.sandbox(spec)
         if status == 203:
-            found = unitpaths.problem(Path(spec.argv[0]), box, "x")
+            server = Path(spec.argv[0])
+            found = unitpaths.problem(server, box, "x")
             if found:
-                return f"{found}; {MOVE_SERVER}"
+                missing = not server.exists() and not unitpaths.hidden(server, box)
+                return f"{found}; {INSTALL_SERVER if missing else MOVE_SERVER}"
         if status not in SYSTEMD_STATUSES or status == 200:
             for path in models:
                 found = unitpaths.problem(path, box, "r")

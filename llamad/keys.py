@@ -30,6 +30,7 @@ from llamad.errors import ConfigError, LlamadError, NotFound
 log = logging.getLogger("llamad.keys")
 
 ADMIN_ATTR = "llamad_admin_only"
+PUBLIC_ATTR = "llamad_public"
 H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 
@@ -53,6 +54,14 @@ def admin_only(handler: H) -> H:
     """Declare a route handler admin-only: with API keys set, only `admin` keys reach it
     (others get 403). Without API keys every client is admin, as before."""
     setattr(handler, ADMIN_ATTR, True)
+    return handler
+
+
+def public(handler: H) -> H:
+    """Declare a route handler public: no key needed, as llama-server serves its UI. For
+    the static files of the web UI and the dashboard, which hold no data (what they fetch
+    is checked as usual): a browser cannot send a key with a page load."""
+    setattr(handler, PUBLIC_ATTR, True)
     return handler
 
 
@@ -138,7 +147,9 @@ def presented(request: web.Request) -> str:
 def middleware(keyring: Keyring) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in ("/health", "/v1/health"):  # public, as in llama-server
+        # /health is public, as in llama-server; so are routes declared @public.
+        public = getattr(request.match_info.handler, PUBLIC_ATTR, False)
+        if request.path not in ("/health", "/v1/health") and not public:
             key = find(keyring.keys, presented(request))
             if key is None:
                 raise _refused("a valid API key is required (Authorization: Bearer KEY)",

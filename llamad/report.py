@@ -31,8 +31,8 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
         "load_seconds": slot.load_seconds, "reason": slot.reason or None,
         "ttl_left": None if ttl is None or slot.state is not State.READY
-        or slot.model.settings.pin else max(0.0, ttl - idle),
-        "pinned": slot.model.settings.pin, "gpus": list(slot.gpus),
+        or slot.pinned else max(0.0, ttl - idle),
+        "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
         **_memory_fields(sup, slot),
     }

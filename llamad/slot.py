@@ -65,7 +65,13 @@ class Slot:
     used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
     peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
     sampled_pid: int = 0
+    pin: bool | None = None  # set at runtime (POST /models/pin); None: the preset's `pin`
 
     @property
     def unit(self) -> str:
         return self.model.unit
+
+    @property
+    def pinned(self) -> bool:
+        """Never evicted nor stopped by TTL."""
+        return self.model.settings.pin if self.pin is None else self.pin

@@ -88,7 +88,7 @@ class Supervisor:
         s = slot.model.settings
         return ModelView(
             id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
-            last_used=slot.last_used, pinned=s.pin, need=self.measure.need(slot.model),
+            last_used=slot.last_used, pinned=slot.pinned, need=self.measure.need(slot.model),
             load_seconds=slot.load_seconds, gpus=slot.gpus, devices=s.devices or (),
             used=slot.used,
             split=s.split, reason=slot.reason)
@@ -335,6 +335,12 @@ class Supervisor:
             await self.units.reset_failed(slot.unit)
             return
         self._begin_stop(slot, Cause.UNLOAD)
+
+    def set_pin(self, slot: Slot, pinned: bool) -> None:
+        """Pin or unpin a model until llamad restarts; the preset's `pin` is the default."""
+        slot.pin = pinned
+        log.info("model %s %s", slot.model.id, "pinned" if pinned else "unpinned")
+        self._notify()  # a load waiting for room decides again
 
     async def load(self, slot: Slot) -> None:
         """An explicit load: returns once the unit is starting (like router mode)."""

@@ -69,11 +69,10 @@ def problem(path: Path, box: Sandbox, need: str) -> str | None:
     `need` is "x" (execute a file), "r" (read a file) or "rx" (list a directory).
     The path is checked as written and, where links lead elsewhere, as resolved.
     """
+    why = hidden(path, box)
+    if why:
+        return f"{path} is under {why}"
     real = Path(os.path.realpath(path))
-    for candidate in dict.fromkeys((Path(os.path.abspath(path)), real)):
-        why = _hidden(candidate, box)
-        if why:
-            return f"{path} is under {why}"
     if not real.exists():
         return f"{path} does not exist"
     for candidate in dict.fromkeys((Path(os.path.abspath(path)), real)):
@@ -86,10 +85,12 @@ def problem(path: Path, box: Sandbox, need: str) -> str | None:
 _NEEDS = {"x": "executable", "r": "readable", "rx": "listable"}
 
 
-def _hidden(path: Path, box: Sandbox) -> str | None:
-    for prefix, how in box.hidden:
-        if path == Path(prefix) or Path(prefix) in path.parents:
-            return f"{prefix}, which {box.units} see as {how}"
+def hidden(path: Path, box: Sandbox) -> str | None:
+    """The hidden place `path` is in, as written or resolved, and how units see it."""
+    for candidate in dict.fromkeys((Path(os.path.abspath(path)), Path(os.path.realpath(path)))):
+        for prefix, how in box.hidden:
+            if candidate == Path(prefix) or Path(prefix) in candidate.parents:
+                return f"{prefix}, which {box.units} see as {how}"
     return None
 
 

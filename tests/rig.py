@@ -1,9 +1,10 @@
 """A throwaway systemd for tests on machines whose PID 1 is not systemd.
 
-The box is the host root seen through an overlay whose upper layer is a tmpfs,
-booted with `systemd-nspawn --boot`. Everything systemd writes (tmpfiles
-cleaning /tmp included) lands in that tmpfs, never on the host. The host
-reaches the box's system bus through /proc/<init>/root, and shares its network.
+The box is the host root (or a cached Debian 13 root: `Box(debian13_root())`) seen
+through an overlay whose upper layer is a tmpfs, booted with `systemd-nspawn --boot`.
+Everything systemd writes (tmpfiles cleaning /tmp included) lands in that tmpfs, never
+on the host. The host reaches the box's system bus through /proc/<init>/root, and
+shares its network.
 
 Usable outside pytest too (tools/demo, bench/): `with Box() as box: ...`.
 """
@@ -11,6 +12,8 @@ Usable outside pytest too (tools/demo, bench/): `with Box() as box: ...`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,9 +29,16 @@ T = TypeVar("T")
 CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache" / "llamad-ci"))
 LLAMA_SERVER = CACHE / "llama-server-11434.0.0" / "llama-server"
 GEMMA = CACHE / "models" / "gemma3-270m-q4_k_m.gguf"
+WEB_UI = CACHE / "ui-11434.0.0"  # llama.cpp's web UI, built by tools/setup-dev
 # Not under /tmp or /var/tmp: units with PrivateTmp=yes would not see them.
 RIG_ROOT = Path("/var/lib/llamad-rig")
 BOX_PREFIX = "llamad-box-"
+# Debian 13 for the package tests: debootstrap's minimal root with an init to boot, plus
+# what `make dev` leaves on a machine and the tests use: curl (the README's quick start),
+# libgomp1 (the OpenMP runtime the llama-server built here links), procps (pgrep).
+DEBIAN13_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "curl", "libgomp1")
+DEBIAN13_ROOT = CACHE / ("debian-13-" + hashlib.sha256(
+    " ".join(DEBIAN13_PACKAGES).encode()).hexdigest()[:8])
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0,
@@ -56,10 +66,51 @@ def missing_requirements() -> str | None:
     return None
 
 
+def debian_mirror() -> str:
+    """The Debian archive apt's sources on this machine name (debootstrap's default else)."""
+    out = subprocess.run(["apt-get", "indextargets", "--format", "$(SITE) $(LABEL) $(TARGET_OF)"],
+                         capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        site, label, kind = [*line.split(), "", "", ""][:3]
+        if label == "Debian" and kind == "deb":
+            return site
+    return "http://deb.debian.org/debian"
+
+
+def debian13_root() -> Path:
+    """The cached Debian 13 (trixie) root, built by debootstrap on first use (about a minute
+    and 250 MB; `make dev` builds it too). One process builds it while others wait."""
+    if DEBIAN13_ROOT.is_dir():
+        return DEBIAN13_ROOT
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".debian-13.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not DEBIAN13_ROOT.is_dir():
+            part = DEBIAN13_ROOT.with_name(DEBIAN13_ROOT.name + ".part")
+            _unmount_under(part)  # an interrupted debootstrap leaves /proc mounted there
+            shutil.rmtree(part, ignore_errors=True)
+            out = subprocess.run(["debootstrap", "--variant=minbase",
+                                  "--include=" + ",".join(DEBIAN13_PACKAGES), "trixie",
+                                  str(part), debian_mirror()],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode:
+                raise RuntimeError(f"debootstrap of Debian 13 failed: {out.stdout[-2000:]}"
+                                   f"{out.stderr[-2000:]}")
+            part.rename(DEBIAN13_ROOT)
+    return DEBIAN13_ROOT
+
+
+def _unmount_under(path: Path) -> None:
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mnt in sorted((m for m in mounts if m.startswith(f"{path}/")), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", mnt], check=False, capture_output=True)
+
+
 class Box:
     """One booted systemd container; a context manager that always tears down."""
 
-    def __init__(self) -> None:
+    def __init__(self, lower: Path = Path("/")) -> None:
+        self.lower = lower  # the root the box sees, read-only, under its own changes
         # Also the machine name, which allows no underscores.
         self.root = Path("/var/tmp") / f"{BOX_PREFIX}{uuid.uuid4().hex[:12]}"
         _booted.add(self.root.name)
@@ -94,7 +145,7 @@ class Box:
         for sub in ("upper", "work", "merged"):
             (self.root / sub).mkdir()
         _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir=/,upperdir={self.root}/upper,workdir={self.root}/work",
+              f"lowerdir={self.lower},upperdir={self.root}/upper,workdir={self.root}/work",
               str(self.merged)])
         # Boot only what tests need: the host's enabled services (a database, a
         # web server...) would otherwise start in the box and slow or block boot.
@@ -277,3 +328,11 @@ def _ours(proc: Path) -> bool:
 def booted() -> Iterator[tuple[Box, Assets]]:
     with Box() as box:
         yield box, Assets(box.workdir)
+
+
+if __name__ == "__main__":
+    # tools/setup-dev: `python tests/rig.py debian13` builds the cached root.
+    import sys
+    if sys.argv[1:] != ["debian13"]:
+        sys.exit("usage: rig.py debian13")
+    print(debian13_root())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,15 @@ def test_models_waits_for_a_file_copied_a_moment_ago(tmp_path: Path) -> None:
     assert [m["id"] for m in json.loads(run.stdout)] == ["fresh"]
     assert run.stderr == f"llamad: {growing} is still being written; it will be added when " \
         "done.\n"
+
+
+def test_ps_without_a_daemon_says_what_to_start(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        run = llamad("ps", "--url", url, home=tmp_path)
+    assert run.returncode == 1 and run.stderr.startswith(f"llamad: cannot reach llamad at {url}:")
+    assert run.stderr.rstrip().endswith("; is llamad.socket started?")
 
 
 def test_version_and_usage(tmp_path: Path) -> None:

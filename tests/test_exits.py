@@ -34,6 +34,14 @@ def test_exec_failure_names_the_hidden_binary(tmp_path: Path) -> None:
                     f"cause: {server} is under /tmp, which model units see as an empty "
                     "private directory (PrivateTmp=yes); put llama-server where every user "
                     "may run it, such as /usr/local/bin")
+    missing = Path("/usr/local/lib/llamad-test-none/llama-server")
+    assert exits.describe(ended(203), spec(str(missing))).endswith(
+        f"likely cause: {missing} does not exist; install llama-server there, or set "
+        "llama-server in llamad.conf to its path")
+    hidden_and_missing = tmp_path / "none" / "llama-server"
+    assert exits.describe(ended(203), spec(str(hidden_and_missing))).endswith(
+        "(PrivateTmp=yes); put llama-server where every user may run it, such as "
+        "/usr/local/bin")
     # Without the unit at hand, the usual causes.
     assert "missing, not executable by every user" in exits.describe(ended(203))
 

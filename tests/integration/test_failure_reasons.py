@@ -63,6 +63,26 @@ async def test_model_under_root(llamad_factory: Factory, box: rig.Box, assets: r
     assert f"model gemma failed: {sentence}" in d.log()
 
 
+async def test_llama_server_not_installed(llamad_factory: Factory) -> None:
+    # The quick start's `install ... llama-server /usr/local/bin/` skipped.
+    server = "/usr/local/lib/llamad-test-none/llama-server"
+    d = llamad_factory(["gemma-a"], **{"llama-server": server})
+    sentence = (f"systemd failed executing llama-server (exit status 203/EXEC); likely cause: "
+                f"{server} does not exist; install llama-server there, or set llama-server "
+                "in llamad.conf to its path")
+    message, reason = await failure(d, "gemma-a")
+    assert sentence in message and reason.startswith(sentence), (message, reason)
+
+
+async def test_unknown_model(llamad_factory: Factory) -> None:
+    # A typo in the quick start's curl command.
+    d = llamad_factory(["gemma"])
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, d.url, "gema")
+    assert status == 404 and body["error"]["message"] == \
+        "model 'gema' is not known to llamad; GET /v1/models lists them"
+
+
 def test_status_names_are_systemds(box: rig.Box) -> None:
     # systemd prints its own name for each status: `status=203/EXEC`.
     statuses = " ".join(map(str, exits.SYSTEMD_STATUSES))

@@ -1,24 +1,29 @@
-"""The .deb end to end: built by tools/build-deb, installed with apt into a booted
-Debian 12 with Debian's own python3-* packages, used from the host with the official
-openai client, then removed and purged.
+"""The .deb end to end: built and installed by the commands of README.md's quick start
+(tests/readme.py), into a booted Debian 12 and a booted Debian 13, each with its own
+python3-* packages; used from the host with the official openai client, then removed and
+purged.
 
-The tests run in file order and share one box of their own: installing packages
-changes the whole system, and `apt remove` stops every model unit, which would
-pull the rug from under tests using the shared box.
+The tests run in file order and share one box per release: installing packages changes
+the whole system, and `apt remove` stops every model unit, which would pull the rug from
+under tests using the shared box. `make test-trixie` runs the Debian 13 half alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import re
 import shutil
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+import readme
 import rig
 
 pytestmark = pytest.mark.integration
@@ -26,6 +31,17 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma"
 QUESTION = "What is the capital of France? Answer with one word."
+QUICK_START = readme.quick_start()[1]
+# What each of the quick start's commands must print (every one must also succeed).
+SHOWS = {
+    "llamad check-config": "/etc/llamad/llamad.conf: OK;",
+    "llamad models": "gemma  models_dir",
+    "curl": '"text":" 100 degrees Celsius."',  # greedy, so the same answer every time
+    "llamad ps": "gemma  ready",
+    "journalctl": f"Started llama-server@{MODEL}.service",
+}
+# Debian 12 is the host's own root under the box's overlay; Debian 13 a cached debootstrap.
+RELEASES = {"debian12": lambda: Path("/"), "debian13": rig.debian13_root}
 
 
 def free_port() -> int:
@@ -35,9 +51,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def clone_deb(box: rig.Box, deb: Path) -> Path:
+    """Where the box's user has the .deb: dist/ of their clone."""
+    return box.workdir / "clone" / "dist" / deb.name
+
+
 @pytest.fixture(scope="module")
 def deb() -> Path:
-    subprocess.run(["bash", str(ROOT / "tools" / "build-deb")], check=True, timeout=600)
+    # The quick start's first command, run where a user runs it: in the clone.
+    assert readme.command(QUICK_START[0]) == "make deb"
+    subprocess.run(["make", "-C", str(ROOT), "--no-print-directory", "deb"], check=True,
+                   timeout=1800, stdout=subprocess.DEVNULL)
     version = subprocess.run(
         ["dpkg-parsechangelog", "-l", str(ROOT / "packaging" / "debian" / "changelog"),
          "-S", "Version"], check=True, capture_output=True, text=True).stdout.strip()
@@ -46,12 +70,12 @@ def deb() -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def pkgbox() -> Iterator[rig.Box]:
+@pytest.fixture(scope="module", params=list(RELEASES))
+def pkgbox(request: pytest.FixtureRequest) -> Iterator[rig.Box]:
     reason = rig.missing_requirements()
     if reason:
         pytest.fail(reason)
-    with rig.Box() as box:
+    with rig.Box(RELEASES[request.param]()) as box:
         # The host's Docker-style policy-rc.d forbids starting services from
         # maintainer scripts; a real system has none, and the test wants the
         # maintainer scripts to run as they would there.
@@ -60,24 +84,51 @@ def pkgbox() -> Iterator[rig.Box]:
 
 
 @pytest.fixture(scope="module")
-def installed(pkgbox: rig.Box, deb: Path) -> str:
-    """The package installed and configured; returns the API's base URL."""
+def quick_start(pkgbox: rig.Box, deb: Path) -> tuple[int, dict[str, str]]:
+    """The package installed by the README's commands, run as a user would in the clone
+    (holding dist/ and what `make dev` built under ~/.cache/llamad-ci). Returns the API's
+    port and each command's output."""
     box = pkgbox
     assets = rig.Assets(box.workdir)
     port = free_port()
     # An admin's drop-in, written before the install so the socket that the
-    # postinst starts already uses this port.
+    # postinst starts already uses this port, since boxes share the host's network.
     box.run(f"mkdir -p /etc/systemd/system/llamad.socket.d && printf "
             f"'[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' "
             f"> /etc/systemd/system/llamad.socket.d/port.conf")
-    pkg = box.workdir / deb.name
-    shutil.copyfile(deb, pkg)
+    clone = box.workdir / "clone"
+    clone_deb(box, deb).parent.mkdir(parents=True)
+    shutil.copyfile(deb, clone_deb(box, deb))
+    # What `make dev` built, where the README says: the host's own files in a box over
+    # the host's root, links to the same files in the Debian 13 one.
+    for built, asset in ((rig.LLAMA_SERVER, assets.llama_server), (rig.GEMMA, assets.model)):
+        where = Path("/root/.cache/llamad-ci") / built.relative_to(rig.CACHE)
+        box.run(f"test -e {where} || {{ mkdir -p {where.parent} && ln -s {asset} {where}; }}")
     box.run("apt-get update -qq", timeout=300)
-    box.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {pkg}", timeout=600)
-    box.run(f"echo 'llama-server = {assets.llama_server}' >> /etc/llamad/llamad.conf")
-    box.run(f"ln -s {assets.model} /var/lib/llamad/models/{MODEL}.gguf")
-    box.run("systemctl start llamad.socket")
-    return f"http://127.0.0.1:{port}/v1"
+    # The user answers yes to apt's question.
+    box.run("echo 'APT::Get::Assume-Yes \"true\";' > /etc/apt/apt.conf.d/90yes")
+    shown = {}
+    for line in QUICK_START[1:]:
+        cmd = readme.command(line).replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        out = box.run(["bash", "-c", f"cd {clone} && DEBIAN_FRONTEND=noninteractive {cmd}"],
+                      check=False, timeout=900)
+        assert out.returncode == 0, (cmd, out.stdout[-3000:], out.stderr[-3000:])
+        shown[cmd] = out.stdout
+    return port, shown
+
+
+@pytest.fixture(scope="module")
+def installed(quick_start: tuple[int, dict[str, str]]) -> str:
+    """The API's base URL."""
+    return f"http://127.0.0.1:{quick_start[0]}/v1"
+
+
+def test_quick_start_commands_show_what_they_promise(
+        quick_start: tuple[int, dict[str, str]]) -> None:
+    _, shown = quick_start
+    for prefix, want in SHOWS.items():
+        [(cmd, out)] = [(c, o) for c, o in shown.items() if c.startswith(prefix)]
+        assert want in out, (cmd, out[-2000:])
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +189,33 @@ def test_model_runs_unprivileged_in_the_slice(pkgbox: rig.Box, client: openai.Op
     assert props == {"DynamicUser": "yes", "Slice": "llama-server.slice", "ActiveState": "active"}
 
 
+def test_web_ui_and_dashboard(installed: str) -> None:
+    """The UI the package ships in /usr/share/llamad/ui and the dashboard, served by
+    Debian's aiohttp."""
+    base = installed.removesuffix("/v1")
+    with urllib.request.urlopen(base + "/", timeout=30) as r:
+        page = r.read().decode()
+        assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert 'href="dashboard"' in page
+    bundle = next(p for p in page.split('"') if p.endswith(".js") and "/immutable/" in p)
+    request = urllib.request.Request(base + "/" + bundle.removeprefix("./"),
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert r.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert len(gzip.decompress(r.read())) > 1_000_000
+    with urllib.request.urlopen(base + "/dashboard", timeout=30) as r:
+        assert "dashboard/dashboard.js" in r.read().decode()
+    with urllib.request.urlopen(base + "/dashboard/events", timeout=30) as r:
+        assert r.readline() == b"event: hello\n"
+        hello = json.loads(r.readline().decode().removeprefix("data: "))
+        assert hello["ids"] == [MODEL]
+
+
 def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:
-    out = pkgbox.run(["sh", str(ROOT / "packaging" / "debian" / "tests" / "smoke")], check=False)
+    smoke = pkgbox.workdir / "smoke"  # the Debian 13 box does not see this checkout
+    shutil.copyfile(ROOT / "packaging" / "debian" / "tests" / "smoke", smoke)
+    out = pkgbox.run(["sh", str(smoke)], check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -151,7 +227,7 @@ def test_upgrade_keeps_models_running(pkgbox: rig.Box, client: openai.OpenAI,
     pid = pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
     llamad_pid = pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip()
     pkgbox.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall "
-               f"{pkgbox.workdir / deb.name}", timeout=300)
+               f"{clone_deb(pkgbox, deb)}", timeout=300)
     # The upgrade restarted llamad, not the model it was serving.
     assert pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip() != llamad_pid
     assert pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip() == pid
@@ -159,6 +235,14 @@ def test_upgrade_keeps_models_running(pkgbox: rig.Box, client: openai.OpenAI,
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
     assert reply.choices[0].message.content
     assert pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip() == pid
+
+
+def test_no_python_complaints_in_the_journal(pkgbox: rig.Box, client: openai.OpenAI) -> None:
+    # Each release has its own Python, aiohttp and pystemd: llamad's journal (starts,
+    # requests, the upgrade's restart) holds no traceback and no warning from them.
+    log = pkgbox.run(["journalctl", "--no-pager", "-o", "cat", "-u", "llamad"]).stdout
+    assert "Started llamad.service" in log
+    assert not re.search(r"Traceback|Warning:|Exception", log), log[-3000:]
 
 
 def test_security_exposure(pkgbox: rig.Box, installed: str) -> None:
@@ -227,6 +311,6 @@ def test_remove_stops_everything_and_purge_removes_config(pkgbox: rig.Box,
     box.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q llamad", timeout=300)
     # ... purge deletes it, but not the admin's models.
     assert box.run("test -e /etc/llamad", check=False).returncode == 1
-    assert box.run(f"test -L /var/lib/llamad/models/{MODEL}.gguf", check=False).returncode == 0
+    assert box.run(f"test -f /var/lib/llamad/models/{MODEL}.gguf", check=False).returncode == 0
     assert box.run("dpkg-query -W -f='${Status}' llamad", check=False).stdout \
         in ("", "unknown ok not-installed")
