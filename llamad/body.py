@@ -5,7 +5,8 @@ every object in it (a 32 MiB body became ~770 MiB of Python objects) and hold th
 loop for seconds; in a thread it would too, as it never lets go of the GIL. Instead the
 body is checked against JSON's grammar (RFC 8259, strictly: no NaN, no control characters
 in strings, UTF-8, at most MAX_DEPTH levels) in short steps of regular-expression matches,
-and only the top-level values llamad needs (WANTED) are decoded; llama-server parses the
+and only the top-level values llamad needs (WANTED, and what a handler asks for) are
+decoded; llama-server parses the
 whole body itself. A small body is checked on the event loop, a big one on a thread of its
 own, between whose short steps the GIL changes hands.
 """
@@ -25,7 +26,7 @@ from aiohttp import web
 from llamad import limits
 from llamad.errors import BadRequest
 
-# The top-level fields llamad reads; add here to read another (scalars only).
+# The top-level fields every read_json decodes; a handler names any other it needs.
 WANTED = ("model", "keep_alive", "stream")
 MAX_DEPTH = 512
 WANTED_MAX = 65536  # bytes of a wanted value's JSON text
@@ -77,12 +78,29 @@ async def read_body(request: web.Request) -> bytearray:
     return buf
 
 
-async def read_json(request: web.Request) -> tuple[bytearray, dict[str, Any]]:
-    """The body as received, and its WANTED top-level fields (those present)."""
+class Fields:
+    """The top-level fields of a body that read_json was asked for (those present).
+
+    Asking for any other is a bug, and says so: llamad never decoded it."""
+
+    def __init__(self, values: dict[str, Any], wanted: frozenset[str]) -> None:
+        self.values = values
+        self.wanted = wanted
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self.wanted:
+            raise LookupError(f"the body's {key!r} was not decoded: name it in "
+                              f"read_json(request, {key!r})")
+        return self.values.get(key, default)
+
+
+async def read_json(request: web.Request, *also: str) -> tuple[bytearray, Fields]:
+    """The body as received, and its top-level fields WANTED plus `also`; each value's
+    JSON text may be at most WANTED_MAX bytes."""
     body = await read_body(request)
-    scan = Scanner(body)
+    scan = Scanner(body, frozenset((*WANTED, *also)))
     if scan.step(math.inf if len(body) <= INLINE else time.monotonic() + STEP_SECONDS):
-        return body, scan.fields
+        return body, Fields(scan.fields, scan.wanted)
     # A big body is checked on llamad's one scanning thread. Its steps are short Python
     # and regular-expression calls, so the GIL changes hands every few milliseconds and
     # the event loop, asleep in its poll most of the time, answers at once when woken.
@@ -92,7 +110,7 @@ async def read_json(request: web.Request) -> tuple[bytearray, dict[str, Any]]:
     except asyncio.CancelledError:
         scan.abandoned = True  # the client left: stop checking its body
         raise
-    return body, scan.fields
+    return body, Fields(scan.fields, scan.wanted)
 
 
 _WS = rb"[ \t\r\n]*"
@@ -122,15 +140,17 @@ OPEN, CLOSE = {ord("{"): ord("}"), ord("["): ord("]")}, (ord("}"), ord("]"))
 
 
 class Scanner:
-    """Checks one JSON body step by step; `fields` holds the WANTED top-level values.
+    """Checks one JSON body step by step; `fields` holds the `wanted` top-level values.
 
     `expect` is what comes next: a value, a key, ':' or, after a value, ',' or a closing
     bracket ('next'); 'string' while inside one (`role` says whether a key or a value).
     `fresh` means a container was just opened, so it may close at once.
     """
 
-    def __init__(self, body: bytes | bytearray) -> None:
+    def __init__(self, body: bytes | bytearray, wanted: frozenset[str] = frozenset(WANTED)
+                 ) -> None:
         self.buf = body
+        self.wanted = wanted
         self.pos = 0
         self.fields: dict[str, Any] = {}
         self.stack: list[int] = []  # the opening bracket of each open container
@@ -139,7 +159,7 @@ class Scanner:
         self.role = "value"
         self.value_start = 0  # where the current top-level value began
         self.key_start = 0  # where the current key began
-        self.key: str | None = None  # the WANTED top-level key whose value comes next
+        self.key: str | None = None  # the wanted top-level key whose value comes next
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
         self.checked = 0  # bytes known to be UTF-8
         self.done = False
@@ -236,7 +256,7 @@ class Scanner:
             return
         if len(self.stack) == 1 and self.pos - self.key_start <= 64:
             key = json.loads(self.buf[self.key_start:self.pos])
-            self.key = key if key in WANTED else None
+            self.key = key if key in self.wanted else None
         self.expect = "colon"
 
     def _after_value(self) -> None:
@@ -249,8 +269,7 @@ class Scanner:
     def _keep(self, key: str, text: bytes | bytearray) -> None:
         if len(text) > WANTED_MAX:
             raise BadRequest(f"the value of {key!r} is longer than {WANTED_MAX} bytes")
-        # A container where a scalar belongs is kept as an empty one: its type is the error.
-        self.fields[key] = json.loads(text) if text[:1] not in b"{[" else {}
+        self.fields[key] = json.loads(text)
 
     def _key(self, char: int) -> None:
         if char != ord('"'):
