@@ -68,6 +68,8 @@ SPEC: dict[str, tuple[str, str]] = {
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
     "ui-dir": ("string(default='/usr/share/llamad/ui')",
                "an absolute directory path, or empty for no web UI"),
+    "request-log": ("boolean(default=yes)", "yes or no"),
+    "load-progress": ("boolean(default=yes)", "yes or no"),
 }
 
 
@@ -109,6 +111,8 @@ class Config:
     memory_limit: str
     state_dir: Path
     ui_dir: Path | None
+    request_log: bool
+    load_progress: bool
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:

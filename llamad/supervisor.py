@@ -207,7 +207,7 @@ class Supervisor:
             slot.last_used = time.monotonic()
             return slot.backend
         if isinstance(decision, Reject):
-            raise Unavailable(decision.message, retry_after=10)
+            raise Unavailable(decision.message, retry_after=10, code=decision.code)
         if isinstance(decision, Load):
             cause = Cause.EVICT_COUNT if decision.overlap else Cause.EVICT_MEMORY
             for victim in decision.evict:

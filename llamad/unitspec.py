@@ -55,7 +55,10 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
 
 def build(config: Config, model: Model, address: str, gpus: tuple[int, ...],
           memory_max: int | None) -> UnitSpec:
-    argv = (str(config.llama_server), *model.settings.args, *be.listen_args(address))
+    metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
+        model.settings.args else ()
+    argv = (str(config.llama_server), *model.settings.args, *metrics,
+            *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
            f"LLAMAD_ARGS={args_digest(argv)}"]
     if gpus:
