@@ -218,6 +218,8 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
         lines += [BODIES.read_text()]
     if ANALYSIS.exists() and not quick:
         lines += [ANALYSIS.read_text()]
+    if GPU.exists() and not quick:
+        lines += [GPU.read_text()]
     return "\n".join(lines)
 
 
@@ -225,6 +227,8 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
 ANALYSIS = Path(__file__).with_name("analysis.md")
 # Written by bench/bodies.py (a run of its own); appended as is.
 BODIES = Path(__file__).with_name("bodies.md")
+# Hand-written: what has and has not run on a GPU, and how to re-check it (bench/gpu_check).
+GPU = Path(__file__).with_name("gpu.md")
 
 COLORS = {"llamad": "tab:blue", "direct": "tab:green", "router": "tab:orange",
           "bare": "tab:gray"}

@@ -65,6 +65,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "slice-memory-max": ("string(default='')",
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
+    "gpu-fallback": ("option('fail', 'degraded', default='fail')", "fail or degraded"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
     "ui-dir": ("string(default='/usr/share/llamad/ui')",
                "an absolute directory path, or empty for no web UI"),
@@ -110,6 +111,7 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    gpu_fallback: str
     ui_dir: Path | None
     request_log: bool
     load_progress: bool

@@ -40,7 +40,9 @@ class Llamad:
         self.dir.mkdir(mode=0o755)
         self.models_dir = assets.models_dir(f"models-{self.n}", models)
         conf = {"models-dir": str(self.models_dir), "llama-server": str(assets.llama_server),
-                "args": "-c 4096 -np 4", "llama-cache": "no",
+                # One thread: two that meet at a barrier every step stall whenever the
+                # machine preempts one (0.7 tokens/s at load 15 on 2 cores, 10 with -t 1).
+                "args": "-c 4096 -np 4 -t 1", "llama-cache": "no",
                 "tcp-port-base": random.randrange(20000, 30000, 100),
                 # Each llamad learns and caches on its own.
                 "state-dir": str(self.dir / "state"),
