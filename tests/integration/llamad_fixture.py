@@ -54,6 +54,7 @@ class Llamad:
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self.url = f"http://127.0.0.1:{self.port}"
         self.cursor = ""
+        self.command = [str(PYTHON), "-m", "llamad"]  # bench/bodies.py runs other code
 
     def journal_cursor(self) -> str:
         shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
@@ -68,7 +69,7 @@ class Llamad:
                       # As units/llamad.service does it.
                       "-p", f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
                       "-p", "ExecReload=/bin/kill -HUP $MAINPID",
-                      "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
+                      "--setenv=PYTHONUNBUFFERED=1", *self.command,
                       "serve", "--config", str(self.config),
                       "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
         if out.returncode != 0:
