@@ -21,7 +21,7 @@ def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-async def forward(request: web.Request, backend: Backend, body: bytes,
+async def forward(request: web.Request, backend: Backend, body: bytes | bytearray,
                   out: web.StreamResponse | None = None) -> web.StreamResponse:
     """`out`: the response a streamed answer goes into; it may have begun already (load
     progress, see progress.py)."""

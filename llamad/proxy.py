@@ -18,7 +18,7 @@ from aiohttp import web
 
 from llamad import browsers, keys, metrics, progress, streams
 from llamad.api import resolve, router_props, supervisor
-from llamad.body import parse_keep_alive, read_json
+from llamad.body import parse_keep_alive, read_body, read_json
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
 from llamad.forward import forward
 from llamad.scheduler import State
@@ -70,12 +70,14 @@ async def handle_form(request: web.Request) -> web.StreamResponse:
     """Multipart uploads (audio transcriptions) name the model in a form field."""
     if not request.content_type.startswith("multipart/form-data"):
         return await handle_post(request)
-    body = await request.read()
-    return await proxied(request, resolve(request, form_field(
-        request.headers.get("Content-Type", ""), body, "model")), body)
+    body = await read_body(request)
+    # email's parser is pure Python: a large upload would hold the event loop.
+    name = await asyncio.to_thread(form_field, request.headers.get("Content-Type", ""), body,
+                                   "model")
+    return await proxied(request, resolve(request, name), body)
 
 
-def form_field(content_type: str, body: bytes, name: str) -> str | None:
+def form_field(content_type: str, body: bytes | bytearray, name: str) -> str | None:
     """A text field of a multipart/form-data body; None if absent."""
     head = f"Content-Type: {content_type}\r\n\r\n".encode()
     message = email.parser.BytesParser().parsebytes(head + body)
@@ -98,7 +100,7 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     return await proxied(request, resolve(request, name), b"")
 
 
-async def proxied(request: web.Request, slot: Slot, body: bytes,
+async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
                   keep_alive: float | None = None, stream: bool = False) -> web.StreamResponse:
     sup = supervisor(request)
     wait = progress.Wait(request, sup, slot, stream)
