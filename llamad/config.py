@@ -74,6 +74,7 @@ SPEC: dict[str, tuple[str, str]] = {
                "an absolute directory path, or empty for no web UI"),
     "request-log": ("boolean(default=yes)", "yes or no"),
     "load-progress": ("boolean(default=yes)", "yes or no"),
+    "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
 }
 
 
@@ -121,6 +122,7 @@ class Config:
     ui_dir: Path | None
     request_log: bool
     load_progress: bool
+    debug_request_delay: float
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
