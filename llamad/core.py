@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, unitspec
+from llamad import exits, gpuload, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
@@ -75,6 +75,8 @@ class Sessions:
 
 
 class Core:
+    gpu: gpuload.GpuGuard  # set by Supervisor: GPU out-of-memory retries, CPU fallback checks
+
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
                  measure: Measure, journal: Journal,
                  rescan: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -201,7 +203,8 @@ class Core:
         address = address or slot.address or unitspec.address(self.config, slot.model)
         limit = unitspec.memory_max(self.config, slot.model,
                                     self.measure.derived_limit(slot.model))
-        spec = unitspec.build(self.config, slot.model, address, gpus, limit)
+        spec = unitspec.build(self.config, slot.model, address,
+                              self.measure.gpu_uuids(gpus), limit)
         return spec, address
 
     def exit_text(self, slot: Slot) -> str:
@@ -251,6 +254,7 @@ class Core:
 
     async def close(self) -> None:
         self._closed = True
+        await self.gpu.close()
         for task in self._tasks - self._closing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

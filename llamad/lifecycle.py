@@ -30,7 +30,8 @@ HEALTH_FIRST_INTERVAL = 0.005
 HEALTH_INTERVAL = 0.1
 STOP_WORDS = {Cause.EVICT_COUNT: "evicted", Cause.EVICT_MEMORY: "evicted", Cause.TTL: "idle TTL",
               Cause.KEEP_ALIVE: "keep_alive 0", Cause.UNLOAD: "unload requested",
-              Cause.REMOVED: "removed from the catalog", Cause.CHANGED: "changed"}
+              Cause.REMOVED: "removed from the catalog", Cause.CHANGED: "changed",
+              Cause.GPU_OOM: "to load it again"}
 
 
 class Lifecycle(Core):
@@ -52,7 +53,7 @@ class Lifecycle(Core):
             slot.last_used = time.monotonic()
             return slot.backend
         if isinstance(decision, Reject):
-            raise Unavailable(decision.message, retry_after=10)
+            raise Unavailable(decision.message, retry_after=10, code=decision.code)
         if isinstance(decision, Load):
             cause = Cause.EVICT_COUNT if decision.overlap else Cause.EVICT_MEMORY
             for victim in decision.evict:
@@ -106,6 +107,9 @@ class Lifecycle(Core):
         slot.gpus = decision.gpus
         slot.backend = be.Backend(address)
         slot.load_started = time.monotonic()
+        # A load is a use, as in router mode: an explicitly loaded model is not the
+        # least recently used one, nor idle since the epoch for its TTL.
+        slot.last_used = slot.load_started
         slot.stopping_by_us = False
         slot.stop_sent = False
         slot.load_time_unknown = False
@@ -133,6 +137,8 @@ class Lifecycle(Core):
                     self._fail(slot, "the models evicted to make room did not stop within "
                                      f"drain-timeout ({self.config.drain_timeout:g}s)")
                 return
+        if slot.gpus and evicted:  # the driver frees their VRAM a little after they exit
+            await self.gpu.wait_freed([v.unit for v in evicted])
         if slot.epoch != epoch:
             log.info("model %s is no longer starting (%s); its start is dropped",
                      slot.model.id, slot.state.value)
@@ -144,6 +150,16 @@ class Lifecycle(Core):
                 self._fail(slot, f"systemd refused to start {spec.name}: {e}")
             return
         log.info("starting %s for model %s", spec.name, slot.model.id)
+
+    def give_up(self, slot: Slot, reason: str) -> None:
+        """Fail a model and stop its unit, cancelling any restart systemd has planned."""
+        self._fail(slot, reason)
+        self.spawn(self.units.stop(slot.unit), f"stopping {slot.unit}")
+
+    def reload_later(self, slot: Slot, why: str) -> None:
+        """Stop a model whose load failed; once stopped it loads again through the scheduler,
+        which sees its need as it is now (gpuload raises it after running out of VRAM)."""
+        self._begin_stop(slot, Cause.GPU_OOM, why)
 
     def _crashed(self, slot: Slot) -> None:
         """The process died and systemd restarts it: a new process, maybe a new address."""

@@ -14,6 +14,9 @@ the same Slots and changing a model's state only through `Core.move`:
 
 from __future__ import annotations
 
+from typing import Any
+
+from llamad import gpuload
 from llamad.core import IllegalMove
 from llamad.idle import Idle
 
@@ -22,3 +25,7 @@ __all__ = ["IllegalMove", "Supervisor"]
 
 class Supervisor(Idle):
     """All of the above; what app.py builds and the HTTP handlers use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
