@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from llamad import redact
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -29,7 +30,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "invocation_id": slot.invocation_id or None, "in_flight": slot.in_flight,
         "queued": slot.queued, "served": slot.served, "restarts": slot.n_restarts,
         "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
-        "load_seconds": slot.load_seconds, "reason": slot.reason or None,
+        "load_seconds": slot.load_seconds, "reason": redact.text(slot.reason) or None,
         "ttl_left": None if ttl is None or slot.state is not State.READY
         or slot.pinned else max(0.0, ttl - idle),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
