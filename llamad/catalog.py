@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from llamad import hfcache
+from llamad import hfcache, redact
 from llamad.config import Config
 from llamad.errors import ConfigError
 from llamad.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
@@ -289,6 +289,19 @@ def _unsafe(f: Found) -> str | None:
     return None
 
 
+def _secrets(models: dict[str, Model], problems: list[str]) -> None:
+    """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
+    with_secrets = [m.id for m in models.values() if redact.secret_values(m.settings.args)]
+    for m in models.values():
+        redact.remember(redact.secret_values(m.settings.args))
+    if with_secrets:
+        names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
+        problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): llamad "
+                        "never downloads, "
+                        "so it is not passed to llama-server, whose command line every local "
+                        "user can read.")
+
+
 def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for model in models.values():
@@ -358,6 +371,7 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     for model in kept:
         models.setdefault(model.id, model)
     cache.retain(st.seen)
+    _secrets(models, st.problems)
     aliases = _aliases(models, st.problems)
     return Snapshot(MappingProxyType(models), tuple(st.problems), MappingProxyType(aliases),
                     st.pending, frozenset(settling))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from llamad import redact
 from llamad.scheduler import State, ttl_left
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -27,7 +28,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "invocation_id": slot.invocation_id or None, "in_flight": slot.in_flight,
         "queued": slot.queued, "served": slot.served, "restarts": slot.n_restarts,
         "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
-        "load_seconds": slot.load_seconds, "reason": slot.reason or None,
+        "load_seconds": slot.load_seconds, "reason": redact.text(slot.reason) or None,
         # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),

@@ -22,6 +22,10 @@ UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
 MARKER = "LLAMAD_MANAGED=1"
 REMOVED = "UnitRemoved"  # the key on_change gets for systemd's UnitRemoved signal
+# The group of model units and their sockets; llamad.service is its one member
+# (SupplementaryGroups=, units/llamad.sysusers).
+BACKEND_GROUP = "llamad-backend"
+MS_REC = 0x4000
 USEC = 1_000_000
 
 ChangeCallback = Callable[[str, dict[str, Any]], None]
@@ -100,8 +104,14 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("ProtectControlGroups", b"b", True),
         ("RestrictSUIDSGID", b"b", True),
         ("LockPersonality", b"b", True),
-        # Other users must be able to connect() to the backend's UNIX socket.
-        ("UMask", b"u", 0o011),
+        # Only llamad may connect() to the backend's socket (docs/security.md): the unit
+        # runs in BACKEND_GROUP, whose members llamad alone is, so the socket must be
+        # group-writable (0770); other users get nothing.
+        ("Group", b"s", BACKEND_GROUP),
+        ("UMask", b"u", 0o007),
+        # Nothing of /run but its own directory (bound in below): no other model's socket,
+        # no system bus.
+        ("TemporaryFileSystem", b"a(ss)", [("/run", "ro")]),
         ("CapabilityBoundingSet", b"t", 0),
         ("PrivateUsers", b"b", True),
         ("ProtectProc", b"s", "invisible"),
@@ -127,8 +137,10 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         # CUDA may generate code at run time; CPU backends never need W+X memory.
         props += [("PrivateDevices", b"b", True), ("MemoryDenyWriteExecute", b"b", True)]
     if spec.runtime_dir:
+        run = f"/run/{spec.runtime_dir}"
         props += [("RuntimeDirectory", b"as", [spec.runtime_dir]),
-                  ("RuntimeDirectoryMode", b"u", 0o755)]
+                  ("RuntimeDirectoryMode", b"u", 0o750),
+                  ("BindPaths", b"a(ssbt)", [(run, run, False, MS_REC)])]
     if spec.memory_max is not None:
         props.append(("MemoryMax", b"t", spec.memory_max))
     if spec.memory_high is not None:

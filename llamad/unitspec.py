@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload
+from llamad import exits, gpuload, redact
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.unitname import instance_of
@@ -69,7 +69,7 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
     """`gpus`: the GPUs planned for it, by UUID; () for none."""
     metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
         model.settings.args else ()
-    argv = (str(config.llama_server), *model.settings.args, *metrics,
+    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
             *gpuload.fit_args(model),
             *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",

@@ -57,3 +57,13 @@ def test_status_from_systemd_properties() -> None:
     assert st.ours and st.env("LLAMAD_MODEL") == "a=b" and st.env("NOPE") is None
     assert st.exit_code == "killed" and st.memory_current is None
     assert st.invocation_id == bytes(range(16)).hex()
+
+
+def test_only_llamad_reaches_the_backend_socket() -> None:
+    props = _props(SPEC)
+    # The socket (0770) and its directory (0750) belong to the backend group, whose only
+    # member is llamad.service; the unit sees nothing else of /run.
+    assert props["Group"] == "llamad-backend" and props["UMask"] == 0o007
+    assert props["RuntimeDirectoryMode"] == 0o750
+    assert props["TemporaryFileSystem"] == [("/run", "ro")]
+    assert props["BindPaths"] == [("/run/llamad/m", "/run/llamad/m", False, 0x4000)]
