@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import sys
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -17,13 +18,18 @@ from aiohttp import web
 
 from llamad import (
     api,
+    body,
     browsers,
     dashboard,
     keys,
+    limits,
     logstream,
+    metrics,
     middleware,
     proxy,
+    record,
     report,
+    requestlog,
     sampling,
     webui,
 )
@@ -75,20 +81,32 @@ class Daemon:
         self.sup: Supervisor | None = None
         # Fails closed: a key file that is set but unusable stops llamad here.
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
+        self.runner: web.AppRunner | None = None
+        self.metrics = metrics.Metrics(self._connections)
+        self.request_log = requestlog.JournalWriter() if config.request_log else None
 
     def app(self) -> web.Application:
         door = browsers.Door(self.config, keyed=self.keyring is not None)
-        middlewares = [self._activity, middleware.error_middleware, door.middleware]
+        lim = limits.Limits(self.config)
+        middlewares = [self._activity, middleware.error_middleware, lim.middleware,
+                       door.middleware]
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
+        sinks: list[record.Sink] = [self.metrics.on_request]
+        if self.request_log is not None:
+            sinks.append(self.request_log)
+        middlewares.append(record.middleware(sinks))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
+        app[limits.LIMITS] = lim
+        app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
         webui.add_routes(app, self.config.ui_dir)
+        app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.append(self._supervise)
         return app
 
@@ -104,20 +122,25 @@ class Daemon:
             self.last_request = time.monotonic()
 
     async def _supervise(self, app: web.Application) -> AsyncIterator[None]:
-        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props))
+        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props),
+                            on_reconnect=self._on_reconnect)
         await units.open()
         await limit_slice(units, self.config)
         measure = Measure(self.config, state_dir=self.config.state_dir)
+        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
-                         journal_tail)
+                         journal_tail, rescan=watcher.rescan_now)
         self.sup = sup
         api.attach(app, sup, self.catalog)
+        self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
-        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         await watcher.start()
         await sup.adopt()
+        await sup.take_back()
         await sup.preload()
-        ticker = asyncio.ensure_future(self._tick())
+        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
+        ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
+        ticker.add_done_callback(self._tick_ended)
         try:
             yield
         finally:
@@ -125,27 +148,57 @@ class Daemon:
             await watcher.stop()
             await sup.close()
             units.close()
+            if self.request_log is not None:
+                self.request_log.close()
+
+    def _connections(self) -> int:
+        server = self.runner.server if self.runner is not None else None
+        return len(server.connections) if server is not None else 0
 
     def _on_unit(self, unit: str, props: dict[str, Any]) -> None:
         if self.sup is not None:
             self.sup.on_unit_change(unit, props)
 
+    def _on_reconnect(self) -> None:
+        if self.sup is not None:
+            self.sup.reconcile_soon()
+
     async def _tick(self) -> None:
         interval = min(TICK, self.notifier.watchdog_interval or TICK)
         while True:
             await asyncio.sleep(interval)
-            sup = self.sup
-            assert sup is not None
-            sup.expire()
-            self.notifier.watchdog()
-            self.notifier.status(report.status_line(sup))
-            await sample(sup)  # after the ping: D-Bus calls may be slow
-            idle_for = time.monotonic() - self.last_request
-            busy = any(s.in_flight or s.queued for s in sup.slots.values())
-            if self.config.idle_exit and not busy and idle_for > self.config.idle_exit:
-                log.info("idle for %.0fs: exiting; the socket starts llamad again on demand",
-                         idle_for)
-                self.stop.set()
+            try:
+                await self._tick_once()
+            except Exception:  # a bug in one step must not stop the watchdog pings
+                log.exception("the periodic tick failed")
+
+    def _tick_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            # Without the tick no TTL runs and the watchdog starves: let systemd restart us.
+            log.error("the periodic tick ended: %r; exiting", task.exception())
+            self.stop.set()
+
+    async def _tick_once(self) -> None:
+        sup = self.sup
+        assert sup is not None
+        self.notifier.watchdog()
+        sup.expire()
+        sup.probe()
+        self.notifier.status(report.status_line(sup))
+        await sample(sup)  # after the ping: D-Bus calls may be slow
+        idle_for = time.monotonic() - self.last_request
+        if self.config.idle_exit and idle_for > self.config.idle_exit and sup.quiet() \
+                and not self.stop.is_set():
+            await self._exit_when_idle(sup, idle_for)
+
+    async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:
+        try:
+            await sup.hand_off()
+        except UnitError as e:  # stay: with no timer, nothing would stop the models
+            log.warning("cannot hand the idle TTLs to systemd (%s); not exiting", e)
+            return
+        log.info("idle for %.0fs: exiting; the socket starts llamad again on demand", idle_for)
+        self.stop.set()
 
 
 async def sample(sup: Supervisor) -> None:
@@ -193,17 +246,27 @@ def _runner_kwargs() -> dict[str, Any]:
 
 async def serve(config: Config, listen: str | None = None) -> None:
     sockets = systemd_sockets() or [bind(listen or config.listen)]
+    # Big request bodies are checked on a thread (body.py): hand the GIL back to the event
+    # loop within 1 ms rather than Python's default 5 ms.
+    sys.setswitchinterval(body.SWITCH_INTERVAL)
     notifier = Notifier()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, daemon)
-    runner = web.AppRunner(daemon.app(), access_log=None, **_runner_kwargs())
+    app = daemon.app()
+    lim: limits.Limits = app[limits.LIMITS]
+    limits.raise_fd_limit(lim)
+    runner = daemon.runner = web.AppRunner(app, access_log=None, **_runner_kwargs())
     await runner.setup()
+    assert runner.server is not None
+    servers = []
     try:
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            # aiohttp's protocol, guarded per connection: the connection cap, and a
+            # deadline for receiving each request, which aiohttp lacks (limits.Guard).
+            servers.append(await loop.create_server(lim.protocol(runner.server), sock=sock))
         assert daemon.sup is not None
         log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
                  report.status_line(daemon.sup))
@@ -211,20 +274,20 @@ async def serve(config: Config, listen: str | None = None) -> None:
         await daemon.stop.wait()
     finally:
         notifier.stopping()
-        await stop_accepting(runner, daemon.answered)
+        await stop_accepting(servers, runner, daemon.answered)
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
 
 
-async def stop_accepting(runner: web.AppRunner,
+async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,
                          answered: weakref.WeakSet[asyncio.BaseTransport]) -> None:
     """Stop accepting: connections still queued on the socket wait there for the next
     llamad. Those accepted just before may not have been read yet; shutting down closes
     a connection without a request as idle, which would lose theirs, so give them
-    STOP_GRACE seconds to be read."""
-    for site in list(runner.sites):
-        await site.stop()
+    STOP_GRACE seconds to be read. runner.cleanup() then closes the open ones."""
+    for server in servers:
+        server.close()
     deadline = time.monotonic() + STOP_GRACE
     while runner.server is not None and time.monotonic() < deadline and any(
             c.transport is not None and c.transport not in answered

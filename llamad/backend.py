@@ -57,6 +57,7 @@ def listen_args(address: str) -> tuple[str, ...]:
 # loses the request, so pooled connections are dropped well before.
 KEEPALIVE = 2.0
 HEALTH_TIMEOUT = 2.0
+PROBE_TIMEOUT = 5.0  # seconds a liveness probe waits for /health (at most liveness-timeout)
 
 
 @dataclass
@@ -91,12 +92,17 @@ class Backend:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
+    def session(self) -> aiohttp.ClientSession:
+        """The current session, not held: for short calls that may be cut by renew()
+        (a probe); a request's answer goes through client()."""
+        if self._session is None or self._session.closed:
+            self._session = self._new_session()
+        return self._session
+
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[aiohttp.ClientSession]:
         """The current session, held until the response is done with."""
-        if self._session is None or self._session.closed:
-            self._session = self._new_session()
-        session = self._session
+        session = self.session()
         self._users[session] = self._users.get(session, 0) + 1
         try:
             yield session
@@ -118,29 +124,35 @@ class Backend:
         self.last_heard = time.monotonic()
 
     async def healthy(self, timeout: float = HEALTH_TIMEOUT) -> bool:
-        """/health answers 200 within `timeout` seconds."""
+        """/health answers 200 within `timeout` seconds: ready."""
+        return await self._health(timeout) == 200
+
+    async def answers(self, timeout: float) -> bool:
+        """/health answers at all within `timeout` (a 503 is an answer too): alive."""
+        return await self._health(timeout) is not None
+
+    async def _health(self, timeout: float) -> int | None:
         try:
             async with self.client() as session, session.get(
                     self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                ok = r.status == 200
+                await r.read()
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
-        if ok:
-            self.heard()
-        return ok
+            return None
+        self.heard()
+        return r.status
 
     async def probe(self, timeout: float, pid: int = 0) -> bool:
-        """Alive: /health answers 200 within `timeout`, or process `pid` (0: unknown) uses
-        CPU meanwhile. llama-server can leave /health queued behind a burst of requests
-        for many seconds while it computes; a stopped or deadlocked process computes
-        nothing. One check at a time, shared by the requests that ask meanwhile."""
+        """Alive: /health answers within `timeout`, or process `pid` (0: unknown) uses CPU
+        meanwhile. On a busy machine /health can take many seconds while the process
+        computes; a stopped or deadlocked one computes nothing. One check at a time,
+        shared by all who ask meanwhile (requests, the liveness tick)."""
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._check(timeout, pid))
         return await asyncio.shield(self._probe)
 
     async def _check(self, timeout: float, pid: int) -> bool:
         before = cpu_ticks(pid)
-        if await self.healthy(timeout):
+        if await self.answers(timeout):
             return True
         after = cpu_ticks(pid)
         return before is not None and after is not None and after > before

@@ -5,9 +5,10 @@ What a client gets when the backend fails depends on how far the answer got:
   line, or it answered 503 while loading again): `BackendUnreachable`, and the caller may
   send the request once more when the backend is back; the backend's pooled connections
   are dropped, as they may lead to a dead process;
-- the backend went silent: after `idle_timeout` seconds without a byte its /health is
-  asked; one that answers is busy (a long prompt) and is waited for, one that does not is
-  wedged: 504 before the answer started, an SSE error event after, and `on_wedged` is told;
+- the backend went silent: after `idle_timeout` seconds without a byte it is probed
+  (`Backend.probe`); one that is alive is busy (a long prompt) and is waited for, one that
+  is not is wedged: 504 before the answer started, an SSE error event after, and
+  `on_wedged` is told (`Supervisor.wedged`, which has it killed and restarted);
 - the answer broke after it started: an SSE error event in a stream, 502 otherwise.
 """
 
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from llamad.backend import Backend
+from llamad import limits
+from llamad.backend import PROBE_TIMEOUT, Backend
 from llamad.errors import BackendError, BackendTimeout, BackendUnreachable, LlamadError
 
 if TYPE_CHECKING:
@@ -44,41 +46,46 @@ FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
 class Watch:
     """How one request watches its backend for silence."""
 
-    idle_timeout: float  # seconds without a byte before /health is asked; 0: wait forever
+    idle_timeout: float  # seconds without a byte before the backend is probed; 0: forever
     health_timeout: float  # how long /health may take before the backend counts as wedged
-    on_wedged: Callable[[str], Awaitable[None]]  # told why, once the client has its error
+    on_wedged: Callable[[str], None]  # told why, once the client has its error
     pid: Callable[[], int] = lambda: 0  # the backend's process, if known
 
 
 def watch(sup: Supervisor, slot: Slot, backend: Backend) -> Watch:
-    """The configured watch; a wedged backend is reported to the supervisor, which has its
-    unit restarted."""
-    return Watch(sup.config.backend_idle_timeout, sup.config.health_timeout,
-                 functools.partial(sup.restart_wedged, slot, backend), lambda: slot.main_pid)
+    """The configured watch (`liveness-timeout`, as the per-tick probe uses); a wedged
+    backend is reported to `Supervisor.wedged`."""
+    idle = sup.config.liveness_timeout
+    return Watch(idle, min(PROBE_TIMEOUT, idle or PROBE_TIMEOUT),
+                 functools.partial(sup.wedged, slot, backend), lambda: slot.main_pid)
 
 
 class _Wedged(Exception):
-    """The backend sent nothing for idle_timeout and its /health did not answer either."""
+    """The backend sent nothing for idle_timeout and the probe found it dead too."""
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-async def forward(request: web.Request, backend: Backend, body: bytes,
-                  watch: Watch) -> web.StreamResponse:
+async def forward(request: web.Request, backend: Backend, body: bytes | bytearray,
+                  watch: Watch, out: web.StreamResponse | None = None) -> web.StreamResponse:
+    """`out`: the response a streamed answer goes into; it may have begun already (load
+    progress, see progress.py)."""
     async with backend.client() as session:
         up = await _open(request, backend, session, body, watch)
         try:
             if up.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await _stream(request, backend, up, watch)
+                return await _stream(request, backend, up, watch, out or web.StreamResponse())
             try:
                 data = await _patiently(backend, up.read(), watch)
             except _Wedged as e:
-                raise await _timeout(watch, str(e)) from e
+                raise _timeout(watch, str(e)) from e
             except FAILURES as e:
                 raise BackendError(f"the model's backend failed while answering ({_why(e)})"
                                    ) from e
+            if out is not None and out.prepared:
+                return await _last_event(out, data)
             return web.Response(status=up.status, body=data,
                                 headers=_forward_headers(up.headers))
         finally:
@@ -86,7 +93,7 @@ async def forward(request: web.Request, backend: Backend, body: bytes,
 
 
 async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientSession,
-                body: bytes, watch: Watch) -> aiohttp.ClientResponse:
+                body: bytes | bytearray, watch: Watch) -> aiohttp.ClientResponse:
     """Send the request; the response once its status line and headers are in."""
     async def send() -> aiohttp.ClientResponse:
         return await session.request(request.method, backend.base_url + request.path_qs,
@@ -95,7 +102,13 @@ async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientS
     try:
         up = await _patiently(backend, send(), watch)
     except _Wedged as e:
-        raise await _timeout(watch, str(e)) from e
+        raise _timeout(watch, str(e)) from e
+    except aiohttp.ClientConnectorError as e:
+        if (not_gone := limits.not_gone(e.os_error)) is not None:
+            raise not_gone from e  # llamad's own trouble: the model stays as it is
+        await backend.renew()
+        raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
+                                 "systemd restarts it, retry shortly") from e
     except FAILURES as e:
         await backend.renew()
         raise BackendUnreachable(f"the model's backend failed before answering ({_why(e)}); "
@@ -133,18 +146,20 @@ async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch) -> T:
         task.cancel()  # a no-op once done; otherwise the client left or the backend is wedged
 
 
-async def _timeout(watch: Watch, why: str) -> LlamadError:
-    await watch.on_wedged(why)
+def _timeout(watch: Watch, why: str) -> LlamadError:
+    watch.on_wedged(why)
     return BackendTimeout(f"the model's backend stopped answering ({why}); "
                           "it is being restarted, retry shortly")
 
 
 async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResponse,
-                  watch: Watch) -> web.StreamResponse:
-    resp = web.StreamResponse(status=up.status, headers=_forward_headers(up.headers))
-    resp.headers["X-Accel-Buffering"] = "no"
-    resp.headers["Cache-Control"] = "no-cache"
-    await resp.prepare(request)
+                  watch: Watch, resp: web.StreamResponse) -> web.StreamResponse:
+    if not resp.prepared:
+        resp.set_status(up.status)
+        resp.headers.update(_forward_headers(up.headers))
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.headers["Cache-Control"] = "no-cache"
+        await resp.prepare(request)
     while True:
         try:
             chunk = await _patiently(backend, up.content.readany(), watch)
@@ -152,7 +167,7 @@ async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResp
             await _error_event(resp, BackendTimeout(f"the model's backend stopped answering "
                                                     f"mid-stream ({e}); it is being restarted"))
             await resp.write_eof()
-            await watch.on_wedged(str(e))
+            watch.on_wedged(str(e))
             return resp
         except FAILURES as e:
             # Headers are gone already: tell the client in the stream, never truncate silently.
@@ -162,6 +177,18 @@ async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResp
         if not chunk:
             break
         await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def _last_event(resp: web.StreamResponse, data: bytes) -> web.StreamResponse:
+    """A plain answer (an error) to a stream that has begun: its last event."""
+    try:
+        event = json.dumps(json.loads(data))  # one line, whatever the backend's layout
+    except ValueError:
+        event = json.dumps(BackendError("the model's backend answered the stream with "
+                                        "something other than JSON").body())
+    await resp.write(b"data: " + event.encode() + b"\n\n")
     await resp.write_eof()
     return resp
 

@@ -92,12 +92,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     backend = Backend(f"unix:{sock}")
     wedged: list[str] = []
 
-    async def on_wedged(why: str) -> None:
-        wedged.append(why)
-
     async def handle(request: web.Request) -> web.StreamResponse:
         return await forward(request, backend, await request.read(),
-                             Watch(IDLE, HEALTH, on_wedged))
+                             Watch(IDLE, HEALTH, wedged.append))
     front = web.Application(middlewares=[error_middleware])
     front.router.add_post("/v1/chat/completions", handle)
     client = TestClient(TestServer(front))

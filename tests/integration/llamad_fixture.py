@@ -40,7 +40,9 @@ class Llamad:
         self.dir.mkdir(mode=0o755)
         self.models_dir = assets.models_dir(f"models-{self.n}", models)
         conf = {"models-dir": str(self.models_dir), "llama-server": str(assets.llama_server),
-                "args": "-c 4096 -np 4", "llama-cache": "no",
+                # One thread: two that meet at a barrier every step stall whenever the
+                # machine preempts one (0.7 tokens/s at load 15 on 2 cores, 10 with -t 1).
+                "args": "-c 4096 -np 4 -t 1", "llama-cache": "no",
                 "tcp-port-base": random.randrange(20000, 30000, 100),
                 # Each llamad learns and caches on its own.
                 "state-dir": str(self.dir / "state"),
@@ -52,12 +54,8 @@ class Llamad:
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self.url = f"http://127.0.0.1:{self.port}"
         self.cursor = ""
-        # systemd properties of llamad's own unit; a test may add Restart= and the like.
-        self.unit_properties = [
-            "Type=notify", "NotifyAccess=main", "WatchdogSec=10",
-            # As units/llamad.service does it.
-            f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
-            "ExecReload=/bin/kill -HUP $MAINPID"]
+        self.command = [str(PYTHON), "-m", "llamad"]  # bench/bodies.py runs other code
+        self.properties: list[str] = []  # more unit properties, e.g. LimitNOFILE=100
 
     def journal_cursor(self) -> str:
         shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
@@ -67,9 +65,13 @@ class Llamad:
         if not self.cursor:
             # Unit names repeat across tests in the one box: count from here on.
             self.cursor = self.journal_cursor()
-        props = [arg for prop in self.unit_properties for arg in ("-p", prop)]
-        out = self.box.run(["systemd-run", f"--unit={self.unit}", *props,
-                      "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
+        out = self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
+                      "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
+                      # As units/llamad.service does it.
+                      "-p", f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
+                      "-p", "ExecReload=/bin/kill -HUP $MAINPID",
+                      *(f"--property={p}" for p in self.properties),
+                      "--setenv=PYTHONUNBUFFERED=1", *self.command,
                       "serve", "--config", str(self.config),
                       "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
         if out.returncode != 0:
