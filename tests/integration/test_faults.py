@@ -88,12 +88,13 @@ async def test_requests_cut_by_a_backend_crash_are_sent_again(llamad_factory: Fa
 
 async def test_a_stopped_backend_gets_its_stream_an_error_and_is_restarted(
         llamad_factory: Factory) -> None:
-    """kill -STOP of llama-server mid-stream: the client gets an error event once the
-    backend has been silent for backend-idle-timeout and deaf to /health for
-    health-timeout; the unit is restarted (a new InvocationID); the next request is
-    answered."""
-    idle, health = 3.0, 2.0
-    d = llamad_factory(["gemma-a"], **{"backend-idle-timeout": idle, "health-timeout": health})
+    """kill -STOP of llama-server mid-stream: once the backend has sent nothing for
+    liveness-timeout, /health has not answered and the process used no CPU, the client
+    gets an error event (from the forwarding's watch, or from the kill the liveness tick
+    ordered, whichever comes first); the unit is restarted (a new InvocationID); the next
+    request is answered."""
+    idle = 3.0
+    d = llamad_factory(["gemma-a"], **{"liveness-timeout": idle})
     stopped: list[tuple[int, str, float]] = []
 
     def stop_once(n: int) -> None:
@@ -106,19 +107,20 @@ async def test_a_stopped_backend_gets_its_stream_an_error_and_is_restarted(
         async with aiohttp.ClientSession() as s:
             events = await stream(s, d.url, "gemma-a", max_tokens=2000, on_event=stop_once)
             took = time.monotonic() - stopped[0][2]
-            assert events[-1]["error"]["code"] == "backend_timeout", events[-3:]
-            # Silence, then the probe, plus scheduling on a busy machine.
-            assert idle <= took < idle + health + 3, took
+            assert events[-1]["error"]["code"] in ("backend_timeout", "backend_failed"), \
+                events[-3:]
+            # Silence, then a probe of at most `idle`, plus a tick and a busy machine.
+            assert idle <= took < 2 * idle + 4, took
             rig.wait_for("the wedged backend to be replaced",
                          lambda: d.show(UNIT_A, "InvocationID") not in ("", stopped[0][1]),
                          timeout=30)
             status, body = await chat(s, d.url, "gemma-a")
         assert status == 200, body
         assert main_pid(d) != stopped[0][0]
-        assert "stopped answering" in d.log()
+        assert "is wedged" in d.log()
         clean_log(d)
         account(d, "backend SIGSTOP", {UNIT_A}, faults=1, requests=2, lost=0,
-                error_after_s=round(took, 2), idle_timeout=idle, health_timeout=health)
+                error_after_s=round(took, 2), liveness_timeout=idle)
     finally:
         for pid, _, _ in stopped:  # gone once killed; never leave a stopped process behind
             d.box.run(["kill", "-CONT", str(pid)], check=False)
@@ -135,21 +137,22 @@ async def stream_outcome(s: aiohttp.ClientSession, url: str, model: str,
     return "done" if events[-1] == {"done": True} else "error event"
 
 
-
 async def test_a_busy_backend_is_not_taken_for_wedged(llamad_factory: Factory) -> None:
-    """Fifty requests on four slots with a short backend-idle-timeout: most wait far
-    longer than it for their answer, and llama-server can leave /health queued behind
-    them, but the backend answers one request or another all along: nothing is cut."""
-    d = llamad_factory(["gemma-a"], **{"backend-idle-timeout": 2, "health-timeout": 1})
+    """Fifty requests on four slots with a short liveness-timeout: most wait far longer
+    than it for their answer, and on a busy machine /health can take longer than that
+    too, but the backend computes all along (it answers a request or uses CPU): nothing
+    is cut and it is never restarted."""
+    d = llamad_factory(["gemma-a"], **{"liveness-timeout": 2})
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, d.url, "gemma-a"))[0] == 200
         results = await asyncio.gather(*(chat(s, d.url, "gemma-a", f"Count to {i}", 4)
                                          for i in range(50)))
     assert [status for status, _ in results] == [200] * 50, [b for st, b in results
                                                              if st != 200][:2]
-    assert "stopped answering" not in d.log()
+    assert "is wedged" not in d.log()
     assert d.starts("gemma-a") == 1
     account(d, "busy backend", {UNIT_A}, faults=0, requests=51, lost=0)
+
 
 async def test_llamad_killed_mid_stream(llamad_factory: Factory) -> None:
     """kill -9 of llamad with a stream on each of two models: the clients get an error at
