@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from llamad import rpc
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -34,6 +35,8 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         or slot.pinned else max(0.0, ttl - idle),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
+        # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
+        "rpc": rpc.describe(slot.model.info, slot.model.settings.args),
         **_memory_fields(sup, slot),
     }
 

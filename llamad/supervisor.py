@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, unitspec
+from llamad import exits, gpuload, rpcguard, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import (
@@ -67,6 +67,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
+        self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy
 
     # -- views ---------------------------------------------------------------
 
@@ -168,7 +169,8 @@ class Supervisor:
         """A backend that broke mid-request: once systemd says why (within a second), tell
         the client that, e.g. out of memory, rather than only that the connection broke."""
         deadline = time.monotonic() + 1.0
-        while slot.state is State.READY and time.monotonic() < deadline:
+        # STARTING too: systemd restarts it, and a listener (rpcguard) may still fail it.
+        while slot.state in (State.READY, State.STARTING) and time.monotonic() < deadline:
             with contextlib.suppress(Unavailable):
                 await self._wait_change(deadline, "the backend's exit status")
         if slot.state is State.FAILED and slot.reason:
@@ -183,6 +185,7 @@ class Supervisor:
         if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
             raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
                              "POST /models/load first", code="model_not_loaded")
+        await self.rpc.admit(slot)
         deadline = time.monotonic() + self.config.queue_timeout
         slot.queued += 1
         try:
@@ -527,6 +530,7 @@ class Supervisor:
 
     async def close(self) -> None:
         await self.gpu.close()
+        await self.rpc.close()
         for task in list(self._tasks):
             task.cancel()
         for slot in self.slots.values():
