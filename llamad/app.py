@@ -84,7 +84,7 @@ class Daemon:
     def app(self) -> web.Application:
         door = browsers.Door(self.config, keyed=self.keyring is not None)
         lim = limits.Limits(self.config)
-        middlewares = [lim.middleware, self._activity, middleware.error_middleware,
+        middlewares = [self._activity, middleware.error_middleware, lim.middleware,
                        door.middleware]
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
@@ -221,11 +221,18 @@ async def serve(config: Config, listen: str | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, daemon)
-    runner = daemon.runner = web.AppRunner(daemon.app(), access_log=None, **_runner_kwargs())
+    app = daemon.app()
+    lim: limits.Limits = app[limits.LIMITS]
+    limits.raise_fd_limit(lim)
+    runner = daemon.runner = web.AppRunner(app, access_log=None, **_runner_kwargs())
     await runner.setup()
+    assert runner.server is not None
+    servers = []
     try:
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            # aiohttp's protocol, guarded per connection: the connection cap, and a
+            # deadline for receiving each request, which aiohttp lacks (limits.Guard).
+            servers.append(await loop.create_server(lim.protocol(runner.server), sock=sock))
         assert daemon.sup is not None
         log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
                  report.status_line(daemon.sup))
@@ -233,6 +240,8 @@ async def serve(config: Config, listen: str | None = None) -> None:
         await daemon.stop.wait()
     finally:
         notifier.stopping()
+        for server in servers:
+            server.close()  # no new connections; runner.cleanup() closes the open ones
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()

@@ -112,6 +112,8 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
     async with wait:  # an error once load progress went out ends the stream instead
         try:
             async with sup.use(slot, keep_alive) as backend:
+                if sup.config.debug_request_delay:
+                    await asyncio.sleep(sup.config.debug_request_delay)
                 return await forward(request, backend, body, await wait.done())
         except BackendUnreachable:
             if not load:

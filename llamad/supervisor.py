@@ -259,6 +259,9 @@ class Supervisor:
         slot.gpus = decision.gpus
         slot.backend = be.Backend(address)
         slot.load_started = time.monotonic()
+        # A load is a use, as in router mode: an explicitly loaded model is not the
+        # least recently used one, nor idle since the epoch for its TTL.
+        slot.last_used = slot.load_started
         slot.stopping_by_us = False
         slot.load_time_unknown = False
         self.move(slot, State.STARTING, Cause.LOAD)

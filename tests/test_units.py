@@ -143,6 +143,8 @@ def test_service_bounds_memory_and_reloads_its_keys() -> None:
     service = UNITS / "llamad.service"
     # Sized for the default max-bodies-mb (256): docs/security.md, etc/llamad.conf.
     assert one(service, "Service", "MemoryMax") == "1G"
+    # Far above max-connections + max-requests (etc/llamad.conf).
+    assert int(one(service, "Service", "LimitNOFILE")) >= 16384
     # A broken key file fails `systemctl reload` with its reason before SIGHUP is sent.
     assert values(service, "Service", "ExecReload") == [
         "/usr/bin/llamad check-config", "/bin/kill -HUP $MAINPID"]
