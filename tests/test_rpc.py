@@ -2,7 +2,7 @@
 
 Workers here are real TCP listeners on loopback (what llamad checks of a worker is that it
 accepts a connection); systemd is faked at the Units boundary (test_measure.FakeUnits) and
-driven with the property changes it sends. tests/integration/test_rpc.py runs the real
+driven with the property changes it sends. tests/integration/test_rpc_workers.py runs the real
 ggml-rpc-server and llama-server on the box.
 """
 
