@@ -164,3 +164,16 @@ def test_rpc_worker_is_sandboxed_and_on_loopback_until_configured(verifiable: Pa
     assert '--host "$$RPC_HOST"' in one(worker, "Service", "ExecStart")
     rules = (ROOT / "packaging" / "debian" / "rules").read_text()
     assert "--no-enable --no-start llamad-rpc-worker.service" in rules
+
+
+def test_model_unit_paths_are_named_in_one_place() -> None:
+    from pystemd.dbuslib import path_encode
+
+    from llamad.bus import unit_path
+    from llamad.unitname import UNIT_PATH_PREFIX, bus_label, unit_name
+
+    for name in ("gemma-a", "a/b:Q4_K_M", "ü.x", "x" * 200):
+        unit = unit_name(name)
+        assert unit_path(unit).decode().startswith(UNIT_PATH_PREFIX)
+        assert "/org/freedesktop/systemd1/unit/" + bus_label(unit) == bytes(
+            path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())).decode()
