@@ -122,7 +122,7 @@ def failover(url: str, gone: Llamad, other: Llamad, how: str) -> Traffic:
             gone.box.run(["systemctl", "kill", "--signal=SIGKILL", gone.unit])
         rig.wait_for(f"{A} served by the other host",
                      lambda: traffic.served_by(name(other), began) >= 5, timeout=120)
-    after = [s for s in traffic.sent if s.at >= began]
+    after = [s for s in traffic.sent if s.at + s.took >= began]  # ended after
     first = min(s.at + s.took for s in after if s.host == name(other)) - began
     print(f"\nfailover by {how}: {len(after)} requests, {len(traffic.failed())} failed, "
           f"first answer from the other host {first:.2f}s after, slowest "
