@@ -47,6 +47,9 @@ async def test_llama_server_under_var_tmp(llamad_factory: Factory, box: rig.Box,
     message, reason = await failure(d, "gemma-a")
     assert sentence in message and reason.startswith(sentence), (message, reason)
     assert f"model gemma-a failed: {sentence}" in d.log()
+    # llamad said so when it started, as check-config does.
+    assert f"{d.config}: llama-server: {server} is under /var/tmp, which model units see as " \
+        "an empty private directory (PrivateTmp=yes)" in d.log()
 
 
 @pytest.mark.parametrize("box_dir", ["/root"], indirect=True)
