@@ -126,7 +126,9 @@ def _cause(status: int, spec: UnitSpec | None, models: Sequence[Path]) -> str | 
                 missing = not server.exists() and not unitpaths.hidden(server, box)
                 fix = unitpaths.INSTALL_SERVER if missing else unitpaths.MOVE_SERVER
                 return f"{found}; {fix}"
-        if status not in SYSTEMD_STATUSES or status == 200:
+        if status == 217 and spec.user is not None and not unitpaths.user_exists(spec.user):
+            return f"user {spec.user!r} (unit-user in llamad.conf) does not exist"
+        if status not in SYSTEMD_STATUSES:
             for path in models:
                 found = unitpaths.problem(path, box, "r")
                 if found:

@@ -145,6 +145,10 @@ def _unreadable(path: Path, box: Sandbox, need: str) -> str | None:
     return None
 
 
+def user_exists(user: str) -> bool:
+    return _ids(user) is not None
+
+
 def _ids(user: str | None) -> tuple[int, Sequence[int]] | None:
     """(uid, gids) of a named user; a dynamic user is (-1, ()): never owner nor group."""
     if user is None:
