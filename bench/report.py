@@ -214,13 +214,21 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     if res.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in res.notes] + [""]
+    if BODIES.exists() and not quick:
+        lines += [BODIES.read_text()]
     if ANALYSIS.exists() and not quick:
         lines += [ANALYSIS.read_text()]
+    if GPU.exists() and not quick:
+        lines += [GPU.read_text()]
     return "\n".join(lines)
 
 
 # Hand-written: what was profiled for each missed target, and the fixes; appended as is.
 ANALYSIS = Path(__file__).with_name("analysis.md")
+# Written by bench/bodies.py (a run of its own); appended as is.
+BODIES = Path(__file__).with_name("bodies.md")
+# Hand-written: what has and has not run on a GPU, and how to re-check it (bench/gpu_check).
+GPU = Path(__file__).with_name("gpu.md")
 
 COLORS = {"llamad": "tab:blue", "direct": "tab:green", "router": "tab:orange",
           "bare": "tab:gray"}

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llamad import __version__, app, cli
+from llamad import __version__, app, cli, completion, ctl
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
 
@@ -41,15 +41,74 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=lambda a: app.run(a.config, a.listen))
 
 
+def _client_args(p: argparse.ArgumentParser, json_help: str = "print JSON") -> None:
+    _config_arg(p)
+    p.add_argument("--url", help=f"llamad's address (default: ${ctl.ENV_URL}, else the "
+                   "config's listen); the API key comes from $" + ctl.ENV_KEY)
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
+def _client(a: argparse.Namespace) -> ctl.Client:
+    return ctl.Client.make(a.config, a.url)
+
+
+def add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("load", help="load a model in the running daemon")
+    p.add_argument("model")
+    _client_args(p)
+    p.add_argument("--wait", action="store_true", help="return once the model is ready")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+                   help="how long --wait waits (default 300)")
+    p.set_defaults(func=lambda a: ctl.cmd_load(_client(a), a.model, a.wait, a.timeout, a.json))
+
+
+def add_unload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("unload", help="unload a model once its requests have finished")
+    p.add_argument("model")
+    _client_args(p)
+    p.set_defaults(func=lambda a: ctl.cmd_unload(_client(a), a.model, a.json))
+
+
+def add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("logs", help="llamad's journal lines, or a model's")
+    p.add_argument("model", nargs="?", help="a model's unit instead of llamad's")
+    _client_args(p, "print each entry as a JSON line")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=20, metavar="N",
+                   help="how many earlier lines to print first (default 20)")
+    p.set_defaults(func=lambda a: ctl.cmd_logs(_client(a), a.model, a.follow, a.lines,
+                                               a.json))
+
+
 def add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ps", help="show the running daemon's models as a table")
-    _config_arg(p)
-    p.add_argument("--url", help="llamad's address (default: from the config's listen)")
-    p.set_defaults(func=lambda a: cli.cmd_ps(a.config, a.url))
+    _client_args(p, "print the daemon's /status as JSON")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) until interrupted")
+    p.set_defaults(func=lambda a: ctl.cmd_ps(_client(a), a.json, a.watch))
+
+
+def add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("top", help="a live table of the daemon's models (ps --watch)")
+    _client_args(p, "print the daemon's /status as one JSON line each time")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between redraws (default 2)")
+    p.set_defaults(func=lambda a: ctl.cmd_ps(_client(a), a.json, a.interval))
+
+
+def add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("completion", help="print bash completion: source <(llamad completion)")
+    p.set_defaults(func=_print_completion)
+
+
+def _print_completion(args: argparse.Namespace) -> int:
+    print(completion.bash(parser()), end="")
+    return 0
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    add_models, add_check_config, add_serve, add_ps,
+    add_models, add_check_config, add_serve, add_ps, add_load, add_unload, add_logs, add_top,
+    add_completion,
 ]
 
 
@@ -71,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except LlamadError as e:
         die(e.message)
+    except KeyboardInterrupt:  # the way out of logs -f and top
+        return 130
     return status
 
 

@@ -90,7 +90,7 @@ async def handle_unload(request: web.Request) -> web.Response:
 async def handle_pin(request: web.Request) -> web.Response:
     """`{"model": ..., "pinned": true|false}`: keep a model loaded (no eviction, no TTL)
     until unpinned or llamad restarts."""
-    _, data = await read_json(request)
+    _, data = await read_json(request, "pinned")
     slot = resolve(request, data.get("model"))
     pinned = data.get("pinned", True)
     if not isinstance(pinned, bool):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from llamad import keys, unitpaths
 from llamad.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.config import Config, load_config
-from llamad.errors import ConfigError, LlamadError
+from llamad.errors import ConfigError
 from llamad.gguf_info import InfoCache
 from llamad.presets import Presets, load_presets, parse_args
 
@@ -122,49 +121,3 @@ def cmd_models(config_path: Path | None, as_json: bool) -> int:
     else:
         print("\n".join(line for m in models for line in _text(m)))
     return 0
-
-
-def daemon_url(config_path: Path | None) -> str:
-    """Where llamad answers: llamad.socket's first address (an admin may have moved it with
-    a drop-in), else the configuration's `listen`."""
-    if config_path is None:
-        try:
-            out = subprocess.run(["systemctl", "show", "-P", "Listen", "llamad.socket"],
-                                 capture_output=True, text=True, timeout=10, check=False)
-        except (OSError, subprocess.SubprocessError):
-            out = None
-        if out is not None and out.returncode == 0 and out.stdout.split():
-            return "http://" + out.stdout.split()[0]
-    return "http://" + load_config(config_path).listen
-
-
-def cmd_ps(config_path: Path | None, url: str | None) -> int:
-    """`llamad ps`: the running daemon's loaded models as a table."""
-    import urllib.error
-    import urllib.request
-
-    base = url or daemon_url(config_path)
-    try:
-        with urllib.request.urlopen(base.rstrip("/") + "/status", timeout=10) as r:
-            status = json.loads(r.read())
-    except (urllib.error.URLError, OSError) as e:
-        raise LlamadError(f"cannot reach llamad at {base}: {e}; is llamad.socket started?") from e
-    rows = [("MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD", "IN FLIGHT", "SERVED",
-             "TTL LEFT")]
-    for model, d in sorted(status["models"].items()):
-        ttl = "-" if d["ttl_left"] is None else f"{d['ttl_left']:.0f}s"
-        load = "-" if d.get("load_seconds") is None else f"{d['load_seconds']:.1f}s"
-        rows.append((model, d["state"], str(d["main_pid"] or "-"), _mib(d.get("ram")),
-                     _mib(d.get("vram")), _mib(d["estimate"]["ram"] + d["estimate"]["vram"]),
-                     load, str(d["in_flight"]), str(d["served"]), ttl))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    for g in status.get("gpus", []):
-        print(f"GPU {g['index']} {g['name']}: {_mib(g['used'])} used of {_mib(g['total'])}")
-    print(status["status"])
-    return 0
-
-
-def _mib(n: int | None) -> str:
-    return "-" if not n else f"{n / 2**20:.0f} MiB"

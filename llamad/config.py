@@ -51,6 +51,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "queue-timeout": ("float(min=0, default=300)", "seconds >= 0"),
     "drain-timeout": ("float(min=0, default=600)", "seconds >= 0"),
     "max-body-mb": ("integer(min=1, default=32)", "a whole number of MiB >= 1"),
+    "max-bodies-mb": ("integer(min=1, default=256)", "a whole number of MiB >= 1"),
     "stop-timeout": ("float(min=0, default=10)", "seconds >= 0"),
     "restart-sec": ("float(min=0, default=2)", "seconds >= 0"),
     "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
@@ -64,9 +65,12 @@ SPEC: dict[str, tuple[str, str]] = {
     "slice-memory-max": ("string(default='')",
                          "a systemd size such as 16G, a percentage, infinity, or empty"),
     "memory-limit": ("option('none', 'estimate', default='none')", "none or estimate"),
+    "gpu-fallback": ("option('fail', 'degraded', default='fail')", "fail or degraded"),
     "state-dir": ("string(default='/var/lib/llamad')", "an absolute directory path"),
     "ui-dir": ("string(default='/usr/share/llamad/ui')",
                "an absolute directory path, or empty for no web UI"),
+    "request-log": ("boolean(default=yes)", "yes or no"),
+    "load-progress": ("boolean(default=yes)", "yes or no"),
 }
 
 
@@ -95,6 +99,7 @@ class Config:
     queue_timeout: float
     drain_timeout: float
     max_body_mb: int
+    max_bodies_mb: int
     stop_timeout: float
     restart_sec: float
     start_limit_burst: int
@@ -106,7 +111,10 @@ class Config:
     slice_memory_max: str | None
     memory_limit: str
     state_dir: Path
+    gpu_fallback: str
     ui_dir: Path | None
+    request_log: bool
+    load_progress: bool
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:

@@ -37,6 +37,7 @@ class Cause(enum.Enum):
     STOPPED = "stopped"  # the unit is gone
     RESET = "reset"  # a failed model cleared for another try
     RECONCILE = "reconcile"  # systemd's view differed from llamad's
+    GPU_OOM = "gpu_oom"  # its load ran out of GPU memory: stopped, to load once more
 
 
 S = State

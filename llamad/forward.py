@@ -21,15 +21,20 @@ def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-async def forward(request: web.Request, backend: Backend, body: bytes) -> web.StreamResponse:
+async def forward(request: web.Request, backend: Backend, body: bytes | bytearray,
+                  out: web.StreamResponse | None = None) -> web.StreamResponse:
+    """`out`: the response a streamed answer goes into; it may have begun already (load
+    progress, see progress.py)."""
     url = backend.base_url + request.path_qs
     try:
         async with backend.session().request(
                 request.method, url, data=body or None,
                 headers=_forward_headers(request.headers)) as up:
             if up.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await _stream(request, up)
+                return await _stream(request, up, out or web.StreamResponse())
             data = await up.read()
+            if out is not None and out.prepared:
+                return await _last_event(out, data)
             return web.Response(status=up.status, body=data, headers=_forward_headers(up.headers))
     except aiohttp.ClientConnectorError as e:
         raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
@@ -39,11 +44,14 @@ async def forward(request: web.Request, backend: Backend, body: bytes) -> web.St
                            "systemd restarts it, retry shortly") from e
 
 
-async def _stream(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    resp = web.StreamResponse(status=up.status, headers=_forward_headers(up.headers))
-    resp.headers["X-Accel-Buffering"] = "no"
-    resp.headers["Cache-Control"] = "no-cache"
-    await resp.prepare(request)
+async def _stream(request: web.Request, up: aiohttp.ClientResponse,
+                  resp: web.StreamResponse) -> web.StreamResponse:
+    if not resp.prepared:
+        resp.set_status(up.status)
+        resp.headers.update(_forward_headers(up.headers))
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.headers["Cache-Control"] = "no-cache"
+        await resp.prepare(request)
     try:
         async for chunk in up.content.iter_any():
             await resp.write(chunk)
@@ -51,6 +59,18 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse) -> web.Strea
         # Headers are gone already: tell the client in the stream, never truncate silently.
         err = BackendError(f"the model's backend failed mid-stream ({_why(e)})")
         await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _last_event(resp: web.StreamResponse, data: bytes) -> web.StreamResponse:
+    """A plain answer (an error) to a stream that has begun: its last event."""
+    try:
+        event = json.dumps(json.loads(data))  # one line, whatever the backend's layout
+    except ValueError:
+        event = json.dumps(BackendError("the model's backend answered the stream with "
+                                        "something other than JSON").body())
+    await resp.write(b"data: " + event.encode() + b"\n\n")
     await resp.write_eof()
     return resp
 

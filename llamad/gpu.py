@@ -101,7 +101,7 @@ class GpuMonitor:
     def unit_processes(self, proc: Path | None = None) -> dict[str, list[GpuProcess]]:
         """NVML's compute processes by the systemd unit they run in; others left out."""
         out: dict[str, list[GpuProcess]] = {}
-        for p in self._processes():
+        for p in self.processes():
             unit = unit_of_pid(p.pid, proc or self.proc)
             if unit is not None:
                 out.setdefault(unit, []).append(p)
@@ -115,7 +115,8 @@ class GpuMonitor:
                 self._warn(e)
             self._nvml = None
 
-    def _processes(self) -> list[GpuProcess]:
+    def processes(self) -> list[GpuProcess]:
+        """NVML's compute processes on every GPU; [] without NVML or when it fails."""
         if self._nvml is None:
             return []
         nvml = self._nvml

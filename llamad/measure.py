@@ -65,6 +65,8 @@ class Measure:
         self._gpus: tuple[gpu.GpuInfo, ...] = ()
         self._gpus_at = 0.0
         self._procs: dict[str, list[gpu.GpuProcess]] = {}
+        self._floors: dict[str, int] = {}  # model id: VRAM a failed load showed it needs
+        self._attributed = False  # NVML has named a process of some unit
 
     def resources(self, config: Config) -> Resources:
         budget = config.memory_budget_mb * MIB if config.memory_budget_mb else None
@@ -85,7 +87,14 @@ class Measure:
             found = memory.need(model.info, model.settings.args, self.learned_for(model),
                                 gpu=self.monitor.available, cuda_fixed=fixed, n_gpus=n_gpus)
             self._needs[key] = found
-        return found
+        floor = self._floors.get(model.id, 0)
+        return Memory(found.ram, floor) if floor > found.vram else found
+
+    def at_least(self, model: Model, vram: int) -> None:
+        """A load ran out of GPU memory: plan this much VRAM at least until one succeeds,
+        and decide its retry on fresh figures."""
+        self._floors[model.id] = max(vram, self._floors.get(model.id, 0))
+        self._gpus_at = 0.0
 
     def estimate(self, model: Model) -> Memory:
         """The estimate alone (never the learned figure), for showing beside the measurement."""
@@ -144,12 +153,22 @@ class Measure:
         if not self.monitor.available:
             return {}
         self._procs = self.monitor.unit_processes()
+        self._attributed = self._attributed or bool(self._procs)
         return {unit: sum(p.used or 0 for p in found) for unit, found in self._procs.items()
                 if any(p.used is not None for p in found)}
 
     def on_gpu(self, unit: str) -> bool:
         """Whether NVML listed any process of the unit at the last vram_by_unit()."""
         return unit in self._procs
+
+    def attributes_processes(self) -> bool:
+        """Whether NVML has named a process of any unit since llamad started: where it
+        cannot (some containers), a unit it does not list proves nothing."""
+        return self._attributed
+
+    def vram_units(self) -> set[str]:
+        """Units NVML lists a process of now (their memory is not free yet)."""
+        return set(self.monitor.unit_processes()) if self.monitor.available else set()
 
     def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool:
         """Whether a sample is news: nothing learned yet for these arguments, a new load
@@ -172,6 +191,7 @@ class Measure:
         self.learned.record(model.id, model.settings.args, ram=ram, vram=vram,
                             load_seconds=load_seconds)
         self._needs.pop((model.id, model.settings.args), None)
+        self._floors.pop(model.id, None)
         self._learn_cost(model)
 
     def _learn_cost(self, model: Model) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from llamad.errors import LlamadError
+from llamad.limits import too_large
 
 
 @web.middleware
@@ -15,7 +16,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         resp: web.StreamResponse = await handler(request)
         return resp
     except LlamadError as e:
-        return web.json_response(e.body(), status=e.status, headers=e.headers)
+        resp = web.json_response(e.body(), status=e.status, headers=e.headers)
+        if e.status == 408:
+            resp.force_close()  # the rest of a body that came too slowly is not awaited
+        return resp
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -28,7 +32,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 def _http_message(e: web.HTTPException) -> str:
     if e.status == 413:
-        return "the request body is larger than max-body-mb allows"
+        return too_large().message
     if e.status == 404:
         return "no such endpoint on llamad"
     return e.reason

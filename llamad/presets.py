@@ -65,6 +65,7 @@ PATHS = frozenset(BY_KEY[k][0].canonical for k in (
     "lookup-cache-dynamic", "log-file", "ui-config-file", "mcp-servers-config"))
 DEFAULT_SECTION = "default"  # llama.cpp's name for keys before the first section
 MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
+METRICS = BY_KEY["metrics"][0].canonical
 # Flags llamad itself sets for every child or that only make sense for a router.
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
@@ -113,6 +114,9 @@ class ModelSettings:
     split: bool
     preset_text: str
     tags: tuple[str, ...] = ()
+    # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
+    # the flag), since llamad's /metrics merges every ready model's.
+    metrics: bool = True
 
 
 def truthy(value: str) -> bool | None:
@@ -352,6 +356,7 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         split=bool(_pick("split", section, presets.defaults)),
         preset_text=_ini(model_id, args, section, presets.defaults),
         tags=_tags(section, presets.defaults),
+        metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
     )
 
 

@@ -9,15 +9,16 @@ a conversation's stream).
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from llamad import keys, streams
+from llamad import browsers, keys, metrics, progress, streams
 from llamad.api import resolve, router_props, supervisor
-from llamad.body import parse_keep_alive, read_json
+from llamad.body import parse_keep_alive, read_body, read_json
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
 from llamad.forward import forward
 from llamad.scheduler import State
@@ -61,19 +62,22 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     if keep_alive is not None:
         keys.require_admin(request, "keep_alive")
     streams.remember(request, slot)
-    return await proxied(request, slot, body, keep_alive)
+    return await proxied(request, slot, body, keep_alive, stream=data.get("stream") is True)
 
 
+@browsers.takes_files
 async def handle_form(request: web.Request) -> web.StreamResponse:
     """Multipart uploads (audio transcriptions) name the model in a form field."""
     if not request.content_type.startswith("multipart/form-data"):
         return await handle_post(request)
-    body = await request.read()
-    return await proxied(request, resolve(request, form_field(
-        request.headers.get("Content-Type", ""), body, "model")), body)
+    body = await read_body(request)
+    # email's parser is pure Python: a large upload would hold the event loop.
+    name = await asyncio.to_thread(form_field, request.headers.get("Content-Type", ""), body,
+                                   "model")
+    return await proxied(request, resolve(request, name), body)
 
 
-def form_field(content_type: str, body: bytes, name: str) -> str | None:
+def form_field(content_type: str, body: bytes | bytearray, name: str) -> str | None:
     """A text field of a multipart/form-data body; None if absent."""
     head = f"Content-Type: {content_type}\r\n\r\n".encode()
     message = email.parser.BytesParser().parsebytes(head + body)
@@ -89,29 +93,34 @@ def form_field(content_type: str, body: bytes, name: str) -> str | None:
 
 async def handle_get(request: web.Request) -> web.StreamResponse:
     name = request.query.get("model")
+    if name is None and request.path == "/metrics":
+        return await metrics.handle(request)  # llamad's own, for Prometheus
     if name is None and request.path == "/props":
         return await router_props(request)
     return await proxied(request, resolve(request, name), b"")
 
 
-async def proxied(request: web.Request, slot: Slot, body: bytes,
-                  keep_alive: float | None = None) -> web.StreamResponse:
+async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
+                  keep_alive: float | None = None, stream: bool = False) -> web.StreamResponse:
     sup = supervisor(request)
+    wait = progress.Wait(request, sup, slot, stream)
     load = autoload(request)
     if not load and slot.state not in _WAITING:
         raise BadRequest(f"model {slot.model.id} is not loaded and this request does not "
                          "load it (autoload is off); POST /models/load loads it",
                          code="model_not_loaded")
-    try:
-        async with sup.use(slot, keep_alive) as backend:
-            return await forward(request, backend, body)
-    except BackendUnreachable:
-        if not load:
-            raise
-        # Nothing reached the model, so sending it again is safe: once systemd has
-        # restarted the backend (use() waits for that), try one more time.
-        async with sup.use(slot, keep_alive) as backend:
-            return await forward(request, backend, body)
+    async with wait:  # an error once load progress went out ends the stream instead
+        try:
+            async with sup.use(slot, keep_alive) as backend:
+                return await forward(request, backend, body, await wait.done())
+        except BackendUnreachable:
+            if not load:
+                raise
+            # Nothing reached the model, so sending it again is safe: once systemd has
+            # restarted the backend (use() waits for that), try one more time.
+            async with sup.use(slot, keep_alive) as backend:
+                return await forward(request, backend, body, await wait.done())
+    return wait.response
 
 
 async def handle_disabled(request: web.Request) -> web.Response:

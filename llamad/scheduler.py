@@ -111,6 +111,7 @@ class Drain:
 class Reject:
     status: int
     message: str
+    code: str = "cannot_fit"  # the error code clients and metrics see
 
 
 Decision = Serve | Wait | Load | Drain | Reject
@@ -130,7 +131,7 @@ def decide(target: str, models: Mapping[str, ModelView], res: Resources, policy:
         return Wait(target, _WAITING[model.state])
     if model.state is State.FAILED and not explicit:
         return Reject(503, f"model {target} failed: {model.reason or 'unknown reason'}; "
-                           "an explicit load (POST /models/load) retries it")
+                           "an explicit load (POST /models/load) retries it", "model_failed")
     return _plan_load(model, models, res, policy)
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from llamad import keys
 from llamad.api import supervisor
+from llamad.body import read_json
 from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
 from llamad.forward import forward
 from llamad.scheduler import State
@@ -92,9 +93,9 @@ async def handle_resume(request: web.Request) -> web.StreamResponse:
 async def handle_lookup(request: web.Request) -> web.Response:
     """Which of these conversations have a stream: asks only the models that own them."""
     try:
-        data = await request.json()
+        _, data = await read_json(request, "conversation_ids")
         ids = [c for c in data.get("conversation_ids", []) if isinstance(c, str) and c]
-    except (ValueError, AttributeError, TypeError):
+    except (BadRequest, TypeError):
         return web.json_response([])
     groups: dict[str, list[str]] = {}
     for conv in ids:

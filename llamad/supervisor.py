@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, unitspec
+from llamad import exits, gpuload, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import (
@@ -48,7 +48,7 @@ log = logging.getLogger("llamad.supervisor")
 HEALTH_INTERVAL = 0.1
 STOP_WORDS = {Cause.EVICT_COUNT: "evicted", Cause.EVICT_MEMORY: "evicted", Cause.TTL: "idle TTL",
               Cause.KEEP_ALIVE: "keep_alive 0", Cause.UNLOAD: "unload requested",
-              Cause.REMOVED: "removed from the catalog"}
+              Cause.REMOVED: "removed from the catalog", Cause.GPU_OOM: "to load it again"}
 HEALTH_FIRST_INTERVAL = 0.005
 
 
@@ -66,6 +66,7 @@ class Supervisor:
         self.events = Hub()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
+        self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
 
     # -- views ---------------------------------------------------------------
 
@@ -207,7 +208,7 @@ class Supervisor:
             slot.last_used = time.monotonic()
             return slot.backend
         if isinstance(decision, Reject):
-            raise Unavailable(decision.message, retry_after=10)
+            raise Unavailable(decision.message, retry_after=10, code=decision.code)
         if isinstance(decision, Load):
             cause = Cause.EVICT_COUNT if decision.overlap else Cause.EVICT_MEMORY
             for victim in decision.evict:
@@ -235,7 +236,8 @@ class Supervisor:
         address = unitspec.address(self.config, slot.model, self._port_for)
         limit = unitspec.memory_max(self.config, slot.model,
                                     self.measure.derived_limit(slot.model))
-        spec = unitspec.build(self.config, slot.model, address, gpus, limit)
+        spec = unitspec.build(self.config, slot.model, address,
+                              self.measure.gpu_uuids(gpus), limit)
         return spec, address
 
     def exit_text(self, slot: Slot) -> str:
@@ -262,14 +264,27 @@ class Supervisor:
     async def _start(self, slot: Slot, spec: UnitSpec, evicted: tuple[str, ...]) -> None:
         # Memory is only free once the evicted processes are gone.
         deadline = time.monotonic() + self.config.drain_timeout
+        units = [self.slots[v].unit for v in evicted if v in self.slots]
         while any(self.slots[v].state is State.STOPPING for v in evicted if v in self.slots):
             await self._wait_change(deadline, "evicted models to stop")
+        if slot.gpus and units:
+            await self.gpu.wait_freed(units)  # the driver frees their VRAM a little later
         try:
             await self.units.start(spec)
         except Exception as e:
             self._fail(slot, f"systemd refused to start {spec.name}: {e}")
             return
         log.info("starting %s for model %s", spec.name, slot.model.id)
+
+    def give_up(self, slot: Slot, reason: str) -> None:
+        """Fail a model and stop its unit, cancelling any restart systemd has planned."""
+        self._fail(slot, reason)
+        self._spawn(self.units.stop(slot.unit))
+
+    def reload_later(self, slot: Slot, why: str) -> None:
+        """Stop a model whose load failed; once stopped it loads again through the scheduler,
+        which sees its need as it is now (gpuload raises it after running out of VRAM)."""
+        self._begin_stop(slot, Cause.GPU_OOM, why)
 
     def _fail(self, slot: Slot, reason: str) -> None:
         log.warning("model %s failed: %s", slot.model.id, reason)
@@ -511,6 +526,7 @@ class Supervisor:
         self._notify()
 
     async def close(self) -> None:
+        await self.gpu.close()
         for task in list(self._tasks):
             task.cancel()
         for slot in self.slots.values():

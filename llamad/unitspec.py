@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits
+from llamad import exits, gpuload
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.units import UnitSpec, UnitStatus
@@ -53,13 +53,16 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
     return None
 
 
-def build(config: Config, model: Model, address: str, gpus: tuple[int, ...],
+def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
           memory_max: int | None) -> UnitSpec:
-    argv = (str(config.llama_server), *model.settings.args, *be.listen_args(address))
+    """`gpus`: the GPUs planned for it, by UUID; () for none."""
+    metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
+        model.settings.args else ()
+    argv = (str(config.llama_server), *model.settings.args, *metrics,
+            *gpuload.fit_args(model),
+            *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
-           f"LLAMAD_ARGS={args_digest(argv)}"]
-    if gpus:
-        env.append("CUDA_VISIBLE_DEVICES=" + ",".join(map(str, gpus)))
+           f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
         name=model.unit, description=model.id, argv=argv, environment=tuple(env),

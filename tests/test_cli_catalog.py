@@ -153,8 +153,9 @@ def test_ps_without_a_daemon_says_what_to_start(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         run = llamad("ps", "--url", url, home=tmp_path)
-    assert run.returncode == 1 and run.stderr.startswith(f"llamad: cannot reach llamad at {url}:")
-    assert run.stderr.rstrip().endswith("; is llamad.socket started?")
+    assert run.returncode == 1 and run.stderr.startswith(
+        f"llamad: llamad is not running at {url} (connection refused); ")
+    assert "`systemctl start llamad.socket`" in run.stderr and run.stderr.count("\n") == 1
 
 
 def test_version_and_usage(tmp_path: Path) -> None:

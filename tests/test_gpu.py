@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import json
 import logging
 import os
 import subprocess
@@ -9,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -39,6 +43,7 @@ class FakeNvml:
         self.init_error = init_error
         self.open = False
         self.fail_queries = False
+        self.process_queries = 0  # calls that listed processes: tests wait on polls by it
 
     def nvmlInit(self) -> None:
         if self.init_error:
@@ -66,6 +71,7 @@ class FakeNvml:
         return f"GPU-{next(i for i, d in enumerate(self.devices) if d is h):08d}"
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: FakeDevice) -> list[SimpleNamespace]:
+        self.process_queries += 1
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in h.processes]
 
 
@@ -202,3 +208,76 @@ def test_without_the_binding(monkeypatch: pytest.MonkeyPatch,
     assert not mon.available and mon.gpus() == ()
     assert [r.getMessage() for r in caplog.records] == [
         "no NVML binding (pip install nvidia-ml-py): scheduling by system RAM alone"]
+
+
+# bench/gpu_check: the one command that re-checks issue #14 on a GPU machine. Here: what it
+# reports without one, its verdicts on the H100 figures, and its harness on the real
+# (CPU) llama-server.
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gpu_check() -> Any:
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(ROOT / "bench/gpu_check"))
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_a_gpu_reports_null() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0
+    assert "no NVIDIA GPU or NVML on this machine" in run.stderr
+    assert json.loads(run.stdout) == {"gpus": [], "probe": None, "unit_matches": None,
+                                      "server": None, "ok": None}
+
+
+def test_gpu_check_unit_check_is_null_without_a_unit() -> None:
+    check = gpu_check()
+    me = os.getpid()
+    mon = GpuMonitor(FakeNvml([FakeDevice("NVIDIA H100", 80 * G, G, [(me, check.ALLOC)])]))
+    found = check.describe(mon, me, None)
+    assert found["seen_by_nvml"] and found["unit_matches"] is None  # not tested: not true
+    assert check.describe(mon, me, "elsewhere.service")["unit_matches"] is False
+    result = {"probe": found, "unit_matches": None, "server": None}
+    assert check.verdict(result) is True
+    assert check.verdict({**result, "unit_matches": False}) is False
+    assert check.verdict({"probe": {}, "unit_matches": None, "server": None}) is None
+
+
+def test_gpu_check_verdicts_on_the_h100_figures() -> None:
+    from test_memory import H100, gemma_info
+
+    check = gpu_check()
+    info = gemma_info()
+    rows = [{"args": args, "nvml_mib": float(nvml)} for args, nvml, *_ in H100]
+    rows.append({"args": "-ngl 0 -c 8192", "nvml_mib": 0.0})
+    fixed = check.learn_fixed(info, rows[0], "GPU-0", "NVIDIA H100 80GB HBM3")
+    for row in rows:
+        check.compare(row, info, fixed)
+        assert row["within_goal"] and row["within_learned_goal"], row
+    # Before #14 llamad estimated 683 MiB where NVML measured 862: that is a miss.
+    low = {"args": "-ngl 99 -c 1024", "nvml_mib": 862.0 + 300}
+    check.compare(low, info, fixed)
+    assert not low["within_goal"] and not low["within_learned_goal"]
+
+
+def test_gpu_check_harness_on_the_real_llama_server() -> None:
+    from test_memory import GEMMA, LLAMA_SERVER
+
+    check = gpu_check()
+    mon = GpuMonitor(FakeNvml([FakeDevice("NVIDIA H100", 80 * G, G)]))
+    row = check.run_row(mon, LLAMA_SERVER, GEMMA, "-ngl 0 -c 1024", "GPU-00000000")
+    assert "error" not in row, row
+    assert row["cuda_visible_devices"] == "" and row["nvml_mib"] == 0
+    assert 0 < row["ready_s"] < 120 and row["rss"]["VmRSS"] > 100
+    assert row["fit_s"] is None  # started with -fit off: llama.cpp skipped its fit step
+    assert row["freed_after_s"] is not None
+    fitted = check.run_row(mon, LLAMA_SERVER, GEMMA, "-ngl 0 -c 1024", "GPU-00000000",
+                           fit_off=False)
+    print(f"\nstart to ready: {row['ready_s']:.2f} s with -fit off, {fitted['ready_s']:.2f} s "
+          f"without (fit step {fitted['fit_s']:.2f} s)")
+    assert fitted["fit_s"] is not None and fitted["fit_s"] > 0

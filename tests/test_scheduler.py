@@ -208,6 +208,8 @@ def test_reject_says_why_and_stops_nothing(subtests) -> None:  # type: ignore[no
             got = decide("t", models, case.res, Policy.LRU)
             assert isinstance(got, Reject), got
             assert got.status == 503
+            failed = case.target.state is State.FAILED
+            assert got.code == ("model_failed" if failed else "cannot_fit")
             for phrase in case.says:
                 assert phrase in got.message
 

@@ -136,3 +136,12 @@ def test_package_installs_every_unit_file() -> None:
     rules = (ROOT / "packaging" / "debian" / "rules").read_text()
     for name in (*UNIT_FILES, "llamad.sysusers", "llamad.tmpfiles"):
         assert f"units/{name}" in rules, name
+
+
+def test_service_bounds_memory_and_reloads_its_keys() -> None:
+    service = UNITS / "llamad.service"
+    # Sized for the default max-bodies-mb (256): docs/security.md, etc/llamad.conf.
+    assert one(service, "Service", "MemoryMax") == "1G"
+    # A broken key file fails `systemctl reload` with its reason before SIGHUP is sent.
+    assert values(service, "Service", "ExecReload") == [
+        "/usr/bin/llamad check-config", "/bin/kill -HUP $MAINPID"]

@@ -40,7 +40,9 @@ class Llamad:
         self.dir.mkdir(mode=0o755)
         self.models_dir = assets.models_dir(f"models-{self.n}", models)
         conf = {"models-dir": str(self.models_dir), "llama-server": str(assets.llama_server),
-                "args": "-c 4096 -np 4", "llama-cache": "no",
+                # One thread: two that meet at a barrier every step stall whenever the
+                # machine preempts one (0.7 tokens/s at load 15 on 2 cores, 10 with -t 1).
+                "args": "-c 4096 -np 4 -t 1", "llama-cache": "no",
                 "tcp-port-base": random.randrange(20000, 30000, 100),
                 # Each llamad learns and caches on its own.
                 "state-dir": str(self.dir / "state"),
@@ -52,6 +54,7 @@ class Llamad:
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self.url = f"http://127.0.0.1:{self.port}"
         self.cursor = ""
+        self.command = [str(PYTHON), "-m", "llamad"]  # bench/bodies.py runs other code
 
     def journal_cursor(self) -> str:
         shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
@@ -66,7 +69,7 @@ class Llamad:
                       # As units/llamad.service does it.
                       "-p", f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
                       "-p", "ExecReload=/bin/kill -HUP $MAINPID",
-                      "--setenv=PYTHONUNBUFFERED=1", str(PYTHON), "-m", "llamad",
+                      "--setenv=PYTHONUNBUFFERED=1", *self.command,
                       "serve", "--config", str(self.config),
                       "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
         if out.returncode != 0:

@@ -25,6 +25,7 @@ import openai
 import pytest
 import readme
 import rig
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 
@@ -174,6 +175,24 @@ def test_model_log_in_journal(pkgbox: rig.Box, client: openai.OpenAI) -> None:
     log = pkgbox.run(["journalctl", "--no-pager", "-u", "llama-server@*"]).stdout
     assert f"Started llama-server@{MODEL}.service" in log
     assert "llama-server[" in log  # the server's own output, not only systemd's
+
+
+def test_observability_in_the_sandbox(pkgbox: rig.Box, client: openai.OpenAI,
+                                      installed: str) -> None:
+    """The sandboxed llamad.service writes the request log, serves /metrics and reads the
+    journal; the installed CLI (Debian's python3) talks to it."""
+    base = installed.removesuffix("/v1")
+    log = rig.wait_for("the request log", lambda: pkgbox.run(
+        ["journalctl", "-u", "llamad", f"MODEL={MODEL}", "-o", "json"]).stdout.splitlines())
+    assert {json.loads(line)["STATUS"] for line in log} == {"200"}
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        families = {f.name: f.samples for f in text_string_to_metric_families(r.read().decode())}
+    assert sum(s.value for s in families["llamad_requests"] if s.labels["model"] == MODEL) >= 2
+    assert families["llamacpp:prompt_tokens"][0].labels == {"model": MODEL}
+    lines = pkgbox.run(["llamad", "logs", "-n", "3", MODEL, "--url", base]).stdout
+    assert lines.count(f" llama-server@{MODEL}.service: ") == 3
+    assert pkgbox.run(["llamad", "ps", "--url", base]).stdout.splitlines()[1].split()[:2] == [
+        MODEL, "ready"]
 
 
 def test_status_line(pkgbox: rig.Box, client: openai.OpenAI) -> None:

@@ -3,6 +3,7 @@ slow clients, keys, browsers, memory, local users."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import urllib.error
 import urllib.request
@@ -212,3 +213,49 @@ async def test_browsers_cannot_drive_the_api(llamad_factory: Factory, subtests: 
             async with s.options(d.url + "/v1/chat/completions",
                                  headers={"Origin": "http://evil.example", **preflight}) as r:
                 assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_bodies_bad_json_and_the_global_bound(llamad_factory: Factory,
+                                                   subtests: Any) -> None:
+    d = llamad_factory(["gemma-a"], **{"max-body-mb": 2, "max-bodies-mb": 3})
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        for what, body in [
+                ("deeply nested", b'{"model": "gemma-a", "x": ' + b"[" * 100_000 +
+                 b"]" * 100_000 + b"}"),
+                ("NaN keep_alive", b'{"model": "gemma-a", "keep_alive": NaN}'),
+                ("Infinity keep_alive", b'{"model": "gemma-a", "keep_alive": Infinity}'),
+                ("huge keep_alive", b'{"model": "gemma-a", "keep_alive": 1e999}'),
+                ("non-UTF-8", b'{"model": "gemma-a", "messages": "caf\xe9"}')]:
+            with subtests.test(what):
+                async with s.post(d.url + "/v1/chat/completions", data=body,
+                                  headers=json_type) as r:
+                    assert r.status == 400, await r.text()
+                    assert (await r.json())["error"]["source"] == "llamad"
+        assert d.model_units() == {}
+
+        with subtests.test("bodies held at once are bounded"):
+            # One client announces 2 MiB and sends it slowly; llamad holds room for it.
+            size = 2 * 1024 * 1024
+            _, writer = await asyncio.open_connection("127.0.0.1", d.port)
+            writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+                         '{"model": "gemma-a", "x": "'.encode())
+            await writer.drain()
+            second = b'{"model": "no-such-model", "x": "' + b"y" * (size - 40) + b'"}'
+
+            async def until(want: int) -> None:
+                for _ in range(300):
+                    async with s.post(d.url + "/v1/chat/completions", data=second,
+                                      headers=json_type) as r:
+                        await r.read()
+                        if r.status == want:
+                            assert want != 503 or int(r.headers["Retry-After"]) > 0
+                            return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"never got {want}")
+            # A second 2 MiB would make 4 MiB held, over max-bodies-mb = 3: refused unread.
+            await until(503)
+            writer.close()
+            await until(404)  # room again once the first is gone
+        assert d.model_units() == {}

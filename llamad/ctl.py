@@ -1,0 +1,202 @@
+"""Commands that talk to the running llamad over its HTTP API: load, unload, logs, ps, top.
+
+The address is --url, else $LLAMAD_URL, else llamad.socket's address, else http://<listen>
+of the configuration; the API key, when llamad wants one, comes from $LLAMAD_API_KEY.
+Tables and lines are for people, --json for scripts. Anything that goes wrong is one
+sentence (LlamadError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPResponse
+from pathlib import Path
+from typing import Any
+
+from llamad.config import load_config
+from llamad.errors import LlamadError
+from llamad.safetext import one_line
+
+ENV_URL = "LLAMAD_URL"
+ENV_KEY = "LLAMAD_API_KEY"
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Client:
+    base: str
+    key: str | None
+
+    @classmethod
+    def make(cls, config_path: Path | None, url: str | None) -> Client:
+        base = url or os.environ.get(ENV_URL) or daemon_url(config_path)
+        return cls(base.rstrip("/"), os.environ.get(ENV_KEY) or None)
+
+    @contextlib.contextmanager
+    def open(self, method: str, path: str, body: dict[str, Any] | None = None,
+             timeout: float | None = TIMEOUT) -> Iterator[HTTPResponse]:
+        """One request; an error of any kind becomes a LlamadError sentence."""
+        req = urllib.request.Request(self.base + path, method=method,
+                                     data=json.dumps(body).encode() if body else None)
+        req.add_header("Content-Type", "application/json")
+        if self.key:
+            req.add_header("Authorization", f"Bearer {self.key}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise LlamadError(self._refusal(e)) from None
+        except (urllib.error.URLError, OSError) as e:
+            why = getattr(e, "reason", e)
+            why = why.strerror.lower() if isinstance(why, OSError) and why.strerror else why
+            raise LlamadError(f"llamad is not running at {self.base} ({why}); start it with "
+                              "`systemctl start llamad.socket`, or give --url or "
+                              f"${ENV_URL}") from None
+        with resp:
+            yield resp
+
+    def _refusal(self, e: urllib.error.HTTPError) -> str:
+        try:
+            message = str(json.loads(e.read())["error"]["message"])
+        except (ValueError, KeyError, TypeError, OSError):
+            message = f"HTTP {e.code} {e.reason}"
+        if e.code == 401:
+            return f"{message}; set ${ENV_KEY} to a key from llamad's api-keys-file"
+        return message
+
+    def get(self, path: str) -> Any:
+        with self.open("GET", path) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        with self.open("POST", path, body) as r:
+            return json.loads(r.read())
+
+
+def daemon_url(config_path: Path | None) -> str:
+    """Where llamad answers: llamad.socket's first address (an admin may have moved it with
+    a drop-in), else the configuration's `listen`."""
+    if config_path is None:
+        try:
+            out = subprocess.run(["systemctl", "show", "-P", "Listen", "llamad.socket"],
+                                 capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.split():
+            return "http://" + out.stdout.split()[0]
+    return "http://" + load_config(config_path).listen
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def cmd_load(client: Client, model: str, wait: bool, timeout: float, as_json: bool) -> int:
+    answer = client.post("/models/load", {"model": model})
+    if wait:
+        answer["state"] = wait_ready(client, answer["model"], timeout)
+    if as_json:
+        _print_json(answer)
+    else:
+        print(f"{answer['model']}: {answer['state']}")
+    return 0
+
+
+def wait_ready(client: Client, model: str, timeout: float) -> str:
+    """Poll until the model is ready; a failure or the timeout is an error sentence."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = client.get("/status")["models"].get(model)
+        state = found["state"] if found else "unloaded"
+        if state == "ready":
+            return state
+        if state == "failed":
+            raise LlamadError(f"model {model} failed to load: {found['reason']}")
+        if time.monotonic() > deadline:
+            raise LlamadError(f"model {model} is still {state} after {timeout:g}s")
+        time.sleep(0.2)
+
+
+def cmd_unload(client: Client, model: str, as_json: bool) -> int:
+    answer = client.post("/models/unload", {"model": model})
+    if as_json:
+        _print_json(answer)
+    else:
+        print(f"{answer['model']}: {answer['state']}")
+    return 0
+
+
+def cmd_logs(client: Client, model: str | None, follow: bool, lines: int,
+             as_json: bool) -> int:
+    """Journal lines of llamad, or of one model's unit, as /logs/stream sends them."""
+    path = "/logs/stream" + (f"/{urllib.parse.quote(model, safe='/:')}" if model else "")
+    query = f"?lines={lines}&follow={int(follow)}"
+    with client.open("GET", path + query, timeout=None) as r:
+        for entry in _events(r):
+            print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
+    return 0
+
+
+def _events(resp: HTTPResponse) -> Iterator[dict[str, Any]]:
+    entry: dict[str, Any] = {}
+    for raw in resp:
+        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        if line.startswith("id: "):
+            entry["id"] = line[4:]
+        elif line.startswith("data: "):
+            entry.update(json.loads(line[6:]))
+        elif not line and entry:
+            yield entry
+            entry = {}
+
+
+def _log_line(entry: dict[str, Any]) -> str:
+    when = time.strftime("%b %d %H:%M:%S", time.localtime(entry.get("time") or 0))
+    # Escaped: a log line must not drive the terminal.
+    return one_line(f"{when} {entry.get('unit') or '-'}: {entry.get('message', '')}")
+
+
+def cmd_ps(client: Client, as_json: bool, watch: float | None) -> int:
+    """The daemon's loaded models; with `watch`, redrawn every `watch` seconds."""
+    while True:
+        status = client.get("/status")
+        if as_json:
+            print(json.dumps(status), flush=True)
+        else:
+            if watch:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: a live table
+            print("\n".join(ps_table(status)), flush=True)
+        if not watch:
+            return 0
+        time.sleep(watch)
+
+
+def ps_table(status: dict[str, Any]) -> list[str]:
+    rows = [("MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD", "IN FLIGHT",
+             "QUEUED", "SERVED", "TTL LEFT")]
+    for model, d in sorted(status["models"].items()):
+        ttl = "-" if d["ttl_left"] is None else f"{d['ttl_left']:.0f}s"
+        load = "-" if d.get("load_seconds") is None else f"{d['load_seconds']:.1f}s"
+        rows.append((model, d["state"], str(d["main_pid"] or "-"), _mib(d.get("ram")),
+                     _mib(d.get("vram")), _mib(d["estimate"]["ram"] + d["estimate"]["vram"]),
+                     load, str(d["in_flight"]), str(d.get("queued", 0)), str(d["served"]),
+                     ttl))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+           for r in rows]
+    out += [f"GPU {g['index']} {g['name']}: {_mib(g['used'])} used of {_mib(g['total'])}"
+            for g in status.get("gpus", [])]
+    return [*out, status["status"]]
+
+
+def _mib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**20:.0f} MiB"

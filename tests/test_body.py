@@ -1,0 +1,163 @@
+"""The request body scanner against Python's own JSON parser, and its bounds."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import pytest
+
+from llamad.body import MAX_DEPTH, WANTED, Scanner, parse_keep_alive
+from llamad.errors import BadRequest
+
+
+def scan(body: bytes) -> dict[str, Any]:
+    s = Scanner(body)
+    assert s.step(time.monotonic() + 60)
+    return s.fields
+
+
+def reference(body: bytes) -> dict[str, Any] | None:
+    """What a strict parser says: the WANTED fields, or None when the body is refused."""
+    def no_constants(name: str) -> None:
+        raise ValueError(name)
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or _depth(data) > MAX_DEPTH:
+        return None
+    if any(k in WANTED and len(json.dumps(v)) > 60_000 for k, v in data.items()):
+        return None  # decoded values are at most 64 KiB of JSON
+    return {k: v for k, v in data.items() if k in WANTED}
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    kind = rng.randrange(9 if depth < 4 else 6)
+    if kind == 0:
+        return rng.choice([0, -1, 7, 10**30, 1.5, -2.5e-7, 3e300])
+    if kind == 1:
+        return rng.choice([True, False, None])
+    if kind in (2, 3, 4, 5):
+        return "".join(rng.choice('ab "\\\n\tü€\u2028/') for _ in range(rng.randrange(12)))
+    if kind in (6, 7):
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {rng.choice(["model", "stream", "keep_alive", "x", "messages", "mod\\u0065l"]):
+            _random_value(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+MUTATIONS = [b"", b",", b"]", b"}", b"{", b"[", b'"', b"\\", b":", b"\x00", b"\n", b"NaN",
+             b"Infinity", b"-", b"0", b"01", b".", b"e", b"tru", b"\xff", b"\xc3", b" "]
+
+
+def test_agrees_with_a_strict_parser() -> None:
+    rng = random.Random(1)
+    checked = refused = 0
+    for _ in range(4000):
+        doc = {k: _random_value(rng, 1) for k in rng.sample(
+            ["model", "stream", "keep_alive", "messages", "x"], rng.randrange(1, 5))}
+        text = json.dumps(doc, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 1])).encode()
+        if rng.random() < 0.6:
+            at = rng.randrange(len(text) + 1)
+            cut = rng.randrange(3)
+            text = text[:at] + rng.choice(MUTATIONS) + text[at + cut:]
+        want = reference(text)
+        try:
+            got: dict[str, Any] | None = scan(text)
+        except BadRequest:
+            got = None
+        assert got == want, text
+        checked += 1
+        refused += want is None
+    assert refused > 500 and checked - refused > 1500
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "a", "keep_alive": NaN}', b'{"keep_alive": Infinity}', b'{"a": -Infinity}',
+    b"[" * 100 + b"]" * 100, b'{"a": ' + b"[" * 600 + b"]" * 600 + b"}",
+    b'{"model": "caf\xe9"}', b"\xef\xbb\xbf{}", b'{"a": 1} x', b'{"a": "\x01"}', b"",
+    b'{"a": 01}', b'{"a": [1,]}', b'{"a": {"b": 1,}}', b'{"a" 1}', b"{'a': 1}",
+])
+def test_refused(body: bytes) -> None:
+    with pytest.raises(BadRequest) as e:
+        scan(body)
+    assert e.value.status == 400 and e.value.code == "invalid_json"
+
+
+def test_wanted_fields_only() -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 100_000,
+                                     "model": "inner"}],
+                       "model": "gemma", "stream": True, "keep_alive": "5m",
+                       "numbers": list(range(50_000))}).encode()
+    assert scan(body) == {"model": "gemma", "stream": True, "keep_alive": "5m"}
+    assert scan(b'{"mod\\u0065l": "b", "model": "c"}') == {"model": "c"}
+    assert scan(b'{"model": {"deep": [1, 2]}}') == {"model": {"deep": [1, 2]}}
+    with pytest.raises(BadRequest, match="longer than"):
+        scan(b'{"model": "' + b"m" * 70_000 + b'"}')
+
+
+def test_a_large_body_takes_many_bounded_steps() -> None:
+    """With its time always up, a step does one bounded piece of work (at most 256 KiB of a
+    string, 256 small array items, 32 tokens or 1 MiB of UTF-8) and returns: so each step
+    between two yields to the event loop is short, whatever the body holds."""
+    for body in (json.dumps({"model": "m", "prompt": "word " * 2_000_000}).encode(),
+                 json.dumps({"model": "m", "input": list(range(1_000_000))}).encode(),
+                 json.dumps({"model": "m", "x": [[i, "ab"] for i in range(200_000)]}).encode()):
+        s = Scanner(body)
+        steps = 1
+        while not s.step(0.0):
+            steps += 1
+        assert s.fields == {"model": "m"}
+        assert steps > len(body) // (1 << 20), (len(body), steps)
+        assert steps < len(body) // 64, (len(body), steps)
+
+
+def test_keep_alive_values() -> None:
+    assert parse_keep_alive(5) == 5.0 and parse_keep_alive("-1") == -1.0
+    for bad in (float("nan"), float("inf"), "9" * 400 + "h"):
+        with pytest.raises(BadRequest):
+            parse_keep_alive(bad)
+
+
+async def test_read_json_small_and_big(subtests: Any) -> None:
+    """Through aiohttp: a small body is checked on the loop, a big one on the thread."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from llamad import limits, middleware
+    from llamad.body import read_json
+    from llamad.config import Config
+
+    async def handle(request: web.Request) -> web.Response:
+        body, fields = await read_json(request, "pinned")
+        with pytest.raises(LookupError, match=r"read_json\(request, 'other'\)"):
+            fields.get("other")  # never decoded: asking is a bug, and says so
+        return web.json_response({"fields": fields.values, "size": len(body)})
+
+    lim = limits.Limits(Config.default())
+    app = web.Application(middlewares=[lim.middleware, middleware.error_middleware])
+    app[limits.LIMITS] = lim
+    app.router.add_post("/", handle)
+    app.on_cleanup.append(lim.close)
+    async with TestClient(TestServer(app)) as client:
+        for size in (10, 1 << 20):
+            with subtests.test(size=size):
+                body = json.dumps({"model": "m", "stream": True, "x": "y" * size,
+                                   "pinned": False}).encode()
+                r = await client.post("/", data=body)
+                assert await r.json() == {"fields": {"model": "m", "stream": True,
+                                                     "pinned": False}, "size": len(body)}
+        r = await client.post("/", data=b'{"model": "m", "x": [' + b"1," * 100_000 + b"]}")
+        assert r.status == 400  # the trailing comma, found on the thread
+        assert lim.body_bytes == 0

@@ -1,0 +1,179 @@
+"""The request record, the request log's fields, metrics from state changes, and load
+progress text: the pure parts. tests/integration/test_observability.py runs them for real."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from test_measure import FakeUnits, config, supervisor
+
+from llamad import progress, requestlog, unitspec
+from llamad.catalog import scan
+from llamad.config import Config
+from llamad.events import Cause, Change
+from llamad.metrics import Metrics
+from llamad.record import Record
+from llamad.scheduler import Load, State
+
+__all__ = ["config"]  # the fixture, shared with test_measure
+
+S = State
+# The tail of a llama-server chat stream with usage on; the answer talks about tokens.
+STREAM = (
+    b'data: {"choices":[{"delta":{"content":"\\"prompt_tokens\\": 999"}}]}\n\n'
+    b'data: {"choices":[],"usage":{"completion_tokens":12,"prompt_tokens":31,'
+    b'"total_tokens":43},"timings":{"cache_n":0,"prompt_n":31,"predicted_n":12}}\n\n'
+    b"data: [DONE]\n\n")
+
+
+def test_token_counts_survive_any_chunking() -> None:
+    for size in (1, 3, 7, 64, len(STREAM)):
+        rec = Record("POST", "/v1/chat/completions")
+        for i in range(0, len(STREAM), size):
+            rec.see(STREAM[i:i + size])
+        assert (rec.prompt_tokens, rec.completion_tokens) == (31, 12), size
+        assert rec.first_byte is not None
+
+
+def test_token_counts_from_other_shapes() -> None:
+    rec = Record("POST", "/v1/messages")
+    rec.see(b'{"usage": {"input_tokens": 9, "output_tokens": 4}}')
+    assert (rec.prompt_tokens, rec.completion_tokens) == (9, 4)
+    rec = Record("POST", "/completion")
+    rec.see(b'{"content": "x", "timings": {"prompt_n": 5, "predicted_n": 2}}')
+    assert (rec.prompt_tokens, rec.completion_tokens) == (5, 2)
+    rec = Record("POST", "/tokenize")
+    rec.see(b'{"tokens": [1, 2, 3]}')
+    assert (rec.prompt_tokens, rec.completion_tokens) == (None, None)
+
+
+def test_request_log_fields_are_clean_and_hold_no_text() -> None:
+    rec = Record("POST", "/v1/chat/\ncompletions", started=100.0)
+    rec.model, rec.status, rec.code, rec.stream = "evil\nMODEL=x\x1b[31m", 503, "timeout", True
+    rec.acquired, rec.first_byte, rec.ended = 100.25, 100.5, 101.0
+    rec.see(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+    rec.first_byte = 100.5
+    f = requestlog.fields(rec)
+    assert f["MODEL"] == "evil\\nMODEL=x\\x1b[31m" and f["PATH"] == "/v1/chat/\\ncompletions"
+    assert (f["QUEUE_MS"], f["TTFT_MS"], f["DURATION_MS"]) == ("250", "500", "1000")
+    assert (f["PROMPT_TOKENS"], f["COMPLETION_TOKENS"]) == ("3", "2")
+    assert f["STATUS"] == "503" and f["CODE"] == "timeout" and f["STREAM"] == "1"
+    assert all(ch >= " " and ch != "\x7f" for v in f.values() for ch in v)
+    assert f["MESSAGE"] == ("evil\\nMODEL=x\\x1b[31m POST /v1/chat/\\ncompletions 503 timeout "
+                            "in 1000 ms, 3+2 tokens")
+    bare = requestlog.fields(Record("GET", "/props", model="m", status=200))
+    assert "PROMPT_TOKENS" not in bare and "TTFT_MS" not in bare and "CODE" not in bare
+
+
+def test_journal_writer_sends_from_its_thread_and_drops_when_behind() -> None:
+    sent: list[tuple[str, dict[str, str]]] = []
+    writer = requestlog.JournalWriter(lambda message, **f: sent.append((message, f)))
+    writer(Record("POST", "/v1/completions", model="m", status=200, ended=time.monotonic()))
+    writer.close()
+    assert len(sent) == 1 and sent[0][1]["MODEL"] == "m"
+    assert sent[0][1]["MESSAGE_ID"] == requestlog.MESSAGE_ID
+    stuck = requestlog.JournalWriter(lambda message, **f: time.sleep(3600))
+    for _ in range(requestlog.QUEUE + 5):
+        stuck(Record("POST", "/v1/completions", model="m", status=200))
+    assert 4 <= stuck.dropped <= 5  # the thread took one off the queue
+
+
+def changes(model: str, *moves: tuple[State, State, Cause, float]) -> list[Change]:
+    return [Change(model, old, new, cause, "", at) for old, new, cause, at in moves]
+
+
+def samples(m: Metrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    text = generate_latest(m.registry).decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_from_state_changes_and_requests() -> None:
+    m = Metrics()
+    for c in changes("a", (S.UNLOADED, S.STARTING, Cause.LOAD, 10.0),
+                     (S.STARTING, S.LOADING, Cause.ACTIVE, 11.0),
+                     (S.LOADING, S.READY, Cause.HEALTHY, 13.5),
+                     (S.READY, S.STARTING, Cause.CRASH, 20.0),
+                     (S.STARTING, S.LOADING, Cause.ACTIVE, 20.5),
+                     (S.LOADING, S.READY, Cause.HEALTHY, 21.0),
+                     # a suspect backend that comes back is no load
+                     (S.READY, S.LOADING, Cause.SUSPECT, 30.0),
+                     (S.LOADING, S.READY, Cause.HEALTHY, 31.0),
+                     (S.READY, S.STOPPING, Cause.EVICT_MEMORY, 40.0),
+                     (S.STOPPING, S.UNLOADED, Cause.STOPPED, 41.0),
+                     (S.UNLOADED, S.STARTING, Cause.LOAD, 50.0),
+                     (S.STARTING, S.FAILED, Cause.FAILED, 51.0)):
+        m.on_change(c)
+    for status, code in ((200, ""), (200, ""), (503, "queue_full"), (404, "")):
+        m.on_request(Record("POST", "/v1/completions", model="a", status=status, code=code))
+    got = samples(m)
+    a = (("model", "a"),)
+    assert got["llamad_model_load_duration_seconds_count"] == {a: 2}
+    assert got["llamad_model_load_duration_seconds_sum"] == {a: 3.5 + 1.0}
+    assert got["llamad_model_load_duration_seconds_bucket"][(("le", "1.0"), *a)] == 1
+    assert got["llamad_evictions_total"] == {(("model", "a"), ("reason", "memory")): 1}
+    assert got["llamad_model_restarts_total"] == {a: 1}
+    assert got["llamad_model_failures_total"] == {a: 1}
+    assert got["llamad_requests_total"] == {(("code", "200"), *a): 2, (("code", "503"), *a): 1,
+                                            (("code", "404"), *a): 1}
+    assert got["llamad_rejections_total"] == {(*a, ("reason", "queue_full")): 1}
+    assert not any(name.endswith("_created") for name in got)
+
+
+async def test_live_metrics_read_the_supervisor(config: Config) -> None:
+    sup = supervisor(config, FakeUnits())
+    m = Metrics(lambda: 7)
+    m.watch(sup)
+    slot = sup.slots["tiny"]
+    sup._begin_start(slot, Load("tiny"))
+    got = samples(m)
+    tiny = ("model", "tiny")
+    assert got["llamad_model_state"][(tiny, ("state", "starting"))] == 1
+    assert got["llamad_model_state"][(tiny, ("state", "ready"))] == 0
+    assert got["llamad_models"][(("state", "starting"),)] == 1
+    assert got["llamad_model_requests_queued"] == {(tiny,): 0}
+    assert got["llamad_model_memory_estimate_bytes"][(("memory", "ram"), tiny)] > 0
+    assert got["llamad_open_connections"] == {(): 7}
+    assert got["llamad_memory_available_bytes"][()] > 0
+    assert got["process_resident_memory_bytes"][()] > 0
+    # Rendering asks only ready models for their own metrics: none here.
+    text = (await m.render()).decode()
+    assert "llamacpp:" not in text and "llamad_model_metrics_up" in text
+    await sup.close()
+
+
+def test_progress_text() -> None:
+    class Slotish:
+        def __init__(self, state: State, started: float) -> None:
+            self.state, self.load_started = state, started
+            self.model = type("M", (), {"id": "gem\nma"})()
+    now = 100.0
+    assert progress.describe(Slotish(S.LOADING, 99.0), 4.0, now) == (  # type: ignore[arg-type]
+        "loading gem\\nma 25% (1.0s of ~4.0s)")
+    assert progress.describe(Slotish(S.STARTING, 90.0), 4.0, now).startswith(  # type: ignore[arg-type]
+        "loading gem\\nma 99%")
+    assert progress.describe(Slotish(S.STOPPING, 0.0), 4.0, now) == (  # type: ignore[arg-type]
+        "waiting for gem\\nma (stopping)")
+
+
+def test_model_units_serve_metrics_unless_the_preset_says_no(tmp_path: Path) -> None:
+    import ggufgen
+    from test_catalog import age
+
+    d = tmp_path / "m"
+    for name in ("on", "off", "explicit"):
+        ggufgen.write_model(d / f"{name}.gguf")
+    age(d)
+    preset = tmp_path / "presets.ini"
+    preset.write_text("[off]\nmetrics = false\n[explicit]\nmetrics = true\n")
+    cfg = Config.default(models_dirs=(d,), models_preset=preset, llama_cache=False)
+    snap = scan(cfg)
+    for name, want in (("on", 1), ("off", 0), ("explicit", 1)):
+        argv = unitspec.build(cfg, snap.models[name], "tcp:127.0.0.1:1", (), None).argv
+        assert argv.count("--metrics") == want, (name, argv)
