@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit test-trixie lint deb demo bench clean
+.PHONY: dev test test-unit test-trixie lint deb demo bench clean conformance
 
 dev:
 	bash tools/setup-dev
@@ -15,6 +15,10 @@ test-unit: dev
 
 test-trixie: dev
 	$(PY) -m pytest -ra -k debian13 tests/integration/test_package.py $(PYTEST_ARGS)
+
+# llama.cpp's own server tests against llamad on the box; writes docs/conformance.md.
+conformance: dev
+	$(PY) tests/conformance/run.py $(CONFORMANCE_ARGS)
 
 lint: dev
 	$(PY) -m pytest -ra tests/test_lint.py

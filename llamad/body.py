@@ -58,7 +58,8 @@ def parse_keep_alive(value: object) -> float | None:
 
 
 async def read_body(request: web.Request) -> bytearray:
-    """The whole body, within max-body-mb and, with all others held, max-bodies-mb.
+    """The whole body, within max-body-mb, receive-timeout and, with all others held,
+    max-bodies-mb.
 
     Grown in place as it arrives, so a body is held once, never joined from pieces at the
     end (a 32 MiB copy that would hold the loop)."""
@@ -66,15 +67,22 @@ async def read_body(request: web.Request) -> bytearray:
     size = request.content_length
     lim.hold_body(request, size or 0)
     buf = bytearray()  # grown by realloc, which moves no pages: no 32 MiB copy or memset
-    since_yield = 0
-    while chunk := await request.content.readany():
-        if size is None or len(buf) + len(chunk) > size:  # chunked, or more than it said
-            lim.hold_body(request, len(chunk))
-        buf += chunk
-        since_yield += len(chunk)
-        if since_yield > UTF8_STEP:  # all of it may be buffered already: readany won't wait
-            since_yield = 0
-            await asyncio.sleep(0)
+
+    async def receive() -> None:
+        since_yield = 0
+        while chunk := await request.content.readany():
+            if size is None or len(buf) + len(chunk) > size:  # chunked, or more than it said
+                lim.hold_body(request, len(chunk))
+            buf.extend(chunk)
+            since_yield += len(chunk)
+            if since_yield > UTF8_STEP:  # all may be buffered already: readany won't wait
+                since_yield = 0
+                await asyncio.sleep(0)
+    left = lim.body_deadline(request) - asyncio.get_running_loop().time()
+    try:
+        await asyncio.wait_for(receive(), max(left, 0.001))
+    except TimeoutError:
+        raise limits.too_slow(lim.timeout) from None  # 408, and the connection is closed
     return buf
 
 

@@ -50,8 +50,12 @@ SPEC: dict[str, tuple[str, str]] = {
     "queue-size": ("integer(min=1, default=64)", "a whole number >= 1"),
     "queue-timeout": ("float(min=0, default=300)", "seconds >= 0"),
     "drain-timeout": ("float(min=0, default=600)", "seconds >= 0"),
+    "liveness-timeout": ("float(min=0, default=30)", "seconds >= 0 (0 = never probe)"),
     "max-body-mb": ("integer(min=1, default=32)", "a whole number of MiB >= 1"),
     "max-bodies-mb": ("integer(min=1, default=256)", "a whole number of MiB >= 1"),
+    "receive-timeout": ("float(min=1, default=30)", "seconds >= 1"),
+    "max-connections": ("integer(min=1, default=4096)", "a whole number >= 1"),
+    "max-requests": ("integer(min=1, default=1024)", "a whole number >= 1"),
     "stop-timeout": ("float(min=0, default=10)", "seconds >= 0"),
     "restart-sec": ("float(min=0, default=2)", "seconds >= 0"),
     "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
@@ -71,6 +75,7 @@ SPEC: dict[str, tuple[str, str]] = {
                "an absolute directory path, or empty for no web UI"),
     "request-log": ("boolean(default=yes)", "yes or no"),
     "load-progress": ("boolean(default=yes)", "yes or no"),
+    "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
 }
 
 
@@ -98,8 +103,12 @@ class Config:
     queue_size: int
     queue_timeout: float
     drain_timeout: float
+    liveness_timeout: float
     max_body_mb: int
     max_bodies_mb: int
+    receive_timeout: float
+    max_connections: int
+    max_requests: int
     stop_timeout: float
     restart_sec: float
     start_limit_burst: int
@@ -115,6 +124,7 @@ class Config:
     ui_dir: Path | None
     request_log: bool
     load_progress: bool
+    debug_request_delay: float
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:

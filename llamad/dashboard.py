@@ -28,12 +28,11 @@ from llamad.keys import admin_only, public
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
+from llamad.webui import content_type
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/dashboard": "dashboard.html", "/dashboard/dashboard.js": "dashboard.js",
          "/dashboard/dashboard.css": "dashboard.css"}
-TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-         ".css": "text/css; charset=utf-8"}
 FIGURES_SECONDS = 2.0
 BATCH = 100  # models per `models` event
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -143,7 +142,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
 
 def _page(name: str) -> Any:
     path = STATIC / name
-    headers = {"Content-Type": TYPES[path.suffix], "Cache-Control": "no-cache"}
+    headers = {"Content-Type": content_type(name), "Cache-Control": "no-cache"}
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(path, headers=headers)

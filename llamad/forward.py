@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from llamad import limits
 from llamad.backend import Backend
 from llamad.errors import BackendError, BackendUnreachable
 
@@ -37,6 +38,8 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
                 return await _last_event(out, data)
             return web.Response(status=up.status, body=data, headers=_forward_headers(up.headers))
     except aiohttp.ClientConnectorError as e:
+        if (not_gone := limits.not_gone(e.os_error)) is not None:
+            raise not_gone from e  # llamad's own trouble: the model stays as it is
         raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
                                  "systemd restarts it, retry shortly") from e
     except (TimeoutError, aiohttp.ClientError, OSError) as e:

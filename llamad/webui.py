@@ -2,10 +2,10 @@
 
 The files of `ui-dir` are listed once, when the app is built, and each gets its own
 route, so unknown paths still get llamad's JSON 404. Caching follows how llama-server
-serves the same files: `index.html` (with the cross-origin isolation headers the UI
-expects) and the files a new build changes under the same name are revalidated on every
-load (`no-cache` with an ETag); the content-hashed files under `_app/immutable/` are
-cached for good. aiohttp's FileResponse sends a `.gz` sibling to clients that accept gzip.
+serves the same files: the content-hashed files under `_app/immutable/` are cached for
+good; every other file, `index.html` first (with the cross-origin isolation headers
+llama-server sends with it), is revalidated on every load (`no-cache` with an ETag).
+aiohttp's FileResponse sends a `.gz` sibling to clients that accept gzip.
 
 The UI's sources are not changed; the page llamad serves as `index.html` carries one
 small link more, to llamad's dashboard, fixed in the bottom left corner. It is added to
@@ -30,7 +30,7 @@ log = logging.getLogger("llamad.webui")
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 HASHED_DIR = "_app/immutable/"
-# The UI uses SharedArrayBuffer-backed features only in a cross-origin isolated page.
+# What llama-server sends with the page (server-http.cpp), so the UI runs as it does there.
 ISOLATION = {"Cross-Origin-Embedder-Policy": "require-corp",
              "Cross-Origin-Opener-Policy": "same-origin"}
 # Fixed, so the answer does not depend on the machine's /etc/mime.types.
@@ -116,18 +116,20 @@ def add_routes(app: web.Application, ui_dir: Path | None) -> None:
             "llamad: the web UI is turned off (ui-dir is empty in llamad.conf); "
             "the API is at /v1"))
         return
-    if not (ui_dir / "index.html").is_file():
-        log.warning("web UI: %s has no index.html; / explains that instead", ui_dir)
+    try:
+        names = files(ui_dir) if (ui_dir / "index.html").is_file() else []
+        handlers = {name: _index_handler(ui_dir / name) if name == "index.html"
+                    else _file_handler(ui_dir / name, headers_for(name)) for name in names}
+    except OSError as e:  # unreadable: say so at / like a missing one
+        names, handlers = [], {}
+        log.warning("web UI: cannot read %s: %s", ui_dir, e)
+    if "index.html" not in handlers:
+        log.warning("web UI: %s has no readable index.html; / explains that instead", ui_dir)
         _add(app, "/", missing_handler(
-            f"llamad: the web UI is not installed: {ui_dir} has no index.html "
+            f"llamad: the web UI is not installed: {ui_dir} has no readable index.html "
             "(ui-dir in llamad.conf); the API is at /v1"))
         return
-    names = files(ui_dir)
-    for name in names:
-        if name == "index.html":
-            handler = _index_handler(ui_dir / name)
-            _add(app, "/", handler)
-        else:
-            handler = _file_handler(ui_dir / name, headers_for(name))
+    _add(app, "/", handlers["index.html"])
+    for name, handler in handlers.items():
         _add(app, "/" + name, handler)
     log.info("web UI: %d files from %s at /", len(names), ui_dir)

@@ -55,6 +55,7 @@ class Llamad:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cursor = ""
         self.command = [str(PYTHON), "-m", "llamad"]  # bench/bodies.py runs other code
+        self.properties: list[str] = []  # more unit properties, e.g. LimitNOFILE=100
 
     def journal_cursor(self) -> str:
         shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
@@ -69,6 +70,7 @@ class Llamad:
                       # As units/llamad.service does it.
                       "-p", f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
                       "-p", "ExecReload=/bin/kill -HUP $MAINPID",
+                      *(f"--property={p}" for p in self.properties),
                       "--setenv=PYTHONUNBUFFERED=1", *self.command,
                       "serve", "--config", str(self.config),
                       "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)

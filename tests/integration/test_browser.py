@@ -24,7 +24,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # A small llama-server answer (-n: most tokens per reply), so a chat ends in seconds even
 # on a busy machine.
-SETTINGS = {"ui-dir": str(rig.WEB_UI), "args": "-c 4096 -np 4 -n 24"}
+SETTINGS = {"ui-dir": str(rig.WEB_UI), "args": "-c 4096 -np 4 -t 1 -n 24"}
 TIMEOUT = 180  # seconds for one page state; a busy 2-core machine generates ~1 token/s
 
 

@@ -4,7 +4,9 @@ slow clients, keys, browsers, memory, local users."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import resource
 import urllib.error
 import urllib.request
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import PYTHON, Factory, Llamad, chat, models
+from llamad_fixture import PYTHON, Factory, Llamad, chat, models, stream, wait_http, wait_state
 
 # A file name that, written raw into a transient unit file, adds a command systemd runs as
 # root when the unit stops after a daemon-reload. A file name holds no '/': `touch` is
@@ -259,3 +261,210 @@ async def test_bodies_bad_json_and_the_global_bound(llamad_factory: Factory,
             writer.close()
             await until(404)  # room again once the first is gone
         assert d.model_units() == {}
+
+
+Trickler = tuple[asyncio.StreamReader, "asyncio.Future[None]"]
+
+
+async def _trickle(port: int, every: float = 1.0) -> Trickler:
+    """A connection that sends a request's header lines one by one, never the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+
+    async def more() -> None:
+        try:
+            while not writer.is_closing():
+                await asyncio.sleep(every)
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            writer.close()  # also when cancelled
+    return reader, asyncio.ensure_future(more())
+
+
+async def _connections(port: int, n: int) -> list[Trickler]:
+    out: list[Trickler] = []
+    for start in range(0, n, 100):  # in batches: the listen backlog is 1024
+        out += await asyncio.gather(*(_trickle(port) for _ in range(start, min(n, start + 100))))
+    return out
+
+
+def _refused(url: str, code: str) -> dict[str, Any] | None:
+    """The error body of a 503 with this code and a Retry-After, or None."""
+    try:
+        urllib.request.urlopen(url, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read())
+        if e.code == 503 and body["error"]["code"] == code and int(e.headers["Retry-After"]):
+            return dict(body)
+    return None
+
+
+def _unchanged(d: Llamad, model: str, pid: str) -> None:
+    unit = f"llama-server@{model}.service"
+    assert models(d.url)[model]["llamad"]["state"] == "ready"
+    assert d.show(unit, "MainPID") == pid and d.show(unit, "NRestarts") == "0"
+    assert "refused a connection" not in d.log() and "failed" not in d.log()
+
+
+async def test_slow_clients_cannot_starve_llamad(llamad_factory: Factory,
+                                                 subtests: Any) -> None:
+    # 1,100 connections and more need more descriptors than a test process gets by default.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    d = llamad_factory(["gemma-a"], **{"receive-timeout": 20, "max-connections": 1150,
+                                       "max-requests": 2})
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+        pid = d.show("llama-server@gemma-a.service", "MainPID")
+        slow = await _connections(d.port, 1100)
+        with subtests.test("a real request is answered"):
+            status, body = await chat(s, d.url, "gemma-a")
+            assert status == 200, body
+
+        with subtests.test("beyond max-connections: 503 with Retry-After"):
+            extra = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(60)]
+            answers = [await asyncio.wait_for(r.read(), 10) for r, _ in extra[-5:]]
+            assert all(a.startswith(b"HTTP/1.1 503") and b"Retry-After: " in a
+                       and b"max-connections" in a for a in answers), answers
+            for _, w in extra:
+                w.close()
+
+        with subtests.test("beyond max-requests: 503 with Retry-After"):
+            streams = [asyncio.ensure_future(stream(s, d.url, "gemma-a", max_tokens=400))
+                       for _ in range(2)]
+            refused = await asyncio.to_thread(rig.wait_for, "a third request refused", lambda:
+                                              _refused(d.url + "/v1/models", "too_many_requests"))
+            assert "max-requests" in refused["error"]["message"]
+            for task in streams:
+                task.cancel()
+
+        with subtests.test("the slow ones are closed by the deadline, with 408"):
+            answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 60) for r, _ in slow))
+            assert all(a.startswith(b"HTTP/1.1 408") for a in answers), \
+                {a[:40] for a in answers}
+        with subtests.test("no model changed state"):
+            _unchanged(d, "gemma-a", pid)
+        for _, task in slow:
+            task.cancel()
+
+
+def _backend_connections(box: rig.Box, pid: str) -> int:
+    """UNIX connections from process `pid` to a llama.sock (ss shows every box's sockets,
+    so they are matched by inode)."""
+    rows = [line.split() for line in box.run(["ss", "-xpH"]).stdout.splitlines()]
+    mine = {row[5] for row in rows if len(row) > 8 and f"pid={pid}," in row[8]}
+    return sum(1 for row in rows if len(row) > 7 and row[4].endswith("/llama.sock")
+               and row[7] in mine)
+
+
+async def test_out_of_descriptors_is_503_and_changes_no_model(box: rig.Box, assets: rig.Assets,
+                                                              subtests: Any) -> None:
+    """With its descriptors used up, llamad cannot reach a healthy backend: that is llamad's
+    trouble (503), not the model's (whose state must not change)."""
+    d = Llamad(box, assets, ["gemma-a"], **{"queue-timeout": 20, "max-connections": 1000})
+    d.properties.append("LimitNOFILE=100")  # soft and hard: llamad cannot lift it
+    d.start()
+    slow: list[Trickler] = []
+    try:
+        wait_http(d.url)
+        async with aiohttp.ClientSession() as s, s.post(
+                d.url + "/models/load", json={"model": "gemma-a"}) as r:
+            assert r.status == 200
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready")
+        unit = "llama-server@gemma-a.service"
+        pid, llamad_pid = d.show(unit, "MainPID"), d.show(d.unit, "MainPID")
+        # A request whose body is not finished yet: accepted while descriptors are free.
+        body = json.dumps({"model": "gemma-a", "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:-1])
+        await writer.drain()
+        # llamad keeps no connection to the backend (llama-server closes idle ones)...
+        await asyncio.to_thread(rig.wait_for, "llamad's idle backend connections to close",
+                                lambda: _backend_connections(box, llamad_pid) == 0,
+                                timeout=30)
+        # ... and then every descriptor it may have is taken by slow clients.
+        slow = await _connections(d.port, 150)
+        await asyncio.to_thread(rig.wait_for, "llamad to run out of descriptors",
+                                lambda: len(box.run(["ls", f"/proc/{llamad_pid}/fd"]).stdout
+                                            .split()) >= 99, timeout=30)
+        writer.write(body[-1:])
+        answer = await asyncio.wait_for(reader.read(), 60)
+        with subtests.test("503 with Retry-After"):
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+            assert b"Retry-After: " in answer and b"llamad_overloaded" in answer
+        with subtests.test("no model changed state"):
+            for _, task in slow:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in slow), return_exceptions=True)
+            await asyncio.to_thread(_unchanged, d, "gemma-a", pid)
+    finally:
+        for _, task in slow:
+            task.cancel()
+        d.cleanup()
+
+
+CONNECT = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+           "    s.connect(sys.argv[1])\n    print('CONNECTED')\n"
+           "except OSError as e:\n    print('REFUSED', e.errno)\n")
+TOKEN = "hf_SeCrEt1234567890"
+
+
+def _connect(box: rig.Box, path: str, *prefix: str) -> str:
+    return box.run([*prefix, "python3", "-c", CONNECT, path], check=False).stdout.strip()
+
+
+def _credentials(box: rig.Box, pid: str) -> tuple[str, str]:
+    status = box.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines()
+    uid, gid = (next(x for x in status if x.startswith(k)).split()[1] for k in ("Uid:", "Gid:"))
+    return uid, gid
+
+
+async def test_only_llamad_reaches_a_model_and_secrets_stay(llamad_factory: Factory,
+                                                           box: rig.Box, subtests: Any) -> None:
+    # units/llamad.sysusers makes the group where the package is installed.
+    box.run("getent group llamad-backend || groupadd -r llamad-backend")
+    d = llamad_factory(["gemma-a", "gemma-b"], preset=f"[*]\nhf-token = {TOKEN}\n")
+    async with aiohttp.ClientSession() as s:
+        for model in ("gemma-a", "gemma-b"):
+            status, body = await chat(s, d.url, model)
+            assert status == 200, body
+        async with s.get(d.url + "/status") as r:
+            status_text = await r.text()
+    sock_a = "/run/llamad/gemma-a/llama.sock"
+    pid_a, pid_b = (d.show(f"llama-server@{m}.service", "MainPID") for m in ("gemma-a", "gemma-b"))
+    with subtests.test("another local user cannot connect"):
+        nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        assert _connect(box, sock_a, *nobody) == "REFUSED 13"
+    with subtests.test("llamad.service's own sandbox can, through the group alone"):
+        run = ("systemd-run", "--wait", "--pipe", "--quiet", "-p", "CapabilityBoundingSet=",
+               "-p", "PrivateUsers=yes", "-p", "NoNewPrivileges=yes")
+        assert _connect(box, sock_a, *run, "-p", "SupplementaryGroups=llamad-backend") \
+            == "CONNECTED"
+        assert _connect(box, sock_a, *run) == "REFUSED 13"
+    with subtests.test("another model's unit cannot, nor reach the system bus"):
+        uid, gid = _credentials(box, pid_b)  # gemma-b's own, in its own namespaces
+        inside_b = ("nsenter", "-t", pid_b, "-a", "-S", uid, "-G", gid)
+        assert _connect(box, sock_a, *inside_b).startswith("REFUSED")
+        assert _connect(box, "/run/dbus/system_bus_socket", *inside_b).startswith("REFUSED")
+        assert _connect(box, "/run/llamad/gemma-b/llama.sock", *inside_b) == "CONNECTED"
+    with subtests.test("UMask 0007 and the sandbox score"):
+        assert d.show("llama-server@gemma-a.service", "UMask") == "0007"
+        report = box.run(["systemd-analyze", "security", "--no-pager",
+                          "llama-server@gemma-a.service"], check=False).stdout
+        score = float(report.split("Overall exposure level for")[1].split(":")[1].split()[0])
+        assert score <= 1.0, report
+    with subtests.test("the hf-token never leaves"):
+        listing = urllib.request.urlopen(d.url + "/v1/models", timeout=10).read().decode()
+        exec_start = d.show("llama-server@gemma-a.service", "ExecStart")
+        cmdline = box.run(["cat", f"/proc/{pid_a}/cmdline"]).stdout
+        for where, text in [("/v1/models", listing), ("/status", status_text),
+                            ("ExecStart", exec_start), ("cmdline", cmdline),
+                            ("llamad's log", d.log())]:
+            assert TOKEN not in text, where
+        assert "<redacted>" in listing and "hf-token is set for 2 models" in d.log()

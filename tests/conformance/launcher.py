@@ -1,0 +1,167 @@
+#!/usr/bin/python3
+"""Stand in for llama-server in llama.cpp's own server tests: LLAMA_SERVER_BIN_PATH=this.
+
+The upstream tests start "llama-server" with a router-mode command line (--models-dir,
+--models-max, --models-preset, --no-models-autoload, --api-key, --host, --port, and the
+per-model flags every child gets). This turns that command line into a llamad.conf and
+runs the real `llamad serve` in the test box (tests/rig.py) as a Type=notify unit, whose
+models are real llama-server units. A single-model command line (-m / -hf, as the
+non-router test files use) becomes a llamad with that one model, named by --alias.
+
+It runs until SIGTERM or SIGINT (what the tests' ServerProcess.stop sends), then stops
+llamad and every model unit, in well under the 5 s the tests wait before SIGKILL. A
+launcher that was killed outright leaves units behind: the next one stops them first.
+Standard library only; the box is named by the JSON file in $LLAMAD_CONFORMANCE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+UNIT = "llamad-conformance.service"
+# llama-server's own request delay for its tests, in seconds (server-models.cpp).
+FAKE_TIMING_SECONDS = 2
+# Flags of the router itself, and the value each takes (None: a switch).
+ROUTER_FLAGS = {"--host": "host", "--port": "port", "--models-dir": "models_dir",
+                "--models-max": "models_max", "--models-preset": "models_preset",
+                "--api-key": "api_key", "--no-models-autoload": None, "--offline": None,
+                "--model": "model", "-m": "model", "--hf-repo": "hf_repo", "-hf": "hf_repo",
+                "-hfr": "hf_repo", "--hf-file": "hf_file", "-hff": "hf_file",
+                "--alias": "alias", "-a": "alias"}
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
+    """(router values, the per-model flags left, router switches seen)."""
+    values: dict[str, str] = {}
+    switches: set[str] = set()
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag in ROUTER_FLAGS:
+            name = ROUTER_FLAGS[flag]
+            if name is None:
+                switches.add(flag)
+            else:
+                values[name] = argv[i + 1]
+                i += 1
+        else:
+            rest.append(flag)
+        i += 1
+    return values, rest, switches
+
+
+def config(box: dict[str, str], values: dict[str, str], rest: list[str],
+           switches: set[str], where: Path) -> str:
+    """The llamad.conf for this command line."""
+    cwd = Path.cwd()
+    cache = Path(os.environ.get("LLAMA_CACHE", "tmp"))
+    conf = {
+        "listen": f"{values.get('host', '127.0.0.1').split(',')[0]}:{values.get('port', 8080)}",
+        "llama-server": box["llama_server"], "state-dir": str(where / "state"),
+        "llama-cache-dir": str(cwd / cache), "models-dir": "",
+        "args": shlex.join(rest), "restart-sec": "0.5",
+        "models-autoload": "no" if "--no-models-autoload" in switches else "yes",
+    }
+    if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING"):
+        conf["debug-request-delay"] = str(FAKE_TIMING_SECONDS)
+    if "models_dir" in values:
+        conf["models-dir"] = str(cwd / values["models_dir"])
+    if "models_max" in values:
+        conf["models-max"] = values["models_max"]
+    preset = single_model(values, cwd)
+    if preset:
+        conf["models-max"] = "1"
+        (where / "single.ini").write_text(preset)
+        conf["models-preset"] = str(where / "single.ini")
+    elif "models_preset" in values:
+        conf["models-preset"] = str(cwd / values["models_preset"])
+    else:
+        conf["models-preset"] = ""
+    if "api_key" in values:
+        keys = where / "api-keys"
+        # The router's key may do everything, loading and unloading included.
+        keys.write_text("".join(f"{k} admin\n" for k in values["api_key"].split(",")))
+        keys.chmod(0o600)
+        conf["api-keys-file"] = str(keys)
+    # configobj: a value with spaces or commas in double quotes (it has no escapes).
+    return "".join(f'{k} = "{v}"\n' if set(str(v)) & {" ", ","} else f"{k} = {v}\n"
+                   for k, v in conf.items())
+
+
+def single_model(values: dict[str, str], cwd: Path) -> str:
+    """A preset for a single-model command line (-m / -hf), or ''."""
+    if "model" not in values and "hf_repo" not in values:
+        return ""
+    name = values.get("alias") or values.get("hf_repo") or Path(values["model"]).stem
+    source = f"model = {cwd / values['model']}" if "model" in values else \
+        f"hf-repo = {values['hf_repo']}"
+    return f"[{name}]\n{source}\n"
+
+
+class Box:
+    def __init__(self, info: dict[str, str]) -> None:
+        self.pid = info["pid"]
+
+    def run(self, *argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_PAGER": "", "LANG": "C.UTF-8"}
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], env=env,
+                              capture_output=True, text=True, check=check, timeout=60)
+
+    def stop_all(self) -> None:
+        """llamad, then every model unit (llamad leaves them running on purpose)."""
+        self.run("systemctl", "stop", UNIT)
+        self.run("systemctl", "stop", "llama-server@*.service")
+        self.run("systemctl", "reset-failed", UNIT, "llama-server@*.service")
+
+    def active(self) -> bool:
+        state = self.run("systemctl", "show", "-P", "ActiveState", UNIT).stdout.strip()
+        return state in ("active", "activating", "reloading")
+
+
+def main(argv: list[str]) -> int:
+    info = json.loads(Path(os.environ["LLAMAD_CONFORMANCE"]).read_text())
+    box = Box(info)
+    box.stop_all()  # a launcher killed outright may have left these
+    where = Path(info["workdir"]) / f"launch-{os.getpid()}-{time.monotonic_ns()}"
+    where.mkdir(mode=0o755)
+    values, rest, switches = parse(argv)
+    (where / "llamad.conf").write_text(config(info, values, rest, switches, where))
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    started = box.run("systemd-run", f"--unit={UNIT}", "-p", "Type=notify",
+                      "-p", "NotifyAccess=main", "--setenv=PYTHONUNBUFFERED=1",
+                      info["python"], "-m", "llamad", "serve",
+                      "--config", str(where / "llamad.conf"))
+    if started.returncode != 0:
+        print(f"launcher: llamad did not start: {started.stderr.strip()}", file=sys.stderr)
+        print(box.run("journalctl", "--no-pager", "-o", "cat", "-n", "30", "-u", UNIT).stdout,
+              file=sys.stderr)
+        box.stop_all()
+        return 1
+    print(f"launcher: llamad runs as {UNIT} with {where / 'llamad.conf'}", flush=True)
+    while not stopping and box.active():
+        time.sleep(0.2)
+    died = not stopping
+    if died:
+        print(box.run("journalctl", "--no-pager", "-o", "cat", "-n", "30", "-u", UNIT).stdout,
+              file=sys.stderr)
+    box.stop_all()
+    return 1 if died else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""pytest plugin for llama.cpp's server tests run against llamad (loaded with -p plugin).
+
+- The suite's session fixture downloads every preset's model first
+  (ServerPreset.load_all); here the models are already in the offline cache, so that
+  step is skipped, and the tmp directory it would create is made.
+- The single-model test files start "llama-server" with one model and send requests
+  that name none (a single-model server needs no name). llamad is a router, which needs
+  one, as llama.cpp's router does: the client adds the model's name to a POST body or a
+  GET query that lacks it. Router-mode tests (ServerPreset.router) are left as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+import utils
+
+utils.ServerPreset.load_all = staticmethod(lambda: None)
+os.makedirs(utils.TMP_DIR, exist_ok=True)
+
+ROUTED_GETS = ("/props", "/slots", "/metrics", "/lora-adapters")
+_make_request = utils.ServerProcess.make_request
+_make_stream_request = utils.ServerProcess.make_stream_request
+
+
+def _name(server: Any) -> str | None:
+    """The one model of a single-model server (None for a router)."""
+    if not (server.model_file or server.model_hf_repo):
+        return None
+    return server.model_alias or server.model_hf_repo or os.path.basename(server.model_file)
+
+
+def _named(server: Any, method: str, path: str, data: Any) -> tuple[str, Any]:
+    name = _name(server)
+    if name is None:
+        return path, data
+    if method == "POST" and isinstance(data, dict) and "model" not in data:
+        data = {**data, "model": name}
+    if method == "GET" and path.split("?")[0] in ROUTED_GETS and "model=" not in path:
+        path += ("&" if "?" in path else "?") + "model=" + quote(name)
+    return path, data
+
+
+def make_request(self: Any, method: str, path: str, data: Any = None,
+                 *args: Any, **kwargs: Any) -> Any:
+    path, data = _named(self, method, path, data)
+    return _make_request(self, method, path, data, *args, **kwargs)
+
+
+def make_stream_request(self: Any, method: str, path: str, data: Any = None,
+                        *args: Any, **kwargs: Any) -> Any:
+    path, data = _named(self, method, path, data)
+    return _make_stream_request(self, method, path, data, *args, **kwargs)
+
+
+utils.ServerProcess.make_request = make_request
+utils.ServerProcess.make_stream_request = make_stream_request
