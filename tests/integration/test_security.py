@@ -199,6 +199,13 @@ async def test_browsers_cannot_drive_the_api(llamad_factory: Factory, subtests: 
 
         with subtests.test("CORS is llamad's own"):
             # llama-server answers every origin with its own CORS headers: llamad drops them.
+            # (The model was unloaded just above: load it, and wait until it is gone first.)
+            await asyncio.to_thread(rig.wait_for, "gemma-a to be unloaded",
+                                    lambda: models(d.url)["gemma-a"]["llamad"]["state"]
+                                    in ("unloaded", "ready"), 60)
+            assert await post("/models/load", body, **{"Content-Type": "application/json"}) \
+                == 200
+            await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready")
             for origin, allowed in (("http://evil.example", None), (ui, ui)):
                 async with s.get(d.url + "/props", params={"model": "gemma-a"},
                                  headers={"Origin": origin}) as r:
