@@ -6,7 +6,8 @@ from typing import Any
 
 from pystemd.dbuslib import apply_signature
 
-from llamad.units import UnitSpec, _start_args, status_from_props, transient_properties
+from llamad.bus import transient_args
+from llamad.units import UnitSpec, status_from_props, transient_properties
 
 SPEC = UnitSpec(name="llama-server@m.service", description="m",
                 argv=("/usr/bin/llama-server", "-m", "/models/m.gguf"),
@@ -18,7 +19,7 @@ def _props(spec: UnitSpec) -> dict[str, Any]:
 
 
 def test_every_property_marshals() -> None:
-    args = _start_args(SPEC)
+    args = transient_args(SPEC.name, transient_properties(SPEC))
     # name, mode, then the a(sv) array opened and closed, then the empty aux array.
     assert args[:2] == apply_signature(b"ss", [b"llama-server@m.service", b"fail"])
     assert args[-2:] == [(ord("a"), b"(sa(sv))"), (-1, None)]
