@@ -76,7 +76,9 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
         "args": shlex.join(rest), "restart-sec": "0.5",
         "models-autoload": "no" if "--no-models-autoload" in switches else "yes",
     }
-    preset = single_model(values, cwd)
+    preset = single_model(values, cwd, cwd / cache)
+    if preset:  # that one model only, as llama-server lists: not the rest of the cache
+        conf["llama-cache"] = "no"
     # llama-server's switch delays requests in its router only.
     if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") and not preset:
         conf["debug-request-delay"] = str(FAKE_TIMING_SECONDS)
@@ -103,7 +105,7 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
                    for k, v in conf.items())
 
 
-def single_model(values: dict[str, str], cwd: Path) -> str:
+def single_model(values: dict[str, str], cwd: Path, cache: Path) -> str:
     """A preset for a single-model command line (-m / -hf), or ''.
 
     llama-server names its one model after the first of its aliases in sorted order (it
@@ -112,13 +114,27 @@ def single_model(values: dict[str, str], cwd: Path) -> str:
         return ""
     aliases = sorted(a.strip() for a in values.get("alias", "").split(",") if a.strip())
     name = aliases[0] if aliases else values.get("hf_repo") or Path(values["model"]).stem
-    lines = [f"[{name}]", f"model = {cwd / values['model']}" if "model" in values
-             else f"hf-repo = {values['hf_repo']}"]
+    model = cwd / values["model"] if "model" in values else \
+        cached_file(cache, values["hf_repo"], values.get("hf_file"))
+    lines = [f"[{name}]", f"model = {model}"]
     if aliases:
         lines.append(f"alias = {','.join(aliases)}")
     if "tags" in values:
         lines.append(f"tags = {values['tags']}")
     return "\n".join(lines) + "\n"
+
+
+def cached_file(cache: Path, repo: str, file: str | None) -> Path:
+    """The file `-hf repo[:TAG]` (or `--hf-file`) means in a Hugging Face hub cache; a
+    path that does not exist if the cache lacks it (llamad then says so)."""
+    repo, _, tag = repo.partition(":")
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    ref = folder / "refs" / "main"
+    snapshot = folder / "snapshots" / (ref.read_text().strip() if ref.exists() else "none")
+    if file:
+        return snapshot / file
+    found = sorted(p for p in snapshot.glob("*.gguf") if tag.lower() in p.name.lower())
+    return found[0] if found else snapshot / "missing.gguf"
 
 
 class Box:
