@@ -176,8 +176,8 @@ def listing_time(url: str, query: str = "", n: int = 10) -> float:
 
 
 def failover(lb: Haproxy, gone: Llamad, other: Llamad, how: str) -> dict[str, float]:
-    """Requests for "a" (2 clients) while its host goes away, as tests/integration/
-    test_fleet.py does; then the host is started again and "a" is back on it."""
+    """Requests for "a" (2 clients) while its host goes away, as
+    tests/integration/test_haproxy_fleet.py does; then the host is back and so is "a"."""
     there = f"{other.host}:{other.port}"
     unload(other, "a")  # so that every round's failover includes loading it there
     with Traffic(lb.url, "a") as traffic:

@@ -1,6 +1,6 @@
 """HAProxy in front of several llamad hosts: the configuration `llamad haproxy-config`
-prints from a list of hosts (docs/scaling.md explains it, tests/integration/test_fleet.py
-runs it).
+prints from a list of hosts (docs/scaling.md explains it,
+tests/integration/test_haproxy_fleet.py runs it).
 
 Each model lives on one host: requests are hashed on the JSON body's "model" with
 consistent hashing (a host that leaves or joins moves only its own share of the models), or

@@ -1,6 +1,6 @@
 """fleet.py: /health while draining, and GET /v1/models listing the peers' models with a
 bounded wait. The peers here are small HTTP servers answering GET /v1/models as llamad
-does (tests/integration/test_fleet.py asks real llamads)."""
+does (tests/integration/test_haproxy_fleet.py asks real llamads)."""
 
 from __future__ import annotations
 

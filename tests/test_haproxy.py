@@ -1,7 +1,7 @@
 """`llamad haproxy-config`: HAProxy (Debian 12's 2.6) accepts what it prints, and the real
 haproxy routes by the body's "model" and fails over as docs/scaling.md says. The llamad
 hosts here are two small HTTP servers on 127.0.0.2 and 127.0.0.3 that say who they are;
-tests/integration/test_fleet.py puts real llamads there."""
+tests/integration/test_haproxy_fleet.py puts real llamads there."""
 
 from __future__ import annotations
 
