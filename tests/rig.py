@@ -27,7 +27,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache" / "llamad-ci"))
-LLAMA_SERVER = CACHE / "llama-server-11434.0.0" / "llama-server"
+# tools/setup-dev builds llama-server with the RPC backend, and its worker, in one place.
+LLAMA_BUILD = CACHE / "llama-11434.0.0-rpc"
+LLAMA_SERVER = LLAMA_BUILD / "llama-server"
+RPC_SERVER = LLAMA_BUILD / "ggml-rpc-server"
 GEMMA = CACHE / "models" / "gemma3-270m-q4_k_m.gguf"
 WEB_UI = CACHE / "ui-11434.0.0"  # llama.cpp's web UI, built by tools/setup-dev
 # Not under /tmp or /var/tmp: units with PrivateTmp=yes would not see them.
