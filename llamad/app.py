@@ -30,6 +30,7 @@ from llamad import (
     report,
     requestlog,
     sampling,
+    unitpaths,
     webui,
 )
 from llamad.activation import Notifier, bind, systemd_sockets
@@ -278,6 +279,8 @@ async def serve(config: Config, listen: str | None = None) -> None:
 def run(config_path: Path | None, listen: str | None) -> int:
     """`llamad serve`: returns the exit status; a bad config raises ConfigError."""
     config = load_config(config_path)
+    for problem in unitpaths.config_problems(config):
+        log.warning("%s", problem)  # the same warnings as check-config's, in the journal
     try:
         asyncio.run(serve(config, listen))
     except OSError as e:
