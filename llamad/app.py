@@ -21,6 +21,7 @@ from llamad import (
     body,
     browsers,
     dashboard,
+    fleet,
     keys,
     limits,
     logstream,
@@ -31,6 +32,7 @@ from llamad import (
     report,
     requestlog,
     sampling,
+    unitpaths,
     webui,
 )
 from llamad.activation import Notifier, bind, systemd_sockets
@@ -100,6 +102,7 @@ class Daemon:
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
         app[limits.LIMITS] = lim
+        app[fleet.DRAINING] = fleet.Draining()  # /health says so after SIGTERM
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
@@ -272,6 +275,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
                  report.status_line(daemon.sup))
         notifier.ready(report.status_line(daemon.sup))
         await daemon.stop.wait()
+        await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
         notifier.stopping()
         await stop_accepting(servers, runner, daemon.answered)
@@ -298,6 +302,8 @@ async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,
 def run(config_path: Path | None, listen: str | None) -> int:
     """`llamad serve`: returns the exit status; a bad config raises ConfigError."""
     config = load_config(config_path)
+    for problem in unitpaths.config_problems(config):
+        log.warning("%s", problem)  # the same warnings as check-config's, in the journal
     try:
         asyncio.run(serve(config, listen))
     except OSError as e:

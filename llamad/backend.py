@@ -13,6 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
+from llamad import limits
+
 # sun_path holds 108 bytes; long or odd instance names get a short stable hash.
 _SAFE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,47}")
 
@@ -57,6 +59,7 @@ def listen_args(address: str) -> tuple[str, ...]:
 # loses the request, so pooled connections are dropped well before.
 KEEPALIVE = 2.0
 HEALTH_TIMEOUT = 2.0
+SHORT = -1  # _health: llamad itself lacked descriptors or memory to ask
 PROBE_TIMEOUT = 5.0  # seconds a liveness probe waits for /health (at most liveness-timeout)
 
 
@@ -74,7 +77,7 @@ class Backend:
     _users: dict[aiohttp.ClientSession, int] = field(default_factory=dict, repr=False)
     _closed: bool = field(default=False, repr=False)
     last_heard: float = 0.0  # monotonic time of its last answer on any request (heard())
-    _probe: asyncio.Future[bool] | None = field(default=None, repr=False)
+    _probe: asyncio.Future[bool | None] | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -127,33 +130,41 @@ class Backend:
         """/health answers 200 within `timeout` seconds: ready."""
         return await self._health(timeout) == 200
 
-    async def answers(self, timeout: float) -> bool:
-        """/health answers at all within `timeout` (a 503 is an answer too): alive."""
-        return await self._health(timeout) is not None
+    async def answers(self, timeout: float) -> bool | None:
+        """/health answers at all within `timeout` (a 503 is an answer too): alive. None:
+        llamad could not ask, being out of descriptors or memory itself, which says
+        nothing of the backend."""
+        status = await self._health(timeout)
+        return None if status == SHORT else status is not None
 
     async def _health(self, timeout: float) -> int | None:
+        """/health's status; None: no answer; SHORT: llamad could not ask."""
         try:
             async with self.client() as session, session.get(
                     self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except OSError as e:  # aiohttp's connect errors too; TimeoutError has no errno
+            return SHORT if e.errno in limits.SHORTAGE else None
+        except aiohttp.ClientError:
             return None
         self.heard()
         return r.status
 
-    async def probe(self, timeout: float, pid: int = 0) -> bool:
+    async def probe(self, timeout: float, pid: int = 0) -> bool | None:
         """Alive: /health answers within `timeout`, or process `pid` (0: unknown) uses CPU
         meanwhile. On a busy machine /health can take many seconds while the process
-        computes; a stopped or deadlocked one computes nothing. One check at a time,
-        shared by all who ask meanwhile (requests, the liveness tick)."""
+        computes; a stopped or deadlocked one computes nothing. None: llamad could not
+        ask (answers()). One check at a time, shared by all who ask meanwhile (requests,
+        the liveness tick)."""
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._check(timeout, pid))
         return await asyncio.shield(self._probe)
 
-    async def _check(self, timeout: float, pid: int) -> bool:
+    async def _check(self, timeout: float, pid: int) -> bool | None:
         before = cpu_ticks(pid)
-        if await self.answers(timeout):
-            return True
+        answered = await self.answers(timeout)
+        if answered is not False:
+            return answered
         after = cpu_ticks(pid)
         return before is not None and after is not None and after > before
 

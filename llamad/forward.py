@@ -136,8 +136,9 @@ async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch) -> T:
             if done:
                 backend.heard()
                 return task.result()
-            if quiet() < watch.idle_timeout or await backend.probe(watch.health_timeout,
-                                                                   watch.pid()):
+            # Not wedged when the probe cannot tell (None: llamad out of descriptors).
+            if quiet() < watch.idle_timeout or await backend.probe(
+                    watch.health_timeout, watch.pid()) is not False:
                 continue
             if not task.done() and quiet() >= watch.idle_timeout:
                 raise _Wedged(f"nothing for {watch.idle_timeout:g}s, /health did not answer "

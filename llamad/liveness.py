@@ -44,7 +44,7 @@ class Liveness(Signals):
         now = time.monotonic()
         if alive:
             slot.alive_at = now
-        elif now - slot.alive_at > self.config.liveness_timeout:
+        elif alive is False and now - slot.alive_at > self.config.liveness_timeout:
             self.wedged(slot, backend, f"/health unanswered and no CPU used for "
                                      f"{now - slot.alive_at:.0f}s")
 

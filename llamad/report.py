@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llamad import redact
+from llamad import redact, rpc
 from llamad.scheduler import State, ttl_left
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -33,6 +33,8 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
+        # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
+        "rpc": rpc.describe(slot.model.info, slot.model.settings.args),
         **_memory_fields(sup, slot),
     }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamad import gpuload
+from llamad import gpuload, rpcguard
 from llamad.core import IllegalMove
 from llamad.idle import Idle
 
@@ -29,3 +29,4 @@ class Supervisor(Idle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
+        self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy
