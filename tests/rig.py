@@ -85,6 +85,9 @@ def debian13_root() -> Path:
     and 250 MB; `make dev` builds it too). One process builds it while others wait."""
     if DEBIAN13_ROOT.is_dir():
         return DEBIAN13_ROOT
+    if not shutil.which("debootstrap"):
+        raise RuntimeError("the Debian 13 box needs debootstrap to build its root once; "
+                           "run `make dev` (or apt-get install debootstrap)")
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".debian-13.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
