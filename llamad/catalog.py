@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from llamad import hfcache
+from llamad import hfcache, kvcache
 from llamad.config import Config
 from llamad.errors import ConfigError
 from llamad.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
@@ -300,9 +300,11 @@ def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
     return out
 
 
-def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options) -> Model:
+def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
+           config: Config) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
+    settings = kvcache.run_settings(config, info, settings)  # --swa-full where it is needed
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
@@ -341,7 +343,7 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
         info = _read(f, st)
         if info is None:
             continue
-        model = _model(f, info, preset, global_args)
+        model = _model(f, info, preset, global_args, config)
         if model.unit in units:
             st.problems.append(f"models {units[model.unit]!r} and {f.id!r} map to the same "
                                f"unit {model.unit}; skipped {f.id!r}.")

@@ -34,6 +34,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         or slot.pinned else max(0.0, ttl - idle),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
+        "kv_cache": sup.kv.describe(slot.model.id),
         **_memory_fields(sup, slot),
     }
 

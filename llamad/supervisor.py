@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, unitspec
+from llamad import exits, gpuload, kvcache, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import (
@@ -67,6 +67,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
+        self.kv = kvcache.KvCache(config, self.events)  # KV caches kept across swaps
 
     # -- views ---------------------------------------------------------------
 
@@ -307,6 +308,8 @@ class Supervisor:
         while slot.state is State.LOADING and slot.backend is backend and backend is not None:
             if await backend.healthy():
                 if slot.state is State.LOADING and slot.backend is backend:
+                    await self.kv.ready(slot.model, backend)  # its saved KV cache first
+                if slot.state is State.LOADING and slot.backend is backend:
                     took = time.monotonic() - slot.load_started
                     if not slot.load_time_unknown:
                         slot.load_seconds = took
@@ -335,6 +338,7 @@ class Supervisor:
         self._spawn(self._stop(slot))
 
     async def _stop(self, slot: Slot) -> None:
+        await self.kv.before_stop(slot.model)  # saves its KV cache first, if it may return
         try:
             await self.units.stop(slot.unit)
         except Exception as e:  # already gone: the signal path settles the state

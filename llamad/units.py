@@ -61,6 +61,10 @@ class UnitSpec:
     runtime_dir: str | None = None  # relative to /run, e.g. "llamad/gemma"
     devices: tuple[str, ...] = ()  # device nodes let through (GPUs)
     tcp: bool = False  # the backend listens on loopback TCP rather than a UNIX socket
+    # (host directory, directory under /run in the unit): bind-mounted read-write when the
+    # host directory exists; the unit's side is also one of its runtime directories, so it
+    # exists (empty, dropped at stop) either way. The KV cache's save directory.
+    binds: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,14 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
     else:
         # CUDA may generate code at run time; CPU backends never need W+X memory.
         props += [("PrivateDevices", b"b", True), ("MemoryDenyWriteExecute", b"b", True)]
-    if spec.runtime_dir:
-        props += [("RuntimeDirectory", b"as", [spec.runtime_dir]),
+    runtime = [spec.runtime_dir] if spec.runtime_dir else []
+    runtime += [inside.removeprefix("/run/") for _, inside in spec.binds]
+    if runtime:
+        props += [("RuntimeDirectory", b"as", runtime),
                   ("RuntimeDirectoryMode", b"u", 0o755)]
+    if spec.binds:
+        props.append(("BindPaths", b"a(ssbt)", [(host, inside, True, 0)
+                                                for host, inside in spec.binds]))
     if spec.memory_max is not None:
         props.append(("MemoryMax", b"t", spec.memory_max))
     if spec.memory_high is not None:
