@@ -40,6 +40,13 @@ def resolve(request: web.Request, name: object) -> Slot:
     return slot
 
 
+async def find(request: web.Request, name: object) -> Slot:
+    """resolve(), but a model whose file is being copied in is waited for (Supervisor.find)."""
+    slot = await supervisor(request).find(name)
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    return slot
+
+
 def visible(request: web.Request, slots: Any) -> list[Slot]:
     return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
 
@@ -67,7 +74,7 @@ async def handle_model(request: web.Request) -> web.Response:
 
 async def _model_from_body(request: web.Request) -> Slot:
     _, data = await read_json(request)
-    return resolve(request, data.get("model"))
+    return await find(request, data.get("model"))
 
 
 @keys.admin_only

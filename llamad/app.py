@@ -116,21 +116,25 @@ class Daemon:
             self.last_request = time.monotonic()
 
     async def _supervise(self, app: web.Application) -> AsyncIterator[None]:
-        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props))
+        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props),
+                            on_reconnect=self._on_reconnect)
         await units.open()
         await limit_slice(units, self.config)
         measure = Measure(self.config, state_dir=self.config.state_dir)
+        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
-                         journal_tail)
+                         journal_tail, rescan=watcher.rescan_now)
         self.sup = sup
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
-        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         await watcher.start()
         await sup.adopt()
+        await sup.take_back()
         await sup.preload()
-        ticker = asyncio.ensure_future(self._tick())
+        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
+        ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
+        ticker.add_done_callback(self._tick_ended)
         try:
             yield
         finally:
@@ -149,22 +153,46 @@ class Daemon:
         if self.sup is not None:
             self.sup.on_unit_change(unit, props)
 
+    def _on_reconnect(self) -> None:
+        if self.sup is not None:
+            self.sup.reconcile_soon()
+
     async def _tick(self) -> None:
         interval = min(TICK, self.notifier.watchdog_interval or TICK)
         while True:
             await asyncio.sleep(interval)
-            sup = self.sup
-            assert sup is not None
-            sup.expire()
-            self.notifier.watchdog()
-            self.notifier.status(report.status_line(sup))
-            await sample(sup)  # after the ping: D-Bus calls may be slow
-            idle_for = time.monotonic() - self.last_request
-            busy = any(s.in_flight or s.queued for s in sup.slots.values())
-            if self.config.idle_exit and not busy and idle_for > self.config.idle_exit:
-                log.info("idle for %.0fs: exiting; the socket starts llamad again on demand",
-                         idle_for)
-                self.stop.set()
+            try:
+                await self._tick_once()
+            except Exception:  # a bug in one step must not stop the watchdog pings
+                log.exception("the periodic tick failed")
+
+    def _tick_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            # Without the tick no TTL runs and the watchdog starves: let systemd restart us.
+            log.error("the periodic tick ended: %r; exiting", task.exception())
+            self.stop.set()
+
+    async def _tick_once(self) -> None:
+        sup = self.sup
+        assert sup is not None
+        self.notifier.watchdog()
+        sup.expire()
+        sup.probe()
+        self.notifier.status(report.status_line(sup))
+        await sample(sup)  # after the ping: D-Bus calls may be slow
+        idle_for = time.monotonic() - self.last_request
+        if self.config.idle_exit and idle_for > self.config.idle_exit and sup.quiet() \
+                and not self.stop.is_set():
+            await self._exit_when_idle(sup, idle_for)
+
+    async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:
+        try:
+            await sup.hand_off()
+        except UnitError as e:  # stay: with no timer, nothing would stop the models
+            log.warning("cannot hand the idle TTLs to systemd (%s); not exiting", e)
+            return
+        log.info("idle for %.0fs: exiting; the socket starts llamad again on demand", idle_for)
+        self.stop.set()
 
 
 async def sample(sup: Supervisor) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from llamad import hfcache, kvcache
+from llamad import hfcache, kvcache, redact
 from llamad.config import Config
 from llamad.errors import ConfigError
 from llamad.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
@@ -64,6 +64,8 @@ class Snapshot:
     problems: tuple[str, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> model id
     pending: bool = False  # some file looked unfinished: scan again after SETTLE_SECONDS
+    # New models whose files are still being written: a request for one waits for them.
+    settling: frozenset[str] = frozenset()
 
     def resolve(self, name: str) -> Model | None:
         model = self.models.get(name)
@@ -92,6 +94,7 @@ class _Scan:
     problems: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     pending: bool = False
+    unsettled: set[Path] = field(default_factory=set)
 
     def header(self, path: Path) -> FileHeader | None:
         """The file's header, or None (with a problem noted) if it cannot be served now."""
@@ -106,6 +109,7 @@ class _Scan:
             return None
         if self.now - st.st_mtime < self.settle:
             self.pending = True
+            self.unsettled.add(path)
             self.problems.append(f"{path} is still being written; it will be added when done.")
             return None
         try:
@@ -285,6 +289,19 @@ def _unsafe(f: Found) -> str | None:
     return None
 
 
+def _secrets(models: dict[str, Model], problems: list[str]) -> None:
+    """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
+    with_secrets = [m.id for m in models.values() if redact.secret_values(m.settings.args)]
+    for m in models.values():
+        redact.remember(redact.secret_values(m.settings.args))
+    if with_secrets:
+        names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
+        problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): llamad "
+                        "never downloads, "
+                        "so it is not passed to llama-server, whose command line every local "
+                        "user can read.")
+
+
 def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for model in models.values():
@@ -315,15 +332,22 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
-         settle: float = SETTLE_SECONDS) -> Snapshot:
-    """Build a Snapshot of everything servable now. Raises ConfigError for bad `args`."""
+         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None) -> Snapshot:
+    """Build a Snapshot of everything servable now. Raises ConfigError for bad `args`.
+
+    With the `previous` snapshot, a known model whose file is still being written keeps
+    its previous entry, and so do the models of a models directory that has gone.
+    """
     preset = preset if preset is not None else load_presets(config.models_preset)
     global_args = parse_args(config.args, f"{config.path or 'configuration'}: args")
     cache = cache if cache is not None else _default_cache
     st = _Scan(cache, time.time(), settle)
     found: list[Found] = []
+    kept: list[Model] = []
     for directory in config.models_dirs:
         found += discover_models_dir(directory, st)
+        if previous is not None and not directory.is_dir():
+            kept += _keep_gone_dir(directory, previous, st)
     cached: dict[str, Found] = {}
     root = hfcache.cache_dir(config)
     if config.llama_cache and root is not None:
@@ -332,28 +356,65 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
                             st.problems)
     models: dict[str, Model] = {}
     units: dict[str, str] = {}
+    settling: set[str] = set()
     for f in merged.values():
         if (why := _unsafe(f)) is not None:
             st.problems.append(why)
             continue
-        shards = _shard_set(f.shards[0], st) if len(f.shards) == 1 else f.shards
-        if shards is None:
+        model = _build(f, st, preset, global_args, previous, settling, config)
+        if model is None:
             continue
-        f.shards = shards
-        info = _read(f, st)
-        if info is None:
-            continue
-        model = _model(f, info, preset, global_args, config)
         if model.unit in units:
             st.problems.append(f"models {units[model.unit]!r} and {f.id!r} map to the same "
                                f"unit {model.unit}; skipped {f.id!r}.")
             continue
         units[model.unit] = f.id
         models[f.id] = model
+    for model in kept:
+        models.setdefault(model.id, model)
     cache.retain(st.seen)
+    _secrets(models, st.problems)
     aliases = _aliases(models, st.problems)
     return Snapshot(MappingProxyType(models), tuple(st.problems), MappingProxyType(aliases),
-                    st.pending)
+                    st.pending, frozenset(settling))
+
+
+def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
+           previous: Snapshot | None, settling: set[str], config: Config) -> Model | None:
+    """The model found, or its previous entry while its file is still being written."""
+    shards = _shard_set(f.shards[0], st) if len(f.shards) == 1 else f.shards
+    if shards is None:
+        return None
+    f.shards = shards
+    info = _read(f, st)
+    if info is not None:
+        return _model(f, info, preset, global_args, config)
+    if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
+        return None
+    old = previous.models.get(f.id) if previous is not None else None
+    if old is None:
+        settling.add(f.id)
+    return old
+
+
+def _keep_gone_dir(directory: Path, previous: Snapshot, st: _Scan) -> list[Model]:
+    """A models directory that went away (unmounted, renamed, mid-replace) keeps the
+    models it had, rather than stopping them all: llamad says so and carries on."""
+    kept = [m for m in previous.models.values()
+            if m.source == "models_dir" and directory in m.path.parents]
+    if kept:
+        st.problems.append(f"models directory {directory} has gone; keeping its {len(kept)} "
+                           "models from the previous scan until it is back.")
+    return kept
+
+
+def may_appear(config: Config, name: str) -> bool:
+    """Whether a file or directory for model `name` lies in a models directory, one a
+    rescan has not seen yet (copied in a moment ago). Two stats per directory, no reads."""
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 250:
+        return False
+    return any((d / f"{name}.gguf").is_file() or (d / name).is_dir()
+               for d in config.models_dirs)
 
 
 _default_cache = InfoCache()
@@ -389,7 +450,8 @@ class Catalog:
         except ConfigError as e:
             # Keep serving with the last good presets; the file may be mid-edit.
             log.warning("%s Keeping the previous presets.", e.message)
-        snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle)
+        snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
+                        previous=self.snapshot)
         self.cache.save()  # a no-op unless the cache has a file and changed
         return snapshot
 
@@ -398,7 +460,8 @@ class Catalog:
         for problem in new.problems:
             if problem not in old.problems:
                 log.warning("%s", problem)
-        if new.models == old.models and new.aliases == old.aliases:
+        if new.models == old.models and new.aliases == old.aliases and \
+                new.settling == old.settling:
             return
         added = sorted(set(new.models) - set(old.models))
         removed = sorted(set(old.models) - set(new.models))

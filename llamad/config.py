@@ -50,6 +50,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "queue-size": ("integer(min=1, default=64)", "a whole number >= 1"),
     "queue-timeout": ("float(min=0, default=300)", "seconds >= 0"),
     "drain-timeout": ("float(min=0, default=600)", "seconds >= 0"),
+    "liveness-timeout": ("float(min=0, default=30)", "seconds >= 0 (0 = never probe)"),
     "max-body-mb": ("integer(min=1, default=32)", "a whole number of MiB >= 1"),
     "max-bodies-mb": ("integer(min=1, default=256)", "a whole number of MiB >= 1"),
     "receive-timeout": ("float(min=1, default=30)", "seconds >= 1"),
@@ -105,6 +106,7 @@ class Config:
     queue_size: int
     queue_timeout: float
     drain_timeout: float
+    liveness_timeout: float
     max_body_mb: int
     max_bodies_mb: int
     receive_timeout: float

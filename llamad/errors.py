@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamad import redact
+
 
 class LlamadError(Exception):
     """A failure with a message meant for the user of whichever channel it reaches."""
@@ -23,7 +25,8 @@ class LlamadError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+        return {"error": {"message": redact.text(self.message), "type": self.type,
+                          "code": self.code,
                           "source": "llamad"}}
 
 

@@ -26,6 +26,7 @@ class Cause(enum.Enum):
     ACTIVE = "active"  # systemd says the process runs
     HEALTHY = "healthy"  # /health answered 200
     SUSPECT = "suspect"  # the backend refused a connection; checking its health
+    WEDGED = "wedged"  # the backend stopped answering: killed, systemd starts it again
     CRASH = "crash"  # the process died and systemd restarts it
     FAILED = "failed"  # gave up: start limit, OOM, load timeout, systemd refused
     EVICT_COUNT = "lru"  # stopped to stay within models-max
@@ -34,6 +35,7 @@ class Cause(enum.Enum):
     KEEP_ALIVE = "keep_alive"  # a request's keep_alive 0
     UNLOAD = "unload"  # POST /models/unload
     REMOVED = "file_removed"  # its file left the catalog
+    CHANGED = "changed"  # its file or arguments changed: drained and started again
     STOPPED = "stopped"  # the unit is gone
     RESET = "reset"  # a failed model cleared for another try
     RECONCILE = "reconcile"  # systemd's view differed from llamad's

@@ -2,9 +2,9 @@
 when llamad stops a model it may load again, and restored when it loads, before it serves.
 
 - **When.** A ready model that llamad stops for eviction, idle TTL, `keep_alive` or an
-  unload (`SAVED_ON`) first saves every slot that holds a cache (`before_stop`, called by
-  the supervisor's stop path); when the model next answers /health, its saved slots are
-  restored before it is marked ready (`ready`). Crashes, removed or changed files and
+  unload (`SAVED_ON`) first saves every slot that holds a cache (`save`, called by
+  lifecycle.py's stop path); when the model next answers /health, its saved slots are
+  restored before it is marked ready (`restore`). Crashes, removed or changed files and
   llamad's own exit save nothing.
 - **Which cache.** Each save is keyed by `identity()`: the model files' and llama-server's
   (device, inode, size, mtime) and the model's exact arguments. A load whose identity
@@ -241,7 +241,7 @@ class KvCache:
 
     # -- restoring: between /health and ready ----------------------------------
 
-    async def ready(self, model: Model, backend: be.Backend) -> None:
+    async def restore(self, model: Model, backend: be.Backend) -> None:
         """The model's process answers /health: restore its saved slots before it serves
         (bounded by kv-cache-timeout). Never raises: without its cache a model still serves."""
         if self.store is None:
@@ -296,7 +296,7 @@ class KvCache:
 
     # -- saving: before the unit is stopped ------------------------------------
 
-    async def before_stop(self, model: Model) -> None:
+    async def save(self, model: Model) -> None:
         """llamad is about to stop the model's unit: if it stops a ready model for a reason
         it may come back from, save its slots first, within kv-cache-timeout."""
         live = self._live.pop(model.id, None)

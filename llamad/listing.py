@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from llamad import memory, report
+from llamad import memory, redact, report
 from llamad.catalog import Model
 from llamad.scheduler import State
 from llamad.slot import Slot
@@ -70,8 +70,8 @@ def info(model: Model) -> dict[str, Any]:
 def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     m = slot.model
     status: dict[str, Any] = {"value": ROUTER_STATUS[slot.state],
-                              "args": list(sup.spec(slot, slot.gpus)[0].argv),
-                              "preset": m.settings.preset_text}
+                              "args": redact.argv(sup.spec(slot, slot.gpus)[0].argv),
+                              "preset": redact.text(m.settings.preset_text)}
     if slot.state is State.FAILED:
         status.update(failed=True, exit_code=exit_code(slot))
     return {

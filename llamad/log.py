@@ -7,6 +7,7 @@ import os
 import sys
 from typing import NoReturn
 
+from llamad import redact
 from llamad.safetext import CONTROL, one_line
 
 log = logging.getLogger("llamad")
@@ -19,20 +20,21 @@ def setup_logging(verbose: bool = False) -> None:
     fmt = "%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_one_line)
+        handler.addFilter(_clean)
 
 
-def _one_line(record: logging.LogRecord) -> bool:
+def _clean(record: logging.LogRecord) -> bool:
     """A message is one journal entry: a newline in a model name must not forge a second
-    one (tracebacks, added after the message, keep theirs)."""
+    one (tracebacks, added after the message, keep theirs); and no secret shows."""
     message = record.getMessage()
-    if CONTROL.search(message):
-        record.msg, record.args = one_line(message), None
+    shown = redact.text(one_line(message) if CONTROL.search(message) else message)
+    if shown != message:
+        record.msg, record.args = shown, None
     return True
 
 
 def die(message: str, hint: str | None = None, status: int = 1) -> NoReturn:
-    print(f"llamad: {message}", file=sys.stderr)
+    print(f"llamad: {redact.text(message)}", file=sys.stderr)
     if hint:
         print(f"llamad: hint: {hint}", file=sys.stderr)
     raise SystemExit(status)

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from llamad import browsers, keys, metrics, progress, streams
-from llamad.api import resolve, router_props, supervisor
+from llamad.api import find, resolve, router_props, supervisor
 from llamad.body import parse_keep_alive, read_body, read_json
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
 from llamad.forward import forward
@@ -57,7 +57,7 @@ def autoload(request: web.Request) -> bool:
 
 async def handle_post(request: web.Request) -> web.StreamResponse:
     body, data = await read_json(request)
-    slot = resolve(request, data.get("model"))
+    slot = await find(request, data.get("model"))
     keep_alive = parse_keep_alive(data.get("keep_alive"))
     if keep_alive is not None:
         keys.require_admin(request, "keep_alive")

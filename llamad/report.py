@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llamad.scheduler import State
+from llamad import redact
+from llamad.scheduler import State, ttl_left
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
 
@@ -21,22 +22,21 @@ def status_line(sup: Supervisor) -> str:
 def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     """llamad's own fields for GET /models and /status."""
     now = time.monotonic()
-    ttl = sup.ttl(slot)
-    idle = now - slot.last_used if slot.last_used else 0.0
     need = sup.measure.need(slot.model)
     return {
         "state": slot.state.value, "unit": slot.unit, "main_pid": slot.main_pid or None,
         "invocation_id": slot.invocation_id or None, "in_flight": slot.in_flight,
         "queued": slot.queued, "served": slot.served, "restarts": slot.n_restarts,
         "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
-        "load_seconds": slot.load_seconds, "reason": slot.reason or None,
-        "ttl_left": None if ttl is None or slot.state is not State.READY
-        or slot.pinned else max(0.0, ttl - idle),
+        "load_seconds": slot.load_seconds, "reason": redact.text(slot.reason) or None,
+        # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
+        "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
         "kv_cache": sup.kv.describe(slot.model.id),
         **_memory_fields(sup, slot),
     }
+
 
 def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     """Estimate beside measurement: bytes; measured ones None until a sample."""
@@ -48,6 +48,7 @@ def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "vram": slot.used.vram if running and slot.peak.vram else None,
         "peak": {"ram": slot.peak.ram or None, "vram": slot.peak.vram or None},
     }
+
 
 def status(sup: Supervisor) -> dict[str, Any]:
     return {

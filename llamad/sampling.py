@@ -15,7 +15,8 @@ async def sample(sup: Supervisor) -> None:
     does not account memory (cgroup v1); VRAM is NVML's figure for the unit's processes.
     """
     vram = sup.measure.vram_by_unit()
-    for slot in [s for s in sup.loaded() if s.main_pid and s.state is not State.STOPPING]:
+    running = (State.STARTING, State.LOADING, State.READY)
+    for slot in [s for s in sup.loaded() if s.main_pid and s.state in running]:
         pid = slot.main_pid
         ram, peak = await _ram(sup, slot.unit, pid)
         if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):

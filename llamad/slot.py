@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llamad import backend as be
+from llamad.bus import Props
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.gpu import GpuInfo
+from llamad.learned import Learned
 from llamad.scheduler import Memory, Resources, State
 from llamad.units import UnitSpec, UnitStatus
 
@@ -18,9 +20,14 @@ class Units(Protocol):
 
     async def start(self, spec: UnitSpec) -> None: ...
     async def stop(self, name: str) -> None: ...
+    async def kill(self, name: str, signal: int) -> None: ...
     async def reset_failed(self, name: str) -> None: ...
     async def status(self, name: str) -> UnitStatus: ...
     async def list_ours(self) -> list[UnitStatus]: ...
+    async def start_transient(self, name: str, props: Props,
+                              aux: list[tuple[str, Props]] | None = None) -> None: ...
+    async def names(self, pattern: str) -> list[str]: ...
+    async def properties(self, name: str, iface: bytes) -> dict[str, Any]: ...
 
 
 class Measure(Protocol):
@@ -29,6 +36,7 @@ class Measure(Protocol):
     def resources(self, config: Config) -> Resources: ...
     def need(self, model: Model) -> Memory: ...
     def estimate(self, model: Model) -> Memory: ...
+    def learned_for(self, model: Model) -> Learned | None: ...
     def derived_limit(self, model: Model) -> int | None: ...
     def vram_by_unit(self) -> dict[str, int]: ...
     def gpu_list(self) -> tuple[GpuInfo, ...]: ...
@@ -49,10 +57,13 @@ class Slot:
 
     model: Model
     state: State = State.UNLOADED
+    # Bumped by every state change: a task that awaited re-checks it before it acts.
+    epoch: int = 0
     in_flight: int = 0
     queued: int = 0
     last_used: float = 0.0
     backend: be.Backend | None = None
+    address: str = ""  # where its backend listens while it runs ("" while unloaded)
     invocation_id: str = ""
     main_pid: int = 0
     n_restarts: int = 0
@@ -64,6 +75,10 @@ class Slot:
     gpus: tuple[int, ...] = ()
     last_exit: dict[str, Any] = field(default_factory=dict)
     stopping_by_us: bool = False
+    start_pending: bool = False  # a start task has not yet handed the unit to systemd
+    stop_sent: bool = False  # StopUnit was called for the current stop
+    identity: tuple[object, ...] | None = None  # what the running unit was made from
+    reload: bool = False  # start it again once stopped (its file or arguments changed)
     checking: bool = False  # a failure is being confirmed with systemd
     # Adopted from an earlier llamad, or re-checked after a refused connection: the
     # next "ready" ends no load that we timed.
@@ -71,6 +86,9 @@ class Slot:
     used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
     peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
     sampled_pid: int = 0
+    alive_at: float = 0.0  # monotonic: last /health answer or finished request while ready
+    probing: bool = False  # a liveness probe is in flight
+    replacing: str = ""  # the InvocationID of a wedged process being replaced
     pin: bool | None = None  # set at runtime (POST /models/pin); None: the preset's `pin`
 
     @property

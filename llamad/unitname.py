@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 UNIT_PREFIX = "llama-server@"
 UNIT_SUFFIX = ".service"
+UNIT_PATTERN = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"  # for systemd's ListUnitsByPatterns
 # The real model name travels in this environment variable of the unit.
 MODEL_ENV = "LLAMAD_MODEL"
 UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX minus the terminating NUL
@@ -45,6 +46,37 @@ def unit_name(model_id: str) -> str:
 
 def is_model_unit(unit: str) -> bool:
     return unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX)
+
+
+# While llamad is away (idle-exit), a model's remaining idle TTL runs in a timer that
+# starts a service conflicting with the model's unit: llamad-ttl@<instance>.timer/.service.
+TTL_PREFIX = "llamad-ttl@"
+TTL_TIMER_PATTERN = f"{TTL_PREFIX}*.timer"
+
+
+def ttl_units(unit: str) -> tuple[str, str]:
+    """The TTL timer of a model unit, and the service it starts."""
+    name = TTL_PREFIX + instance_of(unit)
+    return f"{name}.timer", f"{name}.service"
+
+
+def unit_of_ttl_timer(timer: str) -> str:
+    return f"{UNIT_PREFIX}{timer.removeprefix(TTL_PREFIX).removesuffix('.timer')}{UNIT_SUFFIX}"
+
+
+def instance_of(unit: str) -> str:
+    """llama-server@<instance>.service -> <instance>."""
+    return unit.removeprefix(UNIT_PREFIX).removesuffix(UNIT_SUFFIX)
+
+
+def bus_label(text: str) -> str:
+    """sd-bus's escaping of a name into one D-Bus object path element."""
+    return "".join(c if c.isascii() and c.isalnum() else "".join(
+        f"_{b:02x}" for b in c.encode()) for c in text) or "_"
+
+
+# systemd's D-Bus object path of every model unit starts with this.
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/" + bus_label(UNIT_PREFIX)
 
 
 def unit_environment(model_id: str) -> str:

@@ -1,47 +1,34 @@
-"""systemd over D-Bus: the only module that imports pystemd.
-
-Method calls run on one worker thread that owns its own bus connection,
-because sd-bus is synchronous and not thread-safe. Signals arrive on a second
-connection read from the event loop with `add_reader`, so nothing here blocks
-the loop. Units are described by plain values (UnitSpec in, UnitStatus out).
-
-The transient unit's properties are marshalled here with their D-Bus
-signatures rather than through pystemd's own property table, which differs
-between pystemd 0.11 (Debian 12) and later releases and lacks some we need.
-"""
+"""systemd's side of the models: the units llamad starts (UnitSpec in, UnitStatus out),
+their transient properties, and UnitManager to start, stop, list and watch them.
+How the calls and signals travel (pystemd, the bus, reconnecting) is bus.py's."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pystemd.dbuslib import DBus, apply_signature, path_decode, path_encode
+from llamad import bus
+from llamad.bus import Props, UnitError
+from llamad.unitname import UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
 
-from llamad.safetext import unsafe
+__all__ = ["UnitError"]
 
 log = logging.getLogger("llamad.units")
 
-SYSTEMD = b"org.freedesktop.systemd1"
-MANAGER_PATH = b"/org/freedesktop/systemd1"
-MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
-PROPS_IFACE = b"org.freedesktop.DBus.Properties"
-UNIT_PREFIX = b"/org/freedesktop/systemd1/unit"
-PATTERN = "llama-server@*.service"
 MARKER = "LLAMAD_MANAGED=1"
+REMOVED = "UnitRemoved"  # the key on_change gets for systemd's UnitRemoved signal
+# The group of model units and their sockets; llamad.service is its one member
+# (SupplementaryGroups=, units/llamad.sysusers).
+BACKEND_GROUP = "llamad-backend"
+MS_REC = 0x4000
 USEC = 1_000_000
 
 ChangeCallback = Callable[[str, dict[str, Any]], None]
-
-
-class UnitError(Exception):
-    """A D-Bus call to systemd failed; the message is systemd's own."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +48,10 @@ class UnitSpec:
     runtime_dir: str | None = None  # relative to /run, e.g. "llamad/gemma"
     devices: tuple[str, ...] = ()  # device nodes let through (GPUs)
     tcp: bool = False  # the backend listens on loopback TCP rather than a UNIX socket
-    # (host directory, directory under /run in the unit): bind-mounted read-write when the
-    # host directory exists; the unit's side is also one of its runtime directories, so it
-    # exists (empty, dropped at stop) either way. The KV cache's save directory.
+    # (host directory, directory below runtime_dir in the unit, as /run/...): bind-mounted
+    # read-write when the host directory exists; the unit's side is also one of its runtime
+    # directories, so it exists (empty, dropped at stop) either way. Ignored without
+    # runtime_dir. The KV cache's save directory.
     binds: tuple[tuple[str, str], ...] = ()
 
 
@@ -81,6 +69,7 @@ class UnitStatus:
     exit_status: int = 0
     memory_current: int | None = None
     environment: tuple[str, ...] = field(default_factory=tuple)
+    job: int = 0  # id of a queued or running job (start, stop, restart); 0 = none
 
     @property
     def ours(self) -> bool:
@@ -120,8 +109,14 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("ProtectControlGroups", b"b", True),
         ("RestrictSUIDSGID", b"b", True),
         ("LockPersonality", b"b", True),
-        # Other users must be able to connect() to the backend's UNIX socket.
-        ("UMask", b"u", 0o011),
+        # Only llamad may connect() to the backend's socket (docs/security.md): the unit
+        # runs in BACKEND_GROUP, whose members llamad alone is, so the socket must be
+        # group-writable (0770); other users get nothing.
+        ("Group", b"s", BACKEND_GROUP),
+        ("UMask", b"u", 0o007),
+        # Nothing of /run but its own directory (bound in below): no other model's socket,
+        # no system bus.
+        ("TemporaryFileSystem", b"a(ss)", [("/run", "ro")]),
         ("CapabilityBoundingSet", b"t", 0),
         ("PrivateUsers", b"b", True),
         ("ProtectProc", b"s", "invisible"),
@@ -146,14 +141,14 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
     else:
         # CUDA may generate code at run time; CPU backends never need W+X memory.
         props += [("PrivateDevices", b"b", True), ("MemoryDenyWriteExecute", b"b", True)]
-    runtime = [spec.runtime_dir] if spec.runtime_dir else []
-    runtime += [inside.removeprefix("/run/") for _, inside in spec.binds]
-    if runtime:
-        props += [("RuntimeDirectory", b"as", runtime),
-                  ("RuntimeDirectoryMode", b"u", 0o755)]
-    if spec.binds:
-        props.append(("BindPaths", b"a(ssbt)", [(host, inside, True, 0)
-                                                for host, inside in spec.binds]))
+    if spec.runtime_dir:
+        run = f"/run/{spec.runtime_dir}"
+        inner = [inside.removeprefix("/run/") for _, inside in spec.binds]
+        props += [("RuntimeDirectory", b"as", [spec.runtime_dir, *inner]),
+                  ("RuntimeDirectoryMode", b"u", 0o750),
+                  ("BindPaths", b"a(ssbt)", [(run, run, False, MS_REC),
+                                             *((host, inside, True, 0)
+                                               for host, inside in spec.binds)])]
     if spec.memory_max is not None:
         props.append(("MemoryMax", b"t", spec.memory_max))
     if spec.memory_high is not None:
@@ -176,52 +171,6 @@ def _network(tcp: bool) -> list[tuple[str, bytes, Any]]:
             ("IPAddressDeny", b"a(iayu)", _ANY), ("IPAddressAllow", b"a(iayu)", _LOOPBACK)]
 
 
-def _b(value: Any, what: str = "a value") -> Any:
-    """pystemd wants bytes for strings, recursively. The last line of defence of safetext:
-    no string with a control character reaches systemd, whatever path it came by."""
-    if isinstance(value, str):
-        why = unsafe(value)
-        if why is not None:
-            raise UnitError(f"llamad refuses to send {what} {value!r} to systemd: it {why}")
-        return value.encode()
-    if isinstance(value, list):
-        return [_b(v, what) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_b(v, what) for v in value)
-    return value
-
-
-def _s(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, list):
-        return [_s(v) for v in value]
-    return value
-
-
-def _prop_array(props: Sequence[tuple[str, bytes, Any]]) -> list[Any]:
-    """An a(sv) argument, each variant with its own signature."""
-    args: list[Any] = [(ord("a"), b"(sv)")]
-    for name, sig, value in props:
-        args += [(ord("r"), b"sv"), (ord("s"), name.encode()), (ord("v"), sig)]
-        args += apply_signature(sig, [_b(value, f"{name}=")])
-        args += [(-1, None), (-1, None)]
-    args.append((-1, None))
-    return args
-
-
-def _start_args(spec: UnitSpec) -> list[Any]:
-    args: list[Any] = apply_signature(b"ss", [_b(spec.name, "a unit name"), b"fail"])
-    args += _prop_array(transient_properties(spec))
-    # No auxiliary units.
-    args += [(ord("a"), b"(sa(sv))"), (-1, None)]
-    return args
-
-
-def unit_path(name: str) -> bytes:
-    return bytes(path_encode(UNIT_PREFIX, name.encode()))
-
-
 def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
     memory = props.get("MemoryCurrent")
     return UnitStatus(
@@ -238,6 +187,7 @@ def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
         # systemd reports "unknown" as the maximum uint64.
         memory_current=None if memory is None or memory >= 2**64 - 1 else int(memory),
         environment=tuple(props.get("Environment", ())),
+        job=int(props.get("Job", (0, ""))[0]),
     )
 
 
@@ -246,109 +196,34 @@ def _exit_code(code: int) -> str:
     return {1: "exited", 2: "killed", 3: "dumped"}.get(code, "")
 
 
-class _Caller:
-    """Blocking D-Bus calls on one dedicated thread with its own connection."""
-
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamad-dbus")
-        self._local = threading.local()
-
-    def _bus(self) -> DBus:
-        bus = getattr(self._local, "bus", None)
-        if bus is None:
-            bus = DBus()
-            bus.open()
-            self._local.bus = bus
-        return bus
-
-    async def call(self, path: bytes, iface: bytes, method: bytes, args: list[Any]) -> Any:
-        def do() -> Any:
-            try:
-                return self._bus().call_method(SYSTEMD, path, iface, method, args).body
-            except Exception as e:  # pystemd raises DBusError subclasses and others
-                raise UnitError(_describe(e)) from e
-        return await asyncio.get_running_loop().run_in_executor(self._pool, do)
-
-    def close(self) -> None:
-        # A call stuck in systemd must not hang llamad's exit.
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _describe(e: Exception) -> str:
-    parts = [p.decode() if isinstance(p, bytes) else str(p) for p in e.args if p]
-    return ": ".join(parts) or type(e).__name__
-
-
-def _plain(method: Callable[[Any], None]) -> Callable[..., None]:
-    def callback(msg: Any, error: Any = None, userdata: Any = None) -> None:
-        method(msg)
-    return callback
-
-
 class UnitManager:
-    """Start, stop and watch llama-server@ units; state changes go to `on_change`."""
+    """Start, stop, list and watch model units; state changes go to `on_change`, and
+    `on_reconnect` is called once the signal connection is back after a loss (signals
+    may have been missed meanwhile)."""
 
-    def __init__(self, on_change: ChangeCallback) -> None:
+    def __init__(self, on_change: ChangeCallback,
+                 on_reconnect: Callable[[], None] = lambda: None) -> None:
         self._on_change = on_change
-        self._caller = _Caller()
-        self._signals: DBus | None = None
-        self._handled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._callbacks: list[Callable[..., None]] = []
+        self._caller = bus.Caller()
+        self._signals = bus.Signals(self._caller, self._on_props, self._on_removed,
+                                    on_reconnect)
 
     async def open(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        bus = DBus()
-        try:
-            bus.open()
-        except Exception as e:
-            raise UnitError(f"cannot connect to systemd's system bus ({_describe(e)}); "
-                            "llamad needs systemd as PID 1, or DBUS_SYSTEM_BUS_ADDRESS") from e
-        # pystemd tags the callback with attributes (bound methods refuse) and
-        # holds it without a reference, so keep plain functions alive here.
-        self._callbacks = [_plain(self._on_props), _plain(self._on_removed)]
-        bus.match_signal(SYSTEMD, None, PROPS_IFACE, b"PropertiesChanged", self._callbacks[0])
-        bus.match_signal(SYSTEMD, MANAGER_PATH, MANAGER, b"UnitRemoved", self._callbacks[1])
-        self._signals = bus
-        self._loop.add_reader(bus.get_fd(), self._drain)
-        # Without a subscriber systemd does not send unit signals at all.
-        bus.call_method(SYSTEMD, MANAGER_PATH, MANAGER, b"Subscribe", [])
-        self._drain()
+        await self._signals.open()
 
     def close(self) -> None:
-        if self._signals is not None and self._loop is not None:
-            self._loop.remove_reader(self._signals.get_fd())
-            self._signals.close()
-            self._signals = None
+        self._signals.close()
         self._caller.close()
 
-    def _drain(self) -> None:
-        # sd_bus_process handles one message per call and hides whether it did
-        # anything when a callback consumed it; the flag tells us.
-        assert self._signals is not None
-        for _ in range(1000):
-            self._handled = False
-            msg = self._signals.process()
-            if msg.is_empty() and not self._handled:
-                return
+    def _on_props(self, path: bytes, props: dict[str, Any]) -> None:
+        if path.startswith(UNIT_PATH_PREFIX.encode()):
+            self._emit(bus.unit_name(path), props)
 
-    def _on_props(self, msg: Any) -> None:
-        self._handled = True
-        msg.process_reply(True)
-        path = bytes(msg.headers.get("Path", b""))
-        if not path.startswith(UNIT_PREFIX + b"/llama_2dserver_40"):
-            return
-        name = bytes(path_decode(path, UNIT_PREFIX)).decode()
-        _iface, changed, _invalidated = msg.body
-        props = {_s(k): _s(v) for k, v in changed.items()}
-        self._emit(name, props)
-
-    def _on_removed(self, msg: Any) -> None:
-        self._handled = True
-        msg.process_reply(True)
-        name = _s(msg.body[0])
-        if name.startswith("llama-server@"):
-            self._emit(name, {"ActiveState": "inactive", "LoadState": "not-found"})
+    def _on_removed(self, name: str) -> None:
+        # Not proof that the unit stopped: daemon-reload sends this for every unit, the
+        # running ones included. The receiver asks systemd.
+        if is_model_unit(name):
+            self._emit(name, {REMOVED: True})
 
     def _emit(self, name: str, props: dict[str, Any]) -> None:
         try:
@@ -358,10 +233,15 @@ class UnitManager:
 
     async def start(self, spec: UnitSpec) -> None:
         """Start the transient unit, clearing a failed or lingering one of that name."""
-        await self.reset_failed(spec.name)
+        await self.start_transient(spec.name, transient_properties(spec))
+
+    async def start_transient(self, name: str, props: Props,
+                              aux: list[tuple[str, Props]] | None = None) -> None:
+        await self.reset_failed(name)
+        argv = bus.transient_args(name, props, aux or [])
         for _ in range(600):  # 30 s
             try:
-                await self._start(spec)
+                await self._caller.manager(b"StartTransientUnit", argv)
                 return
             except UnitError as e:
                 # A stopped unit stays loaded until systemd garbage-collects it, and
@@ -370,43 +250,47 @@ class UnitManager:
                 # forever; a stop job on the dead unit makes systemd look again.
                 if "UnitExists" not in str(e):
                     raise
-                await self.stop(spec.name)
+                await self.stop(name)
             await asyncio.sleep(0.05)
-        await self._start(spec)
-
-    async def _start(self, spec: UnitSpec) -> None:
-        await self._caller.call(MANAGER_PATH, MANAGER, b"StartTransientUnit", _start_args(spec))
+        await self._caller.manager(b"StartTransientUnit", argv)
 
     async def stop(self, name: str) -> None:
-        await self._caller.call(MANAGER_PATH, MANAGER, b"StopUnit",
-                                apply_signature(b"ss", [name.encode(), b"replace"]))
+        await self._caller.manager(b"StopUnit", bus.args(b"ss", [name, "replace"]))
 
-    async def set_properties(self, name: str, props: Sequence[tuple[str, bytes, Any]]) -> None:
+    async def kill(self, name: str, signal: int) -> None:
+        """Send `signal` to the unit's main process (a SIGKILL makes Restart= start it again)."""
+        await self._caller.manager(b"KillUnit", bus.args(b"ssi", [name, "main", signal]))
+
+    async def set_properties(self, name: str, props: Props) -> None:
         """SetUnitProperties for this boot only (runtime), like `systemctl set-property
         --runtime`: llamad sets them again from its configuration on every start."""
-        args = apply_signature(b"sb", [name.encode(), True]) + _prop_array(props)
-        await self._caller.call(MANAGER_PATH, MANAGER, b"SetUnitProperties", args)
+        argv = bus.args(b"sb", [name, True]) + bus.prop_array(props)
+        await self._caller.manager(b"SetUnitProperties", argv)
 
     async def reset_failed(self, name: str) -> None:
         try:
-            await self._caller.call(MANAGER_PATH, MANAGER, b"ResetFailedUnit",
-                                    apply_signature(b"s", [name.encode()]))
+            await self._caller.manager(b"ResetFailedUnit", bus.args(b"s", [name]))
         except UnitError as e:
             if "not loaded" not in str(e) and "NoSuchUnit" not in str(e):
                 raise
 
+    async def properties(self, name: str, iface: bytes) -> dict[str, Any]:
+        body = await self._caller.call(bus.unit_path(name), bus.PROPS_IFACE, b"GetAll",
+                                       bus.args(b"s", [iface]))
+        return {bus.to_str(k): bus.to_str(v) for k, v in body.items()}
+
     async def status(self, name: str) -> UnitStatus:
-        props: dict[str, Any] = {}
-        for iface in (UNIT_IFACE, SERVICE_IFACE):
-            body = await self._caller.call(unit_path(name), PROPS_IFACE, b"GetAll",
-                                           apply_signature(b"s", [iface]))
-            props.update({_s(k): _s(v) for k, v in body.items()})
+        props = await self.properties(name, UNIT_IFACE)
+        props.update(await self.properties(name, SERVICE_IFACE))
         return status_from_props(name, props)
 
+    async def names(self, pattern: str) -> list[str]:
+        """Loaded units whose names match the pattern, in any state."""
+        body = await self._caller.manager(b"ListUnitsByPatterns",
+                                          bus.args(b"asas", [[], [pattern]]))
+        return [bus.to_str(row[0]) for row in body]
+
     async def list_ours(self) -> list[UnitStatus]:
-        """Loaded llama-server@ units that carry llamad's marker."""
-        body = await self._caller.call(MANAGER_PATH, MANAGER, b"ListUnitsByPatterns",
-                                       apply_signature(b"asas", [[], [PATTERN.encode()]]))
-        names: Sequence[str] = [_s(row[0]) for row in body]
-        found = [await self.status(name) for name in names]
+        """Loaded model units that carry llamad's marker."""
+        found = [await self.status(name) for name in await self.names(UNIT_PATTERN)]
         return [s for s in found if s.ours]

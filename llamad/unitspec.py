@@ -1,28 +1,39 @@
-"""What a model's llama-server@ unit looks like: command line, address, limits, and the
+"""What a model's unit looks like: command line, address, limits, and the
 environment by which a later llamad recognizes it. Pure functions of config and catalog."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, kvcache
+from llamad import exits, gpuload, kvcache, redact
 from llamad.catalog import Model
 from llamad.config import Config
+from llamad.unitname import instance_of
 from llamad.units import UnitSpec, UnitStatus
 
 
 def instance(model: Model) -> str:
-    return model.unit.removeprefix("llama-server@").removesuffix(".service")
+    return instance_of(model.unit)
 
 
-def address(config: Config, model: Model, port_for: Callable[[str], int]) -> str:
+def address(config: Config, model: Model, port: int = 0) -> str:
+    """Where the model's backend listens: its UNIX socket, or the loopback `port` llamad
+    allocated to it (0 until it has one)."""
     if config.backend == "unix":
         return be.unix_address(config.run_dir, instance(model))
-    return be.tcp_address(port_for(model.id))
+    return be.tcp_address(port)
+
+
+def tcp_port(address: str) -> int | None:
+    """The port of a loopback TCP backend address, None for anything else."""
+    kind, _, rest = address.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or host != "127.0.0.1" or not port.isdigit():
+        return None
+    return int(port)
 
 
 UINT32_MAX = 2**32 - 1
@@ -59,7 +70,7 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
     metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
         model.settings.args else ()
     kv = kvcache.unit_parts(config, model)
-    argv = (str(config.llama_server), *model.settings.args, *metrics,
+    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
             *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",

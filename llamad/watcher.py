@@ -23,8 +23,9 @@ log = logging.getLogger("llamad.watcher")
 
 DEBOUNCE_SECONDS = 0.5
 # Reads (our own header scans included) must not trigger rescans; newer watchdog
-# versions report opens and read-only closes, 2.2 does not.
-_CHANGES = frozenset({"created", "deleted", "modified", "moved", "closed"})
+# versions report opens and read-only closes, 2.2 does not. A touch is an attribute
+# change: 2.2 reports it as "modified", newer versions as "attrib".
+_CHANGES = frozenset({"created", "deleted", "modified", "moved", "closed", "attrib"})
 
 
 class _Handler(FileSystemEventHandler):
@@ -57,6 +58,8 @@ class CatalogWatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        # rescan_now() callers, told when a scan that began after their call has ended.
+        self._waiting: list[asyncio.Future[None]] = []
 
     def _watched(self) -> list[tuple[Path, bool, Path | None]]:
         """(directory, recursive, only this file) for everything the catalog reads."""
@@ -116,22 +119,37 @@ class CatalogWatcher:
         self._timer = self.loop.call_later(self.debounce if delay is None else delay,
                                            self._fire)
 
+    async def rescan_now(self) -> None:
+        """Return once a scan that began after this call has been published; concurrent
+        callers share one. For a request naming a model whose file may just have arrived."""
+        done = self.loop.create_future()
+        self._waiting.append(done)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fire()
+        await done
+
     def _fire(self) -> None:
         self._timer = None
         if self._task is not None and not self._task.done():
             self._again = True  # rescan again when the running one ends
             return
-        self._task = self.loop.create_task(self._rescan())
+        self._task = self.loop.create_task(self._rescan(), name="rescanning the catalog")
 
     async def _rescan(self) -> None:
+        waiting, self._waiting = self._waiting, []
         try:
             await self.catalog.rescan_async()
         except Exception:
             # A failed scan must not stop watching; the next change tries again.
             log.exception("catalog rescan failed")
+        for done in waiting:
+            if not done.done():
+                done.set_result(None)
         if self._again:
             self._again = False
-            self.poke()
+            # Someone waits for a scan that starts after theirs: now, not after the debounce.
+            self.poke(0 if self._waiting else None)
         self._follow_up()
 
     def _follow_up(self) -> None:

@@ -11,10 +11,15 @@ import ggufgen
 import pytest
 from test_catalog import age, config
 
+from llamad.bus import transient_args
 from llamad.catalog import scan
-from llamad.log import _one_line
+from llamad.log import _clean
 from llamad.safetext import one_line, unsafe
-from llamad.units import UnitError, UnitSpec, _start_args
+from llamad.units import UnitError, UnitSpec, transient_properties
+
+
+def _start_args(spec: UnitSpec) -> list[Any]:
+    return transient_args(spec.name, transient_properties(spec))
 
 HOSTILE = ["a\nb", "tab\there", "nul\0", "del\x7f", "esc\x1b[31m", "bad\udcff"]
 
@@ -57,5 +62,5 @@ def test_marshalling_refuses_control_characters(subtests: Any) -> None:
 def test_log_lines_stay_one_line() -> None:
     record = logging.LogRecord("llamad", logging.WARNING, __file__, 1, "model %s: %s",
                                ("a\nb", "x\ry"), None)
-    assert _one_line(record)
+    assert _clean(record)
     assert record.getMessage() == "model a\\nb: x\\ry"

@@ -1,63 +1,432 @@
-"""The supervisor's queueing rules, with systemd faked at the Units boundary.
+"""The supervisor's state machine and queueing rules, with systemd faked at the Units
+boundary and llama-server at its /health (tests/fakesystemd.py).
 
-The real thing is covered on the box (tests/integration); these pin the bounds that
-are slow or racy to hit there: the queue timeout, a full queue, one start for many.
+The real thing is covered on the box (tests/integration); these pin the bounds and races
+that are slow or unreliable to hit there. Tests wait on events, never on sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
-from test_measure import FakeUnits, config, supervisor
+from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
+from ggufgen import write_model
+from test_measure import NoNvml
 
+from llamad import report
+from llamad.catalog import scan
 from llamad.config import Config
-from llamad.errors import Unavailable
+from llamad.errors import NotFound, Unavailable
+from llamad.events import Cause
+from llamad.gpu import GpuMonitor
+from llamad.measure import Measure
 from llamad.scheduler import State
+from llamad.slot import Slot
+from llamad.supervisor import IllegalMove, Supervisor
+from llamad.units import UnitError
 
-__all__ = ["config"]  # the fixture, shared with test_measure
+MODELS = ["tiny-a", "tiny-b", "tiny-c"]
 
 
-async def test_queue_timeout_is_503_with_retry_after(config: Config) -> None:
-    cfg = dataclasses.replace(config, queue_timeout=0.2)
-    units = FakeUnits()
-    sup = supervisor(cfg, units)
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def config(tmp_path: Path, run_dir: Path) -> Config:
+    models = tmp_path / "models"
+    for name in MODELS:
+        os.utime(write_model(models / f"{name}.gguf"), (0, 0))  # older than the settle window
+    return Config.default(models_dirs=(models,), llama_cache=False, models_preset=None,
+                          state_dir=tmp_path / "state", memory_reserve_mb=0, run_dir=run_dir)
+
+
+class Rig:
+    """A supervisor on a fake systemd, and the Watch to wait on both."""
+
+    servers: FakeLlamaServers
+
+    def __init__(self, config: Config) -> None:
+        self.watch = Watch()
+        self.units = FakeSystemd(self.watch)
+        measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+        self.sup = Supervisor(config, scan(config), self.units, measure, no_journal)
+        self.watch.follow(self.sup)
+
+    def slot(self, name: str) -> Slot:
+        return self.sup.slots[name]
+
+    async def state(self, name: str, want: State) -> None:
+        await self.watch.until(f"{name} to be {want.value}",
+                               lambda: self.slot(name).state is want)
+
+    async def probe(self) -> None:
+        """What the daemon's tick does once a second: probe, here awaited to its end."""
+        self.sup.probe()
+        await asyncio.gather(*(t for t in asyncio.all_tasks()
+                               if t.get_name().startswith("probing ")))
+
+    async def ready(self, name: str) -> Slot:
+        """Load through the real decision path and drive the model to READY as systemd
+        and llama-server would."""
+        slot = self.slot(name)
+        await self.sup.load(slot)
+        await self.watch.until(f"{slot.unit} to start", lambda: slot.unit in self.units.running)
+        self.units.active(self.sup, slot.unit)
+        await self.state(name, State.READY)
+        return slot
+
+
+async def no_journal(unit: str) -> str:
+    return ""
+
+
+@pytest.fixture
+async def rig(config: Config, run_dir: Path) -> AsyncIterator[Rig]:
+    r = Rig(config)
+    async with fake_llama_servers(run_dir, MODELS) as servers:
+        Rig.servers = servers
+        yield r
+        await r.sup.close()
+
+
+def with_config(r: Rig, **changes: object) -> Rig:
+    return Rig(dataclasses.replace(r.sup.config, **changes))
+
+
+async def test_queue_timeout_is_503_with_retry_after(rig: Rig) -> None:
+    r = with_config(rig, queue_timeout=0.2)
     with pytest.raises(Unavailable) as err:
-        await sup.acquire(sup.slots["tiny"])  # systemd never says the unit is active
+        await r.sup.acquire(r.slot("tiny-a"))  # systemd never says the unit is active
     assert err.value.status == 503 and err.value.code == "timeout"
     assert int(err.value.headers["Retry-After"]) > 0
-    assert units.started == ["llama-server@tiny.service"]
-    assert sup.slots["tiny"].queued == 0
+    assert r.units.started == ["llama-server@tiny-a.service"]
+    assert r.slot("tiny-a").queued == 0
+    await r.sup.close()
 
 
-async def test_full_queue_is_refused_at_once(config: Config) -> None:
-    cfg = dataclasses.replace(config, queue_size=2, queue_timeout=5)
-    sup = supervisor(cfg, FakeUnits())
-    slot = sup.slots["tiny"]
-    waiting = [asyncio.ensure_future(sup.acquire(slot)) for _ in range(2)]
-    await asyncio.sleep(0)
+async def test_full_queue_is_refused_at_once(rig: Rig) -> None:
+    r = with_config(rig, queue_size=2, queue_timeout=5)
+    slot = r.slot("tiny-a")
+    waiting = [asyncio.ensure_future(r.sup.acquire(slot)) for _ in range(2)]
+    await r.watch.until("two queued requests", lambda: slot.queued == 2)
     with pytest.raises(Unavailable) as err:
-        await sup.acquire(slot)
+        await r.sup.acquire(slot)
     assert err.value.code == "queue_full" and "Retry-After" in err.value.headers
     for w in waiting:
         w.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
     assert slot.queued == 0
+    await r.sup.close()
 
 
-async def test_many_waiters_one_start_all_served(config: Config) -> None:
-    units = FakeUnits()
-    sup = supervisor(config, units)
-    slot = sup.slots["tiny"]
-    waiters = [asyncio.ensure_future(sup.acquire(slot)) for _ in range(50)]
-    await asyncio.sleep(0.05)
-    assert units.started == ["llama-server@tiny.service"]
-    assert slot.state is State.STARTING and slot.queued == 50
-    sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+async def test_many_waiters_one_start_all_served(rig: Rig) -> None:
+    slot = rig.slot("tiny-a")
+    waiters = [asyncio.ensure_future(rig.sup.acquire(slot)) for _ in range(50)]
+    await rig.watch.until("fifty queued requests and a start",
+                          lambda: slot.queued == 50 and rig.units.started)
+    assert rig.units.started == ["llama-server@tiny-a.service"]
+    assert slot.state is State.STARTING
+    rig.units.active(rig.sup, slot.unit)
     assert slot.state is State.LOADING
-    # What _wait_healthy does on the first 200 from /health.
-    slot.state = State.READY
-    sup._notify()
-    backends = await asyncio.gather(*waiters)
+    backends = await asyncio.gather(*waiters)  # /health answers: READY, all served
     assert all(b is slot.backend for b in backends) and slot.in_flight == 50
+
+
+async def test_every_move_is_checked_against_the_table(rig: Rig) -> None:
+    slot = rig.slot("tiny-a")
+    changes: list[tuple[State, State, Cause]] = []
+    rig.sup.events.subscribe(lambda c: changes.append((c.old, c.new, c.cause)))
+    with pytest.raises(IllegalMove):
+        rig.sup.move(slot, State.READY, Cause.HEALTHY)  # unloaded -> ready skips a start
+    assert slot.state is State.UNLOADED and changes == []
+    await rig.ready("tiny-a")
+    assert changes == [(State.UNLOADED, State.STARTING, Cause.LOAD),
+                       (State.STARTING, State.LOADING, Cause.ACTIVE),
+                       (State.LOADING, State.READY, Cause.HEALTHY)]
+
+
+def one_fits(r: Rig) -> Rig:
+    """Memory for one model, not two: a load must evict and wait for the stop."""
+    need = r.sup.measure.need(r.slot("tiny-a").model).ram
+    return with_config(r, memory_budget_mb=need * 3 // 2 // 2**20 + 1)
+
+
+async def test_a_start_waiting_for_evictions_is_dropped_when_unloaded(rig: Rig) -> None:
+    r = one_fits(rig)
+    a = await r.ready("tiny-a")
+    b = r.slot("tiny-b")
+    await r.sup.load(b)
+    assert a.state is State.STOPPING and b.state is State.STARTING
+    await r.sup.unload(b)  # before tiny-a has stopped
+    await r.state("tiny-b", State.UNLOADED)
+    r.units.gone(r.sup, a.unit)  # tiny-a's stop lands; the old decision no longer holds
+    await r.state("tiny-a", State.UNLOADED)
+    assert r.units.started == [a.unit]  # tiny-b was never started behind our back
+    await r.sup.close()
+
+
+async def test_evictions_that_never_finish_fail_the_load(rig: Rig) -> None:
+    r = one_fits(with_config(rig, drain_timeout=0.2))
+    await r.ready("tiny-a")
+    b = r.slot("tiny-b")
+    await r.sup.load(b)  # tiny-a's stop never lands
+    await r.state("tiny-b", State.FAILED)
+    assert "did not stop within drain-timeout" in b.reason
+    assert r.units.started == ["llama-server@tiny-a.service"]
+    await r.sup.close()
+
+
+async def test_a_failing_background_task_fails_the_model(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.status_error = UnitError("Connection reset by peer")
+    # The process dies; confirming that with systemd fails too.
+    rig.units.gone(rig.sup, slot.unit, result="exit-code")
+    await rig.state("tiny-a", State.FAILED)
+    assert "Connection reset by peer" in slot.reason
+
+
+async def test_ttl_left_follows_the_scheduler(rig: Rig) -> None:
+    r = with_config(rig, idle_ttl=100.0)
+    slot = await r.ready("tiny-a")
+    async with r.sup.use(slot):
+        assert report.describe(r.sup, slot)["ttl_left"] is None  # busy: no TTL runs
+    assert 99 < report.describe(r.sup, slot)["ttl_left"] <= 100
+    await r.sup.close()
+
+
+async def test_cheapest_reload_evicts_by_learned_load_time(rig: Rig) -> None:
+    r = with_config(rig, models_max=2, eviction_policy="cheapest-reload")
+    for name, seconds in (("tiny-a", 1.0), ("tiny-b", 30.0)):
+        r.sup.measure.learn(r.slot(name).model, 100, None, seconds)  # an earlier run's
+    a, b = await r.ready("tiny-a"), await r.ready("tiny-b")
+    a.load_seconds = b.load_seconds = None  # adopted: this run timed neither load
+    a.last_used, b.last_used = 2.0, 1.0  # tiny-b is the least recently used
+    await r.sup.load(r.slot("tiny-c"))
+    assert (a.state, b.state) == (State.STOPPING, State.READY)
+    await r.sup.close()
+
+
+# -- reconciling with systemd's view (signals missed) ---------------------------
+
+
+async def test_reconcile_finds_a_unit_active_without_its_signal(rig: Rig) -> None:
+    slot = rig.slot("tiny-a")
+    await rig.sup.load(slot)
+    await rig.watch.until("the start", lambda: slot.unit in rig.units.running)
+    rig.units.active(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    await rig.state("tiny-a", State.READY)
+
+
+async def test_reconcile_unloads_a_unit_stopped_behind_llamads_back(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.gone(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    assert slot.state is State.UNLOADED and slot.backend is None
+    await rig.ready("tiny-a")  # and an explicit load works again
+    assert rig.units.started == [slot.unit] * 2
+
+
+async def test_reconcile_adopts_a_ghost_and_stops_a_stray(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.gone(rig.sup, slot.unit)  # llamad saw the stop...
+    await rig.state("tiny-a", State.UNLOADED)
+    spec, _ = rig.sup.spec(slot)
+    await rig.units.start(spec)  # ...but a unit of the same model runs again
+    rig.units.active(rig.sup, slot.unit, quiet=True)
+    stray = dataclasses.replace(spec, name="llama-server@gone.service", environment=(
+        "LLAMAD_MODEL=gone", "LLAMAD_BACKEND=unix:/nowhere", "LLAMAD_ARGS=0"))
+    await rig.units.start(stray)
+    rig.units.active(rig.sup, stray.name, quiet=True)
+    await rig.sup.reconcile()
+    await rig.state("tiny-a", State.READY)
+    await rig.watch.until("the stray unit's stop", lambda: stray.name in rig.units.stopped)
+    assert slot.unit not in rig.units.stopped
+
+
+async def test_reconcile_follows_a_restart_it_was_not_told_of(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    old = slot.invocation_id
+    rig.units.active(rig.sup, slot.unit, pid=4343, quiet=True)  # a new invocation
+    await rig.sup.reconcile()
+    assert slot.state is State.LOADING and slot.invocation_id != old
+    await rig.state("tiny-a", State.READY)
+
+
+async def test_unit_removed_is_checked_not_believed(rig: Rig) -> None:
+    from llamad.units import REMOVED
+    slot = await rig.ready("tiny-a")
+    # daemon-reload sends UnitRemoved for every unit, running ones included.
+    rig.sup.on_unit_change(slot.unit, {REMOVED: True})
+    assert rig.sup._reconcile_now.is_set()  # the reconcile loop looks at once
+    await rig.sup.reconcile()
+    assert slot.state is State.READY
+    rig.units.gone(rig.sup, slot.unit, quiet=True)
+    rig.sup.on_unit_change(slot.unit, {REMOVED: True})
+    await rig.sup.reconcile()
+    assert slot.state is State.UNLOADED
+
+
+# -- wedged backends ----------------------------------------------------------------------
+
+
+async def test_a_silent_backend_is_wedged_and_restarted(rig: Rig) -> None:
+    r = with_config(rig, liveness_timeout=0.3)
+    slot = await r.ready("tiny-a")
+    old = slot.backend
+    assert old is not None
+    old.session()  # its clients' connections
+    r.servers.stalled.add("tiny-a")  # kill -STOP
+    while slot.state is State.READY:
+        await r.probe()
+    assert slot.state is State.STARTING and slot.backend is not old
+    await r.watch.until("the kill", lambda: r.units.killed == [(slot.unit, signal.SIGKILL)])
+    # Still the stopped process (a signal before the kill lands): not the new one yet.
+    r.sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    assert slot.state is State.STARTING
+    r.servers.stalled.clear()
+    r.units.active(r.sup, slot.unit)  # systemd's Restart=: a new process, a new invocation
+    await r.state("tiny-a", State.READY)
+    await r.sup.close()
+
+
+async def test_a_backend_that_answers_is_left_alone(rig: Rig) -> None:
+    r = with_config(rig, liveness_timeout=0.3)
+    slot = await r.ready("tiny-a")
+    for _ in range(3):
+        asked = len(r.servers.asked)
+        await r.probe()
+        assert len(r.servers.asked) == asked + 1
+    assert slot.state is State.READY and r.units.killed == []
+    await r.sup.close()
+
+
+async def test_a_stale_wedge_report_is_ignored(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    old = slot.backend
+    assert old is not None
+    rig.sup.wedged(slot, old, "no bytes for 30s")
+    assert slot.state is State.STARTING
+    rig.sup.wedged(slot, old, "a second report from another request")
+    await rig.watch.until("the kill", lambda: rig.units.killed)
+    assert rig.units.killed == [(slot.unit, signal.SIGKILL)]
+
+
+# -- files changing under load ------------------------------------------------------------
+
+
+def catalog(r: Rig, **changes: object) -> None:
+    """A rescan, as the watcher would publish it."""
+    r.sup.update_snapshot(scan(dataclasses.replace(r.sup.config, **changes),
+                               previous=r.sup.snapshot))
+
+
+async def test_a_removed_model_is_drained_not_cut(rig: Rig, config: Config) -> None:
+    slot = await rig.ready("tiny-a")
+    async with rig.sup.use(slot) as backend:
+        session = backend.session()  # a stream in flight
+        (config.models_dirs[0] / "tiny-a.gguf").unlink()
+        catalog(rig)
+        assert slot.state is State.STOPPING
+        assert rig.units.stopped == [] and not session.closed
+    await rig.watch.until("the stop once the stream ended", lambda: rig.units.stopped)
+    assert session.closed
+    rig.units.gone(rig.sup, slot.unit)
+    assert "tiny-a" not in rig.sup.slots
+
+
+async def test_an_edited_preset_restarts_the_model_with_its_new_arguments(
+        rig: Rig, config: Config, tmp_path: Path) -> None:
+    slot = await rig.ready("tiny-a")
+    first = rig.units.specs[slot.unit].argv
+    (tmp_path / "presets.ini").write_text("[tiny-a]\nctx-size = 2048\n")
+    catalog(rig, models_preset=tmp_path / "presets.ini")
+    assert slot.state is State.STOPPING
+    await rig.watch.until("the stop", lambda: rig.units.stopped)
+    rig.units.gone(rig.sup, slot.unit)
+    await rig.watch.until("a new start", lambda: len(rig.units.started) == 2)
+    argv = rig.units.specs[slot.unit].argv
+    assert "2048" in argv and "2048" not in first
+
+
+async def test_a_request_for_a_model_being_copied_in_waits(rig: Rig, config: Config) -> None:
+    fresh = config.models_dirs[0] / "fresh.gguf"
+    write_model(fresh)  # just copied: still "being written"
+
+    async def rescan() -> None:
+        catalog(rig)
+    rig.sup.rescan = rescan
+    found = asyncio.ensure_future(rig.sup.find("fresh"))
+    await rig.watch.until("the copy to be seen", lambda: "fresh" in rig.sup.snapshot.settling)
+    assert not found.done()
+    os.utime(fresh, (0, 0))  # the copy is done
+    catalog(rig)
+    assert (await found).model.id == "fresh"
+    with pytest.raises(NotFound):
+        await rig.sup.find("never-copied")
+
+
+# -- idle TTLs while llamad is away -------------------------------------------------------
+
+
+async def test_idle_ttls_go_to_systemd_and_come_back(rig: Rig) -> None:
+    r = with_config(rig, idle_ttl=100.0)
+    slot = await r.ready("tiny-a")
+    assert r.sup.quiet()
+    await r.sup.hand_off()
+    timer = r.units.transient["llamad-ttl@tiny-a.timer"]
+    ((base, usec),) = timer["TimersMonotonic"]
+    assert base == "OnActiveSec" and 99e6 < usec <= 100e6
+    assert r.units.transient["llamad-ttl@tiny-a.service"]["Conflicts"] == [slot.unit]
+    # The next llamad adopts the model; the timer was due in 40 s.
+    timer["due"] = int((time.monotonic() + 40) * 1e6)
+    slot.last_used = time.monotonic()
+    await r.sup.take_back()
+    assert "llamad-ttl@tiny-a.timer" in r.units.stopped
+    assert 39 < report.describe(r.sup, slot)["ttl_left"] <= 40
+    await r.sup.close()
+
+
+async def test_not_quiet_while_a_model_starts(rig: Rig) -> None:
+    await rig.sup.load(rig.slot("tiny-a"))
+    assert not rig.sup.quiet()
+
+
+async def test_a_model_failed_by_a_bus_error_is_taken_back_from_systemd(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    rig.units.status_error = UnitError("Connection reset by peer")
+    rig.units.gone(rig.sup, slot.unit, result="exit-code", quiet=True)
+    rig.sup.on_unit_change(slot.unit, {"ActiveState": "failed", "SubState": "failed"})
+    await rig.state("tiny-a", State.FAILED)  # systemd could not say otherwise
+    rig.units.status_error = None
+    spec, _ = rig.sup.spec(slot)
+    await rig.units.start(spec)  # while systemd, in fact, restarted it
+    rig.units.active(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    await rig.state("tiny-a", State.READY)
+
+
+async def test_reconcile_confirms_a_failure_before_failing_the_model(rig: Rig) -> None:
+    slot = await rig.ready("tiny-a")
+    # systemd 252 shows "failed" on the way to an automatic restart...
+    rig.units.units[slot.unit] = dataclasses.replace(
+        rig.units.units[slot.unit], active_state="failed", sub_state="failed")
+    status_calls = len(rig.units.asked)
+    await rig.sup.reconcile()
+    # ...so llamad asks again, and by then systemd restarts it: not failed.
+    rig.units.units[slot.unit] = dataclasses.replace(
+        rig.units.units[slot.unit], active_state="activating", sub_state="auto-restart")
+    await rig.watch.until("the check", lambda: len(rig.units.asked) > status_calls)
+    await asyncio.gather(*(t for t in asyncio.all_tasks()
+                           if t.get_name() == "recording the failure of tiny-a"))
+    assert slot.state is not State.FAILED

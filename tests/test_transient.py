@@ -6,7 +6,8 @@ from typing import Any
 
 from pystemd.dbuslib import apply_signature
 
-from llamad.units import UnitSpec, _start_args, status_from_props, transient_properties
+from llamad.bus import transient_args
+from llamad.units import UnitSpec, status_from_props, transient_properties
 
 SPEC = UnitSpec(name="llama-server@m.service", description="m",
                 argv=("/usr/bin/llama-server", "-m", "/models/m.gguf"),
@@ -18,7 +19,7 @@ def _props(spec: UnitSpec) -> dict[str, Any]:
 
 
 def test_every_property_marshals() -> None:
-    args = _start_args(SPEC)
+    args = transient_args(SPEC.name, transient_properties(SPEC))
     # name, mode, then the a(sv) array opened and closed, then the empty aux array.
     assert args[:2] == apply_signature(b"ss", [b"llama-server@m.service", b"fail"])
     assert args[-2:] == [(ord("a"), b"(sa(sv))"), (-1, None)]
@@ -56,3 +57,13 @@ def test_status_from_systemd_properties() -> None:
     assert st.ours and st.env("LLAMAD_MODEL") == "a=b" and st.env("NOPE") is None
     assert st.exit_code == "killed" and st.memory_current is None
     assert st.invocation_id == bytes(range(16)).hex()
+
+
+def test_only_llamad_reaches_the_backend_socket() -> None:
+    props = _props(SPEC)
+    # The socket (0770) and its directory (0750) belong to the backend group, whose only
+    # member is llamad.service; the unit sees nothing else of /run.
+    assert props["Group"] == "llamad-backend" and props["UMask"] == 0o007
+    assert props["RuntimeDirectoryMode"] == 0o750
+    assert props["TemporaryFileSystem"] == [("/run", "ro")]
+    assert props["BindPaths"] == [("/run/llamad/m", "/run/llamad/m", False, 0x4000)]

@@ -147,3 +147,16 @@ def test_service_bounds_memory_and_reloads_its_keys() -> None:
     # A broken key file fails `systemctl reload` with its reason before SIGHUP is sent.
     assert values(service, "Service", "ExecReload") == [
         "/usr/bin/llamad check-config", "/bin/kill -HUP $MAINPID"]
+
+
+def test_model_unit_paths_are_named_in_one_place() -> None:
+    from pystemd.dbuslib import path_encode
+
+    from llamad.bus import unit_path
+    from llamad.unitname import UNIT_PATH_PREFIX, bus_label, unit_name
+
+    for name in ("gemma-a", "a/b:Q4_K_M", "ü.x", "x" * 200):
+        unit = unit_name(name)
+        assert unit_path(unit).decode().startswith(UNIT_PATH_PREFIX)
+        assert "/org/freedesktop/systemd1/unit/" + bus_label(unit) == bytes(
+            path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())).decode()

@@ -12,7 +12,8 @@ from llamad_fixture import Factory, Llamad, wait_http
 
 @pytest.fixture
 def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
-    """Start llamads in the box; every one is stopped, with its model units, afterwards."""
+    """Start llamads in the box; every one is stopped, with its model units, afterwards,
+    and its log checked for tracebacks."""
     made: list[Llamad] = []
 
     def make(names: list[str], preset: str = "", **settings: Any) -> Llamad:
@@ -24,3 +25,7 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
     yield make
     for d in made:
         d.cleanup()
+    for d in made:
+        # A traceback in llamad's log is a bug (an illegal state change raises one), even
+        # where the test's own assertions passed.
+        assert "Traceback" not in d.log(), d.log()[-5000:]

@@ -172,3 +172,4 @@ def test_socket_activation_ready_status_and_idle_exit(box: rig.Box, assets: rig.
     finally:
         box.run("systemctl stop llamad-act.socket llamad-act.service", check=False)
         box.run("systemctl stop 'llama-server@*'", check=False)
+    assert "Traceback" not in box.journal("-u", "llamad-act.service")

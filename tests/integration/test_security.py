@@ -407,3 +407,64 @@ async def test_out_of_descriptors_is_503_and_changes_no_model(box: rig.Box, asse
         for _, task in slow:
             task.cancel()
         d.cleanup()
+
+
+CONNECT = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+           "    s.connect(sys.argv[1])\n    print('CONNECTED')\n"
+           "except OSError as e:\n    print('REFUSED', e.errno)\n")
+TOKEN = "hf_SeCrEt1234567890"
+
+
+def _connect(box: rig.Box, path: str, *prefix: str) -> str:
+    return box.run([*prefix, "python3", "-c", CONNECT, path], check=False).stdout.strip()
+
+
+def _credentials(box: rig.Box, pid: str) -> tuple[str, str]:
+    status = box.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines()
+    uid, gid = (next(x for x in status if x.startswith(k)).split()[1] for k in ("Uid:", "Gid:"))
+    return uid, gid
+
+
+async def test_only_llamad_reaches_a_model_and_secrets_stay(llamad_factory: Factory,
+                                                           box: rig.Box, subtests: Any) -> None:
+    # units/llamad.sysusers makes the group where the package is installed.
+    box.run("getent group llamad-backend || groupadd -r llamad-backend")
+    d = llamad_factory(["gemma-a", "gemma-b"], preset=f"[*]\nhf-token = {TOKEN}\n")
+    async with aiohttp.ClientSession() as s:
+        for model in ("gemma-a", "gemma-b"):
+            status, body = await chat(s, d.url, model)
+            assert status == 200, body
+        async with s.get(d.url + "/status") as r:
+            status_text = await r.text()
+    sock_a = "/run/llamad/gemma-a/llama.sock"
+    pid_a, pid_b = (d.show(f"llama-server@{m}.service", "MainPID") for m in ("gemma-a", "gemma-b"))
+    with subtests.test("another local user cannot connect"):
+        nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        assert _connect(box, sock_a, *nobody) == "REFUSED 13"
+    with subtests.test("llamad.service's own sandbox can, through the group alone"):
+        run = ("systemd-run", "--wait", "--pipe", "--quiet", "-p", "CapabilityBoundingSet=",
+               "-p", "PrivateUsers=yes", "-p", "NoNewPrivileges=yes")
+        assert _connect(box, sock_a, *run, "-p", "SupplementaryGroups=llamad-backend") \
+            == "CONNECTED"
+        assert _connect(box, sock_a, *run) == "REFUSED 13"
+    with subtests.test("another model's unit cannot, nor reach the system bus"):
+        uid, gid = _credentials(box, pid_b)  # gemma-b's own, in its own namespaces
+        inside_b = ("nsenter", "-t", pid_b, "-a", "-S", uid, "-G", gid)
+        assert _connect(box, sock_a, *inside_b).startswith("REFUSED")
+        assert _connect(box, "/run/dbus/system_bus_socket", *inside_b).startswith("REFUSED")
+        assert _connect(box, "/run/llamad/gemma-b/llama.sock", *inside_b) == "CONNECTED"
+    with subtests.test("UMask 0007 and the sandbox score"):
+        assert d.show("llama-server@gemma-a.service", "UMask") == "0007"
+        report = box.run(["systemd-analyze", "security", "--no-pager",
+                          "llama-server@gemma-a.service"], check=False).stdout
+        score = float(report.split("Overall exposure level for")[1].split(":")[1].split()[0])
+        assert score <= 1.0, report
+    with subtests.test("the hf-token never leaves"):
+        listing = urllib.request.urlopen(d.url + "/v1/models", timeout=10).read().decode()
+        exec_start = d.show("llama-server@gemma-a.service", "ExecStart")
+        cmdline = box.run(["cat", f"/proc/{pid_a}/cmdline"]).stdout
+        for where, text in [("/v1/models", listing), ("/status", status_text),
+                            ("ExecStart", exec_start), ("cmdline", cmdline),
+                            ("llamad's log", d.log())]:
+            assert TOKEN not in text, where
+        assert "<redacted>" in listing and "hf-token is set for 2 models" in d.log()

@@ -1,0 +1,81 @@
+"""Wedged backends: a ready llama-server that no longer answers (SIGSTOP, a hung GPU).
+
+systemd restarts a process that dies, not one that hangs. So every tick llamad asks each
+ready backend's /health (llama-server answers it on its HTTP threads while it generates);
+a backend that neither answers nor finishes a request for `liveness-timeout` seconds is
+wedged, as is one the forwarding reports (no bytes for too long, and no /health either).
+A wedged backend's process is killed, which ends its clients' streams with an error, and
+systemd starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import aiohttp
+
+from llamad import backend as be
+from llamad.events import Cause
+from llamad.scheduler import State
+from llamad.slot import Slot
+from llamad.unitsignals import Signals
+
+log = logging.getLogger("llamad.supervisor")
+
+PROBE_TIMEOUT = 5.0  # seconds one /health may take (at most the liveness-timeout)
+
+
+async def answers(backend: be.Backend, timeout: float) -> bool:
+    """Whether the backend answers /health at all within `timeout` (any status: a 503
+    is an answer too; only silence means wedged)."""
+    try:
+        async with backend.session().get(backend.base_url + "/health",
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            await r.read()
+            return True
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
+
+
+class Liveness(Signals):
+    def probe(self) -> None:
+        """Once per tick: ask every ready backend's /health, each in its own task."""
+        if not self.config.liveness_timeout:
+            return
+        for slot in self.slots.values():
+            if slot.state is State.READY and slot.backend is not None and not slot.probing:
+                slot.probing = True
+                self.spawn(self._probe(slot, slot.backend), "probing", slot)
+
+    async def _probe(self, slot: Slot, backend: be.Backend) -> None:
+        timeout = min(PROBE_TIMEOUT, self.config.liveness_timeout)
+        try:
+            alive = await answers(backend, timeout)
+        finally:
+            slot.probing = False
+        if slot.state is not State.READY or slot.backend is not backend:
+            return
+        now = time.monotonic()
+        if alive:
+            slot.alive_at = now
+        elif now - slot.alive_at > self.config.liveness_timeout:
+            self.wedged(slot, backend, f"/health unanswered for {now - slot.alive_at:.0f}s")
+
+    def wedged(self, slot: Slot, backend: be.Backend, why: str = "it stopped answering") -> None:
+        """Report a backend that hangs (for forward.py's idle timeout and the probe above):
+        its process is killed (SIGKILL: a stopped or hung process cannot ignore it), which
+        ends its clients' connections with an error, and systemd's Restart= starts a new
+        one (a new InvocationID); requests meanwhile wait for it. A report about a backend
+        the model no longer uses is ignored."""
+        if slot.state is not State.READY or slot.backend is not backend:
+            return
+        log.warning("model %s is wedged (%s); restarting %s", slot.model.id, why, slot.unit)
+        slot.replacing = slot.invocation_id
+        slot.load_started = time.monotonic()
+        slot.load_time_unknown = True
+        self._drop_backend(slot)
+        slot.backend = be.Backend(backend.address)
+        self.move(slot, State.STARTING, Cause.WEDGED, why)
+        self.spawn(self.units.kill(slot.unit, signal.SIGKILL), "killing the wedged", slot)

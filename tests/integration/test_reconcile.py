@@ -1,0 +1,53 @@
+"""llamad follows systemd's own view of the model units: through a daemon-reload, a
+daemon-reexec, a restart of the bus, and a unit stopped behind llamad's back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+import rig
+from llamad_fixture import Factory, Llamad, chat, state, wait_state
+
+UNIT = "llama-server@gemma-a.service"
+FAULTS = {
+    "daemon-reload": "systemctl daemon-reload",
+    "daemon-reexec": "systemctl daemon-reexec",
+    "restart-dbus": "systemctl restart dbus",
+    "stop-behind-llamads-back": f"systemctl stop {UNIT}",
+}
+
+
+def agrees(d: Llamad) -> bool:
+    """llamad's state of gemma-a is the one systemd shows."""
+    systemd = d.show(UNIT, "ActiveState")
+    ours = state(d.url, "gemma-a")
+    return (systemd, ours) in (("active", "ready"), ("inactive", "unloaded"),
+                               ("failed", "failed"))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_llamad_ends_in_systemds_state(llamad_factory: Factory, fault: str) -> None:
+    d = llamad_factory(["gemma-a"])
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma-a"))[0] == 200
+        d.box.run(FAULTS[fault])
+        d.box.wait_running(timeout=60)
+        await asyncio.to_thread(rig.wait_for, "llamad to agree with systemd",
+                                lambda: agrees(d), timeout=15)
+        # No stuck slot: an explicit load works, and the model answers.
+        async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
+            assert r.status == 200, await r.text()
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready", 60)
+        status, body = await chat(s, d.url, "gemma-a")
+        assert status == 200, body
+        # No ghost units: systemd runs exactly what llamad believes loaded.
+        assert d.model_units() == {UNIT: "active"}
+        # Signals flow again: an unload settles without reconcile's help.
+        mark = d.log().count("reconcile:")
+        async with s.post(d.url + "/models/unload", json={"model": "gemma-a"}) as r:
+            assert r.status == 200
+        await asyncio.to_thread(wait_state, d.url, "gemma-a", "unloaded", 30)
+    assert d.log().count("reconcile:") == mark, d.log()[-3000:]
+    assert d.model_units() == {}
