@@ -220,6 +220,7 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
         lines += [ANALYSIS.read_text()]
     if GPU.exists() and not quick:
         lines += [GPU.read_text()]
+    lines += [f.read_text() for f in MULTIHOST if f.exists() and not quick]
     return "\n".join(lines)
 
 
@@ -229,6 +230,8 @@ ANALYSIS = Path(__file__).with_name("analysis.md")
 BODIES = Path(__file__).with_name("bodies.md")
 # Hand-written: what has and has not run on a GPU, and how to re-check it (bench/gpu_check).
 GPU = Path(__file__).with_name("gpu.md")
+# Written by bench/multihost.py (runs of their own: RPC workers, HAProxy); appended as is.
+MULTIHOST = (Path(__file__).with_name("rpc.md"), Path(__file__).with_name("haproxy.md"))
 
 COLORS = {"llamad": "tab:blue", "direct": "tab:green", "router": "tab:orange",
           "bare": "tab:gray"}

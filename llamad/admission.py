@@ -75,6 +75,7 @@ class Admission(Lifecycle):
         if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
             raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
                              "POST /models/load first", code="model_not_loaded")
+        await self.rpc.admit(slot)  # a model whose rpc worker is down: 503, nothing started
         return await self._admit(slot, explicit, time.monotonic() + self.config.queue_timeout)
 
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
@@ -101,7 +102,8 @@ class Admission(Lifecycle):
         """A backend that broke mid-request: once systemd says why (within a second), tell
         the client that, e.g. out of memory, rather than only that the connection broke."""
         deadline = time.monotonic() + 1.0
-        while slot.state is State.READY and time.monotonic() < deadline:
+        # STARTING too: systemd restarts it, and a listener (rpcguard) may still fail it.
+        while slot.state in (State.READY, State.STARTING) and time.monotonic() < deadline:
             with contextlib.suppress(Unavailable):
                 await self._wait_change(deadline, "the backend's exit status")
         if slot.state is State.FAILED and slot.reason:

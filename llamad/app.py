@@ -20,6 +20,7 @@ from llamad import (
     body,
     browsers,
     dashboard,
+    fleet,
     keys,
     limits,
     logstream,
@@ -30,6 +31,7 @@ from llamad import (
     report,
     requestlog,
     sampling,
+    unitpaths,
     webui,
 )
 from llamad.activation import Notifier, bind, systemd_sockets
@@ -96,6 +98,7 @@ class Daemon:
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
         app[limits.LIMITS] = lim
+        app[fleet.DRAINING] = fleet.Draining()  # /health says so after SIGTERM
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
@@ -266,6 +269,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
                  report.status_line(daemon.sup))
         notifier.ready(report.status_line(daemon.sup))
         await daemon.stop.wait()
+        await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
         notifier.stopping()
         for server in servers:
@@ -278,6 +282,8 @@ async def serve(config: Config, listen: str | None = None) -> None:
 def run(config_path: Path | None, listen: str | None) -> int:
     """`llamad serve`: returns the exit status; a bad config raises ConfigError."""
     config = load_config(config_path)
+    for problem in unitpaths.config_problems(config):
+        log.warning("%s", problem)  # the same warnings as check-config's, in the journal
     try:
         asyncio.run(serve(config, listen))
     except OSError as e:

@@ -24,7 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from llamad import limits
-from llamad.errors import BadRequest
+from llamad.errors import BadRequest, LlamadError
+from llamad.record import CLIENT_GONE
 
 # The top-level fields every read_json decodes; a handler names any other it needs.
 WANTED = ("model", "keep_alive", "stream")
@@ -83,6 +84,11 @@ async def read_body(request: web.Request) -> bytearray:
         await asyncio.wait_for(receive(), max(left, 0.001))
     except TimeoutError:
         raise limits.too_slow(lim.timeout) from None  # 408, and the connection is closed
+    except ConnectionResetError:
+        # The client went away mid-body (aiohttp 3.9+; 3.8 cancels the handler instead):
+        # no one reads an answer, and it is no fault of llamad's to log as one.
+        raise LlamadError("the client closed the connection before its body arrived",
+                          status=CLIENT_GONE, code="client_gone") from None
     return buf
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamad import exits, hfcache, keys, unitpaths
+from llamad import keys, unitpaths
 from llamad.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
@@ -37,37 +37,10 @@ def check(config: Config) -> Presets:
     return presets
 
 
-def unit_reach(config: Config) -> list[str]:
-    """Configured paths that model units (or llamad.service, for the preset) cannot see or
-    read, one sentence each: their sandbox hides /tmp, /var/tmp and maybe /home and /root,
-    and a dynamic user reads only what every user may."""
-    box = unitpaths.for_units(config.llama_server, None if config.dynamic_user
-                              else config.unit_user)
-    checks = [("llama-server", config.llama_server, box, "x", exits.MOVE_SERVER)]
-    checks += [("models-dir", d, box, "rx", exits.MOVE_MODEL) for d in config.models_dirs]
-    if config.models_preset is not None:
-        # Read by llamad.service as root: only what its sandbox hides matters.
-        as_root = unitpaths.Sandbox(box.hidden, "root", "llamad.service")
-        checks.append(("models-preset", config.models_preset, as_root, "r",
-                       "keep it in /etc/llamad"))
-    cache = hfcache.cache_dir(config) if config.llama_cache else None
-    if cache is not None and cache.exists():
-        checks.append(("llama-cache-dir", cache, box, "rx",
-                       "set llama-cache-dir to a directory every user may read"))
-    where = config.path or "configuration"
-    out = []
-    for key, path, sandbox, need, fix in checks:
-        found = unitpaths.problem(path, sandbox, need)
-        if found:
-            out.append(f"{where}: {key}: {found}; {fix}." if path.exists() else
-                       f"{where}: {key}: {found}.")
-    return out
-
-
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     presets = check(config)
-    for warning in unit_reach(config):
+    for warning in unitpaths.config_problems(config):
         print(f"llamad: warning: {warning}", file=sys.stderr)
     where = config.path or "defaults (no configuration file)"
     dirs = ", ".join(map(str, config.models_dirs)) or "none"

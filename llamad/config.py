@@ -79,6 +79,10 @@ SPEC: dict[str, tuple[str, str]] = {
     "kv-cache": ("boolean(default=no)", "yes or no"),
     "kv-cache-max-mb": ("integer(min=1, default=2048)", "a whole number of MiB >= 1"),
     "kv-cache-timeout": ("float(min=0.1, max=600, default=3)", "seconds from 0.1 to 600"),
+    "peers": ("force_list(default=list())",
+              "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
+    "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
+    "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
 }
 
 
@@ -131,6 +135,9 @@ class Config:
     kv_cache: bool
     kv_cache_max_mb: int
     kv_cache_timeout: float
+    peers: tuple[str, ...]
+    peer_timeout: float
+    shutdown_grace: float
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -213,6 +220,9 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for origin in v["cors-origins"]:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise _bad(path, "cors-origins", origin)
+    for peer in v["peers"]:
+        if not _ORIGIN.fullmatch(peer.lower()):
+            raise _bad(path, "peers", peer)
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -232,6 +242,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         api_keys_file=_opt_path(v["api-keys-file"]),
         allowed_hosts=tuple(h.lower().rstrip(".") for h in v["allowed-hosts"] if h),
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
+        peers=tuple(p.lower() for p in v["peers"] if p),
         slice_memory_max=v["slice-memory-max"] or None,
     )
     return out

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, kvcache, unitspec
+from llamad import exits, gpuload, kvcache, rpcguard, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
@@ -77,6 +77,7 @@ class Sessions:
 class Core:
     gpu: gpuload.GpuGuard  # set by Supervisor: GPU out-of-memory retries, CPU fallback checks
     kv: kvcache.KvCache  # set by Supervisor: KV caches saved at stops, restored at loads
+    rpc: rpcguard.RpcGuard  # set by Supervisor: RPC workers that go away or are busy
 
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
                  measure: Measure, journal: Journal,
@@ -256,6 +257,7 @@ class Core:
     async def close(self) -> None:
         self._closed = True
         await self.gpu.close()
+        await self.rpc.close()
         for task in self._tasks - self._closing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -37,6 +37,8 @@ FIGURES_SECONDS = 2.0
 BATCH = 100  # models per `models` event
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+PAGES_OPEN: Any = web.AppKey("dashboard_pages", set) if hasattr(web, "AppKey") \
+    else "dashboard_pages"
 
 
 def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
@@ -69,6 +71,12 @@ class Feed:
         self.changed: set[str] = set()
         self.wake = asyncio.Event()
         self.known: set[str] = set()
+        self.closing = False
+
+    def close(self) -> None:
+        """End the stream: llamad is shutting down (aiohttp waits for open handlers)."""
+        self.closing = True
+        self.wake.set()
 
     def on_change(self, change: Change) -> None:
         self.changed.add(change.model)
@@ -115,6 +123,8 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     sup = supervisor(request)
     feed = Feed(sup)
     unsubscribe = sup.events.subscribe(feed.on_change)
+    pages: set[Feed] = request.app[PAGES_OPEN]
+    pages.add(feed)
     resp = web.StreamResponse(headers=SSE_HEADERS)
     try:
         await resp.prepare(request)
@@ -122,7 +132,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         await resp.write(hello)
         await send_models(resp, feed, ids)
         next_figures = time.monotonic() + FIGURES_SECONDS
-        while True:
+        while not feed.closing:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(feed.wake.wait(),
                                        max(0.0, next_figures - time.monotonic()))
@@ -134,10 +144,17 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
                 await resp.write(figures)
                 await send_models(resp, feed, added)
                 next_figures = time.monotonic() + FIGURES_SECONDS
+        return resp
     except ConnectionResetError:  # the page went away
         return resp
     finally:
+        pages.discard(feed)
         unsubscribe()
+
+
+async def close_pages(app: web.Application) -> None:
+    for feed in app[PAGES_OPEN]:
+        feed.close()
 
 
 def _page(name: str) -> Any:
@@ -150,6 +167,8 @@ def _page(name: str) -> Any:
 
 
 def add_routes(app: web.Application) -> None:
+    app[PAGES_OPEN] = set()
+    app.on_shutdown.append(close_pages)
     for route, name in PAGES.items():
         app.router.add_get(route, public(_page(name)))  # no data in them
     app.router.add_get("/dashboard/events", handle_events)

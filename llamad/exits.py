@@ -91,9 +91,6 @@ _RESULTS = {
     "protocol": "it broke the service protocol",
 }
 OOM = "out of memory (killed by the kernel's OOM killer in its cgroup)"
-MOVE_SERVER = "put llama-server where every user may run it, such as /usr/local/bin"
-INSTALL_SERVER = "install llama-server there, or set llama-server in llamad.conf to its path"
-MOVE_MODEL = "keep models in /var/lib/llamad/models, readable by every user"
 
 
 def describe(last: Mapping[str, Any], spec: UnitSpec | None = None,
@@ -127,12 +124,15 @@ def _cause(status: int, spec: UnitSpec | None, models: Sequence[Path]) -> str | 
             found = unitpaths.problem(server, box, "x")
             if found:
                 missing = not server.exists() and not unitpaths.hidden(server, box)
-                return f"{found}; {INSTALL_SERVER if missing else MOVE_SERVER}"
-        if status not in SYSTEMD_STATUSES or status == 200:
+                fix = unitpaths.INSTALL_SERVER if missing else unitpaths.MOVE_SERVER
+                return f"{found}; {fix}"
+        if status == 217 and spec.user is not None and not unitpaths.user_exists(spec.user):
+            return f"user {spec.user!r} (unit-user in llamad.conf) does not exist"
+        if status not in SYSTEMD_STATUSES:
             for path in models:
                 found = unitpaths.problem(path, box, "r")
                 if found:
-                    return f"the model file {found}; {MOVE_MODEL}"
+                    return f"the model file {found}; {unitpaths.MOVE_MODEL}"
     return _HINTS.get(status)
 
 

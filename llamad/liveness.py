@@ -17,6 +17,7 @@ import time
 import aiohttp
 
 from llamad import backend as be
+from llamad import limits
 from llamad.events import Cause
 from llamad.scheduler import State
 from llamad.slot import Slot
@@ -27,15 +28,18 @@ log = logging.getLogger("llamad.supervisor")
 PROBE_TIMEOUT = 5.0  # seconds one /health may take (at most the liveness-timeout)
 
 
-async def answers(backend: be.Backend, timeout: float) -> bool:
+async def answers(backend: be.Backend, timeout: float) -> bool | None:
     """Whether the backend answers /health at all within `timeout` (any status: a 503
-    is an answer too; only silence means wedged)."""
+    is an answer too; only silence means wedged). None: llamad could not ask, being out
+    of descriptors or memory itself, which says nothing of the backend."""
     try:
         async with backend.session().get(backend.base_url + "/health",
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             await r.read()
             return True
-    except (TimeoutError, aiohttp.ClientError, OSError):
+    except OSError as e:  # aiohttp's connect errors too; TimeoutError has no errno
+        return None if e.errno in limits.SHORTAGE else False
+    except aiohttp.ClientError:
         return False
 
 
@@ -60,7 +64,7 @@ class Liveness(Signals):
         now = time.monotonic()
         if alive:
             slot.alive_at = now
-        elif now - slot.alive_at > self.config.liveness_timeout:
+        elif alive is False and now - slot.alive_at > self.config.liveness_timeout:
             self.wedged(slot, backend, f"/health unanswered for {now - slot.alive_at:.0f}s")
 
     def wedged(self, slot: Slot, backend: be.Backend, why: str = "it stopped answering") -> None:

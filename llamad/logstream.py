@@ -33,16 +33,25 @@ DEFAULT_LINES = 100
 MAX_LINES = 10_000
 MAX_STREAMS = 32  # each holds the journal's files open
 POLL_SECONDS = 1.0  # look again even without a wake-up (sd_journal_get_timeout may ask)
+KEEPALIVE = 15.0  # a quiet stream sends a comment this often, so proxies keep it open
 BATCH = 500  # entries written before letting other work run
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
 
 class Streams:
-    """How many log streams are open, so their number stays bounded."""
+    """The open log streams: how many, so their number stays bounded, and how to wake
+    them all when llamad shuts down (aiohttp waits for open handlers before it exits)."""
 
     def __init__(self) -> None:
         self.open = 0
+        self.closing = False
+        self.wakers: set[asyncio.Event] = set()
+
+    async def close(self, app: web.Application) -> None:
+        self.closing = True
+        for woken in self.wakers:
+            woken.set()
 
 
 STREAMS: Any = web.AppKey("log_streams", Streams) if hasattr(web, "AppKey") else "log_streams"
@@ -89,29 +98,38 @@ def event(entry: dict[str, Any]) -> bytes:
     return f"id: {entry['__CURSOR']}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _drain(reader: Any, resp: web.StreamResponse) -> None:
-    """Write every entry the reader has now."""
+async def _drain(reader: Any, resp: web.StreamResponse) -> int:
+    """Write every entry the reader has now; how many."""
     sent = 0
     while entry := reader.get_next():
         await resp.write(event(entry))  # waits while the client is slow
         sent += 1
         if sent % BATCH == 0:
             await asyncio.sleep(0)
+    return sent
 
 
-async def _follow(reader: Any, resp: web.StreamResponse) -> None:
+async def _follow(reader: Any, resp: web.StreamResponse, streams: Streams) -> None:
+    """Until llamad shuts down or the client leaves (a write then fails)."""
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
     fd = reader.fileno()
     loop.add_reader(fd, woken.set)
+    streams.wakers.add(woken)
+    quiet_since = loop.time()
     try:
-        while True:
-            await _drain(reader, resp)
+        while not streams.closing:
+            if await _drain(reader, resp):
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= KEEPALIVE:
+                await resp.write(b": keep-alive\n\n")
+                quiet_since = loop.time()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(woken.wait(), POLL_SECONDS)
             woken.clear()
             reader.process()  # consumes the wake-up and notices new or rotated files
     finally:
+        streams.wakers.discard(woken)
         loop.remove_reader(fd)
 
 
@@ -139,8 +157,10 @@ async def stream(request: web.Request, unit: str | None) -> web.StreamResponse:
             await resp.write(event(entry))
         await _drain(reader, resp)
         if follow:
-            await _follow(reader, resp)
+            await _follow(reader, resp, streams)
         await resp.write_eof()
+        return resp
+    except ConnectionResetError:  # the client went away
         return resp
     finally:
         reader.close()
@@ -164,7 +184,8 @@ async def handle_model(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app[STREAMS] = Streams()
+    streams = app[STREAMS] = Streams()
+    app.on_shutdown.append(streams.close)
     app.router.add_get("/logs/stream", handle_daemon)
     # Model ids may hold slashes (user/repo:QUANT).
     app.router.add_get("/logs/stream/{model:.+}", handle_model)

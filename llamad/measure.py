@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamad import gpu, learned, memory
+from llamad import gpu, learned, memory, rpc
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.scheduler import GpuFree, Memory, Resources
@@ -82,6 +82,11 @@ class Measure:
             return Memory()
         key = (model.id, model.settings.args)
         found = self._needs.get(key)
+        if found is None and rpc.workers(model.settings.args):
+            # The local share alone, never a learned peak: that counts file pages of the
+            # workers' share which passed through once while loading (memory.estimate_rpc).
+            found = Memory(memory.estimate_rpc(model.info, model.settings.args).total.ram)
+            self._needs[key] = found
         if found is None:
             fixed, n_gpus = self._cuda(model)
             found = memory.need(model.info, model.settings.args, self.learned_for(model),
@@ -99,11 +104,15 @@ class Measure:
     def estimate(self, model: Model) -> Memory:
         """The estimate alone (never the learned figure), for showing beside the measurement."""
         est = self._estimate(model)
+        if est is not None and rpc.workers(model.settings.args):
+            return Memory(est.total.ram)  # the workers' share is no local GPU's (rpc.describe)
         return est.total if est is not None else Memory()
 
     def _estimate(self, model: Model, cuda_fixed: int | None = None) -> memory.Estimate | None:
         if model.info is None:
             return None
+        if rpc.workers(model.settings.args):
+            return memory.estimate_rpc(model.info, model.settings.args)
         fixed, n_gpus = self._cuda(model)
         return memory.estimate(model.info, model.settings.args, gpu=self.monitor.available,
                                cuda_fixed=fixed if cuda_fixed is None else cuda_fixed,

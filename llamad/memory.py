@@ -220,6 +220,42 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
                     mapped=mapped + (CUDA_LIBS_RAM if gpu else 0))
 
 
+def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
+    """The memory of a model spread over llama.cpp RPC workers (`--rpc`) by a llama-server
+    that uses no local GPU: the workers take the GPU's part of the plan (the layers -ngl
+    offloads, their KV cache, the compute graph), and `vram` is what they hold between them.
+
+    The host keeps the input layer, any layers -ngl leaves it, the logits and the graph's
+    inputs, and while loading one tensor at a time on its way to a worker (ggml-rpc copies
+    each into a message). Only the host's own tensors count as file pages: the rest of the
+    file is read once through the mapping, sent and unmapped, clean page cache the kernel
+    may drop, so a model larger than the host's memory still loads.
+    """
+    s = parse_args(args)
+    plan = _Plan.of(info.block_count or 0, s.gpu_layers, True)
+    remote, host, largest = _rpc_split(info, plan)
+    ctx, kv = _kv(info, s, plan)
+    compute = _compute(info, s, plan)
+    mapped = host if s.load_mode in ("auto", "mmap", "mmap+mlock") else 0
+    return Estimate(Memory(host, remote), kv, compute, Memory(PROCESS_RAM + largest, 0), ctx,
+                    mapped=mapped)
+
+
+def _rpc_split(info: ModelInfo, plan: _Plan) -> tuple[int, int, int]:
+    """(bytes sent to the workers, bytes the host keeps, the largest piece sent at once:
+    a repeating layer's tensors, or the head with a tied embedding's copy)."""
+    table: TensorBytes | None = getattr(info, "tensors", None)
+    if table is not None and table.layers:
+        sent = [b for i, b in enumerate(table.layers) if plan.on_gpu(i)]
+        head = table.output + (table.input if table.tied else 0) if plan.output else 0
+        host = table.input + sum(table.layers) - sum(sent) + (0 if plan.output else table.output)
+        return sum(sent) + head, host, max([*sent, head])
+    n_layer = plan.n_layer
+    on = (n_layer - plan.i_start) + (1 if plan.output else 0)
+    remote = int(info.size * on / (n_layer + 1)) if n_layer else (info.size if on else 0)
+    return remote, info.size - remote, info.size // (n_layer + 1) if on else 0
+
+
 def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[Memory, int]:
     """(weights per device, file pages): the GPU holds its layers' tensors; the host maps
     or reads the whole file, since loading touches every tensor once."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from llamad import rpc
 from llamad.errors import ConfigError
 from llamad.llama_flags import FLAGS
 
@@ -155,12 +156,22 @@ def parse_args(tokens: tuple[str, ...], where: str) -> Options:
         if i + n >= len(tokens) and n:
             raise ConfigError(f"{where}: {tokens[i]} needs a value.")
         values = tokens[i + 1:i + 1 + n]
+        if flag.canonical == rpc.FLAG:
+            _check_rpc(values[0], where, tokens[i])
         if flag.kind in ("value", "two"):
             out[flag.canonical] = (flag.canonical, *values)
         else:
             out[flag.canonical] = _render(flag, negated, "true", where, tokens[i])
         i += 1 + n
     return out
+
+
+def _check_rpc(value: str, where: str, key: str) -> None:
+    try:
+        rpc.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {key} = {value!r} is invalid ({e}); allowed: "
+                          f"{rpc.ALLOWED}.") from None
 
 
 def _check_owned(flag: Flag, where: str, key: str) -> None:
@@ -267,6 +278,8 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
                               "without dashes, LLAMA_ARG_* names, or llamad's own keys.")
         flag, negated = BY_KEY[key]
         _check_owned(flag, where, key)
+        if flag.canonical == rpc.FLAG:
+            _check_rpc(value, where, key)
         if flag.canonical in PATHS and base is not None and value:
             value = str(base / value)  # an absolute value stays as it is
         if flag.canonical == MODEL:

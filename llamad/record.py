@@ -32,6 +32,9 @@ _COUNTS = re.compile(rb'"(prompt_tokens|input_tokens|prompt_n|completion_tokens|
 _PROMPT = (b"prompt_tokens", b"input_tokens", b"prompt_n")
 _COMPLETION = (b"completion_tokens", b"output_tokens", b"predicted_n")
 _CARRY = 64  # bytes kept from one chunk to the next, for a key cut in two
+# A streamed answer's last event (OpenAI's, Anthropic's), at the start of a line: a JSON
+# string cannot hold a raw newline, so the model's own text never matches.
+_END = re.compile(rb"(?:\A|\n)(?:data: \[DONE\]|event: message_stop)")
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Record:
     first_byte: float | None = None  # of the model's answer, to the client
     ended: float | None = None
     counts: dict[bytes, int] = field(default_factory=dict)
+    complete: bool = False  # the answer's last event has passed
     _carry: bytes = b""
 
     def see(self, data: bytes) -> None:
@@ -56,6 +60,7 @@ class Record:
         text = self._carry + data
         for m in _COUNTS.finditer(text):
             self.counts[m.group(1)] = int(m.group(2))  # the last one seen is the total
+        self.complete = self.complete or _END.search(text) is not None
         self._carry = text[-_CARRY:]
 
     def settle(self, status: int, code: str = "") -> None:
@@ -101,6 +106,10 @@ class TapResponse(web.StreamResponse):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.record.see(bytes(data))
         await super().write(data)
+        if self.record.complete:
+            # The client has the whole answer: one that hangs up now, before the backend
+            # has ended the stream (the openai client may), still got what it asked for.
+            self.record.settle(self.status)
 
     async def write_own(self, data: bytes) -> None:
         """llamad's own bytes (progress comments, errors): not part of the model's answer."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llamad import redact
+from llamad import redact, rpc
 from llamad.scheduler import State, ttl_left
 from llamad.slot import Slot
 from llamad.supervisor import Supervisor
@@ -34,6 +34,8 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
         "kv_cache": sup.kv.describe(slot.model.id),
+        # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
+        "rpc": rpc.describe(slot.model.info, slot.model.settings.args),
         **_memory_fields(sup, slot),
     }
 

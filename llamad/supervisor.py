@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamad import gpuload, kvcache
+from llamad import gpuload, kvcache, rpcguard
 from llamad.core import IllegalMove
 from llamad.idle import Idle
 
@@ -30,3 +30,4 @@ class Supervisor(Idle):
         super().__init__(*args, **kwargs)
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
         self.kv = kvcache.KvCache(self.config, self.events)  # KV caches kept across swaps
+        self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamad import hfcache
+from llamad.config import Config
 from llamad.units import UnitSpec, transient_properties
 
 # What each sandbox setting hides, and how a unit sees the place instead.
@@ -66,7 +68,8 @@ def for_units(llama_server: Path, user: str | None) -> Sandbox:
 def problem(path: Path, box: Sandbox, need: str) -> str | None:
     """Why a unit in `box` cannot use `path`, as a sentence without a full stop; else None.
 
-    `need` is "x" (execute a file), "r" (read a file) or "rx" (list a directory).
+    `need` is "x" (execute a file), "r" (read a file) or "d" (open files in a directory,
+    as llama-server does with a model's: it needs no listing, only passage).
     The path is checked as written and, where links lead elsewhere, as resolved.
     """
     why = hidden(path, box)
@@ -82,7 +85,38 @@ def problem(path: Path, box: Sandbox, need: str) -> str | None:
     return None
 
 
-_NEEDS = {"x": "executable", "r": "readable", "rx": "listable"}
+# What to do about a path a unit cannot use.
+MOVE_SERVER = "put llama-server where every user may run it, such as /usr/local/bin"
+INSTALL_SERVER = "install llama-server there, or set llama-server in llamad.conf to its path"
+MOVE_MODEL = "keep models in /var/lib/llamad/models, readable by every user"
+
+
+def config_problems(config: Config) -> list[str]:
+    """Configured paths that model units (or llamad.service, for the preset) cannot see
+    or read, one sentence each, for `llamad check-config` and llamad's start."""
+    box = for_units(config.llama_server, None if config.dynamic_user else config.unit_user)
+    checks = [("llama-server", config.llama_server, box, "x", MOVE_SERVER)]
+    checks += [("models-dir", d, box, "d", MOVE_MODEL) for d in config.models_dirs]
+    if config.models_preset is not None:
+        # Read by llamad.service as root: only what its sandbox hides matters.
+        as_root = Sandbox(box.hidden, "root", "llamad.service")
+        checks.append(("models-preset", config.models_preset, as_root, "r",
+                       "keep it in /etc/llamad"))
+    cache = hfcache.cache_dir(config) if config.llama_cache else None
+    if cache is not None and cache.exists():
+        checks.append(("llama-cache-dir", cache, box, "d",
+                       "set llama-cache-dir to a directory every user may read"))
+    where = config.path or "configuration"
+    out = []
+    for key, path, sandbox, need, fix in checks:
+        found = problem(path, sandbox, need)
+        if found:
+            out.append(f"{where}: {key}: {found}; {fix}." if path.exists() else
+                       f"{where}: {key}: {found}.")
+    return out
+
+
+_NEEDS = {"x": "executable", "r": "readable", "d": "reachable"}
 
 
 def hidden(path: Path, box: Sandbox) -> str | None:
@@ -111,6 +145,10 @@ def _unreadable(path: Path, box: Sandbox, need: str) -> str | None:
     return None
 
 
+def user_exists(user: str) -> bool:
+    return _ids(user) is not None
+
+
 def _ids(user: str | None) -> tuple[int, Sequence[int]] | None:
     """(uid, gids) of a named user; a dynamic user is (-1, ()): never owner nor group."""
     if user is None:
@@ -128,5 +166,5 @@ def _allowed(st: os.stat_result, ids: tuple[int, Sequence[int]], want: str) -> b
     if uid == 0:
         return True
     shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
-    bits = {"r": stat.S_IROTH, "x": stat.S_IXOTH}
+    bits = {"r": stat.S_IROTH, "x": stat.S_IXOTH, "d": stat.S_IXOTH}
     return all(st.st_mode & (bits[w] << shift) for w in want)

@@ -5,6 +5,7 @@ How the calls and signals travel (pystemd, the bus, reconnecting) is bus.py's.""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class UnitSpec:
     # directories, so it exists (empty, dropped at stop) either way. Ignored without
     # runtime_dir. The KV cache's save directory.
     binds: tuple[tuple[str, str], ...] = ()
+    remote: tuple[str, ...] = ()  # IP addresses it must reach: its llama.cpp RPC workers
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("SystemCallArchitectures", b"as", ["native"]),
         ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
         ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
-        *_network(spec.tcp),
+        *_network(spec.tcp, spec.remote),
     ]
     if spec.user is None:
         props.append(("DynamicUser", b"b", True))
@@ -161,14 +163,24 @@ _LOOPBACK = [(AF_INET, [127, 0, 0, 0], 8), (AF_INET6, [0] * 15 + [1], 128)]
 _ANY = [(AF_INET, [0] * 4, 0), (AF_INET6, [0] * 16, 0)]
 
 
-def _network(tcp: bool) -> list[tuple[str, bytes, Any]]:
-    """A UNIX-socket backend needs no network at all; a TCP one only loopback."""
-    if not tcp:
+def _network(tcp: bool, remote: tuple[str, ...] = ()) -> list[tuple[str, bytes, Any]]:
+    """A UNIX-socket backend needs no network at all; a TCP one only loopback. A model
+    with RPC workers needs the host's network (not a private one) to reach them, and its
+    firewall lets through exactly their addresses (besides loopback for a TCP backend)."""
+    if not tcp and not remote:
         return [("PrivateNetwork", b"b", True),
                 ("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX"])),
                 ("IPAddressDeny", b"a(iayu)", _ANY)]
+    allow = [*(_LOOPBACK if tcp else []), *(_host_prefix(a) for a in remote)]
     return [("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
-            ("IPAddressDeny", b"a(iayu)", _ANY), ("IPAddressAllow", b"a(iayu)", _LOOPBACK)]
+            ("IPAddressDeny", b"a(iayu)", _ANY), ("IPAddressAllow", b"a(iayu)", allow)]
+
+
+def _host_prefix(text: str) -> tuple[int, list[int], int]:
+    """One address as IPAddressAllow= takes it: (family, bytes, prefix length)."""
+    address = ipaddress.ip_address(text)
+    family = AF_INET if address.version == 4 else AF_INET6
+    return (family, list(address.packed), address.max_prefixlen)
 
 
 def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:

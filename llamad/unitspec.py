@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, kvcache, redact
+from llamad import exits, gpuload, kvcache, redact, rpc
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.unitname import instance_of
@@ -84,7 +84,8 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         stop_timeout=s.stop_timeout if s.stop_timeout is not None else config.stop_timeout,
         memory_max=memory_max, memory_high=parse_size(s.memory_high),
         runtime_dir=be.runtime_dir(instance(model)) if unix or kv else None,
-        devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else ())
+        devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else (),
+        remote=rpc.addresses(rpc.workers(argv)))
 
 
 def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:

@@ -27,7 +27,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache" / "llamad-ci"))
-LLAMA_SERVER = CACHE / "llama-server-11434.0.0" / "llama-server"
+# tools/setup-dev builds llama-server with the RPC backend, and its worker, in one place.
+LLAMA_BUILD = CACHE / "llama-11434.0.0-rpc"
+LLAMA_SERVER = LLAMA_BUILD / "llama-server"
+RPC_SERVER = LLAMA_BUILD / "ggml-rpc-server"
 GEMMA = CACHE / "models" / "gemma3-270m-q4_k_m.gguf"
 WEB_UI = CACHE / "ui-11434.0.0"  # llama.cpp's web UI, built by tools/setup-dev
 # Not under /tmp or /var/tmp: units with PrivateTmp=yes would not see them.
@@ -82,6 +85,9 @@ def debian13_root() -> Path:
     and 250 MB; `make dev` builds it too). One process builds it while others wait."""
     if DEBIAN13_ROOT.is_dir():
         return DEBIAN13_ROOT
+    if not shutil.which("debootstrap"):
+        raise RuntimeError("the Debian 13 box needs debootstrap to build its root once; "
+                           "run `make dev` (or apt-get install debootstrap)")
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".debian-13.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -160,4 +161,46 @@ async def test_read_json_small_and_big(subtests: Any) -> None:
                                                      "pinned": False}, "size": len(body)}
         r = await client.post("/", data=b'{"model": "m", "x": [' + b"1," * 100_000 + b"]}")
         assert r.status == 400  # the trailing comma, found on the thread
+        assert lim.body_bytes == 0
+
+
+async def test_a_client_gone_mid_body_is_no_error_of_llamads() -> None:
+    """A client that closes before its body is complete: client_gone, not a traceback."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from llamad import limits, middleware
+    from llamad.body import read_json
+    from llamad.config import Config
+    from llamad.errors import LlamadError
+
+    outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            await read_json(request)
+        except BaseException as e:  # whatever it is, the test shows it
+            outcome.set_result(e)
+            raise
+        return web.json_response({})
+
+    lim = limits.Limits(Config.default())
+    app = web.Application(middlewares=[lim.middleware, middleware.error_middleware])
+    app[limits.LIMITS] = lim
+    app.router.add_post("/", handle)
+    app.on_cleanup.append(lim.close)
+    async with TestServer(app) as server:
+        _, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": \"m\", \"x\": \"")
+        await writer.drain()
+        writer.close()
+        e = await asyncio.wait_for(outcome, 10)
+        # aiohttp 3.8 cancels the handler instead; 3.9 and later raise in the read.
+        if not isinstance(e, asyncio.CancelledError):
+            assert isinstance(e, LlamadError) and e.code == "client_gone", repr(e)
+        for _ in range(100):  # released as the middleware unwinds
+            if lim.body_bytes == 0:
+                break
+            await asyncio.sleep(0.01)
         assert lim.body_bytes == 0

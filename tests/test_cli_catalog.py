@@ -112,13 +112,13 @@ def test_check_config_warns_about_paths_model_units_cannot_reach(tmp_path: Path,
     assert run.stderr.splitlines() == [
         f"llamad: warning: {conf}: llama-server: {server} is under /tmp, {hidden}; put "
         "llama-server where every user may run it, such as /usr/local/bin.",
-        f"llamad: warning: {conf}: models-dir: {models} is not listable by the model units' "
+        f"llamad: warning: {conf}: models-dir: {models} is not reachable by the model units' "
         f"dynamic user: directory {models} has mode 0700; keep models in "
         "/var/lib/llamad/models, readable by every user.",
         f"llamad: warning: {conf}: models-preset: {preset} is under /tmp, which "
         "llamad.service see as an empty private directory (PrivateTmp=yes); keep it in "
         "/etc/llamad.",
-        f"llamad: warning: {conf}: llama-cache-dir: {cache / 'hub'} is not listable by the "
+        f"llamad: warning: {conf}: llama-cache-dir: {cache / 'hub'} is not reachable by the "
         f"model units' dynamic user: directory {cache / 'hub'} has mode 0750; set "
         "llama-cache-dir to a directory every user may read.",
     ]

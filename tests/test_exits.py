@@ -46,6 +46,15 @@ def test_exec_failure_names_the_hidden_binary(tmp_path: Path) -> None:
     assert "missing, not executable by every user" in exits.describe(ended(203))
 
 
+def test_user_failure_names_a_missing_unit_user() -> None:
+    ghost = UnitSpec(name="llama-server@m.service", description="m", argv=("/x",),
+                     user="no-such-user-here")
+    assert exits.describe(ended(217), ghost) == (
+        "systemd failed setting the unit's user (exit status 217/USER); likely cause: user "
+        "'no-such-user-here' (unit-user in llamad.conf) does not exist")
+    assert "could not allocate a dynamic user" in exits.describe(ended(217), spec("/x"))
+
+
 def test_unreadable_model_is_the_likely_cause(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_text("")

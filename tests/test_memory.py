@@ -228,7 +228,7 @@ def test_no_gpu_means_no_offload() -> None:
 # The real model and llama-server that tools/setup-dev builds.
 CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache/llamad-ci"))
 GEMMA = CACHE / "models/gemma3-270m-q4_k_m.gguf"
-LLAMA_SERVER = CACHE / "llama-server-11434.0.0/llama-server"
+LLAMA_SERVER = CACHE / "llama-11434.0.0-rpc/llama-server"
 
 
 def read_meta(path: Path) -> Meta:

@@ -3,14 +3,18 @@ progress text: the pure parts. tests/integration/test_observability.py runs them
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_measure import FakeUnits, config, supervisor
 
-from llamad import progress, requestlog, unitspec
+from llamad import progress, record, requestlog, unitspec
 from llamad.catalog import scan
 from llamad.config import Config
 from llamad.events import Cause, Change
@@ -36,6 +40,61 @@ def test_token_counts_survive_any_chunking() -> None:
             rec.see(STREAM[i:i + size])
         assert (rec.prompt_tokens, rec.completion_tokens) == (31, 12), size
         assert rec.first_byte is not None
+
+
+def test_the_end_of_a_streamed_answer_is_seen_in_any_chunking() -> None:
+    body, end = STREAM.split(b"data: [DONE]")
+    for size in (1, 5, len(STREAM)):
+        rec = Record("POST", "/v1/chat/completions")
+        for i in range(0, len(body), size):
+            rec.see(body[i:i + size])
+        assert not rec.complete
+        for i in range(0, len(b"data: [DONE]" + end), size):
+            rec.see((b"data: [DONE]" + end)[i:i + size])
+        assert rec.complete, size
+    rec = Record("POST", "/v1/messages")
+    rec.see(b'event: content_block_stop\ndata: {}\n\nevent: message_stop\ndata: {}\n\n')
+    assert rec.complete
+    # The model's own text, inside JSON, cannot end the answer.
+    rec = Record("POST", "/v1/chat/completions")
+    rec.see(b'data: {"choices":[{"delta":{"content":"\\ndata: [DONE]"}}]}\n\n')
+    assert not rec.complete
+
+
+async def test_a_client_that_hangs_up_after_the_answer_got_it() -> None:
+    """The openai client closes the connection once it has read `data: [DONE]`, while
+    llamad may still wait for the backend to end its stream: that request succeeded, and
+    one cut off before the end did not."""
+    seen: list[Record] = []
+    answered = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        rec = record.of(request)
+        rec.model = "m"  # only requests to a model are recorded
+        resp = record.TapResponse(rec)
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        await resp.write(STREAM if request.query.get("whole") else STREAM[:40])
+        answered.set()
+        await asyncio.sleep(60)  # the backend has not ended its stream yet
+        return resp
+
+    app = web.Application(middlewares=[record.middleware([seen.append])])
+    app.router.add_post("/v1/chat/completions", handler)
+    async with TestClient(TestServer(app)) as client:  # cancels handlers of gone clients
+        for n, (whole, status) in enumerate((("1", 200), ("", record.CLIENT_GONE)), 1):
+            answered.clear()
+            resp = await client.post("/v1/chat/completions", params={"whole": whole})
+            await resp.content.readexactly(len(STREAM) if whole else 40)
+            await answered.wait()
+            resp.close()  # hang up, as the client does
+            await asyncio.wait_for(_until(lambda n=n: len(seen) == n), 10)
+            assert seen[-1].status == status, whole
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0.01)
 
 
 def test_token_counts_from_other_shapes() -> None:

@@ -195,7 +195,7 @@ def test_flag_table_matches_the_built_llama_server() -> None:
     import re
     import subprocess
 
-    binary = ggufgen.GEMMA.parent.parent / "llama-server-11434.0.0" / "llama-server"
+    binary = ggufgen.GEMMA.parent.parent / "llama-11434.0.0-rpc" / "llama-server"
     assert binary.exists(), "run tools/setup-dev to build llama-server"
     text = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
                           timeout=60).stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -307,6 +308,29 @@ async def test_a_backend_that_answers_is_left_alone(rig: Rig) -> None:
         asked = len(r.servers.asked)
         await r.probe()
         assert len(r.servers.asked) == asked + 1
+    assert slot.state is State.READY and r.units.killed == []
+    await r.sup.close()
+
+
+async def test_a_probe_llamad_cannot_make_is_no_wedge(rig: Rig) -> None:
+    """Out of descriptors, llamad cannot ask /health (EMFILE): that says nothing of the
+    backend, which must not be killed for it (issue #10, item 2)."""
+    r = with_config(rig, liveness_timeout=0.3)
+    slot = await r.ready("tiny-a")
+    assert slot.backend is not None
+    await slot.backend.close()  # no pooled connection: each probe must open one
+    asked = len(r.servers.asked)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.dup(0)  # the lowest free descriptor: from here on, socket() gets EMFILE
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        until = time.monotonic() + 1.0  # beyond the liveness-timeout, several times
+        while time.monotonic() < until and slot.state is State.READY:
+            await r.probe()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(r.servers.asked) == asked  # the probes never got through
     assert slot.state is State.READY and r.units.killed == []
     await r.sup.close()
 

@@ -74,10 +74,12 @@ def test_modes_for_a_dynamic_user(open_dir: Path) -> None:
         f"{model} is not readable by the model units' dynamic user: file {model} has mode 0600")
     model.chmod(0o644)
     assert "not executable" in (unitpaths.problem(model, OPEN, "x") or "")
-    private.chmod(0o711)
-    assert unitpaths.problem(private, OPEN, "rx") == (
-        f"{private} is not listable by the model units' dynamic user: directory {private} "
-        "has mode 0711")
+    private.chmod(0o711)  # passable, not listable: all llama-server needs
+    assert unitpaths.problem(private, OPEN, "d") is None
+    private.chmod(0o750)
+    assert unitpaths.problem(private, OPEN, "d") == (
+        f"{private} is not reachable by the model units' dynamic user: directory {private} "
+        "has mode 0750")
     assert unitpaths.problem(private / "gone.gguf", OPEN, "r") == \
         f"{private / 'gone.gguf'} does not exist"
 
@@ -97,7 +99,7 @@ def test_modes_for_a_named_user(open_dir: Path) -> None:
         "does not exist")
 
 
-@pytest.mark.parametrize("need", ["r", "x", "rx"])
+@pytest.mark.parametrize("need", ["r", "x", "d"])
 def test_root_reads_everything(tmp_path: Path, need: str) -> None:
     path = tmp_path / "f"
     path.write_text("")

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "units"
-UNIT_FILES = ("llamad.socket", "llamad.service", "llama-server.slice")
+UNIT_FILES = ("llamad.socket", "llamad.service", "llama-server.slice",
+              "llamad-rpc-worker.service")
 
 
 def parse(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -147,6 +148,22 @@ def test_service_bounds_memory_and_reloads_its_keys() -> None:
     # A broken key file fails `systemctl reload` with its reason before SIGHUP is sent.
     assert values(service, "Service", "ExecReload") == [
         "/usr/bin/llamad check-config", "/bin/kill -HUP $MAINPID"]
+
+
+def test_rpc_worker_is_sandboxed_and_on_loopback_until_configured(verifiable: Path) -> None:
+    worker = UNITS / "llamad-rpc-worker.service"
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=15",
+                          "--no-pager", str(verifiable / worker.name)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert one(worker, "Service", "DynamicUser") == "yes"
+    assert one(worker, "Service", "CapabilityBoundingSet") == ""
+    assert one(worker, "Service", "IPAddressDeny") == "any"
+    assert values(worker, "Service", "IPAddressAllow") == ["localhost"]
+    assert "RPC_HOST=127.0.0.1 " in values(worker, "Service", "Environment")[0]
+    assert '--host "$$RPC_HOST"' in one(worker, "Service", "ExecStart")
+    rules = (ROOT / "packaging" / "debian" / "rules").read_text()
+    assert "--no-enable --no-start llamad-rpc-worker.service" in rules
 
 
 def test_model_unit_paths_are_named_in_one_place() -> None:

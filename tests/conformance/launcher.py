@@ -34,7 +34,10 @@ ROUTER_FLAGS = {"--host": "host", "--port": "port", "--models-dir": "models_dir"
                 "--api-key": "api_key", "--no-models-autoload": None, "--offline": None,
                 "--model": "model", "-m": "model", "--hf-repo": "hf_repo", "-hf": "hf_repo",
                 "-hfr": "hf_repo", "--hf-file": "hf_file", "-hff": "hf_file",
-                "--alias": "alias", "-a": "alias"}
+                "--alias": "alias", "-a": "alias", "--tags": "tags"}
+# Per-model flags whose value is a file: made absolute, as the model units run elsewhere.
+PATH_FLAGS = ("--chat-template-file", "--lora", "--model-draft", "-md", "--slot-save-path",
+              "--media-path", "--grammar-file", "--json-schema-file")
 
 
 def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
@@ -52,6 +55,9 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
             else:
                 values[name] = argv[i + 1]
                 i += 1
+        elif flag in PATH_FLAGS and i + 1 < len(argv):
+            rest += [flag, str(Path.cwd() / argv[i + 1])]
+            i += 1
         else:
             rest.append(flag)
         i += 1
@@ -70,13 +76,16 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
         "args": shlex.join(rest), "restart-sec": "0.5",
         "models-autoload": "no" if "--no-models-autoload" in switches else "yes",
     }
-    if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING"):
+    preset = single_model(values, cwd, cwd / cache)
+    if preset:  # that one model only, as llama-server lists: not the rest of the cache
+        conf["llama-cache"] = "no"
+    # llama-server's switch delays requests in its router only.
+    if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") and not preset:
         conf["debug-request-delay"] = str(FAKE_TIMING_SECONDS)
     if "models_dir" in values:
         conf["models-dir"] = str(cwd / values["models_dir"])
     if "models_max" in values:
         conf["models-max"] = values["models_max"]
-    preset = single_model(values, cwd)
     if preset:
         conf["models-max"] = "1"
         (where / "single.ini").write_text(preset)
@@ -96,14 +105,36 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
                    for k, v in conf.items())
 
 
-def single_model(values: dict[str, str], cwd: Path) -> str:
-    """A preset for a single-model command line (-m / -hf), or ''."""
+def single_model(values: dict[str, str], cwd: Path, cache: Path) -> str:
+    """A preset for a single-model command line (-m / -hf), or ''.
+
+    llama-server names its one model after the first of its aliases in sorted order (it
+    keeps them in a std::set), and lists them all, with its tags."""
     if "model" not in values and "hf_repo" not in values:
         return ""
-    name = values.get("alias") or values.get("hf_repo") or Path(values["model"]).stem
-    source = f"model = {cwd / values['model']}" if "model" in values else \
-        f"hf-repo = {values['hf_repo']}"
-    return f"[{name}]\n{source}\n"
+    aliases = sorted(a.strip() for a in values.get("alias", "").split(",") if a.strip())
+    name = aliases[0] if aliases else values.get("hf_repo") or Path(values["model"]).stem
+    model = cwd / values["model"] if "model" in values else \
+        cached_file(cache, values["hf_repo"], values.get("hf_file"))
+    lines = [f"[{name}]", f"model = {model}"]
+    if aliases:
+        lines.append(f"alias = {','.join(aliases)}")
+    if "tags" in values:
+        lines.append(f"tags = {values['tags']}")
+    return "\n".join(lines) + "\n"
+
+
+def cached_file(cache: Path, repo: str, file: str | None) -> Path:
+    """The file `-hf repo[:TAG]` (or `--hf-file`) means in a Hugging Face hub cache; a
+    path that does not exist if the cache lacks it (llamad then says so)."""
+    repo, _, tag = repo.partition(":")
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    ref = folder / "refs" / "main"
+    snapshot = folder / "snapshots" / (ref.read_text().strip() if ref.exists() else "none")
+    if file:
+        return snapshot / file
+    found = sorted(p for p in snapshot.glob("*.gguf") if tag.lower() in p.name.lower())
+    return found[0] if found else snapshot / "missing.gguf"
 
 
 class Box:

@@ -7,14 +7,19 @@
   that name none (a single-model server needs no name). llamad is a router, which needs
   one, as llama.cpp's router does: the client adds the model's name to a POST body or a
   GET query that lacks it. Router-mode tests (ServerPreset.router) are left as they are.
+- A test running longer than $CONFORMANCE_TEST_TIMEOUT seconds fails, so that one stuck
+  case cannot hold the run for the suite's ten-minute request timeout.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
+import pytest
 import utils
 
 utils.ServerPreset.load_all = staticmethod(lambda: None)
@@ -29,14 +34,17 @@ def _name(server: Any) -> str | None:
     """The one model of a single-model server (None for a router)."""
     if not (server.model_file or server.model_hf_repo):
         return None
-    return server.model_alias or server.model_hf_repo or os.path.basename(server.model_file)
+    if server.model_alias:  # "a,b,c": several aliases of the one model
+        return str(server.model_alias).split(",")[0]
+    return server.model_hf_repo or os.path.basename(server.model_file)
 
 
 def _named(server: Any, method: str, path: str, data: Any) -> tuple[str, Any]:
     name = _name(server)
     if name is None:
         return path, data
-    if method == "POST" and isinstance(data, dict) and "model" not in data:
+    # "model": null names none, as an absent one does.
+    if method == "POST" and isinstance(data, dict) and data.get("model") is None:
         data = {**data, "model": name}
     if method == "GET" and path.split("?")[0] in ROUTED_GETS and "model=" not in path:
         path += ("&" if "?" in path else "?") + "model=" + quote(name)
@@ -57,3 +65,23 @@ def make_stream_request(self: Any, method: str, path: str, data: Any = None,
 
 utils.ServerProcess.make_request = make_request
 utils.ServerProcess.make_stream_request = make_stream_request
+
+
+class TestTimeout(Exception):
+    pass
+
+
+def _expired(signum: int, frame: object) -> None:
+    raise TestTimeout(f"the test ran past {os.environ['CONFORMANCE_TEST_TIMEOUT']} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: Any) -> Iterator[None]:
+    limit = int(os.environ.get("CONFORMANCE_TEST_TIMEOUT", "0"))
+    if limit:
+        signal.signal(signal.SIGALRM, _expired)
+        signal.alarm(limit)
+    try:
+        yield
+    finally:
+        signal.alarm(0)

@@ -19,10 +19,10 @@ _names = itertools.count(1)
 Factory = Callable[..., "Llamad"]  # the llamad_factory fixture (conftest.py)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody on this machine listens on (the box shares the host's network)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 
@@ -31,10 +31,11 @@ class Llamad:
     """One llamad; started with systemd-run in the box, so it is a real Type=notify service."""
 
     def __init__(self, box: rig.Box, assets: rig.Assets, models: list[str],
-                 preset: str = "", **settings: Any) -> None:
+                 preset: str = "", host: str = "127.0.0.1", **settings: Any) -> None:
         self.box = box
         self.n = next(_names)
-        self.port = free_port()
+        self.host = host  # a loopback address of its own plays another machine
+        self.port = free_port(host)
         self.unit = f"llamad-test-{self.n}.service"
         self.dir = box.workdir / f"llamad-{self.n}"
         self.dir.mkdir(mode=0o755)
@@ -52,7 +53,7 @@ class Llamad:
             conf["models-preset"] = str(self.dir / "presets.ini")
         self.config = self.dir / "llamad.conf"
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.cursor = ""
         self.command = [str(PYTHON), "-m", "llamad"]  # bench/bodies.py runs other code
         self.properties: list[str] = []  # more unit properties, e.g. LimitNOFILE=100
@@ -73,7 +74,7 @@ class Llamad:
                       *(f"--property={p}" for p in self.properties),
                       "--setenv=PYTHONUNBUFFERED=1", *self.command,
                       "serve", "--config", str(self.config),
-                      "--listen", f"127.0.0.1:{self.port}"], timeout=60, check=False)
+                      "--listen", f"{self.host}:{self.port}"], timeout=60, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"llamad did not start: {out.stderr}\n{self.log()[-3000:]}")
 

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import readme
 import rig
 from llamad_fixture import Factory, Llamad, chat, models, wait_state
 
@@ -47,6 +50,9 @@ async def test_llama_server_under_var_tmp(llamad_factory: Factory, box: rig.Box,
     message, reason = await failure(d, "gemma-a")
     assert sentence in message and reason.startswith(sentence), (message, reason)
     assert f"model gemma-a failed: {sentence}" in d.log()
+    # llamad said so when it started, as check-config does.
+    assert f"{d.config}: llama-server: {server} is under /var/tmp, which model units see as " \
+        "an empty private directory (PrivateTmp=yes)" in d.log()
 
 
 @pytest.mark.parametrize("box_dir", ["/root"], indirect=True)
@@ -81,6 +87,19 @@ async def test_unknown_model(llamad_factory: Factory) -> None:
         status, body = await chat(s, d.url, "gema")
     assert status == 404 and body["error"]["message"] == \
         "model 'gema' is not known to llamad; GET /v1/models lists them"
+
+
+def test_curl_without_a_json_content_type(llamad_factory: Factory) -> None:
+    # The quick start's curl without its -H: curl -d sends a form's Content-Type.
+    d = llamad_factory(["gemma"])
+    [line] = [readme.command(c) for c in readme.quick_start()[1] if c.startswith("curl ")]
+    cmd = re.sub(r" -H '[^']*'", "", line).replace("http://127.0.0.1:8080", d.url)
+    assert "Content-Type" not in cmd, cmd
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    assert json.loads(out)["error"]["message"] == (
+        "the request body must be application/json (Content-Type), not "
+        "application/x-www-form-urlencoded")
 
 
 def test_status_names_are_systemds(box: rig.Box) -> None:

@@ -79,3 +79,19 @@ async def test_daemon_log_and_bad_requests(llamad_factory: Factory) -> None:
             assert (await r.json())["error"]["code"] == "model_not_found"
         async with s.get(d.url + "/logs/stream", params={"lines": "many"}) as r:
             assert r.status == 400
+
+
+async def test_open_streams_end_at_shutdown(llamad_factory: Factory) -> None:
+    """aiohttp waits up to a minute for open handlers before llamad can exit: followed
+    logs, the dashboard's feed and the models feed must end when llamad stops."""
+    d = llamad_factory(["gemma-a"])
+    async with aiohttp.ClientSession() as s:
+        paths = ["/logs/stream", "/logs/stream/gemma-a", "/dashboard/events", "/models/sse"]
+        opened = [await s.get(d.url + path) for path in paths]
+        assert [r.status for r in opened] == [200] * len(paths)
+        stopped = await asyncio.to_thread(
+            d.box.run, ["systemctl", "stop", d.unit], check=False, timeout=40)
+        assert stopped.returncode == 0, stopped.stderr
+        for r in opened:  # each stream ended: reading it to the end returns
+            await asyncio.wait_for(r.read(), 10)
+            r.release()

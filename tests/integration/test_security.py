@@ -199,6 +199,13 @@ async def test_browsers_cannot_drive_the_api(llamad_factory: Factory, subtests: 
 
         with subtests.test("CORS is llamad's own"):
             # llama-server answers every origin with its own CORS headers: llamad drops them.
+            # (The model was unloaded just above: load it, and wait until it is gone first.)
+            await asyncio.to_thread(rig.wait_for, "gemma-a to be unloaded",
+                                    lambda: models(d.url)["gemma-a"]["llamad"]["state"]
+                                    in ("unloaded", "ready"), 60)
+            assert await post("/models/load", body, **{"Content-Type": "application/json"}) \
+                == 200
+            await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready")
             for origin, allowed in (("http://evil.example", None), (ui, ui)):
                 async with s.get(d.url + "/props", params={"model": "gemma-a"},
                                  headers={"Origin": origin}) as r:
@@ -364,7 +371,11 @@ async def test_out_of_descriptors_is_503_and_changes_no_model(box: rig.Box, asse
                                                               subtests: Any) -> None:
     """With its descriptors used up, llamad cannot reach a healthy backend: that is llamad's
     trouble (503), not the model's (whose state must not change)."""
-    d = Llamad(box, assets, ["gemma-a"], **{"queue-timeout": 20, "max-connections": 1000})
+    # liveness-timeout = 0: no /health probes, which would keep a pooled connection to the
+    # backend for the request to reuse (that llamad does not take a probe it cannot make
+    # for a wedge is tests/test_supervisor.py's test_a_probe_llamad_cannot_make_is_no_wedge).
+    d = Llamad(box, assets, ["gemma-a"], **{"queue-timeout": 20, "max-connections": 1000,
+                                           "liveness-timeout": 0})
     d.properties.append("LimitNOFILE=100")  # soft and hard: llamad cannot lift it
     d.start()
     slow: list[Trickler] = []

