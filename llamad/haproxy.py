@@ -106,6 +106,7 @@ def config(hosts: Sequence[str], listen: str, place: Mapping[str, str] | None = 
         "    retries 2",
         "    option redispatch 1",
         "    retry-on conn-failure empty-response",
+        "    # Which host answered (their addresses, to clients: drop this line to hide them).",
         "    http-response set-header X-Llamad-Host %s",
         *rules,
         *servers,
