@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import rig
+from fleet import Haproxy, Traffic, ask, join
 from llamad_fixture import Llamad, models, wait_http, wait_state
 from rpcworker import RpcWorker
 
@@ -128,7 +129,130 @@ def _rpc_table(runs: dict[str, list[dict[str, float]]], rounds: int) -> str:
         f"{os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs).", ""])
 
 
-SECTIONS: dict[str, Callable[[int], str]] = {"rpc": rpc_section}
+GRACE = 3.0  # shutdown-grace of the HAProxy hosts
+
+
+async def latencies(url: str, n: int) -> list[float]:
+    """Seconds of `n` small chat requests for the model "a", one after another."""
+    async with aiohttp.ClientSession() as s:
+        out = []
+        for _ in range(n):
+            sent = await ask(s, url, "a")
+            assert sent.status == 200, sent
+            out.append(sent.took)
+        return out
+
+
+async def hop(direct: str, through: str, n: int, path: str = "") -> list[float]:
+    """Per pair of requests, one straight to llamad and one through HAProxy, taken in
+    turn (the machine's load changes less within a pair): HAProxy's extra seconds.
+    `path` "": a 2-token chat; else a GET of that path (the proxy hop alone)."""
+    async def one(s: aiohttp.ClientSession, url: str) -> float:
+        if not path:
+            return (await ask(s, url, "a")).took
+        began = time.perf_counter()
+        async with s.get(url + path) as r:
+            await r.read()
+        return time.perf_counter() - began
+    async with aiohttp.ClientSession() as s:
+        return [await one(s, through) - await one(s, direct) for _ in range(n)]
+
+
+async def one_request(url: str) -> str:
+    """Which host answered a request for "a"."""
+    async with aiohttp.ClientSession() as s:
+        return (await ask(s, url, "a")).host
+
+
+def listing_time(url: str, query: str = "", n: int = 10) -> float:
+    async def go() -> float:
+        async with aiohttp.ClientSession() as s:
+            began = time.perf_counter()
+            for _ in range(n):
+                async with s.get(url + "/v1/models" + query) as r:
+                    await r.read()
+            return (time.perf_counter() - began) / n
+    return asyncio.run(go())
+
+
+def failover(lb: Haproxy, gone: Llamad, other: Llamad, how: str) -> dict[str, float]:
+    """Requests for "a" (2 clients) while its host goes away, as
+    tests/integration/test_haproxy_fleet.py does; then the host is back and so is "a"."""
+    there = f"{other.host}:{other.port}"
+    unload(other, "a")  # so that every round's failover includes loading it there
+    with Traffic(lb.url, "a") as traffic:
+        rig.wait_for("requests", lambda: len(traffic.sent) >= 4, timeout=60)
+        began = time.monotonic()
+        signal = ["stop", "--no-block"] if how == "stop" else ["kill", "--signal=SIGKILL"]
+        gone.box.run(["systemctl", *signal, gone.unit])
+        rig.wait_for("the other host", lambda: traffic.served_by(there, began) >= 5,
+                     timeout=120)
+    after = [x for x in traffic.sent if x.at + x.took >= began]  # ended after
+    first = min(x.at + x.took for x in after if x.host == there) - began
+    load = float(models(other.url)["a"]["llamad"]["load_seconds"])
+    gone.stop()
+    gone.start()
+    wait_http(gone.url)
+    home = f"{gone.host}:{gone.port}"
+    rig.wait_for("a back on its host", lambda: asyncio.run(one_request(lb.url)) == home,
+                 timeout=60)
+    return {"failed": len(traffic.failed()), "sent": len(after), "first": first,
+            "slowest": max(x.took for x in after), "load": load}
+
+
+def haproxy_section(rounds: int) -> str:
+    with rig.Box() as box1, rig.Box() as box2:
+        one = Llamad(box1, rig.Assets(box1.workdir), ["a", "b"], host="127.0.0.2", args=ARGS)
+        two = Llamad(box2, rig.Assets(box2.workdir), ["a", "b"], host="127.0.0.3", args=ARGS)
+        try:
+            join([one, two], GRACE)
+            with Haproxy(box1.workdir, [one, two], {"a": one, "b": two}) as lb:
+                asyncio.run(latencies(lb.url, 3))  # loads "a" on its host
+                direct = asyncio.run(latencies(one.url, 20 * rounds))
+                extra = {"chat": asyncio.run(hop(one.url, lb.url, 20 * rounds)),
+                         "health": asyncio.run(hop(one.url, lb.url, 100 * rounds, "/health"))}
+                lists = {"alone": listing_time(one.url, "?peers=no"),
+                         "fleet": listing_time(one.url)}
+                runs = {how: [failover(lb, one, two, how) for _ in range(rounds)]
+                        for how in ("stop", "kill")}
+        finally:
+            for d in (one, two):
+                d.cleanup()
+    return _haproxy_table(direct, extra, lists, runs, rounds)
+
+
+def _haproxy_table(direct: list[float], extra: dict[str, list[float]], lists: dict[str, float],
+                   runs: dict[str, list[dict[str, float]]], rounds: int) -> str:
+    def med(xs: list[float]) -> float:
+        return statistics.median(xs) * 1000
+
+    rows = [f"| {how} | {sum(r['failed'] for r in rs)} of {sum(r['sent'] for r in rs)} | "
+            f"{statistics.median(r['first'] for r in rs):.2f} s | "
+            f"{statistics.median(r['slowest'] for r in rs):.2f} s | "
+            f"{statistics.median(r['load'] for r in rs):.2f} s |"
+            for how, rs in (("SIGTERM (systemctl stop), shutdown-grace 3 s", runs["stop"]),
+                            ("SIGKILL (a crash)", runs["kill"]))]
+    return "\n".join([
+        "## HAProxy in front of two llamad hosts (bench/multihost.py)", "",
+        "llamad on 127.0.0.2 and 127.0.0.3 (a box each, peers of each other), HAProxy 2.6 "
+        "on 127.0.0.1 with `llamad haproxy-config` (checks every 1 s, down after 2), "
+        f"Gemma 3 270M, `{ARGS}`, 2-token chat requests.", "",
+        "HAProxy's hop, medians of requests sent in turn straight to llamad and through "
+        f"HAProxy: {med(extra['health']):+.2f} ms on GET /health "
+        f"({len(extra['health'])} pairs), {med(extra['chat']):+.1f} ms on a 2-token chat "
+        f"({len(extra['chat'])} pairs; the chat itself {med(direct):.0f} ms). "
+        f"GET /v1/models: {lists['alone'] * 1000:.1f} ms for one host's 2 models, "
+        f"{lists['fleet'] * 1000:.1f} ms with its peer's (`peers`).", "",
+        f"Failover, {rounds} rounds each: two clients send requests for the model while its "
+        "host goes away, until the other host has answered five; medians of the rounds, "
+        "times from the signal.", "",
+        "| the host's llamad gets | failed requests | first answer from the other host "
+        "| slowest request | the model's load there |",
+        "|---|---|---|---|---|", *rows, "",
+        f"Load average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs).", ""])
+
+
+SECTIONS: dict[str, Callable[[int], str]] = {"rpc": rpc_section, "haproxy": haproxy_section}
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llamad import __version__, app, cli, completion, ctl
+from llamad import __version__, app, cli, completion, ctl, haproxy
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
 
@@ -96,6 +96,18 @@ def add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=lambda a: ctl.cmd_ps(_client(a), a.json, a.interval))
 
 
+def add_haproxy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("haproxy-config", help="print an HAProxy configuration that routes "
+                       "each model to one of these llamad hosts (docs/scaling.md)")
+    p.add_argument("hosts", nargs="+", metavar="HOST:PORT", help="the llamad hosts")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="where HAProxy listens (default 127.0.0.1:8080)")
+    p.add_argument("--place", action="append", default=[], metavar="MODEL=HOST:PORT",
+                   help="serve MODEL on this host while it is up (repeatable); other "
+                   "models are placed by hashing their name")
+    p.set_defaults(func=lambda a: haproxy.cmd_haproxy_config(a.hosts, a.listen, a.place))
+
+
 def add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("completion", help="print bash completion: source <(llamad completion)")
     p.set_defaults(func=_print_completion)
@@ -108,7 +120,7 @@ def _print_completion(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_models, add_check_config, add_serve, add_ps, add_load, add_unload, add_logs, add_top,
-    add_completion,
+    add_completion, add_haproxy_config,
 ]
 
 

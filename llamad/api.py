@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import keys, listing, report
+from llamad import fleet, keys, listing, report
 from llamad.body import read_json
 from llamad.catalog import Catalog
 from llamad.errors import BadRequest, LlamadError
@@ -62,8 +62,10 @@ async def handle_models(request: web.Request) -> web.Response:
         catalog: Catalog = request.app[CATALOG]
         await catalog.rescan_async()  # the new snapshot reaches the supervisor on publish
     sup = supervisor(request)
-    return web.Response(body=listing.listing(sup, visible(request, sup.slots.values())),
-                        content_type="application/json")
+    body = listing.listing(sup, visible(request, sup.slots.values()))
+    if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
+        body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def handle_model(request: web.Request) -> web.Response:
@@ -158,6 +160,7 @@ async def close_feed(app: web.Application) -> None:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    fleet.check_health(request.app)  # 503 while draining before llamad exits
     return web.json_response({"status": "ok"})
 
 

@@ -20,6 +20,7 @@ from llamad import (
     body,
     browsers,
     dashboard,
+    fleet,
     keys,
     limits,
     logstream,
@@ -97,6 +98,7 @@ class Daemon:
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
         app[limits.LIMITS] = lim
+        app[fleet.DRAINING] = fleet.Draining()  # /health says so after SIGTERM
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
@@ -268,6 +270,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
                  report.status_line(daemon.sup))
         notifier.ready(report.status_line(daemon.sup))
         await daemon.stop.wait()
+        await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
         notifier.stopping()
         for server in servers:

@@ -76,6 +76,10 @@ SPEC: dict[str, tuple[str, str]] = {
     "request-log": ("boolean(default=yes)", "yes or no"),
     "load-progress": ("boolean(default=yes)", "yes or no"),
     "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
+    "peers": ("force_list(default=list())",
+              "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
+    "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
+    "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
 }
 
 
@@ -125,6 +129,9 @@ class Config:
     request_log: bool
     load_progress: bool
     debug_request_delay: float
+    peers: tuple[str, ...]
+    peer_timeout: float
+    shutdown_grace: float
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -207,6 +214,9 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for origin in v["cors-origins"]:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise _bad(path, "cors-origins", origin)
+    for peer in v["peers"]:
+        if not _ORIGIN.fullmatch(peer.lower()):
+            raise _bad(path, "peers", peer)
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -226,6 +236,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         api_keys_file=_opt_path(v["api-keys-file"]),
         allowed_hosts=tuple(h.lower().rstrip(".") for h in v["allowed-hosts"] if h),
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
+        peers=tuple(p.lower() for p in v["peers"] if p),
         slice_memory_max=v["slice-memory-max"] or None,
     )
     return out

@@ -1,0 +1,139 @@
+"""`llamad haproxy-config`: HAProxy (Debian 12's 2.6) accepts what it prints, and the real
+haproxy routes by the body's "model" and fails over as docs/scaling.md says. The llamad
+hosts here are two small HTTP servers on 127.0.0.2 and 127.0.0.3 that say who they are;
+tests/integration/test_haproxy_fleet.py puts real llamads there."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llamad import haproxy
+from llamad.errors import ConfigError
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def check(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(text)
+    return subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_haproxy_accepts_the_configuration(tmp_path: Path) -> None:
+    text = haproxy.config(["127.0.0.2:8080", "[::1]:8081", "localhost:8082"],
+                          "127.0.0.1:9000", {"gemma-a": "[::1]:8081"})
+    out = check(text, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[WARNING]" not in out.stdout + out.stderr
+    # A host name that does not resolve leaves that host out, not the balancer.
+    out = check(haproxy.config(["127.0.0.2:8080", "llm-3.invalid:8080"], "127.0.0.1:9000"),
+                tmp_path)
+    assert out.returncode == 0 and "disabling server" in out.stdout + out.stderr
+    assert "    server ::1:8081 [::1]:8081" in text
+    assert "use-server ::1:8081 if { var(txn.model) -m str gemma-a }" in text
+
+
+def test_the_command_prints_it_and_refuses_bad_input_in_a_sentence(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "llamad", "haproxy-config", *args],
+                              capture_output=True, text=True, timeout=30)
+    good = run("127.0.0.2:8080", "127.0.0.3:8080", "--place", "m=127.0.0.3:8080")
+    assert good.returncode == 0 and check(good.stdout, tmp_path).returncode == 0
+    for args, words in [
+            (["127.0.0.2"], "'127.0.0.2' is not a llamad host; give HOST:PORT"),
+            (["127.0.0.2:8080", "--place", "m=127.0.0.9:8080"], "not among the hosts"),
+            (["127.0.0.2:8080", "--place", "a b=127.0.0.2:8080"], "is not MODEL=HOST:PORT"),
+            (["127.0.0.2:8080", "127.0.0.2:8080"], "given twice"),
+            (["127.0.0.2:99999"], "is not a llamad host")]:
+        out = run(*args)
+        assert out.returncode == 1 and words in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    with pytest.raises(ConfigError):
+        haproxy.config([], "127.0.0.1:9000")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def host_app(name: str) -> web.AppRunner:
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response({"host": name, "model": (await request.json())["model"]})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    return runner
+
+
+@pytest.fixture
+async def two_hosts(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, web.AppRunner]]]:
+    runners = {}
+    for ip in ("127.0.0.2", "127.0.0.3"):
+        address = f"{ip}:{free_port(ip)}"
+        runners[address] = await host_app(address)
+        await web.TCPSite(runners[address], ip, int(address.split(":")[1])).start()
+    listen = f"127.0.0.1:{free_port('127.0.0.1')}"
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy.config(list(runners), listen, {"pinned": list(runners)[1]}))
+    proc = await asyncio.create_subprocess_exec(HAPROXY, "-db", "-f", str(cfg),
+                                                stdout=asyncio.subprocess.DEVNULL)
+    try:
+        yield f"http://{listen}", runners
+    finally:
+        proc.terminate()
+        await proc.wait()
+        for runner in runners.values():
+            await runner.cleanup()
+
+
+async def post(s: aiohttp.ClientSession, url: str, model: str) -> tuple[int, str]:
+    # "model" last and after a long prompt, as the OpenAI SDK sends it.
+    body = {"messages": [{"role": "user", "content": "x" * 100_000}], "model": model}
+    try:
+        async with s.post(url + "/v1/chat/completions", json=body) as r:
+            return r.status, (await r.json())["host"] if r.status == 200 else ""
+    except aiohttp.ClientError:
+        return 0, ""
+
+
+async def test_routes_by_model_and_fails_over(
+        two_hosts: tuple[str, dict[str, web.AppRunner]]) -> None:
+    url, runners = two_hosts
+    first, second = runners
+    names = [f"model-{i}" for i in range(12)]
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 10
+        while (await post(s, url, "pinned"))[0] != 200:
+            assert time.monotonic() < deadline, "haproxy did not come up"
+            await asyncio.sleep(0.05)
+        # Each model always goes to one host; the models are spread over both.
+        where = {m: {(await post(s, url, m))[1] for _ in range(3)} for m in names}
+        assert all(len(hosts) == 1 for hosts in where.values()), where
+        assert {h for hosts in where.values() for h in hosts} == {first, second}
+        assert (await post(s, url, "pinned"))[1] == second
+        # The second host dies: its models, the placed one too, are served by the first
+        # at once (connection refused: the request is sent on), the others stay put.
+        await runners[second].cleanup()
+        after = {m: await post(s, url, m) for m in [*names, "pinned"]}
+        assert after == {m: (200, first) for m in [*names, "pinned"]}, after
