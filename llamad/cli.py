@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamad import keys, unitpaths
+from llamad import keys, socketstate, unitpaths
 from llamad.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
@@ -40,7 +40,7 @@ def check(config: Config) -> Presets:
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     presets = check(config)
-    for warning in unitpaths.config_problems(config):
+    for warning in unitpaths.config_problems(config) + socketstate.problems():
         print(f"llamad: warning: {warning}", file=sys.stderr)
     where = config.path or "defaults (no configuration file)"
     dirs = ", ".join(map(str, config.models_dirs)) or "none"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+
+import readme
 
 from llamad import exits
 from llamad.units import UnitSpec
@@ -79,3 +82,14 @@ def test_signals_oom_and_other_results() -> None:
         "systemd result 'timeout': it did not start or stop within its timeout"
     assert exits.describe({"Result": "success"}) == "systemd result 'success'"
     assert "shared library" in exits.describe(ended(127))
+
+
+def test_the_readmes_sentences_are_llamads() -> None:
+    """README.md quotes llamad's failure reasons to a new user: they must be what it says."""
+    text = readme.README.read_text()
+    [example] = re.findall(r"^```text\n(model gemma failed: .*?)^```$", text, re.M | re.S)
+    server = "/var/tmp/llama-server"
+    assert " ".join(example.split()) == \
+        f"model gemma failed: {exits.describe(ended(203), spec(server))}"
+    [gomp] = re.findall(r'fails every load with "(llama-server ended with .*?)"', text, re.S)
+    assert exits.describe(ended(127)).startswith(" ".join(gomp.split()))
