@@ -17,6 +17,7 @@ test-trixie: dev
 	$(PY) -m pytest -ra -k debian13 tests/integration/test_package.py $(PYTEST_ARGS)
 
 # llama.cpp's own server tests against llamad on the box; writes docs/conformance.md.
+# The generation tests too: CONFORMANCE_ARGS="--files unit/test_completion.py unit/test_chat_completion.py"
 conformance: dev
 	$(PY) tests/conformance/run.py $(CONFORMANCE_ARGS)
 

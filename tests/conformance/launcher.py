@@ -6,7 +6,10 @@ The upstream tests start "llama-server" with a router-mode command line (--model
 per-model flags every child gets). This turns that command line into a llamad.conf and
 runs the real `llamad serve` in the test box (tests/rig.py) as a Type=notify unit, whose
 models are real llama-server units. A single-model command line (-m / -hf, as the
-non-router test files use) becomes a llamad with that one model, named by --alias.
+non-router test files use) becomes a llamad with that one model only, named by --alias,
+with llama-server's defaults for what llamad otherwise adds (no --metrics). llama.cpp's
+web UI is llamad's too (ui-dir), unless --no-ui; several --host addresses are a socket
+unit's, as llamad.socket's are.
 
 It runs until SIGTERM or SIGINT (what the tests' ServerProcess.stop sends), then stops
 llamad and every model unit, in well under the 5 s the tests wait before SIGKILL. A
@@ -26,6 +29,9 @@ import time
 from pathlib import Path
 
 UNIT = "llamad-conformance.service"
+# Several --host addresses: a socket unit listening on each starts llamad, as
+# llamad.socket does (llamad's own `listen` is one address).
+SOCKET = "llamad-conformance.socket"
 # llama-server's own request delay for its tests, in seconds (server-models.cpp).
 FAKE_TIMING_SECONDS = 2
 # Flags of the router itself, and the value each takes (None: a switch).
@@ -34,7 +40,7 @@ ROUTER_FLAGS = {"--host": "host", "--port": "port", "--models-dir": "models_dir"
                 "--api-key": "api_key", "--no-models-autoload": None, "--offline": None,
                 "--model": "model", "-m": "model", "--hf-repo": "hf_repo", "-hf": "hf_repo",
                 "-hfr": "hf_repo", "--hf-file": "hf_file", "-hff": "hf_file",
-                "--alias": "alias", "-a": "alias", "--tags": "tags"}
+                "--alias": "alias", "-a": "alias", "--tags": "tags", "--no-ui": None}
 # Per-model flags whose value is a file: made absolute, as the model units run elsewhere.
 PATH_FLAGS = ("--chat-template-file", "--lora", "--model-draft", "-md", "--slot-save-path",
               "--media-path", "--grammar-file", "--json-schema-file")
@@ -75,6 +81,8 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
         "llama-cache-dir": str(cwd / cache), "models-dir": "",
         "args": shlex.join(rest), "restart-sec": "0.5",
         "models-autoload": "no" if "--no-models-autoload" in switches else "yes",
+        # llama.cpp's web UI at /, as llama-server serves it unless --no-ui.
+        "ui-dir": "" if "--no-ui" in switches else box.get("ui_dir", ""),
     }
     preset = single_model(values, cwd, cwd / cache)
     if preset:  # that one model only, as llama-server lists: not the rest of the cache
@@ -121,6 +129,9 @@ def single_model(values: dict[str, str], cwd: Path, cache: Path) -> str:
         lines.append(f"alias = {','.join(aliases)}")
     if "tags" in values:
         lines.append(f"tags = {values['tags']}")
+    # llama-server's /metrics is off unless --metrics (then in the args, which win); llamad
+    # turns it on for every model otherwise, for its own /metrics.
+    lines.append("metrics = false")
     return "\n".join(lines) + "\n"
 
 
@@ -148,13 +159,26 @@ class Box:
 
     def stop_all(self) -> None:
         """llamad, then every model unit (llamad leaves them running on purpose)."""
-        self.run("systemctl", "stop", UNIT)
+        self.run("systemctl", "stop", SOCKET, UNIT)
         self.run("systemctl", "stop", "llama-server@*.service")
-        self.run("systemctl", "reset-failed", UNIT, "llama-server@*.service")
+        self.run("systemctl", "reset-failed", SOCKET, UNIT, "llama-server@*.service")
 
     def active(self) -> bool:
-        state = self.run("systemctl", "show", "-P", "ActiveState", UNIT).stdout.strip()
-        return state in ("active", "activating", "reloading")
+        """llamad runs, or its socket waits to start it."""
+        state, listening = (self.run("systemctl", "show", "-P", "ActiveState", unit).stdout.strip()
+                            for unit in (UNIT, SOCKET))
+        return state in ("active", "activating", "reloading") or \
+            (state == "inactive" and listening == "active")
+
+
+def sockets(values: dict[str, str]) -> list[str]:
+    """systemd-run options for a socket unit, if --host names several addresses."""
+    hosts = values.get("host", "127.0.0.1").split(",")
+    if len(hosts) < 2:
+        return []
+    port = values.get("port", "8080")
+    return [f"--socket-property=ListenStream={f'[{h}]' if ':' in h else h}:{port}"
+            for h in hosts]
 
 
 def main(argv: list[str]) -> int:
@@ -173,7 +197,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    started = box.run("systemd-run", f"--unit={UNIT}", "-p", "Type=notify",
+    started = box.run("systemd-run", f"--unit={UNIT}", *sockets(values), "-p", "Type=notify",
                       "-p", "NotifyAccess=main", "--setenv=PYTHONUNBUFFERED=1",
                       info["python"], "-m", "llamad", "serve",
                       "--config", str(where / "llamad.conf"))

@@ -7,9 +7,10 @@ llama-server (started directly by the suite, not as a router) does with the same
 the same offline cache, the same Gemma file and the same plugin. That outcome is
 recorded here once, in reference.json, since it depends only on the pinned binary, the
 model and the upstream files (all cached by `make dev`). Regenerate it when any of them
-changes:
+changes; cases named on the command line (files or file::test ids) are run and updated,
+the others kept:
 
-    python tests/conformance/reference.py [--out tests/conformance/reference.json]
+    python tests/conformance/reference.py [--out tests/conformance/reference.json] [CASE ...]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from suite import rig
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=suite.HERE / "reference.json")
-    parser.add_argument("--files", nargs="*", default=list(suite.SINGLE_FILES))
+    parser.add_argument("cases", nargs="*", default=list(suite.SINGLE_FILES))
     args = parser.parse_args()
     for path in (rig.LLAMA_SERVER, rig.GEMMA, suite.UPSTREAM):
         if not path.exists():
@@ -37,19 +38,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llamad-conformance-reference-", dir="/var/tmp"))
     try:
         tests, cache = suite.stage(work, rig.GEMMA)
-        results, minutes = suite.run_pytest(tests, cache, rig.LLAMA_SERVER, args.files, (), {})
+        results, minutes = suite.run_pytest(tests, cache, rig.LLAMA_SERVER, args.cases, (), {})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    old = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
+    cases = {**old["cases"], **{r.test: {"outcome": r.outcome, "why": r.why} for r in results}}
     args.out.write_text(json.dumps({
         "about": "Each case of the single-model files run against the pinned llama-server "
                  "itself (not as a router) on the Gemma file; written by "
                  "tests/conformance/reference.py, read by run.py.",
         "llama_server": str(rig.LLAMA_SERVER.relative_to(rig.CACHE)),
         "model": rig.GEMMA.name,
-        "files": args.files,
-        "minutes": round(minutes, 1),
-        "cases": {r.test: {"outcome": r.outcome, "why": r.why}
-                  for r in sorted(results, key=lambda r: r.test)},
+        "cases": dict(sorted(cases.items())),
     }, indent=1, ensure_ascii=False) + "\n")
     counts = {k: sum(r.outcome == k for r in results) for k in ("pass", "fail", "skipped")}
     print(f"reference: {counts} in {minutes:.1f} minutes; written to {args.out}")

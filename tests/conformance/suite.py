@@ -45,7 +45,7 @@ TEST_TIMEOUT = 300
 @dataclass
 class Result:
     test: str
-    outcome: str  # pass | fail | skipped (and run.py's: not applicable | difference)
+    outcome: str  # pass | fail | skipped | not run (and run.py's: not applicable | difference)
     why: str = ""
     seconds: float = 0.0
 
@@ -88,17 +88,26 @@ def run_pytest(tests: Path, cache: Path, server: Path, files: Sequence[str],
     env = {**os.environ, **env, "LLAMA_SERVER_BIN_PATH": str(server),
            "LLAMA_CACHE": str(cache), "PORT": str(free_port()), "PYTHONPATH": str(HERE),
            "CONFORMANCE_TEST_TIMEOUT": str(TEST_TIMEOUT), "PYTHONDONTWRITEBYTECODE": "1"}
+    pytest = [sys.executable, "-m", "pytest", "-p", "plugin", "-p", "no:cacheprovider",
+              "-p", "no:asyncio", *(f"--deselect={t}" for t in deselect), *files]
+    listed = subprocess.run([*pytest, "--collect-only", "-q"], cwd=tests, env=env, check=False,
+                            capture_output=True, text=True).stdout.splitlines()
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "pytest", "-p", "plugin", "-p", "no:cacheprovider",
-                    "-p", "no:asyncio", "-q", "-rfE",
-                    f"--junitxml={junit}", *(f"--deselect={t}" for t in deselect), *files],
-                   cwd=tests, env=env, check=False)
-    return read_junit(junit), (time.monotonic() - started) / 60
+    subprocess.run([*pytest, "-q", "-rfE", f"--junitxml={junit}"], cwd=tests, env=env,
+                   check=False)
+    results = read_junit(junit) if junit.exists() else []
+    ran = {r.test for r in results}
+    # A run stopped early (Ctrl-C) still lists every case it did not reach.
+    results += [Result(t, "not run", "the run was stopped before this case")
+                for t in listed if "::" in t and t not in ran]
+    return results, (time.monotonic() - started) / 60
 
 
 def read_junit(path: Path) -> list[Result]:
     out = []
     for case in ET.parse(path).iter("testcase"):
+        if case.get("name") is None:  # the case running when the run was stopped
+            continue
         module = case.get("classname", "").replace(".", "/") + ".py"
         test = f"{module}::{case.get('name')}"
         seconds = float(case.get("time", "0"))
