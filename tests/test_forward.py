@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,22 +190,59 @@ async def test_closing_a_backend_never_cuts_a_live_answer(rig: Rig) -> None:
 
 
 
-def test_cpu_ticks_tell_a_stopped_process_from_a_busy_one() -> None:
+@pytest.fixture
+def spinning() -> Iterator[tuple[int, int]]:
+    """Two processes that spin on a CPU, the second one stopped (SIGSTOP): their pids."""
     spin = [sys.executable, "-c", "while True: pass"]
     busy, stopped = subprocess.Popen(spin), subprocess.Popen(spin)
     try:
         stopped.send_signal(signal.SIGSTOP)
         wait_for("the process to stop", lambda: Path(f"/proc/{stopped.pid}/stat")
-                     .read_text().rpartition(") ")[2].startswith("T"))
-        frozen, start = cpu_ticks(stopped.pid), cpu_ticks(busy.pid)
-        assert frozen is not None and start is not None
-        # While the busy one uses CPU (a tick is 10 ms of it), the stopped one uses none.
-        wait_for("CPU time of the busy one", lambda: (cpu_ticks(busy.pid) or 0) >= start + 5,
-                     timeout=30)
-        assert cpu_ticks(stopped.pid) == frozen
+                 .read_text().rpartition(") ")[2].startswith("T"))
+        yield busy.pid, stopped.pid
     finally:
         for p in (busy, stopped):
             p.kill()
             p.wait()
-    assert cpu_ticks(busy.pid) is None and cpu_ticks(0) is None
 
+
+def test_cpu_ticks_tell_a_stopped_process_from_a_busy_one(spinning: tuple[int, int]) -> None:
+    busy, stopped = spinning
+    frozen, start = cpu_ticks(stopped), cpu_ticks(busy)
+    assert frozen is not None and start is not None
+    # While the busy one uses CPU (a tick is 10 ms of it), the stopped one uses none.
+    wait_for("CPU time of the busy one", lambda: (cpu_ticks(busy) or 0) >= start + 5,
+             timeout=30)
+    assert cpu_ticks(stopped) == frozen
+    assert cpu_ticks(0) is None and cpu_ticks(2**22 + 1) is None  # above pid_max: none
+
+
+async def test_a_probe_counts_cpu_used_when_health_is_slow(rig: Rig,
+                                                           spinning: tuple[int, int]) -> None:
+    """/health unanswered: a process that computes is alive, a stopped one (or one llamad
+    does not know) is not; a /health answer, whatever its status, is alive."""
+    busy, stopped = spinning
+    rig.server.health = "silent"
+    assert await rig.backend.probe(1.0, busy) is True
+    assert await rig.backend.probe(1.0, stopped) is False
+    assert await rig.backend.probe(1.0, 0) is False
+    rig.server.health = "loading"  # 503: an answer
+    assert await rig.backend.probe(1.0, stopped) is True
+
+
+async def test_a_silent_request_on_a_computing_backend_is_not_wedged(
+        rig: Rig, spinning: tuple[int, int]) -> None:
+    """No byte for many idle timeouts and /health unanswered, but the process computes (a
+    long prefill on a busy machine): the answer is waited for."""
+    busy, _ = spinning
+    rig.server.health, rig.server.delay = "silent", 6 * IDLE
+    watched = Watch(IDLE, HEALTH, rig.wedged.append, lambda: busy)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await forward(request, rig.backend, await request.read(), watched)
+    front = web.Application(middlewares=[error_middleware])
+    front.router.add_post("/v1/chat/completions", handle)
+    async with TestClient(TestServer(front)) as client:
+        r = await client.post("/v1/chat/completions", json={})
+        assert (r.status, await r.json()) == (200, {"text": "done"})
+    assert rig.wedged == []
