@@ -262,7 +262,11 @@ class UnitManager:
                 # forever; a stop job on the dead unit makes systemd look again.
                 if "UnitExists" not in str(e):
                     raise
-                await self.stop(name)
+                try:
+                    await self.stop(name)
+                except UnitError as gone:  # collected meanwhile: the next try starts it
+                    if "not loaded" not in str(gone) and "NoSuchUnit" not in str(gone):
+                        raise
             await asyncio.sleep(0.05)
         await self._caller.manager(b"StartTransientUnit", argv)
 

@@ -155,10 +155,13 @@ async def test_soak(llamad_factory: Factory) -> None:
                "requests": soak.sent, "lost": soak.lost, "faults": soak.faults,
                "before": before, "after": after}
     print("soak figures " + json.dumps(summary))
+    log = d.log()
+    if soak.lost:  # what llamad said about it, for the report
+        print("\n".join(line for line in log.splitlines()
+                        if "failed" in line or "refused" in line or "wedged" in line))
     assert soak.lost == 0, (seed, soak.lost_detail)
     assert not after["failed"], (seed, after)
     assert after["processes"] == len(after["units"]) <= 2, (seed, after)
     assert after["fds"] <= before["fds"] + 4, (seed, before, after)
     assert after["rss_kib"] <= before["rss_kib"] * 1.25, (seed, before, after)
-    log = d.log()
     assert "Traceback" not in log and "illegal state change" not in log, (seed, log[-3000:])
