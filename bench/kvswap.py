@@ -122,7 +122,10 @@ def markdown(res: dict[str, list[dict[str, Any]]], n_prefix: int, rounds: int) -
             f"{med(r, 'back'):.2f} s | {med(r, 'second', 'prompt_n'):.0f} tok, "
             f"{med(r, 'second', 'prompt_ms') / 1000:.2f} s | **{med(r, 'second', 'ttft'):.2f} s** "
             f"| {med(r, 'back') + med(r, 'second', 'ttft'):.2f} s |")
-    same = all(k["second"]["text"] == p["second"]["text"] for k, p in zip(kept, plain, strict=True))
+    pairs = list(zip(kept, plain, strict=True))
+    same = all(k["second"]["text"] == p["second"]["text"] for k, p in pairs)
+    per_round = ", ".join(f"{k['second']['ttft']:.2f} vs {p['second']['ttft']:.2f} s "
+                          f"({k['second']['ttft'] / p['second']['ttft']:.1%})" for k, p in pairs)
     # The save is timed by llamad itself (its log line); the difference of the swaps'
     # medians is shown too, but on a busy machine it is mostly the noise of loading B.
     ratio, added = ttft_k / ttft_p, save / swap_p
@@ -143,6 +146,9 @@ def markdown(res: dict[str, list[dict[str, Any]]], n_prefix: int, rounds: int) -
         f"({med(kept, 'save_mib'):.1f} MiB) = {added:.1%} of a swap without it "
         f"({swap_p:.2f} s); swaps' medians {swap_k:.2f} s vs {swap_p:.2f} s | "
         f"{'yes' if added <= 0.10 else '**no**'} |", "",
+        f"Turn 2's time to first token by round, restored vs re-prefilled: {per_round}. "
+        "The machine is shared: the same 2,077-token prefill took 10 to 52 s across runs, "
+        "so compare within a round. "
         f"Turn 2's answer the same with and without restore in every round: "
         f"{'yes' if same else '**no**'}. Load average at the end: "
         f"{os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs).", ""])
