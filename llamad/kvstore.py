@@ -16,9 +16,11 @@ keeps the index consistent between threads; hashing runs outside it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -122,7 +124,7 @@ class Store:
     def verify(self, e: Entry) -> str | None:
         """None if the file is as saved, else why not."""
         try:
-            digest = _sha256(self.path(e))
+            _, digest = _size_and_sha256(self.path(e))
         except OSError as err:
             return f"cannot be read ({err.strerror or err})"
         return None if digest == e.sha256 else "does not match its checksum (corrupt)"
@@ -138,7 +140,8 @@ class Store:
     def _hashed(self, e: Entry) -> Entry | None:
         path = self.path(e)
         try:
-            return dataclasses.replace(e, bytes=path.stat().st_size, sha256=_sha256(path))
+            size, digest = _size_and_sha256(path)
+            return dataclasses.replace(e, bytes=size, sha256=digest)
         except OSError as err:
             log.warning("model %s: the KV cache saved to %s cannot be read (%s); not kept",
                         e.model, path, err.strerror or err)
@@ -169,9 +172,18 @@ def _read_index(path: Path) -> list[Entry]:
         return []
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    """A saved file's size and SHA-256. The directory is the model unit's to write in, so
+    what is there is untrusted: a link (to /dev/zero, to a root-only file) is not followed,
+    anything but a regular file is refused without blocking (a FIFO), and no more than the
+    size it had when opened is read (a file the unit keeps growing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        h, left = hashlib.sha256(), st.st_size
+        while left > 0 and (chunk := f.read(min(CHUNK, left))):
             h.update(chunk)
-    return h.hexdigest()
+            left -= len(chunk)
+    return st.st_size - left, h.hexdigest()

@@ -13,7 +13,7 @@ from typing import Any
 
 from llamad import bus
 from llamad.bus import Props, UnitError
-from llamad.unitname import UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
+from llamad.unitname import SLICE, UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
 
 __all__ = ["UnitError"]
 
@@ -38,7 +38,7 @@ class UnitSpec:
     description: str
     argv: tuple[str, ...]
     environment: tuple[str, ...] = ()
-    slice: str = "llama-server.slice"
+    slice: str = SLICE
     user: str | None = None  # None: DynamicUser=yes
     restart_sec: float = 2.0
     start_limit_burst: int = 3
