@@ -41,6 +41,7 @@ from llamad.gguf_info import InfoCache
 from llamad.log import die
 from llamad.measure import Measure
 from llamad.supervisor import Supervisor
+from llamad.unitname import SLICE
 from llamad.units import UnitError, UnitManager
 from llamad.unitspec import memory_max_props
 from llamad.watcher import CatalogWatcher
@@ -48,7 +49,6 @@ from llamad.watcher import CatalogWatcher
 log = logging.getLogger("llamad")
 
 TICK = 1.0
-SLICE = "llama-server.slice"
 MIB = 1024 * 1024
 
 
@@ -190,7 +190,8 @@ class Daemon:
 
     async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:
         try:
-            await sup.hand_off()
+            if not await sup.hand_off():  # a request came in meanwhile
+                return
         except UnitError as e:  # stay: with no timer, nothing would stop the models
             log.warning("cannot hand the idle TTLs to systemd (%s); not exiting", e)
             return

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from llamad import hfcache, redact
+from llamad import hfcache, kvcache, redact
 from llamad.config import Config
 from llamad.errors import ConfigError
 from llamad.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
@@ -317,9 +317,11 @@ def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
     return out
 
 
-def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options) -> Model:
+def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
+           config: Config) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
+    settings = kvcache.run_settings(config, info, settings)  # --swa-full where it is needed
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
@@ -359,7 +361,7 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
         if (why := _unsafe(f)) is not None:
             st.problems.append(why)
             continue
-        model = _build(f, st, preset, global_args, previous, settling)
+        model = _build(f, st, preset, global_args, previous, settling, config)
         if model is None:
             continue
         if model.unit in units:
@@ -378,7 +380,7 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
 
 
 def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
-           previous: Snapshot | None, settling: set[str]) -> Model | None:
+           previous: Snapshot | None, settling: set[str], config: Config) -> Model | None:
     """The model found, or its previous entry while its file is still being written."""
     shards = _shard_set(f.shards[0], st) if len(f.shards) == 1 else f.shards
     if shards is None:
@@ -386,7 +388,7 @@ def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
     f.shards = shards
     info = _read(f, st)
     if info is not None:
-        return _model(f, info, preset, global_args)
+        return _model(f, info, preset, global_args, config)
     if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
         return None
     old = previous.models.get(f.id) if previous is not None else None

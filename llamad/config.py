@@ -76,6 +76,9 @@ SPEC: dict[str, tuple[str, str]] = {
     "request-log": ("boolean(default=yes)", "yes or no"),
     "load-progress": ("boolean(default=yes)", "yes or no"),
     "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
+    "kv-cache": ("boolean(default=no)", "yes or no"),
+    "kv-cache-max-mb": ("integer(min=1, default=2048)", "a whole number of MiB >= 1"),
+    "kv-cache-timeout": ("float(min=0.1, max=600, default=3)", "seconds from 0.1 to 600"),
     "peers": ("force_list(default=list())",
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
@@ -129,6 +132,9 @@ class Config:
     request_log: bool
     load_progress: bool
     debug_request_delay: float
+    kv_cache: bool
+    kv_cache_max_mb: int
+    kv_cache_timeout: float
     peers: tuple[str, ...]
     peer_timeout: float
     shutdown_grace: float

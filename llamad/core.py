@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, rpcguard, unitspec
+from llamad import exits, gpuload, kvcache, rpcguard, unitspec
 from llamad.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
@@ -76,6 +76,7 @@ class Sessions:
 
 class Core:
     gpu: gpuload.GpuGuard  # set by Supervisor: GPU out-of-memory retries, CPU fallback checks
+    kv: kvcache.KvCache  # set by Supervisor: KV caches saved at stops, restored at loads
     rpc: rpcguard.RpcGuard  # set by Supervisor: RPC workers that go away or are busy
 
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,

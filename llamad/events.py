@@ -1,6 +1,6 @@
 """Model state changes as events: the one table of allowed moves, and who hears about them.
 
-The Supervisor changes a model's state only through `Supervisor.move`, which checks the
+The Supervisor changes a model's state only through `Core.move` (core.py), which checks the
 move against TRANSITIONS and then tells every listener (the API's server-sent events,
 metrics, the dashboard). Listeners run on the event loop thread, synchronously, and must
 not block; one that raises is logged and the others still hear the change.

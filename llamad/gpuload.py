@@ -20,8 +20,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from llamad.background import Background
 from llamad.catalog import Model
 from llamad.errors import LlamadError
 from llamad.events import Cause, Change
@@ -118,7 +119,7 @@ class GpuGuard:
         self.read_log = read_log
         self.retried: set[str] = set()  # models reloaded once after running out of VRAM
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background()
         sup.events.subscribe(self._on_change)
 
     def _on_change(self, change: Change) -> None:
@@ -129,27 +130,16 @@ class GpuGuard:
             return
         if change.new is State.STARTING and change.cause is Cause.CRASH and slot.gpus:
             # It died before or while serving and systemd restarts it: find out why.
-            self._spawn(self._after_crash(slot, change.old), f"gpu-crash-{change.model}")
+            self.background.spawn(self._after_crash(slot, change.old),
+                                  f"gpu-crash-{change.model}")
         elif change.new is State.READY:
             self.retried.discard(change.model)  # this load worked: a later one may retry
             if slot.gpus:
-                self._spawn(self._check_fallback(slot), f"gpu-fallback-{change.model}")
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
+                self.background.spawn(self._check_fallback(slot),
+                                      f"gpu-fallback-{change.model}")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.background.close()
 
     # -- a load that ran out of GPU memory ------------------------------------
 

@@ -208,6 +208,8 @@ class Lifecycle(Core):
         while slot.epoch == epoch and backend is not None:
             if await backend.healthy():
                 if slot.epoch == epoch:
+                    await self.kv.restore(slot.model, backend)  # before it serves
+                if slot.epoch == epoch:
                     self._ready(slot)
                 return
             if slot.epoch != epoch:
@@ -257,6 +259,9 @@ class Lifecycle(Core):
     async def _stop(self, slot: Slot) -> None:
         epoch = slot.epoch
         await self._drain(slot)
+        if slot.epoch != epoch:
+            return
+        await self.kv.save(slot.model)  # if it may come back, within kv-cache-timeout
         if slot.epoch != epoch:
             return
         self._drop_backend(slot)

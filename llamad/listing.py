@@ -96,7 +96,7 @@ def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]
     if slot.state is not State.UNLOADED:
         return json.dumps(entry(sup, slot)).encode()
     key = (slot.served, slot.last_used, slot.n_restarts, slot.reason,
-           sup.measure.need(slot.model))
+           sup.measure.need(slot.model), sup.kv.generation)
     hit = cache.get(slot.model.id)
     # The catalog publishes a new Model object whenever the model's file or settings change.
     if hit is not None and hit[0][0] is slot.model and hit[0][1] == key:

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from llamad import keys
+from llamad import keys, kvcache
 from llamad.events import Cause, Change
 from llamad.gpu import mem_available
 from llamad.record import Record
@@ -145,7 +145,7 @@ class _Live(Collector):
         shown = [s for s in sup.slots.values()
                  if s.state is not State.UNLOADED or s.model.id in self.metrics.seen]
         return [*_states(sup, shown), *_requests(shown), *_memory(sup, shown),
-                *_machine(sup, self.metrics.connections())]
+                *_machine(sup, self.metrics.connections()), *kvcache.families(sup.kv)]
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:

@@ -15,13 +15,12 @@ the first leaves), so a model whose worker another loaded model holds is refused
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llamad import rpc
+from llamad.background import Background
 from llamad.errors import Unavailable
 from llamad.events import Cause, Change
 from llamad.scheduler import State
@@ -43,7 +42,7 @@ class RpcGuard:
         self.sup = sup
         self.lost: dict[str, str] = {}  # model id: why it failed for a worker
         self._checked: dict[str, float] = {}  # model id: when its workers last answered
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background()
         sup.events.subscribe(self._on_change)
 
     @staticmethod
@@ -95,11 +94,13 @@ class RpcGuard:
         if change.cause is Cause.CRASH:
             # llama-server aborts when a worker goes away, and systemd would restart it
             # until the start limit: find out whether that is why.
-            self._spawn(self._check(slot, "went away"), f"rpc-crash-{change.model}")
+            self.background.spawn(self._check(slot, "went away"),
+                                  f"rpc-crash-{change.model}")
         elif time.monotonic() - self._checked.get(change.model, 0.0) > FRESH:
             # An explicit load or a preload: no request checked the workers just now, and
             # llama-server's own connect to a vanished host waits minutes.
-            self._spawn(self._check(slot, "does not answer"), f"rpc-load-{change.model}")
+            self.background.spawn(self._check(slot, "does not answer"),
+                                  f"rpc-load-{change.model}")
 
     async def _check(self, slot: Slot, what: str) -> None:
         problem = await rpc.probe(self.workers(slot))
@@ -109,18 +110,5 @@ class RpcGuard:
         self.lost[slot.model.id] = reason
         self.sup.give_up(slot, reason)
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
-
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.background.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamad import gpuload, rpcguard
+from llamad import gpuload, kvcache, rpcguard
 from llamad.core import IllegalMove
 from llamad.idle import Idle
 
@@ -29,4 +29,5 @@ class Supervisor(Idle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
+        self.kv = kvcache.KvCache(self.config, self.events)  # KV caches kept across swaps
         self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy

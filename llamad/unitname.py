@@ -15,6 +15,7 @@ from collections.abc import Iterable
 UNIT_PREFIX = "llama-server@"
 UNIT_SUFFIX = ".service"
 UNIT_PATTERN = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"  # for systemd's ListUnitsByPatterns
+SLICE = "llama-server.slice"  # every model unit runs in it (slice-memory-max limits it)
 # The real model name travels in this environment variable of the unit.
 MODEL_ENV = "LLAMAD_MODEL"
 UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX minus the terminating NUL

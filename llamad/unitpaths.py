@@ -22,6 +22,7 @@ from typing import Any
 
 from llamad import hfcache
 from llamad.config import Config
+from llamad.unitname import unit_name
 from llamad.units import UnitSpec, transient_properties
 
 # What each sandbox setting hides, and how a unit sees the place instead.
@@ -61,7 +62,7 @@ def sandbox(spec: UnitSpec) -> Sandbox:
 
 def for_units(llama_server: Path, user: str | None) -> Sandbox:
     """The sandbox of any model unit llamad starts with this configuration."""
-    return sandbox(UnitSpec(name="llama-server@check.service", description="check",
+    return sandbox(UnitSpec(name=unit_name("check"), description="check",
                             argv=(str(llama_server),), user=user))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from llamad import bus
 from llamad.bus import Props, UnitError
-from llamad.unitname import UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
+from llamad.unitname import SLICE, UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
 
 __all__ = ["UnitError"]
 
@@ -38,7 +38,7 @@ class UnitSpec:
     description: str
     argv: tuple[str, ...]
     environment: tuple[str, ...] = ()
-    slice: str = "llama-server.slice"
+    slice: str = SLICE
     user: str | None = None  # None: DynamicUser=yes
     restart_sec: float = 2.0
     start_limit_burst: int = 3
@@ -49,6 +49,11 @@ class UnitSpec:
     runtime_dir: str | None = None  # relative to /run, e.g. "llamad/gemma"
     devices: tuple[str, ...] = ()  # device nodes let through (GPUs)
     tcp: bool = False  # the backend listens on loopback TCP rather than a UNIX socket
+    # (host directory, directory below runtime_dir in the unit, as /run/...): bind-mounted
+    # read-write when the host directory exists; the unit's side is also one of its runtime
+    # directories, so it exists (empty, dropped at stop) either way. Ignored without
+    # runtime_dir. The KV cache's save directory.
+    binds: tuple[tuple[str, str], ...] = ()
     remote: tuple[str, ...] = ()  # IP addresses it must reach: its llama.cpp RPC workers
 
 
@@ -140,9 +145,12 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         props += [("PrivateDevices", b"b", True), ("MemoryDenyWriteExecute", b"b", True)]
     if spec.runtime_dir:
         run = f"/run/{spec.runtime_dir}"
-        props += [("RuntimeDirectory", b"as", [spec.runtime_dir]),
+        inner = [inside.removeprefix("/run/") for _, inside in spec.binds]
+        props += [("RuntimeDirectory", b"as", [spec.runtime_dir, *inner]),
                   ("RuntimeDirectoryMode", b"u", 0o750),
-                  ("BindPaths", b"a(ssbt)", [(run, run, False, MS_REC)])]
+                  ("BindPaths", b"a(ssbt)", [(run, run, False, MS_REC),
+                                             *((host, inside, True, 0)
+                                               for host, inside in spec.binds)])]
     if spec.memory_max is not None:
         props.append(("MemoryMax", b"t", spec.memory_max))
     if spec.memory_high is not None:

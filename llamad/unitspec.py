@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad import backend as be
-from llamad import exits, gpuload, redact, rpc
+from llamad import exits, gpuload, kvcache, redact, rpc
 from llamad.catalog import Model
 from llamad.config import Config
 from llamad.unitname import instance_of
@@ -69,8 +69,9 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
     """`gpus`: the GPUs planned for it, by UUID; () for none."""
     metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
         model.settings.args else ()
+    kv = kvcache.unit_parts(config, model)
     argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
-            *gpuload.fit_args(model),
+            *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
            f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]
@@ -82,8 +83,8 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         start_limit_interval=config.start_limit_interval,
         stop_timeout=s.stop_timeout if s.stop_timeout is not None else config.stop_timeout,
         memory_max=memory_max, memory_high=parse_size(s.memory_high),
-        runtime_dir=be.runtime_dir(instance(model)) if unix else None,
-        devices=gpu_devices() if gpus else (), tcp=not unix,
+        runtime_dir=be.runtime_dir(instance(model)) if unix or kv else None,
+        devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else (),
         remote=rpc.addresses(rpc.workers(argv)))
 
 

@@ -115,7 +115,7 @@ class FakeSystemd:
         return [n for n in (*self.units, *self.transient) if fnmatch.fnmatchcase(n, pattern)]
 
     async def properties(self, name: str, iface: bytes) -> dict[str, Any]:
-        return {"NextElapseUSecMonotonic": self.transient[name]["due"]}
+        return {"NextElapseUSecMonotonic": self.transient[name].get("due", 0)}
 
     # systemd's side: its view changes, and (unless quiet) the signals it sends ----------
 

@@ -178,7 +178,7 @@ async def test_a_model_on_its_gpu_is_left_alone(tmp_path: Path, config: Config) 
     await until("started", lambda: bool(units.specs))
     machine.run(0, 4242, slot.unit, 900 * MIB)
     await ready(sup, slot, 4242)
-    await until("checked", lambda: not sup.gpu._tasks)
+    await until("checked", lambda: not sup.gpu.background.tasks)
     assert slot.state is State.READY and slot.reason == "" and units.stopped == []
     await sup.close()
 
@@ -192,7 +192,7 @@ async def test_unattributable_nvml_proves_no_fallback(tmp_path: Path, config: Co
     await sup.load(slot)
     await until("started", lambda: bool(units.specs))
     await ready(sup, slot, 4242)
-    await until("checked", lambda: not sup.gpu._tasks)
+    await until("checked", lambda: not sup.gpu.background.tasks)
     assert slot.state is State.READY and slot.reason == ""
     await sup.close()
 
@@ -327,7 +327,7 @@ async def test_a_crash_that_is_no_gpu_oom_is_left_to_systemd(tmp_path: Path,
     sup.on_unit_change(b.unit, {"ActiveState": "active", "SubState": "running"})
     sup.on_unit_change(b.unit, {"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 1})
     sup.on_unit_change(b.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await until("checked", lambda: not sup.gpu._tasks)
+    await until("checked", lambda: not sup.gpu.background.tasks)
     assert b.state is State.STARTING and units.stopped == []  # systemd restarts it
     await sup.close()
 

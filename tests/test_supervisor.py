@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
@@ -22,6 +23,7 @@ from ggufgen import write_model
 from test_measure import NoNvml
 
 from llamad import report
+from llamad.bus import Props
 from llamad.catalog import scan
 from llamad.config import Config
 from llamad.errors import NotFound, Unavailable
@@ -407,7 +409,7 @@ async def test_idle_ttls_go_to_systemd_and_come_back(rig: Rig) -> None:
     r = with_config(rig, idle_ttl=100.0)
     slot = await r.ready("tiny-a")
     assert r.sup.quiet()
-    await r.sup.hand_off()
+    assert await r.sup.hand_off()
     timer = r.units.transient["llamad-ttl@tiny-a.timer"]
     ((base, usec),) = timer["TimersMonotonic"]
     assert base == "OnActiveSec" and 99e6 < usec <= 100e6
@@ -419,6 +421,21 @@ async def test_idle_ttls_go_to_systemd_and_come_back(rig: Rig) -> None:
     assert "llamad-ttl@tiny-a.timer" in r.units.stopped
     assert 39 < report.describe(r.sup, slot)["ttl_left"] <= 40
     await r.sup.close()
+
+
+async def test_a_request_during_the_hand_off_keeps_llamad(rig: Rig) -> None:
+    r = with_config(rig, idle_ttl=100.0)
+    slot = await r.ready("tiny-a")
+    make_timer = r.units.start_transient
+
+    async def and_a_request(name: str, props: Props, aux: Any = None) -> None:
+        await make_timer(name, props, aux)
+        await r.sup.acquire(slot)  # it came in while systemd made the timer
+        r.sup.release(slot)
+    r.units.start_transient = and_a_request  # type: ignore[method-assign]
+    assert not await r.sup.hand_off()  # llamad stays: the TTL handed over is stale
+    assert "llamad-ttl@tiny-a.timer" in r.units.stopped
+    assert "llamad-ttl@tiny-a.timer" not in r.units.transient
 
 
 async def test_not_quiet_while_a_model_starts(rig: Rig) -> None:
