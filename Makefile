@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit test-trixie lint deb demo bench clean conformance
+.PHONY: dev test test-unit test-stress test-trixie lint deb demo bench clean conformance
 
 dev:
 	bash tools/setup-dev
@@ -12,6 +12,11 @@ test: dev
 
 test-unit: dev
 	$(PY) -m pytest -ra -m 'not integration' $(PYTEST_ARGS)
+
+# The integration suite on a machine kept busy: two `yes > /dev/null` loops run beside it
+# (BUSY_LOOPS=N for more) and are stopped at the end, whatever happens.
+test-stress: dev
+	tools/busy $(PY) -m pytest -ra -m integration $(PYTEST_ARGS)
 
 test-trixie: dev
 	$(PY) -m pytest -ra -k debian13 tests/integration/test_package.py $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from llamad.watcher import CatalogWatcher
 log = logging.getLogger("llamad")
 
 TICK = 1.0
+STOP_GRACE = 2.0
 MIB = 1024 * 1024
 
 
@@ -76,6 +78,8 @@ class Daemon:
         self.stop = asyncio.Event()
         self.reloads: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
+        # Connections that have sent a request (their transports): see stop_accepting.
+        self.answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.sup: Supervisor | None = None
         # Fails closed: a key file that is set but unusable stops llamad here.
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
@@ -112,6 +116,8 @@ class Daemon:
     @web.middleware
     async def _activity(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.last_request = time.monotonic()
+        if request.transport is not None:
+            self.answered.add(request.transport)
         try:
             resp: web.StreamResponse = await handler(request)
             return resp
@@ -273,11 +279,25 @@ async def serve(config: Config, listen: str | None = None) -> None:
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
         notifier.stopping()
-        for server in servers:
-            server.close()  # no new connections; runner.cleanup() closes the open ones
+        await stop_accepting(servers, runner, daemon.answered)
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
+
+
+async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,
+                         answered: weakref.WeakSet[asyncio.BaseTransport]) -> None:
+    """Stop accepting: connections still queued on the socket wait there for the next
+    llamad. Those accepted just before may not have been read yet; shutting down closes
+    a connection without a request as idle, which would lose theirs, so give them
+    STOP_GRACE seconds to be read. runner.cleanup() then closes the open ones."""
+    for server in servers:
+        server.close()
+    deadline = time.monotonic() + STOP_GRACE
+    while runner.server is not None and time.monotonic() < deadline and any(
+            c.transport is not None and c.transport not in answered
+            for c in runner.server.connections):
+        await asyncio.sleep(0.02)
 
 
 def run(config_path: Path | None, listen: str | None) -> int:

@@ -69,3 +69,10 @@ class BackendUnreachable(BackendError):
     """The backend refused the connection: the request never reached the model."""
 
     code = "backend_unreachable"
+
+
+class BackendTimeout(BackendError):
+    """The backend went silent and its /health did not answer: it is restarted."""
+
+    status = 504
+    code = "backend_timeout"

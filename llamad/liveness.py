@@ -1,11 +1,12 @@
 """Wedged backends: a ready llama-server that no longer answers (SIGSTOP, a hung GPU).
 
 systemd restarts a process that dies, not one that hangs. So every tick llamad asks each
-ready backend's /health (llama-server answers it on its HTTP threads while it generates);
-a backend that neither answers nor finishes a request for `liveness-timeout` seconds is
-wedged, as is one the forwarding reports (no bytes for too long, and no /health either).
-A wedged backend's process is killed, which ends its clients' streams with an error, and
-systemd starts a new one.
+ready backend's /health (llama-server answers it on its HTTP threads while it generates)
+and, when that takes too long, whether its process used CPU (Backend.probe); a backend
+that shows neither and finishes no request for `liveness-timeout` seconds is wedged, as is
+one the forwarding reports (no bytes for that long, and the same probe fails). A wedged
+backend's process is killed, which ends its clients' streams with an error, and systemd
+starts a new one.
 """
 
 from __future__ import annotations
@@ -14,34 +15,13 @@ import logging
 import signal
 import time
 
-import aiohttp
-
 from llamad import backend as be
-from llamad import limits
 from llamad.events import Cause
 from llamad.scheduler import State
 from llamad.slot import Slot
 from llamad.unitsignals import Signals
 
 log = logging.getLogger("llamad.supervisor")
-
-PROBE_TIMEOUT = 5.0  # seconds one /health may take (at most the liveness-timeout)
-
-
-async def answers(backend: be.Backend, timeout: float) -> bool | None:
-    """Whether the backend answers /health at all within `timeout` (any status: a 503
-    is an answer too; only silence means wedged). None: llamad could not ask, being out
-    of descriptors or memory itself, which says nothing of the backend."""
-    try:
-        async with backend.session().get(backend.base_url + "/health",
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            await r.read()
-            return True
-    except OSError as e:  # aiohttp's connect errors too; TimeoutError has no errno
-        return None if e.errno in limits.SHORTAGE else False
-    except aiohttp.ClientError:
-        return False
-
 
 class Liveness(Signals):
     def probe(self) -> None:
@@ -54,9 +34,9 @@ class Liveness(Signals):
                 self.spawn(self._probe(slot, slot.backend), "probing", slot)
 
     async def _probe(self, slot: Slot, backend: be.Backend) -> None:
-        timeout = min(PROBE_TIMEOUT, self.config.liveness_timeout)
+        timeout = min(be.PROBE_TIMEOUT, self.config.liveness_timeout)
         try:
-            alive = await answers(backend, timeout)
+            alive = await backend.probe(timeout, slot.main_pid)
         finally:
             slot.probing = False
         if slot.state is not State.READY or slot.backend is not backend:
@@ -65,7 +45,8 @@ class Liveness(Signals):
         if alive:
             slot.alive_at = now
         elif alive is False and now - slot.alive_at > self.config.liveness_timeout:
-            self.wedged(slot, backend, f"/health unanswered for {now - slot.alive_at:.0f}s")
+            self.wedged(slot, backend, f"/health unanswered and no CPU used for "
+                                     f"{now - slot.alive_at:.0f}s")
 
     def wedged(self, slot: Slot, backend: be.Backend, why: str = "it stopped answering") -> None:
         """Report a backend that hangs (for forward.py's idle timeout and the probe above):

@@ -20,7 +20,7 @@ from llamad import browsers, keys, metrics, progress, streams
 from llamad.api import find, resolve, router_props, supervisor
 from llamad.body import parse_keep_alive, read_body, read_json
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
-from llamad.forward import forward
+from llamad.forward import forward, watch
 from llamad.scheduler import State
 from llamad.slot import Slot
 
@@ -114,14 +114,16 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
             async with sup.use(slot, keep_alive) as backend:
                 if sup.config.debug_request_delay:
                     await asyncio.sleep(sup.config.debug_request_delay)
-                return await forward(request, backend, body, await wait.done())
+                return await forward(request, backend, body, watch(sup, slot, backend),
+                                     await wait.done())
         except BackendUnreachable:
             if not load:
                 raise
-            # Nothing reached the model, so sending it again is safe: once systemd has
-            # restarted the backend (use() waits for that), try one more time.
+            # Nothing came back, so the model never answered: once systemd has restarted
+            # the backend (use() waits for that), send it one more time.
             async with sup.use(slot, keep_alive) as backend:
-                return await forward(request, backend, body, await wait.done())
+                return await forward(request, backend, body, watch(sup, slot, backend),
+                                     await wait.done())
     return wait.response
 
 

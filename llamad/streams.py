@@ -19,7 +19,7 @@ from llamad import keys
 from llamad.api import supervisor
 from llamad.body import read_json
 from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
-from llamad.forward import forward
+from llamad.forward import forward, watch
 from llamad.scheduler import State
 from llamad.slot import Slot
 
@@ -86,8 +86,9 @@ async def handle_resume(request: web.Request) -> web.StreamResponse:
                               retry_after=1, code="model_loading")
         raise NotFound("no stream for this conversation here (not started or expired)",
                        code="stream_not_found")
-    async with supervisor(request).use(slot) as backend:
-        return await forward(request, backend, b"")
+    sup = supervisor(request)
+    async with sup.use(slot) as backend:
+        return await forward(request, backend, b"", watch(sup, slot, backend))
 
 
 async def handle_lookup(request: web.Request) -> web.Response:
@@ -110,9 +111,9 @@ async def handle_lookup(request: web.Request) -> web.Response:
 
 async def _lookup(request: web.Request, slot: Slot, convs: list[str]) -> list[Any]:
     try:
-        async with supervisor(request).use(slot) as backend, backend.session().post(
-                backend.base_url + "/v1/streams/lookup", json={"conversation_ids": convs},
-                timeout=LOOKUP_TIMEOUT) as r:
+        async with supervisor(request).use(slot) as backend, backend.client() as session, \
+                session.post(backend.base_url + "/v1/streams/lookup",
+                             json={"conversation_ids": convs}, timeout=LOOKUP_TIMEOUT) as r:
             answer = await r.json() if r.status == 200 else []
     except (TimeoutError, LlamadError, aiohttp.ClientError, ValueError) as e:
         log.debug("stream lookup on %s failed: %s", slot.model.id, e)
@@ -125,8 +126,8 @@ async def handle_stop(request: web.Request) -> web.Response:
     _, slot = _owner(request, conv)
     if slot is not None:
         try:
-            async with supervisor(request).use(slot) as backend, backend.session().delete(
-                    backend.base_url + request.path_qs, timeout=LOOKUP_TIMEOUT):
+            async with supervisor(request).use(slot) as backend, backend.client() as session, \
+                    session.delete(backend.base_url + request.path_qs, timeout=LOOKUP_TIMEOUT):
                 pass
         except (TimeoutError, LlamadError, aiohttp.ClientError) as e:
             log.debug("stopping a stream on %s failed: %s", slot.model.id, e)

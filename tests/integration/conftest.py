@@ -16,8 +16,11 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
     and its log checked for tracebacks."""
     made: list[Llamad] = []
 
-    def make(names: list[str], preset: str = "", **settings: Any) -> Llamad:
+    def make(names: list[str], preset: str = "", unit: tuple[str, ...] = (),
+             **settings: Any) -> Llamad:
+        """`unit`: more systemd properties of llamad's own unit, such as Restart=."""
         d = Llamad(box, assets, names, preset, **settings)
+        d.properties += unit
         made.append(d)
         d.start()
         wait_http(d.url)

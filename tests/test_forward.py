@@ -1,0 +1,211 @@
+"""The forward path against a stand-in for llama-server's HTTP side.
+
+The stand-in does on cue what a real llama-server does only by accident of timing: hang
+up before answering, go silent with or without answering /health, answer 503 while
+loading. The real process is killed, stopped and restarted in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from rig import wait_for
+
+from llamad.backend import Backend, cpu_ticks
+from llamad.forward import Watch, forward
+from llamad.middleware import error_middleware
+
+IDLE = 0.3
+HEALTH = 0.3
+
+
+@dataclass
+class FakeServer:
+    """What the next requests meet; `connections` counts the distinct ones seen."""
+
+    health: str = "ok"  # ok, loading (503) or silent
+    answer: str = "ok"  # ok, hang-up, loading, silent, or stall (one event, then silence)
+    delay: float = 0.0  # seconds of silence before answering, as a long prompt
+    connections: list[int] = field(default_factory=list)
+    never: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_health(self, request: web.Request) -> web.StreamResponse:
+        if self.health == "silent":
+            await self.never.wait()
+        return web.json_response({}, status=503 if self.health == "loading" else 200)
+
+    async def on_chat(self, request: web.Request) -> web.StreamResponse:
+        conn = id(request.transport)
+        if conn not in self.connections:
+            self.connections.append(conn)
+        body = await request.json()
+        if self.answer == "hang-up":
+            assert request.transport is not None
+            request.transport.close()
+            await self.never.wait()
+        if self.answer == "loading":
+            return web.json_response({"error": {"message": "Loading model"}}, status=503)
+        if self.answer == "silent":
+            await self.never.wait()
+        await asyncio.sleep(body.get("delay", self.delay))
+        if not body.get("stream"):
+            return web.json_response({"text": "done"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"n": 1}\n\n')
+        if self.answer == "stall":
+            await self.never.wait()
+        await resp.write(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
+        return resp
+
+
+@dataclass
+class Rig:
+    server: FakeServer
+    backend: Backend
+    client: TestClient  # type: ignore[type-arg]
+    wedged: list[str]
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    fake = FakeServer()
+    app = web.Application()
+    app.router.add_get("/health", fake.on_health)
+    app.router.add_post("/v1/chat/completions", fake.on_chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = tmp_path / "llama.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    backend = Backend(f"unix:{sock}")
+    wedged: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await forward(request, backend, await request.read(),
+                             Watch(IDLE, HEALTH, wedged.append))
+    front = web.Application(middlewares=[error_middleware])
+    front.router.add_post("/v1/chat/completions", handle)
+    client = TestClient(TestServer(front))
+    await client.start_server()
+    try:
+        yield Rig(fake, backend, client, wedged)
+    finally:
+        fake.never.set()
+        await client.close()
+        await backend.close()
+        await runner.cleanup()
+
+
+async def chat(rig: Rig, stream: bool = False, **extra: Any) -> tuple[int, Any]:
+    r = await rig.client.post("/v1/chat/completions", json={"stream": stream, **extra})
+    text = await r.text()
+    if stream:
+        return r.status, [json.loads(line[6:]) for line in text.splitlines()
+                          if line.startswith("data: {")]
+    return r.status, json.loads(text)
+
+
+async def test_a_long_silence_is_waited_for_while_health_answers(rig: Rig) -> None:
+    rig.server.delay = 4 * IDLE
+    assert await chat(rig) == (200, {"text": "done"})
+    assert await chat(rig, stream=True) == (200, [{"n": 1}, {"n": 2}])
+    assert rig.wedged == []
+
+
+async def test_a_wedged_stream_ends_with_an_error_event_and_is_reported(rig: Rig) -> None:
+    rig.server.answer, rig.server.health = "stall", "silent"
+    started = time.monotonic()
+    status, events = await chat(rig, stream=True)
+    took = time.monotonic() - started
+    assert status == 200 and events[0] == {"n": 1}
+    assert events[-1]["error"]["code"] == "backend_timeout", events
+    assert IDLE + HEALTH <= took < IDLE + HEALTH + 2
+    assert len(rig.wedged) == 1 and "/health" in rig.wedged[0]
+
+
+async def test_a_backend_answering_other_requests_is_not_wedged(rig: Rig) -> None:
+    """llama-server may leave /health queued behind requests in flight; a backend that
+    answers other requests is alive, however long this one takes."""
+    rig.server.health = "silent"
+    slow = asyncio.ensure_future(chat(rig, delay=5 * IDLE))
+    while not slow.done():
+        assert await chat(rig) == (200, {"text": "done"})
+        await asyncio.sleep(IDLE / 2)
+    assert await slow == (200, {"text": "done"})
+    assert rig.wedged == []
+
+
+async def test_wedged_before_the_answer_is_504_and_reported(rig: Rig) -> None:
+    rig.server.answer, rig.server.health = "silent", "silent"
+    status, body = await chat(rig)
+    assert status == 504 and body["error"]["code"] == "backend_timeout"
+    assert len(rig.wedged) == 1
+
+
+async def test_no_answer_is_unreachable_and_the_pool_is_dropped(rig: Rig) -> None:
+    # Two connections in the pool, then the backend hangs up on a request (as a dying
+    # process does); whatever is still pooled may lead to the dead process.
+    assert [s for s, _ in await asyncio.gather(chat(rig), chat(rig))] == [200, 200]
+    pooled = list(rig.server.connections)
+    assert len(pooled) == 2
+    rig.server.answer = "hang-up"
+    status, body = await chat(rig)
+    assert status == 502 and body["error"]["code"] == "backend_unreachable"
+    rig.server.answer = "ok"
+    assert await chat(rig) == (200, {"text": "done"})
+    assert rig.server.connections[-1] not in pooled
+
+
+async def test_a_backend_loading_again_is_unreachable(rig: Rig) -> None:
+    rig.server.answer, rig.server.health = "loading", "loading"
+    status, body = await chat(rig)
+    assert status == 502 and body["error"]["code"] == "backend_unreachable"
+    # A 503 of its own from a healthy backend is passed on as it is.
+    rig.server.health = "ok"
+    status, body = await chat(rig)
+    assert status == 503 and body["error"]["message"] == "Loading model"
+
+
+async def test_closing_a_backend_never_cuts_a_live_answer(rig: Rig) -> None:
+    rig.server.delay = 2 * IDLE
+    pending = asyncio.ensure_future(chat(rig, stream=True))
+    while not rig.server.connections:
+        await asyncio.sleep(0.01)
+    in_use = list(rig.backend._users)
+    await rig.backend.close()
+    assert await pending == (200, [{"n": 1}, {"n": 2}])
+    assert in_use and all(session.closed for session in in_use)  # once the answer was in
+
+
+
+def test_cpu_ticks_tell_a_stopped_process_from_a_busy_one() -> None:
+    spin = [sys.executable, "-c", "while True: pass"]
+    busy, stopped = subprocess.Popen(spin), subprocess.Popen(spin)
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        wait_for("the process to stop", lambda: Path(f"/proc/{stopped.pid}/stat")
+                     .read_text().rpartition(") ")[2].startswith("T"))
+        frozen, start = cpu_ticks(stopped.pid), cpu_ticks(busy.pid)
+        assert frozen is not None and start is not None
+        # While the busy one uses CPU (a tick is 10 ms of it), the stopped one uses none.
+        wait_for("CPU time of the busy one", lambda: (cpu_ticks(busy.pid) or 0) >= start + 5,
+                     timeout=30)
+        assert cpu_ticks(stopped.pid) == frozen
+    finally:
+        for p in (busy, stopped):
+            p.kill()
+            p.wait()
+    assert cpu_ticks(busy.pid) is None and cpu_ticks(0) is None
+
