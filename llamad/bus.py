@@ -36,18 +36,32 @@ RECONNECT_PAUSE = 0.1  # seconds, times the attempt: 2.8 s in all while the bus 
 # A call failing with these found the connection gone. (ENOENT is systemd's "no such
 # unit", not a lost bus.)
 _GONE = {errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ESHUTDOWN}
+# A call failing with these reached no systemd, or one that went away before it answered
+# (`systemctl daemon-reexec`: it leaves the bus and comes back): whether it acted on the
+# call is unknown.
+_AWAY = ("disconnected from message bus without replying", "ServiceUnknown", "NameHasNoOwner")
 
 Props = Sequence[tuple[str, bytes, Any]]  # (name, D-Bus signature, value)
 
 
 class UnitError(Exception):
-    """A D-Bus call to systemd failed; the message is systemd's own."""
+    """A D-Bus call to systemd failed; the message is systemd's own. `away`: systemd was
+    not there to answer (re-executing), so the call may or may not have been carried out."""
+
+    def __init__(self, message: str, away: bool = False) -> None:
+        super().__init__(message)
+        self.away = away
 
 
 def disconnected(e: Exception) -> bool:
     """Whether a pystemd error means the bus connection is gone (not a refused call)."""
     code = getattr(e, "errno", None)
     return isinstance(code, int) and abs(code) in _GONE
+
+
+def went_away(e: Exception) -> bool:
+    """Whether a pystemd error says systemd was away, not that it refused the call."""
+    return any(sign in describe(e) for sign in _AWAY)
 
 
 def describe(e: Exception) -> str:
@@ -135,7 +149,9 @@ class Caller:
         if bus is not None:
             bus.close()
 
-    def _call(self, path: bytes, iface: bytes, method: bytes, argv: list[Any]) -> Any:
+    def _call(self, path: bytes, iface: bytes, method: bytes, argv: list[Any],
+              again: bool) -> Any:
+        """`again`: the call may be repeated when systemd was away (it is idempotent)."""
         for attempt in range(RECONNECT_TRIES):
             try:
                 bus = self._bus()
@@ -147,17 +163,22 @@ class Caller:
             try:
                 return bus.call_method(SYSTEMD, path, iface, method, argv).body
             except Exception as e:  # pystemd raises DBusError subclasses and others
-                if not disconnected(e):
-                    raise UnitError(describe(e)) from e
-                log.warning("lost the system bus (%s); connecting again", describe(e))
-                self._forget_bus()
+                if disconnected(e):
+                    log.warning("lost the system bus (%s); connecting again", describe(e))
+                    self._forget_bus()
+                elif not (again and went_away(e)) or attempt == RECONNECT_TRIES - 1:
+                    raise UnitError(describe(e), away=went_away(e)) from e
+                else:
+                    log.info("systemd was away (%s); asking again", describe(e))
+                    time.sleep(RECONNECT_PAUSE * (attempt + 1))
         raise UnitError("the system bus keeps going away")
 
-    async def call(self, path: bytes, iface: bytes, method: bytes, argv: list[Any]) -> Any:
-        return await self.run(lambda: self._call(path, iface, method, argv))
+    async def call(self, path: bytes, iface: bytes, method: bytes, argv: list[Any],
+                   again: bool = True) -> Any:
+        return await self.run(lambda: self._call(path, iface, method, argv, again))
 
-    async def manager(self, method: bytes, argv: list[Any]) -> Any:
-        return await self.call(MANAGER_PATH, MANAGER, method, argv)
+    async def manager(self, method: bytes, argv: list[Any], again: bool = True) -> Any:
+        return await self.call(MANAGER_PATH, MANAGER, method, argv, again)
 
     async def run(self, work: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)

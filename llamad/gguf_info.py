@@ -184,16 +184,40 @@ def _file_type(gguf: Any, fields: dict[str, Scalar]) -> str | None:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
+def _not_gguf(head: bytes) -> str | None:
+    """Why a file is not a GGUF file at all, from its first bytes, naming what a new user
+    most often has instead; None where it begins as one."""
+    if head[:4] == b"GGUF":
+        return None
+    if not head:
+        return "is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return ("is a Git LFS pointer, not the model: its repository was cloned without "
+                "git-lfs (`git lfs pull` fetches the file)")
+    shown = "".join(chr(b) if 32 <= b < 127 else "." for b in head[:16])
+    if head.lstrip()[:1] == b"<":
+        return (f"is not a GGUF file but a web page ({shown!r}...): the download link leads "
+                "to the model's page rather than to the file")
+    return f"is not a GGUF file: it begins with {shown!r}, not 'GGUF'"
+
+
 def read_header(path: Path) -> FileHeader:
     """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
     gguf, reader_class = _gguf()
     try:
         size = path.stat().st_size
+        with path.open("rb") as f:
+            why = _not_gguf(f.read(64))
+        if why:
+            raise GGUFError(why)
         reader = reader_class(path)
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
+    except GGUFError:
+        raise
     except Exception as e:  # the gguf package raises many types for bad input
-        raise GGUFError(f"is not a GGUF file or is truncated ({e})") from e
+        raise GGUFError(f"is a truncated or damaged GGUF file ({size} bytes; an interrupted "
+                        "copy or download?)") from e
     arch = _scalar(gguf, reader.fields["general.architecture"]) \
         if "general.architecture" in reader.fields else None
     # Only the keys llamad reads: thousands of cached headers stay small.

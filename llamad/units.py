@@ -253,9 +253,16 @@ class UnitManager:
         argv = bus.transient_args(name, props, aux or [])
         for _ in range(600):  # 30 s
             try:
-                await self._caller.manager(b"StartTransientUnit", argv)
+                await self._caller.manager(b"StartTransientUnit", argv, again=False)
                 return
             except UnitError as e:
+                if e.away:  # systemd re-executed mid-call: did it start the unit?
+                    started = await self._starting(name)
+                    log.info("systemd went away while starting %s (%s); %s", name, e,
+                             "it did start it" if started else "starting it again")
+                    if started:
+                        return
+                    continue
                 # A stopped unit stays loaded until systemd garbage-collects it, and
                 # a transient unit of that name can't be made before. Where cgroup
                 # empty notifications are late (cgroup v1, containers) that can take
@@ -268,7 +275,11 @@ class UnitManager:
                     if "not loaded" not in str(gone) and "NoSuchUnit" not in str(gone):
                         raise
             await asyncio.sleep(0.05)
-        await self._caller.manager(b"StartTransientUnit", argv)
+        await self._caller.manager(b"StartTransientUnit", argv, again=False)
+
+    async def _starting(self, name: str) -> bool:
+        status = await self.status(name)
+        return bool(status.job) or status.active_state in ("active", "activating", "reloading")
 
     async def stop(self, name: str) -> None:
         await self._caller.manager(b"StopUnit", bus.args(b"ss", [name, "replace"]))

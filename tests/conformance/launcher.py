@@ -102,6 +102,10 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
         conf["models-preset"] = str(cwd / values["models_preset"])
     else:
         conf["models-preset"] = ""
+    # Settings to try a case with (not used by run.py): "key=value,key=value".
+    for item in filter(None, os.environ.get("LLAMAD_CONFORMANCE_SET", "").split(",")):
+        key, _, value = item.partition("=")
+        conf[key.strip()] = value.strip()
     if "api_key" in values:
         keys = where / "api-keys"
         # The router's key may do everything, loading and unloading included.

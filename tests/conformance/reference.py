@@ -42,7 +42,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     old = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
-    cases = {**old["cases"], **{r.test: {"outcome": r.outcome, "why": r.why} for r in results}}
+    cases = {**old["cases"], **{r.test: {"outcome": r.outcome, "why": r.why} for r in results
+                                if r.outcome != "not run"}}
     args.out.write_text(json.dumps({
         "about": "Each case of the single-model files run against the pinned llama-server "
                  "itself (not as a router) on the Gemma file; written by "

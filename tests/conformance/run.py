@@ -56,7 +56,7 @@ MODEL_BOUND = ("fails against the pinned llama-server itself too, run the same w
                "same offline cache, with Gemma in place of the stories260K test models the "
                "expectations are written for (tests/conformance/reference.json): ")
 # Tests that run but fail by design: llamad deliberately differs. Listed with the reason.
-# A key ending in "[" stands for every parametrization it begins; the failure's message
+# A key ending in "*" stands for every case it begins; the failure's message
 # must hold the second text (a failure for another reason stays a failure).
 NAMES_A_MODEL = (
     "the request names the model {name!r}, which a single-model llama-server ignores; a "
@@ -70,13 +70,21 @@ DIFFERENCES: dict[str, tuple[str, str]] = {
        (NAMES_A_MODEL.format(name="gpt-3.5-turbo-instruct"), "404")
        for t in ("test_chat_completion_with_openai_library", "test_logprobs",
                  "test_logprobs_stream", "test_logit_bias")},
-    "unit/test_chat_completion.py::test_chat_completion[codellama70b":
+    "unit/test_chat_completion.py::test_chat_completion[codellama70b-*":
         (NAMES_A_MODEL.format(name="codellama70b"), "404"),
+    "unit/test_chat_completion.py::test_context_size_exceeded_stream": (
+        "a streamed request that has to wait for its model's load gets a 200 at once, with "
+        "load-progress comments (llamad's `load-progress`, on by default; llama.cpp's "
+        "router says nothing while it loads), so the model's refusal that follows (400 "
+        "exceed_context_size_error) ends the stream as its last event, `data: {\"error\": "
+        "...}`, instead of being the status. With `load-progress = no` the case passes "
+        "(tried with the launcher's LLAMAD_CONFORMANCE_SET), as it does for a model "
+        "already loaded.", "Should have failed"),
 }
 # Where llamad answers otherwise than router mode on purpose, though no test here trips.
 KNOWN_DIFFERENCES = (
-    "Deliberate differences from router mode that these tests do not trip: an unknown "
-    "model is 404 `model_not_found` (router mode: 400), as OpenAI answers; "
+    "Deliberate differences from router mode: an unknown model is 404 `model_not_found` "
+    "(router mode: 400), as OpenAI answers (the model-name differences below meet it); "
     "`POST /models/load` of a running model and `POST /models/unload` of a stopped one "
     "succeed (router mode: 400), so retries are harmless; `POST /models/unload` returns once "
     "the model's requests in flight have finished (router mode returns at once); a failed "
@@ -127,7 +135,7 @@ def classify(r: Result, reference: dict[str, dict[str, str]]) -> Result:
     if r.outcome != "fail":
         return r
     why = next((w for t, (w, says) in DIFFERENCES.items()
-                if (r.test == t or (t.endswith("[") and r.test.startswith(t)))
+                if (r.test == t or (t.endswith("*") and r.test.startswith(t[:-1])))
                 and says in r.why), None)
     if why is not None:
         return Result(r.test, "difference", why, r.seconds)
@@ -138,6 +146,17 @@ def classify(r: Result, reference: dict[str, dict[str, str]]) -> Result:
     return r
 
 
+NOT_RUN_NOTE = (
+    "Cases listed as not run were not reached in the recorded runs: on the shared machine "
+    "the generation files' cases take one to five minutes each, and the session that "
+    "recorded these ran a selection of them (those where llamad's forwarding could make "
+    "a difference: errors, streams, cancelling, slots, templates, token input). Run them "
+    "with `make conformance CONFORMANCE_ARGS=\"--files {files}\"`.")
+TIMEOUT_NOTE = (
+    "A case still running after {limit} s fails (tests/conformance/plugin.py; the suite's "
+    "own limit is ten minutes). A failure that says TestTimeout is such a case: on the "
+    "loaded machine, a case generating 4 x 64 tokens at temperature 1 can take that long, "
+    "and did against llama-server itself too (reference.json); it is not a refusal.")
 OUTCOMES = ("pass", "fail", "difference", "not applicable", "skipped", "not run")
 
 
@@ -148,7 +167,8 @@ def save(path: Path, results: list[Result], files: list[str], minutes: float) ->
     when = time.strftime("%Y-%m-%d", time.gmtime())
     store["runs"][" ".join(files)] = {"on": when, "minutes": round(minutes, 1)}
     for r in results:
-        store["cases"][r.test] = {**asdict(r), "on": when}
+        if r.outcome != "not run" or r.test not in store["cases"]:  # keep an earlier result
+            store["cases"][r.test] = {**asdict(r), "on": when}
     store = {k: dict(sorted(v.items())) for k, v in store.items()}
     path.write_text(json.dumps(store, indent=1, ensure_ascii=False) + "\n")
     return store
@@ -190,8 +210,8 @@ def write_doc(path: Path, store: dict[str, Any]) -> None:
         f"| all | {totals} | {sum(r.seconds for r in every) / 60:.1f} |",
         "",
         "Minutes per file: the sum of its cases' times (server start included). Runs "
-        "recorded: " + "; ".join(f"`--files {files}` on {run['on']}, {run['minutes']} "
-                                 "minutes of wall time" for files, run in store["runs"].items())
+        "recorded: " + "; ".join(f"{files} on {run['on']}, {run['minutes']} minutes of "
+                                 "wall time" for files, run in store["runs"].items())
         + ".",
         "",
         "Measured on the shared 2-core development machine while other developers' tests "
@@ -208,6 +228,10 @@ def write_doc(path: Path, store: dict[str, Any]) -> None:
         "",
         SINGLE_NOTE,
         "",
+        *([NOT_RUN_NOTE.format(files=" ".join(GENERATION_FILES)), ""]
+          if any(r.outcome == "not run" for r in every) else []),
+        *([TIMEOUT_NOTE.format(limit=suite.TEST_TIMEOUT), ""]
+          if any("TestTimeout" in r.why for r in every) else []),
         KNOWN_DIFFERENCES,
         "",
         "| test | result | why |",
@@ -215,7 +239,8 @@ def write_doc(path: Path, store: dict[str, Any]) -> None:
     ]
     for r in sorted(every, key=lambda r: r.test):
         why = r.why.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{r.test}` | {r.outcome} | {why} |")
+        test = r.test.replace("|", "\\|")  # a table cell, code span or not
+        lines.append(f"| `{test}` | {r.outcome} | {why} |")
     path.write_text("\n".join(lines) + "\n")
 
 

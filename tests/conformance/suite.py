@@ -89,16 +89,19 @@ def run_pytest(tests: Path, cache: Path, server: Path, files: Sequence[str],
            "LLAMA_CACHE": str(cache), "PORT": str(free_port()), "PYTHONPATH": str(HERE),
            "CONFORMANCE_TEST_TIMEOUT": str(TEST_TIMEOUT), "PYTHONDONTWRITEBYTECODE": "1"}
     pytest = [sys.executable, "-m", "pytest", "-p", "plugin", "-p", "no:cacheprovider",
-              "-p", "no:asyncio", *(f"--deselect={t}" for t in deselect), *files]
-    listed = subprocess.run([*pytest, "--collect-only", "-q"], cwd=tests, env=env, check=False,
-                            capture_output=True, text=True).stdout.splitlines()
+              "-p", "no:asyncio", *(f"--deselect={t}" for t in deselect)]
+    # Every case of the files named (also where only some of their cases are run).
+    whole = dict.fromkeys(f.split("::")[0] for f in files)
+    listed = subprocess.run([*pytest, *whole, "--collect-only", "-q"], cwd=tests, env=env,
+                            check=False, capture_output=True, text=True).stdout.splitlines()
+    pytest += files
     started = time.monotonic()
     subprocess.run([*pytest, "-q", "-rfE", f"--junitxml={junit}"], cwd=tests, env=env,
                    check=False)
     results = read_junit(junit) if junit.exists() else []
     ran = {r.test for r in results}
-    # A run stopped early (Ctrl-C) still lists every case it did not reach.
-    results += [Result(t, "not run", "the run was stopped before this case")
+    # Cases not run (a run stopped early, or one of some cases only) are listed too.
+    results += [Result(t, "not run", "not run yet: the run was stopped, or was of other cases")
                 for t in listed if "::" in t and t not in ran]
     return results, (time.monotonic() - started) / 60
 

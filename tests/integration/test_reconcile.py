@@ -4,6 +4,7 @@ daemon-reexec, a restart of the bus, and a unit stopped behind llamad's back."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import aiohttp
@@ -79,3 +80,25 @@ async def test_a_signal_missed_while_the_bus_was_down_is_repaired(
         status, body = await chat(s, d.url, "gemma-a")
         assert status == 200, body
     assert d.model_units() == {UNIT: "active"}
+
+
+async def test_a_load_during_daemon_reexec_starts_the_model(llamad_factory: Factory) -> None:
+    """systemd leaves the bus while it re-executes: a start sent then gets no answer
+    ("recipient disconnected"), which is no refusal. llamad asks again, without starting
+    the unit twice."""
+    d = llamad_factory(["gemma-a"])
+    async with aiohttp.ClientSession() as s:
+        for delay in (0.0, 0.02, 0.05):
+            reexec = subprocess.Popen(["nsenter", "-t", str(d.box.pid), "-a",
+                                       "systemctl", "daemon-reexec"])
+            await asyncio.sleep(delay)
+            async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
+                assert r.status == 200, await r.text()
+            assert reexec.wait(timeout=60) == 0
+            await asyncio.to_thread(rig.wait_for, "gemma-a to be ready or failed",
+                                    lambda: state(d.url, "gemma-a") in ("ready", "failed"), 60)
+            assert state(d.url, "gemma-a") == "ready", d.log()[-3000:]
+            async with s.post(d.url + "/models/unload", json={"model": "gemma-a"}) as r:
+                assert r.status == 200
+            await asyncio.to_thread(wait_state, d.url, "gemma-a", "unloaded", 30)
+    assert d.starts("gemma-a") == 3
