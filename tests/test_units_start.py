@@ -16,7 +16,7 @@ class Systemd:
         self.script = script
         self.calls: list[str] = []
 
-    async def manager(self, method: bytes, argv: Any) -> None:
+    async def manager(self, method: bytes, argv: Any, again: bool = True) -> None:
         name = method.decode()
         self.calls.append(name)
         errors = self.script.get(name, [])
