@@ -216,6 +216,8 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
         lines += ["## Notes", ""] + [f"- {note}" for note in res.notes] + [""]
     if BODIES.exists() and not quick:
         lines += [BODIES.read_text()]
+    if KVSWAP.exists() and not quick:
+        lines += [KVSWAP.read_text()]
     if ANALYSIS.exists() and not quick:
         lines += [ANALYSIS.read_text()]
     if GPU.exists() and not quick:
@@ -228,6 +230,8 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
 ANALYSIS = Path(__file__).with_name("analysis.md")
 # Written by bench/bodies.py (a run of its own); appended as is.
 BODIES = Path(__file__).with_name("bodies.md")
+# Written by bench/kvswap.py (a run of its own: KV caches kept across a swap); appended as is.
+KVSWAP = Path(__file__).with_name("kvswap.md")
 # Hand-written: what has and has not run on a GPU, and how to re-check it (bench/gpu_check).
 GPU = Path(__file__).with_name("gpu.md")
 # Written by bench/multihost.py (runs of their own: RPC workers, HAProxy); appended as is.

@@ -66,9 +66,15 @@ class Client:
 
     def _refusal(self, e: urllib.error.HTTPError) -> str:
         try:
-            message = str(json.loads(e.read())["error"]["message"])
-        except (ValueError, KeyError, TypeError, OSError):
-            message = f"HTTP {e.code} {e.reason}"
+            error = json.loads(e.read())["error"]
+            message, source = str(error["message"]), error.get("source")
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            message, source = f"HTTP {e.code} {e.reason}", None
+        if source != "llamad":
+            # Every llamad error says it is llamad's: another program holds the port (a
+            # llama-server on 8080, its default too) or stands in front of llamad.
+            return (f"{self.base} answered {message!r} (HTTP {e.code}), not as llamad: "
+                    "another program may hold llamad's port; `llamad check-config` says")
         if e.code == 401:
             return f"{message}; set ${ENV_KEY} to a key from llamad's api-keys-file"
         return message

@@ -304,7 +304,8 @@ class KvCache:
         self._to_save.discard(model.id)
         if self.store is None or live is None or not wanted:
             return
-        deadline = time.monotonic() + self.config.kv_cache_timeout
+        started = time.monotonic()
+        deadline = started + self.config.kv_cache_timeout
         backend = be.Backend(live.address)
         saved: list[Entry] = []
         try:
@@ -313,6 +314,9 @@ class KvCache:
         finally:
             await backend.close()
         if saved:
+            log.info("model %s: saved %d cached tokens (%.1f MiB) in %.3fs", model.id,
+                     sum(e.tokens for e in saved), sum(e.bytes for e in saved) / MIB,
+                     time.monotonic() - started)
             task = asyncio.get_running_loop().create_task(
                 self._keep(model.id, saved), name=f"keeping the KV cache of {model.id}")
             self._keeping[model.id] = task

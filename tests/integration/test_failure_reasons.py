@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import aiohttp
 import pytest
 import readme
 import rig
-from llamad_fixture import PYTHON, Factory, Llamad, chat, models, wait_state
+from llamad_fixture import PYTHON, Factory, Llamad, chat, free_port, models, wait_http, wait_state
 
 from llamad import exits
 
@@ -118,35 +117,44 @@ def test_status_names_are_systemds(box: rig.Box) -> None:
     assert set(table) - set(shown) <= {245}, out  # KSM is newer than systemd 252
 
 
-def test_check_config_says_another_program_holds_the_port(box: rig.Box,
-                                                         assets: rig.Assets) -> None:
+def test_another_program_on_the_port_is_named(box: rig.Box, assets: rig.Assets) -> None:
     """llama-server's default port is llamad.socket's too: where one already listens, the
-    socket the package starts fails, and check-config (the quick start's next step) says
-    why. The box shares the host's network, so the holder is a listener here."""
+    socket the package starts fails; check-config (the quick start's next step) says why,
+    and `llamad ps` says it was not llamad that answered. The box shares the host's
+    network, so the llama-server runs here."""
     conf = box.workdir / "port-taken.conf"
     conf.write_text(f"llama-server = {assets.llama_server}\nmodels-dir = {box.workdir}\n")
-    check = [str(PYTHON), "-m", "llamad", "check-config", "--config", str(conf)]
+    llamad = [str(PYTHON), "-m", "llamad"]
+    check = [*llamad, "check-config", "--config", str(conf)]
     units = Path("/etc/systemd/system")
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        addr = f"127.0.0.1:{holder.getsockname()[1]}"
-        # The package's units; the socket moved to the port held.
+    addr = f"127.0.0.1:{free_port()}"
+    server = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "-t", "1",
+                               "--port", addr.split(":")[1]], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://{addr}", timeout=120)  # loaded: its answers are the same each time
+        # The package's units; the socket moved to the port taken.
         text = (ROOT / "units" / "llamad.socket").read_text()
         box.run(["tee", str(units / "llamad.socket")], input=text.replace("127.0.0.1:8080", addr))
         box.run(["cp", str(ROOT / "units" / "llamad.service"), str(units)])
-        try:
-            box.run("systemctl daemon-reload")
-            assert box.run("systemctl start llamad.socket", check=False).returncode != 0
-            out = box.run(check)
-            assert out.stderr == (
-                f"llamad: warning: llamad.socket failed: another program listens on {addr} "
-                "(`ss -ltnp` names it); stop it, or move llamad with `systemctl edit "
-                "llamad.socket`, then `systemctl restart llamad.socket`\n"), out.stderr
-            holder.close()
-            box.run("systemctl restart llamad.socket")
-            assert box.run(check).stderr == ""
-        finally:
-            box.run(f"systemctl stop llamad.socket; rm -f {units}/llamad.socket "
-                    f"{units}/llamad.service; systemctl daemon-reload; "
-                    "systemctl reset-failed llamad.socket", check=False)
+        box.run("systemctl daemon-reload")
+        assert box.run("systemctl start llamad.socket", check=False).returncode != 0
+        out = box.run(check)
+        assert out.stderr == (
+            f"llamad: warning: llamad.socket failed: another program listens on {addr} "
+            "(`ss -ltnp` names it); stop it, or move llamad with `systemctl edit "
+            "llamad.socket`, then `systemctl restart llamad.socket`\n"), out.stderr
+        out = box.run([*llamad, "ps"], check=False)
+        assert (out.returncode, out.stderr) == (1, (
+            f"llamad: http://{addr} answered 'File Not Found' (HTTP 404), not as llamad: "
+            "another program may hold llamad's port; `llamad check-config` says\n")), out
+        server.terminate()
+        server.wait(30)
+        box.run("systemctl restart llamad.socket")
+        assert box.run(check).stderr == ""
+    finally:
+        server.kill()
+        server.wait(30)
+        box.run(f"systemctl stop llamad.socket; rm -f {units}/llamad.socket "
+                f"{units}/llamad.service; systemctl daemon-reload; "
+                "systemctl reset-failed llamad.socket", check=False)

@@ -4,6 +4,7 @@ remaining TTL runs out in systemd, so nothing is left; a request starts both aga
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -48,11 +49,14 @@ def test_idle_ttl_runs_out_while_llamad_is_away(box: rig.Box, assets: rig.Assets
         assert d.show(UNIT, "ActiveState") == "active"  # its TTL has not run out yet
         # A request within the TTL: llamad takes the timer back and adopts the model.
         assert chat(url) == 200
+        last_use = time.monotonic()
         assert d.show(UNIT, "InvocationID") == invocation
         rig.wait_for("llamad to exit again",
                      lambda: d.show("llamad-idle.service", "ActiveState") == "inactive", 30)
         rig.wait_for("the TTL to run out: no llamad, no llama-server",
                      lambda: processes(box) == {"llama-server": 0, "llamad": 0}, 60)
+        print(f"idle-ttl 20s: no process left {time.monotonic() - last_use:.1f}s after the "
+              "last request")
         assert d.show(UNIT, "ActiveState") in ("inactive", "")
         # The next request starts both again.
         assert chat(url) == 200
