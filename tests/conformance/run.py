@@ -165,7 +165,9 @@ def save(path: Path, results: list[Result], files: list[str], minutes: float) ->
     store: dict[str, Any] = json.loads(path.read_text()) if path.exists() \
         else {"runs": {}, "cases": {}}
     when = time.strftime("%Y-%m-%d", time.gmtime())
-    store["runs"][" ".join(files)] = {"on": when, "minutes": round(minutes, 1)}
+    whole = " ".join(dict.fromkeys(f.split("::")[0] for f in files))
+    what = whole if all("::" not in f for f in files) else f"{len(files)} cases of {whole}"
+    store["runs"][what] = {"on": when, "minutes": round(minutes, 1)}
     for r in results:
         if r.outcome != "not run" or r.test not in store["cases"]:  # keep an earlier result
             store["cases"][r.test] = {**asdict(r), "on": when}
