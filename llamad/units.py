@@ -269,11 +269,7 @@ class UnitManager:
                 # forever; a stop job on the dead unit makes systemd look again.
                 if "UnitExists" not in str(e):
                     raise
-                try:
-                    await self.stop(name)
-                except UnitError as gone:  # collected meanwhile: the next try starts it
-                    if "not loaded" not in str(gone) and "NoSuchUnit" not in str(gone):
-                        raise
+                await self.stop(name)
             await asyncio.sleep(0.05)
         await self._caller.manager(b"StartTransientUnit", argv, again=False)
 
