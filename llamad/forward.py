@@ -15,6 +15,7 @@ What a client gets when the backend fails depends on how far the answer got:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
@@ -178,7 +179,10 @@ async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResp
         if not chunk:
             break
         await resp.write(chunk)
-    await resp.write_eof()
+    # Clients such as openai's close as soon as they read `data: [DONE]`: the answer was
+    # delivered, and aiohttp 3.8 would raise here.
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write_eof()
     return resp
 
 

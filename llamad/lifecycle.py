@@ -144,7 +144,7 @@ class Lifecycle(Core):
                      slot.model.id, slot.state.value)
             return
         try:
-            await self.units.start(spec)
+            await self.units.start(spec, wanted=lambda: slot.epoch == epoch)
         except UnitError as e:
             if slot.epoch == epoch:
                 self._fail(slot, f"systemd refused to start {spec.name}: {e}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ from llamad.units import UnitSpec, UnitStatus
 class Units(Protocol):
     """What the supervisor needs of units.UnitManager (a fake can stand in for tests)."""
 
-    async def start(self, spec: UnitSpec) -> None: ...
+    async def start(self, spec: UnitSpec, wanted: Callable[[], bool] | None = None) -> None: ...
     async def stop(self, name: str) -> None: ...
     async def kill(self, name: str, signal: int) -> None: ...
     async def reset_failed(self, name: str) -> None: ...

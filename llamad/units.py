@@ -243,15 +243,20 @@ class UnitManager:
         except Exception:  # a bug in a callback must not kill signal delivery
             log.exception("unit change handler failed for %s", name)
 
-    async def start(self, spec: UnitSpec) -> None:
-        """Start the transient unit, clearing a failed or lingering one of that name."""
-        await self.start_transient(spec.name, transient_properties(spec))
+    async def start(self, spec: UnitSpec, wanted: Callable[[], bool] | None = None) -> None:
+        """Start the transient unit, clearing a failed or lingering one of that name.
+        `wanted` says whether the caller still wants it: once it does not, the start is
+        dropped, so a stale start never stops a unit of that name a newer one made."""
+        await self.start_transient(spec.name, transient_properties(spec), wanted=wanted)
 
     async def start_transient(self, name: str, props: Props,
-                              aux: list[tuple[str, Props]] | None = None) -> None:
+                              aux: list[tuple[str, Props]] | None = None,
+                              wanted: Callable[[], bool] | None = None) -> None:
         await self.reset_failed(name)
         argv = bus.transient_args(name, props, aux or [])
         for _ in range(600):  # 30 s
+            if wanted is not None and not wanted():
+                return
             try:
                 await self._caller.manager(b"StartTransientUnit", argv, again=False)
                 return
@@ -269,7 +274,12 @@ class UnitManager:
                 # forever; a stop job on the dead unit makes systemd look again.
                 if "UnitExists" not in str(e):
                     raise
-                await self.stop(name)
+                try:
+                    await self.stop(name)
+                except UnitError as gone:  # collected since: the name is free now
+                    if "not loaded" not in str(gone) and "NoSuchUnit" not in str(gone):
+                        raise
+                    continue
             await asyncio.sleep(0.05)
         await self._caller.manager(b"StartTransientUnit", argv, again=False)
 

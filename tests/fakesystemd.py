@@ -71,7 +71,7 @@ class FakeSystemd:
     def running(self) -> set[str]:
         return set(self.units)
 
-    async def start(self, spec: UnitSpec) -> None:
+    async def start(self, spec: UnitSpec, wanted: Any = None) -> None:
         self.started.append(spec.name)
         self.specs[spec.name] = spec
         self.units[spec.name] = UnitStatus(spec.name, "loaded", "activating", "start",

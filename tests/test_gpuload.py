@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ggufgen import write_model
@@ -49,7 +50,7 @@ class Units(FakeUnits):
         super().__init__()
         self.specs: dict[str, UnitSpec] = {}
 
-    async def start(self, spec: UnitSpec) -> None:
+    async def start(self, spec: UnitSpec, wanted: Any = None) -> None:
         await super().start(spec)
         self.specs[spec.name] = spec
 

@@ -99,7 +99,7 @@ class FakeUnits:
         self.started: list[str] = []
         self.stopped: list[str] = []
 
-    async def start(self, spec: UnitSpec) -> None:
+    async def start(self, spec: UnitSpec, wanted: Any = None) -> None:
         self.started.append(spec.name)
 
     async def stop(self, name: str) -> None:

@@ -1,6 +1,6 @@
 """A soak: random requests, streams, loads, unloads, evictions and backend crashes.
 
-500 steps; no request may be lost, and at the end llamad's open descriptors, its RSS and
+500 steps; no request may be lost, and at the end llamad's open descriptors, its RSS (over the second half) and
 the model units are flat, with no failed unit and no llama-server process outside a unit.
 The steps are random with a logged seed; replay a run with LLAMAD_SOAK_SEED=<seed>.
 Deselect it while iterating with `-m 'not soak'`.
@@ -145,6 +145,11 @@ async def test_soak(llamad_factory: Factory) -> None:
             t = time.monotonic()
             await soak.step(action)
             print(f"step {i} {action} {time.monotonic() - t:.2f}s")
+            if i == STEPS // 2:
+                # Memory is compared over the second half: the first grows the allocator's
+                # arenas and the threads that start on first use; a leak keeps growing.
+                settle(d)
+                middle = figures(d)
         took = time.monotonic() - started
         # The end state: the two usual models loaded, as at the start.
         for model in MODELS[:2]:
@@ -153,7 +158,7 @@ async def test_soak(llamad_factory: Factory) -> None:
     after = figures(d)
     summary = {"seed": seed, "steps": STEPS, "seconds": round(took, 1), "actions": actions,
                "requests": soak.sent, "lost": soak.lost, "faults": soak.faults,
-               "before": before, "after": after}
+               "before": before, "middle": middle, "after": after}
     print("soak figures " + json.dumps(summary))
     log = d.log()
     if soak.lost:  # what llamad said about it, for the report
@@ -163,5 +168,5 @@ async def test_soak(llamad_factory: Factory) -> None:
     assert not after["failed"], (seed, after)
     assert after["processes"] == len(after["units"]) <= 2, (seed, after)
     assert after["fds"] <= before["fds"] + 4, (seed, before, after)
-    assert after["rss_kib"] <= before["rss_kib"] * 1.25, (seed, before, after)
+    assert after["rss_kib"] <= middle["rss_kib"] * 1.10, (seed, before, middle, after)
     assert "Traceback" not in log and "illegal state change" not in log, (seed, log[-3000:])
