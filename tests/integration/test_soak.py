@@ -1,7 +1,8 @@
 """A soak: random requests, streams, loads, unloads, evictions and backend crashes.
 
-500 steps; no request may be lost, and at the end llamad's open descriptors, its RSS (over the second half) and
-the model units are flat, with no failed unit and no llama-server process outside a unit.
+500 steps; no request may be lost, and at the end llamad's open descriptors, its RSS (over
+the second half) and the model units are flat, with no failed unit and no llama-server
+process outside a unit.
 The steps are random with a logged seed; replay a run with LLAMAD_SOAK_SEED=<seed>.
 Deselect it while iterating with `-m 'not soak'`.
 
