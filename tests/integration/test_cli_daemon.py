@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +24,16 @@ def llamad(*args: str, key: str | None = None) -> subprocess.CompletedProcess[st
                           text=True, timeout=120, env=env)
 
 
-def lines_of(proc: subprocess.Popen[str]) -> Iterator[str]:
+def lines_of(proc: subprocess.Popen[str], timeout: float = 60) -> Iterator[str]:
+    """The process's output lines; it is ended after `timeout` seconds, so a line that
+    never comes fails the test instead of hanging the suite."""
     assert proc.stdout is not None
-    yield from proc.stdout
+    timer = threading.Timer(timeout, proc.terminate)
+    timer.start()
+    try:
+        yield from proc.stdout
+    finally:
+        timer.cancel()
 
 
 def test_load_ps_logs_unload(llamad_factory: Factory) -> None:
@@ -43,8 +51,9 @@ def test_load_ps_logs_unload(llamad_factory: Factory) -> None:
     entries = [json.loads(x) for x in
                llamad("logs", "--json", "-n", "3", "--url", d.url).stdout.splitlines()]
     assert len(entries) == 3 and {e["unit"] for e in entries} == {d.unit}
-    # Following the model's log shows its unit stop.
-    follow = subprocess.Popen([sys.executable, "-m", "llamad", "logs", "-f", "-n", "0",
+    # Following the model's log shows its unit stop. The last lines come first: the unload
+    # may be over before the follower (a new Python process) has connected.
+    follow = subprocess.Popen([sys.executable, "-m", "llamad", "logs", "-f", "-n", "5",
                                "gemma-a", "--url", d.url], stdout=subprocess.PIPE, text=True)
     try:
         out = llamad("unload", "gemma-a", "--json", "--url", d.url)
