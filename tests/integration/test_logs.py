@@ -68,7 +68,8 @@ async def test_model_log_follows_a_load_and_resumes_after_an_id(
         async with s.get(d.url + "/logs/stream/gemma-a", params={"follow": "0"},
                          headers={"Last-Event-ID": backlog[9]["id"]}) as r:
             resumed = await sse(r)
-        assert resumed == backlog[10:]
+        # ...and goes on to the end; the unit may have logged more since the backlog.
+        assert resumed[:2] == backlog[10:]
 
 
 async def test_daemon_log_and_bad_requests(llamad_factory: Factory) -> None:
