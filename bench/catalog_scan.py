@@ -21,9 +21,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import ggufgen  # noqa: E402
 
-from llamad.catalog import scan  # noqa: E402
+from llamad.catalog.catalog import scan  # noqa: E402
+from llamad.catalog.gguf_info import InfoCache  # noqa: E402
 from llamad.config import Config  # noqa: E402
-from llamad.gguf_info import InfoCache  # noqa: E402
 
 LIMIT_S = 1.0
 

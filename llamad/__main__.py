@@ -10,7 +10,9 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llamad import __version__, app, cli, completion, ctl, haproxy
+from llamad import __version__, app
+from llamad.cli import completion, ctl, haproxy
+from llamad.cli import models as cli
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
 

@@ -16,36 +16,23 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import (
-    api,
-    body,
-    browsers,
-    dashboard,
-    fleet,
-    keys,
-    limits,
-    logstream,
-    metrics,
-    middleware,
-    proxy,
-    record,
-    report,
-    requestlog,
-    sampling,
-    unitpaths,
-    webui,
-)
-from llamad.activation import Notifier, bind, systemd_sockets
-from llamad.catalog import Catalog
+from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import models as api
+from llamad.catalog.catalog import Catalog
+from llamad.catalog.gguf_info import InfoCache
+from llamad.catalog.watcher import CatalogWatcher
 from llamad.config import Config, load_config
-from llamad.gguf_info import InfoCache
+from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
-from llamad.measure import Measure
-from llamad.supervisor import Supervisor
-from llamad.unitname import SLICE
-from llamad.units import UnitError, UnitManager
-from llamad.unitspec import memory_max_props
-from llamad.watcher import CatalogWatcher
+from llamad.memory.measure import Measure
+from llamad.observe import logstream, metrics, requestlog
+from llamad.supervisor import sampling
+from llamad.supervisor.supervisor import Supervisor
+from llamad.supervisor.unitspec import memory_max_props
+from llamad.systemd import unitpaths
+from llamad.systemd.activation import Notifier, bind, systemd_sockets
+from llamad.systemd.unitname import SLICE
+from llamad.systemd.units import UnitError, UnitManager
 
 log = logging.getLogger("llamad")
 

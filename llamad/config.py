@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass, fields
@@ -246,3 +247,16 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         slice_memory_max=v["slice-memory-max"] or None,
     )
     return out
+
+
+def cache_dir(config: Config) -> Path | None:
+    """Where llama.cpp keeps downloads, looked up the way llama.cpp does."""
+    if config.llama_cache_dir is not None:
+        return config.llama_cache_dir
+    env = os.environ
+    for var, sub in (("LLAMA_CACHE", ""), ("HF_HUB_CACHE", ""), ("HUGGINGFACE_HUB_CACHE", ""),
+                     ("HF_HOME", "hub"), ("XDG_CACHE_HOME", "huggingface/hub")):
+        if env.get(var):
+            return Path(env[var]) / sub if sub else Path(env[var])
+    home = env.get("HOME")
+    return Path(home) / ".cache/huggingface/hub" if home else None

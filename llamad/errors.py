@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from llamad import redact
+
+# A connection llamad could not make for want of descriptors or memory: llamad's own trouble
+# (503, retry), never a sign that the other end is gone.
+SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 
 
 class LlamadError(Exception):

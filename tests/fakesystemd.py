@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.bus import Props
-from llamad.supervisor import Supervisor
-from llamad.units import MARKER, UnitError, UnitSpec, UnitStatus
+from llamad.supervisor.supervisor import Supervisor
+from llamad.systemd.bus import Props
+from llamad.systemd.units import MARKER, UnitError, UnitSpec, UnitStatus
 
 
 class Watch:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from llamad.body import MAX_DEPTH, WANTED, Scanner, parse_keep_alive
 from llamad.errors import BadRequest
+from llamad.http.body import MAX_DEPTH, WANTED, Scanner, parse_keep_alive
 
 
 def scan(body: bytes) -> dict[str, Any]:
@@ -136,9 +136,9 @@ async def test_read_json_small_and_big(subtests: Any) -> None:
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    from llamad import limits, middleware
-    from llamad.body import read_json
     from llamad.config import Config
+    from llamad.http import limits, middleware
+    from llamad.http.body import read_json
 
     async def handle(request: web.Request) -> web.Response:
         body, fields = await read_json(request, "pinned")
@@ -169,10 +169,10 @@ async def test_a_client_gone_mid_body_is_no_error_of_llamads() -> None:
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
-    from llamad import limits, middleware
-    from llamad.body import read_json
     from llamad.config import Config
     from llamad.errors import LlamadError
+    from llamad.http import limits, middleware
+    from llamad.http.body import read_json
 
     outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 

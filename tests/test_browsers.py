@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llamad.browsers import host_name, is_loopback
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
+from llamad.http.browsers import host_name, is_loopback
 
 
 @pytest.mark.parametrize(("header", "name"), [

@@ -9,10 +9,10 @@ from pathlib import Path
 import ggufgen
 import pytest
 
-from llamad.catalog import Catalog, Snapshot, scan, split_info
+from llamad.catalog.catalog import Catalog, Snapshot, scan, split_info
+from llamad.catalog.gguf_info import InfoCache
+from llamad.catalog.presets import parse_presets
 from llamad.config import Config
-from llamad.gguf_info import InfoCache
-from llamad.presets import parse_presets
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -134,7 +134,7 @@ def test_llama_cache_layout(tmp_path: Path) -> None:
 
 def test_cache_directory_follows_llama_cpp_environment(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path) -> None:
-    from llamad.hfcache import cache_dir
+    from llamad.config import cache_dir
     for var in ("LLAMA_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME",
                 "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)

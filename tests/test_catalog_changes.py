@@ -10,8 +10,8 @@ from pathlib import Path
 import ggufgen
 from test_catalog import age, config, problems_about
 
-from llamad.catalog import may_appear, scan
-from llamad.gguf_info import InfoCache
+from llamad.catalog.catalog import may_appear, scan
+from llamad.catalog.gguf_info import InfoCache
 
 
 def test_a_known_model_being_rewritten_keeps_its_entry(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ async def test_a_touch_is_seen_and_a_rescan_can_be_asked_for(tmp_path: Path) -> 
 
     from test_watcher import DEBOUNCE, Feed, aged_model, make_catalog
 
-    from llamad.watcher import CatalogWatcher
+    from llamad.catalog.watcher import CatalogWatcher
 
     d = tmp_path / "models"
     aged_model(d / "a.gguf")

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from typing import Any
 
-from llamad import completion, ctl
 from llamad.__main__ import parser
+from llamad.cli import completion, ctl
 
 
 def complete(*words: str) -> list[str]:

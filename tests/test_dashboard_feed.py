@@ -10,11 +10,10 @@ from typing import Any
 from ggufgen import write_model
 from test_measure import FakeUnits, config, supervisor
 
-from llamad.catalog import scan
+from llamad.api.dashboard import Feed
+from llamad.catalog.catalog import scan
 from llamad.config import Config
-from llamad.dashboard import Feed
-from llamad.events import Cause
-from llamad.scheduler import State
+from llamad.supervisor.events import Cause, State
 
 __all__ = ["config"]  # the fixture, shared with test_measure
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from llamad.events import TRANSITIONS, Cause, Change, Hub
-from llamad.scheduler import State
+from llamad.supervisor.events import TRANSITIONS, Cause, Change, Hub, State
 
 DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 

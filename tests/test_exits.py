@@ -8,8 +8,8 @@ from typing import Any
 
 import readme
 
-from llamad import exits
-from llamad.units import UnitSpec
+from llamad.systemd import exits
+from llamad.systemd.units import UnitSpec
 
 
 def ended(status: int, code: int = 1, result: str = "exit-code") -> dict[str, Any]:

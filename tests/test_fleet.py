@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from llamad import fleet
+from llamad.api import fleet
 from llamad.config import load_config
 from llamad.errors import ConfigError
-from llamad.middleware import error_middleware
+from llamad.http.middleware import error_middleware
 
 LOCAL = b'{"object": "list", "data": [{"id": "a", "llamad": {"state": "ready"}}]}'
 

@@ -23,9 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from rig import wait_for
 
-from llamad.backend import Backend, cpu_ticks
-from llamad.forward import Watch, forward
-from llamad.middleware import error_middleware
+from llamad.api.forward import Watch, forward
+from llamad.http.middleware import error_middleware
+from llamad.supervisor.backend import Backend, cpu_ticks
 
 IDLE = 0.3
 HEALTH = 0.3

@@ -9,7 +9,7 @@ from pathlib import Path
 import ggufgen
 import pytest
 
-from llamad.gguf_info import GGUFError, InfoCache, combine, read_header
+from llamad.catalog.gguf_info import GGUFError, InfoCache, combine, read_header
 
 
 def test_gemma_metadata_is_read_quickly() -> None:

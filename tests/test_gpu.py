@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from llamad.gpu import GpuInfo, GpuMonitor, mem_available, mem_total, unit_from_cgroup, unit_of_pid
+from llamad.memory.gpu import (
+    GpuInfo,
+    GpuMonitor,
+    mem_available,
+    mem_total,
+    unit_from_cgroup,
+    unit_of_pid,
+)
 
 G = 1024**3
 

@@ -21,16 +21,16 @@ from ggufgen import write_model
 from test_gpu import FakeDevice, FakeNvml
 from test_measure import FakeUnits, NoNvml, no_journal
 
-from llamad import gpuload
-from llamad.catalog import scan
+from llamad.catalog.catalog import scan
 from llamad.config import Config
-from llamad.events import Cause
-from llamad.gpu import GpuMonitor
-from llamad.measure import Measure
-from llamad.scheduler import Memory, State
-from llamad.slot import Slot
-from llamad.supervisor import Supervisor
-from llamad.units import UnitSpec
+from llamad.memory.gpu import GpuMonitor
+from llamad.memory.measure import Measure
+from llamad.memory.types import Memory
+from llamad.supervisor.events import Cause, State
+from llamad.supervisor.guards import gpuload
+from llamad.supervisor.slot import Slot
+from llamad.supervisor.supervisor import Supervisor
+from llamad.systemd.units import UnitSpec
 
 MIB, GIB = 1024**2, 1024**3
 OOM_LOG = ("load_tensors: offloading 2 repeating layers to GPU\n"

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llamad import haproxy
+from llamad.cli import haproxy
 from llamad.errors import ConfigError
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from llamad.errors import ConfigError
-from llamad.keys import Key, find, load, parse
+from llamad.http.keys import Key, find, load, parse
 
 
 def test_scopes(tmp_path: Path) -> None:

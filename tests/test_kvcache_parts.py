@@ -10,12 +10,12 @@ from pathlib import Path
 
 import ggufgen
 
-from llamad import kvcache
-from llamad.catalog import scan
+from llamad.catalog.catalog import scan
 from llamad.config import Config
-from llamad.kvstore import Entry, Store
-from llamad.units import transient_properties
-from llamad.unitspec import build
+from llamad.supervisor.guards import kvcache
+from llamad.supervisor.guards.kvstore import Entry, Store
+from llamad.supervisor.unitspec import build
+from llamad.systemd.units import transient_properties
 
 MIB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from llamad.kvstore import MODEL_DIR_MODE, Entry, Store
+from llamad.supervisor.guards.kvstore import MODEL_DIR_MODE, Entry, Store
 
 
 def _entry(name: str) -> Entry:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from llamad import limits, middleware
-from llamad.body import read_json
 from llamad.config import Config
+from llamad.http import limits, middleware
+from llamad.http.body import read_json
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ from typing import Any
 
 from test_measure import FakeUnits, config, supervisor
 
-from llamad import listing
-from llamad.catalog import scan
+from llamad.api import listing
+from llamad.api.feed import ModelFeed, expected_load_seconds
+from llamad.catalog.catalog import scan
 from llamad.config import Config
-from llamad.events import Cause
-from llamad.feed import ModelFeed, expected_load_seconds
-from llamad.scheduler import State
+from llamad.supervisor.events import Cause, State
 
 __all__ = ["config"]  # the fixture, shared with test_measure
 

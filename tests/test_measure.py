@@ -16,18 +16,20 @@ from ggufgen import GEMMA, write_model
 from test_gpu import FakeDevice, FakeNvml
 from test_memory import H100, H100_NAME, gemma_info
 
-from llamad import report, sampling
-from llamad.catalog import Model, scan
+from llamad.api import report
+from llamad.catalog.catalog import Model, scan
+from llamad.catalog.presets import ModelSettings
 from llamad.config import Config
 from llamad.errors import BackendError, Unavailable
-from llamad.gpu import GpuMonitor
-from llamad.measure import Measure, proc_memory
-from llamad.memory import memory_limit
-from llamad.presets import ModelSettings
-from llamad.scheduler import Memory, State
-from llamad.supervisor import Supervisor
-from llamad.units import UnitSpec, UnitStatus
-from llamad.unitspec import memory_max_props
+from llamad.memory.estimate import memory_limit
+from llamad.memory.gpu import GpuMonitor
+from llamad.memory.measure import Measure, proc_memory
+from llamad.memory.types import Memory
+from llamad.supervisor import sampling
+from llamad.supervisor.events import State
+from llamad.supervisor.supervisor import Supervisor
+from llamad.supervisor.unitspec import memory_max_props
+from llamad.systemd.units import UnitSpec, UnitStatus
 
 MIB = 1024**2
 GIB = 1024**3

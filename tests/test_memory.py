@@ -20,9 +20,8 @@ import ggufgen
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-from llamad.gguf_info import GGUFInfo, combine, read_header
-from llamad.learned import Learned, LearnedStore
-from llamad.memory import (
+from llamad.catalog.gguf_info import GGUFInfo, combine, read_header
+from llamad.memory.estimate import (
     CUDA_FIXED,
     ServerArgs,
     estimate,
@@ -30,7 +29,8 @@ from llamad.memory import (
     need,
     parse_args,
 )
-from llamad.scheduler import Memory
+from llamad.memory.learned import Learned, LearnedStore
+from llamad.memory.types import Memory
 
 MIB = 1024**2
 GIB = 1024**3

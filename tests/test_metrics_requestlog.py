@@ -14,13 +14,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_measure import FakeUnits, config, supervisor
 
-from llamad import progress, record, requestlog, unitspec
-from llamad.catalog import scan
+from llamad.api import progress
+from llamad.catalog.catalog import scan
 from llamad.config import Config
-from llamad.events import Cause, Change
-from llamad.metrics import Metrics
-from llamad.record import Record
-from llamad.scheduler import Load, State
+from llamad.http import record
+from llamad.http.record import Record
+from llamad.observe import requestlog
+from llamad.observe.metrics import Metrics
+from llamad.supervisor import unitspec
+from llamad.supervisor.events import Cause, Change, State
+from llamad.supervisor.scheduler import Load
 
 __all__ = ["config"]  # the fixture, shared with test_measure
 

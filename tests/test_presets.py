@@ -8,8 +8,7 @@ import ggufgen
 import pytest
 from pytest_subtests import SubTests
 
-from llamad.errors import ConfigError
-from llamad.presets import (
+from llamad.catalog.presets import (
     BY_KEY,
     Presets,
     canonical_name,
@@ -18,6 +17,7 @@ from llamad.presets import (
     parse_args,
     parse_presets,
 )
+from llamad.errors import ConfigError
 
 M = Path("/m/x.gguf")
 

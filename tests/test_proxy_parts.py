@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from llamad.activation import bind
-from llamad.backend import listen_args, runtime_dir, unix_address
-from llamad.body import parse_keep_alive
 from llamad.errors import BadRequest
-from llamad.unitspec import describe_exit, parse_size
+from llamad.http.body import parse_keep_alive
+from llamad.supervisor.backend import listen_args, runtime_dir, unix_address
+from llamad.supervisor.unitspec import describe_exit, parse_size
+from llamad.systemd.activation import bind
 
 
 def test_keep_alive(subtests: Any) -> None:
@@ -62,7 +62,7 @@ def test_systemd_sockets_from_listen_fds() -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     code = ("import os, socket; os.environ['LISTEN_PID'] = str(os.getpid()); "
-            "from llamad.activation import systemd_sockets; s = systemd_sockets(); "
+            "from llamad.systemd.activation import systemd_sockets; s = systemd_sockets(); "
             "print(len(s), s[0].getsockname()[1], 'LISTEN_FDS' in os.environ)")
     # close_fds=False: Popen would otherwise close the fd 3 we place in the child.
     out = subprocess.run([sys.executable, "-c", code], close_fds=False,
@@ -74,7 +74,7 @@ def test_systemd_sockets_from_listen_fds() -> None:
 
 
 def test_hop_by_hop_and_credentials_are_not_forwarded() -> None:
-    from llamad.forward import _forward_headers
+    from llamad.api.forward import _forward_headers
     sent = {"Connection": "keep-alive", "Transfer-Encoding": "chunked", "Host": "x",
             "Authorization": "Bearer k", "Content-Length": "3", "Accept": "text/event-stream",
             "X-Request-Id": "7"}
@@ -82,6 +82,6 @@ def test_hop_by_hop_and_credentials_are_not_forwarded() -> None:
 
 
 def test_size_forms() -> None:
-    from llamad.gpu import mem_total
+    from llamad.memory.gpu import mem_total
     assert parse_size("infinity") is None
     assert parse_size("50%") == mem_total() // 2

@@ -20,15 +20,18 @@ import pytest
 from ggufgen import GEMMA, write_model
 from test_measure import FakeUnits, supervisor
 
-from llamad import gguf_info, memory, rpc, units
-from llamad.catalog import scan
+from llamad.catalog import gguf_info
+from llamad.catalog import rpcargs as rpc
+from llamad.catalog.catalog import scan
+from llamad.catalog.gguf_info import TensorBytes
+from llamad.catalog.presets import parse_args, parse_presets
 from llamad.config import Config
 from llamad.errors import ConfigError, Unavailable
-from llamad.events import Cause
-from llamad.gguf_info import TensorBytes
-from llamad.presets import parse_args, parse_presets
-from llamad.scheduler import State
-from llamad.supervisor import Supervisor
+from llamad.memory import estimate as memory
+from llamad.supervisor.events import Cause, State
+from llamad.supervisor.guards import rpcguard
+from llamad.supervisor.supervisor import Supervisor
+from llamad.systemd import units
 
 MIB, GIB = 1024**2, 1024**3
 
@@ -185,10 +188,10 @@ def test_the_scheduler_counts_the_local_share(rpc_config: Config) -> None:
     sup.measure.learn(model, ram=10 * GIB, vram=None, load_seconds=1.0)
     assert sup.measure.need(model) == memory.Memory(local, 0)
     assert sup.measure.estimate(model) == memory.Memory(local, 0)
-    shown = rpc.describe(model.info, model.settings.args)
+    shown = rpcguard.describe(model.info, model.settings.args)
     assert shown is not None and shown["workers"] == ["127.0.0.3:50052"]
     assert shown["local"] == local and shown["remote"] > 0
-    assert rpc.describe(model.info, sup.slots["local"].model.settings.args) is None
+    assert rpcguard.describe(model.info, sup.slots["local"].model.settings.args) is None
 
 
 # -- workers that go away, come back, or serve another model -----------------------------
@@ -318,7 +321,7 @@ async def test_one_worker_serves_one_model_at_a_time(rpc_config: Config,
 
 
 async def test_the_model_list_shows_the_workers(rpc_config: Config, worker: Worker) -> None:
-    from llamad import listing
+    from llamad.api import listing
     sup = with_workers(rpc_config, tiny=worker.address)
     entry = listing.entry(sup, sup.slots["tiny"])
     assert entry["llamad"]["rpc"]["workers"] == [worker.address]

@@ -11,11 +11,11 @@ import ggufgen
 import pytest
 from test_catalog import age, config
 
-from llamad.bus import transient_args
-from llamad.catalog import scan
+from llamad.catalog.catalog import scan
 from llamad.log import _clean
 from llamad.safetext import one_line, unsafe
-from llamad.units import UnitError, UnitSpec, transient_properties
+from llamad.systemd.bus import transient_args
+from llamad.systemd.units import UnitError, UnitSpec, transient_properties
 
 
 def _start_args(spec: UnitSpec) -> list[Any]:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamad.scheduler import (
+from llamad.memory.types import GpuFree, Memory, Resources
+from llamad.supervisor.events import State
+from llamad.supervisor.scheduler import (
     Decision,
     Drain,
-    GpuFree,
     Load,
-    Memory,
     ModelView,
     Policy,
     Reject,
-    Resources,
     Serve,
-    State,
     Wait,
     decide,
     expired,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from llamad import socketstate
+from llamad.systemd import socketstate
 
 
 def test_a_listener_holds_its_address() -> None:

@@ -22,18 +22,17 @@ from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers
 from ggufgen import write_model
 from test_measure import NoNvml
 
-from llamad import report
-from llamad.bus import Props
-from llamad.catalog import scan
+from llamad.api import report
+from llamad.catalog.catalog import scan
 from llamad.config import Config
 from llamad.errors import NotFound, Unavailable
-from llamad.events import Cause
-from llamad.gpu import GpuMonitor
-from llamad.measure import Measure
-from llamad.scheduler import State
-from llamad.slot import Slot
-from llamad.supervisor import IllegalMove, Supervisor
-from llamad.units import UnitError
+from llamad.memory.gpu import GpuMonitor
+from llamad.memory.measure import Measure
+from llamad.supervisor.events import Cause, State
+from llamad.supervisor.slot import Slot
+from llamad.supervisor.supervisor import IllegalMove, Supervisor
+from llamad.systemd.bus import Props
+from llamad.systemd.units import UnitError
 
 MODELS = ["tiny-a", "tiny-b", "tiny-c"]
 
@@ -267,7 +266,7 @@ async def test_reconcile_follows_a_restart_it_was_not_told_of(rig: Rig) -> None:
 
 
 async def test_unit_removed_is_checked_not_believed(rig: Rig) -> None:
-    from llamad.units import REMOVED
+    from llamad.systemd.units import REMOVED
     slot = await rig.ready("tiny-a")
     # daemon-reload sends UnitRemoved for every unit, running ones included.
     rig.sup.on_unit_change(slot.unit, {REMOVED: True})

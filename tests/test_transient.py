@@ -6,8 +6,8 @@ from typing import Any
 
 from pystemd.dbuslib import apply_signature
 
-from llamad.bus import transient_args
-from llamad.units import UnitSpec, status_from_props, transient_properties
+from llamad.systemd.bus import transient_args
+from llamad.systemd.units import UnitSpec, status_from_props, transient_properties
 
 SPEC = UnitSpec(name="llama-server@m.service", description="m",
                 argv=("/usr/bin/llama-server", "-m", "/models/m.gguf"),

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from pytest_subtests import SubTests
 
-from llamad.unitname import (
+from llamad.systemd.unitname import (
     UNIT_NAME_MAX,
     instance_name,
     is_model_unit,

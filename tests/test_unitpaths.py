@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from llamad import unitpaths
-from llamad.units import UnitSpec
+from llamad.systemd import unitpaths
+from llamad.systemd.units import UnitSpec
 
 ROOT = Path(__file__).parent.parent
 OPEN = unitpaths.Sandbox((), None)  # nothing hidden: only permissions count

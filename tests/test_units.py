@@ -169,8 +169,8 @@ def test_rpc_worker_is_sandboxed_and_on_loopback_until_configured(verifiable: Pa
 def test_model_unit_paths_are_named_in_one_place() -> None:
     from pystemd.dbuslib import path_encode
 
-    from llamad.bus import unit_path
-    from llamad.unitname import UNIT_PATH_PREFIX, bus_label, unit_name
+    from llamad.systemd.bus import unit_path
+    from llamad.systemd.unitname import UNIT_PATH_PREFIX, bus_label, unit_name
 
     for name in ("gemma-a", "a/b:Q4_K_M", "ü.x", "x" * 200):
         unit = unit_name(name)

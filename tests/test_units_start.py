@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamad.bus import UnitError
-from llamad.units import UnitManager
+from llamad.systemd.bus import UnitError
+from llamad.systemd.units import UnitManager
 
 
 class Systemd:

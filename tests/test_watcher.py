@@ -10,9 +10,9 @@ from pathlib import Path
 
 import ggufgen
 
-from llamad.catalog import Catalog, Snapshot
+from llamad.catalog.catalog import Catalog, Snapshot
+from llamad.catalog.watcher import CatalogWatcher
 from llamad.config import Config
-from llamad.watcher import CatalogWatcher
 
 SETTLE = 0.6
 DEBOUNCE = 0.2

@@ -12,7 +12,8 @@ import rig
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from llamad import keys, middleware, webui
+from llamad.api import webui
+from llamad.http import keys, middleware
 
 BUILT = rig.WEB_UI
 JS = b"console.log('hi');\n" * 200

@@ -16,7 +16,7 @@ import readme
 import rig
 from llamad_fixture import PYTHON, Factory, Llamad, chat, free_port, models, wait_http, wait_state
 
-from llamad import exits
+from llamad.systemd import exits
 
 ROOT = Path(__file__).resolve().parents[2]
 

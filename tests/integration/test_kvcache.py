@@ -4,7 +4,7 @@ llamad runs here in the shipped unit's sandbox (root without capabilities, other
 files seen as nobody's, the file system read-only but its state directory), and the model
 units as dynamic users: the cache directory has to work for both.
 
-Gemma 3 uses sliding-window attention, so the units get --swa-full (kvcache.run_settings).
+Gemma 3 uses sliding-window attention, so the units get --swa-full (presets.run_settings).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import aiohttp
 import rig
 from llamad_fixture import Factory
 
-from llamad.proxy import FORM, QUERY, ROUTES
+from llamad.api.proxy import FORM, QUERY, ROUTES
 
 # Generation on gemma-a (with --metrics), embeddings on gemma-e.
 PRESET = "[gemma-a]\nmetrics = true\n[gemma-e]\nembeddings = true\npooling = mean\n"

@@ -1,0 +1,100 @@
+"""What llamad does to be a good host behind a load balancer (docs/scaling.md).
+
+- Draining: after SIGTERM, for `shutdown-grace` seconds, /health answers 503 "draining"
+  while requests are still served, so a balancer checking /health takes the host out
+  before its port closes (app.serve calls `drain`).
+- One catalog: with `peers` set, GET /v1/models also lists the models of the other llamads
+  (asked at once, each bounded by `peer-timeout`), so a client of the fleet sees every
+  model whichever host answered. A peer is asked with `?peers=no`, so it lists only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from llamad.errors import Unavailable
+from llamad.http.context import app_key
+
+log = logging.getLogger("llamad.fleet")
+
+LOCAL_ONLY = "no"  # GET /v1/models?peers=no: this host's models only
+
+
+class Draining:
+    """Whether llamad is draining; app.py puts one in the application (app[DRAINING])."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+DRAINING: Any = app_key("draining", Draining)
+
+
+async def drain(app: web.Application, grace: float) -> None:
+    """Say "draining" on /health for `grace` seconds, still serving; then return."""
+    if grace <= 0 or DRAINING not in app:
+        return
+    app[DRAINING].on = True
+    log.info("draining: /health answers 503 for %gs before the port closes", grace)
+    await asyncio.sleep(grace)
+
+
+def check_health(app: web.Application) -> None:
+    """/health's answer while draining: 503, which health checks count as down."""
+    if DRAINING in app and app[DRAINING].on:
+        raise Unavailable("llamad is shutting down; it still serves requests until its "
+                          "port closes", code="draining")
+
+
+def wants_peers(request: web.Request, peers: tuple[str, ...]) -> bool:
+    return bool(peers) and request.query.get("peers") != LOCAL_ONLY
+
+
+async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
+                     timeout: float) -> bytes:
+    """GET /v1/models' body, `local` with the peers' models added: a model several hosts
+    list appears once (this host's entry first); `peers` says how each peer answered."""
+    headers = {"Authorization": request.headers["Authorization"]} \
+        if "Authorization" in request.headers else {}
+    limit = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=limit, headers=headers) as session:
+        answers = await asyncio.gather(*(_models_of(session, url, timeout) for url in peers))
+    listing = json.loads(local)
+    seen = {e.get("id") for e in listing["data"]}
+    report: list[dict[str, Any]] = []
+    for url, (entries, error) in zip(peers, answers, strict=True):
+        if error:
+            report.append({"url": url, "error": error})
+            continue
+        report.append({"url": url, "models": len(entries)})
+        for entry in entries:
+            if entry.get("id") not in seen:
+                seen.add(entry.get("id"))
+                entry.setdefault("llamad", {})["host"] = url
+                listing["data"].append(entry)
+    listing["peers"] = report
+    return json.dumps(listing).encode()
+
+
+async def _models_of(session: aiohttp.ClientSession, url: str,
+                     timeout: float) -> tuple[list[Any], str]:
+    """A peer's own models, or why not (a sentence)."""
+    try:
+        async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY}) as r:
+            if r.status != 200:
+                return [], f"answered HTTP {r.status}"
+            data = await r.json()
+    except TimeoutError:
+        return [], f"did not answer within peer-timeout ({timeout:g}s)"
+    except (aiohttp.ClientError, ValueError, OSError) as e:
+        return [], f"cannot be asked: {e or type(e).__name__}"
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return [], "answered something other than a model list"
+    return [e for e in entries if isinstance(e, dict)], ""

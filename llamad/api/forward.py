@@ -1,0 +1,206 @@
+"""Sending one request to a model's llama-server and streaming its answer back.
+
+What a client gets when the backend fails depends on how far the answer got:
+- nothing came back (connection refused or reset, the backend hung up before the status
+  line, or it answered 503 while loading again): `BackendUnreachable`, and the caller may
+  send the request once more when the backend is back; the backend's pooled connections
+  are dropped, as they may lead to a dead process;
+- the backend went silent: after `idle_timeout` seconds without a byte it is probed
+  (`Backend.probe`); one that is alive is busy (a long prompt) and is waited for, one that
+  is not is wedged: 504 before the answer started, an SSE error event after, and
+  `on_wedged` is told (`Supervisor.wedged`, which has it killed and restarted);
+- the answer broke after it started: an SSE error event in a stream, 502 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from llamad.errors import BackendError, BackendTimeout, BackendUnreachable, LlamadError
+from llamad.http import limits
+from llamad.supervisor.backend import PROBE_TIMEOUT, Backend
+
+if TYPE_CHECKING:
+    from llamad.supervisor.slot import Slot
+    from llamad.supervisor.supervisor import Supervisor
+
+T = TypeVar("T")
+
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+))
+FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How one request watches its backend for silence."""
+
+    idle_timeout: float  # seconds without a byte before the backend is probed; 0: forever
+    health_timeout: float  # how long /health may take before the backend counts as wedged
+    on_wedged: Callable[[str], None]  # told why, once the client has its error
+    pid: Callable[[], int] = lambda: 0  # the backend's process, if known
+
+
+def watch(sup: Supervisor, slot: Slot, backend: Backend) -> Watch:
+    """The configured watch (`liveness-timeout`, as the per-tick probe uses); a wedged
+    backend is reported to `Supervisor.wedged`."""
+    idle = sup.config.liveness_timeout
+    return Watch(idle, min(PROBE_TIMEOUT, idle or PROBE_TIMEOUT),
+                 functools.partial(sup.wedged, slot, backend), lambda: slot.main_pid)
+
+
+class _Wedged(Exception):
+    """The backend sent nothing for idle_timeout and the probe found it dead too."""
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+async def forward(request: web.Request, backend: Backend, body: bytes | bytearray,
+                  watch: Watch, out: web.StreamResponse | None = None) -> web.StreamResponse:
+    """`out`: the response a streamed answer goes into; it may have begun already (load
+    progress, see progress.py)."""
+    async with backend.client() as session:
+        up = await _open(request, backend, session, body, watch)
+        try:
+            if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await _stream(request, backend, up, watch, out or web.StreamResponse())
+            try:
+                data = await _patiently(backend, up.read(), watch)
+            except _Wedged as e:
+                raise _timeout(watch, str(e)) from e
+            except FAILURES as e:
+                raise BackendError(f"the model's backend failed while answering ({_why(e)})"
+                                   ) from e
+            if out is not None and out.prepared:
+                return await _last_event(out, data)
+            return web.Response(status=up.status, body=data,
+                                headers=_forward_headers(up.headers))
+        finally:
+            up.release()  # back to the pool only if the answer was read to its end
+
+
+async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientSession,
+                body: bytes | bytearray, watch: Watch) -> aiohttp.ClientResponse:
+    """Send the request; the response once its status line and headers are in."""
+    async def send() -> aiohttp.ClientResponse:
+        return await session.request(request.method, backend.base_url + request.path_qs,
+                                     data=body or None,
+                                     headers=_forward_headers(request.headers))
+    try:
+        up = await _patiently(backend, send(), watch)
+    except _Wedged as e:
+        raise _timeout(watch, str(e)) from e
+    except aiohttp.ClientConnectorError as e:
+        if (not_gone := limits.not_gone(e.os_error)) is not None:
+            raise not_gone from e  # llamad's own trouble: the model stays as it is
+        await backend.renew()
+        raise BackendUnreachable(f"the model's backend refused the connection ({_why(e)}); "
+                                 "systemd restarts it, retry shortly") from e
+    except FAILURES as e:
+        await backend.renew()
+        raise BackendUnreachable(f"the model's backend failed before answering ({_why(e)}); "
+                                 "systemd restarts it, retry shortly") from e
+    if up.status == 503 and not await backend.healthy(watch.health_timeout):
+        # llama-server refuses everything with 503 while it loads: the model never saw it.
+        up.close()
+        raise BackendUnreachable("the model's backend is loading again; retry shortly")
+    return up
+
+
+async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch) -> T:
+    """Await the backend's next bytes. A backend that sent nothing, on this request or any
+    other, for idle_timeout is probed (Backend.probe); one busy with a long prompt is alive
+    and is waited for again."""
+    task = asyncio.ensure_future(step)
+    started = time.monotonic()
+
+    def quiet() -> float:
+        return time.monotonic() - max(started, backend.last_heard)
+    try:
+        while True:
+            left = watch.idle_timeout - quiet() if watch.idle_timeout else None
+            done, _ = await asyncio.wait({task}, timeout=None if left is None else max(left, 0))
+            if done:
+                backend.heard()
+                return task.result()
+            # Not wedged when the probe cannot tell (None: llamad out of descriptors).
+            if quiet() < watch.idle_timeout or await backend.probe(
+                    watch.health_timeout, watch.pid()) is not False:
+                continue
+            if not task.done() and quiet() >= watch.idle_timeout:
+                raise _Wedged(f"nothing for {watch.idle_timeout:g}s, /health did not answer "
+                              f"within {watch.health_timeout:g}s and it used no CPU")
+    finally:
+        task.cancel()  # a no-op once done; otherwise the client left or the backend is wedged
+
+
+def _timeout(watch: Watch, why: str) -> LlamadError:
+    watch.on_wedged(why)
+    return BackendTimeout(f"the model's backend stopped answering ({why}); "
+                          "it is being restarted, retry shortly")
+
+
+async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResponse,
+                  watch: Watch, resp: web.StreamResponse) -> web.StreamResponse:
+    if not resp.prepared:
+        resp.set_status(up.status)
+        resp.headers.update(_forward_headers(up.headers))
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.headers["Cache-Control"] = "no-cache"
+        await resp.prepare(request)
+    while True:
+        try:
+            chunk = await _patiently(backend, up.content.readany(), watch)
+        except _Wedged as e:
+            await _error_event(resp, BackendTimeout(f"the model's backend stopped answering "
+                                                    f"mid-stream ({e}); it is being restarted"))
+            await resp.write_eof()
+            watch.on_wedged(str(e))
+            return resp
+        except FAILURES as e:
+            # Headers are gone already: tell the client in the stream, never truncate silently.
+            await _error_event(resp, BackendError(f"the model's backend failed mid-stream "
+                                                  f"({_why(e)})"))
+            break
+        if not chunk:
+            break
+        await resp.write(chunk)
+    # Clients such as openai's close as soon as they read `data: [DONE]`: the answer was
+    # delivered, and aiohttp 3.8 would raise here.
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write_eof()
+    return resp
+
+
+async def _last_event(resp: web.StreamResponse, data: bytes) -> web.StreamResponse:
+    """A plain answer (an error) to a stream that has begun: its last event."""
+    try:
+        event = json.dumps(json.loads(data))  # one line, whatever the backend's layout
+    except ValueError:
+        event = json.dumps(BackendError("the model's backend answered the stream with "
+                                        "something other than JSON").body())
+    await resp.write(b"data: " + event.encode() + b"\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _error_event(resp: web.StreamResponse, err: LlamadError) -> None:
+    await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__

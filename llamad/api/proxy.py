@@ -1,0 +1,147 @@
+"""Requests for a model: resolve it, wait until it is ready, hand the request to forward.
+
+ROUTES is the one table of llama-server's HTTP routes (its tools/server/server.cpp in
+router mode) and how llamad finds each one's model: the JSON body's "model", the "model"
+field of a multipart form, or `?model=` of a GET. Routes llamad answers itself are in
+api.py (models, load, unload, health, /props without a model) and streams.py (resuming
+a conversation's stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from llamad.api import progress, streams
+from llamad.api.forward import forward, watch
+from llamad.api.models import router_props
+from llamad.errors import BackendUnreachable, BadRequest, LlamadError
+from llamad.http import browsers, keys
+from llamad.http.body import parse_keep_alive, read_body, read_json
+from llamad.http.context import find, resolve, supervisor
+from llamad.observe import metrics
+from llamad.supervisor.events import State
+from llamad.supervisor.slot import Slot
+
+log = logging.getLogger("llamad.proxy")
+
+JSON, FORM, QUERY = "json", "form", "query"  # where a request names its model
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    *(("POST", path, JSON) for path in (
+        "/completion", "/completions", "/v1/completions", "/chat/completions",
+        "/v1/chat/completions", "/v1/chat/completions/control", "/v1/responses", "/responses",
+        "/v1/messages", "/v1/messages/count_tokens", "/infill", "/embedding", "/embeddings",
+        "/v1/embeddings", "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",
+        "/v1/systemone", "/tokenize", "/detokenize", "/apply-template",
+        "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens",
+        "/responses/input_tokens", "/v1/responses/input_tokens", "/props",
+        "/lora-adapters", "/slots/{id_slot}")),
+    ("POST", "/v1/audio/transcriptions", FORM),
+    ("POST", "/audio/transcriptions", FORM),
+    *(("GET", path, QUERY) for path in ("/props", "/slots", "/metrics", "/lora-adapters")),
+)
+# Off in router mode unless llama-server is started with --ui-mcp-proxy or --tools,
+# neither of which llamad offers.
+DISABLED = ("/cors-proxy", "/tools")
+_WAITING = (State.STARTING, State.LOADING, State.READY)
+
+
+def autoload(request: web.Request) -> bool:
+    """`?autoload=false` (or `0`) asks not to load the model, as in router mode."""
+    value = request.query.get("autoload")
+    if value is None:
+        return supervisor(request).config.models_autoload
+    return value in ("true", "1")
+
+
+async def handle_post(request: web.Request) -> web.StreamResponse:
+    body, data = await read_json(request)
+    slot = await find(request, data.get("model"))
+    keep_alive = parse_keep_alive(data.get("keep_alive"))
+    if keep_alive is not None:
+        keys.require_admin(request, "keep_alive")
+    streams.remember(request, slot)
+    return await proxied(request, slot, body, keep_alive, stream=data.get("stream") is True)
+
+
+@browsers.takes_files
+async def handle_form(request: web.Request) -> web.StreamResponse:
+    """Multipart uploads (audio transcriptions) name the model in a form field."""
+    if not request.content_type.startswith("multipart/form-data"):
+        return await handle_post(request)
+    body = await read_body(request)
+    # email's parser is pure Python: a large upload would hold the event loop.
+    name = await asyncio.to_thread(form_field, request.headers.get("Content-Type", ""), body,
+                                   "model")
+    return await proxied(request, resolve(request, name), body)
+
+
+def form_field(content_type: str, body: bytes | bytearray, name: str) -> str | None:
+    """A text field of a multipart/form-data body; None if absent."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    message = email.parser.BytesParser().parsebytes(head + body)
+    if not message.is_multipart():
+        raise BadRequest("the multipart form cannot be parsed", code="invalid_form")
+    for part in message.walk():
+        if part is not message and (part.get_param("name", header="content-disposition") == name
+                and part.get_filename() is None):
+            value = part.get_payload(decode=True)
+            return value.decode(errors="replace") if isinstance(value, bytes) else None
+    return None
+
+
+async def handle_get(request: web.Request) -> web.StreamResponse:
+    name = request.query.get("model")
+    if name is None and request.path == "/metrics":
+        return await metrics.handle(request)  # llamad's own, for Prometheus
+    if name is None and request.path == "/props":
+        return await router_props(request)
+    return await proxied(request, resolve(request, name), b"")
+
+
+async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
+                  keep_alive: float | None = None, stream: bool = False) -> web.StreamResponse:
+    sup = supervisor(request)
+    wait = progress.Wait(request, sup, slot, stream)
+    load = autoload(request)
+    if not load and slot.state not in _WAITING:
+        raise BadRequest(f"model {slot.model.id} is not loaded and this request does not "
+                         "load it (autoload is off); POST /models/load loads it",
+                         code="model_not_loaded")
+    async with wait:  # an error once load progress went out ends the stream instead
+        try:
+            async with sup.use(slot, keep_alive) as backend:
+                if sup.config.debug_request_delay:
+                    await asyncio.sleep(sup.config.debug_request_delay)
+                return await forward(request, backend, body, watch(sup, slot, backend),
+                                     await wait.done())
+        except BackendUnreachable:
+            if not load:
+                raise
+            # Nothing came back, so the model never answered: once systemd has restarted
+            # the backend (use() waits for that), send it one more time.
+            async with sup.use(slot, keep_alive) as backend:
+                return await forward(request, backend, body, watch(sup, slot, backend),
+                                     await wait.done())
+    return wait.response
+
+
+async def handle_disabled(request: web.Request) -> web.Response:
+    err = LlamadError(f"{request.path} is not offered by llamad (in llama-server it needs "
+                      "--ui-mcp-proxy or --tools)", status=403, code="feature_disabled")
+    err.type = "feature_disabled"
+    return web.json_response(err.body(), status=403)
+
+
+def add_routes(app: web.Application) -> None:
+    handlers: dict[str, Any] = {JSON: handle_post, FORM: handle_form, QUERY: handle_get}
+    for method, path, kind in ROUTES:
+        app.router.add_route(method, path, handlers[kind])
+    streams.add_routes(app)
+    for path in DISABLED:
+        app.router.add_get(path, handle_disabled)
+        app.router.add_post(path, handle_disabled)

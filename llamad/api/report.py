@@ -1,0 +1,64 @@
+"""What GET /models, /status and `llamad ps` show of the supervisor's state."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from llamad import redact
+from llamad.supervisor.events import State
+from llamad.supervisor.guards import rpcguard
+from llamad.supervisor.scheduler import ttl_left
+from llamad.supervisor.slot import Slot
+from llamad.supervisor.supervisor import Supervisor
+
+
+def status_line(sup: Supervisor) -> str:
+    """systemd's STATUS= line: "4 models, 1 loaded: gemma-a"."""
+    ready = [s.model.id for s in sup.slots.values() if s.state is State.READY]
+    names = ", ".join(ready[:5]) + (", ..." if len(ready) > 5 else "")
+    line = f"{len(sup.slots)} models, {len(ready)} loaded"
+    return f"{line}: {names}" if ready else line
+
+
+def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+    """llamad's own fields for GET /models and /status."""
+    now = time.monotonic()
+    need = sup.measure.need(slot.model)
+    return {
+        "state": slot.state.value, "unit": slot.unit, "main_pid": slot.main_pid or None,
+        "invocation_id": slot.invocation_id or None, "in_flight": slot.in_flight,
+        "queued": slot.queued, "served": slot.served, "restarts": slot.n_restarts,
+        "last_used": time.time() - (now - slot.last_used) if slot.last_used else None,
+        "load_seconds": slot.load_seconds, "reason": redact.text(slot.reason) or None,
+        # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
+        "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
+        "pinned": slot.pinned, "gpus": list(slot.gpus),
+        "need": {"ram": need.ram, "vram": need.vram},
+        "kv_cache": sup.kv.describe(slot.model.id),
+        # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
+        "rpc": rpcguard.describe(slot.model.info, slot.model.settings.args),
+        **_memory_fields(sup, slot),
+    }
+
+
+def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+    """Estimate beside measurement: bytes; measured ones None until a sample."""
+    est = sup.measure.estimate(slot.model)
+    running = slot.state is not State.UNLOADED and slot.sampled_pid == slot.main_pid != 0
+    return {
+        "estimate": {"ram": est.ram, "vram": est.vram},
+        "ram": slot.used.ram or None if running else None,
+        "vram": slot.used.vram if running and slot.peak.vram else None,
+        "peak": {"ram": slot.peak.ram or None, "vram": slot.peak.vram or None},
+    }
+
+
+def status(sup: Supervisor) -> dict[str, Any]:
+    return {
+        "status": status_line(sup), "uptime": time.monotonic() - sup.started,
+        "models": {s.model.id: describe(sup, s) for s in sup.loaded()},
+        "catalogued": len(sup.slots),
+        "gpus": [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
+                  "free": g.free} for g in sup.measure.gpu_list()],
+    }

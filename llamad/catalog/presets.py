@@ -1,0 +1,433 @@
+"""llama.cpp-compatible preset INI -> per-model settings; renders llama-server argv.
+
+Options are kept as {canonical flag: rendered argv tokens}, merged by canonical flag
+with router mode's precedence: [*] < the model's section < llamad.conf `args` (the
+router's own command line). A model's argv lists flags in the order they first appear:
+[*], then its section, then `args`.
+
+The file is read as llama.cpp reads it: keys before the first section belong to a
+section named "default" (`version` is skipped there as everywhere), a key given twice
+keeps its last value, a section given twice keeps its last body, and relative file
+paths are taken from the preset file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from llamad.catalog import rpcargs as rpc
+from llamad.catalog.llama_flags import FLAGS
+from llamad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llamad.catalog.gguf_info import GGUFInfo
+    from llamad.config import Config
+
+TRUE = ("on", "enabled", "true", "1", "yes")
+FALSE = ("off", "disabled", "false", "0", "no")
+Options = dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    neg: tuple[str, ...]
+    kind: str  # value | bool | flag | two
+    env: str | None
+
+    @property
+    def canonical(self) -> str:
+        return self.names[-1]  # llama.cpp renders the last (long) spelling too
+
+
+def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]:
+    """(preset key -> (flag, negated)), (command-line spelling -> (flag, negated))."""
+    by_key: dict[str, tuple[Flag, bool]] = {}
+    by_arg: dict[str, tuple[Flag, bool]] = {}
+    for names, neg, kind, env in FLAGS:
+        flag = Flag(names, neg, kind, env)
+        for spellings, negated in ((names, False), (neg, True)):
+            for s in spellings:
+                by_key[s.lstrip("-")] = by_arg[s] = (flag, negated)
+        if env:
+            by_key[env] = (flag, False)
+            if neg:
+                by_key[env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")] = (flag, True)
+    return by_key, by_arg
+
+
+BY_KEY, BY_ARG = _keys()
+MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
+    "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
+# Flags whose value is a file or directory: relative ones are taken from the preset's place.
+PATHS = frozenset(BY_KEY[k][0].canonical for k in (
+    "model", "mmproj", "spec-draft-model", "lora", "control-vector", "chat-template-file",
+    "grammar-file", "json-schema-file", "slot-save-path", "media-path", "lookup-cache-static",
+    "lookup-cache-dynamic", "log-file", "ui-config-file", "mcp-servers-config"))
+DEFAULT_SECTION = "default"  # llama.cpp's name for keys before the first section
+MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
+METRICS = BY_KEY["metrics"][0].canonical
+# Flags llamad itself sets for every child or that only make sense for a router.
+OWNED = frozenset(BY_KEY[k][0].canonical for k in (
+    "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
+    "models-max", "models-preset", "models-autoload", "help", "version"))
+PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split")
+_SIZE = re.compile(r"\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One preset section: llama-server options plus llamad's own keys (None = unset)."""
+
+    name: str
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    model: Path | None = None
+    hf_repo: str | None = None
+    aliases: tuple[str, ...] = ()
+    extra: Mapping[str, object] = field(default_factory=dict)  # preset-only / llamad-only
+    text: str = ""
+    tags: tuple[str, ...] | None = None  # informational, as router mode lists them
+    draft_hf: str | None = None  # spec-draft-hf: a draft model from the llama.cpp cache
+
+
+@dataclass(frozen=True)
+class Presets:
+    path: Path | None
+    defaults: Section
+    sections: Mapping[str, Section]
+
+    @classmethod
+    def empty(cls) -> Presets:
+        return cls(None, Section("*"), MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    args: tuple[str, ...]
+    load_on_startup: bool
+    stop_timeout: float | None
+    pin: bool
+    ttl: float | None
+    memory_max: str | None
+    memory_high: str | None
+    devices: tuple[int, ...] | None
+    split: bool
+    preset_text: str
+    tags: tuple[str, ...] = ()
+    # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
+    # the flag), since llamad's /metrics merges every ready model's.
+    metrics: bool = True
+
+
+def truthy(value: str) -> bool | None:
+    v = value.strip().lower()
+    return True if v in TRUE else False if v in FALSE else None
+
+
+def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tuple[str, ...]:
+    """argv tokens for one option; () means 'leave the flag out'."""
+    if flag.kind == "value":
+        return (flag.canonical, value)
+    if flag.kind == "two":
+        raise ConfigError(f"{where}: {key} takes two values, which presets do not support.")
+    on = truthy(value)
+    if on is None:
+        raise ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: true or false.")
+    on = on != negated
+    if flag.kind == "bool":
+        return (flag.canonical,) if on else (flag.neg[-1],)
+    return (flag.canonical,) if on else ()
+
+
+def parse_args(tokens: tuple[str, ...], where: str) -> Options:
+    """Parse a llama-server command line (the config's `args`) into options."""
+    out: Options = {}
+    i = 0
+    while i < len(tokens):
+        arg = tokens[i]
+        if arg.startswith("--"):
+            arg = arg.replace("_", "-")  # llama-server accepts --ctx_size too
+        if arg not in BY_ARG:
+            raise ConfigError(f"{where}: {tokens[i]!r} is not a llama-server option.")
+        flag, negated = BY_ARG[arg]
+        _check_owned(flag, where, tokens[i])
+        n = {"value": 1, "two": 2}.get(flag.kind, 0)
+        if i + n >= len(tokens) and n:
+            raise ConfigError(f"{where}: {tokens[i]} needs a value.")
+        values = tokens[i + 1:i + 1 + n]
+        if flag.canonical == rpc.FLAG:
+            _check_rpc(values[0], where, tokens[i])
+        if flag.kind in ("value", "two"):
+            out[flag.canonical] = (flag.canonical, *values)
+        else:
+            out[flag.canonical] = _render(flag, negated, "true", where, tokens[i])
+        i += 1 + n
+    return out
+
+
+def _check_rpc(value: str, where: str, key: str) -> None:
+    try:
+        rpc.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {key} = {value!r} is invalid ({e}); allowed: "
+                          f"{rpc.ALLOWED}.") from None
+
+
+def _check_owned(flag: Flag, where: str, key: str) -> None:
+    if flag.canonical in OWNED:
+        raise ConfigError(f"{where}: {key} is set by llamad itself and cannot be given here.")
+
+
+def _extra(key: str, value: str, where: str) -> object:
+    """Validate a preset-only or llamad-only key."""
+    bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
+    try:
+        if key in ("load-on-startup", "pin", "split", "dedup-cache-models"):
+            on = truthy(value)
+            if on is None:
+                raise bad
+            return on
+        if key in ("stop-timeout", "ttl"):
+            number = float(value)
+            if number < 0 and not (key == "ttl" and number == -1):
+                raise bad
+            return None if number == -1 else number
+        if key in ("memory-max", "memory-high"):
+            if not _SIZE.fullmatch(value.strip()):
+                raise bad
+            return value.strip()
+        devices = tuple(int(d) for d in value.split(","))
+        if any(d < 0 for d in devices):
+            raise bad
+        return devices
+    except ValueError:
+        raise bad from None
+
+
+_ALLOWED = {
+    "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
+    "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
+    "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
+    "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
+    "devices": "comma-separated GPU indices such as 0,1",
+}
+
+
+_HEADER = re.compile(r"[ \t]*\[[ \t]*([^\]]*?)[ \t]*\][ \t]*([;#].*)?")
+_KV = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*([^;#\r\n]*?)[ \t]*([;#].*)?")
+_BLANK = re.compile(r"[ \t]*([;#].*)?")
+_TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+
+
+def canonical_name(section: str) -> str:
+    """`user/repo:q4_k_m` -> `user/repo:Q4_K_M`, as the router spells cache models."""
+    head, colon, tag = section.rpartition(":")
+    if not colon or section == "*":
+        return section
+    m = _TAG.search(tag)
+    return head + ":" + (m.group(1) if m else tag).upper()
+
+
+def parse_ini(text: str, where: str) -> list[tuple[str, list[tuple[str, str]], str]]:
+    """[(section, [(key, value)], section text)] in file order; llama.cpp's INI dialect.
+
+    Keys before any section are section "default"; a repeated key or section replaces
+    the earlier one, as llama.cpp's parser does."""
+    out: dict[str, tuple[list[tuple[str, str]], str]] = {}
+    current = DEFAULT_SECTION
+    for n, line in enumerate(text.splitlines(), 1):
+        if m := _HEADER.fullmatch(line):
+            current = canonical_name(m.group(1))
+            out.pop(current, None)  # a section given again starts afresh, and goes last
+            out[current] = ([], line + "\n")
+        elif m := _KV.fullmatch(line):
+            items, body = out.setdefault(current, ([], ""))
+            items[:] = [(k, v) for k, v in items if k != m.group(1)]
+            items.append((m.group(1), m.group(2)))
+            out[current] = (items, body + line + "\n")
+        elif _BLANK.fullmatch(line):
+            if current in out:
+                out[current] = (out[current][0], out[current][1] + line + "\n")
+        else:
+            raise ConfigError(f"{where}:{n}: cannot parse {line.strip()!r}; "
+                              "expected [section], key = value or a comment.")
+    return [(name, items, body) for name, (items, body) in out.items()
+            if name != DEFAULT_SECTION or any(k != "version" for k, _ in items)]
+
+
+def build_section(name: str, items: list[tuple[str, str]], text: str, where: str,
+                  base: Path | None = None) -> Section:
+    """One section's keys; relative paths are resolved against `base` when given."""
+    where = f"{where} [{name}]"
+    options: Options = {}
+    extra: dict[str, object] = {}
+    model: Path | None = None
+    hf_repo: str | None = None
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] | None = None
+    draft_hf: str | None = None
+    for key, value in items:
+        if key == "version":
+            continue  # reserved by llama.cpp for the file format
+        if key in PRESET_ONLY or key in LLAMAD_ONLY:
+            extra[key] = _extra(key, value, f"{where} {key}")
+            continue
+        if key not in BY_KEY:
+            raise ConfigError(f"{where}: unknown key {key!r}; keys are llama-server flags "
+                              "without dashes, LLAMA_ARG_* names, or llamad's own keys.")
+        flag, negated = BY_KEY[key]
+        _check_owned(flag, where, key)
+        if flag.canonical == rpc.FLAG:
+            _check_rpc(value, where, key)
+        if flag.canonical in PATHS and base is not None and value:
+            value = str(base / value)  # an absolute value stays as it is
+        if flag.canonical == MODEL:
+            model = Path(value)
+        elif flag.canonical == HF_REPO:
+            hf_repo = canonical_name(value)
+        elif flag.canonical == ALIAS:
+            aliases = _names(value)
+        elif flag.canonical == TAGS:
+            tags = _names(value)
+        elif flag.canonical == DRAFT_HF:
+            draft_hf = value.strip()
+        else:
+            options[flag.canonical] = _render(flag, negated, value, where, key)
+    if name == "*" and (model or hf_repo or aliases):
+        raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
+    return Section(name, MappingProxyType(options), model, hf_repo, aliases,
+                   MappingProxyType(extra), text, tags, draft_hf)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (aliases, tags), blanks dropped."""
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def parse_presets(text: str, path: Path | None = None) -> Presets:
+    where = str(path) if path else "presets"
+    defaults = Section("*")
+    sections: dict[str, Section] = {}
+    base = path.parent if path else None
+    for name, items, body in parse_ini(text, where):
+        section = build_section(name, items, body, where, base)
+        if name == "*":
+            defaults = section
+        else:
+            sections[name] = section
+    return Presets(path, defaults, MappingProxyType(sections))
+
+
+def load_presets(path: Path | None) -> Presets:
+    """Read the preset file; None means no presets."""
+    if path is None:
+        return Presets.empty()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: the preset file cannot be read ({e}).") from e
+    return parse_presets(text, path)
+
+
+def _pick(key: str, section: Section | None, defaults: Section) -> object:
+    if section is not None and key in section.extra:
+        return section.extra[key]
+    return defaults.extra.get(key)
+
+
+def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Presets,
+                   global_args: Options, draft: Path | None = None) -> ModelSettings:
+    """Merge [*] < the model's section < global args, as router mode does, and render its
+    argv. `draft`: the file a section's spec-draft-hf names in the cache."""
+    section = presets.sections.get(model_id)
+    options: Options = dict(presets.defaults.options)
+    if section is not None:
+        options.update(section.options)
+    if draft is not None and DRAFT not in options:
+        options[DRAFT] = (DRAFT, str(draft))
+    options.update(global_args)
+    head: list[str] = [MODEL, str(path)]
+    # --no-mmproj in a preset turns off the automatically paired projector, as in llama.cpp.
+    auto = options.get(MMPROJ_AUTO, (MMPROJ_AUTO,)) == (MMPROJ_AUTO,)
+    if mmproj is not None and MMPROJ not in options and auto:
+        head += [MMPROJ, str(mmproj)]
+    head += [ALIAS, model_id]
+    args = tuple(head) + tuple(t for tokens in options.values() for t in tokens)
+    stop = _pick("stop-timeout", section, presets.defaults)
+    ttl = _pick("ttl", section, presets.defaults)
+    devices = _pick("devices", section, presets.defaults)
+    return ModelSettings(
+        args=args,
+        load_on_startup=bool(_pick("load-on-startup", section, presets.defaults)),
+        stop_timeout=float(stop) if isinstance(stop, float) else None,
+        pin=bool(_pick("pin", section, presets.defaults)),
+        ttl=float(ttl) if isinstance(ttl, float) else None,
+        memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
+        memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
+        devices=devices if isinstance(devices, tuple) else None,
+        split=bool(_pick("split", section, presets.defaults)),
+        preset_text=_ini(model_id, args, section, presets.defaults),
+        tags=_tags(section, presets.defaults),
+        metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
+    )
+
+
+def _tags(section: Section | None, defaults: Section) -> tuple[str, ...]:
+    if section is not None and section.tags is not None:
+        return section.tags
+    return defaults.tags or ()
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
+         defaults: Section) -> str:
+    """The model's effective preset as INI, like the router's status.preset."""
+    lines = [f"[{model_id}]"]
+    i = 0
+    while i < len(args):
+        flag = BY_ARG[args[i]][0]
+        n = {"value": 1, "two": 2}.get(flag.kind, 0)
+        value = " ".join(args[i + 1:i + 1 + n]) if n else \
+            ("false" if args[i] in flag.neg else "true")
+        if flag.canonical != ALIAS:  # the id; real aliases are listed below
+            lines.append(f"{flag.canonical.lstrip('-')} = {value}")
+        i += 1 + n
+    extra = dict(defaults.extra)
+    if section is not None:
+        extra.update(section.extra)
+    for key, extra_value in extra.items():
+        lines.append(f"{key} = {_ini_value(extra_value)}")
+    if section is not None and section.aliases:
+        lines.append(f"alias = {','.join(section.aliases)}")
+    return "\n".join(lines) + "\n"
+
+
+def _ini_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "-1" if value is None else str(value)
+
+
+# -- what kept KV caches need ------------------------------------------------------------------
+
+SWA_FULL = "--swa-full"
+
+
+def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
+    """The model's settings with `--swa-full` added where kept caches need it (kv-cache on):
+    llama-server restores a sliding-window model's cache without it but never reuses it."""
+    if not config.kv_cache or not info.sliding_window or SWA_FULL in settings.args:
+        return settings
+    return dataclasses.replace(settings, args=(*settings.args, SWA_FULL))

@@ -1,0 +1,79 @@
+"""llama.cpp's RPC workers of a model: who they are, and whether they answer.
+
+A preset's `rpc = HOST:PORT,HOST:PORT` (llama-server's own `--rpc`) spreads the model's
+weights, KV cache and compute over `ggml-rpc-server` processes on other hosts. llamad reads
+the workers back out of the model's argv to let its unit reach exactly those addresses
+(unitspec.py), to count only the local share of its memory (memory/estimate.py) and to check
+that the workers answer before a load (supervisor/guards/rpcguard.py). Pure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+FLAG = "--rpc"
+
+
+@dataclass(frozen=True, order=True)
+class Worker:
+    host: str  # an IP address, as ipaddress spells it
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse(value: str) -> tuple[Worker, ...]:
+    """`10.0.0.7:50052,[fd00::7]:50052` -> workers; ValueError with a sentence if malformed.
+
+    Hosts must be IP addresses: the model's unit may reach only its workers (its
+    IPAddressAllow= firewall is by address), and name lookups are not allowed it either."""
+    found = []
+    for item in (v.strip() for v in value.split(",")):
+        host, sep, port = item.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not item or not sep or not host:
+            raise ValueError(f"{item!r} is not HOST:PORT")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{item!r}: the host must be an IP address (the model's unit may "
+                             "reach only its workers' addresses, and cannot look up names)"
+                             ) from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item!r}: the port must be a number from 1 to 65535")
+        found.append(Worker(address.compressed, int(port)))
+    return tuple(dict.fromkeys(found))
+
+
+ALLOWED = "comma-separated HOST:PORT of ggml-rpc-server workers, hosts as IP addresses"
+
+
+def workers(args: Sequence[str]) -> tuple[Worker, ...]:
+    """The workers a llama-server argv names (every `--rpc`, as llama.cpp adds each);
+    presets.py has checked the values, so a malformed one here is skipped."""
+    found: list[Worker] = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag != FLAG:
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        try:
+            found += parse(value)
+        except ValueError:
+            continue
+    return tuple(dict.fromkeys(found))
+
+
+def addresses(found: Iterable[Worker]) -> tuple[str, ...]:
+    """The workers' IP addresses, each once, for the unit's IPAddressAllow=."""
+    return tuple(dict.fromkeys(w.host for w in found))
+
+
+def shared(a: Iterable[Worker], b: Iterable[Worker]) -> Worker | None:
+    """A worker both lists name: one ggml-rpc-server serves one llama-server at a time."""
+    common = sorted(set(a) & set(b))
+    return common[0] if common else None

@@ -1,0 +1,158 @@
+"""Watch model directories with watchdog and rescan the catalog after changes settle.
+
+watchdog calls back on its own thread; the handler only pokes the event loop with
+call_soon_threadsafe. On the loop, each poke restarts a short debounce timer, so a
+burst of events (a copy, a rename, a deleted directory) becomes one rescan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from llamad.catalog.catalog import Catalog
+from llamad.config import cache_dir
+
+log = logging.getLogger("llamad.watcher")
+
+DEBOUNCE_SECONDS = 0.5
+# Reads (our own header scans included) must not trigger rescans; newer watchdog
+# versions report opens and read-only closes, 2.2 does not. A touch is an attribute
+# change: 2.2 reports it as "modified", newer versions as "attrib".
+_CHANGES = frozenset({"created", "deleted", "modified", "moved", "closed", "attrib"})
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: CatalogWatcher, only: Path | None = None) -> None:
+        super().__init__()
+        self.watcher = watcher
+        self.only = str(only) if only else None
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in _CHANGES:
+            return
+        paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
+        if self.only is not None and self.only not in paths:
+            return
+        self.watcher.loop.call_soon_threadsafe(self.watcher.poke)
+
+
+class CatalogWatcher:
+    """`async with CatalogWatcher(catalog): ...` keeps the catalog in step with the disk.
+
+    start() does a first scan, so the catalog is complete once it returns.
+    """
+
+    def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop | None = None,
+                 debounce: float = DEBOUNCE_SECONDS) -> None:
+        self.catalog = catalog
+        self._loop = loop
+        self.debounce = debounce
+        self._observer: BaseObserver | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        # rescan_now() callers, told when a scan that began after their call has ended.
+        self._waiting: list[asyncio.Future[None]] = []
+
+    def _watched(self) -> list[tuple[Path, bool, Path | None]]:
+        """(directory, recursive, only this file) for everything the catalog reads."""
+        config = self.catalog.config
+        out: list[tuple[Path, bool, Path | None]] = [(d, True, None) for d in config.models_dirs]
+        cache = cache_dir(config)
+        if config.llama_cache and cache is not None:
+            out.append((cache, True, None))
+        if config.models_preset is not None:
+            out.append((config.models_preset.parent, False, config.models_preset))
+        return out
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def start(self) -> None:
+        _ = self.loop  # bind to the running loop before watchdog's thread needs it
+        observer = Observer()
+        for directory, recursive, only in self._watched():
+            if directory.is_dir():
+                observer.schedule(_Handler(self, only), str(directory), recursive=recursive)
+            else:
+                log.warning("%s does not exist; it is not watched for new models.", directory)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        await self.catalog.rescan_async()
+        self._follow_up()
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._observer is not None:
+            self._observer.stop()
+            await self.loop.run_in_executor(None, self._observer.join)
+            self._observer = None
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> CatalogWatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def poke(self, delay: float | None = None) -> None:
+        """Something changed: rescan once things have been quiet for the debounce time."""
+        if self._observer is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.debounce if delay is None else delay,
+                                           self._fire)
+
+    async def rescan_now(self) -> None:
+        """Return once a scan that began after this call has been published; concurrent
+        callers share one. For a request naming a model whose file may just have arrived."""
+        done = self.loop.create_future()
+        self._waiting.append(done)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fire()
+        await done
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._task is not None and not self._task.done():
+            self._again = True  # rescan again when the running one ends
+            return
+        self._task = self.loop.create_task(self._rescan(), name="rescanning the catalog")
+
+    async def _rescan(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        try:
+            await self.catalog.rescan_async()
+        except Exception:
+            # A failed scan must not stop watching; the next change tries again.
+            log.exception("catalog rescan failed")
+        for done in waiting:
+            if not done.done():
+                done.set_result(None)
+        if self._again:
+            self._again = False
+            # Someone waits for a scan that starts after theirs: now, not after the debounce.
+            self.poke(0 if self._waiting else None)
+        self._follow_up()
+
+    def _follow_up(self) -> None:
+        # A file that looked unfinished sends no more events once it is done.
+        if self.catalog.snapshot.pending and self._timer is None:
+            self.poke(self.catalog.settle + self.debounce)

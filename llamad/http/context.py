@@ -1,0 +1,45 @@
+"""What a request handler reaches through its application: the supervisor and the catalog,
+and the model a request names, as far as its API key may see it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from llamad.catalog.catalog import Catalog
+from llamad.http import keys
+from llamad.supervisor.slot import Slot
+from llamad.supervisor.supervisor import Supervisor
+
+
+def app_key(name: str, kind: type) -> Any:
+    # aiohttp 3.8 (Debian 12) has no AppKey; later releases warn about plain string keys.
+    return web.AppKey(name, kind) if hasattr(web, "AppKey") else name
+
+
+SUPERVISOR: Any = app_key("supervisor", Supervisor)
+CATALOG: Any = app_key("catalog", Catalog)
+
+
+def supervisor(request: web.Request) -> Supervisor:
+    sup: Supervisor = request.app[SUPERVISOR]
+    return sup
+
+
+def resolve(request: web.Request, name: object) -> Slot:
+    """The model a request names, as far as its API key may see it (keys.py)."""
+    slot = supervisor(request).resolve(name)
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    return slot
+
+
+async def find(request: web.Request, name: object) -> Slot:
+    """resolve(), but a model whose file is being copied in is waited for (Supervisor.find)."""
+    slot = await supervisor(request).find(name)
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    return slot
+
+
+def visible(request: web.Request, slots: Any) -> list[Slot]:
+    return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]

@@ -1,0 +1,261 @@
+"""Bounds on what clients can make llamad hold: connections, requests, request bytes, time.
+
+- Time: a connection has `receive-timeout` seconds from the first byte of a request (or
+  from accept, or from its last answer) until the request's headers and body are in; then
+  it gets 408 and is closed (one that sent nothing of a new request is just closed). A
+  client that trickles its header lines (slowloris) would otherwise hold a connection, and
+  a file descriptor, for ever: enough of them and llamad cannot reach its own backends.
+- Connections: at most `max-connections` are open; the next gets 503 with Retry-After.
+- Requests: at most `max-requests` are handled at once (503 with Retry-After beyond);
+  /health is not counted, so a liveness check still answers.
+- Bytes: each body is at most `max-body-mb` (413), and all bodies held at once at most
+  `max-bodies-mb`: a request that would pass it gets 503 before its body is read.
+
+aiohttp has no header timeout (not in 3.8, Debian 12's, nor later): `Guard` wraps its
+protocol object per connection and only sees bytes and the middleware, so it works with
+either. llamad lifts its soft limit on open files to the hard one (LimitNOFILE=).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import resource
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiohttp import web
+
+from llamad.config import Config
+from llamad.errors import SHORTAGE, BackendError, LlamadError, Unavailable
+
+log = logging.getLogger("llamad.limits")
+
+MIB = 1024 * 1024
+RETRY_AFTER = 2
+LINGER = 2.0  # seconds a timed-out connection is still read from after its 408
+
+HELD: Any = web.RequestKey("llamad_body_bytes", int) if hasattr(web, "RequestKey") \
+    else "llamad_body_bytes"
+
+
+class Limits:
+    """The counters, shared by every connection and request of one llamad (app[LIMITS])."""
+
+    def __init__(self, config: Config) -> None:
+        self.timeout = config.receive_timeout
+        self.max_connections = config.max_connections
+        self.max_requests = config.max_requests
+        self.max_body = config.max_body_mb * MIB
+        self.max_bodies = config.max_bodies_mb * MIB
+        self.connections = 0
+        self.requests = 0
+        self.body_bytes = 0
+        self.guards: dict[Any, Guard] = {}  # transport -> its connection's guard
+        # body.read_json: big bodies are checked here, one at a time.
+        self.scanner = ThreadPoolExecutor(1, thread_name_prefix="llamad-body")
+
+    def protocol(self, factory: Any) -> Any:
+        """A protocol factory for loop.create_server that guards `factory`'s protocols."""
+        return lambda: Guard(factory(), self)
+
+    async def close(self, app: web.Application) -> None:
+        self.scanner.shutdown(wait=False, cancel_futures=True)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        guard = self.guards.get(request.transport)
+        if guard is not None:
+            guard.handling()
+        counted = request.path not in ("/health", "/v1/health")
+        try:
+            if counted and self.requests >= self.max_requests:
+                raise Unavailable(f"llamad is handling {self.requests} requests, its "
+                                  "max-requests; retry shortly", retry_after=RETRY_AFTER,
+                                  code="too_many_requests")
+            self.requests += counted
+            try:
+                resp: web.StreamResponse = await handler(request)
+                return resp
+            finally:
+                self.requests -= counted
+        finally:
+            self.body_bytes -= request.get(HELD, 0)
+            request[HELD] = 0
+            if guard is not None:
+                guard.answered()
+
+    def body_deadline(self, request: web.Request) -> float:
+        """When, in loop time, the request's body must be in."""
+        guard = self.guards.get(request.transport)
+        if guard is not None:
+            return guard.deadline
+        return asyncio.get_running_loop().time() + self.timeout
+
+    def hold_body(self, request: web.Request, size: int) -> None:
+        """Count `size` more bytes of this request's body as held until it is answered."""
+        if size > self.max_body or request.get(HELD, 0) + size > self.max_body:
+            raise too_large()
+        if self.body_bytes + size > self.max_bodies:
+            raise Unavailable(f"llamad holds {self.body_bytes // MIB} MiB of request bodies, "
+                              "near its max-bodies-mb; retry shortly",
+                              retry_after=RETRY_AFTER, code="too_much_body")
+        self.body_bytes += size
+        request[HELD] = request.get(HELD, 0) + size
+
+
+class Guard(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a deadline for receiving each request.
+
+    `phase`: idle (nothing of the next request yet), receiving (some of it), handling
+    (aiohttp has its headers: the handler runs, and reads the body by `deadline`), closing
+    (timed out and answered 408)."""
+
+    def __init__(self, inner: asyncio.Protocol, limits: Limits) -> None:
+        self.inner = inner
+        self.limits = limits
+        self.transport: asyncio.Transport | None = None
+        self.phase = "idle"
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        limits = self.limits
+        if limits.connections >= limits.max_connections:
+            self.refused = True
+            transport.write(canned(503, "Service Unavailable", Unavailable(
+                f"llamad has {limits.connections} connections open, its max-connections; "
+                "retry shortly", retry_after=RETRY_AFTER, code="too_many_connections")))
+            transport.close()
+            return
+        limits.connections += 1
+        limits.guards[transport] = self
+        self.inner.connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused or self.phase == "closing":
+            return  # read and dropped, so the answer already sent is not lost to a reset
+        if self.phase == "idle":
+            self.phase = "receiving"
+            self._arm()  # a request's time starts with its first byte
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.refused or self.phase == "closing":
+            return None  # the transport closes
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self.refused:
+            return
+        self.limits.connections -= 1
+        self.limits.guards.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def handling(self) -> None:
+        self.phase = "handling"
+        self._disarm()
+
+    def answered(self) -> None:
+        self.phase = "idle"
+        if self.transport is not None and not self.transport.is_closing():
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.limits.timeout
+        self.timer = loop.call_at(self.deadline, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.phase != "receiving" or not transport.can_write_eof():
+            transport.close()
+            return
+        # Answer, then stop writing but go on reading (and dropping) for a moment: closing
+        # with the client's bytes unread would reset the connection and lose the answer.
+        transport.write(canned(408, "Request Timeout", too_slow(self.limits.timeout)))
+        transport.write_eof()
+        self.phase = "closing"
+        self.timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+
+def canned(status: int, reason: str, err: LlamadError) -> bytes:
+    """A whole HTTP/1.1 answer for where aiohttp has no request to answer yet."""
+    body = json.dumps(err.body()).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Connection: close",
+            *(f"{k}: {v}" for k, v in err.headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def too_slow(timeout: float) -> LlamadError:
+    err = LlamadError(f"the request did not arrive within receive-timeout ({timeout:g}s)",
+                      status=408, code="request_timeout")
+    err.type = "invalid_request_error"
+    return err
+
+
+def too_large() -> LlamadError:
+    err = LlamadError("the request body is larger than max-body-mb allows", status=413,
+                      code="request_too_large")
+    err.type = "invalid_request_error"
+    return err
+
+
+GONE = (errno.ECONNREFUSED, errno.ENOENT)  # nothing listens: the backend went away
+
+
+def not_gone(err: OSError) -> LlamadError | None:
+    """Why connecting to a backend failed when it is not because the backend is gone (only
+    "connection refused" and "no such socket" mean that), or None. Running out of file
+    descriptors or memory is llamad's own trouble: 503, and the model's state stays."""
+    if err.errno in GONE:
+        return None
+    if err.errno in SHORTAGE:
+        return Unavailable(f"llamad cannot open a connection to the model now ({err.strerror});"
+                           " retry shortly", retry_after=RETRY_AFTER, code="llamad_overloaded")
+    return BackendError(f"cannot connect to the model's backend ({err.strerror or err})")
+
+
+def raise_fd_limit(limits: Limits) -> None:
+    """Lift the soft limit on open files to the hard one (systemd's default soft limit is
+    1024), and warn when the caps could still run into it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = limits.max_connections + limits.max_requests + 256
+    if hard != resource.RLIM_INFINITY and need > hard:
+        log.warning("max-connections + max-requests need about %d open files, more than "
+                    "the %d allowed (LimitNOFILE=); clients may see errors before the caps "
+                    "apply", need, hard)
+
+
+LIMITS: Any = web.AppKey("limits", Limits) if hasattr(web, "AppKey") else "limits"
+
+
+def of(request: web.Request) -> Limits:
+    limits: Limits = request.app[LIMITS]
+    return limits

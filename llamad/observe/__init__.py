@@ -1,0 +1,1 @@
+"""What llamad tells operators: Prometheus metrics, the request log, journal streams."""

@@ -1,0 +1,95 @@
+"""The request log: one structured journal entry per request to a model.
+
+    journalctl -u llamad MODEL=gemma-a -o json
+
+Fields (docs/operations.md): MODEL, STATUS, CODE, METHOD, PATH, STREAM, QUEUE_MS, TTFT_MS,
+DURATION_MS, PROMPT_TOKENS, COMPLETION_TOKENS, and MESSAGE_ID, the same for every request
+entry. Never the prompt or the answer. Every string has its control characters escaped
+first: the journal's export format and systemd's own parsers treat them as structure.
+
+One writer thread sends the entries, so a journald that falls behind never stalls the
+event loop; when QUEUE entries wait already, further ones are dropped, and logged as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from systemd import journal
+
+from llamad.http.record import Record
+from llamad.safetext import one_line
+
+log = logging.getLogger("llamad.requestlog")
+
+MESSAGE_ID = "0f1c8d3ad0e54c6c9e1b8f7a62d5b4e3"  # `journalctl MESSAGE_ID=...` finds them all
+QUEUE = 10_000
+
+
+def clean(text: str) -> str:
+    """`text` with control characters escaped (safetext), as one journal field."""
+    return one_line(text)
+
+
+def fields(rec: Record) -> dict[str, str]:
+    """The journal fields of one request; MESSAGE is the line people read."""
+    numbers = {"QUEUE_MS": rec.ms(rec.acquired), "TTFT_MS": rec.ms(rec.first_byte),
+               "DURATION_MS": rec.ms(rec.ended), "PROMPT_TOKENS": rec.prompt_tokens,
+               "COMPLETION_TOKENS": rec.completion_tokens}
+    out = {"MODEL": clean(rec.model), "STATUS": str(rec.status), "METHOD": clean(rec.method),
+           "PATH": clean(rec.path), "STREAM": "1" if rec.stream else "0",
+           **{k: str(v) for k, v in numbers.items() if v is not None}}
+    if rec.code:
+        out["CODE"] = clean(rec.code)
+    tokens = (f", {rec.prompt_tokens or 0}+{rec.completion_tokens or 0} tokens"
+              if rec.prompt_tokens is not None or rec.completion_tokens is not None else "")
+    out["MESSAGE"] = (f"{out['MODEL']} {out['METHOD']} {out['PATH']} {rec.status}"
+                      f"{' ' + out['CODE'] if rec.code else ''} in "
+                      f"{numbers['DURATION_MS']} ms{tokens}")
+    return out
+
+
+class JournalWriter:
+    """The request log's sink: queues entries for its own thread."""
+
+    def __init__(self, send: Callable[..., Any] = journal.send) -> None:
+        self._send = send
+        self._queue: queue.Queue[dict[str, str] | None] = queue.Queue(QUEUE)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="llamad-request-log",
+                                        daemon=True)
+        self._thread.start()
+
+    def __call__(self, rec: Record) -> None:
+        try:
+            self._queue.put_nowait(fields(rec))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("the journal is behind: %d request log entries dropped so far",
+                            self.dropped)
+
+    def _run(self) -> None:
+        failing = False
+        while (entry := self._queue.get()) is not None:
+            try:
+                message = entry.pop("MESSAGE")
+                self._send(message, MESSAGE_ID=MESSAGE_ID, PRIORITY="6",
+                           SYSLOG_IDENTIFIER="llamad", **entry)
+                failing = False
+            except Exception as e:  # journald gone or restarting: say so once, keep going
+                if not failing:
+                    log.warning("cannot write the request log to the journal: %s", e)
+                failing = True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (up to `timeout` seconds), then stop the thread."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)

@@ -1,0 +1,130 @@
+"""Requests: which model a name means, the queue bounds, holding a model for one request."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from llamad.catalog.catalog import may_appear
+from llamad.errors import (
+    BackendError,
+    BackendUnreachable,
+    BadRequest,
+    LlamadError,
+    NotFound,
+    Unavailable,
+)
+from llamad.supervisor import backend as be
+from llamad.supervisor.events import Cause, State
+from llamad.supervisor.lifecycle import Lifecycle
+from llamad.supervisor.slot import Slot
+
+log = logging.getLogger("llamad.supervisor")
+
+
+class Admission(Lifecycle):
+    async def find(self, name: object) -> Slot:
+        """resolve(), but a model whose file is being copied in is waited for (until it
+        settles, bounded by queue-timeout) rather than answered 404."""
+        try:
+            return self.resolve(name)
+        except NotFound:
+            assert isinstance(name, str)
+            if self.rescan is None or not (name in self.snapshot.settling
+                                           or may_appear(self.config, name)):
+                raise
+        await self.rescan()  # the watcher may not have seen the file yet
+        deadline = time.monotonic() + self.config.queue_timeout
+        while name in self.snapshot.settling:
+            await self._wait_change(deadline, f"the file of model {name} to be complete")
+        return self.resolve(name)
+
+    def resolve(self, name: object) -> Slot:
+        if not isinstance(name, str) or not name:
+            raise BadRequest("the request names no model; set \"model\" to one of GET /v1/models",
+                             code="model_required")
+        model = self.snapshot.resolve(name)
+        if model is None or model.id not in self.slots:
+            raise NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
+        return self.slots[model.id]
+
+    @contextlib.asynccontextmanager
+    async def use(self, slot: Slot, keep_alive: float | None = None) -> AsyncIterator[be.Backend]:
+        """Hold the model for one request: wait until it is ready, count it in flight."""
+        backend = await self.acquire(slot)
+        self.sessions.hold(backend)
+        try:
+            yield backend
+        except BackendUnreachable:
+            self._suspect(slot, backend)
+            raise
+        except BackendError as e:
+            raise await self._explain(slot, e) from e
+        finally:
+            self.release(slot, keep_alive)
+            if self.sessions.let_go(backend) is not None:
+                self._close(backend)
+
+    async def acquire(self, slot: Slot, explicit: bool = False) -> be.Backend:
+        if slot.queued >= self.config.queue_size:
+            raise Unavailable(f"model {slot.model.id} has {slot.queued} requests waiting, "
+                              "the queue limit; retry later", code="queue_full")
+        if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
+            raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
+                             "POST /models/load first", code="model_not_loaded")
+        await self.rpc.admit(slot)  # a model whose rpc worker is down: 503, nothing started
+        return await self._admit(slot, explicit, time.monotonic() + self.config.queue_timeout)
+
+    def release(self, slot: Slot, keep_alive: float | None = None) -> None:
+        slot.in_flight -= 1
+        slot.served += 1
+        slot.last_used = slot.alive_at = time.monotonic()
+        if keep_alive is not None:
+            slot.keep_alive = keep_alive
+        if keep_alive == 0 and slot.in_flight == 0 and slot.queued == 0:
+            self._begin_stop(slot, Cause.KEEP_ALIVE)
+        self._notify()
+
+    def _suspect(self, slot: Slot, backend: be.Backend) -> None:
+        """The backend refused a connection: it likely died and systemd has not told us
+        yet. Stop serving it until /health answers again (or systemd's signals move on)."""
+        if slot.state is State.READY and slot.backend is backend:
+            log.warning("model %s refused a connection; checking its health", slot.model.id)
+            slot.load_started = time.monotonic()
+            slot.load_time_unknown = True
+            self.move(slot, State.LOADING, Cause.SUSPECT)
+            self._begin_health(slot)
+
+    async def _explain(self, slot: Slot, err: BackendError) -> LlamadError:
+        """A backend that broke mid-request: once systemd says why (within a second), tell
+        the client that, e.g. out of memory, rather than only that the connection broke."""
+        deadline = time.monotonic() + 1.0
+        # STARTING too: systemd restarts it, and a listener (rpcguard) may still fail it.
+        while slot.state in (State.READY, State.STARTING) and time.monotonic() < deadline:
+            with contextlib.suppress(Unavailable):
+                await self._wait_change(deadline, "the backend's exit status")
+        if slot.state is State.FAILED and slot.reason:
+            return Unavailable(f"model {slot.model.id} failed during the request: "
+                               f"{slot.reason}", code="model_failed")
+        return err
+
+    def set_pin(self, slot: Slot, pinned: bool) -> None:
+        """Pin or unpin a model until llamad restarts; the preset's `pin` is the default."""
+        slot.pin = pinned
+        log.info("model %s %s", slot.model.id, "pinned" if pinned else "unpinned")
+        self._notify()  # a load waiting for room decides again
+
+    async def unload(self, slot: Slot) -> None:
+        """Stop a model; returns once its requests in flight have finished (bounded by
+        drain-timeout) and the stop is under way."""
+        if slot.state is State.FAILED:
+            slot.reason = ""
+            self.move(slot, State.UNLOADED, Cause.RESET)
+            await self.units.reset_failed(slot.unit)
+            return
+        self._begin_stop(slot, Cause.UNLOAD)
+        deadline = time.monotonic() + self.config.drain_timeout + 1
+        while slot.state is State.STOPPING and not slot.stop_sent:
+            await self._wait_change(deadline, f"requests on {slot.model.id} to finish")

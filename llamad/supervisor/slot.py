@@ -1,0 +1,103 @@
+"""One model's runtime state, and what its owner (the Supervisor) needs from outside."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llamad.catalog.catalog import Model
+from llamad.config import Config
+from llamad.memory.gpu import GpuInfo
+from llamad.memory.learned import Learned
+from llamad.memory.types import Memory, Resources
+from llamad.supervisor import backend as be
+from llamad.supervisor.events import State
+from llamad.systemd.bus import Props
+from llamad.systemd.units import UnitSpec, UnitStatus
+
+
+class Units(Protocol):
+    """What the supervisor needs of units.UnitManager (a fake can stand in for tests)."""
+
+    async def start(self, spec: UnitSpec, wanted: Callable[[], bool] | None = None) -> None: ...
+    async def stop(self, name: str) -> None: ...
+    async def kill(self, name: str, signal: int) -> None: ...
+    async def reset_failed(self, name: str) -> None: ...
+    async def status(self, name: str) -> UnitStatus: ...
+    async def list_ours(self) -> list[UnitStatus]: ...
+    async def start_transient(self, name: str, props: Props,
+                              aux: list[tuple[str, Props]] | None = None) -> None: ...
+    async def names(self, pattern: str) -> list[str]: ...
+    async def properties(self, name: str, iface: bytes) -> dict[str, Any]: ...
+
+
+class Measure(Protocol):
+    """What the supervisor needs of measure.Measure."""
+
+    def resources(self, config: Config) -> Resources: ...
+    def need(self, model: Model) -> Memory: ...
+    def estimate(self, model: Model) -> Memory: ...
+    def learned_for(self, model: Model) -> Learned | None: ...
+    def derived_limit(self, model: Model) -> int | None: ...
+    def vram_by_unit(self) -> dict[str, int]: ...
+    def gpu_list(self) -> tuple[GpuInfo, ...]: ...
+    def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool: ...
+    def learn(self, model: Model, ram: int, vram: int | None,
+              load_seconds: float | None) -> None: ...
+    # GPU placement and checks (gpuload.py)
+    def gpu_uuids(self, indices: tuple[int, ...]) -> tuple[str, ...]: ...
+    def at_least(self, model: Model, vram: int) -> None: ...
+    def vram_units(self) -> set[str]: ...
+    def on_gpu(self, unit: str) -> bool: ...
+    def attributes_processes(self) -> bool: ...
+
+
+@dataclass
+class Slot:
+    """Mutable runtime state of one model; owned by the Supervisor alone."""
+
+    model: Model
+    state: State = State.UNLOADED
+    # Bumped by every state change: a task that awaited re-checks it before it acts.
+    epoch: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float = 0.0
+    backend: be.Backend | None = None
+    address: str = ""  # where its backend listens while it runs ("" while unloaded)
+    invocation_id: str = ""
+    main_pid: int = 0
+    n_restarts: int = 0
+    reason: str = ""
+    served: int = 0
+    load_started: float = 0.0
+    load_seconds: float | None = None
+    keep_alive: float | None = None  # per-request override of the TTL, seconds
+    gpus: tuple[int, ...] = ()
+    last_exit: dict[str, Any] = field(default_factory=dict)
+    stopping_by_us: bool = False
+    start_pending: bool = False  # a start task has not yet handed the unit to systemd
+    stop_sent: bool = False  # StopUnit was called for the current stop
+    identity: tuple[object, ...] | None = None  # what the running unit was made from
+    reload: bool = False  # start it again once stopped (its file or arguments changed)
+    checking: bool = False  # a failure is being confirmed with systemd
+    # Adopted from an earlier llamad, or re-checked after a refused connection: the
+    # next "ready" ends no load that we timed.
+    load_time_unknown: bool = False
+    used: Memory = field(default_factory=Memory)  # measured by sample(); zero until then
+    peak: Memory = field(default_factory=Memory)  # highest sample of process `sampled_pid`
+    sampled_pid: int = 0
+    alive_at: float = 0.0  # monotonic: last /health answer or finished request while ready
+    probing: bool = False  # a liveness probe is in flight
+    replacing: str = ""  # the InvocationID of a wedged process being replaced
+    pin: bool | None = None  # set at runtime (POST /models/pin); None: the preset's `pin`
+
+    @property
+    def unit(self) -> str:
+        return self.model.unit
+
+    @property
+    def pinned(self) -> bool:
+        """Never evicted nor stopped by TTL."""
+        return self.model.settings.pin if self.pin is None else self.pin

@@ -1,0 +1,127 @@
+"""What a model's unit looks like: command line, address, limits, and the
+environment by which a later llamad recognizes it. Pure functions of config and catalog."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from llamad import redact
+from llamad.catalog import rpcargs as rpc
+from llamad.catalog.catalog import Model
+from llamad.config import Config
+from llamad.supervisor import backend as be
+from llamad.supervisor.guards import gpuload, kvcache
+from llamad.systemd import exits
+from llamad.systemd.unitname import instance_of
+from llamad.systemd.units import UnitSpec, UnitStatus
+
+
+def instance(model: Model) -> str:
+    return instance_of(model.unit)
+
+
+def address(config: Config, model: Model, port: int = 0) -> str:
+    """Where the model's backend listens: its UNIX socket, or the loopback `port` llamad
+    allocated to it (0 until it has one)."""
+    if config.backend == "unix":
+        return be.unix_address(config.run_dir, instance(model))
+    return be.tcp_address(port)
+
+
+def tcp_port(address: str) -> int | None:
+    """The port of a loopback TCP backend address, None for anything else."""
+    kind, _, rest = address.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or host != "127.0.0.1" or not port.isdigit():
+        return None
+    return int(port)
+
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
+    """D-Bus properties for a systemd MemoryMax= value ('16G', '75%', 'infinity', bytes),
+    as `systemctl set-property` sends them; config.py has checked the syntax."""
+    text = text.strip()
+    if text == "infinity":
+        return [("MemoryMax", b"t", UINT64_MAX)]
+    if text.endswith("%"):
+        # systemd's scale: a fraction of the machine's memory in units of 1/UINT32_MAX.
+        return [("MemoryMaxScale", b"u", int(float(text[:-1]) * UINT32_MAX / 100))]
+    size = parse_size(text)
+    assert size is not None
+    return [("MemoryMax", b"t", size)]
+
+
+def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
+    """The preset's memory-max, else, if memory-limit asks, the one derived from the
+    estimate (memory.memory_limit, through Measure.derived_limit)."""
+    if model.settings.memory_max:
+        return parse_size(model.settings.memory_max)
+    if config.memory_limit == "estimate":
+        return derived
+    return None
+
+
+def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
+          memory_max: int | None) -> UnitSpec:
+    """`gpus`: the GPUs planned for it, by UUID; () for none."""
+    metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
+        model.settings.args else ()
+    kv = kvcache.unit_parts(config, model)
+    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
+            *gpuload.fit_args(model), *(kv.args if kv else ()),
+            *be.listen_args(address))
+    env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
+           f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]
+    s, unix = model.settings, config.backend == "unix"
+    return UnitSpec(
+        name=model.unit, description=model.id, argv=argv, environment=tuple(env),
+        user=None if config.dynamic_user else config.unit_user,
+        restart_sec=config.restart_sec, start_limit_burst=config.start_limit_burst,
+        start_limit_interval=config.start_limit_interval,
+        stop_timeout=s.stop_timeout if s.stop_timeout is not None else config.stop_timeout,
+        memory_max=memory_max, memory_high=parse_size(s.memory_high),
+        runtime_dir=be.runtime_dir(instance(model)) if unix or kv else None,
+        devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else (),
+        remote=rpc.addresses(rpc.workers(argv)))
+
+
+def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:
+    """Whether a running unit is the one llamad would start now: same argv and address."""
+    return (status.env("LLAMAD_ARGS") == args_digest(spec.argv)
+            and status.env("LLAMAD_BACKEND") == address)
+
+
+def args_digest(argv: tuple[str, ...]) -> str:
+    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
+
+
+def describe_exit(last: dict[str, Any]) -> str:
+    """systemd's account of a unit's last end as a sentence (exits.describe)."""
+    return exits.describe(last)
+
+
+_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5, "E": 1024**6}
+
+
+def parse_size(text: str | None) -> int | None:
+    """systemd-style sizes: '512M', '4G', '50%' (of RAM), plain bytes; 'infinity' is no limit."""
+    if not text or text.strip().lower() == "infinity":
+        return None
+    text = text.strip().upper().removesuffix("B")
+    if text.endswith("%"):
+        from llamad.memory.gpu import mem_total
+        return int(mem_total() * float(text[:-1]) / 100)
+    if text and text[-1] in _SIZES:
+        return int(float(text[:-1]) * _SIZES[text[-1]])
+    return int(text)
+
+
+def gpu_devices() -> tuple[str, ...]:
+    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    return tuple(nodes + sorted(str(p) for p in Path("/dev/dri").glob("*")))
