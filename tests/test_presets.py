@@ -106,7 +106,7 @@ ERRORS = [
 def test_errors_name_section_and_key(subtests: SubTests) -> None:
     for text, pattern in ERRORS:
         with subtests.test(text=text), pytest.raises(ConfigError, match=pattern):
-            parse_presets(text)
+            parse_presets(text).check()
 
 
 def test_read_as_llama_cpp_reads_it() -> None:
@@ -184,7 +184,7 @@ def test_section_names_use_canonical_quant_tags() -> None:
 def test_files(tmp_path: Path) -> None:
     assert load_presets(None) == Presets.empty()
     with pytest.raises(ConfigError, match="cannot be read"):
-        load_presets(tmp_path / "missing.ini")
+        load_presets(tmp_path / "missing.ini").check()
     example = Path(__file__).parent.parent / "etc" / "presets.ini"
     p = load_presets(example)
     assert p.sections and p.defaults.options

@@ -47,7 +47,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 # Off in router mode unless llama-server is started with --ui-mcp-proxy or --tools,
 # neither of which llamad offers.
 DISABLED = ("/cors-proxy", "/tools")
-_WAITING = (State.STARTING, State.LOADING, State.READY)
+_WAITING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 
 
 def autoload(request: web.Request) -> bool:

@@ -14,11 +14,15 @@ from llamad.supervisor.supervisor import Supervisor
 
 
 def status_line(sup: Supervisor) -> str:
-    """systemd's STATUS= line: "4 models, 1 loaded: gemma-a"."""
-    ready = [s.model.id for s in sup.slots.values() if s.state is State.READY]
+    """systemd's STATUS= line: "4 models, 1 loaded: gemma-a", after the preset file's
+    error if it has one."""
+    ready = [s.model.id + (" (sleeping)" if s.state is State.SLEEPING else "")
+             for s in sup.slots.values() if s.state in (State.READY, State.SLEEPING)]
     names = ", ".join(ready[:5]) + (", ..." if len(ready) > 5 else "")
     line = f"{len(sup.slots)} models, {len(ready)} loaded"
-    return f"{line}: {names}" if ready else line
+    line = f"{line}: {names}" if ready else line
+    error = sup.snapshot.error
+    return f"configuration error: {redact.text(error)}; {line}" if error else line
 
 
 def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
@@ -34,6 +38,11 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
+        # Per-model controls: the concurrency limit (null: none), the draft sidecar, and
+        # the preset error that keeps the model from serving.
+        "concurrency_limit": sup.concurrency(slot) or None,
+        "draft": str(slot.model.draft) if slot.model.draft else None,
+        "error": redact.text(slot.model.error) if slot.model.error else None,
         "need": {"ram": need.ram, "vram": need.vram},
         "kv_cache": sup.kv.describe(slot.model.id),
         # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
@@ -59,6 +68,7 @@ def status(sup: Supervisor) -> dict[str, Any]:
         "status": status_line(sup), "uptime": time.monotonic() - sup.started,
         "models": {s.model.id: describe(sup, s) for s in sup.loaded()},
         "catalogued": len(sup.slots),
+        "errors": [redact.text(e) for e in sup.snapshot.errors],
         "gpus": [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
                   "free": g.free} for g in sup.measure.gpu_list()],
     }

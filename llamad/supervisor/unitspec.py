@@ -73,11 +73,12 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
     metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
         model.settings.args else ()
     kv = kvcache.unit_parts(config, model)
-    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
-            *gpuload.fit_args(model), *(kv.args if kv else ()),
+    argv = (str(server(config, model)), *redact.without_secrets(model.settings.args),
+            *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
-    env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
-           f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]
+    # The preset's env first: presets.py refuses the names llamad sets after it.
+    env = [*model.settings.env, f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
+           f"LLAMAD_ARGS={args_digest(argv, model.settings.env)}", gpuload.cuda_env(gpus)]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
         name=model.unit, description=model.id, argv=argv, environment=tuple(env),
@@ -91,14 +92,24 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         remote=rpc.addresses(rpc.workers(argv)))
 
 
+def server(config: Config, model: Model) -> Path:
+    """The llama-server binary that runs the model: its preset's, else llamad.conf's."""
+    return model.settings.server or config.llama_server
+
+
 def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:
-    """Whether a running unit is the one llamad would start now: same argv and address."""
-    return (status.env("LLAMAD_ARGS") == args_digest(spec.argv)
+    """Whether a running unit is the one llamad would start now: same argv, environment
+    and address."""
+    wanted = next((e for e in spec.environment if e.startswith("LLAMAD_ARGS=")), None)
+    return (f"LLAMAD_ARGS={status.env('LLAMAD_ARGS')}" == wanted
             and status.env("LLAMAD_BACKEND") == address)
 
 
-def args_digest(argv: tuple[str, ...]) -> str:
-    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
+def args_digest(argv: tuple[str, ...], env: tuple[str, ...] = ()) -> str:
+    """What LLAMAD_ARGS records: the argv and the preset's environment (without one, the
+    digest of the argv alone, as before env existed: running units still match)."""
+    text = "\0".join(argv) + ("\0\0" + "\0".join(env) if env else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def describe_exit(last: dict[str, Any]) -> str:
