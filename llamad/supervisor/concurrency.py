@@ -31,18 +31,22 @@ class Gate:
         if not limit or (self.inside < limit and not self.waiting):
             self.inside += 1
             return
-        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        place: asyncio.Future[None] = loop.create_future()
         self._line.append(place)
+        timer = loop.call_later(timeout, _expire, place)
         try:
-            await asyncio.wait_for(asyncio.shield(place), timeout)
+            await place  # cancelling the request cancels its place in line
         except BaseException:
-            if place.done():  # granted just as it gave up: the place goes to the next
+            granted = place.done() and not place.cancelled() and place.exception() is None
+            if granted:  # granted just as it gave up: the place goes to the next
                 self.leave(limit)
             else:
-                place.cancel()
                 with contextlib.suppress(ValueError):
                     self._line.remove(place)
             raise
+        finally:
+            timer.cancel()
 
     def leave(self, limit: int) -> None:
         """One request past the gate has ended; the first in line takes its place."""
@@ -56,3 +60,8 @@ class Gate:
             if not place.done():
                 self.inside += 1
                 place.set_result(None)
+
+
+def _expire(place: asyncio.Future[None]) -> None:
+    if not place.done():
+        place.set_exception(TimeoutError())
