@@ -11,6 +11,9 @@ from llamad import redact
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Model
 from llamad.config import Config
+from llamad.memory import fit as fitting
+from llamad.memory.fit import Choice
+from llamad.safetext import one_line
 from llamad.supervisor import backend as be
 from llamad.supervisor.guards import gpuload, kvcache
 from llamad.systemd import exits
@@ -68,16 +71,21 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
 
 
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
-          memory_max: int | None) -> UnitSpec:
-    """`gpus`: the GPUs planned for it, by UUID; () for none."""
+          memory_max: int | None, fit: Choice | None = None) -> UnitSpec:
+    """`gpus`: the GPUs planned for it, by UUID; () for none. `fit`: what fitting chose
+    (memory/fit.py): its arguments are part of the argv, so of the digest, and the unit's
+    environment keeps them for the llamad that adopts it."""
     metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
         model.settings.args else ()
     kv = kvcache.unit_parts(config, model)
-    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
-            *gpuload.fit_args(model), *(kv.args if kv else ()),
+    fitted = fit.args if fit is not None else ()
+    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *fitted,
+            *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
            f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]
+    if fit is not None and (fit.args or fit.reason):
+        env += [f"{FIT_ENV}={' '.join(fit.args)}", f"{FIT_REASON_ENV}={one_line(fit.reason)}"]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
         name=model.unit, description=model.id, argv=argv, environment=tuple(env),
@@ -89,6 +97,22 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         runtime_dir=be.runtime_dir(instance(model)) if unix or kv else None,
         devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else (),
         remote=rpc.addresses(rpc.workers(argv)))
+
+
+FIT_ENV, FIT_REASON_ENV = "LLAMAD_FIT", "LLAMAD_FIT_REASON"
+_FITTED = (fitting.CTX, fitting.LAYERS, fitting.CPU_MOE)
+
+
+def fitted_args(status: UnitStatus) -> tuple[str, ...] | None:
+    """What fitting added to a running unit's argv, from its environment; None where it
+    chose nothing, or the value is not what llamad writes there."""
+    text = status.env(FIT_ENV)
+    tokens = tuple((text or "").split())
+    pairs = list(zip(tokens[::2], tokens[1::2], strict=False))
+    if text is None or len(tokens) % 2 or any(
+            flag not in _FITTED or not value.isdigit() for flag, value in pairs):
+        return None
+    return tokens
 
 
 def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:
