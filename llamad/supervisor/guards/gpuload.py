@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from llamad.background import Background
 from llamad.catalog.catalog import Model
 from llamad.errors import LlamadError
+from llamad.sizes import MIB
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.hooks import Hook, Port
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamad.gpuload")
 
-MIB = 1024**2
 FREE_TIMEOUT = 10.0  # seconds to wait for NVML to stop listing stopped models
 POLL = 0.1
 LOG_LINES = 200
