@@ -137,8 +137,9 @@ class Lifecycle(Core):
                     self._fail(slot, "the models evicted to make room did not stop within "
                                      f"drain-timeout ({self.config.drain_timeout:g}s)")
                 return
-        if slot.gpus and evicted:  # the driver frees their VRAM a little after they exit
-            await self.gpu.wait_freed([v.unit for v in evicted])
+        for hook in self.hooks:
+            if slot.epoch == epoch:
+                await hook.before_start(slot, [v.unit for v in evicted])
         if slot.epoch != epoch:
             log.info("model %s is no longer starting (%s); its start is dropped",
                      slot.model.id, slot.state.value)
@@ -160,6 +161,18 @@ class Lifecycle(Core):
         """Stop a model whose load failed; once stopped it loads again through the scheduler,
         which sees its need as it is now (gpuload raises it after running out of VRAM)."""
         self._begin_stop(slot, Cause.GPU_OOM, why)
+
+    def reset(self, slot: Slot, why: str) -> None:
+        """Clear a failed model: the next request (or load) starts it again."""
+        if slot.state is State.FAILED:
+            slot.reason = ""
+            self.move(slot, State.UNLOADED, Cause.RESET, why)
+
+    def degrade(self, slot: Slot, why: str) -> None:
+        """A ready model that serves, but not as planned (a GPU load that fell back to the
+        CPU): its reason says so in every listing, its state stays."""
+        log.warning("model %s is degraded: %s", slot.model.id, why)
+        slot.reason = f"degraded: {why}"
 
     def _crashed(self, slot: Slot) -> None:
         """The process died and systemd restarts it: a new process, maybe a new address."""
@@ -207,8 +220,9 @@ class Lifecycle(Core):
         interval = HEALTH_FIRST_INTERVAL
         while slot.epoch == epoch and backend is not None:
             if await backend.healthy():
-                if slot.epoch == epoch:
-                    await self.kv.restore(slot.model, backend)  # before it serves
+                for hook in self.hooks:
+                    if slot.epoch == epoch:
+                        await hook.before_ready(slot, backend)
                 if slot.epoch == epoch:
                     self._ready(slot)
                 return
@@ -261,7 +275,9 @@ class Lifecycle(Core):
         await self._drain(slot)
         if slot.epoch != epoch:
             return
-        await self.kv.save(slot.model)  # if it may come back, within kv-cache-timeout
+        for hook in self.hooks:
+            if slot.epoch == epoch:
+                await hook.before_stop(slot)
         if slot.epoch != epoch:
             return
         self._drop_backend(slot)

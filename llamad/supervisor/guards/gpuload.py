@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,10 @@ from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.errors import LlamadError
 from llamad.supervisor.events import Cause, Change, State
+from llamad.supervisor.hooks import Hook, Port
 
 if TYPE_CHECKING:
     from llamad.supervisor.slot import Slot
-    from llamad.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("llamad.gpuload")
 
@@ -110,10 +110,10 @@ async def journal_lines(unit: str, invocation: str = "") -> str:
     return out.decode(errors="replace")
 
 
-class GpuGuard:
+class GpuGuard(Hook):
     """Watches loads planned on GPUs; owned by the Supervisor, fed by its events."""
 
-    def __init__(self, sup: Supervisor,
+    def __init__(self, sup: Port,
                  read_log: Callable[[str, str], Awaitable[str]] = journal_lines) -> None:
         self.sup = sup
         self.read_log = read_log
@@ -198,10 +198,13 @@ class GpuGuard:
         if self.sup.config.gpu_fallback == "fail":
             self.sup.give_up(slot, reason)
         else:
-            log.warning("model %s is degraded: %s", slot.model.id, reason)
-            slot.reason = f"degraded: {reason}"
+            self.sup.degrade(slot, reason)
 
     # -- stopped models' memory -------------------------------------------------
+
+    async def before_start(self, slot: Slot, evicted: Sequence[str]) -> None:
+        if slot.gpus and evicted:  # the driver frees their VRAM a little after they exit
+            await self.wait_freed(evicted)
 
     async def wait_freed(self, units: Iterable[str], timeout: float = FREE_TIMEOUT) -> bool:
         """Wait until NVML lists none of these units' processes (their VRAM is free);
