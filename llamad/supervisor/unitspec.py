@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from llamad import redact, sizes
+from llamad import sizes
+from llamad.catalog import argv as args
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Model
 from llamad.config import Config
@@ -69,10 +70,10 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
           memory_max: int | None) -> UnitSpec:
     """`gpus`: the GPUs planned for it, by UUID; () for none."""
-    metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
-        model.settings.args else ()
+    metrics = ("--metrics",) if model.settings.metrics and \
+        not args.has(model.settings.args, "--metrics") else ()
     kv = kvcache.unit_parts(config, model)
-    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
+    argv = (str(config.llama_server), *args.without_secrets(model.settings.args), *metrics,
             *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     env = [gpuload.cuda_env(gpus)]
@@ -86,7 +87,9 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         memory_max=memory_max, memory_high=parse_size(s.memory_high),
         runtime_dir=be.runtime_dir(instance(model)) if unix or kv else None,
         devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else (),
-        remote=rpc.addresses(rpc.workers(argv)),
+        # The preset's own `rpc` alone opens the sandbox: its rendered options, read by
+        # flag arity, never the paths or the id among them (argv.walk).
+        remote=rpc.addresses(rpc.workers(model.settings.args)),
         markers=Markers(model.id, address, args_digest(argv)))
 
 

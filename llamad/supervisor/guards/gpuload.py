@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llamad.background import Background
+from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.errors import LlamadError
 from llamad.sizes import MIB
@@ -46,7 +47,7 @@ _OOM = re.compile(r"cudaMalloc failed: out of memory|CUDA error: out of memory"
 _ALLOC = re.compile(r"allocating ([\d.]+) MiB on device (\d+): cudaMalloc failed")
 # ...and when it finds no GPU and quietly runs on the CPU (ggml-cuda.cu, common/arg.cpp).
 _FALLBACK = re.compile(r"failed to initialize CUDA: .*|no usable GPU found.*")
-_FIT_FLAGS = frozenset(("-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx"))
+_FIT_FLAGS = frozenset(argv.canonical(f) for f in ("-fit", "-fitt", "-fitc"))
 
 
 def cuda_env(uuids: Iterable[str]) -> str:
@@ -59,7 +60,7 @@ def fit_args(model: Model) -> tuple[str, ...]:
     """`-fit off` when llamad's own estimate placed the model (it has the metadata, so the
     scheduler fitted layers and context to measured free memory) and the preset leaves
     llama.cpp's fitting alone; with `-fit` options of its own the preset decides."""
-    if model.info is None or any(a.partition("=")[0] in _FIT_FLAGS for a in model.settings.args):
+    if model.info is None or any(o.name in _FIT_FLAGS for o in argv.walk(model.settings.args)):
         return ()
     return ("-fit", "off")
 
