@@ -264,14 +264,19 @@ def ttl_timer(unit: str, seconds: float) -> list[tuple[str, Props]]:
 class UnitManager:
     """Start, stop, list and watch model units; state changes go to `on_change`, and
     `on_reconnect` is called once the signal connection is back after a loss (signals
-    may have been missed meanwhile)."""
+    may have been missed meanwhile). Both can be given later, with `follow`."""
 
-    def __init__(self, on_change: ChangeCallback,
+    def __init__(self, on_change: ChangeCallback = lambda name, props: None,
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
-        self._on_change = on_change
+        self.follow(on_change, on_reconnect)
         self._caller = bus.Caller()
         self._signals = bus.Signals(self._caller, self._on_props, self._on_removed,
-                                    on_reconnect)
+                                    lambda: self._on_reconnect())
+
+    def follow(self, on_change: ChangeCallback, on_reconnect: Callable[[], None]) -> None:
+        """Where unit changes go from now on (signals before this are dropped)."""
+        self._on_change = on_change
+        self._on_reconnect = on_reconnect
 
     async def open(self) -> None:
         await self._signals.open()
