@@ -65,7 +65,6 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
         ("no offload", ["-ngl", "0"], ServerArgs(gpu_layers=0)),
         ("context", ["-c", "4096"], ServerArgs(ctx_size=4096)),
         ("context 0 is the model's", ["--ctx-size", "0"], ServerArgs()),
-        ("no --flag=value, as in llama.cpp", ["--ctx-size=4096"], ServerArgs()),
         ("underscores, as in llama.cpp", ["--ctx_size", "4096"], ServerArgs(ctx_size=4096)),
         ("cache types", ["-ctk", "q8_0", "--cache-type-v", "Q4_0"],
          ServerArgs(cache_type_k="q8_0", cache_type_v="q4_0")),
@@ -96,6 +95,8 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
          ["-md", "d.gguf", "-ngld", "5", "-ctkd", "q8_0", "-ncmoed", "2", "-otd", "e=CPU"],
          ServerArgs(draft=True, draft_gpu_layers=5, draft_cache_type_k="q8_0",
                     draft_n_cpu_moe=2, draft_overrides=(("e", "CPU"),))),
+        # llama-server takes no `--flag=value` (an invalid argument), so neither does llamad
+        ("no = form", ["--flash-attn=on", "-c=16"], ServerArgs()),
     ]
     for name, args, want in table:
         with subtests.test(name):

@@ -23,14 +23,18 @@ def projector(path: Path, cache: InfoCache) -> Projector | None:
 
 
 def draft(args: Sequence[str], cache: InfoCache) -> GGUFInfo | None:
-    path = argv.last(args, DRAFT)
-    return _read(Path(path), cache, lambda h: combine([h], None)) if path else None
+    path = _draft_path(args)
+    return _read(path, cache, lambda h: combine([h], None)) if path else None
 
 
 def paths(mmproj: Path | None, args: Sequence[str]) -> list[Path]:
     """The companion files of a model, which the header cache keeps."""
-    path = argv.last(args, DRAFT)
-    return [p for p in (mmproj, Path(path) if path else None) if p is not None]
+    return [p for p in (mmproj, _draft_path(args)) if p is not None]
+
+
+def _draft_path(args: Sequence[str]) -> Path | None:
+    option = argv.last(args, DRAFT)
+    return Path(option.value) if option is not None and option.value else None
 
 
 def _read(path: Path, cache: InfoCache, make: Callable[[FileHeader], T]) -> T | None:

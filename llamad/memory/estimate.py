@@ -19,10 +19,10 @@ from llamad.catalog.gguf_info import EXPERTS, Projector, TensorBytes
 from llamad.memory.learned import Learned
 from llamad.memory.serverargs import ServerArgs, parse_args
 from llamad.memory.types import Memory
+from llamad.sizes import MIB
 
 __all__ = ["ServerArgs", "parse_args"]  # re-exported: tests and the listing read them here
 
-MIB = 1024**2
 # Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
 # the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
 # binary), with room for x86 repacked weight copies (12.7 MiB for Gemma 3 270M).

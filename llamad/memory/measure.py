@@ -17,8 +17,8 @@ from llamad.config import Config
 from llamad.memory import estimate as memory
 from llamad.memory import fit, gpu, learned
 from llamad.memory.types import GpuFree, Memory, Resources
+from llamad.sizes import MIB
 
-MIB = 1024 * 1024
 KIB = 1024
 GPU_CACHE_SECONDS = 0.5
 # A learned peak is written again only when a later sample beats it by this much,
@@ -132,7 +132,7 @@ class Measure:
         gives memory-need or asks llama-server's own fitting, no metadata, RPC workers."""
         info, args = model.info, model.settings.args
         if info is None or rpc.workers(args) or model.settings.memory_need is not None \
-                or argv.given(args, *FIT_FLAGS):
+                or any(argv.has(args, flag) for flag in FIT_FLAGS):
             return None
         s = memory.parse_args(args)
         unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
@@ -144,7 +144,7 @@ class Measure:
         if capped:
             step = fit.STEP * streams
             most = max(step, cap // step * step)
-        places = argv.given(args, *PLACING) or s.split_mode == "row"
+        places = any(argv.has(args, flag) for flag in PLACING) or s.split_mode == "row"
         layers = info.block_count or 0 if self.monitor.available and not places else 0
         table = getattr(info, "tensors", None)
         shape = fit.Shape(

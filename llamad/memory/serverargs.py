@@ -67,7 +67,7 @@ def parse_args(args: Sequence[str]) -> ServerArgs:
     """Pick the memory-relevant settings out of a llama-server argv (later flags win)."""
     found: dict[str, object] = {}
     for option in argv.walk(args):
-        flag, value = option.flag, option.values[0] if option.values else ""
+        flag, value = option.name, option.value
         if flag in _VALUES:
             found[_VALUES[flag]] = value
         elif flag in _SWITCHES:

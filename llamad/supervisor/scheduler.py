@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 from llamad.memory.fit import Choice, Fitter, Room
 from llamad.memory.types import Memory, Resources
+from llamad.sizes import GIB
 from llamad.supervisor.events import State
-
-GIB = 1024**3
 
 
 class Policy(enum.Enum):
