@@ -5,6 +5,7 @@ the supervisor (systemd faked at the Units boundary, llama-server at its HTTP ro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -288,12 +289,13 @@ def test_draft_sidecars_are_paired_as_llama_cpp_does(tmp_path: Path) -> None:
     snap = scan(Config.default(models_dirs=(models,), llama_cache=False, models_preset=None))
     assert set(snap.models) == {"pair", "two", "top"}
     pair = snap.models["pair"]
-    assert pair.draft == models / "pair/mtp-model.gguf"
+    assert pair.draft is not None  # its header, for the memory estimate (companions.py)
     args = pair.settings.args
     assert args[args.index("--model-draft") + 1] == str(models / "pair/mtp-model.gguf")
-    assert snap.models["two"].draft == models / "two/dflash-b.gguf"  # the first, sorted
+    two = snap.models["two"].settings.args
+    assert two[two.index("--model-draft") + 1] == str(models / "two/dflash-b.gguf")  # sorted
     assert any("several model, projector or draft files" in p for p in snap.problems)
-    assert snap.models["top"].draft is None
+    assert "--model-draft" not in snap.models["top"].settings.args
     # A preset's own draft wins over the sidecar.
     (tmp_path / "p.ini").write_text("[pair]\nmodel-draft = /other.gguf\n")
     snap = scan(Config.default(models_dirs=(models,), llama_cache=False,
@@ -321,16 +323,16 @@ def test_env_and_binary_reach_the_unit_and_its_digest(tmp_path: Path) -> None:
     plain = scan(cfg).models["a"]
     spec = unitspec.build(cfg, plain, "unix:/run/llamad/a/llama.sock", (), None)
     # Without env the digest is the argv's alone, as before: running units still match.
-    assert f"LLAMAD_ARGS={hashlib.sha256(chr(0).join(spec.argv).encode()).hexdigest()[:16]}" \
-        in spec.environment
+    assert spec.markers is not None
+    assert spec.markers.args == hashlib.sha256("\0".join(spec.argv).encode()).hexdigest()[:16]
     cfg2 = Config.default(models_dirs=(models,), llama_cache=False,
                           models_preset=tmp_path / "p.ini")
     model = scan(cfg2).models["a"]
     spec2 = unitspec.build(cfg2, model, "unix:/run/llamad/a/llama.sock", (), None)
     assert spec2.argv[0] == "/opt/fork/server" and spec2.environment[0] == "GGML_X=1"
-    digest = [e for e in spec2.environment if e.startswith("LLAMAD_ARGS=")]
-    assert digest and digest[0] not in spec.environment
-
+    assert spec2.markers is not None and spec2.markers.args != spec.markers.args
+    same_argv = dataclasses.replace(spec2, argv=spec.argv)  # env alone changes the digest
+    assert unitspec.args_digest(same_argv.argv, ("GGML_X=1",)) != spec.markers.args
 
 # -- sleeping ----------------------------------------------------------------------------------
 

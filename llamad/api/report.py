@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 from llamad import redact
+from llamad.catalog import argv
+from llamad.catalog.presets import DRAFT
 from llamad.supervisor.events import State
 from llamad.supervisor.guards import rpcguard
 from llamad.supervisor.scheduler import ttl_left
@@ -38,17 +40,29 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
-        # Per-model controls: the concurrency limit (null: none), the draft sidecar, and
-        # the preset error that keeps the model from serving.
+        # Per-model controls: the concurrency limit (null: none), the draft model (a
+        # preset's, or the sidecar in its directory), the preset error that keeps it from
+        # serving.
         "concurrency_limit": sup.concurrency(slot) or None,
-        "draft": str(slot.model.draft) if slot.model.draft else None,
+        "draft": draft.value if (draft := argv.last(slot.model.settings.args, DRAFT)) else None,
         "error": redact.text(slot.model.error) if slot.model.error else None,
         "need": {"ram": need.ram, "vram": need.vram},
         "kv_cache": sup.kv.describe(slot.model.id),
         # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
         "rpc": rpcguard.describe(slot.model.info, slot.model.settings.args),
+        "fit": _fit(slot),
         **_memory_fields(sup, slot),
     }
+
+
+def _fit(slot: Slot) -> dict[str, Any] | None:
+    """What fitting chose for the running unit (memory/fit.py): the arguments it added,
+    the context, and why, e.g. "context 12288 of 131072: 9.1 GiB free on GPU 0 after
+    evicting nothing"; None while unloaded or where it chose nothing."""
+    fit = slot.fit
+    if fit is None or not (fit.args or fit.reason):
+        return None
+    return {"args": list(fit.args), "ctx": fit.ctx, "reason": fit.reason or fit.what}
 
 
 def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:

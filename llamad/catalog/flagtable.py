@@ -17,26 +17,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamad.catalog.llama_flags import FLAGS
+from llamad.catalog import argv
+from llamad.catalog.argv import Entry, Flag
 from llamad.errors import ConfigError
 
 HELP_TIMEOUT = 10.0  # seconds a binary gets to print its --help
 HELP_MAX = 1 << 20  # bytes of --help read at most
-
-Entry = tuple[tuple[str, ...], tuple[str, ...], str, str | None]
-
-
-@dataclass(frozen=True)
-class Flag:
-    names: tuple[str, ...]
-    neg: tuple[str, ...]
-    kind: str  # value | bool | flag | two
-    env: str | None
-
-    @property
-    def canonical(self) -> str:
-        return self.names[-1]  # llama.cpp renders the last (long) spelling too
-
 
 @dataclass(frozen=True)
 class Table:
@@ -47,25 +33,14 @@ class Table:
     source: str  # where the table came from, for messages
 
     @classmethod
-    def of(cls, entries: tuple[Entry, ...] | list[Entry], source: str) -> Table:
-        by_key: dict[str, tuple[Flag, bool]] = {}
-        by_arg: dict[str, tuple[Flag, bool]] = {}
-        for names, neg, kind, env in entries:
-            flag = Flag(names, neg, kind, env)
-            for spellings, negated in ((names, False), (neg, True)):
-                for s in spellings:
-                    by_key[s.lstrip("-")] = by_arg[s] = (flag, negated)
-            if env:
-                by_key[env] = (flag, False)
-                if neg:
-                    by_key[env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")] = (flag, True)
-        return cls(by_key, by_arg, source)
+    def of(cls, entries: list[Entry], source: str) -> Table:
+        return cls(*argv.keys(entries), source)
 
     def spellings(self) -> frozenset[str]:
         return frozenset(self.by_arg)
 
 
-DEFAULT = Table.of(FLAGS, "the llama-server llamad was built against")
+DEFAULT = Table(argv.BY_KEY, argv.BY_ARG, "the llama-server llamad was built against")
 
 _SPELLING = re.compile(r"--?[A-Za-z][\w.-]*")
 _ENV = re.compile(r"\(env: ([A-Z0-9_]+)\)")

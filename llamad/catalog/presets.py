@@ -14,7 +14,6 @@ paths are taken from the preset file's directory.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from llamad import redact
-from llamad.catalog import flagtable, modelkeys
+from llamad.catalog import argv, flagtable, modelkeys
 from llamad.catalog import rpcargs as rpc
-from llamad.catalog.flagtable import DEFAULT, Flag, Table
+from llamad.catalog.argv import BY_KEY, Flag
+from llamad.catalog.flagtable import DEFAULT, Table
 from llamad.catalog.presetini import DEFAULT_SECTION, RawSection, canonical_name, parse_ini
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE, parse_size
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
@@ -37,10 +38,7 @@ FALSE = ("off", "disabled", "false", "0", "no")
 Options = dict[str, tuple[str, ...]]
 
 
-__all__ = ["DEFAULT_SECTION", "Flag", "Table", "canonical_name", "parse_ini"]
-# The flags of the llama-server llamad was built against; a preset's `llama-server = PATH`
-# reads its own binary's (flagtable.for_binary).
-BY_KEY, BY_ARG = DEFAULT.by_key, DEFAULT.by_arg
+__all__ = ["DEFAULT_SECTION", "Table", "canonical_name", "parse_ini"]
 MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
     "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
 # Flags whose value is a file or directory: relative ones are taken from the preset's place.
@@ -54,9 +52,14 @@ METRICS = BY_KEY["metrics"][0].canonical
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
     "models-max", "models-preset", "models-autoload", "help", "version"))
+# Of those, the ones llama.cpp's router sets itself or drops from a preset (server-models.cpp,
+# unset_reserved_args and update_args): a preset written for the router may hold them, so
+# they are ignored with a warning, as the router ignores them, instead of refused.
+ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
-LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", *modelkeys.KEYS)
-_SIZE = re.compile(r"\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity")
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split",
+               *("ctx-max", "memory-need"),  # fitting models to memory (memory/fit.py)
+               *modelkeys.KEYS)  # per-model controls: concurrency-limit, env, llama-server
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Section:
     text: str = ""
     tags: tuple[str, ...] | None = None  # informational, as router mode lists them
     draft_hf: str | None = None  # spec-draft-hf: a draft model from the llama.cpp cache
+    ignored: tuple[str, ...] = ()  # keys the router sets itself: one sentence each
     flags: Table = DEFAULT  # the flags of the llama-server its keys were read for
 
 
@@ -84,6 +88,11 @@ class Presets:
     # Such a section keeps its last good body (or, never good, its good keys), and its
     # model is refused with the error until the file is fixed.
     errors: Mapping[str, ConfigError] = field(default_factory=dict)
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """A warning per key the router would set itself (the catalog's problems)."""
+        return tuple(w for s in (self.defaults, *self.sections.values()) for w in s.ignored)
 
     @classmethod
     def empty(cls) -> Presets:
@@ -116,6 +125,11 @@ class ModelSettings:
     # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
     # the flag), since llamad's /metrics merges every ready model's.
     metrics: bool = True
+    # Fitting models to memory (memory/fit.py): a cap on the context llamad chooses, and
+    # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
+    ctx_max: int | None = None
+    memory_need: tuple[int | None, int | None] | None = None
+    # Per-model controls (modelkeys.py).
     concurrency_limit: int | None = None  # None: llamad.conf's concurrency-limit
     env: tuple[str, ...] = ()  # NAME=value for the unit's Environment=
     server: Path | None = None  # its own llama-server binary; None: llamad.conf's
@@ -144,26 +158,19 @@ def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tupl
 def parse_args(tokens: tuple[str, ...], where: str, table: Table = DEFAULT) -> Options:
     """Parse a llama-server command line (the config's `args`) into options."""
     out: Options = {}
-    i = 0
-    while i < len(tokens):
-        arg = tokens[i]
-        if arg.startswith("--"):
-            arg = arg.replace("_", "-")  # llama-server accepts --ctx_size too
-        if arg not in table.by_arg:
-            raise ConfigError(f"{where}: {tokens[i]!r} is not a llama-server option.")
-        flag, negated = table.by_arg[arg]
-        _check_owned(flag, where, tokens[i])
-        n = {"value": 1, "two": 2}.get(flag.kind, 0)
-        if i + n >= len(tokens) and n:
-            raise ConfigError(f"{where}: {tokens[i]} needs a value.")
-        values = tokens[i + 1:i + 1 + n]
+    for option in argv.walk(tokens, table.by_arg):
+        flag = option.flag
+        if flag is None:
+            raise ConfigError(f"{where}: {option.given!r} is not a llama-server option.")
+        _check_owned(flag, where, option.given)
+        if len(option.values) < flag.arity:
+            raise ConfigError(f"{where}: {option.given} needs a value.")
         if flag.canonical == rpc.FLAG:
-            _check_rpc(values[0], where, tokens[i])
-        if flag.kind in ("value", "two"):
-            out[flag.canonical] = (flag.canonical, *values)
+            _check_rpc(option.value, where, option.given)
+        if flag.arity:
+            out[flag.canonical] = (flag.canonical, *option.values)
         else:
-            out[flag.canonical] = _render(flag, negated, "true", where, tokens[i])
-        i += 1 + n
+            out[flag.canonical] = _render(flag, option.negated, "true", where, option.given)
     return out
 
 
@@ -197,9 +204,15 @@ def _extra(key: str, value: str, where: str, base: Path | None = None) -> object
                 raise bad
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
-            if not _SIZE.fullmatch(value.strip()):
+            if not SIZE.fullmatch(value.strip()):
                 raise bad
             return value.strip()
+        if key == "ctx-max":
+            if int(value) < 0:
+                raise bad
+            return int(value)
+        if key == "memory-need":
+            return _memory_need(value, bad)
         devices = tuple(int(d) for d in value.split(","))
         if any(d < 0 for d in devices):
             raise bad
@@ -214,7 +227,22 @@ _ALLOWED = {
     "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
     "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
     "devices": "comma-separated GPU indices such as 0,1",
+    "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
+    "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
 }
+
+
+def _memory_need(value: str, bad: ConfigError) -> tuple[int | None, int | None]:
+    """`6G` (RAM; on a machine without GPUs every byte is RAM), `ram=2G,vram=6G`."""
+    found: dict[str, int] = {}
+    for part in (p.strip() for p in value.split(",")):
+        key, _, size = part.rpartition("=") if "=" in part else ("ram", "=", part)
+        key, size = key.strip(), size.strip()
+        if key not in ("ram", "vram") or key in found or not SIZE.fullmatch(size) \
+                or size.endswith("%") or size == "infinity":
+            raise bad
+        found[key] = parse_size(size, lambda: 0) or 0
+    return found.get("ram"), found.get("vram")
 
 
 def build_section(raw: RawSection, where: str, base: Path | None = None,
@@ -225,9 +253,14 @@ def build_section(raw: RawSection, where: str, base: Path | None = None,
     options: Options = {}
     extra: dict[str, object] = {}
     found: dict[str, object] = {}
+    ignored: list[str] = []
     errors = list(raw.errors)
     for key, value, line in raw.items:
         at = f"{where}:{line} [{raw.name}]"
+        if key in flags.by_key and flags.by_key[key][0].canonical in ROUTER_SETS:
+            ignored.append(f"{at}: {key} is set by llamad itself (as llama.cpp's router "
+                           "sets it for each model); ignored.")
+            continue
         try:
             _read_key(key, value, at, base, flags, options, extra, found)
         except ConfigError as e:
@@ -240,7 +273,8 @@ def build_section(raw: RawSection, where: str, base: Path | None = None,
                    model if isinstance(model, Path) else None,
                    hf_repo if isinstance(hf_repo, str) else None,
                    _tuple(found.get(ALIAS)) or (), MappingProxyType(extra), raw.text,
-                   _tuple(found.get(TAGS)), _str_or_none(found.get(DRAFT_HF)), flags), errors
+                   _tuple(found.get(TAGS)), _str_or_none(found.get(DRAFT_HF)),
+                   tuple(ignored), flags), errors
 
 
 def _read_key(key: str, value: str, where: str, base: Path | None, flags: Table,
@@ -398,6 +432,8 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         preset_text=_ini(model_id, args, section, presets.defaults, env),
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
+        ctx_max=_ctx_max(section, presets.defaults),
+        memory_need=_memory_need_of(section, presets.defaults),
         concurrency_limit=limit if isinstance(limit, int) else None,
         env=env,
         server=server if isinstance(server, Path) else None,
@@ -415,6 +451,20 @@ def _env(section: Section | None, defaults: Section) -> tuple[str, ...]:
     return tuple(f"{k}={v}" for k, v in merged.items())
 
 
+def _ctx_max(section: Section | None, defaults: Section) -> int | None:
+    value = _pick("ctx-max", section, defaults)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
+
+
+def _memory_need_of(section: Section | None,
+                    defaults: Section) -> tuple[int | None, int | None] | None:
+    value = _pick("memory-need", section, defaults)
+    if isinstance(value, tuple) and len(value) == 2:
+        return value[0], value[1]
+    return None
+
+
 def _tags(section: Section | None, defaults: Section) -> tuple[str, ...]:
     if section is not None and section.tags is not None:
         return section.tags
@@ -429,29 +479,27 @@ def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
          defaults: Section, env: tuple[str, ...]) -> str:
     """The model's effective preset as INI, like the router's status.preset."""
     lines = [f"[{model_id}]"]
-    table = (section or defaults).flags.by_arg
-    i = 0
-    while i < len(args):
-        flag = (table.get(args[i]) or BY_ARG[args[i]])[0]
-        n = {"value": 1, "two": 2}.get(flag.kind, 0)
-        value = " ".join(args[i + 1:i + 1 + n]) if n else \
-            ("false" if args[i] in flag.neg else "true")
-        if flag.canonical != ALIAS:  # the id; real aliases are listed below
-            lines.append(f"{flag.canonical.lstrip('-')} = {value}")
-        i += 1 + n
+    for option in argv.walk(args, (section or defaults).flags.by_arg):
+        value = " ".join(option.values) if option.values else \
+            ("false" if option.negated else "true")
+        if option.name != ALIAS:  # the id; real aliases are listed below
+            lines.append(f"{option.name.lstrip('-')} = {value}")
     extra = dict(defaults.extra)
     if section is not None:
         extra.update(section.extra)
     if env:  # merged from [*] and the section, secrets masked
         extra[modelkeys.ENV] = modelkeys.masked(env, redact.MASK)
     for key, extra_value in extra.items():
-        lines.append(f"{key} = {_ini_value(extra_value)}")
+        lines.append(f"{key} = {_ini_value(key, extra_value)}")
     if section is not None and section.aliases:
         lines.append(f"alias = {','.join(section.aliases)}")
     return "\n".join(lines) + "\n"
 
 
-def _ini_value(value: object) -> str:
+def _ini_value(key: str, value: object) -> str:
+    if key == "memory-need" and isinstance(value, tuple):  # (RAM, VRAM), bytes
+        return ",".join(f"{k}={v}" for k, v in zip(("ram", "vram"), value, strict=True)
+                        if v is not None)
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, bool):
@@ -467,6 +515,6 @@ SWA_FULL = "--swa-full"
 def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
     """The model's settings with `--swa-full` added where kept caches need it (kv-cache on):
     llama-server restores a sliding-window model's cache without it but never reuses it."""
-    if not config.kv_cache or not info.sliding_window or SWA_FULL in settings.args:
+    if not config.kv_cache or not info.sliding_window or argv.has(settings.args, SWA_FULL):
         return settings
     return dataclasses.replace(settings, args=(*settings.args, SWA_FULL))

@@ -53,8 +53,9 @@ def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     check(config)
     presets = load_presets(config.models_preset, server=config.llama_server)
-    for warning in (unitpaths.config_problems(config) + socketstate.problems()
-                    + unitpaths.server_problems(config, preset_servers(presets))):
+    for warning in [*unitpaths.config_problems(config), *socketstate.problems(),
+                    *unitpaths.server_problems(config, preset_servers(presets)),
+                    *presets.ignored]:
         print(f"llamad: warning: {warning}", file=sys.stderr)
     if presets.errors:  # every one, each naming file, line, section and key
         for error in presets.errors.values():

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, State
@@ -28,14 +29,8 @@ SLEEP_FLAG = "--sleep-idle-seconds"
 def may_sleep(model: Model) -> bool:
     """Whether the model's llama-server is told to sleep when idle (-1, its default, is
     never)."""
-    args = model.settings.args
-    for i, arg in enumerate(args[:-1]):
-        if arg == SLEEP_FLAG:
-            try:
-                return int(args[i + 1]) > 0
-            except ValueError:
-                return False
-    return False
+    option = argv.last(model.settings.args, SLEEP_FLAG)
+    return option is not None and option.value.isdigit() and int(option.value) > 0
 
 
 class Sleeping(Liveness):

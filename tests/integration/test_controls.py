@@ -243,7 +243,7 @@ async def test_a_draft_sidecar_is_paired_listed_and_passed(llamad_factory: Facto
                                                            assets: rig.Assets) -> None:
     """A model's directory holding mtp-*.gguf: as llama.cpp's router, it is the model's
     draft (--model-draft, the last spelling of -md), never a model of its own."""
-    d = llamad_factory([])
+    d = llamad_factory(["draft-single"])
     pair = d.models_dir / "draft-pair"
     pair.mkdir(mode=0o755)
     os.link(assets.model, pair / "gemma.gguf")
@@ -253,6 +253,9 @@ async def test_a_draft_sidecar_is_paired_listed_and_passed(llamad_factory: Facto
     assert not any("mtp" in name for name in listed), list(listed)
     entry = listed["draft-pair"]
     assert entry["llamad"]["draft"] == str(pair / "mtp-gemma.gguf")
+    # Counted in the estimate: the draft is a second copy of the weights.
+    single = rig.wait_for("gemma's entry", lambda: models(d.url).get("draft-single"))
+    assert entry["llamad"]["estimate"]["ram"] > single["llamad"]["estimate"]["ram"] + 100 * 2**20
     args = entry["status"]["args"]
     assert args[args.index("--model-draft") + 1] == str(pair / "mtp-gemma.gguf")
     async with aiohttp.ClientSession() as s:
