@@ -17,9 +17,10 @@ log = logging.getLogger("llamad.gguf")
 
 Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
+TEMPLATE_KEY = "tokenizer.chat_template"
 KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
                        "clip.has_vision_encoder", "clip.has_audio_encoder"))
 # GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
@@ -61,6 +62,9 @@ class GGUFInfo:
     expert_used_count: int | None = None
     expert_feed_forward_length: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
+    # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
+    # (presets.run_settings picks llama.cpp's built-in template for the architecture instead).
+    chat_template: bool = True
 
 
 class TensorBytes(NamedTuple):
@@ -121,6 +125,7 @@ class FileHeader:
     size: int
     file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
     tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
+    chat_template: bool = True
 
 
 @functools.cache
@@ -201,8 +206,9 @@ def _not_gguf(head: bytes) -> str | None:
     return f"is not a GGUF file: it begins with {shown!r}, not 'GGUF'"
 
 
-def read_header(path: Path) -> FileHeader:
-    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+def _reader(path: Path) -> tuple[Any, Any, int]:
+    """The gguf package, a reader of the file's header, and the file's size; GGUFError if
+    it is not a complete GGUF file."""
     gguf, reader_class = _gguf()
     try:
         size = path.stat().st_size
@@ -210,7 +216,7 @@ def read_header(path: Path) -> FileHeader:
             why = _not_gguf(f.read(64))
         if why:
             raise GGUFError(why)
-        reader = reader_class(path)
+        return gguf, reader_class(path), size
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except GGUFError:
@@ -218,6 +224,11 @@ def read_header(path: Path) -> FileHeader:
     except Exception as e:  # the gguf package raises many types for bad input
         raise GGUFError(f"is a truncated or damaged GGUF file ({size} bytes; an interrupted "
                         "copy or download?)") from e
+
+
+def read_header(path: Path) -> FileHeader:
+    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+    gguf, reader, size = _reader(path)
     arch = _scalar(gguf, reader.fields["general.architecture"]) \
         if "general.architecture" in reader.fields else None
     # Only the keys llamad reads: thousands of cached headers stay small.
@@ -233,7 +244,16 @@ def read_header(path: Path) -> FileHeader:
     table = TensorBytes.of((t.name, int(t.n_bytes), int(t.shape[-1]) if len(t.shape) > 1 else 0)
                            for t in reader.tensors)
     return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size,
-                      file_type=_file_type(gguf, fields), tensors=table)
+                      file_type=_file_type(gguf, fields), tensors=table,
+                      chat_template=TEMPLATE_KEY in reader.fields)
+
+
+def metadata(path: Path) -> dict[str, Scalar | None]:
+    """Every key of the file's header: its value, or None for an array (a tokenizer's
+    vocabulary is not worth reading for this). The whole header is walked: call it on a
+    worker thread. Raises GGUFError."""
+    gguf, reader, _ = _reader(path)
+    return {k: _scalar(gguf, f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def _quantization(head: FileHeader) -> str | None:
@@ -267,6 +287,7 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
+        chat_template=first.chat_template,
         tensors=first.tensors if len(shards) == 1 else functools.reduce(
             TensorBytes.plus, (s.tensors for s in shards)),
         **ints,

@@ -420,14 +420,28 @@ def _ini_value(value: object) -> str:
     return "-1" if value is None else str(value)
 
 
-# -- what kept KV caches need ------------------------------------------------------------------
+# -- what llamad adds to a model's own arguments ----------------------------------------------
 
 SWA_FULL = "--swa-full"
+CHAT_TEMPLATE, JINJA = (BY_KEY[k][0] for k in ("chat-template", "jinja"))
+# llama.cpp's built-in chat template for a model whose header has none, by
+# general.architecture: llama-server would fall back to ChatML, whose tags such a model
+# only continues as text. A built-in template is a name, which llama-server reads as one
+# only without Jinja (with it, "gemma" would be the whole template). A preset's own
+# chat-template, chat-template-file or jinja key keeps its choice.
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+_OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical,
+                 *JINJA.names, *JINJA.neg)
 
 
 def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
-    """The model's settings with `--swa-full` added where kept caches need it (kv-cache on):
-    llama-server restores a sliding-window model's cache without it but never reuses it."""
-    if not config.kv_cache or not info.sliding_window or SWA_FULL in settings.args:
-        return settings
-    return dataclasses.replace(settings, args=(*settings.args, SWA_FULL))
+    """The model's settings with what llamad adds: `--swa-full` where kept caches need it
+    (kv-cache on: llama-server restores a sliding-window model's cache without it but never
+    reuses it), and the built-in chat template (above)."""
+    args = settings.args
+    if config.kv_cache and info.sliding_window and SWA_FULL not in args:
+        args = (*args, SWA_FULL)
+    template = BUILTIN_TEMPLATES.get(info.architecture or "")
+    if template and not info.chat_template and not any(a in _OWN_TEMPLATE for a in args):
+        args = (*args, CHAT_TEMPLATE.canonical, template, JINJA.neg[0])
+    return settings if args == settings.args else dataclasses.replace(settings, args=args)
