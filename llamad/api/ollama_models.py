@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,8 @@ from typing import Any
 from llamad.api import listing
 from llamad.catalog.catalog import Model
 from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
-from llamad.catalog.presets import BY_KEY, CHAT_TEMPLATE, canonical_name
+from llamad.catalog import argv
+from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
 from llamad.supervisor.events import State
 from llamad.supervisor.scheduler import ttl_left
 from llamad.supervisor.slot import Slot
@@ -32,7 +32,7 @@ HF_HOSTS = ("hf.co/", "huggingface.co/")
 FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 # /api/ps lists what serves, or is about to: not a model on its way out.
 RUNNING = (State.STARTING, State.LOADING, State.READY)
-EMBEDDINGS = BY_KEY["embeddings"][0].canonical
+EMBEDDINGS = argv.canonical("--embeddings")
 
 
 def _tag(name: str) -> str:
@@ -143,7 +143,7 @@ def header(path: Path) -> dict[str, Scalar | None]:
 def capabilities(model: Model, template: str) -> list[str]:
     """What Ollama's clients ask a model for, as far as its header and arguments tell."""
     caps = ["completion"]
-    if EMBEDDINGS in model.settings.args:
+    if argv.has(model.settings.args, EMBEDDINGS):
         caps.append("embedding")
     if model.info and "image" in model.info.modalities:
         caps.append("vision")
@@ -175,7 +175,5 @@ def show(model: Model, keys: dict[str, Scalar | None]) -> dict[str, Any]:
 
 def _builtin_template(args: tuple[str, ...]) -> str:
     """The chat template a preset (or llamad, presets.run_settings) names by flag."""
-    for flag, value in itertools.pairwise(args):
-        if flag == CHAT_TEMPLATE.canonical:
-            return value
-    return ""
+    option = argv.last(args, CHAT_TEMPLATE.canonical)
+    return option.value if option is not None else ""
