@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from llamad.api import listing
+from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
-from llamad.catalog import argv
 from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
 from llamad.supervisor.events import State
 from llamad.supervisor.scheduler import ttl_left
