@@ -202,7 +202,8 @@ def _scan(tmp_path: Path, preset: str = "") -> dict[str, tuple[str, ...]]:
 
 def test_builtin_chat_template(tmp_path: Path) -> None:
     """A Gemma without a template in its header gets llama.cpp's `gemma` (a built-in name
-    works only without Jinja); one with a template, or a preset's own choice, is left be."""
+    works only without Jinja); one with a template, or a preset's own choice, is left be.
+    `jinja = true` (llama-server's default, in the example presets.ini) chooses none."""
     os.symlink(ggufgen.GEMMA, tmp_path / "gemma.gguf")
     os.symlink(ggufgen.GEMMA, tmp_path / "gemma-own.gguf")
     ggufgen.write_model(tmp_path / "templated.gguf", arch="gemma3",
@@ -213,8 +214,9 @@ def test_builtin_chat_template(tmp_path: Path) -> None:
     assert args["gemma-own"].count("--chat-template") == 1 and "--no-jinja" not in \
         args["gemma-own"]
     assert "--chat-template" not in args["templated"] + args["llama"]
-    args = _scan(tmp_path, "[gemma]\njinja = true\n")
-    assert "--chat-template" not in args["gemma"]
+    args = _scan(tmp_path, "[*]\njinja = true\n[gemma-own]\nchat-template-file = t.jinja\n")
+    assert args["gemma"][-4:] == ("--jinja", "--chat-template", "gemma", "--no-jinja")
+    assert "--chat-template" not in args["gemma-own"]
 
 
 def test_show_from_the_header() -> None:

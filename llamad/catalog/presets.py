@@ -388,11 +388,11 @@ CHAT_TEMPLATE, JINJA = (BY_KEY[k][0] for k in ("chat-template", "jinja"))
 # llama.cpp's built-in chat template for a model whose header has none, by
 # general.architecture: llama-server would fall back to ChatML, whose tags such a model
 # only continues as text. A built-in template is a name, which llama-server reads as one
-# only without Jinja (with it, "gemma" would be the whole template). A preset's own
-# chat-template, chat-template-file or jinja key keeps its choice.
+# only without Jinja (with it, "gemma" would be the whole template), hence --no-jinja after
+# it. A preset's own chat-template or chat-template-file keeps its choice; `jinja = true`
+# (llama-server's default, set in the example presets.ini) chooses no template.
 BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
-_OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical,
-                 JINJA.canonical)
+_OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical)
 
 
 def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:

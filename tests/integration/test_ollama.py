@@ -88,6 +88,12 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     assert "100" in raw.response, raw.response
     templated = list(client.generate(model="gemma", prompt="Hi", options=SHORT, stream=True))
     assert templated[-1].done and templated[-1].eval_count
+    # format: a JSON schema becomes llama.cpp's grammar, so even this model answers in it.
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}},
+              "required": ["year"]}
+    dated = client.chat(model="gemma", messages=[{"role": "user", "content": "When?"}],
+                        format=schema, options={"num_predict": 48, "temperature": 0})
+    assert isinstance(json.loads(dated.message.content)["year"], int), dated.message.content
 
     running = {m.model: m for m in client.ps().models}
     assert set(running) == {"gemma:latest"}
