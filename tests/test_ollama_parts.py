@@ -18,7 +18,7 @@ from llamad.api import ollama
 from llamad.api import ollama_models as models
 from llamad.api import ollama_translate as tr
 from llamad.catalog.catalog import scan
-from llamad.catalog.presets import parse_presets
+from llamad.catalog.presets import JINJA_TEMPLATES, parse_presets
 from llamad.config import Config
 from llamad.errors import BadRequest, NotFound
 from llamad.http import middleware
@@ -201,22 +201,23 @@ def _scan(tmp_path: Path, preset: str = "") -> dict[str, tuple[str, ...]]:
 
 
 def test_builtin_chat_template(tmp_path: Path) -> None:
-    """A Gemma without a template in its header gets llama.cpp's `gemma` (a built-in name
-    works only without Jinja); one with a template, or a preset's own choice, is left be.
-    `jinja = true` (llama-server's default, in the example presets.ini) chooses none."""
+    """A Gemma without a template in its header gets llama.cpp's `gemma` template: as Jinja
+    (the name works only without Jinja, which refuses tools), the name where a preset turns
+    Jinja off; one with a template, or a preset's own choice, is left be."""
     os.symlink(ggufgen.GEMMA, tmp_path / "gemma.gguf")
     os.symlink(ggufgen.GEMMA, tmp_path / "gemma-own.gguf")
     ggufgen.write_model(tmp_path / "templated.gguf", arch="gemma3",
                         extra={"tokenizer.chat_template": "{{ messages[0].content }}"})
     ggufgen.write_model(tmp_path / "llama.gguf")
     args = _scan(tmp_path, "[gemma-own]\nchat-template = chatml\n")
-    assert args["gemma"][-3:] == ("--chat-template", "gemma", "--no-jinja")
-    assert args["gemma-own"].count("--chat-template") == 1 and "--no-jinja" not in \
-        args["gemma-own"]
+    assert args["gemma"][-2:] == ("--chat-template", JINJA_TEMPLATES["gemma"])
+    assert args["gemma-own"].count("--chat-template") == 1
     assert "--chat-template" not in args["templated"] + args["llama"]
-    args = _scan(tmp_path, "[*]\njinja = true\n[gemma-own]\nchat-template-file = t.jinja\n")
-    assert args["gemma"][-4:] == ("--jinja", "--chat-template", "gemma", "--no-jinja")
-    assert "--chat-template" not in args["gemma-own"]
+    args = _scan(tmp_path, "[*]\njinja = true\n[gemma-own]\nno-jinja = true\n")
+    assert args["gemma"][-3:] == ("--jinja", "--chat-template", JINJA_TEMPLATES["gemma"])
+    assert args["gemma-own"][-2:] == ("--chat-template", "gemma")
+    args = _scan(tmp_path, "[gemma]\nchat-template-file = t.jinja\n")
+    assert "--chat-template" not in args["gemma"]
 
 
 def test_show_from_the_header() -> None:

@@ -385,13 +385,21 @@ def _ini_value(value: object) -> str:
 
 SWA_FULL = "--swa-full"
 CHAT_TEMPLATE, JINJA = (BY_KEY[k][0] for k in ("chat-template", "jinja"))
-# llama.cpp's built-in chat template for a model whose header has none, by
-# general.architecture: llama-server would fall back to ChatML, whose tags such a model
-# only continues as text. A built-in template is a name, which llama-server reads as one
-# only without Jinja (with it, "gemma" would be the whole template), hence --no-jinja after
-# it. A preset's own chat-template or chat-template-file keeps its choice; `jinja = true`
-# (llama-server's default, set in the example presets.ini) chooses no template.
+# Chat templates for a model whose header has none: llama-server would fall back to ChatML,
+# whose tags such a model only continues as text. By general.architecture, llama.cpp's
+# built-in template of that family (llama-chat.cpp). llama-server takes a built-in *name*
+# only without Jinja, which refuses every request with tools (the web UI sends its own), so
+# the template goes as Jinja, the same prompt as llama.cpp's `gemma` writes, on one line (no
+# control character may reach systemd); the name where a preset turns Jinja off. A preset's
+# own chat-template or chat-template-file keeps its choice.
 BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+JINJA_TEMPLATES = {"gemma": (
+    "{%- set system = namespace(text='') -%}{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set system.text = message['content'] + '\\n\\n' -%}"
+    "{%- else -%}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user')"
+    " + '\\n' + system.text + message['content'] + '<end_of_turn>\\n' }}"
+    "{%- set system.text = '' -%}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")}
 _OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical)
 
 
@@ -402,7 +410,9 @@ def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> Mod
     args = settings.args
     if config.kv_cache and info.sliding_window and not argv.has(args, SWA_FULL):
         args = (*args, SWA_FULL)
-    template = BUILTIN_TEMPLATES.get(info.architecture or "")
-    if template and not info.chat_template and not any(argv.has(args, f) for f in _OWN_TEMPLATE):
-        args = (*args, CHAT_TEMPLATE.canonical, template, JINJA.neg[0])
+    name = BUILTIN_TEMPLATES.get(info.architecture or "")
+    if name and not info.chat_template and not any(argv.has(args, f) for f in _OWN_TEMPLATE):
+        jinja = argv.last(args, JINJA.canonical)
+        legacy = jinja is not None and jinja.negated
+        args = (*args, CHAT_TEMPLATE.canonical, name if legacy else JINJA_TEMPLATES[name])
     return settings if args == settings.args else dataclasses.replace(settings, args=args)
