@@ -182,12 +182,17 @@ async def test_root_answers_probes_and_browsers() -> None:
         return web.Response(text="<html>the web UI</html>", content_type="text/html")
     client = await _app(("/", ollama.probe_or(page)))
     try:
-        for accept in ("*/*", "application/json", ""):
-            r = await client.get("/", headers={"Accept": accept})
+        for agent in ("ollama/0.12.0 (amd64 linux) Go/1.24.0", "ollama-python/0.6.3 (x86_64 "
+                      "linux) Python/3.11.2", "ollama-js/0.5.16 (x64 linux Node.js/v22)"):
+            r = await client.get("/", headers={"User-Agent": agent})
             assert (r.status, await r.text()) == (200, "Ollama is running")
-        r = await client.get("/", headers={
-            "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"})
-        assert await r.text() == "<html>the web UI</html>"
+        r = await client.head("/")
+        assert r.status == 200 and r.headers["Content-Length"] == "17"
+        # Browsers and every other client (curl, llama.cpp's own tests) get the page.
+        for agent in ("Mozilla/5.0 (X11; Linux x86_64) Chrome/139.0", "curl/8.14.1",
+                      "python-requests/2.32"):
+            r = await client.get("/", headers={"User-Agent": agent})
+            assert await r.text() == "<html>the web UI</html>"
     finally:
         await client.close()
 

@@ -319,13 +319,15 @@ async def _write(out: web.StreamResponse, line: dict[str, Any] | None) -> None:
 # -- routes -------------------------------------------------------------------------------
 
 def probe_or(page: Handler) -> Handler:
-    """`/` answers a browser (which asks for text/html) with `page`, the web UI, and any
-    other client with Ollama's "Ollama is running", by which Ollama's clients and editor
-    plugins tell that a server is there."""
+    """`/` answers Ollama's clients, which name themselves in User-Agent (`ollama/0.12.0
+    (amd64 linux) Go/1.24`, `ollama-python/...`, `ollama-js/...`), and any HEAD (how Ollama's
+    Go client checks that a server is up) as Ollama does: `Ollama is running`. Everyone
+    else, browsers first, gets `page` (the web UI), as from llama-server."""
     async def root(request: web.Request) -> web.StreamResponse:
-        if "text/html" in request.headers.get("Accept", ""):
-            return await page(request)
-        return web.Response(text="Ollama is running")
+        agent = request.headers.get("User-Agent", "").lower()
+        if request.method == "HEAD" or agent.startswith("ollama"):
+            return web.Response(text="Ollama is running")
+        return await page(request)
     return root
 
 

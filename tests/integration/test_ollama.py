@@ -26,8 +26,11 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SHORT = {"num_predict": 12, "temperature": 0, "seed": 42}
 
 
-def get(d: Llamad, path: str, accept: str = "*/*", method: str = "GET") -> tuple[int, str]:
-    req = urllib.request.Request(d.url + path, headers={"Accept": accept}, method=method)
+GO_CLIENT = "ollama/0.12.0 (amd64 linux) Go/1.24.0"  # how Ollama's own client names itself
+
+
+def get(d: Llamad, path: str, agent: str = GO_CLIENT, method: str = "GET") -> tuple[int, str]:
+    req = urllib.request.Request(d.url + path, headers={"User-Agent": agent}, method=method)
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.status, r.read().decode()
 
@@ -39,10 +42,10 @@ def units(d: Llamad) -> dict[str, str]:
 def test_ollama_client(llamad_factory: Factory) -> None:
     d = llamad_factory(["gemma", "gemma-e"], preset=PRESET, **{"ui-dir": str(rig.WEB_UI)})
     client = ollama.Client(host=d.url)
-    # Probes: `/` says what Ollama says to a client, and is still the web UI to a browser.
+    # Probes: `/` says what Ollama says to its clients, and is still the web UI to others.
     assert get(d, "/") == (200, "Ollama is running")
-    assert get(d, "/", method="HEAD")[0] == 200
-    assert "<html" in get(d, "/", accept="text/html,application/xhtml+xml")[1].lower()
+    assert get(d, "/", agent="", method="HEAD")[0] == 200
+    assert "<html" in get(d, "/", agent="Mozilla/5.0 (X11; Linux x86_64)")[1].lower()
     assert json.loads(get(d, "/api/version")[1])["version"]
 
     listed = {m.model: m for m in client.list().models}
