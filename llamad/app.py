@@ -76,7 +76,8 @@ class Daemon:
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
-        self.request_log = requestlog.JournalWriter() if config.request_log else None
+        # Writes the request log (if on) and llamad's notes into models' journals.
+        self.journal = requestlog.JournalWriter()
 
     def app(self) -> web.Application:
         door = browsers.Door(self.config, keyed=self.keyring is not None)
@@ -86,8 +87,8 @@ class Daemon:
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
         sinks: list[record.Sink] = [self.metrics.on_request]
-        if self.request_log is not None:
-            sinks.append(self.request_log)
+        if self.config.request_log:
+            sinks.append(self.journal)
         middlewares.append(record.middleware(sinks))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
@@ -138,6 +139,8 @@ class Daemon:
         self.units.follow(sup.on_unit_change, sup.reconcile_soon)
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
+        sup.events.subscribe(requestlog.fit_notes(
+            self.journal, lambda m: sup.slots[m].unit if m in sup.slots else None))
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         try:
             yield
@@ -168,11 +171,11 @@ class Daemon:
             await asyncio.gather(ticker, return_exceptions=True)
 
     async def _request_log(self, app: web.Application) -> AsyncIterator[None]:
+        """The journal writer: the request log and llamad's notes in models' journals."""
         try:
             yield
         finally:
-            if self.request_log is not None:
-                self.request_log.close()
+            self.journal.close()
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None
