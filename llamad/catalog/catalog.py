@@ -357,7 +357,7 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
            config: Config, st: _Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings)  # --swa-full where it is needed
+    settings = run_settings(config, info, settings)  # --swa-full, a built-in chat template
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
