@@ -119,16 +119,12 @@ class Daemon:
         measure = Measure(self.config, state_dir=self.config.state_dir)
         watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
-                         journal_tail, rescan=watcher.rescan_now)
+                         journal_tail, rescan=watcher.rescan_now, opened=False)
         self.sup = sup
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
-        await watcher.start()
-        await sup.adopt()
-        await sup.take_back()
-        await sup.preload()
-        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
+        sup.spawn(self._open(watcher, sup), "reading the models")
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
         ticker.add_done_callback(self._tick_ended)
         try:
@@ -140,6 +136,22 @@ class Daemon:
             units.close()
             if self.request_log is not None:
                 self.request_log.close()
+
+    async def _open(self, watcher: CatalogWatcher, sup: Supervisor) -> None:
+        """The first scan, then the units an earlier llamad left taken over. Requests wait
+        for it (Supervisor.wait_open); READY does not, so files that make a scan slow cannot
+        keep llamad from starting (docs/security.md, "Hostile model files")."""
+        try:
+            await watcher.start()
+            await sup.adopt()
+            await sup.take_back()
+        except Exception:  # as before READY: exit, and systemd starts llamad again
+            log.exception("reading the models and adopting their units failed; exiting")
+            self.stop.set()
+            return
+        sup.opened.set()
+        await sup.preload()
+        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None
@@ -178,7 +190,7 @@ class Daemon:
         await sample(sup)  # after the ping: D-Bus calls may be slow
         idle_for = time.monotonic() - self.last_request
         if self.config.idle_exit and idle_for > self.config.idle_exit and sup.quiet() \
-                and not self.stop.is_set():
+                and sup.opened.is_set() and not self.stop.is_set():
             await self._exit_when_idle(sup, idle_for)
 
     async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:

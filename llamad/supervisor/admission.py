@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -25,9 +26,25 @@ log = logging.getLogger("llamad.supervisor")
 
 
 class Admission(Lifecycle):
+    async def wait_open(self) -> None:
+        """Until llamad has read its models after a start (Core.opened), bounded by
+        queue-timeout; then 503 with Retry-After."""
+        if self.opened.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.opened.wait(), self.config.queue_timeout)
+        except TimeoutError:
+            raise self._not_open() from None
+
+    @staticmethod
+    def _not_open() -> Unavailable:
+        return Unavailable("llamad is still reading its models after starting; retry in a "
+                           "moment", retry_after=2, code="catalog_scanning")
+
     async def find(self, name: object) -> Slot:
         """resolve(), but a model whose file is being copied in is waited for (until it
-        settles, bounded by queue-timeout) rather than answered 404."""
+        settles, bounded by queue-timeout) rather than answered 404; so is the first scan."""
+        await self.wait_open()
         try:
             return self.resolve(name)
         except NotFound:
@@ -46,6 +63,8 @@ class Admission(Lifecycle):
             raise BadRequest("the request names no model; set \"model\" to one of GET /v1/models",
                              code="model_required")
         model = self.snapshot.resolve(name)
+        if (model is None or model.id not in self.slots) and not self.opened.is_set():
+            raise self._not_open()
         if model is None or model.id not in self.slots:
             raise NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
         return self.slots[model.id]
