@@ -25,6 +25,7 @@ from llamad.catalog import argv
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.argv import BY_KEY, Flag
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
@@ -51,7 +52,6 @@ OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "models-max", "models-preset", "models-autoload", "help", "version"))
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
 LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split")
-_SIZE = re.compile(r"\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity")
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def _extra(key: str, value: str, where: str) -> object:
                 raise bad
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
-            if not _SIZE.fullmatch(value.strip()):
+            if not SIZE.fullmatch(value.strip()):
                 raise bad
             return value.strip()
         devices = tuple(int(d) for d in value.split(","))

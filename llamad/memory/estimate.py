@@ -16,8 +16,8 @@ from llamad.catalog import argv
 from llamad.catalog.gguf_info import TensorBytes
 from llamad.memory.learned import Learned
 from llamad.memory.types import Memory
+from llamad.sizes import MIB
 
-MIB = 1024**2
 # Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
 # the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
 # binary), with room for x86 repacked weight copies (12.7 MiB for Gemma 3 270M).

@@ -313,8 +313,8 @@ class Lifecycle(Core):
     async def adopt(self) -> None:
         """Take over units a previous llamad started; stop the ones that no longer fit."""
         for status in await self.units.list_ours():
-            model_id = status.env("LLAMAD_MODEL")
-            slot = self.slots.get(model_id or "")
+            markers = status.markers
+            slot = self.slots.get(markers.model) if markers else None
             adoptable = status.active_state in ("active", "activating", "reloading")
             if slot is not None and adoptable and self._fits(slot, status):
                 self._adopt(slot, status)
@@ -327,7 +327,7 @@ class Lifecycle(Core):
     def _fits(self, slot: Slot, status: UnitStatus) -> bool:
         """Whether a running unit is the one llamad would start for this unloaded model,
         at the address the unit recorded."""
-        address = status.env("LLAMAD_BACKEND") or ""
+        address = status.markers.backend if status.markers else ""
         return slot.state in (State.UNLOADED, State.FAILED) and status.name == slot.unit and \
             self._adoptable(slot, address) and \
             unitspec.matches(status, *self.spec(slot, address=address))
@@ -335,7 +335,7 @@ class Lifecycle(Core):
     def _adopt(self, slot: Slot, status: UnitStatus) -> None:
         log.info("adopting %s (invocation %s)", status.name, status.invocation_id)
         slot.identity = self._identity(slot)
-        slot.address = status.env("LLAMAD_BACKEND") or ""
+        slot.address = status.markers.backend if status.markers else ""
         slot.backend = be.Backend(slot.address)
         slot.invocation_id = status.invocation_id
         slot.main_pid = status.main_pid

@@ -26,6 +26,7 @@ from llamad.background import Background
 from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.errors import LlamadError
+from llamad.sizes import MIB
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.hooks import Hook, Port
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamad.gpuload")
 
-MIB = 1024**2
 FREE_TIMEOUT = 10.0  # seconds to wait for NVML to stop listing stopped models
 POLL = 0.1
 LOG_LINES = 200

@@ -35,6 +35,7 @@ import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from llamad.config import Config
+from llamad.sizes import MIB
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, Change, Hub, State
 from llamad.supervisor.guards.kvstore import Entry, Store
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamad.kvcache")
 
-MIB = 1024 * 1024
 SAVED_ON = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                       Cause.UNLOAD})
 SAVE_PATH = "--slot-save-path"
