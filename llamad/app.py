@@ -88,7 +88,7 @@ class Daemon:
         sinks: list[record.Sink] = [self.metrics.on_request]
         if self.request_log is not None:
             sinks.append(self.request_log)
-        middlewares.append(record.middleware(sinks))
+        middlewares += [record.middleware(sinks), self._opened]
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
@@ -115,6 +115,16 @@ class Daemon:
             return resp
         finally:
             self.last_request = time.monotonic()
+
+    @web.middleware
+    async def _opened(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Until llamad has read its models after a start, every request but /health waits
+        for it, bounded by queue-timeout, then 503 (Supervisor.wait_open): llamad is READY
+        and serving before its first scan is in (`_open`)."""
+        if request.path != "/health":
+            await self.sup.wait_open()
+        resp: web.StreamResponse = await handler(request)
+        return resp
 
     # One cleanup context per resource, started in this order and ended in reverse.
 

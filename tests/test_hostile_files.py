@@ -1,17 +1,15 @@
 """What a member of group `llamad` may leave in the models directory or the llama.cpp cache
 cannot stop, slow or fool the catalog (docs/security.md, "Hostile model files"): files that
 are no regular files, header bombs, names that look like flags or like root's aliases, and
-links to what only root may read. tests/integration/test_hostile_files.py does the same to
-the installed package."""
+links to what only root may read. tests/integration/test_hostile_models.py tries them on a
+llamad in the box."""
 
 from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import ggufgen
@@ -39,46 +37,6 @@ def aged(*paths: Path) -> None:
 
 def about(snap: Snapshot, word: str) -> list[str]:
     return [p for p in snap.problems if word in p]
-
-
-def _s(b: bytes) -> bytes:
-    return struct.pack("<Q", len(b)) + b
-
-
-def gguf(kv: list[tuple[bytes, int, bytes]], tensors: bytes = b"", n_tensors: int = 0) -> bytes:
-    """A GGUF v3 file: its key-value pairs (key, type, packed value) and tensor infos."""
-    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kv))
-    data = head + b"".join(_s(k) + struct.pack("<I", t) + v for k, t, v in kv) + tensors
-    return data + b"\0" * (-len(data) % 32)
-
-
-def bombs(d: Path) -> dict[str, str]:
-    """Header bombs of the security review (M5, L6): file name -> the problem's words."""
-    with open(d / "tensors.gguf", "wb") as f:  # 2^40 tensor infos claimed, 4.8 MB of zeros
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0))
-        f.truncate(24 + 24 * 200_000)
-    with open(d / "strings.gguf", "wb") as f:  # a string array of 2^62 entries, sparse 1 TiB
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s(b"a") +
-                struct.pack("<IIQ", 9, 8, 2**62))
-        f.truncate(2**40)
-    (d / "negative.gguf").write_bytes(gguf([
-        (b"general.architecture", 8, _s(b"llama")),
-        (b"llama.context_length", 11, struct.pack("<q", -2**62))]))
-    (d / "layers.gguf").write_bytes(gguf([], _s(b"blk.4000000000.w") + struct.pack(
-        "<IqIQ", 1, 32, 0, 0), 1) + b"\0" * 256)
-    (d / "nested.gguf").write_bytes(gguf([(b"a", 9, struct.pack("<IQ", 9, 1))]))
-    return {"tensors.gguf": "claims 1099511627776 tensors",
-            "strings.gguf": "truncated or damaged",
-            "negative.gguf": "llama.context_length of type INT64, where llama.cpp reads a UINT32",
-            "layers.gguf": "layer 4000000000", "nested.gguf": "array of ARRAY"}
-
-
-@pytest.fixture
-def unix_socket(tmp_path: Path) -> Iterator[Path]:
-    with socket.socket(socket.AF_UNIX) as s:
-        path = tmp_path / "models" / "sock.gguf"
-        s.bind(str(path))
-        yield path
 
 
 def test_files_that_are_no_regular_files_are_refused_without_blocking(
@@ -115,7 +73,7 @@ def test_header_bombs_cost_little_and_say_why(tmp_path: Path) -> None:
     """Each bomb is refused in milliseconds, allocating next to nothing (M5, L6)."""
     d = tmp_path / "models"
     d.mkdir()
-    said = bombs(d)
+    said = ggufgen.write_bombs(d)
     ggufgen.write_model(d / "good.gguf")
     aged(*d.iterdir())
     tracemalloc.start()
@@ -139,8 +97,7 @@ def test_reading_has_a_budget_per_file_and_per_scan(tmp_path: Path,
     d.mkdir()
     n = ggufheader.MAX_STRINGS + 1
     with open(d / "many.gguf", "wb") as f:
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s(b"a") + struct.pack("<IIQ", 9, 8, n))
-        f.truncate(f.tell() + 8 * n)
+        ggufgen.write_strings(f, n)
     with pytest.raises(GGUFError, match=f"more than {ggufheader.MAX_STRINGS} strings"):
         read_header(d / "many.gguf")
     ggufgen.write_model(d / "a.gguf")

@@ -472,27 +472,22 @@ async def test_reconcile_confirms_a_failure_before_failing_the_model(rig: Rig) -
 
 
 async def test_requests_wait_for_the_first_scan_then_get_503(config: Config) -> None:
-    """llamad serves before its first scan is in (app.py): a request naming a model waits
-    for it, bounded by queue-timeout, and is then answered 503, never 404."""
+    """llamad serves before its first scan is in (app.py has requests wait_open): a
+    request waits for it, bounded by queue-timeout, and is then answered 503."""
     measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
     empty = Snapshot(MappingProxyType({}))
     sup = Supervisor(config, empty, FakeSystemd(Watch()), measure, no_journal, opened=False)
-    with pytest.raises(Unavailable, match="still reading its models") as e:
-        sup.resolve("tiny-a")
-    assert e.value.code == "catalog_scanning" and e.value.headers["Retry-After"] == "2"
-    found = asyncio.ensure_future(sup.find("tiny-a"))
-    listing = asyncio.ensure_future(sup.wait_open())
-    await asyncio.sleep(0)  # one turn of the loop: both are waiting now
-    assert not found.done() and not listing.done()
+    waiting = asyncio.ensure_future(sup.wait_open())
+    await asyncio.sleep(0)  # one turn of the loop: it is waiting now
+    assert not waiting.done()
     sup.update_snapshot(scan(config))
     sup.opened.set()
-    assert (await found).model.id == "tiny-a"
-    await listing
-    with pytest.raises(NotFound):
-        await sup.find("never-there")
+    await waiting
+    assert (await sup.find("tiny-a")).model.id == "tiny-a"
     late = Supervisor(dataclasses.replace(config, queue_timeout=0.1), empty,
                       FakeSystemd(Watch()), measure, no_journal, opened=False)
-    with pytest.raises(Unavailable, match="still reading its models"):
-        await late.find("tiny-a")
+    with pytest.raises(Unavailable, match="still reading its models") as e:
+        await late.wait_open()
+    assert e.value.code == "catalog_scanning" and e.value.headers["Retry-After"] == "2"
     await sup.close()
     await late.close()

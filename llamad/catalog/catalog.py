@@ -173,18 +173,19 @@ def _gguf_entries(directory: Path, scan: _Scan) -> list[os.DirEntry[str]]:
         return []
     for entry in entries:
         if not entry.name.endswith(".gguf"):
-            if entry.is_file() and not entry.name.startswith("."):
+            if _is(entry.is_file) and not entry.name.startswith("."):
                 scan.problems.append(f"{entry.path} is not a GGUF file (no .gguf suffix); "
                                      "skipped.")
-        elif not _is_dir(entry):
+        elif not _is(entry.is_dir):
             out.append(entry)
     return out
 
 
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    """entry.is_dir(), False for a link that loops (ELOOP would end the whole scan)."""
+def _is(test: Callable[[], bool]) -> bool:
+    """entry.is_file() or .is_dir(), False for a link that loops: its ELOOP would end the
+    whole scan, and with it llamad's start."""
     try:
-        return entry.is_dir()
+        return test()
     except OSError:
         return False
 
@@ -224,7 +225,7 @@ def discover_models_dir(directory: Path, scan: _Scan) -> list[Found]:
         if shards is not None:
             found.append(Found(entry.name.removesuffix(".gguf"), shards, None, "models_dir"))
     with os.scandir(directory) as it:
-        subdirs = sorted(e.path for e in it if _is_dir(e))
+        subdirs = sorted(e.path for e in it if _is(e.is_dir))
     for sub in subdirs:
         if (model := _scan_subdir(Path(sub), scan)) is not None:
             found.append(model)

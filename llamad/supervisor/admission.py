@@ -28,7 +28,8 @@ log = logging.getLogger("llamad.supervisor")
 class Admission(Lifecycle):
     async def wait_open(self) -> None:
         """Until llamad has read its models after a start (Core.opened), bounded by
-        queue-timeout; then 503 with Retry-After."""
+        queue-timeout; then 503 with Retry-After. app.py has every request but /health
+        wait here."""
         if self.opened.is_set():
             return
         try:
@@ -43,8 +44,7 @@ class Admission(Lifecycle):
 
     async def find(self, name: object) -> Slot:
         """resolve(), but a model whose file is being copied in is waited for (until it
-        settles, bounded by queue-timeout) rather than answered 404; so is the first scan."""
-        await self.wait_open()
+        settles, bounded by queue-timeout) rather than answered 404."""
         try:
             return self.resolve(name)
         except NotFound:
@@ -63,8 +63,6 @@ class Admission(Lifecycle):
             raise BadRequest("the request names no model; set \"model\" to one of GET /v1/models",
                              code="model_required")
         model = self.snapshot.resolve(name)
-        if (model is None or model.id not in self.slots) and not self.opened.is_set():
-            raise self._not_open()
         if model is None or model.id not in self.slots:
             raise NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
         return self.slots[model.id]
