@@ -177,3 +177,23 @@ def test_links_lead_only_where_a_model_unit_could_read(tmp_path: Path) -> None:
         assert len(lines) == 1, snap.problems
     text = "\n".join(snap.problems)
     assert "topsecret" not in text and "root:" not in text and "private-name" not in text
+
+
+def test_a_scan_keeps_a_bounded_number_of_models_and_problems(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Links by the hundred thousand to one tiny file cannot make llamad's memory grow
+    without bound: at most MAX_MODELS models and MAX_PROBLEMS problem lines are kept."""
+    d = tmp_path / "models"
+    one = ggufgen.write_model(d / "m0.gguf")
+    for n in range(1, 5):
+        os.link(one, d / f"m{n}.gguf")
+        (d / f"bad{n}.gguf").write_bytes(b"junk")
+    aged(*d.iterdir())
+    monkeypatch.setattr(catalog, "MAX_MODELS", 3)
+    monkeypatch.setattr(catalog, "MAX_PROBLEMS", 2)
+    snap = scan(config(d), cache=InfoCache())
+    assert sorted(snap.models) == ["m0", "m1", "m2"]
+    assert len(snap.problems) == 3 and snap.problems[-1] == "... and 3 more problems."
+    monkeypatch.setattr(catalog, "MAX_PROBLEMS", 10)
+    said = scan(config(d), cache=InfoCache()).problems
+    assert "more than 3 models were found; the other 2 are left out." in said

@@ -43,6 +43,10 @@ SETTLE_SECONDS = 1.0  # a file modified more recently than this may still be bei
 # CPU one scan spends reading headers it has not cached; the rest wait for the next scan,
 # so hostile files (each bounded by ggufheader.CPU_SECONDS) cannot hold a scan for long.
 SCAN_SECONDS = 10.0
+# What a scan keeps at most: a group member's 200,000 links to one tiny file would
+# otherwise cost llamad more memory than MemoryMax= (~6.5 KB a model: docs/benchmarks.md).
+MAX_MODELS = 10_000
+MAX_PROBLEMS = 1_000
 SOURCE_RANK = {"models_dir": 0, "cache": 1}
 _DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-")
 
@@ -394,11 +398,31 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
                                     for c in hfcache.discover(root, st.problems))}
     merged = _apply_presets(_merge([*found, *cached.values()], st.problems), preset, cached,
                             st.problems)
+    settling: set[str] = set()
+    models = _models(merged, st, preset, global_args, previous, settling, config)
+    for model in kept:
+        models.setdefault(model.id, model)
+    cache.retain(st.seen)
+    _secrets(models, st.problems)
+    aliases = _aliases(models, st.problems, preset.path)
+    problems = st.problems[:MAX_PROBLEMS]
+    if len(st.problems) > MAX_PROBLEMS:
+        problems.append(f"... and {len(st.problems) - MAX_PROBLEMS} more problems.")
+    return Snapshot(MappingProxyType(models), tuple(problems), MappingProxyType(aliases),
+                    st.pending, frozenset(settling))
+
+
+def _models(merged: dict[str, Found], st: _Scan, preset: Presets, global_args: Options,
+            previous: Snapshot | None, settling: set[str], config: Config) -> dict[str, Model]:
+    """The servable models of those found, at most MAX_MODELS."""
     models: dict[str, Model] = {}
     units: dict[str, str] = {}
-    settling: set[str] = set()
     reserved = {a: name for name, section in preset.sections.items() for a in section.aliases}
-    for f in merged.values():
+    for n, f in enumerate(merged.values()):
+        if len(models) >= MAX_MODELS:
+            st.problems.append(f"more than {MAX_MODELS} models were found; the other "
+                               f"{len(merged) - n} are left out.")
+            break
         if (why := _unsafe(f, reserved)) is not None:
             st.problems.append(why)
             continue
@@ -411,13 +435,7 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
             continue
         units[model.unit] = f.id
         models[f.id] = model
-    for model in kept:
-        models.setdefault(model.id, model)
-    cache.retain(st.seen)
-    _secrets(models, st.problems)
-    aliases = _aliases(models, st.problems, preset.path)
-    return Snapshot(MappingProxyType(models), tuple(st.problems), MappingProxyType(aliases),
-                    st.pending, frozenset(settling))
+    return models
 
 
 def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
