@@ -39,6 +39,7 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
+STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 
 
 async def journal_tail(unit: str, lines: int = 5) -> str:
@@ -186,6 +187,7 @@ class Daemon:
             self.stop.set()
             return
         sup.opened.set()
+        self.notifier.status(report.status_line(sup))  # before any waiting request resumes
         await sup.preload()
         sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
 
@@ -304,9 +306,9 @@ async def serve(config: Config, listen: str | None = None) -> None:
             # aiohttp's protocol, guarded per connection: the connection cap, and a
             # deadline for receiving each request, which aiohttp lacks (limits.Guard).
             servers.append(await loop.create_server(lim.protocol(runner.server), sock=sock))
-        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
-                 report.status_line(daemon.sup))
-        notifier.ready(report.status_line(daemon.sup))
+        status = report.status_line(daemon.sup) if daemon.sup.opened.is_set() else STARTING
+        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets), status)
+        notifier.ready(status)
         await daemon.stop.wait()
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
