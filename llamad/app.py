@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, webui
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
 from llamad.catalog.gguf_info import InfoCache
@@ -77,7 +77,8 @@ class Daemon:
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
-        self.request_log = requestlog.JournalWriter() if config.request_log else None
+        # Writes the request log (if on) and llamad's notes into models' journals.
+        self.journal = requestlog.JournalWriter()
 
     def app(self) -> web.Application:
         door = browsers.Door(self.config, keyed=self.keyring is not None)
@@ -87,8 +88,8 @@ class Daemon:
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
         sinks: list[record.Sink] = [self.metrics.on_request]
-        if self.request_log is not None:
-            sinks.append(self.request_log)
+        if self.config.request_log:
+            sinks.append(self.journal)
         middlewares += [record.middleware(sinks), self._opened]
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
@@ -100,7 +101,8 @@ class Daemon:
         api.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
-        webui.add_routes(app, self.config.ui_dir)
+        ollama.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
                                 self._watcher, self._running])
@@ -148,6 +150,8 @@ class Daemon:
         self.units.follow(sup.on_unit_change, sup.reconcile_soon)
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
+        sup.events.subscribe(requestlog.fit_notes(
+            self.journal, lambda m: sup.slots[m].unit if m in sup.slots else None))
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         try:
             yield
@@ -192,11 +196,11 @@ class Daemon:
         sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
 
     async def _request_log(self, app: web.Application) -> AsyncIterator[None]:
+        """The journal writer: the request log and llamad's notes in models' journals."""
         try:
             yield
         finally:
-            if self.request_log is not None:
-                self.request_log.close()
+            self.journal.close()
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None

@@ -10,19 +10,27 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from llamad.catalog import files, ggufheader
-from llamad.catalog.ggufheader import ARCH_FIELDS, FileHeader, GGUFError, Scalar, TensorBytes
+from llamad.catalog.ggufheader import (
+    ARCH_FIELDS,
+    EXPERTS,
+    TEMPLATE_KEY,
+    FileHeader,
+    GGUFError,
+    Scalar,
+    TensorBytes,
+)
 
 # What a header says lives in ggufheader.py; the catalog imports these names from here.
-__all__ = ["FileHeader", "GGUFError", "GGUFInfo", "InfoCache", "Scalar", "TensorBytes",
-           "combine", "read_header"]
+__all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "InfoCache",
+           "Projector", "Scalar", "TensorBytes", "combine", "metadata", "read_header"]
 
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 5
+CACHE_VERSION = 7  # 7: problem lines quote no bytes
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,38 @@ class GGUFInfo:
     expert_used_count: int | None = None
     expert_feed_forward_length: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
+    projector: Projector | None = None  # the paired mmproj file, when there is one
+    # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
+    # (presets.run_settings picks llama.cpp's built-in template for the architecture instead).
+    chat_template: bool = True
+
+
+class Projector(NamedTuple):
+    """A multimodal projector (mmproj) file: its size and its encoder's shape, whose
+    compute graph llama-server reserves for the largest image (or audio clip) at load."""
+
+    size: int
+    tokens: int  # patches of the largest image, or audio frames
+    embedding: int
+    feed_forward: int
+    heads: int
+
+    @classmethod
+    def of(cls, head: FileHeader) -> Projector:
+        f = head.fields
+
+        def num(kind: str, key: str, default: int) -> int:
+            value = f.get(f"clip.{kind}.{key}")
+            return value if type(value) is int and value > 0 else default
+
+        audio = "clip.audio.embedding_length" in f and "clip.vision.embedding_length" not in f
+        kind = "audio" if audio else "vision"
+        # Whisper-style audio encoders see 30 s as 1500 frames.
+        tokens = (num(kind, "image_size", 896) // num(kind, "patch_size", 14)) ** 2 \
+            if not audio else 1500
+        embd = num(kind, "embedding_length", 1152)
+        return cls(head.size, tokens, embd, num(kind, "feed_forward_length", 4 * embd),
+                   num(kind, "attention.head_count", 16))
 
 
 def _not_gguf(head: bytes) -> str | None:
@@ -68,6 +108,19 @@ def read_header(path: Path) -> FileHeader:
     """Parse one file's header; raise GGUFError if it is not a complete GGUF file, or not a
     regular file llamad may read (files.py: never blocks, never as root what a model unit
     could not read)."""
+    return _reading(path, ggufheader.parse)
+
+
+def metadata(path: Path) -> dict[str, Scalar | None]:
+    """Every key of the file's header (ggufheader.metadata): its value, or None for an
+    array. The whole header is walked: call it on a worker thread. Raises GGUFError."""
+    return _reading(path, ggufheader.metadata)
+
+
+T = TypeVar("T")
+
+
+def _reading(path: Path, read: Callable[[int, int], T]) -> T:
     try:
         fd, st = files.open_regular(path)
     except files.Refused as e:
@@ -76,7 +129,7 @@ def read_header(path: Path) -> FileHeader:
         why = _not_gguf(os.pread(fd, 64, 0))
         if why:
             raise GGUFError(why)
-        return ggufheader.parse(fd, st.st_size)
+        return read(fd, st.st_size)
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except GGUFError as e:
@@ -119,8 +172,10 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
+        chat_template=first.chat_template,
         tensors=first.tensors if len(shards) == 1 else functools.reduce(
             TensorBytes.plus, (s.tensors for s in shards)),
+        projector=Projector.of(mmproj) if mmproj is not None else None,
         **ints,
     )
 
@@ -131,8 +186,8 @@ def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
 
 
 def _header(value: dict[str, Any]) -> FileHeader:
-    layers, *rest = value.pop("tensors")
-    return FileHeader(**value, tensors=TensorBytes(tuple(layers), *rest))
+    tensors = TensorBytes.load(value.pop("tensors"))
+    return FileHeader(**value, tensors=tensors)
 
 
 def _stat_key(st: os.stat_result) -> StatKey:
@@ -164,9 +219,7 @@ class InfoCache:
                 if confine is not None:
                     confine(path)
                 value: FileHeader | str = read_header(path)
-            except files.Refused as e:
-                value = str(e)
-            except GGUFError as e:
+            except (files.Refused, GGUFError) as e:
                 value = str(e)
             hit = (key, value)
             self._entries[name] = hit

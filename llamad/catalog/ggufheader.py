@@ -23,17 +23,23 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 Scalar = str | int | float | bool
 
+TEMPLATE_KEY = "tokenizer.chat_template"
+# A projector's (mmproj) encoder shape, for the memory of its compute graph.
+CLIP_FIELDS = ("image_size", "patch_size", "embedding_length", "feed_forward_length",
+               "attention.head_count", "block_count")
+CLIP_KEYS = tuple(f"clip.{kind}.{key}" for kind in ("vision", "audio") for key in CLIP_FIELDS)
 KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
-                       "clip.has_vision_encoder", "clip.has_audio_encoder"))
+                       "clip.has_vision_encoder", "clip.has_audio_encoder", *CLIP_KEYS))
 # GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
 ARCH_FIELDS = {
     "context_length": "context_length", "block_count": "block_count",
@@ -47,14 +53,18 @@ ARCH_FIELDS = {
 KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
 # Tensors llama.cpp keeps with the input layer, which always stays on the host.
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
+# A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
+EXPERTS = re.compile(r"ffn_(up|down|gate_up|gate)_(ch|)exps")
 
 MAX_TENSORS = 65_536  # the biggest published models have a few thousand per file
 MAX_KEYS = 100_000  # real files have tens
 MAX_STRINGS = 8_000_000  # array strings per file: vocabularies and merges have up to ~1M
 MAX_LAYERS = 4096  # llama.cpp's own limit is 512 (LLAMA_MAX_LAYERS)
+MAX_KINDS = 4096  # tensor names within a layer (ffn_up.weight ...): real files have tens
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME less its NUL: llama.cpp refuses longer tensor names
 MAX_KEPT = 4096  # bytes of a kept string value
+MAX_SHOWN = 64 * 1024, 1024 * 1024  # `metadata`: bytes of a string value, and of all of them
 CPU_SECONDS = 5.0  # per file; a real header takes well under one
 _WINDOW = 1 << 20
 _CHECK_EVERY = 4096
@@ -80,41 +90,72 @@ class TensorBytes(NamedTuple):
     """The tensor table boiled down to what placement needs: bytes per repeating layer
     (`blk.N.*`), of the input layer (token embeddings, kept on the host), and of the output
     layer (everything else: output norm and head). Without an `output.weight` tensor the head
-    is tied to the token embedding, which llama.cpp then also copies to the output's device."""
+    is tied to the token embedding, which llama.cpp then also copies to the output's device.
+    For tensor overrides (--cpu-moe, --n-cpu-moe, -ot): the expert weights per layer, and
+    per tensor name within a layer (`ffn_up.weight`) its bytes over all layers and in how
+    many layers it is."""
 
     layers: tuple[int, ...] = ()
     input: int = 0
     output: int = 0
     tied: bool = True
     vocab: int = 0  # token embedding rows
+    experts: tuple[int, ...] = ()  # bytes of blk.N.ffn_*_exps per layer; () for dense models
+    kinds: tuple[tuple[str, int, int], ...] = ()  # (name in the layer, bytes, layers)
 
     @classmethod
     def of(cls, tensors: Iterable[tuple[str, int, int]]) -> TensorBytes:
         """From (name, bytes, last dimension) per tensor."""
         layers: dict[int, int] = {}
+        experts: dict[int, int] = {}
+        kinds: dict[str, tuple[int, int]] = {}
         inp = out = vocab = 0
         tied = True
         for name, size, rows in tensors:
             block = _block(name)
             if block is not None:
                 layers[block] = layers.get(block, 0) + size
+                kind = name.split(".", 2)[2] if name.count(".") >= 2 else ""
+                total, count = kinds.get(kind, (0, 0))
+                kinds[kind] = (total + size, count + 1)
+                if len(kinds) > MAX_KINDS:
+                    raise GGUFError(f"names more than {MAX_KINDS} kinds of layer tensors")
+                if EXPERTS.search(kind):
+                    experts[block] = experts.get(block, 0) + size
             elif name.startswith(INPUT_TENSORS):
                 inp += size
                 vocab = rows if name == "token_embd.weight" else vocab
             else:
                 out += size
                 tied = tied and name != "output.weight"
-        return cls(tuple(layers.get(i, 0) for i in range(max(layers, default=-1) + 1)),
-                   inp, out, tied, vocab)
+        n = max(layers, default=-1) + 1
+        return cls(tuple(layers.get(i, 0) for i in range(n)), inp, out, tied, vocab,
+                   tuple(experts.get(i, 0) for i in range(n)) if experts else (),
+                   tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
 
     def plus(self, other: TensorBytes) -> TensorBytes:
         """Two shards of one model together."""
-        n = max(len(self.layers), len(other.layers))
-        pad = (0,) * n
-        layers = tuple(a + b for a, b in zip((self.layers + pad)[:n], (other.layers + pad)[:n],
-                                             strict=True))
-        return TensorBytes(layers, self.input + other.input, self.output + other.output,
-                           self.tied and other.tied, self.vocab or other.vocab)
+        kinds = {k: (t, c) for k, t, c in self.kinds}
+        for k, t, c in other.kinds:
+            total, count = kinds.get(k, (0, 0))
+            kinds[k] = (total + t, count + c)
+        return TensorBytes(_add(self.layers, other.layers), self.input + other.input,
+                           self.output + other.output, self.tied and other.tied,
+                           self.vocab or other.vocab, _add(self.experts, other.experts),
+                           tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
+
+    @classmethod
+    def load(cls, value: list[Any]) -> TensorBytes:
+        """From its JSON form in the header cache (lists for tuples)."""
+        layers, inp, out, tied, vocab, experts, kinds = value
+        return cls(tuple(layers), inp, out, tied, vocab, tuple(experts),
+                   tuple((str(k), int(t), int(c)) for k, t, c in kinds))
+
+
+def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    return tuple(x + y for x, y in zip(a + (0,) * (n - len(a)), b + (0,) * (n - len(b)),
+                                       strict=True))
 
 
 def _block(name: str) -> int | None:
@@ -139,6 +180,7 @@ class FileHeader:
     size: int
     file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
     tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
+    chat_template: bool = True
 
 
 @functools.cache
@@ -225,11 +267,12 @@ class _Source:
             self.tick()
 
 
-def _value(src: _Source, kind: int, keep: bool) -> Scalar | None:
-    """One value of type `kind`, returned only when kept; arrays are stepped over."""
+def _value(src: _Source, kind: int, keep: int) -> Scalar | None:
+    """One value of type `kind`, returned only when kept (`keep`: the longest string
+    kept; 0 keeps nothing); arrays are stepped over."""
     if kind == STRING:
-        n = src.string_length(MAX_KEPT if keep else None)
-        if not keep:
+        n = src.string_length()
+        if not keep or n > keep:
             src.skip(n)
             return None
         return src.take(n).decode("utf-8", "replace")
@@ -249,30 +292,45 @@ def _value(src: _Source, kind: int, keep: bool) -> Scalar | None:
     return value if keep else None
 
 
-_ARCH_SUFFIXES = tuple("." + key for key in KEPT_ARCH_KEYS)
+Keep = Callable[[str, int], int]  # (key, type) -> the longest string value kept; 0: none
 
 
-def _keys(src: _Source, count: int) -> dict[str, tuple[int, Scalar]]:
-    """The kept keys' (type, value): KEPT_KEYS, and those that may be the architecture's."""
-    kept: dict[str, tuple[int, Scalar]] = {}
-    longest = max(map(len, KEPT_KEYS | {"general.alignment"})) + 64
+def _walk_keys(src: _Source, count: int, keep: Keep,
+               longest: int) -> Iterator[tuple[str | None, int, Scalar | None]]:
+    """(key, type, value) of each key-value pair; the key None where longer than `longest`,
+    the value None unless `keep` says so."""
     for i in range(count):
         n = src.string_length()
         name = src.take(n).decode("utf-8", "replace") if n <= longest else None
         if name is None:
             src.skip(n)
         kind = src.u32()
-        keep = name is not None and kind != ARRAY and (
-            name in KEPT_KEYS or name == "general.alignment" or (
-                name.endswith(_ARCH_SUFFIXES) and len(kept) < 256))
-        value = _value(src, kind, keep)
-        if keep and value is not None and name is not None:
+        value = _value(src, kind, keep(name, kind) if name is not None else 0)
+        if i % _CHECK_EVERY == 0:
+            src.tick()
+        yield name, kind, value
+
+
+_ARCH_SUFFIXES = tuple("." + key for key in KEPT_ARCH_KEYS)
+
+
+def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Scalar]], bool]:
+    """The kept keys' (type, value): KEPT_KEYS, and those that may be the architecture's;
+    and whether the header holds a chat template."""
+    kept: dict[str, tuple[int, Scalar]] = {}
+    template = False
+
+    def keep(name: str, kind: int) -> int:
+        wanted = name in KEPT_KEYS or name == "general.alignment" or (
+            name.endswith(_ARCH_SUFFIXES) and len(kept) < 256)
+        return MAX_KEPT if wanted and kind != ARRAY else 0
+    for name, kind, value in _walk_keys(src, count, keep, max(map(len, KEPT_KEYS)) + 64):
+        template = template or name == TEMPLATE_KEY
+        if value is not None and name is not None:
             if name in kept:
                 raise GGUFError(f"holds the key {name} twice")
             kept[name] = (kind, value)
-        if i % _CHECK_EVERY == 0:
-            src.tick()
-    return kept
+    return kept, template
 
 
 def _typed(kept: dict[str, tuple[int, Scalar]], key: str, want: int) -> Scalar | None:
@@ -290,7 +348,7 @@ def _fields(kept: dict[str, tuple[int, Scalar]]) -> dict[str, Scalar]:
     arch = _typed(kept, "general.architecture", STRING)
     out: dict[str, Scalar] = {} if arch is None else {"general.architecture": arch}
     wanted = [("general.file_type", UINT32), ("clip.has_vision_encoder", BOOL),
-              ("clip.has_audio_encoder", BOOL)]
+              ("clip.has_audio_encoder", BOOL), *((key, UINT32) for key in CLIP_KEYS)]
     wanted += [(f"{arch}.{key}", UINT32) for key in KEPT_ARCH_KEYS] if arch else []
     for key, kind in wanted:
         value = _typed(kept, key, kind)
@@ -336,10 +394,8 @@ def _tensors(src: _Source, count: int, tally: _Tally) -> Iterator[tuple[str, int
         yield name, nbytes, shape[-1] if dims > 1 else 0
 
 
-def parse(fd: int, size: int) -> FileHeader:
-    """The header of the open GGUF file `fd` of `size` bytes; GGUFError if it is not a
-    complete one (the caller has checked the magic)."""
-    src = _Source(fd, size)
+def _counts(src: _Source) -> tuple[int, int]:
+    """The header's tensor and key counts, checked against the file and llamad's bounds."""
     _, version, n_tensors, n_keys = _HEAD.unpack(src.take(_HEAD.size))
     if version & 0xFFFF == 0:
         raise GGUFError("is a GGUF file of the other byte order (big-endian), which "
@@ -350,7 +406,15 @@ def parse(fd: int, size: int) -> FileHeader:
         raise GGUFError(f"claims {n_tensors} tensors and {n_keys} keys; llamad reads at most "
                         f"{MAX_TENSORS} and {MAX_KEYS}")
     src.need(n_tensors * 24 + n_keys * 13)  # the least each takes: else it is cut short
-    kept = _keys(src, n_keys)
+    return n_tensors, n_keys
+
+
+def parse(fd: int, size: int) -> FileHeader:
+    """The header of the open GGUF file `fd` of `size` bytes; GGUFError if it is not a
+    complete one (the caller has checked the magic)."""
+    src = _Source(fd, size)
+    n_tensors, n_keys = _counts(src)
+    kept, template = _keys(src, n_keys)
     fields = _fields(kept)
     alignment = _typed(kept, "general.alignment", UINT32)
     alignment = 32 if alignment is None else int(alignment)
@@ -366,4 +430,23 @@ def parse(fd: int, size: int) -> FileHeader:
     return FileHeader(
         fields=fields, parameters=tally.parameters,
         tensor_type=tally.types.most_common(1)[0][0] if tally.types else None, size=size,
-        file_type=_ggml()[1].get(file_type) if type(file_type) is int else None, tensors=table)
+        file_type=_ggml()[1].get(file_type) if type(file_type) is int else None, tensors=table,
+        chat_template=template)
+
+
+def metadata(fd: int, size: int) -> dict[str, Scalar | None]:
+    """Every key of the open GGUF file's header: its value, or None for an array, for a
+    string past MAX_SHOWN[0] bytes, and for every value once MAX_SHOWN[1] bytes are kept.
+    Walks the whole header: call it on a worker thread. Raises GGUFError."""
+    src = _Source(fd, size)
+    _, n_keys = _counts(src)
+    left = MAX_SHOWN[1]
+
+    def keep(name: str, kind: int) -> int:
+        return min(MAX_SHOWN[0], left) if kind != ARRAY and left > 0 else 0
+    out: dict[str, Scalar | None] = {}
+    for name, _, value in _walk_keys(src, n_keys, keep, 1024):
+        if name is not None and left > 0:
+            out[name] = value
+            left -= len(name) + (len(value) if isinstance(value, str) else 8)
+    return out
