@@ -14,6 +14,7 @@ paths are taken from the preset file's directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,8 +201,8 @@ def _extra(key: str, value: str, where: str, base: Path | None = None) -> object
             return on
         if key in ("stop-timeout", "ttl"):
             number = float(value)
-            if number < 0 and not (key == "ttl" and number == -1):
-                raise bad
+            if not math.isfinite(number) or (number < 0 and not (key == "ttl" and number == -1)):
+                raise bad  # nan and inf too: a stop timeout of either failed every start
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
             if not SIZE.fullmatch(value.strip()):
