@@ -121,6 +121,7 @@ class Daemon:
         sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
                          journal_tail, rescan=watcher.rescan_now)
         self.sup = sup
+        self.catalog.swa_fits = sup.kv.swa_fits  # before the first scan, the watcher's
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))

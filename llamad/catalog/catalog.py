@@ -26,6 +26,7 @@ from llamad.catalog.presets import (
     ModelSettings,
     Options,
     Presets,
+    SwaFits,
     canonical_name,
     load_presets,
     model_settings,
@@ -93,6 +94,7 @@ class _Scan:
     cache: InfoCache
     now: float
     settle: float
+    swa_fits: SwaFits | None = None
     problems: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     pending: bool = False
@@ -320,10 +322,10 @@ def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
 
 
 def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
-           config: Config) -> Model:
+           config: Config, swa_fits: SwaFits | None) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings)  # --swa-full where it is needed
+    settings = run_settings(config, info, settings, swa_fits)  # --swa-full where it pays
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
@@ -334,16 +336,18 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
-         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None) -> Snapshot:
+         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None,
+         swa_fits: SwaFits | None = None) -> Snapshot:
     """Build a Snapshot of everything servable now. Raises ConfigError for bad `args`.
 
     With the `previous` snapshot, a known model whose file is still being written keeps
     its previous entry, and so do the models of a models directory that has gone.
+    `swa_fits`: whether a sliding-window model's --swa-full fits the memory plan.
     """
     preset = preset if preset is not None else load_presets(config.models_preset)
     global_args = parse_args(config.args, f"{config.path or 'configuration'}: args")
     cache = cache if cache is not None else _default_cache
-    st = _Scan(cache, time.time(), settle)
+    st = _Scan(cache, time.time(), settle, swa_fits)
     found: list[Found] = []
     kept: list[Model] = []
     for directory in config.models_dirs:
@@ -390,7 +394,7 @@ def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
     f.shards = shards
     info = _read(f, st)
     if info is not None:
-        return _model(f, info, preset, global_args, config)
+        return _model(f, info, preset, global_args, config, st.swa_fits)
     if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
         return None
     old = previous.models.get(f.id) if previous is not None else None
@@ -436,6 +440,7 @@ class Catalog:
         self.config = config
         self.cache = cache if cache is not None else InfoCache()
         self.settle = settle
+        self.swa_fits: SwaFits | None = None  # the daemon's memory plan, set before a scan
         self.presets = load_presets(config.models_preset)
         self.snapshot = Snapshot(MappingProxyType({}))
         self._listeners: list[Listener] = []
@@ -453,7 +458,7 @@ class Catalog:
             # Keep serving with the last good presets; the file may be mid-edit.
             log.warning("%s Keeping the previous presets.", e.message)
         snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
-                        previous=self.snapshot)
+                        previous=self.snapshot, swa_fits=self.swa_fits)
         self.cache.save()  # a no-op unless the cache has a file and changed
         return snapshot
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -423,11 +423,19 @@ def _ini_value(value: object) -> str:
 # -- what kept KV caches need ------------------------------------------------------------------
 
 SWA_FULL = "--swa-full"
+# Whether a sliding-window model may have `--swa-full` (its full-size cache): None if it
+# may, else why not. The daemon's comes from the memory plan (kvpolicy.swa_full_fits).
+SwaFits = Callable[["GGUFInfo", tuple[str, ...]], "str | None"]
 
 
-def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
-    """The model's settings with `--swa-full` added where kept caches need it (kv-cache on):
-    llama-server restores a sliding-window model's cache without it but never reuses it."""
-    if not config.kv_cache or not info.sliding_window or SWA_FULL in settings.args:
+def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings,
+                 swa_fits: SwaFits | None = None) -> ModelSettings:
+    """The model's settings with `--swa-full` added where kept caches need it: llama-server
+    restores a sliding-window model's cache without it but never reuses it. With
+    kv-cache = yes always; with auto only where `swa_fits` says the larger cache fits."""
+    if config.kv_cache == "no" or not info.sliding_window or SWA_FULL in settings.args:
+        return settings
+    if config.kv_cache == "auto" and (swa_fits is None
+                                      or swa_fits(info, (*settings.args, SWA_FULL))):
         return settings
     return dataclasses.replace(settings, args=(*settings.args, SWA_FULL))

@@ -80,6 +80,7 @@ class Admission(Lifecycle):
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
         slot.in_flight -= 1
         slot.served += 1
+        self.kv.request_ended(slot.model.id)  # did a restored cache take? (checked once)
         slot.last_used = slot.alive_at = time.monotonic()
         if keep_alive is not None:
             slot.keep_alive = keep_alive

@@ -29,5 +29,5 @@ class Supervisor(Idle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
-        self.kv = kvcache.KvCache(self.config, self.events)  # KV caches kept across swaps
+        self.kv = kvcache.KvCache(self.config, self.events, self.measure)  # kept across swaps
         self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy
