@@ -26,6 +26,7 @@ from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
+from llamad.sizes import MIB
 from llamad.supervisor import sampling
 from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
@@ -38,7 +39,6 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
-MIB = 1024 * 1024
 
 
 async def journal_tail(unit: str, lines: int = 5) -> str:

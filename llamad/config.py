@@ -13,12 +13,12 @@ from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_value
 from validate import Validator
 
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE
 
 DEFAULT_PATH = Path("/etc/llamad/llamad.conf")
 DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
 SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
 
-_SIZE = re.compile(r"(\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity)")
 _ORIGIN = re.compile(r"https?://[^/\s]+")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
@@ -204,7 +204,7 @@ def _opt_path(value: str | None) -> Path | None:
 def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     """Turn validated values into Config attributes, checking what validate cannot."""
     for key in ("listen", "slice-memory-max"):
-        pattern = _LISTEN if key == "listen" else _SIZE
+        pattern = _LISTEN if key == "listen" else SIZE
         if v[key] and not pattern.fullmatch(v[key]):
             raise _bad(path, key, v[key])
     if not v["listen"]:

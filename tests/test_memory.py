@@ -59,11 +59,11 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
         ("defaults", [], ServerArgs()),
         ("layers", ["-ngl", "20"], ServerArgs(gpu_layers=20)),
         ("layers auto", ["--gpu-layers", "auto"], ServerArgs()),
-        ("layers all, = form", ["--n-gpu-layers=all"], ServerArgs()),
+        ("layers all", ["--n-gpu-layers", "all"], ServerArgs()),
         ("layers -1 is auto", ["-ngl", "-1"], ServerArgs()),
         ("no offload", ["-ngl", "0"], ServerArgs(gpu_layers=0)),
         ("context", ["-c", "4096"], ServerArgs(ctx_size=4096)),
-        ("context 0 is the model's", ["--ctx-size=0"], ServerArgs()),
+        ("context 0 is the model's", ["--ctx-size", "0"], ServerArgs()),
         ("cache types", ["-ctk", "q8_0", "--cache-type-v", "Q4_0"],
          ServerArgs(cache_type_k="q8_0", cache_type_v="q4_0")),
         ("slots", ["-np", "2"], ServerArgs(parallel=2)),
@@ -80,7 +80,9 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
         ("bad number falls back to the default", ["-c", "lots"], ServerArgs()),
         ("batch, flash attention, load mode", ["-b", "256", "-fa", "off", "-lm", "none"],
          ServerArgs(batch=256, flash_attn="off", load_mode="none")),
-        ("flash attention on, = form", ["--flash-attn=on"], ServerArgs(flash_attn="on")),
+        ("flash attention on", ["--flash-attn", "on"], ServerArgs(flash_attn="on")),
+        # llama-server takes no `--flag=value` (an invalid argument), so neither does llamad
+        ("no = form", ["--flash-attn=on", "-c=16"], ServerArgs()),
     ]
     for name, args, want in table:
         with subtests.test(name):

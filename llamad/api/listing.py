@@ -15,6 +15,7 @@ from typing import Any
 
 from llamad import redact
 from llamad.api import report
+from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.memory import estimate as memory
 from llamad.supervisor.events import State
@@ -72,7 +73,7 @@ def info(model: Model) -> dict[str, Any]:
 def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     m = slot.model
     status: dict[str, Any] = {"value": ROUTER_STATUS[slot.state],
-                              "args": redact.argv(sup.spec(slot, slot.gpus)[0].argv),
+                              "args": argv.masked(sup.spec(slot, slot.gpus)[0].argv, redact.MASK),
                               "preset": redact.text(m.settings.preset_text)}
     if slot.state is State.FAILED:
         status.update(failed=True, exit_code=exit_code(slot))

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from llamad import redact
-from llamad.catalog import hfcache
+from llamad.catalog import argv, hfcache
 from llamad.catalog.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
 from llamad.catalog.presets import (
     MMPROJ,
@@ -295,9 +295,9 @@ def _unsafe(f: Found) -> str | None:
 
 def _secrets(models: dict[str, Model], problems: list[str]) -> None:
     """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
-    with_secrets = [m.id for m in models.values() if redact.secret_values(m.settings.args)]
+    with_secrets = [m.id for m in models.values() if argv.secret_values(m.settings.args)]
     for m in models.values():
-        redact.remember(redact.secret_values(m.settings.args))
+        redact.remember(argv.secret_values(m.settings.args))
     if with_secrets:
         names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
         problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): llamad "

@@ -21,9 +21,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from llamad.catalog import argv
 from llamad.catalog import rpcargs as rpc
-from llamad.catalog.llama_flags import FLAGS
+from llamad.catalog.argv import BY_KEY, Flag
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
@@ -34,35 +36,6 @@ FALSE = ("off", "disabled", "false", "0", "no")
 Options = dict[str, tuple[str, ...]]
 
 
-@dataclass(frozen=True)
-class Flag:
-    names: tuple[str, ...]
-    neg: tuple[str, ...]
-    kind: str  # value | bool | flag | two
-    env: str | None
-
-    @property
-    def canonical(self) -> str:
-        return self.names[-1]  # llama.cpp renders the last (long) spelling too
-
-
-def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]:
-    """(preset key -> (flag, negated)), (command-line spelling -> (flag, negated))."""
-    by_key: dict[str, tuple[Flag, bool]] = {}
-    by_arg: dict[str, tuple[Flag, bool]] = {}
-    for names, neg, kind, env in FLAGS:
-        flag = Flag(names, neg, kind, env)
-        for spellings, negated in ((names, False), (neg, True)):
-            for s in spellings:
-                by_key[s.lstrip("-")] = by_arg[s] = (flag, negated)
-        if env:
-            by_key[env] = (flag, False)
-            if neg:
-                by_key[env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")] = (flag, True)
-    return by_key, by_arg
-
-
-BY_KEY, BY_ARG = _keys()
 MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
     "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
 # Flags whose value is a file or directory: relative ones are taken from the preset's place.
@@ -79,7 +52,6 @@ OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "models-max", "models-preset", "models-autoload", "help", "version"))
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
 LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split")
-_SIZE = re.compile(r"\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity")
 
 
 @dataclass(frozen=True)
@@ -149,26 +121,19 @@ def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tupl
 def parse_args(tokens: tuple[str, ...], where: str) -> Options:
     """Parse a llama-server command line (the config's `args`) into options."""
     out: Options = {}
-    i = 0
-    while i < len(tokens):
-        arg = tokens[i]
-        if arg.startswith("--"):
-            arg = arg.replace("_", "-")  # llama-server accepts --ctx_size too
-        if arg not in BY_ARG:
-            raise ConfigError(f"{where}: {tokens[i]!r} is not a llama-server option.")
-        flag, negated = BY_ARG[arg]
-        _check_owned(flag, where, tokens[i])
-        n = {"value": 1, "two": 2}.get(flag.kind, 0)
-        if i + n >= len(tokens) and n:
-            raise ConfigError(f"{where}: {tokens[i]} needs a value.")
-        values = tokens[i + 1:i + 1 + n]
+    for option in argv.walk(tokens):
+        flag = option.flag
+        if flag is None:
+            raise ConfigError(f"{where}: {option.given!r} is not a llama-server option.")
+        _check_owned(flag, where, option.given)
+        if len(option.values) < flag.arity:
+            raise ConfigError(f"{where}: {option.given} needs a value.")
         if flag.canonical == rpc.FLAG:
-            _check_rpc(values[0], where, tokens[i])
-        if flag.kind in ("value", "two"):
-            out[flag.canonical] = (flag.canonical, *values)
+            _check_rpc(option.value, where, option.given)
+        if flag.arity:
+            out[flag.canonical] = (flag.canonical, *option.values)
         else:
-            out[flag.canonical] = _render(flag, negated, "true", where, tokens[i])
-        i += 1 + n
+            out[flag.canonical] = _render(flag, option.negated, "true", where, option.given)
     return out
 
 
@@ -200,7 +165,7 @@ def _extra(key: str, value: str, where: str) -> object:
                 raise bad
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
-            if not _SIZE.fullmatch(value.strip()):
+            if not SIZE.fullmatch(value.strip()):
                 raise bad
             return value.strip()
         devices = tuple(int(d) for d in value.split(","))
@@ -393,15 +358,11 @@ def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
          defaults: Section) -> str:
     """The model's effective preset as INI, like the router's status.preset."""
     lines = [f"[{model_id}]"]
-    i = 0
-    while i < len(args):
-        flag = BY_ARG[args[i]][0]
-        n = {"value": 1, "two": 2}.get(flag.kind, 0)
-        value = " ".join(args[i + 1:i + 1 + n]) if n else \
-            ("false" if args[i] in flag.neg else "true")
-        if flag.canonical != ALIAS:  # the id; real aliases are listed below
-            lines.append(f"{flag.canonical.lstrip('-')} = {value}")
-        i += 1 + n
+    for option in argv.walk(args):
+        value = " ".join(option.values) if option.values else \
+            ("false" if option.negated else "true")
+        if option.name != ALIAS:  # the id; real aliases are listed below
+            lines.append(f"{option.name.lstrip('-')} = {value}")
     extra = dict(defaults.extra)
     if section is not None:
         extra.update(section.extra)
@@ -433,7 +394,7 @@ def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings,
     """The model's settings with `--swa-full` added where kept caches need it: llama-server
     restores a sliding-window model's cache without it but never reuses it. With
     kv-cache = yes always; with auto only where `swa_fits` says the larger cache fits."""
-    if config.kv_cache == "no" or not info.sliding_window or SWA_FULL in settings.args:
+    if config.kv_cache == "no" or not info.sliding_window or argv.has(settings.args, SWA_FULL):
         return settings
     if config.kv_cache == "auto" and (swa_fits is None
                                       or swa_fits(info, (*settings.args, SWA_FULL))):

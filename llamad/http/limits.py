@@ -30,10 +30,10 @@ from aiohttp import web
 
 from llamad.config import Config
 from llamad.errors import SHORTAGE, BackendError, LlamadError, Unavailable
+from llamad.sizes import MIB
 
 log = logging.getLogger("llamad.limits")
 
-MIB = 1024 * 1024
 RETRY_AFTER = 2
 LINGER = 2.0  # seconds a timed-out connection is still read from after its 408
 

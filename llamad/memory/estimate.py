@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from llamad.catalog import argv
 from llamad.catalog.gguf_info import TensorBytes
 from llamad.memory.learned import Learned
 from llamad.memory.types import Memory
+from llamad.sizes import MIB
 
-MIB = 1024**2
 # Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
 # the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
 # binary), with room for x86 repacked weight copies (12.7 MiB for Gemma 3 270M).
@@ -114,40 +115,24 @@ class Estimate:
         return self.total.ram - self.mapped
 
 
-_VALUE_FLAGS = {
-    "-ngl": "gpu_layers", "--gpu-layers": "gpu_layers", "--n-gpu-layers": "gpu_layers",
-    "-c": "ctx_size", "--ctx-size": "ctx_size",
-    "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k",
-    "-ctv": "cache_type_v", "--cache-type-v": "cache_type_v",
-    "-np": "parallel", "--parallel": "parallel",
-    "--kv-unified-per-slot": "kv_per_slot", "-ub": "ubatch", "--ubatch-size": "ubatch",
-    "-b": "batch", "--batch-size": "batch", "-fa": "flash_attn", "--flash-attn": "flash_attn",
-    "-lm": "load_mode", "--load-mode": "load_mode",
-}
-_SWITCHES = {
-    "-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
-    "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False),
-    "--swa-full": ("swa_full", True),
-    "-nkvo": ("kv_offload", False), "--no-kv-offload": ("kv_offload", False),
-    "-kvo": ("kv_offload", True), "--kv-offload": ("kv_offload", True),
-}
+# The settings the estimate reads, by canonical flag (argv.walk names every spelling so).
+_VALUE_FLAGS = {argv.canonical(flag): key for flag, key in (
+    ("-ngl", "gpu_layers"), ("-c", "ctx_size"), ("-ctk", "cache_type_k"),
+    ("-ctv", "cache_type_v"), ("-np", "parallel"), ("--kv-unified-per-slot", "kv_per_slot"),
+    ("-ub", "ubatch"), ("-b", "batch"), ("-fa", "flash_attn"), ("-lm", "load_mode"))}
+_SWITCHES = {argv.canonical(flag): key for flag, key in (
+    ("-kvu", "kv_unified"), ("--swa-full", "swa_full"), ("-kvo", "kv_offload"))}
 
 
 def parse_args(args: Sequence[str]) -> ServerArgs:
-    """Pick the memory-relevant settings out of a llama-server argv (later flags win)."""
+    """Pick the memory-relevant settings out of a llama-server argv (later flags win), by
+    flag arity: a file or model name in a value's place is never read as a flag."""
     found: dict[str, object] = {}
-    i = 0
-    while i < len(args):
-        flag, eq, value = args[i].partition("=")
-        if flag in _VALUE_FLAGS:
-            if not eq:
-                i += 1
-                value = args[i] if i < len(args) else ""
-            found[_VALUE_FLAGS[flag]] = value
-        elif flag in _SWITCHES:
-            key, on = _SWITCHES[flag]
-            found[key] = on
-        i += 1
+    for option in argv.walk(args):
+        if option.name in _VALUE_FLAGS:
+            found[_VALUE_FLAGS[option.name]] = option.value
+        elif option.name in _SWITCHES:
+            found[_SWITCHES[option.name]] = not option.negated
     return _settings(found)
 
 

@@ -16,8 +16,8 @@ from llamad.config import Config
 from llamad.memory import estimate as memory
 from llamad.memory import gpu, learned
 from llamad.memory.types import GpuFree, Memory, Resources
+from llamad.sizes import MIB
 
-MIB = 1024 * 1024
 KIB = 1024
 GPU_CACHE_SECONDS = 0.5
 # A learned peak is written again only when a later sample beats it by this much,

@@ -20,10 +20,11 @@ from typing import Any
 from llamad.catalog.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
+from llamad.memory.types import Memory
 from llamad.supervisor import backend as be
 from llamad.supervisor import unitspec
 from llamad.supervisor.events import TRANSITIONS, Cause, Change, Hub, State
-from llamad.supervisor.guards import gpuload, kvcache, rpcguard
+from llamad.supervisor.hooks import Hook
 from llamad.supervisor.scheduler import ModelView, Policy, effective_ttl
 from llamad.supervisor.slot import Measure, Slot, Units
 from llamad.systemd import exits
@@ -77,10 +78,6 @@ class Sessions:
 
 
 class Core:
-    gpu: gpuload.GpuGuard  # set by Supervisor: GPU out-of-memory retries, CPU fallback checks
-    kv: kvcache.KvCache  # set by Supervisor: KV caches saved at stops, restored at loads
-    rpc: rpcguard.RpcGuard  # set by Supervisor: RPC workers that go away or are busy
-
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
                  measure: Measure, journal: Journal,
                  rescan: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -95,6 +92,7 @@ class Core:
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
         self._changed = asyncio.Event()
         self.events = Hub()
+        self.hooks: tuple[Hook, ...] = ()  # features called at each step (hooks.py)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[Any]] = set()  # finished, not cancelled, on close()
         self._closed = False
@@ -167,6 +165,23 @@ class Core:
             raise Unavailable(f"timed out waiting for {what}", code="timeout")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), left)
+
+    # -- measurements ----------------------------------------------------------
+
+    def record_sample(self, slot: Slot, pid: int, now: Memory, peak_ram: int) -> None:
+        """A measurement of the model's process `pid`: its memory now and its peak RAM.
+        Dropped if the process stopped or restarted since it was taken."""
+        if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):
+            return
+        if slot.sampled_pid != pid:
+            slot.sampled_pid, slot.peak = pid, Memory()
+        slot.peak = Memory(max(slot.peak.ram, peak_ram), max(slot.peak.vram, now.vram))
+        # Only a ready model's figure stands in for its need: one taken mid-load is
+        # too low, and the scheduler would fit a second model beside it.
+        slot.used = now if slot.state is State.READY else Memory()
+        if slot.state is State.READY and self.measure.should_learn(
+                slot.model, slot.peak.ram, slot.load_seconds):
+            self.measure.learn(slot.model, slot.peak.ram, slot.peak.vram, slot.load_seconds)
 
     # -- background tasks ----------------------------------------------------
 
@@ -258,8 +273,8 @@ class Core:
 
     async def close(self) -> None:
         self._closed = True
-        await self.gpu.close()
-        await self.rpc.close()
+        for hook in self.hooks:
+            await hook.close()
         for task in self._tasks - self._closing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -137,8 +137,9 @@ class Lifecycle(Core):
                     self._fail(slot, "the models evicted to make room did not stop within "
                                      f"drain-timeout ({self.config.drain_timeout:g}s)")
                 return
-        if slot.gpus and evicted:  # the driver frees their VRAM a little after they exit
-            await self.gpu.wait_freed([v.unit for v in evicted])
+        for hook in self.hooks:
+            if slot.epoch == epoch:
+                await hook.before_start(slot, [v.unit for v in evicted])
         if slot.epoch != epoch:
             log.info("model %s is no longer starting (%s); its start is dropped",
                      slot.model.id, slot.state.value)
@@ -160,6 +161,18 @@ class Lifecycle(Core):
         """Stop a model whose load failed; once stopped it loads again through the scheduler,
         which sees its need as it is now (gpuload raises it after running out of VRAM)."""
         self._begin_stop(slot, Cause.GPU_OOM, why)
+
+    def reset(self, slot: Slot, why: str) -> None:
+        """Clear a failed model: the next request (or load) starts it again."""
+        if slot.state is State.FAILED:
+            slot.reason = ""
+            self.move(slot, State.UNLOADED, Cause.RESET, why)
+
+    def degrade(self, slot: Slot, why: str) -> None:
+        """A ready model that serves, but not as planned (a GPU load that fell back to the
+        CPU): its reason says so in every listing, its state stays."""
+        log.warning("model %s is degraded: %s", slot.model.id, why)
+        slot.reason = f"degraded: {why}"
 
     def _crashed(self, slot: Slot) -> None:
         """The process died and systemd restarts it: a new process, maybe a new address."""
@@ -207,8 +220,9 @@ class Lifecycle(Core):
         interval = HEALTH_FIRST_INTERVAL
         while slot.epoch == epoch and backend is not None:
             if await backend.healthy():
-                if slot.epoch == epoch:
-                    await self.kv.restore(slot.model, backend)  # before it serves
+                for hook in self.hooks:
+                    if slot.epoch == epoch:
+                        await hook.before_ready(slot, backend)
                 if slot.epoch == epoch:
                     self._ready(slot)
                 return
@@ -261,7 +275,9 @@ class Lifecycle(Core):
         await self._drain(slot)
         if slot.epoch != epoch:
             return
-        await self.kv.save(slot.model)  # if it may come back, within kv-cache-timeout
+        for hook in self.hooks:
+            if slot.epoch == epoch:
+                await hook.before_stop(slot)
         if slot.epoch != epoch:
             return
         self._drop_backend(slot)
@@ -297,8 +313,8 @@ class Lifecycle(Core):
     async def adopt(self) -> None:
         """Take over units a previous llamad started; stop the ones that no longer fit."""
         for status in await self.units.list_ours():
-            model_id = status.env("LLAMAD_MODEL")
-            slot = self.slots.get(model_id or "")
+            markers = status.markers
+            slot = self.slots.get(markers.model) if markers else None
             adoptable = status.active_state in ("active", "activating", "reloading")
             if slot is not None and adoptable and self._fits(slot, status):
                 self._adopt(slot, status)
@@ -311,7 +327,7 @@ class Lifecycle(Core):
     def _fits(self, slot: Slot, status: UnitStatus) -> bool:
         """Whether a running unit is the one llamad would start for this unloaded model,
         at the address the unit recorded."""
-        address = status.env("LLAMAD_BACKEND") or ""
+        address = status.markers.backend if status.markers else ""
         return slot.state in (State.UNLOADED, State.FAILED) and status.name == slot.unit and \
             self._adoptable(slot, address) and \
             unitspec.matches(status, *self.spec(slot, address=address))
@@ -319,7 +335,7 @@ class Lifecycle(Core):
     def _adopt(self, slot: Slot, status: UnitStatus) -> None:
         log.info("adopting %s (invocation %s)", status.name, status.invocation_id)
         slot.identity = self._identity(slot)
-        slot.address = status.env("LLAMAD_BACKEND") or ""
+        slot.address = status.markers.backend if status.markers else ""
         slot.backend = be.Backend(slot.address)
         slot.invocation_id = status.invocation_id
         slot.main_pid = status.main_pid

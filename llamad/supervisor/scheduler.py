@@ -12,9 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from llamad.memory.types import Memory, Resources
+from llamad.sizes import GIB
 from llamad.supervisor.events import State
-
-GIB = 1024**3
 
 
 class Policy(enum.Enum):

@@ -29,5 +29,8 @@ class Supervisor(Idle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
-        self.kv = kvcache.KvCache(self.config, self.events, self.measure)  # kept across swaps
+        self.kv = kvcache.KvCache(self)  # KV caches kept across swaps
         self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy
+        # The order they are called in: the RPC check refuses a request before anything
+        # else runs; the GPU wait comes before a start, the KV restore before serving.
+        self.hooks = (self.rpc, self.gpu, self.kv)

@@ -28,34 +28,34 @@ Which models and which slots: kvpolicy.py (by default where it pays).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from llamad.config import Config
+from llamad.sizes import MIB
 from llamad.supervisor import backend as be
-from llamad.supervisor.events import Cause, Change, Hub, State
+from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.guards import kvpolicy
 from llamad.supervisor.guards import kvserver as srv
+from llamad.supervisor.guards.kvmetrics import Figures, families
 from llamad.supervisor.guards.kvserver import KvError
-from llamad.supervisor.guards.kvstore import Entry, Store
+from llamad.supervisor.guards.kvstore import Entry, Store, identity
+from llamad.supervisor.hooks import Hook
 from llamad.systemd.unitname import instance_name
 
 if TYPE_CHECKING:
     from llamad.catalog.catalog import Model
-    from llamad.supervisor.slot import Measure
+    from llamad.supervisor.hooks import Port
+    from llamad.supervisor.slot import Slot
 
 log = logging.getLogger("llamad.kvcache")
 
-MIB = 1024 * 1024
 SAVED_ON = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                       Cause.UNLOAD})
 SAVE_PATH = "--slot-save-path"
@@ -87,31 +87,7 @@ def unit_parts(config: Config, model: Model) -> UnitParts | None:
     return UnitParts((SAVE_PATH, inside), runtime, (host, inside))
 
 
-def identity(config: Config, model: Model) -> str:
-    """What a saved cache is valid for: the files (as stat sees them) and the arguments."""
-    files = [config.llama_server, *model.shards, *([model.mmproj] if model.mmproj else [])]
-    stats = [(str(p), *_stat(p)) for p in files]
-    text = json.dumps([stats, list(model.settings.args)])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _stat(path: os.PathLike[str]) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 # -- the cache -------------------------------------------------------------------
-
-@dataclass
-class Figures:
-    """Per model, since llamad started."""
-
-    saved_tokens: int = 0
-    restored_tokens: int = 0
-    restores_verified: int = 0  # restored slots whose next request reused the cache
-    restores_failed: int = 0  # ... that computed everything again
-    discarded: dict[str, int] = field(default_factory=dict)  # reason -> saved slots
-
 
 @dataclass
 class _Live:
@@ -126,17 +102,21 @@ class _Live:
     checking: bool = False
 
 
-class KvCache:
-    """Saves and restores models' KV caches; one per supervisor, inert with kv-cache = no."""
+class KvCache(Hook):
+    """Saves and restores models' KV caches; one per supervisor, inert with kv-cache = no.
 
-    def __init__(self, config: Config, events: Hub, measure: Measure | None = None) -> None:
-        self.config = config
+    Which stop saves is known from the state change that began it (`on_change`, a listener,
+    hears READY -> STOPPING with its cause before the stop's `before_stop` runs)."""
+
+    def __init__(self, port: Port) -> None:
+        config = self.config = port.config
+        self.port = port
         self.store: Store | None = None
         self.figures: dict[str, Figures] = {}
         self.stored: dict[str, tuple[int, int]] = {}  # model -> (tokens, bytes) on disk
         self.generation = 0  # bumped on every change of what describe() shows
         # The catalog's test of --swa-full against the memory plan (app.py hands it on).
-        self.swa_fits = kvpolicy.swa_full_fits(config, measure) if measure else None
+        self.swa_fits = kvpolicy.swa_full_fits(config, port.measure)
         self._live: dict[str, _Live] = {}  # ready models: where they listen, their key
         self._to_save: set[str] = set()
         self._why_not: dict[str, tuple[Model, str | None]] = {}
@@ -144,7 +124,7 @@ class KvCache:
         self._checks: set[asyncio.Task[None]] = set()
         if config.kv_cache != "no":
             self.store = self._open(Store(config.state_dir / "kv", 0))
-            events.subscribe(self.on_change)
+            port.events.subscribe(self.on_change)
         # model -> identity keys whose restore did not take (kept with the index)
         self._broken: dict[str, set[str]] = {}
         if self.store is not None:
@@ -240,6 +220,18 @@ class KvCache:
             setattr(rates, name, value)
         self.store.learn(model_id, rates)
 
+    # -- the lifecycle's hooks -----------------------------------------------------
+
+    async def before_ready(self, slot: Slot, backend: be.Backend) -> None:
+        await self.restore(slot.model, backend)
+
+    async def before_stop(self, slot: Slot) -> None:
+        await self.save(slot.model)
+
+    async def close(self) -> None:
+        """Let the checksumming and indexing of saves already made finish."""
+        await asyncio.gather(*self._keeping.values(), return_exceptions=True)
+
     # -- restoring: between /health and ready ----------------------------------
 
     async def restore(self, model: Model, backend: be.Backend) -> None:
@@ -307,9 +299,10 @@ class KvCache:
 
     # -- checking: the request after a restore ---------------------------------
 
-    def request_ended(self, model_id: str) -> None:
+    def request_ended(self, slot: Slot) -> None:
         """A request to the model has ended: if its restore is not checked yet, see (in a
         task) whether the requests since took their prompt from the cache."""
+        model_id = slot.model.id
         live = self._live.get(model_id)
         if live is None or not live.unchecked or live.checking:
             return
@@ -467,38 +460,6 @@ class KvCache:
             log.error("model %s: keeping its saved KV cache failed: %s", model_id,
                       task.exception())
 
-
-def families(kv: KvCache) -> list[Metric]:
-    """Prometheus series per model (metrics.py shows them): tokens saved and restored,
-    what is on disk, saved slots discarded by reason, restores checked. None with
-    kv-cache = no."""
-    if kv.store is None:
-        return []
-    labels = ["model"]
-    saved = CounterMetricFamily("llamad_kv_cache_saved_tokens",
-                                "Cached tokens saved when llamad stopped the model", labels=labels)
-    restored = CounterMetricFamily("llamad_kv_cache_restored_tokens",
-                                   "Cached tokens restored when the model loaded", labels=labels)
-    checked = CounterMetricFamily(
-        "llamad_kv_cache_restores", "Restored slots checked on their next request, by "
-        "outcome (took: it reused the cache; failed: it computed everything again, and "
-        "restores are off for that model and build)", labels=[*labels, "outcome"])
-    discarded = CounterMetricFamily(
-        "llamad_kv_cache_discarded", "Saved slots not kept or not restored, by reason "
-        "(changed, unusable, disk_bound, skipped, not_worth, timeout, failed)",
-        labels=[*labels, "reason"])
-    stored = GaugeMetricFamily("llamad_kv_cache_stored_bytes",
-                               "Bytes of the model's saved KV cache on disk", labels=labels)
-    tokens = GaugeMetricFamily("llamad_kv_cache_stored_tokens",
-                               "Tokens in the model's saved KV cache on disk", labels=labels)
-    for model, fig in sorted(kv.figures.items()):
-        saved.add_metric([model], fig.saved_tokens)
-        restored.add_metric([model], fig.restored_tokens)
-        checked.add_metric([model, "took"], fig.restores_verified)
-        checked.add_metric([model, "failed"], fig.restores_failed)
-        for reason, n in sorted(fig.discarded.items()):
-            discarded.add_metric([model, reason], n)
-    for model, (n, size) in sorted(kv.stored.items()):
-        tokens.add_metric([model], n)
-        stored.add_metric([model], size)
-    return [saved, restored, checked, discarded, stored, tokens]
+    def families(self) -> list[Metric]:
+        """The /metrics series (kvmetrics.families); none with kv-cache = no."""
+        return families(self.figures, self.stored) if self.store is not None else []

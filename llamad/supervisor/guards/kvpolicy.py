@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llamad.catalog import argv
 from llamad.catalog.presets import SWA_FULL
 from llamad.config import Config
 from llamad.memory import estimate as memory
 from llamad.memory.gpu import mem_total
+from llamad.sizes import GIB, MIB
 
 if TYPE_CHECKING:
     from llamad.catalog.catalog import Model
     from llamad.supervisor.slot import Measure
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
 # Per restored slot, beyond reading its file: an HTTP round trip to llama-server, opening
 # and hashing the file, llama-server validating its tokens. Measured 5-6 ms on a busy
 # 2-core machine for small files (docs/benchmarks.md).
@@ -77,7 +77,7 @@ def why_not_kept(config: Config, model: Model,
         return ("it has a projector (mmproj): llama-server cannot save a slot that holds "
                 "image or audio input")
     info = model.info
-    if info is not None and info.sliding_window and SWA_FULL not in model.settings.args:
+    if info is not None and info.sliding_window and not argv.has(model.settings.args, SWA_FULL):
         why = swa_fits(info, (*model.settings.args, SWA_FULL)) if swa_fits else None
         return ("it has a sliding window, and llama-server reuses a restored cache only with "
                 "--swa-full" + (f"; {why}" if why else ""))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -26,9 +27,14 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from llamad.config import Config
 from llamad.memory.learned import read_json, write_json
 from llamad.supervisor.guards.kvpolicy import Rates
+
+if TYPE_CHECKING:
+    from llamad.catalog.catalog import Model
 
 log = logging.getLogger("llamad.kvcache")
 
@@ -38,6 +44,19 @@ MODEL_DIR_MODE = 0o733  # the model's dynamic user may add files, not list them
 CHUNK = 1 << 20
 
 
+def identity(config: Config, model: Model) -> str:
+    """What a saved cache is valid for: the files (as stat sees them) and the arguments."""
+    files = [config.llama_server, *model.shards, *([model.mmproj] if model.mmproj else [])]
+    stats = [(str(p), *_stat(p)) for p in files]
+    text = json.dumps([stats, list(model.settings.args)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _stat(path: os.PathLike[str]) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass(frozen=True)
 class Entry:
     """One slot's saved cache."""
@@ -45,7 +64,7 @@ class Entry:
     model: str
     dir: str  # the model's directory under kv/
     file: str
-    key: str  # kvcache.identity() of the model when it was saved
+    key: str  # identity() of the model when it was saved
     slot: int
     tokens: int
     bytes: int = 0
