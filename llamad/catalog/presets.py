@@ -51,7 +51,7 @@ OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
     "models-max", "models-preset", "models-autoload", "help", "version"))
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
-LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split")
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,9 @@ class ModelSettings:
     # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
     # the flag), since llamad's /metrics merges every ready model's.
     metrics: bool = True
+    # Loaded again once the memory that evicted it is free (guards/comeback.py); by
+    # default for pinned and load-on-startup models.
+    restore: bool = False
 
 
 def truthy(value: str) -> bool | None:
@@ -154,7 +157,7 @@ def _extra(key: str, value: str, where: str) -> object:
     """Validate a preset-only or llamad-only key."""
     bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
     try:
-        if key in ("load-on-startup", "pin", "split", "dedup-cache-models"):
+        if key in ("load-on-startup", "pin", "split", "dedup-cache-models", "restore"):
             on = truthy(value)
             if on is None:
                 raise bad
@@ -178,6 +181,7 @@ def _extra(key: str, value: str, where: str) -> object:
 
 _ALLOWED = {
     "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
+    "restore": "true or false",
     "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
     "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
     "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
@@ -326,13 +330,16 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     head += [ALIAS, model_id]
     args = tuple(head) + tuple(t for tokens in options.values() for t in tokens)
     stop = _pick("stop-timeout", section, presets.defaults)
+    pin = bool(_pick("pin", section, presets.defaults))
+    startup = bool(_pick("load-on-startup", section, presets.defaults))
+    restore = _pick("restore", section, presets.defaults)
     ttl = _pick("ttl", section, presets.defaults)
     devices = _pick("devices", section, presets.defaults)
     return ModelSettings(
         args=args,
-        load_on_startup=bool(_pick("load-on-startup", section, presets.defaults)),
+        load_on_startup=startup,
         stop_timeout=float(stop) if isinstance(stop, float) else None,
-        pin=bool(_pick("pin", section, presets.defaults)),
+        pin=pin,
         ttl=float(ttl) if isinstance(ttl, float) else None,
         memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
         memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
@@ -341,6 +348,7 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         preset_text=_ini(model_id, args, section, presets.defaults),
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
+        restore=restore if isinstance(restore, bool) else pin or startup,
     )
 
 

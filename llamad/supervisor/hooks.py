@@ -79,3 +79,9 @@ class Port(Protocol):
 
     def degrade(self, slot: Slot, why: str) -> None:
         """The model serves, but not as planned: say so where its state is shown."""
+
+    def fits_now(self, slot: Slot) -> bool:
+        """Whether the model would load now without stopping or waiting for another."""
+
+    def yield_load(self, slot: Slot, why: str) -> None:
+        """Stop a model that is loading for no request waiting for it (restore = yes)."""

@@ -8,6 +8,7 @@ its vocabulary has no spaces. The Gemma test model is the other one, which evict
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import aiohttp
 import ggufgen
 import pytest
 import rig
-from llamad_fixture import Llamad, models, wait_http, wait_state
+from llamad_fixture import Llamad, models, state, wait_http, wait_state
 
 # About 1,500 tokens: its prefill takes hundreds of ms even for this small model, its
 # restore a few.
@@ -34,8 +35,9 @@ def kv_default(box: rig.Box, assets: rig.Assets) -> Iterator[Any]:
     Gemma models `names`."""
     made: list[Llamad] = []
 
-    def make(plain: str, names: list[str]) -> Llamad:
-        d = Llamad(box, assets, names, **{"models-max": 1, "args": "-c 4096 -np 2 -t 1"})
+    def make(plain: str, names: list[str], preset: str = "") -> Llamad:
+        d = Llamad(box, assets, names, preset,
+                   **{"models-max": 1, "args": "-c 4096 -np 2 -t 1"})
         path = ggufgen.write_llama(d.models_dir / f"{plain}.gguf", embd=256, ff=1024,
                                    heads=4, heads_kv=2, head_dim=64, blocks=4, context=4096)
         os.utime(path, (0, 0))  # older than the catalog's settle window
@@ -81,6 +83,21 @@ def stored(d: Llamad, model: str) -> dict[str, Any]:
                             lambda: (lambda f: f if f["stored_tokens"] else None)(kv(d, model)))
     except TimeoutError as e:
         raise TimeoutError(f"{e}: {kv(d, model)}; llamad's log:\n{d.log()[-3000:]}") from None
+
+
+async def until(s: aiohttp.ClientSession, d: Llamad, model: str, test: Any, what: str,
+                timeout: float = 60) -> None:
+    """Poll GET /v1/models without blocking the event loop (requests of this test are in
+    flight on it) until `test` holds for the model's entry."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with s.get(d.url + "/v1/models") as r:
+            entry = {m["id"]: m for m in (await r.json())["data"]}[model]
+        if test(entry):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 async def swap_out(s: aiohttp.ClientSession, d: Llamad, model: str, other: str) -> None:
@@ -167,3 +184,33 @@ async def test_a_restore_that_does_not_take_is_detected_and_turns_restores_off(
     saves = [line for line in d.log()[seen:].splitlines() if f"model {a}: saved" in line]
     assert not saves, saves
     assert kv(d, a)["stored_tokens"] == 0
+
+
+async def test_restore_yes_brings_a_model_back_once_there_is_room_but_after_waiting_requests(
+        kv_default: Any) -> None:
+    a, big, c = "kvr-plain", "kvr-big", "kvr-c"
+    d = kv_default(a, [big, c], preset=f"[{a}]\nrestore = true\n")
+    async with aiohttp.ClientSession() as s:
+        await complete(s, d, a, CONVERSATION, id_slot=0)
+        await swap_out(s, d, a, big)  # evicted for models-max: wanted back
+        stored(d, a)
+        # A long answer keeps big busy while a request for c waits for it; when big
+        # stops for c, that request goes first and a stays unloaded.
+        long = asyncio.create_task(complete(s, d, big, "Once upon a time", n_predict=48,
+                                            ignore_eos=True))
+        await until(s, d, big, lambda m: m["llamad"]["in_flight"] > 0, "big to be busy")
+        waiting = await complete(s, d, c, "Hello")
+        assert waiting["timings"]["prompt_n"] > 0
+        await long
+        assert state(d.url, c) == "ready" and state(d.url, a) == "unloaded"
+        assert d.starts(a) == 1
+        assert f"loading model {a} again" not in d.log()
+        # c leaves: nothing waits and a fits again, so it comes back with its cache.
+        async with s.post(d.url + "/models/unload", json={"model": c}) as r:
+            assert r.status == 200
+        wait_state(d.url, a, "ready")
+        assert f"loading model {a} again: the memory it was evicted for is free" in d.log()
+        assert kv(d, a)["restored_tokens"] == len(CONVERSATION)
+        again = await complete(s, d, a, [*CONVERSATION, 7, 8, 9], id_slot=0)
+    assert again["timings"]["prompt_n"] <= 4, again["timings"]
+    assert d.starts(a) == 2
