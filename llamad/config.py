@@ -86,6 +86,10 @@ SPEC: dict[str, tuple[str, str]] = {
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
+    # -- fitting models to memory (memory/fit.py) --
+    "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
+    "ctx-max": ("integer(min=0, default=0)",
+                "a whole number of tokens >= 0 (0 = the model's trained context)"),
 }
 
 
@@ -141,6 +145,9 @@ class Config:
     peers: tuple[str, ...]
     peer_timeout: float
     shutdown_grace: float
+    # -- fitting models to memory --
+    fit_min_ctx: int
+    ctx_max: int
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:

@@ -25,7 +25,7 @@ from llamad.catalog import argv
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.argv import BY_KEY, Flag
 from llamad.errors import ConfigError
-from llamad.sizes import SIZE
+from llamad.sizes import SIZE, parse_size
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
@@ -50,8 +50,13 @@ METRICS = BY_KEY["metrics"][0].canonical
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
     "models-max", "models-preset", "models-autoload", "help", "version"))
+# Of those, the ones llama.cpp's router sets itself or drops from a preset (server-models.cpp,
+# unset_reserved_args and update_args): a preset written for the router may hold them, so
+# they are ignored with a warning, as the router ignores them, instead of refused.
+ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
-LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore")
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore",
+               *("ctx-max", "memory-need"))  # fitting models to memory (memory/fit.py)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Section:
     text: str = ""
     tags: tuple[str, ...] | None = None  # informational, as router mode lists them
     draft_hf: str | None = None  # spec-draft-hf: a draft model from the llama.cpp cache
+    ignored: tuple[str, ...] = ()  # keys the router sets itself: one sentence each
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ class Presets:
     path: Path | None
     defaults: Section
     sections: Mapping[str, Section]
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """A warning per key the router would set itself (the catalog's problems)."""
+        return tuple(w for s in (self.defaults, *self.sections.values()) for w in s.ignored)
 
     @classmethod
     def empty(cls) -> Presets:
@@ -99,6 +110,10 @@ class ModelSettings:
     # Loaded again once the memory that evicted it is free (guards/comeback.py); by
     # default for pinned and load-on-startup models.
     restore: bool = False
+    # Fitting models to memory (memory/fit.py): a cap on the context llamad chooses, and
+    # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
+    ctx_max: int | None = None
+    memory_need: tuple[int | None, int | None] | None = None
 
 
 def truthy(value: str) -> bool | None:
@@ -171,6 +186,12 @@ def _extra(key: str, value: str, where: str) -> object:
             if not SIZE.fullmatch(value.strip()):
                 raise bad
             return value.strip()
+        if key == "ctx-max":
+            if int(value) < 0:
+                raise bad
+            return int(value)
+        if key == "memory-need":
+            return _memory_need(value, bad)
         devices = tuple(int(d) for d in value.split(","))
         if any(d < 0 for d in devices):
             raise bad
@@ -186,7 +207,22 @@ _ALLOWED = {
     "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
     "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
     "devices": "comma-separated GPU indices such as 0,1",
+    "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
+    "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
 }
+
+
+def _memory_need(value: str, bad: ConfigError) -> tuple[int | None, int | None]:
+    """`6G` (RAM; on a machine without GPUs every byte is RAM), `ram=2G,vram=6G`."""
+    found: dict[str, int] = {}
+    for part in (p.strip() for p in value.split(",")):
+        key, _, size = part.rpartition("=") if "=" in part else ("ram", "=", part)
+        key, size = key.strip(), size.strip()
+        if key not in ("ram", "vram") or key in found or not SIZE.fullmatch(size) \
+                or size.endswith("%") or size == "infinity":
+            raise bad
+        found[key] = parse_size(size, lambda: 0) or 0
+    return found.get("ram"), found.get("vram")
 
 
 _HEADER = re.compile(r"[ \t]*\[[ \t]*([^\]]*?)[ \t]*\][ \t]*([;#].*)?")
@@ -242,9 +278,14 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
     aliases: tuple[str, ...] = ()
     tags: tuple[str, ...] | None = None
     draft_hf: str | None = None
+    ignored: list[str] = []
     for key, value in items:
         if key == "version":
             continue  # reserved by llama.cpp for the file format
+        if key in BY_KEY and BY_KEY[key][0].canonical in ROUTER_SETS:
+            ignored.append(f"{where}: {key} is set by llamad itself (as llama.cpp's router "
+                           "sets it for each model); ignored.")
+            continue
         if key in PRESET_ONLY or key in LLAMAD_ONLY:
             extra[key] = _extra(key, value, f"{where} {key}")
             continue
@@ -272,7 +313,7 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
     if name == "*" and (model or hf_repo or aliases):
         raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
     return Section(name, MappingProxyType(options), model, hf_repo, aliases,
-                   MappingProxyType(extra), text, tags, draft_hf)
+                   MappingProxyType(extra), text, tags, draft_hf, tuple(ignored))
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -349,7 +390,23 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
         restore=restore if isinstance(restore, bool) else pin or startup,
+        ctx_max=_ctx_max(section, presets.defaults),
+        memory_need=_memory_need_of(section, presets.defaults),
     )
+
+
+def _ctx_max(section: Section | None, defaults: Section) -> int | None:
+    value = _pick("ctx-max", section, defaults)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
+
+
+def _memory_need_of(section: Section | None,
+                    defaults: Section) -> tuple[int | None, int | None] | None:
+    value = _pick("memory-need", section, defaults)
+    if isinstance(value, tuple) and len(value) == 2:
+        return value[0], value[1]
+    return None
 
 
 def _tags(section: Section | None, defaults: Section) -> tuple[str, ...]:
@@ -375,13 +432,16 @@ def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
     if section is not None:
         extra.update(section.extra)
     for key, extra_value in extra.items():
-        lines.append(f"{key} = {_ini_value(extra_value)}")
+        lines.append(f"{key} = {_ini_value(key, extra_value)}")
     if section is not None and section.aliases:
         lines.append(f"alias = {','.join(section.aliases)}")
     return "\n".join(lines) + "\n"
 
 
-def _ini_value(value: object) -> str:
+def _ini_value(key: str, value: object) -> str:
+    if key == "memory-need" and isinstance(value, tuple):  # (RAM, VRAM), bytes
+        return ",".join(f"{k}={v}" for k, v in zip(("ram", "vram"), value, strict=True)
+                        if v is not None)
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, bool):

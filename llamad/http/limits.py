@@ -30,6 +30,7 @@ from aiohttp import web
 
 from llamad.config import Config
 from llamad.errors import SHORTAGE, BackendError, LlamadError, Unavailable
+from llamad.http.context import app_key
 from llamad.sizes import MIB
 
 log = logging.getLogger("llamad.limits")
@@ -253,7 +254,7 @@ def raise_fd_limit(limits: Limits) -> None:
                     "apply", need, hard)
 
 
-LIMITS: Any = web.AppKey("limits", Limits) if hasattr(web, "AppKey") else "limits"
+LIMITS: Any = app_key("limits", Limits)
 
 
 def of(request: web.Request) -> Limits:
