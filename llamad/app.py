@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, webui
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
 from llamad.catalog.gguf_info import InfoCache
@@ -100,7 +100,8 @@ class Daemon:
         api.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
-        webui.add_routes(app, self.config.ui_dir)
+        ollama.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
                                 self._watcher, self._running])

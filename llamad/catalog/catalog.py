@@ -329,7 +329,8 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
            config: Config, st: _Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings, st.swa_fits)  # --swa-full where it pays
+    # --swa-full where it pays, a built-in chat template
+    settings = run_settings(config, info, settings, st.swa_fits)
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])

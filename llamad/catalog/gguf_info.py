@@ -18,9 +18,10 @@ log = logging.getLogger("llamad.gguf")
 
 Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
+TEMPLATE_KEY = "tokenizer.chat_template"
 # A projector's (mmproj) encoder shape, for the memory of its compute graph.
 CLIP_FIELDS = ("image_size", "patch_size", "embedding_length", "feed_forward_length",
                "attention.head_count", "block_count")
@@ -69,6 +70,9 @@ class GGUFInfo:
     expert_feed_forward_length: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
     projector: Projector | None = None  # the paired mmproj file, when there is one
+    # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
+    # (presets.run_settings picks llama.cpp's built-in template for the architecture instead).
+    chat_template: bool = True
 
 
 class TensorBytes(NamedTuple):
@@ -186,6 +190,7 @@ class FileHeader:
     size: int
     file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
     tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
+    chat_template: bool = True
 
 
 @functools.cache
@@ -266,8 +271,9 @@ def _not_gguf(head: bytes) -> str | None:
     return f"is not a GGUF file: it begins with {shown!r}, not 'GGUF'"
 
 
-def read_header(path: Path) -> FileHeader:
-    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+def _reader(path: Path) -> tuple[Any, Any, int]:
+    """The gguf package, a reader of the file's header, and the file's size; GGUFError if
+    it is not a complete GGUF file."""
     gguf, reader_class = _gguf()
     try:
         size = path.stat().st_size
@@ -275,7 +281,7 @@ def read_header(path: Path) -> FileHeader:
             why = _not_gguf(f.read(64))
         if why:
             raise GGUFError(why)
-        reader = reader_class(path)
+        return gguf, reader_class(path), size
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except GGUFError:
@@ -283,6 +289,11 @@ def read_header(path: Path) -> FileHeader:
     except Exception as e:  # the gguf package raises many types for bad input
         raise GGUFError(f"is a truncated or damaged GGUF file ({size} bytes; an interrupted "
                         "copy or download?)") from e
+
+
+def read_header(path: Path) -> FileHeader:
+    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+    gguf, reader, size = _reader(path)
     arch = _scalar(gguf, reader.fields["general.architecture"]) \
         if "general.architecture" in reader.fields else None
     # Only the keys llamad reads: thousands of cached headers stay small.
@@ -298,7 +309,16 @@ def read_header(path: Path) -> FileHeader:
     table = TensorBytes.of((t.name, int(t.n_bytes), int(t.shape[-1]) if len(t.shape) > 1 else 0)
                            for t in reader.tensors)
     return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size,
-                      file_type=_file_type(gguf, fields), tensors=table)
+                      file_type=_file_type(gguf, fields), tensors=table,
+                      chat_template=TEMPLATE_KEY in reader.fields)
+
+
+def metadata(path: Path) -> dict[str, Scalar | None]:
+    """Every key of the file's header: its value, or None for an array (a tokenizer's
+    vocabulary is not worth reading for this). The whole header is walked: call it on a
+    worker thread. Raises GGUFError."""
+    gguf, reader, _ = _reader(path)
+    return {k: _scalar(gguf, f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def _quantization(head: FileHeader) -> str | None:
@@ -332,6 +352,7 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
+        chat_template=first.chat_template,
         tensors=first.tensors if len(shards) == 1 else functools.reduce(
             TensorBytes.plus, (s.tensors for s in shards)),
         projector=Projector.of(mmproj) if mmproj is not None else None,

@@ -449,9 +449,26 @@ def _ini_value(key: str, value: object) -> str:
     return "-1" if value is None else str(value)
 
 
-# -- what kept KV caches need ------------------------------------------------------------------
+# -- what llamad adds to a model's own arguments ----------------------------------------------
 
 SWA_FULL = "--swa-full"
+CHAT_TEMPLATE, JINJA = (BY_KEY[k][0] for k in ("chat-template", "jinja"))
+# Chat templates for a model whose header has none: llama-server would fall back to ChatML,
+# whose tags such a model only continues as text. By general.architecture, llama.cpp's
+# built-in template of that family (llama-chat.cpp). llama-server takes a built-in *name*
+# only without Jinja, which refuses every request with tools (the web UI sends its own), so
+# the template goes as Jinja, the same prompt as llama.cpp's `gemma` writes, on one line (no
+# control character may reach systemd); the name where a preset turns Jinja off. A preset's
+# own chat-template or chat-template-file keeps its choice.
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+JINJA_TEMPLATES = {"gemma": (
+    "{%- set system = namespace(text='') -%}{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set system.text = message['content'] + '\\n\\n' -%}"
+    "{%- else -%}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user')"
+    " + '\\n' + system.text + message['content'] + '<end_of_turn>\\n' }}"
+    "{%- set system.text = '' -%}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")}
+_OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical)
 # Whether a sliding-window model may have `--swa-full` (its full-size cache): None if it
 # may, else why not. The daemon's comes from the memory plan (kvpolicy.swa_full_fits).
 SwaFits = Callable[["GGUFInfo", tuple[str, ...]], "str | None"]
@@ -459,12 +476,24 @@ SwaFits = Callable[["GGUFInfo", tuple[str, ...]], "str | None"]
 
 def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings,
                  swa_fits: SwaFits | None = None) -> ModelSettings:
-    """The model's settings with `--swa-full` added where kept caches need it: llama-server
-    restores a sliding-window model's cache without it but never reuses it. With
-    kv-cache = yes always; with auto only where `swa_fits` says the larger cache fits."""
-    if config.kv_cache == "no" or not info.sliding_window or argv.has(settings.args, SWA_FULL):
-        return settings
-    if config.kv_cache == "auto" and (swa_fits is None
-                                      or swa_fits(info, (*settings.args, SWA_FULL))):
-        return settings
-    return dataclasses.replace(settings, args=(*settings.args, SWA_FULL))
+    """The model's settings with what llamad adds: `--swa-full` where kept caches need it
+    (llama-server restores a sliding-window model's cache without it but never reuses it;
+    kv-cache = yes always, auto only where `swa_fits` says the larger cache fits), and the
+    built-in chat template (above)."""
+    args = settings.args
+    if _swa_full(config, info, args, swa_fits):
+        args = (*args, SWA_FULL)
+    name = BUILTIN_TEMPLATES.get(info.architecture or "")
+    if name and not info.chat_template and not any(argv.has(args, f) for f in _OWN_TEMPLATE):
+        jinja = argv.last(args, JINJA.canonical)
+        legacy = jinja is not None and jinja.negated
+        args = (*args, CHAT_TEMPLATE.canonical, name if legacy else JINJA_TEMPLATES[name])
+    return settings if args == settings.args else dataclasses.replace(settings, args=args)
+
+
+def _swa_full(config: Config, info: GGUFInfo, args: tuple[str, ...],
+              swa_fits: SwaFits | None) -> bool:
+    if config.kv_cache == "no" or not info.sliding_window or argv.has(args, SWA_FULL):
+        return False
+    return config.kv_cache == "yes" or (swa_fits is not None
+                                        and swa_fits(info, (*args, SWA_FULL)) is None)
