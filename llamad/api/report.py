@@ -47,7 +47,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "draft": draft.value if (draft := argv.last(slot.model.settings.args, DRAFT)) else None,
         "error": redact.text(slot.model.error) if slot.model.error else None,
         "need": {"ram": need.ram, "vram": need.vram},
-        "kv_cache": sup.kv.describe(slot.model.id),
+        "kv_cache": sup.kv.describe(slot.model),
         # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
         "rpc": rpcguard.describe(slot.model.info, slot.model.settings.args),
         "fit": _fit(slot),

@@ -27,6 +27,7 @@ from llamad.catalog.presets import (
     ModelSettings,
     Options,
     Presets,
+    SwaFits,
     canonical_name,
     global_flags,
     load_presets,
@@ -118,6 +119,7 @@ class _Scan:
     now: float
     settle: float
     within: tuple[Path, ...] = ()  # real paths of the directories scanned (files.confine)
+    swa_fits: SwaFits | None = None
     problems: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     pending: bool = False
@@ -401,7 +403,8 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
            config: Config, st: _Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings)  # --swa-full, a built-in chat template
+    # --swa-full where it pays, a built-in chat template
+    settings = run_settings(config, info, settings, st.swa_fits)
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
@@ -422,11 +425,13 @@ def _error(preset: Presets, model_id: str) -> str | None:
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
-         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None) -> Snapshot:
+         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None,
+         swa_fits: SwaFits | None = None) -> Snapshot:
     """Build a Snapshot of everything servable now. Raises ConfigError for bad `args`.
 
     With the `previous` snapshot, a known model whose file is still being written keeps
     its previous entry, and so do the models of a models directory that has gone.
+    `swa_fits`: whether a sliding-window model's --swa-full fits the memory plan.
     """
     preset = preset if preset is not None else \
         load_presets(config.models_preset, server=config.llama_server)
@@ -435,7 +440,8 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     cache = cache if cache is not None else _default_cache
     root = cache_dir(config) if config.llama_cache else None
     st = _Scan(cache, time.time(), settle,
-               files.roots([*config.models_dirs, *([root] if root is not None else [])]))
+               files.roots([*config.models_dirs, *([root] if root is not None else [])]),
+               swa_fits)
     found: list[Found] = []
     kept: list[Model] = []
     for directory in config.models_dirs:
@@ -546,6 +552,7 @@ class Catalog:
         self.config = config
         self.cache = cache if cache is not None else InfoCache()
         self.settle = settle
+        self.swa_fits: SwaFits | None = None  # the daemon's memory plan, set before a scan
         # Read by the first compute(), in a worker thread: a preset's llama-server is run
         # (--help) to learn its flags.
         self.presets = Presets.empty()
@@ -564,7 +571,7 @@ class Catalog:
         self.presets = load_presets(self.config.models_preset, self.presets,
                                     self.config.llama_server)
         snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
-                        previous=self.snapshot)
+                        previous=self.snapshot, swa_fits=self.swa_fits)
         self.cache.save()  # a no-op unless the cache has a file and changed
         return snapshot
 

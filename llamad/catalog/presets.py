@@ -14,8 +14,7 @@ paths are taken from the preset file's directory.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -26,16 +25,14 @@ from llamad.catalog import argv, flagtable, modelkeys
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.argv import BY_KEY, Flag
 from llamad.catalog.flagtable import DEFAULT, Table
+from llamad.catalog.modelkeys import truthy
 from llamad.catalog.presetini import DEFAULT_SECTION, RawSection, canonical_name, parse_ini
 from llamad.errors import ConfigError
-from llamad.sizes import SIZE, parse_size
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
     from llamad.config import Config
 
-TRUE = ("on", "enabled", "true", "1", "yes")
-FALSE = ("off", "disabled", "false", "0", "no")
 Options = dict[str, tuple[str, ...]]
 
 
@@ -58,7 +55,7 @@ OWNED = frozenset(BY_KEY[k][0].canonical for k in (
 # they are ignored with a warning, as the router ignores them, instead of refused.
 ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
-LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split",
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore",
                *("ctx-max", "memory-need"),  # fitting models to memory (memory/fit.py)
                *modelkeys.KEYS)  # per-model controls: concurrency-limit, env, llama-server
 
@@ -126,6 +123,9 @@ class ModelSettings:
     # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
     # the flag), since llamad's /metrics merges every ready model's.
     metrics: bool = True
+    # Loaded again once the memory that evicted it is free (guards/comeback.py); by
+    # default for pinned and load-on-startup models.
+    restore: bool = False
     # Fitting models to memory (memory/fit.py): a cap on the context llamad chooses, and
     # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
     ctx_max: int | None = None
@@ -134,11 +134,6 @@ class ModelSettings:
     concurrency_limit: int | None = None  # None: llamad.conf's concurrency-limit
     env: tuple[str, ...] = ()  # NAME=value for the unit's Environment=
     server: Path | None = None  # its own llama-server binary; None: llamad.conf's
-
-
-def truthy(value: str) -> bool | None:
-    v = value.strip().lower()
-    return True if v in TRUE else False if v in FALSE else None
 
 
 def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tuple[str, ...]:
@@ -188,64 +183,6 @@ def _check_owned(flag: Flag, where: str, key: str) -> None:
         raise ConfigError(f"{where}: {key} is set by llamad itself and cannot be given here.")
 
 
-def _extra(key: str, value: str, where: str, base: Path | None = None) -> object:
-    """Validate a preset-only or llamad-only key."""
-    if key in modelkeys.KEYS:
-        return modelkeys.check(key, value, where, base)
-    bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
-    try:
-        if key in ("load-on-startup", "pin", "split", "dedup-cache-models"):
-            on = truthy(value)
-            if on is None:
-                raise bad
-            return on
-        if key in ("stop-timeout", "ttl"):
-            number = float(value)
-            if not math.isfinite(number) or (number < 0 and not (key == "ttl" and number == -1)):
-                raise bad  # nan and inf too: a stop timeout of either failed every start
-            return None if number == -1 else number
-        if key in ("memory-max", "memory-high"):
-            if not SIZE.fullmatch(value.strip()):
-                raise bad
-            return value.strip()
-        if key == "ctx-max":
-            if int(value) < 0:
-                raise bad
-            return int(value)
-        if key == "memory-need":
-            return _memory_need(value, bad)
-        devices = tuple(int(d) for d in value.split(","))
-        if any(d < 0 for d in devices):
-            raise bad
-        return devices
-    except ValueError:
-        raise bad from None
-
-
-_ALLOWED = {
-    "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
-    "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
-    "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
-    "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
-    "devices": "comma-separated GPU indices such as 0,1",
-    "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
-    "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
-}
-
-
-def _memory_need(value: str, bad: ConfigError) -> tuple[int | None, int | None]:
-    """`6G` (RAM; on a machine without GPUs every byte is RAM), `ram=2G,vram=6G`."""
-    found: dict[str, int] = {}
-    for part in (p.strip() for p in value.split(",")):
-        key, _, size = part.rpartition("=") if "=" in part else ("ram", "=", part)
-        key, size = key.strip(), size.strip()
-        if key not in ("ram", "vram") or key in found or not SIZE.fullmatch(size) \
-                or size.endswith("%") or size == "infinity":
-            raise bad
-        found[key] = parse_size(size, lambda: 0) or 0
-    return found.get("ram"), found.get("vram")
-
-
 def build_section(raw: RawSection, where: str, base: Path | None = None,
                   flags: Table = DEFAULT) -> tuple[Section, list[ConfigError]]:
     """One section's keys, read with the flag table of the llama-server that runs it;
@@ -283,7 +220,7 @@ def _read_key(key: str, value: str, where: str, base: Path | None, flags: Table,
     if key == "version":
         return  # reserved by llama.cpp for the file format
     if key in PRESET_ONLY or key in LLAMAD_ONLY:
-        extra[key] = _extra(key, value, f"{where} {key}", base)
+        extra[key] = modelkeys.check(key, value, f"{where} {key}", base)
         return
     if key not in flags.by_key:
         raise ConfigError(f"{where}: unknown key {key!r}; keys are llama-server flags "
@@ -415,6 +352,9 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     head += [ALIAS, model_id]
     args = tuple(head) + tuple(t for tokens in options.values() for t in tokens)
     stop = _pick("stop-timeout", section, presets.defaults)
+    pin = bool(_pick("pin", section, presets.defaults))
+    startup = bool(_pick("load-on-startup", section, presets.defaults))
+    restore = _pick("restore", section, presets.defaults)
     ttl = _pick("ttl", section, presets.defaults)
     devices = _pick("devices", section, presets.defaults)
     limit = _pick(modelkeys.CONCURRENCY, section, presets.defaults)
@@ -422,9 +362,9 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     env = _env(section, presets.defaults)
     return ModelSettings(
         args=args,
-        load_on_startup=bool(_pick("load-on-startup", section, presets.defaults)),
+        load_on_startup=startup,
         stop_timeout=float(stop) if isinstance(stop, float) else None,
-        pin=bool(_pick("pin", section, presets.defaults)),
+        pin=pin,
         ttl=float(ttl) if isinstance(ttl, float) else None,
         memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
         memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
@@ -433,6 +373,7 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         preset_text=_ini(model_id, args, section, presets.defaults, env),
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
+        restore=restore if isinstance(restore, bool) else pin or startup,
         ctx_max=_ctx_max(section, presets.defaults),
         memory_need=_memory_need_of(section, presets.defaults),
         concurrency_limit=limit if isinstance(limit, int) else None,
@@ -528,14 +469,19 @@ JINJA_TEMPLATES = {"gemma": (
     "{%- set system.text = '' -%}{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")}
 _OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical)
+# Whether a sliding-window model may have `--swa-full` (its full-size cache): None if it
+# may, else why not. The daemon's comes from the memory plan (kvpolicy.swa_full_fits).
+SwaFits = Callable[["GGUFInfo", tuple[str, ...]], "str | None"]
 
 
-def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
+def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings,
+                 swa_fits: SwaFits | None = None) -> ModelSettings:
     """The model's settings with what llamad adds: `--swa-full` where kept caches need it
-    (kv-cache on: llama-server restores a sliding-window model's cache without it but never
-    reuses it), and the built-in chat template (above)."""
+    (llama-server restores a sliding-window model's cache without it but never reuses it;
+    kv-cache = yes always, auto only where `swa_fits` says the larger cache fits), and the
+    built-in chat template (above)."""
     args = settings.args
-    if config.kv_cache and info.sliding_window and not argv.has(args, SWA_FULL):
+    if _swa_full(config, info, args, swa_fits):
         args = (*args, SWA_FULL)
     name = BUILTIN_TEMPLATES.get(info.architecture or "")
     if name and not info.chat_template and not any(argv.has(args, f) for f in _OWN_TEMPLATE):
@@ -543,3 +489,11 @@ def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> Mod
         legacy = jinja is not None and jinja.negated
         args = (*args, CHAT_TEMPLATE.canonical, name if legacy else JINJA_TEMPLATES[name])
     return settings if args == settings.args else dataclasses.replace(settings, args=args)
+
+
+def _swa_full(config: Config, info: GGUFInfo, args: tuple[str, ...],
+              swa_fits: SwaFits | None) -> bool:
+    if config.kv_cache == "no" or not info.sliding_window or argv.has(args, SWA_FULL):
+        return False
+    return config.kv_cache == "yes" or (swa_fits is not None
+                                        and swa_fits(info, (*args, SWA_FULL)) is None)

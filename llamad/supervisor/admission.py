@@ -137,6 +137,8 @@ class Admission(Lifecycle):
         slot.gate.leave(self.concurrency(slot))
         slot.in_flight -= 1
         slot.served += 1
+        for hook in self.hooks:  # e.g. did a restored KV cache take? (checked once)
+            hook.request_ended(slot)
         slot.last_used = slot.alive_at = time.monotonic()
         if keep_alive is not None:
             slot.keep_alive = keep_alive
