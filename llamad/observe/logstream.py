@@ -64,6 +64,8 @@ def open_reader(unit: str | None) -> Any:
         reader.add_match(_SYSTEMD_UNIT=unit)
         reader.add_disjunction()
         reader.add_match(UNIT=unit, _PID="1")  # systemd's lines about the unit
+        reader.add_disjunction()
+        reader.add_match(OBJECT_SYSTEMD_UNIT=unit, _UID="0")  # llamad's (requestlog.note)
     else:
         reader.add_match(_PID=str(os.getpid()))
     return reader

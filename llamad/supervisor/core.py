@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -20,6 +21,7 @@ from typing import Any
 from llamad.catalog.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
+from llamad.memory.serverargs import parse_args
 from llamad.memory.types import Memory
 from llamad.supervisor import backend as be
 from llamad.supervisor import unitspec
@@ -80,13 +82,20 @@ class Sessions:
 class Core:
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
                  measure: Measure, journal: Journal,
-                 rescan: Callable[[], Awaitable[None]] | None = None) -> None:
+                 rescan: Callable[[], Awaitable[None]] | None = None,
+                 opened: bool = True) -> None:
         self.config = config
         self.snapshot = snapshot
         self.units = units
         self.measure = measure
         self.journal = journal
         self.rescan = rescan  # a catalog scan that starts now (the watcher's)
+        # Set once the first catalog scan is in and an earlier llamad's units are adopted.
+        # llamad serves before that (app.py: a slow scan must not hold READY); requests
+        # naming a model wait for it (Admission.wait_open).
+        self.opened = asyncio.Event()
+        if opened:
+            self.opened.set()
         self.sessions = Sessions()
         self.policy = Policy(config.eviction_policy)
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
@@ -112,18 +121,24 @@ class Core:
         # cheapest-reload ranks by the load time learned on earlier loads too.
         load = learned.load_seconds if learned and learned.load_seconds is not None \
             else slot.load_seconds
+        shares = parse_args(s.args).tensor_split
         return ModelView(
             id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
             last_used=slot.last_used, pinned=slot.pinned, need=self.measure.need(slot.model),
             load_seconds=load, gpus=slot.gpus, devices=s.devices or (), used=slot.used,
-            split=s.split, reason=slot.reason)
+            split=s.split, reason=slot.reason,
+            shares=shares if sum(1 for x in shares if x > 0) > 1 else ())
 
     def views(self, target: Slot | None = None) -> dict[str, ModelView]:
         """Loaded models (and `target`): unloaded ones play no part in a decision,
-        and skipping them keeps a decision cheap with thousands catalogued."""
+        and skipping them keeps a decision cheap with thousands catalogued. A target
+        that may load comes with its way to fit the memory there is."""
         views = {s.model.id: self.view(s) for s in self.loaded()}
         if target is not None:
-            views[target.model.id] = self.view(target)
+            view = self.view(target)
+            if target.state in (State.UNLOADED, State.FAILED):
+                view = dataclasses.replace(view, fit=self.measure.fitter(target.model))
+            views[target.model.id] = view
         return views
 
     def loaded(self) -> list[Slot]:
@@ -223,7 +238,7 @@ class Core:
         limit = unitspec.memory_max(self.config, slot.model,
                                     self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address,
-                              self.measure.gpu_uuids(gpus), limit)
+                              self.measure.gpu_uuids(gpus), limit, slot.fit)
         return spec, address
 
     def exit_text(self, slot: Slot) -> str:

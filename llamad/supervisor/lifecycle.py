@@ -14,6 +14,7 @@ import time
 
 from llamad.catalog.catalog import Snapshot
 from llamad.errors import LlamadError, Unavailable
+from llamad.memory.fit import Choice
 from llamad.supervisor import backend as be
 from llamad.supervisor import unitspec
 from llamad.supervisor.core import Core
@@ -102,6 +103,9 @@ class Lifecycle(Core):
 
     def _begin_start(self, slot: Slot, decision: Load) -> None:
         slot.address = self._allocate(slot)
+        self._set_fit(slot, decision.fit)
+        if decision.fit is not None and decision.fit.reason:
+            log.info("model %s: %s", slot.model.id, decision.fit.reason)
         spec, address = self.spec(slot, decision.gpus)
         slot.reason = ""
         slot.gpus = decision.gpus
@@ -115,7 +119,7 @@ class Lifecycle(Core):
         slot.load_time_unknown = False
         slot.start_pending = True  # until systemd has the unit: reconcile leaves it alone
         slot.identity = self._identity(slot)
-        self.move(slot, State.STARTING, Cause.LOAD)
+        self.move(slot, State.STARTING, Cause.LOAD, slot.fit.reason if slot.fit else "")
         evicted = () if decision.overlap else tuple(self.slots[v] for v in decision.evict)
         self.spawn(self._start(slot, spec, evicted), "starting", slot)
 
@@ -161,6 +165,17 @@ class Lifecycle(Core):
         """Stop a model whose load failed; once stopped it loads again through the scheduler,
         which sees its need as it is now (gpuload raises it after running out of VRAM)."""
         self._begin_stop(slot, Cause.GPU_OOM, why)
+
+    def fits_now(self, slot: Slot) -> bool:
+        """Whether the model would load now without stopping or waiting for another."""
+        decision = decide(slot.model.id, self.views(slot), self.measure.resources(self.config),
+                          self.policy, explicit=True)
+        return isinstance(decision, Load) and not decision.evict
+
+    def yield_load(self, slot: Slot, why: str) -> None:
+        """Stop a model that is loading for no request (restore = yes), as an unload."""
+        if slot.state in (State.STARTING, State.LOADING) and slot.queued == 0:
+            self._begin_stop(slot, Cause.UNLOAD, why)
 
     def reset(self, slot: Slot, why: str) -> None:
         """Clear a failed model: the next request (or load) starts it again."""
@@ -292,6 +307,11 @@ class Lifecycle(Core):
             if slot.epoch == epoch and status.active_state in ("inactive", "failed"):
                 self._unit_gone(slot)
 
+    def _set_fit(self, slot: Slot, fit: Choice | None) -> None:
+        """What fitting added to the model's arguments for the unit it runs in, or None."""
+        slot.fit = fit
+        self.measure.fitted(slot.model, fit.args if fit is not None else None)
+
     def _unit_gone(self, slot: Slot) -> None:
         """The unit has stopped (as asked, or cleanly behind llamad's back)."""
         if slot.state is not State.UNLOADED:
@@ -299,6 +319,7 @@ class Lifecycle(Core):
             slot.gpus = ()
             slot.identity = None
             slot.address = ""
+            self._set_fit(slot, None)
             self._drop_backend(slot)
             self.move(slot, State.UNLOADED, Cause.STOPPED)
         if slot.model.id not in self.snapshot.models and self.current(slot):
@@ -326,11 +347,23 @@ class Lifecycle(Core):
 
     def _fits(self, slot: Slot, status: UnitStatus) -> bool:
         """Whether a running unit is the one llamad would start for this unloaded model,
-        at the address the unit recorded."""
+        at the address the unit recorded, with what fitting chose for it then."""
         address = status.markers.backend if status.markers else ""
-        return slot.state in (State.UNLOADED, State.FAILED) and status.name == slot.unit and \
-            self._adoptable(slot, address) and \
-            unitspec.matches(status, *self.spec(slot, address=address))
+        if slot.state not in (State.UNLOADED, State.FAILED) or status.name != slot.unit or \
+                not self._adoptable(slot, address):
+            return False
+        self._set_fit(slot, self._adopted_fit(slot, status))
+        if unitspec.matches(status, *self.spec(slot, address=address)):
+            return True
+        self._set_fit(slot, None)
+        return False
+
+    def _adopted_fit(self, slot: Slot, status: UnitStatus) -> Choice | None:
+        args = unitspec.fitted_args(status)
+        fitter = self.measure.fitter(slot.model) if args is not None else None
+        if args is None or fitter is None or status.markers is None:
+            return None
+        return fitter.restore(args, status.markers.fit_reason)
 
     def _adopt(self, slot: Slot, status: UnitStatus) -> None:
         log.info("adopting %s (invocation %s)", status.name, status.invocation_id)

@@ -11,7 +11,10 @@ from llamad.catalog import argv as args
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Model
 from llamad.config import Config
+from llamad.memory import fit as fitting
+from llamad.memory.fit import Choice
 from llamad.memory.gpu import mem_total
+from llamad.safetext import one_line
 from llamad.supervisor import backend as be
 from llamad.supervisor.guards import gpuload, kvcache
 from llamad.systemd.unitname import instance_of
@@ -68,14 +71,18 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
 
 
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
-          memory_max: int | None) -> UnitSpec:
-    """`gpus`: the GPUs planned for it, by UUID; () for none."""
+          memory_max: int | None, fit: Choice | None = None) -> UnitSpec:
+    """`gpus`: the GPUs planned for it, by UUID; () for none. `fit`: what fitting chose
+    (memory/fit.py): its arguments are part of the argv, so of the digest, and the unit's
+    markers keep them for the llamad that adopts it."""
     metrics = ("--metrics",) if model.settings.metrics and \
         not args.has(model.settings.args, "--metrics") else ()
     kv = kvcache.unit_parts(config, model)
-    argv = (str(config.llama_server), *args.without_secrets(model.settings.args), *metrics,
-            *gpuload.fit_args(model), *(kv.args if kv else ()),
+    fitted = fit.args if fit is not None else ()
+    argv = (str(config.llama_server), *args.without_secrets(model.settings.args), *fitted,
+            *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
+    chose = fit is not None and bool(fit.args or fit.reason)
     env = [gpuload.cuda_env(gpus)]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
@@ -90,7 +97,26 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         # The preset's own `rpc` alone opens the sandbox: its rendered options, read by
         # flag arity, never the paths or the id among them (argv.walk).
         remote=rpc.addresses(rpc.workers(model.settings.args)),
-        markers=Markers(model.id, address, args_digest(argv)))
+        markers=Markers(model.id, address, args_digest(argv),
+                        " ".join(fitted) if chose else None,
+                        one_line(fit.reason) if fit is not None and chose else ""))
+
+
+_FITTED = (fitting.CTX, fitting.LAYERS, fitting.CPU_MOE)
+
+
+def fitted_args(status: UnitStatus) -> tuple[str, ...] | None:
+    """What fitting added to a running unit's argv, from its markers; None where it chose
+    nothing, or the value is not what llamad writes there."""
+    found = status.markers
+    if found is None or found.fit is None:
+        return None
+    tokens = tuple(found.fit.split())
+    pairs = list(zip(tokens[::2], tokens[1::2], strict=False))
+    if len(tokens) % 2 or any(flag not in _FITTED or not value.isdigit()
+                              for flag, value in pairs):
+        return None
+    return tokens
 
 
 def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:

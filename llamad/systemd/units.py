@@ -77,10 +77,16 @@ class Markers:
     model: str  # the model's id, exactly (the unit's name may be escaped and hashed)
     backend: str  # the address its llama-server listens on
     args: str  # a digest of its argv: a unit started with other arguments is stale
+    # What fitting added to its argv (memory/fit.py), space-separated, and why; None: nothing
+    # was chosen. The llamad that adopts the unit rebuilds the argv with it.
+    fit: str | None = None
+    fit_reason: str = ""
 
     def environment(self) -> tuple[str, ...]:
+        fit = () if self.fit is None else (f"LLAMAD_FIT={self.fit}",
+                                            f"LLAMAD_FIT_REASON={self.fit_reason}")
         return (MANAGED, f"LLAMAD_MODEL={self.model}", f"LLAMAD_BACKEND={self.backend}",
-                f"LLAMAD_ARGS={self.args}")
+                f"LLAMAD_ARGS={self.args}", *fit)
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,8 @@ class UnitStatus:
         if not self.ours:
             return None
         return Markers(self.env("LLAMAD_MODEL") or "", self.env("LLAMAD_BACKEND") or "",
-                       self.env("LLAMAD_ARGS") or "")
+                       self.env("LLAMAD_ARGS") or "", self.env("LLAMAD_FIT"),
+                       self.env("LLAMAD_FIT_REASON") or "")
 
     def env(self, key: str) -> str | None:
         prefix = key + "="
