@@ -155,6 +155,7 @@ class FakeLlamaServers:
         self.stalled: set[str] = set()
         self.sleeping: set[str] = set()
         self.asked: list[str] = []
+        self.ended = asyncio.Event()  # the servers close: stalled answers end too
 
 
 @contextlib.asynccontextmanager
@@ -166,7 +167,7 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
         async def health(_: web.Request, name: str = name) -> web.Response:
             fake.asked.append(name)
             if name in fake.stalled:
-                await asyncio.Event().wait()
+                await fake.ended.wait()
             return web.json_response({"status": "ok"})
         async def props(_: web.Request, name: str = name) -> web.Response:
             return web.json_response({"role": "model", "is_sleeping": name in fake.sleeping})
@@ -181,5 +182,6 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
     try:
         yield fake
     finally:
+        fake.ended.set()
         for runner in runners:
             await runner.cleanup()
