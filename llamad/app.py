@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import downloads as api_downloads
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
 from llamad.catalog.gguf_info import InfoCache
@@ -27,6 +28,7 @@ from llamad.log import die
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
 from llamad.supervisor import sampling
+from llamad.supervisor.downloads import Downloads
 from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
 from llamad.systemd import unitpaths
@@ -93,6 +95,7 @@ class Daemon:
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
+        api_downloads.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
         webui.add_routes(app, self.config.ui_dir)
@@ -122,12 +125,16 @@ class Daemon:
                          journal_tail, rescan=watcher.rescan_now)
         self.sup = sup
         api.attach(app, sup, self.catalog)
+        downloads = Downloads(self.config, units, watcher.rescan_now,
+                              lambda: self.catalog.snapshot, journal_tail)
+        api_downloads.attach(app, downloads)
         self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         await watcher.start()
         await sup.adopt()
         await sup.take_back()
         await sup.preload()
+        await downloads.adopt()
         sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
         ticker.add_done_callback(self._tick_ended)
@@ -135,6 +142,7 @@ class Daemon:
             yield
         finally:
             ticker.cancel()
+            await downloads.close()
             await watcher.stop()
             await sup.close()
             units.close()

@@ -20,6 +20,7 @@ SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-s
 
 _SIZE = re.compile(r"(\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity)")
 _ORIGIN = re.compile(r"https?://[^/\s]+")
+_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 # key: (validate check, what is allowed). The check strings are configobj/validate
@@ -84,6 +85,12 @@ SPEC: dict[str, tuple[str, str]] = {
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
+    # Downloads (POST /models, /api/pull, llamad pull): where the hub is, and its token.
+    "hf-endpoint": ("string(default='')",
+                    "an http:// or https:// URL, or empty for $MODEL_ENDPOINT, $HF_ENDPOINT "
+                    "or https://huggingface.co/"),
+    "hf-token-file": ("string(default='')",
+                      "the absolute path of a file holding a Hugging Face token, or empty"),
 }
 
 
@@ -139,6 +146,8 @@ class Config:
     peers: tuple[str, ...]
     peer_timeout: float
     shutdown_grace: float
+    hf_endpoint: str
+    hf_token_file: Path | None
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -224,6 +233,10 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for peer in v["peers"]:
         if not _ORIGIN.fullmatch(peer.lower()):
             raise _bad(path, "peers", peer)
+    if v["hf-endpoint"] and not _URL.fullmatch(v["hf-endpoint"]):
+        raise _bad(path, "hf-endpoint", v["hf-endpoint"])
+    if v["hf-token-file"] and not Path(v["hf-token-file"]).is_absolute():
+        raise _bad(path, "hf-token-file", v["hf-token-file"])
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -245,6 +258,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
         peers=tuple(p.lower() for p in v["peers"] if p),
         slice_memory_max=v["slice-memory-max"] or None,
+        hf_token_file=_opt_path(v["hf-token-file"]),
     )
     return out
 
