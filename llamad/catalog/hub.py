@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from llamad.catalog.hfcache import split_tag
@@ -144,9 +144,8 @@ def parse_tree(data: Any, repo: str) -> list[RemoteFile]:
 
 def safe_path(path: str) -> bool:
     """A relative path that stays inside the snapshot and reaches systemd intact."""
-    parts = PurePosixPath(path).parts
-    return (0 < len(path) <= MAX_PATH and not path.startswith("/") and "\\" not in path
-            and all(p not in ("..", ".") for p in parts) and path.isprintable())
+    return (0 < len(path) <= MAX_PATH and "\\" not in path and path.isprintable()
+            and all(p not in ("", ".", "..") for p in path.split("/")))
 
 
 def is_model_file(path: str) -> bool:
