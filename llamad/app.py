@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, webui
 from llamad.api import downloads as api_downloads
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
@@ -27,6 +27,7 @@ from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
+from llamad.sizes import MIB
 from llamad.supervisor import sampling
 from llamad.supervisor.downloads import Downloads
 from llamad.supervisor.supervisor import Supervisor
@@ -40,7 +41,6 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
-MIB = 1024 * 1024
 
 
 async def journal_tail(unit: str, lines: int = 5) -> str:
@@ -56,25 +56,30 @@ async def journal_tail(unit: str, lines: int = 5) -> str:
 
 
 class Daemon:
-    """Everything `llamad serve` runs, wired together; background work in cleanup_ctx."""
+    """Everything `llamad serve` runs, wired together: each resource is one of the
+    application's cleanup contexts (app()), and every task they start is awaited at exit."""
 
     def __init__(self, config: Config, notifier: Notifier) -> None:
         self.config = config
         self.notifier = notifier
         # Headers survive restarts: a socket-activated start need not re-read them.
-        # The first scan is the watcher's (in _supervise), in a worker thread.
+        # The first scan is the watcher's (the _watcher context), in a worker thread.
         self.catalog = Catalog(config, cache=InfoCache(config.state_dir / "gguf-info.json"))
         self.stop = asyncio.Event()
         self.reloads: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
         # Connections that have sent a request (their transports): see stop_accepting.
         self.answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
-        self.sup: Supervisor | None = None
+        # Made by the cleanup contexts (app()), in this order, when the application starts.
+        self.units: UnitManager
+        self.sup: Supervisor
+        self.watcher: CatalogWatcher
         # Fails closed: a key file that is set but unusable stops llamad here.
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
-        self.request_log = requestlog.JournalWriter() if config.request_log else None
+        # Writes the request log (if on) and llamad's notes into models' journals.
+        self.journal = requestlog.JournalWriter()
 
     def app(self) -> web.Application:
         door = browsers.Door(self.config, keyed=self.keyring is not None)
@@ -84,8 +89,8 @@ class Daemon:
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
         sinks: list[record.Sink] = [self.metrics.on_request]
-        if self.request_log is not None:
-            sinks.append(self.request_log)
+        if self.config.request_log:
+            sinks.append(self.journal)
         middlewares.append(record.middleware(sinks))
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
@@ -98,9 +103,11 @@ class Daemon:
         api_downloads.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
-        webui.add_routes(app, self.config.ui_dir)
+        ollama.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
-        app.cleanup_ctx.append(self._supervise)
+        app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
+                                self._watcher, self._downloads, self._running])
         return app
 
     @web.middleware
@@ -114,27 +121,60 @@ class Daemon:
         finally:
             self.last_request = time.monotonic()
 
-    async def _supervise(self, app: web.Application) -> AsyncIterator[None]:
-        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props),
-                            on_reconnect=self._on_reconnect)
-        await units.open()
-        await limit_slice(units, self.config)
+    # One cleanup context per resource, started in this order and ended in reverse.
+
+    async def _units(self, app: web.Application) -> AsyncIterator[None]:
+        """The D-Bus connections to systemd."""
+        self.units = UnitManager()
+        await self.units.open()
+        await limit_slice(self.units, self.config)
+        try:
+            yield
+        finally:
+            self.units.close()
+
+    async def _supervisor(self, app: web.Application) -> AsyncIterator[None]:
+        """The owner of model state, fed by systemd's signals and the catalog's changes."""
         measure = Measure(self.config, state_dir=self.config.state_dir)
-        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
-        sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
-                         journal_tail, rescan=watcher.rescan_now)
-        self.sup = sup
+        self.watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
+        sup = self.sup = Supervisor(self.config, self.catalog.snapshot, self.units, measure,
+                                    journal_tail, rescan=self.watcher.rescan_now)
+        self.units.follow(sup.on_unit_change, sup.reconcile_soon)
         api.attach(app, sup, self.catalog)
-        downloads = Downloads(self.config, units, watcher.rescan_now,
+        self.metrics.watch(sup)
+        sup.events.subscribe(requestlog.fit_notes(
+            self.journal, lambda m: sup.slots[m].unit if m in sup.slots else None))
+        self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
+        try:
+            yield
+        finally:
+            await sup.close()
+
+    async def _watcher(self, app: web.Application) -> AsyncIterator[None]:
+        """The models directories, watched; the first scan happens here."""
+        await self.watcher.start()
+        try:
+            yield
+        finally:
+            await self.watcher.stop()
+
+    async def _downloads(self, app: web.Application) -> AsyncIterator[None]:
+        """Downloads into llama.cpp's cache, each a unit; those running already followed."""
+        downloads = Downloads(self.config, self.units, self.watcher.rescan_now,
                               lambda: self.catalog.snapshot, journal_tail)
         api_downloads.attach(app, downloads)
-        self.metrics.watch(sup)
-        self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
-        await watcher.start()
+        await downloads.adopt()
+        try:
+            yield
+        finally:
+            await downloads.close()  # the units go on: the next llamad follows them
+
+    async def _running(self, app: web.Application) -> AsyncIterator[None]:
+        """Units taken over or stopped, preloads, then the reconcile loop and the tick."""
+        sup = self.sup
         await sup.adopt()
         await sup.take_back()
         await sup.preload()
-        await downloads.adopt()
         sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
         ticker.add_done_callback(self._tick_ended)
@@ -142,24 +182,18 @@ class Daemon:
             yield
         finally:
             ticker.cancel()
-            await downloads.close()
-            await watcher.stop()
-            await sup.close()
-            units.close()
-            if self.request_log is not None:
-                self.request_log.close()
+            await asyncio.gather(ticker, return_exceptions=True)
+
+    async def _request_log(self, app: web.Application) -> AsyncIterator[None]:
+        """The journal writer: the request log and llamad's notes in models' journals."""
+        try:
+            yield
+        finally:
+            self.journal.close()
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None
         return len(server.connections) if server is not None else 0
-
-    def _on_unit(self, unit: str, props: dict[str, Any]) -> None:
-        if self.sup is not None:
-            self.sup.on_unit_change(unit, props)
-
-    def _on_reconnect(self) -> None:
-        if self.sup is not None:
-            self.sup.reconcile_soon()
 
     async def _tick(self) -> None:
         interval = min(TICK, self.notifier.watchdog_interval or TICK)
@@ -178,7 +212,6 @@ class Daemon:
 
     async def _tick_once(self) -> None:
         sup = self.sup
-        assert sup is not None
         self.notifier.watchdog()
         sup.expire()
         sup.probe()
@@ -266,7 +299,6 @@ async def serve(config: Config, listen: str | None = None) -> None:
             # aiohttp's protocol, guarded per connection: the connection cap, and a
             # deadline for receiving each request, which aiohttp lacks (limits.Guard).
             servers.append(await loop.create_server(lim.protocol(runner.server), sock=sock))
-        assert daemon.sup is not None
         log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
                  report.status_line(daemon.sup))
         notifier.ready(report.status_line(daemon.sup))
@@ -278,6 +310,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
+        await asyncio.gather(*daemon.reloads, return_exceptions=True)
 
 
 async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,

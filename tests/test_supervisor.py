@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
@@ -31,7 +30,6 @@ from llamad.memory.measure import Measure
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import IllegalMove, Supervisor
-from llamad.systemd.bus import Props
 from llamad.systemd.units import UnitError
 
 MODELS = ["tiny-a", "tiny-b", "tiny-c"]
@@ -425,13 +423,13 @@ async def test_idle_ttls_go_to_systemd_and_come_back(rig: Rig) -> None:
 async def test_a_request_during_the_hand_off_keeps_llamad(rig: Rig) -> None:
     r = with_config(rig, idle_ttl=100.0)
     slot = await r.ready("tiny-a")
-    make_timer = r.units.start_transient
+    make_timer = r.units.start_ttl_timer
 
-    async def and_a_request(name: str, props: Props, aux: Any = None) -> None:
-        await make_timer(name, props, aux)
+    async def and_a_request(unit: str, seconds: float) -> None:
+        await make_timer(unit, seconds)
         await r.sup.acquire(slot)  # it came in while systemd made the timer
         r.sup.release(slot)
-    r.units.start_transient = and_a_request  # type: ignore[method-assign]
+    r.units.start_ttl_timer = and_a_request  # type: ignore[method-assign]
     assert not await r.sup.hand_off()  # llamad stays: the TTL handed over is stale
     assert "llamad-ttl@tiny-a.timer" in r.units.stopped
     assert "llamad-ttl@tiny-a.timer" not in r.units.transient

@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad import redact
+from llamad.api import ollama_models
 from llamad.api.feed import ModelFeed
 from llamad.api.models import FEED
 from llamad.catalog import hub
 from llamad.catalog.hub import HubError, Name
 from llamad.catalog.presets import canonical_name
-from llamad.errors import BadRequest, LlamadError, NotFound
+from llamad.errors import BadRequest, NotFound
 from llamad.http import keys
 from llamad.http.body import read_json
 from llamad.http.context import app_key, resolve, supervisor
@@ -115,22 +115,16 @@ def feed_listener(feed: ModelFeed) -> Any:
 
 # -- Ollama ------------------------------------------------------------------------------
 
-def ollama_error(e: LlamadError) -> web.Response:
-    return web.json_response({"error": redact.text(e.message)}, status=e.status)
-
-
 @keys.admin_only
 async def handle_pull(request: web.Request) -> web.StreamResponse:
     """POST /api/pull {"model": NAME, "stream": true}: Ollama's progress lines, once the hub
-    has said which files NAME means (a refusal before that is an error answer); the model's
-    id in the cache is the X-Llamad-Model header."""
-    try:
-        _, data = await read_json(request, "name")
-        d = await downloads(request).start(parse(data.get("model") or data.get("name")))
-        if data.get("stream", True) is False:
-            await wait_end(d, PULL_TIMEOUT)
-    except LlamadError as e:
-        return ollama_error(e)
+    has said which files NAME means (a refusal before that is an error answer, Ollama-shaped
+    under /api/: http/middleware.py); the model's id in the cache is the X-Llamad-Model
+    header."""
+    _, data = await read_json(request, "name")
+    d = await downloads(request).start(parse(data.get("model") or data.get("name")))
+    if data.get("stream", True) is False:
+        await wait_end(d, PULL_TIMEOUT)
     headers = {"X-Llamad-Model": d.model or str(d.name)}
     if data.get("stream", True) is False:
         if d.state == "failed":
@@ -179,18 +173,18 @@ async def line(resp: web.StreamResponse, record: dict[str, Any]) -> None:
 
 @keys.admin_only
 async def handle_ollama_delete(request: web.Request) -> web.Response:
-    """DELETE /api/delete {"model": NAME}: 200 with no body, as Ollama answers."""
-    try:
-        _, data = await read_json(request, "name")
-        text = data.get("model") or data.get("name")
-        if not isinstance(text, str) or not text:
-            raise BadRequest("model is required", code="model_required")
-        await remove(request, text)
-    except NotFound:
-        return web.json_response({"error": f"model '{text}' not found"}, status=404)
-    except LlamadError as e:
-        return ollama_error(e)
-    return web.Response(status=200)
+    """DELETE /api/delete {"model": NAME}: 200 with no body, as Ollama answers; NAME as
+    Ollama's clients write it (`name:latest`, `hf.co/user/repo:QUANT`)."""
+    _, data = await read_json(request, "name")
+    text = data.get("model") or data.get("name")
+    if not isinstance(text, str) or not text:
+        raise BadRequest("model is required", code="model_required")
+    snapshot = supervisor(request).snapshot
+    for name in ollama_models.candidates(text, snapshot.models):
+        if snapshot.resolve(name) is not None or downloads(request).running(name) is not None:
+            await remove(request, name)
+            return web.Response(status=200)
+    raise NotFound(f"model '{text}' not found")
 
 
 def attach(app: web.Application, dl: Downloads) -> None:

@@ -10,6 +10,7 @@ and described in Snapshot.problems, one sentence each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from llamad import redact
-from llamad.catalog import hfcache
+from llamad.catalog import argv, companions, hfcache
 from llamad.catalog.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
 from llamad.catalog.presets import (
     MMPROJ,
@@ -58,6 +59,9 @@ class Model:
     created: int
     # Served under its name but left out of GET /v1/models (a preset's dedup-cache-models).
     hidden: bool = False
+    # The draft model its argv loads (--model-draft), for the memory estimate; None if none
+    # or unreadable (llama-server then says why when it starts).
+    draft: GGUFInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -302,9 +306,9 @@ def _unsafe(f: Found) -> str | None:
 
 def _secrets(models: dict[str, Model], problems: list[str]) -> None:
     """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
-    with_secrets = [m.id for m in models.values() if redact.secret_values(m.settings.args)]
+    with_secrets = [m.id for m in models.values() if argv.secret_values(m.settings.args)]
     for m in models.values():
-        redact.remember(redact.secret_values(m.settings.args))
+        redact.remember(argv.secret_values(m.settings.args))
     if with_secrets:
         names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
         problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): "
@@ -329,17 +333,19 @@ def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
 
 
 def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
-           config: Config) -> Model:
+           config: Config, st: _Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings)  # --swa-full where it is needed
+    settings = run_settings(config, info, settings)  # --swa-full, a built-in chat template
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
+        info = dataclasses.replace(info, projector=companions.projector(mmproj, st.cache))
     return Model(
         id=f.id, aliases=section.aliases if section else (), unit=unit_name(f.id),
         path=f.shards[0], shards=f.shards, mmproj=mmproj, source=f.source, info=info,
-        settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden)
+        settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden,
+        draft=companions.draft(settings.args, st.cache))
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
@@ -383,7 +389,9 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
         models[f.id] = model
     for model in kept:
         models.setdefault(model.id, model)
-    cache.retain(st.seen)
+    cache.retain(st.seen | {str(p) for m in models.values()
+                            for p in companions.paths(m.mmproj, m.settings.args)})
+    st.problems += preset.ignored
     _secrets(models, st.problems)
     aliases = _aliases(models, st.problems)
     return Snapshot(MappingProxyType(models), tuple(st.problems), MappingProxyType(aliases),
@@ -399,7 +407,7 @@ def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
     f.shards = shards
     info = _read(f, st)
     if info is not None:
-        return _model(f, info, preset, global_args, config)
+        return _model(f, info, preset, global_args, config, st)
     if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
         return None
     old = previous.models.get(f.id) if previous is not None else None

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import struct
 from collections import Counter
 from collections.abc import Iterable
@@ -17,11 +18,16 @@ log = logging.getLogger("llamad.gguf")
 
 Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 4
+CACHE_VERSION = 6
 
 
+TEMPLATE_KEY = "tokenizer.chat_template"
+# A projector's (mmproj) encoder shape, for the memory of its compute graph.
+CLIP_FIELDS = ("image_size", "patch_size", "embedding_length", "feed_forward_length",
+               "attention.head_count", "block_count")
+CLIP_KEYS = tuple(f"clip.{kind}.{key}" for kind in ("vision", "audio") for key in CLIP_FIELDS)
 KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
-                       "clip.has_vision_encoder", "clip.has_audio_encoder"))
+                       "clip.has_vision_encoder", "clip.has_audio_encoder", *CLIP_KEYS))
 # GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
 ARCH_FIELDS = {
     "context_length": "context_length", "block_count": "block_count",
@@ -35,6 +41,8 @@ ARCH_FIELDS = {
 KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
 # Tensors llama.cpp keeps with the input layer, which always stays on the host.
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
+# A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
+EXPERTS = re.compile(r"ffn_(up|down|gate_up|gate)_(ch|)exps")
 
 
 class GGUFError(Exception):
@@ -61,47 +69,108 @@ class GGUFInfo:
     expert_used_count: int | None = None
     expert_feed_forward_length: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
+    projector: Projector | None = None  # the paired mmproj file, when there is one
+    # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
+    # (presets.run_settings picks llama.cpp's built-in template for the architecture instead).
+    chat_template: bool = True
 
 
 class TensorBytes(NamedTuple):
     """The tensor table boiled down to what placement needs: bytes per repeating layer
     (`blk.N.*`), of the input layer (token embeddings, kept on the host), and of the output
     layer (everything else: output norm and head). Without an `output.weight` tensor the head
-    is tied to the token embedding, which llama.cpp then also copies to the output's device."""
+    is tied to the token embedding, which llama.cpp then also copies to the output's device.
+    For tensor overrides (--cpu-moe, --n-cpu-moe, -ot): the expert weights per layer, and
+    per tensor name within a layer (`ffn_up.weight`) its bytes over all layers and in how
+    many layers it is."""
 
     layers: tuple[int, ...] = ()
     input: int = 0
     output: int = 0
     tied: bool = True
     vocab: int = 0  # token embedding rows
+    experts: tuple[int, ...] = ()  # bytes of blk.N.ffn_*_exps per layer; () for dense models
+    kinds: tuple[tuple[str, int, int], ...] = ()  # (name in the layer, bytes, layers)
 
     @classmethod
     def of(cls, tensors: Iterable[tuple[str, int, int]]) -> TensorBytes:
         """From (name, bytes, last dimension) per tensor."""
         layers: dict[int, int] = {}
+        experts: dict[int, int] = {}
+        kinds: dict[str, tuple[int, int]] = {}
         inp = out = vocab = 0
         tied = True
         for name, size, rows in tensors:
             block = _block(name)
             if block is not None:
                 layers[block] = layers.get(block, 0) + size
+                kind = name.split(".", 2)[2]
+                total, count = kinds.get(kind, (0, 0))
+                kinds[kind] = (total + size, count + 1)
+                if EXPERTS.search(kind):
+                    experts[block] = experts.get(block, 0) + size
             elif name.startswith(INPUT_TENSORS):
                 inp += size
                 vocab = rows if name == "token_embd.weight" else vocab
             else:
                 out += size
                 tied = tied and name != "output.weight"
-        return cls(tuple(layers.get(i, 0) for i in range(max(layers, default=-1) + 1)),
-                   inp, out, tied, vocab)
+        n = max(layers, default=-1) + 1
+        return cls(tuple(layers.get(i, 0) for i in range(n)), inp, out, tied, vocab,
+                   tuple(experts.get(i, 0) for i in range(n)) if experts else (),
+                   tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
 
     def plus(self, other: TensorBytes) -> TensorBytes:
         """Two shards of one model together."""
-        n = max(len(self.layers), len(other.layers))
-        pad = (0,) * n
-        layers = tuple(a + b for a, b in zip((self.layers + pad)[:n], (other.layers + pad)[:n],
-                                             strict=True))
-        return TensorBytes(layers, self.input + other.input, self.output + other.output,
-                           self.tied and other.tied, self.vocab or other.vocab)
+        kinds = dict((k, (t, c)) for k, t, c in self.kinds)
+        for k, t, c in other.kinds:
+            total, count = kinds.get(k, (0, 0))
+            kinds[k] = (total + t, count + c)
+        return TensorBytes(_add(self.layers, other.layers), self.input + other.input,
+                           self.output + other.output, self.tied and other.tied,
+                           self.vocab or other.vocab, _add(self.experts, other.experts),
+                           tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
+
+    @classmethod
+    def load(cls, value: list[Any]) -> TensorBytes:
+        """From its JSON form in the header cache (lists for tuples)."""
+        layers, inp, out, tied, vocab, experts, kinds = value
+        return cls(tuple(layers), inp, out, tied, vocab, tuple(experts),
+                   tuple((str(k), int(t), int(c)) for k, t, c in kinds))
+
+
+def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    return tuple(x + y for x, y in zip(a + (0,) * (n - len(a)), b + (0,) * (n - len(b)),
+                                       strict=True))
+
+
+class Projector(NamedTuple):
+    """A multimodal projector (mmproj) file: its size and its encoder's shape, whose
+    compute graph llama-server reserves for the largest image (or audio clip) at load."""
+
+    size: int
+    tokens: int  # patches of the largest image, or audio frames
+    embedding: int
+    feed_forward: int
+    heads: int
+
+    @classmethod
+    def of(cls, head: FileHeader) -> Projector:
+        f = head.fields
+
+        def num(kind: str, key: str, default: int) -> int:
+            value = f.get(f"clip.{kind}.{key}")
+            return value if type(value) is int and value > 0 else default
+
+        audio = "clip.audio.embedding_length" in f and "clip.vision.embedding_length" not in f
+        kind = "audio" if audio else "vision"
+        # Whisper-style audio encoders see 30 s as 1500 frames.
+        tokens = (num(kind, "image_size", 896) // num(kind, "patch_size", 14)) ** 2 \
+            if not audio else 1500
+        embd = num(kind, "embedding_length", 1152)
+        return cls(head.size, tokens, embd, num(kind, "feed_forward_length", 4 * embd),
+                   num(kind, "attention.head_count", 16))
 
 
 def _block(name: str) -> int | None:
@@ -121,6 +190,7 @@ class FileHeader:
     size: int
     file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
     tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
+    chat_template: bool = True
 
 
 @functools.cache
@@ -201,8 +271,9 @@ def _not_gguf(head: bytes) -> str | None:
     return f"is not a GGUF file: it begins with {shown!r}, not 'GGUF'"
 
 
-def read_header(path: Path) -> FileHeader:
-    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+def _reader(path: Path) -> tuple[Any, Any, int]:
+    """The gguf package, a reader of the file's header, and the file's size; GGUFError if
+    it is not a complete GGUF file."""
     gguf, reader_class = _gguf()
     try:
         size = path.stat().st_size
@@ -210,7 +281,7 @@ def read_header(path: Path) -> FileHeader:
             why = _not_gguf(f.read(64))
         if why:
             raise GGUFError(why)
-        reader = reader_class(path)
+        return gguf, reader_class(path), size
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
     except GGUFError:
@@ -218,6 +289,11 @@ def read_header(path: Path) -> FileHeader:
     except Exception as e:  # the gguf package raises many types for bad input
         raise GGUFError(f"is a truncated or damaged GGUF file ({size} bytes; an interrupted "
                         "copy or download?)") from e
+
+
+def read_header(path: Path) -> FileHeader:
+    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
+    gguf, reader, size = _reader(path)
     arch = _scalar(gguf, reader.fields["general.architecture"]) \
         if "general.architecture" in reader.fields else None
     # Only the keys llamad reads: thousands of cached headers stay small.
@@ -233,7 +309,16 @@ def read_header(path: Path) -> FileHeader:
     table = TensorBytes.of((t.name, int(t.n_bytes), int(t.shape[-1]) if len(t.shape) > 1 else 0)
                            for t in reader.tensors)
     return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size,
-                      file_type=_file_type(gguf, fields), tensors=table)
+                      file_type=_file_type(gguf, fields), tensors=table,
+                      chat_template=TEMPLATE_KEY in reader.fields)
+
+
+def metadata(path: Path) -> dict[str, Scalar | None]:
+    """Every key of the file's header: its value, or None for an array (a tokenizer's
+    vocabulary is not worth reading for this). The whole header is walked: call it on a
+    worker thread. Raises GGUFError."""
+    gguf, reader, _ = _reader(path)
+    return {k: _scalar(gguf, f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def _quantization(head: FileHeader) -> str | None:
@@ -267,8 +352,10 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
+        chat_template=first.chat_template,
         tensors=first.tensors if len(shards) == 1 else functools.reduce(
             TensorBytes.plus, (s.tensors for s in shards)),
+        projector=Projector.of(mmproj) if mmproj is not None else None,
         **ints,
     )
 
@@ -279,8 +366,8 @@ def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
 
 
 def _header(value: dict[str, Any]) -> FileHeader:
-    layers, *rest = value.pop("tensors")
-    return FileHeader(**value, tensors=TensorBytes(tuple(layers), *rest))
+    tensors = TensorBytes.load(value.pop("tensors"))
+    return FileHeader(**value, tensors=tensors)
 
 
 def _stat_key(st: os.stat_result) -> StatKey:

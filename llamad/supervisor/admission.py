@@ -74,7 +74,8 @@ class Admission(Lifecycle):
         if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
             raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
                              "POST /models/load first", code="model_not_loaded")
-        await self.rpc.admit(slot)  # a model whose rpc worker is down: 503, nothing started
+        for hook in self.hooks:  # e.g. a model whose rpc worker is down: 503, nothing started
+            await hook.admit(slot)
         return await self._admit(slot, explicit, time.monotonic() + self.config.queue_timeout)
 
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
