@@ -368,3 +368,24 @@ async def test_deleting_a_loaded_model_unloads_it_first(
         assert r.status == 400
         assert "is not removable" in (await r.json())["error"]["message"]
     assert (other.models_dir / "gemma-x.gguf").exists()
+
+
+async def test_ollamas_own_client_pulls_and_deletes(llamad_factory: Factory, box: rig.Box,
+                                                    assets: rig.Assets,
+                                                    fake_hub: FakeHub) -> None:
+    import ollama
+    d = downloader(box, assets, llamad_factory, fake_hub, "cache-ollama-client")
+    client = ollama.AsyncClient(host=d.url)
+    f = fake_hub.file(TINY, TINY_FILE)
+    progress = [p async for p in await client.pull(f"hf.co/{TINY}:F16", stream=True)]
+    assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+    assert any(p.digest == f"sha256:{f.oid}" and p.completed == p.total == len(f.data)
+               for p in progress)
+    assert TINY_ID in {m.model for m in (await client.list()).models}
+    with pytest.raises(ollama.ResponseError) as refused:
+        await client.pull("org/nothing")
+    assert "the hub refuses repository org/nothing" in refused.value.error
+    assert (await client.delete(f"hf.co/{TINY}:F16")).status == "success"
+    with pytest.raises(ollama.ResponseError) as gone:
+        await client.delete(f"hf.co/{TINY}:F16")
+    assert gone.value.status_code == 404
