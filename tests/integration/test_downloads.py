@@ -78,11 +78,12 @@ async def wait_event(into: list[dict[str, Any]], event: str, model: str,
     return await asyncio.wait_for(find(), timeout)
 
 
-def journal_units(box: rig.Box, d: Llamad, prefix: str) -> list[str]:
-    """The units of `prefix` systemd started during this llamad's life."""
+def journal_units(box: rig.Box, d: Llamad, prefix: str, verb: str = "Started") -> list[str]:
+    """The units of `prefix` systemd started (or began to start: verb "Starting") during
+    this llamad's life."""
     out = box.journal(f"--after-cursor={d.cursor}", "_PID=1")
-    return [line.split("Started ", 1)[1] for line in out.splitlines()
-            if f"Started {prefix}" in line]
+    return [line.split(f"{verb} ", 1)[1] for line in out.splitlines()
+            if f"{verb} {prefix}" in line]
 
 
 async def test_router_download_events_list_and_delete(
@@ -218,6 +219,7 @@ async def test_many_clients_one_unit_one_transfer(llamad_factory: Factory, box: 
             answers = await asyncio.gather(pull(), pull(), pull(), router())
         assert all(a[-1] == {"status": "success"} for a in answers[:3])
         assert answers[3] == 200
+        assert len(journal_units(box, d, "llamad-download@", "Starting")) == 1
         assert len(journal_units(box, d, "llamad-download@")) == 1
         assert len(slow.gets(hashlib.sha256(data).hexdigest())) == 1
 
