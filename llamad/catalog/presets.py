@@ -14,6 +14,7 @@ paths are taken from the preset file's directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -176,8 +177,8 @@ def _extra(key: str, value: str, where: str) -> object:
             return on
         if key in ("stop-timeout", "ttl"):
             number = float(value)
-            if number < 0 and not (key == "ttl" and number == -1):
-                raise bad
+            if not math.isfinite(number) or (number < 0 and not (key == "ttl" and number == -1)):
+                raise bad  # nan and inf too: a stop timeout of either failed every start
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
             if not SIZE.fullmatch(value.strip()):
