@@ -17,7 +17,7 @@ import pytest
 
 from llamad.catalog import catalog, ggufheader
 from llamad.catalog.catalog import Snapshot, may_appear, scan
-from llamad.catalog.gguf_info import GGUFError, InfoCache, read_header
+from llamad.catalog.gguf_info import GGUFError, InfoCache, metadata, read_header
 from llamad.catalog.presets import parse_presets
 from llamad.config import Config
 
@@ -197,3 +197,45 @@ def test_a_scan_keeps_a_bounded_number_of_models_and_problems(
     monkeypatch.setattr(catalog, "MAX_PROBLEMS", 10)
     said = scan(config(d), cache=InfoCache()).problems
     assert "more than 3 models were found; the other 2 are left out." in said
+
+
+def test_a_cache_ref_that_is_no_regular_file_is_refused_without_blocking(
+        tmp_path: Path) -> None:
+    """llama.cpp's cache: a FIFO as `refs/main` once held the scan like a FIFO shard (M4);
+    a snapshot linked into a directory others may not list is not listed (L3)."""
+    hub = tmp_path / "hub"
+    good = hub / "models--u--good" / "snapshots" / ("a" * 40)
+    ggufgen.write_model(good / "good-Q4_K_M.gguf")
+    (hub / "models--u--good" / "refs").mkdir()
+    (hub / "models--u--good" / "refs" / "main").write_text("a" * 40)
+    (hub / "models--u--fifo" / "refs").mkdir(parents=True)
+    os.mkfifo(hub / "models--u--fifo" / "refs" / "main")
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    ggufgen.write_model(secret / "private-Q8_0.gguf")
+    (hub / "models--u--link" / "refs").mkdir(parents=True)
+    (hub / "models--u--link" / "refs" / "main").write_text("b" * 40)
+    (hub / "models--u--link" / "snapshots").mkdir()
+    os.symlink(secret, hub / "models--u--link" / "snapshots" / ("b" * 40))
+    _not_roots(hub / "models--u--link" / "snapshots" / ("b" * 40))
+    aged(*hub.rglob("*"), *secret.rglob("*"))
+    start = time.monotonic()
+    snap = scan(config(cache=hub), cache=InfoCache())
+    assert time.monotonic() - start < 5
+    assert sorted(snap.models) == ["u/good:Q4_K_M"]
+    assert len(about(snap, "refs/main is a FIFO, not a regular file")) == 1, snap.problems
+    assert len(about(snap, "is a link made by a user other than root")) == 1, snap.problems
+    assert "private" not in "\n".join(snap.problems)
+
+
+def test_the_whole_header_is_shown_within_bounds(tmp_path: Path) -> None:
+    """Ollama's /api/show lists every key (gguf_info.metadata): the same bounds hold."""
+    d = tmp_path / "models"
+    d.mkdir()
+    ggufgen.write_bombs(d)
+    for name in ("tensors.gguf", "strings.gguf", "nested.gguf"):
+        with pytest.raises(GGUFError):
+            metadata(d / name)
+    assert metadata(d / "negative.gguf")["llama.context_length"] == -2**62  # only shown
+    shown = metadata(ggufgen.GEMMA)
+    assert shown["general.architecture"] == "gemma3" and shown["tokenizer.ggml.tokens"] is None
