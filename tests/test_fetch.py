@@ -70,6 +70,13 @@ class Notify:
         return any("READY=1" in m.splitlines() for m in self.read())
 
 
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notify]:
+    n = Notify(tmp_path)
+    yield n
+    n.sock.close()
+
+
 def start(fake: FakeHub, cache: Path, name: str, notify: Notify | None = None,
           token: str | None = None, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "MODEL_ENDPOINT")}
@@ -100,8 +107,7 @@ def cache(tmp_path: Path) -> Path:
     return path
 
 
-def test_pull_lands_in_the_cache_layout(fake_hub: FakeHub, cache: Path, tmp_path: Path) -> None:
-    notify = Notify(tmp_path)
+def test_pull_lands_in_the_cache_layout(fake_hub: FakeHub, cache: Path, notify: Notify) -> None:
     code, out = fetch(fake_hub, cache, REPO, notify)
     assert code == 0, out
     repo = fake_hub.repos[REPO]
@@ -126,10 +132,9 @@ def test_pull_lands_in_the_cache_layout(fake_hub: FakeHub, cache: Path, tmp_path
 
 
 def test_a_tag_picks_its_file_and_a_missing_tag_lists_what_there_is(
-        fake_hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+        fake_hub: FakeHub, cache: Path, notify: Notify) -> None:
     assert fetch(fake_hub, cache, f"{REPO}:q8_0")[0] == 0
     assert [m for m, _, _ in hfcache.discover(cache)] == [f"{REPO}:Q8_0"]
-    notify = Notify(tmp_path)
     code, out = fetch(fake_hub, cache, f"{REPO}:Q5_K_M", notify)
     assert code == fetch_module().EXIT_PERMANENT
     error = str(notify.statuses()[-1]["error"])
@@ -143,9 +148,8 @@ def fetch_module():  # type: ignore[no-untyped-def]
 
 
 def test_gated_repository_needs_the_token_and_it_goes_to_the_hub_only(
-        fake_hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+        fake_hub: FakeHub, cache: Path, notify: Notify) -> None:
     fake_hub.add("org/gated", {"g-Q4_K_M.gguf": blob(5000, 4)}, gated=True)
-    notify = Notify(tmp_path)
     code, _ = fetch(fake_hub, cache, "org/gated", notify)
     assert code == 65 and not notify.ready()
     assert "refuses file g-Q4_K_M.gguf of org/gated without a token" in \
@@ -167,9 +171,8 @@ def test_unknown_repository(fake_hub: FakeHub, cache: Path) -> None:
     assert "repository org/nothing without a token (the hub says: Repository not found)" in out
 
 
-def test_corrupt_file_is_never_placed(fake_hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+def test_corrupt_file_is_never_placed(fake_hub: FakeHub, cache: Path, notify: Notify) -> None:
     fake_hub.add("org/bad", {"b-Q4_K_M.gguf": File(blob(20_000, 5), corrupt=True)})
-    notify = Notify(tmp_path)
     code, out = fetch(fake_hub, cache, "org/bad", notify)
     assert code == 65, out
     assert "b-Q4_K_M.gguf does not match the hub's sha256:" in str(notify.statuses()[-1]["error"])
@@ -191,17 +194,16 @@ def test_dropped_connection_resumes_with_a_range(fake_hub: FakeHub, cache: Path)
     assert hfcache.discover(cache)[0][1][0].read_bytes() == data
 
 
-def test_interrupted_download_resumes_where_it_stopped(cache: Path, tmp_path: Path) -> None:
+def test_interrupted_download_resumes_where_it_stopped(cache: Path, notify: Notify) -> None:
     data = blob(2_000_000, 7)
     with FakeHub(rate=400_000) as slow:
         slow.add("org/big", {"big-Q4_K_M.gguf": data})
-        notify = Notify(tmp_path)
         proc = start(slow, cache, "org/big", notify)
         oid = hashlib.sha256(data).hexdigest()
         part = cache / "models--org--big/blobs" / (oid + hub.PARTIAL)
         rig.wait_for("half the file", lambda: part.exists() and part.stat().st_size > 500_000)
         proc.send_signal(signal.SIGTERM)  # systemctl stop
-        proc.wait(30)
+        proc.communicate(timeout=30)
         kept = part.stat().st_size
         assert 0 < kept < len(data)
         code, out = fetch(slow, cache, "org/big")

@@ -115,6 +115,7 @@ async def test_router_download_events_list_and_delete(
             assert await r.json() == {"success": True}
         await wait_event(events, "model_remove", TINY_ID)
         listen.cancel()
+        await asyncio.gather(listen, return_exceptions=True)
     assert TINY_ID not in models(d.url)
     repo = box.workdir / "cache-router" / "models--org--tiny-GGUF"
     # As llama.cpp's removal of one tag: its links and blobs go, refs/main stays.
@@ -341,6 +342,7 @@ async def test_failures_reach_the_client(llamad_factory: Factory, box: rig.Box,
         async with s.post(d.url + "/models", json={"model": "-rf/x"}) as r:
             assert r.status == 400
         listen.cancel()
+        await asyncio.gather(listen, return_exceptions=True)
     assert "org/bad:Q4_K_M" not in models(d.url)
     # Failed units are read and cleared, not left behind.
     left = box.run(["systemctl", "list-units", "--all", "--no-legend", "llamad-download@*"])
