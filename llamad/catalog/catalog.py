@@ -49,7 +49,6 @@ SCAN_SECONDS = 10.0
 # otherwise cost llamad more memory than MemoryMax= (~6.5 KB a model: docs/benchmarks.md).
 MAX_MODELS = 10_000
 MAX_PROBLEMS = 1_000
-SOURCE_RANK = {"models_dir": 0, "cache": 1}
 _DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-")
 
 
