@@ -9,7 +9,8 @@ from pathlib import Path
 import ggufgen
 import pytest
 
-from llamad.catalog.catalog import Catalog, Snapshot, scan, split_info
+from llamad.catalog.catalog import Catalog, Snapshot, scan
+from llamad.catalog.discover import split_info
 from llamad.catalog.gguf_info import InfoCache
 from llamad.catalog.presets import parse_presets
 from llamad.config import Config
