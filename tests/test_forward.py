@@ -248,7 +248,9 @@ async def test_a_silent_request_on_a_computing_backend_is_not_wedged(
     long prefill on a busy machine): the answer is waited for."""
     busy, _ = spinning
     rig.server.health, rig.server.delay = "silent", 6 * IDLE
-    watched = Watch(IDLE, HEALTH, rig.wedged.append, lambda: busy)
+    # A probe window long enough for the spinner to be scheduled on a machine whose cores
+    # are taken (in 0.3 s at load 12 it may get no clock tick at all).
+    watched = Watch(IDLE, 5 * HEALTH, rig.wedged.append, lambda: busy)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return await forward(request, rig.backend, await request.read(), watched)
