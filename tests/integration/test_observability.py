@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 import openai
 import rig
-from llamad_fixture import Factory, Llamad, chat, free_port, stream, wait_state
+from helpers.daemon import Factory, Llamad, chat, stream, wait_state
+from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT = "Tell a long story."  # what stream() sends; it must never reach the journal
@@ -151,8 +152,10 @@ async def test_request_log_entries_in_the_journal(llamad_factory: Factory) -> No
         events = await stream(s, d.url, "gemma-a", max_tokens=7)
         assert events[-1] == {"done": True}
         assert (await chat(s, d.url, "nope"))[0] == 404  # no model: not a model's request
-    entries = rig.wait_for("two request log entries",
-                           lambda: (e := request_log(d, "MODEL=gemma-a")) and len(e) == 2 and e)
+    def two_entries() -> list[dict[str, Any]] | None:
+        entries = request_log(d, "MODEL=gemma-a")
+        return entries if len(entries) == 2 else None
+    entries = rig.wait_for("two request log entries", two_entries)
     plain, streamed = entries
     for entry, completion in ((plain, 5), (streamed, 7)):
         assert entry["STATUS"] == "200" and entry["PATH"] == "/v1/chat/completions"

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
-
-GEMMA = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache/llamad-ci")) / \
-    "models/gemma3-270m-q4_k_m.gguf"
 
 
 def write_model(path: Path, *, arch: str = "llama", context: int = 4096, blocks: int = 2,
