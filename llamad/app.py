@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, webui
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
 from llamad.catalog.gguf_info import InfoCache
@@ -39,6 +39,7 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
+STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 
 
 async def journal_tail(unit: str, lines: int = 5) -> str:
@@ -89,7 +90,7 @@ class Daemon:
         sinks: list[record.Sink] = [self.metrics.on_request]
         if self.config.request_log:
             sinks.append(self.journal)
-        middlewares.append(record.middleware(sinks))
+        middlewares += [record.middleware(sinks), self._opened]
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
@@ -100,7 +101,8 @@ class Daemon:
         api.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
-        webui.add_routes(app, self.config.ui_dir)
+        ollama.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
                                 self._watcher, self._running])
@@ -116,6 +118,16 @@ class Daemon:
             return resp
         finally:
             self.last_request = time.monotonic()
+
+    @web.middleware
+    async def _opened(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Until llamad has read its models after a start, every request but /health waits
+        for it, bounded by queue-timeout, then 503 (Supervisor.wait_open): llamad is READY
+        and serving before its first scan is in (`_open`)."""
+        if request.path != "/health":
+            await self.sup.wait_open()
+        resp: web.StreamResponse = await handler(request)
+        return resp
 
     # One cleanup context per resource, started in this order and ended in reverse.
 
@@ -134,7 +146,8 @@ class Daemon:
         measure = Measure(self.config, state_dir=self.config.state_dir)
         self.watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         sup = self.sup = Supervisor(self.config, self.catalog.snapshot, self.units, measure,
-                                    journal_tail, rescan=self.watcher.rescan_now)
+                                    journal_tail, rescan=self.watcher.rescan_now, opened=False)
+        self.catalog.swa_fits = sup.kv.swa_fits  # before the first scan, the watcher's
         self.units.follow(sup.on_unit_change, sup.reconcile_soon)
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
@@ -147,27 +160,41 @@ class Daemon:
             await sup.close()
 
     async def _watcher(self, app: web.Application) -> AsyncIterator[None]:
-        """The models directories, watched; the first scan happens here."""
-        await self.watcher.start()
+        """The models directories, watched from the first scan on (`_open`) until the end."""
         try:
             yield
         finally:
             await self.watcher.stop()
 
     async def _running(self, app: web.Application) -> AsyncIterator[None]:
-        """Units taken over or stopped, preloads, then the reconcile loop and the tick."""
-        sup = self.sup
-        await sup.adopt()
-        await sup.take_back()
-        await sup.preload()
-        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
+        """The first scan, units taken over or stopped, preloads, then the reconcile loop
+        (`_open`, in the background), and the tick from the start."""
+        opening = self.sup.spawn(self._open(self.sup), "reading the models")
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
         ticker.add_done_callback(self._tick_ended)
         try:
             yield
         finally:
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
+            for task in (opening, ticker):
+                task.cancel()
+            await asyncio.gather(opening, ticker, return_exceptions=True)
+
+    async def _open(self, sup: Supervisor) -> None:
+        """The first scan, then the units an earlier llamad left taken over. Requests wait
+        for it (Supervisor.wait_open); READY does not, so files that make a scan slow cannot
+        keep llamad from starting (docs/security.md, "Hostile model files")."""
+        try:
+            await self.watcher.start()
+            await sup.adopt()
+            await sup.take_back()
+        except Exception:  # as when this came before READY: exit, systemd starts llamad again
+            log.exception("reading the models and adopting their units failed; exiting")
+            self.stop.set()
+            return
+        sup.opened.set()
+        self.notifier.status(report.status_line(sup))  # before any waiting request resumes
+        await sup.preload()
+        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
 
     async def _request_log(self, app: web.Application) -> AsyncIterator[None]:
         """The journal writer: the request log and llamad's notes in models' journals."""
@@ -204,7 +231,7 @@ class Daemon:
         await sample(sup)  # after the ping: D-Bus calls may be slow
         idle_for = time.monotonic() - self.last_request
         if self.config.idle_exit and idle_for > self.config.idle_exit and sup.quiet() \
-                and not self.stop.is_set():
+                and sup.opened.is_set() and not self.stop.is_set():
             await self._exit_when_idle(sup, idle_for)
 
     async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:
@@ -284,9 +311,9 @@ async def serve(config: Config, listen: str | None = None) -> None:
             # aiohttp's protocol, guarded per connection: the connection cap, and a
             # deadline for receiving each request, which aiohttp lacks (limits.Guard).
             servers.append(await loop.create_server(lim.protocol(runner.server), sock=sock))
-        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
-                 report.status_line(daemon.sup))
-        notifier.ready(report.status_line(daemon.sup))
+        status = report.status_line(daemon.sup) if daemon.sup.opened.is_set() else STARTING
+        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets), status)
+        notifier.ready(status)
         await daemon.stop.wait()
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:

@@ -15,16 +15,23 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
+from helpers.fakesystemd import FakeSystemd
 from helpers.ggufgen import write_model
-from helpers.supervised import Rig, catalog, serving, with_config
+from helpers.nvml import NoNvml
+from helpers.supervised import Rig, catalog, no_journal, serving, with_config
+from helpers.watch import Watch
 
 from llamad.api import report
+from llamad.catalog.catalog import Snapshot, scan
 from llamad.config import Config
 from llamad.errors import NotFound, Unavailable
+from llamad.memory.gpu import GpuMonitor
+from llamad.memory.measure import Measure
 from llamad.supervisor.events import Cause, State
-from llamad.supervisor.supervisor import IllegalMove
+from llamad.supervisor.supervisor import IllegalMove, Supervisor
 from llamad.systemd.units import UnitError
 
 
@@ -398,3 +405,25 @@ async def test_reconcile_confirms_a_failure_before_failing_the_model(rig: Rig) -
     await asyncio.gather(*(t for t in asyncio.all_tasks()
                            if t.get_name() == "recording the failure of tiny-a"))
     assert slot.state is not State.FAILED
+
+
+async def test_requests_wait_for_the_first_scan_then_get_503(config: Config) -> None:
+    """llamad serves before its first scan is in (app.py has requests wait_open): a
+    request waits for it, bounded by queue-timeout, and is then answered 503."""
+    measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+    empty = Snapshot(MappingProxyType({}))
+    sup = Supervisor(config, empty, FakeSystemd(Watch()), measure, no_journal, opened=False)
+    waiting = asyncio.ensure_future(sup.wait_open())
+    await asyncio.sleep(0)  # one turn of the loop: it is waiting now
+    assert not waiting.done()
+    sup.update_snapshot(scan(config))
+    sup.opened.set()
+    await waiting
+    assert (await sup.find("tiny-a")).model.id == "tiny-a"
+    late = Supervisor(dataclasses.replace(config, queue_timeout=0.1), empty,
+                      FakeSystemd(Watch()), measure, no_journal, opened=False)
+    with pytest.raises(Unavailable, match="still reading its models") as e:
+        await late.wait_open()
+    assert e.value.code == "catalog_scanning" and e.value.headers["Retry-After"] == "2"
+    await sup.close()
+    await late.close()

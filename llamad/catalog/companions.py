@@ -18,13 +18,16 @@ from llamad.catalog.presets import DRAFT
 T = TypeVar("T")
 
 
-def projector(path: Path, cache: InfoCache) -> Projector | None:
-    return _read(path, cache, Projector.of)
+Confine = Callable[[Path], None] | None  # files.confine for the scan's directories
 
 
-def draft(args: Sequence[str], cache: InfoCache) -> GGUFInfo | None:
+def projector(path: Path, cache: InfoCache, confine: Confine = None) -> Projector | None:
+    return _read(path, cache, Projector.of, confine)
+
+
+def draft(args: Sequence[str], cache: InfoCache, confine: Confine = None) -> GGUFInfo | None:
     path = _draft_path(args)
-    return _read(path, cache, lambda h: combine([h], None)) if path else None
+    return _read(path, cache, lambda h: combine([h], None), confine) if path else None
 
 
 def paths(mmproj: Path | None, args: Sequence[str]) -> list[Path]:
@@ -37,8 +40,9 @@ def _draft_path(args: Sequence[str]) -> Path | None:
     return Path(option.value) if option is not None and option.value else None
 
 
-def _read(path: Path, cache: InfoCache, make: Callable[[FileHeader], T]) -> T | None:
+def _read(path: Path, cache: InfoCache, make: Callable[[FileHeader], T],
+          confine: Confine) -> T | None:
     try:
-        return make(cache.header(path))
+        return make(cache.header(path, confine=confine))
     except (OSError, GGUFError):
         return None

@@ -82,13 +82,20 @@ class Sessions:
 class Core:
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
                  measure: Measure, journal: Journal,
-                 rescan: Callable[[], Awaitable[None]] | None = None) -> None:
+                 rescan: Callable[[], Awaitable[None]] | None = None,
+                 opened: bool = True) -> None:
         self.config = config
         self.snapshot = snapshot
         self.units = units
         self.measure = measure
         self.journal = journal
         self.rescan = rescan  # a catalog scan that starts now (the watcher's)
+        # Set once the first catalog scan is in and an earlier llamad's units are adopted.
+        # llamad serves before that (app.py: a slow scan must not hold READY); requests
+        # naming a model wait for it (Admission.wait_open).
+        self.opened = asyncio.Event()
+        if opened:
+            self.opened.set()
         self.sessions = Sessions()
         self.policy = Policy(config.eviction_policy)
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 import rig
-from helpers.ports import free_port
 
+from helpers.ports import free_port
 from llamad.systemd.unitname import TTL_TIMER_PATTERN
 
 PYTHON = Path(sys.prefix) / "bin" / "python"
@@ -192,6 +192,17 @@ async def stream(session: aiohttp.ClientSession, url: str, model: str, max_token
                 if on_event is not None:
                     on_event(len(events))
     return events
+
+
+def request_log(d: Llamad, *match: str) -> list[dict[str, Any]]:
+    """The request log's journal entries (their fields) of llamad's current run, those
+    matching journalctl's `match`es, e.g. MODEL=gemma-a."""
+    # This run of the unit (journalctl's --after-cursor skips one entry too many when
+    # the cursor's own entry does not match).
+    run = "_SYSTEMD_INVOCATION_ID=" + d.show(d.unit, "InvocationID")
+    out = d.box.run(["journalctl", "-u", d.unit, "-o", "json", run, *match],
+                    check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def wait_http(url: str, timeout: float = 30) -> None:

@@ -17,7 +17,6 @@ from helpers.fakesystemd import FakeLlamaServers, FakeSystemd, fake_llama_server
 from helpers.ggufgen import write_model
 from helpers.nvml import NoNvml
 from helpers.watch import Watch
-
 from llamad.catalog.catalog import scan
 from llamad.config import Config
 from llamad.memory.gpu import GpuMonitor
@@ -77,14 +76,31 @@ class Rig:
         await self.watch.until(f"{slot.unit} to start", lambda: slot.unit in self.units.running)
         return slot
 
-    async def ready(self, name: str) -> Slot:
-        """Load through the real decision path and drive the model to READY as systemd
-        and llama-server would."""
-        await self.sup.load(self.slot(name))
+    async def running(self, name: str) -> Slot:
+        """Once the model's unit has been started, drive it to READY as systemd and
+        llama-server would."""
         slot = await self.started(name)
         self.units.active(self.sup, slot.unit)
         await self.state(name, State.READY)
         return slot
+
+    async def ready(self, name: str) -> Slot:
+        """Load through the real decision path and drive the model to READY."""
+        await self.sup.load(self.slot(name))
+        return await self.running(name)
+
+    async def stopped(self, name: str) -> None:
+        """systemd's side of a stop llamad asked for: the unit goes."""
+        slot = self.slot(name)
+        await self.watch.until(f"{slot.unit} to be stopped",
+                               lambda: slot.unit in self.units.stopped)
+        self.units.stopped.remove(slot.unit)
+        self.units.gone(self.sup, slot.unit)
+        await self.state(name, State.UNLOADED)
+
+    def starts(self, name: str) -> int:
+        """How often the model's unit was started."""
+        return self.units.started.count(self.slot(name).unit)
 
 
 def with_config(r: Rig, **changes: Any) -> Rig:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import openai
 import rig
-from helpers.daemon import Factory, Llamad, chat, stream, wait_state
+from helpers.daemon import Factory, Llamad, chat, request_log, stream, wait_state
 from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -133,15 +133,6 @@ async def test_metrics_of_a_stuck_backend_are_left_out_in_time(
     assert [x.value for x in families["llamad_model_metrics_up"]] == [0.0]
     assert "llamacpp:prompt_tokens" not in families
     assert took < 4, f"the scrape waited {took:.1f}s for a stuck model"
-
-
-def request_log(d: Llamad, *match: str) -> list[dict[str, Any]]:
-    # This run of the unit (journalctl's --after-cursor skips one entry too many when
-    # the cursor's own entry does not match).
-    run = "_SYSTEMD_INVOCATION_ID=" + d.show(d.unit, "InvocationID")
-    out = d.box.run(["journalctl", "-u", d.unit, "-o", "json", run, *match],
-                    check=False).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 async def test_request_log_entries_in_the_journal(llamad_factory: Factory) -> None:
