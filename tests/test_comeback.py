@@ -31,7 +31,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         sizing = Rig(config)
         small, big = (sizing.sup.measure.need(sizing.slot(name).model).ram
                       for name in ("tiny-a", "tiny-c"))
-        await sizing.sup.close()
+        await sizing.sup.close()  # it only measured
         budget = 2 * small + 10 * MIB
         assert small + big > budget >= big, (small, big)
         r = Rig(dataclasses.replace(config, memory_budget_mb=budget // MIB))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 from helpers.ggufgen import write_model
 from helpers.ports import free_port
-from helpers.supervised import Rig
+from helpers.supervised import MakeRig, Rig
 from rig import GEMMA
 
 from llamad.catalog import gguf_info
@@ -109,14 +109,23 @@ def rpc_config(tmp_path: Path) -> Config:
                           state_dir=tmp_path / "state", memory_reserve_mb=0, queue_timeout=5)
 
 
-def with_workers(config: Config, **workers: str) -> Rig:
+def with_workers(config: Config, **workers: str) -> Config:
     assert config.models_preset is not None
     config.models_preset.write_text("".join(f"[{m}]\nrpc = {w}\n" for m, w in workers.items()))
-    return Rig(config)
+    return config
 
 
-def test_the_unit_of_an_rpc_model(rpc_config: Config) -> None:
-    r = with_workers(rpc_config, tiny="127.0.0.3:50052")
+Make = Callable[..., Rig]
+
+
+@pytest.fixture
+def make(rpc_config: Config, make_rig: MakeRig) -> Make:
+    """A rig whose models have these workers (model=workers), closed after the test."""
+    return lambda **workers: make_rig(with_workers(rpc_config, **workers))
+
+
+def test_the_unit_of_an_rpc_model(make: Make) -> None:
+    r = make(tiny="127.0.0.3:50052")
     sup = r.sup
     spec, _ = sup.spec(sup.slots["tiny"])
     assert spec.argv[spec.argv.index("--rpc") + 1] == "127.0.0.3:50052"
@@ -172,8 +181,8 @@ def test_a_model_larger_than_the_host_needs_only_its_local_share() -> None:
     assert memory.estimate(info, ("-c", "8192"), gpu=False).total.ram > info.size
 
 
-def test_the_scheduler_counts_the_local_share(rpc_config: Config) -> None:
-    r = with_workers(rpc_config, tiny="127.0.0.3:50052")
+def test_the_scheduler_counts_the_local_share(make: Make) -> None:
+    r = make(tiny="127.0.0.3:50052")
     sup = r.sup
     model = sup.slots["tiny"].model
     assert model.info is not None
@@ -233,10 +242,10 @@ async def serving(r: Rig, name: str, pid: int) -> asyncio.Task[Any]:
     return request
 
 
-async def test_a_worker_that_is_down_refuses_the_load_at_once(rpc_config: Config,
+async def test_a_worker_that_is_down_refuses_the_load_at_once(make: Make,
                                                               worker: Worker) -> None:
     await worker.stop()
-    r = with_workers(rpc_config, tiny=worker.address)
+    r = make(tiny=worker.address)
     sup = r.sup
     with pytest.raises(Unavailable) as err:
         await sup.acquire(sup.slots["tiny"])
@@ -250,8 +259,8 @@ async def test_a_worker_that_is_down_refuses_the_load_at_once(rpc_config: Config
 
 
 async def test_a_worker_that_goes_away_fails_the_model_until_it_is_back(
-        rpc_config: Config, worker: Worker) -> None:
-    r = with_workers(rpc_config, tiny=worker.address)
+        make: Make, worker: Worker) -> None:
+    r = make(tiny=worker.address)
     sup = r.sup
     slot = sup.slots["tiny"]
     await serving(r, "tiny", 101)
@@ -274,8 +283,8 @@ async def test_a_worker_that_goes_away_fails_the_model_until_it_is_back(
 
 
 async def test_a_crash_with_the_worker_still_there_is_left_to_systemd(
-        rpc_config: Config, worker: Worker) -> None:
-    r = with_workers(rpc_config, tiny=worker.address)
+        make: Make, worker: Worker) -> None:
+    r = make(tiny=worker.address)
     sup = r.sup
     slot = sup.slots["tiny"]
     await serving(r, "tiny", 101)
@@ -288,9 +297,9 @@ async def test_a_crash_with_the_worker_still_there_is_left_to_systemd(
 
 
 async def test_an_explicit_load_with_the_worker_down_fails_with_the_worker_named(
-        rpc_config: Config, worker: Worker) -> None:
+        make: Make, worker: Worker) -> None:
     await worker.stop()
-    r = with_workers(rpc_config, tiny=worker.address)
+    r = make(tiny=worker.address)
     sup = r.sup
     slot = sup.slots["tiny"]
     await sup.load(slot)  # POST /models/load and load-on-startup do not queue a request
@@ -298,9 +307,9 @@ async def test_an_explicit_load_with_the_worker_down_fails_with_the_worker_named
     assert f"rpc worker {worker.address} does not answer" in slot.reason
 
 
-async def test_one_worker_serves_one_model_at_a_time(rpc_config: Config,
+async def test_one_worker_serves_one_model_at_a_time(make: Make,
                                                      worker: Worker) -> None:
-    r = with_workers(rpc_config, tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
+    r = make(tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
     sup = r.sup
     await serving(r, "tiny", 101)
     with pytest.raises(Unavailable) as err:
@@ -313,12 +322,12 @@ async def test_one_worker_serves_one_model_at_a_time(rpc_config: Config,
     await serving(r, "local", 103)  # models without workers are not concerned
 
 
-async def test_the_model_list_shows_the_workers(rpc_config: Config, worker: Worker) -> None:
+async def test_the_model_list_shows_the_workers(make: Make, worker: Worker) -> None:
     from llamad.api import listing
-    r = with_workers(rpc_config, tiny=worker.address)
+    r = make(tiny=worker.address)
     sup = r.sup
     entry = listing.entry(sup, sup.slots["tiny"])
     assert entry["llamad"]["rpc"]["workers"] == [worker.address]
     assert entry["llamad"]["need"]["ram"] == entry["llamad"]["rpc"]["local"]
     assert listing.entry(sup, sup.slots["local"])["llamad"]["rpc"] is None
-    assert scan(rpc_config).models["tiny"].settings.args[-2:] == ("--rpc", worker.address)
+    assert scan(sup.config).models["tiny"].settings.args[-2:] == ("--rpc", worker.address)

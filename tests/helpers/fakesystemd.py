@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from helpers.watch import Watch
 
+from helpers.watch import Watch
 from llamad.supervisor.supervisor import Supervisor
 from llamad.systemd.unitname import TTL_TIMER_PATTERN, unit_of_ttl_timer
 from llamad.systemd.units import UnitError, UnitSpec, UnitStatus, environment, ttl_timer
@@ -130,6 +130,7 @@ class FakeLlamaServers:
     def __init__(self) -> None:
         self.stalled: set[str] = set()
         self.asked: list[str] = []
+        self.ended = asyncio.Event()  # the servers close: stalled answers end too
 
 
 @contextlib.asynccontextmanager
@@ -141,7 +142,7 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
         async def health(_: web.Request, name: str = name) -> web.Response:
             fake.asked.append(name)
             if name in fake.stalled:
-                await asyncio.Event().wait()
+                await fake.ended.wait()
             return web.json_response({"status": "ok"})
         app = web.Application()
         app.router.add_get("/health", health)
@@ -153,5 +154,6 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
     try:
         yield fake
     finally:
+        fake.ended.set()
         for runner in runners:
             await runner.cleanup()

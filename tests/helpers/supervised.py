@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
+MakeRig = Callable[..., "Rig"]  # the make_rig fixture (tests/conftest.py)
 
 
 def models_config(root: Path, names: Sequence[str], **settings: Any) -> Config:
@@ -48,6 +49,7 @@ class Rig:
 
     def __init__(self, config: Config, gpus: GpuMonitor | None = None,
                  servers: FakeLlamaServers | None = None) -> None:
+        self.others: list[Rig] = []  # made by with_config(self, ...): closed with it
         self.watch = Watch()
         self.units = FakeSystemd(self.watch)
         if gpus is None:
@@ -59,6 +61,10 @@ class Rig:
 
     def slot(self, name: str) -> Slot:
         return self.sup.slots[name]
+
+    async def close(self) -> None:
+        for r in [self, *self.others]:
+            await r.sup.close()
 
     async def state(self, name: str, want: State) -> None:
         await self.watch.until(f"{name} to be {want.value}",
@@ -104,9 +110,11 @@ class Rig:
 
 
 def with_config(r: Rig, **changes: Any) -> Rig:
-    """Another rig over the same fake llama-servers, with Config fields changed; the test
-    closes its supervisor."""
-    return Rig(dataclasses.replace(r.sup.config, **changes), servers=r.servers)
+    """Another rig over the same fake llama-servers, with Config fields changed; closed
+    with `r`."""
+    other = Rig(dataclasses.replace(r.sup.config, **changes), servers=r.servers)
+    r.others.append(other)
+    return other
 
 
 def catalog(r: Rig, **changes: Any) -> None:
@@ -119,7 +127,7 @@ def catalog(r: Rig, **changes: Any) -> None:
 async def serving(root: Path, names: Sequence[str] = MODELS,
                   **settings: Any) -> AsyncIterator[Rig]:
     """A rig over tiny models `names`, each with a fake llama-server answering /health on
-    its socket; its supervisor is closed afterwards."""
+    its socket; closed afterwards (with those with_config made of it)."""
     with short_dir() as run:
         r = Rig(models_config(root, names, run_dir=run, **settings))
         async with fake_llama_servers(run, list(names)) as servers:
@@ -127,4 +135,4 @@ async def serving(root: Path, names: Sequence[str] = MODELS,
             try:
                 yield r
             finally:
-                await r.sup.close()
+                await r.close()
