@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from llamad.api import dashboard, fleet, ollama, proxy, report, webui
+from llamad.api import downloads as api_downloads
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
 from llamad.catalog.gguf_info import InfoCache
@@ -28,6 +29,7 @@ from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
 from llamad.sizes import MIB
 from llamad.supervisor import sampling
+from llamad.supervisor.downloads import Downloads
 from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
 from llamad.systemd import unitpaths
@@ -99,13 +101,14 @@ class Daemon:
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
+        api_downloads.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
         ollama.add_routes(app)
         webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
-                                self._watcher, self._running])
+                                self._watcher, self._downloads, self._running])
         return app
 
     @web.middleware
@@ -165,6 +168,17 @@ class Daemon:
             yield
         finally:
             await self.watcher.stop()
+
+    async def _downloads(self, app: web.Application) -> AsyncIterator[None]:
+        """Downloads into llama.cpp's cache, each a unit; those running already followed."""
+        downloads = Downloads(self.config, self.units, self.watcher.rescan_now,
+                              lambda: self.catalog.snapshot, journal_tail)
+        api_downloads.attach(app, downloads)
+        await downloads.adopt()
+        try:
+            yield
+        finally:
+            await downloads.close()  # the units go on: the next llamad follows them
 
     async def _running(self, app: web.Application) -> AsyncIterator[None]:
         """The first scan, units taken over or stopped, preloads, then the reconcile loop

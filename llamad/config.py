@@ -20,6 +20,7 @@ DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
 SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
 
 _ORIGIN = re.compile(r"https?://[^/\s]+")
+_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 # key: (validate check, what is allowed). The check strings are configobj/validate
@@ -90,6 +91,12 @@ SPEC: dict[str, tuple[str, str]] = {
     "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
     "ctx-max": ("integer(min=0, default=0)",
                 "a whole number of tokens >= 0 (0 = the model's trained context)"),
+    # Downloads (POST /models, /api/pull, llamad pull): where the hub is, and its token.
+    "hf-endpoint": ("string(default='')",
+                    "an http:// or https:// URL, or empty for $MODEL_ENDPOINT, $HF_ENDPOINT "
+                    "or https://huggingface.co/"),
+    "hf-token-file": ("string(default='')",
+                      "the absolute path of a file holding a Hugging Face token, or empty"),
 }
 
 
@@ -148,6 +155,8 @@ class Config:
     # -- fitting models to memory --
     fit_min_ctx: int
     ctx_max: int
+    hf_endpoint: str
+    hf_token_file: Path | None
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -233,6 +242,10 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for peer in v["peers"]:
         if not _ORIGIN.fullmatch(peer.lower()):
             raise _bad(path, "peers", peer)
+    if v["hf-endpoint"] and not _URL.fullmatch(v["hf-endpoint"]):
+        raise _bad(path, "hf-endpoint", v["hf-endpoint"])
+    if v["hf-token-file"] and not Path(v["hf-token-file"]).is_absolute():
+        raise _bad(path, "hf-token-file", v["hf-token-file"])
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -256,6 +269,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         slice_memory_max=v["slice-memory-max"] or None,
         kv_cache={"true": "yes", "on": "yes", "false": "no", "off": "no"}.get(
             v["kv-cache"], v["kv-cache"]),
+        hf_token_file=_opt_path(v["hf-token-file"]),
     )
     return out
 

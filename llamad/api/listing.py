@@ -83,8 +83,8 @@ def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "id": m.id, "aliases": list(m.aliases), "tags": list(m.settings.tags),
         "object": "model", "owned_by": "llamad", "created": m.created, "status": status,
         "architecture": info(m)["architecture"], "source": m.source,
-        # llamad never deletes model files (DELETE /models is not supported).
-        "can_remove": False,
+        # As the router: DELETE /models removes downloads in llama.cpp's cache only.
+        "can_remove": m.source == "cache",
         "name": m.id, "context_length": n_ctx(m, args), "meta": meta(m, args),
         "llamad": report.describe(sup, slot),
     }

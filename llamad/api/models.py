@@ -12,7 +12,7 @@ from aiohttp import web
 from llamad.api import fleet, listing, report
 from llamad.api.feed import ModelFeed
 from llamad.catalog.catalog import Catalog
-from llamad.errors import BadRequest, LlamadError
+from llamad.errors import BadRequest
 from llamad.http import keys
 from llamad.http.body import read_json
 from llamad.http.context import CATALOG, SUPERVISOR, app_key, find, resolve, supervisor, visible
@@ -20,12 +20,6 @@ from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
 FEED: Any = app_key("feed", ModelFeed)
-
-
-class NotSupported(LlamadError):
-    status = 501
-    type = "not_supported_error"
-    code = "not_supported"
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -77,13 +71,6 @@ async def handle_pin(request: web.Request) -> web.Response:
         raise BadRequest('"pinned" must be true or false', code="invalid_pinned")
     supervisor(request).set_pin(slot, pinned)
     return web.json_response({"success": True, "model": slot.model.id, "pinned": slot.pinned})
-
-
-async def handle_download(request: web.Request) -> web.Response:
-    """POST and DELETE /models: router mode downloads and deletes cached models."""
-    raise NotSupported("llamad does not download or delete models; put GGUF files in a "
-                       "models directory, or download them with llama-server -hf into the "
-                       "llama.cpp cache")
 
 
 async def router_props(request: web.Request) -> web.Response:
@@ -166,8 +153,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/models/load", handle_load)
     r.add_post("/models/unload", handle_unload)
     r.add_post("/models/pin", handle_pin)
-    r.add_post("/models", handle_download)
-    r.add_delete("/models", handle_download)
     r.add_get("/health", handle_health)
     r.add_get("/v1/health", handle_health)
     r.add_get("/status", handle_status)

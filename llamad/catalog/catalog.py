@@ -49,7 +49,6 @@ SCAN_SECONDS = 10.0
 # otherwise cost llamad more memory than MemoryMax= (~6.5 KB a model: docs/benchmarks.md).
 MAX_MODELS = 10_000
 MAX_PROBLEMS = 1_000
-SOURCE_RANK = {"models_dir": 0, "cache": 1}
 _DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-")
 
 
@@ -100,6 +99,15 @@ class Found:
     hidden: bool = False  # a cache entry a preset with dedup-cache-models stands for
 
 
+def _placed_blob(path: Path) -> bool:
+    """A cache entry linked to its blob, which cannot be half written: llama.cpp and llamad
+    write a blob under another name and rename it once it is whole (and, llamad, verified)."""
+    try:
+        return path.is_symlink() and Path(os.readlink(path)).parent.name == "blobs"
+    except OSError:
+        return False
+
+
 @dataclass
 class _Scan:
     cache: InfoCache
@@ -125,7 +133,7 @@ class _Scan:
         except files.Refused as e:
             self.problems.append(f"{path} {e}; skipped.")
             return None
-        if self.now - st.st_mtime < self.settle:
+        if self.now - st.st_mtime < self.settle and not _placed_blob(path):
             self.pending = True
             self.unsettled.add(path)
             self.problems.append(f"{path} is still being written; it will be added when done.")
@@ -346,10 +354,10 @@ def _secrets(models: dict[str, Model], problems: list[str]) -> None:
         redact.remember(argv.secret_values(m.settings.args))
     if with_secrets:
         names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
-        problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): llamad "
-                        "never downloads, "
-                        "so it is not passed to llama-server, whose command line every local "
-                        "user can read.")
+        problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): "
+                        "llama-server never downloads under llamad (llamad does, with "
+                        "llamad.conf's hf-token-file), so it is not passed to llama-server, "
+                        "whose command line every local user can read.")
 
 
 def _aliases(models: dict[str, Model], problems: list[str],
