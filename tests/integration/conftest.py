@@ -29,14 +29,15 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
 
     def make(names: list[str], preset: str = "", unit: tuple[str, ...] = (), *,
              host: str = "127.0.0.1", in_box: rig.Box | None = None, sandbox: bool = False,
-             socket: bool = False, start: bool = True, tracebacks_after: tuple[str, ...] = (),
-             **settings: Any) -> Llamad:
+             socket: bool = False, start: bool = True, healthy: bool = True,
+             tracebacks_after: tuple[str, ...] = (), **settings: Any) -> Llamad:
         """`unit`: more systemd properties of llamad's own unit, such as Restart=;
         `host`: the loopback address it listens on; `in_box`: another box than the
         session's; `sandbox`: run in the shipped unit's sandbox (helpers.daemon.SANDBOX);
         `socket`: socket-activated (not started: the first connection starts it);
-        `start=False`: configured only, the test starts it; `tracebacks_after`: log
-        messages that a test provokes and Python logs with a traceback, not counted as
+        `start=False`: configured only, the test starts it; `healthy=False`: started, and
+        waited for until /health answers at all (not necessarily 200); `tracebacks_after`:
+        log messages that a test provokes and Python logs with a traceback, not counted as
         llamad's; `settings`: llamad.conf keys."""
         where = in_box or box
         d = Llamad(where, assets if in_box is None else rig.Assets(where.workdir), names,
@@ -50,7 +51,7 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
             d.listen()
         elif start:
             d.start()
-            wait_http(d.url)
+            wait_http(d.url, want=200 if healthy else None)
         return d
     yield make
     for d in made:
