@@ -104,7 +104,7 @@ def _left(deadline: float) -> float:
 async def _slots(backend: be.Backend, deadline: float) -> list[dict[str, Any]]:
     timeout = aiohttp.ClientTimeout(total=_left(deadline))
     async with backend.session().get(backend.base_url + "/slots", timeout=timeout) as r:
-        body = await r.json(content_type=None)
+        body = await be.capped_json(r, be.SMALL_ANSWER)
         if r.status != 200 or not isinstance(body, list):
             raise KvError(f"GET /slots answered {r.status}: {str(body)[:200]}")
         return [s for s in body if isinstance(s, dict)]
@@ -115,7 +115,7 @@ async def _action(backend: be.Backend, slot: int, action: str, filename: str,
     url = f"{backend.base_url}/slots/{slot}?action={action}"
     timeout = aiohttp.ClientTimeout(total=_left(deadline))
     async with backend.session().post(url, json={"filename": filename}, timeout=timeout) as r:
-        body = await r.json(content_type=None)
+        body = await be.capped_json(r, be.SMALL_ANSWER)
         if r.status != 200 or not isinstance(body, dict):
             error = body.get("error", body) if isinstance(body, dict) else body
             message = error.get("message", error) if isinstance(error, dict) else error
