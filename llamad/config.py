@@ -13,12 +13,12 @@ from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_value
 from validate import Validator
 
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE
 
 DEFAULT_PATH = Path("/etc/llamad/llamad.conf")
 DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
 SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
 
-_SIZE = re.compile(r"(\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity)")
 _ORIGIN = re.compile(r"https?://[^/\s]+")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
@@ -87,6 +87,10 @@ SPEC: dict[str, tuple[str, str]] = {
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
     "peer-key-file": ("string(default='')", "a file path or empty"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
+    # -- fitting models to memory (memory/fit.py) --
+    "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
+    "ctx-max": ("integer(min=0, default=0)",
+                "a whole number of tokens >= 0 (0 = the model's trained context)"),
 }
 
 
@@ -145,6 +149,9 @@ class Config:
     peer_timeout: float
     peer_key_file: Path | None
     shutdown_grace: float
+    # -- fitting models to memory --
+    fit_min_ctx: int
+    ctx_max: int
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -208,7 +215,7 @@ def _opt_path(value: str | None) -> Path | None:
 def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     """Turn validated values into Config attributes, checking what validate cannot."""
     for key in ("listen", "slice-memory-max"):
-        pattern = _LISTEN if key == "listen" else _SIZE
+        pattern = _LISTEN if key == "listen" else SIZE
         if v[key] and not pattern.fullmatch(v[key]):
             raise _bad(path, key, v[key])
     if not v["listen"]:

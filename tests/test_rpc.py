@@ -52,7 +52,8 @@ def test_workers_are_ip_addresses_and_ports(subtests: Any) -> None:
     for value, why in bad.items():
         with subtests.test(value=value), pytest.raises(ValueError, match=why):
             rpc.parse(value)
-    argv = ("-m", "x.gguf", "--rpc", "10.0.0.1:1,10.0.0.2:2", "--rpc=10.0.0.1:1", "-c", "9")
+    argv = ("-m", "x.gguf", "--rpc", "10.0.0.1:1,10.0.0.2:2", "--rpc", "10.0.0.1:1", "-c", "9",
+            "--alias", "--rpc=10.0.0.3:1", "--rpc=10.0.0.4:1")  # values, and no = form
     assert [str(w) for w in rpc.workers(argv)] == ["10.0.0.1:1", "10.0.0.2:2"]
     assert rpc.addresses(rpc.workers(argv)) == ("10.0.0.1", "10.0.0.2")
     assert rpc.workers(("-m", "x.gguf")) == ()

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,7 +28,7 @@ from aiohttp import web
 
 from llamad.errors import BackendError, BackendTimeout, BackendUnreachable, LlamadError
 from llamad.http import limits, record
-from llamad.supervisor.backend import PROBE_TIMEOUT, Backend
+from llamad.supervisor.backend import PROBE_TIMEOUT, Backend, read_capped
 
 if TYPE_CHECKING:
     from llamad.supervisor.slot import Slot
@@ -136,12 +136,16 @@ async def _small(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> 
 
 
 async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientSession,
-                body: bytes | bytearray, watch: Watch) -> aiohttp.ClientResponse:
-    """Send the request; the response once its status line and headers are in."""
+                body: bytes | bytearray, watch: Watch,
+                to: tuple[str, dict[str, str]] | None = None) -> aiohttp.ClientResponse:
+    """Send the request (or, with `to`, `body` as a POST to that path with those headers);
+    the response once its status line and headers are in."""
+    method, path, headers = (request.method, request.path_qs,
+                             _forward_headers(request.headers)) if to is None else ("POST", *to)
+
     async def send() -> aiohttp.ClientResponse:
-        return await session.request(request.method, backend.base_url + request.path_qs,
-                                     data=body or None,
-                                     headers=_forward_headers(request.headers))
+        return await session.request(method, backend.base_url + path, data=body or None,
+                                     headers=headers)
     try:
         up = await _patiently(backend, send(), watch)
     except _Wedged as e:
@@ -246,3 +250,68 @@ async def _error_event(resp: web.StreamResponse, err: LlamadError) -> None:
 
 def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+TRANSLATED = 64 << 20  # bytes of an answer llamad reads whole to translate it
+
+
+@dataclass
+class Upstream:
+    """The backend's answer to a request llamad wrote itself (a translation, such as
+    Ollama's routes): read whole or chunk by chunk, under the same watch and with the same
+    failures as forward()."""
+
+    response: aiohttp.ClientResponse
+    backend: Backend
+    watch: Watch
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def streamed(self) -> bool:
+        return self.response.headers.get("Content-Type", "").startswith("text/event-stream")
+
+    async def read(self) -> bytes:
+        """The whole answer, to be translated: at most TRANSLATED bytes of it (llamad holds
+        it, and its translation, at once)."""
+        try:
+            return bytes(await _patiently(self.backend, read_capped(self.response, TRANSLATED),
+                                          self.watch))
+        except _Wedged as e:
+            raise _timeout(self.watch, str(e)) from e
+        except ValueError as e:
+            raise BackendError(f"the model's backend answered more than llamad translates "
+                               f"({TRANSLATED >> 20} MiB)") from e
+        except FAILURES as e:
+            raise BackendError(f"the model's backend failed while answering ({_why(e)})") from e
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The answer as it comes; a failure midway raises BackendError (the caller tells
+        its client in its own stream)."""
+        while True:
+            try:
+                chunk = await _patiently(self.backend, self.response.content.readany(),
+                                         self.watch)
+            except _Wedged as e:
+                raise _timeout(self.watch, f"mid-stream: {e}") from e
+            except FAILURES as e:
+                raise BackendError(f"the model's backend failed mid-stream ({_why(e)})") from e
+            if not chunk:
+                return
+            yield chunk
+
+
+@contextlib.asynccontextmanager
+async def exchange(request: web.Request, backend: Backend, path: str, body: bytes,
+                   watch: Watch) -> AsyncIterator[Upstream]:
+    """POST the JSON `body` to `path` on the backend and hold its answer open. Nothing back
+    raises BackendUnreachable, as in forward(), so the caller may send it once more."""
+    async with backend.client() as session:
+        up = await _open(request, backend, session, body, watch, (path, JSON_HEADERS))
+        try:
+            yield Upstream(up, backend, watch)
+        finally:
+            up.release()

@@ -43,7 +43,8 @@ def check(config: Config) -> Presets:
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     presets = check(config)
-    for warning in unitpaths.config_problems(config) + socketstate.problems():
+    for warning in [*unitpaths.config_problems(config), *socketstate.problems(),
+                    *presets.ignored]:
         print(f"llamad: warning: {warning}", file=sys.stderr)
     where = config.path or "defaults (no configuration file)"
     dirs = ", ".join(map(str, config.models_dirs)) or "none"

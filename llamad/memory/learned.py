@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llamad.sizes import MIB
+
 log = logging.getLogger("llamad.learned")
 
-MIB = 1024**2
 # Added to an observed fixed cost: NVML's figure for the same process moves by a few MiB
 # from load to load, and grows by 2 MiB at the first request (H100, driver 580).
 GPU_COST_MARGIN = 8 * MIB

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from llamad.http import keys
+from llamad.http.context import app_key
 from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
 from llamad.supervisor.backend import read_capped
@@ -271,7 +272,7 @@ async def _fetch(slot: Slot) -> str | None:
         return None
 
 
-METRICS: Any = web.AppKey("metrics", Metrics) if hasattr(web, "AppKey") else "metrics"
+METRICS: Any = app_key("metrics", Metrics)
 
 
 async def handle(request: web.Request) -> web.Response:

@@ -31,3 +31,6 @@ class Supervisor(Idle):
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
         self.kv = kvcache.KvCache(self.config, self.events)  # KV caches kept across swaps
         self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy
+        # The order they are called in: the RPC check refuses a request before anything
+        # else runs; the GPU wait comes before a start, the KV restore before serving.
+        self.hooks = (self.rpc, self.gpu, self.kv)

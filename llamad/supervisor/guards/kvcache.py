@@ -35,17 +35,19 @@ import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from llamad.config import Config
+from llamad.sizes import MIB
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, Change, Hub, State
 from llamad.supervisor.guards.kvstore import Entry, Store
+from llamad.supervisor.hooks import Hook
 from llamad.systemd.unitname import instance_name
 
 if TYPE_CHECKING:
     from llamad.catalog.catalog import Model
+    from llamad.supervisor.slot import Slot
 
 log = logging.getLogger("llamad.kvcache")
 
-MIB = 1024 * 1024
 SAVED_ON = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                       Cause.UNLOAD})
 SAVE_PATH = "--slot-save-path"
@@ -146,8 +148,11 @@ class _Live:
     key: str
 
 
-class KvCache:
-    """Saves and restores models' KV caches; one per supervisor, inert with kv-cache off."""
+class KvCache(Hook):
+    """Saves and restores models' KV caches; one per supervisor, inert with kv-cache off.
+
+    Which stop saves is known from the state change that began it (`on_change`, a listener,
+    hears READY -> STOPPING with its cause before the stop's `before_stop` runs)."""
 
     def __init__(self, config: Config, events: Hub) -> None:
         self.config = config
@@ -226,6 +231,18 @@ class KvCache:
         self.stored = await asyncio.to_thread(self.store.usage)
         self.generation += 1
         return out
+
+    # -- the lifecycle's hooks -----------------------------------------------------
+
+    async def before_ready(self, slot: Slot, backend: be.Backend) -> None:
+        await self.restore(slot.model, backend)
+
+    async def before_stop(self, slot: Slot) -> None:
+        await self.save(slot.model)
+
+    async def close(self) -> None:
+        """Let the checksumming and indexing of saves already made finish."""
+        await asyncio.gather(*self._keeping.values(), return_exceptions=True)
 
     # -- restoring: between /health and ready ----------------------------------
 
