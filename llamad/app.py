@@ -156,6 +156,7 @@ class Daemon:
         self.watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
         sup = self.sup = Supervisor(self.config, self.catalog.snapshot, self.units, measure,
                                     journal_tail, rescan=self.watcher.rescan_now, opened=False)
+        self.catalog.swa_fits = sup.kv.swa_fits  # before the first scan, the watcher's
         self.units.follow(sup.on_unit_change, sup.reconcile_soon)
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)

@@ -79,8 +79,10 @@ SPEC: dict[str, tuple[str, str]] = {
     "request-log": ("boolean(default=yes)", "yes or no"),
     "load-progress": ("boolean(default=yes)", "yes or no"),
     "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
-    "kv-cache": ("boolean(default=no)", "yes or no"),
-    "kv-cache-max-mb": ("integer(min=1, default=2048)", "a whole number of MiB >= 1"),
+    "kv-cache": ("option('auto', 'yes', 'no', 'true', 'false', 'on', 'off', default='auto')",
+                 "auto, yes or no"),
+    "kv-cache-max-mb": ("integer(min=0, default=0)",
+                        "a whole number of MiB >= 0 (0 = a tenth of the free disk space)"),
     "kv-cache-timeout": ("float(min=0.1, max=600, default=3)", "seconds from 0.1 to 600"),
     "peers": ("force_list(default=list())",
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
@@ -142,7 +144,7 @@ class Config:
     request_log: bool
     load_progress: bool
     debug_request_delay: float
-    kv_cache: bool
+    kv_cache: str  # auto, yes or no
     kv_cache_max_mb: int
     kv_cache_timeout: float
     peers: tuple[str, ...]
@@ -259,6 +261,8 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
         peers=tuple(p.lower() for p in v["peers"] if p),
         slice_memory_max=v["slice-memory-max"] or None,
+        kv_cache={"true": "yes", "on": "yes", "false": "no", "off": "no"}.get(
+            v["kv-cache"], v["kv-cache"]),
     )
     return out
 

@@ -4,6 +4,7 @@ Ollama's own clients against the real model: tests/integration/test_ollama.py)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -229,3 +230,97 @@ def test_show_from_the_header() -> None:
     keys = dict(models.header(ggufgen.GEMMA))
     assert keys["general.architecture"] == "gemma3" and keys["tokenizer.ggml.tokens"] is None
     assert json.dumps(keys)  # all of it goes out as JSON
+
+
+# -- a failing llama-server (a stand-in for its HTTP side, as in test_forward.py) -------------
+
+IDLE = HEALTH = 0.3
+
+
+async def _failing_backend(tmp_path: Path, mode: str) -> tuple[Any, Any, list[str]]:
+    """A front app whose /api/chat goes the Ollama way to a stand-in llama-server that
+    answers one piece of a chat and then: hangs up, goes silent, or refuses at once."""
+    from llamad.api.forward import Watch
+    from llamad.http import record
+    from llamad.supervisor.backend import Backend
+
+    never = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if mode == "refuse":
+            return web.json_response({"error": {"code": 400, "message": "the request "
+                                                "exceeds the available context size"}},
+                                     status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
+        if mode == "hang-up":
+            await asyncio.sleep(IDLE / 2)  # the piece reaches the client first
+            assert request.transport is not None
+            request.transport.close()
+        await never.wait()
+        return resp
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        await never.wait()  # wedged: /health does not answer either
+        return web.json_response({})
+    back = web.Application()
+    back.router.add_post(tr.CHAT_PATH, chat)
+    back.router.add_get("/health", health)
+    runner = web.AppRunner(back)
+    await runner.setup()
+    await web.UnixSite(runner, str(tmp_path / "llama.sock")).start()
+    backend = Backend(f"unix:{tmp_path / 'llama.sock'}")
+    wedged: list[str] = []
+
+    async def front(request: web.Request) -> web.StreamResponse:
+        send = ollama._sender(tr.CHAT_PATH, tr.Reply("gemma", tr.CHAT, stream=True))
+        return await send(request, backend, b'{"stream": true}',
+                          Watch(IDLE, HEALTH, wedged.append),
+                          record.TapResponse(record.of(request)))
+    client = await _app(("/api/chat", front))
+
+    async def close() -> None:
+        never.set()
+        await client.close()
+        await backend.close()
+        await runner.cleanup()
+    return client, close, wedged
+
+
+async def _lines(client: Any) -> tuple[int, list[dict[str, Any]]]:
+    async def read() -> tuple[int, list[dict[str, Any]]]:
+        r = await client.post("/api/chat", json={})
+        return r.status, [json.loads(line) for line in (await r.text()).splitlines()]
+    return await asyncio.wait_for(read(), 30)
+
+
+async def test_a_stream_that_breaks_ends_with_an_error_line(tmp_path: Path) -> None:
+    client, close, wedged = await _failing_backend(tmp_path, "hang-up")
+    try:
+        status, lines = await _lines(client)
+    finally:
+        await close()
+    assert status == 200 and lines[0]["message"]["content"] == "Hel"
+    assert list(lines[-1]) == ["error"] and "mid-stream" in lines[-1]["error"], lines
+    assert wedged == []
+
+
+async def test_a_wedged_stream_ends_with_an_error_line_and_is_reported(tmp_path: Path) -> None:
+    client, close, wedged = await _failing_backend(tmp_path, "stall")
+    try:
+        status, lines = await _lines(client)
+    finally:
+        await close()
+    assert status == 200 and lines[0]["message"]["content"] == "Hel"
+    assert "stopped answering" in lines[-1]["error"] and len(wedged) == 1, lines
+
+
+async def test_a_refusal_keeps_its_status_and_message(tmp_path: Path) -> None:
+    client, close, _ = await _failing_backend(tmp_path, "refuse")
+    try:
+        r = await client.post("/api/chat", json={})
+        assert (r.status, await r.json()) == (
+            400, {"error": "the request exceeds the available context size"})
+    finally:
+        await close()

@@ -35,7 +35,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
-        "kv_cache": sup.kv.describe(slot.model.id),
+        "kv_cache": sup.kv.describe(slot.model),
         # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
         "rpc": rpcguard.describe(slot.model.info, slot.model.settings.args),
         "fit": _fit(slot),

@@ -27,6 +27,7 @@ from llamad.catalog.presets import (
     ModelSettings,
     Options,
     Presets,
+    SwaFits,
     canonical_name,
     load_presets,
     model_settings,
@@ -105,6 +106,7 @@ class _Scan:
     now: float
     settle: float
     within: tuple[Path, ...] = ()  # real paths of the directories scanned (files.confine)
+    swa_fits: SwaFits | None = None
     problems: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     pending: bool = False
@@ -371,7 +373,8 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
            config: Config, st: _Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings)  # --swa-full, a built-in chat template
+    # --swa-full where it pays, a built-in chat template
+    settings = run_settings(config, info, settings, st.swa_fits)
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
@@ -385,18 +388,21 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
-         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None) -> Snapshot:
+         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None,
+         swa_fits: SwaFits | None = None) -> Snapshot:
     """Build a Snapshot of everything servable now. Raises ConfigError for bad `args`.
 
     With the `previous` snapshot, a known model whose file is still being written keeps
     its previous entry, and so do the models of a models directory that has gone.
+    `swa_fits`: whether a sliding-window model's --swa-full fits the memory plan.
     """
     preset = preset if preset is not None else load_presets(config.models_preset)
     global_args = parse_args(config.args, f"{config.path or 'configuration'}: args")
     cache = cache if cache is not None else _default_cache
     root = cache_dir(config) if config.llama_cache else None
     st = _Scan(cache, time.time(), settle,
-               files.roots([*config.models_dirs, *([root] if root is not None else [])]))
+               files.roots([*config.models_dirs, *([root] if root is not None else [])]),
+               swa_fits)
     found: list[Found] = []
     kept: list[Model] = []
     for directory in config.models_dirs:
@@ -506,6 +512,7 @@ class Catalog:
         self.config = config
         self.cache = cache if cache is not None else InfoCache()
         self.settle = settle
+        self.swa_fits: SwaFits | None = None  # the daemon's memory plan, set before a scan
         self.presets = load_presets(config.models_preset)
         self.snapshot = Snapshot(MappingProxyType({}))
         self._listeners: list[Listener] = []
@@ -523,7 +530,7 @@ class Catalog:
             # Keep serving with the last good presets; the file may be mid-edit.
             log.warning("%s Keeping the previous presets.", e.message)
         snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
-                        previous=self.snapshot)
+                        previous=self.snapshot, swa_fits=self.swa_fits)
         self.cache.save()  # a no-op unless the cache has a file and changed
         return snapshot
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -56,7 +56,7 @@ OWNED = frozenset(BY_KEY[k][0].canonical for k in (
 # they are ignored with a warning, as the router ignores them, instead of refused.
 ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
-LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split",
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore",
                *("ctx-max", "memory-need"))  # fitting models to memory (memory/fit.py)
 
 
@@ -108,6 +108,9 @@ class ModelSettings:
     # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
     # the flag), since llamad's /metrics merges every ready model's.
     metrics: bool = True
+    # Loaded again once the memory that evicted it is free (guards/comeback.py); by
+    # default for pinned and load-on-startup models.
+    restore: bool = False
     # Fitting models to memory (memory/fit.py): a cap on the context llamad chooses, and
     # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
     ctx_max: int | None = None
@@ -170,7 +173,7 @@ def _extra(key: str, value: str, where: str) -> object:
     """Validate a preset-only or llamad-only key."""
     bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
     try:
-        if key in ("load-on-startup", "pin", "split", "dedup-cache-models"):
+        if key in ("load-on-startup", "pin", "split", "dedup-cache-models", "restore"):
             on = truthy(value)
             if on is None:
                 raise bad
@@ -200,6 +203,7 @@ def _extra(key: str, value: str, where: str) -> object:
 
 _ALLOWED = {
     "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
+    "restore": "true or false",
     "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
     "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
     "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
@@ -368,13 +372,16 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     head += [ALIAS, model_id]
     args = tuple(head) + tuple(t for tokens in options.values() for t in tokens)
     stop = _pick("stop-timeout", section, presets.defaults)
+    pin = bool(_pick("pin", section, presets.defaults))
+    startup = bool(_pick("load-on-startup", section, presets.defaults))
+    restore = _pick("restore", section, presets.defaults)
     ttl = _pick("ttl", section, presets.defaults)
     devices = _pick("devices", section, presets.defaults)
     return ModelSettings(
         args=args,
-        load_on_startup=bool(_pick("load-on-startup", section, presets.defaults)),
+        load_on_startup=startup,
         stop_timeout=float(stop) if isinstance(stop, float) else None,
-        pin=bool(_pick("pin", section, presets.defaults)),
+        pin=pin,
         ttl=float(ttl) if isinstance(ttl, float) else None,
         memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
         memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
@@ -383,6 +390,7 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         preset_text=_ini(model_id, args, section, presets.defaults),
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
+        restore=restore if isinstance(restore, bool) else pin or startup,
         ctx_max=_ctx_max(section, presets.defaults),
         memory_need=_memory_need_of(section, presets.defaults),
     )
@@ -462,14 +470,19 @@ JINJA_TEMPLATES = {"gemma": (
     "{%- set system.text = '' -%}{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")}
 _OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical)
+# Whether a sliding-window model may have `--swa-full` (its full-size cache): None if it
+# may, else why not. The daemon's comes from the memory plan (kvpolicy.swa_full_fits).
+SwaFits = Callable[["GGUFInfo", tuple[str, ...]], "str | None"]
 
 
-def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
+def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings,
+                 swa_fits: SwaFits | None = None) -> ModelSettings:
     """The model's settings with what llamad adds: `--swa-full` where kept caches need it
-    (kv-cache on: llama-server restores a sliding-window model's cache without it but never
-    reuses it), and the built-in chat template (above)."""
+    (llama-server restores a sliding-window model's cache without it but never reuses it;
+    kv-cache = yes always, auto only where `swa_fits` says the larger cache fits), and the
+    built-in chat template (above)."""
     args = settings.args
-    if config.kv_cache and info.sliding_window and not argv.has(args, SWA_FULL):
+    if _swa_full(config, info, args, swa_fits):
         args = (*args, SWA_FULL)
     name = BUILTIN_TEMPLATES.get(info.architecture or "")
     if name and not info.chat_template and not any(argv.has(args, f) for f in _OWN_TEMPLATE):
@@ -477,3 +490,11 @@ def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> Mod
         legacy = jinja is not None and jinja.negated
         args = (*args, CHAT_TEMPLATE.canonical, name if legacy else JINJA_TEMPLATES[name])
     return settings if args == settings.args else dataclasses.replace(settings, args=args)
+
+
+def _swa_full(config: Config, info: GGUFInfo, args: tuple[str, ...],
+              swa_fits: SwaFits | None) -> bool:
+    if config.kv_cache == "no" or not info.sliding_window or argv.has(args, SWA_FULL):
+        return False
+    return config.kv_cache == "yes" or (swa_fits is not None
+                                        and swa_fits(info, (*args, SWA_FULL)) is None)

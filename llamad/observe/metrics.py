@@ -38,7 +38,6 @@ from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
 from llamad.supervisor.backend import read_capped
 from llamad.supervisor.events import Cause, Change, State
-from llamad.supervisor.guards import kvcache
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
@@ -152,7 +151,7 @@ class _Live(Collector):
         shown = [s for s in sup.slots.values()
                  if s.state is not State.UNLOADED or s.model.id in self.metrics.seen]
         return [*_states(sup, shown), *_requests(shown), *_memory(sup, shown),
-                *_machine(sup, self.metrics.connections()), *kvcache.families(sup.kv)]
+                *_machine(sup, self.metrics.connections()), *sup.kv.families()]
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:

@@ -98,6 +98,8 @@ class Admission(Lifecycle):
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
         slot.in_flight -= 1
         slot.served += 1
+        for hook in self.hooks:  # e.g. did a restored KV cache take? (checked once)
+            hook.request_ended(slot)
         slot.last_used = slot.alive_at = time.monotonic()
         if keep_alive is not None:
             slot.keep_alive = keep_alive

@@ -8,7 +8,9 @@ is a `Hook`. The supervisor calls every hook at four points, in the order they w
 - `before_start(slot, evicted)`: the units evicted for this load have stopped (`evicted` names
   them); StartTransientUnit follows;
 - `before_ready(slot, backend)`: the backend answers /health; the model serves after this;
-- `before_stop(slot)`: the model's requests have drained; StopUnit follows.
+- `before_stop(slot)`: the model's requests have drained; StopUnit follows;
+- `request_ended(slot)`: a request to the model has ended (not awaited: it runs on every
+  request, so it must only note or spawn what it needs).
 
 Each call is awaited, and the step goes on only if the model has not moved on meanwhile (its
 epoch). A hook that only needs to know what happened subscribes to `Port.events`: listeners
@@ -46,6 +48,9 @@ class Hook:
     async def before_stop(self, slot: Slot) -> None:
         """The model's requests have drained; its unit is stopped next."""
 
+    def request_ended(self, slot: Slot) -> None:
+        """A request to the model has ended; called on every request, never awaited."""
+
     async def close(self) -> None:
         """llamad exits: end what the hook runs in the background."""
 
@@ -74,3 +79,9 @@ class Port(Protocol):
 
     def degrade(self, slot: Slot, why: str) -> None:
         """The model serves, but not as planned: say so where its state is shown."""
+
+    def fits_now(self, slot: Slot) -> bool:
+        """Whether the model would load now without stopping or waiting for another."""
+
+    def yield_load(self, slot: Slot, why: str) -> None:
+        """Stop a model that is loading for no request waiting for it (restore = yes)."""

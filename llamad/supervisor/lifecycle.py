@@ -166,6 +166,17 @@ class Lifecycle(Core):
         which sees its need as it is now (gpuload raises it after running out of VRAM)."""
         self._begin_stop(slot, Cause.GPU_OOM, why)
 
+    def fits_now(self, slot: Slot) -> bool:
+        """Whether the model would load now without stopping or waiting for another."""
+        decision = decide(slot.model.id, self.views(slot), self.measure.resources(self.config),
+                          self.policy, explicit=True)
+        return isinstance(decision, Load) and not decision.evict
+
+    def yield_load(self, slot: Slot, why: str) -> None:
+        """Stop a model that is loading for no request (restore = yes), as an unload."""
+        if slot.state in (State.STARTING, State.LOADING) and slot.queued == 0:
+            self._begin_stop(slot, Cause.UNLOAD, why)
+
     def reset(self, slot: Slot, why: str) -> None:
         """Clear a failed model: the next request (or load) starts it again."""
         if slot.state is State.FAILED:
