@@ -290,7 +290,7 @@ def _reloaded(task: asyncio.Task[None]) -> None:
         log.error("reloading the API keys failed: %s", task.exception())
 
 
-def _runner_kwargs() -> dict[str, Any]:
+def runner_kwargs() -> dict[str, Any]:
     # aiohttp >= 3.9 no longer cancels a handler when its client goes away;
     # we want that, so a dropped client frees the backend's slot at once.
     params = inspect.signature(web.Server.__init__).parameters
@@ -311,7 +311,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
     app = daemon.app()
     lim: limits.Limits = app[limits.LIMITS]
     limits.raise_fd_limit(lim)
-    runner = daemon.runner = web.AppRunner(app, access_log=None, **_runner_kwargs())
+    runner = daemon.runner = web.AppRunner(app, access_log=None, **runner_kwargs())
     await runner.setup()
     assert runner.server is not None
     servers = []

@@ -153,6 +153,7 @@ class FakeLlamaServers:
     def __init__(self) -> None:
         self.stalled: set[str] = set()
         self.asked: list[str] = []
+        self.ended = asyncio.Event()  # the servers close: stalled answers end too
 
 
 @contextlib.asynccontextmanager
@@ -164,7 +165,7 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
         async def health(_: web.Request, name: str = name) -> web.Response:
             fake.asked.append(name)
             if name in fake.stalled:
-                await asyncio.Event().wait()
+                await fake.ended.wait()
             return web.json_response({"status": "ok"})
         app = web.Application()
         app.router.add_get("/health", health)
@@ -176,5 +177,6 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
     try:
         yield fake
     finally:
+        fake.ended.set()
         for runner in runners:
             await runner.cleanup()

@@ -75,9 +75,13 @@ def peer_app(models: list[str], seen: list[str],
 @pytest.fixture
 async def silent_peer() -> AsyncIterator[str]:
     """Accepts connections and never answers: a peer that hangs."""
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
     yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    for writer in held:
+        writer.close()
     server.close()
+    await server.wait_closed()
 
 
 def closed_port() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from llamad.api import fleet
+from llamad.app import runner_kwargs
 from llamad.config import Config
 from llamad.http import keys, limits, middleware
 from llamad.http.body import read_json
@@ -69,9 +69,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[int, limits.Limits, asyn
     app.router.add_get("/feed", feed)
     app.router.add_get("/flood", flood)
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app, handler_cancellation=True) \
-        if "handler_cancellation" in inspect.signature(web.Server.__init__).parameters \
-        else web.AppRunner(app)
+    runner = web.AppRunner(app, **runner_kwargs())  # as llamad's own (handler cancellation)
     await runner.setup()
     assert runner.server is not None
     srv = await asyncio.get_running_loop().create_server(lim.protocol(runner.server),
@@ -118,10 +116,12 @@ async def test_silent_and_idle_connections_are_closed_without_a_word(server: Any
     release.set()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert await _answer(reader) == b""  # connected, said nothing: closed after 1 s
+    writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer boss\r\n\r\n")
     answer = await _answer(reader)  # answered, then kept alive, then closed when idle
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+    writer.close()
 
 
 async def test_a_body_that_comes_too_slowly_gets_408(server: Any) -> None:
@@ -131,19 +131,22 @@ async def test_a_body_that_comes_too_slowly_gets_408(server: Any) -> None:
                  b"Authorization: Bearer boss\r\nContent-Length: 100\r\n\r\n{\"model\": ")
     answer = await _answer(reader)
     assert answer.startswith(b"HTTP/1.1 408") and b"receive-timeout (1s)" in answer
+    writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
                  b'Authorization: Bearer boss\r\n'
                  b'Content-Length: 14\r\nConnection: close\r\n\r\n{"model": "m"}')
     assert b'{"model": "m"}' in await _answer(reader)
+    writer.close()
 
 
 async def test_caps_on_connections_and_requests(server: Any) -> None:
     port, lim, release = server
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
     await _until(lambda: lim.connections == 20)
-    reader, _ = await asyncio.open_connection("127.0.0.1", port)
+    reader, refused = await asyncio.open_connection("127.0.0.1", port)
     over = await _answer(reader)
+    refused.close()
     assert over.startswith(b"HTTP/1.1 503") and b"Retry-After: 2\r\n" in over
     assert b"max-connections" in over
     for _, w in held:
@@ -172,7 +175,10 @@ async def get(port: int, path: str, key: str | None = "boss") -> bytes:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
                  .encode())
-    return await _answer(reader)
+    try:
+        return await _answer(reader)
+    finally:
+        writer.close()
 
 
 async def open_stream(port: int, key: str) -> tuple[bytes, asyncio.StreamWriter]:

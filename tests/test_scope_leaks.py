@@ -61,14 +61,17 @@ async def test_a_scoped_key_does_not_wait_for_a_name_outside_its_scope(
     write_model(models / "coming.gguf")  # modified just now: settling
     config = Config(**{**config.__dict__, "queue_timeout": 1.5})
     sup = _sup(config, rescans := [])
-    assert "coming" in sup.snapshot.settling
-    began = time.monotonic()
-    with pytest.raises(NotFound):
-        await find(_request(sup, NARROW), "coming")  # type: ignore[arg-type]
-    assert time.monotonic() - began < 0.2 and rescans == []
-    # A key that may use the name still waits for the file, here until queue-timeout (the
-    # stand-in rescan never finds it complete).
-    began = time.monotonic()
-    with pytest.raises(Unavailable, match="timed out waiting for the file of model coming"):
-        await find(_request(sup, keys.Key(b"p")), "coming")  # type: ignore[arg-type]
-    assert rescans and time.monotonic() - began >= 1.4
+    try:
+        assert "coming" in sup.snapshot.settling
+        began = time.monotonic()
+        with pytest.raises(NotFound):
+            await find(_request(sup, NARROW), "coming")  # type: ignore[arg-type]
+        assert time.monotonic() - began < 0.2 and rescans == []
+        # A key that may use the name still waits for the file, here until queue-timeout
+        # (the stand-in rescan never finds it complete).
+        began = time.monotonic()
+        with pytest.raises(Unavailable, match="timed out waiting for the file of model coming"):
+            await find(_request(sup, keys.Key(b"p")), "coming")  # type: ignore[arg-type]
+        assert rescans and time.monotonic() - began >= 1.4
+    finally:
+        await sup.close()

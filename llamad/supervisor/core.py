@@ -287,6 +287,8 @@ class Core:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         for hook in self.hooks:
             await hook.close()
