@@ -199,16 +199,20 @@ async def test_long_lived_answers_have_their_own_cap(server: Any) -> None:
     assert lim.streams == 2 and lim.requests == 0
     others = [await open_stream(port, k) for k in ("other", "other", "boss", "boss", "boss")]
     assert [line.split()[1] for line, _ in others] == [b"200"] * 5
-    over, _ = await open_stream(port, "boss")
+    over, last = await open_stream(port, "boss")
     assert over.split()[1] == b"200" and lim.streams == 8
-    refused, _ = await open_stream(port, "boss")
+    refused, extra = await open_stream(port, "boss")
     assert refused.split()[1] == b"503" and lim.streams == 8
+    writers = [w for _, w in narrow + others] + [last, extra]
     # Requests are not held up by any of it, nor is /health.
     assert (await get(port, "/health")).startswith(b"HTTP/1.1 200")
     slow = asyncio.ensure_future(get(port, "/slow"))
     release.set()
     assert (await slow).startswith(b"HTTP/1.1 200")
     await _until(lambda: lim.streams == 0 and not lim.streams_of)
+    for writer in writers:
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_a_client_that_stops_reading_is_cut_off(server: Any) -> None:
@@ -229,3 +233,5 @@ async def test_a_client_that_stops_reading_is_cut_off(server: Any) -> None:
     await _until(lambda: FLOODS_ENDED == ["/flood"])
     assert lim.connections == 0
     writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
