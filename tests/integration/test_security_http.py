@@ -6,6 +6,7 @@ against llamad as a systemd service with the shipped unit's MemoryMax=1G. docs/s
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 from typing import Any
@@ -49,7 +50,7 @@ async def test_multipart_bombs_cost_llamad_nothing(llamad_factory: Factory, box:
     headers = {**_auth("narrow"), "Content-Type": "multipart/form-data; boundary=b"}
     async with aiohttp.ClientSession() as s:
         async def upload() -> tuple[int, Any]:
-            async with s.post(d.url + "/v1/audio/transcriptions", data=parts,
+            async with s.post(d.url + "/v1/audio/transcriptions", data=io.BytesIO(parts),
                               headers=headers) as r:
                 return r.status, await r.json()
 
@@ -87,8 +88,9 @@ async def test_a_big_plain_answer_passes_through(llamad_factory: Factory) -> Non
         status, _ = await chat(s, d.url, "gemma-a")  # loaded: its load is no part of this
         assert status == 200
         before = _peak_rss_mib(d)
-        async with s.post(d.url + "/tokenize", json={"model": "gemma-a", "content": text,
-                                                     "with_pieces": True}) as r:
+        body = json.dumps({"model": "gemma-a", "content": text, "with_pieces": True}).encode()
+        async with s.post(d.url + "/tokenize", data=io.BytesIO(body),
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 200 and r.content_length is not None
             size, parts = r.content_length, bytearray()
             while chunk := await r.content.readany():
