@@ -12,7 +12,7 @@ from aiohttp import web
 from llamad.api import fleet, listing, report
 from llamad.api.feed import ModelFeed
 from llamad.catalog.catalog import Catalog
-from llamad.errors import BadRequest, LlamadError
+from llamad.errors import BadRequest, Unavailable
 from llamad.http import keys, limits
 from llamad.http.body import read_json
 from llamad.http.context import CATALOG, SUPERVISOR, app_key, find, resolve, supervisor, visible
@@ -20,12 +20,6 @@ from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
 FEED: Any = app_key("feed", ModelFeed)
-
-
-class NotSupported(LlamadError):
-    status = 501
-    type = "not_supported_error"
-    code = "not_supported"
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -86,13 +80,6 @@ async def handle_pin(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "model": slot.model.id, "pinned": slot.pinned})
 
 
-async def handle_download(request: web.Request) -> web.Response:
-    """POST and DELETE /models: router mode downloads and deletes cached models."""
-    raise NotSupported("llamad does not download or delete models; put GGUF files in a "
-                       "models directory, or download them with llama-server -hf into the "
-                       "llama.cpp cache")
-
-
 async def router_props(request: web.Request) -> web.Response:
     """GET /props without a model: what llama.cpp's router answers."""
     config = supervisor(request).config
@@ -140,6 +127,13 @@ async def close_feed(app: web.Application) -> None:
 
 async def handle_health(request: web.Request) -> web.Response:
     fleet.check_health(request.app)  # 503 while draining before llamad exits
+    sup = supervisor(request)
+    error = sup.snapshot.error
+    if error:  # llamad serves, but not as configured: a health check should say so
+        if sup.config.api_keys_file is not None:  # /health needs no key: name less
+            error = "the preset file has an error; GET /status (admin) or llamad " \
+                "check-config names it"
+        raise Unavailable(f"configuration error: {error}", code="configuration_error")
     return web.json_response({"status": "ok"})
 
 
@@ -174,8 +168,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/models/load", handle_load)
     r.add_post("/models/unload", handle_unload)
     r.add_post("/models/pin", handle_pin)
-    r.add_post("/models", handle_download)
-    r.add_delete("/models", handle_download)
     r.add_get("/health", handle_health)
     r.add_get("/v1/health", handle_health)
     r.add_get("/status", handle_status)
