@@ -43,8 +43,8 @@ def test_ps_table() -> None:
             {"index": 0, "name": "H100", "used": 2 << 30, "total": 80 << 30}],
         "models": {"a": {"state": "ready", "main_pid": 42, "ram": 400 << 20, "vram": None,
                          "estimate": {"ram": 300 << 20, "vram": 100 << 20},
-                         "load_seconds": 2.71, "in_flight": 1, "queued": 0, "served": 9,
-                         "ttl_left": 299.6},
+                         "load_seconds": 2.71, "in_flight": 1, "queued": 3, "served": 9,
+                         "ttl_left": 299.6, "concurrency_limit": 2},
                    "b": {"state": "loading", "main_pid": 43, "ram": None, "vram": None,
                          "estimate": {"ram": 300 << 20, "vram": 0}, "in_flight": 0,
                          "served": 0, "ttl_left": None,
@@ -55,7 +55,7 @@ def test_ps_table() -> None:
     assert lines[0].split() == ["MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD",
                                 "IN", "FLIGHT", "QUEUED", "SERVED", "TTL", "LEFT", "CONTEXT"]
     assert lines[1].split() == ["a", "ready", "42", "400", "MiB", "-", "400", "MiB", "2.7s",
-                                "1", "0", "9", "300s", "-"]
+                                "1/2", "3", "9", "300s", "-"]  # under its concurrency limit
     assert lines[2].split()[:2] == ["b", "loading"] and lines[2].split()[-1] == "12288"
     assert lines[3:] == ["b: context 12288 of 131072: 9.1 GiB free on GPU 0 after evicting "
                          "nothing", "GPU 0 H100: 2048 MiB used of 81920 MiB",
