@@ -33,7 +33,7 @@ async def handle_models(request: web.Request) -> web.Response:
         catalog: Catalog = request.app[CATALOG]
         await catalog.rescan_async()  # the new snapshot reaches the supervisor on publish
     sup = supervisor(request)
-    body = listing.listing(sup, visible(request, sup.slots.values()))
+    body = await listing.listing(sup, visible(request, sup.slots.values()))
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
         body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout)
     return web.Response(body=body, content_type="application/json")
