@@ -24,6 +24,7 @@ from llamad.catalog.watcher import CatalogWatcher
 from llamad.config import Config, load_config
 from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
+from llamad.memory import heap
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
 from llamad.sizes import MIB
@@ -193,6 +194,7 @@ class Daemon:
             return
         sup.opened.set()
         self.notifier.status(report.status_line(sup))  # before any waiting request resumes
+        heap.trim()  # what reading the models left behind
         await sup.preload()
         sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
 
@@ -293,6 +295,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
     # Big request bodies are checked on a thread (body.py): hand the GIL back to the event
     # loop within 1 ms rather than Python's default 5 ms.
     sys.setswitchinterval(body.SWITCH_INTERVAL)
+    heap.setup()
     notifier = Notifier()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()

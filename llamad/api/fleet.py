@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import ssl
 from typing import Any
 
 import aiohttp
@@ -82,11 +84,19 @@ async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
     return json.dumps(listing).encode()
 
 
+@functools.cache
+def _verified() -> ssl.SSLContext:
+    """A client context that verifies peers against the system's CAs. Not aiohttp's own:
+    llamad imports aiohttp without loading the CAs (llamad/__init__.py)."""
+    return ssl.create_default_context()
+
+
 async def _models_of(session: aiohttp.ClientSession, url: str,
                      timeout: float) -> tuple[list[Any], str]:
     """A peer's own models, or why not (a sentence)."""
     try:
-        async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY}) as r:
+        async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY},
+                               ssl=_verified() if url.startswith("https:") else True) as r:
             if r.status != 200:
                 return [], f"answered HTTP {r.status}"
             data = await r.json()

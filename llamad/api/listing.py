@@ -20,6 +20,7 @@ from llamad.api import report
 from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.memory import estimate as memory
+from llamad.memory import heap
 from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
@@ -32,6 +33,7 @@ ROUTER_STATUS = {State.UNLOADED: "unloaded", State.STARTING: "loading",
                  State.STOPPING: "unloaded", State.FAILED: "unloaded"}
 LOAD_STAGES = ("text_model", "mmproj_model")
 SLICE = 0.05  # seconds of building entries between two turns of the event loop
+TRIM_AFTER = 1000  # new entries cached in one listing
 
 
 def exit_code(slot: Slot) -> int:
@@ -100,10 +102,7 @@ def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
 # slot's fields (its epoch moves with every state change) and the generations of what
 # the memory figures and the KV cache figures show. Nothing in the key is computed: 10,000
 # keys are compared in a few ms, where asking each model's need() took ten times that.
-# The last body is kept too: made of the very same entries, it is answered again as is.
 _listed: weakref.WeakKeyDictionary[Supervisor, dict[str, tuple[Any, bytes]]] = \
-    weakref.WeakKeyDictionary()
-_bodies: weakref.WeakKeyDictionary[Supervisor, tuple[list[bytes], bytes]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -132,19 +131,16 @@ async def listing(sup: Supervisor, slots: Iterable[Slot]) -> bytes:
     if len(cache) > 2 * len(sup.slots):
         cache.clear()  # models removed from the catalog
     parts: list[bytes] = []
-    until = time.monotonic() + SLICE
+    until, known = time.monotonic() + SLICE, len(cache)
     for n, slot in enumerate(slots):
         if not slot.model.hidden:
             parts.append(_entry_json(sup, slot, cache))
         if n % 256 == 255 and time.monotonic() > until:
             await asyncio.sleep(0)
             until = time.monotonic() + SLICE
-    last = _bodies.get(sup)
-    if last is not None and last[0] == parts:  # the same objects: compared by identity
-        return last[1]
-    body = _wrapped(parts)
-    _bodies[sup] = (parts, body)
-    return body
+    if len(cache) - known >= TRIM_AFTER:
+        heap.trim()  # building them left megabytes of freed dicts behind
+    return _wrapped(parts)
 
 
 def _wrapped(parts: list[bytes]) -> bytes:

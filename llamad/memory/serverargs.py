@@ -69,9 +69,9 @@ def parse_args(args: Sequence[str]) -> ServerArgs:
     return _parsed(tuple(args))
 
 
-# An estimate, a fit and a listing entry each read the same argv several times: ServerArgs
-# is frozen, so the last few thousand argvs' are kept.
-@functools.lru_cache(maxsize=4096)
+# An estimate, a fit and a listing entry each read the same argv several times in a row:
+# ServerArgs is frozen, so the last few are kept (not thousands: each is ~1 KB).
+@functools.lru_cache(maxsize=64)
 def _parsed(args: tuple[str, ...]) -> ServerArgs:
     found: dict[str, object] = {}
     for option in argv.walk(args):

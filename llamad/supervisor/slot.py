@@ -57,7 +57,7 @@ class Measure(Protocol):
     def attributes_processes(self) -> bool: ...
 
 
-@dataclass
+@dataclass(slots=True)  # thousands of them: no per-instance dict (1.6 KB each)
 class Slot:
     """Mutable runtime state of one model; owned by the Supervisor alone."""
 
