@@ -84,6 +84,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         big = r.sup.measure.need(r.slot("tiny-c").model).ram
         budget = 2 * small + 10 * MIB
         assert small + big > budget >= big, (small, big)
+        await r.sup.close()  # it only measured
         r = Rig(dataclasses.replace(config, memory_budget_mb=budget // MIB))
         async with fake_llama_servers(run_dir, MODELS):
             yield r

@@ -23,6 +23,7 @@ from llamad.memory.gpu import (
     mem_total,
     unit_from_cgroup,
     unit_of_pid,
+    vram_by_unit,
 )
 
 G = 1024**3
@@ -120,14 +121,14 @@ def test_per_unit_vram_maps_processes_to_units(tmp_path: Path) -> None:
     ])
     # 101 is the same unit on the other GPU: summed. 102 is no service, 103 has exited,
     # and NVML could not say what 104 uses.
-    assert GpuMonitor(fake).per_unit_vram(tmp_path) == {unit_a: 5 * G}
+    assert vram_by_unit(GpuMonitor(fake).unit_processes(tmp_path)) == {unit_a: 5 * G}
 
 
 def test_failed_init_falls_back_to_ram_with_one_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="llamad.gpu")
     mon = GpuMonitor(FakeNvml([], init_error="NVML Shared Library Not Found"))
     assert not mon.available
-    assert mon.gpus() == () and mon.per_unit_vram() == {}
+    assert mon.gpus() == () and vram_by_unit(mon.unit_processes()) == {}
     assert [r.getMessage() for r in caplog.records] == [
         "no NVIDIA GPU usable (NVML Shared Library Not Found): scheduling by system RAM alone"]
 
@@ -145,7 +146,7 @@ def test_query_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="llamad.gpu")
     for _ in range(3):
         assert mon.gpus() == ()
-        assert mon.per_unit_vram() == {}
+        assert vram_by_unit(mon.unit_processes()) == {}
     assert len(caplog.records) == 1 and "GPU is lost" in caplog.records[0].getMessage()
 
 
@@ -156,7 +157,7 @@ def test_real_binding_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
     if mon.available:  # a machine with an NVIDIA GPU
         assert gpus and all(g.total >= g.free > 0 for g in gpus)
     else:
-        assert gpus == () and mon.per_unit_vram() == {}
+        assert gpus == () and vram_by_unit(mon.unit_processes()) == {}
         assert len(caplog.records) == 1
         assert "scheduling by system RAM alone" in caplog.records[0].getMessage()
     mon.close()

@@ -72,6 +72,7 @@ async def test_cached_entries_follow_what_they_show(config: Config) -> None:
     # last_used is wall-clock time, from the monotonic clock: the same up to rounding.
     assert abs(cached.pop("last_used") - fresh.pop("last_used")) < 0.01
     assert cached == json.loads(json.dumps(fresh))
+    await sup.close()
 
 
 async def test_feed_records_follow_state_changes(config: Config) -> None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import MappingProxyType
+from typing import ClassVar
 
 import pytest
 from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
@@ -55,8 +56,10 @@ class Rig:
     """A supervisor on a fake systemd, and the Watch to wait on both."""
 
     servers: FakeLlamaServers
+    made: ClassVar[list[Rig]] = []  # every one the test built: the fixture closes them all
 
     def __init__(self, config: Config) -> None:
+        Rig.made.append(self)
         self.watch = Watch()
         self.units = FakeSystemd(self.watch)
         measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
@@ -93,11 +96,13 @@ async def no_journal(unit: str) -> str:
 
 @pytest.fixture
 async def rig(config: Config, run_dir: Path) -> AsyncIterator[Rig]:
+    Rig.made = []
     r = Rig(config)
     async with fake_llama_servers(run_dir, MODELS) as servers:
         Rig.servers = servers
         yield r
-        await r.sup.close()
+        for each in Rig.made:
+            await each.sup.close()
 
 
 def with_config(r: Rig, **changes: object) -> Rig:

@@ -4,6 +4,7 @@ slow clients, keys, browsers, memory, local users."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import resource
@@ -237,7 +238,7 @@ async def test_bodies_bad_json_and_the_global_bound(llamad_factory: Factory,
                 ("huge keep_alive", b'{"model": "gemma-a", "keep_alive": 1e999}'),
                 ("non-UTF-8", b'{"model": "gemma-a", "messages": "caf\xe9"}')]:
             with subtests.test(what):
-                async with s.post(d.url + "/v1/chat/completions", data=body,
+                async with s.post(d.url + "/v1/chat/completions", data=io.BytesIO(body),
                                   headers=json_type) as r:
                     assert r.status == 400, await r.text()
                     assert (await r.json())["error"]["source"] == "llamad"
@@ -255,7 +256,7 @@ async def test_bodies_bad_json_and_the_global_bound(llamad_factory: Factory,
 
             async def until(want: int) -> None:
                 for _ in range(300):
-                    async with s.post(d.url + "/v1/chat/completions", data=second,
+                    async with s.post(d.url + "/v1/chat/completions", data=io.BytesIO(second),
                                       headers=json_type) as r:
                         await r.read()
                         if r.status == want:

@@ -4,6 +4,7 @@ swapping, queueing, streaming and the management API."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from typing import Any
 
@@ -133,7 +134,7 @@ async def test_bad_requests_get_4xx_and_start_nothing(llamad_factory: Factory,
         for bad, want in [(b"{not json", 400), (b"[1, 2]", 400), (b'{"model": 7}', 400),
                           (b'{"messages": []}', 400), (b"x" * (2 * 1024 * 1024), 413)]:
             with subtests.test(body=bad[:20]):
-                async with s.post(d.url + "/v1/chat/completions", data=bad,
+                async with s.post(d.url + "/v1/chat/completions", data=io.BytesIO(bad),
                                   headers={"Content-Type": "application/json"}) as r:
                     assert r.status == want
                     assert (await r.json())["error"]["source"] == "llamad"
