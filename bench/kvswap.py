@@ -27,7 +27,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from llamad_fixture import Llamad, models, wait_http, wait_state
+from helpers.daemon import Llamad, models, wait_http, wait_state
 
 if TYPE_CHECKING:
     from bench.contenders import Setup
