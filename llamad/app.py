@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import socket
 import sys
 import time
 import weakref
@@ -16,13 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, ollama, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, standby, webui
 from llamad.api import downloads as api_downloads
 from llamad.api import models as api
 from llamad.catalog.catalog import Catalog
 from llamad.catalog.gguf_info import InfoCache
+from llamad.catalog.presets import global_flags, parse_args
 from llamad.catalog.watcher import CatalogWatcher
 from llamad.config import Config, load_config
+from llamad.errors import ConfigError
 from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
 from llamad.memory.measure import Measure
@@ -241,6 +244,7 @@ class Daemon:
         self.notifier.watchdog()
         sup.expire()
         sup.probe()
+        sup.watch_sleep()
         self.notifier.status(report.status_line(sup))
         await sample(sup)  # after the ping: D-Bus calls may be slow
         idle_for = time.monotonic() - self.last_request
@@ -302,12 +306,10 @@ def runner_kwargs() -> dict[str, Any]:
     return {"handler_cancellation": True} if "handler_cancellation" in params else {}
 
 
-async def serve(config: Config, listen: str | None = None) -> None:
-    sockets = systemd_sockets() or [bind(listen or config.listen)]
+async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier) -> None:
     # Big request bodies are checked on a thread (body.py): hand the GIL back to the event
     # loop within 1 ms rather than Python's default 5 ms.
     sys.setswitchinterval(body.SWITCH_INTERVAL)
-    notifier = Notifier()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -354,13 +356,48 @@ async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,
         await asyncio.sleep(0.02)
 
 
-def run(config_path: Path | None, listen: str | None) -> int:
-    """`llamad serve`: returns the exit status; a bad config raises ConfigError."""
-    config = load_config(config_path)
+def load(config_path: Path | None) -> tuple[Config | None, ConfigError | None]:
+    """llamad.conf read and checked as serving needs it: its `args` against llama-server's
+    flags, its api-keys-file. Blocks (runs llama-server --help once per binary)."""
+    try:
+        config = load_config(config_path)
+        parse_args(config.args, f"{config.path or 'configuration'}: args",
+                   global_flags(config.llama_server))
+        if config.api_keys_file is not None:
+            keys.load(config.api_keys_file)  # fails closed: standby answers every request
+    except ConfigError as e:
+        return None, e
+    return config, None
+
+
+async def main(config_path: Path | None, listen: str | None) -> None:
+    """Serve; with an error in llamad.conf, stand by on the same sockets until it is fixed
+    (api/standby.py). Without sockets from systemd or --listen, the error is raised: no
+    client waits on a socket then, and where to listen is part of what is broken."""
+    sockets = systemd_sockets()
+    config, error = await asyncio.to_thread(load, config_path)
+    if not sockets:
+        if config is None and listen is None:
+            assert error is not None
+            raise error
+        sockets = [bind(listen or (config.listen if config else ""))]
+    notifier = Notifier()
+    if config is None:
+        assert error is not None
+        config = await standby.wait_until_fixed(sockets, error, notifier,
+                                                lambda: load(config_path))
+        if config is None:
+            return  # asked to stop while standing by
     for problem in unitpaths.config_problems(config):
         log.warning("%s", problem)  # the same warnings as check-config's, in the journal
+    await serve(config, sockets, notifier)
+
+
+def run(config_path: Path | None, listen: str | None) -> int:
+    """`llamad serve`: returns the exit status. An error in llamad.conf is answered with
+    503s (standby) where clients can reach llamad, else raised (ConfigError)."""
     try:
-        asyncio.run(serve(config, listen))
+        asyncio.run(main(config_path, listen))
     except OSError as e:
         die(f"cannot listen: {e}", hint="another process may hold the port")
     except UnitError as e:

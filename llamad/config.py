@@ -97,6 +97,9 @@ SPEC: dict[str, tuple[str, str]] = {
                     "or https://huggingface.co/"),
     "hf-token-file": ("string(default='')",
                       "the absolute path of a file holding a Hugging Face token, or empty"),
+    # Per-model controls (presets may set each per model; issue #24).
+    "concurrency-limit": ("integer(min=0, default=0)",
+                          "a whole number >= 0 (0 = no limit)"),
 }
 
 
@@ -157,6 +160,8 @@ class Config:
     ctx_max: int
     hf_endpoint: str
     hf_token_file: Path | None
+    # Per-model controls: the default of the presets' concurrency-limit.
+    concurrency_limit: int
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -182,7 +187,9 @@ def load_config(path: Path | None = None) -> Config:
         obj = ConfigObj(str(path), configspec=_spec_lines(), file_error=True,
                         encoding="utf-8", list_values=True)
     except (ConfigObjError, OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read as a configuration file: {e}.") from e
+        line = getattr(e, "line_number", None)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{where}: cannot be read as a configuration file: {e}.") from e
     if obj.sections:
         raise ConfigError(f"{path}: section [{obj.sections[0]}] is not allowed; "
                           "the file has keys only.")
@@ -193,9 +200,24 @@ def _spec_lines() -> list[str]:
     return [f"{key} = {check}" for key, (check, _) in SPEC.items()]
 
 
+def _where(path: Path | None, key: str) -> str:
+    """`file:line: ` of the key's (last) line in the file; `file: ` if it is not there."""
+    if path is None:
+        return ""
+    line = 0
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for n, text in enumerate(f, 1):
+                if re.match(rf"\s*{re.escape(key)}\s*=", text):
+                    line = n
+    except OSError:
+        pass
+    return f"{path}:{line}: " if line else f"{path}: "
+
+
 def _bad(path: Path | None, key: str, value: object) -> ConfigError:
-    where = f"{path}: " if path else ""
-    return ConfigError(f"{where}{key} = {value!r} is invalid; allowed: {SPEC[key][1]}.")
+    return ConfigError(f"{_where(path, key)}{key} = {value!r} is invalid; "
+                       f"allowed: {SPEC[key][1]}.")
 
 
 def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
@@ -208,8 +230,7 @@ def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
     if extra:
         key = extra[0][1]
         known = ", ".join(SPEC)
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}unknown key {key!r}; known keys: {known}.")
+        raise ConfigError(f"{_where(path, key)}unknown key {key!r}; known keys: {known}.")
     return dict(obj)
 
 

@@ -148,10 +148,12 @@ def short_dir() -> Iterator[Path]:
 
 class FakeLlamaServers:
     """llama-server's /health on each model's socket under run_dir: 200, or no answer at
-    all for the instances in `stalled` (a stopped or hung process)."""
+    all for the instances in `stalled` (a stopped or hung process); its /props, whose
+    `is_sleeping` is true for the instances in `sleeping` (--sleep-idle-seconds)."""
 
     def __init__(self) -> None:
         self.stalled: set[str] = set()
+        self.sleeping: set[str] = set()
         self.asked: list[str] = []
         self.ended = asyncio.Event()  # the servers close: stalled answers end too
 
@@ -167,8 +169,11 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
             if name in fake.stalled:
                 await fake.ended.wait()
             return web.json_response({"status": "ok"})
+        async def props(_: web.Request, name: str = name) -> web.Response:
+            return web.json_response({"role": "model", "is_sleeping": name in fake.sleeping})
         app = web.Application()
         app.router.add_get("/health", health)
+        app.router.add_get("/props", props)
         runner = web.AppRunner(app, shutdown_timeout=0.1)
         await runner.setup()
         (run_dir / name).mkdir(parents=True, exist_ok=True)

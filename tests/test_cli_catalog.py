@@ -91,7 +91,7 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     (tmp_path / "presets.ini").write_text("[x]\nport = 8081\n")
     router = llamad("check-config", "--config", str(conf), home=tmp_path)
     assert router.returncode == 0 and router.stdout.startswith(f"{conf}: OK;")
-    assert (f"llamad: warning: {tmp_path / 'presets.ini'} [x]: port is set by llamad itself "
+    assert (f"llamad: warning: {tmp_path / 'presets.ini'}:2 [x]: port is set by llamad itself "
             "(as llama.cpp's router sets it for each model); ignored.\n") in router.stderr
     missing = llamad("check-config", "--config", str(tmp_path / "none.conf"), home=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr

@@ -108,7 +108,7 @@ ERRORS = [
 def test_errors_name_section_and_key(subtests: SubTests) -> None:
     for text, pattern in ERRORS:
         with subtests.test(text=text), pytest.raises(ConfigError, match=pattern):
-            parse_presets(text)
+            parse_presets(text).check()
 
 
 def test_read_as_llama_cpp_reads_it() -> None:
@@ -175,10 +175,10 @@ def test_keys_the_router_sets_are_ignored_with_one_warning_each() -> None:
     p = parse_presets(text, Path("/etc/llamad/presets.ini"))
     assert argv(text) == ("--model", str(M), "--alias", "x", "--ctx-size", "512")
     assert p.ignored == tuple(
-        f"/etc/llamad/presets.ini [{section}]: {key} is set by llamad itself (as llama.cpp's "
-        "router sets it for each model); ignored." for section, key in (
-            ("*", "host"), ("*", "models-max"), ("*", "LLAMA_API_KEY"), ("x", "port"),
-            ("x", "ssl-key-file"), ("x", "models-autoload")))
+        f"/etc/llamad/presets.ini:{line} [{section}]: {key} is set by llamad itself (as "
+        "llama.cpp's router sets it for each model); ignored." for line, section, key in (
+            (2, "*", "host"), (3, "*", "models-max"), (4, "*", "LLAMA_API_KEY"),
+            (6, "x", "port"), (7, "x", "ssl-key-file"), (8, "x", "models-autoload")))
     assert parse_presets("[x]\nc = 1\n").ignored == ()
 
 
@@ -213,7 +213,7 @@ def test_section_names_use_canonical_quant_tags() -> None:
 def test_files(tmp_path: Path) -> None:
     assert load_presets(None) == Presets.empty()
     with pytest.raises(ConfigError, match="cannot be read"):
-        load_presets(tmp_path / "missing.ini")
+        load_presets(tmp_path / "missing.ini").check()
     example = Path(__file__).parent.parent / "etc" / "presets.ini"
     p = load_presets(example)
     assert p.sections and p.defaults.options

@@ -63,7 +63,7 @@ def test_a_bad_rpc_value_names_file_key_value_and_what_is_allowed(tmp_path: Path
     for text, key in (("[m]\nrpc = gpu-box:50052\n", "rpc"),
                       ("[m]\nLLAMA_ARG_RPC = gpu-box:50052\n", "LLAMA_ARG_RPC")):
         with pytest.raises(ConfigError) as err:
-            parse_presets(text, tmp_path / "presets.ini")
+            parse_presets(text, tmp_path / "presets.ini").check()
         message = err.value.message
         assert str(tmp_path / "presets.ini") in message and "[m]" in message
         assert f"{key} = 'gpu-box:50052'" in message and "must be an IP address" in message

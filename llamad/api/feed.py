@@ -54,6 +54,8 @@ class ModelFeed:
         data: dict[str, Any] = {"status": status}
         if change.new is State.READY and slot is not None:
             data["info"] = listing.info(slot.model)
+        elif change.new is State.SLEEPING:
+            pass  # router mode's SERVER_MODEL_STATUS_SLEEPING carries nothing more
         elif status == "unloaded":
             data["exit_code"] = listing.exit_code(slot) if slot is not None else 0
         elif slot is not None:

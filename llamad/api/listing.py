@@ -22,11 +22,11 @@ from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
-# Router mode knows unloaded, loading, loaded (and sleeping); a model on its way out
+# Router mode knows unloaded, loading, loaded and sleeping; a model on its way out
 # serves nothing more, so it reads as unloaded, and a failed one is unloaded with
 # `failed` and a non-zero exit code, as the router shows a crashed child.
 ROUTER_STATUS = {State.UNLOADED: "unloaded", State.STARTING: "loading",
-                 State.LOADING: "loading", State.READY: "loaded",
+                 State.LOADING: "loading", State.READY: "loaded", State.SLEEPING: "sleeping",
                  State.STOPPING: "unloaded", State.FAILED: "unloaded"}
 LOAD_STAGES = ("text_model", "mmproj_model")
 

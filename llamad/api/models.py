@@ -12,7 +12,7 @@ from aiohttp import web
 from llamad.api import fleet, listing, report
 from llamad.api.feed import ModelFeed
 from llamad.catalog.catalog import Catalog
-from llamad.errors import BadRequest
+from llamad.errors import BadRequest, Unavailable
 from llamad.http import keys
 from llamad.http.body import read_json
 from llamad.http.context import CATALOG, SUPERVISOR, app_key, find, resolve, supervisor, visible
@@ -119,6 +119,13 @@ async def close_feed(app: web.Application) -> None:
 
 async def handle_health(request: web.Request) -> web.Response:
     fleet.check_health(request.app)  # 503 while draining before llamad exits
+    sup = supervisor(request)
+    error = sup.snapshot.error
+    if error:  # llamad serves, but not as configured: a health check should say so
+        if sup.config.api_keys_file is not None:  # /health needs no key: name less
+            error = "the preset file has an error; GET /status (admin) or llamad " \
+                "check-config names it"
+        raise Unavailable(f"configuration error: {error}", code="configuration_error")
     return web.json_response({"status": "ok"})
 
 

@@ -49,7 +49,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 # Off in router mode unless llama-server is started with --ui-mcp-proxy or --tools,
 # neither of which llamad offers.
 DISABLED = ("/cors-proxy", "/tools")
-_WAITING = (State.STARTING, State.LOADING, State.READY)
+_WAITING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 # How a request reaches its backend once the model is ready: forward() passes it on as it
 # is; a translation (ollama.py) sends its own request and answers in its own shape.
 Send = Callable[[web.Request, Backend, bytes | bytearray, Watch, web.StreamResponse],

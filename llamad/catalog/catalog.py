@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from llamad import redact
-from llamad.catalog import argv, companions, files, hfcache
+from llamad.catalog import argv, companions, files, hfcache, modelkeys
 from llamad.catalog.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
 from llamad.catalog.presets import (
     MMPROJ,
@@ -29,13 +29,13 @@ from llamad.catalog.presets import (
     Presets,
     SwaFits,
     canonical_name,
+    global_flags,
     load_presets,
     model_settings,
     parse_args,
     run_settings,
 )
 from llamad.config import Config, cache_dir
-from llamad.errors import ConfigError
 from llamad.safetext import one_line, unsafe
 from llamad.systemd.unitname import unit_name
 
@@ -69,6 +69,9 @@ class Model:
     # The draft model its argv loads (--model-draft), for the memory estimate; None if none
     # or unreadable (llama-server then says why when it starts).
     draft: GGUFInfo | None = None
+    # A preset error that touches it (its section's, [*]'s, the file's): requests get 503
+    # with it, while its settings stay the last good ones.
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,16 @@ class Snapshot:
     pending: bool = False  # some file looked unfinished: scan again after SETTLE_SECONDS
     # New models whose files are still being written: a request for one waits for them.
     settling: frozenset[str] = frozenset()
+    errors: tuple[str, ...] = ()  # the preset file's errors, one sentence each
+
+    @property
+    def error(self) -> str | None:
+        """The configuration error to report (/health, STATUS=), if any."""
+        if not self.errors:
+            return None
+        more = len(self.errors) - 1
+        return self.errors[0] + (f" (and {more} more; llamad check-config lists them)"
+                                 if more else "")
 
     def resolve(self, name: str) -> Model | None:
         model = self.models.get(name)
@@ -215,6 +228,8 @@ def _is(test: Callable[[], bool]) -> bool:
 def _scan_subdir(directory: Path, scan: _Scan) -> Found | None:
     entries = _gguf_entries(directory, scan)
     mmproj = [e for e in entries if "mmproj" in e.name]
+    drafts = [e for e in entries
+              if "mmproj" not in e.name and e.name.startswith(_DRAFT_PREFIXES)]
     models = [e for e in entries
               if "mmproj" not in e.name and not e.name.startswith(_DRAFT_PREFIXES)]
     firsts = [e for e in models if "-00001-of-" in e.name]
@@ -222,13 +237,16 @@ def _scan_subdir(directory: Path, scan: _Scan) -> Found | None:
     choice = firsts or singles
     if not choice:
         return None
-    if len(choice) > 1 or len(mmproj) > 1:
-        scan.problems.append(f"{directory} holds several model or projector files; using "
-                             f"{choice[0].name}" + (f" and {mmproj[0].name}." if mmproj else "."))
+    if len(choice) > 1 or len(mmproj) > 1 or len(drafts) > 1:
+        used = [choice[0].name, *(e[0].name for e in (mmproj, drafts) if e)]
+        scan.problems.append(f"{directory} holds several model, projector or draft files; "
+                             f"using {', '.join(used)}.")
     shards = _shard_set(Path(choice[0].path), scan)
     if shards is None:
         return None
-    return Found(directory.name, shards, Path(mmproj[0].path) if mmproj else None, "models_dir")
+    # As llama.cpp's router: the draft sidecar becomes the model's --spec-draft-model.
+    return Found(directory.name, shards, Path(mmproj[0].path) if mmproj else None, "models_dir",
+                 draft=Path(drafts[0].path) if drafts else None)
 
 
 def discover_models_dir(directory: Path, scan: _Scan) -> list[Found]:
@@ -257,7 +275,10 @@ def discover_models_dir(directory: Path, scan: _Scan) -> list[Found]:
 def _read(found: Found, scan: _Scan) -> GGUFInfo | None:
     headers = [scan.header(p) for p in found.shards]
     mmproj = scan.header(found.mmproj) if found.mmproj else None
-    if any(h is None for h in headers) or (found.mmproj and mmproj is None):
+    # The draft is loaded with the model: it must be complete too.
+    draft = scan.header(found.draft) if found.draft else None
+    if any(h is None for h in headers) or (found.mmproj and mmproj is None) or \
+            (found.draft and draft is None):
         return None
     return combine([h for h in headers if h is not None], mmproj)
 
@@ -291,8 +312,9 @@ def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, F
         backing: list[Found] = []  # cache entries this section's files come from
         if section.model is not None:
             path = section.model if section.model.is_absolute() else base / section.model
-            target = Found(name, (path,), found[name].mmproj if name in found else None,
-                           "preset")
+            here = found.get(name)
+            target = Found(name, (path,), here.mmproj if here else None, "preset",
+                           draft=here.draft if here else None)
         elif section.hf_repo is not None:
             hit = _in_cache(cached, section.hf_repo)
             if hit is None:
@@ -302,7 +324,8 @@ def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, F
             target = Found(name, hit.shards, hit.mmproj, "preset")
             backing.append(hit)
         elif name in found:
-            target = Found(name, found[name].shards, found[name].mmproj, "preset")
+            target = Found(name, found[name].shards, found[name].mmproj, "preset",
+                           draft=found[name].draft)
         else:
             problems.append(f"preset [{name}] matches no model found and has no model = path; "
                             "ignored.")
@@ -350,8 +373,15 @@ def _unsafe(f: Found, reserved: Mapping[str, str]) -> str | None:
 def _secrets(models: dict[str, Model], problems: list[str]) -> None:
     """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
     with_secrets = [m.id for m in models.values() if argv.secret_values(m.settings.args)]
+    in_env = sorted(m.id for m in models.values() if modelkeys.secret_values(m.settings.env))
     for m in models.values():
         redact.remember(argv.secret_values(m.settings.args))
+        redact.remember(modelkeys.secret_values(m.settings.env))
+    if in_env:
+        problems.append(f"env of {', '.join(in_env[:3])}{', ...' if len(in_env) > 3 else ''} "
+                        "sets a secret (a name such as *_TOKEN or *_API_KEY): llamad masks it "
+                        "in what it shows, but systemd shows a unit's Environment= to every "
+                        "local user (systemctl show).")
     if with_secrets:
         names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
         problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): "
@@ -392,7 +422,14 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
         id=f.id, aliases=section.aliases if section else (), unit=unit_name(f.id),
         path=f.shards[0], shards=f.shards, mmproj=mmproj, source=f.source, info=info,
         settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden,
-        draft=companions.draft(settings.args, st.cache, st.confine))
+        draft=companions.draft(settings.args, st.cache, st.confine),
+        error=_error(preset, f.id))
+
+
+def _error(preset: Presets, model_id: str) -> str | None:
+    error = preset.error_for(model_id)
+    return None if error is None else \
+        f"model {model_id} is not served until the preset file is fixed: {error.message}"
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
@@ -404,8 +441,10 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     its previous entry, and so do the models of a models directory that has gone.
     `swa_fits`: whether a sliding-window model's --swa-full fits the memory plan.
     """
-    preset = preset if preset is not None else load_presets(config.models_preset)
-    global_args = parse_args(config.args, f"{config.path or 'configuration'}: args")
+    preset = preset if preset is not None else \
+        load_presets(config.models_preset, server=config.llama_server)
+    global_args = parse_args(config.args, f"{config.path or 'configuration'}: args",
+                             global_flags(config.llama_server))
     cache = cache if cache is not None else _default_cache
     root = cache_dir(config) if config.llama_cache else None
     st = _Scan(cache, time.time(), settle,
@@ -436,7 +475,8 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     if len(st.problems) > MAX_PROBLEMS:
         problems.append(f"... and {len(st.problems) - MAX_PROBLEMS} more problems.")
     return Snapshot(MappingProxyType(models), tuple(problems), MappingProxyType(aliases),
-                    st.pending, frozenset(settling))
+                    st.pending, frozenset(settling),
+                    tuple(e.message for e in preset.errors.values()))
 
 
 def _models(merged: dict[str, Found], st: _Scan, preset: Presets, global_args: Options,
@@ -475,7 +515,7 @@ def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
     info = _read(f, st)
     if info is not None:
         return _model(f, info, preset, global_args, config, st)
-    if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
+    if not st.unsettled & {*f.shards, *(p for p in (f.mmproj, f.draft) if p)}:
         return None
     old = previous.models.get(f.id) if previous is not None else None
     if old is None:
@@ -521,7 +561,9 @@ class Catalog:
         self.cache = cache if cache is not None else InfoCache()
         self.settle = settle
         self.swa_fits: SwaFits | None = None  # the daemon's memory plan, set before a scan
-        self.presets = load_presets(config.models_preset)
+        # Read by the first compute(), in a worker thread: a preset's llama-server is run
+        # (--help) to learn its flags.
+        self.presets = Presets.empty()
         self.snapshot = Snapshot(MappingProxyType({}))
         self._listeners: list[Listener] = []
         self._lock: asyncio.Lock | None = None
@@ -532,11 +574,10 @@ class Catalog:
         return lambda: self._listeners.remove(listener)
 
     def compute(self) -> Snapshot:
-        try:
-            self.presets = load_presets(self.config.models_preset)
-        except ConfigError as e:
-            # Keep serving with the last good presets; the file may be mid-edit.
-            log.warning("%s Keeping the previous presets.", e.message)
+        # A section with an error keeps its last good body; its model is refused with the
+        # error (Model.error) until the file is fixed, the others are served as they are.
+        self.presets = load_presets(self.config.models_preset, self.presets,
+                                    self.config.llama_server)
         snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
                         previous=self.snapshot, swa_fits=self.swa_fits)
         self.cache.save()  # a no-op unless the cache has a file and changed
@@ -547,8 +588,14 @@ class Catalog:
         for problem in new.problems:
             if problem not in old.problems:
                 log.warning("%s", problem)
+        for error in new.errors:
+            if error not in old.errors:
+                log.error("%s Requests for the models it touches get 503 until the file is "
+                          "fixed.", error)
+        if old.errors and not new.errors:
+            log.info("the preset file has no errors any more")
         if new.models == old.models and new.aliases == old.aliases and \
-                new.settling == old.settling:
+                new.settling == old.settling and new.errors == old.errors:
             return
         added = sorted(set(new.models) - set(old.models))
         removed = sorted(set(old.models) - set(new.models))

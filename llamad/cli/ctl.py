@@ -123,7 +123,7 @@ def wait_ready(client: Client, model: str, timeout: float) -> str:
     while True:
         found = client.get("/status")["models"].get(model)
         state = found["state"] if found else "unloaded"
-        if state == "ready":
+        if state in ("ready", "sleeping"):  # sleeping: loaded, its next request wakes it
             return state
         if state == "failed":
             raise LlamadError(f"model {model} failed to load: {found['reason']}")
@@ -196,7 +196,7 @@ def ps_table(status: dict[str, Any]) -> list[str]:
         fit = d.get("fit") or {}
         rows.append((model, d["state"], str(d["main_pid"] or "-"), _mib(d.get("ram")),
                      _mib(d.get("vram")), _mib(d["estimate"]["ram"] + d["estimate"]["vram"]),
-                     load, str(d["in_flight"]), str(d.get("queued", 0)), str(d["served"]),
+                     load, _in_flight(d), str(d.get("queued", 0)), str(d["served"]),
                      ttl, str(fit.get("ctx") or "-")))
         if fit.get("reason"):
             fits.append(one_line(f"{model}: {fit['reason']}"))
@@ -207,6 +207,12 @@ def ps_table(status: dict[str, Any]) -> list[str]:
     out += [f"GPU {g['index']} {g['name']}: {_mib(g['used'])} used of {_mib(g['total'])}"
             for g in status.get("gpus", [])]
     return [*out, status["status"]]
+
+
+def _in_flight(d: dict[str, Any]) -> str:
+    """"1/2" under a concurrency limit of 2, else the count alone."""
+    limit = d.get("concurrency_limit")
+    return f"{d['in_flight']}/{limit}" if limit else str(d["in_flight"])
 
 
 def _mib(n: int | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -61,6 +62,7 @@ KEEPALIVE = 2.0
 HEALTH_TIMEOUT = 2.0
 SHORT = -1  # _health: llamad itself lacked descriptors or memory to ask
 PROBE_TIMEOUT = 5.0  # seconds a liveness probe waits for /health (at most liveness-timeout)
+PROPS_MAX = 1 << 20  # /props is a few KiB, the chat template its bulk
 
 
 @dataclass
@@ -149,6 +151,22 @@ class Backend:
             return None
         self.heard()
         return r.status
+
+    async def sleeping(self, timeout: float = HEALTH_TIMEOUT) -> bool | None:
+        """Whether llama-server sleeps (--sleep-idle-seconds), from /props' `is_sleeping`,
+        which it answers asleep without waking; None: no answer, or none that says."""
+        try:
+            async with self.client() as session, session.get(
+                    self.base_url + "/props", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.content.read(PROPS_MAX) if r.status == 200 else b""
+        except (OSError, aiohttp.ClientError):
+            return None
+        self.heard()
+        try:
+            asleep = json.loads(body).get("is_sleeping")
+        except (ValueError, AttributeError):
+            return None
+        return asleep if isinstance(asleep, bool) else None
 
     async def probe(self, timeout: float, pid: int = 0) -> bool | None:
         """Alive: /health answers within `timeout`, or process `pid` (0: unknown) uses CPU

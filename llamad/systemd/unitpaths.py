@@ -116,6 +116,17 @@ def config_problems(config: Config) -> list[str]:
     return out
 
 
+def server_problems(config: Config, servers: dict[str, Path]) -> list[str]:
+    """The same check for the llama-server binaries presets name (`where` -> path)."""
+    box = for_units(config.llama_server, None if config.dynamic_user else config.unit_user)
+    out = []
+    for where, path in servers.items():
+        found = problem(path, box, "x")
+        if found:
+            out.append(f"{where}: llama-server: {found}; {MOVE_SERVER}.")
+    return out
+
+
 def token_problems(path: Path | None) -> list[str]:
     """hf-token-file: systemd hands it to download units (LoadCredential=), so it must be
     there; and it is a secret, for root's eyes alone."""

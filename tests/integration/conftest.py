@@ -17,13 +17,14 @@ def llamad_factory(box: rig.Box, assets: rig.Assets) -> Iterator[Factory]:
     made: list[Llamad] = []
 
     def make(names: list[str], preset: str = "", unit: tuple[str, ...] = (),
-             **settings: Any) -> Llamad:
-        """`unit`: more systemd properties of llamad's own unit, such as Restart=."""
+             healthy: bool = True, **settings: Any) -> Llamad:
+        """`unit`: more systemd properties of llamad's own unit, such as Restart=.
+        `healthy`: wait until /health answers 200 (else until it answers at all)."""
         d = Llamad(box, assets, names, preset, **settings)
         d.properties += unit
         made.append(d)
         d.start()
-        wait_http(d.url)
+        wait_http(d.url, want=200 if healthy else None)
         return d
     yield make
     for d in made:

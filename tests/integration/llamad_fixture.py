@@ -144,16 +144,21 @@ async def stream(session: aiohttp.ClientSession, url: str, model: str, max_token
     return events
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(url: str, timeout: float = 30, want: int | None = 200) -> None:
+    """Wait until /health answers `want` (None: anything at all)."""
+    import urllib.error
     import urllib.request
 
     def up() -> bool:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                return bool(r.status == 200)
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
         except OSError:
             return False
-    rig.wait_for(f"{url} to answer", up, timeout=timeout)
+        return want is None or status == want
+    rig.wait_for(f"{url} to answer" + (f" {want}" if want else ""), up, timeout=timeout)
 
 
 def models(url: str) -> dict[str, dict[str, Any]]:
