@@ -30,6 +30,7 @@ from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
+from llamad.safetext import one_line
 from llamad.sizes import MIB
 from llamad.supervisor import sampling
 from llamad.supervisor.downloads import Downloads
@@ -56,7 +57,10 @@ async def journal_tail(unit: str, lines: int = 5) -> str:
         out, _ = await asyncio.wait_for(proc.communicate(), 5)
     except (TimeoutError, OSError):
         return ""
-    return " | ".join(line for line in out.decode(errors="replace").splitlines() if line)
+    # Escaped: the reason reaches terminals (llamad load --wait) and llama.cpp prints GGUF
+    # strings as they are.
+    return " | ".join(one_line(line) for line in out.decode(errors="replace").splitlines()
+                      if line)
 
 
 class Daemon:
@@ -79,19 +83,23 @@ class Daemon:
         self.sup: Supervisor
         self.watcher: CatalogWatcher
         # Fails closed: a key file that is set but unusable stops llamad here.
-        self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
+        self.keyring = keys.Keyring(config.api_keys_file, config.peer_key_file)
+        self.keyed = config.api_keys_file is not None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
         # Writes the request log (if on) and llamad's notes into models' journals.
         self.journal = requestlog.JournalWriter()
 
     def app(self) -> web.Application:
-        door = browsers.Door(self.config, keyed=self.keyring is not None)
+        door = browsers.Door(self.config, keyed=self.keyed)
         lim = limits.Limits(self.config)
+        # The API key is checked before anything is counted against a limit (admit), so
+        # traffic without a valid key never holds a request's or a stream's place.
         middlewares = [self._activity, middleware.error_middleware, lim.middleware,
                        door.middleware]
-        if self.keyring is not None:
+        if self.keyed:
             middlewares.append(keys.middleware(self.keyring))
+        middlewares.append(lim.admit)
         sinks: list[record.Sink] = [self.metrics.on_request]
         if self.config.request_log:
             sinks.append(self.journal)
@@ -100,6 +108,7 @@ class Daemon:
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
         app[limits.LIMITS] = lim
+        app[keys.KEYRING] = self.keyring
         app[fleet.DRAINING] = fleet.Draining()  # /health says so after SIGTERM
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
@@ -283,9 +292,9 @@ async def limit_slice(units: UnitManager, config: Config) -> None:
 
 
 def reload(daemon: Daemon) -> None:
-    """SIGHUP (`systemctl reload llamad`): read the API keys again."""
-    if daemon.keyring is None:
-        log.info("reload: no api-keys-file is set; nothing to reload")
+    """SIGHUP (`systemctl reload llamad`): read the API keys (and the peer key) again."""
+    if daemon.keyring.path is None and daemon.keyring.peer_key_file is None:
+        log.info("reload: neither api-keys-file nor peer-key-file is set; nothing to reload")
         return
     task = asyncio.get_running_loop().create_task(daemon.keyring.reload(),
                                                   name="reloading the API keys")

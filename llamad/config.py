@@ -58,6 +58,8 @@ SPEC: dict[str, tuple[str, str]] = {
     "receive-timeout": ("float(min=1, default=30)", "seconds >= 1"),
     "max-connections": ("integer(min=1, default=4096)", "a whole number >= 1"),
     "max-requests": ("integer(min=1, default=1024)", "a whole number >= 1"),
+    "max-streams": ("integer(min=1, default=256)", "a whole number >= 1"),
+    "send-timeout": ("float(min=1, default=60)", "seconds >= 1"),
     "stop-timeout": ("float(min=0, default=10)", "seconds >= 0"),
     "restart-sec": ("float(min=0, default=2)", "seconds >= 0"),
     "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
@@ -86,6 +88,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "peers": ("force_list(default=list())",
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
+    "peer-key-file": ("string(default='')", "a file path or empty"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
     # -- fitting models to memory (memory/fit.py) --
     "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
@@ -133,6 +136,8 @@ class Config:
     receive_timeout: float
     max_connections: int
     max_requests: int
+    max_streams: int
+    send_timeout: float
     stop_timeout: float
     restart_sec: float
     start_limit_burst: int
@@ -154,6 +159,7 @@ class Config:
     kv_cache_timeout: float
     peers: tuple[str, ...]
     peer_timeout: float
+    peer_key_file: Path | None
     shutdown_grace: float
     # -- fitting models to memory --
     fit_min_ctx: int
@@ -284,6 +290,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         state_dir=Path(v["state-dir"]),
         ui_dir=_opt_path(v["ui-dir"]),
         api_keys_file=_opt_path(v["api-keys-file"]),
+        peer_key_file=_opt_path(v["peer-key-file"]),
         allowed_hosts=tuple(h.lower().rstrip(".") for h in v["allowed-hosts"] if h),
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
         peers=tuple(p.lower() for p in v["peers"] if p),

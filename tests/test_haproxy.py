@@ -55,6 +55,10 @@ def test_the_command_prints_it_and_refuses_bad_input_in_a_sentence(tmp_path: Pat
             (["127.0.0.2"], "'127.0.0.2' is not a llamad host; give HOST:PORT"),
             (["127.0.0.2:8080", "--place", "m=127.0.0.9:8080"], "not among the hosts"),
             (["127.0.0.2:8080", "--place", "a b=127.0.0.2:8080"], "is not MODEL=HOST:PORT"),
+            # security-review-3 L11: a leading '-' would be one of HAProxy's match flags.
+            (["127.0.0.2:8080", "--place=-i=127.0.0.2:8080"], "does not start with -"),
+            (["127.0.0.2:8080", "--place=-f/etc/passwd=127.0.0.2:8080"],
+             "does not start with -"),
             (["127.0.0.2:8080", "127.0.0.2:8080"], "given twice"),
             (["127.0.0.2:99999"], "is not a llamad host")]:
         out = run(*args)

@@ -239,3 +239,41 @@ def test_model_units_serve_metrics_unless_the_preset_says_no(tmp_path: Path) -> 
     for name, want in (("on", 1), ("off", 0), ("explicit", 1)):
         argv = unitspec.build(cfg, snap.models[name], "tcp:127.0.0.1:1", (), None).argv
         assert argv.count("--metrics") == want, (name, argv)
+
+
+def test_a_backends_metrics_cannot_pass_for_llamads() -> None:
+    """security-review-3 M3: a model unit running hostile code answers /metrics with
+    llamad_* families or label names the exposition cannot carry: dropped."""
+    from llamad.observe.metrics import _parse
+    text = ("# TYPE llamacpp:tokens counter\nllamacpp:tokens_total 5\n"
+            "# TYPE llamad_requests counter\nllamad_requests_total{model=\"x\"} 1e9\n"
+            "# TYPE odd gauge\nodd{model=\"other\"} 1\n")
+    names = [f.name for f in _parse(text)]
+    assert names and all(n.startswith("llamacpp:tokens") for n in names), names
+
+
+async def test_what_llamad_reads_of_a_backend_is_bounded() -> None:
+    import pytest
+    from aiohttp import ClientSession, web
+    from aiohttp.test_utils import TestServer
+
+    from llamad.supervisor.backend import capped_json, read_capped
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # chunked: no length to refuse it by
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b" " * 65536)
+        return resp
+
+    async def small(request: web.Request) -> web.Response:
+        return web.json_response({"n": 1})
+    app = web.Application()
+    app.router.add_get("/big", big)
+    app.router.add_get("/small", small)
+    async with TestServer(app) as server, ClientSession() as s:
+        async with s.get(server.make_url("/big")) as r:
+            with pytest.raises(ValueError, match="larger than the 1048576 bytes"):
+                await read_capped(r, 1 << 20)
+        async with s.get(server.make_url("/small")) as r:
+            assert await capped_json(r, 100) == {"n": 1}

@@ -37,6 +37,7 @@ from llamad.supervisor.scheduler import (
     expired,
     victims,
 )
+from llamad.systemd import unitpaths
 
 M = Path("/m/x.gguf")
 G = 1024**3
@@ -278,6 +279,16 @@ def test_a_fork_is_read_from_its_own_help(tmp_path: Path) -> None:
         f"[x]\nllama-server = {tmp_path / 'plain'}\n").errors["x"].message
 
 
+def test_check_config_warns_about_a_preset_binary_units_cannot_run(tmp_path: Path) -> None:
+    hidden = tmp_path / "llama-server"  # under /tmp: PrivateTmp hides it from model units
+    hidden.symlink_to(SERVER)
+    found = unitpaths.server_problems(Config.default(), {"presets.ini [x]": hidden})
+    assert len(found) == 1 and found[0].startswith(f"presets.ini [x]: llama-server: {hidden} "
+                                                   "is under /tmp")
+    assert unitpaths.server_problems(Config.default(), {"presets.ini [x]": Path("/bin/true")}) \
+        == []  # where every user may run it
+
+
 # -- draft sidecars -------------------------------------------------------------------------
 
 
@@ -421,3 +432,14 @@ async def test_a_preset_error_refuses_only_its_model(fake: Rig, tmp_path: Path) 
         await fake.sup.load(fake.slot("tiny-a"))
     assert fake.units.started == []
     await fake.ready("tiny-b")
+
+
+async def test_a_sleeping_model_evicted_is_wanted_back_as_a_ready_one(fake: Rig,
+                                                                      tmp_path: Path) -> None:
+    """restore = yes (guards/comeback.py) brings back an evicted model; one that slept
+    when it was evicted is no different."""
+    (tmp_path / "presets.ini").write_text("[tiny-a]\nrestore = true\n")
+    catalog(fake, models_preset=tmp_path / "presets.ini")
+    fake.sup.events.emit(Change("tiny-a", State.SLEEPING, State.STOPPING, Cause.EVICT_COUNT,
+                                at=1.0))
+    assert fake.sup.comeback.wanted == {"tiny-a": 1.0}

@@ -13,7 +13,7 @@ from llamad.api import fleet, listing, report
 from llamad.api.feed import ModelFeed
 from llamad.catalog.catalog import Catalog
 from llamad.errors import BadRequest, Unavailable
-from llamad.http import keys
+from llamad.http import keys, limits
 from llamad.http.body import read_json
 from llamad.http.context import CATALOG, SUPERVISOR, app_key, find, resolve, supervisor, visible
 from llamad.supervisor.slot import Slot
@@ -23,13 +23,20 @@ FEED: Any = app_key("feed", ModelFeed)
 
 
 async def handle_models(request: web.Request) -> web.Response:
-    if request.query.get("reload") and CATALOG in request.app:
-        catalog: Catalog = request.app[CATALOG]
-        await catalog.rescan_async()  # the new snapshot reaches the supervisor on publish
     sup = supervisor(request)
+    if request.query.get("reload"):
+        # A full scan of every models directory: an admin's to ask for, and callers at the
+        # same time share one scan (the watcher's). The snapshot reaches the supervisor.
+        keys.require_admin(request, "GET /v1/models?reload=1")
+        if sup.rescan is not None:
+            await sup.rescan()
+        elif CATALOG in request.app:
+            await request.app[CATALOG].rescan_async()
     body = listing.listing(sup, visible(request, sup.slots.values()))
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
-        body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout)
+        body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout,
+                                      request.app[keys.KEYRING].peer_key
+                                      if keys.KEYRING in request.app else None)
     return web.Response(body=body, content_type="application/json")
 
 
@@ -107,6 +114,7 @@ async def build_info(binary: Path) -> str:
     return _build_info[binary]
 
 
+@limits.long_lived
 async def handle_sse(request: web.Request) -> web.StreamResponse:
     feed: ModelFeed = request.app[FEED]
     return await feed.handle(request)

@@ -35,6 +35,8 @@ def check(config: Config) -> None:
                global_flags(config.llama_server))
     if config.api_keys_file is not None:
         keys.load(config.api_keys_file)
+    if config.peer_key_file is not None:
+        keys.load_peer_key(config.peer_key_file)
     server = config.llama_server
     if not (server.is_file() and os.access(server, os.X_OK)):
         raise ConfigError(f"{config.path or 'configuration'}: llama-server = {str(server)!r} "

@@ -14,6 +14,7 @@ The metric names are listed in docs/operations.md.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -35,11 +36,16 @@ from llamad.http import keys
 from llamad.http.context import app_key
 from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
+from llamad.supervisor.backend import read_capped
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
 MODEL_TIMEOUT = 2.0  # seconds for one model's /metrics
+MODEL_BYTES = 4 << 20  # bytes of one model's /metrics (llama-server's are ~3 KiB)
+OWN = "llamad_"  # llamad's own families; a backend's by that name are dropped
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 EVICTIONS = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                        Cause.UNLOAD, Cause.REMOVED})
@@ -234,12 +240,16 @@ async def model_metrics(slots: list[Slot]) -> dict[str, Metric]:
     ready = [s for s in slots if s.state in (State.READY, State.SLEEPING)
              and s.backend is not None]
     texts = await asyncio.gather(*(_fetch(s) for s in ready))
+    # Parsing is pure Python: on a thread, so a big answer does not hold the event loop
+    # in one piece (its size is bounded by MODEL_BYTES).
+    parsed = await asyncio.to_thread(lambda: [_parse(t) if t is not None else None
+                                              for t in texts])
     merged: dict[str, Metric] = {}
     up = _gauge("llamad_model_metrics_up", "1 if the model's own /metrics answered in time",
                 ("model",))
-    for slot, text in zip(ready, texts, strict=True):
-        up.add_metric([slot.model.id], float(text is not None))
-        for family in _parse(text or ""):
+    for slot, families in zip(ready, parsed, strict=True):
+        up.add_metric([slot.model.id], float(families is not None))
+        for family in families or ():
             into = merged.setdefault(family.name, Metric(family.name, family.documentation,
                                                          family.type))
             for s in family.samples:
@@ -249,10 +259,15 @@ async def model_metrics(slots: list[Slot]) -> dict[str, Metric]:
 
 
 def _parse(text: str) -> list[Metric]:
+    """A backend's families, less any that would pass for llamad's own (llamad_*) or
+    whose names or labels the exposition format does not allow."""
     try:
-        return list(text_string_to_metric_families(text))
+        families = list(text_string_to_metric_families(text))
     except ValueError:  # not Prometheus text: leave that model out
         return []
+    return [f for f in families if _NAME.fullmatch(f.name) and not f.name.startswith(OWN)
+            and all(_NAME.fullmatch(s.name) and all(
+                _LABEL.fullmatch(k) and k != "model" for k in s.labels) for s in f.samples)]
 
 
 async def _fetch(slot: Slot) -> str | None:
@@ -262,8 +277,10 @@ async def _fetch(slot: Slot) -> str | None:
     try:
         async with backend.session().get(backend.base_url + "/metrics",
                                          timeout=aiohttp.ClientTimeout(total=MODEL_TIMEOUT)) as r:
-            return await r.text() if r.status == 200 else None
-    except (TimeoutError, aiohttp.ClientError, OSError):
+            if r.status != 200:
+                return None
+            return (await read_capped(r, MODEL_BYTES)).decode(errors="replace")
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
         return None
 
 

@@ -128,7 +128,10 @@ async def test_a_bad_preset_key_gets_503_naming_it_and_a_fixed_file_is_picked_up
         code, body = await chat(s, d.url, A)
         assert code == 200, body
         preset.write_text(bad)  # broken on an edit, while A runs
+        edited = time.monotonic()
         await asyncio.to_thread(wait_http, d.url, 30, 503)  # the watcher saw the edit
+        print(f"\nfirst 503 {took:.3f}s after the request; an edit seen in "
+              f"{time.monotonic() - edited:.2f}s")
         code, body = await chat(s, d.url, A)
         assert code == 503 and "frobnicate" in body["error"]["message"]
         preset.write_text(good)
