@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from helpers.ports import refused_url
 
 from llamad.__main__ import parser
 from llamad.cli import completion, ctl
@@ -72,9 +72,7 @@ def test_log_events_and_lines() -> None:
 
 
 def test_not_running_is_one_sentence() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+    with refused_url() as url:
         out = subprocess.run([sys.executable, "-m", "llamad", "unload", "x", "--url", url],
                              capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == ""

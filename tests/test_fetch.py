@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import rig
-from fakehub import TOKEN, FakeHub, File
+from helpers.fakehub import TOKEN, FakeHub, File
+from helpers.ports import refused_url
 
 from llamad.catalog import hfcache, hub
 
@@ -142,7 +144,7 @@ def test_a_tag_picks_its_file_and_a_missing_tag_lists_what_there_is(
     assert not notify.ready()
 
 
-def fetch_module():  # type: ignore[no-untyped-def]
+def fetch_module() -> ModuleType:
     from llamad.catalog import fetch as module
     return module
 
@@ -285,14 +287,12 @@ def test_a_newer_commit_keeps_older_quantizations_listed(fake_hub: FakeHub, cach
 
 
 def test_hub_unreachable_is_worth_retrying(cache: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "llamad.catalog.fetch", "--cache", str(cache),
-                           "--endpoint", f"http://127.0.0.1:{port}", REPO],
-                          capture_output=True, text=True, timeout=60, check=False)
+    with refused_url() as url:
+        proc = subprocess.run([sys.executable, "-m", "llamad.catalog.fetch", "--cache",
+                               str(cache), "--endpoint", url, REPO],
+                              capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 75
-    assert f"cannot reach the hub at http://127.0.0.1:{port}/" in proc.stdout
+    assert f"cannot reach the hub at {url}/" in proc.stdout
 
 
 def test_bad_names_are_one_sentence(cache: Path) -> None:

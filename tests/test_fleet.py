@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.ports import refused_url
+from helpers.watch import eventually
 
 from llamad.api import fleet
 from llamad.config import load_config
@@ -49,7 +50,7 @@ async def test_health_says_draining_while_requests_are_still_served() -> None:
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/health")).status == 200
         draining = asyncio.ensure_future(fleet.drain(app, 0.5))
-        await asyncio.sleep(0.1)
+        await eventually("the drain to begin", lambda: app[fleet.DRAINING].on)
         r = await client.get("/health")
         assert r.status == 503 and (await r.json())["error"]["code"] == "draining"
         assert not draining.done()
@@ -84,17 +85,18 @@ async def silent_peer() -> AsyncIterator[str]:
     await server.wait_closed()
 
 
-def closed_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+@pytest.fixture
+def closed_peer() -> Iterator[str]:
+    """A peer whose port refuses connections."""
+    with refused_url() as url:
+        yield url
 
 
-async def test_models_of_the_fleet_in_bounded_time(silent_peer: str) -> None:
+async def test_models_of_the_fleet_in_bounded_time(silent_peer: str, closed_peer: str) -> None:
     seen: list[str] = []
     async with TestServer(peer_app(["a", "b"], seen)) as peer:
         url = str(peer.make_url("")).rstrip("/")
-        peers = (url, silent_peer, closed_port())
+        peers = (url, silent_peer, closed_peer)
         app = web.Application()
 
         async def handle(request: web.Request) -> web.Response:

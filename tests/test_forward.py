@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.watch import eventually
 from rig import wait_for
 
 from llamad.api.forward import Watch, forward
@@ -239,8 +240,7 @@ async def test_a_backend_loading_again_is_unreachable(rig: Rig) -> None:
 async def test_closing_a_backend_never_cuts_a_live_answer(rig: Rig) -> None:
     rig.server.delay = 2 * IDLE
     pending = asyncio.ensure_future(chat(rig, stream=True))
-    while not rig.server.connections:
-        await asyncio.sleep(0.01)
+    await eventually("the request to reach the backend", lambda: rig.server.connections)
     in_use = list(rig.backend._users)
     await rig.backend.close()
     assert await pending == (200, [{"n": 1}, {"n": 2}])

@@ -9,12 +9,13 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import rig
+from helpers.h100 import H100, gemma_info
+from helpers.nvml import FakeDevice, FakeNvml
 
 from llamad.memory.gpu import (
     GpuInfo,
@@ -27,60 +28,6 @@ from llamad.memory.gpu import (
 )
 
 G = 1024**3
-
-
-class FakeNVMLError(Exception):
-    pass
-
-
-@dataclass
-class FakeDevice:
-    name: str | bytes
-    total: int
-    used: int
-    processes: list[tuple[int, int | None]] = field(default_factory=list)
-
-
-class FakeNvml:
-    """The part of pynvml that gpu.py calls, over a list of fake devices."""
-
-    NVMLError = FakeNVMLError
-
-    def __init__(self, devices: list[FakeDevice], init_error: str | None = None) -> None:
-        self.devices = devices
-        self.init_error = init_error
-        self.open = False
-        self.fail_queries = False
-        self.process_queries = 0  # calls that listed processes: tests wait on polls by it
-
-    def nvmlInit(self) -> None:
-        if self.init_error:
-            raise FakeNVMLError(self.init_error)
-        self.open = True
-
-    def nvmlShutdown(self) -> None:
-        self.open = False
-
-    def nvmlDeviceGetCount(self) -> int:
-        if self.fail_queries:
-            raise FakeNVMLError("GPU is lost")
-        return len(self.devices)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> FakeDevice:
-        return self.devices[i]
-
-    def nvmlDeviceGetMemoryInfo(self, h: FakeDevice) -> SimpleNamespace:
-        return SimpleNamespace(total=h.total, used=h.used, free=h.total - h.used)
-
-    def nvmlDeviceGetName(self, h: FakeDevice) -> str | bytes:
-        return h.name
-
-    def nvmlDeviceGetUUID(self, h: FakeDevice) -> str:
-        return f"GPU-{next(i for i, d in enumerate(self.devices) if d is h):08d}"
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeDevice) -> list[SimpleNamespace]:
-        self.process_queries += 1
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in h.processes]
 
 
 def test_fake_matches_the_real_binding() -> None:
@@ -257,8 +204,6 @@ def test_gpu_check_unit_check_is_null_without_a_unit() -> None:
 
 
 def test_gpu_check_verdicts_on_the_h100_figures() -> None:
-    from test_memory import H100, gemma_info
-
     check = gpu_check()
     info = gemma_info()
     rows = [{"args": args, "nvml_mib": float(nvml)} for args, nvml, *_ in H100]
@@ -276,8 +221,6 @@ def test_gpu_check_verdicts_on_the_h100_figures() -> None:
 def test_gpu_check_fits_gemma_to_two_rooms() -> None:
     """The rows bench/gpu_check starts for issue #21: what llamad's fitting chooses for Gemma
     (no -c) in a room where a shorter context fits, and in one where fewer layers do."""
-    from test_memory import gemma_info
-
     check = gpu_check()
     info = gemma_info()
     (room_a, ctx_args), (room_b, layer_args) = check.fit_rows(info)
@@ -288,7 +231,7 @@ def test_gpu_check_fits_gemma_to_two_rooms() -> None:
     for room, args in ((room_a, ctx_args), (room_b, layer_args)):
         assert check.memory.estimate(info, args.split(), gpu=True).total.vram <= room
     fitted = [{"within_room": True}, {"within_room": False}]
-    result = {"probe": {"seen_by_nvml": True}, "unit_matches": None, "server": {
+    result: dict[str, Any] = {"probe": {"seen_by_nvml": True}, "unit_matches": None, "server": {
         "rows": [], "oom": {"recognised": True}, "cpu_fallback": {"recognised": True},
         "fitted": fitted[:1]}}
     assert check.verdict(result) is True
@@ -297,17 +240,15 @@ def test_gpu_check_fits_gemma_to_two_rooms() -> None:
 
 
 def test_gpu_check_harness_on_the_real_llama_server() -> None:
-    from test_memory import GEMMA, LLAMA_SERVER
-
     check = gpu_check()
     mon = GpuMonitor(FakeNvml([FakeDevice("NVIDIA H100", 80 * G, G)]))
-    row = check.run_row(mon, LLAMA_SERVER, GEMMA, "-ngl 0 -c 1024", "GPU-00000000")
+    row = check.run_row(mon, rig.LLAMA_SERVER, rig.GEMMA, "-ngl 0 -c 1024", "GPU-00000000")
     assert "error" not in row, row
     assert row["cuda_visible_devices"] == "" and row["nvml_mib"] == 0
     assert 0 < row["ready_s"] < 120 and row["rss"]["VmRSS"] > 100
     assert row["fit_s"] is None  # started with -fit off: llama.cpp skipped its fit step
     assert row["freed_after_s"] is not None
-    fitted = check.run_row(mon, LLAMA_SERVER, GEMMA, "-ngl 0 -c 1024", "GPU-00000000",
+    fitted = check.run_row(mon, rig.LLAMA_SERVER, rig.GEMMA, "-ngl 0 -c 1024", "GPU-00000000",
                            fit_off=False)
     print(f"\nstart to ready: {row['ready_s']:.2f} s with -fit off, {fitted['ready_s']:.2f} s "
           f"without (fit step {fitted['fit_s']:.2f} s)")

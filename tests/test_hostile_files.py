@@ -12,8 +12,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import ggufgen
 import pytest
+import rig
+from helpers import ggufgen
 
 from llamad.catalog import catalog, ggufheader
 from llamad.catalog.catalog import Snapshot, may_appear, scan
@@ -237,5 +238,5 @@ def test_the_whole_header_is_shown_within_bounds(tmp_path: Path) -> None:
         with pytest.raises(GGUFError):
             metadata(d / name)
     assert metadata(d / "negative.gguf")["llama.context_length"] == -2**62  # only shown
-    shown = metadata(ggufgen.GEMMA)
+    shown = metadata(rig.GEMMA)
     assert shown["general.architecture"] == "gemma3" and shown["tokenizer.ggml.tokens"] is None

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers.watch import eventually
 
 from llamad.api import fleet
 from llamad.app import runner_kwargs
@@ -81,14 +82,6 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[int, limits.Limits, asyn
     await lim.close(app)
 
 
-async def _until(ok: Any, timeout: float = 5) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if ok():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 async def _answer(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
     """Everything until the server closes the connection."""
     return await asyncio.wait_for(reader.read(), timeout)
@@ -108,7 +101,7 @@ async def test_trickled_headers_get_408_and_close(server: Any) -> None:
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert b'"code": "request_timeout"' in answer
     writer.close()
-    await _until(lambda: lim.connections == 0)
+    await eventually("the connections to close", lambda: lim.connections == 0)
 
 
 async def test_silent_and_idle_connections_are_closed_without_a_word(server: Any) -> None:
@@ -143,7 +136,7 @@ async def test_a_body_that_comes_too_slowly_gets_408(server: Any) -> None:
 async def test_caps_on_connections_and_requests(server: Any) -> None:
     port, lim, release = server
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
-    await _until(lambda: lim.connections == 20)
+    await eventually("twenty connections", lambda: lim.connections == 20)
     reader, refused = await asyncio.open_connection("127.0.0.1", port)
     over = await _answer(reader)
     refused.close()
@@ -151,11 +144,10 @@ async def test_caps_on_connections_and_requests(server: Any) -> None:
     assert b"max-connections" in over
     for _, w in held:
         w.close()
-    await _until(lambda: lim.connections == 0)
+    await eventually("the connections to close", lambda: lim.connections == 0)
 
     busy = [asyncio.ensure_future(get(port, "/slow")) for _ in range(2)]
-    while lim.requests < 2:
-        await asyncio.sleep(0.01)
+    await eventually("two requests in flight", lambda: lim.requests == 2)
     third = await get(port, "/slow")
     assert third.startswith(b"HTTP/1.1 503") and b"max-requests" in third
     assert b"Retry-After: 2" in third
@@ -209,7 +201,7 @@ async def test_long_lived_answers_have_their_own_cap(server: Any) -> None:
     slow = asyncio.ensure_future(get(port, "/slow"))
     release.set()
     assert (await slow).startswith(b"HTTP/1.1 200")
-    await _until(lambda: lim.streams == 0 and not lim.streams_of)
+    await eventually("the streams to end", lambda: lim.streams == 0 and not lim.streams_of)
     for writer in writers:
         writer.close()
         await writer.wait_closed()
@@ -225,12 +217,12 @@ async def test_a_client_that_stops_reading_is_cut_off(server: Any) -> None:
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(b"GET /flood HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer boss\r\n\r\n")
-    await _until(lambda: lim.requests == 1)
+    await eventually("the request in flight", lambda: lim.requests == 1)
     # It reads a little, then nothing more.
     await reader.read(1000)
     FLOODS_ENDED.clear()
-    await _until(lambda: lim.requests == 0, timeout=20)
-    await _until(lambda: FLOODS_ENDED == ["/flood"])
+    await eventually("no request in flight", lambda: lim.requests == 0, timeout=20)
+    await eventually("the flood's handler to end", lambda: FLOODS_ENDED == ["/flood"])
     assert lim.connections == 0
     writer.close()
     with contextlib.suppress(ConnectionError):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.supervised import Rig
+from helpers.watch import eventually
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_measure import FakeUnits, config, supervisor
 
 from llamad.api import progress
 from llamad.catalog.catalog import scan
@@ -24,8 +24,6 @@ from llamad.observe.metrics import Metrics
 from llamad.supervisor import unitspec
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.scheduler import Load
-
-__all__ = ["config"]  # the fixture, shared with test_measure
 
 S = State
 # The tail of a llama-server chat stream with usage on; the answer talks about tokens.
@@ -91,13 +89,10 @@ async def test_a_client_that_hangs_up_after_the_answer_got_it() -> None:
             await resp.content.readexactly(len(STREAM) if whole else 40)
             await answered.wait()
             resp.close()  # hang up, as the client does
-            await asyncio.wait_for(_until(lambda n=n: len(seen) == n), 10)
+            def recorded(n: int = n) -> bool:
+                return len(seen) == n
+            await eventually("the request's record", recorded, timeout=10)
             assert seen[-1].status == status, whole
-
-
-async def _until(done: Callable[[], bool]) -> None:
-    while not done():
-        await asyncio.sleep(0.01)
 
 
 def test_token_counts_from_other_shapes() -> None:
@@ -188,8 +183,8 @@ def test_metrics_from_state_changes_and_requests() -> None:
     assert not any(name.endswith("_created") for name in got)
 
 
-async def test_live_metrics_read_the_supervisor(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+async def test_live_metrics_read_the_supervisor(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     m = Metrics(lambda: 7)
     m.watch(sup)
     slot = sup.slots["tiny"]
@@ -225,8 +220,8 @@ def test_progress_text() -> None:
 
 
 def test_model_units_serve_metrics_unless_the_preset_says_no(tmp_path: Path) -> None:
-    import ggufgen
-    from test_catalog import age
+    from helpers import ggufgen
+    from helpers.catalogs import age
 
     d = tmp_path / "m"
     for name in ("on", "off", "explicit"):

@@ -11,11 +11,12 @@ import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-import ggufgen
 import pytest
-from fakesystemd import fake_llama_servers, short_dir
-from test_supervisor import MODELS, Rig, catalog, with_config
+import rig
+from helpers import ggufgen
+from helpers.supervised import Rig, catalog, serving, with_config
 
 from llamad.catalog import flagtable
 from llamad.catalog.catalog import scan
@@ -41,22 +42,13 @@ from llamad.systemd import unitpaths
 
 M = Path("/m/x.gguf")
 G = 1024**3
-SERVER = ggufgen.GEMMA.parent.parent / "llama-11434.0.0-rpc" / "llama-server"
+SERVER = rig.LLAMA_SERVER
 
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[Rig]:
-    """test_supervisor's rig: a supervisor on a fake systemd, fake llama-servers."""
-    with short_dir() as run:
-        models = tmp_path / "models"
-        for name in MODELS:
-            os.utime(ggufgen.write_model(models / f"{name}.gguf"), (0, 0))
-        r = Rig(Config.default(models_dirs=(models,), llama_cache=False, models_preset=None,
-                               state_dir=tmp_path / "state", memory_reserve_mb=0,
-                               run_dir=run))
-        async with fake_llama_servers(run, MODELS) as servers:
-            Rig.servers = servers
-            yield r
-            await r.sup.close()
+    """A supervisor on a fake systemd, fake llama-servers (helpers/supervised.py)."""
+    async with serving(tmp_path) as r:
+        yield r
 
 
 # -- the gate ----------------------------------------------------------------------------
@@ -348,8 +340,8 @@ def test_env_and_binary_reach_the_unit_and_its_digest(tmp_path: Path) -> None:
 # -- sleeping ----------------------------------------------------------------------------------
 
 
-def view(name: str, state: State, need: float, used: float = 0, **kw: object) -> ModelView:
-    return ModelView(name, state, need=Memory(int(need * G), 0),  # type: ignore[arg-type]
+def view(name: str, state: State, need: float, used: float = 0, **kw: Any) -> ModelView:
+    return ModelView(name, state, need=Memory(int(need * G), 0),
                      used=Memory(int(used * G), 0), **kw)
 
 
@@ -393,9 +385,9 @@ async def test_a_model_that_sleeps_is_shown_so_and_a_request_wakes_it(fake: Rig,
     slot = await fake.ready("tiny-a")
     await ask(fake)
     assert slot.state is State.READY  # awake, as /props says
-    Rig.servers.sleeping.add("tiny-a")
+    fake.servers.sleeping.add("tiny-a")
     await ask(fake)
-    assert slot.state is State.SLEEPING
+    assert slot.state is State.SLEEPING  # type: ignore[comparison-overlap]  # changed by ask()
     backend = await fake.sup.acquire(slot)  # a request wakes it, in the same process
     assert slot.state is State.READY and backend is slot.backend
     assert [(c.new, c.cause) for c in heard][-2:] == [(State.SLEEPING, Cause.SLEEP),
@@ -405,12 +397,12 @@ async def test_a_model_that_sleeps_is_shown_so_and_a_request_wakes_it(fake: Rig,
     # Woken by something else (llama-server says it is awake): ready again.
     await ask(fake)
     assert slot.state is State.SLEEPING
-    Rig.servers.sleeping.discard("tiny-a")
+    fake.servers.sleeping.discard("tiny-a")
     await ask(fake)
     assert slot.state is State.READY
     # A model without --sleep-idle-seconds is never asked.
     other = await fake.ready("tiny-b")
-    Rig.servers.sleeping.add("tiny-b")
+    fake.servers.sleeping.add("tiny-b")
     await ask(fake)
     assert other.state is State.READY
 

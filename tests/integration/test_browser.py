@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import rig
-from llamad_fixture import Factory, models
+from helpers.daemon import Factory, models
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"

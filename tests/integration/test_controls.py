@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, Llamad, chat, models, state, stream, wait_http, wait_state
+from helpers.daemon import Factory, Llamad, chat, models, state, stream, wait_http, wait_state
 
 
 def fields(d: Llamad, model: str) -> dict[str, Any]:
@@ -142,31 +142,28 @@ async def test_a_bad_preset_key_gets_503_naming_it_and_a_fixed_file_is_picked_up
     assert d.starts(A) == 1  # the unit kept its last good settings throughout
 
 
-def test_a_bad_llamad_conf_answers_503_until_fixed(box: rig.Box, assets: rig.Assets) -> None:
+def test_a_bad_llamad_conf_answers_503_until_fixed(llamad_factory: Factory) -> None:
     """An error in llamad.conf at start: llamad answers every request with 503 naming file,
     line and key instead of exiting into a restart loop; fixed, it serves."""
-    d = Llamad(box, assets, ["bad-conf-a"])
+    d = llamad_factory(["bad-conf-a"], start=False)
     conf = d.config.read_text()
     d.config.write_text(conf + "concurrency-limit = lots\n")
     line = conf.count("\n") + 1
-    try:
-        d.start()  # Type=notify: returns once llamad said READY=1 (standing by)
-        began = time.monotonic()
-        status, body, headers = get(d.url + "/v1/models")
-        assert status == 503 and time.monotonic() - began < 1.0
-        message = body["error"]["message"]
-        assert f"{d.config}:{line}: concurrency-limit = 'lots' is invalid" in message, message
-        assert int(headers["Retry-After"]) > 0
-        assert get(d.url + "/health")[0] == 503
-        assert "concurrency-limit" in d.show(d.unit, "StatusText")
-        pid = d.show(d.unit, "MainPID")
-        d.config.write_text(conf + "concurrency-limit = 2\n")
-        wait_http(d.url)
-        assert models(d.url)["bad-conf-a"]["llamad"]["concurrency_limit"] == 2
-        assert d.show(d.unit, "MainPID") == pid and d.show(d.unit, "NRestarts") == "0"
-        assert "Traceback" not in d.log(), d.log()[-3000:]
-    finally:
-        d.cleanup()
+    d.start()  # Type=notify: returns once llamad said READY=1 (standing by)
+    began = time.monotonic()
+    status, body, headers = get(d.url + "/v1/models")
+    assert status == 503 and time.monotonic() - began < 1.0
+    message = body["error"]["message"]
+    assert f"{d.config}:{line}: concurrency-limit = 'lots' is invalid" in message, message
+    assert int(headers["Retry-After"]) > 0
+    assert get(d.url + "/health")[0] == 503
+    assert "concurrency-limit" in d.show(d.unit, "StatusText")
+    pid = d.show(d.unit, "MainPID")
+    d.config.write_text(conf + "concurrency-limit = 2\n")
+    wait_http(d.url)
+    assert models(d.url)["bad-conf-a"]["llamad"]["concurrency_limit"] == 2
+    assert d.show(d.unit, "MainPID") == pid and d.show(d.unit, "NRestarts") == "0"
+    assert "Traceback" not in d.log(), d.log()[-3000:]
 
 
 async def test_env_reaches_the_unit_and_the_process(llamad_factory: Factory) -> None:

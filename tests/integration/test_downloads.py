@@ -17,9 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 import rig
-from fakehub import TOKEN, FakeHub, File
-from ggufgen import write_model
-from llamad_fixture import PYTHON, Factory, Llamad, chat, models
+from helpers.daemon import PYTHON, Factory, Llamad, chat, models
+from helpers.fakehub import TOKEN, FakeHub, File
+from helpers.ggufgen import write_model
+from helpers.watch import eventually
 
 TINY = "org/tiny-GGUF"
 TINY_FILE = "tiny-F16.gguf"
@@ -69,13 +70,13 @@ async def sse_events(s: aiohttp.ClientSession, url: str, into: list[dict[str, An
 
 async def wait_event(into: list[dict[str, Any]], event: str, model: str,
                      timeout: float = 60) -> dict[str, Any]:
-    async def find() -> dict[str, Any]:
-        while True:
-            for e in into:
-                if e.get("event") == event and e.get("model") == model:
-                    return e
-            await asyncio.sleep(0.05)
-    return await asyncio.wait_for(find(), timeout)
+    def found() -> dict[str, Any] | None:
+        return next((e for e in into if e.get("event") == event and e.get("model") == model),
+                    None)
+    await eventually(f"the {event} event of {model}", found, timeout=timeout, every=0.05)
+    event_found = found()
+    assert event_found is not None
+    return event_found
 
 
 def journal_units(box: rig.Box, d: Llamad, prefix: str, verb: str = "Started") -> list[str]:
@@ -234,10 +235,12 @@ async def test_downloads_and_deletes_are_for_admin_keys_only(
                    **{"api-keys-file": str(keys)})
     async with aiohttp.ClientSession() as s:
         for key in ("plain", "narrow"):
-            for method, path, kw in [("POST", "/models", {"json": {"model": TINY_ID}}),
-                                     ("DELETE", "/models", {"params": {"model": TINY_ID}}),
-                                     ("POST", "/api/pull", {"json": {"model": TINY_ID}}),
-                                     ("DELETE", "/api/delete", {"json": {"model": TINY_ID}})]:
+            cases: list[tuple[str, str, dict[str, Any]]] = [
+                ("POST", "/models", {"json": {"model": TINY_ID}}),
+                ("DELETE", "/models", {"params": {"model": TINY_ID}}),
+                ("POST", "/api/pull", {"json": {"model": TINY_ID}}),
+                ("DELETE", "/api/delete", {"json": {"model": TINY_ID}})]
+            for method, path, kw in cases:
                 async with s.request(method, d.url + path, **kw,
                                      headers={"Authorization": f"Bearer {key}"}) as r:
                     assert r.status == 403, (key, path)

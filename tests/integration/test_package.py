@@ -1,5 +1,5 @@
 """The .deb end to end: built and installed by the commands of README.md's quick start
-(tests/readme.py), into a booted Debian 12 and a booted Debian 13, each with its own
+(tests/helpers/readme.py), into a booted Debian 12 and a booted Debian 13, each with its own
 python3-* packages; used from the host with the official openai client, then removed and
 purged.
 
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import openai
 import pytest
-import readme
 import rig
-from fakehub import FakeHub
+from helpers import readme
+from helpers.fakehub import FakeHub
+from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -46,13 +47,6 @@ SHOWS = {
 }
 # Debian 12 is the host's own root under the box's overlay; Debian 13 a cached debootstrap.
 RELEASES = {"debian12": lambda: Path("/"), "debian13": rig.debian13_root}
-
-
-def free_port() -> int:
-    # The box shares the host's network, so a port free here is free there.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clone_deb(box: rig.Box, deb: Path) -> Path:
@@ -163,7 +157,7 @@ def test_models_listed(client: openai.OpenAI) -> None:
 def test_chat_completion(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16)
-    assert reply.choices[0].message.content.strip()
+    assert (reply.choices[0].message.content or "").strip()
 
 
 def test_chat_completion_streamed(client: openai.OpenAI) -> None:

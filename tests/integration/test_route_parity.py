@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory
+from helpers.daemon import Factory
 
 from llamad.api.proxy import FORM, QUERY, ROUTES
 

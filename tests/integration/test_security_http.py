@@ -13,7 +13,8 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, Llamad, chat
+from helpers.daemon import Factory, Llamad, chat
+from helpers.watch import eventually
 
 # As units/llamad.service: the bound that hostile bodies and answers used to break.
 MEMORY_MAX = "MemoryMax=1G"
@@ -167,12 +168,10 @@ async def test_a_client_that_stops_reading_lets_go(llamad_factory: Factory,
         assert (await reader.readline()).startswith(b"HTTP/1.1 200")  # then reads no more
 
         async def health_until(want: int, timeout: float) -> None:
-            for _ in range(int(timeout * 5)):
+            async def answers() -> bool:
                 async with s.get(d.url + "/health") as r:
-                    if r.status == want:
-                        return
-                await asyncio.sleep(0.2)
-            raise AssertionError(f"/health never answered {want}")
+                    return r.status == want
+            await eventually(f"/health to answer {want}", answers, timeout, every=0.2)
         with subtests.test("while it is held: /health 503, requests 503"):
             await health_until(503, 30)
             status, answer = await chat(s, d.url, "gemma-a")

@@ -10,7 +10,8 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, chat, models, state, stream, wait_state
+from helpers.daemon import Factory, chat, models, state, stream, wait_state
+from helpers.watch import eventually
 
 
 async def test_chat_stream_and_listing(llamad_factory: Factory) -> None:
@@ -197,10 +198,9 @@ async def test_client_disconnect_frees_the_backend_slot(llamad_factory: Factory)
         async def busy() -> bool:
             async with s.get(d.url + "/slots", params={"model": "gemma-a"}) as r:
                 return any(slot["is_processing"] for slot in await r.json())
-        for _ in range(100):
-            if not await busy():
-                break
-            await asyncio.sleep(0.1)
+        async def idle() -> bool:
+            return not await busy()
+        await eventually("the backend slot to be free", idle, timeout=10, every=0.1)
         assert not await busy()
     assert models(d.url)["gemma-a"]["llamad"]["in_flight"] == 0
 
