@@ -10,7 +10,8 @@ import rig
 from helpers import ggufgen
 from helpers.catalogs import age, config, problems_about
 
-from llamad.catalog.catalog import Catalog, scan, split_info
+from llamad.catalog.catalog import Catalog, scan
+from llamad.catalog.discover import split_info
 from llamad.catalog.gguf_info import InfoCache
 from llamad.catalog.presets import parse_presets
 from llamad.config import Config

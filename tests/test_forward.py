@@ -45,6 +45,8 @@ class FakeServer:
     delay: float = 0.0  # seconds of silence before answering, as a long prompt
     connections: list[int] = field(default_factory=list)
     never: asyncio.Event = field(default_factory=asyncio.Event)
+    together: int = 0  # answer only once this many requests are in (each on a connection)
+    arrived: list[asyncio.Event] = field(default_factory=list)
 
     async def on_health(self, request: web.Request) -> web.StreamResponse:
         if self.health == "silent":
@@ -56,6 +58,12 @@ class FakeServer:
         if conn not in self.connections:
             self.connections.append(conn)
         body = await request.json()
+        if self.together:
+            self.arrived.append(asyncio.Event())
+            if len(self.arrived) >= self.together:
+                for ev in self.arrived:
+                    ev.set()
+            await self.arrived[-1].wait()
         if self.answer == "hang-up":
             assert request.transport is not None
             request.transport.close()
@@ -214,9 +222,13 @@ async def test_wedged_before_the_answer_is_504_and_reported(rig: Rig) -> None:
 
 
 async def test_no_answer_is_unreachable_and_the_pool_is_dropped(rig: Rig) -> None:
-    # Two connections in the pool, then the backend hangs up on a request (as a dying
-    # process does); whatever is still pooled may lead to the dead process.
+    # Two connections in the pool (the backend answers once both requests are in, so a
+    # busy machine cannot serve them one after the other on one connection), then the
+    # backend hangs up on a request (as a dying process does); whatever is still pooled
+    # may lead to the dead process.
+    rig.server.together = 2
     assert [s for s, _ in await asyncio.gather(chat(rig), chat(rig))] == [200, 200]
+    rig.server.together = 0
     pooled = list(rig.server.connections)
     assert len(pooled) == 2
     rig.server.answer = "hang-up"
@@ -294,7 +306,9 @@ async def test_a_silent_request_on_a_computing_backend_is_not_wedged(
     long prefill on a busy machine): the answer is waited for."""
     busy, _ = spinning
     rig.server.health, rig.server.delay = "silent", 6 * IDLE
-    watched = Watch(IDLE, HEALTH, rig.wedged.append, lambda: busy)
+    # A probe window long enough for the spinner to be scheduled on a machine whose cores
+    # are taken (in 0.3 s at load 12 it may get no clock tick at all).
+    watched = Watch(IDLE, 5 * HEALTH, rig.wedged.append, lambda: busy)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return await forward(request, rig.backend, await request.read(), watched)

@@ -16,7 +16,7 @@ import pytest
 import rig
 from helpers import ggufgen
 
-from llamad.catalog import catalog, ggufheader
+from llamad.catalog import catalog, discover, ggufheader
 from llamad.catalog.catalog import Snapshot, may_appear, scan
 from llamad.catalog.gguf_info import GGUFError, InfoCache, metadata, read_header
 from llamad.catalog.presets import parse_presets
@@ -104,7 +104,7 @@ def test_reading_has_a_budget_per_file_and_per_scan(tmp_path: Path,
     ggufgen.write_model(d / "a.gguf")
     ggufgen.write_model(d / "b.gguf")
     aged(*d.iterdir())
-    monkeypatch.setattr(catalog, "SCAN_SECONDS", 0.0)  # every header read spends it
+    monkeypatch.setattr(discover, "SCAN_SECONDS", 0.0)  # every header read spends it
     cache = InfoCache()
     snaps = [scan(config(d), cache=cache)]
     while snaps[-1].pending and len(snaps) < 5:  # each scan reads one header at least

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from helpers import ggufgen
 from helpers.watch import Watch
-
 from llamad.catalog.catalog import Catalog, Snapshot
 from llamad.config import Config
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import rig
+
 from helpers.daemon import Llamad, wait_http
 from helpers.ports import free_port
 

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import rig
+
 from helpers.ports import free_port
 
 UNIT = "llamad-rpc-worker.service"
