@@ -18,7 +18,8 @@ from aiohttp import web
 
 from llamad.api import dashboard, fleet, proxy, report, webui
 from llamad.api import models as api
-from llamad.catalog.catalog import Catalog
+from llamad.catalog import rpcargs as rpc
+from llamad.catalog.catalog import Catalog, Snapshot
 from llamad.catalog.gguf_info import InfoCache
 from llamad.catalog.watcher import CatalogWatcher
 from llamad.config import Config, load_config
@@ -31,6 +32,7 @@ from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
 from llamad.systemd import unitpaths
 from llamad.systemd.activation import Notifier, bind, systemd_sockets
+from llamad.systemd.egress import Egress, peer_addresses
 from llamad.systemd.unitname import SLICE
 from llamad.systemd.units import UnitError, UnitManager
 
@@ -125,6 +127,9 @@ class Daemon:
         self.metrics.watch(sup)
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
         await watcher.start()
+        egress = Egress(units)
+        await egress.allow(*reachable(self.config, self.catalog.snapshot))
+        self.catalog.subscribe(lambda old, new: self._reach(sup, egress, new))
         await sup.adopt()
         await sup.take_back()
         await sup.preload()
@@ -140,6 +145,10 @@ class Daemon:
             units.close()
             if self.request_log is not None:
                 self.request_log.close()
+
+    def _reach(self, sup: Supervisor, egress: Egress, snapshot: Snapshot) -> None:
+        """New presets may name new rpc workers: let llamad reach them."""
+        sup.spawn(egress.allow(reachable(self.config, snapshot)[0]), "opening llamad's filter")
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None
@@ -198,6 +207,14 @@ async def sample(sup: Supervisor) -> None:
         await sampling.sample(sup)
     except Exception:  # never let a measurement bug stop the watchdog pings
         log.exception("measuring the models' memory failed")
+
+
+def reachable(config: Config, snapshot: Snapshot) -> tuple[list[str], list[str]]:
+    """(addresses llamad itself connects to beyond its backends, peers named by host name):
+    the rpc workers of every model, which rpcguard probes, and the peers."""
+    peers, named = peer_addresses(config.peers)
+    workers = {w.host for m in snapshot.models.values() for w in rpc.workers(m.settings.args)}
+    return [*peers, *sorted(workers)], named
 
 
 async def limit_slice(units: UnitManager, config: Config) -> None:
