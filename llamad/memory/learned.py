@@ -29,7 +29,7 @@ GPU_COST_MARGIN = 8 * MIB
 
 @dataclass(frozen=True)
 class Learned:
-    """Measured on a real load: peak RAM (systemd's MemoryCurrent), peak VRAM (None where the
+    """Measured on a real load: peak RAM (systemd's MemoryPeak of the unit), peak VRAM (None where the
     GPU could not attribute memory to the process) and seconds from start to ready."""
 
     ram: int = 0

@@ -198,8 +198,8 @@ def boot(cpus: int, timeout: float) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpus", type=int, default=2, help="the guest's vCPUs (2)")
-    parser.add_argument("--timeout", type=float, default=1500,
-                        help="seconds the VM may run, boot included (1500)")
+    parser.add_argument("--timeout", type=float, default=2400,
+                        help="seconds the VM may run, boot included (2400)")
     opts = parser.parse_args()
     reason = missing()
     if reason:
