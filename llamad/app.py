@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, webui
 from llamad.api import models as api
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Catalog, Snapshot
@@ -27,6 +27,7 @@ from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
+from llamad.sizes import MIB
 from llamad.supervisor import sampling
 from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
@@ -40,7 +41,7 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
-MIB = 1024 * 1024
+STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 
 
 async def journal_tail(unit: str, lines: int = 5) -> str:
@@ -56,25 +57,31 @@ async def journal_tail(unit: str, lines: int = 5) -> str:
 
 
 class Daemon:
-    """Everything `llamad serve` runs, wired together; background work in cleanup_ctx."""
+    """Everything `llamad serve` runs, wired together: each resource is one of the
+    application's cleanup contexts (app()), and every task they start is awaited at exit."""
 
     def __init__(self, config: Config, notifier: Notifier) -> None:
         self.config = config
         self.notifier = notifier
         # Headers survive restarts: a socket-activated start need not re-read them.
-        # The first scan is the watcher's (in _supervise), in a worker thread.
+        # The first scan is the watcher's (the _watcher context), in a worker thread.
         self.catalog = Catalog(config, cache=InfoCache(config.state_dir / "gguf-info.json"))
         self.stop = asyncio.Event()
         self.reloads: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
         # Connections that have sent a request (their transports): see stop_accepting.
         self.answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
-        self.sup: Supervisor | None = None
+        # Made by the cleanup contexts (app()), in this order, when the application starts.
+        self.units: UnitManager
+        self.sup: Supervisor
+        self.watcher: CatalogWatcher
+        self.egress: Egress
         # Fails closed: a key file that is set but unusable stops llamad here.
         self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
-        self.request_log = requestlog.JournalWriter() if config.request_log else None
+        # Writes the request log (if on) and llamad's notes into models' journals.
+        self.journal = requestlog.JournalWriter()
 
     def app(self) -> web.Application:
         door = browsers.Door(self.config, keyed=self.keyring is not None)
@@ -84,9 +91,9 @@ class Daemon:
         if self.keyring is not None:
             middlewares.append(keys.middleware(self.keyring))
         sinks: list[record.Sink] = [self.metrics.on_request]
-        if self.request_log is not None:
-            sinks.append(self.request_log)
-        middlewares.append(record.middleware(sinks))
+        if self.config.request_log:
+            sinks.append(self.journal)
+        middlewares += [record.middleware(sinks), self._opened]
         app = web.Application(client_max_size=self.config.max_body_mb * MIB,
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
@@ -97,9 +104,11 @@ class Daemon:
         api.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
-        webui.add_routes(app, self.config.ui_dir)
+        ollama.add_routes(app)
+        webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
-        app.cleanup_ctx.append(self._supervise)
+        app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
+                                self._watcher, self._running])
         return app
 
     @web.middleware
@@ -113,54 +122,101 @@ class Daemon:
         finally:
             self.last_request = time.monotonic()
 
-    async def _supervise(self, app: web.Application) -> AsyncIterator[None]:
-        units = UnitManager(on_change=lambda unit, props: self._on_unit(unit, props),
-                            on_reconnect=self._on_reconnect)
-        await units.open()
-        await limit_slice(units, self.config)
+    @web.middleware
+    async def _opened(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Until llamad has read its models after a start, every request but /health waits
+        for it, bounded by queue-timeout, then 503 (Supervisor.wait_open): llamad is READY
+        and serving before its first scan is in (`_open`)."""
+        if request.path != "/health":
+            await self.sup.wait_open()
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
+    # One cleanup context per resource, started in this order and ended in reverse.
+
+    async def _units(self, app: web.Application) -> AsyncIterator[None]:
+        """The D-Bus connections to systemd."""
+        self.units = UnitManager()
+        await self.units.open()
+        await limit_slice(self.units, self.config)
+        try:
+            yield
+        finally:
+            self.units.close()
+
+    async def _supervisor(self, app: web.Application) -> AsyncIterator[None]:
+        """The owner of model state, fed by systemd's signals and the catalog's changes."""
         measure = Measure(self.config, state_dir=self.config.state_dir)
-        watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
-        sup = Supervisor(self.config, self.catalog.snapshot, units, measure,
-                         journal_tail, rescan=watcher.rescan_now)
-        self.sup = sup
+        self.watcher = CatalogWatcher(self.catalog, asyncio.get_running_loop())
+        sup = self.sup = Supervisor(self.config, self.catalog.snapshot, self.units, measure,
+                                    journal_tail, rescan=self.watcher.rescan_now, opened=False)
+        self.catalog.swa_fits = sup.kv.swa_fits  # before the first scan, the watcher's
+        self.units.follow(sup.on_unit_change, sup.reconcile_soon)
         api.attach(app, sup, self.catalog)
         self.metrics.watch(sup)
+        sup.events.subscribe(requestlog.fit_notes(
+            self.journal, lambda m: sup.slots[m].unit if m in sup.slots else None))
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
-        await watcher.start()
-        egress = Egress(units)
-        await egress.allow(*reachable(self.config, self.catalog.snapshot))
-        self.catalog.subscribe(lambda old, new: self._reach(sup, egress, new))
-        await sup.adopt()
-        await sup.take_back()
-        await sup.preload()
-        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
+        self.egress = Egress(self.units)
+        self.catalog.subscribe(lambda old, new: self._reach(sup, new))
+        try:
+            yield
+        finally:
+            await sup.close()
+
+    async def _watcher(self, app: web.Application) -> AsyncIterator[None]:
+        """The models directories, watched from the first scan on (`_open`) until the end."""
+        try:
+            yield
+        finally:
+            await self.watcher.stop()
+
+    async def _running(self, app: web.Application) -> AsyncIterator[None]:
+        """The first scan, units taken over or stopped, preloads, then the reconcile loop
+        (`_open`, in the background), and the tick from the start."""
+        opening = self.sup.spawn(self._open(self.sup), "reading the models")
         ticker = asyncio.get_running_loop().create_task(self._tick(), name="tick")
         ticker.add_done_callback(self._tick_ended)
         try:
             yield
         finally:
-            ticker.cancel()
-            await watcher.stop()
-            await sup.close()
-            units.close()
-            if self.request_log is not None:
-                self.request_log.close()
+            for task in (opening, ticker):
+                task.cancel()
+            await asyncio.gather(opening, ticker, return_exceptions=True)
 
-    def _reach(self, sup: Supervisor, egress: Egress, snapshot: Snapshot) -> None:
+    async def _open(self, sup: Supervisor) -> None:
+        """The first scan, then the units an earlier llamad left taken over. Requests wait
+        for it (Supervisor.wait_open); READY does not, so files that make a scan slow cannot
+        keep llamad from starting (docs/security.md, "Hostile model files")."""
+        try:
+            await self.watcher.start()
+            await self.egress.allow(*reachable(self.config, self.catalog.snapshot))
+            await sup.adopt()
+            await sup.take_back()
+        except Exception:  # as when this came before READY: exit, systemd starts llamad again
+            log.exception("reading the models and adopting their units failed; exiting")
+            self.stop.set()
+            return
+        sup.opened.set()
+        self.notifier.status(report.status_line(sup))  # before any waiting request resumes
+        await sup.preload()
+        sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
+
+    async def _request_log(self, app: web.Application) -> AsyncIterator[None]:
+        """The journal writer: the request log and llamad's notes in models' journals."""
+        try:
+            yield
+        finally:
+            self.journal.close()
+
+    def _reach(self, sup: Supervisor, snapshot: Snapshot) -> None:
         """New presets may name new rpc workers: let llamad reach them."""
-        sup.spawn(egress.allow(reachable(self.config, snapshot)[0]), "opening llamad's filter")
+        sup.spawn(self.egress.allow(reachable(self.config, snapshot)[0]),
+                  "opening llamad's filter")
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None
         return len(server.connections) if server is not None else 0
-
-    def _on_unit(self, unit: str, props: dict[str, Any]) -> None:
-        if self.sup is not None:
-            self.sup.on_unit_change(unit, props)
-
-    def _on_reconnect(self) -> None:
-        if self.sup is not None:
-            self.sup.reconcile_soon()
 
     async def _tick(self) -> None:
         interval = min(TICK, self.notifier.watchdog_interval or TICK)
@@ -179,7 +235,6 @@ class Daemon:
 
     async def _tick_once(self) -> None:
         sup = self.sup
-        assert sup is not None
         self.notifier.watchdog()
         sup.expire()
         sup.probe()
@@ -187,7 +242,7 @@ class Daemon:
         await sample(sup)  # after the ping: D-Bus calls may be slow
         idle_for = time.monotonic() - self.last_request
         if self.config.idle_exit and idle_for > self.config.idle_exit and sup.quiet() \
-                and not self.stop.is_set():
+                and sup.opened.is_set() and not self.stop.is_set():
             await self._exit_when_idle(sup, idle_for)
 
     async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:
@@ -245,7 +300,7 @@ def _reloaded(task: asyncio.Task[None]) -> None:
         log.error("reloading the API keys failed: %s", task.exception())
 
 
-def _runner_kwargs() -> dict[str, Any]:
+def runner_kwargs() -> dict[str, Any]:
     # aiohttp >= 3.9 no longer cancels a handler when its client goes away;
     # we want that, so a dropped client frees the backend's slot at once.
     params = inspect.signature(web.Server.__init__).parameters
@@ -266,7 +321,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
     app = daemon.app()
     lim: limits.Limits = app[limits.LIMITS]
     limits.raise_fd_limit(lim)
-    runner = daemon.runner = web.AppRunner(app, access_log=None, **_runner_kwargs())
+    runner = daemon.runner = web.AppRunner(app, access_log=None, **runner_kwargs())
     await runner.setup()
     assert runner.server is not None
     servers = []
@@ -275,10 +330,9 @@ async def serve(config: Config, listen: str | None = None) -> None:
             # aiohttp's protocol, guarded per connection: the connection cap, and a
             # deadline for receiving each request, which aiohttp lacks (limits.Guard).
             servers.append(await loop.create_server(lim.protocol(runner.server), sock=sock))
-        assert daemon.sup is not None
-        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets),
-                 report.status_line(daemon.sup))
-        notifier.ready(report.status_line(daemon.sup))
+        status = report.status_line(daemon.sup) if daemon.sup.opened.is_set() else STARTING
+        log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets), status)
+        notifier.ready(status)
         await daemon.stop.wait()
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
@@ -287,6 +341,7 @@ async def serve(config: Config, listen: str | None = None) -> None:
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
+        await asyncio.gather(*daemon.reloads, return_exceptions=True)
 
 
 async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,

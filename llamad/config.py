@@ -13,12 +13,12 @@ from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_value
 from validate import Validator
 
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE
 
 DEFAULT_PATH = Path("/etc/llamad/llamad.conf")
 DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
 SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
 
-_SIZE = re.compile(r"(\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity)")
 _ORIGIN = re.compile(r"https?://[^/\s]+")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
@@ -77,13 +77,19 @@ SPEC: dict[str, tuple[str, str]] = {
     "request-log": ("boolean(default=yes)", "yes or no"),
     "load-progress": ("boolean(default=yes)", "yes or no"),
     "debug-request-delay": ("float(min=0, max=60, default=0)", "seconds from 0 to 60"),
-    "kv-cache": ("boolean(default=no)", "yes or no"),
-    "kv-cache-max-mb": ("integer(min=1, default=2048)", "a whole number of MiB >= 1"),
+    "kv-cache": ("option('auto', 'yes', 'no', 'true', 'false', 'on', 'off', default='auto')",
+                 "auto, yes or no"),
+    "kv-cache-max-mb": ("integer(min=0, default=0)",
+                        "a whole number of MiB >= 0 (0 = a tenth of the free disk space)"),
     "kv-cache-timeout": ("float(min=0.1, max=600, default=3)", "seconds from 0.1 to 600"),
     "peers": ("force_list(default=list())",
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
+    # -- fitting models to memory (memory/fit.py) --
+    "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
+    "ctx-max": ("integer(min=0, default=0)",
+                "a whole number of tokens >= 0 (0 = the model's trained context)"),
 }
 
 
@@ -133,12 +139,15 @@ class Config:
     request_log: bool
     load_progress: bool
     debug_request_delay: float
-    kv_cache: bool
+    kv_cache: str  # auto, yes or no
     kv_cache_max_mb: int
     kv_cache_timeout: float
     peers: tuple[str, ...]
     peer_timeout: float
     shutdown_grace: float
+    # -- fitting models to memory --
+    fit_min_ctx: int
+    ctx_max: int
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -202,7 +211,7 @@ def _opt_path(value: str | None) -> Path | None:
 def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     """Turn validated values into Config attributes, checking what validate cannot."""
     for key in ("listen", "slice-memory-max"):
-        pattern = _LISTEN if key == "listen" else _SIZE
+        pattern = _LISTEN if key == "listen" else SIZE
         if v[key] and not pattern.fullmatch(v[key]):
             raise _bad(path, key, v[key])
     if not v["listen"]:
@@ -245,6 +254,8 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
         peers=tuple(p.lower() for p in v["peers"] if p),
         slice_memory_max=v["slice-memory-max"] or None,
+        kv_cache={"true": "yes", "on": "yes", "false": "no", "off": "no"}.get(
+            v["kv-cache"], v["kv-cache"]),
     )
     return out
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,56 @@ import rig
 REQUIRE_BOX = os.environ.get("LLAMAD_REQUIRE_BOX") == "1"
 
 
+# Seconds a test may take before pytest-timeout ends it (generous: the machine may be busy);
+# a test that needs more says so with its own @pytest.mark.timeout.
+TIMEOUTS = {"unit": 120, "integration": 900, "soak": 3600}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        kind = "unit"
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+            kind = "integration"
+        if item.get_closest_marker("soak") is not None:
+            kind = "soak"
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIMEOUTS[kind]))
+
+
+@pytest.fixture(autouse=True)
+def _supervisors_closed(request: pytest.FixtureRequest,
+                        monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An asynchronous test that builds a Supervisor closes it: an open one has tasks that
+    outlive it. (A synchronous test has no event loop to start any.)"""
+    from llamad.supervisor.core import Core
+    made: list[Core] = []
+    init = Core.__init__
+
+    def tracked(self: Core, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+    monkeypatch.setattr(Core, "__init__", tracked)
+    yield
+    if inspect.iscoroutinefunction(request.function):
+        assert all(s._closed for s in made), "the test left a Supervisor open (close() it)"
+
+
+@pytest.fixture(autouse=True)
+async def _no_task_left() -> AsyncIterator[None]:
+    """An asynchronous test ends what it started: a task still pending at its end would
+    be destroyed with the event loop, its failure unseen."""
+    yield
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:  # handlers a server cancelled as it closed may need a few more steps to end
+        await asyncio.wait(others, timeout=1.0)
+    left = [t for t in others if not t.done()]
+    for task in left:
+        task.print_stack(file=sys.stderr)
+        task.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
+    assert not left, "tasks left running: " + ", ".join(
+        f"{t.get_name()} ({t.get_coro()!r})" for t in left)
 
 
 @pytest.fixture

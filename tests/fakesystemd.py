@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from llamad.supervisor.supervisor import Supervisor
-from llamad.systemd.bus import Props
-from llamad.systemd.units import MARKER, UnitError, UnitSpec, UnitStatus
+from llamad.systemd.unitname import TTL_TIMER_PATTERN, unit_of_ttl_timer
+from llamad.systemd.units import UnitError, UnitSpec, UnitStatus, environment, ttl_timer
 
 
 class Watch:
@@ -75,7 +75,7 @@ class FakeSystemd:
         self.started.append(spec.name)
         self.specs[spec.name] = spec
         self.units[spec.name] = UnitStatus(spec.name, "loaded", "activating", "start",
-                                           environment=(*spec.environment, MARKER))
+                                           environment=environment(spec))
         self.watch.poke()
 
     async def stop(self, name: str) -> None:
@@ -104,18 +104,17 @@ class FakeSystemd:
     async def list_ours(self) -> list[UnitStatus]:
         return [s for s in self.units.values() if s.ours]
 
-    async def start_transient(self, name: str, props: Props,
-                              aux: list[tuple[str, Props]] | None = None) -> None:
-        self.transient[name] = {key: value for key, _sig, value in props}
-        for aux_name, aux_props in aux or []:
-            self.transient[aux_name] = {key: value for key, _sig, value in aux_props}
+    async def start_ttl_timer(self, unit: str, seconds: float) -> None:
+        for name, props in ttl_timer(unit, seconds):  # what systemd would be asked for
+            self.transient[name] = {key: value for key, _sig, value in props}
         self.watch.poke()
 
-    async def names(self, pattern: str) -> list[str]:
-        return [n for n in (*self.units, *self.transient) if fnmatch.fnmatchcase(n, pattern)]
-
-    async def properties(self, name: str, iface: bytes) -> dict[str, Any]:
-        return {"NextElapseUSecMonotonic": self.transient[name].get("due", 0)}
+    async def take_ttl_timers(self) -> dict[str, float]:
+        due = {}
+        for timer in [n for n in self.transient if fnmatch.fnmatchcase(n, TTL_TIMER_PATTERN)]:
+            due[unit_of_ttl_timer(timer)] = self.transient[timer].get("due", 0) / 1e6
+            await self.stop(timer)
+        return due
 
     # systemd's side: its view changes, and (unless quiet) the signals it sends ----------
 
@@ -154,6 +153,7 @@ class FakeLlamaServers:
     def __init__(self) -> None:
         self.stalled: set[str] = set()
         self.asked: list[str] = []
+        self.ended = asyncio.Event()  # the servers close: stalled answers end too
 
 
 @contextlib.asynccontextmanager
@@ -165,7 +165,7 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
         async def health(_: web.Request, name: str = name) -> web.Response:
             fake.asked.append(name)
             if name in fake.stalled:
-                await asyncio.Event().wait()
+                await fake.ended.wait()
             return web.json_response({"status": "ok"})
         app = web.Application()
         app.router.add_get("/health", health)
@@ -177,5 +177,6 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
     try:
         yield fake
     finally:
+        fake.ended.set()
         for runner in runners:
             await runner.cleanup()

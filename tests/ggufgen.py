@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -141,3 +143,44 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- hostile files (docs/security.md, "Hostile model files") --------------------------------
+
+
+def _s(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def raw_gguf(kv: list[tuple[bytes, int, bytes]], tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    """A GGUF v3 file by hand: its key-value pairs (key, type, packed value), tensor infos."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kv))
+    data = head + b"".join(_s(k) + struct.pack("<I", t) + v for k, t, v in kv) + tensors
+    return data + b"\0" * (-len(data) % 32)
+
+
+def write_strings(f: BinaryIO, count: int) -> None:
+    """A header of one array of `count` empty strings (sparse: no disk)."""
+    f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s(b"a") + struct.pack("<IIQ", 9, 8, count))
+    f.truncate(f.tell() + 8 * count)
+
+
+def write_bombs(d: Path) -> dict[str, str]:
+    """The security review's header bombs (M5, L6): file name -> words of its problem line."""
+    with open(d / "tensors.gguf", "wb") as f:  # 2^40 tensor infos claimed, 4.8 MB of zeros
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0))
+        f.truncate(24 + 24 * 200_000)
+    with open(d / "strings.gguf", "wb") as f:  # a string array of 2^62 entries, sparse 1 TiB
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s(b"a") +
+                struct.pack("<IIQ", 9, 8, 2**62))
+        f.truncate(2**40)
+    (d / "negative.gguf").write_bytes(raw_gguf([
+        (b"general.architecture", 8, _s(b"llama")),
+        (b"llama.context_length", 11, struct.pack("<q", -2**62))]))
+    (d / "layers.gguf").write_bytes(raw_gguf([], _s(b"blk.4000000000.w") + struct.pack(
+        "<IqIQ", 1, 32, 0, 0), 1) + b"\0" * 256)
+    (d / "nested.gguf").write_bytes(raw_gguf([(b"a", 9, struct.pack("<IQ", 9, 1))]))
+    return {"tensors.gguf": "claims 1099511627776 tensors",
+            "strings.gguf": "truncated or damaged",
+            "negative.gguf": "llama.context_length of type INT64, where llama.cpp reads a UINT32",
+            "layers.gguf": "layer 4000000000", "nested.gguf": "array of ARRAY"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
 import time
@@ -156,10 +157,11 @@ async def test_read_json_small_and_big(subtests: Any) -> None:
             with subtests.test(size=size):
                 body = json.dumps({"model": "m", "stream": True, "x": "y" * size,
                                    "pinned": False}).encode()
-                r = await client.post("/", data=body)
+                r = await client.post("/", data=io.BytesIO(body))
                 assert await r.json() == {"fields": {"model": "m", "stream": True,
                                                      "pinned": False}, "size": len(body)}
-        r = await client.post("/", data=b'{"model": "m", "x": [' + b"1," * 100_000 + b"]}")
+        r = await client.post("/", data=io.BytesIO(b'{"model": "m", "x": [' + b"1," * 100_000
+                                                   + b"]}"))
         assert r.status == 400  # the trailing comma, found on the thread
         assert lim.body_bytes == 0
 

@@ -87,6 +87,12 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     conf.write_text(f"llama-server = /bin/true\nmodels-preset = {tmp_path / 'presets.ini'}\n")
     bad = llamad("check-config", "--config", str(conf), home=tmp_path)
     assert bad.returncode == 1 and "[x]: unknown key 'frobnicate'" in bad.stderr
+    # A key llama.cpp's router sets itself is ignored, with a warning, as the router does.
+    (tmp_path / "presets.ini").write_text("[x]\nport = 8081\n")
+    router = llamad("check-config", "--config", str(conf), home=tmp_path)
+    assert router.returncode == 0 and router.stdout.startswith(f"{conf}: OK;")
+    assert (f"llamad: warning: {tmp_path / 'presets.ini'} [x]: port is set by llamad itself "
+            "(as llama.cpp's router sets it for each model); ignored.\n") in router.stderr
     missing = llamad("check-config", "--config", str(tmp_path / "none.conf"), home=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 

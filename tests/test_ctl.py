@@ -37,13 +37,22 @@ def test_ps_table() -> None:
         "models": {"a": {"state": "ready", "main_pid": 42, "ram": 400 << 20, "vram": None,
                          "estimate": {"ram": 300 << 20, "vram": 100 << 20},
                          "load_seconds": 2.71, "in_flight": 1, "queued": 0, "served": 9,
-                         "ttl_left": 299.6}}}
+                         "ttl_left": 299.6},
+                   "b": {"state": "loading", "main_pid": 43, "ram": None, "vram": None,
+                         "estimate": {"ram": 300 << 20, "vram": 0}, "in_flight": 0,
+                         "served": 0, "ttl_left": None,
+                         "fit": {"args": ["--ctx-size", "12288"], "ctx": 12288,
+                                 "reason": "context 12288 of 131072: 9.1 GiB free on GPU 0 "
+                                           "after evicting nothing"}}}}
     lines = ctl.ps_table(status)
     assert lines[0].split() == ["MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD",
-                                "IN", "FLIGHT", "QUEUED", "SERVED", "TTL", "LEFT"]
+                                "IN", "FLIGHT", "QUEUED", "SERVED", "TTL", "LEFT", "CONTEXT"]
     assert lines[1].split() == ["a", "ready", "42", "400", "MiB", "-", "400", "MiB", "2.7s",
-                                "1", "0", "9", "300s"]
-    assert lines[2:] == ["GPU 0 H100: 2048 MiB used of 81920 MiB", "2 models, 1 loaded: a"]
+                                "1", "0", "9", "300s", "-"]
+    assert lines[2].split()[:2] == ["b", "loading"] and lines[2].split()[-1] == "12288"
+    assert lines[3:] == ["b: context 12288 of 131072: 9.1 GiB free on GPU 0 after evicting "
+                         "nothing", "GPU 0 H100: 2048 MiB used of 81920 MiB",
+                         "2 models, 1 loaded: a"]
 
 
 def test_log_events_and_lines() -> None:

@@ -61,6 +61,7 @@ async def test_state_changes_and_catalog_changes_reach_the_page(config: Config) 
     sup.update_snapshot(scan(config))
     data, added = feed.figures()
     assert events(data)[0][1]["removed"] == ["other"] and added == []
+    await sup.close()
 
 
 async def test_runtime_pin_overrides_the_preset(config: Config) -> None:
@@ -71,3 +72,4 @@ async def test_runtime_pin_overrides_the_preset(config: Config) -> None:
     assert slot.pinned and sup.views(slot)["tiny"].pinned
     sup.set_pin(slot, False)
     assert not slot.pinned
+    await sup.close()

@@ -64,14 +64,13 @@ def test_corrupt_and_truncated_files_are_errors(tmp_path: Path) -> None:
         path.write_bytes(data)
         with pytest.raises(GGUFError):
             read_header(path)
-    # What a new user most often has instead of a model, in words.
+    # What a new user most often has instead of a model, in words, never the file's bytes
+    # (the file may be a link to one only root may read: docs/security.md).
     said = {
         b"": "is empty",
-        b"hello, not a model\n": "is not a GGUF file: it begins with 'hello, not a mod', "
-                                  "not 'GGUF'",
-        b"\n<!DOCTYPE html>\n<html>": "is not a GGUF file but a web page ('.<!DOCTYPE html>'..."
-                                     "): the download link leads to the model's page rather "
-                                     "than to the file",
+        b"hello, not a model\n": "is not a GGUF file: it does not begin with 'GGUF'",
+        b"\n<!DOCTYPE html>\n<html>": "is not a GGUF file but a web page: the download link "
+                                     "leads to the model's page rather than to the file",
         b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n":
             "is a Git LFS pointer, not the model: its repository was cloned without git-lfs "
             "(`git lfs pull` fetches the file)",

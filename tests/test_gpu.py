@@ -272,6 +272,29 @@ def test_gpu_check_verdicts_on_the_h100_figures() -> None:
     assert not low["within_goal"] and not low["within_learned_goal"]
 
 
+def test_gpu_check_fits_gemma_to_two_rooms() -> None:
+    """The rows bench/gpu_check starts for issue #21: what llamad's fitting chooses for Gemma
+    (no -c) in a room where a shorter context fits, and in one where fewer layers do."""
+    from test_memory import gemma_info
+
+    check = gpu_check()
+    info = gemma_info()
+    (room_a, ctx_args), (room_b, layer_args) = check.fit_rows(info)
+    flag, ctx = ctx_args.split()
+    assert flag == "--ctx-size" and 8192 < int(ctx) < 16384
+    assert layer_args.startswith("--ctx-size 4096 --n-gpu-layers ")
+    assert 0 < int(layer_args.split()[-1]) < 18
+    for room, args in ((room_a, ctx_args), (room_b, layer_args)):
+        assert check.memory.estimate(info, args.split(), gpu=True).total.vram <= room
+    fitted = [{"within_room": True}, {"within_room": False}]
+    result = {"probe": {"seen_by_nvml": True}, "unit_matches": None, "server": {
+        "rows": [], "oom": {"recognised": True}, "cpu_fallback": {"recognised": True},
+        "fitted": fitted[:1]}}
+    assert check.verdict(result) is True
+    result["server"]["fitted"] = fitted
+    assert check.verdict(result) is False
+
+
 def test_gpu_check_harness_on_the_real_llama_server() -> None:
     from test_memory import GEMMA, LLAMA_SERVER
 

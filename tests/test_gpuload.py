@@ -207,7 +207,7 @@ def test_fit_off_exactly_when_llamad_placed_the_model(config: Config, subtests) 
         ("placed by llamad's estimate", (), ("-fit", "off")),
         ("other flags", ("-c", "4096", "-ngl", "99"), ("-fit", "off")),
         ("the preset turns fitting on", ("-fit", "on"), ()),
-        ("the preset turns it off itself", ("--fit=off",), ()),
+        ("the preset turns it off itself", ("-fit", "off"), ()),
         ("a fit target of its own", ("-fitt", "2048"), ()),
         ("a minimum fitted context", ("--fit-ctx", "4096"), ()),
     ]

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llamad"
 
 # Lowest first. The foundation is the root's plain modules; app and __main__ sit on top.
 RANKS = {
-    "foundation": 0,  # config, errors, log, redact, safetext, background
+    "foundation": 0,  # config, errors, log, redact, safetext, sizes, background
     "systemd": 1,
     "catalog": 2,
     "memory": 3,
@@ -23,7 +23,7 @@ RANKS = {
     "app": 9,
     "__main__": 10,
 }
-FOUNDATION = {"__init__", "config", "errors", "log", "redact", "safetext", "background"}
+FOUNDATION = {"__init__", "config", "errors", "log", "redact", "safetext", "sizes", "background"}
 
 
 def layer(module: str) -> str:
@@ -91,3 +91,39 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
     path = PACKAGE / "systemd" / "units.py"
     assert ("llamad.systemd.bus" in {name for _, name in imports(path)})
     assert RANKS[layer("llamad.api.proxy")] > RANKS[layer("llamad.systemd.bus")]
+
+
+def test_no_import_cycle() -> None:
+    """No module reaches itself through imports (TYPE_CHECKING ones included): a cycle is
+    two concerns that cannot be read, tested or changed apart."""
+    graph = {module_of(p): {name for _, name in imports(p)} for p in modules()}
+    for module, targets in graph.items():  # `from llamad.x import y`: y's module, or x
+        graph[module] = {t for t in targets if t in graph and t != module}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)

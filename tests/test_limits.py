@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from llamad.app import runner_kwargs
 from llamad.config import Config
 from llamad.http import limits, middleware
 from llamad.http.body import read_json
@@ -39,7 +40,7 @@ async def server() -> AsyncIterator[tuple[int, limits.Limits, asyncio.Event]]:
     app.router.add_get("/slow", slow)
     app.router.add_post("/echo", echo)
     app.router.add_get("/health", ok)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, **runner_kwargs())  # as llamad's own (handler cancellation)
     await runner.setup()
     assert runner.server is not None
     srv = await asyncio.get_running_loop().create_server(lim.protocol(runner.server),
@@ -86,10 +87,12 @@ async def test_silent_and_idle_connections_are_closed_without_a_word(server: Any
     release.set()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert await _answer(reader) == b""  # connected, said nothing: closed after 1 s
+    writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     answer = await _answer(reader)  # answered, then kept alive, then closed when idle
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+    writer.close()
 
 
 async def test_a_body_that_comes_too_slowly_gets_408(server: Any) -> None:
@@ -99,18 +102,21 @@ async def test_a_body_that_comes_too_slowly_gets_408(server: Any) -> None:
                  b"Content-Length: 100\r\n\r\n{\"model\": ")
     answer = await _answer(reader)
     assert answer.startswith(b"HTTP/1.1 408") and b"receive-timeout (1s)" in answer
+    writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
                  b'Content-Length: 14\r\nConnection: close\r\n\r\n{"model": "m"}')
     assert b'{"model": "m"}' in await _answer(reader)
+    writer.close()
 
 
 async def test_caps_on_connections_and_requests(server: Any) -> None:
     port, lim, release = server
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
     await _until(lambda: lim.connections == 20)
-    reader, _ = await asyncio.open_connection("127.0.0.1", port)
+    reader, refused = await asyncio.open_connection("127.0.0.1", port)
     over = await _answer(reader)
+    refused.close()
     assert over.startswith(b"HTTP/1.1 503") and b"Retry-After: 2\r\n" in over
     assert b"max-connections" in over
     for _, w in held:
@@ -120,7 +126,10 @@ async def test_caps_on_connections_and_requests(server: Any) -> None:
     async def get(path: str) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        return await _answer(reader)
+        try:
+            return await _answer(reader)
+        finally:
+            writer.close()
     busy = [asyncio.ensure_future(get("/slow")) for _ in range(2)]
     while lim.requests < 2:
         await asyncio.sleep(0.01)

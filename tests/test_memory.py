@@ -30,6 +30,7 @@ from llamad.memory.estimate import (
     parse_args,
 )
 from llamad.memory.learned import Learned, LearnedStore
+from llamad.memory.serverargs import ALL_LAYERS
 from llamad.memory.types import Memory
 
 MIB = 1024**2
@@ -59,11 +60,12 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
         ("defaults", [], ServerArgs()),
         ("layers", ["-ngl", "20"], ServerArgs(gpu_layers=20)),
         ("layers auto", ["--gpu-layers", "auto"], ServerArgs()),
-        ("layers all, = form", ["--n-gpu-layers=all"], ServerArgs()),
+        ("layers all", ["--n-gpu-layers", "all"], ServerArgs()),
         ("layers -1 is auto", ["-ngl", "-1"], ServerArgs()),
         ("no offload", ["-ngl", "0"], ServerArgs(gpu_layers=0)),
         ("context", ["-c", "4096"], ServerArgs(ctx_size=4096)),
-        ("context 0 is the model's", ["--ctx-size=0"], ServerArgs()),
+        ("context 0 is the model's", ["--ctx-size", "0"], ServerArgs()),
+        ("underscores, as in llama.cpp", ["--ctx_size", "4096"], ServerArgs(ctx_size=4096)),
         ("cache types", ["-ctk", "q8_0", "--cache-type-v", "Q4_0"],
          ServerArgs(cache_type_k="q8_0", cache_type_v="q4_0")),
         ("slots", ["-np", "2"], ServerArgs(parallel=2)),
@@ -80,7 +82,21 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
         ("bad number falls back to the default", ["-c", "lots"], ServerArgs()),
         ("batch, flash attention, load mode", ["-b", "256", "-fa", "off", "-lm", "none"],
          ServerArgs(batch=256, flash_attn="off", load_mode="none")),
-        ("flash attention on, = form", ["--flash-attn=on"], ServerArgs(flash_attn="on")),
+        ("flash attention on", ["--flash-attn", "on"], ServerArgs(flash_attn="on")),
+        ("experts on the host", ["-ncmoe", "10"], ServerArgs(n_cpu_moe=10)),
+        ("all experts on the host", ["--cpu-moe"], ServerArgs(n_cpu_moe=ALL_LAYERS)),
+        ("tensor overrides add up", ["-ot", r"blk\.1\.ffn.*=CPU,attn=CUDA0", "-ot", "x=CPU"],
+         ServerArgs(overrides=((r"blk\.1\.ffn.*", "CPU"), ("attn", "CUDA0"), ("x", "CPU")))),
+        ("split mode and shares", ["-sm", "none", "-ts", "3,1"],
+         ServerArgs(split_mode="none", tensor_split=(3.0, 1.0))),
+        ("projector on the host", ["--mmproj", "p.gguf", "--no-mmproj-offload"],
+         ServerArgs(mmproj=True, mmproj_offload=False)),
+        ("draft model and its own settings",
+         ["-md", "d.gguf", "-ngld", "5", "-ctkd", "q8_0", "-ncmoed", "2", "-otd", "e=CPU"],
+         ServerArgs(draft=True, draft_gpu_layers=5, draft_cache_type_k="q8_0",
+                    draft_n_cpu_moe=2, draft_overrides=(("e", "CPU"),))),
+        # llama-server takes no `--flag=value` (an invalid argument), so neither does llamad
+        ("no = form", ["--flash-attn=on", "-c=16"], ServerArgs()),
     ]
     for name, args, want in table:
         with subtests.test(name):

@@ -88,15 +88,17 @@ def test_mmproj_is_added_unless_turned_off() -> None:
 
 ERRORS = [
     ("[x]\nbogus = 1\n", r"\[x\]: unknown key 'bogus'"),
-    ("[x]\nhost = 0.0.0.0\n", "set by llamad itself"),
-    ("[x]\nport = 1\n", "set by llamad itself"),
-    ("[*]\napi-key = secret\n", "set by llamad itself"),
-    ("[x]\nssl-key-file = /k\n", "set by llamad itself"),
+    ("[x]\nhelp = true\n", "set by llamad itself"),
     ("[x]\njinja = maybe\n", "jinja = 'maybe' is invalid; allowed: true or false"),
     ("[x]\npin = perhaps\n", "pin = 'perhaps' is invalid"),
     ("[x]\nttl = -3\n", "ttl = '-3' is invalid"),
     ("[x]\nmemory-max = lots\n", "systemd size"),
     ("[x]\ndevices = a,b\n", "GPU indices"),
+    ("[x]\nctx-max = -1\n", "ctx-max = '-1' is invalid; allowed: a whole number of tokens"),
+    ("[x]\nctx-max = big\n", "ctx-max = 'big' is invalid"),
+    ("[x]\nmemory-need = lots\n", "memory-need = 'lots' is invalid; allowed: a size"),
+    ("[x]\nmemory-need = gpu=4G\n", "memory-need = 'gpu=4G' is invalid"),
+    ("[x]\nmemory-need = ram=1G,ram=2G\n", "memory-need = 'ram=1G,ram=2G' is invalid"),
     ("[*]\nmodel = /x.gguf\n", "belong in a model's own section"),
     ("bogus = 1\n[x]\n", r"\[default\]: unknown key 'bogus'"),
     ("[x]\n!!\n", "cannot parse"),
@@ -163,6 +165,33 @@ def test_llamad_and_preset_only_keys() -> None:
     assert (y.pin, y.ttl, y.stop_timeout, y.devices) == (False, 300.0, 5.0, None)
     assert "pin = true" in s.preset_text and "alias = a,b" in s.preset_text
     assert s.preset_text.startswith("[x]\nmodel = /m/x.gguf\n")
+
+
+def test_keys_the_router_sets_are_ignored_with_one_warning_each() -> None:
+    """A preset written for llama.cpp's router may hold keys the router sets itself for
+    each child (host, port) or drops (models-max, api-key, ...): ignored, each named once."""
+    text = ("[*]\nhost = 0.0.0.0\nmodels-max = 2\nLLAMA_API_KEY = k\n"
+            "[x]\nport = 1\nssl-key-file = /k\nmodels-autoload = false\nc = 512\n")
+    p = parse_presets(text, Path("/etc/llamad/presets.ini"))
+    assert argv(text) == ("--model", str(M), "--alias", "x", "--ctx-size", "512")
+    assert p.ignored == tuple(
+        f"/etc/llamad/presets.ini [{section}]: {key} is set by llamad itself (as llama.cpp's "
+        "router sets it for each model); ignored." for section, key in (
+            ("*", "host"), ("*", "models-max"), ("*", "LLAMA_API_KEY"), ("x", "port"),
+            ("x", "ssl-key-file"), ("x", "models-autoload")))
+    assert parse_presets("[x]\nc = 1\n").ignored == ()
+
+
+def test_fit_keys() -> None:
+    """ctx-max caps the context llamad chooses; memory-need replaces the estimate."""
+    p = parse_presets("[*]\nctx-max = 8192\nmemory-need = 6G\n"
+                      "[y]\nctx-max = 0\nmemory-need = vram=1.5G, ram=512M\n")
+    x = model_settings("x", M, None, p, {})
+    y = model_settings("y", M, None, p, {})
+    assert (x.ctx_max, x.memory_need) == (8192, (6 * 1024**3, None))
+    assert (y.ctx_max, y.memory_need) == (None, (512 * 1024**2, int(1.5 * 1024**3)))
+    assert "memory-need = ram=536870912,vram=1610612736" in y.preset_text
+    assert model_settings("x", M, None, parse_presets(""), {}).memory_need is None
 
 
 def test_global_args_errors() -> None:

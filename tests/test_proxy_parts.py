@@ -14,8 +14,9 @@ import pytest
 from llamad.errors import BadRequest
 from llamad.http.body import parse_keep_alive
 from llamad.supervisor.backend import listen_args, runtime_dir, unix_address
-from llamad.supervisor.unitspec import describe_exit, parse_size
+from llamad.supervisor.unitspec import parse_size
 from llamad.systemd.activation import bind
+from llamad.systemd.exits import describe as describe_exit
 
 
 def test_keep_alive(subtests: Any) -> None:

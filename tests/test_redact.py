@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 
 from llamad import redact
+from llamad.catalog import argv
 from llamad.errors import BadRequest
 from llamad.log import _clean
 
 
 def test_secret_flags_are_dropped_and_masked() -> None:
     args = ("-m", "/m.gguf", "--hf-token", "hf_abcdef", "-c", "4096", "-hft", "hf_x1234")
-    assert redact.without_secrets(args) == ("-m", "/m.gguf", "-c", "4096")
-    assert redact.secret_values(args) == ["hf_abcdef", "hf_x1234"]
-    assert redact.argv(args)[3] == redact.MASK and redact.argv(args)[5] == "4096"
+    assert argv.without_secrets(args) == ("-m", "/m.gguf", "-c", "4096")
+    assert argv.secret_values(args) == ["hf_abcdef", "hf_x1234"]
+    assert argv.masked(args, redact.MASK)[3] == redact.MASK
+    assert argv.masked(args, redact.MASK)[5] == "4096"
     preset = "[m]\nhf-token = hf_abcdef\nHF_TOKEN=hf_abcdef\nctx-size = 4096\n"
     shown = redact.text(preset)
     assert "hf_abcdef" not in shown and "ctx-size = 4096" in shown

@@ -12,7 +12,7 @@ import asyncio
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,7 +52,8 @@ def test_workers_are_ip_addresses_and_ports(subtests: Any) -> None:
     for value, why in bad.items():
         with subtests.test(value=value), pytest.raises(ValueError, match=why):
             rpc.parse(value)
-    argv = ("-m", "x.gguf", "--rpc", "10.0.0.1:1,10.0.0.2:2", "--rpc=10.0.0.1:1", "-c", "9")
+    argv = ("-m", "x.gguf", "--rpc", "10.0.0.1:1,10.0.0.2:2", "--rpc", "10.0.0.1:1", "-c", "9",
+            "--alias", "--rpc=10.0.0.3:1", "--rpc=10.0.0.4:1")  # values, and no = form
     assert [str(w) for w in rpc.workers(argv)] == ["10.0.0.1:1", "10.0.0.2:2"]
     assert rpc.addresses(rpc.workers(argv)) == ("10.0.0.1", "10.0.0.2")
     assert rpc.workers(("-m", "x.gguf")) == ()
@@ -111,6 +112,22 @@ def with_workers(config: Config, **workers: str) -> Supervisor:
     assert config.models_preset is not None
     config.models_preset.write_text("".join(f"[{m}]\nrpc = {w}\n" for m, w in workers.items()))
     return supervisor(config, FakeUnits())
+
+
+Make = Callable[..., Supervisor]
+
+
+@pytest.fixture
+async def make(rpc_config: Config) -> AsyncIterator[Make]:
+    """with_workers(rpc_config, ...), each supervisor closed after the test."""
+    made: list[Supervisor] = []
+
+    def one(**workers: str) -> Supervisor:
+        made.append(with_workers(rpc_config, **workers))
+        return made[-1]
+    yield one
+    for sup in made:
+        await sup.close()
 
 
 def started(sup: Supervisor) -> list[str]:
@@ -248,10 +265,10 @@ async def serving(sup: Supervisor, name: str, pid: int) -> asyncio.Task[Any]:
     return request
 
 
-async def test_a_worker_that_is_down_refuses_the_load_at_once(rpc_config: Config,
+async def test_a_worker_that_is_down_refuses_the_load_at_once(make: Make,
                                                               worker: Worker) -> None:
     await worker.stop()
-    sup = with_workers(rpc_config, tiny=worker.address)
+    sup = make(tiny=worker.address)
     with pytest.raises(Unavailable) as err:
         await sup.acquire(sup.slots["tiny"])
     assert err.value.status == 503 and err.value.code == "rpc_worker_unreachable"
@@ -264,8 +281,8 @@ async def test_a_worker_that_is_down_refuses_the_load_at_once(rpc_config: Config
 
 
 async def test_a_worker_that_goes_away_fails_the_model_until_it_is_back(
-        rpc_config: Config, worker: Worker) -> None:
-    sup = with_workers(rpc_config, tiny=worker.address)
+        make: Make, worker: Worker) -> None:
+    sup = make(tiny=worker.address)
     slot = sup.slots["tiny"]
     await serving(sup, "tiny", 101)
     await worker.stop()
@@ -287,8 +304,8 @@ async def test_a_worker_that_goes_away_fails_the_model_until_it_is_back(
 
 
 async def test_a_crash_with_the_worker_still_there_is_left_to_systemd(
-        rpc_config: Config, worker: Worker) -> None:
-    sup = with_workers(rpc_config, tiny=worker.address)
+        make: Make, worker: Worker) -> None:
+    sup = make(tiny=worker.address)
     slot = sup.slots["tiny"]
     await serving(sup, "tiny", 101)
     sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
@@ -297,18 +314,18 @@ async def test_a_crash_with_the_worker_still_there_is_left_to_systemd(
 
 
 async def test_an_explicit_load_with_the_worker_down_fails_with_the_worker_named(
-        rpc_config: Config, worker: Worker) -> None:
+        make: Make, worker: Worker) -> None:
     await worker.stop()
-    sup = with_workers(rpc_config, tiny=worker.address)
+    sup = make(tiny=worker.address)
     slot = sup.slots["tiny"]
     await sup.load(slot)  # POST /models/load and load-on-startup do not queue a request
     await until("the model to fail", lambda: slot.state is State.FAILED)
     assert f"rpc worker {worker.address} does not answer" in slot.reason
 
 
-async def test_one_worker_serves_one_model_at_a_time(rpc_config: Config,
+async def test_one_worker_serves_one_model_at_a_time(make: Make,
                                                      worker: Worker) -> None:
-    sup = with_workers(rpc_config, tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
+    sup = make(tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
     await serving(sup, "tiny", 101)
     with pytest.raises(Unavailable) as err:
         await sup.acquire(sup.slots["other"])
@@ -320,11 +337,11 @@ async def test_one_worker_serves_one_model_at_a_time(rpc_config: Config,
     await serving(sup, "local", 103)  # models without workers are not concerned
 
 
-async def test_the_model_list_shows_the_workers(rpc_config: Config, worker: Worker) -> None:
+async def test_the_model_list_shows_the_workers(make: Make, worker: Worker) -> None:
     from llamad.api import listing
-    sup = with_workers(rpc_config, tiny=worker.address)
+    sup = make(tiny=worker.address)
     entry = listing.entry(sup, sup.slots["tiny"])
     assert entry["llamad"]["rpc"]["workers"] == [worker.address]
     assert entry["llamad"]["need"]["ram"] == entry["llamad"]["rpc"]["local"]
     assert listing.entry(sup, sup.slots["local"])["llamad"]["rpc"] is None
-    assert scan(rpc_config).models["tiny"].settings.args[-2:] == ("--rpc", worker.address)
+    assert scan(sup.config).models["tiny"].settings.args[-2:] == ("--rpc", worker.address)

@@ -15,7 +15,8 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import ClassVar
 
 import pytest
 from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
@@ -23,7 +24,7 @@ from ggufgen import write_model
 from test_measure import NoNvml
 
 from llamad.api import report
-from llamad.catalog.catalog import scan
+from llamad.catalog.catalog import Snapshot, scan
 from llamad.config import Config
 from llamad.errors import NotFound, Unavailable
 from llamad.memory.gpu import GpuMonitor
@@ -31,7 +32,6 @@ from llamad.memory.measure import Measure
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import IllegalMove, Supervisor
-from llamad.systemd.bus import Props
 from llamad.systemd.units import UnitError
 
 MODELS = ["tiny-a", "tiny-b", "tiny-c"]
@@ -56,8 +56,10 @@ class Rig:
     """A supervisor on a fake systemd, and the Watch to wait on both."""
 
     servers: FakeLlamaServers
+    made: ClassVar[list[Rig]] = []  # every one the test built: the fixture closes them all
 
     def __init__(self, config: Config) -> None:
+        Rig.made.append(self)
         self.watch = Watch()
         self.units = FakeSystemd(self.watch)
         measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
@@ -94,11 +96,13 @@ async def no_journal(unit: str) -> str:
 
 @pytest.fixture
 async def rig(config: Config, run_dir: Path) -> AsyncIterator[Rig]:
+    Rig.made = []
     r = Rig(config)
     async with fake_llama_servers(run_dir, MODELS) as servers:
         Rig.servers = servers
         yield r
-        await r.sup.close()
+        for each in Rig.made:
+            await each.sup.close()
 
 
 def with_config(r: Rig, **changes: object) -> Rig:
@@ -425,13 +429,13 @@ async def test_idle_ttls_go_to_systemd_and_come_back(rig: Rig) -> None:
 async def test_a_request_during_the_hand_off_keeps_llamad(rig: Rig) -> None:
     r = with_config(rig, idle_ttl=100.0)
     slot = await r.ready("tiny-a")
-    make_timer = r.units.start_transient
+    make_timer = r.units.start_ttl_timer
 
-    async def and_a_request(name: str, props: Props, aux: Any = None) -> None:
-        await make_timer(name, props, aux)
+    async def and_a_request(unit: str, seconds: float) -> None:
+        await make_timer(unit, seconds)
         await r.sup.acquire(slot)  # it came in while systemd made the timer
         r.sup.release(slot)
-    r.units.start_transient = and_a_request  # type: ignore[method-assign]
+    r.units.start_ttl_timer = and_a_request  # type: ignore[method-assign]
     assert not await r.sup.hand_off()  # llamad stays: the TTL handed over is stale
     assert "llamad-ttl@tiny-a.timer" in r.units.stopped
     assert "llamad-ttl@tiny-a.timer" not in r.units.transient
@@ -470,3 +474,25 @@ async def test_reconcile_confirms_a_failure_before_failing_the_model(rig: Rig) -
     await asyncio.gather(*(t for t in asyncio.all_tasks()
                            if t.get_name() == "recording the failure of tiny-a"))
     assert slot.state is not State.FAILED
+
+
+async def test_requests_wait_for_the_first_scan_then_get_503(config: Config) -> None:
+    """llamad serves before its first scan is in (app.py has requests wait_open): a
+    request waits for it, bounded by queue-timeout, and is then answered 503."""
+    measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+    empty = Snapshot(MappingProxyType({}))
+    sup = Supervisor(config, empty, FakeSystemd(Watch()), measure, no_journal, opened=False)
+    waiting = asyncio.ensure_future(sup.wait_open())
+    await asyncio.sleep(0)  # one turn of the loop: it is waiting now
+    assert not waiting.done()
+    sup.update_snapshot(scan(config))
+    sup.opened.set()
+    await waiting
+    assert (await sup.find("tiny-a")).model.id == "tiny-a"
+    late = Supervisor(dataclasses.replace(config, queue_timeout=0.1), empty,
+                      FakeSystemd(Watch()), measure, no_journal, opened=False)
+    with pytest.raises(Unavailable, match="still reading its models") as e:
+        await late.wait_open()
+    assert e.value.code == "catalog_scanning" and e.value.headers["Retry-After"] == "2"
+    await sup.close()
+    await late.close()

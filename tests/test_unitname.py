@@ -12,10 +12,9 @@ from llamad.systemd.unitname import (
     UNIT_NAME_MAX,
     instance_name,
     is_model_unit,
-    model_from_environment,
-    unit_environment,
     unit_name,
 )
+from llamad.systemd.units import Markers, UnitStatus
 
 HOSTILE = [
     "../x", "a\\x2db", "@", "a\x00b", "x" * 300, "Ünïcödé-模型", ".hidden", "user/repo:Q4_K_M",
@@ -70,7 +69,9 @@ def test_changed_names_stay_readable_and_distinct() -> None:
     assert instance_name(".hidden").startswith("_hidden-")
 
 
-def test_environment_maps_unit_back_to_model() -> None:
-    env = ["PATH=/usr/bin", unit_environment("user/repo:Q4_K_M")]
-    assert model_from_environment(env) == "user/repo:Q4_K_M"
-    assert model_from_environment(["PATH=/usr/bin"]) is None
+def test_markers_map_a_unit_back_to_its_model() -> None:
+    markers = Markers("user/repo:Q4_K_M", "unix:/run/llamad/x/sock", "0123456789abcdef")
+    status = UnitStatus("llama-server@x.service",
+                        environment=("PATH=/usr/bin", *markers.environment()))
+    assert status.ours and status.markers == markers
+    assert UnitStatus("u", environment=("PATH=/usr/bin", "LLAMAD_MODEL=a")).markers is None

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from llamad.api import report
 from llamad.api.webui import content_type
-from llamad.http.context import supervisor
+from llamad.http.context import app_key, supervisor
 from llamad.http.keys import admin_only, public
 from llamad.memory import gpu
 from llamad.supervisor.events import Change, State
@@ -37,8 +37,7 @@ FIGURES_SECONDS = 2.0
 BATCH = 100  # models per `models` event
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
-PAGES_OPEN: Any = web.AppKey("dashboard_pages", set) if hasattr(web, "AppKey") \
-    else "dashboard_pages"
+PAGES_OPEN: Any = app_key("dashboard_pages", set)
 
 
 def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -94,12 +94,16 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
 
 
 async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientSession,
-                body: bytes | bytearray, watch: Watch) -> aiohttp.ClientResponse:
-    """Send the request; the response once its status line and headers are in."""
+                body: bytes | bytearray, watch: Watch,
+                to: tuple[str, dict[str, str]] | None = None) -> aiohttp.ClientResponse:
+    """Send the request (or, with `to`, `body` as a POST to that path with those headers);
+    the response once its status line and headers are in."""
+    method, path, headers = (request.method, request.path_qs,
+                             _forward_headers(request.headers)) if to is None else ("POST", *to)
+
     async def send() -> aiohttp.ClientResponse:
-        return await session.request(request.method, backend.base_url + request.path_qs,
-                                     data=body or None,
-                                     headers=_forward_headers(request.headers))
+        return await session.request(method, backend.base_url + path, data=body or None,
+                                     headers=headers)
     try:
         up = await _patiently(backend, send(), watch)
     except _Wedged as e:
@@ -204,3 +208,61 @@ async def _error_event(resp: web.StreamResponse, err: LlamadError) -> None:
 
 def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass
+class Upstream:
+    """The backend's answer to a request llamad wrote itself (a translation, such as
+    Ollama's routes): read whole or chunk by chunk, under the same watch and with the same
+    failures as forward()."""
+
+    response: aiohttp.ClientResponse
+    backend: Backend
+    watch: Watch
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def streamed(self) -> bool:
+        return self.response.headers.get("Content-Type", "").startswith("text/event-stream")
+
+    async def read(self) -> bytes:
+        try:
+            return await _patiently(self.backend, self.response.read(), self.watch)
+        except _Wedged as e:
+            raise _timeout(self.watch, str(e)) from e
+        except FAILURES as e:
+            raise BackendError(f"the model's backend failed while answering ({_why(e)})") from e
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The answer as it comes; a failure midway raises BackendError (the caller tells
+        its client in its own stream)."""
+        while True:
+            try:
+                chunk = await _patiently(self.backend, self.response.content.readany(),
+                                         self.watch)
+            except _Wedged as e:
+                raise _timeout(self.watch, f"mid-stream: {e}") from e
+            except FAILURES as e:
+                raise BackendError(f"the model's backend failed mid-stream ({_why(e)})") from e
+            if not chunk:
+                return
+            yield chunk
+
+
+@contextlib.asynccontextmanager
+async def exchange(request: web.Request, backend: Backend, path: str, body: bytes,
+                   watch: Watch) -> AsyncIterator[Upstream]:
+    """POST the JSON `body` to `path` on the backend and hold its answer open. Nothing back
+    raises BackendUnreachable, as in forward(), so the caller may send it once more."""
+    async with backend.client() as session:
+        up = await _open(request, backend, session, body, watch, (path, JSON_HEADERS))
+        try:
+            yield Upstream(up, backend, watch)
+        finally:
+            up.release()

@@ -15,6 +15,7 @@ from typing import Any
 
 from llamad import redact
 from llamad.api import report
+from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.memory import estimate as memory
 from llamad.supervisor.events import State
@@ -38,11 +39,12 @@ def exit_code(slot: Slot) -> int:
     return int(status) if isinstance(status, int) and status != 0 else 1
 
 
-def n_ctx(model: Model) -> int | None:
+def n_ctx(model: Model, args: tuple[str, ...] | None = None) -> int | None:
     """Tokens one request may use: the context divided among the slots unless the KV
-    cache is unified (llama-server's default when -np is not given)."""
+    cache is unified (llama-server's default when -np is not given). `args`: the model's
+    arguments as its unit runs them (with what fitting chose), else its own."""
     trained = model.info.context_length if model.info else None
-    s = memory.parse_args(model.settings.args)
+    s = memory.parse_args(model.settings.args if args is None else args)
     ctx = s.ctx_size or trained
     if ctx is None:
         return None
@@ -50,12 +52,12 @@ def n_ctx(model: Model) -> int | None:
     return ctx if unified or not s.parallel else ctx // s.parallel
 
 
-def meta(model: Model) -> dict[str, Any] | None:
+def meta(model: Model, args: tuple[str, ...] | None = None) -> dict[str, Any] | None:
     """Router mode's `meta` of a loaded model, from the GGUF header."""
     info = model.info
     if info is None:
         return None
-    return {"n_ctx": n_ctx(model), "n_ctx_train": info.context_length,
+    return {"n_ctx": n_ctx(model, args), "n_ctx_train": info.context_length,
             "n_embd": info.embedding_length, "n_params": info.parameters,
             "size": info.size, "ftype": info.quantization}
 
@@ -71,8 +73,9 @@ def info(model: Model) -> dict[str, Any]:
 
 def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     m = slot.model
+    args = sup.measure.run_args(m)
     status: dict[str, Any] = {"value": ROUTER_STATUS[slot.state],
-                              "args": redact.argv(sup.spec(slot, slot.gpus)[0].argv),
+                              "args": argv.masked(sup.spec(slot, slot.gpus)[0].argv, redact.MASK),
                               "preset": redact.text(m.settings.preset_text)}
     if slot.state is State.FAILED:
         status.update(failed=True, exit_code=exit_code(slot))
@@ -82,7 +85,7 @@ def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "architecture": info(m)["architecture"], "source": m.source,
         # llamad never deletes model files (DELETE /models is not supported).
         "can_remove": False,
-        "name": m.id, "context_length": n_ctx(m), "meta": meta(m),
+        "name": m.id, "context_length": n_ctx(m, args), "meta": meta(m, args),
         "llamad": report.describe(sup, slot),
     }
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from llamad.api import progress, streams
-from llamad.api.forward import forward, watch
+from llamad.api.forward import Watch, forward, watch
 from llamad.api.models import router_props
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
 from llamad.http import browsers, keys
 from llamad.http.body import parse_keep_alive, read_body, read_json
 from llamad.http.context import find, resolve, supervisor
 from llamad.observe import metrics
+from llamad.supervisor.backend import Backend
 from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot
 
@@ -48,6 +50,10 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 # neither of which llamad offers.
 DISABLED = ("/cors-proxy", "/tools")
 _WAITING = (State.STARTING, State.LOADING, State.READY)
+# How a request reaches its backend once the model is ready: forward() passes it on as it
+# is; a translation (ollama.py) sends its own request and answers in its own shape.
+Send = Callable[[web.Request, Backend, bytes | bytearray, Watch, web.StreamResponse],
+                Awaitable[web.StreamResponse]]
 
 
 def autoload(request: web.Request) -> bool:
@@ -104,7 +110,10 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
 
 
 async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
-                  keep_alive: float | None = None, stream: bool = False) -> web.StreamResponse:
+                  keep_alive: float | None = None, stream: bool = False,
+                  send: Send = forward) -> web.StreamResponse:
+    """`stream`: the client reads server-sent events, so load progress may go out as SSE
+    comments before the answer (progress.py)."""
     sup = supervisor(request)
     wait = progress.Wait(request, sup, slot, stream)
     load = autoload(request)
@@ -117,16 +126,16 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
             async with sup.use(slot, keep_alive) as backend:
                 if sup.config.debug_request_delay:
                     await asyncio.sleep(sup.config.debug_request_delay)
-                return await forward(request, backend, body, watch(sup, slot, backend),
-                                     await wait.done())
+                return await send(request, backend, body, watch(sup, slot, backend),
+                                  await wait.done())
         except BackendUnreachable:
             if not load:
                 raise
             # Nothing came back, so the model never answered: once systemd has restarted
             # the backend (use() waits for that), send it one more time.
             async with sup.use(slot, keep_alive) as backend:
-                return await forward(request, backend, body, watch(sup, slot, backend),
-                                     await wait.done())
+                return await send(request, backend, body, watch(sup, slot, backend),
+                                  await wait.done())
     return wait.response
 
 

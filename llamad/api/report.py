@@ -35,11 +35,22 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
         "need": {"ram": need.ram, "vram": need.vram},
-        "kv_cache": sup.kv.describe(slot.model.id),
+        "kv_cache": sup.kv.describe(slot.model),
         # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
         "rpc": rpcguard.describe(slot.model.info, slot.model.settings.args),
+        "fit": _fit(slot),
         **_memory_fields(sup, slot),
     }
+
+
+def _fit(slot: Slot) -> dict[str, Any] | None:
+    """What fitting chose for the running unit (memory/fit.py): the arguments it added,
+    the context, and why, e.g. "context 12288 of 131072: 9.1 GiB free on GPU 0 after
+    evicting nothing"; None while unloaded or where it chose nothing."""
+    fit = slot.fit
+    if fit is None or not (fit.args or fit.reason):
+        return None
+    return {"args": list(fit.args), "ctx": fit.ctx, "reason": fit.reason or fit.what}
 
 
 def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:

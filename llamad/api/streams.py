@@ -19,7 +19,7 @@ from llamad.api.forward import forward, watch
 from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
 from llamad.http import keys
 from llamad.http.body import read_json
-from llamad.http.context import supervisor
+from llamad.http.context import app_key, supervisor
 from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot
 
@@ -50,8 +50,7 @@ class Conversations:
         self._owner.pop(conv, None)
 
 
-CONVERSATIONS: Any = web.AppKey("conversations", Conversations) \
-    if hasattr(web, "AppKey") else "conversations"
+CONVERSATIONS: Any = app_key("conversations", Conversations)
 
 
 def remember(request: web.Request, slot: Slot) -> None:

@@ -109,12 +109,14 @@ def _add(app: web.Application, path: str, handler: Handler) -> None:
     app.router.add_get(path, public(handler))
 
 
-def add_routes(app: web.Application, ui_dir: Path | None) -> None:
-    """Routes for every file of the built UI, or a one-line explanation at `/`."""
+def add_routes(app: web.Application, ui_dir: Path | None,
+               root: Callable[[Handler], Handler] = lambda page: page) -> None:
+    """Routes for every file of the built UI, or a one-line explanation at `/`; `root`
+    wraps the handler of `/` (ollama.probe_or: other clients than browsers probe it)."""
     if ui_dir is None:
-        _add(app, "/", missing_handler(
+        _add(app, "/", root(missing_handler(
             "llamad: the web UI is turned off (ui-dir is empty in llamad.conf); "
-            "the API is at /v1"))
+            "the API is at /v1")))
         return
     try:
         names = files(ui_dir) if (ui_dir / "index.html").is_file() else []
@@ -125,11 +127,11 @@ def add_routes(app: web.Application, ui_dir: Path | None) -> None:
         log.warning("web UI: cannot read %s: %s", ui_dir, e)
     if "index.html" not in handlers:
         log.warning("web UI: %s has no readable index.html; / explains that instead", ui_dir)
-        _add(app, "/", missing_handler(
+        _add(app, "/", root(missing_handler(
             f"llamad: the web UI is not installed: {ui_dir} has no readable index.html "
-            "(ui-dir in llamad.conf); the API is at /v1"))
+            "(ui-dir in llamad.conf); the API is at /v1")))
         return
-    _add(app, "/", handlers["index.html"])
+    _add(app, "/", root(handlers["index.html"]))
     for name, handler in handlers.items():
         _add(app, "/" + name, handler)
     log.info("web UI: %d files from %s at /", len(names), ui_dir)

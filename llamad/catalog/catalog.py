@@ -10,6 +10,7 @@ and described in Snapshot.problems, one sentence each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -19,13 +20,14 @@ from pathlib import Path
 from types import MappingProxyType
 
 from llamad import redact
-from llamad.catalog import hfcache
+from llamad.catalog import argv, companions, files, hfcache
 from llamad.catalog.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
 from llamad.catalog.presets import (
     MMPROJ,
     ModelSettings,
     Options,
     Presets,
+    SwaFits,
     canonical_name,
     load_presets,
     model_settings,
@@ -40,6 +42,13 @@ from llamad.systemd.unitname import unit_name
 log = logging.getLogger("llamad.catalog")
 
 SETTLE_SECONDS = 1.0  # a file modified more recently than this may still be being written
+# CPU one scan spends reading headers it has not cached; the rest wait for the next scan,
+# so hostile files (each bounded by ggufheader.CPU_SECONDS) cannot hold a scan for long.
+SCAN_SECONDS = 10.0
+# What a scan keeps at most: a group member's 200,000 links to one tiny file would
+# otherwise cost llamad more memory than MemoryMax= (~6.5 KB a model: docs/benchmarks.md).
+MAX_MODELS = 10_000
+MAX_PROBLEMS = 1_000
 SOURCE_RANK = {"models_dir": 0, "cache": 1}
 _DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-")
 
@@ -58,6 +67,9 @@ class Model:
     created: int
     # Served under its name but left out of GET /v1/models (a preset's dedup-cache-models).
     hidden: bool = False
+    # The draft model its argv loads (--model-draft), for the memory estimate; None if none
+    # or unreadable (llama-server then says why when it starts).
+    draft: GGUFInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -93,32 +105,46 @@ class _Scan:
     cache: InfoCache
     now: float
     settle: float
+    within: tuple[Path, ...] = ()  # real paths of the directories scanned (files.confine)
+    swa_fits: SwaFits | None = None
     problems: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     pending: bool = False
     unsettled: set[Path] = field(default_factory=set)
+    spent: float = 0.0  # CPU seconds spent reading headers
+
+    def confine(self, path: Path) -> None:
+        """files.confine to the directories scanned (raises files.Refused)."""
+        files.confine(path, self.within)
 
     def header(self, path: Path) -> FileHeader | None:
         """The file's header, or None (with a problem noted) if it cannot be served now."""
         self.seen.add(str(path))
         try:
-            st = path.stat()
-        except FileNotFoundError:
-            self.problems.append(f"{path} is a broken symbolic link; skipped.")
-            return None
-        except OSError as e:
-            self.problems.append(f"{path} cannot be read ({e.strerror}); skipped.")
+            st = files.regular_stat(path)  # FIFOs, devices, sockets, bad links: refused
+        except files.Refused as e:
+            self.problems.append(f"{path} {e}; skipped.")
             return None
         if self.now - st.st_mtime < self.settle:
             self.pending = True
             self.unsettled.add(path)
             self.problems.append(f"{path} is still being written; it will be added when done.")
             return None
+        known = self.cache.known(path, st)
+        if self.spent > SCAN_SECONDS and not known:
+            self.pending = True  # waits like a file being written: see _build
+            self.unsettled.add(path)
+            self.problems.append(f"{path} is not read yet: this scan spent {SCAN_SECONDS:.0f} s "
+                                 "reading other headers; the next scan reads it.")
+            return None
+        start = time.thread_time()
         try:
-            return self.cache.header(path, st)
+            return self.cache.header(path, st, self.confine)
         except GGUFError as e:
             self.problems.append(f"{path} {e}; skipped.")
             return None
+        finally:
+            self.spent += 0.0 if known else time.thread_time() - start
 
 
 def split_info(name: str) -> tuple[str, int, int] | None:
@@ -138,7 +164,7 @@ def _shard_set(first: Path, scan: _Scan) -> tuple[Path, ...] | None:
     prefix, _, count = info
     shards = tuple(first.with_name(f"{prefix}-{n:05d}-of-{count:05d}.gguf")
                    for n in range(1, count + 1))
-    missing = [s.name for s in shards if not s.exists()]
+    missing = [s.name for s in shards if not os.path.lexists(s)]  # header() judges links
     if missing:
         scan.problems.append(f"{first} is part of a split set missing {', '.join(missing)}; "
                              "skipped.")
@@ -147,24 +173,35 @@ def _shard_set(first: Path, scan: _Scan) -> tuple[Path, ...] | None:
 
 
 def _gguf_entries(directory: Path, scan: _Scan) -> list[os.DirEntry[str]]:
-    """The directory's *.gguf entries, sorted; broken links and non-files noted."""
+    """The directory's *.gguf entries that are no directories, sorted: what is not a
+    regular file (a FIFO, a broken link) is told once, by _Scan.header, when read."""
     out = []
     try:
+        files.confine(directory, scan.within, files.LIST)
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except files.Refused as e:
+        scan.problems.append(f"{directory} {e}; skipped.")
+        return []
     except OSError as e:
         scan.problems.append(f"{directory} cannot be listed ({e.strerror}); skipped.")
         return []
     for entry in entries:
         if not entry.name.endswith(".gguf"):
-            if entry.is_file() and not entry.name.startswith("."):
+            if _is(entry.is_file) and not entry.name.startswith("."):
                 scan.problems.append(f"{entry.path} is not a GGUF file (no .gguf suffix); "
                                      "skipped.")
-            continue
-        if entry.is_symlink() and not os.path.exists(entry.path):
-            scan.problems.append(f"{entry.path} is a broken symbolic link; skipped.")
-        elif entry.is_file():
+        elif not _is(entry.is_dir):
             out.append(entry)
     return out
+
+
+def _is(test: Callable[[], bool]) -> bool:
+    """entry.is_file() or .is_dir(), False for a link that loops: its ELOOP would end the
+    whole scan, and with it llamad's start."""
+    try:
+        return test()
+    except OSError:
+        return False
 
 
 def _scan_subdir(directory: Path, scan: _Scan) -> Found | None:
@@ -202,7 +239,7 @@ def discover_models_dir(directory: Path, scan: _Scan) -> list[Found]:
         if shards is not None:
             found.append(Found(entry.name.removesuffix(".gguf"), shards, None, "models_dir"))
     with os.scandir(directory) as it:
-        subdirs = sorted(e.path for e in it if e.is_dir())
+        subdirs = sorted(e.path for e in it if _is(e.is_dir))
     for sub in subdirs:
         if (model := _scan_subdir(Path(sub), scan)) is not None:
             found.append(model)
@@ -280,22 +317,33 @@ def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, F
     return found
 
 
-def _unsafe(f: Found) -> str | None:
-    """A problem line if the model's name or files could not reach systemd intact: the
-    name becomes Description= and Environment=, the paths ExecStart= (safetext)."""
+FLAG_NAME = "starts with '-', which llama-server would take for a flag"
+
+
+def _unsafe(f: Found, reserved: Mapping[str, str]) -> str | None:
+    """A problem line if the model's name or files could not reach systemd intact (the
+    name becomes Description= and Environment=, the paths ExecStart=: safetext), if its
+    name could pass for a flag, or if a file's name takes one the preset gives an alias."""
+    where = one_line(str(f.shards[0]))
     for what, text in (("name", f.id), *(("file", str(p)) for p in f.shards),
                        *((("projector", str(f.mmproj)),) if f.mmproj else ())):
         why = unsafe(text)
         if why is not None:
-            return f"{one_line(str(f.shards[0]))}: the model's {what} {why}; skipped."
+            return f"{where}: the model's {what} {why}; skipped."
+    if f.id.startswith("-"):
+        return f"{where}: the model's name {one_line(f.id)!r} {FLAG_NAME}; skipped."
+    if f.source != "preset" and f.id in reserved:
+        # Root's names win: a file named like an alias must not capture the keys scoped to it.
+        return (f"{where}: the model's name {f.id!r} is an alias of preset [{reserved[f.id]}], "
+                "which wins; skipped.")
     return None
 
 
 def _secrets(models: dict[str, Model], problems: list[str]) -> None:
     """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
-    with_secrets = [m.id for m in models.values() if redact.secret_values(m.settings.args)]
+    with_secrets = [m.id for m in models.values() if argv.secret_values(m.settings.args)]
     for m in models.values():
-        redact.remember(redact.secret_values(m.settings.args))
+        redact.remember(argv.secret_values(m.settings.args))
     if with_secrets:
         names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
         problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): llamad "
@@ -304,46 +352,57 @@ def _secrets(models: dict[str, Model], problems: list[str]) -> None:
                         "user can read.")
 
 
-def _aliases(models: dict[str, Model], problems: list[str]) -> dict[str, str]:
+def _aliases(models: dict[str, Model], problems: list[str],
+             preset: Path | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
+    where = f"{preset}: " if preset else ""
     for model in models.values():
         for alias in model.aliases:
-            if unsafe(alias) is not None:
-                problems.append(f"alias {alias!r} of model {model.id!r} "
-                                f"{unsafe(alias)}; ignored.")
+            why = unsafe(alias) or (FLAG_NAME if alias.startswith("-") else None)
+            if why is not None:
+                problems.append(f"{where}alias {alias!r} of model {model.id!r} {why}; ignored.")
             elif alias in models or alias in out:
-                problems.append(f"alias {alias!r} of model {model.id!r} clashes with another "
-                                "model or alias; ignored.")
+                problems.append(f"{where}alias {alias!r} of model {model.id!r} clashes with "
+                                "another model or alias; ignored.")
             else:
                 out[alias] = model.id
     return out
 
 
 def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
-           config: Config) -> Model:
+           config: Config, st: _Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
-    settings = run_settings(config, info, settings)  # --swa-full where it is needed
+    # --swa-full where it pays, a built-in chat template
+    settings = run_settings(config, info, settings, st.swa_fits)
     mmproj = f.mmproj
     if section is not None and MMPROJ in section.options:
         mmproj = Path(section.options[MMPROJ][1])
+        info = dataclasses.replace(info, projector=companions.projector(mmproj, st.cache,
+                                                                         st.confine))
     return Model(
         id=f.id, aliases=section.aliases if section else (), unit=unit_name(f.id),
         path=f.shards[0], shards=f.shards, mmproj=mmproj, source=f.source, info=info,
-        settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden)
+        settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden,
+        draft=companions.draft(settings.args, st.cache, st.confine))
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
-         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None) -> Snapshot:
+         settle: float = SETTLE_SECONDS, previous: Snapshot | None = None,
+         swa_fits: SwaFits | None = None) -> Snapshot:
     """Build a Snapshot of everything servable now. Raises ConfigError for bad `args`.
 
     With the `previous` snapshot, a known model whose file is still being written keeps
     its previous entry, and so do the models of a models directory that has gone.
+    `swa_fits`: whether a sliding-window model's --swa-full fits the memory plan.
     """
     preset = preset if preset is not None else load_presets(config.models_preset)
     global_args = parse_args(config.args, f"{config.path or 'configuration'}: args")
     cache = cache if cache is not None else _default_cache
-    st = _Scan(cache, time.time(), settle)
+    root = cache_dir(config) if config.llama_cache else None
+    st = _Scan(cache, time.time(), settle,
+               files.roots([*config.models_dirs, *([root] if root is not None else [])]),
+               swa_fits)
     found: list[Found] = []
     kept: list[Model] = []
     for directory in config.models_dirs:
@@ -351,16 +410,39 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
         if previous is not None and not directory.is_dir():
             kept += _keep_gone_dir(directory, previous, st)
     cached: dict[str, Found] = {}
-    root = cache_dir(config)
-    if config.llama_cache and root is not None:
-        cached = {f.id: f for f in (Found(*c, source="cache") for c in hfcache.discover(root))}
+    if root is not None:
+        cached = {f.id: f for f in (Found(*c, source="cache")
+                                    for c in hfcache.discover(root, st.problems))}
     merged = _apply_presets(_merge([*found, *cached.values()], st.problems), preset, cached,
                             st.problems)
+    settling: set[str] = set()
+    models = _models(merged, st, preset, global_args, previous, settling, config)
+    for model in kept:
+        models.setdefault(model.id, model)
+    cache.retain(st.seen | {str(p) for m in models.values()
+                            for p in companions.paths(m.mmproj, m.settings.args)})
+    st.problems += preset.ignored
+    _secrets(models, st.problems)
+    aliases = _aliases(models, st.problems, preset.path)
+    problems = st.problems[:MAX_PROBLEMS]
+    if len(st.problems) > MAX_PROBLEMS:
+        problems.append(f"... and {len(st.problems) - MAX_PROBLEMS} more problems.")
+    return Snapshot(MappingProxyType(models), tuple(problems), MappingProxyType(aliases),
+                    st.pending, frozenset(settling))
+
+
+def _models(merged: dict[str, Found], st: _Scan, preset: Presets, global_args: Options,
+            previous: Snapshot | None, settling: set[str], config: Config) -> dict[str, Model]:
+    """The servable models of those found, at most MAX_MODELS."""
     models: dict[str, Model] = {}
     units: dict[str, str] = {}
-    settling: set[str] = set()
-    for f in merged.values():
-        if (why := _unsafe(f)) is not None:
+    reserved = {a: name for name, section in preset.sections.items() for a in section.aliases}
+    for n, f in enumerate(merged.values()):
+        if len(models) >= MAX_MODELS:
+            st.problems.append(f"more than {MAX_MODELS} models were found; the other "
+                               f"{len(merged) - n} are left out.")
+            break
+        if (why := _unsafe(f, reserved)) is not None:
             st.problems.append(why)
             continue
         model = _build(f, st, preset, global_args, previous, settling, config)
@@ -372,13 +454,7 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
             continue
         units[model.unit] = f.id
         models[f.id] = model
-    for model in kept:
-        models.setdefault(model.id, model)
-    cache.retain(st.seen)
-    _secrets(models, st.problems)
-    aliases = _aliases(models, st.problems)
-    return Snapshot(MappingProxyType(models), tuple(st.problems), MappingProxyType(aliases),
-                    st.pending, frozenset(settling))
+    return models
 
 
 def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
@@ -390,7 +466,7 @@ def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
     f.shards = shards
     info = _read(f, st)
     if info is not None:
-        return _model(f, info, preset, global_args, config)
+        return _model(f, info, preset, global_args, config, st)
     if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
         return None
     old = previous.models.get(f.id) if previous is not None else None
@@ -413,7 +489,7 @@ def _keep_gone_dir(directory: Path, previous: Snapshot, st: _Scan) -> list[Model
 def may_appear(config: Config, name: str) -> bool:
     """Whether a file or directory for model `name` lies in a models directory, one a
     rescan has not seen yet (copied in a moment ago). Two stats per directory, no reads."""
-    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 250:
+    if not name or "/" in name or "\0" in name or name.startswith((".", "-")) or len(name) > 250:
         return False
     return any((d / f"{name}.gguf").is_file() or (d / name).is_dir()
                for d in config.models_dirs)
@@ -436,6 +512,7 @@ class Catalog:
         self.config = config
         self.cache = cache if cache is not None else InfoCache()
         self.settle = settle
+        self.swa_fits: SwaFits | None = None  # the daemon's memory plan, set before a scan
         self.presets = load_presets(config.models_preset)
         self.snapshot = Snapshot(MappingProxyType({}))
         self._listeners: list[Listener] = []
@@ -453,7 +530,7 @@ class Catalog:
             # Keep serving with the last good presets; the file may be mid-edit.
             log.warning("%s Keeping the previous presets.", e.message)
         snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
-                        previous=self.snapshot)
+                        previous=self.snapshot, swa_fits=self.swa_fits)
         self.cache.save()  # a no-op unless the cache has a file and changed
         return snapshot
 

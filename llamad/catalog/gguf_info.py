@@ -1,4 +1,5 @@
-"""Header-only GGUF metadata through the gguf package, cached by (dev, inode, size, mtime)."""
+"""Header-only GGUF metadata (ggufheader.py reads it, bounded), cached by (dev, inode, size,
+mtime)."""
 
 from __future__ import annotations
 
@@ -6,39 +7,30 @@ import functools
 import json
 import logging
 import os
-import struct
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+from llamad.catalog import files, ggufheader
+from llamad.catalog.ggufheader import (
+    ARCH_FIELDS,
+    EXPERTS,
+    TEMPLATE_KEY,
+    FileHeader,
+    GGUFError,
+    Scalar,
+    TensorBytes,
+)
+
+# What a header says lives in ggufheader.py; the catalog imports these names from here.
+__all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "InfoCache",
+           "Projector", "Scalar", "TensorBytes", "combine", "metadata", "read_header"]
 
 log = logging.getLogger("llamad.gguf")
 
-Scalar = str | int | float | bool
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 4
-
-
-KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
-                       "clip.has_vision_encoder", "clip.has_audio_encoder"))
-# GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
-ARCH_FIELDS = {
-    "context_length": "context_length", "block_count": "block_count",
-    "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
-    "embedding_length": "embedding_length", "key_length": "attention.key_length",
-    "value_length": "attention.value_length", "sliding_window": "attention.sliding_window",
-    "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
-    "expert_used_count": "expert_used_count",
-    "expert_feed_forward_length": "expert_feed_forward_length",
-}
-KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
-# Tensors llama.cpp keeps with the input layer, which always stays on the host.
-INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
-
-
-class GGUFError(Exception):
-    """The file is not a complete, readable GGUF file; the message says why."""
+CACHE_VERSION = 7  # 7: problem lines quote no bytes
 
 
 @dataclass(frozen=True)
@@ -61,132 +53,44 @@ class GGUFInfo:
     expert_used_count: int | None = None
     expert_feed_forward_length: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
+    projector: Projector | None = None  # the paired mmproj file, when there is one
+    # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
+    # (presets.run_settings picks llama.cpp's built-in template for the architecture instead).
+    chat_template: bool = True
 
 
-class TensorBytes(NamedTuple):
-    """The tensor table boiled down to what placement needs: bytes per repeating layer
-    (`blk.N.*`), of the input layer (token embeddings, kept on the host), and of the output
-    layer (everything else: output norm and head). Without an `output.weight` tensor the head
-    is tied to the token embedding, which llama.cpp then also copies to the output's device."""
+class Projector(NamedTuple):
+    """A multimodal projector (mmproj) file: its size and its encoder's shape, whose
+    compute graph llama-server reserves for the largest image (or audio clip) at load."""
 
-    layers: tuple[int, ...] = ()
-    input: int = 0
-    output: int = 0
-    tied: bool = True
-    vocab: int = 0  # token embedding rows
+    size: int
+    tokens: int  # patches of the largest image, or audio frames
+    embedding: int
+    feed_forward: int
+    heads: int
 
     @classmethod
-    def of(cls, tensors: Iterable[tuple[str, int, int]]) -> TensorBytes:
-        """From (name, bytes, last dimension) per tensor."""
-        layers: dict[int, int] = {}
-        inp = out = vocab = 0
-        tied = True
-        for name, size, rows in tensors:
-            block = _block(name)
-            if block is not None:
-                layers[block] = layers.get(block, 0) + size
-            elif name.startswith(INPUT_TENSORS):
-                inp += size
-                vocab = rows if name == "token_embd.weight" else vocab
-            else:
-                out += size
-                tied = tied and name != "output.weight"
-        return cls(tuple(layers.get(i, 0) for i in range(max(layers, default=-1) + 1)),
-                   inp, out, tied, vocab)
+    def of(cls, head: FileHeader) -> Projector:
+        f = head.fields
 
-    def plus(self, other: TensorBytes) -> TensorBytes:
-        """Two shards of one model together."""
-        n = max(len(self.layers), len(other.layers))
-        pad = (0,) * n
-        layers = tuple(a + b for a, b in zip((self.layers + pad)[:n], (other.layers + pad)[:n],
-                                             strict=True))
-        return TensorBytes(layers, self.input + other.input, self.output + other.output,
-                           self.tied and other.tied, self.vocab or other.vocab)
+        def num(kind: str, key: str, default: int) -> int:
+            value = f.get(f"clip.{kind}.{key}")
+            return value if type(value) is int and value > 0 else default
 
-
-def _block(name: str) -> int | None:
-    if not name.startswith("blk."):
-        return None
-    number = name[4:].partition(".")[0]
-    return int(number) if number.isdigit() else None
-
-
-@dataclass(frozen=True)
-class FileHeader:
-    """What one file's header says; enough to build GGUFInfo without reading it again."""
-
-    fields: dict[str, Scalar]
-    parameters: int
-    tensor_type: str | None  # the most common type of the weight matrices
-    size: int
-    file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
-    tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
-
-
-@functools.cache
-def _gguf() -> tuple[Any, Any]:
-    """The gguf package and a reader class built on it, imported on first use.
-
-    gguf pulls in numpy: 18 MB and 75 ms that a daemon whose headers are all
-    in the on-disk cache never needs.
-    """
-    import gguf
-    import numpy as np
-
-    class HeaderReader(gguf.GGUFReader):
-        """GGUFReader that steps over array values instead of unpacking every element.
-
-        A tokenizer holds hundreds of thousands of strings; GGUFReader turns each into
-        numpy views, which takes seconds for one model. Only scalar keys are needed here.
-        """
-
-        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
-            if raw_type != gguf.GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype = self._get(orig_offs, np.uint32)
-            alen = self._get(orig_offs + 4, np.uint64)
-            itype, count = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0])
-            offs = orig_offs + 12
-            if itype == gguf.GGUFValueType.STRING:
-                order = ">" if self.byte_order == "S" else "<"
-                buf = memoryview(self.data)  # type: ignore[arg-type]
-                for _ in range(count):
-                    offs += 8 + struct.unpack_from(order + "Q", buf, offs)[0]
-            elif itype in self.gguf_scalar_to_np:
-                offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
-            else:
-                return super()._get_field_parts(orig_offs, raw_type)
-            if offs > len(self.data):
-                raise ValueError("array runs past the end of the file")
-            return offs - orig_offs, [raw_itype, alen], [], [gguf.GGUFValueType.ARRAY, itype]
-
-    return gguf, HeaderReader
-
-
-def _scalar(gguf: Any, field: Any) -> Scalar | None:
-    if not field.data or field.types[0] == gguf.GGUFValueType.ARRAY:
-        return None
-    part = field.parts[field.data[0]]
-    if field.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", "replace")
-    value: Scalar = part[0].item()
-    return bool(value) if field.types[0] == gguf.GGUFValueType.BOOL else value
-
-
-def _file_type(gguf: Any, fields: dict[str, Scalar]) -> str | None:
-    file_type = fields.get("general.file_type")
-    if not isinstance(file_type, int):
-        return None
-    try:
-        name: str = gguf.LlamaFileType(file_type).name
-    except ValueError:
-        return None
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        audio = "clip.audio.embedding_length" in f and "clip.vision.embedding_length" not in f
+        kind = "audio" if audio else "vision"
+        # Whisper-style audio encoders see 30 s as 1500 frames.
+        tokens = (num(kind, "image_size", 896) // num(kind, "patch_size", 14)) ** 2 \
+            if not audio else 1500
+        embd = num(kind, "embedding_length", 1152)
+        return cls(head.size, tokens, embd, num(kind, "feed_forward_length", 4 * embd),
+                   num(kind, "attention.head_count", 16))
 
 
 def _not_gguf(head: bytes) -> str | None:
     """Why a file is not a GGUF file at all, from its first bytes, naming what a new user
-    most often has instead; None where it begins as one."""
+    most often has instead; None where it begins as one. The bytes themselves are never
+    told: the file may be a link to one only root may read (docs/security.md)."""
     if head[:4] == b"GGUF":
         return None
     if not head:
@@ -194,46 +98,47 @@ def _not_gguf(head: bytes) -> str | None:
     if head.startswith(b"version https://git-lfs"):
         return ("is a Git LFS pointer, not the model: its repository was cloned without "
                 "git-lfs (`git lfs pull` fetches the file)")
-    shown = "".join(chr(b) if 32 <= b < 127 else "." for b in head[:16])
     if head.lstrip()[:1] == b"<":
-        return (f"is not a GGUF file but a web page ({shown!r}...): the download link leads "
-                "to the model's page rather than to the file")
-    return f"is not a GGUF file: it begins with {shown!r}, not 'GGUF'"
+        return ("is not a GGUF file but a web page: the download link leads to the model's "
+                "page rather than to the file")
+    return "is not a GGUF file: it does not begin with 'GGUF'"
 
 
 def read_header(path: Path) -> FileHeader:
-    """Parse one file's header; raise GGUFError if it is not a complete GGUF file."""
-    gguf, reader_class = _gguf()
+    """Parse one file's header; raise GGUFError if it is not a complete GGUF file, or not a
+    regular file llamad may read (files.py: never blocks, never as root what a model unit
+    could not read)."""
+    return _reading(path, ggufheader.parse)
+
+
+def metadata(path: Path) -> dict[str, Scalar | None]:
+    """Every key of the file's header (ggufheader.metadata): its value, or None for an
+    array. The whole header is walked: call it on a worker thread. Raises GGUFError."""
+    return _reading(path, ggufheader.metadata)
+
+
+T = TypeVar("T")
+
+
+def _reading(path: Path, read: Callable[[int, int], T]) -> T:
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            why = _not_gguf(f.read(64))
+        fd, st = files.open_regular(path)
+    except files.Refused as e:
+        raise GGUFError(str(e)) from None
+    try:
+        why = _not_gguf(os.pread(fd, 64, 0))
         if why:
             raise GGUFError(why)
-        reader = reader_class(path)
+        return read(fd, st.st_size)
     except OSError as e:
         raise GGUFError(f"cannot be read ({e.strerror or e})") from e
-    except GGUFError:
-        raise
-    except Exception as e:  # the gguf package raises many types for bad input
-        raise GGUFError(f"is a truncated or damaged GGUF file ({size} bytes; an interrupted "
-                        "copy or download?)") from e
-    arch = _scalar(gguf, reader.fields["general.architecture"]) \
-        if "general.architecture" in reader.fields else None
-    # Only the keys llamad reads: thousands of cached headers stay small.
-    wanted = KEPT_KEYS | {f"{arch}.{key}" for key in KEPT_ARCH_KEYS}
-    fields = {k: v for k, f in reader.fields.items()
-              if k in wanted and (v := _scalar(gguf, f)) is not None}
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
-    if end > size:
-        raise GGUFError(f"is incomplete: its tensors need {end} bytes but it has {size}")
-    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
-    params = sum(int(t.n_elements) for t in reader.tensors)
-    tensor_type = types.most_common(1)[0][0] if types else None
-    table = TensorBytes.of((t.name, int(t.n_bytes), int(t.shape[-1]) if len(t.shape) > 1 else 0)
-                           for t in reader.tensors)
-    return FileHeader(fields=fields, parameters=params, tensor_type=tensor_type, size=size,
-                      file_type=_file_type(gguf, fields), tensors=table)
+    except GGUFError as e:
+        if str(e) != "truncated":
+            raise
+        raise GGUFError(f"is a truncated or damaged GGUF file ({st.st_size} bytes; an "
+                        "interrupted copy or download?)") from None
+    finally:
+        os.close(fd)
 
 
 def _quantization(head: FileHeader) -> str | None:
@@ -267,8 +172,10 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         size=sum(s.size for s in shards),
         quantization=_quantization(first),
         modalities=_modalities(mmproj),
+        chat_template=first.chat_template,
         tensors=first.tensors if len(shards) == 1 else functools.reduce(
             TensorBytes.plus, (s.tensors for s in shards)),
+        projector=Projector.of(mmproj) if mmproj is not None else None,
         **ints,
     )
 
@@ -279,8 +186,8 @@ def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
 
 
 def _header(value: dict[str, Any]) -> FileHeader:
-    layers, *rest = value.pop("tensors")
-    return FileHeader(**value, tensors=TensorBytes(tuple(layers), *rest))
+    tensors = TensorBytes.load(value.pop("tensors"))
+    return FileHeader(**value, tensors=tensors)
 
 
 def _stat_key(st: os.stat_result) -> StatKey:
@@ -301,14 +208,18 @@ class InfoCache:
         if path is not None:
             self._load(path)
 
-    def header(self, path: Path, st: os.stat_result | None = None) -> FileHeader:
+    def header(self, path: Path, st: os.stat_result | None = None,
+               confine: Callable[[Path], None] | None = None) -> FileHeader:
+        """The file's header; `confine` (files.confine) is asked before a file is read."""
         st = st or path.stat()
         key, name = _stat_key(st), str(path)
         hit = self._entries.get(name)
         if hit is None or hit[0] != key:
             try:
+                if confine is not None:
+                    confine(path)
                 value: FileHeader | str = read_header(path)
-            except GGUFError as e:
+            except (files.Refused, GGUFError) as e:
                 value = str(e)
             hit = (key, value)
             self._entries[name] = hit
@@ -316,6 +227,11 @@ class InfoCache:
         if isinstance(hit[1], str):
             raise GGUFError(hit[1])
         return hit[1]
+
+    def known(self, path: Path, st: os.stat_result) -> bool:
+        """Whether the file's header (or why it was refused) is cached for this stat."""
+        hit = self._entries.get(str(path))
+        return hit is not None and hit[0] == _stat_key(st)
 
     def retain(self, paths: Iterable[str]) -> None:
         """Forget files that are gone, so the cache does not grow without bound."""

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from llamad.catalog import files
+
 _REPO = re.compile(r"[A-Za-z0-9_]+([/.-][A-Za-z0-9_]+)*")
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 _SPLIT = re.compile(r"(.+)-(\d{5})-of-(\d{5})$", re.IGNORECASE)
@@ -31,19 +33,31 @@ def split_tag(rel: str) -> tuple[str, str, int, int]:
     return prefix, tag, index, count
 
 
-def _snapshot(repo_dir: Path) -> Path | None:
+def _snapshot(repo_dir: Path, within: tuple[Path, ...], problems: list[str]) -> Path | None:
+    """The snapshot `refs/main` (or another ref) names. A ref is read only if it is a small
+    regular file (files.py: a FIFO would block), the snapshot listed only if llamad may."""
     refs = repo_dir / "refs"
     try:
+        files.confine(refs, within, files.LIST)
         names = sorted(os.listdir(refs), key=lambda n: n != "main")
-    except OSError:
+    except (OSError, files.Refused):
         return None
     for name in names:
         try:
-            commit = (refs / name).read_text().strip()
-        except OSError:
+            files.confine(refs / name, within)
+            commit = files.read_small(refs / name, 128).decode("ascii", "replace").strip()
+        except files.Refused as e:
+            problems.append(f"{refs / name} {e}; skipped.")
             continue
-        if _COMMIT.fullmatch(commit) and (repo_dir / "snapshots" / commit).is_dir():
-            return repo_dir / "snapshots" / commit
+        snapshot = repo_dir / "snapshots" / commit
+        if not _COMMIT.fullmatch(commit) or not snapshot.is_dir():
+            continue
+        try:
+            files.confine(snapshot, within, files.LIST)
+        except files.Refused as e:
+            problems.append(f"{snapshot} {e}; skipped.")
+            continue
+        return snapshot
     return None
 
 
@@ -76,8 +90,11 @@ def _mmproj(files: list[str], model: str, tag: str) -> str | None:
     return choice
 
 
-def discover(root: Path) -> list[CachedModel]:
+def discover(root: Path, problems: list[str] | None = None) -> list[CachedModel]:
+    """The cache's models; what cannot be read safely is told in `problems`."""
     out: list[CachedModel] = []
+    problems = problems if problems is not None else []
+    within = files.roots([root])
     try:
         repos = sorted(os.listdir(root))
     except OSError:
@@ -86,12 +103,12 @@ def discover(root: Path) -> list[CachedModel]:
         repo = folder.removeprefix("models--").replace("--", "/")
         if not folder.startswith("models--") or not _REPO.fullmatch(repo) or repo.count("/") != 1:
             continue
-        snapshot = _snapshot(root / folder)
+        snapshot = _snapshot(root / folder, within, problems)
         if snapshot is None:
             continue
-        files = _files(snapshot)
+        found = _files(snapshot)
         seen = set()
-        for rel in files:
+        for rel in found:
             prefix, tag, index, count = split_tag(rel)
             name = os.path.basename(rel)
             if index != 1 or not tag or any(k in name for k in _NOT_MODELS):
@@ -101,6 +118,6 @@ def discover(root: Path) -> list[CachedModel]:
             seen.add(f"{repo}:{tag}")
             shards = tuple(snapshot / (f"{prefix}-{n:05d}-of-{count:05d}.gguf" if count > 1
                                        else rel) for n in range(1, count + 1))
-            mmproj = _mmproj(files, rel, tag)
+            mmproj = _mmproj(found, rel, tag)
             out.append((f"{repo}:{tag}", shards, snapshot / mmproj if mmproj else None))
     return out

@@ -104,7 +104,7 @@ FLAGS: tuple[tuple[tuple[str, ...], tuple[str, ...], str, str | None], ...] = (
     (('-mmu', '--mmproj-url'), (), 'value', 'LLAMA_ARG_MMPROJ_URL'),
     (('--mmproj-auto',), ('--no-mmproj', '--no-mmproj-auto'), 'bool', 'LLAMA_ARG_MMPROJ_AUTO'),
     (('--mmproj-offload',), ('--no-mmproj-offload',), 'bool', 'LLAMA_ARG_MMPROJ_OFFLOAD'),
-    (('-mmdev', '--rpc', '-mmdev', '--mmproj-device'), (), 'value', 'MTMD_BACKEND_DEVICE'),
+    (('-mmdev', '--mmproj-device'), (), 'value', 'MTMD_BACKEND_DEVICE'),
     (('--image-min-tokens',), (), 'value', 'LLAMA_ARG_IMAGE_MIN_TOKENS'),
     (('--image-max-tokens',), (), 'value', 'LLAMA_ARG_IMAGE_MAX_TOKENS'),
     (('--mtmd-batch-max-tokens',), (), 'value', 'LLAMA_ARG_MTMD_BATCH_MAX_TOKENS'),

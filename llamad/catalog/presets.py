@@ -14,16 +14,19 @@ paths are taken from the preset file's directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from llamad.catalog import argv
 from llamad.catalog import rpcargs as rpc
-from llamad.catalog.llama_flags import FLAGS
+from llamad.catalog.argv import BY_KEY, Flag
 from llamad.errors import ConfigError
+from llamad.sizes import SIZE, parse_size
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
@@ -34,35 +37,6 @@ FALSE = ("off", "disabled", "false", "0", "no")
 Options = dict[str, tuple[str, ...]]
 
 
-@dataclass(frozen=True)
-class Flag:
-    names: tuple[str, ...]
-    neg: tuple[str, ...]
-    kind: str  # value | bool | flag | two
-    env: str | None
-
-    @property
-    def canonical(self) -> str:
-        return self.names[-1]  # llama.cpp renders the last (long) spelling too
-
-
-def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]:
-    """(preset key -> (flag, negated)), (command-line spelling -> (flag, negated))."""
-    by_key: dict[str, tuple[Flag, bool]] = {}
-    by_arg: dict[str, tuple[Flag, bool]] = {}
-    for names, neg, kind, env in FLAGS:
-        flag = Flag(names, neg, kind, env)
-        for spellings, negated in ((names, False), (neg, True)):
-            for s in spellings:
-                by_key[s.lstrip("-")] = by_arg[s] = (flag, negated)
-        if env:
-            by_key[env] = (flag, False)
-            if neg:
-                by_key[env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")] = (flag, True)
-    return by_key, by_arg
-
-
-BY_KEY, BY_ARG = _keys()
 MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
     "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
 # Flags whose value is a file or directory: relative ones are taken from the preset's place.
@@ -77,9 +51,13 @@ METRICS = BY_KEY["metrics"][0].canonical
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
     "models-max", "models-preset", "models-autoload", "help", "version"))
+# Of those, the ones llama.cpp's router sets itself or drops from a preset (server-models.cpp,
+# unset_reserved_args and update_args): a preset written for the router may hold them, so
+# they are ignored with a warning, as the router ignores them, instead of refused.
+ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
-LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split")
-_SIZE = re.compile(r"\d+(\.\d+)?[KMGTPE]?|\d+(\.\d+)?%|infinity")
+LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore",
+               *("ctx-max", "memory-need"))  # fitting models to memory (memory/fit.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +73,7 @@ class Section:
     text: str = ""
     tags: tuple[str, ...] | None = None  # informational, as router mode lists them
     draft_hf: str | None = None  # spec-draft-hf: a draft model from the llama.cpp cache
+    ignored: tuple[str, ...] = ()  # keys the router sets itself: one sentence each
 
 
 @dataclass(frozen=True)
@@ -102,6 +81,11 @@ class Presets:
     path: Path | None
     defaults: Section
     sections: Mapping[str, Section]
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """A warning per key the router would set itself (the catalog's problems)."""
+        return tuple(w for s in (self.defaults, *self.sections.values()) for w in s.ignored)
 
     @classmethod
     def empty(cls) -> Presets:
@@ -124,6 +108,13 @@ class ModelSettings:
     # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
     # the flag), since llamad's /metrics merges every ready model's.
     metrics: bool = True
+    # Loaded again once the memory that evicted it is free (guards/comeback.py); by
+    # default for pinned and load-on-startup models.
+    restore: bool = False
+    # Fitting models to memory (memory/fit.py): a cap on the context llamad chooses, and
+    # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
+    ctx_max: int | None = None
+    memory_need: tuple[int | None, int | None] | None = None
 
 
 def truthy(value: str) -> bool | None:
@@ -149,26 +140,19 @@ def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tupl
 def parse_args(tokens: tuple[str, ...], where: str) -> Options:
     """Parse a llama-server command line (the config's `args`) into options."""
     out: Options = {}
-    i = 0
-    while i < len(tokens):
-        arg = tokens[i]
-        if arg.startswith("--"):
-            arg = arg.replace("_", "-")  # llama-server accepts --ctx_size too
-        if arg not in BY_ARG:
-            raise ConfigError(f"{where}: {tokens[i]!r} is not a llama-server option.")
-        flag, negated = BY_ARG[arg]
-        _check_owned(flag, where, tokens[i])
-        n = {"value": 1, "two": 2}.get(flag.kind, 0)
-        if i + n >= len(tokens) and n:
-            raise ConfigError(f"{where}: {tokens[i]} needs a value.")
-        values = tokens[i + 1:i + 1 + n]
+    for option in argv.walk(tokens):
+        flag = option.flag
+        if flag is None:
+            raise ConfigError(f"{where}: {option.given!r} is not a llama-server option.")
+        _check_owned(flag, where, option.given)
+        if len(option.values) < flag.arity:
+            raise ConfigError(f"{where}: {option.given} needs a value.")
         if flag.canonical == rpc.FLAG:
-            _check_rpc(values[0], where, tokens[i])
-        if flag.kind in ("value", "two"):
-            out[flag.canonical] = (flag.canonical, *values)
+            _check_rpc(option.value, where, option.given)
+        if flag.arity:
+            out[flag.canonical] = (flag.canonical, *option.values)
         else:
-            out[flag.canonical] = _render(flag, negated, "true", where, tokens[i])
-        i += 1 + n
+            out[flag.canonical] = _render(flag, option.negated, "true", where, option.given)
     return out
 
 
@@ -189,20 +173,26 @@ def _extra(key: str, value: str, where: str) -> object:
     """Validate a preset-only or llamad-only key."""
     bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
     try:
-        if key in ("load-on-startup", "pin", "split", "dedup-cache-models"):
+        if key in ("load-on-startup", "pin", "split", "dedup-cache-models", "restore"):
             on = truthy(value)
             if on is None:
                 raise bad
             return on
         if key in ("stop-timeout", "ttl"):
             number = float(value)
-            if number < 0 and not (key == "ttl" and number == -1):
-                raise bad
+            if not math.isfinite(number) or (number < 0 and not (key == "ttl" and number == -1)):
+                raise bad  # nan and inf too: a stop timeout of either failed every start
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
-            if not _SIZE.fullmatch(value.strip()):
+            if not SIZE.fullmatch(value.strip()):
                 raise bad
             return value.strip()
+        if key == "ctx-max":
+            if int(value) < 0:
+                raise bad
+            return int(value)
+        if key == "memory-need":
+            return _memory_need(value, bad)
         devices = tuple(int(d) for d in value.split(","))
         if any(d < 0 for d in devices):
             raise bad
@@ -213,11 +203,27 @@ def _extra(key: str, value: str, where: str) -> object:
 
 _ALLOWED = {
     "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
+    "restore": "true or false",
     "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
     "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
     "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
     "devices": "comma-separated GPU indices such as 0,1",
+    "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
+    "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
 }
+
+
+def _memory_need(value: str, bad: ConfigError) -> tuple[int | None, int | None]:
+    """`6G` (RAM; on a machine without GPUs every byte is RAM), `ram=2G,vram=6G`."""
+    found: dict[str, int] = {}
+    for part in (p.strip() for p in value.split(",")):
+        key, _, size = part.rpartition("=") if "=" in part else ("ram", "=", part)
+        key, size = key.strip(), size.strip()
+        if key not in ("ram", "vram") or key in found or not SIZE.fullmatch(size) \
+                or size.endswith("%") or size == "infinity":
+            raise bad
+        found[key] = parse_size(size, lambda: 0) or 0
+    return found.get("ram"), found.get("vram")
 
 
 _HEADER = re.compile(r"[ \t]*\[[ \t]*([^\]]*?)[ \t]*\][ \t]*([;#].*)?")
@@ -273,9 +279,14 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
     aliases: tuple[str, ...] = ()
     tags: tuple[str, ...] | None = None
     draft_hf: str | None = None
+    ignored: list[str] = []
     for key, value in items:
         if key == "version":
             continue  # reserved by llama.cpp for the file format
+        if key in BY_KEY and BY_KEY[key][0].canonical in ROUTER_SETS:
+            ignored.append(f"{where}: {key} is set by llamad itself (as llama.cpp's router "
+                           "sets it for each model); ignored.")
+            continue
         if key in PRESET_ONLY or key in LLAMAD_ONLY:
             extra[key] = _extra(key, value, f"{where} {key}")
             continue
@@ -303,7 +314,7 @@ def build_section(name: str, items: list[tuple[str, str]], text: str, where: str
     if name == "*" and (model or hf_repo or aliases):
         raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
     return Section(name, MappingProxyType(options), model, hf_repo, aliases,
-                   MappingProxyType(extra), text, tags, draft_hf)
+                   MappingProxyType(extra), text, tags, draft_hf, tuple(ignored))
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -361,13 +372,16 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     head += [ALIAS, model_id]
     args = tuple(head) + tuple(t for tokens in options.values() for t in tokens)
     stop = _pick("stop-timeout", section, presets.defaults)
+    pin = bool(_pick("pin", section, presets.defaults))
+    startup = bool(_pick("load-on-startup", section, presets.defaults))
+    restore = _pick("restore", section, presets.defaults)
     ttl = _pick("ttl", section, presets.defaults)
     devices = _pick("devices", section, presets.defaults)
     return ModelSettings(
         args=args,
-        load_on_startup=bool(_pick("load-on-startup", section, presets.defaults)),
+        load_on_startup=startup,
         stop_timeout=float(stop) if isinstance(stop, float) else None,
-        pin=bool(_pick("pin", section, presets.defaults)),
+        pin=pin,
         ttl=float(ttl) if isinstance(ttl, float) else None,
         memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
         memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
@@ -376,7 +390,24 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         preset_text=_ini(model_id, args, section, presets.defaults),
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
+        restore=restore if isinstance(restore, bool) else pin or startup,
+        ctx_max=_ctx_max(section, presets.defaults),
+        memory_need=_memory_need_of(section, presets.defaults),
     )
+
+
+def _ctx_max(section: Section | None, defaults: Section) -> int | None:
+    value = _pick("ctx-max", section, defaults)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
+
+
+def _memory_need_of(section: Section | None,
+                    defaults: Section) -> tuple[int | None, int | None] | None:
+    value = _pick("memory-need", section, defaults)
+    if isinstance(value, tuple) and len(value) == 2:
+        return value[0], value[1]
+    return None
 
 
 def _tags(section: Section | None, defaults: Section) -> tuple[str, ...]:
@@ -393,26 +424,25 @@ def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
          defaults: Section) -> str:
     """The model's effective preset as INI, like the router's status.preset."""
     lines = [f"[{model_id}]"]
-    i = 0
-    while i < len(args):
-        flag = BY_ARG[args[i]][0]
-        n = {"value": 1, "two": 2}.get(flag.kind, 0)
-        value = " ".join(args[i + 1:i + 1 + n]) if n else \
-            ("false" if args[i] in flag.neg else "true")
-        if flag.canonical != ALIAS:  # the id; real aliases are listed below
-            lines.append(f"{flag.canonical.lstrip('-')} = {value}")
-        i += 1 + n
+    for option in argv.walk(args):
+        value = " ".join(option.values) if option.values else \
+            ("false" if option.negated else "true")
+        if option.name != ALIAS:  # the id; real aliases are listed below
+            lines.append(f"{option.name.lstrip('-')} = {value}")
     extra = dict(defaults.extra)
     if section is not None:
         extra.update(section.extra)
     for key, extra_value in extra.items():
-        lines.append(f"{key} = {_ini_value(extra_value)}")
+        lines.append(f"{key} = {_ini_value(key, extra_value)}")
     if section is not None and section.aliases:
         lines.append(f"alias = {','.join(section.aliases)}")
     return "\n".join(lines) + "\n"
 
 
-def _ini_value(value: object) -> str:
+def _ini_value(key: str, value: object) -> str:
+    if key == "memory-need" and isinstance(value, tuple):  # (RAM, VRAM), bytes
+        return ",".join(f"{k}={v}" for k, v in zip(("ram", "vram"), value, strict=True)
+                        if v is not None)
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, bool):
@@ -420,14 +450,51 @@ def _ini_value(value: object) -> str:
     return "-1" if value is None else str(value)
 
 
-# -- what kept KV caches need ------------------------------------------------------------------
+# -- what llamad adds to a model's own arguments ----------------------------------------------
 
 SWA_FULL = "--swa-full"
+CHAT_TEMPLATE, JINJA = (BY_KEY[k][0] for k in ("chat-template", "jinja"))
+# Chat templates for a model whose header has none: llama-server would fall back to ChatML,
+# whose tags such a model only continues as text. By general.architecture, llama.cpp's
+# built-in template of that family (llama-chat.cpp). llama-server takes a built-in *name*
+# only without Jinja, which refuses every request with tools (the web UI sends its own), so
+# the template goes as Jinja, the same prompt as llama.cpp's `gemma` writes, on one line (no
+# control character may reach systemd); the name where a preset turns Jinja off. A preset's
+# own chat-template or chat-template-file keeps its choice.
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+JINJA_TEMPLATES = {"gemma": (
+    "{%- set system = namespace(text='') -%}{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set system.text = message['content'] + '\\n\\n' -%}"
+    "{%- else -%}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user')"
+    " + '\\n' + system.text + message['content'] + '<end_of_turn>\\n' }}"
+    "{%- set system.text = '' -%}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")}
+_OWN_TEMPLATE = (CHAT_TEMPLATE.canonical, BY_KEY["chat-template-file"][0].canonical)
+# Whether a sliding-window model may have `--swa-full` (its full-size cache): None if it
+# may, else why not. The daemon's comes from the memory plan (kvpolicy.swa_full_fits).
+SwaFits = Callable[["GGUFInfo", tuple[str, ...]], "str | None"]
 
 
-def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings) -> ModelSettings:
-    """The model's settings with `--swa-full` added where kept caches need it (kv-cache on):
-    llama-server restores a sliding-window model's cache without it but never reuses it."""
-    if not config.kv_cache or not info.sliding_window or SWA_FULL in settings.args:
-        return settings
-    return dataclasses.replace(settings, args=(*settings.args, SWA_FULL))
+def run_settings(config: Config, info: GGUFInfo, settings: ModelSettings,
+                 swa_fits: SwaFits | None = None) -> ModelSettings:
+    """The model's settings with what llamad adds: `--swa-full` where kept caches need it
+    (llama-server restores a sliding-window model's cache without it but never reuses it;
+    kv-cache = yes always, auto only where `swa_fits` says the larger cache fits), and the
+    built-in chat template (above)."""
+    args = settings.args
+    if _swa_full(config, info, args, swa_fits):
+        args = (*args, SWA_FULL)
+    name = BUILTIN_TEMPLATES.get(info.architecture or "")
+    if name and not info.chat_template and not any(argv.has(args, f) for f in _OWN_TEMPLATE):
+        jinja = argv.last(args, JINJA.canonical)
+        legacy = jinja is not None and jinja.negated
+        args = (*args, CHAT_TEMPLATE.canonical, name if legacy else JINJA_TEMPLATES[name])
+    return settings if args == settings.args else dataclasses.replace(settings, args=args)
+
+
+def _swa_full(config: Config, info: GGUFInfo, args: tuple[str, ...],
+              swa_fits: SwaFits | None) -> bool:
+    if config.kv_cache == "no" or not info.sliding_window or argv.has(args, SWA_FULL):
+        return False
+    return config.kv_cache == "yes" or (swa_fits is not None
+                                        and swa_fits(info, (*args, SWA_FULL)) is None)

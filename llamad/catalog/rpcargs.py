@@ -13,6 +13,8 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from llamad.catalog import argv
+
 FLAG = "--rpc"
 
 
@@ -52,17 +54,15 @@ ALLOWED = "comma-separated HOST:PORT of ggml-rpc-server workers, hosts as IP add
 
 
 def workers(args: Sequence[str]) -> tuple[Worker, ...]:
-    """The workers a llama-server argv names (every `--rpc`, as llama.cpp adds each);
+    """The workers a llama-server argv names (every `--rpc`, as llama.cpp adds each), read
+    by flag arity (argv.walk): a file or model name in a value's place is never a flag.
     presets.py has checked the values, so a malformed one here is skipped."""
     found: list[Worker] = []
-    for i, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        if flag != FLAG:
+    for option in argv.walk(args):
+        if option.name != FLAG or not option.values:
             continue
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
         try:
-            found += parse(value)
+            found += parse(option.value)
         except ValueError:
             continue
     return tuple(dict.fromkeys(found))

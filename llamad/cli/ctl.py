@@ -188,17 +188,22 @@ def cmd_ps(client: Client, as_json: bool, watch: float | None) -> int:
 
 def ps_table(status: dict[str, Any]) -> list[str]:
     rows = [("MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD", "IN FLIGHT",
-             "QUEUED", "SERVED", "TTL LEFT")]
+             "QUEUED", "SERVED", "TTL LEFT", "CONTEXT")]
+    fits = []
     for model, d in sorted(status["models"].items()):
         ttl = "-" if d["ttl_left"] is None else f"{d['ttl_left']:.0f}s"
         load = "-" if d.get("load_seconds") is None else f"{d['load_seconds']:.1f}s"
+        fit = d.get("fit") or {}
         rows.append((model, d["state"], str(d["main_pid"] or "-"), _mib(d.get("ram")),
                      _mib(d.get("vram")), _mib(d["estimate"]["ram"] + d["estimate"]["vram"]),
                      load, str(d["in_flight"]), str(d.get("queued", 0)), str(d["served"]),
-                     ttl))
+                     ttl, str(fit.get("ctx") or "-")))
+        if fit.get("reason"):
+            fits.append(one_line(f"{model}: {fit['reason']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
            for r in rows]
+    out += fits  # what fitting chose for each model, and why
     out += [f"GPU {g['index']} {g['name']}: {_mib(g['used'])} used of {_mib(g['total'])}"
             for g in status.get("gpus", [])]
     return [*out, status["status"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -11,10 +12,12 @@ from typing import Any
 
 from llamad.catalog.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.catalog.gguf_info import InfoCache
-from llamad.catalog.presets import Presets, load_presets, parse_args
+from llamad.catalog.presets import Presets, SwaFits, load_presets, parse_args
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
 from llamad.http import keys
+from llamad.memory.measure import Measure
+from llamad.supervisor.guards import kvpolicy
 from llamad.systemd import socketstate, unitpaths
 
 
@@ -41,7 +44,8 @@ def check(config: Config) -> Presets:
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     presets = check(config)
-    for warning in unitpaths.config_problems(config) + socketstate.problems():
+    for warning in [*unitpaths.config_problems(config), *socketstate.problems(),
+                    *presets.ignored]:
         print(f"llamad: warning: {warning}", file=sys.stderr)
     where = config.path or "defaults (no configuration file)"
     dirs = ", ".join(map(str, config.models_dirs)) or "none"
@@ -93,16 +97,34 @@ def _text(m: Model) -> list[str]:
     return lines
 
 
+def _swa_fits(config: Config) -> SwaFits:
+    """--swa-full where the daemon would add it (kv-cache = auto: where it fits), NVML
+    opened quietly at the first sliding-window model."""
+    found: list[SwaFits] = []
+
+    def fits(info: Any, args: tuple[str, ...]) -> str | None:
+        if not found:
+            gpu_log = logging.getLogger("llamad.gpu")
+            level, gpu_log.level = gpu_log.level, logging.WARNING
+            try:
+                found.append(kvpolicy.swa_full_fits(config, Measure(config)))
+            finally:
+                gpu_log.setLevel(level)
+        return found[0](info, args)
+    return fits
+
+
 def settled_scan(config: Config, cache: InfoCache, rounds: int = 3) -> Snapshot:
     """A scan that waits out the settle window for files that were just written, so a
     model copied in a moment ago is listed rather than left out; a file still growing
     after `rounds` windows is reported as still being written."""
-    snapshot = scan(config, cache=cache)
+    swa_fits = _swa_fits(config)
+    snapshot = scan(config, cache=cache, swa_fits=swa_fits)
     for _ in range(rounds):
         if not snapshot.pending:
             break
         time.sleep(SETTLE_SECONDS)
-        snapshot = scan(config, cache=cache)
+        snapshot = scan(config, cache=cache, swa_fits=swa_fits)
     return snapshot
 
 

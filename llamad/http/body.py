@@ -36,23 +36,39 @@ INLINE = 65536  # bodies up to this size are checked on the loop at once
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval for llamad serve
 UTF8_STEP = 1 << 20
 
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                   "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float | None:
+    """Seconds of a Go duration ("5m", "1h30m", "5m0s" as Ollama's own client sends it,
+    "-1m"), or of a bare number; None if it is neither."""
+    text = text.strip()
+    sign, digits = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.removeprefix("+"))
+    try:
+        return sign * float(digits)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(digits):
+        if m.start() != pos:
+            return None
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total if pos and pos == len(digits) else None
 
 
 def parse_keep_alive(value: object) -> float | None:
-    """Ollama's keep_alive: seconds, or "5m"/"1h"/"30s"; negative keeps the model loaded."""
+    """Ollama's keep_alive: seconds, or a duration ("5m", "1h30m"); negative keeps the
+    model loaded."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise BadRequest("keep_alive must be a duration like \"5m\" or a number of seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION.fullmatch(str(value).strip())
-        if not m:
-            raise BadRequest(f"keep_alive {value!r} is not a duration like \"5m\", \"30s\" or 0")
-        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-        seconds = float(m.group(1)) * unit
+    seconds = float(value) if isinstance(value, int | float) else _duration(str(value))
+    if seconds is None:
+        raise BadRequest(f"keep_alive {value!r} is not a duration like \"5m\", \"30s\" or 0")
     if not math.isfinite(seconds):
         raise BadRequest(f"keep_alive {value!r} is out of range")
     return -1.0 if seconds < 0 else seconds

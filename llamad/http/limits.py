@@ -30,10 +30,11 @@ from aiohttp import web
 
 from llamad.config import Config
 from llamad.errors import SHORTAGE, BackendError, LlamadError, Unavailable
+from llamad.http.context import app_key
+from llamad.sizes import MIB
 
 log = logging.getLogger("llamad.limits")
 
-MIB = 1024 * 1024
 RETRY_AFTER = 2
 LINGER = 2.0  # seconds a timed-out connection is still read from after its 408
 
@@ -253,7 +254,7 @@ def raise_fd_limit(limits: Limits) -> None:
                     "apply", need, hard)
 
 
-LIMITS: Any = web.AppKey("limits", Limits) if hasattr(web, "AppKey") else "limits"
+LIMITS: Any = app_key("limits", Limits)
 
 
 def of(request: web.Request) -> Limits:

@@ -1,4 +1,4 @@
-"""Middlewares: OpenAI-shaped errors (API keys: keys.py)."""
+"""Middlewares: OpenAI-shaped errors, or Ollama-shaped on Ollama's routes (API keys: keys.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,19 @@ from typing import Any
 
 from aiohttp import web
 
+from llamad import redact
 from llamad.errors import LlamadError
 from llamad.http.limits import too_large
+
+# Ollama's routes (api/ollama.py); its clients read an error as {"error": "message"}.
+OLLAMA_PREFIX = "/api/"
+
+
+def error_body(request: web.Request, err: LlamadError) -> dict[str, Any]:
+    """The error as the request's kind of client reads it."""
+    if request.path.startswith(OLLAMA_PREFIX):
+        return {"error": redact.text(err.message)}
+    return err.body()
 
 
 @web.middleware
@@ -16,7 +27,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         resp: web.StreamResponse = await handler(request)
         return resp
     except LlamadError as e:
-        resp = web.json_response(e.body(), status=e.status, headers=e.headers)
+        resp = web.json_response(error_body(request, e), status=e.status, headers=e.headers)
         if e.status == 408:
             resp.force_close()  # the rest of a body that came too slowly is not awaited
         return resp
@@ -27,7 +38,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         err = LlamadError(_http_message(e), status=e.status,
                           code=code.get(e.status, "http_error"))
         err.type = "invalid_request_error"
-        return web.json_response(err.body(), status=e.status)
+        return web.json_response(error_body(request, err), status=e.status)
 
 
 def _http_message(e: web.HTTPException) -> str:

@@ -8,15 +8,21 @@ a CUDA process. Learned figures (learned.py) replace it after a real load.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from llamad.catalog.gguf_info import TensorBytes
+from llamad.catalog.gguf_info import EXPERTS, Projector, TensorBytes
 from llamad.memory.learned import Learned
+from llamad.memory.serverargs import ServerArgs, parse_args
 from llamad.memory.types import Memory
+from llamad.sizes import MIB
 
-MIB = 1024**2
+__all__ = ["ServerArgs", "parse_args"]  # re-exported: tests and the listing read them here
+
 # Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
 # the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
 # binary), with room for x86 repacked weight copies (12.7 MiB for Gemma 3 270M).
@@ -76,25 +82,6 @@ class ModelInfo(Protocol):
 
 
 @dataclass(frozen=True)
-class ServerArgs:
-    """The llama-server settings that decide memory, with this llama-server's defaults."""
-
-    gpu_layers: int | None = None  # None: auto or all, i.e. every layer llama-server can place
-    ctx_size: int = 0  # 0: the model's trained context
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    parallel: int | None = None  # None: auto, which means 4 slots sharing one unified cache
-    kv_unified: bool | None = None
-    kv_per_slot: int = 0
-    ubatch: int = 512
-    batch: int = 2048
-    swa_full: bool = False
-    kv_offload: bool = True
-    flash_attn: str = "auto"  # auto resolves to on wherever the backend supports it
-    load_mode: str = "auto"  # auto and mmap map the file; none and mlock read it; dio bypasses
-
-
-@dataclass(frozen=True)
 class Estimate:
     weights: Memory  # ram: the model file's pages once loaded (mapped or read)
     kv: Memory
@@ -112,69 +99,6 @@ class Estimate:
     def anon(self) -> int:
         """RAM that is not file pages: what grows when a model runs away."""
         return self.total.ram - self.mapped
-
-
-_VALUE_FLAGS = {
-    "-ngl": "gpu_layers", "--gpu-layers": "gpu_layers", "--n-gpu-layers": "gpu_layers",
-    "-c": "ctx_size", "--ctx-size": "ctx_size",
-    "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k",
-    "-ctv": "cache_type_v", "--cache-type-v": "cache_type_v",
-    "-np": "parallel", "--parallel": "parallel",
-    "--kv-unified-per-slot": "kv_per_slot", "-ub": "ubatch", "--ubatch-size": "ubatch",
-    "-b": "batch", "--batch-size": "batch", "-fa": "flash_attn", "--flash-attn": "flash_attn",
-    "-lm": "load_mode", "--load-mode": "load_mode",
-}
-_SWITCHES = {
-    "-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
-    "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False),
-    "--swa-full": ("swa_full", True),
-    "-nkvo": ("kv_offload", False), "--no-kv-offload": ("kv_offload", False),
-    "-kvo": ("kv_offload", True), "--kv-offload": ("kv_offload", True),
-}
-
-
-def parse_args(args: Sequence[str]) -> ServerArgs:
-    """Pick the memory-relevant settings out of a llama-server argv (later flags win)."""
-    found: dict[str, object] = {}
-    i = 0
-    while i < len(args):
-        flag, eq, value = args[i].partition("=")
-        if flag in _VALUE_FLAGS:
-            if not eq:
-                i += 1
-                value = args[i] if i < len(args) else ""
-            found[_VALUE_FLAGS[flag]] = value
-        elif flag in _SWITCHES:
-            key, on = _SWITCHES[flag]
-            found[key] = on
-        i += 1
-    return _settings(found)
-
-
-def _settings(found: dict[str, object]) -> ServerArgs:
-    def number(key: str, default: int) -> int:
-        try:
-            return int(str(found.get(key, default)))
-        except ValueError:
-            return default
-
-    layers = str(found.get("gpu_layers", "auto"))
-    gpu_layers = None if layers in ("auto", "all") or number("gpu_layers", -1) < 0 else int(layers)
-    parallel = number("parallel", -1)
-    unified = found.get("kv_unified")
-    fa = str(found.get("flash_attn", "auto")).lower()
-    return ServerArgs(
-        gpu_layers=gpu_layers, ctx_size=max(0, number("ctx_size", 0)),
-        cache_type_k=str(found.get("cache_type_k", "f16")).lower(),
-        cache_type_v=str(found.get("cache_type_v", "f16")).lower(),
-        parallel=parallel if parallel > 0 else None,
-        kv_unified=unified if isinstance(unified, bool) else None,
-        kv_per_slot=max(0, number("kv_per_slot", 0)), ubatch=max(1, number("ubatch", 512)),
-        batch=max(1, number("batch", 2048)),
-        swa_full=bool(found.get("swa_full", False)), kv_offload=bool(found.get("kv_offload", True)),
-        flash_attn="off" if fa in ("off", "0", "false", "disabled") else fa,
-        load_mode=str(found.get("load_mode", "auto")).lower(),
-    )
 
 
 @dataclass(frozen=True)
@@ -202,24 +126,92 @@ class _Plan:
 
 
 def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int = CUDA_FIXED,
-             n_gpus: int = 1) -> Estimate:
+             n_gpus: int = 1, draft: ModelInfo | None = None) -> Estimate:
     """Estimated RAM and VRAM of llama-server running this model with these arguments.
 
     `gpu`: the machine has a GPU to offload to (and llama-server is a CUDA build);
     `cuda_fixed`: a CUDA process's fixed cost on each GPU; `n_gpus`: GPUs the model spreads
-    over. Unknown metadata makes the estimate cruder, never smaller than the weights.
+    over; `draft`: the draft model's metadata, when the arguments load one (--model-draft).
+    The projector (--mmproj) comes from `info.projector`. Unknown metadata makes the estimate
+    cruder, never smaller than the weights.
     """
     s = parse_args(args)
     plan = _Plan.of(info.block_count or 0, s.gpu_layers, gpu)
-    weights, mapped = _weights(info, s, plan)
+    main = _parts(info, s, plan)
+    extras = [_projector(getattr(info, "projector", None), s, plan)]
+    if s.draft and draft is not None:
+        ds = dataclasses.replace(
+            s, gpu_layers=s.draft_gpu_layers, cache_type_k=s.draft_cache_type_k,
+            cache_type_v=s.draft_cache_type_v, n_cpu_moe=s.draft_n_cpu_moe,
+            overrides=s.draft_overrides)
+        extras.append(_parts(draft, ds, _Plan.of(draft.block_count or 0, ds.gpu_layers, gpu)))
+    on_gpu = plan.any or any(e.weights.vram for e in extras)
+    ram = PROCESS_RAM + (CUDA_LIBS_RAM if gpu else 0) + (CUDA_RUNTIME_RAM if on_gpu else 0)
+    overhead = Memory(ram, cuda_fixed * max(1, n_gpus) if on_gpu else 0)
+    return Estimate(_sum(main.weights, *(e.weights for e in extras)),
+                    _sum(main.kv, *(e.kv for e in extras)),
+                    _sum(main.compute, *(e.compute for e in extras)), overhead, main.ctx,
+                    mapped=sum(e.mapped for e in (main, *extras)) + (CUDA_LIBS_RAM if gpu else 0))
+
+
+def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Estimate:
+    """One model's weights, KV cache and compute buffers (no process overhead)."""
+    moved = _moved(info, s, plan)
+    weights, mapped = _weights(info, s, plan, moved)
     ctx, kv = _kv(info, s, plan)
-    compute = _compute(info, s, plan)
-    ram = PROCESS_RAM + (CUDA_LIBS_RAM if gpu else 0) + (CUDA_RUNTIME_RAM if plan.any else 0)
-    overhead = Memory(ram, cuda_fixed * max(1, n_gpus) if plan.any else 0)
-    return Estimate(weights, kv, compute, overhead, ctx,
-                    mapped=mapped + (CUDA_LIBS_RAM if gpu else 0))
+    return Estimate(weights, kv, _compute(info, s, plan, moved > 0), Memory(), ctx, mapped)
 
 
+def _sum(*parts: Memory) -> Memory:
+    return Memory(sum(p.ram for p in parts), sum(p.vram for p in parts))
+
+
+def _projector(proj: Projector | None, s: ServerArgs, plan: _Plan) -> Estimate:
+    """The multimodal projector: its file (read, not mapped) and the compute graph of its
+    encoder for the largest image, on the GPU when the model uses one (--mmproj-offload).
+    The graph: feed-forward and embedding activations per patch and, unless flash
+    attention is on, each head's attention scores over all patches (an upper bound)."""
+    if proj is None or not s.mmproj:
+        return Estimate(Memory(), Memory(), Memory(), Memory(), 0)
+    n = proj.tokens
+    graph = n * (2 * proj.feed_forward + 6 * proj.embedding) * 4
+    if s.flash_attn != "on":
+        graph += n * n * proj.heads * 4
+    if plan.any and s.mmproj_offload:
+        return Estimate(Memory(proj.size, proj.size), Memory(), Memory(0, graph), Memory(), 0,
+                        mapped=proj.size)
+    return Estimate(Memory(2 * proj.size, 0), Memory(), Memory(graph, 0), Memory(), 0,
+                    mapped=proj.size)
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(text: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(text)
+    except re.error:
+        return None  # llama-server itself refuses it at start; the unit's log says so
+
+
+def _moved(info: ModelInfo, s: ServerArgs, plan: _Plan) -> int:
+    """Bytes of the GPU's layers that tensor overrides keep on the host: the expert weights
+    of the first --n-cpu-moe layers, and tensors an -ot pattern sends to a CPU buffer
+    (matched against `blk.N.<name>`, with that tensor's average size per layer)."""
+    table: TensorBytes | None = getattr(info, "tensors", None)
+    if table is None or not plan.any or not (s.n_cpu_moe or s.overrides):
+        return 0
+    cpu = [p for text, buft in s.overrides if buft.upper().startswith("CPU")
+           and (p := _pattern(text)) is not None]
+    moved = 0
+    for il in range(plan.i_start, plan.n_layer):
+        has_experts = il < len(table.experts) and table.experts[il] > 0
+        experts_out = il < s.n_cpu_moe and has_experts
+        moved += table.experts[il] if experts_out else 0
+        for kind, total, count in table.kinds:
+            if EXPERTS.search(kind) and (experts_out or not has_experts):
+                continue
+            if any(p.search(f"blk.{il}.{kind}") for p in cpu):
+                moved += total // max(1, count)
+    return moved
 def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
     """The memory of a model spread over llama.cpp RPC workers (`--rpc`) by a llama-server
     that uses no local GPU: the workers take the GPU's part of the plan (the layers -ngl
@@ -256,12 +248,13 @@ def _rpc_split(info: ModelInfo, plan: _Plan) -> tuple[int, int, int]:
     return remote, info.size - remote, info.size // (n_layer + 1) if on else 0
 
 
-def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[Memory, int]:
-    """(weights per device, file pages): the GPU holds its layers' tensors; the host maps
-    or reads the whole file, since loading touches every tensor once."""
+def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan, moved: int = 0) -> tuple[Memory, int]:
+    """(weights per device, file pages): the GPU holds its layers' tensors, less those
+    overrides keep on the host (`moved`); the host maps or reads the whole file, since
+    loading touches every tensor once."""
     table: TensorBytes | None = getattr(info, "tensors", None)
     if table is not None and table.layers:
-        vram = sum(b for i, b in enumerate(table.layers) if plan.on_gpu(i))
+        vram = sum(b for i, b in enumerate(table.layers) if plan.on_gpu(i)) - moved
         host = table.input + sum(table.layers) - vram
         if plan.output:
             # A tied head is the token embedding, copied to the output layer's device.
@@ -328,19 +321,21 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
     return cells.full * cells.streams, Memory(int(host), int(gpu))
 
 
-def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Memory:
+def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan, host_weights: bool = False) -> Memory:
     """The compute buffers llama.cpp reserves for its worst-case graph, and the logits.
 
     With layers on the GPU the whole graph runs there (large batches of host layers too,
-    through op offload); the host keeps a full graph only for layers it holds, else the
-    input embeddings. The logits buffer (one row per slot) is host memory either way.
+    through op offload); the host keeps a full graph only for weights it holds (layers, or
+    tensors overrides keep there), else the input embeddings. The logits buffer (one row
+    per slot) is host memory either way.
     """
     logits = _logits(info, s)
     graph = _graph(info, s)
     if not plan.any:
         return Memory(graph + logits, 0)
     inputs = _ubatch(s, _n_ctx(info, s)) * (info.embedding_length or 4096) * 4
-    return Memory((graph if plan.i_start > 0 else inputs) + logits, graph)
+    host = graph if plan.i_start > 0 or host_weights else inputs
+    return Memory(host + logits, graph)
 
 
 def _logits(info: ModelInfo, s: ServerArgs) -> int:
@@ -410,9 +405,9 @@ def memory_limit(est: Estimate, measured_ram: int = 0) -> int:
 
 
 def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
-         cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1) -> Memory:
+         cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None) -> Memory:
     """What the scheduler should plan for: the learned figures, the estimate where none."""
-    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus).total
+    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus, draft=draft).total
     if learned is None or not learned.ram:
         return est
     return Memory(learned.ram, est.vram if learned.vram is None else learned.vram)

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llamad.sizes import MIB
+
 log = logging.getLogger("llamad.learned")
 
-MIB = 1024**2
 # Added to an observed fixed cost: NVML's figure for the same process moves by a few MiB
 # from load to load, and grows by 2 MiB at the first request (H100, driver 580).
 GPU_COST_MARGIN = 8 * MIB
@@ -29,8 +30,8 @@ GPU_COST_MARGIN = 8 * MIB
 
 @dataclass(frozen=True)
 class Learned:
-    """Measured on a real load: peak RAM (systemd's MemoryPeak of the unit), peak VRAM (None where the
-    GPU could not attribute memory to the process) and seconds from start to ready."""
+    """Measured on a real load: peak RAM (systemd's MemoryPeak of the unit), peak VRAM (None
+    where the GPU could not attribute memory to the process) and seconds from start to ready."""
 
     ram: int = 0
     vram: int | None = None

@@ -10,14 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamad.catalog import argv
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Model
 from llamad.config import Config
 from llamad.memory import estimate as memory
-from llamad.memory import gpu, learned
+from llamad.memory import fit, gpu, learned
 from llamad.memory.types import GpuFree, Memory, Resources
+from llamad.sizes import MIB
 
-MIB = 1024 * 1024
 KIB = 1024
 GPU_CACHE_SECONDS = 0.5
 # A learned peak is written again only when a later sample beats it by this much,
@@ -26,6 +27,10 @@ RELEARN_GROWTH = 1.05
 # An observed fixed CUDA cost outside this range says more about the estimate of that
 # model's buffers (unusual placement flags) than about the GPU: it is not learned.
 PLAUSIBLE_CUDA_FIXED = (64 * MIB, 4096 * MIB)
+MAX_PRICES = 20_000  # needs kept for fitting candidates before the cache starts afresh
+# With any of these the preset leaves fitting to llama-server, or places layers itself.
+FIT_FLAGS = ("--fit", "--fit-target", "--fit-ctx")
+PLACING = ("--n-gpu-layers", "--override-tensor", "--n-cpu-moe", "--cpu-moe", "--tensor-split")
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,12 @@ class Measure:
         self.monitor = monitor if monitor is not None else gpu.GpuMonitor()
         self.learned = learned.LearnedStore(state_dir)
         self.costs = learned.GpuCosts(state_dir)
-        self._needs: dict[tuple[str, tuple[str, ...]], Memory] = {}
+        self._needs: dict[tuple[object, ...], Memory] = {}
         self._gpus: tuple[gpu.GpuInfo, ...] = ()
         self._gpus_at = 0.0
         self._procs: dict[str, list[gpu.GpuProcess]] = {}
-        self._floors: dict[str, int] = {}  # model id: VRAM a failed load showed it needs
+        self._short: dict[str, int] = {}  # model id: VRAM a failed load needed beyond the plan
+        self._fitted: dict[str, tuple[str, ...]] = {}  # model id: what fitting added (fit.py)
         self._attributed = False  # NVML has named a process of some unit
 
     def resources(self, config: Config) -> Resources:
@@ -80,27 +86,82 @@ class Measure:
         return tuple(GpuFree(g.index, g.free, g.total) for g in self.gpu_list())
 
     def need(self, model: Model) -> Memory:
+        """What the scheduler plans with for the model as it runs (or would, unfitted)."""
+        return self._need(model, self.run_args(model))
+
+    def _need(self, model: Model, args: tuple[str, ...]) -> Memory:
         if model.info is None:
             return Memory()
-        key = (model.id, model.settings.args)
+        # Whatever the need is computed from: a file replaced under the same arguments,
+        # or a preset's new memory-need, must not meet an old figure.
+        key = (model.id, args, model.info, model.draft, model.settings.memory_need)
         found = self._needs.get(key)
-        if found is None and rpc.workers(model.settings.args):
+        if found is None and rpc.workers(args):
             # The local share alone, never a learned peak: that counts file pages of the
             # workers' share which passed through once while loading (memory.estimate_rpc).
-            found = Memory(memory.estimate_rpc(model.info, model.settings.args).total.ram)
-            self._needs[key] = found
+            found = Memory(memory.estimate_rpc(model.info, args).total.ram)
         if found is None:
             fixed, n_gpus = self._cuda(model)
-            found = memory.need(model.info, model.settings.args, self.learned_for(model),
-                                gpu=self.monitor.available, cuda_fixed=fixed, n_gpus=n_gpus)
-            self._needs[key] = found
-        floor = self._floors.get(model.id, 0)
-        return Memory(found.ram, floor) if floor > found.vram else found
+            found = memory.need(model.info, args, self.learned.get(model.id, args),
+                                gpu=self.monitor.available, cuda_fixed=fixed, n_gpus=n_gpus,
+                                draft=model.draft)
+            given = model.settings.memory_need  # the preset's figure beats the estimate
+            if given is not None:
+                found = Memory(found.ram if given[0] is None else given[0],
+                               found.vram if given[1] is None else given[1])
+        if len(self._needs) > MAX_PRICES:
+            self._needs.clear()
+        self._needs[key] = found
+        short = self._short.get(model.id, 0)
+        return Memory(found.ram, found.vram + short) if short else found
+
+    def run_args(self, model: Model) -> tuple[str, ...]:
+        """The model's arguments with what fitting added for the unit it runs in."""
+        return (*model.settings.args, *self._fitted.get(model.id, ()))
+
+    def fitted(self, model: Model, args: tuple[str, ...] | None) -> None:
+        """The model now runs with these arguments added by fitting (None: it stopped)."""
+        if args:
+            self._fitted[model.id] = args
+        else:
+            self._fitted.pop(model.id, None)
+
+    def fitter(self, model: Model) -> fit.Fitter | None:
+        """How fitting may change this model (context, layers), pricing each candidate as
+        need() would; None where it changes nothing: the arguments set both, the preset
+        gives memory-need or asks llama-server's own fitting, no metadata, RPC workers."""
+        info, args = model.info, model.settings.args
+        if info is None or rpc.workers(args) or model.settings.memory_need is not None \
+                or any(argv.has(args, flag) for flag in FIT_FLAGS):
+            return None
+        s = memory.parse_args(args)
+        unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
+        streams = 1 if unified else (s.parallel or 4)
+        trained = info.context_length or 0
+        most = trained * streams
+        cap = model.settings.ctx_max or self.config.ctx_max
+        capped = bool(cap) and cap < most
+        if capped:
+            step = fit.STEP * streams
+            most = max(step, cap // step * step)
+        places = any(argv.has(args, flag) for flag in PLACING) or s.split_mode == "row"
+        layers = info.block_count or 0 if self.monitor.available and not places else 0
+        table = getattr(info, "tensors", None)
+        shape = fit.Shape(
+            trained=trained, most=most, least=min(self.config.fit_min_ctx * streams, most),
+            streams=streams, fit_ctx=s.ctx_size == 0 and not s.kv_per_slot and trained > 0,
+            layers=layers, experts=bool(table is not None and any(table.experts)),
+            capped=capped)
+        if not shape.fit_ctx and not shape.layers:
+            return None
+        return fit.Fitter(shape, lambda extra: self._need(model, (*args, *extra)))
 
     def at_least(self, model: Model, vram: int) -> None:
-        """A load ran out of GPU memory: plan this much VRAM at least until one succeeds,
-        and decide its retry on fresh figures."""
-        self._floors[model.id] = max(vram, self._floors.get(model.id, 0))
+        """A load ran out of GPU memory: plan this much VRAM at least (and as much more
+        for any other arguments fitting tries) until one succeeds, and decide its retry on
+        fresh figures."""
+        planned = self.need(model).vram - self._short.get(model.id, 0)
+        self._short[model.id] = max(vram - planned, self._short.get(model.id, 0))
         self._gpus_at = 0.0
 
     def estimate(self, model: Model) -> Memory:
@@ -113,12 +174,13 @@ class Measure:
     def _estimate(self, model: Model, cuda_fixed: int | None = None) -> memory.Estimate | None:
         if model.info is None:
             return None
-        if rpc.workers(model.settings.args):
-            return memory.estimate_rpc(model.info, model.settings.args)
+        args = self.run_args(model)
+        if rpc.workers(args):
+            return memory.estimate_rpc(model.info, args)
         fixed, n_gpus = self._cuda(model)
-        return memory.estimate(model.info, model.settings.args, gpu=self.monitor.available,
+        return memory.estimate(model.info, args, gpu=self.monitor.available,
                                cuda_fixed=fixed if cuda_fixed is None else cuda_fixed,
-                               n_gpus=n_gpus)
+                               n_gpus=n_gpus, draft=model.draft)
 
     def derived_limit(self, model: Model) -> int | None:
         """MemoryMax for memory-limit = estimate (memory.memory_limit); None without metadata."""
@@ -130,18 +192,28 @@ class Measure:
 
     def _cuda(self, model: Model) -> tuple[int, int]:
         """(fixed CUDA cost per GPU, GPUs the model spreads over): the highest cost among
-        the GPUs it may land on, learned or the default."""
+        the GPUs it may land on, learned or the default. `-sm none` keeps it on one GPU;
+        `-ts` spreads it over as many as it gives shares to."""
         gpus = self.gpu_list()
         devices = model.settings.devices or ()
         candidates = [g for g in gpus if g.index in devices] if devices else list(gpus)
         costs = [self.costs.get(g.uuid, g.name) for g in candidates]
         fixed = max((c if c is not None else memory.CUDA_FIXED for c in costs),
                     default=memory.CUDA_FIXED)
+        s = memory.parse_args(model.settings.args)
+        shares = sum(1 for x in s.tensor_split if x > 0)
+        if s.split_mode == "none":
+            return fixed, 1
+        if shares > 1:
+            return fixed, min(shares, len(candidates) or shares)
         spread = model.settings.split or len(devices) > 1
         return fixed, (len(candidates) or 1) if spread else 1
 
     def learned_for(self, model: Model) -> learned.Learned | None:
-        return self.learned.get(model.id, model.settings.args)
+        """What was learned for the model as it runs now, else as its own arguments ran
+        (a load time hardly depends on the context fitting chose)."""
+        return self.learned.get(model.id, self.run_args(model)) or \
+            self.learned.get(model.id, model.settings.args)
 
     def gpu_list(self) -> tuple[gpu.GpuInfo, ...]:
         """NVML's GPUs, at most GPU_CACHE_SECONDS old: a decision per request stays cheap."""
@@ -184,7 +256,7 @@ class Measure:
     def should_learn(self, model: Model, ram: int, load_seconds: float | None) -> bool:
         """Whether a sample is news: nothing learned yet for these arguments, a new load
         time, or a peak clearly above the learned one."""
-        old = self.learned_for(model)
+        old = self.learned.get(model.id, self.run_args(model))
         if old is None or not old.ram:
             return ram > 0
         return ram > old.ram * RELEARN_GROWTH or (
@@ -199,10 +271,10 @@ class Measure:
             vram = None  # NVML lists it but cannot say how much it holds
         # Without NVML a VRAM figure of 0 means "not measured", not "none used".
         vram = vram if self.monitor.available else None
-        self.learned.record(model.id, model.settings.args, ram=ram, vram=vram,
-                            load_seconds=load_seconds)
-        self._needs.pop((model.id, model.settings.args), None)
-        self._floors.pop(model.id, None)
+        args = self.run_args(model)
+        self.learned.record(model.id, args, ram=ram, vram=vram, load_seconds=load_seconds)
+        self._needs.clear()  # what is learned for these arguments replaces their estimate
+        self._short.pop(model.id, None)
         self._learn_cost(model)
 
     def _learn_cost(self, model: Model) -> None:

@@ -26,7 +26,7 @@ from systemd import journal
 
 from llamad.errors import BadRequest, Unavailable
 from llamad.http import keys
-from llamad.http.context import supervisor
+from llamad.http.context import app_key, supervisor
 from llamad.memory.gpu import unit_of_pid
 
 DEFAULT_LINES = 100
@@ -54,7 +54,7 @@ class Streams:
             woken.set()
 
 
-STREAMS: Any = web.AppKey("log_streams", Streams) if hasattr(web, "AppKey") else "log_streams"
+STREAMS: Any = app_key("log_streams", Streams)
 
 
 def open_reader(unit: str | None) -> Any:
@@ -64,6 +64,8 @@ def open_reader(unit: str | None) -> Any:
         reader.add_match(_SYSTEMD_UNIT=unit)
         reader.add_disjunction()
         reader.add_match(UNIT=unit, _PID="1")  # systemd's lines about the unit
+        reader.add_disjunction()
+        reader.add_match(OBJECT_SYSTEMD_UNIT=unit, _UID="0")  # llamad's (requestlog.note)
     else:
         reader.add_match(_PID=str(os.getpid()))
     return reader

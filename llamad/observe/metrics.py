@@ -32,10 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from llamad.http import keys
+from llamad.http.context import app_key
 from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
 from llamad.supervisor.events import Cause, Change, State
-from llamad.supervisor.guards import kvcache
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
@@ -145,7 +145,7 @@ class _Live(Collector):
         shown = [s for s in sup.slots.values()
                  if s.state is not State.UNLOADED or s.model.id in self.metrics.seen]
         return [*_states(sup, shown), *_requests(shown), *_memory(sup, shown),
-                *_machine(sup, self.metrics.connections()), *kvcache.families(sup.kv)]
+                *_machine(sup, self.metrics.connections()), *sup.kv.families()]
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
@@ -254,7 +254,7 @@ async def _fetch(slot: Slot) -> str | None:
         return None
 
 
-METRICS: Any = web.AppKey("metrics", Metrics) if hasattr(web, "AppKey") else "metrics"
+METRICS: Any = app_key("metrics", Metrics)
 
 
 async def handle(request: web.Request) -> web.Response:

@@ -9,6 +9,10 @@ first: the journal's export format and systemd's own parsers treat them as struc
 
 One writer thread sends the entries, so a journald that falls behind never stalls the
 event loop; when QUEUE entries wait already, further ones are dropped, and logged as such.
+
+The same thread writes llamad's notes about a model into that model's own journal
+(`journalctl -u llama-server@x`, which shows entries root sends with
+OBJECT_SYSTEMD_UNIT=): what fitting chose for it when it starts, and why (`fit_notes`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from systemd import journal
 
 from llamad.http.record import Record
 from llamad.safetext import one_line
+from llamad.supervisor.events import Cause, Change, State
 
 log = logging.getLogger("llamad.requestlog")
 
 MESSAGE_ID = "0f1c8d3ad0e54c6c9e1b8f7a62d5b4e3"  # `journalctl MESSAGE_ID=...` finds them all
+FIT_MESSAGE_ID = "6b1f0e8a3c2d4f5e9a7b1c3d5e7f9a0b"  # what fitting chose for a model
 QUEUE = 10_000
 
 
@@ -65,8 +71,16 @@ class JournalWriter:
         self._thread.start()
 
     def __call__(self, rec: Record) -> None:
+        self._put(fields(rec))
+
+    def note(self, model: str, unit: str, message: str) -> None:
+        """A line of llamad's about a model, in that model's unit's journal."""
+        self._put({"MESSAGE": one_line(message), "MODEL": clean(model),
+                   "OBJECT_SYSTEMD_UNIT": clean(unit), "MESSAGE_ID": FIT_MESSAGE_ID})
+
+    def _put(self, entry: dict[str, str]) -> None:
         try:
-            self._queue.put_nowait(fields(rec))
+            self._queue.put_nowait(entry)
         except queue.Full:
             self.dropped += 1
             if self.dropped % 1000 == 1:
@@ -78,8 +92,8 @@ class JournalWriter:
         while (entry := self._queue.get()) is not None:
             try:
                 message = entry.pop("MESSAGE")
-                self._send(message, MESSAGE_ID=MESSAGE_ID, PRIORITY="6",
-                           SYSLOG_IDENTIFIER="llamad", **entry)
+                entry.setdefault("MESSAGE_ID", MESSAGE_ID)
+                self._send(message, PRIORITY="6", SYSLOG_IDENTIFIER="llamad", **entry)
                 failing = False
             except Exception as e:  # journald gone or restarting: say so once, keep going
                 if not failing:
@@ -93,3 +107,15 @@ class JournalWriter:
         except queue.Full:
             return
         self._thread.join(timeout)
+
+
+def fit_notes(writer: JournalWriter, unit_of: Callable[[str], str | None]) -> Callable[
+        [Change], None]:
+    """A listener of model state changes: when a model starts with what fitting chose
+    (the STARTING change's detail), say so in its own journal."""
+    def on_change(change: Change) -> None:
+        if change.new is State.STARTING and change.cause is Cause.LOAD and change.detail:
+            unit = unit_of(change.model)
+            if unit is not None:
+                writer.note(change.model, unit, f"llamad: {change.detail}")
+    return on_change

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -25,6 +26,22 @@ log = logging.getLogger("llamad.supervisor")
 
 
 class Admission(Lifecycle):
+    async def wait_open(self) -> None:
+        """Until llamad has read its models after a start (Core.opened), bounded by
+        queue-timeout; then 503 with Retry-After. app.py has every request but /health
+        wait here."""
+        if self.opened.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.opened.wait(), self.config.queue_timeout)
+        except TimeoutError:
+            raise self._not_open() from None
+
+    @staticmethod
+    def _not_open() -> Unavailable:
+        return Unavailable("llamad is still reading its models after starting; retry in a "
+                           "moment", retry_after=2, code="catalog_scanning")
+
     async def find(self, name: object) -> Slot:
         """resolve(), but a model whose file is being copied in is waited for (until it
         settles, bounded by queue-timeout) rather than answered 404."""
@@ -74,12 +91,15 @@ class Admission(Lifecycle):
         if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
             raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
                              "POST /models/load first", code="model_not_loaded")
-        await self.rpc.admit(slot)  # a model whose rpc worker is down: 503, nothing started
+        for hook in self.hooks:  # e.g. a model whose rpc worker is down: 503, nothing started
+            await hook.admit(slot)
         return await self._admit(slot, explicit, time.monotonic() + self.config.queue_timeout)
 
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
         slot.in_flight -= 1
         slot.served += 1
+        for hook in self.hooks:  # e.g. did a restored KV cache take? (checked once)
+            hook.request_ended(slot)
         slot.last_used = slot.alive_at = time.monotonic()
         if keep_alive is not None:
             slot.keep_alive = keep_alive

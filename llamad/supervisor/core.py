@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -20,10 +21,12 @@ from typing import Any
 from llamad.catalog.catalog import Snapshot
 from llamad.config import Config
 from llamad.errors import Unavailable
+from llamad.memory.serverargs import parse_args
+from llamad.memory.types import Memory
 from llamad.supervisor import backend as be
 from llamad.supervisor import unitspec
 from llamad.supervisor.events import TRANSITIONS, Cause, Change, Hub, State
-from llamad.supervisor.guards import gpuload, kvcache, rpcguard
+from llamad.supervisor.hooks import Hook
 from llamad.supervisor.scheduler import ModelView, Policy, effective_ttl
 from llamad.supervisor.slot import Measure, Slot, Units
 from llamad.systemd import exits
@@ -77,24 +80,28 @@ class Sessions:
 
 
 class Core:
-    gpu: gpuload.GpuGuard  # set by Supervisor: GPU out-of-memory retries, CPU fallback checks
-    kv: kvcache.KvCache  # set by Supervisor: KV caches saved at stops, restored at loads
-    rpc: rpcguard.RpcGuard  # set by Supervisor: RPC workers that go away or are busy
-
     def __init__(self, config: Config, snapshot: Snapshot, units: Units,
                  measure: Measure, journal: Journal,
-                 rescan: Callable[[], Awaitable[None]] | None = None) -> None:
+                 rescan: Callable[[], Awaitable[None]] | None = None,
+                 opened: bool = True) -> None:
         self.config = config
         self.snapshot = snapshot
         self.units = units
         self.measure = measure
         self.journal = journal
         self.rescan = rescan  # a catalog scan that starts now (the watcher's)
+        # Set once the first catalog scan is in and an earlier llamad's units are adopted.
+        # llamad serves before that (app.py: a slow scan must not hold READY); requests
+        # naming a model wait for it (Admission.wait_open).
+        self.opened = asyncio.Event()
+        if opened:
+            self.opened.set()
         self.sessions = Sessions()
         self.policy = Policy(config.eviction_policy)
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
         self._changed = asyncio.Event()
         self.events = Hub()
+        self.hooks: tuple[Hook, ...] = ()  # features called at each step (hooks.py)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[Any]] = set()  # finished, not cancelled, on close()
         self._closed = False
@@ -114,18 +121,24 @@ class Core:
         # cheapest-reload ranks by the load time learned on earlier loads too.
         load = learned.load_seconds if learned and learned.load_seconds is not None \
             else slot.load_seconds
+        shares = parse_args(s.args).tensor_split
         return ModelView(
             id=slot.model.id, state=slot.state, in_flight=slot.in_flight, queued=slot.queued,
             last_used=slot.last_used, pinned=slot.pinned, need=self.measure.need(slot.model),
             load_seconds=load, gpus=slot.gpus, devices=s.devices or (), used=slot.used,
-            split=s.split, reason=slot.reason)
+            split=s.split, reason=slot.reason,
+            shares=shares if sum(1 for x in shares if x > 0) > 1 else ())
 
     def views(self, target: Slot | None = None) -> dict[str, ModelView]:
         """Loaded models (and `target`): unloaded ones play no part in a decision,
-        and skipping them keeps a decision cheap with thousands catalogued."""
+        and skipping them keeps a decision cheap with thousands catalogued. A target
+        that may load comes with its way to fit the memory there is."""
         views = {s.model.id: self.view(s) for s in self.loaded()}
         if target is not None:
-            views[target.model.id] = self.view(target)
+            view = self.view(target)
+            if target.state in (State.UNLOADED, State.FAILED):
+                view = dataclasses.replace(view, fit=self.measure.fitter(target.model))
+            views[target.model.id] = view
         return views
 
     def loaded(self) -> list[Slot]:
@@ -168,6 +181,23 @@ class Core:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), left)
 
+    # -- measurements ----------------------------------------------------------
+
+    def record_sample(self, slot: Slot, pid: int, now: Memory, peak_ram: int) -> None:
+        """A measurement of the model's process `pid`: its memory now and its peak RAM.
+        Dropped if the process stopped or restarted since it was taken."""
+        if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):
+            return
+        if slot.sampled_pid != pid:
+            slot.sampled_pid, slot.peak = pid, Memory()
+        slot.peak = Memory(max(slot.peak.ram, peak_ram), max(slot.peak.vram, now.vram))
+        # Only a ready model's figure stands in for its need: one taken mid-load is
+        # too low, and the scheduler would fit a second model beside it.
+        slot.used = now if slot.state is State.READY else Memory()
+        if slot.state is State.READY and self.measure.should_learn(
+                slot.model, slot.peak.ram, slot.load_seconds):
+            self.measure.learn(slot.model, slot.peak.ram, slot.peak.vram, slot.load_seconds)
+
     # -- background tasks ----------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str,
@@ -208,7 +238,7 @@ class Core:
         limit = unitspec.memory_max(self.config, slot.model,
                                     self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address,
-                              self.measure.gpu_uuids(gpus), limit)
+                              self.measure.gpu_uuids(gpus), limit, slot.fit)
         return spec, address
 
     def exit_text(self, slot: Slot) -> str:
@@ -257,9 +287,11 @@ class Core:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
-        await self.gpu.close()
-        await self.rpc.close()
+        for hook in self.hooks:
+            await hook.close()
         for task in self._tasks - self._closing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,4 +1,5 @@
-"""Measuring running models, once per daemon tick (never on a request)."""
+"""Measuring running models, once per daemon tick (never on a request). The figures go to
+the supervisor through `record_sample`, the one writer of a slot's measurements."""
 
 from __future__ import annotations
 
@@ -20,20 +21,9 @@ async def sample(sup: Supervisor) -> None:
     running = (State.STARTING, State.LOADING, State.READY)
     for slot in [s for s in sup.loaded() if s.main_pid and s.state in running]:
         pid = slot.main_pid
-        ram, peak = await _ram(sup, slot.unit, pid)
-        if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):
-            continue  # it stopped or restarted meanwhile: the sample is not its own
-        if slot.sampled_pid != pid:
-            slot.sampled_pid, slot.peak = pid, Memory()
-        now = Memory(ram, vram.get(slot.unit, 0))
-        slot.peak = Memory(max(slot.peak.ram, peak), max(slot.peak.vram, now.vram))
-        # Only a ready model's figure stands in for its need: one taken mid-load is
-        # too low, and the scheduler would fit a second model beside it.
-        slot.used = now if slot.state is State.READY else Memory()
-        if slot.state is State.READY and sup.measure.should_learn(
-                slot.model, slot.peak.ram, slot.load_seconds):
-            sup.measure.learn(slot.model, slot.peak.ram, slot.peak.vram,
-                               slot.load_seconds)
+        ram, peak = await _ram(sup, slot.unit, pid)  # awaited: record_sample checks the pid
+        sup.record_sample(slot, pid, Memory(ram, vram.get(slot.unit, 0)), peak)
+
 
 async def _ram(sup: Supervisor, unit: str, pid: int) -> tuple[int, int]:
     """Bytes (now, peak) of one model's unit; zeros when nothing can be read."""

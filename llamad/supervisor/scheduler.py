@@ -6,15 +6,16 @@ and carries out the decision; a table of cases can test every rule without syste
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from llamad.memory.fit import Choice, Fitter, Room
 from llamad.memory.types import Memory, Resources
+from llamad.sizes import GIB
 from llamad.supervisor.events import State
-
-GIB = 1024**3
 
 
 class Policy(enum.Enum):
@@ -40,6 +41,9 @@ class ModelView:
     devices: tuple[int, ...] = ()  # preset pins it to these GPUs; () = any
     split: bool = False  # preset asks to spread it over several GPUs
     reason: str = ""  # why it failed, for FAILED
+    # How a load may fit it to the memory there is (memory/fit.py); None: `need` as it is.
+    fit: Fitter | None = field(default=None, compare=False)
+    shares: tuple[float, ...] = ()  # -ts: its VRAM over its GPUs in these proportions
 
     @property
     def busy(self) -> bool:
@@ -65,6 +69,7 @@ class Load:
     # The evicted make room by count only: memory fits while they still run, so the
     # start need not wait for them to exit.
     overlap: bool = False
+    fit: Choice | None = None  # what fitting adds to its arguments, and why
 
 
 @dataclass(frozen=True)
@@ -155,17 +160,69 @@ def _plan_load(target: ModelView, models: Mapping[str, ModelView], res: Resource
                policy: Policy) -> Decision:
     others = [m for m in models.values() if m.id != target.id]
     idle = victims(others, policy)
-    chosen = _fewest(target, others, res, idle)
-    if chosen is not None:
-        gpus = _place(target, others, res, frozenset(chosen))
-        assert gpus is not None  # _fewest only returns sets that place
-        overlap = bool(chosen) and _place(target, others, res, frozenset()) == gpus
-        return Load(target.id, chosen, gpus, overlap)
     later = _leaving(others, idle)
-    chosen = _fewest(target, others, res, idle + later)
+    # Fitting sizes the model to the room it has once every idle model is gone; then the
+    # fewest of them that make room for that size are stopped.
+    sized, choice = _sized(target, others, res, idle)
+    chosen = _fewest(sized, others, res, idle)
+    if chosen is not None:
+        gpus = _place(sized, others, res, frozenset(chosen))
+        assert gpus is not None  # _fewest only returns sets that place
+        overlap = bool(chosen) and _place(sized, others, res, frozenset()) == gpus
+        if choice is not None:
+            choice = choice.explained(_room_words(sized, others, res, chosen, gpus))
+        return Load(target.id, chosen, gpus, overlap, choice)
+    sized, _ = _sized(target, others, res, idle + later)
+    chosen = _fewest(sized, others, res, idle + later)
     if chosen is not None:
         return Drain(target.id, tuple(n for n in chosen if n in later))
-    return Reject(503, _why_not(target, others, res, frozenset(idle + later)))
+    why = _why_not(sized, others, res, frozenset(idle + later))
+    if target.fit is not None and target.fit.shape.fit_ctx:
+        why += f" (at context {target.fit.shape.least}, the least fit-min-ctx allows)"
+    return Reject(503, why)
+
+
+def _sized(target: ModelView, others: list[ModelView], res: Resources,
+           gone: tuple[str, ...]) -> tuple[ModelView, Choice | None]:
+    """The target with the need fitting chooses for the room it has once `gone` are
+    stopped; where nothing fits, with the need of the smallest plan (for the figures)."""
+    if target.fit is None:
+        return target, None
+    choice = target.fit.choose(_room(target, others, res, frozenset(gone)))
+    least = choice or target.fit.least()
+    return dataclasses.replace(target, need=least.need), choice
+
+
+def _room(target: ModelView, others: list[ModelView], res: Resources,
+          gone: frozenset[str]) -> Room:
+    ram = _ram_room(others, res, gone)
+    if not res.gpus:
+        return Room(ram)
+    room = _gpu_room(others, res, gone)
+    if target.devices:
+        room = {i: room.get(i, 0) for i in target.devices}
+    if target.shares:
+        return Room(ram, _shared_room(target, room), True)
+    if target.split or len(target.devices) > 1:
+        return Room(ram, sum(r for r in room.values() if r > 0), True)
+    return Room(ram, max(room.values(), default=0), True)
+
+
+def _room_words(target: ModelView, others: list[ModelView], res: Resources,
+                evict: tuple[str, ...], gpus: tuple[int, ...]) -> str:
+    """Where a fitted model found its room, e.g. "9.1 GiB free on GPU 0 after evicting
+    nothing"."""
+    gone = frozenset(evict)
+    after = f"after evicting {', '.join(evict) or 'nothing'}"
+    if gpus:
+        room = _gpu_room(others, res, gone)
+        free = sum(max(0, room.get(i, 0)) for i in gpus)
+        return f"{_gib(free)} free on GPU {','.join(map(str, gpus))} {after}"
+    ram = _ram_room(others, res, gone)
+    bound = " within memory-budget-mb" if res.ram_budget is not None and \
+        ram == res.ram_budget - sum(_held(m, res).ram for m in others if m.id not in gone) \
+        else ""
+    return f"{_gib(ram)} of RAM free{bound} {after}"
 
 
 def _leaving(others: list[ModelView], idle: tuple[str, ...]) -> tuple[str, ...]:
@@ -213,12 +270,26 @@ def _place(target: ModelView, others: list[ModelView], res: Resources,
     room = _gpu_room(others, res, gone)
     if target.devices:
         room = {i: room.get(i, 0) for i in target.devices}
+    if target.shares:
+        gpus = tuple(sorted(room)[:len(target.shares)])
+        return gpus if _shared_room(target, room) >= need.vram else None
     if target.split or len(target.devices) > 1:
         # llama.cpp splits layers in proportion to each device's free memory.
         usable = {i: r for i, r in room.items() if r > 0}
         return tuple(sorted(usable)) if sum(usable.values()) >= need.vram else None
     best = max(room, key=lambda i: (room[i], -i), default=None)
     return (best,) if best is not None and room[best] >= need.vram else None
+
+
+def _shared_room(target: ModelView, room: dict[int, int]) -> int:
+    """-ts: the most VRAM the model may need when the GPUs, in index order, take its shares
+    in turn (CUDA_VISIBLE_DEVICES lists them so, and -ts counts positions in it)."""
+    gpus = sorted(room)[:len(target.shares)]
+    total = sum(target.shares)
+    if len(gpus) < len(target.shares) or total <= 0:
+        return 0
+    return int(min(room[i] * total / share
+                   for i, share in zip(gpus, target.shares, strict=True) if share > 0))
 
 
 def _ram_room(others: list[ModelView], res: Resources, gone: frozenset[str]) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from llamad.supervisor.core import IllegalMove
-from llamad.supervisor.guards import gpuload, kvcache, rpcguard
+from llamad.supervisor.guards import comeback, gpuload, kvcache, rpcguard
 from llamad.supervisor.idle import Idle
 
 __all__ = ["IllegalMove", "Supervisor"]
@@ -29,5 +29,9 @@ class Supervisor(Idle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gpu = gpuload.GpuGuard(self)  # GPU out-of-memory retries, CPU fallback checks
-        self.kv = kvcache.KvCache(self.config, self.events)  # KV caches kept across swaps
+        self.kv = kvcache.KvCache(self)  # KV caches kept across swaps
         self.rpc = rpcguard.RpcGuard(self)  # RPC workers that go away or are busy
+        self.comeback = comeback.Comeback(self)  # restore = yes: back once there is room
+        # The order they are called in: the RPC check refuses a request before anything
+        # else runs; the GPU wait comes before a start, the KV restore before serving.
+        self.hooks = (self.rpc, self.comeback, self.gpu, self.kv)

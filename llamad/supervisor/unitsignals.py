@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from llamad.supervisor import unitspec
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.reconcile import Reconcile
 from llamad.supervisor.slot import Slot
+from llamad.systemd import exits
 from llamad.systemd.units import REMOVED
 
 log = logging.getLogger("llamad.supervisor")
@@ -69,5 +69,5 @@ class Signals(Reconcile):
         rather than let Restart=on-failure load it into the same wall again."""
         if slot.state in (State.UNLOADED, State.FAILED, State.STOPPING):
             return
-        self._fail(slot, unitspec.describe_exit(slot.last_exit))
+        self._fail(slot, exits.describe(slot.last_exit))
         self.spawn(self.units.stop(slot.unit), f"stopping {slot.unit}")

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
-from llamad import redact
+from llamad import sizes
+from llamad.catalog import argv as args
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Model
 from llamad.config import Config
+from llamad.memory import fit as fitting
+from llamad.memory.fit import Choice
+from llamad.memory.gpu import mem_total
+from llamad.safetext import one_line
 from llamad.supervisor import backend as be
 from llamad.supervisor.guards import gpuload, kvcache
-from llamad.systemd import exits
 from llamad.systemd.unitname import instance_of
-from llamad.systemd.units import UnitSpec, UnitStatus
+from llamad.systemd.units import Markers, UnitSpec, UnitStatus
 
 
 def instance(model: Model) -> str:
@@ -68,16 +71,19 @@ def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
 
 
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
-          memory_max: int | None) -> UnitSpec:
-    """`gpus`: the GPUs planned for it, by UUID; () for none."""
-    metrics = ("--metrics",) if model.settings.metrics and "--metrics" not in \
-        model.settings.args else ()
+          memory_max: int | None, fit: Choice | None = None) -> UnitSpec:
+    """`gpus`: the GPUs planned for it, by UUID; () for none. `fit`: what fitting chose
+    (memory/fit.py): its arguments are part of the argv, so of the digest, and the unit's
+    markers keep them for the llamad that adopts it."""
+    metrics = ("--metrics",) if model.settings.metrics and \
+        not args.has(model.settings.args, "--metrics") else ()
     kv = kvcache.unit_parts(config, model)
-    argv = (str(config.llama_server), *redact.without_secrets(model.settings.args), *metrics,
-            *gpuload.fit_args(model), *(kv.args if kv else ()),
+    fitted = fit.args if fit is not None else ()
+    argv = (str(config.llama_server), *args.without_secrets(model.settings.args), *fitted,
+            *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
-    env = [f"LLAMAD_MODEL={model.id}", f"LLAMAD_BACKEND={address}",
-           f"LLAMAD_ARGS={args_digest(argv)}", gpuload.cuda_env(gpus)]
+    chose = fit is not None and bool(fit.args or fit.reason)
+    env = [gpuload.cuda_env(gpus)]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
         name=model.unit, description=model.id, argv=argv, environment=tuple(env),
@@ -88,38 +94,44 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         memory_max=memory_max, memory_high=parse_size(s.memory_high),
         runtime_dir=be.runtime_dir(instance(model)) if unix or kv else None,
         devices=gpu_devices() if gpus else (), tcp=not unix, binds=(kv.bind,) if kv else (),
-        remote=rpc.addresses(rpc.workers(argv)))
+        # The preset's own `rpc` alone opens the sandbox: its rendered options, read by
+        # flag arity, never the paths or the id among them (argv.walk).
+        remote=rpc.addresses(rpc.workers(model.settings.args)),
+        markers=Markers(model.id, address, args_digest(argv),
+                        " ".join(fitted) if chose else None,
+                        one_line(fit.reason) if fit is not None and chose else ""))
+
+
+_FITTED = (fitting.CTX, fitting.LAYERS, fitting.CPU_MOE)
+
+
+def fitted_args(status: UnitStatus) -> tuple[str, ...] | None:
+    """What fitting added to a running unit's argv, from its markers; None where it chose
+    nothing, or the value is not what llamad writes there."""
+    found = status.markers
+    if found is None or found.fit is None:
+        return None
+    tokens = tuple(found.fit.split())
+    pairs = list(zip(tokens[::2], tokens[1::2], strict=False))
+    if len(tokens) % 2 or any(flag not in _FITTED or not value.isdigit()
+                              for flag, value in pairs):
+        return None
+    return tokens
 
 
 def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:
     """Whether a running unit is the one llamad would start now: same argv and address."""
-    return (status.env("LLAMAD_ARGS") == args_digest(spec.argv)
-            and status.env("LLAMAD_BACKEND") == address)
+    found = status.markers
+    return found is not None and found.args == args_digest(spec.argv) and found.backend == address
 
 
 def args_digest(argv: tuple[str, ...]) -> str:
     return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
 
 
-def describe_exit(last: dict[str, Any]) -> str:
-    """systemd's account of a unit's last end as a sentence (exits.describe)."""
-    return exits.describe(last)
-
-
-_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5, "E": 1024**6}
-
-
 def parse_size(text: str | None) -> int | None:
-    """systemd-style sizes: '512M', '4G', '50%' (of RAM), plain bytes; 'infinity' is no limit."""
-    if not text or text.strip().lower() == "infinity":
-        return None
-    text = text.strip().upper().removesuffix("B")
-    if text.endswith("%"):
-        from llamad.memory.gpu import mem_total
-        return int(mem_total() * float(text[:-1]) / 100)
-    if text and text[-1] in _SIZES:
-        return int(float(text[:-1]) * _SIZES[text[-1]])
-    return int(text)
+    """A systemd size as bytes (sizes.parse_size); a percentage is of this machine's RAM."""
+    return sizes.parse_size(text, mem_total)
 
 
 def gpu_devices() -> tuple[str, ...]:

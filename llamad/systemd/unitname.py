@@ -1,4 +1,4 @@
-"""Model name -> llama-server@<instance>.service, and back through the unit's environment.
+"""Model name -> llama-server@<instance>.service (the unit's markers map it back: units.Markers).
 
 The instance string is only an identifier: it is never unescaped into a path. Names
 that are already valid and readable are used as they are; any other name is made
@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
 
 UNIT_PREFIX = "llama-server@"
 UNIT_SUFFIX = ".service"
 UNIT_PATTERN = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"  # for systemd's ListUnitsByPatterns
 SLICE = "llama-server.slice"  # every model unit runs in it (slice-memory-max limits it)
-# The real model name travels in this environment variable of the unit.
-MODEL_ENV = "LLAMAD_MODEL"
 UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX minus the terminating NUL
 INSTANCE_MAX = UNIT_NAME_MAX - len(UNIT_PREFIX) - len(UNIT_SUFFIX)
 HASH_LEN = 8
@@ -78,16 +75,3 @@ def bus_label(text: str) -> str:
 
 # systemd's D-Bus object path of every model unit starts with this.
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/" + bus_label(UNIT_PREFIX)
-
-
-def unit_environment(model_id: str) -> str:
-    """The Environment= entry that lets a unit be mapped back to its model."""
-    return f"{MODEL_ENV}={model_id}"
-
-
-def model_from_environment(environment: Iterable[str]) -> str | None:
-    prefix = MODEL_ENV + "="
-    for entry in environment:
-        if entry.startswith(prefix):
-            return entry[len(prefix):]
-    return None

@@ -14,7 +14,15 @@ from typing import Any
 
 from llamad.systemd import bus
 from llamad.systemd.bus import Props, UnitError
-from llamad.systemd.unitname import SLICE, UNIT_PATH_PREFIX, UNIT_PATTERN, is_model_unit
+from llamad.systemd.unitname import (
+    SLICE,
+    TTL_TIMER_PATTERN,
+    UNIT_PATH_PREFIX,
+    UNIT_PATTERN,
+    is_model_unit,
+    ttl_units,
+    unit_of_ttl_timer,
+)
 
 __all__ = ["UnitError"]
 
@@ -22,7 +30,9 @@ log = logging.getLogger("llamad.units")
 
 UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
-MARKER = "LLAMAD_MANAGED=1"
+TIMER_IFACE = b"org.freedesktop.systemd1.Timer"
+TRUE = "/bin/true"
+MANAGED = "LLAMAD_MANAGED=1"  # every model unit llamad starts carries it (Markers)
 REMOVED = "UnitRemoved"  # the key on_change gets for systemd's UnitRemoved signal
 # The group of model units and their sockets; llamad.service is its one member
 # (SupplementaryGroups=, units/llamad.sysusers).
@@ -56,6 +66,28 @@ class UnitSpec:
     # runtime_dir. The KV cache's save directory.
     binds: tuple[tuple[str, str], ...] = ()
     remote: tuple[str, ...] = ()  # IP addresses it must reach: its llama.cpp RPC workers
+    markers: Markers | None = None  # how llamad knows the unit again (None: MANAGED only)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """How llamad knows a model unit again after a restart (adoption): written into the unit's
+    Environment= when it starts (`environment`, the one writer), read back from systemd
+    (`UnitStatus.markers`, the one reader)."""
+
+    model: str  # the model's id, exactly (the unit's name may be escaped and hashed)
+    backend: str  # the address its llama-server listens on
+    args: str  # a digest of its argv: a unit started with other arguments is stale
+    # What fitting added to its argv (memory/fit.py), space-separated, and why; None: nothing
+    # was chosen. The llamad that adopts the unit rebuilds the argv with it.
+    fit: str | None = None
+    fit_reason: str = ""
+
+    def environment(self) -> tuple[str, ...]:
+        fit = () if self.fit is None else (f"LLAMAD_FIT={self.fit}",
+                                            f"LLAMAD_FIT_REASON={self.fit_reason}")
+        return (MANAGED, f"LLAMAD_MODEL={self.model}", f"LLAMAD_BACKEND={self.backend}",
+                f"LLAMAD_ARGS={self.args}", *fit)
 
 
 @dataclass(frozen=True)
@@ -77,7 +109,16 @@ class UnitStatus:
 
     @property
     def ours(self) -> bool:
-        return MARKER in self.environment
+        return MANAGED in self.environment
+
+    @property
+    def markers(self) -> Markers | None:
+        """What llamad recorded in the unit when it started it; None: not llamad's."""
+        if not self.ours:
+            return None
+        return Markers(self.env("LLAMAD_MODEL") or "", self.env("LLAMAD_BACKEND") or "",
+                       self.env("LLAMAD_ARGS") or "", self.env("LLAMAD_FIT"),
+                       self.env("LLAMAD_FIT_REASON") or "")
 
     def env(self, key: str) -> str | None:
         prefix = key + "="
@@ -87,13 +128,18 @@ class UnitStatus:
         return None
 
 
+def environment(spec: UnitSpec) -> tuple[str, ...]:
+    """The unit's Environment=: the spec's own, then llamad's markers."""
+    return (*spec.environment, *(spec.markers.environment() if spec.markers else (MANAGED,)))
+
+
 def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
     """(name, D-Bus signature, value) for StartTransientUnit; pure, for tests."""
     props: list[tuple[str, bytes, Any]] = [
         ("Description", b"s", spec.description),
         ("Type", b"s", "exec"),
         ("ExecStart", b"a(sasb)", [(spec.argv[0], list(spec.argv), False)]),
-        ("Environment", b"as", [*spec.environment, MARKER]),
+        ("Environment", b"as", list(environment(spec))),
         ("Slice", b"s", spec.slice),
         ("Restart", b"s", "on-failure"),
         ("RestartUSec", b"t", int(spec.restart_sec * USEC)),
@@ -214,17 +260,36 @@ def _exit_code(code: int) -> str:
     return {1: "exited", 2: "killed", 3: "dumped"}.get(code, "")
 
 
+def ttl_timer(unit: str, seconds: float) -> list[tuple[str, Props]]:
+    """The transient timer that stops `unit` once `seconds` have passed (while llamad is away,
+    idle-exit), then the oneshot service it starts, which conflicts with the unit: starting
+    it makes systemd stop the model with no process of llamad's needed."""
+    timer, service = ttl_units(unit)
+    return [(timer, [("Description", b"s", f"Stop {unit} when its idle TTL runs out (from llamad)"),
+                     ("TimersMonotonic", b"a(st)", [("OnActiveSec", int(seconds * USEC))]),
+                     ("AccuracyUSec", b"t", USEC),  # systemd's default would allow a minute late
+                     ("RemainAfterElapse", b"b", False)]),
+            (service, [("Description", b"s", f"Stop {unit}: its idle TTL ran out"),
+                       ("Type", b"s", "oneshot"), ("Conflicts", b"as", [unit]),
+                       ("ExecStart", b"a(sasb)", [(TRUE, [TRUE], False)])])]
+
+
 class UnitManager:
     """Start, stop, list and watch model units; state changes go to `on_change`, and
     `on_reconnect` is called once the signal connection is back after a loss (signals
-    may have been missed meanwhile)."""
+    may have been missed meanwhile). Both can be given later, with `follow`."""
 
-    def __init__(self, on_change: ChangeCallback,
+    def __init__(self, on_change: ChangeCallback = lambda name, props: None,
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
-        self._on_change = on_change
+        self.follow(on_change, on_reconnect)
         self._caller = bus.Caller()
         self._signals = bus.Signals(self._caller, self._on_props, self._on_removed,
-                                    on_reconnect)
+                                    lambda: self._on_reconnect())
+
+    def follow(self, on_change: ChangeCallback, on_reconnect: Callable[[], None]) -> None:
+        """Where unit changes go from now on (signals before this are dropped)."""
+        self._on_change = on_change
+        self._on_reconnect = on_reconnect
 
     async def open(self) -> None:
         await self._signals.open()
@@ -334,6 +399,25 @@ class UnitManager:
         props = await self.properties(name, UNIT_IFACE)
         props.update(await self.properties(name, SERVICE_IFACE))
         return status_from_props(name, props)
+
+    async def start_ttl_timer(self, unit: str, seconds: float) -> None:
+        """Have systemd stop `unit` after `seconds` (ttl_timer)."""
+        (timer, props), service = ttl_timer(unit, seconds)
+        await self.start_transient(timer, props, [service])
+
+    async def take_ttl_timers(self) -> dict[str, float]:
+        """Stop the TTL timers there are: when each model unit's was due (monotonic
+        seconds; 0 when systemd did not say)."""
+        due: dict[str, float] = {}
+        for timer in await self.names(TTL_TIMER_PATTERN):
+            try:
+                props = await self.properties(timer, TIMER_IFACE)
+                await self.stop(timer)
+            except UnitError as e:  # it fired meanwhile, or systemd says no: carry on
+                log.warning("taking back %s: %s", timer, e)
+                continue
+            due[unit_of_ttl_timer(timer)] = int(props.get("NextElapseUSecMonotonic", 0)) / USEC
+        return due
 
     async def names(self, pattern: str) -> list[str]:
         """Loaded units whose names match the pattern, in any state."""

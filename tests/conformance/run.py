@@ -243,6 +243,8 @@ def write_doc(path: Path, store: dict[str, Any]) -> None:
         why = r.why.replace("|", "\\|").replace("\n", " ")
         test = r.test.replace("|", "\\|")  # a table cell, code span or not
         lines.append(f"| `{test}` | {r.outcome} | {why} |")
+    # What Ollama's clients are checked against: no suite of llama.cpp's, so written by hand.
+    lines += ["", (HERE / "ollama.md").read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -129,6 +129,10 @@ def test_chat_in_llamacpp_ui(llamad_factory: Factory, browser: Any) -> None:
                  == 0, timeout=TIMEOUT)
     browser.save_screenshot(str(ARTIFACTS / "chat.png"))
     assert models(d.url)["gemma-b"]["llamad"]["served"] >= 1
+    # Gemma's GGUF has no chat template: llamad gives it Gemma's, not ChatML's tags.
+    answer = browser.find_element("css selector", "[aria-label='Assistant message with "
+                                  "actions'] .markdown-content").text
+    assert "<|im_start|>" not in answer and "<|im_end|>" not in answer, answer
     # llamad adds one link to the UI's page: its dashboard.
     click(browser, "#llamad-dashboard", "Dashboard")
     until(browser, "the dashboard to show gemma-b ready",

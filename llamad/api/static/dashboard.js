@@ -156,6 +156,12 @@ function fill(row, e) {
   cell("unit").firstChild.textContent = e.unit;
   cell("unit").lastChild.textContent = e.main_pid ? `PID ${e.main_pid}` : "";
   cell("placement").textContent = placement(e);
+  if (e.fit && e.fit.reason) {  // what llamad fitted the model to, and why
+    const f = document.createElement("div");
+    f.className = "reason fit";
+    f.textContent = e.fit.reason;
+    cell("placement").appendChild(f);
+  }
   cell("memory").replaceChildren(memoryCell(e));
   cell("requests").innerHTML = `<div></div><div class="sub"></div>`;
   cell("requests").firstChild.textContent = `${e.served} served`;

