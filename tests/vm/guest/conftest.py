@@ -143,7 +143,9 @@ def load(name: str) -> dict[str, Any]:
     """An explicit load, until the model is ready."""
     status, body = http("POST", "/models/load", {"model": name})
     assert status == 200, body
-    return wait_state(name, "ready")
+    found = wait_state(name, "ready", "failed")
+    assert found["state"] == "ready", f"{name} failed: {found['reason']}"
+    return found
 
 
 def model(name: str) -> dict[str, Any]:
