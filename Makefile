@@ -2,16 +2,25 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit test-stress test-trixie test-vm lint deb demo bench clean conformance
+.PHONY: dev test test-unit test-integration test-package test-stress test-trixie test-vm lint deb \
+	demo bench clean conformance
 
 dev:
 	bash tools/setup-dev
 
-test: dev
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+# Everything, in three timed phases; `make -k test` runs the later ones after a failure too.
+test: test-unit test-integration test-package
 
 test-unit: dev
-	$(PY) -m pytest -ra -m 'not integration' $(PYTEST_ARGS)
+	tools/phase unit $(PY) -m pytest -ra -m 'not integration' $(PYTEST_ARGS)
+
+test-integration: dev
+	tools/phase integration $(PY) -m pytest -ra -m integration \
+	    --ignore=tests/integration/test_package.py $(PYTEST_ARGS)
+
+# The .deb installed in a box, on Debian 12 and Debian 13.
+test-package: dev
+	tools/phase package $(PY) -m pytest -ra tests/integration/test_package.py $(PYTEST_ARGS)
 
 # The integration suite on a machine kept busy: two `yes > /dev/null` loops run beside it
 # (BUSY_LOOPS=N for more) and are stopped at the end, whatever happens.

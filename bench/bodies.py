@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import PYTHON, Llamad, wait_http
+from helpers.daemon import PYTHON, Llamad, wait_http
 
 OUT = Path(__file__).with_name("bodies.md")
 BODY = 32 * 1024 * 1024 - 4096  # just under the default max-body-mb

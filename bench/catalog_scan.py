@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import ggufgen  # noqa: E402
+from helpers import ggufgen  # noqa: E402
 
 from llamad.catalog.catalog import scan  # noqa: E402
 from llamad.catalog.gguf_info import InfoCache  # noqa: E402

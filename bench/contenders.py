@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import rig
-from llamad_fixture import PYTHON, Llamad
+from helpers.daemon import PYTHON, Llamad
+from helpers.ports import free_port
 
 # 32 slots so the parallel section runs 32 streams at once; 512 tokens of context each.
 # One thread: on this shared 2-core machine, two threads that wait for each other at every
@@ -34,13 +34,6 @@ from llamad_fixture import PYTHON, Llamad
 ARGS = ("-c", "16384", "-np", "32", "-t", "1")
 MODELS = ("gemma-a", "gemma-b")
 NICE = -5
-
-
-def free_port() -> int:
-    """A port nobody listens on now (other test runs share this host's network)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str, timeout: float = 30) -> Any:
@@ -199,8 +192,8 @@ def main_pid_rss_mb(box: rig.Box, unit: str) -> float:
 
 
 def catalog_tree(path: Path, count: int) -> Path:
-    """`count` small real GGUF files (tests/ggufgen.py), one header each to read."""
-    import ggufgen
+    """`count` small real GGUF files (tests/helpers/ggufgen.py), one header each to read."""
+    from helpers import ggufgen
 
     path.mkdir(parents=True, exist_ok=True)
     data = ggufgen.write_model(path.parent / f"{path.name}-template.gguf").read_bytes()

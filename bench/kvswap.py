@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Llamad, wait_http, wait_state
+from helpers.daemon import Llamad, wait_http, wait_state
 
 OUT = Path(__file__).with_name("kvswap.md")
 ARGS = "-c 4096 -np 1 -t 2 --swa-full"

@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 import rig
-from fleet import Haproxy, Traffic, ask, join
-from llamad_fixture import Llamad, models, wait_http, wait_state
-from rpcworker import RpcWorker
+from helpers.daemon import Llamad, models, wait_http, wait_state
+from helpers.fleet import Haproxy, Traffic, ask, join
+from helpers.rpcworker import RpcWorker
 
 HERE = Path(__file__).parent
 MIB = 1024**2

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import rig
-from llamad_fixture import wait_http
+from helpers.daemon import wait_http
 
 from bench.client import Conn, parallel_streams
 from bench.contenders import (

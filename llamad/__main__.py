@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llamad import __version__, app
-from llamad.cli import completion, ctl, haproxy
+from llamad.cli import completion, ctl, haproxy, pull
 from llamad.cli import models as cli
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
@@ -71,6 +71,21 @@ def add_unload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=lambda a: ctl.cmd_unload(_client(a), a.model, a.json))
 
 
+def add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("pull", help="download a model from the Hugging Face hub into "
+                       "llama.cpp's cache, through the running daemon")
+    p.add_argument("model", metavar="user/repo[:QUANT]")
+    _client_args(p, "print each progress line as JSON")
+    p.set_defaults(func=lambda a: pull.cmd_pull(_client(a), a.model, a.json))
+
+
+def add_rm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("rm", help="remove a downloaded model from llama.cpp's cache")
+    p.add_argument("model", metavar="user/repo:QUANT")
+    _client_args(p)
+    p.set_defaults(func=lambda a: pull.cmd_rm(_client(a), a.model, a.json))
+
+
 def add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("logs", help="llamad's journal lines, or a model's")
     p.add_argument("model", nargs="?", help="a model's unit instead of llamad's")
@@ -121,7 +136,8 @@ def _print_completion(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    add_models, add_check_config, add_serve, add_ps, add_load, add_unload, add_logs, add_top,
+    add_models, add_check_config, add_serve, add_ps, add_load, add_unload, add_pull, add_rm,
+    add_logs, add_top,
     add_completion, add_haproxy_config,
 ]
 

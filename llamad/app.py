@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import socket
 import sys
 import time
 import weakref
@@ -16,19 +17,24 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, ollama, proxy, report, webui
+from llamad.api import dashboard, fleet, ollama, proxy, report, standby, webui
+from llamad.api import downloads as api_downloads
 from llamad.api import models as api
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Catalog, Snapshot
 from llamad.catalog.gguf_info import InfoCache
+from llamad.catalog.presets import global_flags, parse_args
 from llamad.catalog.watcher import CatalogWatcher
 from llamad.config import Config, load_config
+from llamad.errors import ConfigError
 from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
+from llamad.safetext import one_line
 from llamad.sizes import MIB
 from llamad.supervisor import sampling
+from llamad.supervisor.downloads import Downloads
 from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
 from llamad.systemd import unitpaths
@@ -53,7 +59,10 @@ async def journal_tail(unit: str, lines: int = 5) -> str:
         out, _ = await asyncio.wait_for(proc.communicate(), 5)
     except (TimeoutError, OSError):
         return ""
-    return " | ".join(line for line in out.decode(errors="replace").splitlines() if line)
+    # Escaped: the reason reaches terminals (llamad load --wait) and llama.cpp prints GGUF
+    # strings as they are.
+    return " | ".join(one_line(line) for line in out.decode(errors="replace").splitlines()
+                      if line)
 
 
 class Daemon:
@@ -77,19 +86,23 @@ class Daemon:
         self.watcher: CatalogWatcher
         self.egress: Egress
         # Fails closed: a key file that is set but unusable stops llamad here.
-        self.keyring = keys.Keyring(config.api_keys_file) if config.api_keys_file else None
+        self.keyring = keys.Keyring(config.api_keys_file, config.peer_key_file)
+        self.keyed = config.api_keys_file is not None
         self.runner: web.AppRunner | None = None
         self.metrics = metrics.Metrics(self._connections)
         # Writes the request log (if on) and llamad's notes into models' journals.
         self.journal = requestlog.JournalWriter()
 
     def app(self) -> web.Application:
-        door = browsers.Door(self.config, keyed=self.keyring is not None)
+        door = browsers.Door(self.config, keyed=self.keyed)
         lim = limits.Limits(self.config)
+        # The API key is checked before anything is counted against a limit (admit), so
+        # traffic without a valid key never holds a request's or a stream's place.
         middlewares = [self._activity, middleware.error_middleware, lim.middleware,
                        door.middleware]
-        if self.keyring is not None:
+        if self.keyed:
             middlewares.append(keys.middleware(self.keyring))
+        middlewares.append(lim.admit)
         sinks: list[record.Sink] = [self.metrics.on_request]
         if self.config.request_log:
             sinks.append(self.journal)
@@ -98,17 +111,19 @@ class Daemon:
                               middlewares=middlewares)
         app.on_response_prepare.append(door.on_prepare)
         app[limits.LIMITS] = lim
+        app[keys.KEYRING] = self.keyring
         app[fleet.DRAINING] = fleet.Draining()  # /health says so after SIGTERM
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)
+        api_downloads.add_routes(app)
         logstream.add_routes(app)
         dashboard.add_routes(app)
         ollama.add_routes(app)
         webui.add_routes(app, self.config.ui_dir, root=ollama.probe_or)
         app[metrics.METRICS] = self.metrics
         app.cleanup_ctx.extend([self._request_log, self._units, self._supervisor,
-                                self._watcher, self._running])
+                                self._watcher, self._downloads, self._running])
         return app
 
     @web.middleware
@@ -170,6 +185,17 @@ class Daemon:
             yield
         finally:
             await self.watcher.stop()
+
+    async def _downloads(self, app: web.Application) -> AsyncIterator[None]:
+        """Downloads into llama.cpp's cache, each a unit; those running already followed."""
+        downloads = Downloads(self.config, self.units, self.watcher.rescan_now,
+                              lambda: self.catalog.snapshot, journal_tail)
+        api_downloads.attach(app, downloads)
+        await downloads.adopt()
+        try:
+            yield
+        finally:
+            await downloads.close()  # the units go on: the next llamad follows them
 
     async def _running(self, app: web.Application) -> AsyncIterator[None]:
         """The first scan, units taken over or stopped, preloads, then the reconcile loop
@@ -238,6 +264,7 @@ class Daemon:
         self.notifier.watchdog()
         sup.expire()
         sup.probe()
+        sup.watch_sleep()
         self.notifier.status(report.status_line(sup))
         await sample(sup)  # after the ping: D-Bus calls may be slow
         idle_for = time.monotonic() - self.last_request
@@ -284,9 +311,9 @@ async def limit_slice(units: UnitManager, config: Config) -> None:
 
 
 def reload(daemon: Daemon) -> None:
-    """SIGHUP (`systemctl reload llamad`): read the API keys again."""
-    if daemon.keyring is None:
-        log.info("reload: no api-keys-file is set; nothing to reload")
+    """SIGHUP (`systemctl reload llamad`): read the API keys (and the peer key) again."""
+    if daemon.keyring.path is None and daemon.keyring.peer_key_file is None:
+        log.info("reload: neither api-keys-file nor peer-key-file is set; nothing to reload")
         return
     task = asyncio.get_running_loop().create_task(daemon.keyring.reload(),
                                                   name="reloading the API keys")
@@ -307,12 +334,10 @@ def runner_kwargs() -> dict[str, Any]:
     return {"handler_cancellation": True} if "handler_cancellation" in params else {}
 
 
-async def serve(config: Config, listen: str | None = None) -> None:
-    sockets = systemd_sockets() or [bind(listen or config.listen)]
+async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier) -> None:
     # Big request bodies are checked on a thread (body.py): hand the GIL back to the event
     # loop within 1 ms rather than Python's default 5 ms.
     sys.setswitchinterval(body.SWITCH_INTERVAL)
-    notifier = Notifier()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -359,13 +384,48 @@ async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,
         await asyncio.sleep(0.02)
 
 
-def run(config_path: Path | None, listen: str | None) -> int:
-    """`llamad serve`: returns the exit status; a bad config raises ConfigError."""
-    config = load_config(config_path)
+def load(config_path: Path | None) -> tuple[Config | None, ConfigError | None]:
+    """llamad.conf read and checked as serving needs it: its `args` against llama-server's
+    flags, its api-keys-file. Blocks (runs llama-server --help once per binary)."""
+    try:
+        config = load_config(config_path)
+        parse_args(config.args, f"{config.path or 'configuration'}: args",
+                   global_flags(config.llama_server))
+        if config.api_keys_file is not None:
+            keys.load(config.api_keys_file)  # fails closed: standby answers every request
+    except ConfigError as e:
+        return None, e
+    return config, None
+
+
+async def main(config_path: Path | None, listen: str | None) -> None:
+    """Serve; with an error in llamad.conf, stand by on the same sockets until it is fixed
+    (api/standby.py). Without sockets from systemd or --listen, the error is raised: no
+    client waits on a socket then, and where to listen is part of what is broken."""
+    sockets = systemd_sockets()
+    config, error = await asyncio.to_thread(load, config_path)
+    if not sockets:
+        if config is None and listen is None:
+            assert error is not None
+            raise error
+        sockets = [bind(listen or (config.listen if config else ""))]
+    notifier = Notifier()
+    if config is None:
+        assert error is not None
+        config = await standby.wait_until_fixed(sockets, error, notifier,
+                                                lambda: load(config_path))
+        if config is None:
+            return  # asked to stop while standing by
     for problem in unitpaths.config_problems(config):
         log.warning("%s", problem)  # the same warnings as check-config's, in the journal
+    await serve(config, sockets, notifier)
+
+
+def run(config_path: Path | None, listen: str | None) -> int:
+    """`llamad serve`: returns the exit status. An error in llamad.conf is answered with
+    503s (standby) where clients can reach llamad, else raised (ConfigError)."""
     try:
-        asyncio.run(serve(config, listen))
+        asyncio.run(main(config_path, listen))
     except OSError as e:
         die(f"cannot listen: {e}", hint="another process may hold the port")
     except UnitError as e:

@@ -20,6 +20,7 @@ DEFAULT_PRESETS = Path("/etc/llamad/presets.ini")
 SERVER_CANDIDATES = (Path("/usr/bin/llama-server"), Path("/usr/local/bin/llama-server"))
 
 _ORIGIN = re.compile(r"https?://[^/\s]+")
+_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 # key: (validate check, what is allowed). The check strings are configobj/validate
@@ -57,6 +58,8 @@ SPEC: dict[str, tuple[str, str]] = {
     "receive-timeout": ("float(min=1, default=30)", "seconds >= 1"),
     "max-connections": ("integer(min=1, default=4096)", "a whole number >= 1"),
     "max-requests": ("integer(min=1, default=1024)", "a whole number >= 1"),
+    "max-streams": ("integer(min=1, default=256)", "a whole number >= 1"),
+    "send-timeout": ("float(min=1, default=60)", "seconds >= 1"),
     "stop-timeout": ("float(min=0, default=10)", "seconds >= 0"),
     "restart-sec": ("float(min=0, default=2)", "seconds >= 0"),
     "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
@@ -85,11 +88,21 @@ SPEC: dict[str, tuple[str, str]] = {
     "peers": ("force_list(default=list())",
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
+    "peer-key-file": ("string(default='')", "a file path or empty"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
     # -- fitting models to memory (memory/fit.py) --
     "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
     "ctx-max": ("integer(min=0, default=0)",
                 "a whole number of tokens >= 0 (0 = the model's trained context)"),
+    # Downloads (POST /models, /api/pull, llamad pull): where the hub is, and its token.
+    "hf-endpoint": ("string(default='')",
+                    "an http:// or https:// URL, or empty for $MODEL_ENDPOINT, $HF_ENDPOINT "
+                    "or https://huggingface.co/"),
+    "hf-token-file": ("string(default='')",
+                      "the absolute path of a file holding a Hugging Face token, or empty"),
+    # Per-model controls (presets may set each per model; issue #24).
+    "concurrency-limit": ("integer(min=0, default=0)",
+                          "a whole number >= 0 (0 = no limit)"),
 }
 
 
@@ -123,6 +136,8 @@ class Config:
     receive_timeout: float
     max_connections: int
     max_requests: int
+    max_streams: int
+    send_timeout: float
     stop_timeout: float
     restart_sec: float
     start_limit_burst: int
@@ -144,10 +159,15 @@ class Config:
     kv_cache_timeout: float
     peers: tuple[str, ...]
     peer_timeout: float
+    peer_key_file: Path | None
     shutdown_grace: float
     # -- fitting models to memory --
     fit_min_ctx: int
     ctx_max: int
+    hf_endpoint: str
+    hf_token_file: Path | None
+    # Per-model controls: the default of the presets' concurrency-limit.
+    concurrency_limit: int
 
     @classmethod
     def default(cls, **overrides: Any) -> Config:
@@ -173,7 +193,9 @@ def load_config(path: Path | None = None) -> Config:
         obj = ConfigObj(str(path), configspec=_spec_lines(), file_error=True,
                         encoding="utf-8", list_values=True)
     except (ConfigObjError, OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read as a configuration file: {e}.") from e
+        line = getattr(e, "line_number", None)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{where}: cannot be read as a configuration file: {e}.") from e
     if obj.sections:
         raise ConfigError(f"{path}: section [{obj.sections[0]}] is not allowed; "
                           "the file has keys only.")
@@ -184,9 +206,24 @@ def _spec_lines() -> list[str]:
     return [f"{key} = {check}" for key, (check, _) in SPEC.items()]
 
 
+def _where(path: Path | None, key: str) -> str:
+    """`file:line: ` of the key's (last) line in the file; `file: ` if it is not there."""
+    if path is None:
+        return ""
+    line = 0
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for n, text in enumerate(f, 1):
+                if re.match(rf"\s*{re.escape(key)}\s*=", text):
+                    line = n
+    except OSError:
+        pass
+    return f"{path}:{line}: " if line else f"{path}: "
+
+
 def _bad(path: Path | None, key: str, value: object) -> ConfigError:
-    where = f"{path}: " if path else ""
-    return ConfigError(f"{where}{key} = {value!r} is invalid; allowed: {SPEC[key][1]}.")
+    return ConfigError(f"{_where(path, key)}{key} = {value!r} is invalid; "
+                       f"allowed: {SPEC[key][1]}.")
 
 
 def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
@@ -199,8 +236,7 @@ def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
     if extra:
         key = extra[0][1]
         known = ", ".join(SPEC)
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}unknown key {key!r}; known keys: {known}.")
+        raise ConfigError(f"{_where(path, key)}unknown key {key!r}; known keys: {known}.")
     return dict(obj)
 
 
@@ -233,6 +269,10 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     for peer in v["peers"]:
         if not _ORIGIN.fullmatch(peer.lower()):
             raise _bad(path, "peers", peer)
+    if v["hf-endpoint"] and not _URL.fullmatch(v["hf-endpoint"]):
+        raise _bad(path, "hf-endpoint", v["hf-endpoint"])
+    if v["hf-token-file"] and not Path(v["hf-token-file"]).is_absolute():
+        raise _bad(path, "hf-token-file", v["hf-token-file"])
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""
@@ -250,12 +290,14 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         state_dir=Path(v["state-dir"]),
         ui_dir=_opt_path(v["ui-dir"]),
         api_keys_file=_opt_path(v["api-keys-file"]),
+        peer_key_file=_opt_path(v["peer-key-file"]),
         allowed_hosts=tuple(h.lower().rstrip(".") for h in v["allowed-hosts"] if h),
         cors_origins=tuple(o.lower() for o in v["cors-origins"] if o),
         peers=tuple(p.lower() for p in v["peers"] if p),
         slice_memory_max=v["slice-memory-max"] or None,
         kv_cache={"true": "yes", "on": "yes", "false": "no", "off": "no"}.get(
             v["kv-cache"], v["kv-cache"]),
+        hf_token_file=_opt_path(v["hf-token-file"]),
     )
     return out
 

@@ -64,6 +64,17 @@ class Unavailable(LlamadError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+class TooManyRequests(LlamadError):
+    """A model's concurrency limit is reached and its queue is full (llama-swap's 429)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class BackendError(LlamadError):
     status = 502
     type = "backend_error"

@@ -34,7 +34,9 @@ def _clean(record: logging.LogRecord) -> bool:
 
 
 def die(message: str, hint: str | None = None, status: int = 1) -> NoReturn:
-    print(f"llamad: {redact.text(message)}", file=sys.stderr)
+    """One sentence on stderr, escaped: it may quote a server, a model's log or a file name,
+    none of which may drive the terminal."""
+    print(f"llamad: {one_line(redact.text(message))}", file=sys.stderr)
     if hint:
-        print(f"llamad: hint: {hint}", file=sys.stderr)
+        print(f"llamad: hint: {one_line(hint)}", file=sys.stderr)
     raise SystemExit(status)

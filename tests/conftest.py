@@ -16,6 +16,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import rig
+from helpers import supervised
+
+from llamad.config import Config
+from llamad.memory.gpu import GpuMonitor
 
 # .ci/run sets this: there, a missing box is a failure, not a skip.
 REQUIRE_BOX = os.environ.get("LLAMAD_REQUIRE_BOX") == "1"
@@ -81,6 +85,26 @@ def open_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Config:
+    """One tiny model, "tiny", in tmp_path/models; llamad's state in tmp_path/state."""
+    return supervised.models_config(tmp_path, ["tiny"])
+
+
+@pytest.fixture
+async def make_rig() -> AsyncIterator[supervised.MakeRig]:
+    """make_rig(config, gpus=None): a real Supervisor on the fake systemd (helpers/
+    supervised.Rig); every one is closed after the test."""
+    made: list[supervised.Rig] = []
+
+    def make(config: Config, gpus: GpuMonitor | None = None) -> supervised.Rig:
+        made.append(supervised.Rig(config, gpus))
+        return made[-1]
+    yield make
+    for r in made:
+        await r.close()
 
 
 @pytest.fixture(scope="session")

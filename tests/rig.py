@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -163,7 +164,8 @@ class Box:
             self._nspawn = subprocess.Popen(
                 ["systemd-nspawn", f"--directory={self.merged}", "--register=no",
                  "--keep-unit", f"--uuid={uuid.uuid4().hex}", "--boot", "--console=pipe",
-                 f"--bind={self.workdir}", f"--machine={self.root.name}",
+                 f"--bind={self.workdir}", *(f"--bind-ro={p}" for p in checkout_paths()),
+                 f"--machine={self.root.name}",
                  "systemd.unit=llamad-box.target"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=lambda: _join(cgroups))
@@ -241,6 +243,15 @@ class Box:
 
 
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+
+
+def checkout_paths() -> list[Path]:
+    """The checkout and its virtualenv, shown in the box at the same paths: llamad runs
+    from them there. The box sees the host's root, but mounts its own /tmp, so a clone
+    under /tmp would otherwise be missing."""
+    here = Path(__file__).resolve().parent.parent
+    venv = Path(sys.prefix).resolve()
+    return [here] if venv.is_relative_to(here) else [here, venv]
 
 
 def _join(cgroups: list[Path]) -> None:

@@ -7,9 +7,13 @@ import io
 import json
 import random
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
+from helpers.watch import eventually
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llamad.errors import BadRequest
 from llamad.http.body import MAX_DEPTH, WANTED, Scanner, parse_keep_alive
@@ -201,8 +205,67 @@ async def test_a_client_gone_mid_body_is_no_error_of_llamads() -> None:
         # aiohttp 3.8 cancels the handler instead; 3.9 and later raise in the read.
         if not isinstance(e, asyncio.CancelledError):
             assert isinstance(e, LlamadError) and e.code == "client_gone", repr(e)
-        for _ in range(100):  # released as the middleware unwinds
-            if lim.body_bytes == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert lim.body_bytes == 0
+        # Released as the middleware unwinds.
+        await eventually("the body's bytes to be released", lambda: lim.body_bytes == 0)
+
+
+# -- fuzzing (hypothesis): the scanner meets bodies nobody wrote by hand ----------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                          allow_infinity=False) |
+    st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+        st.sampled_from(["model", "stream", "keep_alive", "x", "mod\u0065l", ""]) |
+        st.text(max_size=6), inner, max_size=5),
+    max_leaves=30)
+_BODY = st.tuples(st.dictionaries(st.sampled_from([*WANTED, "messages", "x"]), _JSON,
+                                  max_size=5),
+                  st.booleans(), st.sampled_from([None, 0, 2]),
+                  st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(MUTATIONS),
+                                     st.integers(0, 2)), max_size=3))
+
+
+def _fuzzed(doc: dict[str, Any], ascii_only: bool, indent: int | None,
+            mutations: list[tuple[int, bytes, int]]) -> bytes:
+    text = json.dumps(doc, ensure_ascii=ascii_only, indent=indent).encode()
+    for at, piece, cut in mutations:
+        at %= len(text) + 1
+        text = text[:at] + piece + text[at + cut:]
+    return text
+
+
+def _bounded_scan(body: bytes) -> tuple[dict[str, Any] | None, float, int]:
+    """The scanner's verdict, its CPU seconds and its peak allocation."""
+    tracemalloc.start()
+    began = time.process_time()
+    try:
+        try:
+            got: dict[str, Any] | None = scan(body)
+        except BadRequest as e:
+            assert e.status == 400
+            got = None
+        return got, time.process_time() - began, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_BODY)
+def test_fuzz_agrees_with_a_strict_parser(case: tuple[Any, ...]) -> None:
+    body = _fuzzed(*case)
+    got, took, peak = _bounded_scan(body)
+    assert got == reference(body), body
+    assert took < 1.0 and peak < 4 * len(body) + 256 * 1024, (took, peak, len(body))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([*MUTATIONS, b'"model"', b'{"model":', b"[1,2,3]", b"{}",
+                                 b'"\\u00e9"', b"\\u", b"1e999", b"-0.0e-0"]), max_size=200),
+       st.binary(max_size=32))
+def test_fuzz_any_bytes_end_in_fields_or_one_refusal(pieces: list[bytes], tail: bytes) -> None:
+    """Never a crash (only BadRequest), a hang or an allocation out of proportion."""
+    body = b"".join(pieces) + tail
+    got, took, peak = _bounded_scan(body)
+    assert got == reference(body)
+    assert took < 1.0 and peak < 4 * len(body) + 256 * 1024, (took, peak, len(body))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from llamad.api import dashboard, webui
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
+from llamad.http import browsers, keys, middleware
 from llamad.http.browsers import host_name, is_loopback
 
 
@@ -36,3 +42,53 @@ def test_cors_origins_are_origins(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cors-origins = 'ui\.example\.org/path' is invalid"):
         load_config(conf)
     assert Config.default().cors_origins == () and Config.default().allowed_hosts == ()
+
+
+async def test_what_browsers_are_told_about_each_answer(tmp_path: Path) -> None:
+    """security-review-3 L7: no answer is sniffed for another type; the UI and the dashboard
+    run only their own scripts and may not be framed; answers that are data (a backend's
+    included) run nothing if a browser is sent to one. Error answers too."""
+    ui = tmp_path / "ui"
+    ui.mkdir()
+    boot = "\n  start(document.currentScript.parentElement);\n"
+    (ui / "index.html").write_text(f"<!doctype html><body><div><script>{boot}</script>"
+                                   "</div></body>")
+    (ui / "sw.js").write_text("self.x = 1;")
+    (tmp_path / "keys").write_text("k\n")
+    keyring = keys.Keyring(tmp_path / "keys")
+    door = browsers.Door(Config.default(), keyed=True)
+    app = web.Application(middlewares=[middleware.error_middleware, door.middleware,
+                                       keys.middleware(keyring)])
+    app.on_response_prepare.append(door.on_prepare)
+    webui.add_routes(app, ui)
+    dashboard.add_routes(app)
+
+    async def backend_html(request: web.Request) -> web.Response:
+        return web.Response(text="<script>alert(1)</script>", content_type="text/html")
+    app.router.add_get("/props", backend_html)
+    digest = base64.b64encode(hashlib.sha256(boot.encode()).digest()).decode()
+    async with TestClient(TestServer(app)) as client:
+        pages = {}
+        for path in ("/", "/sw.js", "/dashboard", "/dashboard/dashboard.js", "/props",
+                     "/v1/nothing"):
+            r = await client.get(path, headers={"Authorization": "Bearer k"})
+            assert r.headers["X-Content-Type-Options"] == "nosniff", path
+            pages[path] = r.headers["Content-Security-Policy"]
+        assert (await client.get("/props")).headers["X-Content-Type-Options"] == "nosniff"
+    for path, csp in pages.items():
+        assert "frame-ancestors 'none'" in csp, path
+    assert pages["/"] == pages["/sw.js"]  # a service worker runs under its own file's policy
+    assert f"script-src 'self' 'sha256-{digest}' 'wasm-unsafe-eval';" in pages["/"]
+    assert "connect-src 'self'" in pages["/"] and "unsafe-inline" not in \
+        pages["/"].split("script-src")[1].split(";")[0]
+    assert pages["/dashboard"] == pages["/dashboard/dashboard.js"] == dashboard.POLICY
+    assert "script-src 'self';" in dashboard.POLICY and "unsafe" not in dashboard.POLICY
+    assert pages["/props"] == pages["/v1/nothing"] == browsers.API_POLICY
+    assert "sandbox" in browsers.API_POLICY and "default-src 'none'" in browsers.API_POLICY
+
+
+def test_the_dashboard_keeps_its_key_out_of_local_storage() -> None:
+    js = (Path(dashboard.STATIC) / "dashboard.js").read_text()
+    assert "sessionStorage.getItem(KEY_STORE)" in js and "sessionStorage.setItem(KEY_STORE" in js
+    assert "localStorage.getItem" not in js and "localStorage.setItem" not in js
+    assert "localStorage.removeItem(KEY_STORE)" in js  # older versions' key is dropped

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
-import ggufgen
 import pytest
+import rig
+from helpers import ggufgen
+from helpers.catalogs import age, config, problems_about
 
-from llamad.catalog.catalog import Catalog, Snapshot, scan, split_info
+from llamad.catalog.catalog import Catalog, scan
+from llamad.catalog.discover import split_info
 from llamad.catalog.gguf_info import InfoCache
 from llamad.catalog.presets import parse_presets
 from llamad.config import Config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def age(root: Path, seconds: float = 60) -> None:
-    """Make files look finished: older than the settle window."""
-    then = time.time() - seconds
-    for p in root.rglob("*"):
-        if p.exists():
-            os.utime(p, (then, then))
-
-
-def config(*dirs: Path, cache: Path | None = None, **kw: object) -> Config:
-    kw.setdefault("llama_cache", cache is not None)
-    return Config.default(models_dirs=dirs, llama_cache_dir=cache, models_preset=None, **kw)
 
 
 def cache_repo(root: Path, repo: str, files: dict[str, str]) -> Path:
@@ -42,10 +31,6 @@ def cache_repo(root: Path, repo: str, files: dict[str, str]) -> Path:
         else:
             ggufgen.write_model(snap / rel)
     return snap
-
-
-def problems_about(snap: Snapshot, word: str) -> list[str]:
-    return [p for p in snap.problems if word in p]
 
 
 def test_models_dir_naming(tmp_path: Path) -> None:
@@ -73,7 +58,7 @@ def test_models_dir_naming(tmp_path: Path) -> None:
 def test_gemma_is_discovered(tmp_path: Path) -> None:
     d = tmp_path / "models"
     d.mkdir()
-    os.symlink(ggufgen.GEMMA, d / "gemma3-270m.gguf")
+    os.symlink(rig.GEMMA, d / "gemma3-270m.gguf")
     snap = scan(config(d))
     info = snap.models["gemma3-270m"].info
     assert info is not None and info.architecture == "gemma3"

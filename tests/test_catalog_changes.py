@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import ggufgen
-from test_catalog import age, config, problems_about
+from helpers import ggufgen
+from helpers.catalogs import age, config, problems_about
 
 from llamad.catalog.catalog import may_appear, scan
 from llamad.catalog.gguf_info import InfoCache
@@ -67,7 +67,7 @@ async def test_a_touch_is_seen_and_a_rescan_can_be_asked_for(tmp_path: Path) -> 
     import asyncio
     import os
 
-    from test_watcher import DEBOUNCE, Feed, aged_model, make_catalog
+    from helpers.catalogs import DEBOUNCE, Feed, aged_model, make_catalog
 
     from llamad.catalog.watcher import CatalogWatcher
 

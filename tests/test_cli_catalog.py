@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import ggufgen
+import rig
+from helpers import ggufgen
+from helpers.ports import refused_url
 
 ROOT = Path(__file__).parent.parent
 
@@ -25,7 +26,7 @@ def setup(tmp_path: Path) -> Path:
     models = tmp_path / "models"
     ggufgen.write_split(models / "Big", "big-Q4_K_M", 2)
     ggufgen.write_mmproj(models / "Big" / "mmproj-big.gguf")
-    os.symlink(ggufgen.GEMMA, models / "gemma.gguf")
+    os.symlink(rig.GEMMA, models / "gemma.gguf")
     (models / "junk.gguf").write_bytes(b"junk")
     for p in (models / "Big").iterdir():
         os.utime(p, (1, 1_000_000_000))
@@ -47,7 +48,7 @@ def test_models_json(tmp_path: Path) -> None:
     gemma, big = models["gemma"], models["Big"]
     assert gemma["aliases"] == ["g"] and gemma["source"] == "preset"
     assert gemma["architecture"] == "gemma3" and gemma["context_length"] == 32768
-    assert gemma["size"] == ggufgen.GEMMA.stat().st_size and gemma["parameters"] > 2e8
+    assert gemma["size"] == rig.GEMMA.stat().st_size and gemma["parameters"] > 2e8
     assert gemma["unit"] == "llama-server@gemma.service"
     assert big["mmproj"].endswith("mmproj-big.gguf") and len(big["shards"]) == 2
     assert big["modalities"] == ["text", "image"]
@@ -91,7 +92,7 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     (tmp_path / "presets.ini").write_text("[x]\nport = 8081\n")
     router = llamad("check-config", "--config", str(conf), home=tmp_path)
     assert router.returncode == 0 and router.stdout.startswith(f"{conf}: OK;")
-    assert (f"llamad: warning: {tmp_path / 'presets.ini'} [x]: port is set by llamad itself "
+    assert (f"llamad: warning: {tmp_path / 'presets.ini'}:2 [x]: port is set by llamad itself "
             "(as llama.cpp's router sets it for each model); ignored.\n") in router.stderr
     missing = llamad("check-config", "--config", str(tmp_path / "none.conf"), home=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
@@ -155,9 +156,7 @@ def test_models_waits_for_a_file_copied_a_moment_ago(tmp_path: Path) -> None:
 
 
 def test_ps_without_a_daemon_says_what_to_start(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with refused_url() as url:
         run = llamad("ps", "--url", url, home=tmp_path)
     assert run.returncode == 1 and run.stderr.startswith(
         f"llamad: llamad is not running at {url} (connection refused); ")

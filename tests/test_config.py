@@ -69,18 +69,18 @@ BAD = [
 @pytest.mark.parametrize(("line", "key", "allowed"), BAD)
 def test_bad_value_names_file_key_value_and_range(tmp_path: Path, line: str, key: str,
                                                   allowed: str) -> None:
-    path = write(tmp_path, line + "\n")
+    path = write(tmp_path, "# a comment\n" + line + "\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
     message = e.value.message
     value = line.split("=", 1)[1].strip()
-    assert message.startswith(f"{path}: {key} = ")
+    assert message.startswith(f"{path}:2: {key} = ")  # file, line, key
     assert value.strip("'") in message and allowed in message
     assert message.count(". ") == 0 and message.endswith(".")
 
 
 def test_unknown_key_and_sections_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown key 'model-dir'"):
+    with pytest.raises(ConfigError, match=":1: unknown key 'model-dir'"):
         load_config(write(tmp_path, "model-dir = /x\n"))
     with pytest.raises(ConfigError, match=r"section \[main\] is not allowed"):
         load_config(write(tmp_path, "[main]\nmodels-max = 2\n"))

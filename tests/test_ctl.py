@@ -3,14 +3,21 @@ when llamad is not there. tests/integration/test_cli_daemon.py runs it against l
 
 from __future__ import annotations
 
+import asyncio
 import io
-import socket
+import os
 import subprocess
 import sys
 from typing import Any
 
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from helpers.ports import refused_url
+
 from llamad.__main__ import parser
 from llamad.cli import completion, ctl
+from llamad.errors import LlamadError
 
 
 def complete(*words: str) -> list[str]:
@@ -36,8 +43,8 @@ def test_ps_table() -> None:
             {"index": 0, "name": "H100", "used": 2 << 30, "total": 80 << 30}],
         "models": {"a": {"state": "ready", "main_pid": 42, "ram": 400 << 20, "vram": None,
                          "estimate": {"ram": 300 << 20, "vram": 100 << 20},
-                         "load_seconds": 2.71, "in_flight": 1, "queued": 0, "served": 9,
-                         "ttl_left": 299.6},
+                         "load_seconds": 2.71, "in_flight": 1, "queued": 3, "served": 9,
+                         "ttl_left": 299.6, "concurrency_limit": 2},
                    "b": {"state": "loading", "main_pid": 43, "ram": None, "vram": None,
                          "estimate": {"ram": 300 << 20, "vram": 0}, "in_flight": 0,
                          "served": 0, "ttl_left": None,
@@ -48,7 +55,7 @@ def test_ps_table() -> None:
     assert lines[0].split() == ["MODEL", "STATE", "PID", "RAM", "VRAM", "ESTIMATE", "LOAD",
                                 "IN", "FLIGHT", "QUEUED", "SERVED", "TTL", "LEFT", "CONTEXT"]
     assert lines[1].split() == ["a", "ready", "42", "400", "MiB", "-", "400", "MiB", "2.7s",
-                                "1", "0", "9", "300s", "-"]
+                                "1/2", "3", "9", "300s", "-"]  # under its concurrency limit
     assert lines[2].split()[:2] == ["b", "loading"] and lines[2].split()[-1] == "12288"
     assert lines[3:] == ["b: context 12288 of 131072: 9.1 GiB free on GPU 0 after evicting "
                          "nothing", "GPU 0 H100: 2048 MiB used of 81920 MiB",
@@ -65,11 +72,84 @@ def test_log_events_and_lines() -> None:
 
 
 def test_not_running_is_one_sentence() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+    with refused_url() as url:
         out = subprocess.run([sys.executable, "-m", "llamad", "unload", "x", "--url", url],
                              capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith(f"llamad: llamad is not running at {url} (connection "
                                  "refused)") and out.stderr.count("\n") == 1
+
+
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`llamad ARGS` in a child, while this loop serves the test's fake llamad."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamad", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+ESC = "\x1b]0;PWNED\x07\x1b[2J"
+
+
+async def test_what_a_server_says_cannot_drive_the_terminal() -> None:
+    """security-review-3 L5: a failure reason is the model's journal tail, which holds what
+    llama.cpp printed of a GGUF's strings; `llamad load --wait` printed it raw."""
+    async def load(request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "model": f"m{ESC}", "state": "loading"})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"models": {f"m{ESC}": {
+            "state": "failed", "reason": f"unknown model architecture: '{ESC}'"}}})
+
+    async def unload(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": f"no {ESC}", "source": "llamad"}},
+                                 status=404)
+    app = web.Application()
+    app.router.add_post("/models/load", load)
+    app.router.add_post("/models/unload", unload)
+    app.router.add_get("/status", status)
+    async with TestServer(app) as server:
+        url = str(server.make_url("")).rstrip("/")
+        for args in (("load", "m", "--wait"), ("load", "m"), ("unload", "m")):
+            code, out, err = await _run(*args, "--url", url)
+            assert "\x1b" not in out + err and "\x07" not in out + err, (args, out, err)
+            assert "\\x1b]0;PWNED\\x07" in out + err, (args, out, err)
+        assert code == 1 and err.count("\n") == 1
+
+
+async def test_the_key_goes_to_llamad_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """security-review-3 L9: urllib sent the key on to wherever a redirect pointed, through
+    any proxy named in the environment, and to whatever held llamad's port while
+    llamad.socket was stopped."""
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"models": {}, "status": "", "gpus": []})
+    other = web.Application()
+    other.router.add_route("*", "/{any:.*}", elsewhere)
+    async with TestServer(other) as thief:
+        target = str(thief.make_url("/status"))
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(target)
+        front = web.Application()
+        front.router.add_get("/status", redirect)
+        async with TestServer(front) as server:
+            url = str(server.make_url("")).rstrip("/")
+            code, _, err = await _run("ps", "--url", url, env={
+                "LLAMAD_API_KEY": "sekrit", "http_proxy": target, "HTTP_PROXY": target})
+        assert code == 1 and "HTTP 302" in err and "not as llamad" in err, err
+        assert seen == []  # neither followed nor proxied
+
+    monkeypatch.setenv("LLAMAD_API_KEY", "sekrit")
+    monkeypatch.delenv("LLAMAD_URL", raising=False)
+    monkeypatch.setattr(ctl, "llamad_socket", lambda: ("127.0.0.1:8080", False))
+    with pytest.raises(LlamadError, match=r"llamad\.socket is not listening.*not sent"):
+        ctl.Client.make(None, None)
+    monkeypatch.setattr(ctl, "llamad_socket", lambda: ("127.0.0.1:8080", True))
+    assert ctl.Client.make(None, None) == ctl.Client("http://127.0.0.1:8080", "sekrit")
+    # An address given on purpose is trusted as given.
+    monkeypatch.setattr(ctl, "llamad_socket", lambda: ("127.0.0.1:8080", False))
+    assert ctl.Client.make(None, "http://10.0.0.2:8080/").key == "sekrit"

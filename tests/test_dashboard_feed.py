@@ -7,15 +7,13 @@ import json
 import os
 from typing import Any
 
-from ggufgen import write_model
-from test_measure import FakeUnits, config, supervisor
+from helpers.ggufgen import write_model
+from helpers.supervised import Rig
 
 from llamad.api.dashboard import Feed
 from llamad.catalog.catalog import scan
 from llamad.config import Config
 from llamad.supervisor.events import Cause, State
-
-__all__ = ["config"]  # the fixture, shared with test_measure
 
 
 def events(data: bytes) -> list[tuple[str, Any]]:
@@ -27,8 +25,8 @@ def events(data: bytes) -> list[tuple[str, Any]]:
     return out
 
 
-async def test_state_changes_and_catalog_changes_reach_the_page(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+async def test_state_changes_and_catalog_changes_reach_the_page(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     feed = Feed(sup)
     sup.events.subscribe(feed.on_change)
     data, ids = feed.hello()
@@ -52,20 +50,20 @@ async def test_state_changes_and_catalog_changes_reach_the_page(config: Config) 
     [(kind, figures)] = events(data)
     assert kind == "figures" and [m["id"] for m in figures["models"]] == ["tiny"]
     assert added == [] and figures["removed"] == []
-    models_dir = config.models_dirs[0]
+    models_dir = tiny_config.models_dirs[0]
     os.utime(write_model(models_dir / "other.gguf"), (0, 0))
-    sup.update_snapshot(scan(config))
+    sup.update_snapshot(scan(tiny_config))
     data, added = feed.figures()
     assert added == ["other"] and [m["id"] for m in events(data)[0][1]["models"]] == ["tiny"]
     (models_dir / "other.gguf").unlink()
-    sup.update_snapshot(scan(config))
+    sup.update_snapshot(scan(tiny_config))
     data, added = feed.figures()
     assert events(data)[0][1]["removed"] == ["other"] and added == []
     await sup.close()
 
 
-async def test_runtime_pin_overrides_the_preset(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+async def test_runtime_pin_overrides_the_preset(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     slot = sup.slots["tiny"]
     assert not slot.pinned
     sup.set_pin(slot, True)

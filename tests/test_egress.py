@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import pytest
-from ggufgen import write_model
+from helpers.ggufgen import write_model
 
 from llamad.catalog.rpcargs import workers
 from llamad.config import Config

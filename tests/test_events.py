@@ -26,7 +26,8 @@ def test_design_shows_the_enforced_table() -> None:
 
 
 def test_a_broken_listener_does_not_silence_the_others() -> None:
-    hub, heard = Hub(), []
+    hub = Hub()
+    heard: list[Change] = []
 
     def broken(change: Change) -> None:
         raise RuntimeError("bug")

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import readme
+from helpers import readme
 
 from llamad.systemd import exits
 from llamad.systemd.units import UnitSpec

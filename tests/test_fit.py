@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_gpu import FakeDevice, FakeNvml
+from helpers.nvml import FakeDevice, FakeNvml
 
 from llamad.catalog.catalog import Model
 from llamad.catalog.gguf_info import GGUFInfo, Projector, TensorBytes
@@ -47,12 +48,13 @@ def layered(size: int, blocks: int, vocab: int, embd: int, experts: int = 0) -> 
 
 
 def info(**kw: object) -> GGUFInfo:
-    base = dict(architecture="llama", parameters=None, context_length=131072, block_count=32,
-                head_count=32, head_count_kv=8, embedding_length=4096, key_length=None,
-                value_length=None, size=4_920_000_000, quantization="Q4_K_M",
-                modalities=("text",), feed_forward_length=14336)
+    base: dict[str, Any] = dict(
+        architecture="llama", parameters=None, context_length=131072, block_count=32,
+        head_count=32, head_count_kv=8, embedding_length=4096, key_length=None,
+        value_length=None, size=4_920_000_000, quantization="Q4_K_M",
+        modalities=("text",), feed_forward_length=14336)
     base.update(kw)
-    return GGUFInfo(**base)  # type: ignore[arg-type]
+    return GGUFInfo(**base)
 
 
 LLAMA_8B = info(tensors=layered(4_920_000_000, 32, 128256, 4096))  # Llama 3.1 8B, 128k

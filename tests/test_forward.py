@@ -13,22 +13,27 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.watch import eventually
 from rig import wait_for
 
 from llamad.api.forward import Watch, forward
+from llamad.http import record
 from llamad.http.middleware import error_middleware
 from llamad.supervisor.backend import Backend, cpu_ticks
 
 IDLE = 0.3
 HEALTH = 0.3
+RECORD = record.Record("POST", "/")  # the last request's, as the request log sees it
 
 
 @dataclass
@@ -40,6 +45,8 @@ class FakeServer:
     delay: float = 0.0  # seconds of silence before answering, as a long prompt
     connections: list[int] = field(default_factory=list)
     never: asyncio.Event = field(default_factory=asyncio.Event)
+    together: int = 0  # answer only once this many requests are in (each on a connection)
+    arrived: list[asyncio.Event] = field(default_factory=list)
 
     async def on_health(self, request: web.Request) -> web.StreamResponse:
         if self.health == "silent":
@@ -51,6 +58,12 @@ class FakeServer:
         if conn not in self.connections:
             self.connections.append(conn)
         body = await request.json()
+        if self.together:
+            self.arrived.append(asyncio.Event())
+            if len(self.arrived) >= self.together:
+                for ev in self.arrived:
+                    ev.set()
+            await self.arrived[-1].wait()
         if self.answer == "hang-up":
             assert request.transport is not None
             request.transport.close()
@@ -60,6 +73,8 @@ class FakeServer:
         if self.answer == "silent":
             await self.never.wait()
         await asyncio.sleep(body.get("delay", self.delay))
+        if self.answer in ("big", "cut"):
+            return await self.big(request)
         if not body.get("stream"):
             return web.json_response({"text": "done"})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -69,6 +84,27 @@ class FakeServer:
             await self.never.wait()
         await resp.write(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
         return resp
+
+
+    async def big(self, request: web.Request) -> web.StreamResponse:
+        """BIG bytes of JSON-ish text ending in usage counts ("cut": the backend dies
+        halfway)."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = BIG + len(TAIL)
+        await resp.prepare(request)
+        piece = b"1," * 32768
+        for sent in range(0, BIG, len(piece)):
+            if self.answer == "cut" and sent >= BIG // 2:
+                assert request.transport is not None
+                request.transport.close()
+                await self.never.wait()
+            await resp.write(piece)
+        await resp.write(TAIL)
+        return resp
+
+
+BIG = 64 << 20
+TAIL = b'], "usage": {"prompt_tokens": 7, "completion_tokens": 9}}'
 
 
 @dataclass
@@ -93,8 +129,10 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     wedged: list[str] = []
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        global RECORD
+        RECORD = record.of(request)
         return await forward(request, backend, await request.read(),
-                             Watch(IDLE, HEALTH, wedged.append))
+                             Watch(IDLE, HEALTH, wedged.append), record.TapResponse(RECORD))
     front = web.Application(middlewares=[error_middleware])
     front.router.add_post("/v1/chat/completions", handle)
     client = TestClient(TestServer(front))
@@ -115,6 +153,35 @@ async def chat(rig: Rig, stream: bool = False, **extra: Any) -> tuple[int, Any]:
         return r.status, [json.loads(line[6:]) for line in text.splitlines()
                           if line.startswith("data: {")]
     return r.status, json.loads(text)
+
+
+async def test_a_big_plain_answer_passes_through_without_being_held(rig: Rig) -> None:
+    """security-review-3 M3: a plain (non-SSE) answer was read whole, and joined (twice its
+    size at peak): a big /tokenize or embeddings answer took llamad past MemoryMax. Now it
+    passes piece by piece, with its Content-Length, and its token counts are seen."""
+    rig.server.answer = "big"
+    tracemalloc.start()
+    try:
+        async with rig.client.post("/v1/chat/completions", json={}) as r:
+            assert r.status == 200 and r.content_length == BIG + len(TAIL)
+            got, last = 0, b""
+            while chunk := await r.content.readany():
+                got, last = got + len(chunk), chunk
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == BIG + len(TAIL) and last.endswith(b'"completion_tokens": 9}}')
+    assert peak < 16 << 20, peak  # the client's, llamad's and the backend's buffers together
+    assert RECORD.counts == {b"prompt_tokens": 7, b"completion_tokens": 9}
+
+
+async def test_a_plain_answer_cut_halfway_is_never_passed_on_as_whole(rig: Rig) -> None:
+    rig.server.answer = "cut"
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with rig.client.post("/v1/chat/completions", json={}) as r:
+            assert r.status == 200
+            await r.read()
+    assert RECORD.status == 502 and RECORD.code == "backend_failed"
 
 
 async def test_a_long_silence_is_waited_for_while_health_answers(rig: Rig) -> None:
@@ -155,9 +222,13 @@ async def test_wedged_before_the_answer_is_504_and_reported(rig: Rig) -> None:
 
 
 async def test_no_answer_is_unreachable_and_the_pool_is_dropped(rig: Rig) -> None:
-    # Two connections in the pool, then the backend hangs up on a request (as a dying
-    # process does); whatever is still pooled may lead to the dead process.
+    # Two connections in the pool (the backend answers once both requests are in, so a
+    # busy machine cannot serve them one after the other on one connection), then the
+    # backend hangs up on a request (as a dying process does); whatever is still pooled
+    # may lead to the dead process.
+    rig.server.together = 2
     assert [s for s, _ in await asyncio.gather(chat(rig), chat(rig))] == [200, 200]
+    rig.server.together = 0
     pooled = list(rig.server.connections)
     assert len(pooled) == 2
     rig.server.answer = "hang-up"
@@ -181,8 +252,7 @@ async def test_a_backend_loading_again_is_unreachable(rig: Rig) -> None:
 async def test_closing_a_backend_never_cuts_a_live_answer(rig: Rig) -> None:
     rig.server.delay = 2 * IDLE
     pending = asyncio.ensure_future(chat(rig, stream=True))
-    while not rig.server.connections:
-        await asyncio.sleep(0.01)
+    await eventually("the request to reach the backend", lambda: rig.server.connections)
     in_use = list(rig.backend._users)
     await rig.backend.close()
     assert await pending == (200, [{"n": 1}, {"n": 2}])
@@ -236,7 +306,9 @@ async def test_a_silent_request_on_a_computing_backend_is_not_wedged(
     long prefill on a busy machine): the answer is waited for."""
     busy, _ = spinning
     rig.server.health, rig.server.delay = "silent", 6 * IDLE
-    watched = Watch(IDLE, HEALTH, rig.wedged.append, lambda: busy)
+    # A probe window long enough for the spinner to be scheduled on a machine whose cores
+    # are taken (in 0.3 s at load 12 it may get no clock tick at all).
+    watched = Watch(IDLE, 5 * HEALTH, rig.wedged.append, lambda: busy)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return await forward(request, rig.backend, await request.read(), watched)

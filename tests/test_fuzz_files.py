@@ -17,8 +17,8 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
-import ggufgen
 import pytest
+from helpers import ggufgen
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -6,22 +6,23 @@ import os
 import time
 from pathlib import Path
 
-import ggufgen
 import pytest
+import rig
+from helpers import ggufgen
 
 from llamad.catalog.gguf_info import GGUFError, InfoCache, combine, read_header
 
 
 def test_gemma_metadata_is_read_quickly() -> None:
-    assert ggufgen.GEMMA.exists(), "run tools/setup-dev to assemble the Gemma model"
+    assert rig.GEMMA.exists(), "run tools/setup-dev to assemble the Gemma model"
     start = time.perf_counter()
-    head = read_header(ggufgen.GEMMA)
+    head = read_header(rig.GEMMA)
     elapsed = time.perf_counter() - start
     info = combine([head], None)
     assert info.architecture == "gemma3" and info.quantization == "Q4_K_M"
     assert (info.context_length, info.block_count, info.embedding_length) == (32768, 18, 640)
     assert (info.head_count, info.head_count_kv, info.key_length) == (4, 1, 256)
-    assert info.size == ggufgen.GEMMA.stat().st_size
+    assert info.size == rig.GEMMA.stat().st_size
     assert 260_000_000 < (info.parameters or 0) < 280_000_000
     # The 262k-entry vocabulary is stepped over, not unpacked (GGUFReader alone: ~10 s).
     assert elapsed < 2.0
@@ -122,7 +123,7 @@ def test_cache_remembers_bad_files_and_persists(tmp_path: Path) -> None:
 
 def test_tensor_table_per_layer(tmp_path: Path) -> None:
     """Bytes per layer, input and output, as llama.cpp assigns tensors to layers."""
-    gemma = combine([read_header(ggufgen.GEMMA)], None).tensors
+    gemma = combine([read_header(rig.GEMMA)], None).tensors
     assert gemma is not None and len(gemma.layers) == 18
     assert gemma.tied and gemma.vocab == 262144  # no output.weight: the head is the embedding
     assert gemma.input == 170 * 1024**2  # token_embd, Q8_0
@@ -144,7 +145,7 @@ def test_tensor_table_per_layer(tmp_path: Path) -> None:
 def test_cached_tensor_table_survives_a_restart(tmp_path: Path) -> None:
     store = tmp_path / "info.json"
     cache = InfoCache(store)
-    head = cache.header(ggufgen.GEMMA)
+    head = cache.header(rig.GEMMA)
     cache.save()
-    assert InfoCache(store).header(ggufgen.GEMMA) == head
+    assert InfoCache(store).header(rig.GEMMA) == head
     assert store.stat().st_size < 1200  # the table boiled down, not 236 tensors

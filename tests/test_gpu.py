@@ -9,12 +9,13 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import rig
+from helpers.h100 import H100, gemma_info
+from helpers.nvml import FakeDevice, FakeNvml
 
 from llamad.memory.gpu import (
     GpuInfo,
@@ -23,63 +24,10 @@ from llamad.memory.gpu import (
     mem_total,
     unit_from_cgroup,
     unit_of_pid,
+    vram_by_unit,
 )
 
 G = 1024**3
-
-
-class FakeNVMLError(Exception):
-    pass
-
-
-@dataclass
-class FakeDevice:
-    name: str | bytes
-    total: int
-    used: int
-    processes: list[tuple[int, int | None]] = field(default_factory=list)
-
-
-class FakeNvml:
-    """The part of pynvml that gpu.py calls, over a list of fake devices."""
-
-    NVMLError = FakeNVMLError
-
-    def __init__(self, devices: list[FakeDevice], init_error: str | None = None) -> None:
-        self.devices = devices
-        self.init_error = init_error
-        self.open = False
-        self.fail_queries = False
-        self.process_queries = 0  # calls that listed processes: tests wait on polls by it
-
-    def nvmlInit(self) -> None:
-        if self.init_error:
-            raise FakeNVMLError(self.init_error)
-        self.open = True
-
-    def nvmlShutdown(self) -> None:
-        self.open = False
-
-    def nvmlDeviceGetCount(self) -> int:
-        if self.fail_queries:
-            raise FakeNVMLError("GPU is lost")
-        return len(self.devices)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> FakeDevice:
-        return self.devices[i]
-
-    def nvmlDeviceGetMemoryInfo(self, h: FakeDevice) -> SimpleNamespace:
-        return SimpleNamespace(total=h.total, used=h.used, free=h.total - h.used)
-
-    def nvmlDeviceGetName(self, h: FakeDevice) -> str | bytes:
-        return h.name
-
-    def nvmlDeviceGetUUID(self, h: FakeDevice) -> str:
-        return f"GPU-{next(i for i, d in enumerate(self.devices) if d is h):08d}"
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeDevice) -> list[SimpleNamespace]:
-        self.process_queries += 1
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in h.processes]
 
 
 def test_fake_matches_the_real_binding() -> None:
@@ -120,14 +68,14 @@ def test_per_unit_vram_maps_processes_to_units(tmp_path: Path) -> None:
     ])
     # 101 is the same unit on the other GPU: summed. 102 is no service, 103 has exited,
     # and NVML could not say what 104 uses.
-    assert GpuMonitor(fake).per_unit_vram(tmp_path) == {unit_a: 5 * G}
+    assert vram_by_unit(GpuMonitor(fake).unit_processes(tmp_path)) == {unit_a: 5 * G}
 
 
 def test_failed_init_falls_back_to_ram_with_one_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="llamad.gpu")
     mon = GpuMonitor(FakeNvml([], init_error="NVML Shared Library Not Found"))
     assert not mon.available
-    assert mon.gpus() == () and mon.per_unit_vram() == {}
+    assert mon.gpus() == () and vram_by_unit(mon.unit_processes()) == {}
     assert [r.getMessage() for r in caplog.records] == [
         "no NVIDIA GPU usable (NVML Shared Library Not Found): scheduling by system RAM alone"]
 
@@ -145,7 +93,7 @@ def test_query_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="llamad.gpu")
     for _ in range(3):
         assert mon.gpus() == ()
-        assert mon.per_unit_vram() == {}
+        assert vram_by_unit(mon.unit_processes()) == {}
     assert len(caplog.records) == 1 and "GPU is lost" in caplog.records[0].getMessage()
 
 
@@ -156,7 +104,7 @@ def test_real_binding_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
     if mon.available:  # a machine with an NVIDIA GPU
         assert gpus and all(g.total >= g.free > 0 for g in gpus)
     else:
-        assert gpus == () and mon.per_unit_vram() == {}
+        assert gpus == () and vram_by_unit(mon.unit_processes()) == {}
         assert len(caplog.records) == 1
         assert "scheduling by system RAM alone" in caplog.records[0].getMessage()
     mon.close()
@@ -256,8 +204,6 @@ def test_gpu_check_unit_check_is_null_without_a_unit() -> None:
 
 
 def test_gpu_check_verdicts_on_the_h100_figures() -> None:
-    from test_memory import H100, gemma_info
-
     check = gpu_check()
     info = gemma_info()
     rows = [{"args": args, "nvml_mib": float(nvml)} for args, nvml, *_ in H100]
@@ -275,8 +221,6 @@ def test_gpu_check_verdicts_on_the_h100_figures() -> None:
 def test_gpu_check_fits_gemma_to_two_rooms() -> None:
     """The rows bench/gpu_check starts for issue #21: what llamad's fitting chooses for Gemma
     (no -c) in a room where a shorter context fits, and in one where fewer layers do."""
-    from test_memory import gemma_info
-
     check = gpu_check()
     info = gemma_info()
     (room_a, ctx_args), (room_b, layer_args) = check.fit_rows(info)
@@ -287,7 +231,7 @@ def test_gpu_check_fits_gemma_to_two_rooms() -> None:
     for room, args in ((room_a, ctx_args), (room_b, layer_args)):
         assert check.memory.estimate(info, args.split(), gpu=True).total.vram <= room
     fitted = [{"within_room": True}, {"within_room": False}]
-    result = {"probe": {"seen_by_nvml": True}, "unit_matches": None, "server": {
+    result: dict[str, Any] = {"probe": {"seen_by_nvml": True}, "unit_matches": None, "server": {
         "rows": [], "oom": {"recognised": True}, "cpu_fallback": {"recognised": True},
         "fitted": fitted[:1]}}
     assert check.verdict(result) is True
@@ -296,17 +240,15 @@ def test_gpu_check_fits_gemma_to_two_rooms() -> None:
 
 
 def test_gpu_check_harness_on_the_real_llama_server() -> None:
-    from test_memory import GEMMA, LLAMA_SERVER
-
     check = gpu_check()
     mon = GpuMonitor(FakeNvml([FakeDevice("NVIDIA H100", 80 * G, G)]))
-    row = check.run_row(mon, LLAMA_SERVER, GEMMA, "-ngl 0 -c 1024", "GPU-00000000")
+    row = check.run_row(mon, rig.LLAMA_SERVER, rig.GEMMA, "-ngl 0 -c 1024", "GPU-00000000")
     assert "error" not in row, row
     assert row["cuda_visible_devices"] == "" and row["nvml_mib"] == 0
     assert 0 < row["ready_s"] < 120 and row["rss"]["VmRSS"] > 100
     assert row["fit_s"] is None  # started with -fit off: llama.cpp skipped its fit step
     assert row["freed_after_s"] is not None
-    fitted = check.run_row(mon, LLAMA_SERVER, GEMMA, "-ngl 0 -c 1024", "GPU-00000000",
+    fitted = check.run_row(mon, rig.LLAMA_SERVER, rig.GEMMA, "-ngl 0 -c 1024", "GPU-00000000",
                            fit_off=False)
     print(f"\nstart to ready: {row['ready_s']:.2f} s with -fit off, {fitted['ready_s']:.2f} s "
           f"without (fit step {fitted['fit_s']:.2f} s)")

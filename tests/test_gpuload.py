@@ -1,7 +1,7 @@
 """GPU placement and load checks (gpuload.py) through the real supervisor and scheduler.
 
-NVML is faked at its boundary (test_gpu.FakeNvml, with processes mapped to units through a
-fake /proc), systemd at the Units boundary (test_measure.FakeUnits), and the journal by a
+NVML is faked at its boundary (helpers/nvml.py, with processes mapped to units through a
+fake /proc), systemd at the Units boundary (helpers/fakesystemd.py), and the journal by a
 function returning llama.cpp's own log lines. The property dicts fed to on_unit_change are
 the ones systemd sends.
 """
@@ -11,20 +11,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
-from ggufgen import write_model
-from test_gpu import FakeDevice, FakeNvml
-from test_measure import FakeUnits, NoNvml, no_journal
+from helpers.ggufgen import write_model
+from helpers.nvml import FakeDevice, FakeNvml
+from helpers.supervised import Rig
 
 from llamad.catalog.catalog import scan
 from llamad.config import Config
 from llamad.memory.gpu import GpuMonitor
-from llamad.memory.measure import Measure
 from llamad.memory.types import Memory
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.guards import gpuload
@@ -41,18 +38,6 @@ OOM_LOG = ("load_tensors: offloading 2 repeating layers to GPU\n"
            "srv    load_model: failed to load model, '/models/b.gguf'\n")
 FALLBACK_LOG = ("ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected\n"
                 "warning: no usable GPU found, --gpu-layers option will be ignored\n")
-
-
-class Units(FakeUnits):
-    """FakeUnits that keeps the specs it was asked to start."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.specs: dict[str, UnitSpec] = {}
-
-    async def start(self, spec: UnitSpec, wanted: Any = None) -> None:
-        await super().start(spec)
-        self.specs[spec.name] = spec
 
 
 @pytest.fixture
@@ -87,23 +72,26 @@ class Machine:
                 dev.used -= used or 0
 
 
-def gpu_supervisor(config: Config, machine: Machine, units: Units,
-                   log: str = "") -> Supervisor:
-    meas = Measure(config, GpuMonitor(machine.nvml, proc=machine.proc), state_dir=config.state_dir)
-    sup = Supervisor(config, scan(config), units, meas, no_journal)
+def gpu_rig(config: Config, machine: Machine, log: str = "") -> Rig:
+    """A supervisor on `machine`'s GPUs whose models' journals hold `log`."""
+    r = Rig(config, GpuMonitor(machine.nvml, proc=machine.proc))
 
     async def journal(unit: str, invocation: str) -> str:
         return log
 
-    sup.gpu.read_log = journal
-    return sup
+    r.sup.gpu.read_log = journal
+    # NVML is asked from worker threads: the watch wakes on the loop.
+    loop = asyncio.get_running_loop()
+    machine.nvml.on_query = lambda: loop.call_soon_threadsafe(r.watch.poke)
+    return r
 
 
-async def until(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+async def settled(r: Rig) -> None:
+    """Wait until the checks the GPU guard started on a state change have ended (what a
+    test asserts afterwards is what they did, or that they left the model alone)."""
+    checks = r.sup.gpu.background.tasks
+    assert checks, "the GPU guard started no check"
+    await asyncio.wait_for(asyncio.gather(*checks), 5)
 
 
 def env(spec: UnitSpec) -> dict[str, str]:
@@ -124,11 +112,11 @@ async def ready(sup: Supervisor, slot: Slot, pid: int) -> None:
 async def test_units_name_their_gpus_by_uuid_or_get_none(tmp_path: Path, config: Config) -> None:
     machine = Machine(tmp_path)
     machine.run(0, 100, "other.service", 4 * GIB)  # GPU 0 busier: the plan picks GPU 1
-    units = Units()
-    sup = gpu_supervisor(config, machine, units)
+    r = gpu_rig(config, machine)
+    sup, units = r.sup, r.units
     await sup.load(sup.slots["a"])
     await sup.load(sup.slots["c"])  # its preset says -ngl 0
-    await until("both started", lambda: len(units.specs) == 2)
+    await r.watch.until("both started", lambda: len(units.specs) == 2)
     a, c = units.specs["llama-server@a.service"], units.specs["llama-server@c.service"]
     assert sup.slots["a"].gpus == (1,)
     assert env(a)["CUDA_VISIBLE_DEVICES"] == "GPU-00000001"  # NVML's UUID, not CUDA's index
@@ -138,11 +126,10 @@ async def test_units_name_their_gpus_by_uuid_or_get_none(tmp_path: Path, config:
 
 
 async def test_no_gpu_machine_hides_any_gpu_from_units(config: Config) -> None:
-    units = Units()
-    meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
-    sup = Supervisor(config, scan(config), units, meas, no_journal)
+    r = Rig(config)
+    sup, units = r.sup, r.units
     await sup.load(sup.slots["a"])
-    await until("started", lambda: bool(units.specs))
+    await r.watch.until("started", lambda: bool(units.specs))
     assert env(units.specs["llama-server@a.service"])["CUDA_VISIBLE_DEVICES"] == ""
     await sup.close()
 
@@ -150,36 +137,38 @@ async def test_no_gpu_machine_hides_any_gpu_from_units(config: Config) -> None:
 @pytest.mark.parametrize("setting", ["fail", "degraded"])
 async def test_silent_cpu_fallback(tmp_path: Path, config: Config, setting: str) -> None:
     machine = Machine(tmp_path)
-    units = Units()
-    sup = gpu_supervisor(replace(config, gpu_fallback=setting), machine, units, FALLBACK_LOG)
+    r = gpu_rig(replace(config, gpu_fallback=setting), machine, FALLBACK_LOG)
+    sup, units = r.sup, r.units
     slot = sup.slots["a"]
     await sup.load(slot)
-    await until("started", lambda: bool(units.specs))
+    await r.watch.until("started", lambda: bool(units.specs))
     await ready(sup, slot, 4242)  # NVML lists no process of its unit
+    await settled(r)
     if setting == "fail":
-        await until("failed", lambda: slot.state is State.FAILED)
+        assert slot.state is State.FAILED
+        await r.watch.until("the stop", lambda: units.stopped)
         assert units.stopped == [slot.unit]
     else:
-        await until("flagged", lambda: slot.reason.startswith("degraded"))
+        assert slot.reason.startswith("degraded")
         assert slot.state is State.READY and units.stopped == []
     assert "planned on GPU GPU-00000000" in slot.reason
     assert "failed to initialize CUDA: no CUDA-capable device is detected" in slot.reason
     # What the sampler would learn from it: nothing (no VRAM of 0, no CPU-sized RAM).
     sup.measure.learn(slot.model, 900 * MIB, 0, 1.3)
-    assert sup.measure.learned_for(slot.model) is None  # type: ignore[attr-defined]
+    assert sup.measure.learned_for(slot.model) is None
     await sup.close()
 
 
 async def test_a_model_on_its_gpu_is_left_alone(tmp_path: Path, config: Config) -> None:
     machine = Machine(tmp_path)
-    units = Units()
-    sup = gpu_supervisor(config, machine, units, FALLBACK_LOG)
+    r = gpu_rig(config, machine, FALLBACK_LOG)
+    sup, units = r.sup, r.units
     slot = sup.slots["a"]
     await sup.load(slot)
-    await until("started", lambda: bool(units.specs))
+    await r.watch.until("started", lambda: bool(units.specs))
     machine.run(0, 4242, slot.unit, 900 * MIB)
     await ready(sup, slot, 4242)
-    await until("checked", lambda: not sup.gpu.background.tasks)
+    await settled(r)
     assert slot.state is State.READY and slot.reason == "" and units.stopped == []
     await sup.close()
 
@@ -187,13 +176,13 @@ async def test_a_model_on_its_gpu_is_left_alone(tmp_path: Path, config: Config) 
 async def test_unattributable_nvml_proves_no_fallback(tmp_path: Path, config: Config) -> None:
     """Where NVML names no process of any unit and the log says nothing, absence is no proof."""
     machine = Machine(tmp_path)
-    units = Units()
-    sup = gpu_supervisor(config, machine, units, "load_tensors: offloaded 3/3 layers to GPU\n")
+    r = gpu_rig(config, machine, "load_tensors: offloaded 3/3 layers to GPU\n")
+    sup, units = r.sup, r.units
     slot = sup.slots["a"]
     await sup.load(slot)
-    await until("started", lambda: bool(units.specs))
+    await r.watch.until("started", lambda: bool(units.specs))
     await ready(sup, slot, 4242)
-    await until("checked", lambda: not sup.gpu.background.tasks)
+    await settled(r)
     assert slot.state is State.READY and slot.reason == ""
     await sup.close()
 
@@ -220,8 +209,7 @@ def test_fit_off_exactly_when_llamad_placed_the_model(config: Config, subtests) 
 
 
 async def test_unit_argv_carries_fit_off_and_stays_adoptable(config: Config) -> None:
-    meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
-    sup = Supervisor(config, scan(config), Units(), meas, no_journal)
+    sup = Rig(config).sup
     spec, _ = sup.spec(sup.slots["a"])
     i = spec.argv.index("-fit")
     assert spec.argv[i + 1] == "off" and spec.argv.index("--host") > i  # before the listener
@@ -236,12 +224,12 @@ async def test_gpu_oom_evicts_idle_models_waits_for_freed_vram_and_retries(
         tmp_path: Path, config: Config) -> None:
     machine = Machine(tmp_path)
     machine.gpus[1].used = 12 * GIB  # GPU 1 full: everything goes on GPU 0
-    units = Units()
-    sup = gpu_supervisor(config, machine, units, OOM_LOG)
+    r = gpu_rig(config, machine, OOM_LOG)
+    sup, units = r.sup, r.units
     a, b = sup.slots["a"], sup.slots["b"]
     # a: loaded, idle, holding 10 GiB of GPU 0 (what the sampler measured).
     await sup.load(a)
-    await until("a started", lambda: len(units.started) == 1)
+    await r.watch.until("a started", lambda: len(units.started) == 1)
     machine.run(0, 100, a.unit, 10 * GIB)
     await ready(sup, a, 100)
     a.used = Memory(500 * MIB, 10 * GIB)
@@ -249,7 +237,7 @@ async def test_gpu_oom_evicts_idle_models_waits_for_freed_vram_and_retries(
     need = sup.measure.need(b.model).vram
     assert need < 2 * GIB
     request = asyncio.ensure_future(sup.acquire(b))
-    await until("b started", lambda: units.started.count(b.unit) == 1)
+    await r.watch.until("b started", lambda: units.started.count(b.unit) == 1)
     assert b.gpus == (0,) and a.state is State.READY
     sup.on_unit_change(b.unit, {"MainPID": 200, "InvocationID": b"\x02" * 16})
     sup.on_unit_change(b.unit, {"ActiveState": "active", "SubState": "running"})
@@ -257,22 +245,22 @@ async def test_gpu_oom_evicts_idle_models_waits_for_freed_vram_and_retries(
     sup.on_unit_change(b.unit, {"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 1,
                                 "MainPID": 0})
     sup.on_unit_change(b.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await until("b stopped to retry", lambda: b.state is State.STOPPING)
+    await r.watch.until("b stopped to retry", lambda: b.state is State.STOPPING)
     assert units.stopped == [b.unit]  # systemd's own restart is cancelled
     assert sup.measure.need(b.model).vram == need + 2048 * MIB
     sup.on_unit_change(b.unit, {"ActiveState": "inactive", "SubState": "dead"})
     # The retry goes through the scheduler: b needs more than is free now, so the idle a
     # is evicted by the policy.
-    await until("a evicted", lambda: a.state is State.STOPPING)
+    await r.watch.until("a evicted", lambda: a.state is State.STOPPING)
     assert b.state is State.STARTING and units.started.count(b.unit) == 1
     sup.on_unit_change(a.unit, {"ActiveState": "inactive", "SubState": "dead"})
-    assert a.state is State.UNLOADED
+    assert a.state is State.UNLOADED  # type: ignore[comparison-overlap]  # changed by the call above
     # a's unit is gone but NVML still lists its process: b waits for its memory.
     polls = machine.nvml.process_queries
-    await until("NVML asked a few times", lambda: machine.nvml.process_queries > polls + 6)
+    await r.watch.until("NVML asked a few times", lambda: machine.nvml.process_queries > polls + 6)
     assert units.started.count(b.unit) == 1
     machine.exit(100)
-    await until("b started again", lambda: units.started.count(b.unit) == 2)
+    await r.watch.until("b started again", lambda: units.started.count(b.unit) == 2)
     sup.on_unit_change(b.unit, {"MainPID": 201, "InvocationID": b"\x03" * 16})
     sup.on_unit_change(b.unit, {"ActiveState": "active", "SubState": "running"})
     machine.run(0, 201, b.unit, 2600 * MIB)
@@ -285,13 +273,13 @@ async def test_gpu_oom_evicts_idle_models_waits_for_freed_vram_and_retries(
 
 async def test_gpu_oom_twice_fails_with_the_figures(tmp_path: Path, config: Config) -> None:
     machine = Machine(tmp_path)
-    units = Units()
-    sup = gpu_supervisor(config, machine, units, OOM_LOG)
+    r = gpu_rig(config, machine, OOM_LOG)
+    sup, units = r.sup, r.units
     b = sup.slots["b"]
 
     async def load_and_run_out(pid: int) -> None:
         await sup.load(b)
-        await until("started", lambda: b.state is State.STARTING and b.unit in units.specs)
+        await r.watch.until("started", lambda: b.state is State.STARTING and b.unit in units.specs)
         sup.on_unit_change(b.unit, {"MainPID": pid, "InvocationID": bytes([pid % 256]) * 16})
         sup.on_unit_change(b.unit, {"ActiveState": "active", "SubState": "running"})
         sup.on_unit_change(b.unit, {"Result": "core-dump", "ExecMainCode": 3,
@@ -299,15 +287,15 @@ async def test_gpu_oom_twice_fails_with_the_figures(tmp_path: Path, config: Conf
         sup.on_unit_change(b.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
 
     await load_and_run_out(300)
-    await until("stopped to retry", lambda: b.state is State.STOPPING)
+    await r.watch.until("stopped to retry", lambda: b.state is State.STOPPING)
     sup.on_unit_change(b.unit, {"ActiveState": "inactive", "SubState": "dead"})
-    await until("loading again", lambda: units.started.count(b.unit) == 2)
+    await r.watch.until("loading again", lambda: units.started.count(b.unit) == 2)
     sup.on_unit_change(b.unit, {"MainPID": 301, "InvocationID": b"\x05" * 16})
     sup.on_unit_change(b.unit, {"ActiveState": "active", "SubState": "running"})
     sup.on_unit_change(b.unit, {"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 1,
                                 "MainPID": 0})
     sup.on_unit_change(b.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await until("failed", lambda: b.state is State.FAILED)
+    await r.watch.until("failed", lambda: b.state is State.FAILED)
     assert units.stopped == [b.unit, b.unit]  # the second restart is cancelled too
     reason = b.reason
     assert reason.startswith("out of GPU memory while loading, also after evicting idle models")
@@ -320,15 +308,15 @@ async def test_gpu_oom_twice_fails_with_the_figures(tmp_path: Path, config: Conf
 async def test_a_crash_that_is_no_gpu_oom_is_left_to_systemd(tmp_path: Path,
                                                             config: Config) -> None:
     machine = Machine(tmp_path)
-    units = Units()
-    sup = gpu_supervisor(config, machine, units, "llama_model_load: error loading model\n")
+    r = gpu_rig(config, machine, "llama_model_load: error loading model\n")
+    sup, units = r.sup, r.units
     b = sup.slots["b"]
     await sup.load(b)
-    await until("started", lambda: bool(units.specs))
+    await r.watch.until("started", lambda: bool(units.specs))
     sup.on_unit_change(b.unit, {"ActiveState": "active", "SubState": "running"})
     sup.on_unit_change(b.unit, {"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 1})
     sup.on_unit_change(b.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await until("checked", lambda: not sup.gpu.background.tasks)
+    await settled(r)
     assert b.state is State.STARTING and units.stopped == []  # systemd restarts it
     await sup.close()
 
@@ -336,7 +324,7 @@ async def test_a_crash_that_is_no_gpu_oom_is_left_to_systemd(tmp_path: Path,
 async def test_wait_freed_is_bounded(tmp_path: Path, config: Config) -> None:
     machine = Machine(tmp_path)
     machine.run(0, 100, "llama-server@a.service", GIB)
-    sup = gpu_supervisor(config, machine, Units())
+    sup = gpu_rig(config, machine).sup
     start = time.monotonic()
     assert not await sup.gpu.wait_freed(["llama-server@a.service"], timeout=0.3)
     assert 0.3 <= time.monotonic() - start < 3

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers.ports import free_port
+from helpers.watch import eventually
 
 from llamad.cli import haproxy
 from llamad.errors import ConfigError
@@ -55,6 +55,10 @@ def test_the_command_prints_it_and_refuses_bad_input_in_a_sentence(tmp_path: Pat
             (["127.0.0.2"], "'127.0.0.2' is not a llamad host; give HOST:PORT"),
             (["127.0.0.2:8080", "--place", "m=127.0.0.9:8080"], "not among the hosts"),
             (["127.0.0.2:8080", "--place", "a b=127.0.0.2:8080"], "is not MODEL=HOST:PORT"),
+            # security-review-3 L11: a leading '-' would be one of HAProxy's match flags.
+            (["127.0.0.2:8080", "--place=-i=127.0.0.2:8080"], "does not start with -"),
+            (["127.0.0.2:8080", "--place=-f/etc/passwd=127.0.0.2:8080"],
+             "does not start with -"),
             (["127.0.0.2:8080", "127.0.0.2:8080"], "given twice"),
             (["127.0.0.2:99999"], "is not a llamad host")]:
         out = run(*args)
@@ -62,13 +66,6 @@ def test_the_command_prints_it_and_refuses_bad_input_in_a_sentence(tmp_path: Pat
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     with pytest.raises(ConfigError):
         haproxy.config([], "127.0.0.1:9000")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def host_app(name: str) -> web.AppRunner:
@@ -123,10 +120,9 @@ async def test_routes_by_model_and_fails_over(
     first, second = runners
     names = [f"model-{i}" for i in range(12)]
     async with aiohttp.ClientSession() as s:
-        deadline = time.monotonic() + 10
-        while (await post(s, url, "pinned"))[0] != 200:
-            assert time.monotonic() < deadline, "haproxy did not come up"
-            await asyncio.sleep(0.05)
+        async def up() -> bool:
+            return (await post(s, url, "pinned"))[0] == 200
+        await eventually("haproxy to come up", up, timeout=10, every=0.05)
         # Each model always goes to one host; the models are spread over both.
         where = {m: {(await post(s, url, m))[1] for _ in range(3)} for m in names}
         assert all(len(hosts) == 1 for hosts in where.values()), where

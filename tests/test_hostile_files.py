@@ -12,10 +12,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import ggufgen
 import pytest
+import rig
+from helpers import ggufgen
 
-from llamad.catalog import catalog, ggufheader
+from llamad.catalog import catalog, discover, ggufheader
 from llamad.catalog.catalog import Snapshot, may_appear, scan
 from llamad.catalog.gguf_info import GGUFError, InfoCache, metadata, read_header
 from llamad.catalog.presets import parse_presets
@@ -103,7 +104,7 @@ def test_reading_has_a_budget_per_file_and_per_scan(tmp_path: Path,
     ggufgen.write_model(d / "a.gguf")
     ggufgen.write_model(d / "b.gguf")
     aged(*d.iterdir())
-    monkeypatch.setattr(catalog, "SCAN_SECONDS", 0.0)  # every header read spends it
+    monkeypatch.setattr(discover, "SCAN_SECONDS", 0.0)  # every header read spends it
     cache = InfoCache()
     snaps = [scan(config(d), cache=cache)]
     while snaps[-1].pending and len(snaps) < 5:  # each scan reads one header at least
@@ -237,5 +238,5 @@ def test_the_whole_header_is_shown_within_bounds(tmp_path: Path) -> None:
         with pytest.raises(GGUFError):
             metadata(d / name)
     assert metadata(d / "negative.gguf")["llama.context_length"] == -2**62  # only shown
-    shown = metadata(ggufgen.GEMMA)
+    shown = metadata(rig.GEMMA)
     assert shown["general.architecture"] == "gemma3" and shown["tokenizer.ggml.tokens"] is None

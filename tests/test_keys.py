@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from llamad.errors import ConfigError
-from llamad.http.keys import Key, find, load, parse
+from llamad.http.keys import Key, find, load, load_peer_key, parse
 
 
 def test_scopes(tmp_path: Path) -> None:
@@ -49,3 +49,47 @@ def test_warns_when_others_may_read(tmp_path: Path, caplog: pytest.LogCaptureFix
         path.chmod(0o640)
         load(path)
     assert "readable by group or others (mode 0640)" in caplog.text
+
+
+async def test_a_key_that_is_not_utf8_is_a_wrong_key(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """security-review-3 L4: raw bytes in the header (aiohttp hands them over as surrogates)
+    gave every unauthenticated client a 500 and a traceback in the journal."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from llamad.http import keys, middleware
+
+    (tmp_path / "keys").write_text("k\n")
+    app = web.Application(middlewares=[middleware.error_middleware,
+                                       keys.middleware(keys.Keyring(tmp_path / "keys"))])
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({})
+    app.router.add_get("/v1/models", ok)
+    async with TestServer(app) as server:
+        for header in (b"Authorization: Bearer \xff\xfe", b"x-api-key: k\xe9",
+                       b"Authorization: Bearer k\x80"):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + header +
+                         b"\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+            assert b'"code": "invalid_api_key"' in answer
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+
+
+def test_the_peer_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "peer"
+    path.write_text("  s3cret \n")
+    path.chmod(0o600)
+    assert load_peer_key(path) == "s3cret"
+    for text in ("", "a b\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="exactly one key"):
+            load_peer_key(path)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_peer_key(tmp_path / "absent")

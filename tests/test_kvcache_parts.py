@@ -8,11 +8,11 @@ import os
 import time
 from pathlib import Path
 
-import ggufgen
+from helpers import ggufgen
 
 from llamad.catalog.catalog import scan
 from llamad.config import Config
-from llamad.supervisor.guards import kvcache, kvpolicy
+from llamad.supervisor.guards import kvcache, kvpolicy, kvstore
 from llamad.supervisor.guards.kvstore import Entry, Store
 from llamad.supervisor.unitspec import build
 from llamad.systemd.units import transient_properties
@@ -97,14 +97,14 @@ def test_swa_full_only_for_sliding_window_models_with_kv_cache_on(tmp_path: Path
 def test_the_identity_changes_with_the_file_and_the_arguments(tmp_path: Path) -> None:
     config = model_config(tmp_path, kv_cache="yes")
     model = scan(config).models["plain"]
-    key = kvcache.identity(config, model)
-    assert kvcache.identity(config, model) == key
+    key = kvstore.identity(config, model)
+    assert kvstore.identity(config, model) == key
     other_args = scan(model_config(tmp_path, kv_cache="yes", args=("-c", "512"))).models["plain"]
-    assert kvcache.identity(config, other_args) != key
+    assert kvstore.identity(config, other_args) != key
     path = model.shards[0]
     path.with_suffix(".new").write_bytes(path.read_bytes())
     path.with_suffix(".new").replace(path)  # the same bytes, a new file
-    assert kvcache.identity(config, model) != key
+    assert kvstore.identity(config, model) != key
 
 
 def test_the_unit_gets_its_own_cache_directory_and_nothing_else(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Linters run as tests: ruff on everything, mypy --strict on llamad/."""
+"""Linters run as tests: ruff on everything, mypy --strict on llamad/ and tests/, and no test
+module used as a library by another (what tests share is in tests/helpers/)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,17 @@ def test_ruff() -> None:
 def test_mypy_strict() -> None:
     out = _run(str(BIN / "mypy"))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_test_module_imports_another() -> None:
+    found = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(ROOT)} imports {n}" for n in names
+                      if n.split(".")[0].startswith("test_")]
+    assert found == []
 
 
 def test_no_unit_file_blocks_transient_units() -> None:

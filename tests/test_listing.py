@@ -8,7 +8,7 @@ import dataclasses
 import json
 from typing import Any
 
-from test_measure import FakeUnits, config, supervisor
+from helpers.supervised import Rig
 
 from llamad.api import listing
 from llamad.api.feed import ModelFeed, expected_load_seconds
@@ -16,20 +16,18 @@ from llamad.catalog.catalog import scan
 from llamad.config import Config
 from llamad.supervisor.events import Cause, State
 
-__all__ = ["config"]  # the fixture, shared with test_measure
 
-
-def test_context_per_request_follows_slots_and_unified_cache(config: Config) -> None:
+def test_context_per_request_follows_slots_and_unified_cache(tiny_config: Config) -> None:
     cases = [((), 4096), (("-c", "8192"), 8192), (("-c", "8192", "-np", "4"), 2048),
              (("-c", "8192", "-np", "4", "--kv-unified"), 8192), (("-np", "2"), 2048),
              (("-c", "0", "-np", "2"), 2048)]
     for args, want in cases:
-        model = scan(dataclasses.replace(config, args=args)).models["tiny"]
+        model = scan(dataclasses.replace(tiny_config, args=args)).models["tiny"]
         assert listing.n_ctx(model) == want, args
 
 
-def test_entry_has_router_fields_and_failed_shape(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+def test_entry_has_router_fields_and_failed_shape(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     slot = sup.slots["tiny"]
     entry = listing.entry(sup, slot)
     assert entry["status"]["value"] == "unloaded" and "failed" not in entry["status"]
@@ -45,8 +43,8 @@ def test_entry_has_router_fields_and_failed_shape(config: Config) -> None:
     assert [m["id"] for m in body["data"]] == ["tiny"] and body["object"] == "list"
 
 
-async def test_feed_records_follow_state_changes(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+async def test_feed_records_follow_state_changes(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     feed = ModelFeed(sup)
     queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
     feed.clients.add(queue)
@@ -73,12 +71,12 @@ async def test_feed_records_follow_state_changes(config: Config) -> None:
     await sup.close()
 
 
-def test_expected_load_time_learned_else_guessed(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+def test_expected_load_time_learned_else_guessed(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     slot = sup.slots["tiny"]
     guess = expected_load_seconds(sup, slot)
     assert 1.0 <= guess < 1.1  # a tiny file: the fixed part of the guess
-    sup.measure.learn(slot.model, 1, None, 7.5)  # type: ignore[attr-defined]
+    sup.measure.learn(slot.model, 1, None, 7.5)
     assert expected_load_seconds(sup, slot) == 7.5
     slot.load_seconds = 2.0
     assert expected_load_seconds(sup, slot) == 2.0

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
-from ggufgen import GEMMA, write_model
-from test_gpu import FakeDevice, FakeNvml
-from test_memory import H100, H100_NAME, gemma_info
+from helpers.h100 import H100, H100_NAME, gemma_info
+from helpers.nvml import FakeDevice, FakeNvml, NoNvml
+from helpers.supervised import Rig
+from pytest_subtests import SubTests
+from rig import GEMMA
 
 from llamad.api import report
 from llamad.catalog.catalog import Model, scan
@@ -27,9 +28,8 @@ from llamad.memory.measure import Measure, proc_memory
 from llamad.memory.types import Memory
 from llamad.supervisor import sampling
 from llamad.supervisor.events import State
-from llamad.supervisor.supervisor import Supervisor
+from llamad.supervisor.slot import Slot
 from llamad.supervisor.unitspec import memory_max_props
-from llamad.systemd.units import UnitSpec, UnitStatus
 
 MIB = 1024**2
 GIB = 1024**3
@@ -56,22 +56,13 @@ def test_memory_max_props() -> None:
     assert (name, sig) == ("MemoryMaxScale", b"u") and abs(scale - 2**31) <= 1
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    models = tmp_path / "models"
-    models.mkdir()
-    os.utime(write_model(models / "tiny.gguf"), (0, 0))  # older than the settle window
-    return Config.default(models_dirs=(models,), llama_cache=False, models_preset=None,
-                          state_dir=tmp_path / "state", memory_reserve_mb=0)
-
-
 def model(config: Config) -> Model:
     return scan(config).models["tiny"]
 
 
-def test_learning_is_persisted_and_replaces_the_estimate(config: Config) -> None:
-    m = model(config)
-    meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+def test_learning_is_persisted_and_replaces_the_estimate(tiny_config: Config) -> None:
+    m = model(tiny_config)
+    meas = Measure(tiny_config, GpuMonitor(nvml=NoNvml()), state_dir=tiny_config.state_dir)
     est = meas.estimate(m)
     assert meas.need(m) == est and est.ram > 0
     assert meas.should_learn(m, 123 * MIB, 1.5)
@@ -80,92 +71,52 @@ def test_learning_is_persisted_and_replaces_the_estimate(config: Config) -> None
     # A sample within 5% of the peak, with the same load time, is no news.
     assert not meas.should_learn(m, 125 * MIB, 1.5)
     assert meas.should_learn(m, 140 * MIB, 1.5) and meas.should_learn(m, 100 * MIB, 2.0)
-    again = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
+    again = Measure(tiny_config, GpuMonitor(nvml=NoNvml()), state_dir=tiny_config.state_dir)
     learned = again.learned_for(m)
     assert learned is not None and learned.ram == 123 * MIB and learned.vram is None
 
 
-class NoNvml:
-    """pynvml without a GPU: the RAM-only path."""
-
-    class NVMLError(Exception):
-        pass
-
-    def nvmlInit(self) -> None:
-        raise self.NVMLError("no driver")
-
-
-class FakeUnits:
-    def __init__(self, memory_current: int | None = None) -> None:
-        self.memory_current = memory_current
-        self.started: list[str] = []
-        self.stopped: list[str] = []
-
-    async def start(self, spec: UnitSpec, wanted: Any = None) -> None:
-        self.started.append(spec.name)
-
-    async def stop(self, name: str) -> None:
-        self.stopped.append(name)
-
-    async def reset_failed(self, name: str) -> None:
-        pass
-
-    async def status(self, name: str) -> UnitStatus:
-        return UnitStatus(name, "loaded", "active", "running",
-                          memory_current=self.memory_current)
-
-    async def list_ours(self) -> list[UnitStatus]:
-        return []
-
-
-async def no_journal(unit: str) -> str:
-    return ""
-
-
-def supervisor(config: Config, units: FakeUnits) -> Supervisor:
-    meas = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
-    return Supervisor(config, scan(config), units, meas, no_journal)
-
-
-async def running(sup: Supervisor, pid: int) -> Any:
+async def running(r: Rig, pid: int) -> Slot:
     """Start tiny through the real decision path and drive it to READY by unit signals."""
-    slot = sup.slots["tiny"]
-    await sup.load(slot)
-    await asyncio.sleep(0)
-    sup.on_unit_change(slot.unit, {"MainPID": pid, "InvocationID": b"\x01" * 16})
-    sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    slot = r.slot("tiny")
+    await r.sup.load(slot)
+    await r.started("tiny")
+    r.units.active(r.sup, slot.unit, pid)
     # Skip the health probe: nothing listens; mark it ready as _wait_healthy would.
     slot.state, slot.load_seconds = State.READY, 0.5
     return slot
 
 
-async def test_sample_falls_back_to_rss_and_learns(config: Config) -> None:
-    sup = supervisor(config, FakeUnits(memory_current=None))
-    slot = await running(sup, os.getpid())
+async def test_sample_falls_back_to_rss_and_learns(tiny_config: Config) -> None:
+    r = Rig(tiny_config)  # systemd accounts no memory: MemoryCurrent is not set
+    sup = r.sup
+    slot = await running(r, os.getpid())
     await sampling.sample(sup)
     rss = proc_memory(os.getpid())
     assert rss is not None and slot.used.ram > MIB and slot.peak.ram >= slot.used.ram
     fields = report.describe(sup, slot)
     assert fields["ram"] == slot.used.ram and fields["vram"] is None
     assert fields["estimate"]["ram"] > 0 and fields["load_seconds"] == 0.5
-    learned = sup.measure.learned_for(slot.model)  # type: ignore[attr-defined]
-    assert learned.ram == slot.peak.ram and learned.load_seconds == 0.5
+    learned = sup.measure.learned_for(slot.model)
+    assert learned is not None and learned.ram == slot.peak.ram and learned.load_seconds == 0.5
     assert report.status(sup)["gpus"] == []
     await sup.close()
 
 
-async def test_sample_prefers_memory_current(config: Config) -> None:
-    sup = supervisor(config, FakeUnits(memory_current=300 * MIB))
-    slot = await running(sup, os.getpid())
+async def test_sample_prefers_memory_current(tiny_config: Config) -> None:
+    r = Rig(tiny_config)
+    r.units.memory_current = 300 * MIB
+    sup = r.sup
+    slot = await running(r, os.getpid())
     await sampling.sample(sup)
     assert slot.used == Memory(300 * MIB, 0)
     assert report.describe(sup, slot)["ram"] == 300 * MIB
     await sup.close()
 
 
-async def test_memory_limit_estimate_sets_memory_max(config: Config) -> None:
+async def test_memory_limit_estimate_sets_memory_max(tiny_config: Config) -> None:
     from dataclasses import replace
-    sup = supervisor(replace(config, memory_limit="estimate"), FakeUnits())
+    sup = Rig(replace(tiny_config, memory_limit="estimate")).sup
     slot = sup.slots["tiny"]
     spec, _ = sup.spec(slot)
     est = sup.measure._estimate(slot.model)  # type: ignore[attr-defined]
@@ -173,16 +124,17 @@ async def test_memory_limit_estimate_sets_memory_max(config: Config) -> None:
     await sup.close()
 
 
-async def test_oom_kill_fails_the_model_and_cancels_the_restart(config: Config) -> None:
-    units = FakeUnits()
-    sup = supervisor(config, units)
-    slot = await running(sup, 4242)
+async def test_oom_kill_fails_the_model_and_cancels_the_restart(tiny_config: Config) -> None:
+    r = Rig(tiny_config)
+    sup, units = r.sup, r.units
+    slot = await running(r, 4242)
     # What systemd sends when the kernel OOM-kills the main process of a
     # Restart=on-failure service: the Service interface, then the Unit interface.
     sup.on_unit_change(slot.unit, {"Result": "oom-kill", "ExecMainCode": 2,
                                    "ExecMainStatus": 9, "MainPID": 0})
     sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await asyncio.sleep(0.01)
+    await r.watch.until("the model to fail and its restart to be cancelled",
+                        lambda: slot.state is State.FAILED and units.stopped)
     assert slot.state is State.FAILED and slot.reason.startswith("out of memory")
     assert units.stopped == [slot.unit]  # the pending restart is cancelled
     # Our stop lands: the model stays failed, with its reason.
@@ -195,12 +147,13 @@ async def test_oom_kill_fails_the_model_and_cancels_the_restart(config: Config) 
     await sup.close()
 
 
-async def test_request_in_flight_during_an_oom_kill_is_told_so(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
-    slot = await running(sup, 4242)
+async def test_request_in_flight_during_an_oom_kill_is_told_so(tiny_config: Config) -> None:
+    r = Rig(tiny_config)
+    sup = r.sup
+    slot = await running(r, 4242)
 
     async def oom_kill_signals() -> None:
-        await asyncio.sleep(0.05)
+        # Runs once the request's end waits for systemd to say why the backend broke.
         sup.on_unit_change(slot.unit, {"Result": "oom-kill", "ExecMainCode": 2,
                                        "ExecMainStatus": 9})
         sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
@@ -243,7 +196,7 @@ def h100(tmp_path: Path, *processes: tuple[int, int | None], gpus: int = 1) -> M
 
 
 def test_learned_cuda_cost_brings_every_h100_row_within_2_percent(tmp_path: Path,
-                                                                   subtests) -> None:  # type: ignore[no-untyped-def]
+                                                                   subtests: SubTests) -> None:
     for first, nvml, *_ in H100:
         with subtests.test(f"first load {first}"):
             where = tmp_path / first.replace(" ", "_")

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import re
-import socket
 import subprocess
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ggufgen
 import pytest
+import rig
 from gguf import GGUFReader, GGUFValueType
+from helpers import ggufgen
+from helpers.h100 import H100, H100_ANON, H100_RAM, gemma_info
+from helpers.ports import free_port
 
-from llamad.catalog.gguf_info import GGUFInfo, combine, read_header
 from llamad.memory.estimate import (
     CUDA_FIXED,
     ServerArgs,
@@ -241,12 +239,6 @@ def test_no_gpu_means_no_offload() -> None:
     assert hidden.total.ram - cpu.total.ram == hidden.mapped - cpu.mapped > 0
 
 
-# The real model and llama-server that tools/setup-dev builds.
-CACHE = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache/llamad-ci"))
-GEMMA = CACHE / "models/gemma3-270m-q4_k_m.gguf"
-LLAMA_SERVER = CACHE / "llama-11434.0.0-rpc/llama-server"
-
-
 def read_meta(path: Path) -> Meta:
     """The metadata through the gguf package's own reader, independent of llamad's."""
     reader = GGUFReader(path)
@@ -282,12 +274,10 @@ class Measured:
     peak_rss: int  # VmHWM once ready
 
 
-def run_llama_server(args: list[str], model: Path = GEMMA) -> Measured:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
+    port = free_port()
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([str(LLAMA_SERVER), "-m", str(model), "--host", "127.0.0.1",
+        proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(model), "--host", "127.0.0.1",
                                  "--port", str(port), "-t", "2", "-lv", "4", "-fit", "off",
                                  *args],
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -309,17 +299,14 @@ def run_llama_server(args: list[str], model: Path = GEMMA) -> Measured:
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert proc.poll() is None, "llama-server exited"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
+                return bool(r.status == 200)
         except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("llama-server not ready in 120 s")
+            return False
+    rig.wait_for("llama-server to be ready", ready, timeout=120, interval=0.2)
 
 
 def logits(args: list[str], vocab: int) -> int:
@@ -328,7 +315,7 @@ def logits(args: list[str], vocab: int) -> int:
 
 
 def test_estimate_against_real_llama_server(subtests) -> None:  # type: ignore[no-untyped-def]
-    meta = read_meta(GEMMA)
+    meta = read_meta(rig.GEMMA)
     assert (meta.architecture, meta.block_count, meta.sliding_window) == ("gemma3", 18, 512)
     table = [
         ("defaults: trained context, 4 unified slots", []),
@@ -378,29 +365,6 @@ def test_compute_buffer_of_other_shapes(tmp_path: Path, subtests) -> None:  # ty
                       f" llama-server {real.compute / MIB:.2f} MiB")
                 assert real.compute <= graph <= real.compute * 1.35
             path.unlink()
-
-
-# Measured on an NVIDIA H100 80GB HBM3 (driver 580, CUDA 13.0) with a CUDA build of the pinned
-# llama-server and this Gemma model (docs/benchmarks.md, "GPU"): NVML's figure for the
-# process, and llama.cpp's own CUDA0 buffers (model / KV / compute), MiB.
-H100 = [
-    ("-ngl 99 -c 1024", 862, 235.2, 18.0, 19.0),
-    ("-ngl 99 -c 8192", 912, 235.2, 61.5, 27.5),
-    ("-ngl 99 -c 32768 -np 4", 1006, 235.2, 156.0, 26.0),
-    ("-ngl 99", 1008, 235.2, 133.5, 51.5),
-    ("-ngl 99 -c 8192 -np 1", 890, 235.2, 39.0, 26.0),
-    ("-ngl 99 -c 8192 -ctk q8_0 -ctv q8_0", 886, 235.2, 32.7, 28.1),
-    ("-ngl 10 -c 8192", 852, 202.8, 33.5, 27.5),
-]
-H100_NAME = "NVIDIA H100 80GB HBM3"
-# The unit's cgroup at -ngl 99 -c 8192 after three completions: memory.current, and of it
-# anonymous + shared memory (the rest is page cache: the model file, the CUDA libraries).
-H100_RAM, H100_ANON = 794.5 * MIB, (203.7 + 29.5) * MIB
-
-
-@functools.cache
-def gemma_info() -> GGUFInfo:
-    return combine([read_header(GEMMA)], None)
 
 
 def test_h100_estimate_is_a_close_upper_bound(subtests) -> None:  # type: ignore[no-untyped-def]

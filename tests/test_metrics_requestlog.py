@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.supervised import Rig
+from helpers.watch import eventually
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_measure import FakeUnits, config, supervisor
 
 from llamad.api import progress
 from llamad.catalog.catalog import scan
@@ -24,8 +24,6 @@ from llamad.observe.metrics import Metrics
 from llamad.supervisor import unitspec
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.scheduler import Load
-
-__all__ = ["config"]  # the fixture, shared with test_measure
 
 S = State
 # The tail of a llama-server chat stream with usage on; the answer talks about tokens.
@@ -91,13 +89,10 @@ async def test_a_client_that_hangs_up_after_the_answer_got_it() -> None:
             await resp.content.readexactly(len(STREAM) if whole else 40)
             await answered.wait()
             resp.close()  # hang up, as the client does
-            await asyncio.wait_for(_until(lambda n=n: len(seen) == n), 10)
+            def recorded(n: int = n) -> bool:
+                return len(seen) == n
+            await eventually("the request's record", recorded, timeout=10)
             assert seen[-1].status == status, whole
-
-
-async def _until(done: Callable[[], bool]) -> None:
-    while not done():
-        await asyncio.sleep(0.01)
 
 
 def test_token_counts_from_other_shapes() -> None:
@@ -188,8 +183,8 @@ def test_metrics_from_state_changes_and_requests() -> None:
     assert not any(name.endswith("_created") for name in got)
 
 
-async def test_live_metrics_read_the_supervisor(config: Config) -> None:
-    sup = supervisor(config, FakeUnits())
+async def test_live_metrics_read_the_supervisor(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
     m = Metrics(lambda: 7)
     m.watch(sup)
     slot = sup.slots["tiny"]
@@ -225,8 +220,8 @@ def test_progress_text() -> None:
 
 
 def test_model_units_serve_metrics_unless_the_preset_says_no(tmp_path: Path) -> None:
-    import ggufgen
-    from test_catalog import age
+    from helpers import ggufgen
+    from helpers.catalogs import age
 
     d = tmp_path / "m"
     for name in ("on", "off", "explicit"):
@@ -239,3 +234,41 @@ def test_model_units_serve_metrics_unless_the_preset_says_no(tmp_path: Path) -> 
     for name, want in (("on", 1), ("off", 0), ("explicit", 1)):
         argv = unitspec.build(cfg, snap.models[name], "tcp:127.0.0.1:1", (), None).argv
         assert argv.count("--metrics") == want, (name, argv)
+
+
+def test_a_backends_metrics_cannot_pass_for_llamads() -> None:
+    """security-review-3 M3: a model unit running hostile code answers /metrics with
+    llamad_* families or label names the exposition cannot carry: dropped."""
+    from llamad.observe.metrics import _parse
+    text = ("# TYPE llamacpp:tokens counter\nllamacpp:tokens_total 5\n"
+            "# TYPE llamad_requests counter\nllamad_requests_total{model=\"x\"} 1e9\n"
+            "# TYPE odd gauge\nodd{model=\"other\"} 1\n")
+    names = [f.name for f in _parse(text)]
+    assert names and all(n.startswith("llamacpp:tokens") for n in names), names
+
+
+async def test_what_llamad_reads_of_a_backend_is_bounded() -> None:
+    import pytest
+    from aiohttp import ClientSession, web
+    from aiohttp.test_utils import TestServer
+
+    from llamad.supervisor.backend import capped_json, read_capped
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # chunked: no length to refuse it by
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b" " * 65536)
+        return resp
+
+    async def small(request: web.Request) -> web.Response:
+        return web.json_response({"n": 1})
+    app = web.Application()
+    app.router.add_get("/big", big)
+    app.router.add_get("/small", small)
+    async with TestServer(app) as server, ClientSession() as s:
+        async with s.get(server.make_url("/big")) as r:
+            with pytest.raises(ValueError, match="larger than the 1048576 bytes"):
+                await read_capped(r, 1 << 20)
+        async with s.get(server.make_url("/small")) as r:
+            assert await capped_json(r, 100) == {"n": 1}

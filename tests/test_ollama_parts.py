@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ggufgen
 import pytest
+import rig
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers import ggufgen
 
 from llamad.api import ollama
 from llamad.api import ollama_models as models
@@ -210,8 +211,8 @@ def test_builtin_chat_template(tmp_path: Path) -> None:
     """A Gemma without a template in its header gets llama.cpp's `gemma` template: as Jinja
     (the name works only without Jinja, which refuses tools), the name where a preset turns
     Jinja off; one with a template, or a preset's own choice, is left be."""
-    os.symlink(ggufgen.GEMMA, tmp_path / "gemma.gguf")
-    os.symlink(ggufgen.GEMMA, tmp_path / "gemma-own.gguf")
+    os.symlink(rig.GEMMA, tmp_path / "gemma.gguf")
+    os.symlink(rig.GEMMA, tmp_path / "gemma-own.gguf")
     ggufgen.write_model(tmp_path / "templated.gguf", arch="gemma3",
                         extra={"tokenizer.chat_template": "{{ messages[0].content }}"})
     ggufgen.write_model(tmp_path / "llama.gguf")
@@ -227,7 +228,7 @@ def test_builtin_chat_template(tmp_path: Path) -> None:
 
 
 def test_show_from_the_header() -> None:
-    keys = dict(models.header(ggufgen.GEMMA))
+    keys = dict(models.header(rig.GEMMA))
     assert keys["general.architecture"] == "gemma3" and keys["tokenizer.ggml.tokens"] is None
     assert json.dumps(keys)  # all of it goes out as JSON
 

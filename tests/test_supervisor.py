@@ -1,5 +1,5 @@
 """The supervisor's state machine and queueing rules, with systemd faked at the Units
-boundary and llama-server at its /health (tests/fakesystemd.py).
+boundary and llama-server at its /health (tests/helpers/supervised.py).
 
 The real thing is covered on the box (tests/integration); these pin the bounds and races
 that are slow or unreliable to hit there. Tests wait on events, never on sleeps.
@@ -13,15 +13,16 @@ import os
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
-from typing import ClassVar
 
 import pytest
-from fakesystemd import FakeLlamaServers, FakeSystemd, Watch, fake_llama_servers, short_dir
-from ggufgen import write_model
-from test_measure import NoNvml
+from helpers.fakesystemd import FakeSystemd
+from helpers.ggufgen import write_model
+from helpers.nvml import NoNvml
+from helpers.supervised import Rig, catalog, no_journal, serving, with_config
+from helpers.watch import Watch
 
 from llamad.api import report
 from llamad.catalog.catalog import Snapshot, scan
@@ -30,83 +31,19 @@ from llamad.errors import NotFound, Unavailable
 from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure
 from llamad.supervisor.events import Cause, State
-from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import IllegalMove, Supervisor
 from llamad.systemd.units import UnitError
 
-MODELS = ["tiny-a", "tiny-b", "tiny-c"]
-
 
 @pytest.fixture
-def run_dir() -> Iterator[Path]:
-    with short_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def config(tmp_path: Path, run_dir: Path) -> Config:
-    models = tmp_path / "models"
-    for name in MODELS:
-        os.utime(write_model(models / f"{name}.gguf"), (0, 0))  # older than the settle window
-    return Config.default(models_dirs=(models,), llama_cache=False, models_preset=None,
-                          state_dir=tmp_path / "state", memory_reserve_mb=0, run_dir=run_dir)
-
-
-class Rig:
-    """A supervisor on a fake systemd, and the Watch to wait on both."""
-
-    servers: FakeLlamaServers
-    made: ClassVar[list[Rig]] = []  # every one the test built: the fixture closes them all
-
-    def __init__(self, config: Config) -> None:
-        Rig.made.append(self)
-        self.watch = Watch()
-        self.units = FakeSystemd(self.watch)
-        measure = Measure(config, GpuMonitor(nvml=NoNvml()), state_dir=config.state_dir)
-        self.sup = Supervisor(config, scan(config), self.units, measure, no_journal)
-        self.watch.follow(self.sup)
-
-    def slot(self, name: str) -> Slot:
-        return self.sup.slots[name]
-
-    async def state(self, name: str, want: State) -> None:
-        await self.watch.until(f"{name} to be {want.value}",
-                               lambda: self.slot(name).state is want)
-
-    async def probe(self) -> None:
-        """What the daemon's tick does once a second: probe, here awaited to its end."""
-        self.sup.probe()
-        await asyncio.gather(*(t for t in asyncio.all_tasks()
-                               if t.get_name().startswith("probing ")))
-
-    async def ready(self, name: str) -> Slot:
-        """Load through the real decision path and drive the model to READY as systemd
-        and llama-server would."""
-        slot = self.slot(name)
-        await self.sup.load(slot)
-        await self.watch.until(f"{slot.unit} to start", lambda: slot.unit in self.units.running)
-        self.units.active(self.sup, slot.unit)
-        await self.state(name, State.READY)
-        return slot
-
-
-async def no_journal(unit: str) -> str:
-    return ""
-
-
-@pytest.fixture
-async def rig(config: Config, run_dir: Path) -> AsyncIterator[Rig]:
-    Rig.made = []
-    r = Rig(config)
-    async with fake_llama_servers(run_dir, MODELS) as servers:
-        Rig.servers = servers
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with serving(tmp_path) as r:
         yield r
-        for each in Rig.made:
-            await each.sup.close()
 
 
-def with_config(r: Rig, **changes: object) -> Rig:
-    return Rig(dataclasses.replace(r.sup.config, **changes))
+@pytest.fixture
+def config(rig: Rig) -> Config:
+    return rig.sup.config
 
 
 async def test_queue_timeout_is_503_with_retry_after(rig: Rig) -> None:
@@ -143,7 +80,7 @@ async def test_many_waiters_one_start_all_served(rig: Rig) -> None:
     assert rig.units.started == ["llama-server@tiny-a.service"]
     assert slot.state is State.STARTING
     rig.units.active(rig.sup, slot.unit)
-    assert slot.state is State.LOADING
+    assert slot.state is State.LOADING  # type: ignore[comparison-overlap]  # changed by the call above
     backends = await asyncio.gather(*waiters)  # /health answers: READY, all served
     assert all(b is slot.backend for b in backends) and slot.in_flight == 50
 
@@ -280,7 +217,7 @@ async def test_unit_removed_is_checked_not_believed(rig: Rig) -> None:
     rig.units.gone(rig.sup, slot.unit, quiet=True)
     rig.sup.on_unit_change(slot.unit, {REMOVED: True})
     await rig.sup.reconcile()
-    assert slot.state is State.UNLOADED
+    assert slot.state is State.UNLOADED  # type: ignore[comparison-overlap]  # changed by the call above
 
 
 # -- wedged backends ----------------------------------------------------------------------
@@ -352,12 +289,6 @@ async def test_a_stale_wedge_report_is_ignored(rig: Rig) -> None:
 
 
 # -- files changing under load ------------------------------------------------------------
-
-
-def catalog(r: Rig, **changes: object) -> None:
-    """A rescan, as the watcher would publish it."""
-    r.sup.update_snapshot(scan(dataclasses.replace(r.sup.config, **changes),
-                               previous=r.sup.snapshot))
 
 
 async def test_a_removed_model_is_drained_not_cut(rig: Rig, config: Config) -> None:

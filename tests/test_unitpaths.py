@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llamad.systemd import unitpaths
+from llamad.systemd import unitpaths, units
 from llamad.systemd.units import UnitSpec
 
 ROOT = Path(__file__).parent.parent
@@ -35,7 +35,7 @@ def test_llamad_service_hides_what_model_units_hide() -> None:
     # check-config judges the preset by the model units' sandbox: both must agree.
     text = (ROOT / "units" / "llamad.service").read_text()
     service = dict(re.findall(r"^(PrivateTmp|ProtectHome)=(\S+)$", text, re.M))
-    props = {n: v for n, _, v in unitpaths.transient_properties(spec())}
+    props = {n: v for n, _, v in units.transient_properties(spec())}
     assert service == {"PrivateTmp": "yes" if props["PrivateTmp"] else "no",
                        "ProtectHome": props["ProtectHome"]}
 
@@ -105,3 +105,17 @@ def test_root_reads_everything(tmp_path: Path, need: str) -> None:
     path.write_text("")
     path.chmod(0)
     assert unitpaths.problem(path, unitpaths.Sandbox((), "root"), need) is None
+
+
+def test_the_token_file_is_checked(tmp_path: Path) -> None:
+    token = tmp_path / "hf-token"
+    assert unitpaths.token_problems(None) == []
+    assert unitpaths.token_problems(token) == [
+        f"hf-token-file: {token} cannot be read (No such file or directory); downloads will "
+        "fail."]
+    token.write_text("hf_x\n")
+    token.chmod(0o644)
+    assert unitpaths.token_problems(token) == [
+        f"hf-token-file: {token} is readable by group or others (mode 0644); chmod 600 it."]
+    token.chmod(0o600)
+    assert unitpaths.token_problems(token) == []

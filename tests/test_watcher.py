@@ -5,44 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-import ggufgen
+from helpers import ggufgen
+from helpers.catalogs import DEBOUNCE, Feed, aged_model, make_catalog
 
-from llamad.catalog.catalog import Catalog, Snapshot
+from llamad.catalog.catalog import Snapshot
 from llamad.catalog.watcher import CatalogWatcher
-from llamad.config import Config
-
-SETTLE = 0.6
-DEBOUNCE = 0.2
-
-
-class Feed:
-    """Records every published snapshot (with the time it came) for assertions."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self.snapshots: list[Snapshot] = []
-        catalog.subscribe(lambda old, new: self.snapshots.append(new))
-
-    async def until(self, check: Callable[[Snapshot], bool], timeout: float = 10) -> Snapshot:
-        async def poll() -> Snapshot:
-            while not check(self.catalog.snapshot):
-                await asyncio.sleep(0.05)
-            return self.catalog.snapshot
-        return await asyncio.wait_for(poll(), timeout)
-
-
-def make_catalog(d: Path, preset: Path | None = None) -> Catalog:
-    config = Config.default(models_dirs=(d,), llama_cache=False, models_preset=preset)
-    return Catalog(config, settle=SETTLE)
-
-
-def aged_model(path: Path) -> Path:
-    ggufgen.write_model(path)
-    os.utime(path, (1, 1_000_000_000))
-    return path
 
 
 async def test_start_scans_and_stop_ends_the_observer(tmp_path: Path) -> None:

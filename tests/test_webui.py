@@ -6,6 +6,7 @@ import gzip
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import rig
@@ -17,6 +18,9 @@ from llamad.http import keys, middleware
 
 BUILT = rig.WEB_UI
 JS = b"console.log('hi');\n" * 200
+
+if TYPE_CHECKING:  # aiohttp 3.8 (Debian 12) has no TestClient[...] at run time
+    Client = TestClient[web.Request, web.Application]
 
 
 def fake_build(root: Path) -> Path:
@@ -33,7 +37,7 @@ def fake_build(root: Path) -> Path:
     return root
 
 
-async def client_for(ui_dir: Path | None) -> TestClient:
+async def client_for(ui_dir: Path | None) -> Client:
     app = web.Application(middlewares=[middleware.error_middleware])
     webui.add_routes(app, ui_dir)
     client = TestClient(TestServer(app))
@@ -42,13 +46,13 @@ async def client_for(ui_dir: Path | None) -> TestClient:
 
 
 @pytest.fixture
-async def ui(tmp_path: Path) -> AsyncIterator[TestClient]:
+async def ui(tmp_path: Path) -> AsyncIterator[Client]:
     client = await client_for(fake_build(tmp_path / "ui"))
     yield client
     await client.close()
 
 
-async def test_index_at_root_with_isolation_and_revalidation(ui: TestClient) -> None:
+async def test_index_at_root_with_isolation_and_revalidation(ui: Client) -> None:
     for path in ("/", "/index.html"):
         r = await ui.get(path)
         assert r.status == 200
@@ -64,7 +68,7 @@ async def test_index_at_root_with_isolation_and_revalidation(ui: TestClient) -> 
         assert again.status == 304
 
 
-async def test_hashed_assets_are_immutable_and_gzipped(ui: TestClient) -> None:
+async def test_hashed_assets_are_immutable_and_gzipped(ui: Client) -> None:
     path = "/_app/immutable/bundle.abc123.js"
     r = await ui.get(path, headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
     assert r.status == 200
@@ -76,7 +80,7 @@ async def test_hashed_assets_are_immutable_and_gzipped(ui: TestClient) -> None:
     assert "Content-Encoding" not in plain.headers and await plain.read() == JS
 
 
-async def test_other_files_revalidate(ui: TestClient) -> None:
+async def test_other_files_revalidate(ui: Client) -> None:
     for path, ctype in [("/sw.js", "text/javascript; charset=utf-8"),
                         ("/manifest.webmanifest", "application/manifest+json"),
                         ("/_app/version.json", "application/json"),
@@ -87,7 +91,7 @@ async def test_other_files_revalidate(ui: TestClient) -> None:
         assert "Cross-Origin-Embedder-Policy" not in r.headers
 
 
-async def test_unknown_paths_stay_llamads_404(ui: TestClient) -> None:
+async def test_unknown_paths_stay_llamads_404(ui: Client) -> None:
     for path in ("/nope.js", "/_app/immutable/bundle.abc123.js.gz", "/odd%20%7Bname%7D.txt"):
         r = await ui.get(path)
         assert r.status == 404

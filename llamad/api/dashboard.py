@@ -23,6 +23,7 @@ from aiohttp import web
 
 from llamad.api import report
 from llamad.api.webui import content_type
+from llamad.http import limits
 from llamad.http.context import app_key, supervisor
 from llamad.http.keys import admin_only, public
 from llamad.memory import gpu
@@ -33,6 +34,10 @@ from llamad.supervisor.supervisor import Supervisor
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/dashboard": "dashboard.html", "/dashboard/dashboard.js": "dashboard.js",
          "/dashboard/dashboard.css": "dashboard.css"}
+# The page's own files and llamad's API, nothing else; no inline script or style, so no
+# model-derived text can run; no page may frame it (clickjacking Load, Unload, Pin).
+POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+          "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 FIGURES_SECONDS = 2.0
 BATCH = 100  # models per `models` event
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -118,6 +123,7 @@ async def send_models(resp: web.StreamResponse, feed: Feed, ids: list[str]) -> N
 
 
 @admin_only  # every model, as /status shows them
+@limits.long_lived
 async def handle_events(request: web.Request) -> web.StreamResponse:
     sup = supervisor(request)
     feed = Feed(sup)
@@ -158,7 +164,8 @@ async def close_pages(app: web.Application) -> None:
 
 def _page(name: str) -> Any:
     path = STATIC / name
-    headers = {"Content-Type": content_type(name), "Cache-Control": "no-cache"}
+    headers = {"Content-Type": content_type(name), "Cache-Control": "no-cache",
+               "Content-Security-Policy": POLICY}
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(path, headers=headers)

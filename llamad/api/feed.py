@@ -54,6 +54,8 @@ class ModelFeed:
         data: dict[str, Any] = {"status": status}
         if change.new is State.READY and slot is not None:
             data["info"] = listing.info(slot.model)
+        elif change.new is State.SLEEPING:
+            pass  # router mode's SERVER_MODEL_STATUS_SLEEPING carries nothing more
         elif status == "unloaded":
             data["exit_code"] = listing.exit_code(slot) if slot is not None else 0
         elif slot is not None:
@@ -129,9 +131,12 @@ class ModelFeed:
         return resp
 
     def _visible(self, request: web.Request, model: str) -> bool:
-        """A client with a scoped API key hears only of its own models."""
+        """A client with a scoped API key hears only of its own models: not of one that
+        has left the catalog since, whose aliases are no longer known."""
+        if model == "*":
+            return True
         slot = self.sup.slots.get(model)
-        return slot is None or keys.may_use(request, model, slot.model.aliases)
+        return keys.may_use(request, model, slot.model.aliases if slot is not None else ())
 
     async def close(self) -> None:
         """End every feed, so a shutdown need not wait for the clients to leave."""

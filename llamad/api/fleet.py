@@ -19,11 +19,14 @@ import aiohttp
 from aiohttp import web
 
 from llamad.errors import Unavailable
+from llamad.http import keys, limits
 from llamad.http.context import app_key
+from llamad.supervisor.backend import capped_json
 
 log = logging.getLogger("llamad.fleet")
 
 LOCAL_ONLY = "no"  # GET /v1/models?peers=no: this host's models only
+MAX_LISTING = 64 << 20  # bytes of a peer's model list (10,000 models are ~20 MB)
 
 
 class Draining:
@@ -46,10 +49,13 @@ async def drain(app: web.Application, grace: float) -> None:
 
 
 def check_health(app: web.Application) -> None:
-    """/health's answer while draining: 503, which health checks count as down."""
+    """/health's answer while draining, or while every one of max-requests is taken: 503,
+    which health checks count as down, so a balancer sends the next requests elsewhere."""
     if DRAINING in app and app[DRAINING].on:
         raise Unavailable("llamad is shutting down; it still serves requests until its "
                           "port closes", code="draining")
+    if limits.LIMITS in app and (busy := app[limits.LIMITS].saturated()) is not None:
+        raise busy
 
 
 def wants_peers(request: web.Request, peers: tuple[str, ...]) -> bool:
@@ -57,11 +63,14 @@ def wants_peers(request: web.Request, peers: tuple[str, ...]) -> bool:
 
 
 async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
-                     timeout: float) -> bytes:
+                     timeout: float, key: str | None = None) -> bytes:
     """GET /v1/models' body, `local` with the peers' models added: a model several hosts
-    list appears once (this host's entry first); `peers` says how each peer answered."""
-    headers = {"Authorization": request.headers["Authorization"]} \
-        if "Authorization" in request.headers else {}
+    list appears once (this host's entry first); `peers` says how each peer answered.
+
+    The peers are asked with llamad's own `key` (peer-key-file), never with the client's:
+    a client's key, an admin's too, would travel in clear text to every peer. So the
+    client's scope is applied here, to the peers' entries."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     limit = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=limit, headers=headers) as session:
         answers = await asyncio.gather(*(_models_of(session, url, timeout) for url in peers))
@@ -72,6 +81,7 @@ async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
         if error:
             report.append({"url": url, "error": error})
             continue
+        entries = [e for e in entries if _may_see(request, e)]
         report.append({"url": url, "models": len(entries)})
         for entry in entries:
             if entry.get("id") not in seen:
@@ -82,14 +92,22 @@ async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
     return json.dumps(listing).encode()
 
 
+def _may_see(request: web.Request, entry: dict[str, Any]) -> bool:
+    model, aliases = entry.get("id"), entry.get("aliases")
+    return isinstance(model, str) and keys.may_use(
+        request, model, [a for a in aliases if isinstance(a, str)]
+        if isinstance(aliases, list) else ())
+
+
 async def _models_of(session: aiohttp.ClientSession, url: str,
                      timeout: float) -> tuple[list[Any], str]:
     """A peer's own models, or why not (a sentence)."""
     try:
-        async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY}) as r:
+        async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY},
+                               allow_redirects=False) as r:
             if r.status != 200:
                 return [], f"answered HTTP {r.status}"
-            data = await r.json()
+            data = await capped_json(r, MAX_LISTING)
     except TimeoutError:
         return [], f"did not answer within peer-timeout ({timeout:g}s)"
     except (aiohttp.ClientError, ValueError, OSError) as e:

@@ -27,8 +27,8 @@ import aiohttp
 from aiohttp import web
 
 from llamad.errors import BackendError, BackendTimeout, BackendUnreachable, LlamadError
-from llamad.http import limits
-from llamad.supervisor.backend import PROBE_TIMEOUT, Backend
+from llamad.http import limits, record
+from llamad.supervisor.backend import PROBE_TIMEOUT, Backend, read_capped
 
 if TYPE_CHECKING:
     from llamad.supervisor.slot import Slot
@@ -39,8 +39,11 @@ T = TypeVar("T")
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+    # llamad's own say on how browsers treat its answers (browsers.py), never a backend's.
+    "content-security-policy", "x-content-type-options", "x-frame-options",
 ))
 FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
+SMALL = 1 << 20  # bytes of a plain answer that ends a stream which has begun
 
 
 @dataclass(frozen=True)
@@ -71,26 +74,65 @@ def _forward_headers(headers: Any) -> dict[str, str]:
 
 async def forward(request: web.Request, backend: Backend, body: bytes | bytearray,
                   watch: Watch, out: web.StreamResponse | None = None) -> web.StreamResponse:
-    """`out`: the response a streamed answer goes into; it may have begun already (load
-    progress, see progress.py)."""
+    """`out`: the response the answer goes into; it may have begun already (load
+    progress, see progress.py). Every answer passes through piece by piece, never held
+    whole: an embeddings or /tokenize answer may be larger than llamad's MemoryMax."""
     async with backend.client() as session:
         up = await _open(request, backend, session, body, watch)
         try:
+            resp = out or web.StreamResponse()
             if up.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await _stream(request, backend, up, watch, out or web.StreamResponse())
-            try:
-                data = await _patiently(backend, up.read(), watch)
-            except _Wedged as e:
-                raise _timeout(watch, str(e)) from e
-            except FAILURES as e:
-                raise BackendError(f"the model's backend failed while answering ({_why(e)})"
-                                   ) from e
-            if out is not None and out.prepared:
-                return await _last_event(out, data)
-            return web.Response(status=up.status, body=data,
-                                headers=_forward_headers(up.headers))
+                return await _stream(request, backend, up, watch, resp)
+            if resp.prepared:
+                return await _last_event(resp, await _small(backend, up, watch))
+            return await _plain(request, backend, up, watch, resp)
         finally:
             up.release()  # back to the pool only if the answer was read to its end
+
+
+async def _next(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
+    """The answer's next piece (b"" at its end); a failure is the backend's error."""
+    try:
+        return await _patiently(backend, up.content.readany(), watch)
+    except _Wedged as e:
+        raise _timeout(watch, str(e)) from e
+    except FAILURES as e:
+        raise BackendError(f"the model's backend failed while answering ({_why(e)})") from e
+
+
+async def _plain(request: web.Request, backend: Backend, up: aiohttp.ClientResponse,
+                 watch: Watch, resp: web.StreamResponse) -> web.StreamResponse:
+    """A plain answer, passed on as it comes. Its status line goes out with its first
+    piece, so a backend that fails before that still gets the client an error status; one
+    that fails after it cuts the connection (the client sees the answer is short)."""
+    chunk = await _next(backend, up, watch)
+    resp.set_status(up.status)
+    resp.headers.update(_forward_headers(up.headers))
+    if up.content_length is not None:
+        resp.content_length = up.content_length
+    await resp.prepare(request)
+    while chunk:
+        await resp.write(chunk)
+        try:
+            chunk = await _next(backend, up, watch)
+        except LlamadError as e:
+            record.of(request).settle(e.status, e.code)
+            if request.transport is not None:
+                request.transport.abort()  # never end a cut answer as if it were whole
+            return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _small(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
+    """A plain answer to a stream that has begun (an error), at most SMALL bytes."""
+    data = bytearray()
+    while chunk := await _next(backend, up, watch):
+        data += chunk
+        if len(data) > SMALL:
+            raise BackendError(f"the model's backend answered the stream with more than "
+                               f"{SMALL} bytes of something else")
+    return bytes(data)
 
 
 async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientSession,
@@ -211,6 +253,7 @@ def _why(e: BaseException) -> str:
 
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+TRANSLATED = 64 << 20  # bytes of an answer llamad reads whole to translate it
 
 
 @dataclass
@@ -232,10 +275,16 @@ class Upstream:
         return self.response.headers.get("Content-Type", "").startswith("text/event-stream")
 
     async def read(self) -> bytes:
+        """The whole answer, to be translated: at most TRANSLATED bytes of it (llamad holds
+        it, and its translation, at once)."""
         try:
-            return await _patiently(self.backend, self.response.read(), self.watch)
+            return bytes(await _patiently(self.backend, read_capped(self.response, TRANSLATED),
+                                          self.watch))
         except _Wedged as e:
             raise _timeout(self.watch, str(e)) from e
+        except ValueError as e:
+            raise BackendError(f"the model's backend answered more than llamad translates "
+                               f"({TRANSLATED >> 20} MiB)") from e
         except FAILURES as e:
             raise BackendError(f"the model's backend failed while answering ({_why(e)})") from e
 

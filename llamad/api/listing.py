@@ -22,11 +22,11 @@ from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
-# Router mode knows unloaded, loading, loaded (and sleeping); a model on its way out
+# Router mode knows unloaded, loading, loaded and sleeping; a model on its way out
 # serves nothing more, so it reads as unloaded, and a failed one is unloaded with
 # `failed` and a non-zero exit code, as the router shows a crashed child.
 ROUTER_STATUS = {State.UNLOADED: "unloaded", State.STARTING: "loading",
-                 State.LOADING: "loading", State.READY: "loaded",
+                 State.LOADING: "loading", State.READY: "loaded", State.SLEEPING: "sleeping",
                  State.STOPPING: "unloaded", State.FAILED: "unloaded"}
 LOAD_STAGES = ("text_model", "mmproj_model")
 
@@ -83,8 +83,8 @@ def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         "id": m.id, "aliases": list(m.aliases), "tags": list(m.settings.tags),
         "object": "model", "owned_by": "llamad", "created": m.created, "status": status,
         "architecture": info(m)["architecture"], "source": m.source,
-        # llamad never deletes model files (DELETE /models is not supported).
-        "can_remove": False,
+        # As the router: DELETE /models removes downloads in llama.cpp's cache only.
+        "can_remove": m.source == "cache",
         "name": m.id, "context_length": n_ctx(m, args), "meta": meta(m, args),
         "llamad": report.describe(sup, slot),
     }

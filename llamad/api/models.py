@@ -12,8 +12,8 @@ from aiohttp import web
 from llamad.api import fleet, listing, report
 from llamad.api.feed import ModelFeed
 from llamad.catalog.catalog import Catalog
-from llamad.errors import BadRequest, LlamadError
-from llamad.http import keys
+from llamad.errors import BadRequest, Unavailable
+from llamad.http import keys, limits
 from llamad.http.body import read_json
 from llamad.http.context import CATALOG, SUPERVISOR, app_key, find, resolve, supervisor, visible
 from llamad.supervisor.slot import Slot
@@ -22,20 +22,21 @@ from llamad.supervisor.supervisor import Supervisor
 FEED: Any = app_key("feed", ModelFeed)
 
 
-class NotSupported(LlamadError):
-    status = 501
-    type = "not_supported_error"
-    code = "not_supported"
-
-
 async def handle_models(request: web.Request) -> web.Response:
-    if request.query.get("reload") and CATALOG in request.app:
-        catalog: Catalog = request.app[CATALOG]
-        await catalog.rescan_async()  # the new snapshot reaches the supervisor on publish
     sup = supervisor(request)
+    if request.query.get("reload"):
+        # A full scan of every models directory: an admin's to ask for, and callers at the
+        # same time share one scan (the watcher's). The snapshot reaches the supervisor.
+        keys.require_admin(request, "GET /v1/models?reload=1")
+        if sup.rescan is not None:
+            await sup.rescan()
+        elif CATALOG in request.app:
+            await request.app[CATALOG].rescan_async()
     body = listing.listing(sup, visible(request, sup.slots.values()))
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
-        body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout)
+        body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout,
+                                      request.app[keys.KEYRING].peer_key
+                                      if keys.KEYRING in request.app else None)
     return web.Response(body=body, content_type="application/json")
 
 
@@ -79,13 +80,6 @@ async def handle_pin(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "model": slot.model.id, "pinned": slot.pinned})
 
 
-async def handle_download(request: web.Request) -> web.Response:
-    """POST and DELETE /models: router mode downloads and deletes cached models."""
-    raise NotSupported("llamad does not download or delete models; put GGUF files in a "
-                       "models directory, or download them with llama-server -hf into the "
-                       "llama.cpp cache")
-
-
 async def router_props(request: web.Request) -> web.Response:
     """GET /props without a model: what llama.cpp's router answers."""
     config = supervisor(request).config
@@ -120,6 +114,7 @@ async def build_info(binary: Path) -> str:
     return _build_info[binary]
 
 
+@limits.long_lived
 async def handle_sse(request: web.Request) -> web.StreamResponse:
     feed: ModelFeed = request.app[FEED]
     return await feed.handle(request)
@@ -132,6 +127,13 @@ async def close_feed(app: web.Application) -> None:
 
 async def handle_health(request: web.Request) -> web.Response:
     fleet.check_health(request.app)  # 503 while draining before llamad exits
+    sup = supervisor(request)
+    error = sup.snapshot.error
+    if error:  # llamad serves, but not as configured: a health check should say so
+        if sup.config.api_keys_file is not None:  # /health needs no key: name less
+            error = "the preset file has an error; GET /status (admin) or llamad " \
+                "check-config names it"
+        raise Unavailable(f"configuration error: {error}", code="configuration_error")
     return web.json_response({"status": "ok"})
 
 
@@ -166,8 +168,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/models/load", handle_load)
     r.add_post("/models/unload", handle_unload)
     r.add_post("/models/pin", handle_pin)
-    r.add_post("/models", handle_download)
-    r.add_delete("/models", handle_download)
     r.add_get("/health", handle_health)
     r.add_get("/v1/health", handle_health)
     r.add_get("/status", handle_status)

@@ -31,7 +31,7 @@ HF_HOSTS = ("hf.co/", "huggingface.co/")
 # What Ollama shows for a model kept loaded for good (keep_alive -1): its largest duration.
 FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 # /api/ps lists what serves, or is about to: not a model on its way out.
-RUNNING = (State.STARTING, State.LOADING, State.READY)
+RUNNING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 EMBEDDINGS = argv.canonical("--embeddings")
 
 

@@ -10,7 +10,6 @@ a conversation's stream).
 from __future__ import annotations
 
 import asyncio
-import email.parser
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,8 +20,8 @@ from llamad.api import progress, streams
 from llamad.api.forward import Watch, forward, watch
 from llamad.api.models import router_props
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
-from llamad.http import browsers, keys
-from llamad.http.body import parse_keep_alive, read_body, read_json
+from llamad.http import browsers, keys, multipart
+from llamad.http.body import parse_keep_alive, read_json
 from llamad.http.context import find, resolve, supervisor
 from llamad.observe import metrics
 from llamad.supervisor.backend import Backend
@@ -46,10 +45,18 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/audio/transcriptions", FORM),
     *(("GET", path, QUERY) for path in ("/props", "/slots", "/metrics", "/lora-adapters")),
 )
+# Routes that change or show what every client of a model shares: its slots (their saved
+# files, other tenants' request settings), its LoRA scales, its properties. With API keys
+# only admin keys reach them.
+SHARED = frozenset({("POST", "/slots/{id_slot}"), ("GET", "/slots"), ("POST", "/props"),
+                    ("POST", "/lora-adapters")})
+# Slot actions that name a file in the model's --slot-save-path: with kv-cache = yes that is
+# llamad's own directory of saved caches, which no client names files in.
+FILE_ACTIONS = ("save", "restore")
 # Off in router mode unless llama-server is started with --ui-mcp-proxy or --tools,
 # neither of which llamad offers.
 DISABLED = ("/cors-proxy", "/tools")
-_WAITING = (State.STARTING, State.LOADING, State.READY)
+_WAITING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 # How a request reaches its backend once the model is ready: forward() passes it on as it
 # is; a translation (ollama.py) sends its own request and answers in its own shape.
 Send = Callable[[web.Request, Backend, bytes | bytearray, Watch, web.StreamResponse],
@@ -79,25 +86,8 @@ async def handle_form(request: web.Request) -> web.StreamResponse:
     """Multipart uploads (audio transcriptions) name the model in a form field."""
     if not request.content_type.startswith("multipart/form-data"):
         return await handle_post(request)
-    body = await read_body(request)
-    # email's parser is pure Python: a large upload would hold the event loop.
-    name = await asyncio.to_thread(form_field, request.headers.get("Content-Type", ""), body,
-                                   "model")
+    body, name = await multipart.read_field(request, "model")
     return await proxied(request, resolve(request, name), body)
-
-
-def form_field(content_type: str, body: bytes | bytearray, name: str) -> str | None:
-    """A text field of a multipart/form-data body; None if absent."""
-    head = f"Content-Type: {content_type}\r\n\r\n".encode()
-    message = email.parser.BytesParser().parsebytes(head + body)
-    if not message.is_multipart():
-        raise BadRequest("the multipart form cannot be parsed", code="invalid_form")
-    for part in message.walk():
-        if part is not message and (part.get_param("name", header="content-disposition") == name
-                and part.get_filename() is None):
-            value = part.get_payload(decode=True)
-            return value.decode(errors="replace") if isinstance(value, bytes) else None
-    return None
 
 
 async def handle_get(request: web.Request) -> web.StreamResponse:
@@ -139,6 +129,20 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
     return wait.response
 
 
+@keys.admin_only
+async def handle_shared(request: web.Request) -> web.StreamResponse:
+    """SHARED routes: admin keys only."""
+    if request.method == "GET":
+        return await handle_get(request)
+    if request.path.startswith("/slots/") and request.query.get("action") in FILE_ACTIONS \
+            and supervisor(request).config.kv_cache:
+        raise browsers.Refused("with kv-cache = yes the models' slot files are llamad's own "
+                               "(it saves and restores slots itself); POST "
+                               "/slots/ID?action=erase still works",
+                               code="slot_files_are_llamads")
+    return await handle_post(request)
+
+
 async def handle_disabled(request: web.Request) -> web.Response:
     err = LlamadError(f"{request.path} is not offered by llamad (in llama-server it needs "
                       "--ui-mcp-proxy or --tools)", status=403, code="feature_disabled")
@@ -149,7 +153,8 @@ async def handle_disabled(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     handlers: dict[str, Any] = {JSON: handle_post, FORM: handle_form, QUERY: handle_get}
     for method, path, kind in ROUTES:
-        app.router.add_route(method, path, handlers[kind])
+        shared = (method, path) in SHARED
+        app.router.add_route(method, path, handle_shared if shared else handlers[kind])
     streams.add_routes(app)
     for path in DISABLED:
         app.router.add_get(path, handle_disabled)

@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 from llamad import redact
+from llamad.catalog import argv
+from llamad.catalog.presets import DRAFT
 from llamad.supervisor.events import State
 from llamad.supervisor.guards import rpcguard
 from llamad.supervisor.scheduler import ttl_left
@@ -14,11 +16,15 @@ from llamad.supervisor.supervisor import Supervisor
 
 
 def status_line(sup: Supervisor) -> str:
-    """systemd's STATUS= line: "4 models, 1 loaded: gemma-a"."""
-    ready = [s.model.id for s in sup.slots.values() if s.state is State.READY]
+    """systemd's STATUS= line: "4 models, 1 loaded: gemma-a", after the preset file's
+    error if it has one."""
+    ready = [s.model.id + (" (sleeping)" if s.state is State.SLEEPING else "")
+             for s in sup.slots.values() if s.state in (State.READY, State.SLEEPING)]
     names = ", ".join(ready[:5]) + (", ..." if len(ready) > 5 else "")
     line = f"{len(sup.slots)} models, {len(ready)} loaded"
-    return f"{line}: {names}" if ready else line
+    line = f"{line}: {names}" if ready else line
+    error = sup.snapshot.error
+    return f"configuration error: {redact.text(error)}; {line}" if error else line
 
 
 def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
@@ -34,6 +40,12 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
         # The scheduler's own rule: no TTL runs while the model is busy, pinned or loading.
         "ttl_left": ttl_left(sup.view(slot), now, sup.ttl(slot)),
         "pinned": slot.pinned, "gpus": list(slot.gpus),
+        # Per-model controls: the concurrency limit (null: none), the draft model (a
+        # preset's, or the sidecar in its directory), the preset error that keeps it from
+        # serving.
+        "concurrency_limit": sup.concurrency(slot) or None,
+        "draft": draft.value if (draft := argv.last(slot.model.settings.args, DRAFT)) else None,
+        "error": redact.text(slot.model.error) if slot.model.error else None,
         "need": {"ram": need.ram, "vram": need.vram},
         "kv_cache": sup.kv.describe(slot.model),
         # With llama.cpp RPC workers: who, and the memory split (`need` is the local share).
@@ -70,6 +82,7 @@ def status(sup: Supervisor) -> dict[str, Any]:
         "status": status_line(sup), "uptime": time.monotonic() - sup.started,
         "models": {s.model.id: describe(sup, s) for s in sup.loaded()},
         "catalogued": len(sup.slots),
+        "errors": [redact.text(e) for e in sup.snapshot.errors],
         "gpus": [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
                   "free": g.free} for g in sup.measure.gpu_list()],
     }

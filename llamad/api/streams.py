@@ -20,6 +20,7 @@ from llamad.errors import BadRequest, LlamadError, NotFound, Unavailable
 from llamad.http import keys
 from llamad.http.body import read_json
 from llamad.http.context import app_key, supervisor
+from llamad.supervisor.backend import SMALL_ANSWER, capped_json
 from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot
 
@@ -113,7 +114,7 @@ async def _lookup(request: web.Request, slot: Slot, convs: list[str]) -> list[An
         async with supervisor(request).use(slot) as backend, backend.client() as session, \
                 session.post(backend.base_url + "/v1/streams/lookup",
                              json={"conversation_ids": convs}, timeout=LOOKUP_TIMEOUT) as r:
-            answer = await r.json() if r.status == 200 else []
+            answer = await capped_json(r, SMALL_ANSWER) if r.status == 200 else []
     except (TimeoutError, LlamadError, aiohttp.ClientError, ValueError) as e:
         log.debug("stream lookup on %s failed: %s", slot.model.id, e)
         return []

@@ -14,6 +14,7 @@ the built file when the routes are made, outside the element the UI renders into
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import mimetypes
@@ -42,6 +43,7 @@ TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=u
 COMPRESSED = (".gz", ".br")
 # Names that make plain aiohttp routes; anything else in the directory is not served.
 SAFE_NAME = re.compile(r"[A-Za-z0-9._@+-]+(/[A-Za-z0-9._@+-]+)*")
+_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S)
 
 DASHBOARD_LINK = (
     b'<a href="dashboard" id="llamad-dashboard" title="llamad: the models systemd runs" '
@@ -57,10 +59,27 @@ def content_type(name: str) -> str:
     return TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def headers_for(name: str) -> dict[str, str]:
+def headers_for(name: str, policy: str) -> dict[str, str]:
     cache = IMMUTABLE if name.startswith(HASHED_DIR) else REVALIDATE
     extra = ISOLATION if name == "index.html" else {}
-    return {"Content-Type": content_type(name), "Cache-Control": cache, **extra}
+    return {"Content-Type": content_type(name), "Cache-Control": cache,
+            "Content-Security-Policy": policy, **extra}
+
+
+def policy(index: bytes) -> str:
+    """The UI's Content-Security-Policy: scripts only from llamad's own files and the page's
+    own inline start-up script (by its hash), so markup a model writes cannot run; nothing
+    fetched from or sent to other sites; no page may frame it. The UI's own needs: inline
+    styles, data: fonts, blob: workers (PDF.js) and WebAssembly. Sent with every UI file
+    (a service worker runs under the policy of its own file)."""
+    scripts = " ".join(["'self'", *(
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode() + "'"
+        for m in _INLINE_SCRIPT.finditer(index)), "'wasm-unsafe-eval'"])
+    return (f"default-src 'self'; script-src {scripts}; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+            "font-src 'self' data:; media-src 'self' data: blob:; worker-src 'self' blob:; "
+            "connect-src 'self'; frame-src 'self' blob: data:; object-src 'none'; "
+            "base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
 
 
 def files(root: Path) -> list[str]:
@@ -86,10 +105,9 @@ def with_link(html: bytes) -> bytes:
     return html[:end] + DASHBOARD_LINK + html[end:] if end >= 0 else html + DASHBOARD_LINK
 
 
-def _index_handler(path: Path) -> Handler:
-    body = with_link(path.read_bytes())
+def _index_handler(body: bytes, csp: str) -> Handler:
     etag = f'"{hashlib.sha256(body).hexdigest()[:20]}"'
-    headers = {**headers_for("index.html"), "ETag": etag}
+    headers = {**headers_for("index.html", csp), "ETag": etag}
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if etag in request.headers.get("If-None-Match", ""):
@@ -120,8 +138,10 @@ def add_routes(app: web.Application, ui_dir: Path | None,
         return
     try:
         names = files(ui_dir) if (ui_dir / "index.html").is_file() else []
-        handlers = {name: _index_handler(ui_dir / name) if name == "index.html"
-                    else _file_handler(ui_dir / name, headers_for(name)) for name in names}
+        index = with_link((ui_dir / "index.html").read_bytes()) if names else b""
+        csp = policy(index)
+        handlers = {name: _index_handler(index, csp) if name == "index.html"
+                    else _file_handler(ui_dir / name, headers_for(name, csp)) for name in names}
     except OSError as e:  # unreadable: say so at / like a missing one
         names, handlers = [], {}
         log.warning("web UI: cannot read %s: %s", ui_dir, e)

@@ -11,7 +11,7 @@ Pure.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,11 +38,17 @@ class Flag:
 ARITY = {"value": 1, "two": 2}
 
 
-def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]:
-    """(preset key -> (flag, negated)), (command-line spelling -> (flag, negated))."""
+Entry = tuple[tuple[str, ...], tuple[str, ...], str, str | None]  # as llama_flags.FLAGS
+Spellings = Mapping[str, tuple[Flag, bool]]
+
+
+def keys(entries: Iterable[Entry] = FLAGS
+         ) -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]:
+    """(preset key -> (flag, negated)), (command-line spelling -> (flag, negated)), of the
+    built-in flags or of another binary's (catalog/flagtable.py)."""
     by_key: dict[str, tuple[Flag, bool]] = {}
     by_arg: dict[str, tuple[Flag, bool]] = {}
-    for names, neg, kind, env in FLAGS:
+    for names, neg, kind, env in entries:
         flag = Flag(names, neg, kind, env)
         for spellings, negated in ((names, False), (neg, True)):
             for s in spellings:
@@ -54,7 +60,7 @@ def _keys() -> tuple[dict[str, tuple[Flag, bool]], dict[str, tuple[Flag, bool]]]
     return by_key, by_arg
 
 
-BY_KEY, BY_ARG = _keys()
+BY_KEY, BY_ARG = keys()
 
 
 class Option(NamedTuple):
@@ -77,18 +83,19 @@ class Option(NamedTuple):
         return self.values[0] if self.values else ""
 
 
-def lookup(token: str) -> tuple[Flag, bool] | None:
-    """The flag a token spells, as llama-server takes it (`--ctx_size` is `--ctx-size`)."""
+def lookup(token: str, by_arg: Spellings | None = None) -> tuple[Flag, bool] | None:
+    """The flag a token spells, as llama-server takes it (`--ctx_size` is `--ctx-size`);
+    `by_arg`: another binary's spellings (a preset's llama-server)."""
     if token.startswith("--"):
         token = token.replace("_", "-")
-    return BY_ARG.get(token)
+    return (BY_ARG if by_arg is None else by_arg).get(token)
 
 
-def walk(args: Sequence[str]) -> Iterator[Option]:
+def walk(args: Sequence[str], by_arg: Spellings | None = None) -> Iterator[Option]:
     """Each option of a llama-server argv, in order, values taken by the flag's arity."""
     i = 0
     while i < len(args):
-        found = lookup(args[i])
+        found = lookup(args[i], by_arg)
         if found is None:
             yield Option(i, args[i], None, False, ())
             i += 1

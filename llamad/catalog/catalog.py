@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from llamad import redact
-from llamad.catalog import argv, companions, files, hfcache
-from llamad.catalog.gguf_info import FileHeader, GGUFError, GGUFInfo, InfoCache, combine
+from llamad.catalog import argv, companions, files, hfcache, modelkeys
+from llamad.catalog.discover import Found, Scan, discover_models_dir, shard_set
+from llamad.catalog.gguf_info import GGUFInfo, InfoCache, combine
 from llamad.catalog.presets import (
     MMPROJ,
     ModelSettings,
@@ -29,28 +29,23 @@ from llamad.catalog.presets import (
     Presets,
     SwaFits,
     canonical_name,
+    global_flags,
     load_presets,
     model_settings,
     parse_args,
     run_settings,
 )
 from llamad.config import Config, cache_dir
-from llamad.errors import ConfigError
 from llamad.safetext import one_line, unsafe
 from llamad.systemd.unitname import unit_name
 
 log = logging.getLogger("llamad.catalog")
 
 SETTLE_SECONDS = 1.0  # a file modified more recently than this may still be being written
-# CPU one scan spends reading headers it has not cached; the rest wait for the next scan,
-# so hostile files (each bounded by ggufheader.CPU_SECONDS) cannot hold a scan for long.
-SCAN_SECONDS = 10.0
 # What a scan keeps at most: a group member's 200,000 links to one tiny file would
 # otherwise cost llamad more memory than MemoryMax= (~6.5 KB a model: docs/benchmarks.md).
 MAX_MODELS = 10_000
 MAX_PROBLEMS = 1_000
-SOURCE_RANK = {"models_dir": 0, "cache": 1}
-_DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-")
 
 
 @dataclass(frozen=True)
@@ -70,6 +65,9 @@ class Model:
     # The draft model its argv loads (--model-draft), for the memory estimate; None if none
     # or unreadable (llama-server then says why when it starts).
     draft: GGUFInfo | None = None
+    # A preset error that touches it (its section's, [*]'s, the file's): requests get 503
+    # with it, while its settings stay the last good ones.
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +78,16 @@ class Snapshot:
     pending: bool = False  # some file looked unfinished: scan again after SETTLE_SECONDS
     # New models whose files are still being written: a request for one waits for them.
     settling: frozenset[str] = frozenset()
+    errors: tuple[str, ...] = ()  # the preset file's errors, one sentence each
+
+    @property
+    def error(self) -> str | None:
+        """The configuration error to report (/health, STATUS=), if any."""
+        if not self.errors:
+            return None
+        more = len(self.errors) - 1
+        return self.errors[0] + (f" (and {more} more; llamad check-config lists them)"
+                                 if more else "")
 
     def resolve(self, name: str) -> Model | None:
         model = self.models.get(name)
@@ -88,168 +96,13 @@ class Snapshot:
         return model
 
 
-@dataclass
-class Found:
-    """A model located on disk, before presets and metadata are applied."""
-
-    id: str
-    shards: tuple[Path, ...]
-    mmproj: Path | None
-    source: str
-    draft: Path | None = None  # a preset's spec-draft-hf, found in the cache
-    hidden: bool = False  # a cache entry a preset with dedup-cache-models stands for
-
-
-@dataclass
-class _Scan:
-    cache: InfoCache
-    now: float
-    settle: float
-    within: tuple[Path, ...] = ()  # real paths of the directories scanned (files.confine)
-    swa_fits: SwaFits | None = None
-    problems: list[str] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
-    pending: bool = False
-    unsettled: set[Path] = field(default_factory=set)
-    spent: float = 0.0  # CPU seconds spent reading headers
-
-    def confine(self, path: Path) -> None:
-        """files.confine to the directories scanned (raises files.Refused)."""
-        files.confine(path, self.within)
-
-    def header(self, path: Path) -> FileHeader | None:
-        """The file's header, or None (with a problem noted) if it cannot be served now."""
-        self.seen.add(str(path))
-        try:
-            st = files.regular_stat(path)  # FIFOs, devices, sockets, bad links: refused
-        except files.Refused as e:
-            self.problems.append(f"{path} {e}; skipped.")
-            return None
-        if self.now - st.st_mtime < self.settle:
-            self.pending = True
-            self.unsettled.add(path)
-            self.problems.append(f"{path} is still being written; it will be added when done.")
-            return None
-        known = self.cache.known(path, st)
-        if self.spent > SCAN_SECONDS and not known:
-            self.pending = True  # waits like a file being written: see _build
-            self.unsettled.add(path)
-            self.problems.append(f"{path} is not read yet: this scan spent {SCAN_SECONDS:.0f} s "
-                                 "reading other headers; the next scan reads it.")
-            return None
-        start = time.thread_time()
-        try:
-            return self.cache.header(path, st, self.confine)
-        except GGUFError as e:
-            self.problems.append(f"{path} {e}; skipped.")
-            return None
-        finally:
-            self.spent += 0.0 if known else time.thread_time() - start
-
-
-def split_info(name: str) -> tuple[str, int, int] | None:
-    """'m-00001-of-00003.gguf' -> ('m', 1, 3); None if the name is not a split shard."""
-    stem = name.removesuffix(".gguf")
-    head, sep, count = stem.rpartition("-of-")
-    prefix, dash, index = head.rpartition("-")
-    if sep and dash and len(index) == len(count) == 5 and (index + count).isdigit():
-        return prefix, int(index), int(count)
-    return None
-
-
-def _shard_set(first: Path, scan: _Scan) -> tuple[Path, ...] | None:
-    info = split_info(first.name)
-    if info is None:
-        return (first,)
-    prefix, _, count = info
-    shards = tuple(first.with_name(f"{prefix}-{n:05d}-of-{count:05d}.gguf")
-                   for n in range(1, count + 1))
-    missing = [s.name for s in shards if not os.path.lexists(s)]  # header() judges links
-    if missing:
-        scan.problems.append(f"{first} is part of a split set missing {', '.join(missing)}; "
-                             "skipped.")
-        return None
-    return shards
-
-
-def _gguf_entries(directory: Path, scan: _Scan) -> list[os.DirEntry[str]]:
-    """The directory's *.gguf entries that are no directories, sorted: what is not a
-    regular file (a FIFO, a broken link) is told once, by _Scan.header, when read."""
-    out = []
-    try:
-        files.confine(directory, scan.within, files.LIST)
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except files.Refused as e:
-        scan.problems.append(f"{directory} {e}; skipped.")
-        return []
-    except OSError as e:
-        scan.problems.append(f"{directory} cannot be listed ({e.strerror}); skipped.")
-        return []
-    for entry in entries:
-        if not entry.name.endswith(".gguf"):
-            if _is(entry.is_file) and not entry.name.startswith("."):
-                scan.problems.append(f"{entry.path} is not a GGUF file (no .gguf suffix); "
-                                     "skipped.")
-        elif not _is(entry.is_dir):
-            out.append(entry)
-    return out
-
-
-def _is(test: Callable[[], bool]) -> bool:
-    """entry.is_file() or .is_dir(), False for a link that loops: its ELOOP would end the
-    whole scan, and with it llamad's start."""
-    try:
-        return test()
-    except OSError:
-        return False
-
-
-def _scan_subdir(directory: Path, scan: _Scan) -> Found | None:
-    entries = _gguf_entries(directory, scan)
-    mmproj = [e for e in entries if "mmproj" in e.name]
-    models = [e for e in entries
-              if "mmproj" not in e.name and not e.name.startswith(_DRAFT_PREFIXES)]
-    firsts = [e for e in models if "-00001-of-" in e.name]
-    singles = [e for e in models if split_info(e.name) is None]
-    choice = firsts or singles
-    if not choice:
-        return None
-    if len(choice) > 1 or len(mmproj) > 1:
-        scan.problems.append(f"{directory} holds several model or projector files; using "
-                             f"{choice[0].name}" + (f" and {mmproj[0].name}." if mmproj else "."))
-    shards = _shard_set(Path(choice[0].path), scan)
-    if shards is None:
-        return None
-    return Found(directory.name, shards, Path(mmproj[0].path) if mmproj else None, "models_dir")
-
-
-def discover_models_dir(directory: Path, scan: _Scan) -> list[Found]:
-    if not directory.is_dir():
-        scan.problems.append(f"models directory {directory} does not exist or is not a "
-                             "directory.")
-        return []
-    found = []
-    for entry in _gguf_entries(directory, scan):
-        if "mmproj" in entry.name or entry.name.startswith(_DRAFT_PREFIXES):
-            continue  # a companion file cannot be served on its own
-        split = split_info(entry.name)
-        if split is not None and split[1] != 1:
-            continue  # served as part of its first shard
-        shards = _shard_set(Path(entry.path), scan)
-        if shards is not None:
-            found.append(Found(entry.name.removesuffix(".gguf"), shards, None, "models_dir"))
-    with os.scandir(directory) as it:
-        subdirs = sorted(e.path for e in it if _is(e.is_dir))
-    for sub in subdirs:
-        if (model := _scan_subdir(Path(sub), scan)) is not None:
-            found.append(model)
-    return found
-
-
-def _read(found: Found, scan: _Scan) -> GGUFInfo | None:
+def _read(found: Found, scan: Scan) -> GGUFInfo | None:
     headers = [scan.header(p) for p in found.shards]
     mmproj = scan.header(found.mmproj) if found.mmproj else None
-    if any(h is None for h in headers) or (found.mmproj and mmproj is None):
+    # The draft is loaded with the model: it must be complete too.
+    draft = scan.header(found.draft) if found.draft else None
+    if any(h is None for h in headers) or (found.mmproj and mmproj is None) or \
+            (found.draft and draft is None):
         return None
     return combine([h for h in headers if h is not None], mmproj)
 
@@ -283,8 +136,9 @@ def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, F
         backing: list[Found] = []  # cache entries this section's files come from
         if section.model is not None:
             path = section.model if section.model.is_absolute() else base / section.model
-            target = Found(name, (path,), found[name].mmproj if name in found else None,
-                           "preset")
+            here = found.get(name)
+            target = Found(name, (path,), here.mmproj if here else None, "preset",
+                           draft=here.draft if here else None)
         elif section.hf_repo is not None:
             hit = _in_cache(cached, section.hf_repo)
             if hit is None:
@@ -294,7 +148,8 @@ def _apply_presets(found: dict[str, Found], preset: Presets, cached: dict[str, F
             target = Found(name, hit.shards, hit.mmproj, "preset")
             backing.append(hit)
         elif name in found:
-            target = Found(name, found[name].shards, found[name].mmproj, "preset")
+            target = Found(name, found[name].shards, found[name].mmproj, "preset",
+                           draft=found[name].draft)
         else:
             problems.append(f"preset [{name}] matches no model found and has no model = path; "
                             "ignored.")
@@ -342,14 +197,21 @@ def _unsafe(f: Found, reserved: Mapping[str, str]) -> str | None:
 def _secrets(models: dict[str, Model], problems: list[str]) -> None:
     """Secret flags (hf-token) are masked wherever they would show, and not passed on."""
     with_secrets = [m.id for m in models.values() if argv.secret_values(m.settings.args)]
+    in_env = sorted(m.id for m in models.values() if modelkeys.secret_values(m.settings.env))
     for m in models.values():
         redact.remember(argv.secret_values(m.settings.args))
+        redact.remember(modelkeys.secret_values(m.settings.env))
+    if in_env:
+        problems.append(f"env of {', '.join(in_env[:3])}{', ...' if len(in_env) > 3 else ''} "
+                        "sets a secret (a name such as *_TOKEN or *_API_KEY): llamad masks it "
+                        "in what it shows, but systemd shows a unit's Environment= to every "
+                        "local user (systemctl show).")
     if with_secrets:
         names = ", ".join(sorted(with_secrets)[:3]) + (", ..." if len(with_secrets) > 3 else "")
-        problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): llamad "
-                        "never downloads, "
-                        "so it is not passed to llama-server, whose command line every local "
-                        "user can read.")
+        problems.append(f"hf-token is set for {len(with_secrets)} models ({names}): "
+                        "llama-server never downloads under llamad (llamad does, with "
+                        "llamad.conf's hf-token-file), so it is not passed to llama-server, "
+                        "whose command line every local user can read.")
 
 
 def _aliases(models: dict[str, Model], problems: list[str],
@@ -370,7 +232,7 @@ def _aliases(models: dict[str, Model], problems: list[str],
 
 
 def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
-           config: Config, st: _Scan) -> Model:
+           config: Config, st: Scan) -> Model:
     section = preset.sections.get(f.id)
     settings = model_settings(f.id, f.shards[0], f.mmproj, preset, global_args, f.draft)
     # --swa-full where it pays, a built-in chat template
@@ -384,7 +246,14 @@ def _model(f: Found, info: GGUFInfo, preset: Presets, global_args: Options,
         id=f.id, aliases=section.aliases if section else (), unit=unit_name(f.id),
         path=f.shards[0], shards=f.shards, mmproj=mmproj, source=f.source, info=info,
         settings=settings, created=int(f.shards[0].stat().st_mtime), hidden=f.hidden,
-        draft=companions.draft(settings.args, st.cache, st.confine))
+        draft=companions.draft(settings.args, st.cache, st.confine),
+        error=_error(preset, f.id))
+
+
+def _error(preset: Presets, model_id: str) -> str | None:
+    error = preset.error_for(model_id)
+    return None if error is None else \
+        f"model {model_id} is not served until the preset file is fixed: {error.message}"
 
 
 def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | None = None,
@@ -396,11 +265,13 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     its previous entry, and so do the models of a models directory that has gone.
     `swa_fits`: whether a sliding-window model's --swa-full fits the memory plan.
     """
-    preset = preset if preset is not None else load_presets(config.models_preset)
-    global_args = parse_args(config.args, f"{config.path or 'configuration'}: args")
+    preset = preset if preset is not None else \
+        load_presets(config.models_preset, server=config.llama_server)
+    global_args = parse_args(config.args, f"{config.path or 'configuration'}: args",
+                             global_flags(config.llama_server))
     cache = cache if cache is not None else _default_cache
     root = cache_dir(config) if config.llama_cache else None
-    st = _Scan(cache, time.time(), settle,
+    st = Scan(cache, time.time(), settle,
                files.roots([*config.models_dirs, *([root] if root is not None else [])]),
                swa_fits)
     found: list[Found] = []
@@ -428,10 +299,11 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     if len(st.problems) > MAX_PROBLEMS:
         problems.append(f"... and {len(st.problems) - MAX_PROBLEMS} more problems.")
     return Snapshot(MappingProxyType(models), tuple(problems), MappingProxyType(aliases),
-                    st.pending, frozenset(settling))
+                    st.pending, frozenset(settling),
+                    tuple(e.message for e in preset.errors.values()))
 
 
-def _models(merged: dict[str, Found], st: _Scan, preset: Presets, global_args: Options,
+def _models(merged: dict[str, Found], st: Scan, preset: Presets, global_args: Options,
             previous: Snapshot | None, settling: set[str], config: Config) -> dict[str, Model]:
     """The servable models of those found, at most MAX_MODELS."""
     models: dict[str, Model] = {}
@@ -457,17 +329,17 @@ def _models(merged: dict[str, Found], st: _Scan, preset: Presets, global_args: O
     return models
 
 
-def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
+def _build(f: Found, st: Scan, preset: Presets, global_args: Options,
            previous: Snapshot | None, settling: set[str], config: Config) -> Model | None:
     """The model found, or its previous entry while its file is still being written."""
-    shards = _shard_set(f.shards[0], st) if len(f.shards) == 1 else f.shards
+    shards = shard_set(f.shards[0], st) if len(f.shards) == 1 else f.shards
     if shards is None:
         return None
     f.shards = shards
     info = _read(f, st)
     if info is not None:
         return _model(f, info, preset, global_args, config, st)
-    if not st.unsettled & {*f.shards, *([f.mmproj] if f.mmproj else [])}:
+    if not st.unsettled & {*f.shards, *(p for p in (f.mmproj, f.draft) if p)}:
         return None
     old = previous.models.get(f.id) if previous is not None else None
     if old is None:
@@ -475,7 +347,7 @@ def _build(f: Found, st: _Scan, preset: Presets, global_args: Options,
     return old
 
 
-def _keep_gone_dir(directory: Path, previous: Snapshot, st: _Scan) -> list[Model]:
+def _keep_gone_dir(directory: Path, previous: Snapshot, st: Scan) -> list[Model]:
     """A models directory that went away (unmounted, renamed, mid-replace) keeps the
     models it had, rather than stopping them all: llamad says so and carries on."""
     kept = [m for m in previous.models.values()
@@ -513,7 +385,9 @@ class Catalog:
         self.cache = cache if cache is not None else InfoCache()
         self.settle = settle
         self.swa_fits: SwaFits | None = None  # the daemon's memory plan, set before a scan
-        self.presets = load_presets(config.models_preset)
+        # Read by the first compute(), in a worker thread: a preset's llama-server is run
+        # (--help) to learn its flags.
+        self.presets = Presets.empty()
         self.snapshot = Snapshot(MappingProxyType({}))
         self._listeners: list[Listener] = []
         self._lock: asyncio.Lock | None = None
@@ -524,11 +398,10 @@ class Catalog:
         return lambda: self._listeners.remove(listener)
 
     def compute(self) -> Snapshot:
-        try:
-            self.presets = load_presets(self.config.models_preset)
-        except ConfigError as e:
-            # Keep serving with the last good presets; the file may be mid-edit.
-            log.warning("%s Keeping the previous presets.", e.message)
+        # A section with an error keeps its last good body; its model is refused with the
+        # error (Model.error) until the file is fixed, the others are served as they are.
+        self.presets = load_presets(self.config.models_preset, self.presets,
+                                    self.config.llama_server)
         snapshot = scan(self.config, preset=self.presets, cache=self.cache, settle=self.settle,
                         previous=self.snapshot, swa_fits=self.swa_fits)
         self.cache.save()  # a no-op unless the cache has a file and changed
@@ -539,8 +412,14 @@ class Catalog:
         for problem in new.problems:
             if problem not in old.problems:
                 log.warning("%s", problem)
+        for error in new.errors:
+            if error not in old.errors:
+                log.error("%s Requests for the models it touches get 503 until the file is "
+                          "fixed.", error)
+        if old.errors and not new.errors:
+            log.info("the preset file has no errors any more")
         if new.models == old.models and new.aliases == old.aliases and \
-                new.settling == old.settling:
+                new.settling == old.settling and new.errors == old.errors:
             return
         added = sorted(set(new.models) - set(old.models))
         removed = sorted(set(old.models) - set(new.models))

@@ -113,11 +113,3 @@ def read_small(path: Path, limit: int) -> bytes:
         raise Refused(f"cannot be read ({e.strerror})") from None
     finally:
         os.close(fd)
-
-
-def regular(path: Path) -> bool:
-    """Whether `path` leads to a regular file (one stat, no open)."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False

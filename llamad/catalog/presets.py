@@ -14,29 +14,29 @@ paths are taken from the preset file's directory.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from llamad.catalog import argv
+from llamad import redact
+from llamad.catalog import argv, flagtable, modelkeys
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.argv import BY_KEY, Flag
+from llamad.catalog.flagtable import DEFAULT, Table
+from llamad.catalog.modelkeys import truthy
+from llamad.catalog.presetini import DEFAULT_SECTION, RawSection, canonical_name, parse_ini
 from llamad.errors import ConfigError
-from llamad.sizes import SIZE, parse_size
 
 if TYPE_CHECKING:
     from llamad.catalog.gguf_info import GGUFInfo
     from llamad.config import Config
 
-TRUE = ("on", "enabled", "true", "1", "yes")
-FALSE = ("off", "disabled", "false", "0", "no")
 Options = dict[str, tuple[str, ...]]
 
 
+__all__ = ["DEFAULT_SECTION", "Table", "canonical_name", "parse_ini"]
 MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
     "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
 # Flags whose value is a file or directory: relative ones are taken from the preset's place.
@@ -44,7 +44,6 @@ PATHS = frozenset(BY_KEY[k][0].canonical for k in (
     "model", "mmproj", "spec-draft-model", "lora", "control-vector", "chat-template-file",
     "grammar-file", "json-schema-file", "slot-save-path", "media-path", "lookup-cache-static",
     "lookup-cache-dynamic", "log-file", "ui-config-file", "mcp-servers-config"))
-DEFAULT_SECTION = "default"  # llama.cpp's name for keys before the first section
 MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
 METRICS = BY_KEY["metrics"][0].canonical
 # Flags llamad itself sets for every child or that only make sense for a router.
@@ -57,7 +56,8 @@ OWNED = frozenset(BY_KEY[k][0].canonical for k in (
 ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
 LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore",
-               *("ctx-max", "memory-need"))  # fitting models to memory (memory/fit.py)
+               *("ctx-max", "memory-need"),  # fitting models to memory (memory/fit.py)
+               *modelkeys.KEYS)  # per-model controls: concurrency-limit, env, llama-server
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Section:
     tags: tuple[str, ...] | None = None  # informational, as router mode lists them
     draft_hf: str | None = None  # spec-draft-hf: a draft model from the llama.cpp cache
     ignored: tuple[str, ...] = ()  # keys the router sets itself: one sentence each
+    flags: Table = DEFAULT  # the flags of the llama-server its keys were read for
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class Presets:
     path: Path | None
     defaults: Section
     sections: Mapping[str, Section]
+    # The first error of each section that has one ("*" for [*], "" for the whole file).
+    # Such a section keeps its last good body (or, never good, its good keys), and its
+    # model is refused with the error until the file is fixed.
+    errors: Mapping[str, ConfigError] = field(default_factory=dict)
 
     @property
     def ignored(self) -> tuple[str, ...]:
@@ -90,6 +95,16 @@ class Presets:
     @classmethod
     def empty(cls) -> Presets:
         return cls(None, Section("*"), MappingProxyType({}))
+
+    def error_for(self, model_id: str) -> ConfigError | None:
+        """The error that touches this model: the whole file's, [*]'s, or its section's."""
+        return self.errors.get("") or self.errors.get("*") or self.errors.get(model_id)
+
+    def check(self) -> Presets:
+        """Raise the first error, for callers that want all or nothing."""
+        for error in self.errors.values():
+            raise error
+        return self
 
 
 @dataclass(frozen=True)
@@ -115,11 +130,10 @@ class ModelSettings:
     # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
     ctx_max: int | None = None
     memory_need: tuple[int | None, int | None] | None = None
-
-
-def truthy(value: str) -> bool | None:
-    v = value.strip().lower()
-    return True if v in TRUE else False if v in FALSE else None
+    # Per-model controls (modelkeys.py).
+    concurrency_limit: int | None = None  # None: llamad.conf's concurrency-limit
+    env: tuple[str, ...] = ()  # NAME=value for the unit's Environment=
+    server: Path | None = None  # its own llama-server binary; None: llamad.conf's
 
 
 def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tuple[str, ...]:
@@ -137,10 +151,10 @@ def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tupl
     return (flag.canonical,) if on else ()
 
 
-def parse_args(tokens: tuple[str, ...], where: str) -> Options:
+def parse_args(tokens: tuple[str, ...], where: str, table: Table = DEFAULT) -> Options:
     """Parse a llama-server command line (the config's `args`) into options."""
     out: Options = {}
-    for option in argv.walk(tokens):
+    for option in argv.walk(tokens, table.by_arg):
         flag = option.flag
         if flag is None:
             raise ConfigError(f"{where}: {option.given!r} is not a llama-server option.")
@@ -169,152 +183,69 @@ def _check_owned(flag: Flag, where: str, key: str) -> None:
         raise ConfigError(f"{where}: {key} is set by llamad itself and cannot be given here.")
 
 
-def _extra(key: str, value: str, where: str) -> object:
-    """Validate a preset-only or llamad-only key."""
-    bad = ConfigError(f"{where}: {key} = {value!r} is invalid; allowed: {_ALLOWED[key]}.")
-    try:
-        if key in ("load-on-startup", "pin", "split", "dedup-cache-models", "restore"):
-            on = truthy(value)
-            if on is None:
-                raise bad
-            return on
-        if key in ("stop-timeout", "ttl"):
-            number = float(value)
-            if not math.isfinite(number) or (number < 0 and not (key == "ttl" and number == -1)):
-                raise bad  # nan and inf too: a stop timeout of either failed every start
-            return None if number == -1 else number
-        if key in ("memory-max", "memory-high"):
-            if not SIZE.fullmatch(value.strip()):
-                raise bad
-            return value.strip()
-        if key == "ctx-max":
-            if int(value) < 0:
-                raise bad
-            return int(value)
-        if key == "memory-need":
-            return _memory_need(value, bad)
-        devices = tuple(int(d) for d in value.split(","))
-        if any(d < 0 for d in devices):
-            raise bad
-        return devices
-    except ValueError:
-        raise bad from None
-
-
-_ALLOWED = {
-    "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
-    "restore": "true or false",
-    "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
-    "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
-    "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
-    "devices": "comma-separated GPU indices such as 0,1",
-    "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
-    "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
-}
-
-
-def _memory_need(value: str, bad: ConfigError) -> tuple[int | None, int | None]:
-    """`6G` (RAM; on a machine without GPUs every byte is RAM), `ram=2G,vram=6G`."""
-    found: dict[str, int] = {}
-    for part in (p.strip() for p in value.split(",")):
-        key, _, size = part.rpartition("=") if "=" in part else ("ram", "=", part)
-        key, size = key.strip(), size.strip()
-        if key not in ("ram", "vram") or key in found or not SIZE.fullmatch(size) \
-                or size.endswith("%") or size == "infinity":
-            raise bad
-        found[key] = parse_size(size, lambda: 0) or 0
-    return found.get("ram"), found.get("vram")
-
-
-_HEADER = re.compile(r"[ \t]*\[[ \t]*([^\]]*?)[ \t]*\][ \t]*([;#].*)?")
-_KV = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*([^;#\r\n]*?)[ \t]*([;#].*)?")
-_BLANK = re.compile(r"[ \t]*([;#].*)?")
-_TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
-
-
-def canonical_name(section: str) -> str:
-    """`user/repo:q4_k_m` -> `user/repo:Q4_K_M`, as the router spells cache models."""
-    head, colon, tag = section.rpartition(":")
-    if not colon or section == "*":
-        return section
-    m = _TAG.search(tag)
-    return head + ":" + (m.group(1) if m else tag).upper()
-
-
-def parse_ini(text: str, where: str) -> list[tuple[str, list[tuple[str, str]], str]]:
-    """[(section, [(key, value)], section text)] in file order; llama.cpp's INI dialect.
-
-    Keys before any section are section "default"; a repeated key or section replaces
-    the earlier one, as llama.cpp's parser does."""
-    out: dict[str, tuple[list[tuple[str, str]], str]] = {}
-    current = DEFAULT_SECTION
-    for n, line in enumerate(text.splitlines(), 1):
-        if m := _HEADER.fullmatch(line):
-            current = canonical_name(m.group(1))
-            out.pop(current, None)  # a section given again starts afresh, and goes last
-            out[current] = ([], line + "\n")
-        elif m := _KV.fullmatch(line):
-            items, body = out.setdefault(current, ([], ""))
-            items[:] = [(k, v) for k, v in items if k != m.group(1)]
-            items.append((m.group(1), m.group(2)))
-            out[current] = (items, body + line + "\n")
-        elif _BLANK.fullmatch(line):
-            if current in out:
-                out[current] = (out[current][0], out[current][1] + line + "\n")
-        else:
-            raise ConfigError(f"{where}:{n}: cannot parse {line.strip()!r}; "
-                              "expected [section], key = value or a comment.")
-    return [(name, items, body) for name, (items, body) in out.items()
-            if name != DEFAULT_SECTION or any(k != "version" for k, _ in items)]
-
-
-def build_section(name: str, items: list[tuple[str, str]], text: str, where: str,
-                  base: Path | None = None) -> Section:
-    """One section's keys; relative paths are resolved against `base` when given."""
-    where = f"{where} [{name}]"
+def build_section(raw: RawSection, where: str, base: Path | None = None,
+                  flags: Table = DEFAULT) -> tuple[Section, list[ConfigError]]:
+    """One section's keys, read with the flag table of the llama-server that runs it;
+    relative paths are resolved against `base` when given. A bad key is left out and
+    returned among the errors (the section's unreadable lines first)."""
     options: Options = {}
     extra: dict[str, object] = {}
-    model: Path | None = None
-    hf_repo: str | None = None
-    aliases: tuple[str, ...] = ()
-    tags: tuple[str, ...] | None = None
-    draft_hf: str | None = None
+    found: dict[str, object] = {}
     ignored: list[str] = []
-    for key, value in items:
-        if key == "version":
-            continue  # reserved by llama.cpp for the file format
-        if key in BY_KEY and BY_KEY[key][0].canonical in ROUTER_SETS:
-            ignored.append(f"{where}: {key} is set by llamad itself (as llama.cpp's router "
+    errors = list(raw.errors)
+    for key, value, line in raw.items:
+        at = f"{where}:{line} [{raw.name}]"
+        if key in flags.by_key and flags.by_key[key][0].canonical in ROUTER_SETS:
+            ignored.append(f"{at}: {key} is set by llamad itself (as llama.cpp's router "
                            "sets it for each model); ignored.")
             continue
-        if key in PRESET_ONLY or key in LLAMAD_ONLY:
-            extra[key] = _extra(key, value, f"{where} {key}")
-            continue
-        if key not in BY_KEY:
-            raise ConfigError(f"{where}: unknown key {key!r}; keys are llama-server flags "
-                              "without dashes, LLAMA_ARG_* names, or llamad's own keys.")
-        flag, negated = BY_KEY[key]
-        _check_owned(flag, where, key)
-        if flag.canonical == rpc.FLAG:
-            _check_rpc(value, where, key)
-        if flag.canonical in PATHS and base is not None and value:
-            value = str(base / value)  # an absolute value stays as it is
-        if flag.canonical == MODEL:
-            model = Path(value)
-        elif flag.canonical == HF_REPO:
-            hf_repo = canonical_name(value)
-        elif flag.canonical == ALIAS:
-            aliases = _names(value)
-        elif flag.canonical == TAGS:
-            tags = _names(value)
-        elif flag.canonical == DRAFT_HF:
-            draft_hf = value.strip()
-        else:
-            options[flag.canonical] = _render(flag, negated, value, where, key)
-    if name == "*" and (model or hf_repo or aliases):
-        raise ConfigError(f"{where}: model, hf-repo and alias belong in a model's own section.")
-    return Section(name, MappingProxyType(options), model, hf_repo, aliases,
-                   MappingProxyType(extra), text, tags, draft_hf, tuple(ignored))
+        try:
+            _read_key(key, value, at, base, flags, options, extra, found)
+        except ConfigError as e:
+            errors.append(e)
+    model, hf_repo = found.get(MODEL), found.get(HF_REPO)
+    if raw.name == "*" and (model or hf_repo or found.get(ALIAS)):
+        errors.append(ConfigError(f"{where}:{raw.line} [*]: model, hf-repo and alias belong "
+                                  "in a model's own section."))
+    return Section(raw.name, MappingProxyType(options),
+                   model if isinstance(model, Path) else None,
+                   hf_repo if isinstance(hf_repo, str) else None,
+                   _tuple(found.get(ALIAS)) or (), MappingProxyType(extra), raw.text,
+                   _tuple(found.get(TAGS)), _str_or_none(found.get(DRAFT_HF)),
+                   tuple(ignored), flags), errors
+
+
+def _read_key(key: str, value: str, where: str, base: Path | None, flags: Table,
+              options: Options, extra: dict[str, object], found: dict[str, object]) -> None:
+    if key == "version":
+        return  # reserved by llama.cpp for the file format
+    if key in PRESET_ONLY or key in LLAMAD_ONLY:
+        extra[key] = modelkeys.check(key, value, f"{where} {key}", base)
+        return
+    if key not in flags.by_key:
+        raise ConfigError(f"{where}: unknown key {key!r}; keys are llama-server flags "
+                          "without dashes, LLAMA_ARG_* names, or llamad's own keys"
+                          + ("" if flags is DEFAULT else f" (flags of {flags.source})") + ".")
+    flag, negated = flags.by_key[key]
+    _check_owned(flag, where, key)
+    if flag.canonical == rpc.FLAG:
+        _check_rpc(value, where, key)
+    if flag.canonical in PATHS and base is not None and value:
+        value = str(base / value)  # an absolute value stays as it is
+    if flag.canonical == MODEL:
+        found[MODEL] = Path(value)
+    elif flag.canonical == HF_REPO:
+        found[HF_REPO] = canonical_name(value)
+    elif flag.canonical in (ALIAS, TAGS):
+        found[flag.canonical] = _names(value)
+    elif flag.canonical == DRAFT_HF:
+        found[DRAFT_HF] = value.strip()
+    else:
+        options[flag.canonical] = _render(flag, negated, value, where, key)
+
+
+def _tuple(value: object) -> tuple[str, ...] | None:
+    return value if isinstance(value, tuple) else None
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -322,29 +253,77 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value.split(",") if a.strip())
 
 
-def parse_presets(text: str, path: Path | None = None) -> Presets:
+def parse_presets(text: str, path: Path | None = None, previous: Presets | None = None,
+                  server: Path | None = None) -> Presets:
+    """The file's sections; never raises (Presets.check() does). A section with an error
+    keeps its body from `previous` (the last good one) if it had one. `server`: the
+    llama-server of llamad.conf, whose flags sections without their own are read with."""
     where = str(path) if path else "presets"
-    defaults = Section("*")
-    sections: dict[str, Section] = {}
     base = path.parent if path else None
-    for name, items, body in parse_ini(text, where):
-        section = build_section(name, items, body, where, base)
-        if name == "*":
-            defaults = section
-        else:
-            sections[name] = section
-    return Presets(path, defaults, MappingProxyType(sections))
+    raws = parse_ini(text, where)
+    flags = global_flags(server)
+    star = next((r for r in raws if r.name == "*"), RawSection("*"))
+    defaults, errs = _section(star, where, base, flags, flags)
+    errors: dict[str, ConfigError] = {}
+    if errs:
+        errors["*"] = errs[0]
+        defaults = previous.defaults if previous is not None else defaults
+    sections: dict[str, Section] = {}
+    for raw in raws:
+        if raw.name == "*":
+            continue
+        section, errs = _section(raw, where, base, defaults.flags, flags)
+        if section.flags is not defaults.flags:  # [*]'s keys must suit this binary too
+            errs += build_section(star, where, base, section.flags)[1]
+        if errs:
+            errors[raw.name] = errs[0]
+            if previous is not None and raw.name in previous.sections:
+                section = previous.sections[raw.name]
+        sections[raw.name] = section
+    return Presets(path, defaults, MappingProxyType(sections), MappingProxyType(errors))
 
 
-def load_presets(path: Path | None) -> Presets:
-    """Read the preset file; None means no presets."""
+def _section(raw: RawSection, where: str, base: Path | None, inherited: Table,
+             fallback: Table) -> tuple[Section, list[ConfigError]]:
+    """build_section with the flags of the section's own llama-server, else `inherited`."""
+    flags, errors = inherited, []
+    for key, value, line in raw.items:
+        if key == modelkeys.SERVER:
+            try:
+                server = modelkeys.server_path(value, f"{where}:{line} [{raw.name}] {key}", base)
+                flags = flagtable.for_binary(server)
+            except ConfigError as e:
+                errors.append(ConfigError(f"{where}:{line} [{raw.name}]: {key} = {value!r}: "
+                                          f"{e.message}"))
+                flags = fallback
+    section, more = build_section(raw, where, base, flags)
+    return section, errors + more
+
+
+def global_flags(server: Path | None) -> Table:
+    """The flags of llamad.conf's llama-server; the built-in table where it cannot be run
+    (check-config says so on its own)."""
+    if server is None:
+        return DEFAULT
+    try:
+        return flagtable.for_binary(server)
+    except ConfigError:
+        return DEFAULT
+
+
+def load_presets(path: Path | None, previous: Presets | None = None,
+                 server: Path | None = None) -> Presets:
+    """Read the preset file; None means no presets. Never raises: a file that cannot be
+    read is an error of the whole file, and the previous sections stay."""
     if path is None:
         return Presets.empty()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: the preset file cannot be read ({e}).") from e
-    return parse_presets(text, path)
+        kept = previous if previous is not None else Presets.empty()
+        error = ConfigError(f"{path}: the preset file cannot be read ({e}).")
+        return Presets(path, kept.defaults, kept.sections, MappingProxyType({"": error}))
+    return parse_presets(text, path, previous, server)
 
 
 def _pick(key: str, section: Section | None, defaults: Section) -> object:
@@ -356,7 +335,8 @@ def _pick(key: str, section: Section | None, defaults: Section) -> object:
 def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Presets,
                    global_args: Options, draft: Path | None = None) -> ModelSettings:
     """Merge [*] < the model's section < global args, as router mode does, and render its
-    argv. `draft`: the file a section's spec-draft-hf names in the cache."""
+    argv. `draft`: the file a section's spec-draft-hf names in the cache, or the draft
+    sidecar (mtp-*.gguf, ...) beside the model in its directory."""
     section = presets.sections.get(model_id)
     options: Options = dict(presets.defaults.options)
     if section is not None:
@@ -377,6 +357,9 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     restore = _pick("restore", section, presets.defaults)
     ttl = _pick("ttl", section, presets.defaults)
     devices = _pick("devices", section, presets.defaults)
+    limit = _pick(modelkeys.CONCURRENCY, section, presets.defaults)
+    server = _pick(modelkeys.SERVER, section, presets.defaults)
+    env = _env(section, presets.defaults)
     return ModelSettings(
         args=args,
         load_on_startup=startup,
@@ -387,13 +370,27 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
         devices=devices if isinstance(devices, tuple) else None,
         split=bool(_pick("split", section, presets.defaults)),
-        preset_text=_ini(model_id, args, section, presets.defaults),
+        preset_text=_ini(model_id, args, section, presets.defaults, env),
         tags=_tags(section, presets.defaults),
         metrics=options.get(METRICS, (METRICS,)) == (METRICS,),
         restore=restore if isinstance(restore, bool) else pin or startup,
         ctx_max=_ctx_max(section, presets.defaults),
         memory_need=_memory_need_of(section, presets.defaults),
+        concurrency_limit=limit if isinstance(limit, int) else None,
+        env=env,
+        server=server if isinstance(server, Path) else None,
     )
+
+
+def _env(section: Section | None, defaults: Section) -> tuple[str, ...]:
+    """[*]'s env, then the section's: a name given in both takes the section's value."""
+    merged: dict[str, str] = {}
+    for part in (defaults, section):
+        pairs = part.extra.get(modelkeys.ENV) if part is not None else None
+        for pair in pairs if isinstance(pairs, tuple) else ():
+            name, _, value = pair.partition("=")
+            merged[name] = value
+    return tuple(f"{k}={v}" for k, v in merged.items())
 
 
 def _ctx_max(section: Section | None, defaults: Section) -> int | None:
@@ -421,10 +418,10 @@ def _str_or_none(value: object) -> str | None:
 
 
 def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
-         defaults: Section) -> str:
+         defaults: Section, env: tuple[str, ...]) -> str:
     """The model's effective preset as INI, like the router's status.preset."""
     lines = [f"[{model_id}]"]
-    for option in argv.walk(args):
+    for option in argv.walk(args, (section or defaults).flags.by_arg):
         value = " ".join(option.values) if option.values else \
             ("false" if option.negated else "true")
         if option.name != ALIAS:  # the id; real aliases are listed below
@@ -432,6 +429,8 @@ def _ini(model_id: str, args: tuple[str, ...], section: Section | None,
     extra = dict(defaults.extra)
     if section is not None:
         extra.update(section.extra)
+    if env:  # merged from [*] and the section, secrets masked
+        extra[modelkeys.ENV] = modelkeys.masked(env, redact.MASK)
     for key, extra_value in extra.items():
         lines.append(f"{key} = {_ini_value(key, extra_value)}")
     if section is not None and section.aliases:

@@ -1,9 +1,12 @@
 """Commands that talk to the running llamad over its HTTP API: load, unload, logs, ps, top.
 
 The address is --url, else $LLAMAD_URL, else llamad.socket's address, else http://<listen>
-of the configuration; the API key, when llamad wants one, comes from $LLAMAD_API_KEY.
-Tables and lines are for people, --json for scripts. Anything that goes wrong is one
-sentence (LlamadError).
+of the configuration; the API key, when llamad wants one, comes from $LLAMAD_API_KEY. The
+key goes only where llamad is: to an address given on purpose, or to llamad.socket's while
+systemd holds it (when the socket is stopped, any local user could listen there); never
+through a proxy and never on to a redirect. Tables and lines are for people, --json for
+scripts; what the server says is shown with control characters escaped (it must not drive
+the terminal). Anything that goes wrong is one sentence (LlamadError).
 """
 
 from __future__ import annotations
@@ -39,8 +42,19 @@ class Client:
 
     @classmethod
     def make(cls, config_path: Path | None, url: str | None) -> Client:
-        base = url or os.environ.get(ENV_URL) or daemon_url(config_path)
-        return cls(base.rstrip("/"), os.environ.get(ENV_KEY) or None)
+        key = os.environ.get(ENV_KEY) or None
+        given = url or os.environ.get(ENV_URL)
+        if given:
+            return cls(given.rstrip("/"), key)
+        found = llamad_socket() if config_path is None else None
+        if found is None:
+            return cls("http://" + load_config(config_path).listen, key)
+        listen, held = found
+        if key and not held:
+            raise LlamadError(f"llamad.socket is not listening, so whatever answers at "
+                              f"{listen} may not be llamad; ${ENV_KEY} is not sent to it. "
+                              "Start llamad.socket, or give --url to trust that address")
+        return cls("http://" + listen, key)
 
     @contextlib.contextmanager
     def open(self, method: str, path: str, body: dict[str, Any] | None = None,
@@ -52,7 +66,7 @@ class Client:
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
         try:
-            resp = urllib.request.urlopen(req, timeout=timeout)
+            resp = _OPENER.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise LlamadError(self._refusal(e)) from None
         except (urllib.error.URLError, OSError) as e:
@@ -70,6 +84,7 @@ class Client:
             message, source = str(error["message"]), error.get("source")
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             message, source = f"HTTP {e.code} {e.reason}", None
+        message = one_line(message)
         if source != "llamad":
             # Every llamad error says it is llamad's: another program holds the port (a
             # llama-server on 8080, its default too) or stands in front of llamad.
@@ -88,18 +103,33 @@ class Client:
             return json.loads(r.read())
 
 
-def daemon_url(config_path: Path | None) -> str:
-    """Where llamad answers: llamad.socket's first address (an admin may have moved it with
-    a drop-in), else the configuration's `listen`."""
-    if config_path is None:
-        try:
-            out = subprocess.run(["systemctl", "show", "-P", "Listen", "llamad.socket"],
-                                 capture_output=True, text=True, timeout=10, check=False)
-        except (OSError, subprocess.SubprocessError):
-            out = None
-        if out is not None and out.returncode == 0 and out.stdout.split():
-            return "http://" + out.stdout.split()[0]
-    return "http://" + load_config(config_path).listen
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """llamad never redirects: an answer that does is not followed (the key would go on to
+    wherever it points), and becomes an error sentence (Client._refusal)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+# No proxy from the environment either: the key is for llamad alone.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+
+def llamad_socket() -> tuple[str, bool] | None:
+    """llamad.socket's first address (an admin may have moved it with a drop-in) and
+    whether it listens now (systemd holds the address: nobody else can); None without
+    such a unit."""
+    try:
+        out = subprocess.run(["systemctl", "show", "-p", "Listen", "-p", "ActiveState",
+                              "llamad.socket"],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    shown = dict(line.partition("=")[::2] for line in out.stdout.splitlines())
+    listen = shown.get("Listen", "").split()
+    if out.returncode != 0 or not listen:
+        return None
+    return listen[0], shown.get("ActiveState") == "active"
 
 
 def _print_json(data: Any) -> None:
@@ -113,7 +143,7 @@ def cmd_load(client: Client, model: str, wait: bool, timeout: float, as_json: bo
     if as_json:
         _print_json(answer)
     else:
-        print(f"{answer['model']}: {answer['state']}")
+        print(one_line(f"{answer['model']}: {answer['state']}"))
     return 0
 
 
@@ -123,10 +153,10 @@ def wait_ready(client: Client, model: str, timeout: float) -> str:
     while True:
         found = client.get("/status")["models"].get(model)
         state = found["state"] if found else "unloaded"
-        if state == "ready":
+        if state in ("ready", "sleeping"):  # sleeping: loaded, its next request wakes it
             return state
         if state == "failed":
-            raise LlamadError(f"model {model} failed to load: {found['reason']}")
+            raise LlamadError(f"model {model} failed to load: {one_line(str(found['reason']))}")
         if time.monotonic() > deadline:
             raise LlamadError(f"model {model} is still {state} after {timeout:g}s")
         time.sleep(0.2)
@@ -137,7 +167,7 @@ def cmd_unload(client: Client, model: str, as_json: bool) -> int:
     if as_json:
         _print_json(answer)
     else:
-        print(f"{answer['model']}: {answer['state']}")
+        print(one_line(f"{answer['model']}: {answer['state']}"))
     return 0
 
 
@@ -180,7 +210,7 @@ def cmd_ps(client: Client, as_json: bool, watch: float | None) -> int:
         else:
             if watch:
                 sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: a live table
-            print("\n".join(ps_table(status)), flush=True)
+            print("\n".join(map(one_line, ps_table(status))), flush=True)
         if not watch:
             return 0
         time.sleep(watch)
@@ -196,7 +226,7 @@ def ps_table(status: dict[str, Any]) -> list[str]:
         fit = d.get("fit") or {}
         rows.append((model, d["state"], str(d["main_pid"] or "-"), _mib(d.get("ram")),
                      _mib(d.get("vram")), _mib(d["estimate"]["ram"] + d["estimate"]["vram"]),
-                     load, str(d["in_flight"]), str(d.get("queued", 0)), str(d["served"]),
+                     load, _in_flight(d), str(d.get("queued", 0)), str(d["served"]),
                      ttl, str(fit.get("ctx") or "-")))
         if fit.get("reason"):
             fits.append(one_line(f"{model}: {fit['reason']}"))
@@ -207,6 +237,12 @@ def ps_table(status: dict[str, Any]) -> list[str]:
     out += [f"GPU {g['index']} {g['name']}: {_mib(g['used'])} used of {_mib(g['total'])}"
             for g in status.get("gpus", [])]
     return [*out, status["status"]]
+
+
+def _in_flight(d: dict[str, Any]) -> str:
+    """"1/2" under a concurrency limit of 2, else the count alone."""
+    limit = d.get("concurrency_limit")
+    return f"{d['in_flight']}/{limit}" if limit else str(d["in_flight"])
 
 
 def _mib(n: int | None) -> str:

@@ -20,8 +20,9 @@ from llamad.errors import ConfigError
 
 _HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})")
 # What a model name may hold to be written into an ACL unquoted; llamad's own names
-# (catalog.py) fit, an alias with spaces or quotes cannot be placed.
-_MODEL = re.compile(r"[A-Za-z0-9._:/@+-]+")
+# (catalog.py) fit, an alias with spaces or quotes cannot be placed. Not a leading '-':
+# HAProxy would read it as one of the match's flags (-i, -f, -m ...).
+_MODEL = re.compile(r"[A-Za-z0-9._:/@+][A-Za-z0-9._:/@+-]*")
 # HAProxy reads the request body up to its buffer size to find "model". A request whose
 # "model" lies beyond it is balanced round-robin: a cold load on another host, not an error.
 BUFSIZE = 262144
@@ -49,7 +50,7 @@ def placements(pairs: Sequence[str], hosts: Sequence[str]) -> dict[str, str]:
         model, sep, where = pair.partition("=")
         if not sep or not _MODEL.fullmatch(model):
             raise ConfigError(f"--place {pair!r} is not MODEL=HOST:PORT with a model name "
-                              "of letters, digits and ._:/@+-")
+                              "of letters, digits and ._:/@+- that does not start with -")
         if host(where) not in hosts:
             raise ConfigError(f"--place {pair!r} names {where}, which is not among the "
                               f"hosts given ({', '.join(hosts)})")

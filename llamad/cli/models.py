@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamad import redact
+from llamad.catalog import modelkeys
 from llamad.catalog.catalog import SETTLE_SECONDS, Model, Snapshot, scan
 from llamad.catalog.gguf_info import InfoCache
-from llamad.catalog.presets import Presets, SwaFits, load_presets, parse_args
+from llamad.catalog.presets import Presets, SwaFits, global_flags, load_presets, parse_args
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
 from llamad.http import keys
@@ -27,26 +29,43 @@ def cache_path() -> Path:
     return Path(base) / "llamad" / "gguf-info.json"
 
 
-def check(config: Config) -> Presets:
-    """Everything check-config verifies beyond parsing; raises ConfigError."""
-    presets = load_presets(config.models_preset)
-    parse_args(config.args, f"{config.path or 'configuration'}: args")
+def check(config: Config) -> None:
+    """What llamad serve checks of llamad.conf beyond parsing it; raises ConfigError."""
+    parse_args(config.args, f"{config.path or 'configuration'}: args",
+               global_flags(config.llama_server))
     if config.api_keys_file is not None:
         keys.load(config.api_keys_file)
+    if config.peer_key_file is not None:
+        keys.load_peer_key(config.peer_key_file)
     server = config.llama_server
     if not (server.is_file() and os.access(server, os.X_OK)):
         raise ConfigError(f"{config.path or 'configuration'}: llama-server = {str(server)!r} "
                           "is not an executable file; install llama.cpp's llama-server or "
                           "set llama-server to its path.")
-    return presets
+
+
+def preset_servers(presets: Presets) -> dict[str, Path]:
+    """The llama-server binaries the presets name, by where they are named."""
+    out: dict[str, Path] = {}
+    for section in (presets.defaults, *presets.sections.values()):
+        server = section.extra.get(modelkeys.SERVER)
+        if isinstance(server, Path):
+            out[f"{presets.path} [{section.name}]"] = server
+    return out
 
 
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
-    presets = check(config)
+    check(config)
+    presets = load_presets(config.models_preset, server=config.llama_server)
     for warning in [*unitpaths.config_problems(config), *socketstate.problems(),
+                    *unitpaths.server_problems(config, preset_servers(presets)),
                     *presets.ignored]:
         print(f"llamad: warning: {warning}", file=sys.stderr)
+    if presets.errors:  # every one, each naming file, line, section and key
+        for error in presets.errors.values():
+            print(f"llamad: {redact.text(error.message)}", file=sys.stderr)
+        return 1
     where = config.path or "defaults (no configuration file)"
     dirs = ", ".join(map(str, config.models_dirs)) or "none"
     preset = f"{config.models_preset} ({len(presets.sections)} sections)" \

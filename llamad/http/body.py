@@ -166,7 +166,7 @@ _ARRAY_RUN = re.compile(rb"(?:" + _WS + _ITEM + _SEP + rb"){1,64}")
 _PAIR_RUN = re.compile(rb"(?:" + _WS + _SHORT_STRING + _WS + rb":" + _WS + _ITEM + _SEP +
                        rb"){1,64}")
 _SPACE = re.compile(_WS)
-OPEN, CLOSE = {ord("{"): ord("}"), ord("["): ord("]")}, (ord("}"), ord("]"))
+OPEN = {ord("{"): ord("}"), ord("["): ord("]")}
 
 
 class Scanner:

@@ -24,6 +24,9 @@ from llamad.config import Config
 from llamad.errors import LlamadError
 
 FILES_ATTR = "llamad_takes_files"
+# Answers that are data (JSON, events, a backend's text), should a browser be sent to one:
+# nothing loads or runs, and no page may frame it.
+API_POLICY = "default-src 'none'; frame-ancestors 'none'; sandbox"
 METHODS = "GET, POST, OPTIONS"
 H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
 
@@ -102,10 +105,16 @@ class Door:
 
     async def on_prepare(self, request: web.Request, resp: web.StreamResponse) -> None:
         """Every response, before its headers go out (streams included): drop what a backend
-        said about CORS, then say llamad's own."""
-        for name in [k for k in resp.headers if k.lower().startswith("access-control-")
+        said about CORS, then say llamad's own; no answer is sniffed for another type, and
+        one that is not a page of llamad's (which set their own policy) runs nothing and
+        may not be framed if a browser is sent to it."""
+        headers = resp.headers
+        for name in [k for k in headers if k.lower().startswith("access-control-")
                      and request.method != "OPTIONS"]:
-            del resp.headers[name]
+            del headers[name]
+        headers["X-Content-Type-Options"] = "nosniff"
+        if "Content-Security-Policy" not in headers:
+            headers["Content-Security-Policy"] = API_POLICY
         origin = request.headers.get("Origin")
         if self.cors_allowed(origin):
             assert origin is not None

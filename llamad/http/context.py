@@ -35,8 +35,11 @@ def resolve(request: web.Request, name: object) -> Slot:
 
 
 async def find(request: web.Request, name: object) -> Slot:
-    """resolve(), but a model whose file is being copied in is waited for (Supervisor.find)."""
-    slot = await supervisor(request).find(name)
+    """resolve(), but a model whose file is being copied in is waited for (Supervisor.find),
+    only by a key that may use that name: another would learn from the wait that the name
+    is coming."""
+    sup = supervisor(request)
+    slot = await sup.find(name) if keys.may_use(request, str(name)) else sup.resolve(name)
     keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
     return slot
 

@@ -112,7 +112,8 @@ def load(path: Path) -> tuple[Key, ...]:
 
 def find(keys: Iterable[Key], presented: str) -> Key | None:
     """The key matching `presented`, comparing in constant time against every key."""
-    given = presented.encode()
+    # aiohttp hands undecodable header bytes over as surrogates: such a key matches none.
+    given = presented.encode("utf-8", "surrogateescape")
     found = None
     for key in keys:
         if hmac.compare_digest(key.secret, given):
@@ -120,14 +121,41 @@ def find(keys: Iterable[Key], presented: str) -> Key | None:
     return found
 
 
-class Keyring:
-    """The keys in force; reload() replaces them from the file (SIGHUP)."""
+def load_peer_key(path: Path) -> str:
+    """The key llamad presents to its peers (`peer-key-file`): one line, one word."""
+    try:
+        st = path.stat()
+        words = path.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"{path}: peer-key-file cannot be read ({why}).") from e
+    if len(words) != 1:
+        raise ConfigError(f"{path}: peer-key-file must hold exactly one key (one word), not "
+                          f"{len(words)} words.")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s: peer-key-file is readable by group or others (mode %04o); "
+                    "chmod 600 it", path, stat.S_IMODE(st.st_mode))
+    return words[0]
 
-    def __init__(self, path: Path) -> None:
+
+class Keyring:
+    """The keys in force; reload() replaces them from the file (SIGHUP). Also the key
+    llamad presents to its peers, if `peer_key_file` is set."""
+
+    def __init__(self, path: Path | None, peer_key_file: Path | None = None) -> None:
         self.path = path
-        self.keys = load(path)
+        self.keys = load(path) if path is not None else ()
+        self.peer_key_file = peer_key_file
+        self.peer_key = load_peer_key(peer_key_file) if peer_key_file is not None else None
 
     async def reload(self) -> None:
+        if self.peer_key_file is not None:
+            try:
+                self.peer_key = await asyncio.to_thread(load_peer_key, self.peer_key_file)
+            except ConfigError as e:
+                log.error("%s Keeping the peer key loaded before.", e.message)
+        if self.path is None:
+            return
         try:
             keys = await asyncio.to_thread(load, self.path)
         except ConfigError as e:
@@ -135,6 +163,9 @@ class Keyring:
             return
         self.keys = keys
         log.info("%s: %d API keys loaded", self.path, len(keys))
+
+
+KEYRING: Any = web.AppKey("keyring", Keyring) if hasattr(web, "AppKey") else "keyring"
 
 
 def presented(request: web.Request) -> str:

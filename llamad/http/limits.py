@@ -7,7 +7,15 @@
   a file descriptor, for ever: enough of them and llamad cannot reach its own backends.
 - Connections: at most `max-connections` are open; the next gets 503 with Retry-After.
 - Requests: at most `max-requests` are handled at once (503 with Retry-After beyond);
-  /health is not counted, so a liveness check still answers.
+  /health is not counted, so a liveness check still answers, and says 503 while they are
+  all taken (a load balancer moves on). Only authenticated requests are counted: `admit`
+  runs after the API key check.
+- Streams: long-lived answers (routes declared @long_lived: event feeds, log streams)
+  are not requests but streams, at most `max-streams` at once; with API keys, a key that
+  is not an admin key holds at most a quarter of them.
+- Sending: a client that leaves an answer unread for `send-timeout` seconds while llamad
+  has bytes waiting for it is cut off, so neither a stream nor a request is held for ever
+  by a client that stopped reading (Guard sees the transport's buffer fill and drain).
 - Bytes: each body is at most `max-body-mb` (413), and all bodies held at once at most
   `max-bodies-mb`: a request that would pass it gets 503 before its body is read.
 
@@ -23,13 +31,15 @@ import errno
 import json
 import logging
 import resource
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from llamad.config import Config
 from llamad.errors import SHORTAGE, BackendError, LlamadError, Unavailable
+from llamad.http import keys
 from llamad.http.context import app_key
 from llamad.sizes import MIB
 
@@ -40,6 +50,17 @@ LINGER = 2.0  # seconds a timed-out connection is still read from after its 408
 
 HELD: Any = web.RequestKey("llamad_body_bytes", int) if hasattr(web, "RequestKey") \
     else "llamad_body_bytes"
+STREAM_ATTR = "llamad_long_lived"
+HEALTH = ("/health", "/v1/health")
+KEY_SHARE = 4  # a non-admin key may hold 1/KEY_SHARE of max-streams
+H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def long_lived(handler: H) -> H:
+    """Declare a route whose answer lasts (an event feed): counted against max-streams, not
+    max-requests."""
+    setattr(handler, STREAM_ATTR, True)
+    return handler
 
 
 class Limits:
@@ -51,8 +72,12 @@ class Limits:
         self.max_requests = config.max_requests
         self.max_body = config.max_body_mb * MIB
         self.max_bodies = config.max_bodies_mb * MIB
+        self.max_streams = config.max_streams
+        self.send_timeout = config.send_timeout
         self.connections = 0
         self.requests = 0
+        self.streams = 0
+        self.streams_of: dict[bytes, int] = {}  # a non-admin key's secret -> its streams
         self.body_bytes = 0
         self.guards: dict[Any, Guard] = {}  # transport -> its connection's guard
         # body.read_json: big bodies are checked here, one at a time.
@@ -67,26 +92,74 @@ class Limits:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The connection's side of a request: its receive deadline ends as the handler
+        starts, and starts again for the next request once this one is answered."""
         guard = self.guards.get(request.transport)
         if guard is not None:
             guard.handling()
-        counted = request.path not in ("/health", "/v1/health")
         try:
-            if counted and self.requests >= self.max_requests:
-                raise Unavailable(f"llamad is handling {self.requests} requests, its "
-                                  "max-requests; retry shortly", retry_after=RETRY_AFTER,
-                                  code="too_many_requests")
-            self.requests += counted
-            try:
-                resp: web.StreamResponse = await handler(request)
-                return resp
-            finally:
-                self.requests -= counted
+            resp: web.StreamResponse = await handler(request)
+            return resp
         finally:
             self.body_bytes -= request.get(HELD, 0)
             request[HELD] = 0
             if guard is not None:
                 guard.answered()
+
+    @web.middleware
+    async def admit(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Count the request against max-requests, or max-streams for a long-lived one.
+        After the API key check, so unauthenticated traffic never holds a place."""
+        if getattr(request.match_info.handler, STREAM_ATTR, False):
+            return await self._stream(request, handler)
+        if request.path in HEALTH:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        if self.requests >= self.max_requests:
+            raise Unavailable(f"llamad is handling {self.requests} requests, its "
+                              "max-requests; retry shortly", retry_after=RETRY_AFTER,
+                              code="too_many_requests")
+        self.requests += 1
+        try:
+            resp = await handler(request)
+            return resp
+        finally:
+            self.requests -= 1
+
+    async def _stream(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        key = keys.request_key(request)
+        secret = key.secret if key is not None and not key.admin else None
+        if self.streams >= self.max_streams:
+            raise Unavailable(f"llamad has {self.streams} long-lived answers open, its "
+                              "max-streams; retry later", retry_after=RETRY_AFTER,
+                              code="too_many_streams")
+        if secret is not None and self.streams_of.get(secret, 0) >= self.key_share:
+            raise Unavailable(f"this API key holds {self.key_share} long-lived answers "
+                              f"open, 1/{KEY_SHARE} of max-streams; retry later",
+                              retry_after=RETRY_AFTER, code="too_many_streams")
+        self.streams += 1
+        if secret is not None:
+            self.streams_of[secret] = self.streams_of.get(secret, 0) + 1
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        finally:
+            self.streams -= 1
+            if secret is not None:
+                left = self.streams_of.pop(secret) - 1
+                if left:
+                    self.streams_of[secret] = left
+
+    @property
+    def key_share(self) -> int:
+        return max(1, self.max_streams // KEY_SHARE)
+
+    def saturated(self) -> LlamadError | None:
+        """Why llamad takes no more requests now (for /health), or None."""
+        if self.requests < self.max_requests:
+            return None
+        return Unavailable(f"llamad is handling {self.requests} requests, its max-requests",
+                           retry_after=RETRY_AFTER, code="saturated")
 
     def body_deadline(self, request: web.Request) -> float:
         """When, in loop time, the request's body must be in."""
@@ -122,6 +195,8 @@ class Guard(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.refused = False
+        self.send_timer: asyncio.TimerHandle | None = None
+        self.unsent = 0  # bytes the transport held when its buffer was last looked at
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -155,6 +230,7 @@ class Guard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_send_timer()
         if self.refused:
             return
         self.limits.connections -= 1
@@ -162,10 +238,37 @@ class Guard(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        """The transport's buffer is full: the client is not taking what llamad sends."""
         self.inner.pause_writing()
+        if self.transport is not None and self.send_timer is None:
+            self.unsent = self.transport.get_write_buffer_size()
+            self.send_timer = asyncio.get_running_loop().call_later(
+                self.limits.send_timeout, self._send_check)
 
     def resume_writing(self) -> None:
+        self._stop_send_timer()
         self.inner.resume_writing()
+
+    def _stop_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_check(self) -> None:
+        """send-timeout after the buffer filled: cut the client off unless it took some."""
+        self.send_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent < self.unsent:  # slow, but reading
+            self.unsent = unsent
+            self.send_timer = asyncio.get_running_loop().call_later(
+                self.limits.send_timeout, self._send_check)
+            return
+        log.info("a client left %d bytes of its answer unread for %gs (send-timeout); "
+                 "closing its connection", unsent, self.limits.send_timeout)
+        transport.abort()  # the handler is cancelled, and with it the model's work
 
     def handling(self) -> None:
         self.phase = "handling"

@@ -85,19 +85,6 @@ class GpuMonitor:
             self._warn(e)
             return ()
 
-    def per_unit_vram(self, proc: Path | None = None) -> dict[str, int]:
-        """VRAM per systemd unit, summed over GPUs, from the compute processes NVML lists.
-
-        Processes outside any service, or whose memory NVML cannot attribute (it says None,
-        as in some containers), are left out.
-        """
-        out: dict[str, int] = {}
-        for unit, found in self.unit_processes(proc).items():
-            known = [p.used for p in found if p.used is not None]
-            if known:
-                out[unit] = sum(known)
-        return out
-
     def unit_processes(self, proc: Path | None = None) -> dict[str, list[GpuProcess]]:
         """NVML's compute processes by the systemd unit they run in; others left out."""
         out: dict[str, list[GpuProcess]] = {}
@@ -186,3 +173,10 @@ def _meminfo(meminfo: Path, key: str) -> int:
 def _text(value: str | bytes) -> str:
     # Older nvidia-ml-py releases return bytes.
     return value.decode() if isinstance(value, bytes) else value
+
+
+def vram_by_unit(procs: dict[str, list[GpuProcess]]) -> dict[str, int]:
+    """VRAM per systemd unit, summed over GPUs, from `GpuMonitor.unit_processes`. Units
+    whose memory NVML cannot attribute (it says None, as in some containers) are left out."""
+    return {unit: sum(p.used or 0 for p in found) for unit, found in procs.items()
+            if any(p.used is not None for p in found)}

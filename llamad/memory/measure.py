@@ -237,8 +237,7 @@ class Measure:
             return {}
         self._procs = self.monitor.unit_processes()
         self._attributed = self._attributed or bool(self._procs)
-        return {unit: sum(p.used or 0 for p in found) for unit, found in self._procs.items()
-                if any(p.used is not None for p in found)}
+        return gpu.vram_by_unit(self._procs)
 
     def on_gpu(self, unit: str) -> bool:
         """Whether NVML listed any process of the unit at the last vram_by_unit()."""

@@ -25,7 +25,7 @@ from aiohttp import web
 from systemd import journal
 
 from llamad.errors import BadRequest, Unavailable
-from llamad.http import keys
+from llamad.http import keys, limits
 from llamad.http.context import app_key, supervisor
 from llamad.memory.gpu import unit_of_pid
 
@@ -150,10 +150,15 @@ async def stream(request: web.Request, unit: str | None) -> web.StreamResponse:
     if streams.open >= MAX_STREAMS:
         raise Unavailable(f"{MAX_STREAMS} log streams are open already; retry later",
                           code="too_many_streams")
+    resp = web.StreamResponse(headers=SSE_HEADERS)
     streams.open += 1
-    reader = open_reader(unit)
+    reader = None
     try:
-        resp = web.StreamResponse(headers=SSE_HEADERS)
+        try:
+            reader = open_reader(unit)
+        except OSError as e:  # no journal, no descriptors: counted back below
+            raise Unavailable(f"the journal cannot be read now ({e.strerror or e}); retry "
+                              "later", code="journal_unavailable") from e
         await resp.prepare(request)
         for entry in backlog(reader, lines, request.headers.get("Last-Event-ID")):
             await resp.write(event(entry))
@@ -165,7 +170,8 @@ async def stream(request: web.Request, unit: str | None) -> web.StreamResponse:
     except ConnectionResetError:  # the client went away
         return resp
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
         streams.open -= 1
 
 
@@ -175,11 +181,13 @@ def own_unit() -> str | None:
 
 
 @keys.admin_only
+@limits.long_lived
 async def handle_daemon(request: web.Request) -> web.StreamResponse:
     return await stream(request, own_unit())
 
 
 @keys.admin_only
+@limits.long_lived
 async def handle_model(request: web.Request) -> web.StreamResponse:
     slot = supervisor(request).resolve(request.match_info["model"])
     return await stream(request, slot.unit)

@@ -14,6 +14,7 @@ The metric names are listed in docs/operations.md.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -35,15 +36,22 @@ from llamad.http import keys
 from llamad.http.context import app_key
 from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
+from llamad.supervisor.backend import read_capped
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import Supervisor
 
 MODEL_TIMEOUT = 2.0  # seconds for one model's /metrics
+MODEL_BYTES = 4 << 20  # bytes of one model's /metrics (llama-server's are ~3 KiB)
+OWN = "llamad_"  # llamad's own families; a backend's by that name are dropped
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 EVICTIONS = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                        Cause.UNLOAD, Cause.REMOVED})
-REJECTIONS = frozenset({503})  # llamad's own "not now": queue full, timeout, cannot fit...
+# llamad's own "not now": queue full, timeout, cannot fit... (429: a concurrency limit's
+# full queue).
+REJECTIONS = frozenset({503, 429})
 
 
 class Metrics:
@@ -69,6 +77,9 @@ class Metrics:
         self.restarts = Counter("llamad_model_restarts",
                                 "Crashes of a model that systemd restarted", ["model"],
                                 registry=counted)
+        self.wakes = Counter("llamad_model_wakes",
+                             "Times a request woke a sleeping model (not counted as loads)",
+                             ["model"], registry=counted)
         self.failures = Counter("llamad_model_failures",
                                 "Times a model was given up on (start limit, out of memory, "
                                 "load timeout)", ["model"], registry=counted)
@@ -97,6 +108,8 @@ class Metrics:
             self.restarts.labels(c.model).inc()
         if c.new is State.FAILED:
             self.failures.labels(c.model).inc()
+        if c.old is State.SLEEPING and c.new is State.READY:
+            self.wakes.labels(c.model).inc()
 
     def on_request(self, rec: Record) -> None:
         self.requests.labels(rec.model, str(rec.status)).inc()
@@ -144,7 +157,7 @@ class _Live(Collector):
             return []
         shown = [s for s in sup.slots.values()
                  if s.state is not State.UNLOADED or s.model.id in self.metrics.seen]
-        return [*_states(sup, shown), *_requests(shown), *_memory(sup, shown),
+        return [*_states(sup, shown), *_requests(sup, shown), *_memory(sup, shown),
                 *_machine(sup, self.metrics.connections()), *sup.kv.families()]
 
 
@@ -167,15 +180,18 @@ def _states(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
     yield from (state, count)
 
 
-def _requests(shown: list[Slot]) -> Iterator[Metric]:
+def _requests(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
     in_flight = _gauge("llamad_model_requests_in_flight", "Requests the model is answering",
                        ("model",))
     queued = _gauge("llamad_model_requests_queued", "Requests waiting for the model",
                     ("model",))
+    limit = _gauge("llamad_model_concurrency_limit", "Requests forwarded to the model at "
+                   "once at most (concurrency-limit); 0 = no limit", ("model",))
     for slot in shown:
         in_flight.add_metric([slot.model.id], slot.in_flight)
         queued.add_metric([slot.model.id], slot.queued)
-    yield from (in_flight, queued)
+        limit.add_metric([slot.model.id], sup.concurrency(slot))
+    yield from (in_flight, queued, limit)
 
 
 def _memory(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
@@ -192,7 +208,8 @@ def _memory(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
                   "Memory the scheduler plans with: learned, else the estimate", labels)
     for slot in shown:
         m = slot.model.id
-        running = slot.state is State.READY and slot.sampled_pid == slot.main_pid != 0
+        running = slot.state in (State.READY, State.SLEEPING) and \
+            slot.sampled_pid == slot.main_pid != 0
         est, planned = sup.measure.estimate(slot.model), sup.measure.need(slot.model)
         for kind in ("ram", "vram"):
             if running:
@@ -219,14 +236,20 @@ def _machine(sup: Supervisor, connections: int) -> Iterator[Metric]:
 
 async def model_metrics(slots: list[Slot]) -> dict[str, Metric]:
     """llamacpp:* families of every ready model, each sample labelled with its model."""
-    ready = [s for s in slots if s.state is State.READY and s.backend is not None]
+    # A sleeping llama-server answers /metrics from its cache without waking.
+    ready = [s for s in slots if s.state in (State.READY, State.SLEEPING)
+             and s.backend is not None]
     texts = await asyncio.gather(*(_fetch(s) for s in ready))
+    # Parsing is pure Python: on a thread, so a big answer does not hold the event loop
+    # in one piece (its size is bounded by MODEL_BYTES).
+    parsed = await asyncio.to_thread(lambda: [_parse(t) if t is not None else None
+                                              for t in texts])
     merged: dict[str, Metric] = {}
     up = _gauge("llamad_model_metrics_up", "1 if the model's own /metrics answered in time",
                 ("model",))
-    for slot, text in zip(ready, texts, strict=True):
-        up.add_metric([slot.model.id], float(text is not None))
-        for family in _parse(text or ""):
+    for slot, families in zip(ready, parsed, strict=True):
+        up.add_metric([slot.model.id], float(families is not None))
+        for family in families or ():
             into = merged.setdefault(family.name, Metric(family.name, family.documentation,
                                                          family.type))
             for s in family.samples:
@@ -236,10 +259,15 @@ async def model_metrics(slots: list[Slot]) -> dict[str, Metric]:
 
 
 def _parse(text: str) -> list[Metric]:
+    """A backend's families, less any that would pass for llamad's own (llamad_*) or
+    whose names or labels the exposition format does not allow."""
     try:
-        return list(text_string_to_metric_families(text))
+        families = list(text_string_to_metric_families(text))
     except ValueError:  # not Prometheus text: leave that model out
         return []
+    return [f for f in families if _NAME.fullmatch(f.name) and not f.name.startswith(OWN)
+            and all(_NAME.fullmatch(s.name) and all(
+                _LABEL.fullmatch(k) and k != "model" for k in s.labels) for s in f.samples)]
 
 
 async def _fetch(slot: Slot) -> str | None:
@@ -249,8 +277,10 @@ async def _fetch(slot: Slot) -> str | None:
     try:
         async with backend.session().get(backend.base_url + "/metrics",
                                          timeout=aiohttp.ClientTimeout(total=MODEL_TIMEOUT)) as r:
-            return await r.text() if r.status == 200 else None
-    except (TimeoutError, aiohttp.ClientError, OSError):
+            if r.status != 200:
+                return None
+            return (await read_capped(r, MODEL_BYTES)).decode(errors="replace")
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
         return None
 
 

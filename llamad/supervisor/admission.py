@@ -15,6 +15,7 @@ from llamad.errors import (
     BadRequest,
     LlamadError,
     NotFound,
+    TooManyRequests,
     Unavailable,
 )
 from llamad.supervisor import backend as be
@@ -85,17 +86,55 @@ class Admission(Lifecycle):
                 self._close(backend)
 
     async def acquire(self, slot: Slot, explicit: bool = False) -> be.Backend:
+        self.refuse_broken(slot)
+        limit = self.concurrency(slot)
         if slot.queued >= self.config.queue_size:
-            raise Unavailable(f"model {slot.model.id} has {slot.queued} requests waiting, "
-                              "the queue limit; retry later", code="queue_full")
+            full = (f"model {slot.model.id} has {slot.queued} requests waiting, the queue "
+                    "limit; retry later")
+            if limit:  # the queue of its concurrency limit: as llama-swap, 429
+                raise TooManyRequests(f"{full} (concurrency-limit {limit})")
+            raise Unavailable(full, code="queue_full")
         if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
             raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
                              "POST /models/load first", code="model_not_loaded")
         for hook in self.hooks:  # e.g. a model whose rpc worker is down: 503, nothing started
             await hook.admit(slot)
-        return await self._admit(slot, explicit, time.monotonic() + self.config.queue_timeout)
+        deadline = time.monotonic() + self.config.queue_timeout
+        await self._line_up(slot, limit, deadline)
+        try:
+            return await self._admit(slot, explicit, deadline)
+        except BaseException:
+            slot.gate.leave(self.concurrency(slot))
+            raise
+
+    def concurrency(self, slot: Slot) -> int:
+        """Requests forwarded to the model at once at most; 0 = no limit. Read afresh each
+        time: a preset edit changes it without restarting the model."""
+        limit = slot.model.settings.concurrency_limit
+        return self.config.concurrency_limit if limit is None else limit
+
+    async def _line_up(self, slot: Slot, limit: int, deadline: float) -> None:
+        """Wait for a place under the concurrency limit, in arrival order."""
+        slot.queued += 1
+        try:
+            await slot.gate.enter(limit, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise Unavailable(f"timed out waiting for one of the {limit} places of model "
+                              f"{slot.model.id} (concurrency-limit)", code="timeout") from None
+        finally:
+            slot.queued -= 1
+
+    def refuse_broken(self, slot: Slot) -> None:
+        """A model a preset error touches is not served until the file is fixed."""
+        if slot.model.error:
+            raise Unavailable(slot.model.error, code="configuration_error", retry_after=10)
+
+    async def load(self, slot: Slot) -> None:
+        self.refuse_broken(slot)
+        await super().load(slot)
 
     def release(self, slot: Slot, keep_alive: float | None = None) -> None:
+        slot.gate.leave(self.concurrency(slot))
         slot.in_flight -= 1
         slot.served += 1
         for hook in self.hooks:  # e.g. did a restored KV cache take? (checked once)

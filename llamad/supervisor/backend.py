@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -55,12 +57,39 @@ def listen_args(address: str) -> tuple[str, ...]:
     return ("--host", host, "--port", port)
 
 
+SMALL_ANSWER = 1 << 20  # bytes llamad reads of a backend's /health, /slots or slot action
+INLINE_JSON = 65536  # answers up to this size are decoded on the event loop
+
+
+async def read_capped(r: aiohttp.ClientResponse, cap: int) -> bytes | bytearray:
+    """An answer's body, at most `cap` bytes (ValueError beyond): what llamad reads for
+    itself from a backend or a peer is bounded, whoever wrote it."""
+    if r.content_length is not None and r.content_length > cap:
+        raise ValueError(f"the answer is larger than the {cap} bytes llamad reads")
+    data = bytearray()
+    while chunk := await r.content.readany():
+        data += chunk
+        if len(data) > cap:
+            raise ValueError(f"the answer is larger than the {cap} bytes llamad reads")
+    return data
+
+
+async def capped_json(r: aiohttp.ClientResponse, cap: int) -> Any:
+    """An answer's JSON, at most `cap` bytes of it; a big one is decoded on a thread (its
+    size bounds how long that holds the GIL)."""
+    data = await read_capped(r, cap)
+    if len(data) <= INLINE_JSON:
+        return json.loads(data)
+    return await asyncio.to_thread(json.loads, data)
+
+
 # llama-server (cpp-httplib) closes a connection idle for 5 s. Reusing one at that moment
 # loses the request, so pooled connections are dropped well before.
 KEEPALIVE = 2.0
 HEALTH_TIMEOUT = 2.0
 SHORT = -1  # _health: llamad itself lacked descriptors or memory to ask
 PROBE_TIMEOUT = 5.0  # seconds a liveness probe waits for /health (at most liveness-timeout)
+PROPS_MAX = 1 << 20  # /props is a few KiB, the chat template its bulk
 
 
 @dataclass
@@ -142,13 +171,29 @@ class Backend:
         try:
             async with self.client() as session, session.get(
                     self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                await r.read()
+                await read_capped(r, SMALL_ANSWER)
         except OSError as e:  # aiohttp's connect errors too; TimeoutError has no errno
             return SHORT if e.errno in SHORTAGE else None
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, ValueError):
             return None
         self.heard()
         return r.status
+
+    async def sleeping(self, timeout: float = HEALTH_TIMEOUT) -> bool | None:
+        """Whether llama-server sleeps (--sleep-idle-seconds), from /props' `is_sleeping`,
+        which it answers asleep without waking; None: no answer, or none that says."""
+        try:
+            async with self.client() as session, session.get(
+                    self.base_url + "/props", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.content.read(PROPS_MAX) if r.status == 200 else b""
+        except (OSError, aiohttp.ClientError):
+            return None
+        self.heard()
+        try:
+            asleep = json.loads(body).get("is_sleeping")
+        except (ValueError, AttributeError):
+            return None
+        return asleep if isinstance(asleep, bool) else None
 
     async def probe(self, timeout: float, pid: int = 0) -> bool | None:
         """Alive: /health answers within `timeout`, or process `pid` (0: unknown) uses CPU

@@ -183,17 +183,21 @@ class Core:
 
     # -- measurements ----------------------------------------------------------
 
-    def record_sample(self, slot: Slot, pid: int, now: Memory, peak_ram: int) -> None:
-        """A measurement of the model's process `pid`: its memory now and its peak RAM.
-        Dropped if the process stopped or restarted since it was taken."""
-        if slot.main_pid != pid or slot.state in (State.UNLOADED, State.STOPPING):
+    def record_sample(self, slot: Slot, pid: int, epoch: int, now: Memory,
+                      peak_ram: int) -> None:
+        """A measurement of the model's process `pid`, begun at `epoch`: its memory now and
+        its peak RAM. Dropped if the process stopped or restarted since it was taken, or
+        the model changed state (an asleep figure must not stand for an awake model)."""
+        if slot.main_pid != pid or slot.epoch != epoch or \
+                slot.state in (State.UNLOADED, State.STOPPING):
             return
         if slot.sampled_pid != pid:
             slot.sampled_pid, slot.peak = pid, Memory()
         slot.peak = Memory(max(slot.peak.ram, peak_ram), max(slot.peak.vram, now.vram))
         # Only a ready model's figure stands in for its need: one taken mid-load is
-        # too low, and the scheduler would fit a second model beside it.
-        slot.used = now if slot.state is State.READY else Memory()
+        # too low, and the scheduler would fit a second model beside it. A sleeping
+        # one's is what it holds asleep: what it freed counts as free.
+        slot.used = now if slot.state in (State.READY, State.SLEEPING) else Memory()
         if slot.state is State.READY and self.measure.should_learn(
                 slot.model, slot.peak.ram, slot.load_seconds):
             self.measure.learn(slot.model, slot.peak.ram, slot.peak.vram, slot.load_seconds)

@@ -21,6 +21,9 @@ class State(enum.Enum):
     STARTING = "starting"  # unit start job queued, process not yet up
     LOADING = "loading"  # process up, /health answers 503
     READY = "ready"
+    # llama-server (--sleep-idle-seconds) freed its weights and caches while idle; its
+    # process runs on, and the next request reloads them in place (no new unit).
+    SLEEPING = "sleeping"
     STOPPING = "stopping"
     FAILED = "failed"
 
@@ -47,6 +50,8 @@ class Cause(enum.Enum):
     RESET = "reset"  # a failed model cleared for another try
     RECONCILE = "reconcile"  # systemd's view differed from llamad's
     GPU_OOM = "gpu_oom"  # its load ran out of GPU memory: stopped, to load once more
+    SLEEP = "sleep"  # llama-server says it sleeps (--sleep-idle-seconds)
+    WAKE = "wake"  # a request woke a sleeping model, or llama-server says it is awake
 
 
 S = State
@@ -55,7 +60,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.UNLOADED: frozenset({S.STARTING, S.LOADING, S.FAILED}),
     S.STARTING: frozenset({S.LOADING, S.STOPPING, S.FAILED, S.UNLOADED}),
     S.LOADING: frozenset({S.READY, S.STARTING, S.STOPPING, S.FAILED, S.UNLOADED}),
-    S.READY: frozenset({S.LOADING, S.STARTING, S.STOPPING, S.FAILED, S.UNLOADED}),
+    S.READY: frozenset({S.LOADING, S.STARTING, S.SLEEPING, S.STOPPING, S.FAILED, S.UNLOADED}),
+    S.SLEEPING: frozenset({S.READY, S.LOADING, S.STARTING, S.STOPPING, S.FAILED, S.UNLOADED}),
     S.STOPPING: frozenset({S.UNLOADED, S.FAILED}),
     S.FAILED: frozenset({S.UNLOADED, S.STARTING, S.STOPPING}),
 }

@@ -12,16 +12,16 @@ import logging
 import time
 
 from llamad.supervisor.events import State
-from llamad.supervisor.liveness import Liveness
 from llamad.supervisor.scheduler import ttl_left
+from llamad.supervisor.sleeping import Sleeping
 from llamad.systemd.unitname import ttl_units
 
 log = logging.getLogger("llamad.supervisor")
 
-class Idle(Liveness):
+class Idle(Sleeping):
     def quiet(self) -> bool:
         """Nothing in flight, queued, or half-way through a change: llamad may exit."""
-        return all(s.state in (State.UNLOADED, State.READY, State.FAILED)
+        return all(s.state in (State.UNLOADED, State.READY, State.SLEEPING, State.FAILED)
                    and not s.in_flight and not s.queued for s in self.slots.values())
 
     async def hand_off(self) -> bool:

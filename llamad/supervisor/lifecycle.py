@@ -15,11 +15,12 @@ import time
 from llamad.catalog.catalog import Snapshot
 from llamad.errors import LlamadError, Unavailable
 from llamad.memory.fit import Choice
+from llamad.memory.types import Memory
 from llamad.supervisor import backend as be
 from llamad.supervisor import unitspec
 from llamad.supervisor.core import Core
 from llamad.supervisor.events import Cause, State
-from llamad.supervisor.scheduler import Drain, Load, Reject, Serve, decide, expired
+from llamad.supervisor.scheduler import Drain, Load, Reject, Serve, Wake, decide, expired
 from llamad.supervisor.slot import Slot
 from llamad.systemd.units import UnitError, UnitSpec, UnitStatus
 
@@ -49,6 +50,8 @@ class Lifecycle(Core):
         decision = Serve(slot.model.id) if ready else decide(
             slot.model.id, self.views(slot), self.measure.resources(self.config), self.policy,
             explicit=explicit)
+        if isinstance(decision, Wake) and self._wake(slot, decision):
+            decision = Serve(slot.model.id)
         if isinstance(decision, Serve) and slot.backend is not None:
             slot.in_flight += 1
             slot.last_used = time.monotonic()
@@ -64,6 +67,18 @@ class Lifecycle(Core):
             log.debug("%s waits for %s to finish before it can load", slot.model.id,
                       ", ".join(decision.wait_for))
         return None
+
+    def _wake(self, slot: Slot, decision: Wake) -> bool:
+        """A sleeping model is asked for: stop what must make room (then decide again), or
+        count it ready now; the request itself makes llama-server reload, in place."""
+        for victim in decision.evict:
+            self._begin_stop(self.slots[victim], Cause.EVICT_MEMORY, f"to wake {slot.model.id}")
+        if decision.evict:
+            return False
+        slot.used = Memory()  # the asleep figure no longer holds; the next sample tells
+        slot.alive_at = slot.last_used = time.monotonic()
+        self.move(slot, State.READY, Cause.WAKE)
+        return True
 
     async def _admit(self, slot: Slot, explicit: bool, deadline: float) -> be.Backend:
         """Decide again on every state change until the model serves (counted in flight)."""
@@ -384,7 +399,8 @@ class Lifecycle(Core):
 
     async def preload(self) -> None:
         for slot in self.slots.values():
-            if slot.model.settings.load_on_startup and slot.state is State.UNLOADED:
+            if slot.model.settings.load_on_startup and slot.state is State.UNLOADED and \
+                    not slot.model.error:  # a preset error refuses it until fixed
                 await self.load(slot)
 
     def expire(self) -> None:
@@ -415,7 +431,7 @@ class Lifecycle(Core):
     def _follow_change(self, slot: Slot) -> None:
         if slot.identity is None or slot.identity == self._identity(slot):
             return
-        if slot.state in (State.STARTING, State.LOADING, State.READY):
+        if slot.state in (State.STARTING, State.LOADING, State.READY, State.SLEEPING):
             slot.reload = True
             self._begin_stop(slot, Cause.CHANGED, "its file or arguments changed")
 
@@ -423,4 +439,4 @@ class Lifecycle(Core):
         """What a running unit was made from: its command line and its files' identity.
         A model whose identity changed must be restarted to serve what the catalog says."""
         m = slot.model
-        return m.settings.args, m.created, m.info
+        return m.settings.args, m.settings.env, m.settings.server, m.created, m.info

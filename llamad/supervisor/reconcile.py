@@ -140,7 +140,7 @@ class Reconcile(Admission):
             self._sync(slot, status)
             self._drop_backend(slot)
             slot.backend = be.Backend(self.spec(slot, slot.gpus)[1])
-            if state is State.READY:
+            if state in (State.READY, State.SLEEPING):
                 self.move(slot, State.LOADING, Cause.RECONCILE, "the unit was restarted")
                 self._begin_health(slot)
 

@@ -18,12 +18,11 @@ async def sample(sup: Supervisor) -> None:
     figure for the unit's processes.
     """
     vram = sup.measure.vram_by_unit()
-    running = (State.STARTING, State.LOADING, State.READY)
+    running = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
     for slot in [s for s in sup.loaded() if s.main_pid and s.state in running]:
-        pid = slot.main_pid
+        pid, epoch = slot.main_pid, slot.epoch
         ram, peak = await _ram(sup, slot.unit, pid)  # awaited: record_sample checks the pid
-        sup.record_sample(slot, pid, Memory(ram, vram.get(slot.unit, 0)), peak)
-
+        sup.record_sample(slot, pid, epoch, Memory(ram, vram.get(slot.unit, 0)), peak)
 
 async def _ram(sup: Supervisor, unit: str, pid: int) -> tuple[int, int]:
     """Bytes (now, peak) of one model's unit; zeros when nothing can be read."""

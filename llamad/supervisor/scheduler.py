@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llamad.memory.fit import Choice, Fitter, Room
 from llamad.memory.types import Memory, Resources
@@ -73,6 +73,16 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Wake:
+    """A request for a sleeping model: llama-server reloads its weights in place (no new
+    unit, no cold load). With `evict`, those are stopped first to make room for what it
+    freed while asleep, and the request decides again once they are gone."""
+
+    model: str
+    evict: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Drain:
     """The load fits only once these busy or stopping models are gone: wait, then decide again."""
 
@@ -87,9 +97,11 @@ class Reject:
     code: str = "cannot_fit"  # the error code clients and metrics see
 
 
-Decision = Serve | Wait | Load | Drain | Reject
+Decision = Serve | Wait | Load | Wake | Drain | Reject
 
-_LOADED = (State.STARTING, State.LOADING, State.READY)
+# Models whose process runs (or is on its way): they count against models-max.
+_LOADED = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
+_SERVING = (State.READY, State.SLEEPING)  # idle ones may be evicted or stopped by TTL
 _WAITING = {State.STARTING: "starting", State.LOADING: "loading",
             State.STOPPING: "stopping; it loads again once stopped"}
 
@@ -105,12 +117,30 @@ def decide(target: str, models: Mapping[str, ModelView], res: Resources, policy:
     if model.state is State.FAILED and not explicit:
         return Reject(503, f"model {target} failed: {model.reason or 'unknown reason'}; "
                            "an explicit load (POST /models/load) retries it", "model_failed")
+    if model.state is State.SLEEPING:
+        return _plan_wake(model, models, res, policy)
     return _plan_load(model, models, res, policy)
+
+
+def _plan_wake(model: ModelView, models: Mapping[str, ModelView], res: Resources,
+               policy: Policy) -> Decision:
+    """Waking takes back what sleeping freed: its need less what it holds asleep (which
+    measured free memory already counts as taken), on the GPUs it already has."""
+    need = _need(model, res)
+    held = model.used if model.used.ram or model.used.vram else need
+    gpus = model.gpus or model.devices
+    awake = replace(model, state=State.UNLOADED, used=Memory(),
+                    need=Memory(max(0, need.ram - held.ram), max(0, need.vram - held.vram)),
+                    devices=gpus, split=model.split or len(gpus) > 1)
+    plan = _plan_load(awake, {**models, model.id: awake}, res, policy)
+    if isinstance(plan, Load):
+        return Wake(model.id, plan.evict)
+    return plan
 
 
 def victims(models: Iterable[ModelView], policy: Policy) -> tuple[str, ...]:
     """Models that may be stopped now (ready, idle, unpinned), the first to go first."""
-    idle = [m for m in models if m.state is State.READY and not m.busy and not m.pinned]
+    idle = [m for m in models if m.state in _SERVING and not m.busy and not m.pinned]
     if policy is Policy.LARGEST:
         idle.sort(key=lambda m: (-(_total(m.used) or _total(m.need)), m.last_used, m.id))
     elif policy is Policy.CHEAPEST_RELOAD:
@@ -130,7 +160,7 @@ def expired(models: Iterable[ModelView], now: float,
     out = []
     for m in models:
         ttl = ttls.get(m.id)
-        if ttl is None or ttl < 0 or m.state is not State.READY or m.busy or m.pinned:
+        if ttl is None or ttl < 0 or m.state not in _SERVING or m.busy or m.pinned:
             continue
         if now - m.last_used >= ttl:
             out.append(m)
@@ -151,7 +181,7 @@ def effective_ttl(keep_alive: float | None, model_ttl: float | None,
 
 def ttl_left(model: ModelView, now: float, ttl: float | None) -> float | None:
     """Seconds until the idle TTL stops this model; None when no TTL applies now."""
-    if ttl is None or ttl < 0 or model.state is not State.READY or model.busy or model.pinned:
+    if ttl is None or ttl < 0 or model.state not in _SERVING or model.busy or model.pinned:
         return None
     return max(0.0, model.last_used + ttl - now)
 
@@ -325,6 +355,8 @@ def _held(m: ModelView, res: Resources) -> Memory:
         return Memory(max(need.ram, m.used.ram), max(need.vram, m.used.vram))
     if m.state in (State.READY, State.STOPPING):
         return Memory(m.used.ram or need.ram, m.used.vram or need.vram)
+    if m.state is State.SLEEPING:  # what it holds asleep, as measured (freed is free)
+        return m.used if m.used.ram or m.used.vram else need
     return Memory()
 
 

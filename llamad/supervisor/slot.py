@@ -13,6 +13,7 @@ from llamad.memory.gpu import GpuInfo
 from llamad.memory.learned import Learned
 from llamad.memory.types import Memory, Resources
 from llamad.supervisor import backend as be
+from llamad.supervisor.concurrency import Gate
 from llamad.supervisor.events import State
 from llamad.systemd.units import UnitSpec, UnitStatus
 
@@ -94,6 +95,7 @@ class Slot:
     probing: bool = False  # a liveness probe is in flight
     replacing: str = ""  # the InvocationID of a wedged process being replaced
     pin: bool | None = None  # set at runtime (POST /models/pin); None: the preset's `pin`
+    gate: Gate = field(default_factory=Gate)  # its concurrency limit's line (admission.py)
     fit: Choice | None = None  # what fitting added to the arguments of the unit it runs in
 
     @property

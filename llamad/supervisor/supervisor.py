@@ -9,6 +9,7 @@ the same Slots and changing a model's state only through `Core.move`:
 - reconcile.py: systemd's own view of the units, compared and repaired periodically;
 - unitsignals.py: systemd's signals about model units;
 - liveness.py: wedged backends (probed every tick, or reported by forwarding) restarted;
+- sleeping.py: models that llama-server put to sleep when idle (--sleep-idle-seconds);
 - idle.py: idle TTLs handed to systemd timers while llamad is away (idle-exit).
 """
 

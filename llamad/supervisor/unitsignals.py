@@ -51,7 +51,7 @@ class Signals(Reconcile):
             self.move(slot, State.LOADING, Cause.ACTIVE)
             self._begin_health(slot)
         elif active == "activating" and sub == "auto-restart":
-            if slot.state in (State.READY, State.LOADING):
+            if slot.state in (State.READY, State.SLEEPING, State.LOADING):
                 self._crashed(slot)
         elif active in ("inactive", "failed") and job == 0:
             self._on_gone(slot, active)

@@ -79,11 +79,12 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         not args.has(model.settings.args, "--metrics") else ()
     kv = kvcache.unit_parts(config, model)
     fitted = fit.args if fit is not None else ()
-    argv = (str(config.llama_server), *args.without_secrets(model.settings.args), *fitted,
+    argv = (str(server(config, model)), *args.without_secrets(model.settings.args), *fitted,
             *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     chose = fit is not None and bool(fit.args or fit.reason)
-    env = [gpuload.cuda_env(gpus)]
+    # The preset's env (presets.py refuses the names llamad sets itself).
+    env = [*model.settings.env, gpuload.cuda_env(gpus)]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
         name=model.unit, description=model.id, argv=argv, environment=tuple(env),
@@ -97,7 +98,7 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
         # The preset's own `rpc` alone opens the sandbox: its rendered options, read by
         # flag arity, never the paths or the id among them (argv.walk).
         remote=rpc.addresses(rpc.workers(model.settings.args)),
-        markers=Markers(model.id, address, args_digest(argv),
+        markers=Markers(model.id, address, args_digest(argv, model.settings.env),
                         " ".join(fitted) if chose else None,
                         one_line(fit.reason) if fit is not None and chose else ""))
 
@@ -119,14 +120,24 @@ def fitted_args(status: UnitStatus) -> tuple[str, ...] | None:
     return tokens
 
 
+def server(config: Config, model: Model) -> Path:
+    """The llama-server binary that runs the model: its preset's, else llamad.conf's."""
+    return model.settings.server or config.llama_server
+
+
 def matches(status: UnitStatus, spec: UnitSpec, address: str) -> bool:
-    """Whether a running unit is the one llamad would start now: same argv and address."""
-    found = status.markers
-    return found is not None and found.args == args_digest(spec.argv) and found.backend == address
+    """Whether a running unit is the one llamad would start now: same argv (and preset
+    environment: the digest holds both) and address."""
+    found, wanted = status.markers, spec.markers
+    return found is not None and wanted is not None and found.args == wanted.args \
+        and found.backend == address
 
 
-def args_digest(argv: tuple[str, ...]) -> str:
-    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
+def args_digest(argv: tuple[str, ...], env: tuple[str, ...] = ()) -> str:
+    """What LLAMAD_ARGS records: the argv and the preset's environment (without one, the
+    digest of the argv alone, as before env existed: running units still match)."""
+    text = "\0".join(argv) + ("\0\0" + "\0".join(env) if env else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def parse_size(text: str | None) -> int | None:

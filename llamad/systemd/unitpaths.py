@@ -107,13 +107,39 @@ def config_problems(config: Config) -> list[str]:
         checks.append(("llama-cache-dir", cache, box, "d",
                        "set llama-cache-dir to a directory every user may read"))
     where = config.path or "configuration"
-    out = []
+    out = [f"{where}: {p}" for p in token_problems(config.hf_token_file)]
     for key, path, sandbox, need, fix in checks:
         found = problem(path, sandbox, need)
         if found:
             out.append(f"{where}: {key}: {found}; {fix}." if path.exists() else
                        f"{where}: {key}: {found}.")
     return out
+
+
+def server_problems(config: Config, servers: dict[str, Path]) -> list[str]:
+    """The same check for the llama-server binaries presets name (`where` -> path)."""
+    box = for_units(config.llama_server, None if config.dynamic_user else config.unit_user)
+    out = []
+    for where, path in servers.items():
+        found = problem(path, box, "x")
+        if found:
+            out.append(f"{where}: llama-server: {found}; {MOVE_SERVER}.")
+    return out
+
+
+def token_problems(path: Path | None) -> list[str]:
+    """hf-token-file: systemd hands it to download units (LoadCredential=), so it must be
+    there; and it is a secret, for root's eyes alone."""
+    if path is None:
+        return []
+    try:
+        st = path.stat()
+    except OSError as e:
+        return [f"hf-token-file: {path} cannot be read ({e.strerror}); downloads will fail."]
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [f"hf-token-file: {path} is readable by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it."]
+    return []
 
 
 _NEEDS = {"x": "executable", "r": "readable", "d": "reachable"}

@@ -106,6 +106,9 @@ def config(box: dict[str, str], values: dict[str, str], rest: list[str],
     for item in filter(None, os.environ.get("LLAMAD_CONFORMANCE_SET", "").split(",")):
         key, _, value = item.partition("=")
         conf[key.strip()] = value.strip()
+    # Where POST /models downloads from: the fake hub the run serves on loopback.
+    if os.environ.get("MODEL_ENDPOINT"):
+        conf["hf-endpoint"] = os.environ["MODEL_ENDPOINT"]
     if "api_key" in values:
         keys = where / "api-keys"
         # The router's key may do everything, loading and unloading included.
@@ -185,6 +188,30 @@ def sockets(values: dict[str, str]) -> list[str]:
             for h in hosts]
 
 
+def fetch_first(box: Box, info: dict[str, str], values: dict[str, str],
+                switches: set[str]) -> None:
+    """`-hf REPO` of a file the cache lacks: fetched first, as llama-server does at its start,
+    with llamad's own downloader in a unit of its own. A repository holding a preset.ini
+    (llama.cpp's "remote preset") makes this a router with that preset, as it makes
+    llama-server one."""
+    endpoint = os.environ.get("MODEL_ENDPOINT")
+    repo = values.get("hf_repo")
+    cache = Path.cwd() / os.environ.get("LLAMA_CACHE", "tmp")
+    if not endpoint or not repo or "--offline" in switches or \
+            cached_file(cache, repo, values.get("hf_file")).exists():
+        return
+    fetched = box.run("systemd-run", "--wait", "--quiet", "--collect", "-p", "Type=exec",
+                      "-p", "ProtectSystem=strict", "-p", f"ReadWritePaths={cache}",
+                      info["python"], "-m", "llamad.catalog.fetch", "--cache", str(cache),
+                      "--endpoint", endpoint, "--", repo)
+    print(f"launcher: fetched {repo}: {fetched.stdout.strip()} {fetched.stderr.strip()}",
+          flush=True)
+    preset = cached_file(cache, repo, "preset.ini")
+    if preset.exists():
+        values.pop("hf_repo")
+        values["models_preset"] = str(preset)
+
+
 def main(argv: list[str]) -> int:
     info = json.loads(Path(os.environ["LLAMAD_CONFORMANCE"]).read_text())
     box = Box(info)
@@ -192,6 +219,7 @@ def main(argv: list[str]) -> int:
     where = Path(info["workdir"]) / f"launch-{os.getpid()}-{time.monotonic_ns()}"
     where.mkdir(mode=0o755)
     values, rest, switches = parse(argv)
+    fetch_first(box, info, values, switches)
     (where / "llamad.conf").write_text(config(info, values, rest, switches, where))
     stopping = False
 

@@ -36,7 +36,7 @@ def _name(server: Any) -> str | None:
         return None
     if server.model_alias:  # "a,b,c": several aliases of the one model
         return str(server.model_alias).split(",")[0]
-    return server.model_hf_repo or os.path.basename(server.model_file)
+    return str(server.model_hf_repo or os.path.basename(server.model_file))
 
 
 def _named(server: Any, method: str, path: str, data: Any) -> tuple[str, Any]:

@@ -8,7 +8,8 @@ the same offline cache, the same Gemma file and the same plugin. That outcome is
 recorded here once, in reference.json, since it depends only on the pinned binary, the
 model and the upstream files (all cached by `make dev`). Regenerate it when any of them
 changes; cases named on the command line (files or file::test ids) are run and updated,
-the others kept:
+the others kept. The router file (unit/test_router.py) run the same way is llama-server's
+router mode, the comparison docs/conformance.md gives for it:
 
     python tests/conformance/reference.py [--out tests/conformance/reference.json] [CASE ...]
 """
@@ -38,7 +39,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llamad-conformance-reference-", dir="/var/tmp"))
     try:
         tests, cache = suite.stage(work, rig.GEMMA)
-        results, minutes = suite.run_pytest(tests, cache, rig.LLAMA_SERVER, args.cases, (), {})
+        with suite.fake_hub(work) as hub:  # what the router file downloads, on loopback
+            results, minutes = suite.run_pytest(tests, cache, rig.LLAMA_SERVER, args.cases, (),
+                                                {"MODEL_ENDPOINT": hub.url})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     old = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
@@ -46,8 +49,9 @@ def main() -> int:
                                 if r.outcome != "not run"}}
     args.out.write_text(json.dumps({
         "about": "Each case of the single-model files run against the pinned llama-server "
-                 "itself (not as a router) on the Gemma file; written by "
-                 "tests/conformance/reference.py, read by run.py.",
+                 "itself (not as a router) on the Gemma file, and of the router file against "
+                 "its router mode, with the fake hub on loopback for what it downloads; "
+                 "written by tests/conformance/reference.py, read by run.py.",
         "llama_server": str(rig.LLAMA_SERVER.relative_to(rig.CACHE)),
         "model": rig.GEMMA.name,
         "cases": dict(sorted(cases.items())),

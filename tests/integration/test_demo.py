@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import readme
 import rig
+from helpers import readme
 
 pytestmark = pytest.mark.integration
 

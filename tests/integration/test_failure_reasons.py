@@ -12,9 +12,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import readme
 import rig
-from llamad_fixture import PYTHON, Factory, Llamad, chat, free_port, models, wait_http, wait_state
+from helpers import readme
+from helpers.daemon import PYTHON, Factory, Llamad, chat, models, wait_http, wait_state
+from helpers.ports import free_port
 
 from llamad.systemd import exits
 

@@ -12,17 +12,14 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import (
-    PYTHON,
+from helpers.daemon import (
     Factory,
     Llamad,
     chat,
-    free_port,
     models,
     state,
     stream,
@@ -190,47 +187,25 @@ async def test_llamad_killed_mid_stream(llamad_factory: Factory) -> None:
             client_error_after_s=round(error_after, 2), outcomes=outcomes)
 
 
-SOCKET = """[Socket]
-ListenStream=127.0.0.1:{port}
-"""
-SERVICE = """[Service]
-Type=notify
-ExecStart={python} -m llamad serve --config {config}
-WatchdogSec=10
-Restart=on-failure
-RestartSec=0.5
-"""
-
-
-def test_restart_with_connections_queued_on_the_socket(box: rig.Box,
-                                                       assets: rig.Assets) -> None:
+def test_restart_with_connections_queued_on_the_socket(llamad_factory: Factory) -> None:
     """`systemctl restart llamad` with requests queued on llamad.socket: those queued while
     the old llamad could not accept (stopped) and those queued while the new one starts
     are all served, and the new llamad adopts the running model."""
-    d = Llamad(box, assets, ["gemma-a"])
-    port = free_port()
-    unit_dir = Path(f"/proc/{box.pid}/root/etc/systemd/system")
-    (unit_dir / "llamad-fq.socket").write_text(SOCKET.format(port=port))
-    (unit_dir / "llamad-fq.service").write_text(SERVICE.format(python=PYTHON, config=d.config))
-    box.run("systemctl daemon-reload && systemctl start llamad-fq.socket")
-    url = f"http://127.0.0.1:{port}"
-    old_pid = 0
+    d = llamad_factory(["gemma-a"], unit=RESTART, socket=True)
+    url, port = d.url, d.port
+    wait_http(url, timeout=60)
+    old_pid = main_pid(d, d.unit)
     try:
-        d.cursor = d.journal_cursor()
-        wait_http(url, timeout=60)
-        old_pid = main_pid(d, "llamad-fq.service")
         invocation, results = asyncio.run(_restart_with_a_queue(d, url, port, old_pid))
-        assert [status for status, _ in results] == [200] * 8, results
-        assert main_pid(d, "llamad-fq.service") not in (0, old_pid)
-        assert d.show(UNIT_A, "InvocationID") == invocation
-        by_new = models(url)["gemma-a"]["llamad"]["served"]
-        assert by_new >= 4  # at least the second batch
-        account(d, "restart with a queue", {UNIT_A}, faults=1, requests=8, lost=0,
-                served_by_old=8 - by_new, served_by_new=by_new)
     finally:
-        box.run(["kill", "-CONT", str(old_pid)], check=False)
-        box.run("systemctl stop llamad-fq.socket llamad-fq.service", check=False)
-        box.run("systemctl stop 'llama-server@*'", check=False)
+        d.box.run(["kill", "-CONT", str(old_pid)], check=False)
+    assert [status for status, _ in results] == [200] * 8, results
+    assert main_pid(d, d.unit) not in (0, old_pid)
+    assert d.show(UNIT_A, "InvocationID") == invocation
+    by_new = models(url)["gemma-a"]["llamad"]["served"]
+    assert by_new >= 4  # at least the second batch
+    account(d, "restart with a queue", {UNIT_A}, faults=1, requests=8, lost=0,
+            served_by_old=8 - by_new, served_by_new=by_new)
 
 
 async def _restart_with_a_queue(d: Llamad, url: str, port: int,
@@ -246,7 +221,7 @@ async def _restart_with_a_queue(d: Llamad, url: str, port: int,
         # Connected (in the socket's queue), nothing accepted: llamad is stopped.
         await asyncio.to_thread(rig.wait_for, "4 connections in the queue",
                                 lambda: queue_length(box, port) >= 4, 30)
-        box.run(["systemctl", "restart", "--no-block", "llamad-fq.service"])
+        box.run(["systemctl", "restart", "--no-block", d.unit])
         await asyncio.to_thread(rig.wait_for, "the old llamad to exit", lambda: box.run(
             ["kill", "-0", str(old_pid)], check=False).returncode != 0, 60)
         # The new llamad is starting: these wait in the queue for it.
@@ -319,8 +294,9 @@ async def test_a_start_limit_failed_model_recovers_on_an_explicit_load(
             if pid:
                 d.box.run(["kill", "-9", str(pid)], check=False)
                 kills += 1
-                rig.wait_for("the unit to restart or fail", lambda pid=pid: main_pid(d) != pid or
-                             state(d.url, "gemma-a") == "failed", timeout=60)
+                def moved_on(pid: int = pid) -> bool:
+                    return main_pid(d) != pid or state(d.url, "gemma-a") == "failed"
+                rig.wait_for("the unit to restart or fail", moved_on, timeout=60)
             assert kills <= 3
         reason = models(d.url)["gemma-a"]["llamad"]["reason"]
         assert "signal 9" in reason, reason  # the last crash says why it failed

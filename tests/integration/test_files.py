@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import Factory, Llamad, chat, models, stream, wait_state
+from helpers.daemon import Factory, Llamad, chat, models, stream, wait_state
 
 UNIT = "llama-server@gemma-a.service"
 
@@ -28,7 +28,7 @@ def private_copy(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-CHANGES: dict[str, Callable[[Path, Path], None]] = {
+CHANGES: dict[str, Callable[[Path, Path], object]] = {
     "touch": lambda f, src: os.utime(f),
     "cp-over": lambda f, src: shutil.copyfile(src, f),  # rewritten in place, same inode
     "rm": lambda f, src: f.unlink(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, chat, models, wait_http, wait_state
+from helpers.daemon import Factory, chat, models, wait_http, wait_state
 
 from llamad.catalog.gguf_info import combine, read_header
 from llamad.memory.estimate import estimate

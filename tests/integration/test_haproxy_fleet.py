@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 import rig
-from fleet import Haproxy, Traffic, ask, join, urlopen
-from llamad_fixture import Llamad, models
+from helpers.daemon import Factory, Llamad, models
+from helpers.fleet import Haproxy, Traffic, ask, join, urlopen
 
 pytestmark = pytest.mark.integration
 
@@ -25,28 +24,12 @@ A, B = "gemma-a", "gemma-b"
 GRACE = 3.0  # shutdown-grace: more than HAProxy's two failed checks a second apart
 
 
-@pytest.fixture(scope="module")
-def second_box() -> Iterator[rig.Box]:
-    reason = rig.missing_requirements()
-    if reason:
-        pytest.fail(reason)
-    with rig.Box() as box:
-        yield box
-
-
 @pytest.fixture
-def hosts(box: rig.Box, assets: rig.Assets,
-          second_box: rig.Box) -> Iterator[tuple[Llamad, Llamad]]:
-    one = Llamad(box, assets, [A, B, "only-one"], host="127.0.0.2")
-    two = Llamad(second_box, rig.Assets(second_box.workdir), [A, B, "only-two"],
-                 host="127.0.0.3")
-    try:
-        join([one, two], GRACE)
-        yield one, two
-    finally:
-        for d in (one, two):
-            d.cleanup()
-            assert "Traceback" not in d.log(), d.log()[-5000:]
+def hosts(llamad_factory: Factory, second_box: rig.Box) -> tuple[Llamad, Llamad]:
+    one = llamad_factory([A, B, "only-one"], host="127.0.0.2", start=False)
+    two = llamad_factory([A, B, "only-two"], host="127.0.0.3", in_box=second_box, start=False)
+    join([one, two], GRACE)
+    return one, two
 
 
 def name(d: Llamad) -> str:

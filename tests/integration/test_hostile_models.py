@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import ggufgen
 import pytest
 import rig
-from llamad_fixture import Factory, Llamad, chat, models
+from helpers import ggufgen
+from helpers.daemon import Factory, Llamad, chat, models
 
 MIB = 1024 * 1024
 

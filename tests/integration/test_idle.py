@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import rig
-from llamad_fixture import PYTHON, Llamad, free_port
-from test_lifecycle import SERVICE, SOCKET
+from helpers.daemon import Factory
 
 UNIT = "llama-server@gemma-a.service"
 
@@ -33,37 +31,27 @@ def processes(box: rig.Box) -> dict[str, int]:
     return found
 
 
-def test_idle_ttl_runs_out_while_llamad_is_away(box: rig.Box, assets: rig.Assets) -> None:
-    d = Llamad(box, assets, ["gemma-a"], **{"idle-exit": 2, "idle-ttl": 20})
-    port = free_port()
-    unit_dir = Path(f"/proc/{box.pid}/root/etc/systemd/system")
-    (unit_dir / "llamad-idle.socket").write_text(SOCKET.format(port=port))
-    (unit_dir / "llamad-idle.service").write_text(SERVICE.format(python=PYTHON, config=d.config))
-    box.run("systemctl daemon-reload && systemctl start llamad-idle.socket")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert chat(url) == 200
-        invocation = d.show(UNIT, "InvocationID")
-        rig.wait_for("llamad to exit when idle",
-                     lambda: d.show("llamad-idle.service", "ActiveState") == "inactive", 30)
-        assert d.show(UNIT, "ActiveState") == "active"  # its TTL has not run out yet
-        # A request within the TTL: llamad takes the timer back and adopts the model.
-        assert chat(url) == 200
-        last_use = time.monotonic()
-        assert d.show(UNIT, "InvocationID") == invocation
-        rig.wait_for("llamad to exit again",
-                     lambda: d.show("llamad-idle.service", "ActiveState") == "inactive", 30)
-        rig.wait_for("the TTL to run out: no llamad, no llama-server",
-                     lambda: processes(box) == {"llama-server": 0, "llamad": 0}, 60)
-        print(f"idle-ttl 20s: no process left {time.monotonic() - last_use:.1f}s after the "
-              "last request")
-        assert d.show(UNIT, "ActiveState") in ("inactive", "")
-        # The next request starts both again.
-        assert chat(url) == 200
-        assert d.show("llamad-idle.service", "ActiveState") == "active"
-        assert d.show(UNIT, "InvocationID") not in ("", invocation)
-    finally:
-        box.run("systemctl stop llamad-idle.socket llamad-idle.service", check=False)
-        box.run(f"systemctl stop {UNIT} 'llamad-ttl@*'", check=False)
-    log = box.journal("-u", "llamad-idle.service")
-    assert "took back llamad-ttl@gemma-a.timer" in log and "Traceback" not in log
+def test_idle_ttl_runs_out_while_llamad_is_away(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"], socket=True, **{"idle-exit": 2, "idle-ttl": 20})
+    url = d.url
+    assert chat(url) == 200
+    invocation = d.show(UNIT, "InvocationID")
+    rig.wait_for("llamad to exit when idle",
+                 lambda: d.show(d.unit, "ActiveState") == "inactive", 30)
+    assert d.show(UNIT, "ActiveState") == "active"  # its TTL has not run out yet
+    # A request within the TTL: llamad takes the timer back and adopts the model.
+    assert chat(url) == 200
+    last_use = time.monotonic()
+    assert d.show(UNIT, "InvocationID") == invocation
+    rig.wait_for("llamad to exit again",
+                 lambda: d.show(d.unit, "ActiveState") == "inactive", 30)
+    rig.wait_for("the TTL to run out: no llamad, no llama-server",
+                 lambda: processes(d.box) == {"llama-server": 0, "llamad": 0}, 60)
+    print(f"idle-ttl 20s: no process left {time.monotonic() - last_use:.1f}s after the "
+          "last request")
+    assert d.show(UNIT, "ActiveState") in ("inactive", "")
+    # The next request starts both again.
+    assert chat(url) == 200
+    assert d.show(d.unit, "ActiveState") == "active"
+    assert d.show(UNIT, "InvocationID") not in ("", invocation)
+    assert "took back llamad-ttl@gemma-a.timer" in d.log()

@@ -13,18 +13,13 @@ import json
 import os
 import shutil
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import Llamad, models, wait_http, wait_state
+from helpers.daemon import Factory, Llamad, models, wait_http, wait_state
 
-# The shipped llamad.service's sandbox, as far as it bears on files (units/llamad.service).
-SANDBOX = ["CapabilityBoundingSet=", "SupplementaryGroups=llamad-backend",
-           "NoNewPrivileges=yes", "PrivateUsers=yes",
-           "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "UMask=0077"]
 # About 250 tokens: long enough that a re-prefill is plain in prompt_n, short enough for a
 # busy 2-core machine.
 PREFIX = "".join(f"Note {i}: the lighthouse keeper counted {i * 7} ships passing the "
@@ -33,23 +28,12 @@ PROMPT = PREFIX + "The keeper wrote in his log that"
 
 
 @pytest.fixture
-def kv_llamad(box: rig.Box, assets: rig.Assets) -> Iterator[Any]:
-    made: list[Llamad] = []
-    # units/llamad.sysusers makes the group where the package is installed.
-    box.run("getent group llamad-backend || groupadd -r llamad-backend")
-
+def kv_llamad(llamad_factory: Factory) -> Factory:
+    """llamad in the shipped unit's sandbox, KV caches kept, one model loaded at a time."""
     def make(names: list[str], **settings: Any) -> Llamad:
-        d = Llamad(box, assets, names, **{"kv-cache": "yes", "models-max": 1, **settings})
-        state = d.dir / "state"
-        state.mkdir(mode=0o755)
-        d.properties = [*SANDBOX, f"ReadWritePaths={state}"]
-        made.append(d)
-        d.start()
-        wait_http(d.url)
-        return d
-    yield make
-    for d in made:
-        d.cleanup()
+        return llamad_factory(names, sandbox=True,
+                              **{"kv-cache": "yes", "models-max": 1, **settings})
+    return make
 
 
 async def complete(s: aiohttp.ClientSession, d: Llamad, model: str,
@@ -90,7 +74,7 @@ async def swap_out(s: aiohttp.ClientSession, d: Llamad, model: str, other: str) 
 
 
 async def test_answer_after_swap_and_restore_equals_the_answer_without_a_swap(
-        kv_llamad: Any) -> None:
+        kv_llamad: Factory) -> None:
     a, b = "kv-same-a", "kv-same-b"
     d = kv_llamad([a, b])
     async with aiohttp.ClientSession() as s:
@@ -120,7 +104,7 @@ async def test_answer_after_swap_and_restore_equals_the_answer_without_a_swap(
     assert (d.dir / "state" / "kv" / a).stat().st_mode & 0o777 == 0o733
 
 
-async def test_a_changed_file_or_changed_arguments_restore_nothing(kv_llamad: Any) -> None:
+async def test_a_changed_file_or_changed_arguments_restore_nothing(kv_llamad: Factory) -> None:
     a, b = "kv-changed-a", "kv-changed-b"
     d = kv_llamad([a, b])
     async with aiohttp.ClientSession() as s:
@@ -152,7 +136,7 @@ async def test_a_changed_file_or_changed_arguments_restore_nothing(kv_llamad: An
         assert kv(d, a)["restored_tokens"] == 0
 
 
-async def test_disk_bound_drops_the_oldest(kv_llamad: Any) -> None:
+async def test_disk_bound_drops_the_oldest(kv_llamad: Factory) -> None:
     a, b = "kv-bound-a", "kv-bound-b"
     # One save of the prompt is about 6.3 MiB (--swa-full, 1,024-token slots), two are
     # not within 10.
@@ -172,7 +156,7 @@ async def test_disk_bound_drops_the_oldest(kv_llamad: Any) -> None:
     assert "the oldest, to stay within kv-cache-max-mb" in d.log()
 
 
-async def test_a_corrupt_cache_file_is_ignored_with_a_log_line(kv_llamad: Any) -> None:
+async def test_a_corrupt_cache_file_is_ignored_with_a_log_line(kv_llamad: Factory) -> None:
     a, b = "kv-corrupt-a", "kv-corrupt-b"
     d = kv_llamad([a, b])
     async with aiohttp.ClientSession() as s:

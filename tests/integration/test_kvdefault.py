@@ -14,14 +14,14 @@ import json
 import os
 import struct
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import ggufgen
 import pytest
 import rig
-from llamad_fixture import Llamad, models, state, wait_http, wait_state
+from helpers import ggufgen
+from helpers.daemon import Factory, Llamad, models, state, wait_http, wait_state
+from helpers.watch import eventually
 
 # About 1,500 tokens: its prefill takes hundreds of ms even for this small model, its
 # restore a few.
@@ -30,26 +30,19 @@ SMALL = [1, 5]  # two tokens: recomputed faster than any restore
 
 
 @pytest.fixture
-def kv_default(box: rig.Box, assets: rig.Assets) -> Iterator[Any]:
+def kv_default(llamad_factory: Factory) -> Factory:
     """A llamad with the default kv-cache setting and the small llama `plain` besides the
     Gemma models `names`."""
-    made: list[Llamad] = []
-
     def make(plain: str, names: list[str], preset: str = "") -> Llamad:
-        d = Llamad(box, assets, names, preset,
-                   **{"models-max": 1, "args": "-c 4096 -np 2 -t 1"})
+        d = llamad_factory(names, preset, start=False,
+                           **{"models-max": 1, "args": "-c 4096 -np 2 -t 1"})
         path = ggufgen.write_llama(d.models_dir / f"{plain}.gguf", embd=256, ff=1024,
                                    heads=4, heads_kv=2, head_dim=64, blocks=4, context=4096)
         os.utime(path, (0, 0))  # older than the catalog's settle window
-        made.append(d)
         d.start()
         wait_http(d.url)
         return d
-    yield make
-    for d in made:
-        d.cleanup()
-    for d in made:
-        assert "Traceback" not in d.log(), d.log()[-5000:]
+    return make
 
 
 async def complete(s: aiohttp.ClientSession, d: Llamad, model: str, prompt: Any,
@@ -89,15 +82,11 @@ async def until(s: aiohttp.ClientSession, d: Llamad, model: str, test: Any, what
                 timeout: float = 60) -> None:
     """Poll GET /v1/models without blocking the event loop (requests of this test are in
     flight on it) until `test` holds for the model's entry."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    async def holds() -> bool:
         async with s.get(d.url + "/v1/models") as r:
             entry = {m["id"]: m for m in (await r.json())["data"]}[model]
-        if test(entry):
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
+        return bool(test(entry))
+    await eventually(what, holds, timeout=timeout, every=0.05)
 
 
 async def swap_out(s: aiohttp.ClientSession, d: Llamad, model: str, other: str) -> None:
@@ -106,7 +95,7 @@ async def swap_out(s: aiohttp.ClientSession, d: Llamad, model: str, other: str) 
 
 
 async def test_default_config_restores_a_plain_models_conversation_not_a_small_slot(
-        kv_default: Any) -> None:
+        kv_default: Factory) -> None:
     a, b = "kvd-plain", "kvd-gemma"
     d = kv_default(a, [b])
     assert kv(d, a)["kept"] and kv(d, a)["why_not"] is None
@@ -155,7 +144,7 @@ def _spoil_tokens(d: Llamad, model: str) -> None:
 
 
 async def test_a_restore_that_does_not_take_is_detected_and_turns_restores_off(
-        kv_default: Any) -> None:
+        kv_default: Factory) -> None:
     a, b = "kvf-plain", "kvf-gemma"
     d = kv_default(a, [b])
     async with aiohttp.ClientSession() as s:
@@ -187,7 +176,7 @@ async def test_a_restore_that_does_not_take_is_detected_and_turns_restores_off(
 
 
 async def test_restore_yes_brings_a_model_back_once_there_is_room_but_after_waiting_requests(
-        kv_default: Any) -> None:
+        kv_default: Factory) -> None:
     a, big, c = "kvr-plain", "kvr-big", "kvr-c"
     d = kv_default(a, [big, c], preset=f"[{a}]\nrestore = true\n")
     async with aiohttp.ClientSession() as s:

@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import rig
-from llamad_fixture import (
-    PYTHON,
+from helpers import ggufgen
+from helpers.daemon import (
     Factory,
     Llamad,
     chat,
-    free_port,
     models,
     state,
     stream,
     wait_http,
     wait_state,
 )
-
-sys.path.insert(0, str(Path(__file__).parent.parent))
-import ggufgen
 
 
 def _main_pid(d: Llamad, model: str) -> int:
@@ -129,50 +123,28 @@ async def test_restart_stops_units_of_models_that_left(llamad_factory: Factory) 
     assert "stopping stale unit llama-server@gemma-b.service" in d.log()
 
 
-SOCKET = """[Socket]
-ListenStream=127.0.0.1:{port}
-"""
-SERVICE = """[Service]
-Type=notify
-ExecStart={python} -m llamad serve --config {config}
-WatchdogSec=10
-"""
-
-
-def test_socket_activation_ready_status_and_idle_exit(box: rig.Box, assets: rig.Assets) -> None:
-    d = Llamad(box, assets, ["gemma-a"], **{"idle-exit": 3})
-    port = free_port()
-    unit_dir = Path(f"/proc/{box.pid}/root/etc/systemd/system")
-    (unit_dir / "llamad-act.socket").write_text(SOCKET.format(port=port))
-    (unit_dir / "llamad-act.service").write_text(
-        SERVICE.format(python=PYTHON, config=d.config))
-    box.run("systemctl daemon-reload && systemctl start llamad-act.socket")
-    try:
-        assert box.run(["systemctl", "is-active", "llamad-act.service"],
-                       check=False).stdout.strip() == "inactive"
-        url = f"http://127.0.0.1:{port}"
-        # The first connection starts llamad, and is answered by it.
-        with urllib.request.urlopen(url + "/v1/models", timeout=60) as r:
-            assert json.loads(r.read())["data"][0]["id"] == "gemma-a"
-        assert d.show("llamad-act.service", "ActiveState") == "active"
-        assert d.show("llamad-act.service", "StatusText").startswith("1 models, 0 loaded")
-        # A model loads, then llamad exits when idle; the model keeps running.
-        with urllib.request.urlopen(urllib.request.Request(
-                url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                data=json.dumps({"model": "gemma-a", "max_tokens": 4,
-                                 "messages": [{"role": "user", "content": "Hi"}]}).encode()),
-                timeout=120) as r:
-            assert r.status == 200
-        invocation = d.show("llama-server@gemma-a.service", "InvocationID")
-        rig.wait_for("llamad to exit when idle",
-                     lambda: d.show("llamad-act.service", "ActiveState") == "inactive",
-                     timeout=30)
-        assert d.show("llama-server@gemma-a.service", "ActiveState") == "active"
-        # The next connection starts llamad again, which adopts the running model.
-        assert state(url, "gemma-a") in ("loading", "ready")
-        wait_state(url, "gemma-a", "ready", timeout=30)
-        assert d.show("llama-server@gemma-a.service", "InvocationID") == invocation
-    finally:
-        box.run("systemctl stop llamad-act.socket llamad-act.service", check=False)
-        box.run("systemctl stop 'llama-server@*'", check=False)
-    assert "Traceback" not in box.journal("-u", "llamad-act.service")
+def test_socket_activation_ready_status_and_idle_exit(llamad_factory: Factory) -> None:
+    d = llamad_factory(["gemma-a"], socket=True, **{"idle-exit": 3})
+    assert d.box.run(["systemctl", "is-active", d.unit],
+                     check=False).stdout.strip() == "inactive"
+    url = d.url
+    # The first connection starts llamad, and is answered by it.
+    with urllib.request.urlopen(url + "/v1/models", timeout=60) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "gemma-a"
+    assert d.show(d.unit, "ActiveState") == "active"
+    assert d.show(d.unit, "StatusText").startswith("1 models, 0 loaded")
+    # A model loads, then llamad exits when idle; the model keeps running.
+    with urllib.request.urlopen(urllib.request.Request(
+            url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "gemma-a", "max_tokens": 4,
+                             "messages": [{"role": "user", "content": "Hi"}]}).encode()),
+            timeout=120) as r:
+        assert r.status == 200
+    invocation = d.show("llama-server@gemma-a.service", "InvocationID")
+    rig.wait_for("llamad to exit when idle",
+                 lambda: d.show(d.unit, "ActiveState") == "inactive", timeout=30)
+    assert d.show("llama-server@gemma-a.service", "ActiveState") == "active"
+    # The next connection starts llamad again, which adopts the running model.
+    assert state(url, "gemma-a") in ("loading", "ready")
+    wait_state(url, "gemma-a", "ready", timeout=30)
+    assert d.show("llama-server@gemma-a.service", "InvocationID") == invocation

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-from llamad_fixture import Factory, chat
+from helpers.daemon import Factory, chat
 
 Event = dict[str, Any]
 

@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 import openai
 import rig
-from llamad_fixture import Factory, Llamad, chat, free_port, stream, wait_state
+from helpers.daemon import Factory, Llamad, chat, request_log, stream, wait_state
+from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT = "Tell a long story."  # what stream() sends; it must never reach the journal
@@ -134,15 +135,6 @@ async def test_metrics_of_a_stuck_backend_are_left_out_in_time(
     assert took < 4, f"the scrape waited {took:.1f}s for a stuck model"
 
 
-def request_log(d: Llamad, *match: str) -> list[dict[str, Any]]:
-    # This run of the unit (journalctl's --after-cursor skips one entry too many when
-    # the cursor's own entry does not match).
-    run = "_SYSTEMD_INVOCATION_ID=" + d.show(d.unit, "InvocationID")
-    out = d.box.run(["journalctl", "-u", d.unit, "-o", "json", run, *match],
-                    check=False).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 async def test_request_log_entries_in_the_journal(llamad_factory: Factory) -> None:
     d = llamad_factory(["gemma-a"])
     async with aiohttp.ClientSession() as s:
@@ -151,8 +143,10 @@ async def test_request_log_entries_in_the_journal(llamad_factory: Factory) -> No
         events = await stream(s, d.url, "gemma-a", max_tokens=7)
         assert events[-1] == {"done": True}
         assert (await chat(s, d.url, "nope"))[0] == 404  # no model: not a model's request
-    entries = rig.wait_for("two request log entries",
-                           lambda: (e := request_log(d, "MODEL=gemma-a")) and len(e) == 2 and e)
+    def two_entries() -> list[dict[str, Any]] | None:
+        entries = request_log(d, "MODEL=gemma-a")
+        return entries if len(entries) == 2 else None
+    entries = rig.wait_for("two request log entries", two_entries)
     plain, streamed = entries
     for entry, completion in ((plain, 5), (streamed, 7)):
         assert entry["STATUS"] == "200" and entry["PATH"] == "/v1/chat/completions"

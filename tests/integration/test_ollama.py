@@ -16,8 +16,7 @@ from typing import Any
 import ollama
 import pytest
 import rig
-from llamad_fixture import Factory, Llamad
-from test_observability import request_log
+from helpers.daemon import Factory, Llamad, request_log
 
 # gemma-e embeds (llama-server needs --embeddings for that); gemma chats.
 PRESET = "[gemma-e]\nembeddings = true\npooling = mean\n"
@@ -67,8 +66,9 @@ def test_ollama_client(llamad_factory: Factory) -> None:
 
     # A chat, whole: Ollama's fields, options as llama.cpp's samplers, no ChatML tags.
     answer = client.chat(model="gemma:latest", messages=QUESTION, options=SHORT, stream=False)
-    assert answer.message.role == "assistant" and answer.message.content.strip()
-    assert not any(tag in answer.message.content for tag in CHATML), answer.message.content
+    said = answer.message.content or ""
+    assert answer.message.role == "assistant" and said.strip()
+    assert not any(tag in said for tag in CHATML), said
     assert answer.done and answer.done_reason in ("stop", "length")
     assert answer.eval_count is not None and 0 < answer.eval_count <= SHORT["num_predict"]
     assert answer.prompt_eval_count and answer.prompt_eval_count > 5
@@ -83,13 +83,13 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     assert len(parts) >= 3 and all(not p.done for p in parts[:-1])
     last = parts[-1]
     assert last.done and last.done_reason and last.eval_count
-    text = "".join(p.message.content for p in parts)
+    text = "".join(p.message.content or "" for p in parts)
     assert text.strip() and not any(tag in text for tag in CHATML), text
 
     # generate, raw: the prompt as it is (llama.cpp's /completion), as the demo asks it.
     raw = client.generate(model="gemma", prompt="Water boils at a temperature of", raw=True,
                           options={**SHORT, "stop": ["\n"]})
-    assert "100" in raw.response, raw.response
+    assert "100" in (raw.response or ""), raw.response
     templated = list(client.generate(model="gemma", prompt="Hi", options=SHORT, stream=True))
     assert templated[-1].done and templated[-1].eval_count
     # format: a JSON schema becomes llama.cpp's grammar, so even this model answers in it
@@ -99,7 +99,8 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     dated = client.chat(model="gemma", messages=[{"role": "user", "content": "When?"}],
                         format=schema, options={"num_predict": 128, "temperature": 0})
     assert dated.done_reason == "stop", dated.message.content
-    assert isinstance(json.loads(dated.message.content)["year"], int), dated.message.content
+    assert isinstance(json.loads(dated.message.content or "")["year"], int), \
+        dated.message.content
 
     running = {m.model: m for m in client.ps().models}
     assert set(running) == {"gemma:latest"}
@@ -133,8 +134,10 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     assert len(old) == 640 and not math.isclose(math.hypot(*old), 1.0, rel_tol=1e-2)
 
     # Every Ollama request to a model is in the request log, as an OpenAI one is.
-    chats = rig.wait_for("the chats in the request log", lambda: (
-        e := request_log(d, "MODEL=gemma", "PATH=/api/chat")) and len(e) >= 4 and e)
+    def four_chats() -> list[dict[str, Any]] | None:
+        entries = request_log(d, "MODEL=gemma", "PATH=/api/chat")
+        return entries if len(entries) >= 4 else None
+    chats = rig.wait_for("the chats in the request log", four_chats)
     assert [c["STREAM"] for c in chats[:2]] == ["0", "1"]
     assert int(chats[0]["COMPLETION_TOKENS"]) == answer.eval_count
     assert int(chats[0]["PROMPT_TOKENS"]) == answer.prompt_eval_count

@@ -1,5 +1,5 @@
 """The .deb end to end: built and installed by the commands of README.md's quick start
-(tests/readme.py), into a booted Debian 12 and a booted Debian 13, each with its own
+(tests/helpers/readme.py), into a booted Debian 12 and a booted Debian 13, each with its own
 python3-* packages; used from the host with the official openai client, then removed and
 purged.
 
@@ -10,6 +10,7 @@ under tests using the shared box. `make test-trixie` runs the Debian 13 half alo
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gzip
 import json
@@ -17,14 +18,16 @@ import re
 import shutil
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-import readme
 import rig
+from helpers import readme
+from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -43,13 +46,6 @@ SHOWS = {
 }
 # Debian 12 is the host's own root under the box's overlay; Debian 13 a cached debootstrap.
 RELEASES = {"debian12": lambda: Path("/"), "debian13": rig.debian13_root}
-
-
-def free_port() -> int:
-    # The box shares the host's network, so a port free here is free there.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clone_deb(box: rig.Box, deb: Path) -> Path:
@@ -160,7 +156,7 @@ def test_models_listed(client: openai.OpenAI) -> None:
 def test_chat_completion(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16)
-    assert reply.choices[0].message.content.strip()
+    assert (reply.choices[0].message.content or "").strip()
 
 
 def test_chat_completion_streamed(client: openai.OpenAI) -> None:
@@ -225,10 +221,45 @@ def test_web_ui_and_dashboard(installed: str) -> None:
         assert len(gzip.decompress(r.read())) > 1_000_000
     with urllib.request.urlopen(base + "/dashboard", timeout=30) as r:
         assert "dashboard/dashboard.js" in r.read().decode()
+        dashboard_policy = r.headers["Content-Security-Policy"]
+    # security-review-3 L7: nothing sniffed, the pages run only their own scripts and may
+    # not be framed, data answers run nothing.
+    with urllib.request.urlopen(base + "/", timeout=30) as r:
+        ui_policy = r.headers["Content-Security-Policy"]
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+    with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert "sandbox" in r.headers["Content-Security-Policy"]
+    for policy in (ui_policy, dashboard_policy):
+        assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy
     with urllib.request.urlopen(base + "/dashboard/events", timeout=30) as r:
         assert r.readline() == b"event: hello\n"
         hello = json.loads(r.readline().decode().removeprefix("data: "))
         assert hello["ids"] == [MODEL]
+
+
+def test_a_multipart_bomb_leaves_the_installed_llamad_standing(pkgbox: rig.Box,
+                                                             installed: str) -> None:
+    """security-review-3 M2: two uploads of 30 MiB of tiny parts OOM-killed the shipped
+    llamad.service (MemoryMax=1G) through email's parser; now each is one 400."""
+    base = installed.removesuffix("/v1")
+    pid = pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip()
+    restarts = pkgbox.run("systemctl show -P NRestarts llamad.service").stdout.strip()
+    parts = b"--b\r\n\r\nx\r\n" * 3_000_000 + b"--b--\r\n"
+
+    def upload() -> int:
+        request = urllib.request.Request(base + "/v1/audio/transcriptions", data=parts,
+                                         headers={"Content-Type":
+                                                  "multipart/form-data; boundary=b"})
+        try:
+            urllib.request.urlopen(request, timeout=120).close()
+        except urllib.error.HTTPError as e:
+            return e.code
+        return 200
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: upload(), range(2))) == [400, 400]
+    assert pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip() == pid
+    assert pkgbox.run("systemctl show -P NRestarts llamad.service").stdout.strip() == restarts
 
 
 def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:

@@ -7,7 +7,7 @@ import os
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, Llamad, chat, models, wait_http, wait_state
+from helpers.daemon import Factory, Llamad, chat, models, wait_http, wait_state
 
 
 async def answers_as(s: aiohttp.ClientSession, d: Llamad, model: str) -> bool:

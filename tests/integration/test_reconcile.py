@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import Factory, Llamad, chat, state, wait_state
+from helpers.daemon import Factory, Llamad, chat, state, wait_state
 
 UNIT = "llama-server@gemma-a.service"
 FAULTS = {
@@ -91,6 +91,8 @@ async def test_a_load_during_daemon_reexec_starts_the_model(llamad_factory: Fact
         for delay in (0.0, 0.02, 0.05):
             reexec = subprocess.Popen(["nsenter", "-t", str(d.box.pid), "-a",
                                        "systemctl", "daemon-reexec"])
+            # The fault's timing, not a wait: the load lands at three moments of the
+            # re-exec (what follows waits for its outcome).
             await asyncio.sleep(delay)
             async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
                 assert r.status == 200, await r.text()

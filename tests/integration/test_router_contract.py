@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, models, wait_state
+from helpers.daemon import Factory, models, wait_state
 
 PRESET = "[gemma-a]\ntags = small, test\nalias = gemma\n"
 
@@ -68,17 +68,20 @@ async def test_models_list_carries_what_the_ui_reads(llamad_factory: Factory) ->
 async def test_models_sse_feed(llamad_factory: Factory) -> None:
     d = llamad_factory(["gemma-a"])
     records: list[dict[str, Any]] = []
+    subscribed = asyncio.Event()
     async with aiohttp.ClientSession() as s:
 
         async def listen() -> None:
             async with s.get(d.url + "/models/sse") as r:
+                # llamad sends the headers and subscribes the stream in one step.
+                subscribed.set()
                 assert r.headers["Content-Type"].startswith("text/event-stream")
                 async for line in r.content:
                     if line.startswith(b"data: "):
                         records.append(json.loads(line[6:]))
 
         listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.5)  # subscribed before the load starts
+        await asyncio.wait_for(subscribed.wait(), 10)  # before the load starts
         async with s.post(d.url + "/models/load", json={"model": "gemma-a"}) as r:
             assert r.status == 200
         await asyncio.to_thread(wait_state, d.url, "gemma-a", "ready")

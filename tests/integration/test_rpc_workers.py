@@ -2,7 +2,7 @@
 
 Two boxes play two machines, each with an address of its own on loopback: llamad and its
 model units in the session box on 127.0.0.2, the shipped llamad-rpc-worker.service in a
-second box on 127.0.0.3 (tests/rpcworker.py). The real llama-server (built with RPC) and
+second box on 127.0.0.3 (tests/helpers/rpcworker.py). The real llama-server (built with RPC) and
 ggml-rpc-server, the real Gemma model.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import Factory, chat, models, wait_state
-from rpcworker import RpcWorker
+from helpers.daemon import Factory, chat, models, wait_state
+from helpers.rpcworker import RpcWorker
 
 pytestmark = pytest.mark.integration
 
@@ -25,17 +25,8 @@ MODEL = "gemma-rpc"
 
 
 @pytest.fixture(scope="module")
-def worker_box() -> Iterator[rig.Box]:
-    reason = rig.missing_requirements()
-    if reason:
-        pytest.fail(reason)
-    with rig.Box() as box:
-        yield box
-
-
-@pytest.fixture(scope="module")
-def worker(worker_box: rig.Box) -> Iterator[RpcWorker]:
-    w = RpcWorker(worker_box, host="127.0.0.3")
+def worker(second_box: rig.Box) -> Iterator[RpcWorker]:
+    w = RpcWorker(second_box, host="127.0.0.3")
     w.start()
     yield w
     w.stop()

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, Llamad, chat, models, state, stream, wait_http, wait_state
+from helpers.daemon import Factory, Llamad, chat, models, state, stream, wait_http, wait_state
 
 MIB = 1024 * 1024
 
@@ -25,13 +24,6 @@ def names(tag: str, *roles: str) -> tuple[str, ...]:
     """Model names of one test: unit names must not repeat within the session's box,
     where a stopped transient unit can linger (its v1 cgroup is never reported empty)."""
     return tuple(f"{tag}-{role}" for role in roles)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def llamad_fields(d: Llamad, model: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ slow clients, keys, browsers, memory, local users."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import resource
@@ -14,7 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import PYTHON, Factory, Llamad, chat, models, stream, wait_http, wait_state
+from helpers.daemon import PYTHON, Factory, Llamad, chat, models, stream, wait_state
+from helpers.watch import eventually
 
 # A file name that, written raw into a transient unit file, adds a command systemd runs as
 # root when the unit stops after a daemon-reload. A file name holds no '/': `touch` is
@@ -89,20 +91,17 @@ def _get(url: str, key: str) -> int:
         return e.code
 
 
-def test_a_key_file_without_keys_stops_llamad_and_check_config(box: rig.Box,
-                                                             assets: rig.Assets,
+def test_a_key_file_without_keys_stops_llamad_and_check_config(llamad_factory: Factory,
+                                                             box: rig.Box,
                                                              subtests: Any) -> None:
     keys = box.workdir / "no-keys"
     keys.write_text("# keys go here, one a line\n")
     for path, why in [(keys, "holds no key"), (box.workdir / "absent", "cannot be read")]:
         with subtests.test(why=why):
-            d = Llamad(box, assets, ["gemma-a"], **{"api-keys-file": str(path)})
-            try:
-                with pytest.raises(RuntimeError, match="llamad did not start"):
-                    d.start()
-                assert f"llamad: {path}: api-keys-file {why}" in d.log()
-            finally:
-                d.cleanup()
+            d = llamad_factory(["gemma-a"], start=False, **{"api-keys-file": str(path)})
+            with pytest.raises(RuntimeError, match="llamad did not start"):
+                d.start()
+            assert f"llamad: {path}: api-keys-file {why}" in d.log()
             out = box.run([str(PYTHON), "-m", "llamad", "check-config", "--config",
                            str(d.config)], check=False)
             assert out.returncode == 1 and f"llamad: {path}: api-keys-file {why}" in out.stderr
@@ -122,11 +121,11 @@ async def test_key_scopes_and_reload(llamad_factory: Factory, box: rig.Box) -> N
                 return r.status
 
         # Management needs an admin key; a plain key may not set keep_alive either.
-        for method, path, kw in [("POST", "/models/load", {"json": body}),
-                                 ("POST", "/models/unload", {"json": body}),
-                                 ("GET", "/status", {}), ("GET", "/logs/stream", {}),
-                                 ("POST", "/v1/chat/completions",
-                                  {"json": {**body, "keep_alive": -1}})]:
+        cases: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", "/models/load", {"json": body}), ("POST", "/models/unload", {"json": body}),
+            ("GET", "/status", {}), ("GET", "/logs/stream", {}),
+            ("POST", "/v1/chat/completions", {"json": {**body, "keep_alive": -1}})]
+        for method, path, kw in cases:
             assert await status(method, path, "plain", **kw) == 403, path
             assert await status(method, path, "narrow", **kw) in (403, 404), path
         assert await status("GET", "/status", "boss") == 200
@@ -237,7 +236,7 @@ async def test_bodies_bad_json_and_the_global_bound(llamad_factory: Factory,
                 ("huge keep_alive", b'{"model": "gemma-a", "keep_alive": 1e999}'),
                 ("non-UTF-8", b'{"model": "gemma-a", "messages": "caf\xe9"}')]:
             with subtests.test(what):
-                async with s.post(d.url + "/v1/chat/completions", data=body,
+                async with s.post(d.url + "/v1/chat/completions", data=io.BytesIO(body),
                                   headers=json_type) as r:
                     assert r.status == 400, await r.text()
                     assert (await r.json())["error"]["source"] == "llamad"
@@ -254,15 +253,14 @@ async def test_bodies_bad_json_and_the_global_bound(llamad_factory: Factory,
             second = b'{"model": "no-such-model", "x": "' + b"y" * (size - 40) + b'"}'
 
             async def until(want: int) -> None:
-                for _ in range(300):
-                    async with s.post(d.url + "/v1/chat/completions", data=second,
+                async def answered() -> bool:
+                    async with s.post(d.url + "/v1/chat/completions", data=io.BytesIO(second),
                                       headers=json_type) as r:
                         await r.read()
-                        if r.status == want:
-                            assert want != 503 or int(r.headers["Retry-After"]) > 0
-                            return
-                    await asyncio.sleep(0.1)
-                raise AssertionError(f"never got {want}")
+                        if r.status == want == 503:
+                            assert int(r.headers["Retry-After"]) > 0
+                        return r.status == want
+                await eventually(f"a {want}", answered, timeout=30, every=0.1)
             # A second 2 MiB would make 4 MiB held, over max-bodies-mb = 3: refused unread.
             await until(503)
             writer.close()
@@ -345,8 +343,8 @@ async def test_slow_clients_cannot_starve_llamad(llamad_factory: Factory,
             refused = await asyncio.to_thread(rig.wait_for, "a third request refused", lambda:
                                               _refused(d.url + "/v1/models", "too_many_requests"))
             assert "max-requests" in refused["error"]["message"]
-            for task in streams:
-                task.cancel()
+            for streaming in streams:
+                streaming.cancel()
 
         with subtests.test("the slow ones are closed by the deadline, with 408"):
             answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 60) for r, _ in slow))
@@ -367,20 +365,20 @@ def _backend_connections(box: rig.Box, pid: str) -> int:
                and row[7] in mine)
 
 
-async def test_out_of_descriptors_is_503_and_changes_no_model(box: rig.Box, assets: rig.Assets,
+async def test_out_of_descriptors_is_503_and_changes_no_model(llamad_factory: Factory,
+                                                              box: rig.Box,
                                                               subtests: Any) -> None:
     """With its descriptors used up, llamad cannot reach a healthy backend: that is llamad's
     trouble (503), not the model's (whose state must not change)."""
     # liveness-timeout = 0: no /health probes, which would keep a pooled connection to the
     # backend for the request to reuse (that llamad does not take a probe it cannot make
     # for a wedge is tests/test_supervisor.py's test_a_probe_llamad_cannot_make_is_no_wedge).
-    d = Llamad(box, assets, ["gemma-a"], **{"queue-timeout": 20, "max-connections": 1000,
-                                           "liveness-timeout": 0})
-    d.properties.append("LimitNOFILE=100")  # soft and hard: llamad cannot lift it
-    d.start()
+    d = llamad_factory(["gemma-a"], unit=("LimitNOFILE=100",),  # llamad cannot lift it
+                       # asyncio logs each accept that fails, with its traceback.
+                       tracebacks_after=("socket.accept() out of system resource",),
+                       **{"queue-timeout": 20, "max-connections": 1000, "liveness-timeout": 0})
     slow: list[Trickler] = []
     try:
-        wait_http(d.url)
         async with aiohttp.ClientSession() as s, s.post(
                 d.url + "/models/load", json={"model": "gemma-a"}) as r:
             assert r.status == 200
@@ -417,7 +415,6 @@ async def test_out_of_descriptors_is_503_and_changes_no_model(box: rig.Box, asse
     finally:
         for _, task in slow:
             task.cancel()
-        d.cleanup()
 
 
 CONNECT = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"

@@ -4,12 +4,14 @@ swapping, queueing, streaming and the management API."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, chat, models, state, stream, wait_state
+from helpers.daemon import Factory, chat, models, state, stream, wait_state
+from helpers.watch import eventually
 
 
 async def test_chat_stream_and_listing(llamad_factory: Factory) -> None:
@@ -133,7 +135,7 @@ async def test_bad_requests_get_4xx_and_start_nothing(llamad_factory: Factory,
         for bad, want in [(b"{not json", 400), (b"[1, 2]", 400), (b'{"model": 7}', 400),
                           (b'{"messages": []}', 400), (b"x" * (2 * 1024 * 1024), 413)]:
             with subtests.test(body=bad[:20]):
-                async with s.post(d.url + "/v1/chat/completions", data=bad,
+                async with s.post(d.url + "/v1/chat/completions", data=io.BytesIO(bad),
                                   headers={"Content-Type": "application/json"}) as r:
                     assert r.status == want
                     assert (await r.json())["error"]["source"] == "llamad"
@@ -196,10 +198,9 @@ async def test_client_disconnect_frees_the_backend_slot(llamad_factory: Factory)
         async def busy() -> bool:
             async with s.get(d.url + "/slots", params={"model": "gemma-a"}) as r:
                 return any(slot["is_processing"] for slot in await r.json())
-        for _ in range(100):
-            if not await busy():
-                break
-            await asyncio.sleep(0.1)
+        async def idle() -> bool:
+            return not await busy()
+        await eventually("the backend slot to be free", idle, timeout=10, every=0.1)
         assert not await busy()
     assert models(d.url)["gemma-a"]["llamad"]["in_flight"] == 0
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import rig
-from llamad_fixture import Factory, Llamad, chat, models, stream
+from helpers.daemon import Factory, Llamad, chat, models, stream
 
 pytestmark = pytest.mark.soak
 

@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 import rig
-from llamad_fixture import Factory, chat, stream, wait_state
+from helpers.daemon import Factory, chat, stream, wait_state
 
 UNIT = "llama-server@gemma-a.service"
 LIVENESS = 3

@@ -31,11 +31,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import image
+import rig
+from vm import image
 
-rig = image.rig
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = image.REPO / "test-artifacts" / "vm"
 GUEST_MEMORY_MB = 3072
@@ -80,6 +80,10 @@ def run_disk(work: Path) -> Path:
     _link(rig.GEMMA, stage / "models" / "gemma.gguf")
     shutil.copytree(HERE / "guest", stage / "guest",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    # The guest's tests import their helpers as vm.guest.vmguest, as here (PYTHONPATH is
+    # /srv/vm/tests there).
+    (stage / "tests" / "vm").mkdir(parents=True)
+    (stage / "tests" / "vm" / "guest").symlink_to("../../guest")
     (stage / "results").chmod(0o777)
     size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
     disk = work / "run.img"

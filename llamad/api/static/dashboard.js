@@ -3,7 +3,11 @@
 // so that an API key can be sent with them.
 "use strict";
 
+// The key lives in this tab's sessionStorage: a script on llamad's origin in another tab
+// (the chat UI renders model output) cannot read it, and it is gone with the tab. Earlier
+// versions kept it in localStorage: removed from there.
 const KEY_STORE = "llamad.api-key";
+localStorage.removeItem(KEY_STORE);
 const MiB = 1024 * 1024;
 const models = new Map(); // id -> {entry, row, ttlUntil}
 let machine = null;
@@ -13,7 +17,7 @@ let retryNow = () => {}; // ends the wait before the feed reconnects
 const $ = (sel) => document.querySelector(sel);
 
 function headers(extra = {}) {
-  const key = localStorage.getItem(KEY_STORE);
+  const key = sessionStorage.getItem(KEY_STORE);
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
@@ -374,7 +378,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#keyform").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    localStorage.setItem(KEY_STORE, $("#key").value);
+    sessionStorage.setItem(KEY_STORE, $("#key").value);
     $("#keyform").hidden = true;
     retryNow();
   });

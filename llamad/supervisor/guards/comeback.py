@@ -44,7 +44,9 @@ class Comeback(Hook):
         slot = self.port.slots.get(c.model)
         if slot is None:
             return
-        if c.old is State.READY and c.new is State.STOPPING and c.cause in EVICTED:
+        # A sleeping model evicted is wanted back as a ready one is.
+        if c.old in (State.READY, State.SLEEPING) and c.new is State.STOPPING and \
+                c.cause in EVICTED:
             if slot.model.settings.restore:
                 self.wanted[c.model] = c.at
         elif c.new is State.STARTING and c.model not in self.loading:

@@ -132,7 +132,7 @@ class GpuGuard(Hook):
             # It died before or while serving and systemd restarts it: find out why.
             self.background.spawn(self._after_crash(slot, change.old),
                                   f"gpu-crash-{change.model}")
-        elif change.new is State.READY:
+        elif change.new is State.READY and change.cause is not Cause.WAKE:
             self.retried.discard(change.model)  # this load worked: a later one may retry
             if slot.gpus:
                 self.background.spawn(self._check_fallback(slot),

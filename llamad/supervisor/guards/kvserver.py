@@ -28,7 +28,7 @@ def left(deadline: float) -> float:
 async def slots(backend: be.Backend, deadline: float) -> list[dict[str, Any]]:
     timeout = aiohttp.ClientTimeout(total=left(deadline))
     async with backend.session().get(backend.base_url + "/slots", timeout=timeout) as r:
-        body = await r.json(content_type=None)
+        body = await be.capped_json(r, be.SMALL_ANSWER)
         if r.status != 200 or not isinstance(body, list):
             raise KvError(f"GET /slots answered {r.status}: {str(body)[:200]}")
         return [s for s in body if isinstance(s, dict)]
@@ -39,7 +39,7 @@ async def action(backend: be.Backend, slot: int, what: str, filename: str,
     url = f"{backend.base_url}/slots/{slot}?action={what}"
     timeout = aiohttp.ClientTimeout(total=left(deadline))
     async with backend.session().post(url, json={"filename": filename}, timeout=timeout) as r:
-        body = await r.json(content_type=None)
+        body = await be.capped_json(r, be.SMALL_ANSWER)
         if r.status != 200 or not isinstance(body, dict):
             error = body.get("error", body) if isinstance(body, dict) else body
             message = error.get("message", error) if isinstance(error, dict) else error

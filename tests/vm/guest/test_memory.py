@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from vm.guest.vmguest import (
     cgroup,
     complete,
     events,

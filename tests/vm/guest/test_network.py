@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from vm.guest.vmguest import (
     ELSEWHERE,
     PEER,
     PEER_PORT,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import complete, http, load, model, sh, show, wait_for, wait_state
+from vm.guest.vmguest import complete, http, load, model, sh, show, wait_for, wait_state
 
 OOM = "out of memory (killed by the kernel's OOM killer in its cgroup)"
 

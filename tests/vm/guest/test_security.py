@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import load, model, sh
+from vm.guest.vmguest import load, model, sh
 
 
 def exposure(unit: str) -> float:

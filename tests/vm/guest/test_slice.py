@@ -7,7 +7,7 @@ Last in the run: it restarts llamad with the slice limit set.
 
 from __future__ import annotations
 
-from conftest import (
+from vm.guest.vmguest import (
     LLAMAD_CONF,
     cgroup,
     events,

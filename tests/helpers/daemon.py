@@ -1,11 +1,12 @@
-"""`llamad serve` running inside the box as a transient unit, for the integration tests."""
+"""`llamad serve` running inside the box, as a transient unit or socket-activated, for the
+integration tests (which get it from the `llamad_factory` fixture) and the benchmarks."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import random
-import socket
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,21 +15,23 @@ from typing import Any
 import aiohttp
 import rig
 
+from helpers.ports import free_port
+from llamad.systemd.unitname import TTL_TIMER_PATTERN
+
 PYTHON = Path(sys.prefix) / "bin" / "python"
 _names = itertools.count(1)
-Factory = Callable[..., "Llamad"]  # the llamad_factory fixture (conftest.py)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody on this machine listens on (the box shares the host's network)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+Factory = Callable[..., "Llamad"]  # the llamad_factory fixture (integration/conftest.py)
+# The shipped units/llamad.service's sandbox, as far as it bears on files: root without
+# capabilities, other users' files seen as nobody's, the file system read-only but the
+# state directory (Llamad.sandbox() adds that).
+SANDBOX = ("CapabilityBoundingSet=", "SupplementaryGroups=llamad-backend",
+           "NoNewPrivileges=yes", "PrivateUsers=yes",
+           "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "UMask=0077")
 
 
 class Llamad:
-    """One llamad; started with systemd-run in the box, so it is a real Type=notify service."""
+    """One llamad in the box, a real Type=notify service: `start()` runs it with systemd-run,
+    `listen()` has systemd listen on its port and start it at the first connection."""
 
     def __init__(self, box: rig.Box, assets: rig.Assets, models: list[str],
                  preset: str = "", host: str = "127.0.0.1", **settings: Any) -> None:
@@ -57,29 +60,61 @@ class Llamad:
         self.cursor = ""
         self.command = [str(PYTHON), "-m", "llamad"]  # bench/bodies.py runs other code
         self.properties: list[str] = []  # more unit properties, e.g. LimitNOFILE=100
+        self.socket = ""  # the socket unit, once listen() made one
+        # Log messages the test expects a traceback after (Python's own, not llamad's).
+        self.tracebacks_after: tuple[str, ...] = ()
 
     def journal_cursor(self) -> str:
         shown = self.box.run(["journalctl", "-n", "0", "--show-cursor"]).stdout
         return shown.split("cursor: ")[-1].strip()
 
-    def start(self) -> None:
+    def sandbox(self) -> None:
+        """Run in the shipped unit's sandbox (SANDBOX), the state directory writable."""
+        state = self.dir / "state"
+        state.mkdir(mode=0o755, exist_ok=True)
+        # units/llamad.sysusers makes the group where the package is installed.
+        self.box.run("getent group llamad-backend || groupadd -r llamad-backend")
+        self.properties += [*SANDBOX, f"ReadWritePaths={state}"]
+
+    def _service(self) -> list[str]:
+        """The properties of llamad's unit, as units/llamad.service has them (but its
+        sandbox), then the test's own."""
+        return ["Type=notify", "NotifyAccess=main", "WatchdogSec=10",
+                f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
+                "ExecReload=/bin/kill -HUP $MAINPID", "Environment=PYTHONUNBUFFERED=1",
+                *self.properties]
+
+    def _count_from_here(self) -> None:
         if not self.cursor:
             # Unit names repeat across tests in the one box: count from here on.
             self.cursor = self.journal_cursor()
-        out = self.box.run(["systemd-run", f"--unit={self.unit}", "-p", "Type=notify",
-                      "-p", "NotifyAccess=main", "-p", "WatchdogSec=10",
-                      # As units/llamad.service does it.
-                      "-p", f"ExecReload={PYTHON} -m llamad check-config --config {self.config}",
-                      "-p", "ExecReload=/bin/kill -HUP $MAINPID",
-                      *(f"--property={p}" for p in self.properties),
-                      "--setenv=PYTHONUNBUFFERED=1", *self.command,
-                      "serve", "--config", str(self.config),
-                      "--listen", f"{self.host}:{self.port}"], timeout=60, check=False)
+
+    def start(self) -> None:
+        self._count_from_here()
+        out = self.box.run(["systemd-run", f"--unit={self.unit}",
+                            *(f"--property={p}" for p in self._service()), *self.command,
+                            "serve", "--config", str(self.config),
+                            "--listen", f"{self.host}:{self.port}"], timeout=60, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"llamad did not start: {out.stderr}\n{self.log()[-3000:]}")
 
+    def listen(self) -> None:
+        """As llamad.socket and llamad.service: systemd listens on the port and starts
+        llamad at the first connection (and again after it exits)."""
+        self._count_from_here()
+        self.socket = self.unit.removesuffix(".service") + ".socket"
+        self.box.run(["tee", f"/etc/systemd/system/{self.socket}"],
+                     input=f"[Socket]\nListenStream={self.host}:{self.port}\n")
+        self.box.run(["tee", f"/etc/systemd/system/{self.unit}"], input="[Service]\n" + "".join(
+            f"{p}\n" for p in self._service()) + f"ExecStart={' '.join(self.command)} serve "
+            f"--config {self.config}\n")
+        self.box.run(["systemctl", "daemon-reload"])
+        self.box.run(["systemctl", "start", self.socket])
+
     def stop(self) -> None:
-        self.box.run(["systemctl", "stop", self.unit], check=False)
+        """Stop llamad (and its socket: no connection starts it again)."""
+        self.box.run(["systemctl", "stop", *filter(None, [self.socket]), self.unit],
+                     check=False)
         self.box.run(["systemctl", "reset-failed", self.unit], check=False)
 
     def restart(self) -> None:
@@ -107,8 +142,23 @@ class Llamad:
     def log(self) -> str:
         return self.box.journal("-u", self.unit, f"--after-cursor={self.cursor}")
 
+    def unexpected_tracebacks(self) -> str:
+        """llamad's log less each traceback that follows a message in `tracebacks_after`;
+        "Traceback" in it is a bug (an illegal state change raises one, for instance)."""
+        log = self.log()
+        for message in self.tracebacks_after:
+            log = re.sub(re.escape(message) + r".*\nTraceback \(most recent call last\):\n"
+                         r"(?:\s.*\n)*.*\n?", "", log)
+        return log if "Traceback" in log else ""
+
     def cleanup(self) -> None:
         self.stop()
+        if self.socket:
+            self.box.run(["rm", "-f", f"/etc/systemd/system/{self.socket}",
+                          f"/etc/systemd/system/{self.unit}"])
+            self.box.run(["systemctl", "daemon-reload"])
+        # A model's TTL left to systemd (idle-ttl) would stop a later test's model.
+        self.box.run(["systemctl", "stop", TTL_TIMER_PATTERN], check=False)
         for unit in self.model_units():
             self.box.run(["systemctl", "stop", unit], check=False)
         rig.wait_for("model units to stop", lambda: not self.model_units(), timeout=60)
@@ -124,7 +174,7 @@ async def chat(session: aiohttp.ClientSession, url: str, model: str, text: str =
 
 
 async def stream(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int = 64,
-                 on_event: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                 on_event: Callable[[int], object] | None = None) -> list[dict[str, Any]]:
     """Every SSE data event of a streamed chat completion, [DONE] as {'done': True};
     `on_event(n)` is called after the n-th event arrives."""
     body = {"model": model, "messages": [{"role": "user", "content": "Tell a long story."}],
@@ -144,16 +194,32 @@ async def stream(session: aiohttp.ClientSession, url: str, model: str, max_token
     return events
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def request_log(d: Llamad, *match: str) -> list[dict[str, Any]]:
+    """The request log's journal entries (their fields) of llamad's current run, those
+    matching journalctl's `match`es, e.g. MODEL=gemma-a."""
+    # This run of the unit (journalctl's --after-cursor skips one entry too many when
+    # the cursor's own entry does not match).
+    run = "_SYSTEMD_INVOCATION_ID=" + d.show(d.unit, "InvocationID")
+    out = d.box.run(["journalctl", "-u", d.unit, "-o", "json", run, *match],
+                    check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_http(url: str, timeout: float = 30, want: int | None = 200) -> None:
+    """Wait until /health answers `want` (None: anything at all)."""
+    import urllib.error
     import urllib.request
 
     def up() -> bool:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                return bool(r.status == 200)
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
         except OSError:
             return False
-    rig.wait_for(f"{url} to answer", up, timeout=timeout)
+        return want is None or status == want
+    rig.wait_for(f"{url} to answer" + (f" {want}" if want else ""), up, timeout=timeout)
 
 
 def models(url: str) -> dict[str, dict[str, Any]]:

@@ -1,9 +1,9 @@
-"""systemd faked at the supervisor's Units boundary, a llama-server faked at its /health,
-and a way to wait for what they and the supervisor do without sleeping.
+"""systemd faked at the supervisor's Units boundary (the one fake of it), and a
+llama-server faked at its /health.
 
 The property dicts the fake sends are the ones systemd sends, so the supervisor's real
-signal path runs. Every call into the fake and every state change of a model pokes
-one event that `Watch.until` waits on.
+signal path runs. Every call into the fake pokes the Watch (helpers/watch.py) that the
+test waits on; helpers/supervised.py puts it under a real Supervisor.
 """
 
 from __future__ import annotations
@@ -15,39 +15,16 @@ import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from helpers.watch import Watch
 from llamad.supervisor.supervisor import Supervisor
 from llamad.systemd.unitname import TTL_TIMER_PATTERN, unit_of_ttl_timer
 from llamad.systemd.units import UnitError, UnitSpec, UnitStatus, environment, ttl_timer
-
-
-class Watch:
-    """Wakes on every call into a FakeSystemd and every model state change."""
-
-    def __init__(self) -> None:
-        self._poked = asyncio.Event()
-
-    def poke(self, *_: Any) -> None:
-        self._poked.set()
-
-    def follow(self, sup: Supervisor) -> None:
-        sup.events.subscribe(self.poke)
-
-    async def until(self, what: str, cond: Callable[[], object], timeout: float = 5) -> None:
-        """Wait until cond() holds, re-checking it only when something happened."""
-        async def wait() -> None:
-            while not cond():
-                self._poked.clear()
-                await self._poked.wait()
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 class FakeSystemd:
@@ -148,10 +125,12 @@ def short_dir() -> Iterator[Path]:
 
 class FakeLlamaServers:
     """llama-server's /health on each model's socket under run_dir: 200, or no answer at
-    all for the instances in `stalled` (a stopped or hung process)."""
+    all for the instances in `stalled` (a stopped or hung process); its /props, whose
+    `is_sleeping` is true for the instances in `sleeping` (--sleep-idle-seconds)."""
 
     def __init__(self) -> None:
         self.stalled: set[str] = set()
+        self.sleeping: set[str] = set()
         self.asked: list[str] = []
         self.ended = asyncio.Event()  # the servers close: stalled answers end too
 
@@ -167,8 +146,11 @@ async def fake_llama_servers(run_dir: Path, instances: list[str]
             if name in fake.stalled:
                 await fake.ended.wait()
             return web.json_response({"status": "ok"})
+        async def props(_: web.Request, name: str = name) -> web.Response:
+            return web.json_response({"role": "model", "is_sleeping": name in fake.sleeping})
         app = web.Application()
         app.router.add_get("/health", health)
+        app.router.add_get("/props", props)
         runner = web.AppRunner(app, shutdown_timeout=0.1)
         await runner.setup()
         (run_dir / name).mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -10,9 +9,6 @@ from typing import BinaryIO
 
 import gguf
 import numpy as np
-
-GEMMA = Path(os.environ.get("LLAMAD_CACHE", Path.home() / ".cache/llamad-ci")) / \
-    "models/gemma3-270m-q4_k_m.gguf"
 
 
 def write_model(path: Path, *, arch: str = "llama", context: int = 4096, blocks: int = 2,

@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 import rig
-from llamad_fixture import Llamad, free_port, wait_http
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.daemon import Llamad, wait_http
+from helpers.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def join(hosts: list[Llamad], grace: float) -> None:

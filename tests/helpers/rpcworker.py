@@ -9,15 +9,10 @@ from pathlib import Path
 
 import rig
 
+from helpers.ports import free_port
+
 UNIT = "llamad-rpc-worker.service"
-SHIPPED = Path(__file__).resolve().parents[1] / "units" / UNIT
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+SHIPPED = Path(__file__).resolve().parents[2] / "units" / UNIT
 
 
 class RpcWorker:

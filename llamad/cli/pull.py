@@ -1,0 +1,120 @@
+"""`llamad pull user/repo[:QUANT]` and `llamad rm MODEL`: downloads into llama.cpp's cache and
+removals, through the running llamad (which runs each in a systemd unit of its own).
+
+pull follows Ollama's /api/pull progress lines: a bar per file on a terminal, one line per
+file otherwise. Interrupting it leaves the download running (`journalctl -u
+'llamad-download@*'`); `llamad rm` stops and removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, TextIO
+
+from llamad.cli.ctl import ENV_KEY, Client
+from llamad.errors import LlamadError
+from llamad.safetext import one_line
+
+READ_TIMEOUT = 600.0  # seconds without a progress line before pull gives up waiting
+LINE_MAX = 65536
+BAR = 30
+
+
+def cmd_pull(client: Client, name: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    req = urllib.request.Request(client.base + "/api/pull", method="POST",
+                                 data=json.dumps({"model": name, "stream": True}).encode())
+    req.add_header("Content-Type", "application/json")
+    if client.key:
+        req.add_header("Authorization", f"Bearer {client.key}")
+    try:
+        resp = urllib.request.urlopen(req, timeout=READ_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        raise LlamadError(_refusal(e)) from None
+    except (urllib.error.URLError, OSError) as e:
+        with client.open("GET", "/health"):  # says why llamad cannot be reached
+            pass
+        raise LlamadError(f"pulling {name} failed: {e}") from None
+    model = resp.headers.get("X-Llamad-Model") or name
+    bars = Bars(out, out.isatty() and not as_json)
+    with resp:
+        while raw := resp.readline(LINE_MAX):
+            record = json.loads(raw)
+            if as_json:
+                print(json.dumps(record), file=out, flush=True)
+            if "error" in record:
+                bars.end()
+                raise LlamadError(f"pulling {name} failed: {one_line(str(record['error']))}")
+            if not as_json:
+                bars.show(record)
+    bars.end()
+    if not as_json:
+        print(f"{model}: in the cache; llamad serves it as {model}", file=out)
+    return 0
+
+
+def _refusal(e: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(e.read(LINE_MAX))["error"]
+        message = error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError, OSError):
+        message = f"HTTP {e.code} {e.reason}"
+    if e.code == 401:
+        return f"{message}; set ${ENV_KEY} to an admin key from llamad's api-keys-file"
+    return one_line(str(message))
+
+
+class Bars:
+    """One progress line per file (by digest): redrawn in place on a terminal, printed
+    once, when complete, elsewhere."""
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self.drawn = ""
+
+    def show(self, record: dict[str, Any]) -> None:
+        total, done = record.get("total"), record.get("completed")
+        status = one_line(str(record.get("status", "")))
+        if not isinstance(total, int) or not isinstance(done, int) or total <= 0:
+            self.end()
+            if status != "success":
+                print(status, file=self.out, flush=True)
+            return
+        digest = str(record.get("digest", ""))
+        if digest != self.drawn:
+            self.end()
+            self.drawn = digest
+        text = f"{status} {bar(done, total)} {_mib(done)}/{_mib(total)}"
+        if self.tty:
+            self.out.write("\r\x1b[K" + text)
+            self.out.flush()
+        elif done == total:
+            print(text, file=self.out, flush=True)
+
+    def end(self) -> None:
+        if self.tty and self.drawn:
+            self.out.write("\n")
+        self.drawn = ""
+
+
+def bar(done: int, total: int) -> str:
+    filled = BAR * done // total
+    return f"{100 * done // total:3d}% [{'#' * filled}{' ' * (BAR - filled)}]"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_rm(client: Client, model: str, as_json: bool) -> int:
+    with client.open("DELETE", "/models?model=" + urllib.parse.quote(model, safe="/:")) as r:
+        answer = json.loads(r.read())
+    if as_json:
+        print(json.dumps(answer))
+    else:
+        print(f"{model}: removed from the cache")
+    return 0
