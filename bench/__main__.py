@@ -1,10 +1,11 @@
 """`make bench`: boot the box, run every section, write docs/benchmarks.md and plots.
 
-    .venv/bin/python -m bench [--quick] [--out FILE] [--sections 1,2,...]
+    .venv/bin/python -m bench [--quick] [--out FILE] [--only 1,2,...]
 
 A full run takes about 15 minutes on a 2-core machine; --quick runs every
 section with tiny counts (for the smoke test), and writes nothing under docs/
-unless --out says so.
+unless --out says so. Each target is printed beside its figure in the run recorded
+before (docs/benchmarks.json, or FILE's .json).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import ROOT, report, sections
+from bench import ROOT, kvswap, report, sections
 from bench.contenders import contenders
 
 # Sections needing the model loaded in llamad run before the ones that unload it;
-# the footprint and scale sections start other llamads, so llamad's own models go first.
-ORDER = (1, 2, 5, 3, 4, 6, 7)
+# the footprint, scale and KV sections start other llamads, so llamad's own models go first.
+ORDER = (1, 2, 5, 3, 4, 6, 7, 8)
 RUN = {1: sections.latency, 2: sections.streaming, 3: sections.cold_start, 4: sections.swap,
-       5: sections.concurrency, 6: sections.footprint, 7: sections.scale}
+       5: sections.concurrency, 6: sections.footprint, 7: sections.scale, 8: kvswap.section}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,24 +44,31 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     info = report.machine()
     load_at_start = os.getloadavg()[0]
+    # The last recorded run, read before this one replaces it: each target is printed
+    # beside its figure there, so that a regression shows in the change that made it.
+    previous = report.load(out.with_suffix(".json")) if out else None
     with contenders() as setup:
+        stopped = False
         for number in (n for n in ORDER if n in wanted):
-            if number == 6:
+            if number >= 6 and not stopped:
                 # Stop llamad's own models: the other llamads adopt or stop units they find.
                 setup.llamad.cleanup()
+                stopped = True
             RUN[number](setup, counts, res)
     seconds = time.monotonic() - started
     info["Load average"] = f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
     plots = report.plot(res, out.parent) if out else []
-    text = report.markdown(res, counts, info, opts.quick, plots, seconds)
+    text = report.markdown(res, counts, info, opts.quick, plots, seconds, previous)
     if out:
         out.write_text(text)
         raw = out.with_suffix(".json")
-        raw.write_text(json.dumps([asdict(s) for s in res.series.values()], indent=1))
+        raw.write_text(json.dumps({"info": info, "series": [
+            asdict(s) for s in res.series.values()]}, indent=1))
         print(f"wrote {out}, {raw.name} and {', '.join(plots)}")
     print(text)
+    print(report.against(res, counts, previous))
     return 0
 
 

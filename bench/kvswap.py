@@ -1,41 +1,44 @@
-"""A conversation across a swap, with and without its KV cache kept (kv-cache, issue #16).
+"""8. A conversation across a swap: the KV cache kept with default settings (issue #27).
 
-Run: .venv/bin/python -m bench.kvswap [--rounds N] [--prefix-tokens N] [--out FILE]
+Two more llamads in the box, one running at a time, the same Gemma file under other
+names, models-max = 1, `-c 4096 -np 1 -t 1`:
 
-Two llamads in one box, taking turns (one runs at a time), the same model file under
-other names, the same arguments (`--swa-full` for both, so the only difference is saving
-and restoring): `kept` has kv-cache = yes, `plain` kv-cache = no; models-max = 1 in both.
-Each round, for each llamad in turn (the order alternates):
+- **llamad**: the defaults (kv-cache = auto: Gemma's sliding window gets --swa-full where it
+  fits the memory plan, and a slot is saved where restoring beats recomputing it);
+- **re-prefill**: kv-cache = no, with `--swa-full` given, so that both run the same model
+  the same way and differ only in saving and restoring.
+
+Each round, for each in turn (the order alternates):
 
 1. turn 1 on A: a prefix of about 2,000 tokens and a question (A loads, prefills);
-2. swap to B: a 1-token request to B, which evicts A (kept: saving A's slot first);
-3. swap back: an explicit load of A, waited for until ready (kept: restoring first);
+2. swap to B: a 1-token request to B, which evicts A (llamad: saving A's slot first);
+3. swap back: an explicit load of A, waited for until ready (llamad: restoring first);
 4. turn 2 on A: turn 1, its answer and a new question, streamed: the time to its first
-   token, and llama-server's own count and time of the prompt it processed.
-
-Writes bench/kvswap.md, which `python -m bench` appends to docs/benchmarks.md.
+   token, and llama-server's own count of the prompt tokens it processed.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import re
-import statistics
 import time
 import urllib.request
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import rig
-from helpers.daemon import Llamad, wait_http, wait_state
+from helpers.daemon import Llamad, models, wait_http, wait_state
 
-OUT = Path(__file__).with_name("kvswap.md")
-ARGS = "-c 4096 -np 1 -t 2 --swa-full"
+if TYPE_CHECKING:
+    from bench.contenders import Setup
+    from bench.sections import Counts, Results
+
+ARGS = "-c 4096 -np 1 -t 1"
 SAVED = re.compile(r"saved (\d+) cached tokens \(([\d.]+) MiB\) in ([\d.]+)s")
+TTFT = "turn 2 time to first token"
+SWAP_OUT = "swap to B (evicting A)"
+SAVE = "saving A's slot (llamad's log)"
+BASE = "re-prefill"
 
 
 def prefix(lines: int, salt: int = 0) -> str:
@@ -47,8 +50,9 @@ def prefix(lines: int, salt: int = 0) -> str:
         for i in range(lines))
 
 
-async def tokens(s: aiohttp.ClientSession, url: str, model: str, text: str) -> int:
-    async with s.post(url + "/tokenize", json={"model": model, "content": text}) as r:
+async def tokens(url: str, model: str, text: str) -> int:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s, \
+            s.post(url + "/tokenize", json={"model": model, "content": text}) as r:
         assert r.status == 200, await r.text()
         return len((await r.json())["tokens"])
 
@@ -82,7 +86,7 @@ def post(url: str, path: str, body: dict[str, Any]) -> None:
 
 
 async def one_round(d: Llamad, names: tuple[str, str], text: str) -> dict[str, Any]:
-    """Ends with A unloaded (kept: its last turn saved; the next round's prefix differs)."""
+    """Ends with A unloaded (llamad: its last turn saved; the next round's prefix differs)."""
     a, b = names
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
         first_prompt = text + "Question: how many passengers came on day 5?\nAnswer:"
@@ -100,104 +104,50 @@ async def one_round(d: Llamad, names: tuple[str, str], text: str) -> dict[str, A
     post(d.url, "/models/unload", {"model": a})
     wait_state(d.url, a, "unloaded", timeout=120)
     return {"first": first, "swap": swap, "back": back, "second": second,
-            "save": float(saves[-1][2]) if saves else None,
-            "save_mib": float(saves[-1][1]) if saves else None}
+            "save": float(saves[-1][2]) if saves else None}
 
 
-def med(rows: list[dict[str, Any]], key: str, sub: str | None = None) -> float:
-    values = [(r[key][sub] if sub else r[key]) for r in rows]
-    return float(statistics.median(v for v in values if v is not None))
-
-
-def markdown(res: dict[str, list[dict[str, Any]]], n_prefix: int, rounds: int) -> str:
-    kept, plain = res["kept"], res["plain"]
-    ttft_k, ttft_p = med(kept, "second", "ttft"), med(plain, "second", "ttft")
-    swap_k, swap_p = med(kept, "swap"), med(plain, "swap")
-    save = med(kept, "save")
-    rows = []
-    for label, r in (("kv-cache = yes (restored)", kept), ("kv-cache = no (re-prefill)", plain)):
-        rows.append(
-            f"| {label} | {med(r, 'first', 'prompt_n'):.0f} tok, "
-            f"{med(r, 'first', 'prompt_ms') / 1000:.2f} s | {med(r, 'swap'):.2f} s | "
-            f"{med(r, 'back'):.2f} s | {med(r, 'second', 'prompt_n'):.0f} tok, "
-            f"{med(r, 'second', 'prompt_ms') / 1000:.2f} s | **{med(r, 'second', 'ttft'):.2f} s** "
-            f"| {med(r, 'back') + med(r, 'second', 'ttft'):.2f} s |")
-    pairs = list(zip(kept, plain, strict=True))
-    same = all(k["second"]["text"] == p["second"]["text"] for k, p in pairs)
-    per_round = ", ".join(f"{k['second']['ttft']:.2f} vs {p['second']['ttft']:.2f} s "
-                          f"({k['second']['ttft'] / p['second']['ttft']:.1%})" for k, p in pairs)
-    # The save is timed by llamad itself (its log line); the difference of the swaps'
-    # medians is shown too, but on a busy machine it is mostly the noise of loading B.
-    ratio, added = ttft_k / ttft_p, save / swap_p
-    return "\n".join([
-        "## A conversation across a swap: KV cache kept (bench/kvswap.py)", "",
-        f"Gemma 3 270M, `{ARGS}` in both llamads (one with kv-cache = yes, one with no), "
-        f"models-max = 1. Turn 1 on A: a {n_prefix}-token prefix and a question; swap to B "
-        "(a 1-token request that evicts A); explicit load of A until ready; turn 2 on A "
-        "(turn 1, its answer, a new question), streamed. Medians of "
-        f"{rounds} rounds, the two llamads alternating.", "",
-        "| | turn 1 prompt | swap to B | load A again | turn 2 prompt processed "
-        "| turn 2 time to first token | load + first token |",
-        "|---|---|---|---|---|---|---|", *rows, "",
-        "| Goal | Measured | Met |", "|---|---|---|",
-        f"| time to first token after the swap back ≤ 25% of the re-prefill | "
-        f"{ttft_k:.2f} s vs {ttft_p:.2f} s: {ratio:.1%} | {'yes' if ratio <= 0.25 else '**no**'} |",
-        f"| saving adds ≤ 10% to the swap | the save {save:.3f} s "
-        f"({med(kept, 'save_mib'):.1f} MiB) = {added:.1%} of a swap without it "
-        f"({swap_p:.2f} s); swaps' medians {swap_k:.2f} s vs {swap_p:.2f} s | "
-        f"{'yes' if added <= 0.10 else '**no**'} |", "",
-        f"Turn 2's time to first token by round, restored vs re-prefilled: {per_round}. "
-        "The machine is shared: the same 2,077-token prefill took 10 to 52 s across runs, "
-        "so compare within a round. "
-        f"Turn 2's answer the same with and without restore in every round: "
-        f"{'yes' if same else '**no**'}. Load average at the end: "
-        f"{os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs).", ""])
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prefix-tokens", type=int, default=2000)
-    ap.add_argument("--out", type=Path, default=OUT)
-    opts = ap.parse_args()
-    res: dict[str, list[dict[str, Any]]] = {"kept": [], "plain": []}
-    with rig.booted() as (box, assets):
-        names = {"kept": ("kept-a", "kept-b"), "plain": ("plain-a", "plain-b")}
-        ds = {k: Llamad(box, assets, list(names[k]), **{"args": ARGS, "models-max": 1,
-                                                        "kv-cache": "yes" if k == "kept"
-                                                        else "no"}) for k in names}
-        try:
-            # One llamad at a time: each stops model units it does not know as stale.
-            d = ds["kept"]
-            d.start()
-            wait_http(d.url)
-            lines, n = opts.prefix_tokens // 40, 0
-            while n < opts.prefix_tokens:
-                lines += 1
-                n = asyncio.run(tokens_of(d.url, "kept-a", prefix(lines)))
-            d.cleanup()
-            for i in range(opts.rounds):
-                order = ("kept", "plain") if i % 2 == 0 else ("plain", "kept")
-                for k in order:
-                    d = ds[k]
-                    d.start()
-                    wait_http(d.url)
-                    r = asyncio.run(one_round(d, names[k], prefix(lines, i)))
-                    d.cleanup()
-                    print(k, json.dumps(r))
-                    res[k].append(r)
-        finally:
-            for d in ds.values():
+def section(setup: Setup, n: Counts, res: Results) -> None:
+    from bench.sections import say
+    say(f"8. a conversation across a swap, KV cache kept by default: {n.kv_rounds} rounds "
+        f"of a {n.kv_tokens}-token prefix")
+    names = {"llamad": ("kv-a", "kv-b"), BASE: ("prefill-a", "prefill-b")}
+    settings = {"llamad": {"args": ARGS},
+                BASE: {"args": ARGS + " --swa-full", "kv-cache": "no"}}
+    ds = {k: Llamad(setup.box, setup.assets, list(names[k]),
+                    **{"models-max": 1, **settings[k]}) for k in names}
+    try:
+        d = ds["llamad"]  # one llamad at a time: each stops units it does not know
+        d.start()
+        wait_http(d.url)
+        kv = models(d.url)["kv-a"]
+        res.notes.append(f"8: with the default settings Gemma's KV cache is kept: "
+                         f"{kv['llamad']['kv_cache']['kept']}; its arguments "
+                         f"{'include' if '--swa-full' in kv['status']['args'] else 'lack'} "
+                         "--swa-full.")
+        lines, found = n.kv_tokens // 40, 0
+        while found < n.kv_tokens:
+            lines += 1
+            found = asyncio.run(tokens(d.url, "kv-a", prefix(lines)))
+        d.cleanup()
+        for i in range(n.kv_rounds):
+            for k in ("llamad", BASE) if i % 2 == 0 else (BASE, "llamad"):
+                d = ds[k]
+                d.start()
+                wait_http(d.url)
+                r = asyncio.run(one_round(d, names[k], prefix(lines, i)))
                 d.cleanup()
-    out = markdown(res, n, opts.rounds)
-    opts.out.write_text(out)
-    print(out)
+                record(res, k, r)
+    finally:
+        for d in ds.values():
+            d.cleanup()
 
 
-async def tokens_of(url: str, model: str, text: str) -> int:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
-        return await tokens(s, url, model, text)
-
-
-if __name__ == "__main__":
-    main()
+def record(res: Results, who: str, r: dict[str, Any]) -> None:
+    res.add(8, "turn 1 prompt processed", who, "tok", r["first"]["prompt_n"] or 0)
+    res.add(8, SWAP_OUT, who, "ms", r["swap"] * 1000)
+    res.add(8, "load A again (restoring)", who, "ms", r["back"] * 1000)
+    res.add(8, "turn 2 prompt processed", who, "tok", r["second"]["prompt_n"] or 0)
+    res.add(8, TTFT, who, "ms", r["second"]["ttft"] * 1000)
+    if who == "llamad" and r["save"] is not None:
+        res.add(8, SAVE, who, "ms", r["save"] * 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -10,10 +11,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import rig
 
+from bench import kvswap
 from bench.contenders import ARGS, NICE
 from bench.sections import SOCKET, SWAP, Counts, Results, Series
 
@@ -25,6 +28,7 @@ TITLES = {
     5: "Concurrency",
     6: "Footprint",
     7: "Scale",
+    8: "A conversation across a swap, KV cache kept by default (bench/kvswap.py)",
 }
 
 
@@ -58,8 +62,9 @@ class Check:
 
 
 def baseline(res: Results, s: Series) -> Series | None:
-    """What a series is compared with: direct llama-server, or a bare start."""
-    for name in ("direct", "bare"):
+    """What a series is compared with: direct llama-server, a bare start, or a llamad that
+    keeps no KV cache."""
+    for name in ("direct", "bare", kvswap.BASE):
         other = res.get(s.section, s.metric, name)
         if other is not None and other is not s:
             return other
@@ -78,8 +83,8 @@ def versus(res: Results, s: Series) -> str:
 
 
 def checks(res: Results, n: Counts) -> list[Check]:
-    """Every target whose section ran, with its verdict."""
-    out: list[Check] = []
+    """Every target whose section ran, with its verdict (issue #27's, and the earlier ones
+    still kept)."""
     ran = {key[0] for key in res.series}
 
     def s(section: int, metric: str, who: str) -> Series:
@@ -88,28 +93,18 @@ def checks(res: Results, n: Counts) -> list[Check]:
             raise KeyError(f"no result for section {section}, {metric}, {who}")
         return found
 
-    for metric in ("/tokenize", "1-token completion") if 1 in ran else ():
-        ll, d, r = (s(1, metric, w) for w in ("llamad", "direct", "router"))
-        a50, a99 = p50(ll) - p50(d), p99(ll) - p99(d)
-        r50, r99 = p50(r) - p50(d), p99(r) - p99(d)
-        out.append(Check(f"{metric}: added p50 ≤ 1 ms, p99 ≤ 3 ms, both below router mode's",
-                         f"llamad {a50:+.2f} / {a99:+.2f} ms; router {r50:+.2f} / {r99:+.2f} ms",
-                         a50 <= 1 and a99 <= 3 and a50 < r50 and a99 < r99))
+    out: list[Check] = []
+    if 1 in ran:
+        out += _latency(s)
     if 2 in ran:
         ratio = p50(s(2, "tokens/s", "llamad")) / p50(s(2, "tokens/s", "direct"))
         out.append(Check("streaming tokens/s ≥ 0.99x direct", f"{ratio:.3f}x", ratio >= 0.99))
-    if 3 in ran:
-        cold = {w: p50(s(3, "request to first token", w)) for w in ("llamad", "router", "bare")}
-        out.append(Check("cold start ≤ bare start + 150 ms and not slower than router mode",
-                         f"llamad {cold['llamad']:.0f} ms, bare {cold['bare']:.0f} ms "
-                         f"({cold['llamad'] - cold['bare']:+.0f}), router {cold['router']:.0f} ms",
-                         cold["llamad"] <= cold["bare"] + 150
-                         and cold["llamad"] <= cold["router"]))
-    if 4 in ran:
-        sw = {w: p50(s(4, SWAP, w)) for w in ("llamad", "router")}
-        out.append(Check("swap not slower than router mode",
-                         f"llamad {sw['llamad']:.0f} ms, router {sw['router']:.0f} ms (p50)",
-                         sw["llamad"] <= sw["router"]))
+    for section, metric in ((3, "request to first token"), (4, SWAP)):
+        if section in ran:
+            ll, r = p50(s(section, metric, "llamad")), p50(s(section, metric, "router"))
+            out.append(Check(f"{'cold start' if section == 3 else 'swap'} ≤ 0.7x router mode's",
+                             f"llamad {ll:.0f} ms, router {r:.0f} ms: {ll / r:.2f}x",
+                             ll <= 0.7 * r))
     if 5 in ran:
         metric = f"aggregate tokens/s, {n.clients} streams"
         ratio = p50(s(5, metric, "llamad")) / p50(s(5, metric, "direct"))
@@ -120,15 +115,103 @@ def checks(res: Results, n: Counts) -> list[Check]:
             rss = p50(s(6, f"idle RSS, {label}", "llamad"))
             out.append(Check(f"idle RSS ≤ 50 MB, {label}", f"{rss:.1f} MB", rss <= 50))
         act = s(6, SOCKET, "llamad")
-        out.append(Check("socket-activated first answer ≤ 300 ms",
+        out.append(Check("socket-activated first answer ≤ 200 ms",
                          f"{p50(act):.0f} ms p50, {max(act.values):.0f} ms max",
-                         p50(act) <= 300))
+                         p50(act) <= 200))
     if 7 in ran:
         listing = s(7, f"GET /v1/models, {n.catalog_large} models", "llamad")
         out.append(Check(f"GET /v1/models with {n.catalog_large} models ≤ 50 ms",
                          f"{p50(listing):.1f} ms p50, {p99(listing):.1f} ms p99",
                          p50(listing) <= 50))
+    if 8 in ran:
+        out += _kv(s, res)
     return out
+
+
+def _latency(s: Any) -> list[Check]:
+    out = []
+    ll, d, r = (s(1, "/tokenize", w) for w in ("llamad", "direct", "router"))
+    a50, a99 = p50(ll) - p50(d), p99(ll) - p99(d)
+    r50, r99 = p50(r) - p50(d), p99(r) - p99(d)
+    out.append(Check("/tokenize: added p50 and p99 ≤ router mode's",
+                     f"llamad {a50:+.2f} / {a99:+.2f} ms; router {r50:+.2f} / {r99:+.2f} ms",
+                     a50 <= r50 and a99 <= r99))
+    ll, d, r = (s(1, "1-token completion", w) for w in ("llamad", "direct", "router"))
+    a50, r50 = p50(ll) - p50(d), p50(r) - p50(d)
+    out.append(Check("1-token completion: added p50 ≤ 1 ms",
+                     f"llamad {a50:+.2f} ms (p99 {p99(ll) - p99(d):+.2f}); router {r50:+.2f} ms",
+                     a50 <= 1))
+    return out
+
+
+def _kv(s: Any, res: Results) -> list[Check]:
+    kept, prefill = p50(s(8, kvswap.TTFT, "llamad")), p50(s(8, kvswap.TTFT, kvswap.BASE))
+    swap = p50(s(8, kvswap.SWAP_OUT, kvswap.BASE))
+    saves = res.get(8, kvswap.SAVE, "llamad")
+    save = p50(saves) if saves is not None else None
+    return [
+        Check("swap-back time to first token ≤ 0.05x re-prefill (2k tokens, defaults)",
+              f"{kept:.0f} ms vs {prefill:.0f} ms: {kept / prefill:.3f}x",
+              kept <= 0.05 * prefill),
+        Check("saving ≤ 5% of a swap",
+              f"the save {save:.0f} ms = {save / swap:.1%} of a swap without it ({swap:.0f} ms)"
+              if save is not None else "nothing was saved",
+              save is not None and save <= 0.05 * swap),
+    ]
+
+
+# -- the run recorded before -----------------------------------------------------------
+
+@dataclass
+class Previous:
+    res: Results
+    info: dict[str, str]
+
+
+def load(path: Path) -> Previous | None:
+    """The run recorded in `path` (benchmarks.json): a list of series, or since issue #27
+    {"info": ..., "series": [...]}; None where there is none."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = raw.get("series", []) if isinstance(raw, dict) else raw
+    res = Results()
+    for row in rows:
+        try:
+            series = Series(**row)
+        except TypeError:
+            continue
+        res.series[(series.section, series.metric, series.contender)] = series
+    return Previous(res, raw.get("info", {}) if isinstance(raw, dict) else {})
+
+
+def _then(prev: Previous | None, n: Counts) -> dict[str, Check]:
+    if prev is None:
+        return {}
+    try:
+        return {c.target: c for c in checks(prev.res, n)}
+    except KeyError:  # a section it ran only in part
+        return {}
+
+
+def _when(prev: Previous | None) -> str:
+    if prev is None:
+        return "none recorded"
+    info = prev.info
+    return f"{info.get('Date', 'undated')}, {info.get('llamad', 'commit unknown')}"
+
+
+def against(res: Results, n: Counts, prev: Previous | None) -> str:
+    """Each target, now and in the run recorded before: what `make bench` prints last."""
+    then = _then(prev, n)
+    lines = [f"Targets against the run recorded before ({_when(prev)}):"]
+    for c in checks(res, n):
+        old = then.get(c.target)
+        mark = "REGRESSED " if old is not None and old.met and not c.met else ""
+        lines.append(f"  {mark}{'met' if c.met else 'MISSED'}: {c.target}: {c.measured}"
+                     f"  (before: {old.measured if old else '-'})")
+    return "\n".join(lines)
 
 
 def _cmd(argv: list[str]) -> str:
@@ -169,7 +252,7 @@ def machine() -> dict[str, str]:
 
 
 def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
-             plots: list[str], seconds: float) -> str:
+             plots: list[str], seconds: float, prev: Previous | None = None) -> str:
     lines = ["# Benchmarks", "",
              "Produced by `make bench` (`.venv/bin/python -m bench`); do not edit by hand. "
              "All contenders run in one throwaway systemd box on this machine, with the same "
@@ -184,7 +267,9 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
              "- **router**: llama.cpp router mode, `llama-server --models-dir DIR "
              "--models-max 1`;",
              "- **bare**: a llama-server process spawned from nothing, /health polled "
-             "every 5 ms, then the request (cold start floor).", ""]
+             "every 5 ms, then the request (cold start floor);",
+             f"- **{kvswap.BASE}** (section 8): a llamad with kv-cache = no, beside one with "
+             "the default settings.", ""]
     if quick:
         lines += ["**Quick mode** (`--quick`): tiny counts, numbers are not meaningful.", ""]
     lines += ["| | |", "|---|---|"]
@@ -192,9 +277,11 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
     lines += [f"| Run | {seconds / 60:.1f} min; {n.latency} requests per contender and kind, "
               f"{n.stream_rounds} x {n.stream_tokens}-token streams, {n.cold_rounds} cold starts, "
               f"{n.swap_rounds} swaps, {n.parallel_rounds} x {n.clients} parallel streams |", ""]
-    lines += ["## Targets", "", "| Target | Measured | Met |", "|---|---|---|"]
-    lines += [f"| {c.target} | {c.measured} | {'yes' if c.met else '**no**'} |"
-              for c in checks(res, n)]
+    then = _then(prev, n)
+    lines += ["## Targets", "", f"Beside each, the run recorded before ({_when(prev)}).", "",
+              "| Target | Measured | Met | Before |", "|---|---|---|---|"]
+    lines += [f"| {c.target} | {c.measured} | {'yes' if c.met else '**no**'} | "
+              f"{_before(then.get(c.target), c)} |" for c in checks(res, n)]
     lines += ["", "## Results", "",
               "p50 and p99 are nearest-rank percentiles; *vs baseline* compares p50s with "
               "direct llama-server (bare start for cold start) and, for times, gives the "
@@ -216,8 +303,6 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
         lines += ["## Notes", ""] + [f"- {note}" for note in res.notes] + [""]
     if BODIES.exists() and not quick:
         lines += [BODIES.read_text()]
-    if KVSWAP.exists() and not quick:
-        lines += [KVSWAP.read_text()]
     if ANALYSIS.exists() and not quick:
         lines += [ANALYSIS.read_text()]
     if GPU.exists() and not quick:
@@ -226,12 +311,17 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
     return "\n".join(lines)
 
 
+def _before(old: Check | None, now: Check) -> str:
+    if old is None:
+        return "-"
+    verdict = "met" if old.met else "missed"
+    return f"{old.measured} ({verdict}{'; **regressed**' if old.met and not now.met else ''})"
+
+
 # Hand-written: what was profiled for each missed target, and the fixes; appended as is.
 ANALYSIS = Path(__file__).with_name("analysis.md")
 # Written by bench/bodies.py (a run of its own); appended as is.
 BODIES = Path(__file__).with_name("bodies.md")
-# Written by bench/kvswap.py (a run of its own: KV caches kept across a swap); appended as is.
-KVSWAP = Path(__file__).with_name("kvswap.md")
 # Hand-written: what has and has not run on a GPU, and how to re-check it (bench/gpu_check).
 GPU = Path(__file__).with_name("gpu.md")
 # Written by bench/multihost.py (runs of their own: RPC workers, HAProxy); appended as is.

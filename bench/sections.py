@@ -55,11 +55,14 @@ class Counts:
     catalog_small: int = 1000
     catalog_large: int = 10_000
     listings: int = 50
+    kv_rounds: int = 3  # 8. a conversation across a swap
+    kv_tokens: int = 2000
 
 
 QUICK = Counts(latency=20, warmup=3, stream_rounds=1, stream_tokens=32, cold_rounds=1,
                swap_rounds=2, parallel_tokens=8, parallel_rounds=1, socket_rounds=1,
-               catalog_small=100, catalog_large=500, listings=5)
+               catalog_small=100, catalog_large=500, listings=5, kv_rounds=1,
+               kv_tokens=200)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from llamad.config import Config, load_config
 from llamad.errors import ConfigError
 from llamad.http import body, browsers, keys, limits, middleware, record
 from llamad.log import die
+from llamad.memory import heap
 from llamad.memory.measure import Measure
 from llamad.observe import logstream, metrics, requestlog
 from llamad.safetext import one_line
@@ -225,6 +226,7 @@ class Daemon:
             return
         sup.opened.set()
         self.notifier.status(report.status_line(sup))  # before any waiting request resumes
+        heap.trim()  # what reading the models left behind
         await sup.preload()
         sup.spawn(sup.keep_reconciling(), "reconciling with systemd")
 
@@ -338,6 +340,7 @@ async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier
     # Big request bodies are checked on a thread (body.py): hand the GIL back to the event
     # loop within 1 ms rather than Python's default 5 ms.
     sys.setswitchinterval(body.SWITCH_INTERVAL)
+    heap.setup()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

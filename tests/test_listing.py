@@ -15,6 +15,7 @@ from llamad.api.feed import ModelFeed, expected_load_seconds
 from llamad.catalog.catalog import scan
 from llamad.config import Config
 from llamad.supervisor.events import Cause, State
+from llamad.supervisor.guards import kvmetrics
 
 
 def test_context_per_request_follows_slots_and_unified_cache(tiny_config: Config) -> None:
@@ -39,8 +40,37 @@ def test_entry_has_router_fields_and_failed_shape(tiny_config: Config) -> None:
     assert status == {**status, "value": "unloaded", "failed": True, "exit_code": 1}
     slot.last_exit = {"ExecMainStatus": 134}
     assert listing.entry(sup, slot)["status"]["exit_code"] == 134
-    body = json.loads(listing.listing(sup, sup.slots.values()))
+    body = json.loads(asyncio.run(listing.listing(sup, sup.slots.values())))
     assert [m["id"] for m in body["data"]] == ["tiny"] and body["object"] == "list"
+
+
+async def test_cached_entries_follow_what_they_show(tiny_config: Config) -> None:
+    sup = Rig(tiny_config).sup
+    slot = sup.slots["tiny"]
+
+    async def shown() -> dict[str, Any]:
+        entry: dict[str, Any] = json.loads(await listing.listing(sup, [slot]))["data"][0]
+        return entry
+    assert await listing.listing(sup, [slot]) == await listing.listing(sup, [slot])
+    sup.set_pin(slot, True)
+    assert (await shown())["llamad"]["pinned"] is True
+    sup.move(slot, State.FAILED, Cause.FAILED, "gone")
+    slot.reason = "gone"
+    sup.move(slot, State.UNLOADED, Cause.RESET)
+    assert (await shown())["llamad"]["restarts"] == 0
+    slot.served, slot.last_used = 3, 1.0
+    assert (await shown())["llamad"]["served"] == 3
+    # A learned figure changes the need shown without any state change.
+    sup.measure.learn(slot.model, 123 * 2**20, None, 1.0)
+    assert (await shown())["llamad"]["need"]["ram"] == 123 * 2**20
+    sup.kv.figures.setdefault("tiny", kvmetrics.Figures()).saved_tokens = 7
+    sup.kv.generation += 1
+    assert (await shown())["llamad"]["kv_cache"]["saved_tokens"] == 7
+    cached, fresh = (await shown())["llamad"], listing.entry(sup, slot)["llamad"]
+    # last_used is wall-clock time, from the monotonic clock: the same up to rounding.
+    assert abs(cached.pop("last_used") - fresh.pop("last_used")) < 0.01
+    assert cached == json.loads(json.dumps(fresh))
+    await sup.close()
 
 
 async def test_feed_records_follow_state_changes(tiny_config: Config) -> None:

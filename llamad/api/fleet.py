@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import ssl
 from typing import Any
 
 import aiohttp
@@ -99,12 +101,20 @@ def _may_see(request: web.Request, entry: dict[str, Any]) -> bool:
         if isinstance(aliases, list) else ())
 
 
+@functools.cache
+def _verified() -> ssl.SSLContext:
+    """A client context that verifies peers against the system's CAs. Not aiohttp's own:
+    llamad imports aiohttp without loading the CAs (llamad/__init__.py)."""
+    return ssl.create_default_context()
+
+
 async def _models_of(session: aiohttp.ClientSession, url: str,
                      timeout: float) -> tuple[list[Any], str]:
     """A peer's own models, or why not (a sentence)."""
     try:
         async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY},
-                               allow_redirects=False) as r:
+                               allow_redirects=False,
+                               ssl=_verified() if url.startswith("https:") else True) as r:
             if r.status != 200:
                 return [], f"answered HTTP {r.status}"
             data = await capped_json(r, MAX_LISTING)

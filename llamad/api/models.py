@@ -32,7 +32,7 @@ async def handle_models(request: web.Request) -> web.Response:
             await sup.rescan()
         elif CATALOG in request.app:
             await request.app[CATALOG].rescan_async()
-    body = listing.listing(sup, visible(request, sup.slots.values()))
+    body = await listing.listing(sup, visible(request, sup.slots.values()))
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
         body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout,
                                       request.app[keys.KEYRING].peer_key

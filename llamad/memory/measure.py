@@ -73,6 +73,9 @@ class Measure:
         self._gpus_at = 0.0
         self._procs: dict[str, list[gpu.GpuProcess]] = {}
         self._short: dict[str, int] = {}  # model id: VRAM a failed load needed beyond the plan
+        # Bumped whenever need() may answer otherwise for the same Model: what
+        # listing.py's cache of unloaded models' entries is keyed by, instead of need().
+        self.generation = 0
         self._fitted: dict[str, tuple[str, ...]] = {}  # model id: what fitting added (fit.py)
         self._attributed = False  # NVML has named a process of some unit
 
@@ -121,6 +124,7 @@ class Measure:
 
     def fitted(self, model: Model, args: tuple[str, ...] | None) -> None:
         """The model now runs with these arguments added by fitting (None: it stopped)."""
+        self.generation += 1
         if args:
             self._fitted[model.id] = args
         else:
@@ -162,6 +166,7 @@ class Measure:
         fresh figures."""
         planned = self.need(model).vram - self._short.get(model.id, 0)
         self._short[model.id] = max(vram - planned, self._short.get(model.id, 0))
+        self.generation += 1
         self._gpus_at = 0.0
 
     def estimate(self, model: Model) -> Memory:
@@ -273,6 +278,7 @@ class Measure:
         args = self.run_args(model)
         self.learned.record(model.id, args, ram=ram, vram=vram, load_seconds=load_seconds)
         self._needs.clear()  # what is learned for these arguments replaces their estimate
+        self.generation += 1
         self._short.pop(model.id, None)
         self._learn_cost(model)
 
@@ -295,3 +301,4 @@ class Measure:
         before = self.costs.get(info.uuid)
         if self.costs.record(info.uuid, info.name, observed) != before:
             self._needs.clear()  # every estimate on this GPU changes
+            self.generation += 1

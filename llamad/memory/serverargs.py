@@ -4,6 +4,7 @@ wins, as in llama.cpp; a value that is no number falls back to the default."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,13 @@ _PRESENT = {"--mmproj": "mmproj", "--model-draft": "draft"}
 
 def parse_args(args: Sequence[str]) -> ServerArgs:
     """Pick the memory-relevant settings out of a llama-server argv (later flags win)."""
+    return _parsed(tuple(args))
+
+
+# An estimate, a fit and a listing entry each read the same argv several times in a row:
+# ServerArgs is frozen, so the last few are kept (not thousands: each is ~1 KB).
+@functools.lru_cache(maxsize=64)
+def _parsed(args: tuple[str, ...]) -> ServerArgs:
     found: dict[str, object] = {}
     for option in argv.walk(args):
         flag, value = option.name, option.value

@@ -240,7 +240,7 @@ class Core:
         `address`, else the slot's own (a TCP port is allocated when the model starts)."""
         address = address or slot.address or unitspec.address(self.config, slot.model)
         limit = unitspec.memory_max(self.config, slot.model,
-                                    self.measure.derived_limit(slot.model))
+                                    lambda: self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address,
                               self.measure.gpu_uuids(gpus), limit, slot.fit)
         return spec, address

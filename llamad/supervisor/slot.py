@@ -34,6 +34,8 @@ class Units(Protocol):
 class Measure(Protocol):
     """What the supervisor needs of measure.Measure."""
 
+    generation: int  # bumped whenever need() may change
+
     def resources(self, config: Config) -> Resources: ...
     def need(self, model: Model) -> Memory: ...
     def estimate(self, model: Model) -> Memory: ...
@@ -56,7 +58,7 @@ class Measure(Protocol):
     def attributes_processes(self) -> bool: ...
 
 
-@dataclass
+@dataclass(slots=True)  # thousands of them: no per-instance dict (1.6 KB each)
 class Slot:
     """Mutable runtime state of one model; owned by the Supervisor alone."""
 

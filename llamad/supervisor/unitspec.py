@@ -4,6 +4,7 @@ environment by which a later llamad recognizes it. Pure functions of config and 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from llamad import sizes
@@ -60,13 +61,15 @@ def memory_max_props(text: str) -> list[tuple[str, bytes, int]]:
     return [("MemoryMax", b"t", size)]
 
 
-def memory_max(config: Config, model: Model, derived: int | None) -> int | None:
+def memory_max(config: Config, model: Model,
+               derived: Callable[[], int | None]) -> int | None:
     """The preset's memory-max, else, if memory-limit asks, the one derived from the
-    estimate (memory.memory_limit, through Measure.derived_limit)."""
+    estimate (memory.memory_limit, through Measure.derived_limit; asked only then: GET
+    /v1/models builds every model's unit)."""
     if model.settings.memory_max:
         return parse_size(model.settings.memory_max)
     if config.memory_limit == "estimate":
-        return derived
+        return derived()
     return None
 
 

@@ -382,17 +382,17 @@ async def test_ollamas_own_client_pulls_and_deletes(llamad_factory: Factory, box
                                                     fake_hub: FakeHub) -> None:
     import ollama
     d = downloader(box, assets, llamad_factory, fake_hub, "cache-ollama-client")
-    client = ollama.AsyncClient(host=d.url)
-    f = fake_hub.file(TINY, TINY_FILE)
-    progress = [p async for p in await client.pull(f"hf.co/{TINY}:F16", stream=True)]
-    assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
-    assert any(p.digest == f"sha256:{f.oid}" and p.completed == p.total == len(f.data)
-               for p in progress)
-    assert TINY_ID in {m.model for m in (await client.list()).models}
-    with pytest.raises(ollama.ResponseError) as refused:
-        await client.pull("org/nothing")
-    assert "the hub refuses repository org/nothing" in refused.value.error
-    assert (await client.delete(f"hf.co/{TINY}:F16")).status == "success"
-    with pytest.raises(ollama.ResponseError) as gone:
-        await client.delete(f"hf.co/{TINY}:F16")
-    assert gone.value.status_code == 404
+    async with ollama.AsyncClient(host=d.url) as client:
+        f = fake_hub.file(TINY, TINY_FILE)
+        progress = [p async for p in await client.pull(f"hf.co/{TINY}:F16", stream=True)]
+        assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+        assert any(p.digest == f"sha256:{f.oid}" and p.completed == p.total == len(f.data)
+                   for p in progress)
+        assert TINY_ID in {m.model for m in (await client.list()).models}
+        with pytest.raises(ollama.ResponseError) as refused:
+            await client.pull("org/nothing")
+        assert "the hub refuses repository org/nothing" in refused.value.error
+        assert (await client.delete(f"hf.co/{TINY}:F16")).status == "success"
+        with pytest.raises(ollama.ResponseError) as gone:
+            await client.delete(f"hf.co/{TINY}:F16")
+        assert gone.value.status_code == 404

@@ -27,6 +27,7 @@ import openai
 import pytest
 import rig
 from helpers import readme
+from helpers.fakehub import FakeHub
 from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -260,6 +261,11 @@ def test_a_multipart_bomb_leaves_the_installed_llamad_standing(pkgbox: rig.Box,
         assert list(pool.map(lambda _: upload(), range(2))) == [400, 400]
     assert pkgbox.run("systemctl show -P MainPID llamad.service").stdout.strip() == pid
     assert pkgbox.run("systemctl show -P NRestarts llamad.service").stdout.strip() == restarts
+    # The test box does not enforce MemoryMax= (cgroup v1): what llamad held is the measure
+    # (2.1 GiB before, for the two bodies; now the bodies themselves and little more).
+    status = pkgbox.run(["cat", f"/proc/{pid}/status"]).stdout
+    peak_kib = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1])
+    assert peak_kib < 300 * 1024, peak_kib
 
 
 def test_autopkgtest_smoke(pkgbox: rig.Box, installed: str) -> None:
@@ -285,6 +291,32 @@ def test_upgrade_keeps_models_running(pkgbox: rig.Box, client: openai.OpenAI,
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
     assert reply.choices[0].message.content
     assert pkgbox.run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip() == pid
+
+
+def test_pull_with_the_packages_defaults(pkgbox: rig.Box, client: openai.OpenAI) -> None:
+    # `llamad pull` with nothing configured but the hub's address (the fake one on
+    # loopback): Debian's Python runs the downloader in its unit, the file lands in the
+    # package's cache (/var/lib/llamad/hub), and the model unit can read it there.
+    box, repo = pkgbox, "org/gemma-3-270m-GGUF"
+    with FakeHub() as hub:
+        hub.add(repo, {"gemma-3-270m-Q4_K_M.gguf": rig.GEMMA.read_bytes()})
+        box.run(f"cp /etc/llamad/llamad.conf /etc/llamad/llamad.conf.orig && "
+                f"echo 'hf-endpoint = {hub.url}' >> /etc/llamad/llamad.conf && "
+                "systemctl restart llamad.service")
+        try:
+            pulled = box.run(["llamad", "pull", repo], check=False, timeout=300)
+            assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+            assert f"{repo}:Q4_K_M: in the cache" in pulled.stdout
+            reply = client.chat.completions.create(
+                model=f"{repo}:Q4_K_M", messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=8)
+            assert reply.choices[0].message.content
+            assert box.run(["llamad", "rm", f"{repo}:Q4_K_M"]).returncode == 0
+            blobs = box.run("find /var/lib/llamad/hub -path '*/blobs/*' -type f").stdout
+            assert blobs == ""
+        finally:
+            box.run("mv /etc/llamad/llamad.conf.orig /etc/llamad/llamad.conf && "
+                    "systemctl restart llamad.service")
 
 
 def test_no_python_complaints_in_the_journal(pkgbox: rig.Box, client: openai.OpenAI) -> None:

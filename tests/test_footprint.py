@@ -1,0 +1,46 @@
+"""What llamad leaves out of every start (docs/benchmarks.md, idle RSS and the socket-
+activated first answer): lxml, which pystemd's package init imports, and the system's CA
+certificates, which aiohttp loads twice when imported. Each in a fresh interpreter, as
+llamad starts."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+
+PROBE = """
+import json, os, sys
+import llamad.app
+import aiohttp.connector
+print(json.dumps({
+    "lxml": "lxml" in sys.modules,
+    "aiohttp_cas": aiohttp.connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"],
+    "env": [os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")],
+}))
+"""
+
+
+def probe(env: dict[str, str]) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    found: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    return found
+
+
+def test_a_start_imports_no_lxml_and_loads_no_ca_certificates() -> None:
+    found = probe({"PATH": "/usr/bin:/bin", "SSL_CERT_DIR": "/etc/ssl/certs"})
+    assert found["lxml"] is False
+    assert found["aiohttp_cas"] == 0
+    # The environment is as it was: what llamad's own contexts (fleet.py) and llama-server
+    # processes see is untouched.
+    assert found["env"] == [None, "/etc/ssl/certs"]
+
+
+def test_peers_over_https_are_still_verified() -> None:
+    from llamad.api import fleet
+    context = fleet._verified()
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] == \
+        ssl.create_default_context().cert_store_stats()["x509_ca"]
