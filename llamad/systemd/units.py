@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,7 @@ class UnitStatus:
     exit_code: str = ""  # "exited", "killed", "dumped"
     exit_status: int = 0
     memory_current: int | None = None
+    memory_peak: int | None = None  # systemd 256+ (cgroup v2's memory.peak)
     environment: tuple[str, ...] = field(default_factory=tuple)
     job: int = 0  # id of a queued or running job (start, stop, restart); 0 = none
 
@@ -229,8 +231,12 @@ def _host_prefix(text: str) -> tuple[int, list[int], int]:
     return (family, list(address.packed), address.max_prefixlen)
 
 
+def _bytes(value: Any) -> int | None:
+    # systemd reports "unknown" as the maximum uint64.
+    return None if value is None or value >= 2**64 - 1 else int(value)
+
+
 def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
-    memory = props.get("MemoryCurrent")
     return UnitStatus(
         name=name,
         load_state=props.get("LoadState", "not-found"),
@@ -242,8 +248,8 @@ def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
         n_restarts=int(props.get("NRestarts", 0)),
         exit_code=_exit_code(int(props.get("ExecMainCode", 0))),
         exit_status=int(props.get("ExecMainStatus", 0)),
-        # systemd reports "unknown" as the maximum uint64.
-        memory_current=None if memory is None or memory >= 2**64 - 1 else int(memory),
+        memory_current=_bytes(props.get("MemoryCurrent")),
+        memory_peak=_bytes(props.get("MemoryPeak")),
         environment=tuple(props.get("Environment", ())),
         job=int(props.get("Job", (0, ""))[0]),
     )
@@ -364,6 +370,18 @@ class UnitManager:
         --runtime`: llamad sets them again from its configuration on every start."""
         argv = bus.args(b"sb", [name, True]) + bus.prop_array(props)
         await self._caller.manager(b"SetUnitProperties", argv)
+
+    async def own_ip_filter(self) -> tuple[str, Any, Any]:
+        """The unit llamad runs in, with its IPAddressDeny= and IPAddressAllow= prefixes."""
+        path = await self._caller.manager(b"GetUnitByPID", bus.args(b"u", [os.getpid()]))
+        name = bus.unit_name(bytes(path))
+        props = await self.properties(name, SERVICE_IFACE)
+        return name, props.get("IPAddressDeny"), props.get("IPAddressAllow")
+
+    async def allow_ip(self, name: str, addresses: list[str]) -> None:
+        """Add these addresses to the unit's IPAddressAllow= (systemd appends; runtime)."""
+        await self.set_properties(name, [("IPAddressAllow", b"a(iayu)",
+                                          [_host_prefix(a) for a in addresses])])
 
     async def reset_failed(self, name: str) -> None:
         try:
