@@ -22,7 +22,7 @@ from llamad.catalog.catalog import Model
 from llamad.memory import estimate as memory
 from llamad.memory import heap
 from llamad.supervisor.events import State
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 # Router mode knows unloaded, loading, loaded and sleeping; a model on its way out
@@ -36,7 +36,7 @@ SLICE = 0.05  # seconds of building entries between two turns of the event loop
 TRIM_AFTER = 1000  # new entries cached in one listing
 
 
-def exit_code(slot: Slot) -> int:
+def exit_code(slot: SlotView) -> int:
     """The exit status the router would report: non-zero once the model failed."""
     if slot.state is not State.FAILED:
         return 0
@@ -76,7 +76,7 @@ def info(model: Model) -> dict[str, Any]:
             "created": model.created, "owned_by": "llamad", "meta": meta(model)}
 
 
-def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+def entry(sup: Supervisor, slot: SlotView) -> dict[str, Any]:
     m = slot.model
     args = sup.measure.run_args(m)
     status: dict[str, Any] = {"value": ROUTER_STATUS[slot.state],
@@ -110,7 +110,7 @@ def _encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]) -> bytes:
+def _entry_json(sup: Supervisor, slot: SlotView, cache: dict[str, tuple[Any, bytes]]) -> bytes:
     if slot.state is not State.UNLOADED:
         return _encode(entry(sup, slot))
     key = (slot.model, slot.epoch, slot.served, slot.last_used, slot.n_restarts, slot.reason,
@@ -123,12 +123,12 @@ def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]
     return data
 
 
-async def listing(sup: Supervisor, slots: Iterable[Slot]) -> bytes:
+async def listing(sup: Supervisor, slots: Iterable[SlotView]) -> bytes:
     """The encoded body of GET /v1/models: these models, less those the preset hides.
     Entries not cached yet cost ~0.2 ms each: a first listing of 10,000 models lets other
     work (requests, the watchdog's ping) run every SLICE seconds."""
     cache = _listed.setdefault(sup, {})
-    if len(cache) > 2 * len(sup.slots):
+    if len(cache) > 2 * len(sup.models):
         cache.clear()  # models removed from the catalog
     parts: list[bytes] = []
     until, known = time.monotonic() + SLICE, len(cache)

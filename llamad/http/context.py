@@ -3,13 +3,14 @@ and the model a request names, as far as its API key may see it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
 from llamad.catalog.catalog import Catalog
 from llamad.http import keys
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import Slot, SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 
@@ -44,5 +45,6 @@ async def find(request: web.Request, name: object) -> Slot:
     return slot
 
 
-def visible(request: web.Request, slots: Any) -> list[Slot]:
+def visible(request: web.Request, slots: Iterable[SlotView]) -> list[SlotView]:
+    """The models of `slots` the request's key may use."""
     return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
