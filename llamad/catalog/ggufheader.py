@@ -67,7 +67,7 @@ MAX_KEPT = 4096  # bytes of a kept string value
 MAX_SHOWN = 64 * 1024, 1024 * 1024  # `metadata`: bytes of a string value, and of all of them
 # Per file. A real header takes well under a second here (Gemma 3 270M's, with its 262,144
 # tokens: 0.03-0.14 s), but over 5 s on Debian 13 under qemu's emulation on a busy host (the
-# VM tier, tests/vm/): a budget a real model can exceed is remembered as a refusal.
+# VM tier, tests/vm/). Going over it is a refusal for this scan only (TooSlow).
 CPU_SECONDS = 30.0
 _WINDOW = 1 << 20
 _CHECK_EVERY = 4096
@@ -87,6 +87,11 @@ _HEAD = struct.Struct("<4sIQQ")
 
 class GGUFError(Exception):
     """The file is not a complete, readable GGUF file; the message says why."""
+
+
+class TooSlow(GGUFError):
+    """Reading the header took more than CPU_SECONDS: on a busy or emulated machine a real
+    file can, so this refusal is not remembered (InfoCache): the next scan reads it again."""
 
 
 class TensorBytes(NamedTuple):
@@ -246,7 +251,7 @@ class _Source:
 
     def tick(self) -> None:
         if time.thread_time() > self.deadline:
-            raise GGUFError(f"took more than {CPU_SECONDS:.0f} s of CPU to read its header "
+            raise TooSlow(f"took more than {CPU_SECONDS:.0f} s of CPU to read its header "
                             "(a real one takes well under one)")
 
     def skip_strings(self, count: int) -> None:
