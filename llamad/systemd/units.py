@@ -133,6 +133,34 @@ def environment(spec: UnitSpec) -> tuple[str, ...]:
     return (*spec.environment, *(spec.markers.environment() if spec.markers else (MANAGED,)))
 
 
+# What every unit llamad starts has (model units, downloads): no privileges, nothing of the
+# system writable, the kernel's knobs and other processes out of sight. Each adds its own
+# users, network and writable paths.
+SANDBOX: list[tuple[str, bytes, Any]] = [
+    ("NoNewPrivileges", b"b", True),
+    ("CapabilityBoundingSet", b"t", 0),
+    ("ProtectSystem", b"s", "strict"),
+    # read-only rather than hidden: models may live in a user's llama.cpp cache.
+    ("ProtectHome", b"s", "read-only"),
+    ("PrivateTmp", b"b", True),
+    ("ProtectKernelTunables", b"b", True),
+    ("ProtectKernelModules", b"b", True),
+    ("ProtectKernelLogs", b"b", True),
+    ("ProtectControlGroups", b"b", True),
+    ("ProtectClock", b"b", True),
+    ("ProtectHostname", b"b", True),
+    ("ProtectProc", b"s", "invisible"),
+    ("ProcSubset", b"s", "pid"),
+    ("RestrictNamespaces", b"t", 0),  # 0: no namespace may be created
+    ("RestrictRealtime", b"b", True),
+    ("RestrictSUIDSGID", b"b", True),
+    ("LockPersonality", b"b", True),
+    ("SystemCallArchitectures", b"as", ["native"]),
+    ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
+    ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
+]
+
+
 def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
     """(name, D-Bus signature, value) for StartTransientUnit; pure, for tests."""
     props: list[tuple[str, bytes, Any]] = [
@@ -149,16 +177,7 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("TimeoutStopUSec", b"t", int(spec.stop_timeout * USEC)),
         ("KillMode", b"s", "control-group"),
         ("MemoryAccounting", b"b", True),
-        ("NoNewPrivileges", b"b", True),
-        ("ProtectSystem", b"s", "strict"),
-        # read-only rather than hidden: models may live in a user's llama.cpp cache.
-        ("ProtectHome", b"s", "read-only"),
-        ("PrivateTmp", b"b", True),
-        ("ProtectKernelTunables", b"b", True),
-        ("ProtectKernelModules", b"b", True),
-        ("ProtectControlGroups", b"b", True),
-        ("RestrictSUIDSGID", b"b", True),
-        ("LockPersonality", b"b", True),
+        *SANDBOX,
         # Only llamad may connect() to the backend's socket (docs/security.md): the unit
         # runs in BACKEND_GROUP, whose members llamad alone is, so the socket must be
         # group-writable (0770); other users get nothing.
@@ -167,18 +186,7 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         # Nothing of /run but its own directory (bound in below): no other model's socket,
         # no system bus.
         ("TemporaryFileSystem", b"a(ss)", [("/run", "ro")]),
-        ("CapabilityBoundingSet", b"t", 0),
         ("PrivateUsers", b"b", True),
-        ("ProtectProc", b"s", "invisible"),
-        ("ProcSubset", b"s", "pid"),
-        ("ProtectKernelLogs", b"b", True),
-        ("ProtectClock", b"b", True),
-        ("ProtectHostname", b"b", True),
-        ("RestrictNamespaces", b"t", 0),  # 0: no namespace may be created
-        ("RestrictRealtime", b"b", True),
-        ("SystemCallArchitectures", b"as", ["native"]),
-        ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
-        ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
         *_network(spec.tcp, spec.remote),
     ]
     if spec.user is None:
