@@ -181,7 +181,9 @@ def test_observability_in_the_sandbox(pkgbox: rig.Box, client: openai.OpenAI,
     base = installed.removesuffix("/v1")
     log = rig.wait_for("the request log", lambda: pkgbox.run(
         ["journalctl", "-u", "llamad", f"MODEL={MODEL}", "-o", "json"]).stdout.splitlines())
-    assert {json.loads(line)["STATUS"] for line in log} == {"200"}
+    statuses = [json.loads(line)["STATUS"] for line in log]
+    # A client may hang up once it has what it wants (nginx's 499); llamad never failed one.
+    assert "200" in statuses and set(statuses) <= {"200", "499"}, log
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
         families = {f.name: f.samples for f in text_string_to_metric_families(r.read().decode())}
     assert sum(s.value for s in families["llamad_requests"] if s.labels["model"] == MODEL) >= 2
