@@ -45,4 +45,7 @@ async def find(request: web.Request, name: object) -> Slot:
 
 
 def visible(request: web.Request, slots: Any) -> list[Slot]:
-    return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
+    key = keys.request_key(request)  # once: GET /v1/models may list 10,000 models
+    if key is None or key.models is None:
+        return list(slots)
+    return [s for s in slots if key.may_use(s.model.id, s.model.aliases)]
