@@ -91,8 +91,14 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
 
 
 async def _next(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
-    """The answer's next piece (b"" at its end); a failure is the backend's error."""
+    """The answer's next piece (b"" at its end); a failure is the backend's error. What
+    has arrived already is taken as is: most answers come whole with their headers, and
+    watching for silence costs a task and a timer each time (a tenth of a small request)."""
     try:
+        if (ready := up.content.read_nowait()) or up.content.at_eof():
+            if ready:
+                backend.heard()
+            return ready
         return await _patiently(backend, up.content.readany(), watch)
     except _Wedged as e:
         raise _timeout(watch, str(e)) from e
