@@ -2,7 +2,8 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test test-unit test-integration test-package test-stress test-trixie lint deb demo bench clean conformance
+.PHONY: dev test test-unit test-integration test-package test-stress test-trixie test-vm lint deb \
+	demo bench clean conformance
 
 dev:
 	bash tools/setup-dev
@@ -28,6 +29,13 @@ test-stress: dev
 
 test-trixie: dev
 	$(PY) -m pytest -ra -k debian13 tests/integration/test_package.py $(PYTEST_ARGS)
+
+# The freshly built .deb on Debian 13's own kernel (cgroup v2) under qemu: memory limits, OOM
+# kills, MemoryCurrent/MemoryPeak and IP address filters act there, not in the nspawn box
+# (tests/vm/run.py; results in test-artifacts/vm/). The image is built once (about 3 minutes)
+# and cached in ~/.cache/llamad-ci. VM_ARGS="--timeout 2400" for a busier machine.
+test-vm: deb
+	$(PY) tests/vm/run.py $(VM_ARGS)
 
 # llama.cpp's own server tests against llamad on the box; writes docs/conformance.md.
 # The generation tests too: CONFORMANCE_ARGS="--files unit/test_completion.py unit/test_chat_completion.py"

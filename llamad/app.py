@@ -20,7 +20,8 @@ from aiohttp import web
 from llamad.api import dashboard, fleet, ollama, proxy, report, standby, webui
 from llamad.api import downloads as api_downloads
 from llamad.api import models as api
-from llamad.catalog.catalog import Catalog
+from llamad.catalog import rpcargs as rpc
+from llamad.catalog.catalog import Catalog, Snapshot
 from llamad.catalog.gguf_info import InfoCache
 from llamad.catalog.presets import global_flags, parse_args
 from llamad.catalog.watcher import CatalogWatcher
@@ -39,6 +40,7 @@ from llamad.supervisor.supervisor import Supervisor
 from llamad.supervisor.unitspec import memory_max_props
 from llamad.systemd import unitpaths
 from llamad.systemd.activation import Notifier, bind, systemd_sockets
+from llamad.systemd.egress import Egress, peer_addresses
 from llamad.systemd.unitname import SLICE
 from llamad.systemd.units import UnitError, UnitManager
 
@@ -83,6 +85,7 @@ class Daemon:
         self.units: UnitManager
         self.sup: Supervisor
         self.watcher: CatalogWatcher
+        self.egress: Egress
         # Fails closed: a key file that is set but unusable stops llamad here.
         self.keyring = keys.Keyring(config.api_keys_file, config.peer_key_file)
         self.keyed = config.api_keys_file is not None
@@ -170,6 +173,8 @@ class Daemon:
         sup.events.subscribe(requestlog.fit_notes(
             self.journal, lambda m: sup.slots[m].unit if m in sup.slots else None))
         self.catalog.subscribe(lambda old, new: sup.update_snapshot(new))
+        self.egress = Egress(self.units)
+        self.catalog.subscribe(lambda old, new: self._reach(sup, new))
         try:
             yield
         finally:
@@ -212,6 +217,7 @@ class Daemon:
         keep llamad from starting (docs/security.md, "Hostile model files")."""
         try:
             await self.watcher.start()
+            await self.egress.allow(*reachable(self.config, self.catalog.snapshot))
             await sup.adopt()
             await sup.take_back()
         except Exception:  # as when this came before READY: exit, systemd starts llamad again
@@ -230,6 +236,11 @@ class Daemon:
             yield
         finally:
             self.journal.close()
+
+    def _reach(self, sup: Supervisor, snapshot: Snapshot) -> None:
+        """New presets may name new rpc workers: let llamad reach them."""
+        sup.spawn(self.egress.allow(reachable(self.config, snapshot)[0]),
+                  "opening llamad's filter")
 
     def _connections(self) -> int:
         server = self.runner.server if self.runner is not None else None
@@ -280,6 +291,14 @@ async def sample(sup: Supervisor) -> None:
         await sampling.sample(sup)
     except Exception:  # never let a measurement bug stop the watchdog pings
         log.exception("measuring the models' memory failed")
+
+
+def reachable(config: Config, snapshot: Snapshot) -> tuple[list[str], list[str]]:
+    """(addresses llamad itself connects to beyond its backends, peers named by host name):
+    the rpc workers of every model, which rpcguard probes, and the peers."""
+    peers, named = peer_addresses(config.peers)
+    workers = {w.host for m in snapshot.models.values() for w in rpc.workers(m.settings.args)}
+    return [*peers, *sorted(workers)], named
 
 
 async def limit_slice(units: UnitManager, config: Config) -> None:

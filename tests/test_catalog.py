@@ -170,6 +170,21 @@ def test_presets_add_and_adjust_models(tmp_path: Path) -> None:
     assert snap.resolve("nope") is None
 
 
+def test_a_section_without_its_model_holds_no_name(tmp_path: Path) -> None:
+    """The shipped presets.ini gives [gemma3-270m] the alias gemma; with no such model
+    installed, the quick start's gemma.gguf is still model gemma."""
+    d = tmp_path / "models"
+    ggufgen.write_model(d / "gemma.gguf")
+    ggufgen.write_model(d / "chat.gguf")
+    age(tmp_path)
+    preset = parse_presets("[gemma3-270m]\nalias = gemma\n[chat-model]\nmodel = nowhere.gguf\n"
+                           "[served]\nmodel = models/chat.gguf\nalias = chat\n",
+                           tmp_path / "p.ini")
+    snap = scan(config(d), preset=preset)
+    assert snap.resolve("gemma") is snap.models["gemma"]
+    assert "chat" not in snap.models and snap.resolve("chat") is snap.models["served"]
+
+
 def test_dedup_cache_models_hides_the_cache_entry(tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     cache_repo(hub, "u/r", {"r-Q4_K_M.gguf": "model"})

@@ -149,3 +149,18 @@ def test_cached_tensor_table_survives_a_restart(tmp_path: Path) -> None:
     cache.save()
     assert InfoCache(store).header(rig.GEMMA) == head
     assert store.stat().st_size < 1200  # the table boiled down, not 236 tensors
+
+
+def test_a_header_too_slow_to_read_is_read_again_next_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy or emulated machine can take longer than the CPU budget over a real header
+    (seen under qemu): that refusal holds for this scan only, never in the cache."""
+    from llamad.catalog import ggufheader
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    cache = InfoCache(tmp_path / "cache.json")
+    monkeypatch.setattr(ggufheader, "CPU_SECONDS", -1.0)  # every read is over budget
+    with pytest.raises(GGUFError, match="of CPU to read its header"):
+        cache.header(path)
+    assert not cache.known(path, path.stat())
+    monkeypatch.setattr(ggufheader, "CPU_SECONDS", 30.0)
+    assert cache.header(path).parameters > 0 and cache.known(path, path.stat())

@@ -129,9 +129,13 @@ def test_journal_writer_sends_from_its_thread_and_drops_when_behind() -> None:
     sent: list[tuple[str, dict[str, str]]] = []
     writer = requestlog.JournalWriter(lambda message, **f: sent.append((message, f)))
     writer(Record("POST", "/v1/completions", model="m", status=200, ended=time.monotonic()))
+    writer.note("llama-server@m.service", "llamad: context 4096 of 32768: ...")
     writer.close()
-    assert len(sent) == 1 and sent[0][1]["MODEL"] == "m"
+    assert len(sent) == 2 and sent[0][1]["MODEL"] == "m"
     assert sent[0][1]["MESSAGE_ID"] == requestlog.MESSAGE_ID
+    # A note is in the model's unit's journal, and no request: `MODEL=m` finds requests only.
+    assert sent[1][1]["OBJECT_SYSTEMD_UNIT"] == "llama-server@m.service"
+    assert "MODEL" not in sent[1][1] and sent[1][1]["MESSAGE_ID"] == requestlog.FIT_MESSAGE_ID
     stuck = requestlog.JournalWriter(lambda message, **f: time.sleep(3600))
     for _ in range(requestlog.QUEUE + 5):
         stuck(Record("POST", "/v1/completions", model="m", status=200))

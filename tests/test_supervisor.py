@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from helpers.fakesystemd import FakeSystemd
@@ -32,7 +33,7 @@ from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.supervisor import IllegalMove, Supervisor
-from llamad.systemd.units import UnitError
+from llamad.systemd.units import Markers, UnitError, UnitSpec, UnitStatus
 
 
 @pytest.fixture
@@ -187,14 +188,48 @@ async def test_reconcile_adopts_a_ghost_and_stops_a_stray(rig: Rig) -> None:
     spec, _ = rig.sup.spec(slot)
     await rig.units.start(spec)  # ...but a unit of the same model runs again
     rig.units.active(rig.sup, slot.unit, quiet=True)
-    stray = dataclasses.replace(spec, name="llama-server@gone.service", environment=(
-        "LLAMAD_MODEL=gone", "LLAMAD_BACKEND=unix:/nowhere", "LLAMAD_ARGS=0"))
+    stray = dataclasses.replace(spec, name="llama-server@gone.service",
+                                markers=Markers("gone", "unix:/nowhere", "0"))
     await rig.units.start(stray)
     rig.units.active(rig.sup, stray.name, quiet=True)
     await rig.sup.reconcile()
     await rig.state("tiny-a", State.READY)
     await rig.watch.until("the stray unit's stop", lambda: stray.name in rig.units.stopped)
     assert slot.unit not in rig.units.stopped
+
+
+async def test_a_start_that_ends_while_units_are_listed_waits_for_the_next_round(
+        rig: Rig) -> None:
+    """The list was asked for while the start call was in flight, and answered before the
+    unit existed: no unit in it is no news of the model (it was taken for a stop behind
+    llamad's back, and the model unloaded and started again and again)."""
+    slot = rig.slot("tiny-a")
+    start, list_ours = rig.units.start, rig.units.list_ours
+    starting, start_may_end, listed, list_may_end = (asyncio.Event() for _ in range(4))
+
+    async def slow_start(spec: UnitSpec, wanted: Any = None) -> None:
+        starting.set()
+        await start_may_end.wait()
+        await start(spec, wanted)
+
+    async def slow_list() -> list[UnitStatus]:
+        found = await list_ours()  # systemd answers before the unit exists
+        listed.set()
+        await list_may_end.wait()
+        return found
+    rig.units.start = slow_start  # type: ignore[method-assign]
+    rig.units.list_ours = slow_list  # type: ignore[method-assign]
+    await rig.sup.load(slot)
+    await asyncio.wait_for(starting.wait(), 5)
+    one_round = asyncio.ensure_future(rig.sup.reconcile())
+    await asyncio.wait_for(listed.wait(), 5)
+    start_may_end.set()
+    await rig.watch.until("the start call to end", lambda: not slot.start_pending)
+    list_may_end.set()
+    await one_round
+    assert slot.state is State.STARTING and rig.units.started == [slot.unit]
+    rig.units.active(rig.sup, slot.unit)
+    await rig.state("tiny-a", State.READY)
 
 
 async def test_reconcile_follows_a_restart_it_was_not_told_of(rig: Rig) -> None:

@@ -28,7 +28,7 @@ from llamad.http.context import app_key, supervisor
 from llamad.http.keys import admin_only, public
 from llamad.memory import gpu
 from llamad.supervisor.events import Change, State
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 STATIC = Path(__file__).parent / "static"
@@ -45,7 +45,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 PAGES_OPEN: Any = app_key("dashboard_pages", set)
 
 
-def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+def entry(sup: Supervisor, slot: SlotView) -> dict[str, Any]:
     """What the page shows of one model."""
     m = slot.model
     return {"id": m.id, "aliases": list(m.aliases), "source": m.source,
@@ -88,28 +88,28 @@ class Feed:
 
     def hello(self) -> tuple[bytes, list[str]]:
         """The first event (every model's id, the machine) and the ids to send in full."""
-        self.known = set(self.sup.slots)
-        ids = list(self.sup.slots)
+        self.known = set(self.sup.models)
+        ids = list(self.sup.models)
         return sse("hello", {"ids": ids, "machine": machine(self.sup)}), ids
 
     def batch(self, ids: list[str]) -> bytes:
         """A `models` event: these models in full."""
-        slots = [self.sup.slots[i] for i in ids if i in self.sup.slots]
+        slots = [self.sup.models[i] for i in ids if i in self.sup.models]
         return sse("models", [entry(self.sup, s) for s in slots])
 
     def changes(self) -> bytes:
         ids, self.changed = self.changed, set()
-        slots = [self.sup.slots[i] for i in sorted(ids) if i in self.sup.slots]
+        slots = [self.sup.models[i] for i in sorted(ids) if i in self.sup.models]
         return b"".join(sse("model", entry(self.sup, s)) for s in slots)
 
     def figures(self) -> tuple[bytes, list[str]]:
         """The periodic event (loaded models, models that left, the machine) and the ids
         of models that joined the catalog, to send in full."""
         sup = self.sup
-        now = set(sup.slots)
+        now = set(sup.models)
         added, removed = sorted(now - self.known), sorted(self.known - now)
         self.known = now
-        loaded = [entry(sup, s) for s in sup.slots.values() if s.state is not State.UNLOADED]
+        loaded = [entry(sup, s) for s in sup.models.values() if s.state is not State.UNLOADED]
         return sse("figures", {"models": loaded, "removed": removed,
                                "machine": machine(sup)}), added
 

@@ -24,7 +24,7 @@ from llamad.catalog.catalog import Snapshot
 from llamad.http import keys
 from llamad.memory.measure import Measure
 from llamad.supervisor.events import Cause, Change, State
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("llamad.feed")
@@ -49,7 +49,7 @@ class ModelFeed:
     # -- producing -----------------------------------------------------------
 
     def on_change(self, change: Change) -> None:
-        slot = self.sup.slots.get(change.model)
+        slot = self.sup.models.get(change.model)
         status = listing.ROUTER_STATUS[change.new]
         data: dict[str, Any] = {"status": status}
         if change.new is State.READY and slot is not None:
@@ -83,7 +83,7 @@ class ModelFeed:
             else:
                 queue.put_nowait((model, line))
 
-    def progress(self, slot: Slot) -> dict[str, Any]:
+    def progress(self, slot: SlotView) -> dict[str, Any]:
         stages = list(listing.LOAD_STAGES[:2] if slot.model.mmproj else listing.LOAD_STAGES[:1])
         elapsed = time.monotonic() - slot.load_started if slot.load_started else 0.0
         value = min(0.99, elapsed / expected_load_seconds(self.sup, slot))
@@ -97,7 +97,7 @@ class ModelFeed:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL)
-            loading = [s for s in self.sup.slots.values() if s.state in _LOADING]
+            loading = [s for s in self.sup.models.values() if s.state in _LOADING]
             if not loading:
                 return
             for slot in loading:
@@ -135,7 +135,7 @@ class ModelFeed:
         has left the catalog since, whose aliases are no longer known."""
         if model == "*":
             return True
-        slot = self.sup.slots.get(model)
+        slot = self.sup.models.get(model)
         return keys.may_use(request, model, slot.model.aliases if slot is not None else ())
 
     async def close(self) -> None:
@@ -149,7 +149,7 @@ class ModelFeed:
                 await self._ticker
 
 
-def expected_load_seconds(sup: Supervisor, slot: Slot) -> float:
+def expected_load_seconds(sup: Supervisor, slot: SlotView) -> float:
     """The model's last load time, learned or from this run; else a guess by size."""
     if slot.load_seconds:
         return slot.load_seconds

@@ -22,7 +22,7 @@ from llamad.catalog.catalog import Model
 from llamad.memory import estimate as memory
 from llamad.memory import heap
 from llamad.supervisor.events import State
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 # Router mode knows unloaded, loading, loaded and sleeping; a model on its way out
@@ -37,7 +37,7 @@ TRIM_AFTER = 1000  # new entries cached in one listing
 CHUNK = 256 * 1024  # bytes of the listing written at a time
 
 
-def exit_code(slot: Slot) -> int:
+def exit_code(slot: SlotView) -> int:
     """The exit status the router would report: non-zero once the model failed."""
     if slot.state is not State.FAILED:
         return 0
@@ -77,7 +77,7 @@ def info(model: Model) -> dict[str, Any]:
             "created": model.created, "owned_by": "llamad", "meta": meta(model)}
 
 
-def entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+def entry(sup: Supervisor, slot: SlotView) -> dict[str, Any]:
     m = slot.model
     args = sup.measure.run_args(m)
     status: dict[str, Any] = {"value": ROUTER_STATUS[slot.state],
@@ -108,7 +108,7 @@ _listed: weakref.WeakKeyDictionary[Supervisor, dict[str, tuple[Any, bytes]]] = \
 # And the last listing: asked again for the same models with nothing changed since (no
 # slot change the supervisor notified, no new memory or KV figure), its unloaded models'
 # entries are taken as they were, without even their keys (10,000 keys took 7 ms).
-_last: weakref.WeakKeyDictionary[Supervisor, tuple[Any, list[Slot], list[bytes]]] = \
+_last: weakref.WeakKeyDictionary[Supervisor, tuple[Any, list[SlotView], list[bytes]]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -116,7 +116,7 @@ def _encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]) -> bytes:
+def _entry_json(sup: Supervisor, slot: SlotView, cache: dict[str, tuple[Any, bytes]]) -> bytes:
     if slot.state is not State.UNLOADED:
         return _encode(entry(sup, slot))
     key = (slot.model, slot.epoch, slot.served, slot.last_used, slot.n_restarts, slot.reason,
@@ -129,7 +129,7 @@ def _entry_json(sup: Supervisor, slot: Slot, cache: dict[str, tuple[Any, bytes]]
     return data
 
 
-async def listing(sup: Supervisor, slots: Iterable[Slot]) -> list[bytes]:
+async def listing(sup: Supervisor, slots: Iterable[SlotView]) -> list[bytes]:
     """The encoded body of GET /v1/models in pieces of about CHUNK bytes (joined, the whole
     body): these models, less those the preset hides. Entries not cached yet cost ~0.2 ms
     each: a first listing of 10,000 models lets other work (requests, the watchdog's ping)
@@ -146,9 +146,9 @@ async def listing(sup: Supervisor, slots: Iterable[Slot]) -> list[bytes]:
     return _pieces(parts)
 
 
-async def _parts(sup: Supervisor, shown: list[Slot]) -> list[bytes]:
+async def _parts(sup: Supervisor, shown: list[SlotView]) -> list[bytes]:
     cache = _listed.setdefault(sup, {})
-    if len(cache) > 2 * len(sup.slots):
+    if len(cache) > 2 * len(sup.models):
         cache.clear()  # models removed from the catalog
     parts: list[bytes] = []
     until, known = time.monotonic() + SLICE, len(cache)

@@ -32,7 +32,7 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
             await sup.rescan()
         elif CATALOG in request.app:
             await request.app[CATALOG].rescan_async()
-    pieces = await listing.listing(sup, visible(request, sup.slots.values()))
+    pieces = await listing.listing(sup, visible(request, sup.models.values()))
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
         body = await fleet.with_peers(request, b"".join(pieces), sup.config.peers,
                                       sup.config.peer_timeout,
@@ -155,7 +155,7 @@ async def handle_running(request: web.Request) -> web.Response:
     sup = supervisor(request)
     return web.json_response({"running": [
         {"model": s.model.id, "state": s.state.value, "unit": s.unit,
-         "ttl": sup.ttl(s) or 0} for s in visible(request, sup.loaded())]})
+         "ttl": sup.ttl(s) or 0} for s in visible(request, sup.loaded_models())]})
 
 
 def attach(app: web.Application, sup: Supervisor, catalog: Catalog) -> None:

@@ -102,13 +102,13 @@ async def handle_version(request: web.Request) -> web.Response:
 async def handle_tags(request: web.Request) -> web.Response:
     sup = supervisor(request)
     return web.json_response({"models": [
-        models.tag_entry(s.model) for s in visible(request, sup.slots.values())
+        models.tag_entry(s.model) for s in visible(request, sup.models.values())
         if not s.model.hidden]})
 
 
 async def handle_ps(request: web.Request) -> web.Response:
     sup = supervisor(request)
-    return web.json_response(models.ps(sup, visible(request, sup.loaded())))
+    return web.json_response(models.ps(sup, visible(request, sup.loaded_models())))
 
 
 async def handle_show(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
 from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
 from llamad.supervisor.events import State
 from llamad.supervisor.scheduler import ttl_left
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 LATEST = "latest"
@@ -103,7 +103,7 @@ def tag_entry(model: Model) -> dict[str, Any]:
             "details": details(model)}
 
 
-def ps_entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+def ps_entry(sup: Supervisor, slot: SlotView) -> dict[str, Any]:
     """One model of GET /api/ps: memory as llamad measured it (its plan until the first
     sample), and when its idle TTL will stop it."""
     running = slot.sampled_pid == slot.main_pid != 0
@@ -122,7 +122,7 @@ def ps_entry(sup: Supervisor, slot: Slot) -> dict[str, Any]:
             "context_length": listing.n_ctx(slot.model) or 0}
 
 
-def ps(sup: Supervisor, slots: Iterable[Slot]) -> dict[str, Any]:
+def ps(sup: Supervisor, slots: Iterable[SlotView]) -> dict[str, Any]:
     models = [ps_entry(sup, s) for s in slots if s.state in RUNNING]
     models.sort(key=lambda m: m["expires_at"], reverse=True)  # as Ollama: longest left first
     return {"models": models}

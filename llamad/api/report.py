@@ -11,7 +11,7 @@ from llamad.catalog.presets import DRAFT
 from llamad.supervisor.events import State
 from llamad.supervisor.guards import rpcguard
 from llamad.supervisor.scheduler import ttl_left
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 
@@ -19,15 +19,15 @@ def status_line(sup: Supervisor) -> str:
     """systemd's STATUS= line: "4 models, 1 loaded: gemma-a", after the preset file's
     error if it has one."""
     ready = [s.model.id + (" (sleeping)" if s.state is State.SLEEPING else "")
-             for s in sup.slots.values() if s.state in (State.READY, State.SLEEPING)]
+             for s in sup.models.values() if s.state in (State.READY, State.SLEEPING)]
     names = ", ".join(ready[:5]) + (", ..." if len(ready) > 5 else "")
-    line = f"{len(sup.slots)} models, {len(ready)} loaded"
+    line = f"{len(sup.models)} models, {len(ready)} loaded"
     line = f"{line}: {names}" if ready else line
     error = sup.snapshot.error
     return f"configuration error: {redact.text(error)}; {line}" if error else line
 
 
-def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+def describe(sup: Supervisor, slot: SlotView) -> dict[str, Any]:
     """llamad's own fields for GET /models and /status."""
     now = time.monotonic()
     need = sup.measure.need(slot.model)
@@ -55,7 +55,7 @@ def describe(sup: Supervisor, slot: Slot) -> dict[str, Any]:
     }
 
 
-def _fit(slot: Slot) -> dict[str, Any] | None:
+def _fit(slot: SlotView) -> dict[str, Any] | None:
     """What fitting chose for the running unit (memory/fit.py): the arguments it added,
     the context, and why, e.g. "context 12288 of 131072: 9.1 GiB free on GPU 0 after
     evicting nothing"; None while unloaded or where it chose nothing."""
@@ -65,7 +65,7 @@ def _fit(slot: Slot) -> dict[str, Any] | None:
     return {"args": list(fit.args), "ctx": fit.ctx, "reason": fit.reason or fit.what}
 
 
-def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:
+def _memory_fields(sup: Supervisor, slot: SlotView) -> dict[str, Any]:
     """Estimate beside measurement: bytes; measured ones None until a sample."""
     est = sup.measure.estimate(slot.model)
     running = slot.state is not State.UNLOADED and slot.sampled_pid == slot.main_pid != 0
@@ -80,8 +80,8 @@ def _memory_fields(sup: Supervisor, slot: Slot) -> dict[str, Any]:
 def status(sup: Supervisor) -> dict[str, Any]:
     return {
         "status": status_line(sup), "uptime": time.monotonic() - sup.started,
-        "models": {s.model.id: describe(sup, s) for s in sup.loaded()},
-        "catalogued": len(sup.slots),
+        "models": {s.model.id: describe(sup, s) for s in sup.loaded_models()},
+        "catalogued": len(sup.models),
         "errors": [redact.text(e) for e in sup.snapshot.errors],
         "gpus": [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
                   "free": g.free} for g in sup.measure.gpu_list()],

@@ -308,7 +308,10 @@ def _models(merged: dict[str, Found], st: Scan, preset: Presets, global_args: Op
     """The servable models of those found, at most MAX_MODELS."""
     models: dict[str, Model] = {}
     units: dict[str, str] = {}
-    reserved = {a: name for name, section in preset.sections.items() for a in section.aliases}
+    # Only a section that serves a model holds its aliases: the shipped example presets.ini
+    # names models that may never be installed, and gemma.gguf must stay model "gemma".
+    reserved = {a: name for name, section in preset.sections.items() if name in merged
+                for a in section.aliases}
     for n, f in enumerate(merged.values()):
         if len(models) >= MAX_MODELS:
             st.problems.append(f"more than {MAX_MODELS} models were found; the other "

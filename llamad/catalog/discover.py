@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llamad.catalog import files
 from llamad.catalog.gguf_info import FileHeader, GGUFError, InfoCache
+from llamad.catalog.ggufheader import TooSlow
 from llamad.catalog.presets import SwaFits
 
 # CPU one scan spends reading headers it has not cached; the rest wait for the next scan,
@@ -82,6 +83,11 @@ class Scan:
         start = time.thread_time()
         try:
             return self.cache.header(path, st, self.confine)
+        except TooSlow as e:  # a busy machine's: the next scan reads it again
+            self.pending = True
+            self.unsettled.add(path)
+            self.problems.append(f"{path} {e}; it is read again at the next scan.")
+            return None
         except GGUFError as e:
             self.problems.append(f"{path} {e}; skipped.")
             return None

@@ -219,6 +219,8 @@ class InfoCache:
                 if confine is not None:
                     confine(path)
                 value: FileHeader | str = read_header(path)
+            except ggufheader.TooSlow:
+                raise  # a busy machine's refusal: not remembered
             except (files.Refused, GGUFError) as e:
                 value = str(e)
             hit = (key, value)

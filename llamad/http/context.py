@@ -3,13 +3,14 @@ and the model a request names, as far as its API key may see it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
 from llamad.catalog.catalog import Catalog
 from llamad.http import keys
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import Slot, SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 
@@ -44,8 +45,10 @@ async def find(request: web.Request, name: object) -> Slot:
     return slot
 
 
-def visible(request: web.Request, slots: Any) -> list[Slot]:
-    key = keys.request_key(request)  # once: GET /v1/models may list 10,000 models
+def visible(request: web.Request, slots: Iterable[SlotView]) -> list[SlotView]:
+    """The models of `slots` the request's key may use (the key looked up once: GET
+    /v1/models may list 10,000 models)."""
+    key = keys.request_key(request)
     if key is None or key.models is None:
         return list(slots)
     return [s for s in slots if key.may_use(s.model.id, s.model.aliases)]

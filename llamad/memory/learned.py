@@ -30,8 +30,8 @@ GPU_COST_MARGIN = 8 * MIB
 
 @dataclass(frozen=True)
 class Learned:
-    """Measured on a real load: peak RAM (systemd's MemoryCurrent), peak VRAM (None where the
-    GPU could not attribute memory to the process) and seconds from start to ready."""
+    """Measured on a real load: peak RAM (systemd's MemoryPeak of the unit), peak VRAM (None
+    where the GPU could not attribute memory to the process) and seconds from start to ready."""
 
     ram: int = 0
     vram: int | None = None

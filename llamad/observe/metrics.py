@@ -38,7 +38,7 @@ from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
 from llamad.supervisor.backend import read_capped
 from llamad.supervisor.events import Cause, Change, State
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import SlotView
 from llamad.supervisor.supervisor import Supervisor
 
 MODEL_TIMEOUT = 2.0  # seconds for one model's /metrics
@@ -118,7 +118,7 @@ class Metrics:
 
     async def render(self) -> bytes:
         """The whole exposition: llamad's series, then the ready models'."""
-        models = await model_metrics(self.sup.loaded() if self.sup else [])
+        models = await model_metrics(self.sup.loaded_models() if self.sup else [])
         extra = CollectorRegistry()
         extra.register(_Fixed(list(models.values())))
         return generate_latest(self.registry) + generate_latest(extra)
@@ -155,7 +155,7 @@ class _Live(Collector):
         sup = self.metrics.sup
         if sup is None:
             return []
-        shown = [s for s in sup.slots.values()
+        shown = [s for s in sup.models.values()
                  if s.state is not State.UNLOADED or s.model.id in self.metrics.seen]
         return [*_states(sup, shown), *_requests(sup, shown), *_memory(sup, shown),
                 *_machine(sup, self.metrics.connections()), *sup.kv.families()]
@@ -165,7 +165,7 @@ def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFami
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
-def _states(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
+def _states(sup: Supervisor, shown: list[SlotView]) -> Iterator[Metric]:
     state = _gauge("llamad_model_state", "1 for the state the model is in, else 0",
                    ("model", "state"))
     for slot in shown:
@@ -173,14 +173,14 @@ def _states(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
             state.add_metric([slot.model.id, s.value], float(slot.state is s))
     count = _gauge("llamad_models", "Catalogued models by state", ("state",))
     by_state = {s: 0 for s in State}
-    for slot in sup.slots.values():
+    for slot in sup.models.values():
         by_state[slot.state] += 1
     for s, n in by_state.items():
         count.add_metric([s.value], n)
     yield from (state, count)
 
 
-def _requests(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
+def _requests(sup: Supervisor, shown: list[SlotView]) -> Iterator[Metric]:
     in_flight = _gauge("llamad_model_requests_in_flight", "Requests the model is answering",
                        ("model",))
     queued = _gauge("llamad_model_requests_queued", "Requests waiting for the model",
@@ -194,7 +194,7 @@ def _requests(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
     yield from (in_flight, queued, limit)
 
 
-def _memory(sup: Supervisor, shown: list[Slot]) -> Iterator[Metric]:
+def _memory(sup: Supervisor, shown: list[SlotView]) -> Iterator[Metric]:
     """Per model and kind of memory: measured now and at peak, the estimate, the need the
     scheduler plans with (learned, else the estimate). Bytes."""
     labels = ("model", "memory")
@@ -234,7 +234,7 @@ def _machine(sup: Supervisor, connections: int) -> Iterator[Metric]:
     yield from (total, free, ram, conns)
 
 
-async def model_metrics(slots: list[Slot]) -> dict[str, Metric]:
+async def model_metrics(slots: list[SlotView]) -> dict[str, Metric]:
     """llamacpp:* families of every ready model, each sample labelled with its model."""
     # A sleeping llama-server answers /metrics from its cache without waking.
     ready = [s for s in slots if s.state in (State.READY, State.SLEEPING)
@@ -270,7 +270,7 @@ def _parse(text: str) -> list[Metric]:
                 _LABEL.fullmatch(k) and k != "model" for k in s.labels) for s in f.samples)]
 
 
-async def _fetch(slot: Slot) -> str | None:
+async def _fetch(slot: SlotView) -> str | None:
     backend = slot.backend
     if backend is None:
         return None

@@ -75,10 +75,11 @@ class JournalWriter:
     def __call__(self, rec: Record) -> None:
         self._put(rec)  # ended: nothing changes it any more; its fields are made off the loop
 
-    def note(self, model: str, unit: str, message: str) -> None:
-        """A line of llamad's about a model, in that model's unit's journal."""
-        self._put({"MESSAGE": one_line(message), "MODEL": clean(model),
-                   "OBJECT_SYSTEMD_UNIT": clean(unit), "MESSAGE_ID": FIT_MESSAGE_ID})
+    def note(self, unit: str, message: str) -> None:
+        """A line of llamad's about a model, in that model's unit's journal. Not a request:
+        it carries no MODEL= (`journalctl -u llamad MODEL=x` lists x's requests alone)."""
+        self._put({"MESSAGE": one_line(message), "OBJECT_SYSTEMD_UNIT": clean(unit),
+                   "MESSAGE_ID": FIT_MESSAGE_ID})
 
     def _put(self, entry: dict[str, str] | Record) -> None:
         try:
@@ -136,5 +137,5 @@ def fit_notes(writer: JournalWriter, unit_of: Callable[[str], str | None]) -> Ca
         if change.new is State.STARTING and change.cause is Cause.LOAD and change.detail:
             unit = unit_of(change.model)
             if unit is not None:
-                writer.note(change.model, unit, f"llamad: {change.detail}")
+                writer.note(unit, f"llamad: {change.detail}")
     return on_change

@@ -21,7 +21,7 @@ from llamad.errors import (
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.lifecycle import Lifecycle
-from llamad.supervisor.slot import Slot
+from llamad.supervisor.slot import Slot, SlotView
 
 log = logging.getLogger("llamad.supervisor")
 
@@ -107,7 +107,7 @@ class Admission(Lifecycle):
             slot.gate.leave(self.concurrency(slot))
             raise
 
-    def concurrency(self, slot: Slot) -> int:
+    def concurrency(self, slot: SlotView) -> int:
         """Requests forwarded to the model at once at most; 0 = no limit. Read afresh each
         time: a preset edit changes it without restarting the model."""
         limit = slot.model.settings.concurrency_limit

@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from llamad.catalog.catalog import Snapshot
@@ -28,7 +29,7 @@ from llamad.supervisor import unitspec
 from llamad.supervisor.events import TRANSITIONS, Cause, Change, Hub, State
 from llamad.supervisor.hooks import Hook
 from llamad.supervisor.scheduler import ModelView, Policy, effective_ttl
-from llamad.supervisor.slot import Measure, Slot, Units
+from llamad.supervisor.slot import Measure, Slot, SlotView, Units
 from llamad.systemd import exits
 from llamad.systemd.units import UnitError, UnitSpec
 
@@ -116,7 +117,7 @@ class Core:
                 return slot
         return None
 
-    def view(self, slot: Slot) -> ModelView:
+    def view(self, slot: SlotView) -> ModelView:
         s = slot.model.settings
         learned = self.measure.learned_for(slot.model)
         # cheapest-reload ranks by the load time learned on earlier loads too.
@@ -142,10 +143,18 @@ class Core:
             views[target.model.id] = view
         return views
 
+    @property
+    def models(self) -> Mapping[str, SlotView]:
+        """Every model, read-only: what listings, feeds and metrics read."""
+        return MappingProxyType(self.slots)
+
+    def loaded_models(self) -> list[SlotView]:
+        return list(self.loaded())
+
     def loaded(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.state is not State.UNLOADED]
 
-    def ttl(self, slot: Slot) -> float | None:
+    def ttl(self, slot: SlotView) -> float | None:
         """Idle seconds before unloading; None = never."""
         return effective_ttl(slot.keep_alive, slot.model.settings.ttl, self.config.idle_ttl)
 
@@ -236,7 +245,7 @@ class Core:
 
     # -- the unit and its backend --------------------------------------------
 
-    def spec(self, slot: Slot, gpus: tuple[int, ...] = (),
+    def spec(self, slot: SlotView, gpus: tuple[int, ...] = (),
              address: str | None = None) -> tuple[UnitSpec, str]:
         """The unit a load would start now, and the address its backend listens on:
         `address`, else the slot's own (a TCP port is allocated when the model starts)."""

@@ -73,11 +73,14 @@ class Reconcile(Admission):
 
     async def reconcile(self) -> None:
         """One round: read systemd's view, repair each slot that still matches what was read."""
-        before = {mid: slot.epoch for mid, slot in self.slots.items()}
+        # A start call in flight when the list was asked for may have made its unit after
+        # systemd answered: such a slot is judged next round, even if its call is done now.
+        before = {mid: (slot.epoch, slot.start_pending or slot.checking)
+                  for mid, slot in self.slots.items()}
         units = {status.name: status for status in await self.units.list_ours()}
         for mid, slot in list(self.slots.items()):
             status = units.get(slot.unit)
-            if before.get(mid) == slot.epoch and self._settled(slot, status):
+            if before.get(mid) == (slot.epoch, False) and self._settled(slot, status):
                 self._repair(slot, status)
         claimed = {slot.unit for slot in self.slots.values()}
         for status in units.values():

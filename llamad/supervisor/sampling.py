@@ -13,8 +13,9 @@ from llamad.systemd.units import UnitError
 async def sample(sup: Supervisor) -> None:
     """Measure each running model; the daemon's tick calls this, never a request.
 
-    RAM is systemd's MemoryCurrent of the unit, or the main process's RSS where systemd
-    does not account memory (cgroup v1); VRAM is NVML's figure for the unit's processes.
+    RAM is systemd's MemoryCurrent of the unit (its peak MemoryPeak, systemd 256+), or the
+    main process's RSS where systemd does not account memory (cgroup v1); VRAM is NVML's
+    figure for the unit's processes.
     """
     vram = sup.measure.vram_by_unit()
     running = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
@@ -26,10 +27,13 @@ async def sample(sup: Supervisor) -> None:
 async def _ram(sup: Supervisor, unit: str, pid: int) -> tuple[int, int]:
     """Bytes (now, peak) of one model's unit; zeros when nothing can be read."""
     try:
-        current = (await sup.units.status(unit)).memory_current
+        status = await sup.units.status(unit)
     except UnitError:
-        current = None
-    if current is not None:
-        return current, current
+        status = None
+    if status is not None and status.memory_current is not None:
+        # The cgroup's own peak also holds what rose and fell between two samples (a load's
+        # compute buffers); before systemd 256 the samples' maximum stands in for it.
+        peak = status.memory_peak or status.memory_current
+        return status.memory_current, max(peak, status.memory_current)
     proc = proc_memory(pid)
     return (proc.rss, proc.peak) if proc is not None else (0, 0)

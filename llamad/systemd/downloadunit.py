@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad.systemd.unitname import instance_name
+from llamad.systemd.units import SANDBOX, USEC
 
 DOWNLOAD_PREFIX = "llamad-download@"
 REMOVE_PREFIX = "llamad-remove@"
@@ -26,7 +27,6 @@ DOWNLOAD_PATTERN = f"{DOWNLOAD_PREFIX}*{SUFFIX}"
 MODEL_ENV = "LLAMAD_DOWNLOAD"  # the name a download unit fetches, for a later llamad
 TOKEN_CREDENTIAL = "hf-token"
 EXIT_PERMANENT = 65  # the downloader's "trying again cannot help" (fetch.EXIT_PERMANENT)
-USEC = 1_000_000
 PLAN_TIMEOUT = 120.0  # seconds the downloader may take to ask the hub before READY=1
 
 
@@ -60,31 +60,12 @@ def properties(name: str, command: list[str], cache: Path, token_file: Path | No
         ("MemoryMax", b"t", 512 * 1024**2),
         ("TasksMax", b"t", 16),
         ("UMask", b"u", 0o022),  # readable by every model unit's dynamic user
-        ("ProtectSystem", b"s", "strict"),
-        ("ProtectHome", b"s", "read-only"),
+        *SANDBOX,
         ("ReadWritePaths", b"as", [str(cache)]),
-        ("PrivateTmp", b"b", True),
         ("PrivateDevices", b"b", True),
         ("PrivateIPC", b"b", True),
-        ("NoNewPrivileges", b"b", True),
-        ("CapabilityBoundingSet", b"t", 0),
-        ("ProtectKernelTunables", b"b", True),
-        ("ProtectKernelModules", b"b", True),
-        ("ProtectKernelLogs", b"b", True),
-        ("ProtectControlGroups", b"b", True),
-        ("ProtectClock", b"b", True),
-        ("ProtectHostname", b"b", True),
-        ("ProtectProc", b"s", "invisible"),
-        ("ProcSubset", b"s", "pid"),
-        ("RestrictNamespaces", b"t", 0),
-        ("RestrictRealtime", b"b", True),
-        ("RestrictSUIDSGID", b"b", True),
-        ("LockPersonality", b"b", True),
         ("MemoryDenyWriteExecute", b"b", True),
         ("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
-        ("SystemCallArchitectures", b"as", ["native"]),
-        ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
-        ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
     ]
     # The downloader's STATUS= lines (JSON) say how far it got, or why it failed.
     props.append(("NotifyAccess", b"s", "main"))

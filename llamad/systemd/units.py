@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,7 @@ class UnitStatus:
     exit_code: str = ""  # "exited", "killed", "dumped"
     exit_status: int = 0
     memory_current: int | None = None
+    memory_peak: int | None = None  # systemd 256+ (cgroup v2's memory.peak)
     environment: tuple[str, ...] = field(default_factory=tuple)
     job: int = 0  # id of a queued or running job (start, stop, restart); 0 = none
 
@@ -131,6 +133,34 @@ def environment(spec: UnitSpec) -> tuple[str, ...]:
     return (*spec.environment, *(spec.markers.environment() if spec.markers else (MANAGED,)))
 
 
+# What every unit llamad starts has (model units, downloads): no privileges, nothing of the
+# system writable, the kernel's knobs and other processes out of sight. Each adds its own
+# users, network and writable paths.
+SANDBOX: list[tuple[str, bytes, Any]] = [
+    ("NoNewPrivileges", b"b", True),
+    ("CapabilityBoundingSet", b"t", 0),
+    ("ProtectSystem", b"s", "strict"),
+    # read-only rather than hidden: models may live in a user's llama.cpp cache.
+    ("ProtectHome", b"s", "read-only"),
+    ("PrivateTmp", b"b", True),
+    ("ProtectKernelTunables", b"b", True),
+    ("ProtectKernelModules", b"b", True),
+    ("ProtectKernelLogs", b"b", True),
+    ("ProtectControlGroups", b"b", True),
+    ("ProtectClock", b"b", True),
+    ("ProtectHostname", b"b", True),
+    ("ProtectProc", b"s", "invisible"),
+    ("ProcSubset", b"s", "pid"),
+    ("RestrictNamespaces", b"t", 0),  # 0: no namespace may be created
+    ("RestrictRealtime", b"b", True),
+    ("RestrictSUIDSGID", b"b", True),
+    ("LockPersonality", b"b", True),
+    ("SystemCallArchitectures", b"as", ["native"]),
+    ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
+    ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
+]
+
+
 def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
     """(name, D-Bus signature, value) for StartTransientUnit; pure, for tests."""
     props: list[tuple[str, bytes, Any]] = [
@@ -147,16 +177,7 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("TimeoutStopUSec", b"t", int(spec.stop_timeout * USEC)),
         ("KillMode", b"s", "control-group"),
         ("MemoryAccounting", b"b", True),
-        ("NoNewPrivileges", b"b", True),
-        ("ProtectSystem", b"s", "strict"),
-        # read-only rather than hidden: models may live in a user's llama.cpp cache.
-        ("ProtectHome", b"s", "read-only"),
-        ("PrivateTmp", b"b", True),
-        ("ProtectKernelTunables", b"b", True),
-        ("ProtectKernelModules", b"b", True),
-        ("ProtectControlGroups", b"b", True),
-        ("RestrictSUIDSGID", b"b", True),
-        ("LockPersonality", b"b", True),
+        *SANDBOX,
         # Only llamad may connect() to the backend's socket (docs/security.md): the unit
         # runs in BACKEND_GROUP, whose members llamad alone is, so the socket must be
         # group-writable (0770); other users get nothing.
@@ -165,18 +186,7 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         # Nothing of /run but its own directory (bound in below): no other model's socket,
         # no system bus.
         ("TemporaryFileSystem", b"a(ss)", [("/run", "ro")]),
-        ("CapabilityBoundingSet", b"t", 0),
         ("PrivateUsers", b"b", True),
-        ("ProtectProc", b"s", "invisible"),
-        ("ProcSubset", b"s", "pid"),
-        ("ProtectKernelLogs", b"b", True),
-        ("ProtectClock", b"b", True),
-        ("ProtectHostname", b"b", True),
-        ("RestrictNamespaces", b"t", 0),  # 0: no namespace may be created
-        ("RestrictRealtime", b"b", True),
-        ("SystemCallArchitectures", b"as", ["native"]),
-        ("SystemCallFilter", b"(bas)", (True, ["@system-service"])),
-        ("SystemCallFilter", b"(bas)", (False, ["@privileged", "@resources"])),
         *_network(spec.tcp, spec.remote),
     ]
     if spec.user is None:
@@ -229,8 +239,12 @@ def _host_prefix(text: str) -> tuple[int, list[int], int]:
     return (family, list(address.packed), address.max_prefixlen)
 
 
+def _bytes(value: Any) -> int | None:
+    # systemd reports "unknown" as the maximum uint64.
+    return None if value is None or value >= 2**64 - 1 else int(value)
+
+
 def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
-    memory = props.get("MemoryCurrent")
     return UnitStatus(
         name=name,
         load_state=props.get("LoadState", "not-found"),
@@ -242,8 +256,8 @@ def status_from_props(name: str, props: dict[str, Any]) -> UnitStatus:
         n_restarts=int(props.get("NRestarts", 0)),
         exit_code=_exit_code(int(props.get("ExecMainCode", 0))),
         exit_status=int(props.get("ExecMainStatus", 0)),
-        # systemd reports "unknown" as the maximum uint64.
-        memory_current=None if memory is None or memory >= 2**64 - 1 else int(memory),
+        memory_current=_bytes(props.get("MemoryCurrent")),
+        memory_peak=_bytes(props.get("MemoryPeak")),
         environment=tuple(props.get("Environment", ())),
         job=int(props.get("Job", (0, ""))[0]),
     )
@@ -364,6 +378,18 @@ class UnitManager:
         --runtime`: llamad sets them again from its configuration on every start."""
         argv = bus.args(b"sb", [name, True]) + bus.prop_array(props)
         await self._caller.manager(b"SetUnitProperties", argv)
+
+    async def own_ip_filter(self) -> tuple[str, Any, Any]:
+        """The unit llamad runs in, with its IPAddressDeny= and IPAddressAllow= prefixes."""
+        path = await self._caller.manager(b"GetUnitByPID", bus.args(b"u", [os.getpid()]))
+        name = bus.unit_name(bytes(path))
+        props = await self.properties(name, SERVICE_IFACE)
+        return name, props.get("IPAddressDeny"), props.get("IPAddressAllow")
+
+    async def allow_ip(self, name: str, addresses: list[str]) -> None:
+        """Add these addresses to the unit's IPAddressAllow= (systemd appends; runtime)."""
+        await self.set_properties(name, [("IPAddressAllow", b"a(iayu)",
+                                          [_host_prefix(a) for a in addresses])])
 
     async def reset_failed(self, name: str) -> None:
         try:

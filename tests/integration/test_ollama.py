@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,21 @@ SHORT = {"num_predict": 12, "temperature": 0, "seed": 42}
 
 GO_CLIENT = "ollama/0.12.0 (amd64 linux) Go/1.24.0"  # how Ollama's own client names itself
 
+
+@pytest.fixture(autouse=True)
+def _clients_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every ollama client a test makes (LangChain's ChatOllama makes one too) is closed at
+    its end: its pooled connections would otherwise be left to the garbage collector."""
+    made: list[ollama.Client] = []
+    init = ollama.Client.__init__
+
+    def tracked(self: ollama.Client, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(ollama.Client, "__init__", tracked)
+    yield
+    for client in made:
+        client.close()  # type: ignore[no-untyped-call]  # ollama's close() has no hints
 
 def get(d: Llamad, path: str, agent: str = GO_CLIENT, method: str = "GET") -> tuple[int, str]:
     req = urllib.request.Request(d.url + path, headers={"User-Agent": agent}, method=method)

@@ -13,7 +13,6 @@ import urllib.request
 from typing import Any
 
 import aiohttp
-import pytest
 import rig
 from helpers.daemon import PYTHON, Factory, Llamad, chat, models, stream, wait_state
 from helpers.watch import eventually
@@ -91,17 +90,34 @@ def _get(url: str, key: str) -> int:
         return e.code
 
 
-def test_a_key_file_without_keys_stops_llamad_and_check_config(llamad_factory: Factory,
-                                                             box: rig.Box,
-                                                             subtests: Any) -> None:
+def http_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """(status, decoded JSON answer) of a GET, or of a JSON POST of `body`."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+def test_a_key_file_without_keys_serves_nothing_and_fails_check_config(
+        llamad_factory: Factory, box: rig.Box, subtests: Any) -> None:
+    """Fails closed: llamad stands by (issue #24: no restart loop with clients queued on
+    the socket), and every request, keyed or not, gets a 503 naming the problem; no model
+    is served or started."""
     keys = box.workdir / "no-keys"
     keys.write_text("# keys go here, one a line\n")
     for path, why in [(keys, "holds no key"), (box.workdir / "absent", "cannot be read")]:
         with subtests.test(why=why):
-            d = llamad_factory(["gemma-a"], start=False, **{"api-keys-file": str(path)})
-            with pytest.raises(RuntimeError, match="llamad did not start"):
-                d.start()
-            assert f"llamad: {path}: api-keys-file {why}" in d.log()
+            d = llamad_factory(["gemma-a"], healthy=False, **{"api-keys-file": str(path)})
+            for route in ("/v1/models", "/health"):
+                status, body = http_json(d.url + route)
+                assert status == 503 and f"api-keys-file {why}" in body["error"]["message"]
+            status, _ = http_json(d.url + "/v1/chat/completions", {"model": "gemma-a"})
+            assert status == 503 and d.model_units() == {}
+            assert f"{path}: api-keys-file {why}" in d.log()
             out = box.run([str(PYTHON), "-m", "llamad", "check-config", "--config",
                            str(d.config)], check=False)
             assert out.returncode == 1 and f"llamad: {path}: api-keys-file {why}" in out.stderr
@@ -404,6 +420,7 @@ async def test_out_of_descriptors_is_503_and_changes_no_model(llamad_factory: Fa
                                             .split()) >= 99, timeout=30)
         writer.write(body[-1:])
         answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
         with subtests.test("503 with Retry-After"):
             assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
             assert b"Retry-After: " in answer and b"llamad_overloaded" in answer
