@@ -130,3 +130,29 @@ def drain(queue: asyncio.Queue[tuple[str, bytes] | None]) -> list[bytes]:
         item = queue.get_nowait()
         out.append(item[1] if item else None)
     return out
+
+
+async def test_the_listing_is_written_in_pieces_and_a_client_may_leave_early(
+        tiny_config: Config) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from llamad.api import models
+    from llamad.http.context import SUPERVISOR
+
+    sup = Rig(tiny_config).sup
+    app = web.Application()
+    app[SUPERVISOR] = sup
+    app.router.add_get("/v1/models", models.handle_models)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/v1/models")
+        body = await r.read()
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(body)
+        assert [m["id"] for m in json.loads(body)["data"]] == ["tiny"]
+        head = await client.head("/v1/models")
+        assert head.status == 200 and await head.read() == b""
+        early = await client.get("/v1/models")  # the status alone, then gone
+        early.close()
+        again = await client.get("/v1/models")
+        assert await again.read() == body
+    await sup.close()

@@ -33,6 +33,8 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
         elif CATALOG in request.app:
             await request.app[CATALOG].rescan_async()
     pieces = await listing.listing(sup, visible(request, sup.models.values()))
+    if request.method == "HEAD":  # aiohttp leaves a plain response's body out itself
+        return web.Response(body=b"".join(pieces), content_type="application/json")
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
         body = await fleet.with_peers(request, b"".join(pieces), sup.config.peers,
                                       sup.config.peer_timeout,
@@ -42,9 +44,12 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/json"})
     resp.content_length = sum(map(len, pieces))
     await resp.prepare(request)
-    for piece in pieces:
-        await resp.write(piece)
-    await resp.write_eof()
+    try:
+        for piece in pieces:
+            await resp.write(piece)
+        await resp.write_eof()
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+        pass  # the client left before the whole list (it read the status alone): no error
     return resp
 
 
