@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamad.errors import BadRequest
+from llamad.http import body as bodies
 from llamad.http.body import MAX_DEPTH, WANTED, Scanner, parse_keep_alive
 
 
@@ -269,3 +270,32 @@ def test_fuzz_any_bytes_end_in_fields_or_one_refusal(pieces: list[bytes], tail: 
     got, took, peak = _bounded_scan(body)
     assert got == reference(body)
     assert took < 1.0 and peak < 4 * len(body) + 256 * 1024, (took, peak, len(body))
+
+
+JSONS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["model", "stream", "keep_alive", "x", "mo\\u0064el"]),
+                       JSONS, max_size=4), st.binary(max_size=3), st.integers(0, 200))
+def test_the_quick_read_of_a_small_body_agrees_with_the_scanner(
+        fields: dict[str, object], junk: bytes, where: int) -> None:
+    """Wherever json.loads takes a small body (body._quick), the Scanner finds it valid
+    with the same fields; a body it does not take goes to the Scanner."""
+    text = json.dumps(fields).encode().replace(b"\\\\u0064", b"\\u0064")
+    for candidate in (text, text[:where] + junk + text[where:]):
+        quick = bodies._quick(candidate, frozenset(WANTED))
+        if quick is None:
+            continue
+        s = Scanner(candidate)
+        assert s.step(time.monotonic() + 60) and s.fields == quick, candidate
+
+
+def test_a_string_of_many_escapes_in_a_row_is_valid() -> None:
+    """The Scanner reads a string 64 pieces at a time; a run of more escapes than that (40
+    characters beyond the BMP are 80 escapes) goes on to the next piece, not an error."""
+    text = "\U00010000" * 40
+    assert scan(json.dumps({"model": text}).encode()) == {"model": text}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import rig
 from helpers.h100 import H100, gemma_info
-from helpers.nvml import FakeDevice, FakeNvml
+from helpers.nvml import FakeDevice, FakeNvml, NoNvml
 
 from llamad.memory.gpu import (
     GpuInfo,
@@ -253,3 +253,14 @@ def test_gpu_check_harness_on_the_real_llama_server() -> None:
     print(f"\nstart to ready: {row['ready_s']:.2f} s with -fit off, {fitted['ready_s']:.2f} s "
           f"without (fit step {fitted['fit_s']:.2f} s)")
     assert fitted["fit_s"] is not None and fitted["fit_s"] > 0
+
+
+def test_check_config_warns_of_gpus_without_persistence_mode() -> None:
+    from llamad.cli import models as cli
+    h100 = FakeDevice("NVIDIA H100 80GB HBM3", 80 * 2**30, 0)
+    assert cli._gpu_problems(FakeNvml([h100])) == []
+    cold = FakeDevice("NVIDIA H100 80GB HBM3", 80 * 2**30, 0, persistence=0)
+    (warning,) = cli._gpu_problems(FakeNvml([h100, cold]))
+    assert "persistence mode is off on GPU 1 (NVIDIA H100 80GB HBM3)" in warning
+    assert "nvidia-smi -pm 1" in warning
+    assert cli._gpu_problems(NoNvml()) == []

@@ -208,6 +208,21 @@ def test_fit_off_exactly_when_llamad_placed_the_model(config: Config, subtests) 
         assert gpuload.fit_args(replace(model, info=None)) == ()
 
 
+def test_load_mode_dio_where_the_file_is_larger_than_the_page_cache_may_hold(
+        config: Config) -> None:
+    model = scan(config).models["a"]
+    assert model.info is not None
+    size = model.info.size
+    spec = UnitSpec("llama-server@a.service", "a", ("llama-server",), ("X=1",))
+    assert gpuload.load_mode(model, spec, size) == spec  # it fits: llama.cpp's default
+    chosen = gpuload.load_mode(model, spec, size - 1)
+    assert chosen.environment == ("X=1", "LLAMA_ARG_LOAD_MODE=dio")
+    assert chosen.argv == spec.argv  # no part of what an adopting llamad compares
+    for own in (replace(model.settings, args=("--load-mode", "mmap")),
+                replace(model.settings, env=("LLAMA_ARG_LOAD_MODE=mlock",))):
+        assert gpuload.load_mode(replace(model, settings=own), spec, 0) == spec
+
+
 async def test_unit_argv_carries_fit_off_and_stays_adoptable(config: Config) -> None:
     sup = Rig(config).sup
     spec, _ = sup.spec(sup.slots["a"])

@@ -40,7 +40,7 @@ def test_entry_has_router_fields_and_failed_shape(tiny_config: Config) -> None:
     assert status == {**status, "value": "unloaded", "failed": True, "exit_code": 1}
     slot.last_exit = {"ExecMainStatus": 134}
     assert listing.entry(sup, slot)["status"]["exit_code"] == 134
-    body = json.loads(asyncio.run(listing.listing(sup, sup.slots.values())))
+    body = json.loads(b"".join(asyncio.run(listing.listing(sup, sup.slots.values()))))
     assert [m["id"] for m in body["data"]] == ["tiny"] and body["object"] == "list"
 
 
@@ -49,23 +49,35 @@ async def test_cached_entries_follow_what_they_show(tiny_config: Config) -> None
     slot = sup.slots["tiny"]
 
     async def shown() -> dict[str, Any]:
-        entry: dict[str, Any] = json.loads(await listing.listing(sup, [slot]))["data"][0]
+        entry: dict[str, Any] = json.loads(b"".join(await listing.listing(sup, [slot])))[
+            "data"][0]
         return entry
     assert await listing.listing(sup, [slot]) == await listing.listing(sup, [slot])
+    # Pieces of about CHUNK bytes that join into one body, whatever the count.
+    for n in (0, 1, 2, 1000, -(-listing.CHUNK // 1029)):  # the last: a piece ends the list
+        pieces = listing._pieces([b'{"id":"%d","p":"%s"}' % (i, b"x" * (1013 - len(str(i))))
+                                  for i in range(n)])
+        assert n < 1000 or len(pieces) > 3
+        assert [m["id"] for m in json.loads(b"".join(pieces))["data"]] == \
+            [str(i) for i in range(n)]
     sup.set_pin(slot, True)
     assert (await shown())["llamad"]["pinned"] is True
     sup.move(slot, State.FAILED, Cause.FAILED, "gone")
     slot.reason = "gone"
     sup.move(slot, State.UNLOADED, Cause.RESET)
     assert (await shown())["llamad"]["restarts"] == 0
-    slot.served, slot.last_used = 3, 1.0
-    assert (await shown())["llamad"]["served"] == 3
+    slot.in_flight += 1
+    sup.release(slot)  # a request ended, as Admission.use ends it
+    assert (await shown())["llamad"]["served"] == 1
     # A learned figure changes the need shown without any state change.
     sup.measure.learn(slot.model, 123 * 2**20, None, 1.0)
     assert (await shown())["llamad"]["need"]["ram"] == 123 * 2**20
     sup.kv.figures.setdefault("tiny", kvmetrics.Figures()).saved_tokens = 7
     sup.kv.generation += 1
     assert (await shown())["llamad"]["kv_cache"]["saved_tokens"] == 7
+    # Asked again with nothing changed: the same bytes, without building the entry again.
+    before = await listing.listing(sup, [slot])
+    assert await listing.listing(sup, [slot]) == before
     cached, fresh = (await shown())["llamad"], listing.entry(sup, slot)["llamad"]
     # last_used is wall-clock time, from the monotonic clock: the same up to rounding.
     assert abs(cached.pop("last_used") - fresh.pop("last_used")) < 0.01
@@ -118,3 +130,29 @@ def drain(queue: asyncio.Queue[tuple[str, bytes] | None]) -> list[bytes]:
         item = queue.get_nowait()
         out.append(item[1] if item else None)
     return out
+
+
+async def test_the_listing_is_written_in_pieces_and_a_client_may_leave_early(
+        tiny_config: Config) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from llamad.api import models
+    from llamad.http.context import SUPERVISOR
+
+    sup = Rig(tiny_config).sup
+    app = web.Application()
+    app[SUPERVISOR] = sup
+    app.router.add_get("/v1/models", models.handle_models)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/v1/models")
+        body = await r.read()
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(body)
+        assert [m["id"] for m in json.loads(body)["data"]] == ["tiny"]
+        head = await client.head("/v1/models")
+        assert head.status == 200 and await head.read() == b""
+        early = await client.get("/v1/models")  # the status alone, then gone
+        early.close()
+        again = await client.get("/v1/models")
+        assert await again.read() == body
+    await sup.close()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from helpers.supervised import Rig
 from helpers.watch import eventually
 from prometheus_client import generate_latest
@@ -276,3 +276,23 @@ async def test_what_llamad_reads_of_a_backend_is_bounded() -> None:
                 await read_capped(r, 1 << 20)
         async with s.get(server.make_url("/small")) as r:
             assert await capped_json(r, 100) == {"n": 1}
+
+
+async def test_only_a_models_answer_is_scanned_for_token_counts() -> None:
+    """llamad's own answers (GET /v1/models of 10,000 models is 12 MB) are not scanned."""
+    seen: list[Record] = []
+    observe = record.middleware([seen.append])
+    body = b'{"usage": {"prompt_tokens": 5, "completion_tokens": 1}}'
+
+    async def own(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body)
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        record.of(request).model = "m"
+        return web.Response(body=body)
+    mine = make_mocked_request("GET", "/v1/models")
+    await observe(mine, own)
+    assert record.of(mine).counts == {} and record.of(mine).first_byte is None and not seen
+    theirs = make_mocked_request("POST", "/v1/completions")
+    await observe(theirs, models)
+    assert seen and seen[0].prompt_tokens == 5 and seen[0].completion_tokens == 1

@@ -91,8 +91,14 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
 
 
 async def _next(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
-    """The answer's next piece (b"" at its end); a failure is the backend's error."""
+    """The answer's next piece (b"" at its end); a failure is the backend's error. What
+    has arrived already is taken as is: most answers come whole with their headers, and
+    watching for silence costs a task and a timer each time (a tenth of a small request)."""
     try:
+        if (ready := up.content.read_nowait()) or up.content.at_eof():
+            if ready:
+                backend.heard()
+            return ready
         return await _patiently(backend, up.content.readany(), watch)
     except _Wedged as e:
         raise _timeout(watch, str(e)) from e
@@ -110,6 +116,9 @@ async def _plain(request: web.Request, backend: Backend, up: aiohttp.ClientRespo
     resp.headers.update(_forward_headers(up.headers))
     if up.content_length is not None:
         resp.content_length = up.content_length
+    # The headers go out with the first piece, in one write (aiohttp >= 3.10 sends them
+    # at once otherwise: a second send() per answer, a tenth of a small request's time).
+    resp._send_headers_immediately = False
     await resp.prepare(request)
     while chunk:
         await resp.write(chunk)

@@ -22,7 +22,7 @@ from llamad.supervisor.supervisor import Supervisor
 FEED: Any = app_key("feed", ModelFeed)
 
 
-async def handle_models(request: web.Request) -> web.Response:
+async def handle_models(request: web.Request) -> web.StreamResponse:
     sup = supervisor(request)
     if request.query.get("reload"):
         # A full scan of every models directory: an admin's to ask for, and callers at the
@@ -32,12 +32,25 @@ async def handle_models(request: web.Request) -> web.Response:
             await sup.rescan()
         elif CATALOG in request.app:
             await request.app[CATALOG].rescan_async()
-    body = await listing.listing(sup, visible(request, sup.models.values()))
+    pieces = await listing.listing(sup, visible(request, sup.models.values()))
+    if request.method == "HEAD":  # aiohttp leaves a plain response's body out itself
+        return web.Response(body=b"".join(pieces), content_type="application/json")
     if fleet.wants_peers(request, sup.config.peers):  # the other llamads' models too
-        body = await fleet.with_peers(request, body, sup.config.peers, sup.config.peer_timeout,
+        body = await fleet.with_peers(request, b"".join(pieces), sup.config.peers,
+                                      sup.config.peer_timeout,
                                       request.app[keys.KEYRING].peer_key
                                       if keys.KEYRING in request.app else None)
-    return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = sum(map(len, pieces))
+    await resp.prepare(request)
+    try:
+        for piece in pieces:
+            await resp.write(piece)
+        await resp.write_eof()
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+        pass  # the client left before the whole list (it read the status alone): no error
+    return resp
 
 
 async def handle_model(request: web.Request) -> web.Response:

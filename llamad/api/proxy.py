@@ -135,10 +135,11 @@ async def handle_shared(request: web.Request) -> web.StreamResponse:
     if request.method == "GET":
         return await handle_get(request)
     if request.path.startswith("/slots/") and request.query.get("action") in FILE_ACTIONS \
-            and supervisor(request).config.kv_cache:
-        raise browsers.Refused("with kv-cache = yes the models' slot files are llamad's own "
-                               "(it saves and restores slots itself); POST "
-                               "/slots/ID?action=erase still works",
+            and supervisor(request).config.kv_cache != "no":
+        raise browsers.Refused("llamad keeps the models' KV caches itself (kv-cache = "
+                               f"{supervisor(request).config.kv_cache}): their slot files "
+                               "are its own; POST /slots/ID?action=erase still works (with "
+                               "kv-cache = no llama-server's slot files are yours)",
                                code="slot_files_are_llamads")
     return await handle_post(request)
 

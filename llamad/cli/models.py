@@ -18,6 +18,7 @@ from llamad.catalog.presets import Presets, SwaFits, global_flags, load_presets,
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
 from llamad.http import keys
+from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure
 from llamad.supervisor.guards import kvpolicy
 from llamad.systemd import socketstate, unitpaths
@@ -54,13 +55,30 @@ def preset_servers(presets: Presets) -> dict[str, Path]:
     return out
 
 
+def _gpu_problems(nvml: Any = None) -> list[str]:
+    """What check-config says of the GPUs: persistence mode off (NVML; none without)."""
+    gpu_log = logging.getLogger("llamad.gpu")
+    level, gpu_log.level = gpu_log.level, logging.WARNING  # "no GPU" is no problem here
+    try:
+        monitor = GpuMonitor(nvml=nvml)
+    finally:
+        gpu_log.setLevel(level)
+    try:
+        off = monitor.persistence_off()
+    finally:
+        monitor.close()
+    return [f"persistence mode is off on {', '.join(off)}: each model start initialises "
+            "the GPU first (1-3 s); turn it on with `nvidia-smi -pm 1` or the "
+            "nvidia-persistenced service"] if off else []
+
+
 def cmd_check_config(config_path: Path | None) -> int:
     config = load_config(config_path)
     check(config)
     presets = load_presets(config.models_preset, server=config.llama_server)
     for warning in [*unitpaths.config_problems(config), *socketstate.problems(),
                     *unitpaths.server_problems(config, preset_servers(presets)),
-                    *presets.ignored]:
+                    *presets.ignored, *_gpu_problems()]:
         print(f"llamad: warning: {warning}", file=sys.stderr)
     if presets.errors:  # every one, each naming file, line, section and key
         for error in presets.errors.values():

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -50,6 +51,7 @@ def host_name(header: str) -> str:
     return h.rsplit(":", 1)[0].rstrip(".") if h.count(":") == 1 else h.rstrip(".")
 
 
+@functools.lru_cache(maxsize=256)  # asked for every request, mostly of the same few names
 def is_loopback(name: str) -> bool:
     if name == "localhost" or name.endswith(".localhost"):
         return True  # RFC 6761: browsers resolve these to loopback themselves

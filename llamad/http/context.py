@@ -46,5 +46,9 @@ async def find(request: web.Request, name: object) -> Slot:
 
 
 def visible(request: web.Request, slots: Iterable[SlotView]) -> list[SlotView]:
-    """The models of `slots` the request's key may use."""
-    return [s for s in slots if keys.may_use(request, s.model.id, s.model.aliases)]
+    """The models of `slots` the request's key may use (the key looked up once: GET
+    /v1/models may list 10,000 models)."""
+    key = keys.request_key(request)
+    if key is None or key.models is None:
+        return list(slots)
+    return [s for s in slots if key.may_use(s.model.id, s.model.aliases)]

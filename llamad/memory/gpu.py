@@ -94,6 +94,22 @@ class GpuMonitor:
                 out.setdefault(unit, []).append(p)
         return out
 
+    def persistence_off(self) -> list[str]:
+        """The GPUs (index and name) whose driver persistence mode NVML reports off: each
+        start of a model on one then initialises the GPU first, 1-3 s (nvidia-smi -pm 1,
+        or nvidia-persistenced, keeps it ready). Empty without NVML or where it cannot say."""
+        if self._nvml is None:
+            return []
+        nvml, off = self._nvml, []
+        try:
+            for i in range(nvml.nvmlDeviceGetCount()):
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+                if nvml.nvmlDeviceGetPersistenceMode(h) == 0:  # NVML_FEATURE_DISABLED
+                    off.append(f"GPU {i} ({_text(nvml.nvmlDeviceGetName(h))})")
+        except (nvml.NVMLError, AttributeError):
+            return []
+        return off
+
     def close(self) -> None:
         if self._nvml is not None:
             try:

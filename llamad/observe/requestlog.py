@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ log = logging.getLogger("llamad.requestlog")
 MESSAGE_ID = "0f1c8d3ad0e54c6c9e1b8f7a62d5b4e3"  # `journalctl MESSAGE_ID=...` finds them all
 FIT_MESSAGE_ID = "6b1f0e8a3c2d4f5e9a7b1c3d5e7f9a0b"  # what fitting chose for a model
 QUEUE = 10_000
+BATCH = 0.05  # seconds the writer naps between batches
 
 
 def clean(text: str) -> str:
@@ -64,14 +66,14 @@ class JournalWriter:
 
     def __init__(self, send: Callable[..., Any] = journal.send) -> None:
         self._send = send
-        self._queue: queue.Queue[dict[str, str] | None] = queue.Queue(QUEUE)
+        self._queue: queue.Queue[dict[str, str] | Record | None] = queue.Queue(QUEUE)
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="llamad-request-log",
                                         daemon=True)
         self._thread.start()
 
     def __call__(self, rec: Record) -> None:
-        self._put(fields(rec))
+        self._put(rec)  # ended: nothing changes it any more; its fields are made off the loop
 
     def note(self, unit: str, message: str) -> None:
         """A line of llamad's about a model, in that model's unit's journal. Not a request:
@@ -79,7 +81,7 @@ class JournalWriter:
         self._put({"MESSAGE": one_line(message), "OBJECT_SYSTEMD_UNIT": clean(unit),
                    "MESSAGE_ID": FIT_MESSAGE_ID})
 
-    def _put(self, entry: dict[str, str]) -> None:
+    def _put(self, entry: dict[str, str] | Record) -> None:
         try:
             self._queue.put_nowait(entry)
         except queue.Full:
@@ -89,17 +91,34 @@ class JournalWriter:
                             self.dropped)
 
     def _run(self) -> None:
+        """Send what is queued, then nap: the thread wakes once per BATCH seconds at most,
+        not once per request. Each wake-up takes the GIL from the event loop (measured: a
+        tenth of the event loop's time per proxied request went to waking it)."""
         failing = False
-        while (entry := self._queue.get()) is not None:
-            try:
-                message = entry.pop("MESSAGE")
-                entry.setdefault("MESSAGE_ID", MESSAGE_ID)
-                self._send(message, PRIORITY="6", SYSLOG_IDENTIFIER="llamad", **entry)
-                failing = False
-            except Exception as e:  # journald gone or restarting: say so once, keep going
-                if not failing:
-                    log.warning("cannot write the request log to the journal: %s", e)
-                failing = True
+        while True:
+            entry = self._queue.get()
+            while entry is not None:
+                failing = self._write(entry, failing)
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if entry is None:  # close()
+                return
+            time.sleep(BATCH)
+
+    def _write(self, item: dict[str, str] | Record, failing: bool) -> bool:
+        """Send one entry; returns whether sending failed."""
+        try:
+            entry = fields(item) if isinstance(item, Record) else item
+            message = entry.pop("MESSAGE")
+            entry.setdefault("MESSAGE_ID", MESSAGE_ID)
+            self._send(message, PRIORITY="6", SYSLOG_IDENTIFIER="llamad", **entry)
+            return False
+        except Exception as e:  # journald gone or restarting: say so once, keep going
+            if not failing:
+                log.warning("cannot write the request log to the journal: %s", e)
+            return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (up to `timeout` seconds), then stop the thread."""

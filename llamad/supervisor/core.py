@@ -101,6 +101,7 @@ class Core:
         self.policy = Policy(config.eviction_policy)
         self.slots: dict[str, Slot] = {m.id: Slot(m) for m in snapshot.models.values()}
         self._changed = asyncio.Event()
+        self.changes = 0  # every notified change of any slot (listing.py caches by it)
         self.events = Hub()
         self.hooks: tuple[Hook, ...] = ()  # features called at each step (hooks.py)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -180,6 +181,7 @@ class Core:
         self.events.emit(Change(slot.model.id, old, new, cause, detail, time.time()))
 
     def _notify(self) -> None:
+        self.changes += 1
         self._changed.set()
         self._changed = asyncio.Event()
 

@@ -15,11 +15,13 @@ import time
 from llamad.catalog.catalog import Snapshot
 from llamad.errors import LlamadError, Unavailable
 from llamad.memory.fit import Choice
+from llamad.memory.gpu import mem_available
 from llamad.memory.types import Memory
 from llamad.supervisor import backend as be
 from llamad.supervisor import unitspec
 from llamad.supervisor.core import Core
 from llamad.supervisor.events import Cause, State
+from llamad.supervisor.guards import gpuload
 from llamad.supervisor.scheduler import Drain, Load, Reject, Serve, Wake, decide, expired
 from llamad.supervisor.slot import Slot
 from llamad.systemd.units import UnitError, UnitSpec, UnitStatus
@@ -163,6 +165,7 @@ class Lifecycle(Core):
             log.info("model %s is no longer starting (%s); its start is dropped",
                      slot.model.id, slot.state.value)
             return
+        spec = gpuload.load_mode(slot.model, spec, mem_available())  # with the memory now
         try:
             await self.units.start(spec, wanted=lambda: slot.epoch == epoch)
         except UnitError as e:

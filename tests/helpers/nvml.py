@@ -17,6 +17,7 @@ class FakeDevice:
     total: int
     used: int
     processes: list[tuple[int, int | None]] = field(default_factory=list)
+    persistence: int = 1  # NVML_FEATURE_ENABLED
 
 
 class FakeNvml:
@@ -53,6 +54,9 @@ class FakeNvml:
 
     def nvmlDeviceGetName(self, h: FakeDevice) -> str | bytes:
         return h.name
+
+    def nvmlDeviceGetPersistenceMode(self, h: FakeDevice) -> int:
+        return h.persistence
 
     def nvmlDeviceGetUUID(self, h: FakeDevice) -> str:
         return f"GPU-{next(i for i, d in enumerate(self.devices) if d is h):08d}"

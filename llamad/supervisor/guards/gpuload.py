@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -26,12 +27,13 @@ from llamad.background import Background
 from llamad.catalog import argv
 from llamad.catalog.catalog import Model
 from llamad.errors import LlamadError
-from llamad.sizes import MIB
+from llamad.sizes import GIB, MIB
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.hooks import Hook, Port
 
 if TYPE_CHECKING:
     from llamad.supervisor.slot import Slot
+    from llamad.systemd.units import UnitSpec
 
 log = logging.getLogger("llamad.gpuload")
 
@@ -54,6 +56,28 @@ def cuda_env(uuids: Iterable[str]) -> str:
     """The unit's CUDA_VISIBLE_DEVICES: GPUs by UUID (NVML numbers them by PCI bus, CUDA
     fastest first, so an index can name another card), or empty for a CPU-only plan."""
     return "CUDA_VISIBLE_DEVICES=" + ",".join(uuids)
+
+
+LOAD_MODE = argv.canonical("--load-mode")
+LOAD_MODE_ENV = "LLAMA_ARG_LOAD_MODE"
+
+
+def load_mode(model: Model, spec: UnitSpec, available: int) -> UnitSpec:
+    """The unit as it starts now, with llama-server's --load-mode chosen for this start:
+    `dio` (direct I/O, no page cache) when the model's files are larger than the RAM
+    `available` for the page cache, where mmap would only push out what other models
+    need and read the file twice; llama.cpp's default otherwise. Given through the
+    environment (LLAMA_ARG_LOAD_MODE), which is no part of the argv an adopting llamad
+    compares: a per-start choice, not the model's identity. A preset's own choice stays."""
+    size = model.info.size if model.info is not None else 0
+    own = argv.has(model.settings.args, LOAD_MODE) or any(
+        e.startswith(LOAD_MODE_ENV + "=") for e in model.settings.env)
+    if own or not size or size <= available:
+        return spec
+    log.info("model %s: its files (%.1f GiB) are larger than the RAM free for the page "
+             "cache (%.1f GiB): loading it with --load-mode dio", model.id, size / GIB,
+             available / GIB)
+    return dataclasses.replace(spec, environment=(*spec.environment, f"{LOAD_MODE_ENV}=dio"))
 
 
 def fit_args(model: Model) -> tuple[str, ...]:

@@ -60,8 +60,10 @@ class RpcGuard(Hook):
         """Raise Unavailable (503) when the model would have to load and cannot: a worker
         is held by another loaded model, or does not answer. A model failed for a worker
         that answers again is cleared here, so this request loads it."""
+        if slot.state not in (State.UNLOADED, State.FAILED):
+            return  # every request to a loaded model passes here: no argv walk for it
         found = self.workers(slot)
-        if not found or slot.state not in (State.UNLOADED, State.FAILED):
+        if not found:
             return
         if slot.state is State.FAILED and slot.model.id not in self.lost:
             return  # failed for another reason: the scheduler says why
