@@ -148,7 +148,7 @@ def test_cached_tensor_table_survives_a_restart(tmp_path: Path) -> None:
     head = cache.header(rig.GEMMA)
     cache.save()
     assert InfoCache(store).header(rig.GEMMA) == head
-    assert store.stat().st_size < 1200  # the table boiled down, not 236 tensors
+    assert store.stat().st_size < 4000  # the table boiled down, not 236 tensors (~15 KB)
 
 
 def test_a_header_too_slow_to_read_is_read_again_next_time(
