@@ -17,6 +17,7 @@ import rig
 from helpers.h100 import H100, gemma_info
 from helpers.nvml import FakeDevice, FakeNvml, NoNvml
 
+from llamad.memory import gpu
 from llamad.memory.gpu import (
     GpuInfo,
     GpuMonitor,
@@ -78,6 +79,18 @@ def test_failed_init_falls_back_to_ram_with_one_line(caplog: pytest.LogCaptureFi
     assert mon.gpus() == () and vram_by_unit(mon.unit_processes()) == {}
     assert [r.getMessage() for r in caplog.records] == [
         "no NVIDIA GPU usable (NVML Shared Library Not Found): scheduling by system RAM alone"]
+
+
+def test_without_the_driver_pynvml_is_never_imported() -> None:
+    """This machine has no NVIDIA driver: an idle llamad keeps no NVML binding in memory."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+            "from llamad.memory.gpu import GpuMonitor\n"
+            "assert not GpuMonitor().available\n"
+            "print(sorted(m for m in sys.modules if 'nvml' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert (out.stdout, out.stderr) == ("[]\n", "no NVIDIA driver (libnvidia-ml.so.1 not "
+                                        "found): scheduling by system RAM alone\n")
 
 
 def test_zero_gpus_is_ram_only() -> None:
@@ -158,6 +171,7 @@ def test_meminfo_real_and_parsed(tmp_path: Path) -> None:
 def test_without_the_binding(monkeypatch: pytest.MonkeyPatch,
                              caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import now raises ImportError
+    monkeypatch.setattr(gpu, "_driver", lambda: True)  # a driver, but no binding
     caplog.set_level(logging.INFO, logger="llamad.gpu")
     mon = GpuMonitor()
     assert not mon.available and mon.gpus() == ()
