@@ -19,11 +19,12 @@ class Gate:
 
     def __init__(self) -> None:
         self.inside = 0  # requests past the gate: waiting for the model, or in flight
-        self._line: deque[asyncio.Future[None]] = deque()
+        # Made on the first wait: an empty deque is 600 bytes, and most models never queue.
+        self._line: deque[asyncio.Future[None]] | None = None
 
     @property
     def waiting(self) -> int:
-        return sum(1 for f in self._line if not f.done())
+        return sum(1 for f in self._line or () if not f.done())
 
     async def enter(self, limit: int, timeout: float) -> None:
         """Pass the gate (limit 0: no limit); raises TimeoutError after `timeout` seconds
@@ -33,7 +34,8 @@ class Gate:
             return
         loop = asyncio.get_running_loop()
         place: asyncio.Future[None] = loop.create_future()
-        self._line.append(place)
+        line = self._line = self._line if self._line is not None else deque()
+        line.append(place)
         timer = loop.call_later(timeout, _expire, place)
         try:
             await place  # cancelling the request cancels its place in line
@@ -43,7 +45,7 @@ class Gate:
                 self.leave(limit)
             else:
                 with contextlib.suppress(ValueError):
-                    self._line.remove(place)
+                    line.remove(place)
             raise
         finally:
             timer.cancel()
