@@ -110,6 +110,13 @@ def test_download_unit_is_sandboxed_and_keeps_the_token_out_of_sight() -> None:
     assert props["Type"] == "notify" and props["RemainAfterExit"] is True
     assert props["RestartPreventExitStatus"] == ([65], [])
     assert "DynamicUser" not in props and "User" not in props  # root, without capabilities
+    # llamad's python and code: where PrivateTmp= hides them (a clone in /var/tmp), bound in.
+    for code, bound in (((Path("/usr"), Path("/usr/lib/python3/dist-packages")), None),
+                        ((Path("/var/tmp/x/.venv"), Path("/usr/lib/x")),
+                         [("/var/tmp/x/.venv", "/var/tmp/x/.venv", False, 0)])):
+        got = {name: value for name, _, value in du.properties(
+            "u/r", command, Path("/c"), None, code=code)}
+        assert got.get("BindReadOnlyPaths") == bound
     shown = repr(props["ExecStart"]) + repr(props["Environment"])
     assert "hf-token" not in shown
     assert du.download_unit("u/r:Q4_0") == "llamad-download@u-r:Q4_0-" + \

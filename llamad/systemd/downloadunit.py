@@ -14,6 +14,8 @@ a command-line argument or an Environment= entry, which every local user may rea
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,10 @@ MODEL_ENV = "LLAMAD_DOWNLOAD"  # the name a download unit fetches, for a later l
 TOKEN_CREDENTIAL = "hf-token"
 EXIT_PERMANENT = 65  # the downloader's "trying again cannot help" (fetch.EXIT_PERMANENT)
 PLAN_TIMEOUT = 120.0  # seconds the downloader may take to ask the hub before READY=1
+# Where the downloader's python and llamad itself live. A developer's clone (or its venv)
+# under /tmp or /var/tmp is hidden by PrivateTmp=: it is bound back in, read-only.
+CODE = (Path(sys.prefix), Path(__file__).resolve().parents[2])
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 
 
 def download_unit(name: str) -> str:
@@ -45,7 +51,8 @@ def argv(python: str, cache: Path, endpoint: str, name: str, remove: bool = Fals
 
 
 def properties(name: str, command: list[str], cache: Path, token_file: Path | None,
-               remove: bool = False) -> list[tuple[str, bytes, Any]]:
+               remove: bool = False, code: Sequence[Path] = CODE,
+               ) -> list[tuple[str, bytes, Any]]:
     """StartTransientUnit's properties of the unit that downloads (or removes) `name`."""
     what = "removal" if remove else "download"
     props: list[tuple[str, bytes, Any]] = [
@@ -67,6 +74,10 @@ def properties(name: str, command: list[str], cache: Path, token_file: Path | No
         ("MemoryDenyWriteExecute", b"b", True),
         ("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
     ]
+    hidden = [str(p) for p in dict.fromkeys(code)
+              if any(p.is_relative_to(tmp) for tmp in PRIVATE_TMP)]
+    if hidden:
+        props.append(("BindReadOnlyPaths", b"a(ssbt)", [(p, p, False, 0) for p in hidden]))
     # The downloader's STATUS= lines (JSON) say how far it got, or why it failed.
     props.append(("NotifyAccess", b"s", "main"))
     if remove:
