@@ -92,14 +92,13 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
 
 async def _next(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
     """The answer's next piece (b"" at its end); a failure is the backend's error. What
-    has arrived already is taken as is: most answers come whole with their headers, and
-    watching for silence costs a task and a timer each time (a tenth of a small request)."""
+    has arrived already is taken as is: most answers come whole with their headers."""
     try:
         if (ready := up.content.read_nowait()) or up.content.at_eof():
             if ready:
                 backend.heard()
             return ready
-        return await _patiently(backend, up.content.readany(), watch)
+        return await _piece(backend, up.content, watch)
     except _Wedged as e:
         raise _timeout(watch, str(e)) from e
     except FAILURES as e:
@@ -176,12 +175,31 @@ async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientS
     return up
 
 
-async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch) -> T:
-    """Await the backend's next bytes. A backend that sent nothing, on this request or any
-    other, for idle_timeout is probed (Backend.probe); one busy with a long prompt is alive
-    and is waited for again."""
-    task = asyncio.ensure_future(step)
+async def _piece(backend: Backend, content: aiohttp.StreamReader, watch: Watch) -> bytes:
+    """The answer's next piece, watched as _patiently watches but without its task and
+    wait, which were most of what llamad spent on a streamed token: readany may be
+    cancelled and asked again (what arrives stays buffered), so a plain timeout serves
+    until the backend has been quiet for idle_timeout."""
     started = time.monotonic()
+    timeout = asyncio.timeout(watch.idle_timeout or None)
+    try:
+        async with timeout:
+            data = await content.readany()
+    except TimeoutError:
+        if not timeout.expired():
+            raise  # the connection's own
+        return await _patiently(backend, content.readany(), watch, started)
+    backend.heard()
+    return data
+
+
+async def _patiently(backend: Backend, step: Awaitable[T], watch: Watch,
+                     started: float | None = None) -> T:
+    """Await the backend's next bytes (waited for since `started`). A backend that sent
+    nothing, on this request or any other, for idle_timeout is probed (Backend.probe); one
+    busy with a long prompt is alive and is waited for again."""
+    task = asyncio.ensure_future(step)
+    started = time.monotonic() if started is None else started
 
     def quiet() -> float:
         return time.monotonic() - max(started, backend.last_heard)
@@ -219,7 +237,7 @@ async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResp
         await resp.prepare(request)
     while True:
         try:
-            chunk = await _patiently(backend, up.content.readany(), watch)
+            chunk = await _piece(backend, up.content, watch)
         except _Wedged as e:
             await _error_event(resp, BackendTimeout(f"the model's backend stopped answering "
                                                     f"mid-stream ({e}); it is being restarted"))
@@ -302,8 +320,7 @@ class Upstream:
         its client in its own stream)."""
         while True:
             try:
-                chunk = await _patiently(self.backend, self.response.content.readany(),
-                                         self.watch)
+                chunk = await _piece(self.backend, self.response.content, self.watch)
             except _Wedged as e:
                 raise _timeout(self.watch, f"mid-stream: {e}") from e
             except FAILURES as e:
