@@ -99,12 +99,20 @@ def test_ram_shown_everywhere_is_the_cgroups() -> None:
         print(f"memory.current {before}/{after}, llamad {shown}")
         return shown if set(shown.values()) == {before, after} else None
 
-    shown = wait_for("llamad's RAM figures to equal memory.current", same, 60, interval=1)
-    # `llamad ps` rounds to MiB.
-    table = sh("llamad ps").splitlines()
-    row = next(line for line in table if line.startswith("busy "))
-    ram = slice(table[0].index("RAM"), table[0].index("VRAM"))
-    assert row[ram].strip() == f"{shown['status'] / MIB:.0f} MiB", table
+    wait_for("llamad's RAM figures to equal memory.current", same, 60, interval=1)
+
+    def ps_same() -> list[str] | None:
+        """`llamad ps` shows /status's figure, rounded to MiB (read on either side of it:
+        the model's memory may move meanwhile)."""
+        before = http("GET", "/status")[1]["models"]["busy"]["ram"]
+        table = sh("llamad ps").splitlines()
+        after = http("GET", "/status")[1]["models"]["busy"]["ram"]
+        row = next(line for line in table if line.startswith("busy "))
+        ram = row[table[0].index("RAM"):table[0].index("VRAM")].strip()
+        print(f"llamad ps: {ram}; /status {before}/{after}")
+        return table if ram in {f"{before / MIB:.0f} MiB", f"{after / MIB:.0f} MiB"} else None
+
+    wait_for("llamad ps to show /status's RAM", ps_same, 30, interval=1)
     assert int(current.read_text()) != _vm_rss(info["main_pid"])
 
 
