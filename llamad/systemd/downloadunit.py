@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llamad.systemd import unitpaths
 from llamad.systemd.unitname import instance_name
 from llamad.systemd.units import SANDBOX, USEC
 
@@ -31,9 +32,8 @@ TOKEN_CREDENTIAL = "hf-token"
 EXIT_PERMANENT = 65  # the downloader's "trying again cannot help" (fetch.EXIT_PERMANENT)
 PLAN_TIMEOUT = 120.0  # seconds the downloader may take to ask the hub before READY=1
 # Where the downloader's python and llamad itself live. A developer's clone (or its venv)
-# under /tmp or /var/tmp is hidden by PrivateTmp=: it is bound back in, read-only.
+# in a place the unit's sandbox hides (/tmp, /var/tmp) is bound back in, read-only.
 CODE = (Path(sys.prefix), Path(__file__).resolve().parents[2])
-PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 
 
 def download_unit(name: str) -> str:
@@ -74,8 +74,8 @@ def properties(name: str, command: list[str], cache: Path, token_file: Path | No
         ("MemoryDenyWriteExecute", b"b", True),
         ("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
     ]
-    hidden = [str(p) for p in dict.fromkeys(code)
-              if any(p.is_relative_to(tmp) for tmp in PRIVATE_TMP)]
+    box = unitpaths.Sandbox(unitpaths.hidden_places(props), "root", "download units")
+    hidden = [str(p) for p in dict.fromkeys(code) if unitpaths.hidden(p, box)]
     if hidden:
         props.append(("BindReadOnlyPaths", b"a(ssbt)", [(p, p, False, 0) for p in hidden]))
     # The downloader's STATUS= lines (JSON) say how far it got, or why it failed.

@@ -45,7 +45,13 @@ class Sandbox:
 
 def sandbox(spec: UnitSpec) -> Sandbox:
     """The sandbox the unit described by `spec` gets, read from its transient properties."""
-    props: dict[str, Any] = {name: value for name, _sig, value in transient_properties(spec)}
+    return Sandbox(hidden_places(transient_properties(spec)), spec.user)
+
+
+def hidden_places(properties: Sequence[tuple[str, bytes, Any]]) -> tuple[tuple[str, str], ...]:
+    """The places a unit with these transient properties does not see, each with how it
+    sees the place instead."""
+    props: dict[str, Any] = {name: value for name, _sig, value in properties}
     hidden: list[tuple[str, str]] = []
     if props.get("PrivateTmp"):
         hidden += [(p, _PRIVATE_TMP[1]) for p in _PRIVATE_TMP[0]]
@@ -56,7 +62,7 @@ def sandbox(spec: UnitSpec) -> Sandbox:
         hidden += [(p, _PRIVATE_DEVICES[1]) for p in _PRIVATE_DEVICES[0]]
     for path in props.get("InaccessiblePaths", ()):
         hidden.append((path, "inaccessible (InaccessiblePaths=)"))
-    return Sandbox(tuple(hidden), spec.user)
+    return tuple(hidden)
 
 
 def for_units(llama_server: Path, user: str | None) -> Sandbox:
