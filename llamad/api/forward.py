@@ -91,13 +91,8 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
 
 
 async def _next(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
-    """The answer's next piece (b"" at its end); a failure is the backend's error. What
-    has arrived already is taken as is: most answers come whole with their headers."""
+    """The answer's next piece (b"" at its end); a failure is the backend's error."""
     try:
-        if (ready := up.content.read_nowait()) or up.content.at_eof():
-            if ready:
-                backend.heard()
-            return ready
         return await _piece(backend, up.content, watch)
     except _Wedged as e:
         raise _timeout(watch, str(e)) from e
@@ -177,9 +172,14 @@ async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientS
 
 async def _piece(backend: Backend, content: aiohttp.StreamReader, watch: Watch) -> bytes:
     """The answer's next piece, watched as _patiently watches but without its task and
-    wait, which were most of what llamad spent on a streamed token: readany may be
-    cancelled and asked again (what arrives stays buffered), so a plain timeout serves
-    until the backend has been quiet for idle_timeout."""
+    wait, which were most of what llamad spent on a streamed token. What has arrived
+    already is taken as is (most plain answers come whole with their headers); otherwise
+    readany may be cancelled and asked again (what arrives stays buffered), so a plain
+    timeout serves until the backend has been quiet for idle_timeout."""
+    if (ready := content.read_nowait()) or content.at_eof():
+        if ready:
+            backend.heard()
+        return ready
     started = time.monotonic()
     timeout = asyncio.timeout(watch.idle_timeout or None)
     try:
