@@ -190,19 +190,12 @@ class FakeHub:
         if repo.gated:
             auth = request.headers.get("Authorization")
             if auth is None:
-                why = (f"Access to model {name} is restricted. You must have access to it and "
-                       "be authenticated to access it. Please log in.")
-                raise web.HTTPUnauthorized(text=json.dumps({"error": why}),
-                                           content_type="application/json",
-                                           headers={"X-Error-Code": "GatedRepo",
-                                                    "X-Error-Message": why})
+                raise _gated(web.HTTPUnauthorized, f"Access to model {name} is restricted. "
+                             "You must have access to it and be authenticated to access it. "
+                             "Please log in.")
             if auth != f"Bearer {TOKEN}":
-                why = (f"Access to model {name} is restricted and you are not in the "
-                       "authorized list.")
-                raise web.HTTPForbidden(text=json.dumps({"error": why}),
-                                        content_type="application/json",
-                                        headers={"X-Error-Code": "GatedRepo",
-                                                 "X-Error-Message": why})
+                raise _gated(web.HTTPForbidden, f"Access to model {name} is restricted and "
+                             "you are not in the authorized list.")
         f = repo.files.get(request.match_info["path"])
         if f is None or request.match_info["rev"] not in (repo.commit, "main"):
             raise web.HTTPNotFound(text=json.dumps({"error": "Entry not found"}),
@@ -256,3 +249,9 @@ class FakeHub:
             return resp
         await resp.write_eof()
         return resp
+
+
+def _gated(refusal: type[web.HTTPException], why: str) -> web.HTTPException:
+    """The hub's refusal of a gated repository, with its reason where clients read it."""
+    return refusal(text=json.dumps({"error": why}), content_type="application/json",
+                   headers={"X-Error-Code": "GatedRepo", "X-Error-Message": why})
