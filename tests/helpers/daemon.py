@@ -16,6 +16,7 @@ import aiohttp
 import rig
 
 from helpers.ports import free_port
+from llamad.systemd import downloadunit, unitpaths
 from llamad.systemd.unitname import TTL_TIMER_PATTERN
 
 PYTHON = Path(sys.prefix) / "bin" / "python"
@@ -75,6 +76,11 @@ class Llamad:
         # units/llamad.sysusers makes the group where the package is installed.
         self.box.run("getent group llamad-backend || groupadd -r llamad-backend")
         self.properties += [*SANDBOX, f"ReadWritePaths={state}"]
+        # A clone under /tmp or /var/tmp: PrivateTmp= would hide llamad's python and code.
+        box = unitpaths.Sandbox(unitpaths.hidden_places([("PrivateTmp", b"b", True)]), "root")
+        hidden = [str(p) for p in downloadunit.CODE if unitpaths.hidden(p, box)]
+        if hidden:
+            self.properties.append("BindReadOnlyPaths=" + " ".join(hidden))
 
     def _service(self) -> list[str]:
         """The properties of llamad's unit, as units/llamad.service has them (but its
