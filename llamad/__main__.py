@@ -7,14 +7,67 @@ the parsed arguments and returning an exit status, and list it in COMMANDS.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import contextlib
+import gc
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from llamad import __version__, app
-from llamad.cli import completion, ctl, haproxy, pull
-from llamad.cli import models as cli
+from llamad import __version__
+from llamad.cli import ENV_KEY, ENV_URL
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
+
+
+def imported(name: str) -> Any:
+    """llamad.<name>, imported when its command runs: `llamad serve`, whose start a
+    socket-activated client waits for, loads no client code, and a client command no server
+    code. Everything a command imports stays for the life of the process."""
+    with lifelong_imports():
+        _aiohttp_without_system_cas()
+        return importlib.import_module(f"llamad.{name}")
+
+
+@contextlib.contextmanager
+def lifelong_imports() -> Iterator[None]:
+    """Importing llamad makes ~75,000 objects that never become garbage: the cycle
+    collector walked them about a hundred times while they loaded (10 ms of each start
+    here, socket-activated ones included) and would again in every full collection
+    afterwards (5-7 ms, paid by whichever request is in flight). Frozen (gc.freeze), the
+    collector leaves them alone."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def _aiohttp_without_system_cas() -> None:
+    """Import aiohttp, whose connector builds two TLS client contexts when imported, each
+    loading the system's CA certificates: ~2 MB and tens of ms of every start of llamad,
+    socket-activated ones included. llamad speaks plain HTTP to its backends, and builds a
+    verified context of its own where it may speak TLS (fleet.py: peers given as https://).
+    So OpenSSL's default CA paths point at nothing while aiohttp is imported: its default
+    contexts hold no CA and verify nothing, and are never used. Where something imported
+    aiohttp first (a test), nothing changes."""
+    if "aiohttp" in sys.modules:
+        return
+    saved = {name: os.environ.get(name) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    os.environ.update(SSL_CERT_FILE=os.devnull, SSL_CERT_DIR=os.devnull)
+    try:
+        import aiohttp.connector  # noqa: F401
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -26,13 +79,13 @@ def add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("models", help="list the models llamad would serve")
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.set_defaults(func=lambda a: cli.cmd_models(a.config, a.json))
+    p.set_defaults(func=lambda a: imported("cli.models").cmd_models(a.config, a.json))
 
 
 def add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check-config", help="validate the configuration and presets")
     _config_arg(p)
-    p.set_defaults(func=lambda a: cli.cmd_check_config(a.config))
+    p.set_defaults(func=lambda a: imported("cli.models").cmd_check_config(a.config))
 
 
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,18 +93,18 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _config_arg(p)
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="listen here when systemd passes no socket (default: config's listen)")
-    p.set_defaults(func=lambda a: app.run(a.config, a.listen))
+    p.set_defaults(func=lambda a: imported("app").run(a.config, a.listen))
 
 
 def _client_args(p: argparse.ArgumentParser, json_help: str = "print JSON") -> None:
     _config_arg(p)
-    p.add_argument("--url", help=f"llamad's address (default: ${ctl.ENV_URL}, else the "
-                   "config's listen); the API key comes from $" + ctl.ENV_KEY)
+    p.add_argument("--url", help=f"llamad's address (default: ${ENV_URL}, else the "
+                   "config's listen); the API key comes from $" + ENV_KEY)
     p.add_argument("--json", action="store_true", help=json_help)
 
 
-def _client(a: argparse.Namespace) -> ctl.Client:
-    return ctl.Client.make(a.config, a.url)
+def _client(a: argparse.Namespace) -> Any:
+    return imported("cli.ctl").Client.make(a.config, a.url)
 
 
 def add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,14 +114,15 @@ def add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--wait", action="store_true", help="return once the model is ready")
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
                    help="how long --wait waits (default 300)")
-    p.set_defaults(func=lambda a: ctl.cmd_load(_client(a), a.model, a.wait, a.timeout, a.json))
+    p.set_defaults(func=lambda a: imported("cli.ctl").cmd_load(_client(a), a.model, a.wait,
+                                                              a.timeout, a.json))
 
 
 def add_unload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("unload", help="unload a model once its requests have finished")
     p.add_argument("model")
     _client_args(p)
-    p.set_defaults(func=lambda a: ctl.cmd_unload(_client(a), a.model, a.json))
+    p.set_defaults(func=lambda a: imported("cli.ctl").cmd_unload(_client(a), a.model, a.json))
 
 
 def add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,14 +130,14 @@ def add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "llama.cpp's cache, through the running daemon")
     p.add_argument("model", metavar="user/repo[:QUANT]")
     _client_args(p, "print each progress line as JSON")
-    p.set_defaults(func=lambda a: pull.cmd_pull(_client(a), a.model, a.json))
+    p.set_defaults(func=lambda a: imported("cli.pull").cmd_pull(_client(a), a.model, a.json))
 
 
 def add_rm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("rm", help="remove a downloaded model from llama.cpp's cache")
     p.add_argument("model", metavar="user/repo:QUANT")
     _client_args(p)
-    p.set_defaults(func=lambda a: pull.cmd_rm(_client(a), a.model, a.json))
+    p.set_defaults(func=lambda a: imported("cli.pull").cmd_rm(_client(a), a.model, a.json))
 
 
 def add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,8 +147,8 @@ def add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", type=int, default=20, metavar="N",
                    help="how many earlier lines to print first (default 20)")
-    p.set_defaults(func=lambda a: ctl.cmd_logs(_client(a), a.model, a.follow, a.lines,
-                                               a.json))
+    p.set_defaults(func=lambda a: imported("cli.ctl").cmd_logs(_client(a), a.model, a.follow,
+                                                              a.lines, a.json))
 
 
 def add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,7 +156,7 @@ def add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _client_args(p, "print the daemon's /status as JSON")
     p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until interrupted")
-    p.set_defaults(func=lambda a: ctl.cmd_ps(_client(a), a.json, a.watch))
+    p.set_defaults(func=lambda a: imported("cli.ctl").cmd_ps(_client(a), a.json, a.watch))
 
 
 def add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,7 +164,7 @@ def add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _client_args(p, "print the daemon's /status as one JSON line each time")
     p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between redraws (default 2)")
-    p.set_defaults(func=lambda a: ctl.cmd_ps(_client(a), a.json, a.interval))
+    p.set_defaults(func=lambda a: imported("cli.ctl").cmd_ps(_client(a), a.json, a.interval))
 
 
 def add_haproxy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,7 +176,8 @@ def add_haproxy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--place", action="append", default=[], metavar="MODEL=HOST:PORT",
                    help="serve MODEL on this host while it is up (repeatable); other "
                    "models are placed by hashing their name")
-    p.set_defaults(func=lambda a: haproxy.cmd_haproxy_config(a.hosts, a.listen, a.place))
+    p.set_defaults(func=lambda a: imported("cli.haproxy").cmd_haproxy_config(a.hosts, a.listen,
+                                                                            a.place))
 
 
 def add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,7 +186,7 @@ def add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _print_completion(args: argparse.Namespace) -> int:
-    print(completion.bash(parser()), end="")
+    print(imported("cli.completion").bash(parser()), end="")
     return 0
 
 

@@ -26,12 +26,11 @@ from http.client import HTTPResponse
 from pathlib import Path
 from typing import Any
 
+from llamad.cli import ENV_KEY, ENV_URL
 from llamad.config import load_config
 from llamad.errors import LlamadError
 from llamad.safetext import one_line
 
-ENV_URL = "LLAMAD_URL"
-ENV_KEY = "LLAMAD_API_KEY"
 TIMEOUT = 30.0
 
 

@@ -15,7 +15,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, TextIO
 
-from llamad.cli.ctl import ENV_KEY, Client
+from llamad.cli import ENV_KEY
+from llamad.cli.ctl import Client
 from llamad.errors import LlamadError
 from llamad.safetext import one_line
 
