@@ -20,6 +20,7 @@ from aiohttp import web
 from llamad.api import dashboard, fleet, ollama, proxy, report, standby, webui
 from llamad.api import downloads as api_downloads
 from llamad.api import models as api
+from llamad.catalog import flagtable
 from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Catalog, Snapshot
 from llamad.catalog.gguf_info import InfoCache
@@ -48,7 +49,8 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
-STARTING = "reading the models"  # STATUS= from READY until the first scan is in
+STARTING = "reading the models"
+FLAGS_FILE = "llama-server-flags.json"  # in state-dir: flagtable.remember_in
 
 
 async def journal_tail(unit: str, lines: int = 5) -> str:
@@ -392,6 +394,7 @@ def load(config_path: Path | None) -> tuple[Config | None, ConfigError | None]:
     flags, its api-keys-file. Blocks (runs llama-server --help once per binary)."""
     try:
         config = load_config(config_path)
+        flagtable.remember_in(config.state_dir / FLAGS_FILE)
         parse_args(config.args, f"{config.path or 'configuration'}: args",
                    global_flags(config.llama_server))
         if config.api_keys_file is not None:

@@ -271,6 +271,36 @@ def test_a_fork_is_read_from_its_own_help(tmp_path: Path) -> None:
         f"[x]\nllama-server = {tmp_path / 'plain'}\n").errors["x"].message
 
 
+def test_what_help_said_is_remembered_across_starts_while_the_binary_is_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    fork = tmp_path / "fork"
+    fork.write_text(f"#!/bin/sh\necho run >> {runs}\n"
+                    "echo '--fork-value N                          only here'\n")
+    fork.chmod(0o755)
+    store = tmp_path / "state" / "llama-server-flags.json"
+    store.parent.mkdir()
+    monkeypatch.setattr(flagtable, "_tables", {})
+    flagtable.remember_in(store)
+    try:
+        assert "fork-value" in flagtable.for_binary(fork).by_key
+        assert flagtable.for_binary(SERVER) is flagtable.DEFAULT
+        monkeypatch.setattr(flagtable, "_tables", {})  # the next start of llamad
+        assert "fork-value" in flagtable.for_binary(fork).by_key
+        assert flagtable.for_binary(SERVER) is flagtable.DEFAULT
+        assert runs.read_text().count("run") == 1
+        fork.write_text(fork.read_text().replace("fork-value", "other-value"))
+        monkeypatch.setattr(flagtable, "_tables", {})
+        assert "other-value" in flagtable.for_binary(fork).by_key  # changed: asked again
+        assert runs.read_text().count("run") == 2
+        store.write_text("{damaged")  # only costs running --help again
+        monkeypatch.setattr(flagtable, "_tables", {})
+        assert "other-value" in flagtable.for_binary(fork).by_key
+        assert runs.read_text().count("run") == 3
+    finally:
+        flagtable.remember_in(None)
+
+
 def test_check_config_warns_about_a_preset_binary_units_cannot_run(tmp_path: Path) -> None:
     hidden = tmp_path / "llama-server"  # under /tmp: PrivateTmp hides it from model units
     hidden.symlink_to(SERVER)

@@ -10,16 +10,21 @@ binary's help gives back exactly the generated table (tests/test_flagtable.py).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llamad.catalog import argv
 from llamad.catalog.argv import Entry, Flag
 from llamad.errors import ConfigError
+
+log = logging.getLogger("llamad.flags")
 
 HELP_TIMEOUT = 10.0  # seconds a binary gets to print its --help
 HELP_MAX = 1 << 20  # bytes of --help read at most
@@ -91,6 +96,17 @@ def _option(line: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
 
 _tables: dict[tuple[str, int, int, int], Table] = {}
 _lock = threading.Lock()
+_store: Path | None = None  # remember_in()
+STORE_VERSION = 1
+STORE_MAX = 4 << 20  # bytes of the store read at most
+
+
+def remember_in(path: Path | None) -> None:
+    """Keep what binaries' --help said in this file (llamad's state-dir), valid while a
+    binary's stat matches: a start of llamad then runs no llama-server --help (5 ms here,
+    in the wait of a socket-activated start's first client)."""
+    global _store
+    _store = path
 
 
 def for_binary(path: Path) -> Table:
@@ -107,13 +123,18 @@ def for_binary(path: Path) -> Table:
     with _lock:
         if key in _tables:
             return _tables[key]
-    table = _read(path)
+        stored = _stored(key)
+    entries = stored if stored is not None else _read(path)
+    table = Table.of(entries, str(path)) if entries else DEFAULT
     with _lock:
         _tables[key] = table
+        if stored is None:
+            _keep(key, entries)
     return table
 
 
-def _read(path: Path) -> Table:
+def _read(path: Path) -> list[Entry]:
+    """The entries of the binary's --help; [] when they are the generated table's."""
     try:
         proc = subprocess.run([str(path), "--help"], capture_output=True, timeout=HELP_TIMEOUT,
                               check=False, stdin=subprocess.DEVNULL)
@@ -122,7 +143,44 @@ def _read(path: Path) -> Table:
     entries = parse_help(proc.stdout[:HELP_MAX].decode("utf-8", errors="replace"))
     if not entries:
         raise ConfigError(f"{path} --help lists no options; is it llama-server?")
-    table = Table.of(entries, str(path))
-    if table.spellings() == DEFAULT.spellings():
-        return DEFAULT
-    return table
+    if Table.of(entries, str(path)).spellings() == DEFAULT.spellings():
+        return []
+    return entries
+
+
+def _load_store() -> dict[str, Any]:
+    if _store is None:
+        return {}
+    try:
+        with _store.open("rb") as f:
+            data = json.loads(f.read(STORE_MAX))
+        if isinstance(data, dict) and data.get("version") == STORE_VERSION:
+            return dict(data["binaries"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.debug("ignoring %s: %s", _store, e)  # it only saves running --help
+    return {}
+
+
+def _stored(key: tuple[str, int, int, int]) -> list[Entry] | None:
+    """What the store says the binary's --help gave, if it is unchanged since."""
+    try:
+        stat, entries = _load_store()[key[0]]
+        if list(stat) != list(key[1:]):
+            return None
+        return [(tuple(spellings), tuple(negated), kind, env)
+                for spellings, negated, kind, env in entries]
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _keep(key: tuple[str, int, int, int], entries: list[Entry]) -> None:
+    if _store is None:
+        return
+    binaries = _load_store()
+    binaries[key[0]] = [list(key[1:]), entries]
+    tmp = _store.with_name(f"{_store.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"version": STORE_VERSION, "binaries": binaries}))
+        tmp.replace(_store)
+    except OSError as e:
+        log.debug("cannot write %s: %s", _store, e)
