@@ -4,9 +4,12 @@ progress text: the pure parts. tests/integration/test_observability.py runs them
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from helpers.supervised import Rig
@@ -125,21 +128,52 @@ def test_request_log_fields_are_clean_and_hold_no_text() -> None:
     assert "PROMPT_TOKENS" not in bare and "TTFT_MS" not in bare and "CODE" not in bare
 
 
-def test_journal_writer_sends_from_its_thread_and_drops_when_behind() -> None:
-    sent: list[tuple[str, dict[str, str]]] = []
-    writer = requestlog.JournalWriter(lambda message, **f: sent.append((message, f)))
-    writer(Record("POST", "/v1/completions", model="m", status=200, ended=time.monotonic()))
+def entry(datagram: bytes) -> dict[str, str]:
+    """One datagram of journald's native protocol (plain KEY=value lines) as a dict."""
+    lines = datagram.decode().split("\n")
+    assert lines[-1] == ""
+    return dict(line.split("=", 1) for line in lines[:-1])
+
+
+def test_journal_writer_sends_datagrams_and_drops_without_waiting(tmp_path: Path) -> None:
+    journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journald.bind(str(tmp_path / "socket"))
+    writer = requestlog.JournalWriter(str(tmp_path / "socket"))
+    writer(Record("POST", "/v1/completions", model="m\nMODEL=x", status=200,
+                  ended=time.monotonic()))
     writer.note("llama-server@m.service", "llamad: context 4096 of 32768: ...")
-    writer.close()
-    assert len(sent) == 2 and sent[0][1]["MODEL"] == "m"
-    assert sent[0][1]["MESSAGE_ID"] == requestlog.MESSAGE_ID
+    sent = [entry(journald.recv(65536)) for _ in range(2)]
+    assert sent[0]["MODEL"] == "m\\nMODEL=x" and sent[0]["PRIORITY"] == "6"
+    assert sent[0]["MESSAGE_ID"] == requestlog.MESSAGE_ID
+    assert sent[0]["MESSAGE"].startswith("m\\nMODEL=x POST /v1/completions 200 in ")
     # A note is in the model's unit's journal, and no request: `MODEL=m` finds requests only.
-    assert sent[1][1]["OBJECT_SYSTEMD_UNIT"] == "llama-server@m.service"
-    assert "MODEL" not in sent[1][1] and sent[1][1]["MESSAGE_ID"] == requestlog.FIT_MESSAGE_ID
-    stuck = requestlog.JournalWriter(lambda message, **f: time.sleep(3600))
-    for _ in range(requestlog.QUEUE + 5):
-        stuck(Record("POST", "/v1/completions", model="m", status=200))
-    assert 4 <= stuck.dropped <= 5  # the thread took one off the queue
+    assert sent[1]["OBJECT_SYSTEMD_UNIT"] == "llama-server@m.service"
+    assert "MODEL" not in sent[1] and sent[1]["MESSAGE_ID"] == requestlog.FIT_MESSAGE_ID
+    # A journald that reads nothing: once its socket is full, entries are dropped and
+    # counted, and no call waits.
+    started = time.monotonic()
+    for _ in range(5000):
+        writer(Record("POST", "/v1/completions", model="m", status=200))
+    assert writer.dropped > 0 and time.monotonic() - started < 5
+    received = 0
+    journald.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while journald.recv(65536):
+            received += 1
+    assert received + writer.dropped == 5000
+    writer.close()
+    journald.close()
+
+
+def test_journal_writer_without_journald_says_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = requestlog.JournalWriter(str(tmp_path / "absent"))
+    for _ in range(3):
+        writer(Record("POST", "/v1/completions", model="m", status=200))
+    assert [r.message for r in caplog.records].count(
+        "cannot write the request log to the journal: [Errno 2] No such file or directory"
+    ) == 1
+    writer.close()
 
 
 def changes(model: str, *moves: tuple[State, State, Cause, float]) -> list[Change]:

@@ -7,10 +7,14 @@ DURATION_MS, PROMPT_TOKENS, COMPLETION_TOKENS, and MESSAGE_ID, the same for ever
 entry. Never the prompt or the answer. Every string has its control characters escaped
 first: the journal's export format and systemd's own parsers treat them as structure.
 
-One writer thread sends the entries, so a journald that falls behind never stalls the
-event loop; when QUEUE entries wait already, further ones are dropped, and logged as such.
+Each entry is one datagram to journald's socket (its native protocol, as sd_journal_send
+writes it), sent from the event loop without waiting: a journald that falls behind (its
+socket's buffer full) costs entries, counted and logged, never the loop's time. Sending it
+there costs ~10 us a request; the writer thread this replaced held the GIL for milliseconds
+every 50 ms batch (python-systemd formats each field in Python), and that was the p99 of
+every cheap request (docs/benchmarks.md).
 
-The same thread writes llamad's notes about a model into that model's own journal
+The same writer puts llamad's notes about a model into that model's own journal
 (`journalctl -u llama-server@x`, which shows entries root sends with
 OBJECT_SYSTEMD_UNIT=): what fitting chose for it when it starts, and why (`fit_notes`).
 """
@@ -18,13 +22,8 @@ OBJECT_SYSTEMD_UNIT=): what fitting chose for it when it starts, and why (`fit_n
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
+import socket
 from collections.abc import Callable
-from typing import Any
-
-from systemd import journal
 
 from llamad.http.record import Record
 from llamad.safetext import one_line
@@ -34,8 +33,7 @@ log = logging.getLogger("llamad.requestlog")
 
 MESSAGE_ID = "0f1c8d3ad0e54c6c9e1b8f7a62d5b4e3"  # `journalctl MESSAGE_ID=...` finds them all
 FIT_MESSAGE_ID = "6b1f0e8a3c2d4f5e9a7b1c3d5e7f9a0b"  # what fitting chose for a model
-QUEUE = 10_000
-BATCH = 0.05  # seconds the writer naps between batches
+JOURNAL = "/run/systemd/journal/socket"
 
 
 def clean(text: str) -> str:
@@ -62,71 +60,46 @@ def fields(rec: Record) -> dict[str, str]:
 
 
 class JournalWriter:
-    """The request log's sink: queues entries for its own thread."""
+    """The request log's sink, and where llamad's notes about a model go."""
 
-    def __init__(self, send: Callable[..., Any] = journal.send) -> None:
-        self._send = send
-        self._queue: queue.Queue[dict[str, str] | Record | None] = queue.Queue(QUEUE)
+    def __init__(self, address: str = JOURNAL) -> None:
+        self.address = address
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                   | socket.SOCK_CLOEXEC)
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="llamad-request-log",
-                                        daemon=True)
-        self._thread.start()
+        self._failing = False
 
     def __call__(self, rec: Record) -> None:
-        self._put(rec)  # ended: nothing changes it any more; its fields are made off the loop
+        self._send(fields(rec))
 
     def note(self, unit: str, message: str) -> None:
         """A line of llamad's about a model, in that model's unit's journal. Not a request:
         it carries no MODEL= (`journalctl -u llamad MODEL=x` lists x's requests alone)."""
-        self._put({"MESSAGE": one_line(message), "OBJECT_SYSTEMD_UNIT": clean(unit),
-                   "MESSAGE_ID": FIT_MESSAGE_ID})
+        self._send({"MESSAGE": one_line(message), "OBJECT_SYSTEMD_UNIT": clean(unit),
+                    "MESSAGE_ID": FIT_MESSAGE_ID})
 
-    def _put(self, entry: dict[str, str] | Record) -> None:
+    def _send(self, entry: dict[str, str]) -> None:
+        # Every value is one line (clean()), so each field is a plain KEY=value line.
+        entry = {"PRIORITY": "6", "SYSLOG_IDENTIFIER": "llamad", "MESSAGE_ID": MESSAGE_ID,
+                 **entry}
+        data = "".join(f"{key}={value}\n" for key, value in entry.items()).encode()
         try:
-            self._queue.put_nowait(entry)
-        except queue.Full:
+            self._sock.sendto(data, self.address)
+        except BlockingIOError:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.warning("the journal is behind: %d request log entries dropped so far",
                             self.dropped)
-
-    def _run(self) -> None:
-        """Send what is queued, then nap: the thread wakes once per BATCH seconds at most,
-        not once per request. Each wake-up takes the GIL from the event loop (measured: a
-        tenth of the event loop's time per proxied request went to waking it)."""
-        failing = False
-        while True:
-            entry = self._queue.get()
-            while entry is not None:
-                failing = self._write(entry, failing)
-                try:
-                    entry = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if entry is None:  # close()
-                return
-            time.sleep(BATCH)
-
-    def _write(self, item: dict[str, str] | Record, failing: bool) -> bool:
-        """Send one entry; returns whether sending failed."""
-        try:
-            entry = fields(item) if isinstance(item, Record) else item
-            message = entry.pop("MESSAGE")
-            entry.setdefault("MESSAGE_ID", MESSAGE_ID)
-            self._send(message, PRIORITY="6", SYSLOG_IDENTIFIER="llamad", **entry)
-            return False
-        except Exception as e:  # journald gone or restarting: say so once, keep going
-            if not failing:
-                log.warning("cannot write the request log to the journal: %s", e)
-            return True
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued (up to `timeout` seconds), then stop the thread."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
             return
-        self._thread.join(timeout)
+        except OSError as e:  # journald gone or restarting: say so once, keep going
+            if not self._failing:
+                log.warning("cannot write the request log to the journal: %s", e)
+            self._failing = True
+            return
+        self._failing = False
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def fit_notes(writer: JournalWriter, unit_of: Callable[[str], str | None]) -> Callable[
