@@ -266,6 +266,7 @@ class Daemon:
     async def _tick_once(self) -> None:
         sup = self.sup
         self.notifier.watchdog()
+        self.journal.flush()  # request log entries journald had no room for
         sup.expire()
         sup.probe()
         sup.watch_sleep()

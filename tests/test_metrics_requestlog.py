@@ -4,7 +4,6 @@ progress text: the pure parts. tests/integration/test_observability.py runs them
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from pathlib import Path
@@ -135,7 +134,8 @@ def entry(datagram: bytes) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines[:-1])
 
 
-def test_journal_writer_sends_datagrams_and_drops_without_waiting(tmp_path: Path) -> None:
+def test_journal_writer_sends_datagrams_and_never_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     journald.bind(str(tmp_path / "socket"))
     writer = requestlog.JournalWriter(str(tmp_path / "socket"))
@@ -149,18 +149,28 @@ def test_journal_writer_sends_datagrams_and_drops_without_waiting(tmp_path: Path
     # A note is in the model's unit's journal, and no request: `MODEL=m` finds requests only.
     assert sent[1]["OBJECT_SYSTEMD_UNIT"] == "llama-server@m.service"
     assert "MODEL" not in sent[1] and sent[1]["MESSAGE_ID"] == requestlog.FIT_MESSAGE_ID
-    # A journald that reads nothing: once its socket is full, entries are dropped and
-    # counted, and no call waits.
+    # A journald that reads nothing: what its socket has no room for waits, in order, and
+    # no call waits for it; beyond BACKLOG entries are dropped and counted.
+    monkeypatch.setattr(requestlog, "BACKLOG", 1000)
     started = time.monotonic()
-    for _ in range(5000):
-        writer(Record("POST", "/v1/completions", model="m", status=200))
-    assert writer.dropped > 0 and time.monotonic() - started < 5
-    received = 0
+    for i in range(3000):
+        writer(Record("POST", f"/{i}", model="m", status=200))
+    assert time.monotonic() - started < 5
+    assert writer.dropped > 0
     journald.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while journald.recv(65536):
-            received += 1
-    assert received + writer.dropped == 5000
+    paths = []
+    while True:
+        try:
+            paths.append(entry(journald.recv(65536))["PATH"])
+        except BlockingIOError:
+            writer.flush()  # the daemon's tick
+            try:
+                paths.append(entry(journald.recv(65536))["PATH"])
+            except BlockingIOError:
+                break
+    assert len(paths) + writer.dropped == 3000
+    assert len(paths) >= requestlog.BACKLOG  # all it kept, beyond what the socket holds
+    assert paths == [f"/{i}" for i in range(len(paths))]  # in order, none lost before a drop
     writer.close()
     journald.close()
 

@@ -8,11 +8,12 @@ entry. Never the prompt or the answer. Every string has its control characters e
 first: the journal's export format and systemd's own parsers treat them as structure.
 
 Each entry is one datagram to journald's socket (its native protocol, as sd_journal_send
-writes it), sent from the event loop without waiting: a journald that falls behind (its
-socket's buffer full) costs entries, counted and logged, never the loop's time. Sending it
-there costs ~10 us a request; the writer thread this replaced held the GIL for milliseconds
-every 50 ms batch (python-systemd formats each field in Python), and that was the p99 of
-every cheap request (docs/benchmarks.md).
+writes it), sent from the event loop without waiting: ~10 us a request. What journald has
+no room for yet waits, in order, for the next entry or the daemon's tick; a journald
+further behind than BACKLOG entries costs entries, counted and logged, never the loop's
+time. (The writer thread this replaced held the GIL for milliseconds every 50 ms batch,
+python-systemd formatting each field in Python: that was the p99 of every cheap request,
+docs/benchmarks.md.)
 
 The same writer puts llamad's notes about a model into that model's own journal
 (`journalctl -u llama-server@x`, which shows entries root sends with
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import deque
 from collections.abc import Callable
 
 from llamad.http.record import Record
@@ -34,6 +36,7 @@ log = logging.getLogger("llamad.requestlog")
 MESSAGE_ID = "0f1c8d3ad0e54c6c9e1b8f7a62d5b4e3"  # `journalctl MESSAGE_ID=...` finds them all
 FIT_MESSAGE_ID = "6b1f0e8a3c2d4f5e9a7b1c3d5e7f9a0b"  # what fitting chose for a model
 JOURNAL = "/run/systemd/journal/socket"
+BACKLOG = 10_000  # entries kept while journald is behind
 
 
 def clean(text: str) -> str:
@@ -66,6 +69,9 @@ class JournalWriter:
         self.address = address
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                                    | socket.SOCK_CLOEXEC)
+        # Entries journald had no room for yet (its socket queues only a few hundred),
+        # sent first by the next entry or the daemon's tick; beyond BACKLOG, dropped.
+        self._backlog: deque[bytes] = deque()
         self.dropped = 0
         self._failing = False
 
@@ -82,23 +88,36 @@ class JournalWriter:
         # Every value is one line (clean()), so each field is a plain KEY=value line.
         entry = {"PRIORITY": "6", "SYSLOG_IDENTIFIER": "llamad", "MESSAGE_ID": MESSAGE_ID,
                  **entry}
-        data = "".join(f"{key}={value}\n" for key, value in entry.items()).encode()
-        try:
-            self._sock.sendto(data, self.address)
-        except BlockingIOError:
+        if len(self._backlog) >= BACKLOG:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.warning("the journal is behind: %d request log entries dropped so far",
                             self.dropped)
             return
-        except OSError as e:  # journald gone or restarting: say so once, keep going
-            if not self._failing:
-                log.warning("cannot write the request log to the journal: %s", e)
-            self._failing = True
-            return
-        self._failing = False
+        self._backlog.append("".join(f"{key}={value}\n" for key, value in entry.items())
+                             .encode())
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what journald has room for, oldest first; never waits."""
+        while self._backlog:
+            try:
+                self._sock.sendto(self._backlog[0], self.address)
+            except BlockingIOError:
+                return
+            except OSError as e:  # journald gone or restarting: say so once, keep going
+                if not self._failing:
+                    log.warning("cannot write the request log to the journal: %s", e)
+                self._failing = True
+                self.dropped += len(self._backlog)
+                self._backlog.clear()
+                return
+            self._failing = False
+            self._backlog.popleft()
 
     def close(self) -> None:
+        self.flush()
+        self.dropped += len(self._backlog)
         self._sock.close()
 
 
