@@ -49,7 +49,7 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
-STARTING = "reading the models"
+STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 FLAGS_FILE = "llama-server-flags.json"  # in state-dir: flagtable.remember_in
 
 

@@ -36,6 +36,13 @@ PLAN_TIMEOUT = 120.0  # seconds the downloader may take to ask the hub before RE
 CODE = (Path(sys.prefix), Path(__file__).resolve().parents[2])
 
 
+def hidden_code(props: Sequence[tuple[str, bytes, Any]],
+                code: Sequence[Path] = CODE) -> list[str]:
+    """Which of `code` a unit with these transient properties cannot see (to bind back)."""
+    box = unitpaths.Sandbox(unitpaths.hidden_places(props), "root", "this unit")
+    return [str(p) for p in dict.fromkeys(code) if unitpaths.hidden(p, box)]
+
+
 def download_unit(name: str) -> str:
     return f"{DOWNLOAD_PREFIX}{instance_name(name)}{SUFFIX}"
 
@@ -74,8 +81,7 @@ def properties(name: str, command: list[str], cache: Path, token_file: Path | No
         ("MemoryDenyWriteExecute", b"b", True),
         ("RestrictAddressFamilies", b"(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
     ]
-    box = unitpaths.Sandbox(unitpaths.hidden_places(props), "root", "download units")
-    hidden = [str(p) for p in dict.fromkeys(code) if unitpaths.hidden(p, box)]
+    hidden = hidden_code(props, code)
     if hidden:
         props.append(("BindReadOnlyPaths", b"a(ssbt)", [(p, p, False, 0) for p in hidden]))
     # The downloader's STATUS= lines (JSON) say how far it got, or why it failed.

@@ -16,7 +16,7 @@ import aiohttp
 import rig
 
 from helpers.ports import free_port
-from llamad.systemd import downloadunit, unitpaths
+from llamad.systemd import downloadunit
 from llamad.systemd.unitname import TTL_TIMER_PATTERN
 
 PYTHON = Path(sys.prefix) / "bin" / "python"
@@ -77,8 +77,7 @@ class Llamad:
         self.box.run("getent group llamad-backend || groupadd -r llamad-backend")
         self.properties += [*SANDBOX, f"ReadWritePaths={state}"]
         # A clone under /tmp or /var/tmp: PrivateTmp= would hide llamad's python and code.
-        box = unitpaths.Sandbox(unitpaths.hidden_places([("PrivateTmp", b"b", True)]), "root")
-        hidden = [str(p) for p in downloadunit.CODE if unitpaths.hidden(p, box)]
+        hidden = downloadunit.hidden_code([("PrivateTmp", b"b", True)])
         if hidden:
             self.properties.append("BindReadOnlyPaths=" + " ".join(hidden))
 
