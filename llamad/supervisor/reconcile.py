@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from typing import Any
 
 from llamad.supervisor import backend as be
@@ -24,6 +25,7 @@ from llamad.systemd.units import UnitError, UnitStatus
 log = logging.getLogger("llamad.reconcile")
 
 RECONCILE_SECONDS = 2.0
+GONE_GRACE = 1.0  # seconds a unit stays missing before llamad believes it stopped
 
 
 class Seen(enum.Enum):
@@ -53,6 +55,7 @@ class Reconcile(Admission):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reconcile_now = asyncio.Event()
+        self._missing: dict[str, tuple[int, float]] = {}  # model -> (epoch, first seen)
 
     async def keep_reconciling(self, every: float = RECONCILE_SECONDS) -> None:
         """Reconcile every few seconds, and at once when asked (reconcile_soon)."""
@@ -112,10 +115,24 @@ class Reconcile(Admission):
                 self._differs(slot, now, "stopping it again")
                 self.spawn(self._stop(slot), "stopping", slot)
         elif status is None or now is Seen.GONE:
-            self._differs(slot, now, "unloaded (stopped behind llamad's back)")
-            self._unit_gone(slot)
+            if self._missing_long_enough(slot):
+                self._differs(slot, now, "unloaded (stopped behind llamad's back)")
+                self._unit_gone(slot)
         else:
             self._repair_loaded(slot, status, now)
+
+    def _missing_long_enough(self, slot: Slot) -> bool:
+        """Whether an earlier round, GONE_GRACE ago or more, missed this unit too, and the
+        model has not moved since (its failure's signals would have moved it)."""
+        now = time.monotonic()
+        epoch, since = self._missing.get(slot.model.id, (-1, now))
+        if epoch != slot.epoch:
+            self._missing[slot.model.id] = (slot.epoch, now)
+            return False
+        if now - since < GONE_GRACE:
+            return False
+        del self._missing[slot.model.id]
+        return True
 
     def _repair_loaded(self, slot: Slot, status: UnitStatus, now: Seen) -> None:
         """A model llamad believes starting, loading or ready, whose unit systemd has."""
