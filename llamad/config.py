@@ -108,6 +108,8 @@ SPEC: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class Config:
+    """llamad.conf, checked: one field per key of SPEC."""
+
     path: Path | None
     models_dirs: tuple[Path, ...]
     llama_cache: bool

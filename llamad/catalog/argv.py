@@ -20,6 +20,8 @@ from llamad.catalog.llama_flags import FLAGS
 
 @dataclass(frozen=True)
 class Flag:
+    """One llama-server option as its --help lists it: spellings, negations, what follows it."""
+
     names: tuple[str, ...]
     neg: tuple[str, ...]
     kind: str  # value | bool | flag | two

@@ -50,6 +50,8 @@ MAX_PROBLEMS = 1_000
 
 @dataclass(frozen=True)
 class Model:
+    """A model llamad serves: its files, names, unit and settings, as one scan found them."""
+
     id: str
     aliases: tuple[str, ...]
     unit: str
@@ -72,6 +74,8 @@ class Model:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The catalog at one moment; replaced whole by each scan, never changed."""
+
     models: Mapping[str, Model]
     problems: tuple[str, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> model id

@@ -45,6 +45,8 @@ def _placed_blob(path: Path) -> bool:
 
 @dataclass
 class Scan:
+    """What one scan of the models' places carries along and gathers."""
+
     cache: InfoCache
     now: float
     settle: float

@@ -35,6 +35,8 @@ CACHE_VERSION = 7  # 7: problem lines quote no bytes
 
 @dataclass(frozen=True)
 class GGUFInfo:
+    """What a GGUF header says that sizing and the listings need."""
+
     architecture: str | None
     parameters: int | None
     context_length: int | None

@@ -47,6 +47,8 @@ class HubError(Exception):
 
 @dataclass(frozen=True)
 class Name:
+    """A model on the hub as llama.cpp's -hf names it: user/repo, with an optional :TAG."""
+
     repo: str
     tag: str = ""  # "": llama.cpp's default choice
 
@@ -88,6 +90,8 @@ def endpoint(configured: str, env: dict[str, str] | os._Environ[str]) -> str:
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """A file of a repository at one commit, as the hub lists it."""
+
     path: str
     size: int
     oid: str  # SHA-256 (LFS) or the git blob's SHA-1 (a small file kept in git)
@@ -99,6 +103,8 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class Plan:
+    """What a download fetches: the files of one name at one commit."""
+
     name: Name
     commit: str
     files: tuple[RemoteFile, ...]  # the first shard (or preset.ini) first

@@ -79,6 +79,8 @@ class Section:
 
 @dataclass(frozen=True)
 class Presets:
+    """A preset file, parsed: [*]'s keys, each model's section, and their errors."""
+
     path: Path | None
     defaults: Section
     sections: Mapping[str, Section]
@@ -109,6 +111,8 @@ class Presets:
 
 @dataclass(frozen=True)
 class ModelSettings:
+    """What the presets say of one model, with its llama-server arguments."""
+
     args: tuple[str, ...]
     load_on_startup: bool
     stop_timeout: float | None

@@ -20,6 +20,8 @@ FLAG = "--rpc"
 
 @dataclass(frozen=True, order=True)
 class Worker:
+    """An rpc worker a model's --rpc names."""
+
     host: str  # an IP address, as ipaddress spells it
     port: int
 

@@ -36,6 +36,8 @@ TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class Client:
+    """Where the client commands send their requests, and with which key."""
+
     base: str
     key: str | None
 

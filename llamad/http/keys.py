@@ -36,6 +36,8 @@ H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 @dataclass(frozen=True)
 class Key:
+    """One API key: what it may do and which models it may use."""
+
     secret: bytes
     admin: bool = False
     models: frozenset[str] | None = None  # None: every model

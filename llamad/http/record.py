@@ -39,6 +39,8 @@ _END = re.compile(rb"(?:\A|\n)(?:data: \[DONE\]|event: message_stop)")
 
 @dataclass
 class Record:
+    """One request as the request log and the metrics see it; filled in as it goes."""
+
     method: str
     path: str
     started: float = field(default_factory=time.monotonic)

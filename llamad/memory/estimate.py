@@ -83,6 +83,8 @@ class ModelInfo(Protocol):
 
 @dataclass(frozen=True)
 class Estimate:
+    """A model's memory before it loads, in the parts llama.cpp allocates."""
+
     weights: Memory  # ram: the model file's pages once loaded (mapped or read)
     kv: Memory
     compute: Memory  # graph buffers and the logits

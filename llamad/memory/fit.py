@@ -77,6 +77,8 @@ class Choice:
 
 @dataclass(frozen=True)
 class Fitter:
+    """How a model may be fitted: what may change of it, and what each set of arguments needs."""
+
     shape: Shape
     price: Price = field(compare=False)
 

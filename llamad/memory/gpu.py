@@ -30,6 +30,8 @@ class GpuProcess:
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """One GPU as NVML reports it now."""
+
     index: int
     name: str
     uuid: str

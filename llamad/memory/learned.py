@@ -89,6 +89,8 @@ class LearnedStore:
 
 @dataclass(frozen=True)
 class GpuCost:
+    """The fixed memory a CUDA process takes on one GPU, as learned."""
+
     name: str  # the GPU's model, e.g. "NVIDIA H100 80GB HBM3"
     fixed: int  # bytes
 

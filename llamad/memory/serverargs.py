@@ -15,6 +15,8 @@ ALL_LAYERS = 10**6  # --cpu-moe: the experts of every layer stay on the host
 
 @dataclass(frozen=True)
 class ServerArgs:
+    """The llama-server arguments that change a model's memory."""
+
     gpu_layers: int | None = None  # None: auto or all, i.e. every layer llama-server can place
     ctx_size: int = 0  # 0: the model's trained context
     cache_type_k: str = "f16"

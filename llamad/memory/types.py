@@ -18,6 +18,8 @@ class Memory:
 
 @dataclass(frozen=True)
 class GpuFree:
+    """One GPU's free and total memory, as the scheduler counts them."""
+
     index: int
     free: int
     total: int

@@ -69,6 +69,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 @dataclass(frozen=True)
 class Change:
+    """A model's state change, as the event stream tells it."""
+
     model: str
     old: State
     new: State

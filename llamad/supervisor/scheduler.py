@@ -52,17 +52,23 @@ class ModelView:
 
 @dataclass(frozen=True)
 class Serve:
+    """The decision: the model is ready; forward the request."""
+
     model: str
 
 
 @dataclass(frozen=True)
 class Wait:
+    """The decision: the model is starting, loading or stopping; wait for its next change."""
+
     model: str
     reason: str
 
 
 @dataclass(frozen=True)
 class Load:
+    """The decision: start the model, stopping `evict` to make room."""
+
     model: str
     evict: tuple[str, ...] = ()
     gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES for the unit; () = CPU only
@@ -92,6 +98,8 @@ class Drain:
 
 @dataclass(frozen=True)
 class Reject:
+    """The decision: answer the request with an error now."""
+
     status: int
     message: str
     code: str = "cannot_fit"  # the error code clients and metrics see

@@ -45,6 +45,8 @@ ChangeCallback = Callable[[str, dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class UnitSpec:
+    """A model's transient unit, as llamad asks systemd for it."""
+
     name: str
     description: str
     argv: tuple[str, ...]
@@ -92,6 +94,8 @@ class Markers:
 
 @dataclass(frozen=True)
 class UnitStatus:
+    """A unit as systemd shows it, in the properties llamad reads."""
+
     name: str
     load_state: str = "not-found"
     active_state: str = "inactive"

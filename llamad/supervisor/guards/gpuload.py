@@ -91,6 +91,8 @@ def fit_args(model: Model) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class GpuOom:
+    """A load that ran out of GPU memory, from llama.cpp's log."""
+
     line: str  # llama.cpp's line
     size: int = 0  # bytes of the allocation that failed, when it says
     device: int | None = None

@@ -72,6 +72,8 @@ def dir_name(model_id: str) -> str:
 
 @dataclass(frozen=True)
 class UnitParts:
+    """What KV persistence adds to a model's unit."""
+
     args: tuple[str, ...]
     runtime_dir: str  # relative to /run
     bind: tuple[str, str]  # (host directory, directory in the unit)
