@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llamad"
 
 # Lowest first. The foundation is the root's plain modules; app and __main__ sit on top.
 RANKS = {
-    "foundation": 0,  # config, errors, log, redact, safetext, sizes, background
+    "foundation": 0,  # config, errors, log, redact, safetext, sizes, background, statefile
     "systemd": 1,
     "catalog": 2,
     "memory": 3,
@@ -23,7 +23,8 @@ RANKS = {
     "app": 9,
     "__main__": 10,
 }
-FOUNDATION = {"__init__", "config", "errors", "log", "redact", "safetext", "sizes", "background"}
+FOUNDATION = {"__init__", "config", "errors", "log", "redact", "safetext", "sizes", "background",
+              "statefile"}
 
 
 def layer(module: str) -> str:

@@ -10,7 +10,6 @@ binary's help gives back exactly the generated table (tests/test_flagtable.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 from llamad.catalog import argv
 from llamad.catalog.argv import Entry, Flag
 from llamad.errors import ConfigError
+from llamad.statefile import read_json, write_json
 
 log = logging.getLogger("llamad.flags")
 
@@ -149,16 +149,13 @@ def _read(path: Path) -> list[Entry]:
 
 
 def _load_store() -> dict[str, Any]:
-    if _store is None:
+    data = read_json(_store, "llama-server's flags", STORE_MAX)  # it only saves a --help run
+    if not isinstance(data, dict) or data.get("version") != STORE_VERSION:
         return {}
     try:
-        with _store.open("rb") as f:
-            data = json.loads(f.read(STORE_MAX))
-        if isinstance(data, dict) and data.get("version") == STORE_VERSION:
-            return dict(data["binaries"])
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        log.debug("ignoring %s: %s", _store, e)  # it only saves running --help
-    return {}
+        return dict(data["binaries"])
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def _stored(key: tuple[str, int, int, int]) -> list[Entry] | None:
@@ -178,9 +175,4 @@ def _keep(key: tuple[str, int, int, int], entries: list[Entry]) -> None:
         return
     binaries = _load_store()
     binaries[key[0]] = [list(key[1:]), entries]
-    tmp = _store.with_name(f"{_store.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"version": STORE_VERSION, "binaries": binaries}))
-        tmp.replace(_store)
-    except OSError as e:
-        log.debug("cannot write %s: %s", _store, e)
+    write_json(_store, {"version": STORE_VERSION, "binaries": binaries}, "llama-server's flags")

@@ -4,7 +4,6 @@ mtime)."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -22,6 +21,7 @@ from llamad.catalog.ggufheader import (
     Scalar,
     TensorBytes,
 )
+from llamad.statefile import read_json, write_json
 
 # What a header says lives in ggufheader.py; the catalog imports these names from here.
 __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "InfoCache",
@@ -253,24 +253,18 @@ class InfoCache:
         data = {"version": CACHE_VERSION, "gguf": "gguf", "entries": {
             n: [list(k), asdict(v) if isinstance(v, FileHeader) else v]
             for n, (k, v) in self._entries.items()}}
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, separators=(",", ":")))
-            tmp.replace(self.path)
+        if write_json(self.path, data, "the metadata cache"):
             self._dirty = False
-        except OSError as e:
-            log.debug("cannot write the metadata cache %s: %s", self.path, e)
 
     def _load(self, path: Path) -> None:
+        data = read_json(path, "the metadata cache")
         try:
-            data = json.loads(path.read_text())
-            if data.get("version") != CACHE_VERSION:
+            if data is None or data.get("version") != CACHE_VERSION:
                 return
             for name, (key, value) in data["entries"].items():
                 header = value if isinstance(value, str) else _header(value)
                 self._entries[name] = (tuple(key), header)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            # A missing or damaged cache only costs a slower scan.
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            # Entries of another shape only cost a slower scan.
             log.debug("ignoring the metadata cache %s: %s", path, e)
             self._entries.clear()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamad import statefile
 from llamad.catalog.hfcache import split_tag
 
 DEFAULT_ENDPOINT = "https://huggingface.co/"
@@ -239,12 +240,6 @@ def snapshot(cache: Path, name: Name, commit: str) -> Path:
     return cache / name.folder / "snapshots" / commit
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def publish(cache: Path, plan: Plan) -> Path:
     """Link every (verified) blob into the plan's snapshot, the first file last, then
     point refs/main at it. Returns the first file's path in the snapshot."""
@@ -263,7 +258,7 @@ def publish(cache: Path, plan: Plan) -> Path:
     if old != plan.commit:
         if old:
             _carry_over(snapshot(cache, plan.name, old), snap)
-        write_atomic(refs / "main", plan.commit)
+        statefile.replace(refs / "main", plan.commit)
     return snap / plan.files[0].path
 
 

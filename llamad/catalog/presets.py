@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 Options = dict[str, tuple[str, ...]]
 
-
 __all__ = ["DEFAULT_SECTION", "Table", "canonical_name", "parse_ini"]
 MODEL, MMPROJ, ALIAS, HF_REPO, TAGS, DRAFT_HF, DRAFT = (BY_KEY[k][0].canonical for k in (
     "model", "mmproj", "alias", "hf-repo", "tags", "spec-draft-hf", "spec-draft-model"))
@@ -79,14 +78,13 @@ class Section:
 
 @dataclass(frozen=True)
 class Presets:
-    """A preset file, parsed: [*]'s keys, each model's section, and their errors."""
+    """A preset file, parsed. `errors` holds the first error of each section that has one
+    ("*" for [*], "" for the whole file): such a section keeps its last good body (or, never
+    good, its good keys), and its model is refused with the error until the file is fixed."""
 
     path: Path | None
     defaults: Section
     sections: Mapping[str, Section]
-    # The first error of each section that has one ("*" for [*], "" for the whole file).
-    # Such a section keeps its last good body (or, never good, its good keys), and its
-    # model is refused with the error until the file is fixed.
     errors: Mapping[str, ConfigError] = field(default_factory=dict)
 
     @property
@@ -124,8 +122,7 @@ class ModelSettings:
     split: bool
     preset_text: str
     tags: tuple[str, ...] = ()
-    # llama-server's /metrics: on unless a preset says `metrics = false` (unitspec adds
-    # the flag), since llamad's /metrics merges every ready model's.
+    # llama-server's /metrics, which llamad's merges: on unless a preset says `metrics = false`.
     metrics: bool = True
     # Loaded again once the memory that evicted it is free (guards/comeback.py); by
     # default for pinned and load-on-startup models.

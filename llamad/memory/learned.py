@@ -10,16 +10,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from llamad.sizes import MIB
+from llamad.statefile import read_json, write_json
 
 log = logging.getLogger("llamad.learned")
 
@@ -74,7 +71,7 @@ class LearnedStore:
             if self._path is not None:
                 write_json(self._path, {"version": 1, "models": {
                     k: asdict(v) for k, v in sorted(self._entries.items())}},
-                    "learned memory figures")
+                    "learned memory figures", indent=1)
         return new
 
     def _read(self) -> dict[str, Learned]:
@@ -124,7 +121,8 @@ class GpuCosts:
                      uuid, name, fixed / MIB)
             if self._path is not None:
                 write_json(self._path, {"version": 1, "gpus": {
-                    k: asdict(v) for k, v in sorted(self._costs.items())}}, "learned GPU costs")
+                    k: asdict(v) for k, v in sorted(self._costs.items())}}, "learned GPU costs",
+                    indent=1)
         return fixed
 
     def _read(self) -> dict[str, GpuCost]:
@@ -135,32 +133,6 @@ class GpuCosts:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("ignoring learned GPU costs in %s: %s", self._path, e)
             return {}
-
-
-def read_json(path: Path | None, what: str) -> Any:
-    """A state file's content; None when there is none or it cannot be read (said once)."""
-    if path is None or not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("ignoring %s in %s: %s", what, path, e)
-        return None
-
-
-def write_json(path: Path, body: object, what: str) -> None:
-    """Write then rename, so a crash never leaves a half-written file behind."""
-    tmp = ""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(body, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        log.warning("cannot save %s to %s: %s", what, path, e)
 
 
 def _opt_int(v: object) -> int | None:

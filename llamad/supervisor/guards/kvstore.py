@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamad.config import Config
-from llamad.memory.learned import read_json, write_json
+from llamad.statefile import read_json, write_json
 from llamad.supervisor.guards.kvpolicy import Rates
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class Store:
         write_json(self.root / INDEX, {
             "version": 1, "entries": [dataclasses.asdict(e) for e in self._entries],
             "rates": {m: dataclasses.asdict(r) for m, r in sorted(self._rates.items())}},
-            "the index of saved KV caches")
+            "the index of saved KV caches", indent=1)
 
 
 def _read_index(path: Path) -> tuple[list[Entry], dict[str, Rates]]:
