@@ -177,9 +177,15 @@ async def test_reconcile_unloads_a_unit_stopped_behind_llamads_back(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reconcile, "GONE_GRACE", 0.0)
     slot = await rig.ready("tiny-a")
+    unit = rig.units.units[slot.unit]
     rig.units.gone(rig.sup, slot.unit, quiet=True)
     await rig.sup.reconcile()
     assert slot.state is State.READY  # one round missing it is no proof: see the next test
+    rig.units.units[slot.unit] = unit  # a round that sees it again starts over
+    await rig.sup.reconcile()
+    rig.units.gone(rig.sup, slot.unit, quiet=True)
+    await rig.sup.reconcile()
+    assert slot.state is State.READY
     await rig.sup.reconcile()
     assert slot.state is State.UNLOADED and slot.backend is None  # type: ignore[comparison-overlap]
     await rig.ready("tiny-a")  # and an explicit load works again

@@ -5,6 +5,13 @@ can fail half-way; then a slot would sit in `starting` or `stopping` forever, or
 would believe a model unloaded while its unit runs. So every few seconds llamad lists
 systemd's `llama-server@*` units (states, InvocationIDs) and repairs what differs, logging
 each repair. Slots that changed while the list was read are left to the next round.
+
+A unit missing from the list is the one view that can be behind the signals rather than
+ahead: a unit that failed for good is collected at once (CollectMode=), and the signals
+that say it failed travel on another bus connection than the list's answer, so they can
+arrive after it. Taken for a stop, the failure would be lost and a waiting request would
+start the model again. So a model llamad believes loaded is unloaded for a missing unit
+only when the rounds keep missing it for GONE_GRACE with nothing changed between.
 """
 
 from __future__ import annotations
@@ -102,6 +109,8 @@ class Reconcile(Admission):
 
     def _repair(self, slot: Slot, status: UnitStatus | None) -> None:
         now = seen(status)
+        if now is not Seen.GONE:  # missed in a row only: a round that sees it starts over
+            self._missing.pop(slot.model.id, None)
         state = slot.state
         if state is State.UNLOADED or state is State.FAILED:
             if now in (Seen.RUNNING, Seen.STARTING):
@@ -122,7 +131,7 @@ class Reconcile(Admission):
             self._repair_loaded(slot, status, now)
 
     def _missing_long_enough(self, slot: Slot) -> bool:
-        """Whether an earlier round, GONE_GRACE ago or more, missed this unit too, and the
+        """Whether the rounds have missed this unit since GONE_GRACE ago or more, and the
         model has not moved since (its failure's signals would have moved it)."""
         now = time.monotonic()
         epoch, since = self._missing.get(slot.model.id, (-1, now))
