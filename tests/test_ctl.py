@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from helpers.ports import refused_url
 
 from llamad.__main__ import parser
-from llamad.cli import completion, ctl
+from llamad.cli import completion, ctl, pull
 from llamad.errors import LlamadError
 
 
@@ -65,7 +65,7 @@ def test_ps_table() -> None:
 def test_log_events_and_lines() -> None:
     stream = io.BytesIO(b'id: c1\ndata: {"time": 0, "unit": "u", "priority": 6, '
                         b'"message": "hello\\u001b[31m"}\n\n: a comment\n\n')
-    entries = list(ctl._events(stream))  # type: ignore[arg-type]
+    entries = list(ctl._events(ctl.Client("http://x", None), stream))  # type: ignore[arg-type]
     assert entries == [{"id": "c1", "time": 0, "unit": "u", "priority": 6,
                         "message": "hello\x1b[31m"}]
     assert ctl._log_line(entries[0]).endswith(" u: hello\\x1b[31m")  # no escape to the tty
@@ -153,3 +153,75 @@ async def test_the_key_goes_to_llamad_alone(monkeypatch: pytest.MonkeyPatch) -> 
     # An address given on purpose is trusted as given.
     monkeypatch.setattr(ctl, "llamad_socket", lambda: ("127.0.0.1:8080", False))
     assert ctl.Client.make(None, "http://10.0.0.2:8080/").key == "sekrit"
+
+
+async def test_pull_sends_the_key_to_llamad_alone() -> None:
+    """pull spoke through urllib's default opener: on to a redirect's target, through a
+    proxy from the environment, with the key."""
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"status": "success"})
+    other = web.Application()
+    other.router.add_route("*", "/{any:.*}", elsewhere)
+    async with TestServer(other) as thief:
+        target = str(thief.make_url("/api/pull"))
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(target)
+        front = web.Application()
+        front.router.add_post("/api/pull", redirect)
+        async with TestServer(front) as server:
+            url = str(server.make_url("")).rstrip("/")
+            code, out, err = await _run("pull", "user/repo", "--url", url, env={
+                "LLAMAD_API_KEY": "sekrit", "http_proxy": target, "HTTP_PROXY": target})
+    assert code == 1 and out == "" and "HTTP 307" in err and err.count("\n") == 1, err
+    assert seen == []
+
+
+async def _serving(answers: dict[str, bytes]) -> TestServer:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(answers[request.path])
+        return resp
+    app = web.Application()
+    app.router.add_route("*", "/{any:.*}", answer)
+    server = TestServer(app)
+    await server.start_server()
+    return server
+
+
+async def test_an_answer_that_is_not_llamads_is_one_sentence(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What answers at --url may be another program: its answer, whatever its size or
+    form, is read within a bound and said in one sentence."""
+    monkeypatch.setattr(ctl, "ANSWER_MAX", 4 << 20)
+    monkeypatch.setattr(ctl, "LINE_MAX", 1 << 20)
+    server = await _serving({
+        "/status": b"<html>" + b"x" * 100,
+        "/models/load": b"[1, 2]",
+        "/models/unload": b"{" + b" " * (5 << 20) + b"}",
+        "/logs/stream": b"data: " + b"x" * (2 << 20) + b"\n\n",
+        "/api/pull": b'{"status": "pulling manifest"}\nnot json\n',
+    })
+    client = ctl.Client(str(server.make_url("")).rstrip("/"), None)
+    calls = {
+        'answered "<html>xxx': lambda: ctl.cmd_ps(client, True, None),
+        'answered "[1, 2]", not llamad\'s JSON': lambda: ctl.cmd_load(client, "m", False, 1,
+                                                                     True),
+        "answered more than 4 MiB, which llamad never does": lambda: ctl.cmd_unload(
+            client, "m", True),
+        "sent a line longer than 1 MiB": lambda: ctl.cmd_logs(client, None, False, 1, True),
+        'answered "not json", not llamad\'s JSON': lambda: pull.cmd_pull(
+            client, "user/repo", True, io.StringIO()),
+    }
+    try:
+        for said, call in calls.items():
+            with pytest.raises(LlamadError) as e:
+                await asyncio.to_thread(call)
+            assert e.value.message.startswith(client.base), e.value.message
+            assert said in e.value.message and "\n" not in e.value.message, e.value.message
+    finally:
+        await server.close()

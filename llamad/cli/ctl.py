@@ -32,6 +32,11 @@ from llamad.errors import LlamadError
 from llamad.safetext import one_line
 
 TIMEOUT = 30.0
+# Bytes read of one answer: /status of 10,000 loaded models is ~10 MiB. Whatever answers
+# at --url may not be llamad, and an endless answer must not take the client's memory.
+ANSWER_MAX = 64 << 20
+ERROR_MAX = 64 << 10  # of an error's body
+LINE_MAX = 1 << 20  # of one line of a stream: a journal entry, a progress line
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class Client:
 
     def _refusal(self, e: urllib.error.HTTPError) -> str:
         try:
-            error = json.loads(e.read())["error"]
+            error = json.loads(e.read(ERROR_MAX))["error"]
             message, source = str(error["message"]), error.get("source")
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             message, source = f"HTTP {e.code} {e.reason}", None
@@ -95,13 +100,41 @@ class Client:
             return f"{message}; set ${ENV_KEY} to a key from llamad's api-keys-file"
         return message
 
-    def get(self, path: str) -> Any:
+    def get(self, path: str) -> dict[str, Any]:
         with self.open("GET", path) as r:
-            return json.loads(r.read())
+            return self.answer(r.read(ANSWER_MAX + 1), ANSWER_MAX)
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         with self.open("POST", path, body) as r:
-            return json.loads(r.read())
+            return self.answer(r.read(ANSWER_MAX + 1), ANSWER_MAX)
+
+    def delete(self, path: str) -> dict[str, Any]:
+        with self.open("DELETE", path) as r:
+            return self.answer(r.read(ANSWER_MAX + 1), ANSWER_MAX)
+
+    def answer(self, raw: bytes, limit: int) -> dict[str, Any]:
+        """`raw`, read with a limit of `limit` bytes, as the JSON object llamad sends; any
+        other answer is an error sentence."""
+        if len(raw) > limit:
+            raise LlamadError(f"{self.base} answered more than {limit >> 20} MiB, which "
+                              "llamad never does; another program may hold llamad's port")
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict):
+            start = one_line(raw[:60].decode(errors="replace").strip())
+            raise LlamadError(f'{self.base} answered "{start}", not llamad\'s JSON; another '
+                              "program may hold llamad's port")
+        return found
+
+    def lines(self, resp: HTTPResponse) -> Iterator[bytes]:
+        """The lines of a streamed answer, each at most LINE_MAX bytes."""
+        while raw := resp.readline(LINE_MAX + 1):
+            if len(raw) > LINE_MAX and not raw.endswith(b"\n"):
+                raise LlamadError(f"{self.base} sent a line longer than {LINE_MAX >> 20} "
+                                  "MiB, which llamad never does")
+            yield raw
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -178,19 +211,19 @@ def cmd_logs(client: Client, model: str | None, follow: bool, lines: int,
     path = "/logs/stream" + (f"/{urllib.parse.quote(model, safe='/:')}" if model else "")
     query = f"?lines={lines}&follow={int(follow)}"
     with client.open("GET", path + query, timeout=None) as r:
-        for entry in _events(r):
+        for entry in _events(client, r):
             print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
     return 0
 
 
-def _events(resp: HTTPResponse) -> Iterator[dict[str, Any]]:
+def _events(client: Client, resp: HTTPResponse) -> Iterator[dict[str, Any]]:
     entry: dict[str, Any] = {}
-    for raw in resp:
+    for raw in client.lines(resp):
         line = raw.decode("utf-8", errors="replace").rstrip("\n")
         if line.startswith("id: "):
             entry["id"] = line[4:]
         elif line.startswith("data: "):
-            entry.update(json.loads(line[6:]))
+            entry.update(client.answer(raw[6:], LINE_MAX))
         elif not line and entry:
             yield entry
             entry = {}

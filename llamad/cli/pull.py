@@ -10,62 +10,42 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, TextIO
 
-from llamad.cli import ENV_KEY
-from llamad.cli.ctl import Client
+from llamad.cli.ctl import LINE_MAX, Client
 from llamad.errors import LlamadError
 from llamad.safetext import one_line
 
 READ_TIMEOUT = 600.0  # seconds without a progress line before pull gives up waiting
-LINE_MAX = 65536
 BAR = 30
 
 
 def cmd_pull(client: Client, name: str, as_json: bool, out: TextIO = sys.stdout) -> int:
-    req = urllib.request.Request(client.base + "/api/pull", method="POST",
-                                 data=json.dumps({"model": name, "stream": True}).encode())
-    req.add_header("Content-Type", "application/json")
-    if client.key:
-        req.add_header("Authorization", f"Bearer {client.key}")
-    try:
-        resp = urllib.request.urlopen(req, timeout=READ_TIMEOUT)
-    except urllib.error.HTTPError as e:
-        raise LlamadError(_refusal(e)) from None
-    except (urllib.error.URLError, OSError) as e:
-        with client.open("GET", "/health"):  # says why llamad cannot be reached
-            pass
-        raise LlamadError(f"pulling {name} failed: {e}") from None
-    model = resp.headers.get("X-Llamad-Model") or name
     bars = Bars(out, out.isatty() and not as_json)
-    with resp:
-        while raw := resp.readline(LINE_MAX):
-            record = json.loads(raw)
-            if as_json:
-                print(json.dumps(record), file=out, flush=True)
-            if "error" in record:
-                bars.end()
-                raise LlamadError(f"pulling {name} failed: {one_line(str(record['error']))}")
-            if not as_json:
-                bars.show(record)
+    # Through Client.open like every command: no proxy, no redirect, errors as sentences.
+    with client.open("POST", "/api/pull", {"model": name, "stream": True},
+                     timeout=READ_TIMEOUT) as resp:
+        model = resp.headers.get("X-Llamad-Model") or name
+        try:
+            for raw in client.lines(resp):
+                record = client.answer(raw, LINE_MAX)
+                if as_json:
+                    print(json.dumps(record), file=out, flush=True)
+                if "error" in record:
+                    bars.end()
+                    raise LlamadError(f"pulling {name} failed: "
+                                      f"{one_line(str(record['error']))}")
+                if not as_json:
+                    bars.show(record)
+        except OSError as e:
+            bars.end()
+            raise LlamadError(f"llamad stopped answering while pulling {name} ({e}); the "
+                              "download may go on: journalctl -u 'llamad-download@*'") from None
     bars.end()
     if not as_json:
         print(f"{model}: in the cache; llamad serves it as {model}", file=out)
     return 0
-
-
-def _refusal(e: urllib.error.HTTPError) -> str:
-    try:
-        error = json.loads(e.read(LINE_MAX))["error"]
-        message = error["message"] if isinstance(error, dict) else str(error)
-    except (ValueError, KeyError, TypeError, OSError):
-        message = f"HTTP {e.code} {e.reason}"
-    if e.code == 401:
-        return f"{message}; set ${ENV_KEY} to an admin key from llamad's api-keys-file"
-    return one_line(str(message))
 
 
 class Bars:
@@ -112,8 +92,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_rm(client: Client, model: str, as_json: bool) -> int:
-    with client.open("DELETE", "/models?model=" + urllib.parse.quote(model, safe="/:")) as r:
-        answer = json.loads(r.read())
+    answer = client.delete("/models?model=" + urllib.parse.quote(model, safe="/:"))
     if as_json:
         print(json.dumps(answer))
     else:
