@@ -10,6 +10,9 @@ from llamad import redact
 # A connection llamad could not make for want of descriptors or memory: llamad's own trouble
 # (503, retry), never a sign that the other end is gone.
 SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+# Ollama's routes (api/ollama.py, api/downloads.py): its clients read an error as
+# {"error": "message"}, without the `source` that says an OpenAI-shaped error is llamad's.
+OLLAMA_PREFIX = "/api/"
 
 
 class LlamadError(Exception):

@@ -225,3 +225,20 @@ async def test_an_answer_that_is_not_llamads_is_one_sentence(
             assert said in e.value.message and "\n" not in e.value.message, e.value.message
     finally:
         await server.close()
+
+
+async def test_a_refusal_in_ollamas_shape_is_llamads_on_ollamas_routes() -> None:
+    """llamad answers errors under /api/ as Ollama does, {"error": "..."}: pull says them as
+    they are; the same shape on llamad's own routes is another program's."""
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": "model 'x' already exists"}, status=400)
+    app = web.Application()
+    app.router.add_route("*", "/{any:.*}", refuse)
+    async with TestServer(app) as server:
+        client = ctl.Client(str(server.make_url("")).rstrip("/"), None)
+        with pytest.raises(LlamadError) as e:
+            await asyncio.to_thread(pull.cmd_pull, client, "x", True, io.StringIO())
+        assert e.value.message == "model 'x' already exists"
+        with pytest.raises(LlamadError) as e:
+            await asyncio.to_thread(ctl.cmd_unload, client, "x", True)
+        assert "(HTTP 400), not as llamad" in e.value.message

@@ -25,11 +25,10 @@ from llamad.api import ollama_translate as tr
 from llamad.api.forward import Upstream, Watch, exchange
 from llamad.api.proxy import Send, proxied
 from llamad.catalog.gguf_info import GGUFError
-from llamad.errors import BackendError, BadRequest, LlamadError, NotFound
+from llamad.errors import OLLAMA_PREFIX, BackendError, BadRequest, LlamadError, NotFound
 from llamad.http import keys, record
 from llamad.http.body import INLINE, parse_keep_alive, read_json
 from llamad.http.context import find, supervisor, visible
-from llamad.http.middleware import OLLAMA_PREFIX
 from llamad.supervisor.backend import Backend
 from llamad.supervisor.events import State
 from llamad.supervisor.slot import Slot

@@ -28,7 +28,7 @@ from typing import Any
 
 from llamad.cli import ENV_KEY, ENV_URL
 from llamad.config import load_config
-from llamad.errors import LlamadError
+from llamad.errors import OLLAMA_PREFIX, LlamadError
 from llamad.safetext import one_line
 
 TIMEOUT = 30.0
@@ -74,7 +74,7 @@ class Client:
         try:
             resp = _OPENER.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
-            raise LlamadError(self._refusal(e)) from None
+            raise LlamadError(self._refusal(e, path)) from None
         except (urllib.error.URLError, OSError) as e:
             why = getattr(e, "reason", e)
             why = why.strerror.lower() if isinstance(why, OSError) and why.strerror else why
@@ -84,9 +84,12 @@ class Client:
         with resp:
             yield resp
 
-    def _refusal(self, e: urllib.error.HTTPError) -> str:
+    def _refusal(self, e: urllib.error.HTTPError, path: str) -> str:
         try:
             error = json.loads(e.read(ERROR_MAX))["error"]
+            if isinstance(error, str) and path.startswith(OLLAMA_PREFIX):
+                # llamad's errors on Ollama's routes are Ollama's shape: no source to check.
+                error = {"message": error, "source": "llamad"}
             message, source = str(error["message"]), error.get("source")
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             message, source = f"HTTP {e.code} {e.reason}", None

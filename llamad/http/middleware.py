@@ -7,11 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from llamad import redact
-from llamad.errors import LlamadError
+from llamad.errors import OLLAMA_PREFIX, LlamadError
 from llamad.http.limits import too_large
-
-# Ollama's routes (api/ollama.py); its clients read an error as {"error": "message"}.
-OLLAMA_PREFIX = "/api/"
 
 
 def error_body(request: web.Request, err: LlamadError) -> dict[str, Any]:
