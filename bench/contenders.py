@@ -26,6 +26,8 @@ import rig
 from helpers.daemon import PYTHON, Llamad
 from helpers.ports import free_port
 
+from bench import ROOT
+
 # 32 slots so the parallel section runs 32 streams at once; 512 tokens of context each.
 # One thread: on this shared 2-core machine, two threads that wait for each other at every
 # step stall whenever the client, llamad or another job takes one core (streams fell from
@@ -216,28 +218,50 @@ ListenStream=127.0.0.1:{port}
 """
 SERVICE_UNIT = """[Unit]
 Description=llamad benchmark, socket-activated
-Requires=bench-llamad.socket
-After=bench-llamad.socket
+Requires={name}.socket
+After={name}.socket
 # Started and stopped once per round: no start limit.
 StartLimitIntervalSec=0
 [Service]
 Type=notify
 Environment=PYTHONUNBUFFERED=1
 ExecStart={python} -m llamad serve --config {config}
-"""
+{sandbox}"""
+# The package's llamad.service but what runs and how it restarts: its sandbox.
+NOT_SANDBOX = frozenset({"Type", "ExecStart", "ExecReload", "Environment", "Restart",
+                         "RestartSec", "WatchdogSec"})
+
+
+def shipped_sandbox(state: Path) -> str:
+    """units/llamad.service's sandbox, as the package has it, for a llamad whose state
+    directory is `state` (and whose code may sit where PrivateTmp= would hide it)."""
+    from llamad.systemd.downloadunit import hidden_code
+
+    service = (ROOT / "units" / "llamad.service").read_text().split("[Service]", 1)[1]
+    lines = [line for line in service.splitlines() if line and not line.startswith("#")
+             and line.partition("=")[0] not in NOT_SANDBOX]
+    lines.append(f"ReadWritePaths={state}")
+    hidden = hidden_code([("PrivateTmp", b"b", True)])
+    if hidden:
+        lines.append("BindReadOnlyPaths=" + " ".join(hidden))
+    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
-def socket_activated(setup: Setup, config: Path) -> Iterator[tuple[str, str]]:
-    """A real bench-llamad.socket + .service in the box; yields (url, service name)."""
+def socket_activated(setup: Setup, config: Path, name: str = "bench-llamad",
+                     sandbox: str = "") -> Iterator[tuple[str, str]]:
+    """A real NAME.socket + NAME.service in the box, the service with `sandbox`'s settings;
+    yields (url, service name)."""
     port = free_port()
     units = Path("/etc/systemd/system")
     box = setup.box
-    box.run(f"cat > {units}/bench-llamad.socket", input=SOCKET_UNIT.format(port=port))
-    box.run(f"cat > {units}/bench-llamad.service",
-            input=SERVICE_UNIT.format(python=PYTHON, config=config))
-    box.run("systemctl daemon-reload && systemctl start bench-llamad.socket")
+    box.run(f"cat > {units}/{name}.socket", input=SOCKET_UNIT.format(port=port))
+    box.run(f"cat > {units}/{name}.service", input=SERVICE_UNIT.format(
+        name=name, python=PYTHON, config=config, sandbox=sandbox))
+    # The package's sysusers file makes the group its sandbox names.
+    box.run("getent group llamad-backend || groupadd -r llamad-backend")
+    box.run(f"systemctl daemon-reload && systemctl start {name}.socket")
     try:
-        yield f"http://127.0.0.1:{port}", "bench-llamad.service"
+        yield f"http://127.0.0.1:{port}", f"{name}.service"
     finally:
-        box.run("systemctl stop bench-llamad.socket bench-llamad.service", check=False)
+        box.run(f"systemctl stop {name}.socket {name}.service", check=False)

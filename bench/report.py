@@ -18,7 +18,7 @@ import rig
 
 from bench import kvswap
 from bench.contenders import ARGS, NICE
-from bench.sections import SOCKET, SWAP, Counts, Results, Series
+from bench.sections import SOCKET, SOCKET_SANDBOXED, SWAP, Counts, Results, Series
 
 TITLES = {
     1: "Added latency of a cheap request",
@@ -114,9 +114,10 @@ def checks(res: Results, n: Counts) -> list[Check]:
         for label in ("4 models", f"{n.catalog_small} models"):
             rss = p50(s(6, f"idle RSS, {label}", "llamad"))
             out.append(Check(f"idle RSS ≤ 50 MB, {label}", f"{rss:.1f} MB", rss <= 50))
-        act = s(6, SOCKET, "llamad")
+        act, boxed = s(6, SOCKET, "llamad"), res.get(6, SOCKET_SANDBOXED, "llamad")
+        within = f" (in the package's sandbox {p50(boxed):.0f} ms p50)" if boxed else ""
         out.append(Check("socket-activated first answer ≤ 200 ms",
-                         f"{p50(act):.0f} ms p50, {max(act.values):.0f} ms max",
+                         f"{p50(act):.0f} ms p50, {max(act.values):.0f} ms max{within}",
                          p50(act) <= 200))
     if 7 in ran:
         listing = s(7, f"GET /v1/models, {n.catalog_large} models", "llamad")
@@ -261,7 +262,8 @@ def markdown(res: Results, n: Counts, info: dict[str, str], quick: bool,
              "drift of the machine falls on all alike. Clients are on 127.0.0.1. The box and "
              f"the client run at nice {NICE}: the machine is shared with other jobs.", "",
              "- **llamad**: `llamad serve` as a Type=notify unit, `models-max = 1`, "
-             "default UNIX-socket backend, each model a transient `llama-server@` unit;",
+             "default UNIX-socket backend, each model a transient `llama-server@` unit "
+             "(the package's sandbox only where a row says so: units/llamad.service's);",
              "- **direct**: one llama-server started by hand (transient unit), spoken to "
              "directly;",
              "- **router**: llama.cpp router mode, `llama-server --models-dir DIR "

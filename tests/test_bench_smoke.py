@@ -34,7 +34,9 @@ def test_quick_run_reports_every_section(tmp_path: Path) -> None:
     for row in ("| /tokenize | llamad |", "| /tokenize | router |",
                 "| 1-token completion | direct |", "| tokens/s | llamad |",
                 "| request to first token | bare |", "| swap request", "| aggregate tokens/s",
-                "| idle RSS, 4 models |", "| socket-activated", "| GET /v1/models, 500 models",
+                "| idle RSS, 4 models |", "| socket-activated cold start to GET /v1/models |",
+                "| socket-activated cold start to GET /v1/models, in the package's sandbox |",
+                "| GET /v1/models, 500 models",
                 "| turn 2 time to first token | llamad |",
                 "| turn 2 time to first token | re-prefill |"):
         assert row in text, f"no {row!r} row in the report"
