@@ -242,3 +242,24 @@ async def test_a_refusal_in_ollamas_shape_is_llamads_on_ollamas_routes() -> None
         with pytest.raises(LlamadError) as e:
             await asyncio.to_thread(ctl.cmd_unload, client, "x", True)
         assert "(HTTP 400), not as llamad" in e.value.message
+
+
+async def test_a_stream_cut_midway_is_one_sentence() -> None:
+    """llamad restarted (or killed) while `logs -f` or `pull` reads its stream: the cut
+    is said, not a traceback."""
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"time": 0, "message": "one"}\n\n' if "logs" in request.path
+                         else b'{"status": "pulling manifest"}\n')
+        assert request.transport is not None
+        request.transport.abort()  # mid-chunk: no terminating chunk ever comes
+        return resp
+    app = web.Application()
+    app.router.add_route("*", "/{any:.*}", cut)
+    async with TestServer(app) as server:
+        url = str(server.make_url("")).rstrip("/")
+        for args, said in ((("logs", "-f"), "stopped sending its log"),
+                           (("pull", "user/repo"), "stopped answering while pulling")):
+            code, out, err = await _run(*args, "--url", url)
+            assert code == 1 and said in err and err.count("\n") == 1, (args, out, err)

@@ -12,6 +12,7 @@ the terminal). Anything that goes wrong is one sentence (LlamadError).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import subprocess
@@ -214,8 +215,13 @@ def cmd_logs(client: Client, model: str | None, follow: bool, lines: int,
     path = "/logs/stream" + (f"/{urllib.parse.quote(model, safe='/:')}" if model else "")
     query = f"?lines={lines}&follow={int(follow)}"
     with client.open("GET", path + query, timeout=None) as r:
-        for entry in _events(client, r):
-            print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
+        try:
+            for entry in _events(client, r):
+                print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
+        except (OSError, http.client.HTTPException) as e:
+            raise LlamadError(f"{client.base} stopped sending its log ({e})") from None
+    if follow:  # llamad never ends a followed stream but when it stops
+        raise LlamadError(f"{client.base} stopped sending its log (llamad stopped?)")
     return 0
 
 

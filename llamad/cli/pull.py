@@ -8,9 +8,11 @@ file otherwise. Interrupting it leaves the download running (`journalctl -u
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import urllib.parse
+from http.client import HTTPResponse
 from typing import Any, TextIO
 
 from llamad.cli.ctl import LINE_MAX, Client
@@ -28,24 +30,34 @@ def cmd_pull(client: Client, name: str, as_json: bool, out: TextIO = sys.stdout)
                      timeout=READ_TIMEOUT) as resp:
         model = resp.headers.get("X-Llamad-Model") or name
         try:
-            for raw in client.lines(resp):
-                record = client.answer(raw, LINE_MAX)
-                if as_json:
-                    print(json.dumps(record), file=out, flush=True)
-                if "error" in record:
-                    bars.end()
-                    raise LlamadError(f"pulling {name} failed: "
-                                      f"{one_line(str(record['error']))}")
-                if not as_json:
-                    bars.show(record)
-        except OSError as e:
-            bars.end()
-            raise LlamadError(f"llamad stopped answering while pulling {name} ({e}); the "
-                              "download may go on: journalctl -u 'llamad-download@*'") from None
-    bars.end()
+            last = _follow(client, resp, name, bars, as_json, out)
+        except (OSError, http.client.HTTPException) as e:
+            last, why = {}, f" ({e})"
+        else:
+            why = ""
+        bars.end()
+    if last.get("status") != "success":  # Ollama's last line: anything else was cut short
+        raise LlamadError(f"llamad stopped answering while pulling {name}{why}; the download "
+                          "may go on: journalctl -u 'llamad-download@*'")
     if not as_json:
         print(f"{model}: in the cache; llamad serves it as {model}", file=out)
     return 0
+
+
+def _follow(client: Client, resp: HTTPResponse, name: str, bars: Bars, as_json: bool,
+            out: TextIO) -> dict[str, Any]:
+    """Show the progress lines as they come; the last one."""
+    record: dict[str, Any] = {}
+    for raw in client.lines(resp):
+        record = client.answer(raw, LINE_MAX)
+        if as_json:
+            print(json.dumps(record), file=out, flush=True)
+        if "error" in record:
+            bars.end()
+            raise LlamadError(f"pulling {name} failed: {one_line(str(record['error']))}")
+        if not as_json:
+            bars.show(record)
+    return record
 
 
 class Bars:
