@@ -179,6 +179,31 @@ async def test_errors_are_ollama_shaped_under_api() -> None:
         await client.close()
 
 
+async def test_create_copy_and_push_say_what_to_do_instead() -> None:
+    """`ollama create`, `cp` and `push` get a sentence that says how llamad does it, as
+    Ollama's client shows it, not a bare 404."""
+    import ollama as ollama_client
+
+    app = web.Application(middlewares=[middleware.error_middleware])
+    ollama.add_routes(app)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    ask = ollama_client.Client(host=str(client.make_url("")))
+    try:
+        calls = {"alias = NAME": lambda: ask.copy("gemma", "other"),
+                 "put a GGUF file in models-dir": lambda: ask.create("x", from_="gemma"),
+                 "does not upload": lambda: ask.push("gemma")}
+        for said, call in calls.items():
+            with pytest.raises(ollama_client.ResponseError) as e:
+                await asyncio.to_thread(call)
+            assert e.value.status_code == 501 and said in e.value.error, e.value.error
+        r = await client.head("/api/blobs/sha256:" + "0" * 64)
+        assert r.status == 501
+    finally:
+        ask.close()  # type: ignore[no-untyped-call]  # ollama's close() has no hints
+        await client.close()
+
+
 async def test_root_answers_probes_and_browsers() -> None:
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="<html>the web UI</html>", content_type="text/html")

@@ -344,6 +344,26 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 )
 
 
+# Ollama's routes that build, copy or upload model files: llamad serves GGUF files as they
+# are, so `ollama create`, `cp` and `push` are told what to do instead.
+NOT_HERE = {
+    "create": "llamad does not build models: put a GGUF file in models-dir (or pull one) and "
+              "set its template and parameters in /etc/llamad/presets.ini",
+    "copy": "llamad does not copy models: another name for a model is an alias in its preset "
+            "(alias = NAME in /etc/llamad/presets.ini)",
+    "push": "llamad does not upload models",
+    "blobs/{digest}": "llamad does not take model files over HTTP: put the GGUF file in "
+                      "models-dir",
+}
+
+
+def not_here(why: str) -> Handler:
+    """A route of NOT_HERE: 501, with what to do instead."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        raise LlamadError(why, status=501, code="not_supported")
+    return handle
+
+
 def add_routes(app: web.Application) -> None:
     """Ollama's routes; GET ones answer HEAD too, as Ollama's do."""
     for method, name, handler in ROUTES:
@@ -351,3 +371,5 @@ def add_routes(app: web.Application) -> None:
             app.router.add_get(OLLAMA_PREFIX + name, handler)
         else:
             app.router.add_route(method, OLLAMA_PREFIX + name, handler)
+    for name, why in NOT_HERE.items():
+        app.router.add_route("*", OLLAMA_PREFIX + name, not_here(why))
