@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -152,6 +153,10 @@ TIMEOUT_NOTE = (
 OUTCOMES = ("pass", "fail", "difference", "not applicable", "skipped", "not run")
 
 
+def _load(run: dict[str, Any]) -> str:
+    return f" (load average {run['load']})" if "load" in run else ""
+
+
 def save(path: Path, results: list[Result], files: list[str], minutes: float) -> dict[str, Any]:
     """Record this run's cases in `path`, keeping the last result of every other case."""
     store: dict[str, Any] = json.loads(path.read_text()) if path.exists() \
@@ -159,7 +164,8 @@ def save(path: Path, results: list[Result], files: list[str], minutes: float) ->
     when = time.strftime("%Y-%m-%d", time.gmtime())
     whole = " ".join(dict.fromkeys(f.split("::")[0] for f in files))
     what = whole if all("::" not in f for f in files) else f"{len(files)} cases of {whole}"
-    store["runs"][what] = {"on": when, "minutes": round(minutes, 1)}
+    store["runs"][what] = {"on": when, "minutes": round(minutes, 1),
+                           "load": round(os.getloadavg()[0], 1)}
     for r in results:
         if r.outcome != "not run" or r.test not in store["cases"]:  # keep an earlier result
             store["cases"][r.test] = {**asdict(r), "on": when}
@@ -226,11 +232,11 @@ def write_doc(path: Path, store: dict[str, Any]) -> None:
         "",
         "Minutes per file: the sum of its cases' times (server start included). Runs "
         "recorded: " + "; ".join(f"{files} on {run['on']}, {run['minutes']} minutes of "
-                                 "wall time" for files, run in store["runs"].items())
+                                 f"wall time{_load(run)}" for files, run in store["runs"].items())
         + ".",
         "",
-        "Measured on the shared 2-core development machine while other developers' tests "
-        "ran (load average 10 to 20). "
+        "Measured on the shared 2-core development machine beside other jobs: each run's "
+        "load average at its end, where recorded. "
         f"`make conformance` runs {', '.join(f'`{f}`' for f in DEFAULT_FILES)}; "
         f"`make conformance CONFORMANCE_ARGS=\"--files {' '.join(GENERATION_FILES)}\"` the "
         "two files that test sampling and generation rather than routing.",
