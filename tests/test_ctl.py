@@ -118,30 +118,40 @@ async def test_what_a_server_says_cannot_drive_the_terminal() -> None:
         assert code == 1 and err.count("\n") == 1
 
 
-async def test_the_key_goes_to_llamad_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """security-review-3 L9: urllib sent the key on to wherever a redirect pointed, through
-    any proxy named in the environment, and to whatever held llamad's port while
-    llamad.socket was stopped."""
+async def _redirected_with_a_proxy(args: tuple[str, ...], path: str,
+                                   redirect: type[web.HTTPMove]
+                                   ) -> tuple[int, str, str, list[str | None]]:
+    """`llamad ARGS` with a key, against a server whose `path` redirects to another, with
+    that other named as the environment's proxy: what it printed, and the Authorization
+    headers the other server saw."""
     seen: list[str | None] = []
 
     async def elsewhere(request: web.Request) -> web.Response:
         seen.append(request.headers.get("Authorization"))
-        return web.json_response({"models": {}, "status": "", "gpus": []})
+        return web.json_response({"models": {}, "status": "success", "gpus": []})
     other = web.Application()
     other.router.add_route("*", "/{any:.*}", elsewhere)
     async with TestServer(other) as thief:
-        target = str(thief.make_url("/status"))
+        target = str(thief.make_url(path))
 
-        async def redirect(request: web.Request) -> web.Response:
-            raise web.HTTPFound(target)
+        async def send_on(request: web.Request) -> web.Response:
+            raise redirect(target)
         front = web.Application()
-        front.router.add_get("/status", redirect)
+        front.router.add_route("*", path, send_on)
         async with TestServer(front) as server:
             url = str(server.make_url("")).rstrip("/")
-            code, _, err = await _run("ps", "--url", url, env={
+            code, out, err = await _run(*args, "--url", url, env={
                 "LLAMAD_API_KEY": "sekrit", "http_proxy": target, "HTTP_PROXY": target})
-        assert code == 1 and "HTTP 302" in err and "not as llamad" in err, err
-        assert seen == []  # neither followed nor proxied
+    return code, out, err, seen
+
+
+async def test_the_key_goes_to_llamad_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """security-review-3 L9: urllib sent the key on to wherever a redirect pointed, through
+    any proxy named in the environment, and to whatever held llamad's port while
+    llamad.socket was stopped."""
+    code, _, err, seen = await _redirected_with_a_proxy(("ps",), "/status", web.HTTPFound)
+    assert code == 1 and "HTTP 302" in err and "not as llamad" in err, err
+    assert seen == []  # neither followed nor proxied
 
     monkeypatch.setenv("LLAMAD_API_KEY", "sekrit")
     monkeypatch.delenv("LLAMAD_URL", raising=False)
@@ -158,24 +168,8 @@ async def test_the_key_goes_to_llamad_alone(monkeypatch: pytest.MonkeyPatch) -> 
 async def test_pull_sends_the_key_to_llamad_alone() -> None:
     """pull spoke through urllib's default opener: on to a redirect's target, through a
     proxy from the environment, with the key."""
-    seen: list[str | None] = []
-
-    async def elsewhere(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("Authorization"))
-        return web.json_response({"status": "success"})
-    other = web.Application()
-    other.router.add_route("*", "/{any:.*}", elsewhere)
-    async with TestServer(other) as thief:
-        target = str(thief.make_url("/api/pull"))
-
-        async def redirect(request: web.Request) -> web.Response:
-            raise web.HTTPTemporaryRedirect(target)
-        front = web.Application()
-        front.router.add_post("/api/pull", redirect)
-        async with TestServer(front) as server:
-            url = str(server.make_url("")).rstrip("/")
-            code, out, err = await _run("pull", "user/repo", "--url", url, env={
-                "LLAMAD_API_KEY": "sekrit", "http_proxy": target, "HTTP_PROXY": target})
+    code, out, err, seen = await _redirected_with_a_proxy(
+        ("pull", "user/repo"), "/api/pull", web.HTTPTemporaryRedirect)
     assert code == 1 and out == "" and "HTTP 307" in err and err.count("\n") == 1, err
     assert seen == []
 

@@ -38,6 +38,8 @@ TIMEOUT = 30.0
 ANSWER_MAX = 64 << 20
 ERROR_MAX = 64 << 10  # of an error's body
 LINE_MAX = 1 << 20  # of one line of a stream: a journal entry, a progress line
+# A stream that breaks midway (llamad stopped or was killed): reset, or a chunk cut short.
+BROKEN = (OSError, http.client.HTTPException)
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,9 @@ class Client:
             error = json.loads(e.read(ERROR_MAX))["error"]
             if isinstance(error, str) and path.startswith(OLLAMA_PREFIX):
                 # llamad's errors on Ollama's routes are Ollama's shape: no source to check.
-                error = {"message": error, "source": "llamad"}
-            message, source = str(error["message"]), error.get("source")
+                message, source = error, "llamad"
+            else:
+                message, source = str(error["message"]), error.get("source")
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             message, source = f"HTTP {e.code} {e.reason}", None
         message = one_line(message)
@@ -105,23 +108,27 @@ class Client:
         return message
 
     def get(self, path: str) -> dict[str, Any]:
-        with self.open("GET", path) as r:
-            return self.answer(r.read(ANSWER_MAX + 1), ANSWER_MAX)
+        return self.ask("GET", path)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        with self.open("POST", path, body) as r:
-            return self.answer(r.read(ANSWER_MAX + 1), ANSWER_MAX)
+        return self.ask("POST", path, body)
 
     def delete(self, path: str) -> dict[str, Any]:
-        with self.open("DELETE", path) as r:
-            return self.answer(r.read(ANSWER_MAX + 1), ANSWER_MAX)
+        return self.ask("DELETE", path)
 
-    def answer(self, raw: bytes, limit: int) -> dict[str, Any]:
-        """`raw`, read with a limit of `limit` bytes, as the JSON object llamad sends; any
-        other answer is an error sentence."""
-        if len(raw) > limit:
-            raise LlamadError(f"{self.base} answered more than {limit >> 20} MiB, which "
+    def ask(self, method: str, path: str, body: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+        """One request and its answer, read within ANSWER_MAX."""
+        with self.open(method, path, body) as r:
+            raw = r.read(ANSWER_MAX + 1)
+        if len(raw) > ANSWER_MAX:
+            raise LlamadError(f"{self.base} answered more than {ANSWER_MAX >> 20} MiB, which "
                               "llamad never does; another program may hold llamad's port")
+        return self.answer(raw)
+
+    def answer(self, raw: bytes) -> dict[str, Any]:
+        """`raw` (already bounded) as the JSON object llamad sends; anything else is an
+        error sentence."""
         try:
             found = json.loads(raw)
         except ValueError:
@@ -218,7 +225,7 @@ def cmd_logs(client: Client, model: str | None, follow: bool, lines: int,
         try:
             for entry in _events(client, r):
                 print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
-        except (OSError, http.client.HTTPException) as e:
+        except BROKEN as e:
             raise LlamadError(f"{client.base} stopped sending its log ({e})") from None
     if follow:  # llamad never ends a followed stream but when it stops
         raise LlamadError(f"{client.base} stopped sending its log (llamad stopped?)")
@@ -232,7 +239,7 @@ def _events(client: Client, resp: HTTPResponse) -> Iterator[dict[str, Any]]:
         if line.startswith("id: "):
             entry["id"] = line[4:]
         elif line.startswith("data: "):
-            entry.update(client.answer(raw[6:], LINE_MAX))
+            entry.update(client.answer(raw[6:]))
         elif not line and entry:
             yield entry
             entry = {}

@@ -8,14 +8,13 @@ file otherwise. Interrupting it leaves the download running (`journalctl -u
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import urllib.parse
 from http.client import HTTPResponse
 from typing import Any, TextIO
 
-from llamad.cli.ctl import LINE_MAX, Client
+from llamad.cli.ctl import BROKEN, Client
 from llamad.errors import LlamadError
 from llamad.safetext import one_line
 
@@ -31,7 +30,7 @@ def cmd_pull(client: Client, name: str, as_json: bool, out: TextIO = sys.stdout)
         model = resp.headers.get("X-Llamad-Model") or name
         try:
             last = _follow(client, resp, name, bars, as_json, out)
-        except (OSError, http.client.HTTPException) as e:
+        except BROKEN as e:
             last, why = {}, f" ({e})"
         else:
             why = ""
@@ -49,7 +48,7 @@ def _follow(client: Client, resp: HTTPResponse, name: str, bars: Bars, as_json: 
     """Show the progress lines as they come; the last one."""
     record: dict[str, Any] = {}
     for raw in client.lines(resp):
-        record = client.answer(raw, LINE_MAX)
+        record = client.answer(raw)
         if as_json:
             print(json.dumps(record), file=out, flush=True)
         if "error" in record:
