@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import rig
-from helpers.daemon import PYTHON, Llamad
+from helpers.daemon import PYTHON, Llamad, sandbox_needs
 from helpers.ports import free_port
 
 from bench import ROOT
@@ -232,19 +232,13 @@ NOT_SANDBOX = frozenset({"Type", "ExecStart", "ExecReload", "Environment", "Rest
                          "RestartSec", "WatchdogSec"})
 
 
-def shipped_sandbox(state: Path) -> str:
-    """units/llamad.service's sandbox, as the package has it, for a llamad whose state
-    directory is `state` (and whose code may sit where PrivateTmp= would hide it)."""
-    from llamad.systemd.downloadunit import hidden_code
-
+def shipped_sandbox(box: rig.Box, state: Path) -> str:
+    """units/llamad.service's sandbox, as the package has it, for a llamad in `box` whose
+    state directory is `state`."""
     service = (ROOT / "units" / "llamad.service").read_text().split("[Service]", 1)[1]
     lines = [line for line in service.splitlines() if line and not line.startswith("#")
              and line.partition("=")[0] not in NOT_SANDBOX]
-    lines.append(f"ReadWritePaths={state}")
-    hidden = hidden_code([("PrivateTmp", b"b", True)])
-    if hidden:
-        lines.append("BindReadOnlyPaths=" + " ".join(hidden))
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *sandbox_needs(box, state)]) + "\n"
 
 
 @contextlib.contextmanager
@@ -258,8 +252,6 @@ def socket_activated(setup: Setup, config: Path, name: str = "bench-llamad",
     box.run(f"cat > {units}/{name}.socket", input=SOCKET_UNIT.format(port=port))
     box.run(f"cat > {units}/{name}.service", input=SERVICE_UNIT.format(
         name=name, python=PYTHON, config=config, sandbox=sandbox))
-    # The package's sysusers file makes the group its sandbox names.
-    box.run("getent group llamad-backend || groupadd -r llamad-backend")
     box.run(f"systemctl daemon-reload && systemctl start {name}.socket")
     try:
         yield f"http://127.0.0.1:{port}", f"{name}.service"

@@ -257,7 +257,7 @@ def footprint(setup: Setup, n: Counts, res: Results) -> None:
     # in the shipped unit's sandbox, which systemd sets up before llamad runs.
     with socket_activated(setup, config) as bare, socket_activated(
             setup, config, "bench-llamad-sandboxed",
-            shipped_sandbox(config.parent / "state")) as sandboxed:
+            shipped_sandbox(setup.box, config.parent / "state")) as sandboxed:
         for _ in range(n.socket_rounds):
             for metric, (url, service) in ((SOCKET, bare), (SOCKET_SANDBOXED, sandboxed)):
                 res.add(6, metric, "llamad", "ms", first_answer(setup, url, service) * 1000)

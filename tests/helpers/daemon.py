@@ -30,6 +30,19 @@ SANDBOX = ("CapabilityBoundingSet=", "SupplementaryGroups=llamad-backend",
            "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "UMask=0077")
 
 
+def sandbox_needs(box: rig.Box, state: Path) -> list[str]:
+    """What a llamad in the shipped unit's sandbox needs in the box beside the sandbox: the
+    group it names, its state directory writable, its code where PrivateTmp= hides it."""
+    # units/llamad.sysusers makes the group where the package is installed.
+    box.run("getent group llamad-backend || groupadd -r llamad-backend")
+    needs = [f"ReadWritePaths={state}"]
+    # A clone under /tmp or /var/tmp: PrivateTmp= would hide llamad's python and code.
+    hidden = downloadunit.hidden_code([("PrivateTmp", b"b", True)])
+    if hidden:
+        needs.append("BindReadOnlyPaths=" + " ".join(hidden))
+    return needs
+
+
 class Llamad:
     """One llamad in the box, a real Type=notify service: `start()` runs it with systemd-run,
     `listen()` has systemd listen on its port and start it at the first connection."""
@@ -73,13 +86,7 @@ class Llamad:
         """Run in the shipped unit's sandbox (SANDBOX), the state directory writable."""
         state = self.dir / "state"
         state.mkdir(mode=0o755, exist_ok=True)
-        # units/llamad.sysusers makes the group where the package is installed.
-        self.box.run("getent group llamad-backend || groupadd -r llamad-backend")
-        self.properties += [*SANDBOX, f"ReadWritePaths={state}"]
-        # A clone under /tmp or /var/tmp: PrivateTmp= would hide llamad's python and code.
-        hidden = downloadunit.hidden_code([("PrivateTmp", b"b", True)])
-        if hidden:
-            self.properties.append("BindReadOnlyPaths=" + " ".join(hidden))
+        self.properties += [*SANDBOX, *sandbox_needs(self.box, state)]
 
     def _service(self) -> list[str]:
         """The properties of llamad's unit, as units/llamad.service has them (but its
