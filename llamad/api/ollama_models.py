@@ -140,10 +140,15 @@ def header(path: Path) -> dict[str, Scalar | None]:
     return _header(path, (st.st_mtime_ns, st.st_size))
 
 
+def embeds(model: Model) -> bool:
+    """llama-server makes embeddings only when started with --embeddings."""
+    return argv.has(model.settings.args, EMBEDDINGS)
+
+
 def capabilities(model: Model, template: str) -> list[str]:
     """What Ollama's clients ask a model for, as far as its header and arguments tell."""
     caps = ["completion"]
-    if argv.has(model.settings.args, EMBEDDINGS):
+    if embeds(model):
         caps.append("embedding")
     if model.info and "image" in model.info.modalities:
         caps.append("vision")
