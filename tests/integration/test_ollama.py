@@ -76,6 +76,8 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     assert shown.modelinfo is not None
     assert shown.modelinfo["general.architecture"] == "gemma3"
     assert shown.modelinfo["gemma3.context_length"] == 32768
+    # Not a header key: Ollama counts the tensors' parameters, and clients read it here.
+    assert shown.modelinfo["general.parameter_count"] == 268_098_176
     # llama.cpp's built-in `gemma` template (as Jinja), chosen by llamad.
     assert shown.template and shown.template.startswith("{%- set system")
     assert shown.capabilities == ["completion"] and d.model_units() == {}  # show loads nothing
