@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from helpers import ggufgen
@@ -116,3 +118,26 @@ async def test_a_pull_after_the_start_appears(tmp_path: Path) -> None:
         await feed.until(lambda s: "tiny:1b" in s.models)
         (store / "manifests/registry.ollama.ai/library/tiny/latest").unlink()  # ollama rm
         await feed.until(lambda s: "tiny" not in s.models)
+
+
+def test_the_command_line_shows_the_store(tmp_path: Path) -> None:
+    store = tmp_path / "ollama"
+    digest = blob(store)
+    manifest(store, "registry.ollama.ai/library/tiny/latest", [(MODEL, digest)])
+    manifest(store, "registry.ollama.ai/library/lora/latest",
+             [(MODEL, digest), ("application/vnd.ollama.image.adapter", digest)])
+    conf = tmp_path / "llamad.conf"
+    conf.write_text(f"models-dir = {tmp_path / 'none'}\nllama-cache = no\n"
+                    f"llama-server = /bin/true\nollama-models = {store}\n")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    run = [sys.executable, "-m", "llamad"]
+    listed = subprocess.run([*run, "models", "--json", "--config", str(conf)], env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert [(m["id"], m["source"]) for m in json.loads(listed.stdout)] == [("tiny", "ollama")]
+    assert "library/lora/latest adds a LoRA adapter" in listed.stderr
+    checked = subprocess.run([*run, "check-config", "--config", str(conf)], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and f"; ollama-models {store}; " in checked.stdout
+    # Here, under /tmp, as in a home directory: a store the model units cannot see.
+    assert f"ollama-models: {store} is under /tmp, which model units see as an empty" in \
+        checked.stderr, checked.stderr

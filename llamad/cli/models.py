@@ -88,6 +88,8 @@ def cmd_check_config(config_path: Path | None) -> int:
     dirs = ", ".join(map(str, config.models_dirs)) or "none"
     preset = f"{config.models_preset} ({len(presets.sections)} sections)" \
         if config.models_preset else "none"
+    store = config.ollama_models
+    dirs += f"; ollama-models {store}" if store is not None and store.is_dir() else ""
     print(f"{where}: OK; models-dir {dirs}; presets {preset}; backend {config.backend}; "
           f"models-max {config.models_max}; llama-server {config.llama_server}")
     return 0

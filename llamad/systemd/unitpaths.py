@@ -112,6 +112,10 @@ def config_problems(config: Config) -> list[str]:
     if cache is not None and cache.exists():
         checks.append(("llama-cache-dir", cache, box, "d",
                        "set llama-cache-dir to a directory every user may read"))
+    if config.ollama_models is not None and config.ollama_models.exists():
+        checks.append(("ollama-models", config.ollama_models, box, "d",
+                       "point Ollama's OLLAMA_MODELS where every user may read, or move the "
+                       "store there"))
     where = config.path or "configuration"
     out = [f"{where}: {p}" for p in token_problems(config.hf_token_file)]
     for key, path, sandbox, need, fix in checks:

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import ollama
 import openai
 import pytest
 import rig
@@ -30,6 +31,8 @@ from helpers import readme
 from helpers.fakehub import FakeHub
 from helpers.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
+
+from llamad.systemd.unitname import unit_name
 
 pytestmark = pytest.mark.integration
 
@@ -319,6 +322,51 @@ def test_pull_with_the_packages_defaults(pkgbox: rig.Box, client: openai.OpenAI)
         finally:
             box.run("mv /etc/llamad/llamad.conf.orig /etc/llamad/llamad.conf && "
                     "systemctl restart llamad.service")
+
+
+def test_moving_from_ollama(pkgbox: rig.Box, client: openai.OpenAI) -> None:
+    # What an Ollama user has: models pulled into Ollama's store, where its Linux service
+    # keeps them, and clients that speak to Ollama's port. With the package's defaults the
+    # store is served as it appears, and the socket takes a second port as docs/operations.md
+    # says (a free one here: boxes share the host's network).
+    box, port = pkgbox, free_port()
+    store = "/usr/share/ollama/.ollama/models"
+    digest = "c" * 64
+    manifest = json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}"}]})
+    box.run(f"mkdir -p {store}/blobs {store}/manifests/registry.ollama.ai/library/gemma3 && "
+            f"(ln /var/lib/llamad/models/{MODEL}.gguf {store}/blobs/sha256-{digest} || "
+            f"cp /var/lib/llamad/models/{MODEL}.gguf {store}/blobs/sha256-{digest}) && "
+            f"chmod -R a+rX /usr/share/ollama")
+    box.run(["tee", f"{store}/manifests/registry.ollama.ai/library/gemma3/270m"],
+            input=manifest)
+    try:
+        rig.wait_for("the running llamad to find Ollama's model",
+                     lambda: "gemma3:270m" in (_ids(client) or []), timeout=60)
+        moved = box.run("printf '[Socket]\\nListenStream=127.0.0.1:%d\\n' " + str(port) +
+                        # after port.conf, which empties the list first
+                        " > /etc/systemd/system/llamad.socket.d/zz-ollama.conf && "
+                        "systemctl daemon-reload && systemctl stop llamad.socket llamad.service "
+                        "&& systemctl start llamad.socket",
+                        check=False)
+        assert moved.returncode == 0, moved.stderr + box.run(
+            "journalctl --no-pager -n 30 -u llamad.socket -u llamad.service").stdout
+        ollama_client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        try:
+            assert "gemma3:270m" in {m.model for m in ollama_client.list().models}
+            answer = ollama_client.chat(model="gemma3:270m", options={"num_predict": 8},
+                                        messages=[{"role": "user", "content": QUESTION}])
+            assert answer.message.content and answer.model == "gemma3:270m"
+        finally:
+            ollama_client.close()  # type: ignore[no-untyped-call]  # ollama's has no hints
+        argv = box.run(["systemctl", "show", "-P", "ExecStart",
+                        unit_name("gemma3:270m")]).stdout
+        assert f"{store}/blobs/sha256-{digest}" in argv, argv
+        assert MODEL in (_ids(client) or [])  # the first port still answers
+    finally:
+        box.run("rm -rf /usr/share/ollama /etc/systemd/system/llamad.socket.d/zz-ollama.conf && "
+                "systemctl daemon-reload && systemctl stop llamad.socket llamad.service && "
+                "systemctl start llamad.socket")
 
 
 def test_no_python_complaints_in_the_journal(pkgbox: rig.Box, client: openai.OpenAI) -> None:
