@@ -100,7 +100,7 @@ def resources(meas: Measure, ram: int = RAM, budget: int | None = None) -> Resou
 
 
 def target(meas: Measure, m: Model) -> ModelView:
-    return ModelView(m.id, need=meas.need(m), fit=meas.fitter(m))
+    return ModelView(m.id, need=meas.need(m), fit=meas.fitter(m), floor=meas.floor(m))
 
 
 def plan(meas: Measure, m: Model, *others: ModelView, ram: int = RAM,
@@ -224,8 +224,14 @@ def test_dense_model_too_big_for_the_gpu_gets_fewer_layers(tmp_path: Path) -> No
     ngl = int(args[args.index("--n-gpu-layers") + 1])
     assert args[:2] == ("--ctx-size", "4096") and 0 < ngl < 32
     assert price(meas, m, "--ctx-size", "4096", "--n-gpu-layers", str(ngl + 1)).vram > 3 * GIB
-    # Out of RAM too: nothing fits, and the refusal gives the smallest plan's figures.
-    none = plan(meas, m, ram=2 * GIB)
+    # With 1 GiB of RAM free the weights left on the host stay on disk, paged in as
+    # needed (llama-server maps them), and it still loads.
+    paged = plan(meas, m, ram=2 * GIB)
+    assert isinstance(paged, Load) and paged.fit is not None
+    assert paged.fit.need.ram <= GIB < price(meas, m, *paged.fit.args).ram
+    # Without RAM even for the rest: nothing fits, and the refusal gives the smallest plan's
+    # figures.
+    none = plan(meas, m, ram=RESERVE + 256 * MIB)
     assert isinstance(none, Reject) and "needs" in none.message and "of RAM" in none.message
     assert none.message.endswith("(at context 4096, the least fit-min-ctx allows)")
 
@@ -325,3 +331,45 @@ def test_room_decides_the_context_shown_in_the_choice() -> None:
     got = fitter.choose(fit.Room(GIB, 10_000 * MIB, True))
     assert got is not None and got.ctx == 9984 and got.args == ("--ctx-size", "9984")
     assert fitter.choose(fit.Room(GIB, 4095 * MIB, True)) is None
+
+
+def test_model_larger_than_free_ram_loads_on_the_gpu(tmp_path: Path) -> None:
+    """llama-server maps the file and copies the GPU's tensors out of the mapping, then
+    unmaps them: the 4.9 GB of Llama 3.1 8B on a 24 GB card load beside 3 GiB of free RAM
+    (the page cache gives them back). llamad loads it too, with the trained context, and
+    plans the RAM it cannot do without; memory-budget-mb, the operator's cap, still counts
+    the file."""
+    meas = measure(tmp_path, (24,))
+    m = model("llama", LLAMA_8B)
+    assert price(meas, m).ram > 4 * GIB  # the file's pages are part of the need
+    load = plan(meas, m, ram=4 * GIB)
+    assert isinstance(load, Load) and load.gpus == (0,) and load.fit is not None
+    assert ctx_of(load) == 131072 and load.fit.args == ()
+    assert load.fit.need.ram <= 3 * GIB and load.fit.need.vram == price(meas, m).vram
+    assert load.fit.reason == "trained context 131072: 23.0 GiB free on GPU 0 after " \
+        "evicting nothing"
+    budget = plan(meas, m, ram=RAM, budget=4 * GIB)
+    assert isinstance(budget, Reject) and "needs 5." in budget.message, budget
+    # With -ngl given (nothing to fit) the same.
+    fixed = model("llama", LLAMA_8B, "--n-gpu-layers 99 --ctx-size 8192")
+    assert meas.fitter(fixed) is None
+    load = plan(meas, fixed, ram=4 * GIB)
+    assert isinstance(load, Load) and load.gpus == (0,) and load.fit is None
+
+
+def test_model_larger_than_free_ram_loads_on_the_cpu(tmp_path: Path) -> None:
+    """On the CPU a mapped model larger than the RAM free still loads (llama-server serves
+    it, reading pages again as it needs them): with the least context, leaving the weights
+    every page there is. Read into anonymous memory (-lm none) or locked (-lm mmap+mlock)
+    it needs the RAM: 503."""
+    meas = measure(tmp_path)
+    m = model("llama", LLAMA_8B)
+    assert price(meas, m, "--ctx-size", "4096").ram > 4 * GIB
+    load = plan(meas, m, ram=4 * GIB)
+    assert isinstance(load, Load) and load.gpus == () and load.fit is not None
+    assert load.fit.args == ("--ctx-size", "4096") and load.fit.need.ram <= 3 * GIB
+    for mode in ("none", "mmap+mlock", "mlock"):
+        held = plan(meas, model("llama", LLAMA_8B, f"--load-mode {mode}"), ram=4 * GIB)
+        assert isinstance(held, Reject) and "of RAM" in held.message, (mode, held)
+    explicit = plan(meas, model("llama", LLAMA_8B, "--ctx-size 8192"), ram=4 * GIB)
+    assert isinstance(explicit, Load) and explicit.fit is None

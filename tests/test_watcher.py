@@ -101,3 +101,33 @@ async def test_preset_edit_triggers_rescan(tmp_path: Path) -> None:
         snap = await feed.until(lambda s: "b" in s.models)
         assert snap.resolve("first") is snap.models["a"]
         assert "2048" in snap.models["a"].settings.args
+
+
+async def test_a_models_directory_made_after_the_start_is_followed(tmp_path: Path) -> None:
+    # A directory llamad was told about but that is not there yet (made later, a drive
+    # mounted later under a path made then): watched from the nearest directory above it.
+    models = tmp_path / "srv" / "llm" / "models"
+    catalog = make_catalog(models)
+    feed = Feed(catalog)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE):
+        assert not catalog.snapshot.models
+        models.mkdir(parents=True)
+        aged_model(models / "late.gguf")
+        await feed.until(lambda s: "late" in s.models)
+        aged_model(models / "later.gguf")  # and the directory itself is now watched
+        await feed.until(lambda s: "later" in s.models)
+
+
+async def test_a_models_directory_removed_and_made_again_is_followed(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    aged_model(models / "a.gguf")
+    catalog = make_catalog(models)
+    feed = Feed(catalog)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE):
+        shutil.rmtree(models)
+        models.mkdir()
+        aged_model(models / "b.gguf")
+        await feed.until(lambda s: "b" in s.models)
+        # Seen through the new directory's watch: the old one ended with its directory.
+        (models / "b.gguf").rename(models / "c.gguf")
+        await feed.until(lambda s: "c" in s.models and "b" not in s.models)

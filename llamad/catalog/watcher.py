@@ -3,6 +3,10 @@
 watchdog calls back on its own thread; the handler only pokes the event loop with
 call_soon_threadsafe. On the loop, each poke restarts a short debounce timer, so a
 burst of events (a copy, a rename, a deleted directory) becomes one rescan.
+
+A directory that is not there (not made yet, removed, its drive not mounted yet) is
+watched from the nearest directory above it that is, for the one step towards it; after
+each scan the watches follow what exists, so it is seen once it appears, without a restart.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from types import TracebackType
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from llamad.catalog.catalog import Catalog
 from llamad.config import cache_dir
@@ -28,19 +32,41 @@ DEBOUNCE_SECONDS = 0.5
 _CHANGES = frozenset({"created", "deleted", "modified", "moved", "closed", "attrib"})
 
 
+# A directory as watched: its path, recursively or not, and which directory that path
+# named then (device, inode): one removed and made again needs a new watch.
+Place = tuple[Path, bool, tuple[int, int]]
+# The paths in a watched directory whose events count; None: all of them.
+Only = frozenset[str] | None
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: CatalogWatcher, only: Path | None = None) -> None:
+    def __init__(self, watcher: CatalogWatcher, root: Path, only: Only) -> None:
         super().__init__()
         self.watcher = watcher
-        self.only = str(only) if only else None
+        self.root = str(root)
+        self.only = only
+        # watchdog ends a watch whose directory is removed; one made again under the same
+        # name (often with the same inode number) needs a new one.
+        self.ended = False
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _CHANGES:
             return
         paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
-        if self.only is not None and self.only not in paths:
+        if event.event_type == "deleted" and str(event.src_path) == self.root:
+            self.ended = True
+        elif self.only is not None and not self.only & paths:
             return
         self.watcher.loop.call_soon_threadsafe(self.watcher.poke)
+
+
+def _place(directory: Path, recursive: bool, only: Path | None) -> tuple[Place, Path | None]:
+    """Where to watch for `directory`: itself, or while it is missing the nearest
+    directory above it, for the step towards it alone."""
+    while not directory.is_dir() and directory.parent != directory:
+        directory, recursive, only = directory.parent, False, directory
+    st = directory.stat()
+    return (directory, recursive, (st.st_dev, st.st_ino)), only
 
 
 class CatalogWatcher:
@@ -55,6 +81,7 @@ class CatalogWatcher:
         self._loop = loop
         self.debounce = debounce
         self._observer: BaseObserver | None = None
+        self._watches: dict[Place, tuple[_Handler, ObservedWatch]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._again = False
@@ -68,6 +95,8 @@ class CatalogWatcher:
         cache = cache_dir(config)
         if config.llama_cache and cache is not None:
             out.append((cache, True, None))
+        if config.ollama_models is not None:  # a manifest comes once its blobs are whole
+            out.append((config.ollama_models / "manifests", True, None))
         if config.models_preset is not None:
             out.append((config.models_preset.parent, False, config.models_preset))
         return out
@@ -81,24 +110,56 @@ class CatalogWatcher:
     async def start(self) -> None:
         _ = self.loop  # bind to the running loop before watchdog's thread needs it
         observer = Observer()
-        for directory, recursive, only in self._watched():
-            if directory.is_dir():
-                observer.schedule(_Handler(self, only), str(directory), recursive=recursive)
-            else:
-                log.warning("%s does not exist; it is not watched for new models.", directory)
         observer.daemon = True
         observer.start()
         self._observer = observer
+        await self._follow_disk()
         await self.catalog.rescan_async()
         self._follow_up()
+
+    def _wanted(self) -> dict[Place, Only]:
+        wanted: dict[Place, Only] = {}
+        for directory, recursive, only in self._watched():
+            try:
+                place, step = _place(directory, recursive, only)
+            except OSError:  # gone between the check and the stat: the next scan retries
+                continue
+            if place in wanted:  # two things watched from one place
+                had = wanted[place]
+                wanted[place] = None if had is None or step is None else had | {str(step)}
+            else:
+                wanted[place] = None if step is None else frozenset({str(step)})
+        return wanted
+
+    def _sync(self) -> bool:
+        """Make the observer's watches what _wanted() says (in a worker thread: a
+        recursive watch walks its tree). True if something is newly watched, whose
+        contents may predate the watch."""
+        observer, wanted = self._observer, self._wanted()
+        if observer is None:
+            return False
+        for place, (handler, watch) in list(self._watches.items()):
+            if place not in wanted or wanted[place] != handler.only or handler.ended:
+                observer.unschedule(watch)
+                del self._watches[place]
+        new = [p for p in wanted if p not in self._watches]
+        for place in new:
+            directory, recursive, _ = place
+            handler = _Handler(self, directory, wanted[place])
+            watch = observer.schedule(handler, str(directory), recursive=recursive)
+            self._watches[place] = (handler, watch)
+        return bool(new)
+
+    async def _follow_disk(self) -> bool:
+        return await self.loop.run_in_executor(None, self._sync)
 
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._observer is not None:
-            self._observer.stop()
-            await self.loop.run_in_executor(None, self._observer.join)
-            self._observer = None
+        observer, self._observer = self._observer, None  # and _sync() leaves it alone
+        if observer is not None:
+            observer.stop()
+            await self.loop.run_in_executor(None, observer.join)
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
@@ -143,6 +204,8 @@ class CatalogWatcher:
         except Exception:
             # A failed scan must not stop watching; the next change tries again.
             log.exception("catalog rescan failed")
+        if await self._follow_disk():
+            self.poke()  # what arrived before its watch did is read by one more scan
         for done in waiting:
             if not done.done():
                 done.set_result(None)

@@ -409,7 +409,26 @@ def memory_limit(est: Estimate, measured_ram: int = 0) -> int:
 def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
          cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None) -> Memory:
     """What the scheduler should plan for: the learned figures, the estimate where none."""
-    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus, draft=draft).total
+    return needs(info, args, learned, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus,
+                 draft=draft)[0]
+
+
+def needs(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
+          cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1,
+          draft: ModelInfo | None = None) -> tuple[Memory, Memory]:
+    """(need, floor): what to plan for, and the part of it a load cannot do without.
+
+    The floor leaves out the file pages (the weights mapped or read, the CUDA libraries):
+    clean page cache the kernel drops and reads again, so llama-server loads a model larger
+    than the RAM free (it copies the GPU's tensors out of the mapping and unmaps them; on
+    the CPU it reads pages again as it needs them). Locked pages (-lm mmap+mlock) stay."""
+    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus, draft=draft)
+    total = est.total
     if learned is None or not learned.ram:
-        return est
-    return Memory(learned.ram, est.vram if learned.vram is None else learned.vram)
+        found = total
+    else:
+        found = Memory(learned.ram, total.vram if learned.vram is None else learned.vram)
+    if parse_args(args).load_mode == "mmap+mlock":
+        return found, found
+    anon = max(est.anon, found.ram - est.mapped)  # a learned peak counts the pages too
+    return found, Memory(min(found.ram, anon), found.vram)

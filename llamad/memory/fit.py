@@ -19,7 +19,7 @@ exactly those arguments) and checked against a `Room`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llamad.memory.types import Memory
 
@@ -81,6 +81,9 @@ class Fitter:
 
     shape: Shape
     price: Price = field(compare=False)
+    # The part of each price a load cannot do without (less the file pages the kernel may
+    # drop and read again: estimate.needs); None: all of it.
+    floor: Price | None = field(default=None, compare=False)
 
     def choose(self, room: Room) -> Choice | None:
         """The plan to load with in this room, or None if nothing fits."""
@@ -95,6 +98,17 @@ class Fitter:
                 return found
             base = (*base, CPU_MOE, str(sh.layers))
         return self._layers(room, base)
+
+    def relaxed(self, cpu: bool) -> Fitter | None:
+        """The fitter for a model whose file pages do not all fit: each candidate priced
+        by its floor. On the CPU the context stays the least: more would take the RAM the
+        weights are already short of. None where there is no floor to price with."""
+        if self.floor is None:
+            return None
+        sh = self.shape
+        if cpu and sh.fit_ctx:
+            sh = replace(sh, most=sh.least, capped=False)
+        return Fitter(sh, self.floor)
 
     def restore(self, args: tuple[str, ...], reason: str) -> Choice:
         """The choice an earlier llamad made for a unit it started (the unit's environment)."""

@@ -68,7 +68,7 @@ class Measure:
         self.monitor = monitor if monitor is not None else gpu.GpuMonitor()
         self.learned = learned.LearnedStore(state_dir)
         self.costs = learned.GpuCosts(state_dir)
-        self._needs: dict[tuple[object, ...], Memory] = {}
+        self._needs: dict[tuple[object, ...], tuple[Memory, Memory]] = {}
         self._gpus: tuple[gpu.GpuInfo, ...] = ()
         self._gpus_at = 0.0
         self._procs: dict[str, list[gpu.GpuProcess]] = {}
@@ -92,9 +92,18 @@ class Measure:
         """What the scheduler plans with for the model as it runs (or would, unfitted)."""
         return self._need(model, self.run_args(model))
 
+    def floor(self, model: Model) -> Memory:
+        """The part of need() a load cannot do without: less the file pages the kernel
+        may drop and read again (memory.needs), for a model larger than the RAM free."""
+        return self._priced(model, self.run_args(model))[1]
+
     def _need(self, model: Model, args: tuple[str, ...]) -> Memory:
+        return self._priced(model, args)[0]
+
+    def _priced(self, model: Model, args: tuple[str, ...]) -> tuple[Memory, Memory]:
+        """(need, floor) for these arguments."""
         if model.info is None:
-            return Memory()
+            return Memory(), Memory()
         # Whatever the need is computed from: a file replaced under the same arguments,
         # or a preset's new memory-need, must not meet an old figure.
         key = (model.id, args, model.info, model.draft, model.settings.memory_need)
@@ -102,21 +111,27 @@ class Measure:
         if found is None and rpc.workers(args):
             # The local share alone, never a learned peak: that counts file pages of the
             # workers' share which passed through once while loading (memory.estimate_rpc).
-            found = Memory(memory.estimate_rpc(model.info, args).total.ram)
+            local = Memory(memory.estimate_rpc(model.info, args).total.ram)
+            found = (local, local)
         if found is None:
             fixed, n_gpus = self._cuda(model)
-            found = memory.need(model.info, args, self.learned.get(model.id, args),
-                                gpu=self.monitor.available, cuda_fixed=fixed, n_gpus=n_gpus,
-                                draft=model.draft)
+            need, floor = memory.needs(
+                model.info, args, self.learned.get(model.id, args), gpu=self.monitor.available,
+                cuda_fixed=fixed, n_gpus=n_gpus, draft=model.draft)
             given = model.settings.memory_need  # the preset's figure beats the estimate
             if given is not None:
-                found = Memory(found.ram if given[0] is None else given[0],
-                               found.vram if given[1] is None else given[1])
+                need = Memory(need.ram if given[0] is None else given[0],
+                              need.vram if given[1] is None else given[1])
+                floor = Memory(floor.ram if given[0] is None else given[0], need.vram)
+            found = (need, floor)
         if len(self._needs) > MAX_PRICES:
             self._needs.clear()
         self._needs[key] = found
         short = self._short.get(model.id, 0)
-        return Memory(found.ram, found.vram + short) if short else found
+        if short:
+            need, floor = found
+            return Memory(need.ram, need.vram + short), Memory(floor.ram, floor.vram + short)
+        return found
 
     def run_args(self, model: Model) -> tuple[str, ...]:
         """The model's arguments with what fitting added for the unit it runs in."""
@@ -158,7 +173,8 @@ class Measure:
             capped=capped)
         if not shape.fit_ctx and not shape.layers:
             return None
-        return fit.Fitter(shape, lambda extra: self._need(model, (*args, *extra)))
+        return fit.Fitter(shape, lambda extra: self._need(model, (*args, *extra)),
+                          lambda extra: self._priced(model, (*args, *extra))[1])
 
     def at_least(self, model: Model, vram: int) -> None:
         """A load ran out of GPU memory: plan this much VRAM at least (and as much more

@@ -139,7 +139,8 @@ class Core:
         if target is not None:
             view = self.view(target)
             if target.state in (State.UNLOADED, State.FAILED):
-                view = dataclasses.replace(view, fit=self.measure.fitter(target.model))
+                view = dataclasses.replace(view, fit=self.measure.fitter(target.model),
+                                           floor=self.measure.floor(target.model))
             views[target.model.id] = view
         return views
 

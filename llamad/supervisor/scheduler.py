@@ -44,6 +44,9 @@ class ModelView:
     # How a load may fit it to the memory there is (memory/fit.py); None: `need` as it is.
     fit: Fitter | None = field(default=None, compare=False)
     shares: tuple[float, ...] = ()  # -ts: its VRAM over its GPUs in these proportions
+    # The part of `need` a load cannot do without: less the file pages the kernel may drop
+    # and read again (Measure.floor); None: all of it.
+    floor: Memory | None = None
 
     @property
     def busy(self) -> bool:
@@ -214,10 +217,30 @@ def _plan_load(target: ModelView, models: Mapping[str, ModelView], res: Resource
     chosen = _fewest(sized, others, res, idle + later)
     if chosen is not None:
         return Drain(target.id, tuple(n for n in chosen if n in later))
+    relaxed = _relaxed(target, res)
+    if relaxed is not None:
+        plan = _plan_load(relaxed[0], models, relaxed[1], policy)
+        if not isinstance(plan, Reject):
+            return plan
     why = _why_not(sized, others, res, frozenset(idle + later))
     if target.fit is not None and target.fit.shape.fit_ctx:
         why += f" (at context {target.fit.shape.least}, the least fit-min-ctx allows)"
     return Reject(503, why)
+
+
+def _relaxed(target: ModelView, res: Resources) -> tuple[ModelView, Resources] | None:
+    """The target planned with its floor: llama-server loads a memory-mapped model larger
+    than the RAM free, its file's pages dropped and read again as needed. Taken only where
+    the whole need cannot fit even once every idle and busy model is gone; memory-budget-mb,
+    the operator's cap, still counts the pages."""
+    floor = target.floor
+    if floor is None or floor.ram >= target.need.ram:
+        return None
+    fit = target.fit.relaxed(cpu=not res.gpus) if target.fit is not None else None
+    pages = target.need.ram - floor.ram
+    budget = None if res.ram_budget is None else res.ram_budget - pages
+    return (replace(target, need=floor, floor=None, fit=fit),
+            replace(res, ram_budget=budget))
 
 
 def _sized(target: ModelView, others: list[ModelView], res: Resources,
