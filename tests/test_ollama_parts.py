@@ -113,9 +113,9 @@ def test_generate_routes() -> None:
     for bad in ({"prompt": "x", "raw": True, "images": ["iVBOR"]}, {"prompt": "x", "raw": 1}):
         with pytest.raises(BadRequest):
             tr.generate_plan(bad, stream=False)
-    assert tr.flag({}, "stream", True) is True and tr.flag({"stream": None}, "stream", True)
+    assert tr.flag("stream", None, True) is True and tr.flag("stream", False, True) is False
     with pytest.raises(BadRequest, match='"stream" must be true or false'):
-        tr.flag({"stream": "false"}, "stream", True)
+        tr.flag("stream", "false", True)
 
 
 def test_streamed_chat_answer_with_a_tool_call() -> None:

@@ -120,7 +120,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = tr.flag(req, "stream", True)  # Ollama streams unless told not to
+    stream = tr.flag("stream", req.get("stream"), True)  # Ollama streams unless told not to
     messages = req.get("messages") or []
     if not isinstance(messages, list):
         raise BadRequest('"messages" must be a list')
@@ -135,7 +135,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = tr.flag(req, "stream", True)
+    stream = tr.flag("stream", req.get("stream"), True)
     reply = tr.Reply(name, tr.GENERATE, stream)
     if not (req.get("prompt") or req.get("suffix") or req.get("images")):
         reply.stream = False

@@ -71,10 +71,9 @@ def options(value: object) -> dict[str, Any]:
     return out
 
 
-def flag(req: dict[str, Any], key: str, default: bool) -> bool:
+def flag(key: str, value: object, default: bool) -> bool:
     """A true/false field (`stream`, `raw`): anything else is Ollama's 400 too, not a
     stream nobody asked for."""
-    value = req.get(key)
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -174,7 +173,7 @@ def generate_plan(req: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any
                 **output_format(req.get("format"))}
     if suffix:
         return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
-    if flag(req, "raw", False):
+    if flag("raw", req.get("raw"), False):
         if images:
             raise BadRequest("images need the model's chat template; send them without raw")
         return COMPLETION_PATH, {"prompt": prompt, **sampling}
