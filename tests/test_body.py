@@ -132,7 +132,9 @@ def test_a_large_body_takes_many_bounded_steps() -> None:
 
 def test_keep_alive_values() -> None:
     assert parse_keep_alive(5) == 5.0 and parse_keep_alive("-1") == -1.0
-    for bad in (float("nan"), float("inf"), "9" * 400 + "h"):
+    # Up to Go's largest duration (as Go writes it), Ollama's type for keep_alive.
+    assert parse_keep_alive("2562047h47m16.854775807s") == pytest.approx(2**63 / 1e9)
+    for bad in (float("nan"), float("inf"), "9" * 400 + "h", 1e12, "2562048h"):
         with pytest.raises(BadRequest):
             parse_keep_alive(bad)
 

@@ -64,6 +64,8 @@ def test_options_and_format() -> None:
     for bad in ({"temperature": "hot"}, {"top_k": True}, {"stop": [1]}, [1]):
         with pytest.raises(BadRequest):
             tr.options(bad)
+    # Ollama limits only a positive num_predict; llama-server's one "no limit" is -1.
+    assert [tr.options({"num_predict": n}) for n in (0, -1, -2)] == [{"n_predict": -1}] * 3
     assert tr.output_format("json") == {"json_schema": {"type": "object"}}
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
     assert tr.output_format(schema) == {"json_schema": schema}
@@ -108,8 +110,12 @@ def test_generate_routes() -> None:
                                                   "n_predict": 3})
     path, body = tr.generate_plan({"prompt": "def f(", "suffix": "):"}, stream=False)
     assert path == tr.INFILL_PATH and body["input_suffix"] == "):"
-    with pytest.raises(BadRequest):
-        tr.generate_plan({"prompt": "x", "raw": True, "images": ["iVBOR"]}, stream=False)
+    for bad in ({"prompt": "x", "raw": True, "images": ["iVBOR"]}, {"prompt": "x", "raw": 1}):
+        with pytest.raises(BadRequest):
+            tr.generate_plan(bad, stream=False)
+    assert tr.flag({}, "stream", True) is True and tr.flag({"stream": None}, "stream", True)
+    with pytest.raises(BadRequest, match='"stream" must be true or false'):
+        tr.flag({"stream": "false"}, "stream", True)
 
 
 def test_streamed_chat_answer_with_a_tool_call() -> None:

@@ -81,10 +81,6 @@ def keep_alive_of(request: web.Request, req: dict[str, Any]) -> float | None:
     return keep_alive
 
 
-def _stream_wanted(req: dict[str, Any]) -> bool:
-    return req.get("stream") is not False  # Ollama streams unless told not to
-
-
 def _times(request: web.Request) -> tuple[float, float]:
     """Seconds since the request came, and of them waiting for the model."""
     rec = record.of(request)
@@ -124,13 +120,13 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
+    stream = tr.flag(req, "stream", True)  # Ollama streams unless told not to
     messages = req.get("messages") or []
     if not isinstance(messages, list):
         raise BadRequest('"messages" must be a list')
     if not messages:
         return await lifecycle(request, slot, tr.Reply(name, tr.CHAT, False), keep_alive)
     _check_images(slot, name, tr.has_images(messages))
-    stream = _stream_wanted(req)
     return await answer(request, slot, keep_alive, tr.CHAT_PATH,
                         tr.chat_body(req, messages, stream), tr.Reply(name, tr.CHAT, stream))
 
@@ -139,7 +135,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = _stream_wanted(req)
+    stream = tr.flag(req, "stream", True)
     reply = tr.Reply(name, tr.GENERATE, stream)
     if not (req.get("prompt") or req.get("suffix") or req.get("images")):
         reply.stream = False
@@ -153,6 +149,7 @@ async def handle_embed(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
+    _check_embeds(slot, name)
     inputs = tr.embed_inputs(req.get("input"))
     dimensions = req.get("dimensions")
     tr.shorten([1.0], dimensions)  # a bad value is a 400 before anything loads
@@ -176,6 +173,7 @@ async def handle_embeddings(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
+    _check_embeds(slot, name)
     prompt = req.get("prompt") or ""
     if not isinstance(prompt, str):
         raise BadRequest('"prompt" must be a string')
@@ -193,6 +191,15 @@ def _check_images(slot: Slot, name: str, images: bool) -> None:
     if images and (info is None or "image" not in info.modalities):
         raise BadRequest(f"model '{name}' does not take images: it has no multimodal "
                          "projector (an mmproj file beside it)", code="images_not_supported")
+
+
+def _check_embeds(slot: Slot, name: str) -> None:
+    """Before the model is loaded (and others evicted) for a refusal from llama-server,
+    which names its own flag."""
+    if not models.embeds(slot.model):
+        raise BadRequest(f"model '{name}' does not make embeddings: llamad starts it without "
+                         "--embeddings (set embeddings = true in its preset)",
+                         code="embeddings_not_supported")
 
 
 # -- loading, unloading and answering ---------------------------------------------------------

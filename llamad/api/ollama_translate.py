@@ -21,8 +21,7 @@ from llamad.errors import BadRequest
 CHAT, GENERATE = "chat", "generate"
 CHAT_PATH, COMPLETION_PATH, INFILL_PATH = "/v1/chat/completions", "/completion", "/infill"
 
-# Ollama option -> llama.cpp's field (server-schema.cpp); num_predict -1/-2 mean the same
-# (no limit / until the context is full) in both.
+# Ollama option -> llama.cpp's field (server-schema.cpp).
 SAMPLING = {
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
     "typical_p": "typical_p", "repeat_last_n": "repeat_last_n",
@@ -64,7 +63,23 @@ def options(value: object) -> dict[str, Any]:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise BadRequest(f"option {key!r} must be a number, not {v!r}")
             out[SAMPLING[key]] = v
+    if out.get("n_predict", 1) <= 0:
+        # No limit to Ollama (its runner counts only a positive num_predict; -2, "until the
+        # context is full", is the same there): llama-server's no limit is -1 alone, and it
+        # stops 0 after one token and refuses -2.
+        out["n_predict"] = -1
     return out
+
+
+def flag(req: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false field (`stream`, `raw`): anything else is Ollama's 400 too, not a
+    stream nobody asked for."""
+    value = req.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f'"{key}" must be true or false, not {value!r}')
+    return value
 
 
 def output_format(value: object) -> dict[str, Any]:
@@ -159,7 +174,7 @@ def generate_plan(req: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any
                 **output_format(req.get("format"))}
     if suffix:
         return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
-    if req.get("raw") is True:
+    if flag(req, "raw", False):
         if images:
             raise BadRequest("images need the model's chat template; send them without raw")
         return COMPLETION_PATH, {"prompt": prompt, **sampling}

@@ -76,6 +76,8 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     assert shown.modelinfo is not None
     assert shown.modelinfo["general.architecture"] == "gemma3"
     assert shown.modelinfo["gemma3.context_length"] == 32768
+    # Not a header key: Ollama counts the tensors' parameters, and clients read it here.
+    assert shown.modelinfo["general.parameter_count"] == 268_098_176
     # llama.cpp's built-in `gemma` template (as Jinja), chosen by llamad.
     assert shown.template and shown.template.startswith("{%- set system")
     assert shown.capabilities == ["completion"] and d.model_units() == {}  # show loads nothing
@@ -177,9 +179,47 @@ def test_ollama_errors(llamad_factory: Factory) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="gemma", prompt="Hi", keep_alive="soon")
     assert e.value.status_code == 400 and isinstance(e.value.error, str)
+    # A model started without --embeddings cannot embed: said before it is loaded for
+    # nothing (and others evicted for it), in the words of llamad's presets.
+    for embed in (lambda: client.embed(model="gemma", input="Hi"),
+                  lambda: client.embeddings(model="gemma", prompt="Hi")):
+        with pytest.raises(ollama.ResponseError) as e:
+            embed()
+        assert e.value.status_code == 400 and "embeddings = true" in e.value.error, e.value
     status, text = _post(d, "/api/nothing", {})
     assert status == 404 and json.loads(text) == {"error": "no such endpoint on llamad"}
     assert d.model_units() == {}  # none of these loaded anything
+
+
+def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
+    """What Ollama's server makes of values that llama-server reads otherwise, or not at all."""
+    d = llamad_factory(["gemma"])
+    client = ollama.Client(host=d.url)
+    # A flag that is not true or false is Ollama's 400, not a stream nobody asked for (or
+    # a templated prompt for a raw one); such a request loads nothing.
+    for field in ("stream", "raw"):
+        status, text = _post(d, "/api/generate", {"model": "gemma", "prompt": "Hi",
+                                                  field: "no", "options": SHORT})
+        assert status == 400 and field in json.loads(text)["error"], (field, status, text)
+    # keep_alive beyond Go's largest duration (Ollama's type for it) is out of range; before,
+    # it was kept, and /api/ps failed with a 500 on the date it could not write.
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="gemma", prompt="Hi", keep_alive=1e12, options=SHORT)
+    assert e.value.status_code == 400 and "keep_alive" in e.value.error
+    assert d.model_units() == {} and client.ps().models == []
+    # Go's largest duration itself, as Go writes it, is the longest keep_alive there is.
+    assert client.generate(model="gemma", keep_alive="2562047h47m16.854775807s").done_reason \
+        == "load"
+    expires = client.ps().models[0].expires_at
+    assert expires is not None and expires.year > 2300
+    # num_predict 0 and -2 mean no limit to Ollama, where llama-server would stop after one
+    # token (0) or refuse (-2): each answer here ends at the stop word, not at a limit.
+    for unlimited in (0, -2):
+        water = client.generate(model="gemma", prompt="Water boils at a temperature of",
+                                raw=True, options={"num_predict": unlimited, "temperature": 0,
+                                                   "stop": ["\n"]})
+        assert water.done_reason == "stop" and "100" in (water.response or ""), water
+        assert water.eval_count and water.eval_count > 2, water
 
 
 def _post(d: Llamad, path: str, body: dict[str, Any],
