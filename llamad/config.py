@@ -30,6 +30,8 @@ SPEC: dict[str, tuple[str, str]] = {
                    "one or more directory paths separated by commas"),
     "llama-cache": ("boolean(default=yes)", "yes or no"),
     "llama-cache-dir": ("string(default='')", "a directory path or empty"),
+    "ollama-models": ("string(default='/usr/share/ollama/.ollama/models')",
+                      "a directory path or empty"),
     "models-preset": ("string(default=None)", "a file path or empty"),
     "llama-server": ("string(default='')", "the path of the llama-server binary"),
     "args": ("string(default='')", "llama-server arguments in shell syntax"),
@@ -114,6 +116,7 @@ class Config:
     models_dirs: tuple[Path, ...]
     llama_cache: bool
     llama_cache_dir: Path | None
+    ollama_models: Path | None
     models_preset: Path | None
     llama_server: Path
     args: tuple[str, ...]
@@ -285,6 +288,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         path=path,
         models_dirs=tuple(Path(d) for d in v["models-dir"] if d),
         llama_cache_dir=_opt_path(v["llama-cache-dir"]),
+        ollama_models=_opt_path(v["ollama-models"]),
         models_preset=_opt_path(preset),
         llama_server=Path(server),
         args=args,

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from llamad import redact
-from llamad.catalog import argv, companions, files, hfcache, modelkeys
+from llamad.catalog import argv, companions, files, hfcache, modelkeys, ollamastore
 from llamad.catalog.discover import Found, Scan, discover_models_dir, shard_set
 from llamad.catalog.gguf_info import GGUFInfo, InfoCache, combine
 from llamad.catalog.presets import (
@@ -275,9 +275,9 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
                              global_flags(config.llama_server))
     cache = cache if cache is not None else _default_cache
     root = cache_dir(config) if config.llama_cache else None
-    st = Scan(cache, time.time(), settle,
-               files.roots([*config.models_dirs, *([root] if root is not None else [])]),
-               swa_fits)
+    stores = [p for p in (root, config.ollama_models) if p is not None]
+    st = Scan(cache, time.time(), settle, files.roots([*config.models_dirs, *stores]),
+              swa_fits)
     found: list[Found] = []
     kept: list[Model] = []
     for directory in config.models_dirs:
@@ -288,6 +288,9 @@ def scan(config: Config, *, preset: Presets | None = None, cache: InfoCache | No
     if root is not None:
         cached = {f.id: f for f in (Found(*c, source="cache")
                                     for c in hfcache.discover(root, st.problems))}
+    if config.ollama_models is not None:
+        found += [Found(*m, source="ollama")
+                  for m in ollamastore.discover(config.ollama_models, st.problems)]
     merged = _apply_presets(_merge([*found, *cached.values()], st.problems), preset, cached,
                             st.problems)
     settling: set[str] = set()

@@ -35,10 +35,11 @@ class Found:
 
 
 def _placed_blob(path: Path) -> bool:
-    """A cache entry linked to its blob, which cannot be half written: llama.cpp and llamad
-    write a blob under another name and rename it once it is whole (and, llamad, verified)."""
+    """A blob, or a cache entry linked to one, which cannot be half written: llama.cpp,
+    llamad and Ollama write a blob under another name and rename it once it is whole (and,
+    llamad, verified)."""
     try:
-        return path.is_symlink() and Path(os.readlink(path)).parent.name == "blobs"
+        return (Path(os.readlink(path)) if path.is_symlink() else path).parent.name == "blobs"
     except OSError:
         return False
 

@@ -95,6 +95,8 @@ class CatalogWatcher:
         cache = cache_dir(config)
         if config.llama_cache and cache is not None:
             out.append((cache, True, None))
+        if config.ollama_models is not None:  # a manifest comes once its blobs are whole
+            out.append((config.ollama_models / "manifests", True, None))
         if config.models_preset is not None:
             out.append((config.models_preset.parent, False, config.models_preset))
         return out
