@@ -66,6 +66,9 @@ def test_options_and_format() -> None:
             tr.options(bad)
     # Ollama limits only a positive num_predict; llama-server's one "no limit" is -1.
     assert [tr.options({"num_predict": n}) for n in (0, -1, -2)] == [{"n_predict": -1}] * 3
+    # repeat_last_n -1: the whole context a request may use (llama-server's default without).
+    assert tr.options({"repeat_last_n": -1}, n_ctx=2048) == {"repeat_last_n": 2048}
+    assert tr.options({"repeat_last_n": -1}) == {}
     assert tr.output_format("json") == {"json_schema": {"type": "object"}}
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
     assert tr.output_format(schema) == {"json_schema": schema}
@@ -113,9 +116,9 @@ def test_generate_routes() -> None:
     for bad in ({"prompt": "x", "raw": True, "images": ["iVBOR"]}, {"prompt": "x", "raw": 1}):
         with pytest.raises(BadRequest):
             tr.generate_plan(bad, stream=False)
-    assert tr.flag({}, "stream", True) is True and tr.flag({"stream": None}, "stream", True)
+    assert tr.flag("stream", None, True) is True and tr.flag("stream", False, True) is False
     with pytest.raises(BadRequest, match='"stream" must be true or false'):
-        tr.flag({"stream": "false"}, "stream", True)
+        tr.flag("stream", "false", True)
 
 
 def test_streamed_chat_answer_with_a_tool_call() -> None:

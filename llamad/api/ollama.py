@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from llamad import redact
+from llamad.api import listing
 from llamad.api import ollama_models as models
 from llamad.api import ollama_translate as tr
 from llamad.api.forward import Upstream, Watch, exchange
@@ -120,7 +121,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = tr.flag(req, "stream", True)  # Ollama streams unless told not to
+    stream = tr.flag("stream", req.get("stream"), True)  # Ollama streams unless told not to
     messages = req.get("messages") or []
     if not isinstance(messages, list):
         raise BadRequest('"messages" must be a list')
@@ -128,20 +129,21 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         return await lifecycle(request, slot, tr.Reply(name, tr.CHAT, False), keep_alive)
     _check_images(slot, name, tr.has_images(messages))
     return await answer(request, slot, keep_alive, tr.CHAT_PATH,
-                        tr.chat_body(req, messages, stream), tr.Reply(name, tr.CHAT, stream))
+                        tr.chat_body(req, messages, stream, listing.n_ctx(slot.model)),
+                        tr.Reply(name, tr.CHAT, stream))
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = tr.flag(req, "stream", True)
+    stream = tr.flag("stream", req.get("stream"), True)
     reply = tr.Reply(name, tr.GENERATE, stream)
     if not (req.get("prompt") or req.get("suffix") or req.get("images")):
         reply.stream = False
         return await lifecycle(request, slot, reply, keep_alive)
     _check_images(slot, name, bool(req.get("images")))
-    path, body = tr.generate_plan(req, stream)
+    path, body = tr.generate_plan(req, stream, listing.n_ctx(slot.model))
     return await answer(request, slot, keep_alive, path, body, reply)
 
 

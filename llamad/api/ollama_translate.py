@@ -44,8 +44,9 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def options(value: object) -> dict[str, Any]:
-    """Ollama's `options` as llama.cpp's sampling fields."""
+def options(value: object, n_ctx: int | None = None) -> dict[str, Any]:
+    """Ollama's `options` as llama.cpp's sampling fields; `n_ctx`: the tokens one request
+    may use."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -68,13 +69,16 @@ def options(value: object) -> dict[str, Any]:
         # context is full", is the same there): llama-server's no limit is -1 alone, and it
         # stops 0 after one token and refuses -2.
         out["n_predict"] = -1
+    if out.get("repeat_last_n") == -1:  # Ollama's "the whole context"; llama-server's 400
+        del out["repeat_last_n"]
+        if n_ctx:
+            out["repeat_last_n"] = n_ctx
     return out
 
 
-def flag(req: dict[str, Any], key: str, default: bool) -> bool:
+def flag(key: str, value: object, default: bool) -> bool:
     """A true/false field (`stream`, `raw`): anything else is Ollama's 400 too, not a
     stream nobody asked for."""
-    value = req.get(key)
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -149,10 +153,11 @@ def _think(value: object) -> dict[str, Any]:
     return {"chat_template_kwargs": {"enable_thinking": bool(value)}}
 
 
-def chat_body(req: dict[str, Any], messages: list[Any], stream: bool) -> dict[str, Any]:
+def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
+              n_ctx: int | None = None) -> dict[str, Any]:
     """The /v1/chat/completions request for an Ollama chat (or a templated generate)."""
     body: dict[str, Any] = {"messages": [message(m, i) for i, m in enumerate(messages)],
-                            "stream": stream, **options(req.get("options")),
+                            "stream": stream, **options(req.get("options"), n_ctx),
                             **output_format(req.get("format")), **_think(req.get("think"))}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -163,24 +168,25 @@ def chat_body(req: dict[str, Any], messages: list[Any], stream: bool) -> dict[st
     return body
 
 
-def generate_plan(req: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any]]:
+def generate_plan(req: dict[str, Any], stream: bool,
+                  n_ctx: int | None = None) -> tuple[str, dict[str, Any]]:
     """Where an /api/generate with a prompt goes, and what it sends there."""
     prompt, suffix, system = (req.get(k) or "" for k in ("prompt", "suffix", "system"))
     images = req.get("images") or []
     if not all(isinstance(v, str) for v in (prompt, suffix, system)) \
             or not isinstance(images, list):
         raise BadRequest('"prompt", "suffix" and "system" must be strings, "images" a list')
-    sampling = {"stream": stream, **options(req.get("options")),
+    sampling = {"stream": stream, **options(req.get("options"), n_ctx),
                 **output_format(req.get("format"))}
     if suffix:
         return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
-    if flag(req, "raw", False):
+    if flag("raw", req.get("raw"), False):
         if images:
             raise BadRequest("images need the model's chat template; send them without raw")
         return COMPLETION_PATH, {"prompt": prompt, **sampling}
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": prompt, "images": images}]
-    return CHAT_PATH, chat_body(req, messages, stream)
+    return CHAT_PATH, chat_body(req, messages, stream, n_ctx)
 
 
 def embed_inputs(value: object) -> list[str]:

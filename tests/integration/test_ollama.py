@@ -220,6 +220,13 @@ def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
                                                    "stop": ["\n"]})
         assert water.done_reason == "stop" and "100" in (water.response or ""), water
         assert water.eval_count and water.eval_count > 2, water
+    # repeat_last_n -1 is Ollama's "the whole context" (llama-server refuses -1): here, the
+    # 1024 tokens one request may use (-c 4096 over -np 4).
+    assert client.generate(model="gemma", prompt="Hi", options={**SHORT, "repeat_last_n": -1}
+                           ).done
+    with urllib.request.urlopen(d.url + "/slots?model=gemma", timeout=30) as r:
+        windows = {s["params"]["repeat_last_n"] for s in json.load(r) if "params" in s}
+    assert 1024 in windows, windows
 
 
 def _post(d: Llamad, path: str, body: dict[str, Any],
