@@ -65,7 +65,8 @@ def test_options_and_format() -> None:
         with pytest.raises(BadRequest):
             tr.options(bad)
     # Ollama limits only a positive num_predict; llama-server's one "no limit" is -1.
-    assert [tr.options({"num_predict": n}) for n in (0, -1, -2)] == [{"n_predict": -1}] * 3
+    assert [tr.options({"num_predict": n}) for n in (0, -1, -2, 2**31)] == \
+        [{"n_predict": -1}] * 4
     # repeat_last_n -1: the whole context a request may use (llama-server's default without).
     assert tr.options({"repeat_last_n": -1}, n_ctx=2048) == {"repeat_last_n": 2048}
     assert tr.options({"repeat_last_n": -1}) == {}

@@ -213,8 +213,9 @@ def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
     expires = client.ps().models[0].expires_at
     assert expires is not None and expires.year > 2300
     # num_predict 0 and -2 mean no limit to Ollama, where llama-server would stop after one
-    # token (0) or refuse (-2): each answer here ends at the stop word, not at a limit.
-    for unlimited in (0, -2):
+    # token (0) or refuse (-2, and more than 2^31 - 1): each answer here ends at the stop
+    # word, not at a limit.
+    for unlimited in (0, -2, 2**31):
         water = client.generate(model="gemma", prompt="Water boils at a temperature of",
                                 raw=True, options={"num_predict": unlimited, "temperature": 0,
                                                    "stop": ["\n"]})
