@@ -91,6 +91,13 @@ def test_chat_request() -> None:
     assert body["n_predict"] == 5 and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    # A level (gpt-oss's, through Ollama) is llama-server's reasoning_effort, which it hands
+    # to the template; Ollama knows three.
+    high = tr.chat_body({"think": "high"}, messages[:1], stream=False)
+    assert high["reasoning_effort"] == "high"
+    assert high["chat_template_kwargs"] == {"enable_thinking": True}
+    with pytest.raises(BadRequest, match="think"):
+        tr.chat_body({"think": "max"}, messages[:1], stream=False)
     user = body["messages"][1]["content"]
     assert user[0] == {"type": "text", "text": "What is this?"}
     assert user[1]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")

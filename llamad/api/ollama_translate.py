@@ -146,13 +146,20 @@ def has_images(messages: list[Any]) -> bool:
     return any(isinstance(m, dict) and m.get("images") for m in messages)
 
 
+THINK_LEVELS = ("high", "medium", "low")
+
+
 def _think(value: object) -> dict[str, Any]:
-    """`think` (true/false or a level) -> the template's enable_thinking switch."""
+    """`think` (true/false or a level) -> the template's enable_thinking switch; a level is
+    llama-server's reasoning_effort too, which it hands to the template (gpt-oss reads it)."""
     if value is None:
         return {}
-    if not isinstance(value, bool | str):
-        raise BadRequest('"think" must be true, false or a level such as "high"')
-    return {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+    if not isinstance(value, bool) and value not in THINK_LEVELS:
+        raise BadRequest(f'"think" must be true, false, "high", "medium" or "low", not {value!r}')
+    out: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+    if isinstance(value, str):
+        out["reasoning_effort"] = value
+    return out
 
 
 def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,

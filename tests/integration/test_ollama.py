@@ -201,6 +201,9 @@ def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
         status, text = _post(d, "/api/generate", {"model": "gemma", "prompt": "Hi",
                                                   field: "no", "options": SHORT})
         assert status == 400 and field in json.loads(text)["error"], (field, status, text)
+    status, text = _post(d, "/api/chat", {"model": "gemma", "messages": QUESTION,
+                                          "think": "max"})
+    assert status == 400 and "think" in json.loads(text)["error"], text
     # keep_alive beyond Go's largest duration (Ollama's type for it) is out of range; before,
     # it was kept, and /api/ps failed with a 500 on the date it could not write.
     with pytest.raises(ollama.ResponseError) as e:
@@ -221,6 +224,8 @@ def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
                                                    "stop": ["\n"]})
         assert water.done_reason == "stop" and "100" in (water.response or ""), water
         assert water.eval_count and water.eval_count > 2, water
+    # A think level is llama-server's reasoning_effort, which it takes with any template.
+    assert client.chat(model="gemma", messages=QUESTION, think="high", options=SHORT).done
     # repeat_last_n -1 is Ollama's "the whole context" (llama-server refuses -1): here, the
     # 1024 tokens one request may use (-c 4096 over -np 4).
     assert client.generate(model="gemma", prompt="Hi", options={**SHORT, "repeat_last_n": -1}
