@@ -19,6 +19,7 @@ from typing import Any
 from llamad.errors import BadRequest
 
 CHAT, GENERATE = "chat", "generate"
+INT32_MAX = 2**31 - 1
 CHAT_PATH, COMPLETION_PATH, INFILL_PATH = "/v1/chat/completions", "/completion", "/infill"
 
 # Ollama option -> llama.cpp's field (server-schema.cpp).
@@ -64,10 +65,11 @@ def options(value: object, n_ctx: int | None = None) -> dict[str, Any]:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise BadRequest(f"option {key!r} must be a number, not {v!r}")
             out[SAMPLING[key]] = v
-    if out.get("n_predict", 1) <= 0:
+    if not 0 < out.get("n_predict", 1) <= INT32_MAX:
         # No limit to Ollama (its runner counts only a positive num_predict; -2, "until the
-        # context is full", is the same there): llama-server's no limit is -1 alone, and it
-        # stops 0 after one token and refuses -2.
+        # context is full", is the same there, and it caps any at ten contexts):
+        # llama-server's no limit is -1 alone; it stops 0 after one token and refuses -2
+        # and more than an int32.
         out["n_predict"] = -1
     if out.get("repeat_last_n") == -1:  # Ollama's "the whole context"; llama-server's 400
         del out["repeat_last_n"]
@@ -144,13 +146,20 @@ def has_images(messages: list[Any]) -> bool:
     return any(isinstance(m, dict) and m.get("images") for m in messages)
 
 
+THINK_LEVELS = ("high", "medium", "low")
+
+
 def _think(value: object) -> dict[str, Any]:
-    """`think` (true/false or a level) -> the template's enable_thinking switch."""
+    """`think` (true/false or a level) -> the template's enable_thinking switch; a level is
+    llama-server's reasoning_effort too, which it hands to the template (gpt-oss reads it)."""
     if value is None:
         return {}
-    if not isinstance(value, bool | str):
-        raise BadRequest('"think" must be true, false or a level such as "high"')
-    return {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+    if not isinstance(value, bool) and value not in THINK_LEVELS:
+        raise BadRequest(f'"think" must be true, false, "high", "medium" or "low", not {value!r}')
+    out: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+    if isinstance(value, str):
+        out["reasoning_effort"] = value
+    return out
 
 
 def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
