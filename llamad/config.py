@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -42,7 +43,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "tcp-port-base": ("integer(min=1024, max=64511, default=39000)",
                       "a port number from 1024 to 64511"),
     "listen": ("string(default='127.0.0.1:8080')",
-               "HOST:PORT such as 127.0.0.1:8080 or [::1]:8080"),
+               "HOST:PORT, PORT from 1 to 65535, such as 127.0.0.1:8080 or [::1]:8080"),
     "idle-ttl": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
     "idle-exit": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
     "api-keys-file": ("string(default='')", "a file path or empty"),
@@ -237,6 +238,11 @@ def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
     if result is not True:
         for _sections, key, _error in flatten_errors(obj, result):
             raise _bad(path, key, raw.get(key))
+    for key, (check, _) in SPEC.items():
+        # float() takes nan and inf, and a NaN passes every min= and max=: a timeout that
+        # never fires, or that breaks asyncio's timer heap.
+        if check.startswith("float") and not math.isfinite(obj[key]):
+            raise _bad(path, key, raw.get(key))
     extra = get_extra_values(obj)
     if extra:
         key = extra[0][1]
@@ -251,11 +257,10 @@ def _opt_path(value: str | None) -> Path | None:
 
 def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     """Turn validated values into Config attributes, checking what validate cannot."""
-    for key in ("listen", "slice-memory-max"):
-        pattern = _LISTEN if key == "listen" else SIZE
-        if v[key] and not pattern.fullmatch(v[key]):
-            raise _bad(path, key, v[key])
-    if not v["listen"]:
+    if v["slice-memory-max"] and not SIZE.fullmatch(v["slice-memory-max"]):
+        raise _bad(path, "slice-memory-max", v["slice-memory-max"])
+    listen = _LISTEN.fullmatch(v["listen"])
+    if not listen or not 1 <= int(listen[2]) <= 65535:
         raise _bad(path, "listen", v["listen"])
     try:
         args = tuple(shlex.split(v["args"]))

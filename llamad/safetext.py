@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1 (U+0080-U+009F: U+009B is CSI to terminals that take 8-bit controls).
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def unsafe(text: str) -> str | None:

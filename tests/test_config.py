@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llamad import config as cfg
-from llamad.config import Config, load_config
+from llamad.config import SPEC, Config, load_config
 from llamad.errors import ConfigError
 
 
@@ -63,6 +63,12 @@ BAD = [
     ("args = '-c \"unclosed'", "args", "shell syntax"),
     ("run-dir = relative", "run-dir", "absolute"),
     ("unit-user = Bad User", "unit-user", "user name"),
+    ("listen = 127.0.0.1:99999", "listen", "1 to 65535"),
+    ("listen = [::1]:0", "listen", "1 to 65535"),
+    # Not a number of seconds: float() takes them, and a NaN passes every min= check. A NaN
+    # timeout never fires (or breaks asyncio's timer heap), an infinite one never ends.
+    *((f"{key} = {value}", key, SPEC[key][1]) for key, (check, _) in SPEC.items()
+      if check.startswith("float") for value in ("nan", "inf", "1e999")),
 ]
 
 

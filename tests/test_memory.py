@@ -367,6 +367,21 @@ def test_compute_buffer_of_other_shapes(tmp_path: Path, subtests) -> None:  # ty
             path.unlink()
 
 
+def test_sliding_window_layers_of_other_architectures(tmp_path: Path) -> None:
+    """OLMo 2 with a sliding window (llama.cpp: three layers of every four, as for several
+    architectures besides Gemma's): its KV cache as llama-server sizes it, not four full
+    layers' worth, which made an explicit long context look four times its size."""
+    path = ggufgen.write_llama(tmp_path / "olmo2.gguf", arch="olmo2", embd=512, ff=1024,
+                               heads=8, heads_kv=2, head_dim=64, blocks=4, sliding_window=512)
+    meta = Meta(architecture="olmo2", block_count=4, context_length=32768, head_count=8,
+                head_count_kv=2, embedding_length=512, key_length=64, value_length=64,
+                feed_forward_length=1024, sliding_window=512, size=path.stat().st_size)
+    args = ["-c", "16384", "-np", "1"]
+    real = run_llama_server(args, path)
+    est = estimate(meta, args, gpu=False)
+    assert abs(est.kv.ram - real.kv) < MIB / 100, (est.kv.ram / MIB, real.kv / MIB)
+
+
 def test_h100_estimate_is_a_close_upper_bound(subtests) -> None:  # type: ignore[no-untyped-def]
     """Before any load (the default fixed CUDA cost): at least what NVML measured, at most
     10 % more; weights and KV per device as llama.cpp placed them, the graph just above."""

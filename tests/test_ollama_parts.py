@@ -65,7 +65,11 @@ def test_options_and_format() -> None:
         with pytest.raises(BadRequest):
             tr.options(bad)
     # Ollama limits only a positive num_predict; llama-server's one "no limit" is -1.
-    assert [tr.options({"num_predict": n}) for n in (0, -1, -2)] == [{"n_predict": -1}] * 3
+    assert [tr.options({"num_predict": n}) for n in (0, -1, -2, 2**31)] == \
+        [{"n_predict": -1}] * 4
+    # repeat_last_n -1: the whole context a request may use (llama-server's default without).
+    assert tr.options({"repeat_last_n": -1}, n_ctx=2048) == {"repeat_last_n": 2048}
+    assert tr.options({"repeat_last_n": -1}) == {}
     assert tr.output_format("json") == {"json_schema": {"type": "object"}}
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
     assert tr.output_format(schema) == {"json_schema": schema}
@@ -87,6 +91,13 @@ def test_chat_request() -> None:
     assert body["n_predict"] == 5 and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    # A level (gpt-oss's, through Ollama) is llama-server's reasoning_effort, which it hands
+    # to the template; Ollama knows three.
+    high = tr.chat_body({"think": "high"}, messages[:1], stream=False)
+    assert high["reasoning_effort"] == "high"
+    assert high["chat_template_kwargs"] == {"enable_thinking": True}
+    with pytest.raises(BadRequest, match="think"):
+        tr.chat_body({"think": "max"}, messages[:1], stream=False)
     user = body["messages"][1]["content"]
     assert user[0] == {"type": "text", "text": "What is this?"}
     assert user[1]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")
@@ -113,9 +124,9 @@ def test_generate_routes() -> None:
     for bad in ({"prompt": "x", "raw": True, "images": ["iVBOR"]}, {"prompt": "x", "raw": 1}):
         with pytest.raises(BadRequest):
             tr.generate_plan(bad, stream=False)
-    assert tr.flag({}, "stream", True) is True and tr.flag({"stream": None}, "stream", True)
+    assert tr.flag("stream", None, True) is True and tr.flag("stream", False, True) is False
     with pytest.raises(BadRequest, match='"stream" must be true or false'):
-        tr.flag({"stream": "false"}, "stream", True)
+        tr.flag("stream", "false", True)
 
 
 def test_streamed_chat_answer_with_a_tool_call() -> None:

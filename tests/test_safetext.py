@@ -21,7 +21,8 @@ from llamad.systemd.units import UnitError, UnitSpec, transient_properties
 def _start_args(spec: UnitSpec) -> list[Any]:
     return transient_args(spec.name, transient_properties(spec))
 
-HOSTILE = ["a\nb", "tab\there", "nul\0", "del\x7f", "esc\x1b[31m", "bad\udcff"]
+HOSTILE = ["a\nb", "tab\there", "nul\0", "del\x7f", "esc\x1b[31m", "bad\udcff",
+           "csi\x9b2J", "nel\x85"]  # C1 too: U+009B is CSI to xterm
 
 
 def test_unsafe_and_one_line(subtests: Any) -> None:

@@ -17,6 +17,7 @@ from aiohttp import web
 from llamad.api import ollama_models
 from llamad.api.feed import ModelFeed
 from llamad.api.models import FEED
+from llamad.api.ollama_translate import flag
 from llamad.catalog import hub
 from llamad.catalog.hub import HubError, Name
 from llamad.catalog.presets import canonical_name
@@ -122,11 +123,12 @@ async def handle_pull(request: web.Request) -> web.StreamResponse:
     under /api/: http/middleware.py); the model's id in the cache is the X-Llamad-Model
     header."""
     _, data = await read_json(request, "name")
+    stream = flag("stream", data.get("stream"), True)
     d = await downloads(request).start(parse(data.get("model") or data.get("name")))
-    if data.get("stream", True) is False:
+    if not stream:
         await wait_end(d, PULL_TIMEOUT)
     headers = {"X-Llamad-Model": d.model or str(d.name)}
-    if data.get("stream", True) is False:
+    if not stream:
         if d.state == "failed":
             return web.json_response({"error": d.error}, status=DownloadFailed.status,
                                      headers=headers)

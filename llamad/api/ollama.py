@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from llamad import redact
+from llamad.api import listing
 from llamad.api import ollama_models as models
 from llamad.api import ollama_translate as tr
 from llamad.api.forward import Upstream, Watch, exchange
@@ -39,6 +40,9 @@ VERSION = "0.12.0"
 # loop about 1 µs per item, so at most this many items (base64 images are one each).
 MAX_ITEMS = 50_000
 MAX_EVENT = 8 * 1024 * 1024  # bytes of one event line from llama-server
+# Inputs per /v1/embeddings request of /api/embed: at 4,096 dimensions about 1.3 MiB of
+# JSON, decoded and encoded again in some 30 ms of the event loop.
+EMBED_BATCH = 16
 NDJSON = "application/x-ndjson"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,7 +124,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = tr.flag(req, "stream", True)  # Ollama streams unless told not to
+    stream = tr.flag("stream", req.get("stream"), True)  # Ollama streams unless told not to
     messages = req.get("messages") or []
     if not isinstance(messages, list):
         raise BadRequest('"messages" must be a list')
@@ -128,20 +132,21 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         return await lifecycle(request, slot, tr.Reply(name, tr.CHAT, False), keep_alive)
     _check_images(slot, name, tr.has_images(messages))
     return await answer(request, slot, keep_alive, tr.CHAT_PATH,
-                        tr.chat_body(req, messages, stream), tr.Reply(name, tr.CHAT, stream))
+                        tr.chat_body(req, messages, stream, listing.n_ctx(slot.model)),
+                        tr.Reply(name, tr.CHAT, stream))
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request)
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
-    stream = tr.flag(req, "stream", True)
+    stream = tr.flag("stream", req.get("stream"), True)
     reply = tr.Reply(name, tr.GENERATE, stream)
     if not (req.get("prompt") or req.get("suffix") or req.get("images")):
         reply.stream = False
         return await lifecycle(request, slot, reply, keep_alive)
     _check_images(slot, name, bool(req.get("images")))
-    path, body = tr.generate_plan(req, stream)
+    path, body = tr.generate_plan(req, stream, listing.n_ctx(slot.model))
     return await answer(request, slot, keep_alive, path, body, reply)
 
 
@@ -154,18 +159,53 @@ async def handle_embed(request: web.Request) -> web.StreamResponse:
     dimensions = req.get("dimensions")
     tr.shorten([1.0], dimensions)  # a bad value is a 400 before anything loads
 
-    def build(data: dict[str, Any], total: float, load: float) -> dict[str, Any]:
-        rows = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
-        usage = data.get("usage") or {}
-        return {"model": name, "embeddings": [tr.shorten(r["embedding"], dimensions)
-                                              for r in rows],
-                "total_duration": int(total * 1e9), "load_duration": int(load * 1e9),
-                "prompt_eval_count": usage.get("prompt_tokens", 0)}
     if not inputs:  # as Ollama: load the model, embed nothing
         await lifecycle(request, slot, tr.Reply(name, tr.GENERATE, False), keep_alive)
         return web.json_response({"model": name, "embeddings": []})
-    return await proxied(request, slot, json.dumps({"input": inputs}).encode(), keep_alive,
-                         send=_json_sender("/v1/embeddings", build))
+    return await proxied(request, slot, b"", keep_alive,
+                         send=_embed_sender(name, inputs, dimensions))
+
+
+def _embed_sender(name: str, inputs: list[str], dimensions: object) -> Send:
+    """Ollama's /api/embed, EMBED_BATCH inputs per request to llama-server, each batch's
+    vectors written out before the next is asked for. Asked at once, 1,500 short inputs came
+    back as 20 MiB of JSON, decoded and encoded again on the event loop: llamad grew by
+    100 MiB and /health waited 2 s; up to MAX_ITEMS inputs, any client could hold it longer."""
+    async def send(request: web.Request, backend: Backend, body: bytes | bytearray,
+                   watch: Watch, out: web.StreamResponse) -> web.StreamResponse:
+        out = out or web.StreamResponse()
+        write = out.write_own if isinstance(out, record.TapResponse) else out.write
+        tokens = 0
+        for start in range(0, len(inputs), EMBED_BATCH):
+            batch = json.dumps({"input": inputs[start:start + EMBED_BATCH]}).encode()
+            try:
+                async with exchange(request, backend, "/v1/embeddings", batch, watch) as up:
+                    data = await up.read()
+                    if up.status != 200:
+                        raise _refused(up, data)
+                answer = _decode(data)
+            except LlamadError as e:
+                if not out.prepared:
+                    raise  # nothing went out: the client gets the error (or it is retried)
+                record.of(request).settle(e.status, e.code)
+                if request.transport is not None:
+                    request.transport.abort()  # never end a cut answer as if it were whole
+                return out
+            rows = sorted(answer.get("data") or [], key=lambda d: d.get("index", 0))
+            tokens += (answer.get("usage") or {}).get("prompt_tokens", 0)
+            vectors = ",".join(json.dumps(tr.shorten(r["embedding"], dimensions)) for r in rows)
+            if not out.prepared:
+                out.content_type = "application/json"
+                await out.prepare(request)
+                await write(b'{"model": ' + json.dumps(name).encode() + b', "embeddings": [')
+            await write((("," if start else "") + vectors).encode())
+        record.of(request).counts[b"prompt_tokens"] = tokens  # of all the batches
+        total, load = _times(request)
+        await write(f'], "total_duration": {int(total * 1e9)}, "load_duration": '
+                        f'{int(load * 1e9)}, "prompt_eval_count": {tokens}}}'.encode())
+        await out.write_eof()
+        return out
+    return send
 
 
 async def handle_embeddings(request: web.Request) -> web.StreamResponse:

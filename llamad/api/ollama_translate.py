@@ -19,6 +19,7 @@ from typing import Any
 from llamad.errors import BadRequest
 
 CHAT, GENERATE = "chat", "generate"
+INT32_MAX = 2**31 - 1
 CHAT_PATH, COMPLETION_PATH, INFILL_PATH = "/v1/chat/completions", "/completion", "/infill"
 
 # Ollama option -> llama.cpp's field (server-schema.cpp).
@@ -44,8 +45,9 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def options(value: object) -> dict[str, Any]:
-    """Ollama's `options` as llama.cpp's sampling fields."""
+def options(value: object, n_ctx: int | None = None) -> dict[str, Any]:
+    """Ollama's `options` as llama.cpp's sampling fields; `n_ctx`: the tokens one request
+    may use."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -63,18 +65,22 @@ def options(value: object) -> dict[str, Any]:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise BadRequest(f"option {key!r} must be a number, not {v!r}")
             out[SAMPLING[key]] = v
-    if out.get("n_predict", 1) <= 0:
+    if not 0 < out.get("n_predict", 1) <= INT32_MAX:
         # No limit to Ollama (its runner counts only a positive num_predict; -2, "until the
-        # context is full", is the same there): llama-server's no limit is -1 alone, and it
-        # stops 0 after one token and refuses -2.
+        # context is full", is the same there, and it caps any at ten contexts):
+        # llama-server's no limit is -1 alone; it stops 0 after one token and refuses -2
+        # and more than an int32.
         out["n_predict"] = -1
+    if out.get("repeat_last_n") == -1:  # Ollama's "the whole context"; llama-server's 400
+        del out["repeat_last_n"]
+        if n_ctx:
+            out["repeat_last_n"] = n_ctx
     return out
 
 
-def flag(req: dict[str, Any], key: str, default: bool) -> bool:
+def flag(key: str, value: object, default: bool) -> bool:
     """A true/false field (`stream`, `raw`): anything else is Ollama's 400 too, not a
     stream nobody asked for."""
-    value = req.get(key)
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -140,19 +146,27 @@ def has_images(messages: list[Any]) -> bool:
     return any(isinstance(m, dict) and m.get("images") for m in messages)
 
 
+THINK_LEVELS = ("high", "medium", "low")
+
+
 def _think(value: object) -> dict[str, Any]:
-    """`think` (true/false or a level) -> the template's enable_thinking switch."""
+    """`think` (true/false or a level) -> the template's enable_thinking switch; a level is
+    llama-server's reasoning_effort too, which it hands to the template (gpt-oss reads it)."""
     if value is None:
         return {}
-    if not isinstance(value, bool | str):
-        raise BadRequest('"think" must be true, false or a level such as "high"')
-    return {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+    if not isinstance(value, bool) and value not in THINK_LEVELS:
+        raise BadRequest(f'"think" must be true, false, "high", "medium" or "low", not {value!r}')
+    out: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": bool(value)}}
+    if isinstance(value, str):
+        out["reasoning_effort"] = value
+    return out
 
 
-def chat_body(req: dict[str, Any], messages: list[Any], stream: bool) -> dict[str, Any]:
+def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
+              n_ctx: int | None = None) -> dict[str, Any]:
     """The /v1/chat/completions request for an Ollama chat (or a templated generate)."""
     body: dict[str, Any] = {"messages": [message(m, i) for i, m in enumerate(messages)],
-                            "stream": stream, **options(req.get("options")),
+                            "stream": stream, **options(req.get("options"), n_ctx),
                             **output_format(req.get("format")), **_think(req.get("think"))}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -163,24 +177,25 @@ def chat_body(req: dict[str, Any], messages: list[Any], stream: bool) -> dict[st
     return body
 
 
-def generate_plan(req: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any]]:
+def generate_plan(req: dict[str, Any], stream: bool,
+                  n_ctx: int | None = None) -> tuple[str, dict[str, Any]]:
     """Where an /api/generate with a prompt goes, and what it sends there."""
     prompt, suffix, system = (req.get(k) or "" for k in ("prompt", "suffix", "system"))
     images = req.get("images") or []
     if not all(isinstance(v, str) for v in (prompt, suffix, system)) \
             or not isinstance(images, list):
         raise BadRequest('"prompt", "suffix" and "system" must be strings, "images" a list')
-    sampling = {"stream": stream, **options(req.get("options")),
+    sampling = {"stream": stream, **options(req.get("options"), n_ctx),
                 **output_format(req.get("format"))}
     if suffix:
         return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
-    if flag(req, "raw", False):
+    if flag("raw", req.get("raw"), False):
         if images:
             raise BadRequest("images need the model's chat template; send them without raw")
         return COMPLETION_PATH, {"prompt": prompt, **sampling}
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": prompt, "images": images}]
-    return CHAT_PATH, chat_body(req, messages, stream)
+    return CHAT_PATH, chat_body(req, messages, stream, n_ctx)
 
 
 def embed_inputs(value: object) -> list[str]:

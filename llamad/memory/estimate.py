@@ -51,9 +51,12 @@ CACHE_TYPE_BYTES = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
     "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
 }
-# llama.cpp hard-codes which layers use sliding-window attention: one full layer every N.
+# llama.cpp hard-codes which layers use sliding-window attention (load_swa_pattern, for
+# a model whose header gives a sliding window): one full layer every N, the last of each N
+# or, negative here, the first. Not listed: every layer counts as full, an upper bound.
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "cohere2": 4,
-               "gpt-oss": 2, "exaone4": 4}
+               "gpt-oss": 2, "exaone4": 4, "olmo2": 4, "afmoe": 4, "mellum": 4,
+               "muse-glimmer": 4, "plamo3": 8, "cohere2moe": -4, "laguna": -4}
 
 
 class ModelInfo(Protocol):
@@ -383,10 +386,12 @@ def _window(info: ModelInfo) -> int:
 
 
 def _swa_layers(info: ModelInfo) -> frozenset[int]:
-    pattern = SWA_PATTERN.get(info.architecture or "")
-    if not pattern:
+    pattern = SWA_PATTERN.get(info.architecture or "", 0)
+    n = abs(pattern)
+    if not n:
         return frozenset()
-    return frozenset(il for il in range(info.block_count or 0) if il % pattern < pattern - 1)
+    return frozenset(il for il in range(info.block_count or 0)
+                     if (il % n != 0 if pattern < 0 else il % n < n - 1))
 
 
 def _type_bytes(name: str) -> float:

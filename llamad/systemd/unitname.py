@@ -15,7 +15,10 @@ UNIT_PREFIX = "llama-server@"
 UNIT_SUFFIX = ".service"
 UNIT_PATTERN = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"  # for systemd's ListUnitsByPatterns
 SLICE = "llama-server.slice"  # every model unit runs in it (slice-memory-max limits it)
-UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX minus the terminating NUL
+# systemd allows 255 bytes, but names a unit's PrivateTmp= directory
+# systemd-private-<32 hex of the boot id>-<unit>-XXXXXX, one path component of at most
+# 255 bytes: a longer unit name fails every start ("File name too long").
+UNIT_NAME_MAX = 255 - len("systemd-private-") - 32 - len("-") - len("-XXXXXX")
 INSTANCE_MAX = UNIT_NAME_MAX - len(UNIT_PREFIX) - len(UNIT_SUFFIX)
 HASH_LEN = 8
 

@@ -92,11 +92,16 @@ def copy_file(src: Path, dst: Path) -> Path:
 
 
 def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, head_dim: int,
-                blocks: int = 1, vocab: int = 1024, context: int = 32768) -> Path:
+                blocks: int = 1, vocab: int = 1024, context: int = 32768, arch: str = "llama",
+                sliding_window: int = 0) -> Path:
     """A llama-architecture model llama-server loads and runs: every tensor of a llama block,
-    F16 zeros, and a byte-level vocabulary. Its answers are nonsense; its buffers are real."""
+    F16 zeros, and a byte-level vocabulary. Its answers are nonsense; its buffers are real.
+    `arch="olmo2"` (heads x head_dim = embd) has OLMo 2's norms instead, and with
+    `sliding_window` its sliding-window layers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
     w.add_context_length(context)
     w.add_block_count(blocks)
     w.add_embedding_length(embd)
@@ -132,8 +137,11 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
                             ("ffn_gate", (ff, embd)), ("ffn_up", (ff, embd)),
                             ("ffn_down", (embd, ff))):
             w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
-        for norm in ("attn_norm", "ffn_norm"):
-            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(embd, dtype=np.float32))
+        norms = {"attn_norm": embd, "ffn_norm": embd} if arch == "llama" else {
+            "post_attention_norm": embd, "post_ffw_norm": embd, "attn_q_norm": embd,
+            "attn_k_norm": heads_kv * head_dim}
+        for norm, size in norms.items():
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -176,6 +176,11 @@ async def test_ollama_pull_lines_and_delete(llamad_factory: Factory, box: rig.Bo
     d = downloader(box, assets, llamad_factory, fake_hub, "cache-ollama")
     f = fake_hub.file(TINY, TINY_FILE)
     async with aiohttp.ClientSession() as s:
+        # A `stream` that is not true or false is Ollama's 400, before anything downloads.
+        async with s.post(d.url + "/api/pull", json={"model": f"hf.co/{TINY}:f16",
+                                                     "stream": "false"}) as r:
+            assert r.status == 400 and "stream" in (await r.json())["error"]
+        assert TINY_ID not in models(d.url)
         async with s.post(d.url + "/api/pull", json={"model": f"hf.co/{TINY}:f16"}) as r:
             assert r.status == 200 and r.headers["Content-Type"] == "application/x-ndjson"
             assert r.headers["X-Llamad-Model"] == TINY_ID

@@ -201,6 +201,9 @@ def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
         status, text = _post(d, "/api/generate", {"model": "gemma", "prompt": "Hi",
                                                   field: "no", "options": SHORT})
         assert status == 400 and field in json.loads(text)["error"], (field, status, text)
+    status, text = _post(d, "/api/chat", {"model": "gemma", "messages": QUESTION,
+                                          "think": "max"})
+    assert status == 400 and "think" in json.loads(text)["error"], text
     # keep_alive beyond Go's largest duration (Ollama's type for it) is out of range; before,
     # it was kept, and /api/ps failed with a 500 on the date it could not write.
     with pytest.raises(ollama.ResponseError) as e:
@@ -213,13 +216,23 @@ def test_ollama_reads_requests_as_ollama_does(llamad_factory: Factory) -> None:
     expires = client.ps().models[0].expires_at
     assert expires is not None and expires.year > 2300
     # num_predict 0 and -2 mean no limit to Ollama, where llama-server would stop after one
-    # token (0) or refuse (-2): each answer here ends at the stop word, not at a limit.
-    for unlimited in (0, -2):
+    # token (0) or refuse (-2, and more than 2^31 - 1): each answer here ends at the stop
+    # word, not at a limit.
+    for unlimited in (0, -2, 2**31):
         water = client.generate(model="gemma", prompt="Water boils at a temperature of",
                                 raw=True, options={"num_predict": unlimited, "temperature": 0,
                                                    "stop": ["\n"]})
         assert water.done_reason == "stop" and "100" in (water.response or ""), water
         assert water.eval_count and water.eval_count > 2, water
+    # A think level is llama-server's reasoning_effort, which it takes with any template.
+    assert client.chat(model="gemma", messages=QUESTION, think="high", options=SHORT).done
+    # repeat_last_n -1 is Ollama's "the whole context" (llama-server refuses -1): here, the
+    # 1024 tokens one request may use (-c 4096 over -np 4).
+    assert client.generate(model="gemma", prompt="Hi", options={**SHORT, "repeat_last_n": -1}
+                           ).done
+    with urllib.request.urlopen(d.url + "/slots?model=gemma", timeout=30) as r:
+        windows = {s["params"]["repeat_last_n"] for s in json.load(r) if "params" in s}
+    assert 1024 in windows, windows
 
 
 def _post(d: Llamad, path: str, body: dict[str, Any],

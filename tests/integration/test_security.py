@@ -65,6 +65,32 @@ async def test_hostile_file_names_never_reach_systemd_raw(llamad_factory: Factor
             assert shown[name] == name
 
 
+# Names a file may have (up to 250 bytes before .gguf): each is served. systemd names a
+# unit's PrivateTmp= directory systemd-private-<boot id>-<unit>-XXXXXX, one path component
+# of at most 255 bytes: a unit name past 199 bytes failed every start ('File name too long',
+# result 'resources'), so a model named by a long file name never ran.
+ODD_NAMES = ("y" * 200, "z" * 250, "uni\u00e9\u4e2d", ".dot", "a..b")
+# A C1 control character (U+009B is CSI to a terminal that takes 8-bit controls, as xterm
+# does): refused like the C0 ones.
+C1_NAME = "c1\u009b2J"
+
+
+async def test_long_and_odd_names_are_served_and_c1_controls_refused(
+        llamad_factory: Factory, subtests: Any) -> None:
+    d = llamad_factory([*ODD_NAMES, C1_NAME], **{"models-max": 1})
+    listed = models(d.url)
+    async with aiohttp.ClientSession() as s:
+        for name in ODD_NAMES:
+            with subtests.test("served", model=name[:12]):
+                status, body = await chat(s, d.url, name)
+                assert status == 200 and body["model"] == name, body
+        status, body = await chat(s, d.url, C1_NAME)
+    with subtests.test("the C1 control refused at scan time, one problem line"):
+        assert C1_NAME not in listed and status == 404, body
+        assert "c1\\x9b2J.gguf: the model's name holds control characters; skipped" in \
+            d.log()
+
+
 async def test_control_characters_from_presets_stop_at_the_systemd_boundary(
         llamad_factory: Factory) -> None:
     # A tab inside a preset value passes the INI parser; it must still never reach systemd.

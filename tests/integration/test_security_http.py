@@ -245,3 +245,43 @@ async def test_slot_files_and_other_shared_state_are_the_operators(
         writer.close()
         assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
         assert "Traceback" not in d.log() and "Error handling request" not in d.log()
+
+
+async def test_an_ollama_embedding_answer_is_translated_in_pieces(
+        llamad_factory: Factory) -> None:
+    """Ollama's /api/embed, for any client: its answer was read whole, decoded and encoded
+    again on the event loop. 1,500 short inputs (20 MiB of vectors) grew llamad by 100 MiB
+    and held /health for 2.1 s; a request may hold 50,000. Now a few inputs at a time."""
+    d = llamad_factory(["gemma-e"], "[gemma-e]\nembeddings = true\npooling = mean\n",
+                       unit=(MEMORY_MAX,))
+    inputs = [f"word {i}" for i in range(1000)]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(d.url + "/api/embed", json={"model": "gemma-e", "input": "a"}) as r:
+            assert r.status == 200, await r.text()  # loaded: its load is no part of this
+        before = _peak_rss_mib(d)
+
+        async def embed() -> Any:
+            async with s.post(d.url + "/api/embed",
+                              json={"model": "gemma-e", "input": inputs}) as r:
+                assert r.status == 200 and r.content_type == "application/json"
+                return await r.json()
+        answer = asyncio.ensure_future(embed())
+        waits = []
+        while not answer.done():
+            began = asyncio.get_running_loop().time()
+            async with s.get(d.url + "/health") as r:
+                assert r.status == 200
+            waits.append(asyncio.get_running_loop().time() - began)
+            await asyncio.sleep(0.05)
+        got = await answer
+        async with s.post(d.url + "/v1/embeddings",
+                          json={"model": "gemma-e", "input": inputs[900:902]}) as r:
+            direct = [row["embedding"] for row in (await r.json())["data"]]
+    vectors = got["embeddings"]
+    grown = _peak_rss_mib(d) - before
+    assert grown < 30 and max(waits) < 0.7, (grown, max(waits))
+    assert len(vectors) == 1000 and all(len(v) == 640 for v in vectors)
+    for mine, theirs in zip(vectors[900:902], direct, strict=True):  # in order, each its own
+        # (not bit for bit: llama.cpp's sums depend on what else is in the batch)
+        assert sum(a * b for a, b in zip(mine, theirs, strict=True)) > 0.999
+    assert got["model"] == "gemma-e" and got["prompt_eval_count"] >= 2000
