@@ -24,6 +24,17 @@ _ORIGIN = re.compile(r"https?://[^/\s]+")
 _URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
+# The longest time any key or request may give, in seconds: Go's longest duration (2^63 ns,
+# 292 years), as Ollama's keep_alive is one. Beyond it no date (/api/ps's expires_at) or
+# systemd timer (microseconds in 64 bits) can be made.
+DURATION_MAX = 2**63 / 1e9
+
+
+def _seconds(least: float, default: float, note: str = "") -> tuple[str, str]:
+    return (f"float(min={least}, max={DURATION_MAX}, default={default})",
+            f"seconds from {least:g} to {DURATION_MAX:.0f}{note}")
+
+
 # key: (validate check, what is allowed). The check strings are configobj/validate
 # syntax; the second column is what an error message tells the user.
 SPEC: dict[str, tuple[str, str]] = {
@@ -44,29 +55,29 @@ SPEC: dict[str, tuple[str, str]] = {
                       "a port number from 1024 to 64511"),
     "listen": ("string(default='127.0.0.1:8080')",
                "HOST:PORT, PORT from 1 to 65535, such as 127.0.0.1:8080 or [::1]:8080"),
-    "idle-ttl": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
-    "idle-exit": ("float(min=0, default=0)", "seconds >= 0 (0 = never)"),
+    "idle-ttl": _seconds(0, 0, " (0 = never)"),
+    "idle-exit": _seconds(0, 0, " (0 = never)"),
     "api-keys-file": ("string(default='')", "a file path or empty"),
     "allowed-hosts": ("force_list(default=list())",
                       "host names separated by commas, or * for any"),
     "cors-origins": ("force_list(default=list())",
                      "origins such as https://ui.example.org separated by commas, or *"),
-    "load-timeout": ("float(min=1, default=300)", "seconds >= 1"),
+    "load-timeout": _seconds(1, 300),
     "queue-size": ("integer(min=1, default=64)", "a whole number >= 1"),
-    "queue-timeout": ("float(min=0, default=300)", "seconds >= 0"),
-    "drain-timeout": ("float(min=0, default=600)", "seconds >= 0"),
-    "liveness-timeout": ("float(min=0, default=30)", "seconds >= 0 (0 = never probe)"),
+    "queue-timeout": _seconds(0, 300),
+    "drain-timeout": _seconds(0, 600),
+    "liveness-timeout": _seconds(0, 30, " (0 = never probe)"),
     "max-body-mb": ("integer(min=1, default=32)", "a whole number of MiB >= 1"),
     "max-bodies-mb": ("integer(min=1, default=256)", "a whole number of MiB >= 1"),
-    "receive-timeout": ("float(min=1, default=30)", "seconds >= 1"),
+    "receive-timeout": _seconds(1, 30),
     "max-connections": ("integer(min=1, default=4096)", "a whole number >= 1"),
     "max-requests": ("integer(min=1, default=1024)", "a whole number >= 1"),
     "max-streams": ("integer(min=1, default=256)", "a whole number >= 1"),
-    "send-timeout": ("float(min=1, default=60)", "seconds >= 1"),
-    "stop-timeout": ("float(min=0, default=10)", "seconds >= 0"),
-    "restart-sec": ("float(min=0, default=2)", "seconds >= 0"),
+    "send-timeout": _seconds(1, 60),
+    "stop-timeout": _seconds(0, 10),
+    "restart-sec": _seconds(0, 2),
     "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
-    "start-limit-interval": ("float(min=0, default=60)", "seconds >= 0"),
+    "start-limit-interval": _seconds(0, 60),
     "unit-user": ("string(default='dynamic')", "dynamic or a user name"),
     "memory-reserve-mb": ("integer(min=0, default=1024)", "a whole number of MiB >= 0"),
     "memory-budget-mb": ("integer(min=0, default=0)",

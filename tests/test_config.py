@@ -54,7 +54,11 @@ BAD = [
     ("models-max = -1", "models-max", "0 = unlimited"),
     ("models-max = lots", "models-max", "whole number"),
     ("backend = pipe", "backend", "unix or tcp"),
-    ("idle-ttl = -5", "idle-ttl", "seconds >= 0"),
+    ("idle-ttl = -5", "idle-ttl", "seconds from 0 to 9223372037 (0 = never)"),
+    # Past Go's longest duration: /api/ps's expires_at was a date past year 9999 (a 500),
+    # a systemd timer overflowed its 64 bits of microseconds.
+    ("idle-ttl = 1e12", "idle-ttl", "seconds from 0 to 9223372037"),
+    ("stop-timeout = 1e15", "stop-timeout", "seconds from 0 to 9223372037"),
     ("llama-cache = maybe", "llama-cache", "yes or no"),
     ("listen = localhost", "listen", "HOST:PORT"),
     ("slice-memory-max = lots", "slice-memory-max", "systemd size"),

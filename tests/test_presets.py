@@ -92,6 +92,8 @@ ERRORS = [
     ("[x]\njinja = maybe\n", "jinja = 'maybe' is invalid; allowed: true or false"),
     ("[x]\npin = perhaps\n", "pin = 'perhaps' is invalid"),
     ("[x]\nttl = -3\n", "ttl = '-3' is invalid"),
+    ("[x]\nttl = 1e12\n", "ttl = '1e12' is invalid; allowed: seconds from 0 to 9223372037"),
+    ("[x]\nstop-timeout = 1e15\n", "stop-timeout = '1e15' is invalid"),
     ("[x]\nmemory-max = lots\n", "systemd size"),
     ("[x]\ndevices = a,b\n", "GPU indices"),
     ("[x]\nctx-max = -1\n", "ctx-max = '-1' is invalid; allowed: a whole number of tokens"),

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from llamad.config import DURATION_MAX
 from llamad.errors import ConfigError
 from llamad.safetext import unsafe
 from llamad.sizes import SIZE, parse_size
@@ -49,7 +50,8 @@ def check(key: str, value: str, where: str, base: Path | None = None) -> object:
             return on
         if key in ("stop-timeout", "ttl"):
             number = float(value)
-            if not math.isfinite(number) or (number < 0 and not (key == "ttl" and number == -1)):
+            if not math.isfinite(number) or number > DURATION_MAX or \
+                    (number < 0 and not (key == "ttl" and number == -1)):
                 raise bad  # nan and inf too: a stop timeout of either failed every start
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
@@ -78,8 +80,9 @@ def truthy(value: str) -> bool | None:
 _ALLOWED = {
     "load-on-startup": "true or false", "pin": "true or false", "split": "true or false",
     "restore": "true or false",
-    "dedup-cache-models": "true or false", "stop-timeout": "seconds >= 0",
-    "ttl": "seconds >= 0, or -1 to inherit idle-ttl",
+    "dedup-cache-models": "true or false",
+    "stop-timeout": f"seconds from 0 to {DURATION_MAX:.0f}",
+    "ttl": f"seconds from 0 to {DURATION_MAX:.0f}, or -1 to inherit idle-ttl",
     "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
     "devices": "comma-separated GPU indices such as 0,1",
     "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",

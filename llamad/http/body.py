@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from llamad.config import DURATION_MAX
 from llamad.errors import BadRequest, LlamadError
 from llamad.http import limits
 from llamad.http.record import CLIENT_GONE
@@ -39,9 +40,6 @@ UTF8_STEP = 1 << 20
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
                    "m": 60.0, "h": 3600.0}
-# Go's largest duration (2^63 - 1 ns, 292 years), as Ollama's keep_alive is one: beyond it
-# no date (/api/ps's expires_at) or systemd timer can be made.
-KEEP_ALIVE_MAX = 2**63 / 1e9
 
 
 def _duration(text: str) -> float | None:
@@ -72,9 +70,9 @@ def parse_keep_alive(value: object) -> float | None:
     seconds = float(value) if isinstance(value, int | float) else _duration(str(value))
     if seconds is None:
         raise BadRequest(f"keep_alive {value!r} is not a duration like \"5m\", \"30s\" or 0")
-    if not math.isfinite(seconds) or seconds > KEEP_ALIVE_MAX:
+    if not math.isfinite(seconds) or seconds > DURATION_MAX:
         raise BadRequest(f"keep_alive {value!r} is out of range: at most 292 years "
-                         f"({KEEP_ALIVE_MAX:.0f} seconds); a negative value keeps the model "
+                         f"({DURATION_MAX:.0f} seconds); a negative value keeps the model "
                          "loaded for good")
     return -1.0 if seconds < 0 else seconds
 
