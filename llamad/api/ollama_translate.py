@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llamad.errors import BadRequest
+from llamad.http.body import check_windows
 
 CHAT, GENERATE = "chat", "generate"
 INT32_MAX = 2**31 - 1
@@ -75,6 +76,7 @@ def options(value: object, n_ctx: int | None = None) -> dict[str, Any]:
         del out["repeat_last_n"]
         if n_ctx:
             out["repeat_last_n"] = n_ctx
+    check_windows(out)
     return out
 
 

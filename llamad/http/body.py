@@ -37,6 +37,12 @@ INLINE = 65536  # bodies up to this size are checked on the loop at once
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval for llamad serve
 UTF8_STEP = 1 << 20
 
+# llama-server gives each request a zeroed ring of tokens as long as each of its penalty
+# windows: 2^31 - 1, which it takes, is 8 GiB from one request. No model's context is
+# longer than 2^24 tokens (a 64 MiB ring), and a window longer than the context does no more.
+WINDOWS = ("repeat_last_n", "dry_penalty_last_n")
+WINDOW_MAX = 1 << 24
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
                    "m": 60.0, "h": 3600.0}
@@ -75,6 +81,16 @@ def parse_keep_alive(value: object) -> float | None:
                          f"({DURATION_MAX:.0f} seconds); a negative value keeps the model "
                          "loaded for good")
     return -1.0 if seconds < 0 else seconds
+
+
+def check_windows(fields: Fields | dict[str, Any]) -> None:
+    """Refuse a penalty window longer than any model's context (WINDOWS)."""
+    for key in WINDOWS:
+        value = fields.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and \
+                value > WINDOW_MAX:
+            raise BadRequest(f"{key} {value!r} is more tokens than any model's context; "
+                             f"at most {WINDOW_MAX}")
 
 
 async def read_body(request: web.Request) -> bytearray:

@@ -285,3 +285,32 @@ async def test_an_ollama_embedding_answer_is_translated_in_pieces(
         # (not bit for bit: llama.cpp's sums depend on what else is in the batch)
         assert sum(a * b for a, b in zip(mine, theirs, strict=True)) > 0.999
     assert got["model"] == "gemma-e" and got["prompt_eval_count"] >= 2000
+
+
+async def test_a_penalty_window_past_any_context_is_refused(llamad_factory: Factory) -> None:
+    """llama-server takes repeat_last_n (and dry_penalty_last_n) up to 2^31 - 1 and gives
+    the request a zeroed ring of that many tokens: 8 GiB from one request of any client,
+    four at once on four slots. Measured by hand on the pinned llama-server: 500,000,000
+    raised its resident memory from 0.36 to 2.7 GB."""
+    d = llamad_factory(["gemma"])
+    huge = 2**31 - 1
+    async with aiohttp.ClientSession() as s:
+        for path, body in [
+                ("/completion", {"model": "gemma", "prompt": "Hi", "n_predict": 2,
+                                 "repeat_last_n": huge, "repeat_penalty": 1.1}),
+                ("/v1/chat/completions", {"model": "gemma", "max_tokens": 2,
+                                          "dry_penalty_last_n": huge, "dry_multiplier": 0.8,
+                                          "messages": [{"role": "user", "content": "Hi"}]}),
+                ("/api/generate", {"model": "gemma", "prompt": "Hi", "stream": False,
+                                   "options": {"num_predict": 2, "repeat_last_n": huge}})]:
+            async with s.post(d.url + path, json=body) as r:
+                said = await r.json()
+                assert r.status == 400, (path, said)
+                message = said["error"] if path.startswith("/api/") else \
+                    said["error"]["message"]
+                assert f"{huge} is more tokens than any model's context" in message, said
+        assert d.model_units() == {}  # refused before anything loads, nothing allocated
+        async with s.post(d.url + "/completion", json={
+                "model": "gemma", "prompt": "Hi", "n_predict": 2, "repeat_last_n": 4096,
+                "repeat_penalty": 1.1}) as r:
+            assert r.status == 200, await r.text()
