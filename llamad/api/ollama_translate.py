@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llamad.errors import BadRequest
-from llamad.http.body import check_windows
+from llamad.http.body import check_bounds
 
 CHAT, GENERATE = "chat", "generate"
 INT32_MAX = 2**31 - 1
@@ -76,7 +76,7 @@ def options(value: object, n_ctx: int | None = None) -> dict[str, Any]:
         del out["repeat_last_n"]
         if n_ctx:
             out["repeat_last_n"] = n_ctx
-    check_windows(out)
+    check_bounds(out)
     return out
 
 

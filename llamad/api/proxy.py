@@ -21,7 +21,7 @@ from llamad.api.forward import Watch, forward, watch
 from llamad.api.models import router_props
 from llamad.errors import BackendUnreachable, BadRequest, LlamadError
 from llamad.http import browsers, keys, multipart
-from llamad.http.body import WINDOWS, check_windows, parse_keep_alive, read_json
+from llamad.http.body import BOUNDED, check_bounds, parse_keep_alive, read_json
 from llamad.http.context import find, resolve, supervisor
 from llamad.observe import metrics
 from llamad.supervisor.backend import Backend
@@ -72,8 +72,8 @@ def autoload(request: web.Request) -> bool:
 
 
 async def handle_post(request: web.Request) -> web.StreamResponse:
-    body, data = await read_json(request, *WINDOWS)
-    check_windows(data)
+    body, data = await read_json(request, *BOUNDED)
+    check_bounds(data)
     slot = await find(request, data.get("model"))
     keep_alive = parse_keep_alive(data.get("keep_alive"))
     if keep_alive is not None:

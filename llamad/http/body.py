@@ -37,11 +37,14 @@ INLINE = 65536  # bodies up to this size are checked on the loop at once
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval for llamad serve
 UTF8_STEP = 1 << 20
 
-# llama-server gives each request a zeroed ring of tokens as long as each of its penalty
-# windows: 2^31 - 1, which it takes, is 8 GiB from one request. No model's context is
-# longer than 2^24 tokens (a 64 MiB ring), and a window longer than the context does no more.
-WINDOWS = ("repeat_last_n", "dry_penalty_last_n")
-WINDOW_MAX = 1 << 24
+# Numbers llama-server takes up to 2^31 - 1 and turns into memory for one request: each
+# penalty window is a zeroed ring of that many tokens (8 GiB at the top), n_probs (OpenAI's
+# top_logprobs) that many candidates for every token of the answer (the whole 262k
+# vocabulary: 52 MB of JSON for two tokens). No model's context is longer than 2^24 tokens,
+# and a window longer than the context does no more; OpenAI allows 20 candidates.
+BOUNDED = {"repeat_last_n": (1 << 24, "tokens, more than any model's context"),
+           "dry_penalty_last_n": (1 << 24, "tokens, more than any model's context"),
+           "n_probs": (100, "candidates a token"), "top_logprobs": (100, "candidates a token")}
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
@@ -83,14 +86,12 @@ def parse_keep_alive(value: object) -> float | None:
     return -1.0 if seconds < 0 else seconds
 
 
-def check_windows(fields: Fields | dict[str, Any]) -> None:
-    """Refuse a penalty window longer than any model's context (WINDOWS)."""
-    for key in WINDOWS:
+def check_bounds(fields: Fields | dict[str, Any]) -> None:
+    """Refuse a number of BOUNDED past its bound, before anything loads."""
+    for key, (most, what) in BOUNDED.items():
         value = fields.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and \
-                value > WINDOW_MAX:
-            raise BadRequest(f"{key} {value!r} is more tokens than any model's context; "
-                             f"at most {WINDOW_MAX}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > most:
+            raise BadRequest(f"{key} {value!r} is too large: at most {most} {what}")
 
 
 async def read_body(request: web.Request) -> bytearray:

@@ -287,11 +287,13 @@ async def test_an_ollama_embedding_answer_is_translated_in_pieces(
     assert got["model"] == "gemma-e" and got["prompt_eval_count"] >= 2000
 
 
-async def test_a_penalty_window_past_any_context_is_refused(llamad_factory: Factory) -> None:
+async def test_numbers_that_become_llama_servers_memory_are_bounded(
+        llamad_factory: Factory) -> None:
     """llama-server takes repeat_last_n (and dry_penalty_last_n) up to 2^31 - 1 and gives
     the request a zeroed ring of that many tokens: 8 GiB from one request of any client,
     four at once on four slots. Measured by hand on the pinned llama-server: 500,000,000
-    raised its resident memory from 0.36 to 2.7 GB."""
+    raised its resident memory from 0.36 to 2.7 GB; n_probs 2^31 - 1 made a 52 MB answer
+    of two tokens and +570 MB."""
     d = llamad_factory(["gemma"])
     huge = 2**31 - 1
     async with aiohttp.ClientSession() as s:
@@ -302,15 +304,22 @@ async def test_a_penalty_window_past_any_context_is_refused(llamad_factory: Fact
                                           "dry_penalty_last_n": huge, "dry_multiplier": 0.8,
                                           "messages": [{"role": "user", "content": "Hi"}]}),
                 ("/api/generate", {"model": "gemma", "prompt": "Hi", "stream": False,
-                                   "options": {"num_predict": 2, "repeat_last_n": huge}})]:
+                                   "options": {"num_predict": 2, "repeat_last_n": huge}}),
+                # Every candidate of the 262k vocabulary for every token: 52 MB of JSON
+                # for two tokens, a context's worth is tens of GB built in llama-server.
+                ("/completion", {"model": "gemma", "prompt": "Hi", "n_predict": 2,
+                                 "n_probs": huge}),
+                ("/v1/chat/completions", {"model": "gemma", "logprobs": True,
+                                          "top_logprobs": huge,
+                                          "messages": [{"role": "user", "content": "Hi"}]})]:
             async with s.post(d.url + path, json=body) as r:
                 said = await r.json()
                 assert r.status == 400, (path, said)
                 message = said["error"] if path.startswith("/api/") else \
                     said["error"]["message"]
-                assert f"{huge} is more tokens than any model's context" in message, said
+                assert f"{huge} is too large: at most" in message, said
         assert d.model_units() == {}  # refused before anything loads, nothing allocated
         async with s.post(d.url + "/completion", json={
                 "model": "gemma", "prompt": "Hi", "n_predict": 2, "repeat_last_n": 4096,
-                "repeat_penalty": 1.1}) as r:
+                "repeat_penalty": 1.1, "n_probs": 20}) as r:
             assert r.status == 200, await r.text()
