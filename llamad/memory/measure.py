@@ -68,7 +68,7 @@ class Measure:
         self.monitor = monitor if monitor is not None else gpu.GpuMonitor()
         self.learned = learned.LearnedStore(state_dir)
         self.costs = learned.GpuCosts(state_dir)
-        self._needs: dict[tuple[object, ...], tuple[Memory, Memory]] = {}
+        self._needs: dict[tuple[object, ...], Memory] = {}
         self._gpus: tuple[gpu.GpuInfo, ...] = ()
         self._gpus_at = 0.0
         self._procs: dict[str, list[gpu.GpuProcess]] = {}
@@ -95,43 +95,48 @@ class Measure:
     def floor(self, model: Model) -> Memory:
         """The part of need() a load cannot do without: less the file pages the kernel
         may drop and read again (memory.needs), for a model larger than the RAM free."""
-        return self._priced(model, self.run_args(model))[1]
+        return self._floor(model, self.run_args(model))
 
     def _need(self, model: Model, args: tuple[str, ...]) -> Memory:
-        return self._priced(model, args)[0]
-
-    def _priced(self, model: Model, args: tuple[str, ...]) -> tuple[Memory, Memory]:
-        """(need, floor) for these arguments."""
-        if model.info is None:
-            return Memory(), Memory()
         # Whatever the need is computed from: a file replaced under the same arguments,
         # or a preset's new memory-need, must not meet an old figure.
         key = (model.id, args, model.info, model.draft, model.settings.memory_need)
         found = self._needs.get(key)
-        if found is None and rpc.workers(args):
+        if found is None:
+            found = self._priced(model, args)[0]
+            if len(self._needs) > MAX_PRICES:
+                self._needs.clear()
+            self._needs[key] = found
+        return self._short_of(model, found)
+
+    def _floor(self, model: Model, args: tuple[str, ...]) -> Memory:
+        # Not kept beside each need (0.6 MB at 1,000 models): asked for only on the way to
+        # refusing a model (Fitter.relaxed), where computing it again costs nothing.
+        return self._short_of(model, self._priced(model, args)[1])
+
+    def _priced(self, model: Model, args: tuple[str, ...]) -> tuple[Memory, Memory]:
+        """(need, floor) for these arguments, computed."""
+        if model.info is None:
+            return Memory(), Memory()
+        if rpc.workers(args):
             # The local share alone, never a learned peak: that counts file pages of the
             # workers' share which passed through once while loading (memory.estimate_rpc).
             local = Memory(memory.estimate_rpc(model.info, args).total.ram)
-            found = (local, local)
-        if found is None:
-            fixed, n_gpus = self._cuda(model)
-            need, floor = memory.needs(
-                model.info, args, self.learned.get(model.id, args), gpu=self.monitor.available,
-                cuda_fixed=fixed, n_gpus=n_gpus, draft=model.draft)
-            given = model.settings.memory_need  # the preset's figure beats the estimate
-            if given is not None:
-                need = Memory(need.ram if given[0] is None else given[0],
-                              need.vram if given[1] is None else given[1])
-                floor = Memory(floor.ram if given[0] is None else given[0], need.vram)
-            found = (need, floor)
-        if len(self._needs) > MAX_PRICES:
-            self._needs.clear()
-        self._needs[key] = found
+            return local, local
+        fixed, n_gpus = self._cuda(model)
+        need, floor = memory.needs(
+            model.info, args, self.learned.get(model.id, args), gpu=self.monitor.available,
+            cuda_fixed=fixed, n_gpus=n_gpus, draft=model.draft)
+        given = model.settings.memory_need  # the preset's figure beats the estimate
+        if given is not None:
+            need = Memory(need.ram if given[0] is None else given[0],
+                          need.vram if given[1] is None else given[1])
+            floor = Memory(floor.ram if given[0] is None else given[0], need.vram)
+        return need, floor
+
+    def _short_of(self, model: Model, found: Memory) -> Memory:
         short = self._short.get(model.id, 0)
-        if short:
-            need, floor = found
-            return Memory(need.ram, need.vram + short), Memory(floor.ram, floor.vram + short)
-        return found
+        return Memory(found.ram, found.vram + short) if short else found
 
     def run_args(self, model: Model) -> tuple[str, ...]:
         """The model's arguments with what fitting added for the unit it runs in."""
@@ -174,7 +179,7 @@ class Measure:
         if not shape.fit_ctx and not shape.layers:
             return None
         return fit.Fitter(shape, lambda extra: self._need(model, (*args, *extra)),
-                          lambda extra: self._priced(model, (*args, *extra))[1])
+                          lambda extra: self._floor(model, (*args, *extra)))
 
     def at_least(self, model: Model, vram: int) -> None:
         """A load ran out of GPU memory: plan this much VRAM at least (and as much more
