@@ -364,9 +364,11 @@ def test_moving_from_ollama(pkgbox: rig.Box, client: openai.OpenAI) -> None:
         assert f"{store}/blobs/sha256-{digest}" in argv, argv
         assert MODEL in (_ids(client) or [])  # the first port still answers
     finally:
-        box.run("rm -rf /usr/share/ollama /etc/systemd/system/llamad.socket.d/zz-ollama.conf && "
-                "systemctl daemon-reload && systemctl stop llamad.socket llamad.service && "
-                "systemctl start llamad.socket")
+        # llamad stopped first: it need not follow the store's removal on its way out.
+        box.run("systemctl stop llamad.socket llamad.service && rm -rf /usr/share/ollama "
+                "/etc/systemd/system/llamad.socket.d/zz-ollama.conf && systemctl daemon-reload "
+                f"&& systemctl stop {unit_name('gemma3:270m')} && systemctl start llamad.socket",
+                timeout=180)
 
 
 def test_no_python_complaints_in_the_journal(pkgbox: rig.Box, client: openai.OpenAI) -> None:
