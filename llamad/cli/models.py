@@ -89,8 +89,8 @@ def cmd_check_config(config_path: Path | None) -> int:
     preset = f"{config.models_preset} ({len(presets.sections)} sections)" \
         if config.models_preset else "none"
     store = config.ollama_models
-    dirs += f"; ollama-models {store}" if store is not None and store.is_dir() else ""
-    print(f"{where}: OK; models-dir {dirs}; presets {preset}; backend {config.backend}; "
+    ollama = f"ollama-models {store}; " if store is not None and store.is_dir() else ""
+    print(f"{where}: OK; models-dir {dirs}; {ollama}presets {preset}; backend {config.backend}; "
           f"models-max {config.models_max}; llama-server {config.llama_server}")
     return 0
 
