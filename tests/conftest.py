@@ -139,8 +139,29 @@ def box_env(box: rig.Box) -> dict[str, str]:
     return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": box.bus_address}
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        _failed(f"{report.nodeid} ({report.when})", crash.message if crash else "")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.failed:
+        _failed(f"{report.nodeid} (collect)", str(report.longrepr).strip().split("\n")[-1])
+
+
+def _failed(what: str, why: str) -> None:
+    """.ci/run names a file in LLAMAD_FAILED_LOG and prints it at its very end: a long CI
+    log may be cut in the middle, where the unit and integration summaries are."""
+    where = os.environ.get("LLAMAD_FAILED_LOG")
+    if where:
+        with open(where, "a", encoding="utf-8") as f:
+            f.write(f"{what}: {(why.strip().splitlines() or ['(no message)'])[0][:300]}\n")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = rig.leftovers()
     if left:
         print("\nllamad rig: left behind after the run: " + ", ".join(left), file=sys.stderr)
+        _failed("the run", "left behind: " + ", ".join(left))
         session.exitstatus = 1
