@@ -33,6 +33,8 @@ def test_backend_addresses() -> None:
     assert runtime_dir("gemma-a") == "llamad/gemma-a"
     long = runtime_dir("x" * 200)
     assert long.startswith("llamad/") and len(long) == len("llamad/") + 16
+    # systemd splits RuntimeDirectory= and BindPaths= at ':' when it reads a unit back.
+    assert ":" not in runtime_dir("gemma3:270m") and runtime_dir("gemma3:270m") != long
     addr = unix_address(Path("/run/llamad"), "user-repo:Q4\\x2dK")
     assert len(addr) < 108 and addr.endswith("/llama.sock")
     assert listen_args("unix:/run/llamad/a/llama.sock") == ("--host", "/run/llamad/a/llama.sock")

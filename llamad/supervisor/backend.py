@@ -17,8 +17,10 @@ import aiohttp
 
 from llamad.errors import SHORTAGE
 
-# sun_path holds 108 bytes; long or odd instance names get a short stable hash.
-_SAFE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,47}")
+# sun_path holds 108 bytes; long or odd instance names get a short stable hash. No ':'
+# either: systemd writes RuntimeDirectory= and BindPaths= into the transient unit's file
+# as they are, and splits them at ':' when it reads the file back (every daemon-reload).
+_SAFE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
 
 
 def runtime_dir(instance: str) -> str:

@@ -12,6 +12,8 @@ import pytest
 import rig
 from helpers.daemon import Factory, Llamad, chat, state, wait_state
 
+from llamad.systemd.unitname import unit_name
+
 UNIT = "llama-server@gemma-a.service"
 FAULTS = {
     "daemon-reload": "systemctl daemon-reload",
@@ -104,3 +106,36 @@ async def test_a_load_during_daemon_reexec_starts_the_model(llamad_factory: Fact
                 assert r.status == 200
             await asyncio.to_thread(wait_state, d.url, "gemma-a", "unloaded", 30)
     assert d.starts("gemma-a") == 3
+
+
+async def test_a_daemon_reload_keeps_a_colon_named_model_unit_as_llamad_made_it(
+        llamad_factory: Factory) -> None:
+    """systemd keeps a transient unit as a file and reads it back at every daemon-reload,
+    which every `apt install` of a package with units does. In that file a path list
+    (RuntimeDirectory=, BindPaths=) is split at ':', which Ollama's names (`gemma3:270m`)
+    hold: read back, the model's directory was `gemma` plus a symlink, and the unit came
+    back from its next crash without the socket llamad reaches it on."""
+    d = llamad_factory(["gemma:a"])
+    unit = unit_name("gemma:a")
+
+    def made() -> dict[str, str]:  # ExecStart's argv, not how the process is doing
+        return {p: d.show(unit, p).partition(" ; ignore_errors=")[0]
+                for p in ("RuntimeDirectory", "BindPaths", "ExecStart")}
+
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, d.url, "gemma:a"))[0] == 200
+        before = made()
+        assert before["RuntimeDirectory"] and before["BindPaths"]  # else this tests nothing
+        cursor = d.journal_cursor()
+        d.box.run("systemctl daemon-reload")
+        d.box.wait_running(timeout=60)
+        assert made() == before
+        said = d.box.journal("-u", "init.scope", "-u", unit, f"--after-cursor={cursor}")
+        assert "ignoring" not in said, said
+        # A crash after the reload: systemd restarts the unit from what it read back.
+        d.box.run(["systemctl", "kill", "--signal=SIGKILL", unit])
+        await asyncio.to_thread(rig.wait_for, "the unit to be restarted",
+                                lambda: d.starts("gemma:a") >= 2, timeout=60)
+        await asyncio.to_thread(wait_state, d.url, "gemma:a", "ready", 60)
+        status, body = await chat(s, d.url, "gemma:a")
+        assert status == 200, body
