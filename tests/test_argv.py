@@ -80,3 +80,15 @@ def test_a_unit_of_a_model_named_like_a_flag_keeps_its_sandbox(tmp_path: Path) -
         assert props["RestrictAddressFamilies"] == (True, ["AF_UNIX"])
         assert "IPAddressAllow" not in props
         assert spec.argv.count("--metrics") == 1
+
+
+def test_what_a_unit_file_would_change_goes_in_the_environment() -> None:
+    # systemd 252 reads '$' and ';' of ExecStart= back from the unit file escaped.
+    given = ["--model", "/m/a $HOME;b.gguf", "--alias", "a $HOME;b", "-c", "4096",
+             "--lora", "/l/x;1", "--lora", "/l/y", "--no-mmap", "--model-draft", "/m/$d"]
+    run, env = argv.for_unit_file(given)
+    assert run == ("-c", "4096", "--lora", "/l/x;1", "--lora", "/l/y", "--no-mmap")
+    assert env == ("LLAMA_ARG_MODEL=/m/a $HOME;b.gguf", "LLAMA_ARG_ALIAS=a $HOME;b",
+                   "LLAMA_ARG_SPEC_DRAFT_MODEL=/m/$d")
+    plain = ["--model", "/m/a:b %n 'q'.gguf", "--alias", "a:b"]
+    assert argv.for_unit_file(plain) == (tuple(plain), ())

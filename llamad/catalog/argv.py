@@ -155,3 +155,31 @@ def masked(args: Sequence[str], mask: str) -> list[str]:
     for o in walk(args):
         out += [o.given, *([mask] * len(o.values) if o.name in SECRETS else o.values)]
     return out
+
+
+# -- the unit file -----------------------------------------------------------------------------
+
+# systemd 252 (Debian 12) writes '$' and ';' of a transient unit's ExecStart= into its unit
+# file as `\$` and `\;`, and reads them back, at every daemon-reload, with the backslash
+# kept: a model whose path or name holds one would come back from its next crash loading a
+# file that is not there. Its Environment= is kept as it is.
+UNIT_FILE_UNSAFE = frozenset("$;")
+
+
+def for_unit_file(args: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(argv, environment) that run as `args` do: each option given once whose value holds
+    such a character goes in llama-server's environment variable for it instead (an
+    argument would win over it; given twice, it stays, as a repeated flag may add up)."""
+    options = list(walk(args))
+    seen: dict[str, int] = {}
+    for o in options:
+        seen[o.name] = seen.get(o.name, 0) + 1
+    out: list[str] = []
+    env: list[str] = []
+    for o in options:
+        if o.flag is not None and o.flag.env and o.flag.arity == 1 and not o.negated \
+                and seen[o.name] == 1 and UNIT_FILE_UNSAFE & set(o.value):
+            env.append(f"{o.flag.env}={o.value}")
+        else:
+            out += [o.given, *o.values]
+    return tuple(out), tuple(env)

@@ -86,11 +86,12 @@ def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
             *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     chose = fit is not None and bool(fit.args or fit.reason)
+    run, moved = args.for_unit_file(argv[1:])
     # The preset's env (presets.py refuses the names llamad sets itself).
-    env = [*model.settings.env, gpuload.cuda_env(gpus)]
+    env = [*moved, *model.settings.env, gpuload.cuda_env(gpus)]
     s, unix = model.settings, config.backend == "unix"
     return UnitSpec(
-        name=model.unit, description=model.id, argv=argv, environment=tuple(env),
+        name=model.unit, description=model.id, argv=(argv[0], *run), environment=tuple(env),
         user=None if config.dynamic_user else config.unit_user,
         restart_sec=config.restart_sec, start_limit_burst=config.start_limit_burst,
         start_limit_interval=config.start_limit_interval,
