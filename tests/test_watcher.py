@@ -131,3 +131,31 @@ async def test_a_models_directory_removed_and_made_again_is_followed(tmp_path: P
         # Seen through the new directory's watch: the old one ended with its directory.
         (models / "b.gguf").rename(models / "c.gguf")
         await feed.until(lambda s: "c" in s.models and "b" not in s.models)
+
+
+async def test_a_directory_gone_before_its_watch_is_no_wedge(tmp_path: Path) -> None:
+    # Removed between being found and being watched (the Ollama store's whole tree removed
+    # while llamad follows it): watchdog's schedule raises. The scan still ends for those
+    # waiting on it, and the next one watches what is there by then.
+    models = tmp_path / "models"
+    catalog = make_catalog(models)
+    feed = Feed(catalog)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE) as w:
+        observer = w._observer
+        assert observer is not None
+        schedule, failed = observer.schedule, []
+
+        def gone_once(handler: object, path: str, recursive: bool = False) -> object:
+            if path == str(models) and not failed:
+                failed.append(path)
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return schedule(handler, path, recursive=recursive)  # type: ignore[arg-type]
+
+        observer.schedule = gone_once  # type: ignore[method-assign,assignment]
+        models.mkdir()
+        await asyncio.wait_for(w.rescan_now(), 10)
+        assert failed == [str(models)]
+        aged_model(models / "a.gguf")  # found by the scan that retries the watch
+        await feed.until(lambda s: "a" in s.models)
+        aged_model(models / "b.gguf")  # seen through the directory's own watch by now
+        await feed.until(lambda s: "b" in s.models)

@@ -146,7 +146,12 @@ class CatalogWatcher:
         for place in new:
             directory, recursive, _ = place
             handler = _Handler(self, directory, wanted[place])
-            watch = observer.schedule(handler, str(directory), recursive=recursive)
+            try:
+                watch = observer.schedule(handler, str(directory), recursive=recursive)
+            except OSError as e:
+                # Gone since _wanted() saw it: `new` asks for one more scan, which looks again.
+                log.debug("cannot watch %s yet: %s", directory, e)
+                continue
             self._watches[place] = (handler, watch)
         return bool(new)
 
@@ -201,14 +206,15 @@ class CatalogWatcher:
         waiting, self._waiting = self._waiting, []
         try:
             await self.catalog.rescan_async()
+            if await self._follow_disk():
+                self.poke()  # what arrived before its watch did is read by one more scan
         except Exception:
             # A failed scan must not stop watching; the next change tries again.
             log.exception("catalog rescan failed")
-        if await self._follow_disk():
-            self.poke()  # what arrived before its watch did is read by one more scan
-        for done in waiting:
-            if not done.done():
-                done.set_result(None)
+        finally:
+            for done in waiting:  # whatever happened, no request waits for ever
+                if not done.done():
+                    done.set_result(None)
         if self._again:
             self._again = False
             # Someone waits for a scan that starts after theirs: now, not after the debounce.
