@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import inspect
 import logging
 import signal
@@ -49,6 +50,9 @@ log = logging.getLogger("llamad")
 
 TICK = 1.0
 STOP_GRACE = 2.0
+# How long a stop may take beyond shutdown-grace: aiohttp gives the handlers still running
+# 60 s to finish (runner.cleanup), then the cleanup contexts end; past this it hangs.
+STOP_DEADLINE = 70.0
 STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 FLAGS_FILE = "llama-server-flags.json"  # in state-dir: flagtable.remember_in
 
@@ -367,12 +371,21 @@ async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier
         await daemon.stop.wait()
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
+        stop_deadline(config.shutdown_grace + STOP_DEADLINE)
         notifier.stopping()
         await stop_accepting(servers, runner, daemon.answered)
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
         await asyncio.gather(*daemon.reloads, return_exceptions=True)
+
+
+def stop_deadline(seconds: float) -> None:
+    """A stop that has not ended after `seconds` hangs (a thread stuck in a library, a
+    cleanup that never returns) and keeps the port from the next llamad: Python's own
+    traceback of every thread goes to the journal and llamad exits (status 1), before
+    systemd's SIGKILL at TimeoutStopSec= (90 s) would, leaving no trace of where."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
 
 
 async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,
