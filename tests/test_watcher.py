@@ -143,7 +143,7 @@ async def test_a_directory_gone_before_its_watch_is_no_wedge(tmp_path: Path) -> 
     async with CatalogWatcher(catalog, debounce=DEBOUNCE) as w:
         observer = w._observer
         assert observer is not None
-        schedule, failed = observer.schedule, []
+        schedule, failed = observer.schedule, list[str]()
 
         def gone_once(handler: object, path: str, recursive: bool = False) -> object:
             if path == str(models) and not failed:
