@@ -322,6 +322,9 @@ def test_estimate_against_real_llama_server(subtests) -> None:  # type: ignore[n
         ("8k context, 2 separate slots, q8_0 cache",
          ["-c", "8192", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]),
         ("no flash attention: the scores are materialised", ["-c", "4096", "-fa", "off"]),
+        # The sliding-window layers' cache and mask as large as the full layers' (their
+        # mask was left out: 16 MiB under llama-server's compute buffer).
+        ("--swa-full", ["-c", "8192", "-fa", "off", "--swa-full"]),
     ]
     for name, args in table:
         with subtests.test(name):

@@ -303,12 +303,16 @@ def _cells(info: ModelInfo, s: ServerArgs) -> _Cells:
     n_seq = s.parallel or 4
     unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
     n_ctx = _n_ctx(info, s)
-    window = 0 if s.swa_full else _window(info)
+    window = _window(info)
     ub = _ubatch(s, n_ctx)
     if unified:
-        return _Cells(n_ctx, min(n_ctx, _pad(window * n_seq + ub)) if window else 0, 1)
+        swa = n_ctx if s.swa_full else min(n_ctx, _pad(window * n_seq + ub))
+        return _Cells(n_ctx, swa if window else 0, 1)
     per_seq = _pad(n_ctx // n_seq)
-    return _Cells(per_seq, min(per_seq, _pad(window + ub)) if window else 0, n_seq)
+    # --swa-full: the sliding-window layers keep a cache (and a mask) of their own, as
+    # large as the full layers'.
+    swa = per_seq if s.swa_full else min(per_seq, _pad(window + ub))
+    return _Cells(per_seq, swa if window else 0, n_seq)
 
 
 def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
