@@ -347,7 +347,8 @@ def test_ctx_size_0_is_the_whole_trained_context(tmp_path: Path) -> None:
         assert isinstance(tried, Load) and ctx_of(tried) == whole, (args, tried)
         assert tried.fit is not None and "tried alone" in tried.fit.reason
     # Without -c the context is fitted (and capped) as before.
-    assert ctx_of(plan(meas, model("llama", LLAMA_8B), ram=200 * GIB)) == 16384
+    fitted = plan(meas, model("llama", LLAMA_8B), ram=200 * GIB)
+    assert isinstance(fitted, Load) and ctx_of(fitted) == 16384
 
 
 def test_room_decides_the_context_shown_in_the_choice() -> None:
