@@ -22,7 +22,7 @@ from llamad.api import ollama_translate as tr
 from llamad.catalog.catalog import scan
 from llamad.catalog.presets import JINJA_TEMPLATES, parse_presets
 from llamad.config import Config
-from llamad.errors import BadRequest, NotFound
+from llamad.errors import BadRequest, LlamadError, NotFound
 from llamad.http import middleware
 from llamad.http.body import parse_keep_alive
 
@@ -367,3 +367,74 @@ async def test_a_refusal_keeps_its_status_and_message(tmp_path: Path) -> None:
             400, {"error": "the request exceeds the available context size"})
     finally:
         await close()
+
+
+def test_generate_refuses_what_it_cannot_honour() -> None:
+    """raw with a system prompt, a template or a context is Ollama's own 400; without raw, a
+    Go template or a token context cannot be applied to llama.cpp's chat template, so they
+    are 501 with what to do instead, never dropped without a word."""
+    for extra in ({"system": "Be brief."}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(BadRequest) as e:
+            tr.generate_plan({"prompt": "Hi", "raw": True, **extra}, stream=False)
+        assert e.value.message == "raw mode does not support template, system, or context"
+    for extra, word in (({"template": "{{ .Prompt }}"}, "template"), ({"context": [1]}, "context")):
+        with pytest.raises(LlamadError) as refused:
+            tr.generate_plan({"prompt": "Hi", **extra}, stream=False)
+        assert refused.value.status == 501 and word in refused.value.message
+    # Empty ones are what clients send when they have none: no refusal.
+    path, _ = tr.generate_plan({"prompt": "Hi", "template": "", "context": [], "raw": True},
+                               stream=False)
+    assert path == tr.COMPLETION_PATH
+
+
+def test_logprobs_asked_as_llama_server_takes_them() -> None:
+    chat = tr.chat_body({"logprobs": True, "top_logprobs": 3}, [{"role": "user", "content": "Hi"}],
+                        stream=True)
+    assert (chat["logprobs"], chat["top_logprobs"]) == (True, 3)
+    # top_logprobs 0 is the chosen token's alone: llama-server needs 1 to give even that.
+    only = tr.chat_body({"logprobs": True}, [], stream=False)
+    assert (only["logprobs"], only["top_logprobs"]) == (True, 1)
+    assert "logprobs" not in tr.chat_body({"top_logprobs": 5}, [], stream=False)
+    path, raw = tr.generate_plan({"prompt": "Hi", "raw": True, "logprobs": True,
+                                  "top_logprobs": 2}, stream=False)
+    assert path == tr.COMPLETION_PATH and raw["n_probs"] == 2
+    for bad in (21, -1, "3", 1.5):
+        with pytest.raises(BadRequest, match="top_logprobs must be between 0 and 20"):
+            tr.top_logprobs({"logprobs": True, "top_logprobs": bad})
+    with pytest.raises(BadRequest, match="logprobs"):
+        tr.top_logprobs({"logprobs": "yes"})
+
+
+def _probs(token: str, logprob: float, *top: tuple[str, float]) -> dict[str, Any]:
+    """One token's probabilities as llama-server writes them."""
+    return {"id": 7, "token": token, "bytes": list(token.encode()), "logprob": logprob,
+            "top_logprobs": [{"id": 8, "token": t, "bytes": list(t.encode()), "logprob": p}
+                             for t, p in top]}
+
+
+def test_logprobs_in_ollamas_shape() -> None:
+    """Each streamed line carries its tokens' logprobs; a whole answer all of them; without
+    top_logprobs, the alternatives llama-server was asked for only to get the chosen one's
+    are not passed on."""
+    reply = tr.Reply("g", tr.CHAT, stream=True, top_logprobs=1)
+    line = reply.event({"choices": [{"delta": {"content": "Hi"}, "logprobs": {
+        "content": [_probs("Hi", -0.5, ("Hi", -0.5), ("Hey", -1.5))]}}]})
+    assert line is not None
+    assert line["logprobs"] == [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+                                 "top_logprobs": [{"token": "Hi", "logprob": -0.5,
+                                                   "bytes": [72, 105]}]}]
+    bare = tr.Reply("g", tr.CHAT, stream=True, top_logprobs=0)
+    line = bare.event({"choices": [{"delta": {"content": "Hi"}, "logprobs": {
+        "content": [_probs("Hi", -0.5, ("Hi", -0.5))]}}]})
+    assert line is not None and line["logprobs"] == [{"token": "Hi", "logprob": -0.5,
+                                                      "bytes": [72, 105]}]
+    whole = tr.Reply("g", tr.GENERATE, stream=False, top_logprobs=2)
+    whole.event({"content": " 100", "completion_probabilities": [
+        _probs(" 1", -0.1, (" 1", -0.1)), _probs("00", -0.2, ("00", -0.2))]})
+    (done,) = whole.last(1.0, 0.0)
+    assert [p["token"] for p in done["logprobs"]] == [" 1", "00"]
+    assert done["logprobs"][1]["top_logprobs"] == [{"token": "00", "logprob": -0.2,
+                                                   "bytes": [48, 48]}]
+    plain = tr.Reply("g", tr.GENERATE, stream=False)  # not asked: no field
+    plain.event({"content": "x", "completion_probabilities": [_probs("x", -1.0)]})
+    assert "logprobs" not in plain.last(1.0, 0.0)[0]

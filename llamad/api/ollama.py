@@ -133,7 +133,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     _check_images(slot, name, tr.has_images(messages))
     return await answer(request, slot, keep_alive, tr.CHAT_PATH,
                         tr.chat_body(req, messages, stream, listing.n_ctx(slot.model)),
-                        tr.Reply(name, tr.CHAT, stream))
+                        tr.Reply(name, tr.CHAT, stream, top_logprobs=tr.top_logprobs(req)))
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
@@ -141,7 +141,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
     stream = tr.flag("stream", req.get("stream"), True)
-    reply = tr.Reply(name, tr.GENERATE, stream)
+    reply = tr.Reply(name, tr.GENERATE, stream, top_logprobs=tr.top_logprobs(req))
     if not (req.get("prompt") or req.get("suffix") or req.get("images")):
         reply.stream = False
         return await lifecycle(request, slot, reply, keep_alive)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from llamad.errors import BadRequest
+from llamad.errors import BadRequest, LlamadError
 from llamad.http.body import check_bounds
 
 CHAT, GENERATE = "chat", "generate"
 INT32_MAX = 2**31 - 1
 CHAT_PATH, COMPLETION_PATH, INFILL_PATH = "/v1/chat/completions", "/completion", "/infill"
+MAX_TOP_LOGPROBS = 20  # Ollama's bound
 
 # Ollama option -> llama.cpp's field (server-schema.cpp).
 SAMPLING = {
@@ -164,6 +165,16 @@ def _think(value: object) -> dict[str, Any]:
     return out
 
 
+def top_logprobs(req: dict[str, Any]) -> int | None:
+    """How many alternatives a token's logprob comes with, if logprobs are asked for."""
+    if not flag("logprobs", req.get("logprobs"), False):
+        return None
+    top = req.get("top_logprobs") or 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    return top
+
+
 def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
               n_ctx: int | None = None) -> dict[str, Any]:
     """The /v1/chat/completions request for an Ollama chat (or a templated generate)."""
@@ -172,11 +183,30 @@ def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
                             **output_format(req.get("format")), **_think(req.get("think"))}
     if stream:
         body["stream_options"] = {"include_usage": True}
+    top = top_logprobs(req)
+    if top is not None:  # llama-server gives the chosen token's logprob only with 1 or more
+        body.update(logprobs=True, top_logprobs=max(top, 1))
     if req.get("tools"):
         if not isinstance(req["tools"], list):
             raise BadRequest('"tools" must be a list')
         body["tools"] = req["tools"]
     return body
+
+
+def _unsupported(req: dict[str, Any], raw: bool, system: str) -> None:
+    """What /api/generate cannot honour: an error, never dropped without a word."""
+    template, context = req.get("template"), req.get("context")
+    if raw and (system or template or context):
+        raise BadRequest("raw mode does not support template, system, or context")  # Ollama's
+    if template:  # Ollama's Go template language, in place of the model's own
+        raise LlamadError("llamad does not apply a template sent with the request (Ollama's "
+                          "Go templates): the model's own chat template applies; send "
+                          "raw=true with the prompt already formatted", status=501,
+                          code="not_supported")
+    if context:  # token ids Ollama returned (deprecated); llamad never returns them
+        raise LlamadError("llamad does not continue from a token context (and answers "
+                          "without one): send the conversation as messages to /api/chat",
+                          status=501, code="not_supported")
 
 
 def generate_plan(req: dict[str, Any], stream: bool,
@@ -189,9 +219,14 @@ def generate_plan(req: dict[str, Any], stream: bool,
         raise BadRequest('"prompt", "suffix" and "system" must be strings, "images" a list')
     sampling = {"stream": stream, **options(req.get("options"), n_ctx),
                 **output_format(req.get("format"))}
+    top = top_logprobs(req)
+    raw = flag("raw", req.get("raw"), False)
+    _unsupported(req, raw, system)
+    if top is not None and (suffix or raw):
+        sampling["n_probs"] = max(top, 1)
     if suffix:
         return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
-    if flag("raw", req.get("raw"), False):
+    if raw:
         if images:
             raise BadRequest("images need the model's chat template; send them without raw")
         return COMPLETION_PATH, {"prompt": prompt, **sampling}
@@ -262,8 +297,10 @@ class Reply:
     timings: dict[str, Any] = field(default_factory=dict)
     usage: dict[str, Any] = field(default_factory=dict)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    top_logprobs: int | None = None  # logprobs asked for, with this many alternatives
     content: list[str] = field(default_factory=list)  # kept only when not streamed
     thinking: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     def line(self, content: str, thinking: str = "", calls: list[Any] | None = None,
              done: bool = False) -> dict[str, Any]:
@@ -296,7 +333,7 @@ class Reply:
             self.done_reason = DONE_REASON.get(reason, "stop")
         self.usage = self.usage or ({"prompt_tokens": ev["tokens_evaluated"]}
                                     if "tokens_evaluated" in ev else {})
-        return self._text(ev.get("content") or "", "")
+        return self._text(ev.get("content") or "", "", ev.get("completion_probabilities"))
 
     def _chat(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         if not ev["choices"]:
@@ -307,7 +344,8 @@ class Reply:
         part = choice.get("delta") or choice.get("message") or {}
         for n, call in enumerate(part.get("tool_calls") or []):
             self._gather(call, n)
-        return self._text(part.get("content") or "", part.get("reasoning_content") or "")
+        return self._text(part.get("content") or "", part.get("reasoning_content") or "",
+                          (choice.get("logprobs") or {}).get("content"))
 
     def _gather(self, call: dict[str, Any], n: int) -> None:
         """A tool call comes in pieces when streamed: its name, then its arguments' text."""
@@ -321,12 +359,33 @@ class Reply:
             have["function"]["arguments"] = have["function"].get("arguments", "") + \
                 fn["arguments"]
 
-    def _text(self, content: str, thinking: str) -> dict[str, Any] | None:
+    def _text(self, content: str, thinking: str, probs: object = None) -> dict[str, Any] | None:
+        logprobs = self._logprobs(probs)
         if not self.stream:
             self.content.append(content)
             self.thinking.append(thinking)
+            self.logprobs += logprobs
             return None
-        return self.line(content, thinking) if content or thinking else None
+        if not (content or thinking or logprobs):
+            return None
+        out = self.line(content, thinking)
+        if logprobs:
+            out["logprobs"] = logprobs
+        return out
+
+    def _logprobs(self, probs: object) -> list[dict[str, Any]]:
+        """llama-server's token probabilities as Ollama's logprobs (without its token ids;
+        without alternatives where none were asked for: llama-server needs one)."""
+        if self.top_logprobs is None or not isinstance(probs, list):
+            return []
+        out = []
+        for p in probs:
+            entry = {k: p.get(k) for k in ("token", "logprob", "bytes")}
+            if self.top_logprobs:
+                entry["top_logprobs"] = [{k: t.get(k) for k in ("token", "logprob", "bytes")}
+                                         for t in (p.get("top_logprobs") or [])[:self.top_logprobs]]
+            out.append(entry)
+        return out
 
     def last(self, total_s: float, load_s: float) -> list[dict[str, Any]]:
         """The closing lines: gathered tool calls (Ollama sends them whole), then done."""
@@ -337,6 +396,8 @@ class Reply:
         whole = self.line("".join(self.content), "".join(self.thinking),
                           None if self.stream else calls, done=True)
         whole["done_reason"] = self.done_reason or "stop"
+        if not self.stream and self.top_logprobs is not None:
+            whole["logprobs"] = self.logprobs
         whole.update(self.stats(total_s, load_s))
         return [*lines, whole]
 

@@ -281,3 +281,43 @@ def test_langchain_chat_ollama(llamad_factory: Factory) -> None:
     assert isinstance(reply.content, str) and reply.content.strip()
     assert not any(tag in reply.content for tag in CHATML), reply.content
     assert reply.usage_metadata and 0 < reply.usage_metadata["output_tokens"] <= 12
+
+
+def test_ollama_logprobs_and_what_generate_refuses(llamad_factory: Factory) -> None:
+    """logprobs as Ollama gives them (each streamed line its tokens', a whole answer all),
+    from llama-server's token probabilities; and what /api/generate cannot honour is an
+    error before anything loads, never dropped without a word."""
+    d = llamad_factory(["gemma"])
+    client = ollama.Client(host=d.url)
+    for extra in ({"system": "Be brief."}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="gemma", prompt="Hi", raw=True, options=SHORT, **extra)
+        assert (e.value.status_code, e.value.error) == \
+            (400, "raw mode does not support template, system, or context"), extra
+    for extra in ({"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="gemma", prompt="Hi", options=SHORT, **extra)
+        assert e.value.status_code == 501 and next(iter(extra)) in e.value.error, e.value
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="gemma", messages=QUESTION, logprobs=True, top_logprobs=21)
+    assert (e.value.status_code, e.value.error) == (400, "top_logprobs must be between 0 and 20")
+    assert d.model_units() == {}
+
+    whole = client.chat(model="gemma", messages=QUESTION, options=SHORT, logprobs=True,
+                        top_logprobs=3)
+    assert whole.logprobs and len(whole.logprobs) == whole.eval_count, whole
+    assert "".join(p.token for p in whole.logprobs) == whole.message.content
+    for p in whole.logprobs:
+        assert p.logprob <= 0 and p.top_logprobs is not None and len(p.top_logprobs) == 3
+        assert p.top_logprobs[0].logprob >= p.top_logprobs[-1].logprob
+    parts = list(client.chat(model="gemma", messages=QUESTION, options=SHORT, logprobs=True,
+                             stream=True))
+    probs = [p for part in parts for p in part.logprobs or []]
+    assert len(probs) == parts[-1].eval_count and all(not p.top_logprobs for p in probs)
+    assert "".join(p.token for p in probs) == "".join(p.message.content or "" for p in parts)
+    raw = client.generate(model="gemma", prompt="Water boils at a temperature of", raw=True,
+                          options=SHORT, logprobs=True, top_logprobs=2)
+    assert raw.logprobs and "".join(p.token for p in raw.logprobs) == raw.response
+    assert all(p.top_logprobs and len(p.top_logprobs) == 2 for p in raw.logprobs)
+    # Not asked for: none sent.
+    assert client.chat(model="gemma", messages=QUESTION, options=SHORT).logprobs is None
