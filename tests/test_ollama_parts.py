@@ -39,6 +39,12 @@ def test_names() -> None:
     # No tag: the repository's cached quantizations, in order.
     assert models.candidates("huggingface.co/user/repo:latest", CACHED)[1:] == \
         ["user/repo", "user/repo:Q4_K_M", "user/repo:Q8_0"]
+    # A repository with several quantizations cached: llama.cpp's default first (Q4_K_M,
+    # then Q8_0, as `pull hf.co/user/repo` fetches), not the first by name, which a chat
+    # would load and /api/delete remove.
+    several = ["user/repo:BF16", "user/repo:F16", "user/repo:Q8_0", "user/repo:q4_k_m"]
+    assert models.candidates("hf.co/user/repo", several)[1:] == \
+        ["user/repo", "user/repo:q4_k_m", "user/repo:Q8_0", "user/repo:BF16", "user/repo:F16"]
     assert models.parameter_size(268_098_176) == "268.10M"
     assert models.parameter_size(8_030_261_248) == "8.0B"
     assert models.parameter_size(7_000_000_000) == "7B"

@@ -3,7 +3,8 @@
 Names: Ollama's `model:tag`, where no tag means `latest`. llamad's `gemma` is listed as
 `gemma:latest` and answers to both; a Hugging Face name as Ollama spells it
 (`hf.co/user/repo:Q4_K_M`) means llama.cpp's cache model `user/repo:Q4_K_M`, and without
-a tag the first of that repository's cached quantizations.
+a tag the one of that repository's cached quantizations that llama.cpp would pick (Q4_K_M,
+then Q8_0), else the first by name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad.api import listing
-from llamad.catalog import argv
+from llamad.catalog import argv, hub
 from llamad.catalog.catalog import Model
 from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
 from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
@@ -59,8 +60,15 @@ def candidates(name: str, known: Iterable[str]) -> list[str]:
         if _tag(base):
             out.append(canonical_name(base))
         else:
-            out += sorted(k for k in known if k.startswith(base + ":"))
+            out += sorted((k for k in known if k.startswith(base + ":")), key=_preference)
     return list(dict.fromkeys(out))
+
+
+def _preference(model_id: str) -> tuple[int, str]:
+    """llama.cpp's default quantizations first, as a pull without one fetches, then by name."""
+    tag = _tag(model_id).upper()
+    return (hub.DEFAULT_TAGS.index(tag) if tag in hub.DEFAULT_TAGS else len(hub.DEFAULT_TAGS),
+            model_id)
 
 
 def parameter_size(n: int | None) -> str:
