@@ -486,3 +486,18 @@ def test_tool_answers_name_the_calls_they_answer() -> None:
     assert all(len(i) == 9 and i.isalnum() for i in ids[:3]), ids
     assert [m["tool_call_id"] for m in msgs if m["role"] == "tool"] == \
         [ids[1], ids[0], ids[2], "abc"]
+
+
+def test_embed_limit_from_the_batch_and_context(tmp_path: Path) -> None:
+    """How many tokens /api/embed lets one input have: llama-server's physical batch (the
+    smaller of -b and -ub), within the context one request may use."""
+    for name in ("plain", "small-ub", "small-b", "small-ctx"):
+        os.symlink(rig.GEMMA, tmp_path / f"{name}.gguf")
+    for path in tmp_path.glob("*.gguf"):
+        os.utime(path, (0, 0), follow_symlinks=False)
+    config = Config.default(models_dirs=(tmp_path,), llama_cache=False, models_preset=None)
+    snap = scan(config, preset=parse_presets(
+        "[small-ub]\nubatch-size = 256\n[small-b]\nbatch-size = 128\n"
+        "[small-ctx]\nctx-size = 1024\nparallel = 4\nkv-unified = false\n"), settle=0)
+    limits = {m.id: models.embed_limit(m) for m in snap.models.values()}
+    assert limits == {"plain": 512, "small-ub": 256, "small-b": 128, "small-ctx": 256}

@@ -34,6 +34,8 @@ FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 # /api/ps lists what serves, or is about to: not a model on its way out.
 RUNNING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 EMBEDDINGS = argv.canonical("--embeddings")
+BATCH, UBATCH = argv.canonical("--batch-size"), argv.canonical("--ubatch-size")
+DEFAULT_BATCH, DEFAULT_UBATCH = 2048, 512  # llama.cpp's (common/common.h)
 
 
 def _tag(name: str) -> str:
@@ -151,6 +153,20 @@ def header(path: Path) -> dict[str, Scalar | None]:
 def embeds(model: Model) -> bool:
     """llama-server makes embeddings only when started with --embeddings."""
     return argv.has(model.settings.args, EMBEDDINGS)
+
+
+def embed_limit(model: Model) -> int:
+    """Tokens llama-server embeds in one input: one physical batch (it cannot split an
+    input among batches unless it pools by the last token), and no more than the context
+    one request may use."""
+    def flag(name: str, default: int) -> int:
+        option = argv.last(model.settings.args, name)
+        try:
+            return int(option.value) if option is not None else default
+        except ValueError:
+            return default
+    batch = min(flag(BATCH, DEFAULT_BATCH), flag(UBATCH, DEFAULT_UBATCH))
+    return min(batch, listing.n_ctx(model) or batch)
 
 
 def capabilities(model: Model, template: str) -> list[str]:

@@ -343,3 +343,22 @@ def test_ollama_tool_answers_reach_a_template_that_checks_ids(llamad_factory: Fa
          "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "content": "sunny", "tool_name": "weather"}])
     assert answer.done and answer.eval_count, answer
+
+
+def test_ollama_embed_truncates_as_ollama(llamad_factory: Factory) -> None:
+    """An input longer than the model takes in one go (Gemma here: its 512-token batch) is
+    cut to fit, as Ollama's `truncate` (true unless told otherwise) does; with truncate
+    false it is Ollama's 400. llama-server refused both, naming its batch size."""
+    d = llamad_factory(["gemma-e"], preset=PRESET)
+    client = ollama.Client(host=d.url)
+    long = "The sky is blue and the grass is green. " * 150  # some 1,500 tokens
+    cut = client.embed(model="gemma-e", input=["Hi", long])
+    assert [len(v) for v in cut.embeddings] == [640, 640]
+    assert cut.prompt_eval_count and 512 < cut.prompt_eval_count <= 512 + 8, cut.prompt_eval_count
+    head = client.embed(model="gemma-e", input=long[:1000]).embeddings[0]
+    assert math.isclose(math.hypot(*cut.embeddings[1]), 1.0, rel_tol=1e-3)
+    assert cut.embeddings[1] != head  # the cut input's own vector, not another's
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="gemma-e", input=long, truncate=False)
+    assert (e.value.status_code, e.value.error) == \
+        (400, "the input length exceeds the context length")
