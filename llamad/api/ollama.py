@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -133,7 +134,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     _check_images(slot, name, tr.has_images(messages))
     return await answer(request, slot, keep_alive, tr.CHAT_PATH,
                         tr.chat_body(req, messages, stream, listing.n_ctx(slot.model)),
-                        tr.Reply(name, tr.CHAT, stream))
+                        tr.Reply(name, tr.CHAT, stream, top_logprobs=tr.top_logprobs(req)))
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
@@ -141,7 +142,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     slot, name = await model_slot(request, req)
     keep_alive = keep_alive_of(request, req)
     stream = tr.flag("stream", req.get("stream"), True)
-    reply = tr.Reply(name, tr.GENERATE, stream)
+    reply = tr.Reply(name, tr.GENERATE, stream, top_logprobs=tr.top_logprobs(req))
     if not (req.get("prompt") or req.get("suffix") or req.get("images")):
         reply.stream = False
         return await lifecycle(request, slot, reply, keep_alive)
@@ -159,14 +160,50 @@ async def handle_embed(request: web.Request) -> web.StreamResponse:
     dimensions = req.get("dimensions")
     tr.shorten([1.0], dimensions)  # a bad value is a 400 before anything loads
 
+    fit = Fit(models.embed_limit(slot.model), tr.flag("truncate", req.get("truncate"), True))
     if not inputs:  # as Ollama: load the model, embed nothing
         await lifecycle(request, slot, tr.Reply(name, tr.GENERATE, False), keep_alive)
         return web.json_response({"model": name, "embeddings": []})
     return await proxied(request, slot, b"", keep_alive,
-                         send=_embed_sender(name, inputs, dimensions))
+                         send=_embed_sender(name, inputs, dimensions, fit))
 
 
-def _embed_sender(name: str, inputs: list[str], dimensions: object) -> Send:
+@dataclass(frozen=True)
+class Fit:
+    """Ollama's `truncate`: an input longer than `limit` tokens is cut to fit, or refused."""
+
+    limit: int
+    truncate: bool
+
+
+async def _fitted(request: web.Request, backend: Backend, watch: Watch, texts: list[str],
+                  fit: Fit) -> list[str]:
+    """`texts`, each cut to `fit.limit` tokens (with the model's own BOS and EOS) as Ollama
+    cuts them: tokens of the text alone, cut, written back as text. Only a text longer in
+    bytes than the limit is asked about: a token is at least a byte."""
+    async def ask(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with exchange(request, backend, path, json.dumps(body).encode(), watch) as up:
+            data = await up.read()
+            if up.status != 200:
+                raise _refused(up, data)
+        return _decode(data)
+    out, specials = [], None
+    for text in texts:
+        if len(text.encode()) + 2 > fit.limit:  # perhaps too long: count its tokens
+            if specials is None:
+                specials = len((await ask("/tokenize", {"content": "", "add_special": True})
+                                ).get("tokens") or [])
+            tokens = (await ask("/tokenize", {"content": text})).get("tokens") or []
+            if len(tokens) + specials > fit.limit:
+                if not fit.truncate:
+                    raise BadRequest("the input length exceeds the context length")  # Ollama's
+                text = (await ask("/detokenize", {"tokens": tokens[:fit.limit - specials]})
+                        ).get("content") or ""
+        out.append(text)
+    return out
+
+
+def _embed_sender(name: str, inputs: list[str], dimensions: object, fit: Fit) -> Send:
     """Ollama's /api/embed, EMBED_BATCH inputs per request to llama-server, each batch's
     vectors written out before the next is asked for. Asked at once, 1,500 short inputs came
     back as 20 MiB of JSON, decoded and encoded again on the event loop: llamad grew by
@@ -177,8 +214,10 @@ def _embed_sender(name: str, inputs: list[str], dimensions: object) -> Send:
         write = out.write_own if isinstance(out, record.TapResponse) else out.write
         tokens = 0
         for start in range(0, len(inputs), EMBED_BATCH):
-            batch = json.dumps({"input": inputs[start:start + EMBED_BATCH]}).encode()
             try:
+                texts = await _fitted(request, backend, watch,
+                                      inputs[start:start + EMBED_BATCH], fit)
+                batch = json.dumps({"input": texts}).encode()
                 async with exchange(request, backend, "/v1/embeddings", batch, watch) as up:
                     data = await up.read()
                     if up.status != 200:

@@ -3,7 +3,8 @@
 Names: Ollama's `model:tag`, where no tag means `latest`. llamad's `gemma` is listed as
 `gemma:latest` and answers to both; a Hugging Face name as Ollama spells it
 (`hf.co/user/repo:Q4_K_M`) means llama.cpp's cache model `user/repo:Q4_K_M`, and without
-a tag the first of that repository's cached quantizations.
+a tag the one of that repository's cached quantizations that llama.cpp would pick (Q4_K_M,
+then Q8_0), else the first by name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad.api import listing
-from llamad.catalog import argv
+from llamad.catalog import argv, hub
 from llamad.catalog.catalog import Model
 from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
 from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
@@ -33,6 +34,8 @@ FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 # /api/ps lists what serves, or is about to: not a model on its way out.
 RUNNING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 EMBEDDINGS = argv.canonical("--embeddings")
+BATCH, UBATCH = argv.canonical("--batch-size"), argv.canonical("--ubatch-size")
+DEFAULT_BATCH, DEFAULT_UBATCH = 2048, 512  # llama.cpp's (common/common.h)
 
 
 def _tag(name: str) -> str:
@@ -59,8 +62,15 @@ def candidates(name: str, known: Iterable[str]) -> list[str]:
         if _tag(base):
             out.append(canonical_name(base))
         else:
-            out += sorted(k for k in known if k.startswith(base + ":"))
+            out += sorted((k for k in known if k.startswith(base + ":")), key=_preference)
     return list(dict.fromkeys(out))
+
+
+def _preference(model_id: str) -> tuple[int, str]:
+    """llama.cpp's default quantizations first, as a pull without one fetches, then by name."""
+    tag = _tag(model_id).upper()
+    return (hub.DEFAULT_TAGS.index(tag) if tag in hub.DEFAULT_TAGS else len(hub.DEFAULT_TAGS),
+            model_id)
 
 
 def parameter_size(n: int | None) -> str:
@@ -145,6 +155,20 @@ def embeds(model: Model) -> bool:
     return argv.has(model.settings.args, EMBEDDINGS)
 
 
+def embed_limit(model: Model) -> int:
+    """Tokens llama-server embeds in one input: one physical batch (it cannot split an
+    input among batches unless it pools by the last token), and no more than the context
+    one request may use."""
+    def flag(name: str, default: int) -> int:
+        option = argv.last(model.settings.args, name)
+        try:
+            return int(option.value) if option is not None else default
+        except ValueError:
+            return default
+    batch = min(flag(BATCH, DEFAULT_BATCH), flag(UBATCH, DEFAULT_UBATCH))
+    return min(batch, listing.n_ctx(model) or batch)
+
+
 def capabilities(model: Model, template: str) -> list[str]:
     """What Ollama's clients ask a model for, as far as its header and arguments tell."""
     caps = ["completion"]
@@ -154,9 +178,19 @@ def capabilities(model: Model, template: str) -> list[str]:
         caps.append("vision")
     if "tools" in template:
         caps.append("tools")
-    if "enable_thinking" in template or "<think>" in template:
+    if thinks(template):
         caps.append("thinking")
     return caps
+
+
+# What marks a chat template as a reasoning model's (Qwen3's switch, DeepSeek's tags,
+# gpt-oss's effort, Mistral's [THINK], the reasoning_content that llama-server hands back).
+THINKING_MARKS = ("enable_thinking", "<think>", "</think>", "reasoning_content",
+                  "reasoning_effort", "[THINK]")
+
+
+def thinks(template: str) -> bool:
+    return any(mark in template for mark in THINKING_MARKS)
 
 
 def show(model: Model, keys: dict[str, Scalar | None]) -> dict[str, Any]:

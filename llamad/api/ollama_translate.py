@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from llamad.errors import BadRequest
+from llamad.errors import BadRequest, LlamadError
 from llamad.http.body import check_bounds
 
 CHAT, GENERATE = "chat", "generate"
 INT32_MAX = 2**31 - 1
 CHAT_PATH, COMPLETION_PATH, INFILL_PATH = "/v1/chat/completions", "/completion", "/infill"
+MAX_TOP_LOGPROBS = 20  # Ollama's bound
 
 # Ollama option -> llama.cpp's field (server-schema.cpp).
 SAMPLING = {
@@ -109,19 +110,19 @@ def image_part(data: object) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
 
 
-def _tool_call(call: object, n: int) -> dict[str, Any]:
+def _tool_call(call: object) -> dict[str, Any]:
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise BadRequest('each of "tool_calls" must be {"function": {"name", "arguments"}}')
     fn = call["function"]
     args = fn.get("arguments", {})
-    return {"id": call.get("id") or f"call_{n}", "type": "function",
+    return {"id": call.get("id") or "", "type": "function",
             "function": {"name": fn.get("name", ""),
                          "arguments": args if isinstance(args, str) else json.dumps(args)}}
 
 
-def message(m: object, n: int) -> dict[str, Any]:
+def message(m: object) -> dict[str, Any]:
     """One Ollama message as an OpenAI one: images become content parts, tool calls carry
-    their arguments as JSON text, a tool's answer names its call."""
+    their arguments as JSON text (their ids: _pair_calls)."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise BadRequest('each message must be an object with a "role"')
     content = m.get("content") or ""
@@ -136,12 +137,38 @@ def message(m: object, n: int) -> dict[str, Any]:
     if m.get("tool_calls"):
         if not isinstance(m["tool_calls"], list):
             raise BadRequest('"tool_calls" must be a list')
-        out["tool_calls"] = [_tool_call(c, i) for i, c in enumerate(m["tool_calls"])]
+        out["tool_calls"] = [_tool_call(c) for c in m["tool_calls"]]
     if m["role"] == "tool":
-        out["tool_call_id"] = m.get("tool_call_id") or m.get("tool_name") or f"call_{n}"
+        out["tool_call_id"] = m.get("tool_call_id") or ""
+        name = m.get("tool_name")
+        out["name"] = name if isinstance(name, str) else ""
     if isinstance(m.get("thinking"), str) and m["thinking"]:
         out["reasoning_content"] = m["thinking"]
     return out
+
+
+def _pair_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ollama's clients send tool calls without ids and answer them by tool_name: each call
+    gets an id (nine letters and digits, as Mistral's templates demand) and each answer the
+    id of the call it answers (by name, else the first not yet answered), which templates
+    that render ids need."""
+    made = 0
+    open_calls: list[tuple[str, str]] = []  # (name, id) of the last calls not yet answered
+    for m in messages:
+        for call in m.get("tool_calls", []):
+            if not call["id"]:
+                call["id"] = f"call{made:05d}"
+                made += 1
+        if m.get("tool_calls"):
+            open_calls = [(c["function"]["name"], c["id"]) for c in m["tool_calls"]]
+        if m["role"] == "tool":
+            name = m.pop("name")
+            if not m["tool_call_id"]:
+                match = next((c for c in open_calls if c[0] == name), None) or \
+                    (open_calls[0] if open_calls else (name, name or f"call{made:05d}"))
+                m["tool_call_id"] = match[1]
+            open_calls = [c for c in open_calls if c[1] != m["tool_call_id"]]
+    return messages
 
 
 def has_images(messages: list[Any]) -> bool:
@@ -164,19 +191,48 @@ def _think(value: object) -> dict[str, Any]:
     return out
 
 
+def top_logprobs(req: dict[str, Any]) -> int | None:
+    """How many alternatives a token's logprob comes with, if logprobs are asked for."""
+    if not flag("logprobs", req.get("logprobs"), False):
+        return None
+    top = req.get("top_logprobs") or 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    return top
+
+
 def chat_body(req: dict[str, Any], messages: list[Any], stream: bool,
               n_ctx: int | None = None) -> dict[str, Any]:
     """The /v1/chat/completions request for an Ollama chat (or a templated generate)."""
-    body: dict[str, Any] = {"messages": [message(m, i) for i, m in enumerate(messages)],
+    body: dict[str, Any] = {"messages": _pair_calls([message(m) for m in messages]),
                             "stream": stream, **options(req.get("options"), n_ctx),
                             **output_format(req.get("format")), **_think(req.get("think"))}
     if stream:
         body["stream_options"] = {"include_usage": True}
+    top = top_logprobs(req)
+    if top is not None:  # llama-server gives the chosen token's logprob only with 1 or more
+        body.update(logprobs=True, top_logprobs=max(top, 1))
     if req.get("tools"):
         if not isinstance(req["tools"], list):
             raise BadRequest('"tools" must be a list')
         body["tools"] = req["tools"]
     return body
+
+
+def _unsupported(req: dict[str, Any], raw: bool, system: str) -> None:
+    """What /api/generate cannot honour: an error, never dropped without a word."""
+    template, context = req.get("template"), req.get("context")
+    if raw and (system or template or context):
+        raise BadRequest("raw mode does not support template, system, or context")  # Ollama's
+    if template:  # Ollama's Go template language, in place of the model's own
+        raise LlamadError("llamad does not apply a template sent with the request (Ollama's "
+                          "Go templates): the model's own chat template applies; send "
+                          "raw=true with the prompt already formatted", status=501,
+                          code="not_supported")
+    if context:  # token ids Ollama returned (deprecated); llamad never returns them
+        raise LlamadError("llamad does not continue from a token context (and answers "
+                          "without one): send the conversation as messages to /api/chat",
+                          status=501, code="not_supported")
 
 
 def generate_plan(req: dict[str, Any], stream: bool,
@@ -189,9 +245,14 @@ def generate_plan(req: dict[str, Any], stream: bool,
         raise BadRequest('"prompt", "suffix" and "system" must be strings, "images" a list')
     sampling = {"stream": stream, **options(req.get("options"), n_ctx),
                 **output_format(req.get("format"))}
+    top = top_logprobs(req)
+    raw = flag("raw", req.get("raw"), False)
+    _unsupported(req, raw, system)
+    if top is not None and (suffix or raw):
+        sampling["n_probs"] = max(top, 1)
     if suffix:
         return INFILL_PATH, {"input_prefix": prompt, "input_suffix": suffix, **sampling}
-    if flag("raw", req.get("raw"), False):
+    if raw:
         if images:
             raise BadRequest("images need the model's chat template; send them without raw")
         return COMPLETION_PATH, {"prompt": prompt, **sampling}
@@ -262,8 +323,10 @@ class Reply:
     timings: dict[str, Any] = field(default_factory=dict)
     usage: dict[str, Any] = field(default_factory=dict)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    top_logprobs: int | None = None  # logprobs asked for, with this many alternatives
     content: list[str] = field(default_factory=list)  # kept only when not streamed
     thinking: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     def line(self, content: str, thinking: str = "", calls: list[Any] | None = None,
              done: bool = False) -> dict[str, Any]:
@@ -296,7 +359,7 @@ class Reply:
             self.done_reason = DONE_REASON.get(reason, "stop")
         self.usage = self.usage or ({"prompt_tokens": ev["tokens_evaluated"]}
                                     if "tokens_evaluated" in ev else {})
-        return self._text(ev.get("content") or "", "")
+        return self._text(ev.get("content") or "", "", ev.get("completion_probabilities"))
 
     def _chat(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         if not ev["choices"]:
@@ -307,7 +370,8 @@ class Reply:
         part = choice.get("delta") or choice.get("message") or {}
         for n, call in enumerate(part.get("tool_calls") or []):
             self._gather(call, n)
-        return self._text(part.get("content") or "", part.get("reasoning_content") or "")
+        return self._text(part.get("content") or "", part.get("reasoning_content") or "",
+                          (choice.get("logprobs") or {}).get("content"))
 
     def _gather(self, call: dict[str, Any], n: int) -> None:
         """A tool call comes in pieces when streamed: its name, then its arguments' text."""
@@ -321,12 +385,33 @@ class Reply:
             have["function"]["arguments"] = have["function"].get("arguments", "") + \
                 fn["arguments"]
 
-    def _text(self, content: str, thinking: str) -> dict[str, Any] | None:
+    def _text(self, content: str, thinking: str, probs: object = None) -> dict[str, Any] | None:
+        logprobs = self._logprobs(probs)
         if not self.stream:
             self.content.append(content)
             self.thinking.append(thinking)
+            self.logprobs += logprobs
             return None
-        return self.line(content, thinking) if content or thinking else None
+        if not (content or thinking or logprobs):
+            return None
+        out = self.line(content, thinking)
+        if logprobs:
+            out["logprobs"] = logprobs
+        return out
+
+    def _logprobs(self, probs: object) -> list[dict[str, Any]]:
+        """llama-server's token probabilities as Ollama's logprobs (without its token ids;
+        without alternatives where none were asked for: llama-server needs one)."""
+        if self.top_logprobs is None or not isinstance(probs, list):
+            return []
+        out = []
+        for p in probs:
+            entry = {k: p.get(k) for k in ("token", "logprob", "bytes")}
+            if self.top_logprobs:
+                entry["top_logprobs"] = [{k: t.get(k) for k in ("token", "logprob", "bytes")}
+                                         for t in (p.get("top_logprobs") or [])[:self.top_logprobs]]
+            out.append(entry)
+        return out
 
     def last(self, total_s: float, load_s: float) -> list[dict[str, Any]]:
         """The closing lines: gathered tool calls (Ollama sends them whole), then done."""
@@ -337,6 +422,8 @@ class Reply:
         whole = self.line("".join(self.content), "".join(self.thinking),
                           None if self.stream else calls, done=True)
         whole["done_reason"] = self.done_reason or "stop"
+        if not self.stream and self.top_logprobs is not None:
+            whole["logprobs"] = self.logprobs
         whole.update(self.stats(total_s, load_s))
         return [*lines, whole]
 

@@ -181,11 +181,15 @@ def choose(name: Name, commit: str, files: list[RemoteFile]) -> Plan:
                 f"{name.repo}:{tag}")
 
 
+# The quantizations a name without one means, in llama.cpp's order (common/download.cpp).
+DEFAULT_TAGS = ("Q4_K_M", "Q8_0")
+
+
 def _best_model(files: list[RemoteFile], tag: str) -> RemoteFile | None:
     def first_shard(f: RemoteFile) -> bool:
         _, _, index, count = split_tag(f.path)
         return is_model_file(f.path) and (count <= 1 or index == 1)
-    for t in [tag] if tag else ["Q4_K_M", "Q8_0"]:
+    for t in [tag] if tag else DEFAULT_TAGS:
         pattern = re.compile(re.escape(t) + "[.-]", re.IGNORECASE)
         hit = next((f for f in files if first_shard(f) and pattern.search(f.path)), None)
         if hit is not None:

