@@ -111,6 +111,10 @@ def plan(meas: Measure, m: Model, *others: ModelView, ram: int = RAM,
     return decision
 
 
+# A pinned model that stays: with it, what does not fit is refused (alone, it is tried).
+PINNED = ModelView("pinned", State.READY, pinned=True, need=Memory(MIB), used=Memory(MIB))
+
+
 def ctx_of(load: Load) -> int:
     assert load.fit is not None and load.fit.ctx is not None
     return load.fit.ctx
@@ -178,7 +182,8 @@ def test_ctx_max_caps_the_context(tmp_path: Path) -> None:
 
 def test_explicit_context_and_layers_are_kept(tmp_path: Path) -> None:
     """-c is never changed: at the trained context the 8B model fits a 12 GB card only
-    with fewer layers there; with -ngl given too, it does not fit at all: 503."""
+    with fewer layers there; with -ngl given too, it does not fit at all: 503 beside a
+    pinned model; alone it is tried, on the GPU, and llama-server's verdict decides."""
     meas = measure(tmp_path, (12,))
     m = model("llama", LLAMA_8B, "--ctx-size 131072")
     load = plan(meas, m)
@@ -188,10 +193,14 @@ def test_explicit_context_and_layers_are_kept(tmp_path: Path) -> None:
     assert load.fit.need.vram <= 11 * GIB
     assert price(meas, m, "--n-gpu-layers", str(ngl + 1)).vram > 11 * GIB
     assert load.fit.reason.startswith(f"{ngl} of 33 layers on the GPU: ")
-    fixed = plan(meas, model("llama", LLAMA_8B, "--ctx-size 131072 --n-gpu-layers 99"))
+    given = model("llama", LLAMA_8B, "--ctx-size 131072 --n-gpu-layers 99")
+    fixed = plan(meas, given, PINNED)
     assert isinstance(fixed, Reject) and fixed.status == 503
     assert "cannot load llama: needs 21." in fixed.message and "of VRAM, 11.0 GiB free" \
         in fixed.message
+    tried = plan(meas, given)
+    assert isinstance(tried, Load) and tried.gpus == (0,) and tried.fit is not None
+    assert tried.fit.args == () and "tried alone" in tried.fit.reason
     assert measure(tmp_path, (12,)).fitter(
         model("llama", LLAMA_8B, "--ctx-size 8192 --n-gpu-layers 99")) is None
 
@@ -229,9 +238,9 @@ def test_dense_model_too_big_for_the_gpu_gets_fewer_layers(tmp_path: Path) -> No
     paged = plan(meas, m, ram=2 * GIB)
     assert isinstance(paged, Load) and paged.fit is not None
     assert paged.fit.need.ram <= GIB < price(meas, m, *paged.fit.args).ram
-    # Without RAM even for the rest: nothing fits, and the refusal gives the smallest plan's
-    # figures.
-    none = plan(meas, m, ram=RESERVE + 256 * MIB)
+    # Without RAM even for the rest: nothing fits, and the refusal (beside a pinned model)
+    # gives the smallest plan's figures.
+    none = plan(meas, m, PINNED, ram=RESERVE + 256 * MIB)
     assert isinstance(none, Reject) and "needs" in none.message and "of RAM" in none.message
     assert none.message.endswith("(at context 4096, the least fit-min-ctx allows)")
 
@@ -322,6 +331,26 @@ def test_non_unified_slots_fit_per_slot_contexts(tmp_path: Path) -> None:
     assert f"context {ctx} (4 slots) of 524288" in load.fit.reason
 
 
+def test_ctx_size_0_is_the_whole_trained_context(tmp_path: Path) -> None:
+    """-c 0 asks for the trained context (of each slot, -np 4 without a unified cache),
+    and llama.cpp's fitting never reduces it: neither does llamad's, nor ctx-max. Where it
+    does not fit beside a pinned model: 503 with the figures; alone it is tried."""
+    meas = measure(tmp_path, ctx_max=16384)
+    for args, whole in (("--ctx-size 0", 131072), ("--ctx-size 0 --parallel 4", 4 * 131072)):
+        m = model("llama", LLAMA_8B, args)
+        roomy = plan(meas, m, ram=200 * GIB)
+        assert isinstance(roomy, Load) and ctx_of(roomy) == whole, (args, roomy)
+        short = price(meas, m, "--ctx-size", str(whole)).ram // 2
+        refused = plan(meas, m, PINNED, ram=short)
+        assert isinstance(refused, Reject) and "of RAM" in refused.message, (args, refused)
+        tried = plan(meas, m, ram=short)
+        assert isinstance(tried, Load) and ctx_of(tried) == whole, (args, tried)
+        assert tried.fit is not None and "tried alone" in tried.fit.reason
+    # Without -c the context is fitted (and capped) as before.
+    fitted = plan(meas, model("llama", LLAMA_8B), ram=200 * GIB)
+    assert isinstance(fitted, Load) and ctx_of(fitted) == 16384
+
+
 def test_room_decides_the_context_shown_in_the_choice() -> None:
     """The pure part alone: a made-up price (1 MiB per token of context on the GPU)."""
     shape = fit.Shape(trained=65536, most=65536, least=4096)
@@ -361,7 +390,7 @@ def test_model_larger_than_free_ram_loads_on_the_cpu(tmp_path: Path) -> None:
     """On the CPU a mapped model larger than the RAM free still loads (llama-server serves
     it, reading pages again as it needs them): with the least context, leaving the weights
     every page there is. Read into anonymous memory (-lm none) or locked (-lm mmap+mlock)
-    it needs the RAM: 503."""
+    it needs the RAM: 503 beside a pinned model; alone it is tried, with the least plan."""
     meas = measure(tmp_path)
     m = model("llama", LLAMA_8B)
     assert price(meas, m, "--ctx-size", "4096").ram > 4 * GIB
@@ -369,7 +398,11 @@ def test_model_larger_than_free_ram_loads_on_the_cpu(tmp_path: Path) -> None:
     assert isinstance(load, Load) and load.gpus == () and load.fit is not None
     assert load.fit.args == ("--ctx-size", "4096") and load.fit.need.ram <= 3 * GIB
     for mode in ("none", "mmap+mlock", "mlock"):
-        held = plan(meas, model("llama", LLAMA_8B, f"--load-mode {mode}"), ram=4 * GIB)
-        assert isinstance(held, Reject) and "of RAM" in held.message, (mode, held)
+        held = model("llama", LLAMA_8B, f"--load-mode {mode}")
+        refused = plan(meas, held, PINNED, ram=4 * GIB)
+        assert isinstance(refused, Reject) and "of RAM" in refused.message, (mode, refused)
+        tried = plan(meas, held, ram=4 * GIB)
+        assert isinstance(tried, Load) and tried.fit is not None, (mode, tried)
+        assert tried.fit.args == ("--ctx-size", "4096") and "tried alone" in tried.fit.reason
     explicit = plan(meas, model("llama", LLAMA_8B, "--ctx-size 8192"), ram=4 * GIB)
     assert isinstance(explicit, Load) and explicit.fit is None

@@ -322,6 +322,9 @@ def test_estimate_against_real_llama_server(subtests) -> None:  # type: ignore[n
         ("8k context, 2 separate slots, q8_0 cache",
          ["-c", "8192", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]),
         ("no flash attention: the scores are materialised", ["-c", "4096", "-fa", "off"]),
+        # The sliding-window layers' cache and mask as large as the full layers' (their
+        # mask was left out: 16 MiB under llama-server's compute buffer).
+        ("--swa-full", ["-c", "8192", "-fa", "off", "--swa-full"]),
     ]
     for name, args in table:
         with subtests.test(name):
@@ -338,6 +341,50 @@ def test_estimate_against_real_llama_server(subtests) -> None:  # type: ignore[n
             assert real.compute <= graph <= real.compute * 1.1
             # An upper bound, but not a wasteful one.
             assert real.peak_rss <= est.total.ram <= 1.5 * real.peak_rss
+
+
+def test_embeddings_output_every_token(subtests) -> None:  # type: ignore[no-untyped-def]
+    """Served for embeddings (--embeddings, --reranking), llama-server outputs every token of
+    a batch: its compute buffer holds a row of logits per token of the micro-batch, and its
+    output buffer grows to as many rows at the first long input. Gemma 3 270M, 262144 tokens
+    of vocabulary: 0.5 GiB each, which the estimate once left out (415 MiB planned, 1.27 GiB
+    peak after one request)."""
+    meta = read_meta(rig.GEMMA)
+    for args in (["-c", "4096", "--embeddings", "--pooling", "mean"],
+                 ["-c", "4096", "--reranking", "-fa", "off", "-np", "1"]):
+        with subtests.test(" ".join(args)):
+            est = estimate(meta, args, gpu=False)
+            real = run_llama_server(args)
+            # The output buffer grown: 512 rows of logits and an embedding (Gemma's 640).
+            graph = est.compute.ram - 512 * (262144 + 640) * 4
+            assert real.compute <= graph <= real.compute * 1.1, (graph / MIB, real.compute / MIB)
+            assert abs(est.kv.ram - real.kv) < MIB / 100
+    args = ["-c", "4096", "--embeddings", "--pooling", "mean"]
+    est = estimate(meta, args, gpu=False)
+    peak = embeddings_peak(args, ["hello " * 450] * 4)
+    print(f"\nembeddings: estimate {est.total.ram / MIB:.1f} MiB, peak RSS {peak / MIB:.1f} MiB")
+    assert peak <= est.total.ram <= 1.5 * peak
+
+
+def embeddings_peak(args: list[str], inputs: list[str]) -> int:
+    """llama-server's peak RSS after one /v1/embeddings request."""
+    port = free_port()
+    proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "--host", "127.0.0.1",
+                             "--port", str(port), "-t", "2", "-fit", "off", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc)
+        body = json.dumps({"input": inputs, "model": "m"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            assert r.status == 200 and len(json.loads(r.read())["data"]) == len(inputs)
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{proc.pid}/status").read_text())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert hwm
+    return int(hwm.group(1)) * 1024
 
 
 # Llama shapes whose compute buffer llama.cpp sizes differently (the graph allocator's

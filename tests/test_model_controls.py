@@ -402,8 +402,12 @@ def test_a_sleeping_model_is_evicted_and_stopped_by_ttl_like_a_ready_one() -> No
     gpu = Resources(0, (GpuFree(0, 1 * G, 80 * G), GpuFree(1, 70 * G, 80 * G)))
     on0 = ModelView("s", State.SLEEPING, need=Memory(0, 4 * G), used=Memory(0, 1 * G),
                     gpus=(0,))
-    # It wakes on its own GPU: 3 GiB more than it holds, with 1 GiB free there.
-    assert not isinstance(decide("s", {"s": on0}, gpu, Policy.LRU), Wake)
+    # It wakes on its own GPU: 3 GiB more than it holds, with 1 GiB free there. Beside a
+    # pinned model it cannot; alone it is tried, as llama-server alone reloads when asked.
+    pinned = ModelView("p", State.READY, pinned=True, need=Memory(0, G), used=Memory(0, G),
+                       gpus=(1,))
+    assert not isinstance(decide("s", {"s": on0, "p": pinned}, gpu, Policy.LRU), Wake)
+    assert decide("s", {"s": on0}, gpu, Policy.LRU) == Wake("s")
 
 
 async def test_a_model_that_sleeps_is_shown_so_and_a_request_wakes_it(fake: Rig,

@@ -183,11 +183,14 @@ REJECTS = [
                (ready("a", vram(4), pinned=True), ready("b", vram(2), in_flight=1)),
                Resources(0, (gpu(0, 1),)),
                ("needs 8.0 GiB of VRAM", "3.0 GiB free on the best GPU")),
-    RejectCase("split cannot fit", new(vram(9), split=True), (),
-               Resources(0, (gpu(0, 4), gpu(1, 4))),
+    RejectCase("split cannot fit beside a pinned model", new(vram(9), split=True),
+               (ready("a", ram(1), pinned=True),), Resources(8 * G, (gpu(0, 4), gpu(1, 4))),
                ("needs 9.0 GiB of VRAM", "8.0 GiB free on its GPUs together")),
-    RejectCase("reserve counts against the fit", new(vram(4.5)), (),
-               Resources(16 * G, (gpu(0, 5),), reserve=1 * G), ("needs 4.5 GiB", "4.0 GiB free")),
+    RejectCase("reserve counts against the fit", new(vram(4.5)),
+               (ready("a", ram(1), pinned=True),), Resources(16 * G, (gpu(0, 5),), reserve=1 * G),
+               ("needs 4.5 GiB", "4.0 GiB free")),
+    RejectCase("alone, but past memory-budget-mb", new(ram(6)), (),
+               Resources(64 * G, ram_budget=4 * G), ("needs 6.0 GiB of RAM", "4.0 GiB free")),
     RejectCase("pinned to a GPU that is not there", new(vram(1), devices=(3,)), (),
                Resources(0, ONE_GPU), ("needs 1.0 GiB of VRAM", "0.0 GiB free")),
     RejectCase("CPU only: not enough RAM", new(Memory(ram=3 * G, vram=3 * G)),
@@ -210,6 +213,39 @@ def test_reject_says_why_and_stops_nothing(subtests) -> None:  # type: ignore[no
             assert got.code == ("model_failed" if failed else "cannot_fit")
             for phrase in case.says:
                 assert phrase in got.message
+
+
+ALONE = [
+    Case("nothing else loaded: RAM short", new(ram(6)), (), Resources(4 * G), Load("t")),
+    Case("nothing else loaded: VRAM short, the GPU with the most room", new(vram(12)), (),
+         Resources(64 * G, (gpu(0, 4), gpu(1, 10))), Load("t", (), (1,))),
+    Case("split, short on its GPUs together", new(vram(9), split=True), (),
+         Resources(0, (gpu(0, 4), gpu(1, 4))), Load("t", (), (0, 1))),
+    Case("the reserve alone makes it short", new(vram(4.5)), (),
+         Resources(16 * G, (gpu(0, 5),), reserve=1 * G), Load("t", (), (0,))),
+    Case("every idle model is stopped first", new(ram(6)),
+         (ready("a", ram(1), 1), ready("b", ram(1), 2)), Resources(3 * G),
+         Load("t", ("a", "b"))),
+    Case("a busy model drains first", new(ram(6)),
+         (ready("a", ram(1), 1), ready("b", ram(1), 2, in_flight=1)), Resources(3 * G),
+         Drain("t", ("b",))),
+]
+
+
+def test_alone_it_is_tried_whatever_the_estimate(subtests) -> None:  # type: ignore[no-untyped-def]
+    """Where the estimate (an upper bound) fits nowhere, even once every unpinned model is
+    gone, llamad still tries the model alone, as llama-server alone would be tried: its own
+    verdict decides. The reason says so."""
+    for case in ALONE:
+        with subtests.test(case.name):
+            models = {m.id: m for m in (case.target, *case.others)}
+            got = decide("t", models, case.res, case.policy)
+            if isinstance(got, Load):
+                assert got.fit is not None and "tried alone" in got.fit.reason, got
+                assert f"it needs {case.target.need.ram + case.target.need.vram:,}" not in \
+                    got.fit.reason
+                got = Load(got.model, got.evict, got.gpus, got.overlap)
+            assert got == case.want
 
 
 def test_victims_order_per_policy(subtests) -> None:  # type: ignore[no-untyped-def]

@@ -51,6 +51,12 @@ CACHE_TYPE_BYTES = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
     "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
 }
+# Encoder-only architectures: no output head, so embeddings come without logits. Any other
+# model run for embeddings computes a vocabulary-wide row of logits for every token of a
+# micro-batch (llama.cpp outputs them all), in its compute buffer.
+ENCODERS = frozenset({"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert",
+                      "jina-bert-v2", "jina-bert-v3", "eurobert", "gemma-embedding",
+                      "t5encoder", "llama-embed"})
 # llama.cpp hard-codes which layers use sliding-window attention (load_swa_pattern, for
 # a model whose header gives a sliding window): one full layer every N, the last of each N
 # or, negative here, the first. Not listed: every layer counts as full, an upper bound.
@@ -297,12 +303,16 @@ def _cells(info: ModelInfo, s: ServerArgs) -> _Cells:
     n_seq = s.parallel or 4
     unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
     n_ctx = _n_ctx(info, s)
-    window = 0 if s.swa_full else _window(info)
+    window = _window(info)
     ub = _ubatch(s, n_ctx)
     if unified:
-        return _Cells(n_ctx, min(n_ctx, _pad(window * n_seq + ub)) if window else 0, 1)
+        swa = n_ctx if s.swa_full else min(n_ctx, _pad(window * n_seq + ub))
+        return _Cells(n_ctx, swa if window else 0, 1)
     per_seq = _pad(n_ctx // n_seq)
-    return _Cells(per_seq, min(per_seq, _pad(window + ub)) if window else 0, n_seq)
+    # --swa-full: the sliding-window layers keep a cache (and a mask) of their own, as
+    # large as the full layers'.
+    swa = per_seq if s.swa_full else min(per_seq, _pad(window + ub))
+    return _Cells(per_seq, swa if window else 0, n_seq)
 
 
 def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
@@ -344,9 +354,19 @@ def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan, host_weights: bool = F
 
 
 def _logits(info: ModelInfo, s: ServerArgs) -> int:
-    """One row of logits per slot (llama-server samples one token per slot at a time)."""
-    vocab = getattr(getattr(info, "tensors", None), "vocab", 0) or UNKNOWN_VOCAB
-    return (s.parallel or 4) * vocab * 4
+    """The output buffer: one row of logits per slot (llama-server samples one token per
+    slot at a time). Serving embeddings, every token of a batch is output, and the buffer
+    grows at the first long input to a row of logits and an embedding per token of the
+    micro-batch (llama-server makes the batch no larger), whatever the architecture."""
+    slots = s.parallel or 4
+    if not s.embedding:
+        return slots * _vocab(info) * 4
+    rows = max(slots, min(s.ubatch, s.batch))
+    return rows * (_vocab(info) + (info.embedding_length or 4096)) * 4
+
+
+def _vocab(info: ModelInfo) -> int:
+    return getattr(getattr(info, "tensors", None), "vocab", 0) or UNKNOWN_VOCAB
 
 
 def _graph(info: ModelInfo, s: ServerArgs) -> int:
@@ -372,6 +392,9 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
         masks = ub * mask_cells * 2
     if _type_bytes(s.cache_type_k) < 2:
         masks += ub * heads * k_len * 2
+    if s.embedding:
+        head = ub * _vocab(info) * 4 if info.architecture not in ENCODERS else 0
+        return masks + work + head
     return masks + max(work, _logits(info, s))
 
 

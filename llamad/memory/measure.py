@@ -163,7 +163,10 @@ class Measure:
         streams = 1 if unified else (s.parallel or 4)
         trained = info.context_length or 0
         most = trained * streams
-        cap = model.settings.ctx_max or self.config.ctx_max
+        # -c 0 asks for the whole trained context (of each slot): llama.cpp's own fitting
+        # never reduces it (common/arg.cpp), and neither does llamad, nor ctx-max.
+        whole = argv.has(args, "--ctx-size")
+        cap = 0 if whole else model.settings.ctx_max or self.config.ctx_max
         capped = bool(cap) and cap < most
         if capped:
             step = fit.STEP * streams
@@ -172,7 +175,8 @@ class Measure:
         layers = info.block_count or 0 if self.monitor.available and not places else 0
         table = getattr(info, "tensors", None)
         shape = fit.Shape(
-            trained=trained, most=most, least=min(self.config.fit_min_ctx * streams, most),
+            trained=trained, most=most,
+            least=most if whole else min(self.config.fit_min_ctx * streams, most),
             streams=streams, fit_ctx=s.ctx_size == 0 and not s.kv_per_slot and trained > 0,
             layers=layers, experts=bool(table is not None and any(table.experts)),
             capped=capped)

@@ -39,6 +39,7 @@ class ServerArgs:
     mmproj: bool = False  # a projector is loaded (--mmproj)
     mmproj_offload: bool = True
     draft: bool = False  # a draft model is loaded (--model-draft)
+    embedding: bool = False  # --embeddings or --reranking: every token of a batch is output
     draft_gpu_layers: int | None = None
     draft_cache_type_k: str = "f16"
     draft_cache_type_v: str = "f16"
@@ -61,6 +62,7 @@ _SWITCHES = {
     "--kv-unified": ("kv_unified", True), "--swa-full": ("swa_full", True),
     "--kv-offload": ("kv_offload", True), "--mmproj-offload": ("mmproj_offload", True),
     "--cpu-moe": ("n_cpu_moe", ALL_LAYERS), "--cpu-moe-draft": ("draft_n_cpu_moe", ALL_LAYERS),
+    "--embeddings": ("embedding", True), "--reranking": ("embedding", True),
 }
 _OVERRIDES = {"--override-tensor": "overrides", "--override-tensor-draft": "draft_overrides"}
 _PRESENT = {"--mmproj": "mmproj", "--model-draft": "draft"}
@@ -140,7 +142,7 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         split_mode=text("split_mode", "layer"), tensor_split=_split(text("tensor_split", "")),
         mmproj=bool(found.get("mmproj", False)),
         mmproj_offload=bool(found.get("mmproj_offload", True)),
-        draft=bool(found.get("draft", False)),
+        draft=bool(found.get("draft", False)), embedding=bool(found.get("embedding", False)),
         draft_gpu_layers=_layers(found, "draft_gpu_layers"),
         draft_cache_type_k=text("draft_cache_type_k", "f16"),
         draft_cache_type_v=text("draft_cache_type_v", "f16"),

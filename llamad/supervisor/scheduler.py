@@ -225,7 +225,49 @@ def _plan_load(target: ModelView, models: Mapping[str, ModelView], res: Resource
     why = _why_not(sized, others, res, frozenset(idle + later))
     if target.fit is not None and target.fit.shape.fit_ctx:
         why += f" (at context {target.fit.shape.least}, the least fit-min-ctx allows)"
-    return Reject(503, why)
+    alone = _alone(sized, others, res, idle, later, why)
+    return alone if alone is not None else Reject(503, why)
+
+
+def _alone(target: ModelView, others: list[ModelView], res: Resources, idle: tuple[str, ...],
+           later: tuple[str, ...], why: str) -> Load | Drain | None:
+    """The estimate is an upper bound: where it fits nowhere, even once every unpinned model
+    is gone, the model is still tried alone, as llama-server alone would be, and llama-server's
+    own verdict decides (a load that fails marks the model failed). Not past what the
+    operator set: a pinned model stays, and models-max and memory-budget-mb still hold.
+    `target` comes with the need of its smallest plan (_sized)."""
+    gone = frozenset(idle + later)
+    if any(m.state in (*_LOADED, State.STOPPING) and m.id not in gone for m in others):
+        return None
+    if res.ram_budget is not None and _need(target, res).ram > res.ram_budget:
+        return None
+    if later:
+        return Drain(target.id, later)
+    least = target.fit.least() if target.fit is not None else Choice((), target.need)
+    what = f"{least.what}, " if least.what else ""
+    short = why.removeprefix(f"cannot load {target.id}: ")
+    reason = f"{what}tried alone, as llama-server would be: by llamad's estimate it {short}"
+    gpus = _place_anyway(target, others, res, gone) if _need(target, res).vram else ()
+    if gpus is None:
+        return None
+    return Load(target.id, idle, gpus, False,
+                Choice(least.args, least.need, least.what, reason, least.ctx))
+
+
+def _place_anyway(target: ModelView, others: list[ModelView], res: Resources,
+                  gone: frozenset[str]) -> tuple[int, ...] | None:
+    """GPUs for a model tried alone: its own (None where they are not there), or the one
+    with the most room."""
+    room = _gpu_room(others, res, gone)
+    if target.devices:
+        room = {i: room[i] for i in target.devices if i in room}
+    if not room or len(room) < max(len(target.shares), len(target.devices)):
+        return None
+    if target.shares:
+        return tuple(sorted(room)[:len(target.shares)])
+    if target.split or len(target.devices) > 1:
+        return tuple(sorted(room))
+    return (max(room, key=lambda i: (room[i], -i)),)
 
 
 def _relaxed(target: ModelView, res: Resources) -> tuple[ModelView, Resources] | None:

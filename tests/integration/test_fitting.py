@@ -76,3 +76,28 @@ async def test_context_fitted_to_the_budget_and_explicit_one_refused(
     assert f"adopting {unit}" in d.log()
     again = models(d.url)[fitted]
     assert again["llamad"]["fit"] == fit and again["meta"]["n_ctx"] == n_ctx
+
+
+async def test_tried_alone_where_the_estimate_fits_nowhere(llamad_factory: Factory) -> None:
+    """With memory-reserve-mb above the machine's memory, no plan fits by llamad's figures.
+    Alone, Gemma is still started, as llama-server alone would be, and serves; the reason
+    says so. Beside a pinned model, which stays, the same model gets 503 with the figures."""
+    alone, pinned = "fit-alone-a", "fit-alone-pinned"
+    d = llamad_factory([alone, pinned], preset=f"[{pinned}]\npin = yes\n",
+                       args=" ".join(ARGS), **{"memory-reserve-mb": 1 << 20})
+    async with aiohttp.ClientSession() as s:
+        code, body = await chat(s, d.url, alone)
+        assert code == 200, body
+        reason = models(d.url)[alone]["llamad"]["fit"]["reason"]
+        assert "tried alone, as llama-server would be: by llamad's estimate it needs" in reason
+        assert f"model {alone}: {reason}" in d.log()
+        async with s.post(d.url + "/models/unload", json={"model": alone}) as r:
+            assert r.status == 200, await r.text()
+        wait_state(d.url, alone, "unloaded", timeout=60)
+        # The pinned model too is tried alone; then nothing else may be.
+        code, body = await chat(s, d.url, pinned)
+        assert code == 200, body
+        code, body = await chat(s, d.url, alone)
+        assert code == 503, body
+        assert f"cannot load {alone}: needs" in body["error"]["message"], body
+        assert f"llama-server@{alone}.service" not in d.model_units()
