@@ -53,6 +53,8 @@ STOP_GRACE = 2.0
 # How long a stop may take beyond shutdown-grace: aiohttp gives the handlers still running
 # 60 s to finish (runner.cleanup), then the cleanup contexts end; past this it hangs.
 STOP_DEADLINE = 70.0
+# A stop not over after this long (beyond shutdown-grace) says what it waits for.
+STOP_SLOW = 10.0
 STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 FLAGS_FILE = "llama-server-flags.json"  # in state-dir: flagtable.remember_in
 
@@ -372,12 +374,14 @@ async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
         stop_deadline(config.shutdown_grace + STOP_DEADLINE)
+        slow = loop.call_later(config.shutdown_grace + STOP_SLOW, stop_is_slow)
         notifier.stopping()
         await stop_accepting(servers, runner, daemon.answered)
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
         await asyncio.gather(*daemon.reloads, return_exceptions=True)
+        slow.cancel()
 
 
 def stop_deadline(seconds: float) -> None:
@@ -386,6 +390,16 @@ def stop_deadline(seconds: float) -> None:
     traceback of every thread goes to the journal and llamad exits (status 1), before
     systemd's SIGKILL at TimeoutStopSec= (90 s) would, leaving no trace of where."""
     faulthandler.dump_traceback_later(seconds, exit=True)
+
+
+def stop_is_slow() -> None:
+    """What a slow stop waits for: each task still pending, and each thread."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    log.warning("stopping takes long: %d tasks pending%s", len(tasks), "".join(
+        f"\n{t.get_name()}: {one_line(repr(t.get_coro()))} at "
+        + " < ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in t.get_stack(limit=8)[::-1])
+        for t in tasks))
+    faulthandler.dump_traceback(all_threads=True)
 
 
 async def stop_accepting(servers: list[asyncio.Server], runner: web.AppRunner,

@@ -156,7 +156,8 @@ def _failed(what: str, why: str) -> None:
     where = os.environ.get("LLAMAD_FAILED_LOG")
     if where:
         with open(where, "a", encoding="utf-8") as f:
-            f.write(f"{what}: {(why.strip().splitlines() or ['(no message)'])[0][:300]}\n")
+            lines = why.strip().splitlines()[:12] or ["(no message)"]
+            f.write(f"{what}: " + "\n    ".join(line[:300] for line in lines) + "\n")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

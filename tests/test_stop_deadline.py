@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
+
+import pytest
+
+from llamad.app import stop_is_slow
 
 HANGS = """
 import threading, time
@@ -23,3 +29,22 @@ def test_a_stop_that_hangs_exits_with_every_threads_traceback() -> None:
     # Both threads, with where each waits: the main one in join, the stuck one asleep.
     assert proc.stderr.count("Thread 0x") == 2, proc.stderr
     assert "in join" in proc.stderr and "in run" in proc.stderr, proc.stderr
+
+
+async def test_a_slow_stop_says_what_it_waits_for(caplog: pytest.LogCaptureFixture,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    never = asyncio.Event()
+
+    async def waits_for_ever() -> None:
+        await never.wait()
+
+    task = asyncio.get_running_loop().create_task(waits_for_ever(), name="the stuck one")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="llamad"):
+        stop_is_slow()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    said = caplog.text
+    assert "stopping takes long: 1 tasks pending" in said, said
+    assert "the stuck one" in said and "waits_for_ever:" in said, said
+    assert "Current thread" in capfd.readouterr().err  # every thread's traceback too

@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import re
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -125,8 +126,14 @@ class Llamad:
 
     def stop(self) -> None:
         """Stop llamad (and its socket: no connection starts it again)."""
-        self.box.run(["systemctl", "stop", *filter(None, [self.socket]), self.unit],
-                     check=False)
+        try:
+            self.box.run(["systemctl", "stop", *filter(None, [self.socket]), self.unit],
+                         check=False)
+        except subprocess.TimeoutExpired:
+            said = self.log()
+            at = said.rfind("stopping takes long")  # what it waits for (app.stop_is_slow)
+            raise TimeoutError(f"{self.unit} did not stop within 60 s: "
+                               f"{said[at:at + 6000] if at >= 0 else said[-6000:]}") from None
         self.box.run(["systemctl", "reset-failed", self.unit], check=False)
 
     def restart(self) -> None:
