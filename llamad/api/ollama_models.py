@@ -22,6 +22,7 @@ from llamad.catalog import argv, hub
 from llamad.catalog.catalog import Model
 from llamad.catalog.gguf_info import TEMPLATE_KEY, Scalar, metadata
 from llamad.catalog.presets import CHAT_TEMPLATE, canonical_name
+from llamad.memory import estimate as memory
 from llamad.supervisor.events import State
 from llamad.supervisor.scheduler import ttl_left
 from llamad.supervisor.slot import SlotView
@@ -34,8 +35,6 @@ FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 # /api/ps lists what serves, or is about to: not a model on its way out.
 RUNNING = (State.STARTING, State.LOADING, State.READY, State.SLEEPING)
 EMBEDDINGS = argv.canonical("--embeddings")
-BATCH, UBATCH = argv.canonical("--batch-size"), argv.canonical("--ubatch-size")
-DEFAULT_BATCH, DEFAULT_UBATCH = 2048, 512  # llama.cpp's (common/common.h)
 
 
 def _tag(name: str) -> str:
@@ -159,13 +158,8 @@ def embed_limit(model: Model) -> int:
     """Tokens llama-server embeds in one input: one physical batch (it cannot split an
     input among batches unless it pools by the last token), and no more than the context
     one request may use."""
-    def flag(name: str, default: int) -> int:
-        option = argv.last(model.settings.args, name)
-        try:
-            return int(option.value) if option is not None else default
-        except ValueError:
-            return default
-    batch = min(flag(BATCH, DEFAULT_BATCH), flag(UBATCH, DEFAULT_UBATCH))
+    s = memory.parse_args(model.settings.args)
+    batch = min(s.batch, s.ubatch)
     return min(batch, listing.n_ctx(model) or batch)
 
 
