@@ -11,6 +11,7 @@ Pure.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -171,9 +172,7 @@ def for_unit_file(args: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]
     such a character goes in llama-server's environment variable for it instead (an
     argument would win over it; given twice, it stays, as a repeated flag may add up)."""
     options = list(walk(args))
-    seen: dict[str, int] = {}
-    for o in options:
-        seen[o.name] = seen.get(o.name, 0) + 1
+    seen = Counter(o.name for o in options)
     out: list[str] = []
     env: list[str] = []
     for o in options:
