@@ -165,7 +165,7 @@ class Measure:
         most = trained * streams
         # -c 0 asks for the whole trained context (of each slot): llama.cpp's own fitting
         # never reduces it (common/arg.cpp), and neither does llamad, nor ctx-max.
-        whole = argv.has(args, "--ctx-size")
+        whole = s.ctx_size == 0 and argv.has(args, "--ctx-size")
         cap = 0 if whole else model.settings.ctx_max or self.config.ctx_max
         capped = bool(cap) and cap < most
         if capped:
