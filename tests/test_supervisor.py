@@ -100,6 +100,30 @@ async def test_every_move_is_checked_against_the_table(rig: Rig) -> None:
                        (State.LOADING, State.READY, Cause.HEALTHY)]
 
 
+async def test_a_stop_before_the_health_check_runs_is_not_undone(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The check of /health is a task of its own: a stop may come before it first runs
+    (the soak's unload did), and the answer it then gets must not make the model ready."""
+    await rig.sup.load(rig.slot("tiny-a"))
+    slot = await rig.started("tiny-a")
+    rig.units.active(rig.sup, slot.unit)  # loading; its /health check spawned, not yet run
+    checks = [t for t in asyncio.all_tasks() if t.get_name().startswith("waiting for /health")]
+    await rig.sup.unload(slot)
+    await asyncio.wait_for(asyncio.gather(*checks), 10)  # /health answers 200 meanwhile
+    assert slot.state is State.STOPPING and checks
+    assert "illegal state change" not in caplog.text
+    await rig.stopped("tiny-a")
+
+
+async def test_an_unload_before_the_start_runs_drops_the_start(rig: Rig) -> None:
+    slot = rig.slot("tiny-a")
+    await rig.sup.load(slot)  # starting; the unit's start is a task, not yet run
+    await rig.sup.unload(slot)
+    await rig.state("tiny-a", State.UNLOADED)
+    await rig.watch.until("no start left", lambda: not slot.start_pending)
+    assert rig.units.started == []
+
+
 def one_fits(r: Rig) -> Rig:
     """Memory for one model, not two: a load must evict and wait for the stop."""
     need = r.sup.measure.need(r.slot("tiny-a").model).ram

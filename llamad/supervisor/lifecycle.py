@@ -138,16 +138,19 @@ class Lifecycle(Core):
         slot.identity = self._identity(slot)
         self.move(slot, State.STARTING, Cause.LOAD, slot.fit.reason if slot.fit else "")
         evicted = () if decision.overlap else tuple(self.slots[v] for v in decision.evict)
-        self.spawn(self._start(slot, spec, evicted), "starting", slot)
+        self.spawn(self._start(slot, slot.epoch, spec, evicted), "starting", slot)
 
-    async def _start(self, slot: Slot, spec: UnitSpec, evicted: tuple[Slot, ...]) -> None:
+    async def _start(self, slot: Slot, epoch: int, spec: UnitSpec,
+                     evicted: tuple[Slot, ...]) -> None:
         try:
-            await self._start_unit(slot, spec, evicted)
+            await self._start_unit(slot, epoch, spec, evicted)
         finally:
             slot.start_pending = False
 
-    async def _start_unit(self, slot: Slot, spec: UnitSpec, evicted: tuple[Slot, ...]) -> None:
-        epoch = slot.epoch
+    async def _start_unit(self, slot: Slot, epoch: int, spec: UnitSpec,
+                          evicted: tuple[Slot, ...]) -> None:
+        """`epoch` is the slot's when the start was decided: a task runs later, and a
+        move meanwhile (an unload) must not be taken for the state it was decided in."""
         # Memory is only free once the evicted processes are gone.
         deadline = time.monotonic() + self.config.drain_timeout
         while any(v.state is State.STOPPING for v in evicted) and slot.epoch == epoch:
@@ -221,11 +224,11 @@ class Lifecycle(Core):
         """The unit looks failed: ask systemd whether it is, and if so fail the model with
         the exit and the unit's last journal lines."""
         if not slot.checking:
-            self.spawn(self._record_failure(slot), "recording the failure of", slot)
+            slot.checking = True
+            self.spawn(self._record_failure(slot, slot.epoch), "recording the failure of",
+                       slot)
 
-    async def _record_failure(self, slot: Slot) -> None:
-        epoch = slot.epoch
-        slot.checking = True
+    async def _record_failure(self, slot: Slot, epoch: int) -> None:
         try:
             # systemd 252 passes through "failed" on its way to an automatic
             # restart; only systemd knows whether one is coming, so ask.
@@ -245,10 +248,9 @@ class Lifecycle(Core):
             self._notify()
 
     def _begin_health(self, slot: Slot) -> None:
-        self.spawn(self._health(slot), "waiting for /health of", slot)
+        self.spawn(self._health(slot, slot.epoch, slot.backend), "waiting for /health of", slot)
 
-    async def _health(self, slot: Slot) -> None:
-        epoch, backend = slot.epoch, slot.backend
+    async def _health(self, slot: Slot, epoch: int, backend: be.Backend | None) -> None:
         deadline = slot.load_started + self.config.load_timeout
         interval = HEALTH_FIRST_INTERVAL
         while slot.epoch == epoch and backend is not None:
@@ -289,10 +291,9 @@ class Lifecycle(Core):
         slot.stopping_by_us = True
         slot.keep_alive = None
         self.move(slot, State.STOPPING, cause, detail)
-        self.spawn(self._stop(slot), "stopping", slot)
+        self.spawn(self._stop(slot, slot.epoch), "stopping", slot)
 
-    async def _drain(self, slot: Slot) -> None:
-        epoch = slot.epoch
+    async def _drain(self, slot: Slot, epoch: int) -> None:
         deadline = time.monotonic() + self.config.drain_timeout
         while slot.in_flight > 0 and slot.epoch == epoch:
             try:
@@ -303,9 +304,8 @@ class Lifecycle(Core):
                             self.config.drain_timeout)
                 return
 
-    async def _stop(self, slot: Slot) -> None:
-        epoch = slot.epoch
-        await self._drain(slot)
+    async def _stop(self, slot: Slot, epoch: int) -> None:
+        await self._drain(slot, epoch)
         if slot.epoch != epoch:
             return
         for hook in self.hooks:

@@ -122,7 +122,7 @@ class Reconcile(Admission):
                 self._unit_gone(slot)
             elif now in (Seen.RUNNING, Seen.STARTING) and slot.stop_sent:
                 self._differs(slot, now, "stopping it again")
-                self.spawn(self._stop(slot), "stopping", slot)
+                self.spawn(self._stop(slot, slot.epoch), "stopping", slot)
         elif status is None or now is Seen.GONE:
             if self._missing_long_enough(slot):
                 self._differs(slot, now, "unloaded (stopped behind llamad's back)")

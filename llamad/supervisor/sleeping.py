@@ -44,10 +44,10 @@ class Sleeping(Liveness):
             if slot.state in (State.READY, State.SLEEPING) and slot.backend is not None \
                     and slot.model.id not in self._asking and may_sleep(slot.model):
                 self._asking.add(slot.model.id)
-                self.spawn(self._ask(slot, slot.backend), "asking whether it sleeps:", slot)
+                self.spawn(self._ask(slot, slot.epoch, slot.backend, time.monotonic()),
+                           "asking whether it sleeps:", slot)
 
-    async def _ask(self, slot: Slot, backend: be.Backend) -> None:
-        began, epoch = time.monotonic(), slot.epoch
+    async def _ask(self, slot: Slot, epoch: int, backend: be.Backend, began: float) -> None:
         try:
             asleep = await backend.sleeping()
         finally:
