@@ -156,7 +156,7 @@ def _failed(what: str, why: str) -> None:
     where = os.environ.get("LLAMAD_FAILED_LOG")
     if where:
         with open(where, "a", encoding="utf-8") as f:
-            lines = why.strip().splitlines()[:12] or ["(no message)"]
+            lines = why.strip().splitlines()[:40] or ["(no message)"]
             f.write(f"{what}: " + "\n    ".join(line[:300] for line in lines) + "\n")
 
 

@@ -9,6 +9,9 @@
   GET query that lacks it. Router-mode tests (ServerPreset.router) are left as they are.
 - A test running longer than $CONFORMANCE_TEST_TIMEOUT seconds fails, so that one stuck
   case cannot hold the run for the suite's ten-minute request timeout.
+- The cases named in $CONFORMANCE_MODEL_BOUND (one per line) fail against llama-server
+  itself with Gemma in place of the stories260K models: they run as expected failures, so
+  that the log shows no FAILED that is not llamad's.
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ class TestTimeout(Exception):
 
 def _expired(signum: int, frame: object) -> None:
     raise TestTimeout(f"the test ran past {os.environ['CONFORMANCE_TEST_TIMEOUT']} s")
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    bound = set(os.environ.get("CONFORMANCE_MODEL_BOUND", "").splitlines())
+    for item in items:
+        if item.nodeid in bound:
+            item.add_marker(pytest.mark.xfail(
+                reason="fails against llama-server too with Gemma (reference.json)"))
 
 
 @pytest.hookimpl(hookwrapper=True)

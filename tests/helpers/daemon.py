@@ -168,7 +168,7 @@ class Llamad:
         for message in self.tracebacks_after:
             log = re.sub(re.escape(message) + r".*\nTraceback \(most recent call last\):\n"
                          r"(?:\s.*\n)*.*\n?", "", log)
-        return log if "Traceback" in log else ""
+        return tracebacks(log)
 
     def cleanup(self) -> None:
         self.stop()
@@ -181,6 +181,14 @@ class Llamad:
         for unit in self.model_units():
             self.box.run(["systemctl", "stop", unit], check=False)
         rig.wait_for("model units to stop", lambda: not self.model_units(), timeout=60)
+
+
+def tracebacks(log: str, before: int = 4, after: int = 40) -> str:
+    """Each traceback in `log` with the lines before it, or '': what a failure should
+    show, where the log's tail may have moved far past it."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback" in line]
+    return "\n...\n".join("\n".join(lines[max(0, i - before):i + after]) for i in starts)
 
 
 async def chat(session: aiohttp.ClientSession, url: str, model: str, text: str = "Hi",

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import rig
-from helpers.daemon import Factory, Llamad, chat, models, stream
+from helpers.daemon import Factory, Llamad, chat, models, stream, tracebacks
 
 pytestmark = pytest.mark.soak
 
@@ -170,4 +170,5 @@ async def test_soak(llamad_factory: Factory) -> None:
     assert after["processes"] == len(after["units"]) <= 2, (seed, after)
     assert after["fds"] <= before["fds"] + 4, (seed, before, after)
     assert after["rss_kib"] <= middle["rss_kib"] * 1.10, (seed, before, middle, after)
-    assert "Traceback" not in log and "illegal state change" not in log, (seed, log[-3000:])
+    assert "Traceback" not in log, (seed, tracebacks(log))
+    assert "illegal state change" not in log, (seed, log[-3000:])
