@@ -343,6 +343,7 @@ def test_ctx_size_0_is_the_whole_trained_context(tmp_path: Path) -> None:
         short = price(meas, m, "--ctx-size", str(whole)).ram // 2
         refused = plan(meas, m, PINNED, ram=short)
         assert isinstance(refused, Reject) and "of RAM" in refused.message, (args, refused)
+        assert refused.message.endswith(f"(at context {whole}, the whole trained context)")
         tried = plan(meas, m, ram=short)
         assert isinstance(tried, Load) and ctx_of(tried) == whole, (args, tried)
         assert tried.fit is not None and "tried alone" in tried.fit.reason

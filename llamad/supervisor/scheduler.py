@@ -224,7 +224,11 @@ def _plan_load(target: ModelView, models: Mapping[str, ModelView], res: Resource
             return plan
     why = _why_not(sized, others, res, frozenset(idle + later))
     if target.fit is not None and target.fit.shape.fit_ctx:
-        why += f" (at context {target.fit.shape.least}, the least fit-min-ctx allows)"
+        shape = target.fit.shape
+        # -c 0 (or a fit-min-ctx past it) leaves nothing to fit down: fit-min-ctx is no limit.
+        least = "the whole trained context" if shape.least == shape.trained * shape.streams \
+            else "the least fit-min-ctx allows"
+        why += f" (at context {shape.least}, {least})"
     alone = _alone(sized, others, res, idle, later, why)
     return alone if alone is not None else Reject(503, why)
 
