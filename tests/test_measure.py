@@ -7,6 +7,7 @@ systemd sends (Service interface first, then Unit), so the real signal path is e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from llamad.catalog.catalog import Model, scan
 from llamad.catalog.presets import ModelSettings
 from llamad.config import Config
 from llamad.errors import BackendError, Unavailable
+from llamad.memory import estimate as memory
 from llamad.memory.estimate import memory_limit
 from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure, proc_memory
@@ -115,13 +117,34 @@ async def test_sample_prefers_memory_current(tiny_config: Config) -> None:
 
 
 async def test_memory_limit_estimate_sets_memory_max(tiny_config: Config) -> None:
+    """MemoryMax leaves room for the prompt cache at the bound llamad gives it: llama-server
+    fills it as distinct prompts come, and a limit without it OOM-kills a model in use."""
     from dataclasses import replace
     sup = Rig(replace(tiny_config, memory_limit="estimate")).sup
     slot = sup.slots["tiny"]
     spec, _ = sup.spec(slot)
     est = sup.measure._estimate(slot.model)  # type: ignore[attr-defined]
-    assert spec.memory_max == memory_limit(est) > est.total.ram
+    cache = -(-(est.kv.ram + est.kv.vram) // MIB)  # the KV cache's size, in whole MiB
+    assert spec.argv[spec.argv.index("--cache-ram") + 1] == str(cache)
+    assert spec.memory_max == memory_limit(est) + cache * MIB > est.total.ram
+    # A preset's own bound is kept, and planned for; -1 (unbounded) has no bound to plan.
+    for given, room in (("64", 64 * MIB), ("0", 0), ("-1", 0)):
+        mine = Rig(replace(tiny_config, memory_limit="estimate", args=("-cram", given))).sup
+        spec, _ = mine.spec(mine.slots["tiny"])
+        assert spec.argv.count("--cache-ram") + spec.argv.count("-cram") == 1, spec.argv
+        assert spec.memory_max == memory_limit(est) + room, given
+        await mine.close()
     await sup.close()
+
+
+def test_the_prompt_cache_is_the_kv_cache_at_most_llama_cpps_default() -> None:
+    gemma = gemma_info()
+    # 3 full layers x 4096 cells + 15 sliding-window layers x 2560 cells, 3 KiB a cell.
+    assert memory.prompt_cache_mib(gemma, ["--ctx-size", "4096"]) == 50
+    assert memory.prompt_cache_mib(gemma, ["--ctx-size", "4096", "-ctk", "q8_0",
+                                           "-ctv", "q8_0"]) == 27
+    big = dataclasses.replace(gemma, block_count=80, context_length=131072, head_count_kv=8)
+    assert memory.prompt_cache_mib(big, ["--ctx-size", "0", "--swa-full"]) == 8192
 
 
 async def test_oom_kill_fails_the_model_and_cancels_the_restart(tiny_config: Config) -> None:

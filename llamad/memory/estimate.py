@@ -35,8 +35,12 @@ CUDA_FIXED = 600 * MIB
 # libraries and kernels) and 208 MiB of anonymous and shared memory (the runtime).
 CUDA_LIBS_RAM = 320 * MIB
 CUDA_RUNTIME_RAM = 224 * MIB
+# llama-server copies the KV state of each prompt its slots move on from into a cache in
+# host RAM (--cache-ram), 8192 MiB by default: Gemma 3 270M at -c 4096 grew by 24 MiB per
+# distinct 700-token prompt, from 362 MiB to 1330 MiB after 40 of them, bound for 8 GiB.
+CACHE_RAM_MIB = 8192
 # memory-limit = estimate: MemoryMax is the mapped files once plus the anonymous memory
-# times LIMIT_FACTOR plus LIMIT_SLACK.
+# times LIMIT_FACTOR plus LIMIT_SLACK, plus the prompt cache's bound.
 LIMIT_FACTOR = 1.5
 LIMIT_SLACK = 256 * MIB
 # The compute graph's working set per token of a micro-batch, in floats: 3 x feed-forward
@@ -425,13 +429,24 @@ def _pad(n: int, to: int = 256) -> int:
     return (n + to - 1) // to * to
 
 
-def memory_limit(est: Estimate, measured_ram: int = 0) -> int:
+def memory_limit(est: Estimate, measured_ram: int = 0, prompt_cache: int = 0) -> int:
     """MemoryMax for memory-limit = estimate: file pages once (the page cache may hold all of
     them, and a limit below that only makes the kernel reclaim them over and over), plus the
     anonymous memory with a margin; the estimate is no promise, but a runaway model must not
-    take the whole machine. `measured_ram`: a learned peak, page cache included."""
+    take the whole machine. `measured_ram`: a learned peak, page cache included;
+    `prompt_cache`: bytes llama-server's prompt cache may fill, a bound it keeps itself."""
     anon = max(est.anon, measured_ram - est.mapped)
-    return est.mapped + int(anon * LIMIT_FACTOR) + LIMIT_SLACK
+    return est.mapped + int(anon * LIMIT_FACTOR) + LIMIT_SLACK + prompt_cache
+
+
+def prompt_cache_mib(info: ModelInfo, args: Sequence[str]) -> int:
+    """The --cache-ram llamad gives a model whose arguments set none: the size of its KV
+    cache, so that the prompt cache holds about one more context (llama.cpp's own floor is
+    the context's tokens; its 8 GiB default lets it grow far past that, unplanned), at most
+    llama.cpp's default. 0 where the header cannot size the KV cache: llama-server's default."""
+    kv = _kv(info, parse_args(args), _Plan.of(info.block_count or 0, 0, False))[1]
+    size = kv.ram + kv.vram
+    return min(CACHE_RAM_MIB, -(-size // MIB)) if size else 0
 
 
 def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,

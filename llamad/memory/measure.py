@@ -218,7 +218,19 @@ class Measure:
         if est is None:
             return None
         found = self.learned_for(model)
-        return memory.memory_limit(est, found.ram if found is not None else 0)
+        cache = self.prompt_cache(model)[0] * MIB
+        return memory.memory_limit(est, found.ram if found is not None else 0, cache)
+
+    def prompt_cache(self, model: Model) -> tuple[int, tuple[str, ...]]:
+        """(MiB llama-server's prompt cache may fill, the arguments llamad adds to bound it):
+        the preset's --cache-ram if it sets one (-1, unbounded, counts as 0: no bound to
+        plan for), else llamad's (memory.prompt_cache_mib)."""
+        args = self.run_args(model)
+        given = memory.parse_args(args).cache_ram
+        if given is not None:
+            return max(0, given), ()
+        mib = memory.prompt_cache_mib(model.info, args) if model.info is not None else 0
+        return mib, ("--cache-ram", str(mib)) if mib else ()
 
     def _cuda(self, model: Model) -> tuple[int, int]:
         """(fixed CUDA cost per GPU, GPUs the model spreads over): the highest cost among

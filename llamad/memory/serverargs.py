@@ -45,6 +45,7 @@ class ServerArgs:
     draft_cache_type_v: str = "f16"
     draft_n_cpu_moe: int = 0
     draft_overrides: tuple[tuple[str, str], ...] = ()
+    cache_ram: int | None = None  # MiB of the prompt cache (--cache-ram); None: not given
 
 
 _VALUES = {
@@ -55,7 +56,7 @@ _VALUES = {
     "--n-cpu-moe": "n_cpu_moe", "--split-mode": "split_mode",
     "--tensor-split": "tensor_split", "--n-gpu-layers-draft": "draft_gpu_layers",
     "--cache-type-k-draft": "draft_cache_type_k", "--cache-type-v-draft": "draft_cache_type_v",
-    "--n-cpu-moe-draft": "draft_n_cpu_moe",
+    "--n-cpu-moe-draft": "draft_n_cpu_moe", "--cache-ram": "cache_ram",
 }
 # Switches: (field, value when given; a --no- spelling gives the opposite).
 _SWITCHES = {
@@ -148,4 +149,5 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         draft_cache_type_v=text("draft_cache_type_v", "f16"),
         draft_n_cpu_moe=max(0, _number(found, "draft_n_cpu_moe", 0)),
         draft_overrides=pairs("draft_overrides"),
+        cache_ram=_number(found, "cache_ram", -1) if "cache_ram" in found else None,
     )

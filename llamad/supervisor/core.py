@@ -254,7 +254,8 @@ class Core:
         limit = unitspec.memory_max(self.config, slot.model,
                                     lambda: self.measure.derived_limit(slot.model))
         spec = unitspec.build(self.config, slot.model, address,
-                              self.measure.gpu_uuids(gpus), limit, slot.fit)
+                              self.measure.gpu_uuids(gpus), limit, slot.fit,
+                              self.measure.prompt_cache(slot.model)[1])
         return spec, address
 
     def exit_text(self, slot: Slot) -> str:

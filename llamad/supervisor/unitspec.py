@@ -74,16 +74,18 @@ def memory_max(config: Config, model: Model,
 
 
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
-          memory_max: int | None, fit: Choice | None = None) -> UnitSpec:
+          memory_max: int | None, fit: Choice | None = None,
+          cache: tuple[str, ...] = ()) -> UnitSpec:
     """`gpus`: the GPUs planned for it, by UUID; () for none. `fit`: what fitting chose
     (memory/fit.py): its arguments are part of the argv, so of the digest, and the unit's
-    markers keep them for the llamad that adopts it."""
+    markers keep them for the llamad that adopts it. `cache`: the bound llamad gives the
+    prompt cache (Measure.prompt_cache)."""
     metrics = ("--metrics",) if model.settings.metrics and \
         not args.has(model.settings.args, "--metrics") else ()
     kv = kvcache.unit_parts(config, model)
     fitted = fit.args if fit is not None else ()
     argv = (str(server(config, model)), *args.without_secrets(model.settings.args), *fitted,
-            *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
+            *cache, *metrics, *gpuload.fit_args(model), *(kv.args if kv else ()),
             *be.listen_args(address))
     chose = fit is not None and bool(fit.args or fit.reason)
     run, moved = args.for_unit_file(argv[1:])

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import aiohttp
 import rig
-from helpers.daemon import Factory, chat, models, wait_http, wait_state
+from helpers.daemon import Factory, Llamad, chat, models, wait_http, wait_state
 
 from llamad.catalog.gguf_info import combine, read_header
-from llamad.memory.estimate import estimate
+from llamad.memory.estimate import estimate, prompt_cache_mib
 
 MIB = 1024**2
 ARGS = ["-t", "1"]  # as the fixture's, without its -c 4096 -np 4
@@ -101,3 +101,39 @@ async def test_tried_alone_where_the_estimate_fits_nowhere(llamad_factory: Facto
         assert code == 503, body
         assert f"cannot load {alone}: needs" in body["error"]["message"], body
         assert f"llama-server@{alone}.service" not in d.model_units()
+
+
+def rss(d: Llamad, unit: str) -> int:
+    """The resident memory of the unit's llama-server, in bytes."""
+    pid = d.show(unit, "MainPID")
+    status = d.box.run(["cat", f"/proc/{pid}/status"]).stdout
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+               .split()[1]) * 1024
+
+
+async def test_distinct_prompts_fill_the_prompt_cache_no_further_than_its_bound(
+        llamad_factory: Factory) -> None:
+    """llama-server keeps the KV state of each prompt a slot moves on from in a cache in
+    host RAM, 8 GiB by default, unplanned. llamad bounds it by the model's KV cache size
+    (72 MiB for Gemma at -c 4096 -np 4): once it is full, more distinct prompts add nothing.
+    Each ~250-token prompt added about 7 MiB before."""
+    name = "fit-prompt-cache"
+    unit = f"llama-server@{name}.service"
+    d = llamad_factory([name])
+    info = combine([read_header(rig.GEMMA)], None)
+    bound = prompt_cache_mib(info, ["-c", "4096", "-np", "4"])
+    assert bound == 72
+    sizes = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(30):
+            text = f"Story {i}: " + " ".join(f"w{i}x{j}" for j in range(60))
+            async with s.post(d.url + "/completion", json={
+                    "model": name, "prompt": text, "n_predict": 1}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["tokens_evaluated"] > 200
+            sizes.append(rss(d, unit))
+    grown = (sizes[-1] - sizes[19]) / MIB  # the cache filled in about 15
+    print(f"\nllama-server's RSS after each prompt (MiB): {[s // MIB for s in sizes]}")
+    assert grown < 20, f"{grown:.1f} MiB more over the last 10 distinct prompts"
+    argv = d.show(unit, "ExecStart")
+    assert f"--cache-ram {bound} " in argv, argv
