@@ -206,10 +206,14 @@ async def test_memory_limits_on_units_and_slice(llamad_factory: Factory) -> None
         a, b = f"llama-server@{A}.service", f"llama-server@{B}.service"
         assert d.show(a, "MemoryMax") == str(2 * 1024**3)
         assert d.show(a, "MemoryHigh") == str(1536 * MIB)
-        # The model file's pages once, the rest of the estimate (anonymous memory) with room.
+        # The model file's pages once, the rest of the estimate (anonymous memory) with room,
+        # and the bound of the prompt cache: the KV cache's size, 72 MiB at -c 4096 -np 4.
         est = llamad_fields(d, B)["estimate"]["ram"]
         pages = (d.models_dir / f"{B}.gguf").stat().st_size
-        assert int(d.show(b, "MemoryMax")) == pages + int((est - pages) * 1.5) + 256 * MIB
+        cache = int(d.show(b, "ExecStart").split("--cache-ram ")[1].split()[0])
+        assert cache == 72
+        assert int(d.show(b, "MemoryMax")) == pages + int((est - pages) * 1.5) + \
+            (256 + cache) * MIB
     finally:
         d.box.run(["systemctl", "set-property", "--runtime", "llama-server.slice",
                    "MemoryMax=infinity"], check=False)
