@@ -63,14 +63,18 @@ def browser(screenshots: Path) -> Iterator[Any]:
 def until(driver: Any, what: str, probe: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
     """Wait for `probe` to return something truthy, as the page changes under it."""
     from selenium.common.exceptions import (
+        ElementClickInterceptedException,
         NoSuchElementException,
         StaleElementReferenceException,
         TimeoutException,
     )
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # A click lands on something else while a list still slides open (the UI's model
+    # picker, under load): tried again, as a person would once it stops moving.
     wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(
-        StaleElementReferenceException, NoSuchElementException))
+        StaleElementReferenceException, NoSuchElementException,
+        ElementClickInterceptedException))
     try:
         return wait.until(lambda _: probe())
     except TimeoutException:
