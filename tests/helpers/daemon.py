@@ -143,6 +143,14 @@ class Llamad:
     def show(self, unit: str, prop: str) -> str:
         return self.box.run(["systemctl", "show", "-P", prop, unit]).stdout.strip()
 
+    def memory_of(self, field: str, unit: str | None = None) -> int:
+        """A memory figure of /proc/PID/status (VmRSS, VmHWM) of the unit's main process,
+        in bytes: llamad's own unless a unit is named."""
+        pid = self.show(unit or self.unit, "MainPID")
+        status = self.box.run(["cat", f"/proc/{pid}/status"]).stdout
+        line = next(line for line in status.splitlines() if line.startswith(f"{field}:"))
+        return int(line.split()[1]) * 1024
+
     def model_units(self) -> dict[str, str]:
         """Model units that are not stopped (a stopped one lingers briefly before GC)."""
         out = self.box.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",

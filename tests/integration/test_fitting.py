@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import aiohttp
 import rig
-from helpers.daemon import Factory, Llamad, chat, models, wait_http, wait_state
+from helpers.daemon import Factory, chat, models, wait_http, wait_state
 
 from llamad.catalog.gguf_info import combine, read_header
 from llamad.memory.estimate import estimate, prompt_cache_mib
@@ -103,14 +103,6 @@ async def test_tried_alone_where_the_estimate_fits_nowhere(llamad_factory: Facto
         assert f"llama-server@{alone}.service" not in d.model_units()
 
 
-def rss(d: Llamad, unit: str) -> int:
-    """The resident memory of the unit's llama-server, in bytes."""
-    pid = d.show(unit, "MainPID")
-    status = d.box.run(["cat", f"/proc/{pid}/status"]).stdout
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-               .split()[1]) * 1024
-
-
 async def test_distinct_prompts_fill_the_prompt_cache_no_further_than_its_bound(
         llamad_factory: Factory) -> None:
     """llama-server keeps the KV state of each prompt a slot moves on from in a cache in
@@ -131,7 +123,7 @@ async def test_distinct_prompts_fill_the_prompt_cache_no_further_than_its_bound(
                     "model": name, "prompt": text, "n_predict": 1}) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.json())["tokens_evaluated"] > 200
-            sizes.append(rss(d, unit))
+            sizes.append(d.memory_of("VmRSS", unit))
     grown = (sizes[-1] - sizes[19]) / MIB  # the cache filled in about 15
     print(f"\nllama-server's RSS after each prompt (MiB): {[s // MIB for s in sizes]}")
     assert grown < 20, f"{grown:.1f} MiB more over the last 10 distinct prompts"

@@ -93,14 +93,6 @@ def hostile(d: Llamad, assets: rig.Assets, port: int) -> dict[str, str]:
             f"--rpc=127.0.0.1:{port}.gguf": "starts with '-', which llama-server would take"}
 
 
-def vm_hwm(d: Llamad) -> int:
-    """llamad's peak resident memory in bytes."""
-    pid = d.show(d.unit, "MainPID")
-    status = d.box.run(["cat", f"/proc/{pid}/status"]).stdout
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 async def test_hostile_files_cannot_stop_slow_or_fool_a_restarted_llamad(
         llamad_factory: Factory, assets: rig.Assets, listener: Listener,
         subtests: Any) -> None:
@@ -120,7 +112,7 @@ async def test_hostile_files_cannot_stop_slow_or_fool_a_restarted_llamad(
     log = d.log()
     with subtests.test("a restarted llamad answers within 10 s, its peak memory bounded"):
         assert answered < 10, answered
-        assert vm_hwm(d) < 150 * MIB, vm_hwm(d)
+        assert d.memory_of("VmHWM") < 150 * MIB, d.memory_of("VmHWM")
     with subtests.test("other models serve; root's alias wins"):
         assert sorted(listed) == ["gemma-a"], sorted(listed)
         assert listed["gemma-a"]["aliases"] == ["chat"]

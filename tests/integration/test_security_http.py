@@ -27,9 +27,7 @@ def _auth(key: str) -> dict[str, str]:
 
 def _peak_rss_mib(d: Llamad) -> int:
     """llamad's peak resident memory so far (VmHWM), MiB."""
-    pid = d.show(d.unit, "MainPID")
-    status = d.box.run(["cat", f"/proc/{pid}/status"]).stdout
-    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) // 1024
+    return d.memory_of("VmHWM") // 2**20
 
 
 def _keys(box: rig.Box, name: str) -> str:

@@ -101,11 +101,9 @@ class Soak:
 def figures(d: Llamad) -> dict[str, Any]:
     """llamad's descriptors and RSS, the model units, failed units, llama-server processes."""
     pid = d.show(d.unit, "MainPID")
-    status = d.box.run(["cat", f"/proc/{pid}/status"]).stdout
-    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
     return {
         "fds": len(d.box.run(["ls", f"/proc/{pid}/fd"]).stdout.split()),
-        "rss_kib": rss,
+        "rss_kib": d.memory_of("VmRSS") // 1024,
         "units": sorted(d.model_units()),
         "failed": d.box.run(["systemctl", "list-units", "--failed", "--no-legend", "--plain",
                              "llama-server@*"]).stdout.strip(),
