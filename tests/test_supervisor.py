@@ -31,7 +31,7 @@ from llamad.config import Config
 from llamad.errors import NotFound, Unavailable
 from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure
-from llamad.supervisor import reconcile
+from llamad.supervisor import lifecycle, reconcile
 from llamad.supervisor.events import Cause, State
 from llamad.supervisor.supervisor import IllegalMove, Supervisor
 from llamad.systemd.units import Markers, UnitError, UnitSpec, UnitStatus
@@ -113,6 +113,27 @@ async def test_a_stop_before_the_health_check_runs_is_not_undone(
     assert slot.state is State.STOPPING and checks
     assert "illegal state change" not in caplog.text
     await rig.stopped("tiny-a")
+
+
+def polls_until(ready_at: float) -> tuple[float, int]:
+    """When the /health schedule first looks at or after `ready_at` seconds into a load,
+    and how many looks that took."""
+    t, looks = 0.0, 1
+    while t < ready_at:
+        t += lifecycle.health_interval(t)
+        looks += 1
+    return t, looks
+
+
+@pytest.mark.parametrize("ready_at", [0.05, 0.3, 0.9, 2.5, 30.0, 600.0])
+def test_readiness_is_seen_within_two_percent_of_the_load(ready_at: float) -> None:
+    """A 0.9 s load was seen ready up to 100 ms late (a doubling back-off); router mode's
+    children say so at once. The looks stay few: under 200 in the first seconds, then
+    10 a second."""
+    seen, looks = polls_until(ready_at)
+    assert seen - ready_at <= max(lifecycle.HEALTH_FIRST_INTERVAL,
+                                  lifecycle.HEALTH_SHARE * ready_at) + 1e-9
+    assert looks <= 200 + 10 * ready_at
 
 
 async def test_an_unload_before_the_start_runs_drops_the_start(rig: Rig) -> None:

@@ -28,14 +28,22 @@ from llamad.systemd.units import UnitError, UnitSpec, UnitStatus
 
 log = logging.getLogger("llamad.supervisor")
 
-# /health is polled every 5 ms at first (small models load in a second), backing off
-# by half each time to every 100 ms.
+# A loading model's /health is polled every 5 ms at first, then every HEALTH_SHARE of the
+# time it has loaded so far, up to every 100 ms: its readiness is seen on average within
+# 1 % of its load time (a doubling back-off lost ~60 ms of a 0.9 s load; router mode's
+# children report ready at once), at ~30 polls a second while small models load.
 HEALTH_FIRST_INTERVAL = 0.005
+HEALTH_SHARE = 0.02
 HEALTH_INTERVAL = 0.1
 STOP_WORDS = {Cause.EVICT_COUNT: "evicted", Cause.EVICT_MEMORY: "evicted", Cause.TTL: "idle TTL",
               Cause.KEEP_ALIVE: "keep_alive 0", Cause.UNLOAD: "unload requested",
               Cause.REMOVED: "removed from the catalog", Cause.CHANGED: "changed",
               Cause.GPU_OOM: "to load it again"}
+
+
+def health_interval(loading: float) -> float:
+    """Seconds until the next look at /health of a model that has loaded for `loading`."""
+    return min(HEALTH_INTERVAL, max(HEALTH_FIRST_INTERVAL, loading * HEALTH_SHARE))
 
 
 class Lifecycle(Core):
@@ -252,7 +260,6 @@ class Lifecycle(Core):
 
     async def _health(self, slot: Slot, epoch: int, backend: be.Backend | None) -> None:
         deadline = slot.load_started + self.config.load_timeout
-        interval = HEALTH_FIRST_INTERVAL
         while slot.epoch == epoch and backend is not None:
             if await backend.healthy():
                 for hook in self.hooks:
@@ -267,8 +274,7 @@ class Lifecycle(Core):
                 self._fail(slot, f"not ready within load-timeout ({self.config.load_timeout:g}s)")
                 self.spawn(self.units.stop(slot.unit), f"stopping {slot.unit}")
                 return
-            await asyncio.sleep(interval)
-            interval = min(HEALTH_INTERVAL, interval * 1.5)
+            await asyncio.sleep(health_interval(time.monotonic() - slot.load_started))
 
     def _ready(self, slot: Slot) -> None:
         took = time.monotonic() - slot.load_started
