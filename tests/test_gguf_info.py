@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import rig
 from helpers import ggufgen
 
 from llamad.catalog.gguf_info import GGUFError, InfoCache, combine, read_header
+from llamad.catalog.ggufheader import MAX_LAYERS
 
 
 def test_gemma_metadata_is_read_quickly() -> None:
@@ -164,3 +166,37 @@ def test_a_header_too_slow_to_read_is_read_again_next_time(
     assert not cache.known(path, path.stat())
     monkeypatch.setattr(ggufheader, "CPU_SECONDS", 30.0)
     assert cache.header(path).parameters > 0 and cache.known(path, path.stat())
+
+
+def test_per_layer_kv_heads_of_a_hybrid_model_survive_a_restart(tmp_path: Path) -> None:
+    path = ggufgen.write_lfm2(tmp_path / "lfm2.gguf", embd=64, ff=128, heads=2,
+                              kv_heads=[0, 2, 0, 1], head_dim=32)
+    store = tmp_path / "info.json"
+    cache = InfoCache(store)
+    head = cache.header(path)
+    assert head.kv_heads == (0, 2, 0, 1)
+    cache.save()
+    again = InfoCache(store).header(path)
+    assert again == head and type(again.kv_heads) is tuple
+    info = combine([again], None)
+    assert (info.kv_heads, info.head_count_kv, info.shortconv_l_cache) == ((0, 2, 0, 1), None, 3)
+
+
+def test_other_arrays_where_kv_heads_go_are_stepped_over(tmp_path: Path) -> None:
+    """Only whole numbers, one per layer at most (MAX_LAYERS), are kept; anything else in
+    that place reads as no per-layer count (the model's head count is used)."""
+    def arr(item: int, fmt: str, values: list) -> bytes:  # type: ignore[type-arg]
+        return struct.pack(f"<IQ{len(values)}{fmt}", item, len(values), *values)
+    u32 = struct.pack("<I", 4)
+    for name, value in (("floats", arr(6, "f", [1.0, 2.0])),
+                        ("too many", arr(4, "I", [1] * (MAX_LAYERS + 1))),
+                        ("signed", arr(5, "i", [0, 3]))):
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(ggufgen.raw_gguf([
+            (b"general.architecture", 8, struct.pack("<Q", 4) + b"lfm2"),
+            (b"lfm2.block_count", 4, struct.pack("<I", 2)),
+            (b"lfm2.attention.head_count", 4, u32),
+            (b"lfm2.attention.head_count_kv", 9, value)]))
+        head = read_header(path)
+        assert head.kv_heads == ((0, 3) if name == "signed" else ()), name
+        assert "lfm2.attention.head_count_kv" not in head.fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from helpers import ggufgen
 from helpers.h100 import H100, H100_ANON, H100_RAM, gemma_info
 from helpers.ports import free_port
 
+from llamad.catalog import gguf_info
 from llamad.memory.estimate import (
     CUDA_FIXED,
     ServerArgs,
@@ -48,6 +50,11 @@ class Meta:
     size: int = 4_920_000_000
     sliding_window: int | None = None
     feed_forward_length: int | None = None
+    full_attention_interval: int | None = None
+    ssm_conv_kernel: int | None = None
+    ssm_inner_size: int | None = None
+    ssm_state_size: int | None = None
+    ssm_group_count: int | None = None
 
 
 LLAMA3_8B = Meta()  # the shape of Llama 3 8B (Q4_K_M file size)
@@ -268,7 +275,7 @@ def read_meta(path: Path) -> Meta:
 
 @dataclass(frozen=True)
 class Measured:
-    kv: int  # llama.cpp's own KV cache size, summed over its caches
+    kv: int  # llama.cpp's own KV cache size, summed over its caches, recurrent state too
     compute: int  # its compute buffer
     output: int  # its output (logits) buffer
     peak_rss: int  # VmHWM once ready
@@ -290,6 +297,7 @@ def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
         out.seek(0)
         log_text = out.read()
     kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log_text)
+    kv += re.findall(r"llama_memory_recurrent: size = +([\d.]+) MiB", log_text)
     compute = re.findall(r"CPU compute buffer size = +([\d.]+) MiB", log_text)
     output = re.findall(r"CPU +output buffer size = +([\d.]+) MiB", log_text)
     hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
@@ -427,6 +435,45 @@ def test_sliding_window_layers_of_other_architectures(tmp_path: Path) -> None:
     real = run_llama_server(args, path)
     est = estimate(meta, args, gpu=False)
     assert abs(est.kv.ram - real.kv) < MIB / 100, (est.kv.ram / MIB, real.kv / MIB)
+
+
+def test_hybrid_models_have_kv_only_on_their_attention_layers(  # type: ignore[no-untyped-def]
+        tmp_path: Path, subtests) -> None:
+    """A hybrid (LFM2: short-convolution layers where the header's per-layer KV head count
+    is 0) has a KV cache on its attention layers only, and a small state per slot on the
+    others. Counted as all attention at the model's head count, its KV looked 12 times
+    llama-server's, so a long context looked 12 times its size."""
+    path = ggufgen.write_lfm2(tmp_path / "lfm2.gguf", embd=512, ff=1024, heads=8,
+                              kv_heads=[0, 0, 2, 0, 0, 2], head_dim=64)
+    info = gguf_info.combine([gguf_info.read_header(path)], None)
+    assert (info.architecture, info.kv_heads, info.shortconv_l_cache) == (
+        "lfm2", (0, 0, 2, 0, 0, 2), 3)
+    for args in (["-c", "16384", "-np", "4"], ["-c", "8192", "-np", "1", "-ctk", "q8_0"]):
+        with subtests.test(args):
+            real = run_llama_server(args, path)
+            est = estimate(info, args, gpu=False)
+            print(f"\n{' '.join(args)}: KV and state estimate {est.kv.ram / MIB:.2f}, "
+                  f"llama-server {real.kv / MIB:.2f} MiB")
+            assert abs(est.kv.ram - real.kv) < MIB / 100
+
+
+def test_qwen3_next_keeps_kv_on_every_fourth_layer_and_a_state_on_the_others() -> None:
+    """Qwen3-Next 80B A3B's shape (llama.cpp #17578's print_info): 48 layers, attention on
+    every 4th (llama.cpp's qwen3next.cpp: recurrent unless (il + 1) % 4 == 0), 2 KV heads of
+    256; the others a gated-delta-net state per slot of (d_conv - 1) x (d_inner + 2 x groups
+    x d_state) + d_state x d_inner floats (llama-hparams.cpp n_embd_r, n_embd_s). Counted as
+    48 attention layers, its KV at -c 65536 looked 4 times its size (6 GiB for 1.5)."""
+    qwen = Meta(architecture="qwen3next", block_count=48, head_count=16, head_count_kv=2,
+                embedding_length=2048, key_length=256, value_length=256,
+                ssm_conv_kernel=4, ssm_inner_size=4096, ssm_state_size=128, ssm_group_count=16)
+    est = estimate(qwen, ["-c", "65536", "-np", "4"], gpu=False)
+    kv = 12 * 65536 * 2 * (256 + 256) * 2
+    state = 36 * 4 * (3 * (4096 + 2 * 16 * 128) + 128 * 4096) * 4
+    assert kv == 1536 * MIB and state == 36 * 4 * 2.09375 * MIB
+    assert est.kv.ram == kv + state
+    every_2nd = estimate(dataclasses.replace(qwen, full_attention_interval=2),
+                         ["-c", "65536", "-np", "4"], gpu=False)
+    assert every_2nd.kv.ram == 2 * kv + 24 * 4 * 2.09375 * MIB
 
 
 def test_h100_estimate_is_a_close_upper_bound(subtests) -> None:  # type: ignore[no-untyped-def]

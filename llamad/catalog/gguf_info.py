@@ -30,7 +30,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 7  # 7: problem lines quote no bytes
+CACHE_VERSION = 8  # 8: hybrid models' KV heads per layer and recurrent state sizes
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ class GGUFInfo:
     expert_count: int | None = None
     expert_used_count: int | None = None
     expert_feed_forward_length: int | None = None
+    # Hybrid and recurrent models: KV heads per layer (0: a recurrent layer), the layers
+    # with attention (qwen3next's family: every Nth), their recurrent state's shape.
+    kv_heads: tuple[int, ...] | None = None
+    full_attention_interval: int | None = None
+    ssm_conv_kernel: int | None = None
+    ssm_inner_size: int | None = None
+    ssm_state_size: int | None = None
+    ssm_group_count: int | None = None
+    shortconv_l_cache: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
     projector: Projector | None = None  # the paired mmproj file, when there is one
     # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
@@ -178,6 +187,7 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         tensors=first.tensors if len(shards) == 1 else functools.reduce(
             TensorBytes.plus, (s.tensors for s in shards)),
         projector=Projector.of(mmproj) if mmproj is not None else None,
+        kv_heads=first.kv_heads or None,
         **ints,
     )
 
@@ -189,7 +199,8 @@ def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
 
 def _header(value: dict[str, Any]) -> FileHeader:
     tensors = TensorBytes.load(value.pop("tensors"))
-    return FileHeader(**value, tensors=tensors)
+    kv_heads = tuple(value.pop("kv_heads"))
+    return FileHeader(**value, tensors=tensors, kv_heads=kv_heads)
 
 
 def _stat_key(st: os.stat_result) -> StatKey:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 Scalar = str | int | float | bool
+Value = Scalar | tuple[int, ...]  # a kept array: KV_HEADS_KEY's
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 # A projector's (mmproj) encoder shape, for the memory of its compute graph.
@@ -49,8 +50,17 @@ ARCH_FIELDS = {
     "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
     "expert_used_count": "expert_used_count",
     "expert_feed_forward_length": "expert_feed_forward_length",
+    # Hybrid and recurrent models (llama.cpp's memory-recurrent): which layers are
+    # recurrent, and the size of their state.
+    "full_attention_interval": "full_attention_interval",
+    "ssm_conv_kernel": "ssm.conv_kernel", "ssm_inner_size": "ssm.inner_size",
+    "ssm_state_size": "ssm.state_size", "ssm_group_count": "ssm.group_count",
+    "shortconv_l_cache": "shortconv.l_cache",
 }
 KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
+# The one per-layer array kept: KV heads of each layer (llama.cpp's get_key_or_arr), 0 for
+# a hybrid model's recurrent layers, which have no KV cache.
+KV_HEADS_KEY = "attention.head_count_kv"
 # Tensors llama.cpp keeps with the input layer, which always stays on the host.
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
 # A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
@@ -73,7 +83,7 @@ _WINDOW = 1 << 20
 _CHECK_EVERY = 4096
 
 # GGUF value types (the file format's own numbering) and how a scalar of each is stored.
-UINT32, BOOL, STRING, ARRAY = 4, 7, 8, 9
+UINT32, INT32, BOOL, STRING, ARRAY = 4, 5, 7, 8, 9
 _SCALARS = {0: struct.Struct("<B"), 1: struct.Struct("<b"), 2: struct.Struct("<H"),
             3: struct.Struct("<h"), 4: struct.Struct("<I"), 5: struct.Struct("<i"),
             6: struct.Struct("<f"), 7: struct.Struct("<?"), 10: struct.Struct("<Q"),
@@ -189,6 +199,7 @@ class FileHeader:
     file_type: str | None = None  # general.file_type by name, e.g. "Q4_K_M"
     tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
     chat_template: bool = True
+    kv_heads: tuple[int, ...] = ()  # per layer, where the header gives them as an array
 
 
 @functools.cache
@@ -275,9 +286,10 @@ class _Source:
             self.tick()
 
 
-def _value(src: _Source, kind: int, keep: int) -> Scalar | None:
+def _value(src: _Source, kind: int, keep: int) -> Value | None:
     """One value of type `kind`, returned only when kept (`keep`: the longest string
-    kept; 0 keeps nothing); arrays are stepped over."""
+    kept; 0 keeps nothing); arrays are stepped over, but for a kept array of up to
+    MAX_LAYERS 32-bit whole numbers."""
     if kind == STRING:
         n = src.string_length()
         if not keep or n > keep:
@@ -286,6 +298,9 @@ def _value(src: _Source, kind: int, keep: int) -> Scalar | None:
         return src.take(n).decode("utf-8", "replace")
     if kind == ARRAY:
         item, count = src.u32(), src.u64()
+        if keep and item in (UINT32, INT32) and count <= MAX_LAYERS:
+            return struct.unpack(f"<{count}{'I' if item == UINT32 else 'i'}",
+                                 src.take(4 * count))
         if item == STRING:
             src.skip_strings(count)
         elif item in _SCALARS:
@@ -304,7 +319,7 @@ Keep = Callable[[str, int], int]  # (key, type) -> the longest string value kept
 
 
 def _walk_keys(src: _Source, count: int, keep: Keep,
-               longest: int) -> Iterator[tuple[str | None, int, Scalar | None]]:
+               longest: int) -> Iterator[tuple[str | None, int, Value | None]]:
     """(key, type, value) of each key-value pair; the key None where longer than `longest`,
     the value None unless `keep` says so."""
     for i in range(count):
@@ -320,18 +335,20 @@ def _walk_keys(src: _Source, count: int, keep: Keep,
 
 
 _ARCH_SUFFIXES = tuple("." + key for key in KEPT_ARCH_KEYS)
+_KV_HEADS_SUFFIX = "." + KV_HEADS_KEY
 
 
-def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Scalar]], bool]:
+def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Value]], bool]:
     """The kept keys' (type, value): KEPT_KEYS, and those that may be the architecture's;
     and whether the header holds a chat template."""
-    kept: dict[str, tuple[int, Scalar]] = {}
+    kept: dict[str, tuple[int, Value]] = {}
     template = False
 
     def keep(name: str, kind: int) -> int:
         wanted = name in KEPT_KEYS or name == "general.alignment" or (
             name.endswith(_ARCH_SUFFIXES) and len(kept) < 256)
-        return MAX_KEPT if wanted and kind != ARRAY else 0
+        array_ok = kind != ARRAY or name.endswith(_KV_HEADS_SUFFIX)
+        return MAX_KEPT if wanted and array_ok else 0
     for name, kind, value in _walk_keys(src, count, keep, max(map(len, KEPT_KEYS)) + 64):
         template = template or name == TEMPLATE_KEY
         if value is not None and name is not None:
@@ -341,28 +358,34 @@ def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Scalar]], bool
     return kept, template
 
 
-def _typed(kept: dict[str, tuple[int, Scalar]], key: str, want: int) -> Scalar | None:
+def _typed(kept: dict[str, tuple[int, Value]], key: str, want: int) -> Scalar | None:
     """A kept key's value, if it has the type llama.cpp reads it as; GGUFError if not."""
     if key not in kept:
         return None
     kind, value = kept[key]
-    if kind != want:
+    if kind != want or isinstance(value, tuple):
         raise GGUFError(f"has {key} of type {_TYPE_NAMES.get(kind, kind)}, where llama.cpp "
                         f"reads a {_TYPE_NAMES[want]}")
     return value
 
 
-def _fields(kept: dict[str, tuple[int, Scalar]]) -> dict[str, Scalar]:
+def _fields(kept: dict[str, tuple[int, Value]]) -> tuple[dict[str, Scalar], tuple[int, ...]]:
+    """The kept scalars by key, and the KV heads per layer where given as an array."""
     arch = _typed(kept, "general.architecture", STRING)
     out: dict[str, Scalar] = {} if arch is None else {"general.architecture": arch}
     wanted = [("general.file_type", UINT32), ("clip.has_vision_encoder", BOOL),
               ("clip.has_audio_encoder", BOOL), *((key, UINT32) for key in CLIP_KEYS)]
     wanted += [(f"{arch}.{key}", UINT32) for key in KEPT_ARCH_KEYS] if arch else []
+    per_layer: tuple[int, ...] = ()
     for key, kind in wanted:
+        array = kept.get(key, (0, None))[1]
+        if isinstance(array, tuple) and key == f"{arch}.{KV_HEADS_KEY}":
+            per_layer = array
+            continue
         value = _typed(kept, key, kind)
         if value is not None:
             out[key] = value
-    return out
+    return out, per_layer
 
 
 class _Tally:
@@ -423,7 +446,7 @@ def parse(fd: int, size: int) -> FileHeader:
     src = _Source(fd, size)
     n_tensors, n_keys = _counts(src)
     kept, template = _keys(src, n_keys)
-    fields = _fields(kept)
+    fields, kv_heads = _fields(kept)
     alignment = _typed(kept, "general.alignment", UINT32)
     alignment = 32 if alignment is None else int(alignment)
     if alignment <= 0 or alignment & (alignment - 1):
@@ -439,7 +462,7 @@ def parse(fd: int, size: int) -> FileHeader:
         fields=fields, parameters=tally.parameters,
         tensor_type=tally.types.most_common(1)[0][0] if tally.types else None, size=size,
         file_type=_ggml()[1].get(file_type) if type(file_type) is int else None, tensors=table,
-        chat_template=template)
+        chat_template=template, kv_heads=kv_heads)
 
 
 def metadata(fd: int, size: int) -> dict[str, Scalar | None]:
@@ -455,6 +478,6 @@ def metadata(fd: int, size: int) -> dict[str, Scalar | None]:
     out: dict[str, Scalar | None] = {}
     for name, _, value in _walk_keys(src, n_keys, keep, 1024):
         if name is not None and left > 0:
-            out[name] = value
+            out[name] = None if isinstance(value, tuple) else value
             left -= len(name) + (len(value) if isinstance(value, str) else 8)
     return out

@@ -13,15 +13,16 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from llamad.catalog.gguf_info import EXPERTS, Projector, TensorBytes
+from llamad.memory import layers
+from llamad.memory.layers import ModelInfo
 from llamad.memory.learned import Learned
 from llamad.memory.serverargs import ServerArgs, parse_args
 from llamad.memory.types import Memory
 from llamad.sizes import MIB
 
-__all__ = ["ServerArgs", "parse_args"]  # re-exported: tests and the listing read them here
+__all__ = ["ModelInfo", "ServerArgs", "parse_args"]  # re-exported: read through this module
 
 # Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
 # the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
@@ -61,39 +62,6 @@ CACHE_TYPE_BYTES = {
 ENCODERS = frozenset({"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert",
                       "jina-bert-v2", "jina-bert-v3", "eurobert", "gemma-embedding",
                       "t5encoder", "llama-embed"})
-# llama.cpp hard-codes which layers use sliding-window attention (load_swa_pattern, for
-# a model whose header gives a sliding window): one full layer every N, the last of each N
-# or, negative here, the first. Not listed: every layer counts as full, an upper bound.
-SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "cohere2": 4,
-               "gpt-oss": 2, "exaone4": 4, "olmo2": 4, "afmoe": 4, "mellum": 4,
-               "muse-glimmer": 4, "plamo3": 8, "cohere2moe": -4, "laguna": -4}
-
-
-class ModelInfo(Protocol):
-    """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
-    `feed_forward_length`, `expert_used_count`, `expert_feed_forward_length` (ints) and
-    `tensors` (gguf_info.TensorBytes); without `tensors` weights are split by layer count."""
-
-    @property
-    def architecture(self) -> str | None: ...
-    @property
-    def block_count(self) -> int | None: ...
-    @property
-    def context_length(self) -> int | None: ...
-    @property
-    def head_count(self) -> int | None: ...
-    @property
-    def head_count_kv(self) -> int | None: ...
-    @property
-    def embedding_length(self) -> int | None: ...
-    @property
-    def key_length(self) -> int | None: ...
-    @property
-    def value_length(self) -> int | None: ...
-    @property
-    def size(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A model's memory before it loads, in the parts llama.cpp allocates."""
@@ -174,7 +142,8 @@ def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Estimate:
     moved = _moved(info, s, plan)
     weights, mapped = _weights(info, s, plan, moved)
     ctx, kv = _kv(info, s, plan)
-    return Estimate(weights, kv, _compute(info, s, plan, moved > 0), Memory(), ctx, mapped)
+    return Estimate(weights, _sum(kv, _state(info, s, plan)), _compute(info, s, plan, moved > 0),
+                    Memory(), ctx, mapped)
 
 
 def _sum(*parts: Memory) -> Memory:
@@ -307,7 +276,7 @@ def _cells(info: ModelInfo, s: ServerArgs) -> _Cells:
     n_seq = s.parallel or 4
     unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
     n_ctx = _n_ctx(info, s)
-    window = _window(info)
+    window = layers.window(info)
     ub = _ubatch(s, n_ctx)
     if unified:
         swa = n_ctx if s.swa_full else min(n_ctx, _pad(window * n_seq + ub))
@@ -327,17 +296,25 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
     cells = _cells(info, s)
     head_dim = info.embedding_length // heads
     k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
-    per_cell = (info.head_count_kv or heads) * (
-        k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v))
-    swa = _swa_layers(info) if cells.swa else frozenset()
+    per_head = k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v)
+    kv_heads = layers.kv_heads(info, n_layer)
+    swa = layers.swa_layers(info) if cells.swa else frozenset()
     gpu = host = 0.0
     for il in range(n_layer):
-        size = (cells.swa if il in swa else cells.full) * cells.streams * per_cell
+        size = (cells.swa if il in swa else cells.full) * cells.streams * kv_heads[il] * per_head
         if s.kv_offload and plan.on_gpu(il):
             gpu += size
         else:
             host += size
     return cells.full * cells.streams, Memory(int(host), int(gpu))
+
+
+def _state(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Memory:
+    """The recurrent layers' state: one per sequence (slot), on each layer's device."""
+    recurrent = layers.recurrent_layers(info, info.block_count or 0)
+    size = max(1, s.parallel or 4) * layers.state_bytes(info)
+    gpu = sum(size for il in recurrent if s.kv_offload and plan.on_gpu(il))
+    return Memory(len(recurrent) * size - gpu, gpu)
 
 
 def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan, host_weights: bool = False) -> Memory:
@@ -405,20 +382,6 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
 def _ubatch(s: ServerArgs, n_ctx: int) -> int:
     """Tokens of the worst-case graph: llama.cpp caps the micro-batch at batch and context."""
     return max(1, min(s.ubatch, s.batch, n_ctx))
-
-
-def _window(info: ModelInfo) -> int:
-    window = getattr(info, "sliding_window", None)
-    return window if isinstance(window, int) and window > 0 else 0
-
-
-def _swa_layers(info: ModelInfo) -> frozenset[int]:
-    pattern = SWA_PATTERN.get(info.architecture or "", 0)
-    n = abs(pattern)
-    if not n:
-        return frozenset()
-    return frozenset(il for il in range(info.block_count or 0)
-                     if (il % n != 0 if pattern < 0 else il % n < n - 1))
 
 
 def _type_bytes(name: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -113,15 +114,7 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    w.add_tokenizer_model("llama")
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [bytes([97 + i % 26]) * (1 + i // 26)
-                                             for i in range(vocab - 3)]
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * vocab)
-    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    _byte_vocabulary(w, vocab)
 
     def f16(*shape: int) -> np.ndarray:
         return np.zeros(shape, dtype=np.float16)
@@ -148,6 +141,67 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
     w.close()
     return path
 
+
+
+def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence[int],
+               head_dim: int, l_cache: int = 3, vocab: int = 1024, context: int = 32768) -> Path:
+    """A hybrid LFM2 model llama-server loads and runs: a short-convolution (recurrent)
+    layer wherever `kv_heads` has 0, an attention layer elsewhere, F16 zeros."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "lfm2")
+    w.add_context_length(context)
+    w.add_block_count(len(kv_heads))
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(list(kv_heads))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_uint32("lfm2.shortconv.l_cache", l_cache)
+    _byte_vocabulary(w, vocab)
+
+    def f16(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float16)
+
+    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("token_embd_norm.weight", np.ones(embd, dtype=np.float32))
+    for i, kv in enumerate(kv_heads):
+        tensors = {"ffn_gate": (ff, embd), "ffn_up": (ff, embd), "ffn_down": (embd, ff)}
+        if kv:
+            tensors |= {"attn_q": (heads * head_dim, embd), "attn_k": (kv * head_dim, embd),
+                        "attn_v": (kv * head_dim, embd), "attn_output": (embd, heads * head_dim)}
+        else:
+            tensors |= {"shortconv.in_proj": (3 * embd, embd), "shortconv.out_proj": (embd, embd)}
+            # ggml's convolution takes its kernel in F32 only.
+            w.add_tensor(f"blk.{i}.shortconv.conv.weight", np.zeros((embd, l_cache), np.float32))
+        for name, shape in tensors.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+        norms = {"attn_norm": embd, "ffn_norm": embd}
+        if kv:
+            norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
+        for norm, size in norms.items():
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _byte_vocabulary(w: gguf.GGUFWriter, vocab: int) -> None:
+    """A SentencePiece-style vocabulary of `vocab` made-up tokens, <unk> <s> </s> first."""
+    w.add_tokenizer_model("llama")
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [bytes([97 + i % 26]) * (1 + i // 26)
+                                             for i in range(vocab - 3)]
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
 
 # -- hostile files (docs/security.md, "Hostile model files") --------------------------------
 

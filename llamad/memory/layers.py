@@ -1,0 +1,92 @@
+"""What kind each layer of a model is, from its GGUF metadata, as llama.cpp decides it:
+sliding-window, full attention, or recurrent (a fixed state instead of a KV cache)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# llama.cpp hard-codes which layers use sliding-window attention (load_swa_pattern, for
+# a model whose header gives a sliding window): one full layer every N, the last of each N
+# or, negative here, the first. Not listed: every layer counts as full, an upper bound.
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "cohere2": 4,
+               "gpt-oss": 2, "exaone4": 4, "olmo2": 4, "afmoe": 4, "mellum": 4,
+               "muse-glimmer": 4, "plamo3": 8, "cohere2moe": -4, "laguna": -4}
+# Recurrent layers keep a fixed state per sequence instead of a KV cache (llama.cpp's
+# memory-recurrent, f32): every layer of these; of Falcon-H1 every layer besides its
+# attention; of Qwen3-Next's family all but every `full_attention_interval`-th (4 unless
+# the header says); of other hybrids (LFM2, Granite 4.0-H, Nemotron-H, Jamba...) the layers
+# whose KV head count is 0. RWKV's and Kimi's states are not sized: no KV, no state.
+RECURRENT = frozenset({"mamba", "mamba2", "falcon-h1"})
+ATTENTION_EVERY = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp"})
+STATE_BYTES = 4
+
+
+class ModelInfo(Protocol):
+    """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
+    `feed_forward_length`, `expert_used_count`, `expert_feed_forward_length`, the recurrent
+    state's `full_attention_interval`, `ssm_*` and `shortconv_l_cache` (ints), `kv_heads`
+    (per layer) and `tensors` (gguf_info.TensorBytes); without `tensors` weights are split by
+    layer count."""
+
+    @property
+    def architecture(self) -> str | None: ...
+    @property
+    def block_count(self) -> int | None: ...
+    @property
+    def context_length(self) -> int | None: ...
+    @property
+    def head_count(self) -> int | None: ...
+    @property
+    def head_count_kv(self) -> int | None: ...
+    @property
+    def embedding_length(self) -> int | None: ...
+    @property
+    def key_length(self) -> int | None: ...
+    @property
+    def value_length(self) -> int | None: ...
+    @property
+    def size(self) -> int: ...
+
+
+def window(info: ModelInfo) -> int:
+    value = getattr(info, "sliding_window", None)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def swa_layers(info: ModelInfo) -> frozenset[int]:
+    pattern = SWA_PATTERN.get(info.architecture or "", 0)
+    n = abs(pattern)
+    if not n:
+        return frozenset()
+    return frozenset(il for il in range(info.block_count or 0)
+                     if (il % n != 0 if pattern < 0 else il % n < n - 1))
+
+
+def kv_heads(info: ModelInfo, n_layer: int) -> list[int]:
+    """KV heads of each layer: 0 for a recurrent one."""
+    given = getattr(info, "kv_heads", None)
+    if isinstance(given, tuple) and len(given) >= n_layer:
+        heads = list(given[:n_layer])
+    else:
+        heads = [info.head_count_kv or info.head_count or 0] * n_layer
+    arch = info.architecture or ""
+    if arch in ATTENTION_EVERY:
+        every = getattr(info, "full_attention_interval", None) or 4
+        heads = [h if (il + 1) % every == 0 else 0 for il, h in enumerate(heads)]
+    return [0] * n_layer if arch in RECURRENT - {"falcon-h1"} else heads
+
+
+def recurrent_layers(info: ModelInfo, n_layer: int) -> list[int]:
+    arch = info.architecture or ""
+    heads = kv_heads(info, n_layer)
+    return [il for il in range(n_layer) if arch in RECURRENT or heads[il] == 0]
+
+
+def state_bytes(info: ModelInfo) -> int:
+    """A recurrent layer's state for one sequence; 0 where the header gives no shape."""
+    l_cache = getattr(info, "shortconv_l_cache", None) or 0
+    if l_cache:
+        return (info.embedding_length or 0) * (l_cache - 1) * STATE_BYTES
+    conv, inner, state, groups = (getattr(info, k, None) or 0 for k in (
+        "ssm_conv_kernel", "ssm_inner_size", "ssm_state_size", "ssm_group_count"))
+    return (max(conv - 1, 0) * (inner + 2 * groups * state) + state * inner) * STATE_BYTES
