@@ -137,6 +137,23 @@ async def test_memory_limit_estimate_sets_memory_max(tiny_config: Config) -> Non
     await sup.close()
 
 
+def test_memory_max_makes_room_for_context_checkpoints(tmp_path: Path) -> None:
+    """Without --swa-full Gemma keeps up to --ctx-checkpoints copies of its sliding-window
+    cache per slot (test_memory.py checks each copy's size against llama-server); with
+    memory-limit = estimate they must fit under MemoryMax, or a long conversation on every
+    slot OOM-kills the model. With --swa-full llama-server makes none."""
+    meas = Measure(Config.default(), GpuMonitor(nvml=NoNvml()), state_dir=tmp_path)
+    base = "-c 8192 -np 4 --cache-ram 0"
+    full = meas.derived_limit(gemma(base + " --swa-full"))
+    plain, few = (meas.derived_limit(gemma(base + more)) for more in ("", " -ctxcp 2"))
+    assert full is not None and plain is not None and few is not None
+    est, est_full = (meas._estimate(gemma(a)) for a in (base, base + " --swa-full"))
+    assert est is not None and est_full is not None
+    assert plain == memory_limit(est) + 4 * 32 * 15 * MIB  # slots x checkpoints x 15 MiB
+    assert few == memory_limit(est) + 4 * 2 * 15 * MIB
+    assert full == memory_limit(est_full)
+
+
 def test_the_prompt_cache_is_the_kv_cache_at_most_llama_cpps_default() -> None:
     gemma = gemma_info()
     # 3 full layers x 4096 cells + 15 sliding-window layers x 2560 cells, 3 KiB a cell.

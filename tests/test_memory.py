@@ -24,6 +24,7 @@ from llamad.catalog import gguf_info
 from llamad.memory.estimate import (
     CUDA_FIXED,
     ServerArgs,
+    checkpoints,
     estimate,
     memory_limit,
     need,
@@ -455,6 +456,43 @@ def test_hybrid_models_have_kv_only_on_their_attention_layers(  # type: ignore[n
             print(f"\n{' '.join(args)}: KV and state estimate {est.kv.ram / MIB:.2f}, "
                   f"llama-server {real.kv / MIB:.2f} MiB")
             assert abs(est.kv.ram - real.kv) < MIB / 100
+
+
+def test_context_checkpoints_stay_within_their_bound() -> None:
+    """Gemma without --swa-full: llama-server copies its sliding-window layers' cache at each
+    prompt (a context checkpoint), up to --ctx-checkpoints per slot. Each copy it logs is
+    within llamad's bound per checkpoint, and no more copies are kept than the flag allows;
+    MemoryMax under memory-limit = estimate makes room for the whole bound."""
+    args = ["-c", "8192", "-np", "1", "--ctx-checkpoints", "3", "--cache-ram", "0"]
+    bound = checkpoints(read_meta(rig.GEMMA), args)
+    assert bound == 1 * 3 * 15 * 1024 * 1024  # 15 SWA layers x 1024 cells x 1 KiB
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "--host",
+                                 "127.0.0.1", "--port", str(port), "-t", "2", "-lv", "4",
+                                 "-fit", "off", *args], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(port, proc)
+            prompt = ""
+            for turn in range(6):  # one conversation, growing by ~150 tokens a turn
+                prompt += f" Turn {turn}: " + "the cat sat on the mat and looked around. " * 15
+                body = json.dumps({"prompt": prompt, "n_predict": 1}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body)
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    assert r.status == 200
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        out.seek(0)
+        log_text = out.read()
+    made = re.findall(r"created context checkpoint (\d+) of (\d+) .*size = ([\d.]+) MiB",
+                      log_text)
+    assert len(made) >= 4, log_text[-3000:]  # more turns than it may keep
+    assert max(int(n) for n, _, _ in made) == 3 and {int(m) for _, m, _ in made} == {3}
+    biggest = max(float(size) for _, _, size in made) * MIB
+    print(f"\ncheckpoints: largest {biggest / MIB:.2f} MiB, llamad's bound "
+          f"{bound / 3 / MIB:.2f} MiB each")
+    assert biggest <= bound / 3
 
 
 def test_qwen3_next_keeps_kv_on_every_fourth_layer_and_a_state_on_the_others() -> None:

@@ -294,9 +294,7 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
     if not n_layer or not heads or not info.embedding_length:
         return 0, Memory()
     cells = _cells(info, s)
-    head_dim = info.embedding_length // heads
-    k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
-    per_head = k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v)
+    per_head = _per_head(info, s)
     kv_heads = layers.kv_heads(info, n_layer)
     swa = layers.swa_layers(info) if cells.swa else frozenset()
     gpu = host = 0.0
@@ -307,6 +305,13 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
         else:
             host += size
     return cells.full * cells.streams, Memory(int(host), int(gpu))
+
+
+def _per_head(info: ModelInfo, s: ServerArgs) -> float:
+    """Bytes of one KV head's key and value in one cell."""
+    head_dim = (info.embedding_length or 0) // (info.head_count or 1)
+    k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
+    return k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v)
 
 
 def _state(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Memory:
@@ -392,14 +397,15 @@ def _pad(n: int, to: int = 256) -> int:
     return (n + to - 1) // to * to
 
 
-def memory_limit(est: Estimate, measured_ram: int = 0, prompt_cache: int = 0) -> int:
+def memory_limit(est: Estimate, measured_ram: int = 0, caches: int = 0) -> int:
     """MemoryMax for memory-limit = estimate: file pages once (the page cache may hold all of
     them, and a limit below that only makes the kernel reclaim them over and over), plus the
     anonymous memory with a margin; the estimate is no promise, but a runaway model must not
     take the whole machine. `measured_ram`: a learned peak, page cache included;
-    `prompt_cache`: bytes llama-server's prompt cache may fill, a bound it keeps itself."""
+    `caches`: bytes llama-server's prompt cache and context checkpoints may fill, bounds it
+    keeps itself."""
     anon = max(est.anon, measured_ram - est.mapped)
-    return est.mapped + int(anon * LIMIT_FACTOR) + LIMIT_SLACK + prompt_cache
+    return est.mapped + int(anon * LIMIT_FACTOR) + LIMIT_SLACK + caches
 
 
 def prompt_cache_mib(info: ModelInfo, args: Sequence[str]) -> int:
@@ -410,6 +416,25 @@ def prompt_cache_mib(info: ModelInfo, args: Sequence[str]) -> int:
     kv = _kv(info, parse_args(args), _Plan.of(info.block_count or 0, 0, False))[1]
     size = kv.ram + kv.vram
     return min(CACHE_RAM_MIB, -(-size // MIB)) if size else 0
+
+
+def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
+    """Bytes llama-server's context checkpoints may hold: per slot, up to --ctx-checkpoints
+    copies (32 by default) of what it cannot roll back, the recurrent layers' state and,
+    without --swa-full, the sliding-window layers' cache (llama.cpp's create_checkpoint,
+    LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY). A bound llama-server keeps itself, as the prompt
+    cache's: not planned for, added to MemoryMax (memory_limit)."""
+    s = parse_args(args)
+    n_layer, n_seq = info.block_count or 0, s.parallel or 4
+    per_seq = len(layers.recurrent_layers(info, n_layer)) * layers.state_bytes(info)
+    window = layers.window(info)
+    if window and not s.swa_full and info.head_count:
+        n_ctx = _n_ctx(info, s)
+        cells = min(_pad(n_ctx // n_seq), _pad(window + _ubatch(s, n_ctx)))
+        heads = layers.kv_heads(info, n_layer)
+        per_seq += int(cells * _per_head(info, s) * sum(heads[il] for il in
+                                                        layers.swa_layers(info)))
+    return n_seq * s.ctx_checkpoints * per_seq
 
 
 def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,

@@ -215,11 +215,12 @@ class Measure:
     def derived_limit(self, model: Model) -> int | None:
         """MemoryMax for memory-limit = estimate (memory.memory_limit); None without metadata."""
         est = self._estimate(model)
-        if est is None:
+        if est is None or model.info is None:
             return None
         found = self.learned_for(model)
-        cache = self.prompt_cache(model)[0] * MIB
-        return memory.memory_limit(est, found.ram if found is not None else 0, cache)
+        caches = self.prompt_cache(model)[0] * MIB + memory.checkpoints(model.info,
+                                                                        self.run_args(model))
+        return memory.memory_limit(est, found.ram if found is not None else 0, caches)
 
     def prompt_cache(self, model: Model) -> tuple[int, tuple[str, ...]]:
         """(MiB llama-server's prompt cache may fill, the arguments llamad adds to bound it):

@@ -46,6 +46,7 @@ class ServerArgs:
     draft_n_cpu_moe: int = 0
     draft_overrides: tuple[tuple[str, str], ...] = ()
     cache_ram: int | None = None  # MiB of the prompt cache (--cache-ram); None: not given
+    ctx_checkpoints: int = 32  # per slot (--ctx-checkpoints)
 
 
 _VALUES = {
@@ -57,6 +58,7 @@ _VALUES = {
     "--tensor-split": "tensor_split", "--n-gpu-layers-draft": "draft_gpu_layers",
     "--cache-type-k-draft": "draft_cache_type_k", "--cache-type-v-draft": "draft_cache_type_v",
     "--n-cpu-moe-draft": "draft_n_cpu_moe", "--cache-ram": "cache_ram",
+    "--swa-checkpoints": "ctx_checkpoints",  # argv.canonical of --ctx-checkpoints, -ctxcp
 }
 # Switches: (field, value when given; a --no- spelling gives the opposite).
 _SWITCHES = {
@@ -150,4 +152,5 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         draft_n_cpu_moe=max(0, _number(found, "draft_n_cpu_moe", 0)),
         draft_overrides=pairs("draft_overrides"),
         cache_ram=_number(found, "cache_ram", -1) if "cache_ram" in found else None,
+        ctx_checkpoints=max(0, _number(found, "ctx_checkpoints", 32)),
     )
