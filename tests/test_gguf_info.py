@@ -200,3 +200,10 @@ def test_other_arrays_where_kv_heads_go_are_stepped_over(tmp_path: Path) -> None
         head = read_header(path)
         assert head.kv_heads == ((0, 3) if name == "signed" else ()), name
         assert "lfm2.attention.head_count_kv" not in head.fields
+    # One array is kept at most: one under another architecture's name first is the one.
+    path = tmp_path / "decoy.gguf"
+    path.write_bytes(ggufgen.raw_gguf([
+        (b"general.architecture", 8, struct.pack("<Q", 4) + b"lfm2"),
+        (b"x.attention.head_count_kv", 9, arr(4, "I", [7] * 4)),
+        (b"lfm2.attention.head_count_kv", 9, arr(4, "I", [0, 2]))]))
+    assert read_header(path).kv_heads == ()

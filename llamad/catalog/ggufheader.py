@@ -347,8 +347,10 @@ def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Value]], bool]
     def keep(name: str, kind: int) -> int:
         wanted = name in KEPT_KEYS or name == "general.alignment" or (
             name.endswith(_ARCH_SUFFIXES) and len(kept) < 256)
-        array_ok = kind != ARRAY or name.endswith(_KV_HEADS_SUFFIX)
-        return MAX_KEPT if wanted and array_ok else 0
+        if kind == ARRAY:  # one array at most: a header cannot make the reader keep more
+            wanted = wanted and name.endswith(_KV_HEADS_SUFFIX) and not any(
+                isinstance(value, tuple) for _, value in kept.values())
+        return MAX_KEPT if wanted else 0
     for name, kind, value in _walk_keys(src, count, keep, max(map(len, KEPT_KEYS)) + 64):
         template = template or name == TEMPLATE_KEY
         if value is not None and name is not None:
