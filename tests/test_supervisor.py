@@ -127,9 +127,9 @@ def polls_until(ready_at: float) -> tuple[float, int]:
 
 @pytest.mark.parametrize("ready_at", [0.05, 0.3, 0.9, 2.5, 30.0, 600.0])
 def test_readiness_is_seen_within_two_percent_of_the_load(ready_at: float) -> None:
-    """A 0.9 s load was seen ready up to 100 ms late (a doubling back-off); router mode's
-    children say so at once. The looks stay few: under 200 in the first seconds, then
-    10 a second."""
+    """A 0.9 s load was seen ready up to 100 ms late (a back-off growing by half each
+    time); router mode's children say so at once. The looks stay few: under 200 in the
+    first seconds, then 10 a second."""
     seen, looks = polls_until(ready_at)
     assert seen - ready_at <= max(lifecycle.HEALTH_FIRST_INTERVAL,
                                   lifecycle.HEALTH_SHARE * ready_at) + 1e-9

@@ -429,8 +429,8 @@ def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
     per_seq = len(layers.recurrent_layers(info, n_layer)) * layers.state_bytes(info)
     window = layers.window(info)
     if window and not s.swa_full and info.head_count:
-        n_ctx = _n_ctx(info, s)
-        cells = min(_pad(n_ctx // n_seq), _pad(window + _ubatch(s, n_ctx)))
+        # A slot's own sliding-window cells, as a cache of one stream per slot holds them.
+        cells = _cells(info, dataclasses.replace(s, kv_unified=False)).swa
         heads = layers.kv_heads(info, n_layer)
         per_seq += int(cells * _per_head(info, s) * sum(heads[il] for il in
                                                         layers.swa_layers(info)))

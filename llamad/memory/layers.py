@@ -12,11 +12,13 @@ SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "co
                "gpt-oss": 2, "exaone4": 4, "olmo2": 4, "afmoe": 4, "mellum": 4,
                "muse-glimmer": 4, "plamo3": 8, "cohere2moe": -4, "laguna": -4}
 # Recurrent layers keep a fixed state per sequence instead of a KV cache (llama.cpp's
-# memory-recurrent, f32): every layer of these; of Falcon-H1 every layer besides its
-# attention; of Qwen3-Next's family all but every `full_attention_interval`-th (4 unless
-# the header says); of other hybrids (LFM2, Granite 4.0-H, Nemotron-H, Jamba...) the layers
-# whose KV head count is 0. RWKV's and Kimi's states are not sized: no KV, no state.
-RECURRENT = frozenset({"mamba", "mamba2", "falcon-h1"})
+# memory-recurrent, f32): every layer of Mamba's, which have no attention; of Falcon-H1
+# every layer, beside its attention; of Qwen3-Next's family all but every
+# `full_attention_interval`-th (4 unless the header says); of other hybrids (LFM2, Granite
+# 4.0-H, Nemotron-H, Jamba...) the layers whose KV head count is 0. RWKV's and Kimi's
+# states are not sized: no KV, no state.
+NO_ATTENTION = frozenset({"mamba", "mamba2"})
+STATE_EVERYWHERE = NO_ATTENTION | {"falcon-h1"}
 ATTENTION_EVERY = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp"})
 STATE_BYTES = 4
 
@@ -73,13 +75,14 @@ def kv_heads(info: ModelInfo, n_layer: int) -> list[int]:
     if arch in ATTENTION_EVERY:
         every = getattr(info, "full_attention_interval", None) or 4
         heads = [h if (il + 1) % every == 0 else 0 for il, h in enumerate(heads)]
-    return [0] * n_layer if arch in RECURRENT - {"falcon-h1"} else heads
+    return [0] * n_layer if arch in NO_ATTENTION else heads
 
 
 def recurrent_layers(info: ModelInfo, n_layer: int) -> list[int]:
-    arch = info.architecture or ""
-    heads = kv_heads(info, n_layer)
-    return [il for il in range(n_layer) if arch in RECURRENT or heads[il] == 0]
+    """The layers with a recurrent state: those without KV heads, or all of them."""
+    if (info.architecture or "") in STATE_EVERYWHERE:
+        return list(range(n_layer))
+    return [il for il, heads in enumerate(kv_heads(info, n_layer)) if heads == 0]
 
 
 def state_bytes(info: ModelInfo) -> int:

@@ -30,8 +30,9 @@ log = logging.getLogger("llamad.supervisor")
 
 # A loading model's /health is polled every 5 ms at first, then every HEALTH_SHARE of the
 # time it has loaded so far, up to every 100 ms: its readiness is seen on average within
-# 1 % of its load time (a doubling back-off lost ~60 ms of a 0.9 s load; router mode's
-# children report ready at once), at ~30 polls a second while small models load.
+# 1 % of its load time (a back-off growing by half each time lost ~60 ms of a 0.9 s load;
+# router mode's children report ready at once), at ~115 looks for a 0.9 s load and 10 a
+# second once the interval reaches 100 ms (after 5 s).
 HEALTH_FIRST_INTERVAL = 0.005
 HEALTH_SHARE = 0.02
 HEALTH_INTERVAL = 0.1
