@@ -56,6 +56,8 @@ class Meta:
     ssm_inner_size: int | None = None
     ssm_state_size: int | None = None
     ssm_group_count: int | None = None
+    kda_head_dim: int | None = None
+    kv_heads: tuple[int, ...] | None = None
 
 
 LLAMA3_8B = Meta()  # the shape of Llama 3 8B (Q4_K_M file size)
@@ -493,6 +495,45 @@ def test_context_checkpoints_stay_within_their_bound() -> None:
     print(f"\ncheckpoints: largest {biggest / MIB:.2f} MiB, llamad's bound "
           f"{bound / 3 / MIB:.2f} MiB each")
     assert biggest <= bound / 3
+
+
+def test_rwkv_keeps_a_state_on_every_layer_and_no_kv(  # type: ignore[no-untyped-def]
+        tmp_path: Path, subtests) -> None:
+    """RWKV (no attention): each layer keeps a token shift of 2 x embedding and a state of
+    embedding x head size floats per slot, as llama-server sizes them. Without them llamad
+    counted no memory for a context at all: RWKV-7 2.9B's 32 layers at -np 32 hold 660 MiB."""
+    path = ggufgen.write_rwkv6(tmp_path / "rwkv6.gguf", embd=256, ff=512, blocks=3)
+    info = gguf_info.combine([gguf_info.read_header(path)], None)
+    assert (info.architecture, info.wkv_head_size, info.head_count) == ("rwkv6", 64, 0)
+    for args in (["-c", "4096", "-np", "4"], ["-c", "65536", "-np", "1"]):
+        with subtests.test(args):
+            real = run_llama_server(args, path)
+            est = estimate(info, args, gpu=False)
+            print(f"\n{' '.join(args)}: state estimate {est.kv.ram / MIB:.3f}, "
+                  f"llama-server {real.kv / MIB:.3f} MiB")
+            assert real.kv > 0 and abs(est.kv.ram - real.kv) < MIB / 100
+
+
+def test_other_linear_attention_states() -> None:
+    """Kimi Linear 48B's shape (its recurrent layers have 0 KV heads): a state per slot of
+    3 x (d_conv - 1) x heads x head_dim + head_dim² x heads floats; MiniMax-01's shape:
+    attention every 8th layer, a head_dim² x heads state on the others (llama-hparams.cpp
+    n_embd_r, n_embd_s; kimi-linear.cpp, minimax-01.cpp)."""
+    kimi = Meta(architecture="kimi-linear", block_count=4, head_count=32, head_count_kv=None,
+                embedding_length=2304, key_length=128, value_length=128, ssm_conv_kernel=4,
+                kda_head_dim=128, kv_heads=(0, 0, 0, 0))
+    per_slot = (3 * 3 * 32 * 128 + 128 * 128 * 32) * 4
+    assert estimate(kimi, ["-np", "2"], gpu=False).kv.ram == 4 * 2 * per_slot
+    mixed = dataclasses.replace(kimi, kv_heads=(0, 32, 0, 32))
+    kv_only = dataclasses.replace(mixed, kda_head_dim=None)
+    args = ["-c", "4096", "-np", "2"]
+    assert estimate(kv_only, args, gpu=False).kv.ram > 0
+    assert (estimate(mixed, args, gpu=False).kv.ram - estimate(kv_only, args, gpu=False).kv.ram
+            == 2 * 2 * per_slot)
+    minimax = Meta(architecture="minimax-01", block_count=16, head_count=64, head_count_kv=8,
+                   embedding_length=6144, key_length=128, value_length=128)
+    est = estimate(minimax, ["-c", "8192", "-np", "1"], gpu=False)
+    assert est.kv.ram == 2 * 8192 * 8 * (128 + 128) * 2 + 14 * 128 * 128 * 64 * 4
 
 
 def test_qwen3_next_keeps_kv_on_every_fourth_layer_and_a_state_on_the_others() -> None:

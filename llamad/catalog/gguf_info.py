@@ -30,7 +30,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 8  # 8: hybrid models' KV heads per layer and recurrent state sizes
+CACHE_VERSION = 9  # 9: RWKV's and Kimi Linear's recurrent state sizes
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class GGUFInfo:
     ssm_state_size: int | None = None
     ssm_group_count: int | None = None
     shortconv_l_cache: int | None = None
+    wkv_head_size: int | None = None
+    token_shift_count: int | None = None
+    kda_head_dim: int | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
     projector: Projector | None = None  # the paired mmproj file, when there is one
     # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML

@@ -55,7 +55,8 @@ ARCH_FIELDS = {
     "full_attention_interval": "full_attention_interval",
     "ssm_conv_kernel": "ssm.conv_kernel", "ssm_inner_size": "ssm.inner_size",
     "ssm_state_size": "ssm.state_size", "ssm_group_count": "ssm.group_count",
-    "shortconv_l_cache": "shortconv.l_cache",
+    "shortconv_l_cache": "shortconv.l_cache", "wkv_head_size": "wkv.head_size",
+    "token_shift_count": "token_shift_count", "kda_head_dim": "kda.head_dim",
 }
 KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
 # The one per-layer array kept: KV heads of each layer (llama.cpp's get_key_or_arr), 0 for

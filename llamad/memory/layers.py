@@ -12,23 +12,23 @@ SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "co
                "gpt-oss": 2, "exaone4": 4, "olmo2": 4, "afmoe": 4, "mellum": 4,
                "muse-glimmer": 4, "plamo3": 8, "cohere2moe": -4, "laguna": -4}
 # Recurrent layers keep a fixed state per sequence instead of a KV cache (llama.cpp's
-# memory-recurrent, f32): every layer of Mamba's, which have no attention; of Falcon-H1
-# every layer, beside its attention; of Qwen3-Next's family all but every
-# `full_attention_interval`-th (4 unless the header says); of other hybrids (LFM2, Granite
-# 4.0-H, Nemotron-H, Jamba...) the layers whose KV head count is 0. RWKV's and Kimi's
-# states are not sized: no KV, no state.
-NO_ATTENTION = frozenset({"mamba", "mamba2"})
+# memory-recurrent, f32): every layer of Mamba's and RWKV's, which have no attention; of
+# Falcon-H1 every layer, beside its attention; of Qwen3-Next's family and MiniMax-01 all but
+# every `full_attention_interval`-th (4 unless the header says; MiniMax-01's 8); of other
+# hybrids (LFM2, Granite 4.0-H, Nemotron-H, Jamba, Kimi Linear...) the layers whose KV head
+# count is 0.
+NO_ATTENTION = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
 STATE_EVERYWHERE = NO_ATTENTION | {"falcon-h1"}
-ATTENTION_EVERY = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp"})
+ATTENTION_EVERY = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
 STATE_BYTES = 4
 
 
 class ModelInfo(Protocol):
     """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
     `feed_forward_length`, `expert_used_count`, `expert_feed_forward_length`, the recurrent
-    state's `full_attention_interval`, `ssm_*` and `shortconv_l_cache` (ints), `kv_heads`
-    (per layer) and `tensors` (gguf_info.TensorBytes); without `tensors` weights are split by
-    layer count."""
+    state's `full_attention_interval`, `ssm_*`, `shortconv_l_cache`, `wkv_head_size`,
+    `token_shift_count` and `kda_head_dim` (ints), `kv_heads` (per layer) and `tensors`
+    (gguf_info.TensorBytes); without `tensors` weights are split by layer count."""
 
     @property
     def architecture(self) -> str | None: ...
@@ -73,7 +73,7 @@ def kv_heads(info: ModelInfo, n_layer: int) -> list[int]:
         heads = [info.head_count_kv or info.head_count or 0] * n_layer
     arch = info.architecture or ""
     if arch in ATTENTION_EVERY:
-        every = getattr(info, "full_attention_interval", None) or 4
+        every = getattr(info, "full_attention_interval", None) or ATTENTION_EVERY[arch]
         heads = [h if (il + 1) % every == 0 else 0 for il, h in enumerate(heads)]
     return [0] * n_layer if arch in NO_ATTENTION else heads
 
@@ -86,10 +86,28 @@ def recurrent_layers(info: ModelInfo, n_layer: int) -> list[int]:
 
 
 def state_bytes(info: ModelInfo) -> int:
-    """A recurrent layer's state for one sequence; 0 where the header gives no shape."""
-    l_cache = getattr(info, "shortconv_l_cache", None) or 0
-    if l_cache:
-        return (info.embedding_length or 0) * (l_cache - 1) * STATE_BYTES
-    conv, inner, state, groups = (getattr(info, k, None) or 0 for k in (
-        "ssm_conv_kernel", "ssm_inner_size", "ssm_state_size", "ssm_group_count"))
-    return (max(conv - 1, 0) * (inner + 2 * groups * state) + state * inner) * STATE_BYTES
+    """A recurrent layer's state for one sequence, as llama.cpp's n_embd_r (the convolution's
+    or token shift's rows) and n_embd_s (the state proper) size it, f32; 0 where the header
+    gives no shape."""
+    embd = info.embedding_length or 0
+    wkv = getattr(info, "wkv_head_size", None) or 0
+    if wkv:  # RWKV
+        return ((getattr(info, "token_shift_count", None) or 2) + wkv) * embd * STATE_BYTES
+    conv, inner, state, groups, l_cache, kda = (getattr(info, k, None) or 0 for k in (
+        "ssm_conv_kernel", "ssm_inner_size", "ssm_state_size", "ssm_group_count",
+        "shortconv_l_cache", "kda_head_dim"))
+    heads = info.head_count or 0
+    if l_cache:  # LFM2's short convolution
+        rows = embd * (l_cache - 1)
+    elif kda:  # Kimi Linear's delta attention: q, k and v convolved
+        rows = 3 * (conv - 1 if conv > 0 else 3) * heads * kda
+    else:  # Mamba's convolution
+        rows = max(conv - 1, 0) * (inner + 2 * groups * state)
+    if kda:
+        full = kda * kda * heads
+    elif info.architecture == "minimax-01":  # lightning attention: a head_dim² per head
+        head = info.key_length or (embd // heads if heads else 0)
+        full = head * head * heads
+    else:
+        full = state * inner
+    return (rows + full) * STATE_BYTES

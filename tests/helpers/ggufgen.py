@@ -191,6 +191,52 @@ def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence
     return path
 
 
+def write_rwkv6(path: Path, *, embd: int, ff: int, blocks: int, head_size: int = 64,
+                vocab: int = 1024) -> Path:
+    """An RWKV-6 model llama-server loads and runs (llama.cpp's rwkv6.cpp tensors): no
+    attention, a recurrent state on every layer, F32 zeros (its element-wise ops want F32)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "rwkv6")
+    w.add_context_length(1048576)
+    w.add_block_count(blocks)
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(0)
+    w.add_layer_norm_eps(1e-5)
+    w.add_uint32("rwkv6.wkv.head_size", head_size)
+    w.add_uint32("rwkv6.time_mix_extra_dim", 8)
+    w.add_uint32("rwkv6.time_decay_extra_dim", 16)
+    _byte_vocabulary(w, vocab)
+    # numpy shapes: ggml's dimensions reversed.
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (vocab, embd), "token_embd_norm.weight": (embd,),
+        "token_embd_norm.bias": (embd,), "output_norm.weight": (embd,),
+        "output_norm.bias": (embd,), "output.weight": (vocab, embd)}
+    layer = {"attn_norm.weight": (embd,), "attn_norm.bias": (embd,),
+             "attn_norm_2.weight": (embd,), "attn_norm_2.bias": (embd,),
+             "time_mix_w1.weight": (8 * 5, embd), "time_mix_w2.weight": (5, embd, 8),
+             "time_mix_lerp_x.weight": (1, 1, embd), "time_mix_lerp_fused.weight": (5, 1, 1, embd),
+             "time_mix_first.weight": (embd // head_size, head_size),
+             "time_mix_decay.weight": (embd,), "time_mix_decay_w1.weight": (16, embd),
+             "time_mix_decay_w2.weight": (embd, 16), "time_mix_ln.weight": (embd,),
+             "time_mix_ln.bias": (embd,), "channel_mix_lerp_k.weight": (1, 1, embd),
+             "channel_mix_lerp_r.weight": (1, 1, embd), "channel_mix_key.weight": (ff, embd),
+             "channel_mix_value.weight": (embd, ff),
+             "channel_mix_receptance.weight": (embd, embd),
+             **{f"time_mix_{m}.weight": (embd, embd) for m in (
+                 "key", "value", "receptance", "gate", "output")}}
+    for i in range(blocks):
+        shapes |= {f"blk.{i}.{name}": shape for name, shape in layer.items()}
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _byte_vocabulary(w: gguf.GGUFWriter, vocab: int) -> None:
     """A SentencePiece-style vocabulary of `vocab` made-up tokens, <unk> <s> </s> first."""
     w.add_tokenizer_model("llama")
