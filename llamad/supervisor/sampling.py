@@ -27,13 +27,12 @@ async def sample(sup: Supervisor) -> None:
 async def _ram(sup: Supervisor, unit: str, pid: int) -> tuple[int, int]:
     """Bytes (now, peak) of one model's unit; zeros when nothing can be read."""
     try:
-        status = await sup.units.status(unit)
+        current, peak = await sup.units.memory(unit)
     except UnitError:
-        status = None
-    if status is not None and status.memory_current is not None:
+        current = peak = None
+    if current is not None:
         # The cgroup's own peak also holds what rose and fell between two samples (a load's
         # compute buffers); before systemd 256 the samples' maximum stands in for it.
-        peak = status.memory_peak or status.memory_current
-        return status.memory_current, max(peak, status.memory_current)
+        return current, max(peak or current, current)
     proc = proc_memory(pid)
     return (proc.rss, proc.peak) if proc is not None else (0, 0)

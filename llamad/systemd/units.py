@@ -295,6 +295,7 @@ class UnitManager:
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.follow(on_change, on_reconnect)
         self._caller = bus.Caller()
+        self._memory_peak = True  # until this systemd says it has no MemoryPeak
         self._signals = bus.Signals(self._caller, self._on_props, self._on_removed,
                                     lambda: self._on_reconnect())
 
@@ -411,6 +412,26 @@ class UnitManager:
         props = await self.properties(name, UNIT_IFACE)
         props.update(await self.properties(name, SERVICE_IFACE))
         return status_from_props(name, props)
+
+    async def memory(self, name: str) -> tuple[int | None, int | None]:
+        """The unit's MemoryCurrent and MemoryPeak in bytes, None where systemd accounts no
+        memory (cgroup v1) or has no MemoryPeak (before 256). Asked of every running model
+        at every tick: two Gets cost llamad a sixth of status()'s two GetAlls of ~300
+        properties (0.27 against 1.5 ms of CPU here), and systemd less too."""
+        current = _bytes(await self._get(name, "MemoryCurrent"))
+        if current is None or not self._memory_peak:
+            return current, None
+        try:
+            return current, _bytes(await self._get(name, "MemoryPeak"))
+        except UnitError as e:
+            if "MemoryPeak" not in str(e):
+                raise
+            self._memory_peak = False  # this systemd has none: do not ask again
+            return current, None
+
+    async def _get(self, name: str, prop: str) -> Any:
+        return await self._caller.call(bus.unit_path(name), bus.PROPS_IFACE, b"Get",
+                                       bus.args(b"ss", [SERVICE_IFACE, prop]))
 
     async def start_ttl_timer(self, unit: str, seconds: float) -> None:
         """Have systemd stop `unit` after `seconds` (ttl_timer)."""

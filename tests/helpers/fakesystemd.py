@@ -78,6 +78,10 @@ class FakeSystemd:
         found = self.units.get(name, UnitStatus(name))
         return dataclasses.replace(found, memory_current=self.memory_current)
 
+    async def memory(self, name: str) -> tuple[int | None, int | None]:
+        status = await self.status(name)
+        return status.memory_current, status.memory_peak
+
     async def list_ours(self) -> list[UnitStatus]:
         return [s for s in self.units.values() if s.ours]
 
