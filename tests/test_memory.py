@@ -425,6 +425,57 @@ def test_compute_buffer_of_other_shapes(tmp_path: Path, subtests) -> None:  # ty
             path.unlink()
 
 
+def test_compute_buffer_of_mixtures_of_experts(tmp_path: Path, subtests) -> None:  # type: ignore[no-untyped-def]
+    """Mixture-of-experts models: llama.cpp's graph holds the chosen experts' activations,
+    used x expert width a token, and their outputs before they are summed, used x embedding,
+    which need room of their own where the embedding is over twice an expert's width (most
+    fine-grained MoEs: Qwen3-30B-A3B 2048 against 768). Counted as one dense layer's width,
+    Mixtral's graph looked a third of its size; without the outputs, Qwen3-MoE's looked
+    half (12 against 20 MiB below). The compute term against llama-server's own buffer."""
+    shapes = [("qwen3moe", 8, 2, 512), ("qwen3moe", 16, 4, 256), ("qwen3moe", 64, 8, 128),
+              ("qwen3moe", 64, 8, 32), ("qwen3moe", 64, 16, 64), ("llama", 8, 2, 1024)]
+    for arch, experts, used, ff_exp in shapes:
+        name = f"{arch}: {experts} experts of {ff_exp}, {used} used"
+        with subtests.test(name):
+            path = ggufgen.write_moe(tmp_path / "moe.gguf", embd=512, heads=8, heads_kv=2,
+                                     head_dim=64, experts=experts, used=used,
+                                     ff_exp=ff_exp, arch=arch)
+            info = gguf_info.combine([gguf_info.read_header(path)], None)
+            for args in (["-c", "1024"], ["-c", "4096", "-ub", "256", "-np", "1"]):
+                real = run_llama_server(args, path)
+                graph = estimate(info, args, gpu=False).compute.ram - logits(args, 1024)
+                print(f"\n{name} {' '.join(args)}: compute estimate {graph / MIB:.2f},"
+                      f" llama-server {real.compute / MIB:.2f} MiB")
+                assert real.compute <= graph <= real.compute * 1.35
+            path.unlink()
+
+
+def test_multi_head_latent_attention_caches_no_values(tmp_path: Path, subtests) -> None:  # type: ignore[no-untyped-def]
+    """DeepSeek 2's attention as llama.cpp's converter writes it now (key_length_mla in the
+    header): the cache holds one compressed latent per token as K, and no V. Counted with a
+    V of value_length, DeepSeek V3's KV looked 1.9 times its size (576 + 512 against 576
+    per token and layer), so a long context fit in less of the GPU than it does. The same
+    model in the older format, every head with its own K and V, is sized as before."""
+    for mla in (True, False):
+        with subtests.test(mla=mla):
+            path = ggufgen.write_deepseek2(tmp_path / "ds2.gguf", embd=512, heads=8,
+                                           kv_lora=128, rope=32, nope=32, v_head=64,
+                                           ff=1024, mla=mla)
+            info = gguf_info.combine([gguf_info.read_header(path)], None)
+            assert info.key_length_mla == (64 if mla else None)
+            for args in (["-c", "4096", "-np", "1"],
+                         ["-c", "16384", "-np", "4", "-ctk", "q8_0", "-ctv", "q8_0"]):
+                real = run_llama_server(args, path)
+                est = estimate(info, args, gpu=False)
+                graph = est.compute.ram - logits(args, 1024)
+                print(f"\nMLA {mla} {' '.join(args)}: KV estimate {est.kv.ram / MIB:.2f}, "
+                      f"llama-server {real.kv / MIB:.2f} MiB; compute estimate "
+                      f"{graph / MIB:.2f}, llama-server {real.compute / MIB:.2f} MiB")
+                assert abs(est.kv.ram - real.kv) < MIB / 100
+                assert real.compute <= graph <= real.compute * 1.35
+            path.unlink()
+
+
 def test_sliding_window_layers_of_other_architectures(tmp_path: Path) -> None:
     """OLMo 2 with a sliding window (llama.cpp: three layers of every four, as for several
     architectures besides Gemma's): its KV cache as llama-server sizes it, not four full

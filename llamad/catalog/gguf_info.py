@@ -30,10 +30,12 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 9  # 9: RWKV's and Kimi Linear's recurrent state sizes
+CACHE_VERSION = 10  # 10: multi-head latent attention's key length
 
 
-@dataclass(frozen=True)
+# Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no
+# longer shares its keys with the others and takes 1.7 KB (1.3 MB at 1,000 models).
+@dataclass(frozen=True, slots=True)
 class GGUFInfo:
     """What a GGUF header says that sizing and the listings need."""
 
@@ -50,6 +52,7 @@ class GGUFInfo:
     quantization: str | None
     modalities: tuple[str, ...]
     sliding_window: int | None = None  # tokens; memory.py sizes SWA layers' cache by it
+    key_length_mla: int | None = None  # multi-head latent attention: its cache has no V
     feed_forward_length: int | None = None
     expert_count: int | None = None
     expert_used_count: int | None = None

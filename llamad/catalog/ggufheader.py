@@ -47,6 +47,7 @@ ARCH_FIELDS = {
     "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
     "embedding_length": "embedding_length", "key_length": "attention.key_length",
     "value_length": "attention.value_length", "sliding_window": "attention.sliding_window",
+    "key_length_mla": "attention.key_length_mla",
     "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
     "expert_used_count": "expert_used_count",
     "expert_feed_forward_length": "expert_feed_forward_length",

@@ -308,9 +308,13 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
 
 
 def _per_head(info: ModelInfo, s: ServerArgs) -> float:
-    """Bytes of one KV head's key and value in one cell."""
+    """Bytes of one KV head's key and value in one cell. With multi-head latent attention
+    (DeepSeek 2 and 3, Kimi K2, GLM-4.7-Flash: the header gives key_length_mla) llama.cpp
+    caches the compressed latent as the one head's K, and no V."""
     head_dim = (info.embedding_length or 0) // (info.head_count or 1)
     k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
+    if getattr(info, "key_length_mla", None):
+        v_len = 0
     return k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v)
 
 
@@ -364,11 +368,8 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
     k_len = info.key_length or n_embd // heads
     cells = _cells(info, s)
     ub = _ubatch(s, _n_ctx(info, s))
-    ff = getattr(info, "feed_forward_length", None) or 0
-    experts = (getattr(info, "expert_feed_forward_length", None) or 0) * (
-        getattr(info, "expert_used_count", None) or 0)
-    ff = max(ff, experts) or 4 * n_embd
-    work = ub * (GRAPH_FF * ff + GRAPH_EMBD * n_embd + GRAPH_FIXED) * 4
+    ff, outputs = _feed_forward(info, n_embd)
+    work = ub * (GRAPH_FF * ff + GRAPH_EMBD * n_embd + outputs + GRAPH_FIXED) * 4
     mask_cells = cells.full + cells.swa
     if s.flash_attn == "off":
         scores = ub * cells.full * heads * 4 + ub * (
@@ -382,6 +383,22 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
         head = ub * _vocab(info) * 4 if info.architecture not in ENCODERS else 0
         return masks + work + head
     return masks + max(work, _logits(info, s))
+
+
+def _feed_forward(info: ModelInfo, n_embd: int) -> tuple[int, int]:
+    """Floats a token of the feed-forward stage: its width (a mixture of experts': the
+    chosen experts', used x expert width, the expert width being feed_forward_length where
+    the header gives no other, as for Mixtral), and the chosen experts' outputs before they
+    are summed, used x embedding, where they find no room freed by the experts' activations
+    (llama.cpp's graph allocator reuses those only where the embedding is at most twice an
+    expert's width; test_memory.py checks both sides against llama-server's buffers)."""
+    ff = getattr(info, "feed_forward_length", None) or 0
+    used = getattr(info, "expert_used_count", None) or 0
+    width = getattr(info, "expert_feed_forward_length", None) or (
+        ff if getattr(info, "expert_count", None) else 0)
+    if not used or not width:
+        return ff or 4 * n_embd, 0
+    return max(ff, used * width), used * n_embd if n_embd > 2 * width else 0
 
 
 def _ubatch(s: ServerArgs, n_ctx: int) -> int:

@@ -25,10 +25,11 @@ STATE_BYTES = 4
 
 class ModelInfo(Protocol):
     """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
-    `feed_forward_length`, `expert_used_count`, `expert_feed_forward_length`, the recurrent
-    state's `full_attention_interval`, `ssm_*`, `shortconv_l_cache`, `wkv_head_size`,
-    `token_shift_count` and `kda_head_dim` (ints), `kv_heads` (per layer) and `tensors`
-    (gguf_info.TensorBytes); without `tensors` weights are split by layer count."""
+    `key_length_mla`, `feed_forward_length`, `expert_count`, `expert_used_count`,
+    `expert_feed_forward_length`, the recurrent state's `full_attention_interval`, `ssm_*`,
+    `shortconv_l_cache`, `wkv_head_size`, `token_shift_count` and `kda_head_dim` (ints),
+    `kv_heads` (per layer) and `tensors` (gguf_info.TensorBytes); without `tensors` weights
+    are split by layer count."""
 
     @property
     def architecture(self) -> str | None: ...

@@ -143,6 +143,118 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
 
 
 
+def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int,
+              experts: int, used: int, ff_exp: int, blocks: int = 2, vocab: int = 1024,
+              arch: str = "qwen3moe") -> Path:
+    """A mixture-of-experts model llama-server loads and runs: `experts` experts of width
+    `ff_exp` on every layer, `used` of them per token. Qwen3-MoE's tensors, or with
+    arch="llama" Mixtral's (whose header gives the experts' width as feed_forward_length
+    only, and no Q/K norms)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(32768)
+    w.add_block_count(blocks)
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff_exp)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_expert_count(experts)
+    w.add_expert_used_count(used)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(ff_exp)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    _byte_vocabulary(w, vocab)
+
+    def f16(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float16)
+
+    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
+    w.add_tensor("output.weight", f16(vocab, embd))
+    for i in range(blocks):
+        for name, shape in (("attn_q", (heads * head_dim, embd)),
+                            ("attn_k", (heads_kv * head_dim, embd)),
+                            ("attn_v", (heads_kv * head_dim, embd)),
+                            ("attn_output", (embd, heads * head_dim)),
+                            ("ffn_gate_exps", (experts, ff_exp, embd)),
+                            ("ffn_up_exps", (experts, ff_exp, embd)),
+                            ("ffn_down_exps", (experts, embd, ff_exp))):
+            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((experts, embd), np.float32))
+        norms = {"attn_norm": embd, "ffn_norm": embd}
+        if arch != "llama":
+            norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
+        for norm, size in norms.items():
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_deepseek2(path: Path, *, embd: int, heads: int, kv_lora: int, rope: int,
+                    nope: int, v_head: int, ff: int, blocks: int = 2, mla: bool = True,
+                    vocab: int = 1024) -> Path:
+    """A DeepSeek-2 model (multi-head latent attention) llama-server loads and runs, dense
+    layers only. With `mla` its header says so as llama.cpp's converter writes it today (one
+    KV head of kv_lora + rope, the per-head sizes under key_length_mla/value_length_mla);
+    without, as older files did (every head with its own K and V)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_context_length(32768)
+    w.add_block_count(blocks)
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    if mla:
+        w.add_head_count_kv(1)
+        w.add_key_length(kv_lora + rope)
+        w.add_value_length(kv_lora)
+        w.add_uint32("deepseek2.attention.key_length_mla", nope + rope)
+        w.add_uint32("deepseek2.attention.value_length_mla", v_head)
+    else:
+        w.add_head_count_kv(heads)
+        w.add_key_length(nope + rope)
+        w.add_value_length(v_head)
+    w.add_rope_dimension_count(rope)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_uint32("deepseek2.leading_dense_block_count", blocks)
+    w.add_uint32("deepseek2.attention.q_lora_rank", 64)
+    w.add_uint32("deepseek2.attention.kv_lora_rank", kv_lora)
+    w.add_uint32("deepseek2.expert_feed_forward_length", ff)
+    w.add_uint32("deepseek2.expert_shared_count", 0)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    _byte_vocabulary(w, vocab)
+
+    def f16(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float16)
+
+    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
+    w.add_tensor("output.weight", f16(vocab, embd))
+    attention = {"attn_k_b": (heads, kv_lora, nope), "attn_v_b": (heads, v_head, kv_lora)} \
+        if mla else {"attn_kv_b": (heads * (nope + v_head), kv_lora)}
+    for i in range(blocks):
+        for name, shape in {"attn_q_a": (64, embd), "attn_q_b": (heads * (nope + rope), 64),
+                            "attn_kv_a_mqa": (kv_lora + rope, embd), **attention,
+                            "attn_output": (embd, heads * v_head), "ffn_gate": (ff, embd),
+                            "ffn_up": (ff, embd), "ffn_down": (embd, ff)}.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+        for norm, size in (("attn_norm", embd), ("attn_q_a_norm", 64),
+                           ("attn_kv_a_norm", kv_lora), ("ffn_norm", embd)):
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence[int],
                head_dim: int, l_cache: int = 3, vocab: int = 1024, context: int = 32768) -> Path:
     """A hybrid LFM2 model llama-server loads and runs: a short-convolution (recurrent)
