@@ -182,6 +182,24 @@ def test_per_layer_kv_heads_of_a_hybrid_model_survive_a_restart(tmp_path: Path) 
     assert (info.kv_heads, info.head_count_kv, info.shortconv_l_cache) == ((0, 2, 0, 1), None, 3)
 
 
+def test_gemma4_layer_arrays_survive_a_restart(tmp_path: Path) -> None:
+    """Both per-layer arrays are kept, each once: the KV heads and the sliding-window layers
+    (bools)."""
+    path = ggufgen.write_gemma4(tmp_path / "gemma4.gguf", embd=64, ff=128, heads=2,
+                                swa=[True, True, False, True, False], kv_heads=(2, 1),
+                                head_dims=(32, 64), window=128, shared_kv=2)
+    store = tmp_path / "info.json"
+    cache = InfoCache(store)
+    head = cache.header(path)
+    assert (head.kv_heads, head.swa_pattern) == ((2, 2, 1, 2, 1), (1, 1, 0, 1, 0))
+    cache.save()
+    again = InfoCache(store).header(path)
+    assert again == head and type(again.swa_pattern) is tuple
+    info = combine([again], None)
+    assert (info.swa_pattern, info.shared_kv_layers, info.key_length_swa) == (
+        (1, 1, 0, 1, 0), 2, 32)
+
+
 def test_other_arrays_where_kv_heads_go_are_stepped_over(tmp_path: Path) -> None:
     """Only whole numbers, one per layer at most (MAX_LAYERS), are kept; anything else in
     that place reads as no per-layer count (the model's head count is used)."""
@@ -207,3 +225,11 @@ def test_other_arrays_where_kv_heads_go_are_stepped_over(tmp_path: Path) -> None
         (b"x.attention.head_count_kv", 9, arr(4, "I", [7] * 4)),
         (b"lfm2.attention.head_count_kv", 9, arr(4, "I", [0, 2]))]))
     assert read_header(path).kv_heads == ()
+    # One of each kind: a decoy sliding-window pattern leaves the KV heads' array kept.
+    path.write_bytes(ggufgen.raw_gguf([
+        (b"general.architecture", 8, struct.pack("<Q", 6) + b"gemma4"),
+        (b"x.attention.sliding_window_pattern", 9, arr(7, "B", [1] * 4)),
+        (b"gemma4.attention.sliding_window_pattern", 9, arr(7, "B", [1, 0])),
+        (b"gemma4.attention.head_count_kv", 9, arr(4, "I", [2, 1]))]))
+    head = read_header(path)
+    assert (head.swa_pattern, head.kv_heads) == ((), (2, 1))

@@ -21,6 +21,7 @@ from helpers.h100 import H100, H100_ANON, H100_RAM, gemma_info
 from helpers.ports import free_port
 
 from llamad.catalog import gguf_info
+from llamad.memory import layers
 from llamad.memory.estimate import (
     CUDA_FIXED,
     ServerArgs,
@@ -474,6 +475,33 @@ def test_multi_head_latent_attention_caches_no_values(tmp_path: Path, subtests) 
                 assert abs(est.kv.ram - real.kv) < MIB / 100
                 assert real.compute <= graph <= real.compute * 1.35
             path.unlink()
+
+
+def test_gemma4_sliding_window_layers_and_shared_caches(tmp_path: Path, subtests) -> None:  # type: ignore[no-untyped-def]
+    """Gemma 4 (llama.cpp's gemma4.cpp): the header lists its sliding-window layers one by
+    one, gives them a head size and KV head count of their own, and its last layers reuse
+    earlier layers' caches (`attention.shared_kv_layers`). Counted as full layers, each
+    with a cache at the full layers' head size, its KV at -c 16384 -np 4 looked 6.2 times
+    llama-server's (224 against 36 MiB). Gemma 3n's layers after the 20th share too."""
+    path = ggufgen.write_gemma4(tmp_path / "gemma4.gguf", embd=512, ff=1024, heads=8,
+                                swa=[True] * 5 + [False, True, False], kv_heads=(4, 2),
+                                head_dims=(64, 128), window=512, shared_kv=2)
+    info = gguf_info.combine([gguf_info.read_header(path)], None)
+    assert (info.swa_pattern, info.kv_heads, info.shared_kv_layers, info.key_length_swa) == (
+        (1, 1, 1, 1, 1, 0, 1, 0), (4, 4, 4, 4, 4, 2, 4, 2), 2, 64)
+    for args in (["-c", "16384", "-np", "4"], ["-c", "32768", "-np", "1", "--swa-full"],
+                 ["-c", "8192", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]):
+        with subtests.test(args):
+            real = run_llama_server(args, path)
+            est = estimate(info, args, gpu=False)
+            graph = est.compute.ram - logits(args, 1024)
+            print(f"\n{' '.join(args)}: KV estimate {est.kv.ram / MIB:.2f}, llama-server "
+                  f"{real.kv / MIB:.2f} MiB; compute estimate {graph / MIB:.2f}, "
+                  f"llama-server {real.compute / MIB:.2f} MiB")
+            assert abs(est.kv.ram - real.kv) < MIB / 100
+            assert real.compute <= graph <= real.compute * 1.35
+    gemma3n = Meta(architecture="gemma3n", block_count=30, head_count=8, head_count_kv=2)
+    assert layers.kv_heads(gemma3n, 30) == [2] * 20 + [0] * 10
 
 
 def test_sliding_window_layers_of_other_architectures(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 10  # 10: multi-head latent attention's key length
+CACHE_VERSION = 11  # 11: Gemma 4's sliding-window layers, head sizes, shared KV
 
 
 # Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no
@@ -60,6 +60,12 @@ class GGUFInfo:
     # Hybrid and recurrent models: KV heads per layer (0: a recurrent layer), the layers
     # with attention (qwen3next's family: every Nth), their recurrent state's shape.
     kv_heads: tuple[int, ...] | None = None
+    # Gemma 4: which layers use a sliding window (1), their head size, and how many layers at
+    # the end reuse an earlier layer's KV cache instead of holding one.
+    swa_pattern: tuple[int, ...] | None = None
+    key_length_swa: int | None = None
+    value_length_swa: int | None = None
+    shared_kv_layers: int | None = None
     full_attention_interval: int | None = None
     ssm_conv_kernel: int | None = None
     ssm_inner_size: int | None = None
@@ -194,6 +200,7 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
             TensorBytes.plus, (s.tensors for s in shards)),
         projector=Projector.of(mmproj) if mmproj is not None else None,
         kv_heads=first.kv_heads or None,
+        swa_pattern=first.swa_pattern or None,
         **ints,
     )
 
@@ -205,8 +212,8 @@ def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
 
 def _header(value: dict[str, Any]) -> FileHeader:
     tensors = TensorBytes.load(value.pop("tensors"))
-    kv_heads = tuple(value.pop("kv_heads"))
-    return FileHeader(**value, tensors=tensors, kv_heads=kv_heads)
+    kv_heads, swa_pattern = tuple(value.pop("kv_heads")), tuple(value.pop("swa_pattern", ()))
+    return FileHeader(**value, tensors=tensors, kv_heads=kv_heads, swa_pattern=swa_pattern)
 
 
 def _stat_key(st: os.stat_result) -> StatKey:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 Scalar = str | int | float | bool
-Value = Scalar | tuple[int, ...]  # a kept array: KV_HEADS_KEY's
+Value = Scalar | tuple[int, ...]  # a kept array: one of LAYER_ARRAYS
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 # A projector's (mmproj) encoder shape, for the memory of its compute graph.
@@ -47,7 +47,9 @@ ARCH_FIELDS = {
     "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
     "embedding_length": "embedding_length", "key_length": "attention.key_length",
     "value_length": "attention.value_length", "sliding_window": "attention.sliding_window",
-    "key_length_mla": "attention.key_length_mla",
+    "key_length_mla": "attention.key_length_mla", "key_length_swa": "attention.key_length_swa",
+    "value_length_swa": "attention.value_length_swa",
+    "shared_kv_layers": "attention.shared_kv_layers",
     "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
     "expert_used_count": "expert_used_count",
     "expert_feed_forward_length": "expert_feed_forward_length",
@@ -60,9 +62,11 @@ ARCH_FIELDS = {
     "token_shift_count": "token_shift_count", "kda_head_dim": "kda.head_dim",
 }
 KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
-# The one per-layer array kept: KV heads of each layer (llama.cpp's get_key_or_arr), 0 for
-# a hybrid model's recurrent layers, which have no KV cache.
-KV_HEADS_KEY = "attention.head_count_kv"
+# The per-layer arrays kept, one of each at most, by FileHeader field: the KV heads of each
+# layer (llama.cpp's get_key_or_arr; 0 for a hybrid model's recurrent layers, which have no
+# KV cache), and which layers use a sliding window (Gemma 4's, a bool each).
+LAYER_ARRAYS = {"kv_heads": "attention.head_count_kv",
+                "swa_pattern": "attention.sliding_window_pattern"}
 # Tensors llama.cpp keeps with the input layer, which always stays on the host.
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
 # A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
@@ -202,6 +206,7 @@ class FileHeader:
     tensors: TensorBytes = TensorBytes()  # noqa: RUF009 (a tuple: immutable)
     chat_template: bool = True
     kv_heads: tuple[int, ...] = ()  # per layer, where the header gives them as an array
+    swa_pattern: tuple[int, ...] = ()  # per layer: 1 where it uses a sliding window
 
 
 @functools.cache
@@ -291,7 +296,7 @@ class _Source:
 def _value(src: _Source, kind: int, keep: int) -> Value | None:
     """One value of type `kind`, returned only when kept (`keep`: the longest string
     kept; 0 keeps nothing); arrays are stepped over, but for a kept array of up to
-    MAX_LAYERS 32-bit whole numbers."""
+    MAX_LAYERS 32-bit whole numbers or bools."""
     if kind == STRING:
         n = src.string_length()
         if not keep or n > keep:
@@ -303,6 +308,8 @@ def _value(src: _Source, kind: int, keep: int) -> Value | None:
         if keep and item in (UINT32, INT32) and count <= MAX_LAYERS:
             return struct.unpack(f"<{count}{'I' if item == UINT32 else 'i'}",
                                  src.take(4 * count))
+        if keep and item == BOOL and count <= MAX_LAYERS:
+            return tuple(1 if b else 0 for b in src.take(count))
         if item == STRING:
             src.skip_strings(count)
         elif item in _SCALARS:
@@ -336,8 +343,8 @@ def _walk_keys(src: _Source, count: int, keep: Keep,
         yield name, kind, value
 
 
-_ARCH_SUFFIXES = tuple("." + key for key in KEPT_ARCH_KEYS)
-_KV_HEADS_SUFFIX = "." + KV_HEADS_KEY
+_ARCH_SUFFIXES = tuple("." + key for key in (*KEPT_ARCH_KEYS, *LAYER_ARRAYS.values()))
+_ARRAY_SUFFIXES = tuple("." + key for key in LAYER_ARRAYS.values())
 
 
 def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Value]], bool]:
@@ -349,9 +356,11 @@ def _keys(src: _Source, count: int) -> tuple[dict[str, tuple[int, Value]], bool]
     def keep(name: str, kind: int) -> int:
         wanted = name in KEPT_KEYS or name == "general.alignment" or (
             name.endswith(_ARCH_SUFFIXES) and len(kept) < 256)
-        if kind == ARRAY:  # one array at most: a header cannot make the reader keep more
-            wanted = wanted and name.endswith(_KV_HEADS_SUFFIX) and not any(
-                isinstance(value, tuple) for _, value in kept.values())
+        if kind == ARRAY:  # one of each at most: a header cannot make the reader keep more
+            suffix = next((s for s in _ARRAY_SUFFIXES if name.endswith(s)), None)
+            wanted = wanted and suffix is not None and not any(
+                isinstance(value, tuple) and key.endswith(suffix)
+                for key, (_, value) in kept.items())
         return MAX_KEPT if wanted else 0
     for name, kind, value in _walk_keys(src, count, keep, max(map(len, KEPT_KEYS)) + 64):
         template = template or name == TEMPLATE_KEY
@@ -373,23 +382,23 @@ def _typed(kept: dict[str, tuple[int, Value]], key: str, want: int) -> Scalar | 
     return value
 
 
-def _fields(kept: dict[str, tuple[int, Value]]) -> tuple[dict[str, Scalar], tuple[int, ...]]:
-    """The kept scalars by key, and the KV heads per layer where given as an array."""
+def _fields(kept: dict[str, tuple[int, Value]]) -> tuple[dict[str, Scalar],
+                                                         dict[str, tuple[int, ...]]]:
+    """The kept scalars by key, and the per-layer arrays by FileHeader field."""
     arch = _typed(kept, "general.architecture", STRING)
     out: dict[str, Scalar] = {} if arch is None else {"general.architecture": arch}
     wanted = [("general.file_type", UINT32), ("clip.has_vision_encoder", BOOL),
               ("clip.has_audio_encoder", BOOL), *((key, UINT32) for key in CLIP_KEYS)]
     wanted += [(f"{arch}.{key}", UINT32) for key in KEPT_ARCH_KEYS] if arch else []
-    per_layer: tuple[int, ...] = ()
+    arrays = {field: array for field, key in LAYER_ARRAYS.items()
+              if isinstance(array := kept.get(f"{arch}.{key}", (0, None))[1], tuple)}
     for key, kind in wanted:
-        array = kept.get(key, (0, None))[1]
-        if isinstance(array, tuple) and key == f"{arch}.{KV_HEADS_KEY}":
-            per_layer = array
+        if isinstance(kept.get(key, (0, None))[1], tuple):
             continue
         value = _typed(kept, key, kind)
         if value is not None:
             out[key] = value
-    return out, per_layer
+    return out, arrays
 
 
 class _Tally:
@@ -450,7 +459,7 @@ def parse(fd: int, size: int) -> FileHeader:
     src = _Source(fd, size)
     n_tensors, n_keys = _counts(src)
     kept, template = _keys(src, n_keys)
-    fields, kv_heads = _fields(kept)
+    fields, arrays = _fields(kept)
     alignment = _typed(kept, "general.alignment", UINT32)
     alignment = 32 if alignment is None else int(alignment)
     if alignment <= 0 or alignment & (alignment - 1):
@@ -466,7 +475,7 @@ def parse(fd: int, size: int) -> FileHeader:
         fields=fields, parameters=tally.parameters,
         tensor_type=tally.types.most_common(1)[0][0] if tally.types else None, size=size,
         file_type=_ggml()[1].get(file_type) if type(file_type) is int else None, tensors=table,
-        chat_template=template, kv_heads=kv_heads)
+        chat_template=template, **arrays)
 
 
 def metadata(fd: int, size: int) -> dict[str, Scalar | None]:

@@ -294,12 +294,13 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
     if not n_layer or not heads or not info.embedding_length:
         return 0, Memory()
     cells = _cells(info, s)
-    per_head = _per_head(info, s)
+    per_head = (_per_head(info, s), _per_head(info, s, swa=True))
     kv_heads = layers.kv_heads(info, n_layer)
     swa = layers.swa_layers(info) if cells.swa else frozenset()
     gpu = host = 0.0
     for il in range(n_layer):
-        size = (cells.swa if il in swa else cells.full) * cells.streams * kv_heads[il] * per_head
+        on = il in swa
+        size = (cells.swa if on else cells.full) * cells.streams * kv_heads[il] * per_head[on]
         if s.kv_offload and plan.on_gpu(il):
             gpu += size
         else:
@@ -307,12 +308,16 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
     return cells.full * cells.streams, Memory(int(host), int(gpu))
 
 
-def _per_head(info: ModelInfo, s: ServerArgs) -> float:
-    """Bytes of one KV head's key and value in one cell. With multi-head latent attention
-    (DeepSeek 2 and 3, Kimi K2, GLM-4.7-Flash: the header gives key_length_mla) llama.cpp
-    caches the compressed latent as the one head's K, and no V."""
+def _per_head(info: ModelInfo, s: ServerArgs, swa: bool = False) -> float:
+    """Bytes of one KV head's key and value in one cell (of a sliding-window layer: Gemma 4
+    gives those their own head size). With multi-head latent attention (DeepSeek 2 and 3,
+    Kimi K2, GLM-4.7-Flash: the header gives key_length_mla) llama.cpp caches the compressed
+    latent as the one head's K, and no V."""
     head_dim = (info.embedding_length or 0) // (info.head_count or 1)
     k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
+    if swa:
+        k_len = getattr(info, "key_length_swa", None) or k_len
+        v_len = getattr(info, "value_length_swa", None) or v_len
     if getattr(info, "key_length_mla", None):
         v_len = 0
     return k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v)
@@ -449,8 +454,8 @@ def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
         # A slot's own sliding-window cells, as a cache of one stream per slot holds them.
         cells = _cells(info, dataclasses.replace(s, kv_unified=False)).swa
         heads = layers.kv_heads(info, n_layer)
-        per_seq += int(cells * _per_head(info, s) * sum(heads[il] for il in
-                                                        layers.swa_layers(info)))
+        per_seq += int(cells * _per_head(info, s, swa=True) * sum(
+            heads[il] for il in layers.swa_layers(info)))
     return n_seq * s.ctx_checkpoints * per_seq
 
 

@@ -21,15 +21,20 @@ NO_ATTENTION = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "ar
 STATE_EVERYWHERE = NO_ATTENTION | {"falcon-h1"}
 ATTENTION_EVERY = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
 STATE_BYTES = 4
+# Layers from the first that hold a KV cache of their own; the others reuse an earlier
+# layer's (llama.cpp's n_layer_kv_from_start): Gemma 3n's first 20, Gemma 4's all but the
+# header's `attention.shared_kv_layers`.
+KV_FROM_START = {"gemma3n": 20}
 
 
 class ModelInfo(Protocol):
     """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
-    `key_length_mla`, `feed_forward_length`, `expert_count`, `expert_used_count`,
+    `key_length_mla`, `key_length_swa`, `value_length_swa`, `swa_pattern` and `kv_heads`
+    (per layer), `shared_kv_layers`, `feed_forward_length`, `expert_count`, `expert_used_count`,
     `expert_feed_forward_length`, the recurrent state's `full_attention_interval`, `ssm_*`,
     `shortconv_l_cache`, `wkv_head_size`, `token_shift_count` and `kda_head_dim` (ints),
-    `kv_heads` (per layer) and `tensors` (gguf_info.TensorBytes); without `tensors` weights
-    are split by layer count."""
+    and `tensors` (gguf_info.TensorBytes); without `tensors` weights are split by layer
+    count."""
 
     @property
     def architecture(self) -> str | None: ...
@@ -57,6 +62,9 @@ def window(info: ModelInfo) -> int:
 
 
 def swa_layers(info: ModelInfo) -> frozenset[int]:
+    given = getattr(info, "swa_pattern", None)  # Gemma 4's header says it layer by layer
+    if isinstance(given, tuple) and given:
+        return frozenset(il for il, on in enumerate(given[:info.block_count or 0]) if on)
     pattern = SWA_PATTERN.get(info.architecture or "", 0)
     n = abs(pattern)
     if not n:
@@ -66,7 +74,18 @@ def swa_layers(info: ModelInfo) -> frozenset[int]:
 
 
 def kv_heads(info: ModelInfo, n_layer: int) -> list[int]:
-    """KV heads of each layer: 0 for a recurrent one."""
+    """KV heads of each layer's own cache: 0 for a recurrent layer, and for one that reuses
+    an earlier layer's cache."""
+    own = own_kv_layers(info, n_layer)
+    return [h if il < own else 0 for il, h in enumerate(_heads(info, n_layer))]
+
+
+def own_kv_layers(info: ModelInfo, n_layer: int) -> int:
+    shared = getattr(info, "shared_kv_layers", None) or 0
+    return max(0, min(n_layer, KV_FROM_START.get(info.architecture or "", n_layer - shared)))
+
+
+def _heads(info: ModelInfo, n_layer: int) -> list[int]:
     given = getattr(info, "kv_heads", None)
     if isinstance(given, tuple) and len(given) >= n_layer:
         heads = list(given[:n_layer])
@@ -83,7 +102,7 @@ def recurrent_layers(info: ModelInfo, n_layer: int) -> list[int]:
     """The layers with a recurrent state: those without KV heads, or all of them."""
     if (info.architecture or "") in STATE_EVERYWHERE:
         return list(range(n_layer))
-    return [il for il, heads in enumerate(kv_heads(info, n_layer)) if heads == 0]
+    return [il for il, heads in enumerate(_heads(info, n_layer)) if heads == 0]
 
 
 def state_bytes(info: ModelInfo) -> int:

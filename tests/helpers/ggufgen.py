@@ -255,6 +255,63 @@ def write_deepseek2(path: Path, *, embd: int, heads: int, kv_lora: int, rope: in
     return path
 
 
+def write_gemma4(path: Path, *, embd: int, ff: int, heads: int, swa: Sequence[bool],
+                 kv_heads: tuple[int, int], head_dims: tuple[int, int], window: int,
+                 shared_kv: int = 0, vocab: int = 1024) -> Path:
+    """A Gemma 4 model llama-server loads and runs: sliding-window layers where `swa` says,
+    their KV heads and head size the first of `kv_heads` and `head_dims`, the full layers'
+    the second; the last `shared_kv` layers reuse earlier layers' caches. Dense, no
+    per-layer embeddings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    w.add_context_length(131072)
+    w.add_block_count(len(swa))
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv([kv_heads[0] if s else kv_heads[1] for s in swa])
+    w.add_key_length(head_dims[1])
+    w.add_value_length(head_dims[1])
+    w.add_key_length_swa(head_dims[0])
+    w.add_value_length_swa(head_dims[0])
+    w.add_rope_dimension_count(head_dims[1])
+    w.add_rope_dimension_count_swa(head_dims[0])
+    w.add_sliding_window(window)
+    w.add_sliding_window_pattern(list(swa))
+    w.add_uint32("gemma4.attention.shared_kv_layers", shared_kv)
+    w.add_uint32("gemma4.embedding_length_per_layer_input", 0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    _byte_vocabulary(w, vocab)
+
+    def f16(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float16)
+
+    def ones(size: int) -> np.ndarray:
+        return np.ones(size, dtype=np.float32)
+
+    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("output_norm.weight", ones(embd))
+    w.add_tensor("rope_freqs.weight", ones(head_dims[1] // 2))
+    for i, sliding in enumerate(swa):
+        dim, kv = (head_dims[0], kv_heads[0]) if sliding else (head_dims[1], kv_heads[1])
+        tensors = {"attn_q": f16(heads * dim, embd), "attn_output": f16(embd, heads * dim),
+                   "attn_norm": ones(embd), "attn_q_norm": ones(dim),
+                   "post_attention_norm": ones(embd), "ffn_norm": ones(embd),
+                   "ffn_gate": f16(ff, embd), "ffn_up": f16(ff, embd),
+                   "ffn_down": f16(embd, ff), "post_ffw_norm": ones(embd)}
+        if i < len(swa) - shared_kv:
+            tensors |= {"attn_k": f16(kv * dim, embd), "attn_v": f16(kv * dim, embd),
+                        "attn_k_norm": ones(dim)}
+        for name, data in tensors.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence[int],
                head_dim: int, l_cache: int = 3, vocab: int = 1024, context: int = 32768) -> Path:
     """A hybrid LFM2 model llama-server loads and runs: a short-convolution (recurrent)
