@@ -59,6 +59,8 @@ class Meta:
     ssm_group_count: int | None = None
     kda_head_dim: int | None = None
     kv_heads: tuple[int, ...] | None = None
+    sliding_window_pattern: int | None = None
+    swa_pattern: tuple[int, ...] | None = None
 
 
 LLAMA3_8B = Meta()  # the shape of Llama 3 8B (Q4_K_M file size)
@@ -502,6 +504,31 @@ def test_gemma4_sliding_window_layers_and_shared_caches(tmp_path: Path, subtests
             assert real.compute <= graph <= real.compute * 1.35
     gemma3n = Meta(architecture="gemma3n", block_count=30, head_count=8, head_count_kv=2)
     assert layers.kv_heads(gemma3n, 30) == [2] * 20 + [0] * 10
+
+
+def test_llama4_chunked_attention_and_the_headers_patterns() -> None:
+    """Llama 4 (llama4.cpp): three of every four layers attend within chunks of 8192 tokens,
+    a size llama.cpp fixes whatever the header says (but 0: no chunks), where its header
+    gives none. Scout's shape (48 layers, 8 KV heads of 128) at -c 131072 -np 1 holds 12 full
+    layers and 36 of 8192 + 512 cells: counted as 48 full layers, 3.3 times that. Other
+    architectures' headers may give their pattern's period (a number) or list the layers
+    (bools), which llama.cpp reads only for the architectures that have a pattern."""
+    scout = Meta(architecture="llama4", block_count=48, head_count=40, head_count_kv=8,
+                 embedding_length=5120, key_length=128, value_length=128)
+    args = ["-c", "131072", "-np", "1"]
+    cell = 8 * (128 + 128) * 2  # bytes of one layer's cell: 8 heads, f16 K and V
+    assert estimate(scout, args, gpu=False).kv.ram == (12 * 131072 + 36 * 8704) * cell
+    no_chunks = dataclasses.replace(scout, sliding_window=0)
+    assert estimate(no_chunks, args, gpu=False).kv.ram == 48 * 131072 * cell
+    gemma = Meta(architecture="gemma3", block_count=12, sliding_window=512)
+    assert layers.swa_layers(gemma) == {il for il in range(12) if il % 6 < 5}
+    every4 = dataclasses.replace(gemma, sliding_window_pattern=4)
+    assert layers.swa_layers(every4) == {il for il in range(12) if il % 4 < 3}
+    listed = dataclasses.replace(gemma, swa_pattern=(1, 0) * 6)
+    assert layers.swa_layers(listed) == {0, 2, 4, 6, 8, 10}
+    granite = Meta(architecture="granite", block_count=4, sliding_window=512,
+                   swa_pattern=(1, 1, 1, 0))  # llama.cpp's granite reads no pattern
+    assert layers.swa_layers(granite) == frozenset()
 
 
 def test_sliding_window_layers_of_other_architectures(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 11  # 11: Gemma 4's sliding-window layers, head sizes, shared KV
+CACHE_VERSION = 12  # 12: the header's sliding-window pattern, a number or per layer
 
 
 # Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no
@@ -60,8 +60,10 @@ class GGUFInfo:
     # Hybrid and recurrent models: KV heads per layer (0: a recurrent layer), the layers
     # with attention (qwen3next's family: every Nth), their recurrent state's shape.
     kv_heads: tuple[int, ...] | None = None
-    # Gemma 4: which layers use a sliding window (1), their head size, and how many layers at
-    # the end reuse an earlier layer's KV cache instead of holding one.
+    # Which layers use a sliding window: every Nth is full (a number), or each (1: sliding);
+    # Gemma 4's head size there, and how many layers at the end reuse an earlier layer's KV
+    # cache instead of holding one.
+    sliding_window_pattern: int | None = None
     swa_pattern: tuple[int, ...] | None = None
     key_length_swa: int | None = None
     value_length_swa: int | None = None

@@ -47,6 +47,7 @@ ARCH_FIELDS = {
     "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
     "embedding_length": "embedding_length", "key_length": "attention.key_length",
     "value_length": "attention.value_length", "sliding_window": "attention.sliding_window",
+    "sliding_window_pattern": "attention.sliding_window_pattern",  # as a number: the period
     "key_length_mla": "attention.key_length_mla", "key_length_swa": "attention.key_length_swa",
     "value_length_swa": "attention.value_length_swa",
     "shared_kv_layers": "attention.shared_kv_layers",

@@ -7,10 +7,18 @@ from typing import Protocol
 
 # llama.cpp hard-codes which layers use sliding-window attention (load_swa_pattern, for
 # a model whose header gives a sliding window): one full layer every N, the last of each N
-# or, negative here, the first. Not listed: every layer counts as full, an upper bound.
+# or, negative here, the first. The header may give N instead (`sliding_window_pattern` as a
+# number), or list the layers (as bools), which SWA_LISTED's read too. Not listed: every
+# layer counts as full, an upper bound.
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "gemma-embedding": 6, "cohere2": 4,
-               "gpt-oss": 2, "exaone4": 4, "olmo2": 4, "afmoe": 4, "mellum": 4,
-               "muse-glimmer": 4, "plamo3": 8, "cohere2moe": -4, "laguna": -4}
+               "gpt-oss": 2, "exaone4": 4, "exaone-moe": 4, "olmo2": 4, "afmoe": 4,
+               "mellum": 4, "muse-glimmer": 4, "plamo3": 8, "llama4": 4, "cohere2moe": -4,
+               "laguna": -4, "smallthinker": -4, "modern-bert": -3}
+SWA_LISTED = frozenset({"gemma4", "gemma4-assistant", "granite_swa", "maple", "mimo2",
+                        "step35", "spark2_5", "dots3note"})
+# Windows llama.cpp sets itself: Llama 4's chunked attention (8192 tokens unless the header's
+# sliding_window is 0, also where it gives none), SmallThinker's (4096 where it gives one).
+FIXED_WINDOW = {"llama4": 8192, "smallthinker": 4096}
 # Recurrent layers keep a fixed state per sequence instead of a KV cache (llama.cpp's
 # memory-recurrent, f32): every layer of Mamba's and RWKV's, which have no attention; of
 # Falcon-H1 every layer, beside its attention; of Qwen3-Next's family and MiniMax-01 all but
@@ -29,12 +37,12 @@ KV_FROM_START = {"gemma3n": 20}
 
 class ModelInfo(Protocol):
     """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
-    `key_length_mla`, `key_length_swa`, `value_length_swa`, `swa_pattern` and `kv_heads`
-    (per layer), `shared_kv_layers`, `feed_forward_length`, `expert_count`, `expert_used_count`,
+    `sliding_window_pattern`, `key_length_mla`, `key_length_swa`, `value_length_swa`,
+    `shared_kv_layers`, `feed_forward_length`, `expert_count`, `expert_used_count`,
     `expert_feed_forward_length`, the recurrent state's `full_attention_interval`, `ssm_*`,
-    `shortconv_l_cache`, `wkv_head_size`, `token_shift_count` and `kda_head_dim` (ints),
-    and `tensors` (gguf_info.TensorBytes); without `tensors` weights are split by layer
-    count."""
+    `shortconv_l_cache`, `wkv_head_size`, `token_shift_count` and `kda_head_dim` (ints);
+    `swa_pattern` and `kv_heads` (per layer); and `tensors` (gguf_info.TensorBytes), without
+    which weights are split by layer count."""
 
     @property
     def architecture(self) -> str | None: ...
@@ -57,20 +65,27 @@ class ModelInfo(Protocol):
 
 
 def window(info: ModelInfo) -> int:
-    value = getattr(info, "sliding_window", None)
-    return value if isinstance(value, int) and value > 0 else 0
+    given = getattr(info, "sliding_window", None)
+    arch = info.architecture or ""
+    if arch == "llama4" and given is None:
+        given = FIXED_WINDOW[arch]
+    if not (isinstance(given, int) and given > 0):
+        return 0
+    return FIXED_WINDOW.get(arch, given)
 
 
 def swa_layers(info: ModelInfo) -> frozenset[int]:
-    given = getattr(info, "swa_pattern", None)  # Gemma 4's header says it layer by layer
-    if isinstance(given, tuple) and given:
-        return frozenset(il for il, on in enumerate(given[:info.block_count or 0]) if on)
-    pattern = SWA_PATTERN.get(info.architecture or "", 0)
-    n = abs(pattern)
-    if not n:
+    arch, n_layer = info.architecture or "", info.block_count or 0
+    listed = getattr(info, "swa_pattern", None)
+    if (arch in SWA_PATTERN or arch in SWA_LISTED) and isinstance(listed, tuple) and listed:
+        return frozenset(il for il, on in enumerate(listed[:n_layer]) if on)
+    if arch not in SWA_PATTERN:
         return frozenset()
-    return frozenset(il for il in range(info.block_count or 0)
-                     if (il % n != 0 if pattern < 0 else il % n < n - 1))
+    every = getattr(info, "sliding_window_pattern", None)
+    n = every if isinstance(every, int) else abs(SWA_PATTERN[arch])
+    first = SWA_PATTERN[arch] < 0  # the full layer is the first of each n
+    return frozenset(il for il in range(n_layer)
+                     if n == 0 or (il % n != 0 if first else il % n < n - 1))
 
 
 def kv_heads(info: ModelInfo, n_layer: int) -> list[int]:
