@@ -434,15 +434,20 @@ def test_compute_buffer_of_mixtures_of_experts(tmp_path: Path, subtests) -> None
     which need room of their own where the embedding is over twice an expert's width (most
     fine-grained MoEs: Qwen3-30B-A3B 2048 against 768). Counted as one dense layer's width,
     Mixtral's graph looked a third of its size; without the outputs, Qwen3-MoE's looked
-    half (12 against 20 MiB below). The compute term against llama-server's own buffer."""
-    shapes = [("qwen3moe", 8, 2, 512), ("qwen3moe", 16, 4, 256), ("qwen3moe", 64, 8, 128),
-              ("qwen3moe", 64, 8, 32), ("qwen3moe", 64, 16, 64), ("llama", 8, 2, 1024)]
-    for arch, experts, used, ff_exp in shapes:
-        name = f"{arch}: {experts} experts of {ff_exp}, {used} used"
+    half (12 against 20 MiB below). A shared expert (Qwen2-MoE's) runs once the chosen
+    ones are summed: where it is the wider stage, its width sets the graph's (18 against 12
+    MiB below, without it). The compute term against llama-server's own buffer."""
+    shapes = [("qwen3moe", 8, 2, 512, 0), ("qwen3moe", 16, 4, 256, 0),
+              ("qwen3moe", 64, 8, 128, 0), ("qwen3moe", 64, 8, 32, 0),
+              ("qwen3moe", 64, 16, 64, 0), ("llama", 8, 2, 1024, 0),
+              ("qwen2moe", 8, 2, 512, 2048), ("qwen2moe", 64, 8, 128, 4096),
+              ("qwen2moe", 64, 8, 128, 1024)]
+    for arch, experts, used, ff_exp, shared in shapes:
+        name = f"{arch}: {experts} experts of {ff_exp}, {used} used, shared {shared}"
         with subtests.test(name):
             path = ggufgen.write_moe(tmp_path / "moe.gguf", embd=512, heads=8, heads_kv=2,
                                      head_dim=64, experts=experts, used=used,
-                                     ff_exp=ff_exp, arch=arch)
+                                     ff_exp=ff_exp, arch=arch, shared=shared)
             info = gguf_info.combine([gguf_info.read_header(path)], None)
             for args in (["-c", "1024"], ["-c", "4096", "-ub", "256", "-np", "1"]):
                 real = run_llama_server(args, path)

@@ -30,7 +30,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 12  # 12: the header's sliding-window pattern, a number or per layer
+CACHE_VERSION = 13  # 13: a shared expert's width
 
 
 # Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no
@@ -57,6 +57,7 @@ class GGUFInfo:
     expert_count: int | None = None
     expert_used_count: int | None = None
     expert_feed_forward_length: int | None = None
+    expert_shared_feed_forward_length: int | None = None
     # Hybrid and recurrent models: KV heads per layer (0: a recurrent layer), the layers
     # with attention (qwen3next's family: every Nth), their recurrent state's shape.
     kv_heads: tuple[int, ...] | None = None

@@ -54,6 +54,7 @@ ARCH_FIELDS = {
     "feed_forward_length": "feed_forward_length", "expert_count": "expert_count",
     "expert_used_count": "expert_used_count",
     "expert_feed_forward_length": "expert_feed_forward_length",
+    "expert_shared_feed_forward_length": "expert_shared_feed_forward_length",
     # Hybrid and recurrent models (llama.cpp's memory-recurrent): which layers are
     # recurrent, and the size of their state.
     "full_attention_interval": "full_attention_interval",

@@ -396,14 +396,17 @@ def _feed_forward(info: ModelInfo, n_embd: int) -> tuple[int, int]:
     the header gives no other, as for Mixtral), and the chosen experts' outputs before they
     are summed, used x embedding, where they find no room freed by the experts' activations
     (llama.cpp's graph allocator reuses those only where the embedding is at most twice an
-    expert's width; test_memory.py checks both sides against llama-server's buffers)."""
+    expert's width). A shared expert runs after the sum: where it is the wider stage, its
+    width alone counts. test_memory.py checks each case against llama-server's buffers."""
     ff = getattr(info, "feed_forward_length", None) or 0
     used = getattr(info, "expert_used_count", None) or 0
     width = getattr(info, "expert_feed_forward_length", None) or (
         ff if getattr(info, "expert_count", None) else 0)
     if not used or not width:
         return ff or 4 * n_embd, 0
-    return max(ff, used * width), used * n_embd if n_embd > 2 * width else 0
+    chosen = max(ff, used * width), used * n_embd if n_embd > 2 * width else 0
+    shared = getattr(info, "expert_shared_feed_forward_length", None) or 0
+    return (shared, 0) if GRAPH_FF * shared > GRAPH_FF * chosen[0] + chosen[1] else chosen
 
 
 def _ubatch(s: ServerArgs, n_ctx: int) -> int:

@@ -39,10 +39,10 @@ class ModelInfo(Protocol):
     """GGUF metadata; gguf_info.GGUFInfo has these. Read too when present: `sliding_window`,
     `sliding_window_pattern`, `key_length_mla`, `key_length_swa`, `value_length_swa`,
     `shared_kv_layers`, `feed_forward_length`, `expert_count`, `expert_used_count`,
-    `expert_feed_forward_length`, the recurrent state's `full_attention_interval`, `ssm_*`,
-    `shortconv_l_cache`, `wkv_head_size`, `token_shift_count` and `kda_head_dim` (ints);
-    `swa_pattern` and `kv_heads` (per layer); and `tensors` (gguf_info.TensorBytes), without
-    which weights are split by layer count."""
+    `expert_feed_forward_length`, `expert_shared_feed_forward_length`, the recurrent state's
+    `full_attention_interval`, `ssm_*`, `shortconv_l_cache`, `wkv_head_size`,
+    `token_shift_count` and `kda_head_dim` (ints); `swa_pattern` and `kv_heads` (per layer);
+    and `tensors` (gguf_info.TensorBytes), without which weights are split by layer count."""
 
     @property
     def architecture(self) -> str | None: ...

@@ -145,11 +145,12 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
 
 def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int,
               experts: int, used: int, ff_exp: int, blocks: int = 2, vocab: int = 1024,
-              arch: str = "qwen3moe") -> Path:
+              arch: str = "qwen3moe", shared: int = 0) -> Path:
     """A mixture-of-experts model llama-server loads and runs: `experts` experts of width
-    `ff_exp` on every layer, `used` of them per token. Qwen3-MoE's tensors, or with
+    `ff_exp` on every layer, `used` of them per token. Qwen3-MoE's tensors; with
     arch="llama" Mixtral's (whose header gives the experts' width as feed_forward_length
-    only, and no Q/K norms)."""
+    only, and no Q/K norms); with arch="qwen2moe" Qwen2-MoE's, a shared expert of width
+    `shared` beside the chosen ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(32768)
@@ -166,6 +167,8 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
     w.add_expert_used_count(used)
     if arch != "llama":
         w.add_expert_feed_forward_length(ff_exp)
+    if shared:
+        w.add_uint32(f"{arch}.expert_shared_feed_forward_length", shared)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     _byte_vocabulary(w, vocab)
 
@@ -185,8 +188,14 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
                             ("ffn_down_exps", (experts, embd, ff_exp))):
             w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
         w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((experts, embd), np.float32))
+        if shared:
+            for name, shape in (("ffn_gate_shexp", (shared, embd)),
+                                ("ffn_up_shexp", (shared, embd)),
+                                ("ffn_down_shexp", (embd, shared))):
+                w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+            w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", np.zeros(embd, np.float32))
         norms = {"attn_norm": embd, "ffn_norm": embd}
-        if arch != "llama":
+        if arch == "qwen3moe":
             norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
         for norm, size in norms.items():
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
