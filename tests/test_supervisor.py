@@ -520,6 +520,24 @@ async def test_reconcile_confirms_a_failure_before_failing_the_model(rig: Rig) -
     assert slot.state is not State.FAILED
 
 
+async def test_a_restart_queued_behind_failed_is_not_a_failure(rig: Rig) -> None:
+    """Between systemd 252's "failed" and the restart it queues, the unit is inactive with a
+    start job waiting (and its Result already reset to success): a check of the failure that
+    lands there is no failure. The soak saw one, the model failed ("systemd result
+    'success'") and its requests refused until a reconcile adopted the restarted unit."""
+    slot = await rig.ready("tiny-a")
+    rig.units.units[slot.unit] = dataclasses.replace(
+        rig.units.units[slot.unit], active_state="failed", sub_state="failed")
+    status_calls = len(rig.units.asked)
+    await rig.sup.reconcile()
+    rig.units.units[slot.unit] = dataclasses.replace(
+        rig.units.units[slot.unit], active_state="inactive", sub_state="dead", job=1234)
+    await rig.watch.until("the check", lambda: len(rig.units.asked) > status_calls)
+    await asyncio.gather(*(t for t in asyncio.all_tasks()
+                           if t.get_name() == "recording the failure of tiny-a"))
+    assert slot.state is not State.FAILED
+
+
 async def test_requests_wait_for_the_first_scan_then_get_503(config: Config) -> None:
     """llamad serves before its first scan is in (app.py has requests wait_open): a
     request waits for it, bounded by queue-timeout, and is then answered 503."""
