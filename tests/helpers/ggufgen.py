@@ -47,11 +47,7 @@ def write_model(path: Path, *, arch: str = "llama", context: int = 4096, blocks:
     for i in range(blocks):
         data = np.full((rows, embd), float(i), dtype=np.float32)
         w.add_tensor(f"blk.{shard * blocks + i}.attn_q.weight", data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def write_split(directory: Path, stem: str, count: int, **kw: object) -> list[Path]:
@@ -116,12 +112,9 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     _byte_vocabulary(w, vocab)
 
-    def f16(*shape: int) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float16)
-
-    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
-    w.add_tensor("output.weight", f16(vocab, embd))
+    w.add_tensor("output.weight", _f16(vocab, embd))
     for i in range(blocks):
         for name, shape in (("attn_q", (heads * head_dim, embd)),
                             ("attn_k", (heads_kv * head_dim, embd)),
@@ -129,17 +122,13 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
                             ("attn_output", (embd, heads * head_dim)),
                             ("ffn_gate", (ff, embd)), ("ffn_up", (ff, embd)),
                             ("ffn_down", (embd, ff))):
-            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
         norms = {"attn_norm": embd, "ffn_norm": embd} if arch == "llama" else {
             "post_attention_norm": embd, "post_ffw_norm": embd, "attn_q_norm": embd,
             "attn_k_norm": heads_kv * head_dim}
         for norm, size in norms.items():
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 
@@ -172,12 +161,9 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     _byte_vocabulary(w, vocab)
 
-    def f16(*shape: int) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float16)
-
-    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
-    w.add_tensor("output.weight", f16(vocab, embd))
+    w.add_tensor("output.weight", _f16(vocab, embd))
     for i in range(blocks):
         for name, shape in (("attn_q", (heads * head_dim, embd)),
                             ("attn_k", (heads_kv * head_dim, embd)),
@@ -186,24 +172,20 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
                             ("ffn_gate_exps", (experts, ff_exp, embd)),
                             ("ffn_up_exps", (experts, ff_exp, embd)),
                             ("ffn_down_exps", (experts, embd, ff_exp))):
-            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
         w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((experts, embd), np.float32))
         if shared:
             for name, shape in (("ffn_gate_shexp", (shared, embd)),
                                 ("ffn_up_shexp", (shared, embd)),
                                 ("ffn_down_shexp", (embd, shared))):
-                w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+                w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
             w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", np.zeros(embd, np.float32))
         norms = {"attn_norm": embd, "ffn_norm": embd}
         if arch == "qwen3moe":
             norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
         for norm, size in norms.items():
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def write_deepseek2(path: Path, *, embd: int, heads: int, kv_lora: int, rope: int,
@@ -240,12 +222,9 @@ def write_deepseek2(path: Path, *, embd: int, heads: int, kv_lora: int, rope: in
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     _byte_vocabulary(w, vocab)
 
-    def f16(*shape: int) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float16)
-
-    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
-    w.add_tensor("output.weight", f16(vocab, embd))
+    w.add_tensor("output.weight", _f16(vocab, embd))
     attention = {"attn_k_b": (heads, kv_lora, nope), "attn_v_b": (heads, v_head, kv_lora)} \
         if mla else {"attn_kv_b": (heads * (nope + v_head), kv_lora)}
     for i in range(blocks):
@@ -253,15 +232,11 @@ def write_deepseek2(path: Path, *, embd: int, heads: int, kv_lora: int, rope: in
                             "attn_kv_a_mqa": (kv_lora + rope, embd), **attention,
                             "attn_output": (embd, heads * v_head), "ffn_gate": (ff, embd),
                             "ffn_up": (ff, embd), "ffn_down": (embd, ff)}.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
         for norm, size in (("attn_norm", embd), ("attn_q_a_norm", 64),
                            ("attn_kv_a_norm", kv_lora), ("ffn_norm", embd)):
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def write_gemma4(path: Path, *, embd: int, ff: int, heads: int, swa: Sequence[bool],
@@ -293,32 +268,25 @@ def write_gemma4(path: Path, *, embd: int, ff: int, heads: int, swa: Sequence[bo
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     _byte_vocabulary(w, vocab)
 
-    def f16(*shape: int) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float16)
-
     def ones(size: int) -> np.ndarray:
         return np.ones(size, dtype=np.float32)
 
-    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("output_norm.weight", ones(embd))
     w.add_tensor("rope_freqs.weight", ones(head_dims[1] // 2))
     for i, sliding in enumerate(swa):
         dim, kv = (head_dims[0], kv_heads[0]) if sliding else (head_dims[1], kv_heads[1])
-        tensors = {"attn_q": f16(heads * dim, embd), "attn_output": f16(embd, heads * dim),
+        tensors = {"attn_q": _f16(heads * dim, embd), "attn_output": _f16(embd, heads * dim),
                    "attn_norm": ones(embd), "attn_q_norm": ones(dim),
                    "post_attention_norm": ones(embd), "ffn_norm": ones(embd),
-                   "ffn_gate": f16(ff, embd), "ffn_up": f16(ff, embd),
-                   "ffn_down": f16(embd, ff), "post_ffw_norm": ones(embd)}
+                   "ffn_gate": _f16(ff, embd), "ffn_up": _f16(ff, embd),
+                   "ffn_down": _f16(embd, ff), "post_ffw_norm": ones(embd)}
         if i < len(swa) - shared_kv:
-            tensors |= {"attn_k": f16(kv * dim, embd), "attn_v": f16(kv * dim, embd),
+            tensors |= {"attn_k": _f16(kv * dim, embd), "attn_v": _f16(kv * dim, embd),
                         "attn_k_norm": ones(dim)}
         for name, data in tensors.items():
             w.add_tensor(f"blk.{i}.{name}.weight", data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence[int],
@@ -340,10 +308,7 @@ def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence
     w.add_uint32("lfm2.shortconv.l_cache", l_cache)
     _byte_vocabulary(w, vocab)
 
-    def f16(*shape: int) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float16)
-
-    w.add_tensor("token_embd.weight", f16(vocab, embd))
+    w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("token_embd_norm.weight", np.ones(embd, dtype=np.float32))
     for i, kv in enumerate(kv_heads):
         tensors = {"ffn_gate": (ff, embd), "ffn_up": (ff, embd), "ffn_down": (embd, ff)}
@@ -355,18 +320,14 @@ def write_lfm2(path: Path, *, embd: int, ff: int, heads: int, kv_heads: Sequence
             # ggml's convolution takes its kernel in F32 only.
             w.add_tensor(f"blk.{i}.shortconv.conv.weight", np.zeros((embd, l_cache), np.float32))
         for name, shape in tensors.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", f16(*shape))
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
         norms = {"attn_norm": embd, "ffn_norm": embd}
         if kv:
             norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
         for norm, size in norms.items():
             w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def write_rwkv6(path: Path, *, embd: int, ff: int, blocks: int, head_size: int = 64,
@@ -408,6 +369,15 @@ def write_rwkv6(path: Path, *, embd: int, ff: int, blocks: int, head_size: int =
     for name, shape in shapes.items():
         w.add_tensor(name, np.zeros(shape, dtype=np.float32))
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    return _written(w, path)
+
+
+def _f16(*shape: int) -> np.ndarray:
+    """Zero weights: the generated models' answers are nonsense, their buffers real."""
+    return np.zeros(shape, dtype=np.float16)
+
+
+def _written(w: gguf.GGUFWriter, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
