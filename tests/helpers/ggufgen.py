@@ -62,6 +62,44 @@ def write_mmproj(path: Path, *, vision: bool = True, audio: bool = False) -> Pat
                        extra={"clip.has_vision_encoder": vision, "clip.has_audio_encoder": audio})
 
 
+def write_gemma3_mmproj(path: Path, *, text_embd: int, embd: int, ff: int, heads: int,
+                        blocks: int = 1, image_size: int = 896, patch_size: int = 14) -> Path:
+    """A Gemma 3 vision projector (SigLIP encoder) llama-server loads beside a Gemma 3 model
+    whose embedding is `text_embd`: every tensor its loader asks for, zeros. Its compute
+    buffer, reserved at load for one image of `image_size`, is real."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_string("clip.projector_type", "gemma3")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("embedding_length", embd), ("feed_forward_length", ff),
+                       ("block_count", blocks), ("projection_dim", text_embd),
+                       ("attention.head_count", heads), ("image_size", image_size),
+                       ("patch_size", patch_size)):
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    patches = (image_size // patch_size) ** 2
+    w.add_tensor("v.patch_embd.weight", _f16(embd, 3, patch_size, patch_size))
+    w.add_tensor("v.position_embd.weight", _f16(patches, embd))
+    vectors = ["v.patch_embd.bias", "v.post_ln.weight", "v.post_ln.bias",
+               "mm.soft_emb_norm.weight"]
+    for i in range(blocks):
+        for name, shape in (("attn_q", (embd, embd)), ("attn_k", (embd, embd)),
+                            ("attn_v", (embd, embd)), ("attn_out", (embd, embd)),
+                            ("ffn_up", (ff, embd)), ("ffn_down", (embd, ff))):
+            w.add_tensor(f"v.blk.{i}.{name}.weight", _f16(*shape))
+            vectors.append(f"v.blk.{i}.{name}.bias" if name != "ffn_up" else "")
+        w.add_tensor(f"v.blk.{i}.ffn_up.bias", np.zeros(ff, dtype=np.float32))
+        vectors += [f"v.blk.{i}.{n}.{k}" for n in ("ln1", "ln2") for k in ("weight", "bias")]
+    for name in filter(None, vectors):
+        w.add_tensor(name, np.zeros(embd, dtype=np.float32))
+    w.add_tensor("mm.input_projection.weight", _f16(embd, text_embd))
+    return _written(w, path)
+
+
 def truncate(path: Path, keep: int) -> Path:
     """Cut a file down to its first `keep` bytes (a download that stopped)."""
     with open(path, "r+b") as f:
