@@ -52,6 +52,37 @@ def test_modalities_follow_the_projector(tmp_path: Path) -> None:
     assert combine([head], both).modalities == ("text", "image", "audio")
 
 
+def test_projector_shape_from_its_header(tmp_path: Path, subtests) -> None:  # type: ignore[no-untyped-def]
+    """The image a projector's graph is sized for: its fixed size in patches, or, for one
+    that takes any size, llama-server's warmup in merged tokens times the merge squared (the
+    header's, else the type's own); a SiLU feed-forward is gated; n_wa_pattern is window
+    attention. The figures themselves are checked against llama-server in test_memory.py."""
+    table: list[tuple[str, dict[str, int | str | bool], tuple[int, bool, bool]]] = [
+        ("fixed size", {"clip.projector_type": "gemma3", "clip.vision.image_size": 896,
+                        "clip.vision.patch_size": 14}, (4096, False, False)),
+        ("qwen2.5-vl", {"clip.projector_type": "qwen2.5vl_merger", "clip.use_silu": True,
+                        "clip.vision.image_size": 560, "clip.vision.n_wa_pattern": 8},
+         (46 * 46 * 4, True, True)),
+        ("pixtral, merged 2 x 2 by its header", {
+            "clip.projector_type": "pixtral", "clip.vision.spatial_merge_size": 2,
+            "clip.use_silu": True}, (1024, True, False)),
+        ("gemma 4, its type's own merge", {"clip.projector_type": "gemma4v"}, (256 * 9, False,
+                                                                               False)),
+        ("mixed modalities name the vision type apart", {
+            "clip.projector_type": "qwen2.5o", "clip.vision.projector_type": "qwen2.5vl_merger",
+            "clip.vision.projector.scale_factor": 3}, (46 * 46 * 9, False, False)),
+    ]
+    for name, extra, (tokens, gated, window) in table:
+        with subtests.test(name):
+            path = ggufgen.write_model(tmp_path / "p.gguf", arch="clip", file_type=None,
+                                       extra={"clip.has_vision_encoder": True,
+                                              "clip.vision.embedding_length": 1152, **extra})
+            proj = combine([read_header(ggufgen.write_model(tmp_path / "m.gguf"))],
+                           read_header(path)).projector
+            assert proj is not None
+            assert (proj.tokens, proj.gated, proj.window) == (tokens, gated, window)
+
+
 def test_corrupt_and_truncated_files_are_errors(tmp_path: Path) -> None:
     full = ggufgen.write_model(tmp_path / "full.gguf")
     size = full.stat().st_size

@@ -30,7 +30,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 13  # 13: a shared expert's width
+CACHE_VERSION = 14  # 14: a projector's type, activation, merge and window
 
 
 # Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no
@@ -85,15 +85,25 @@ class GGUFInfo:
     chat_template: bool = True
 
 
+# Projectors that take images of any size (by clip.projector_type): llama-server reserves
+# their graph at load for this many merged tokens (clip.cpp's warmup), each the square of
+# the merge (the header's spatial_merge_size or projector.scale_factor, else this) in patches.
+WARMUP = {"qwen2vl_merger": (46 * 46, 2), "qwen2.5vl_merger": (46 * 46, 2),
+          "qwen3vl_merger": (46 * 46, 2), "glm4v": (46 * 46, 2), "pixtral": (256, 1),
+          "kimivl": (256, 1), "gemma4v": (256, 3)}
+
+
 class Projector(NamedTuple):
     """A multimodal projector (mmproj) file: its size and its encoder's shape, whose
-    compute graph llama-server reserves for the largest image (or audio clip) at load."""
+    compute graph llama-server reserves at load (memory/projector.py)."""
 
     size: int
-    tokens: int  # patches of the largest image, or audio frames
+    tokens: int  # patches of the image llama-server reserves for, or audio frames
     embedding: int
     feed_forward: int
     heads: int
+    gated: bool = False  # a SiLU feed-forward, gated (SwiGLU) in every projector that has one
+    window: bool = False  # window attention (Qwen2.5-VL): a mask of every patch pair
 
     @classmethod
     def of(cls, head: FileHeader) -> Projector:
@@ -105,12 +115,20 @@ class Projector(NamedTuple):
 
         audio = "clip.audio.embedding_length" in f and "clip.vision.embedding_length" not in f
         kind = "audio" if audio else "vision"
-        # Whisper-style audio encoders see 30 s as 1500 frames.
-        tokens = (num(kind, "image_size", 896) // num(kind, "patch_size", 14)) ** 2 \
-            if not audio else 1500
+        warmup = WARMUP.get(str(f.get("clip.vision.projector_type", f.get(
+            "clip.projector_type"))))
+        if audio:
+            tokens = 1500  # Whisper-style audio encoders see 30 s as 1500 frames
+        elif warmup:
+            merge = num(kind, "spatial_merge_size", 0) or num(
+                kind, "projector.scale_factor", warmup[1])
+            tokens = warmup[0] * merge * merge
+        else:
+            tokens = (num(kind, "image_size", 896) // num(kind, "patch_size", 14)) ** 2
         embd = num(kind, "embedding_length", 1152)
         return cls(head.size, tokens, embd, num(kind, "feed_forward_length", 4 * embd),
-                   num(kind, "attention.head_count", 16))
+                   num(kind, "attention.head_count", 16), f.get("clip.use_silu") is True,
+                   num(kind, "n_wa_pattern", 0) > 0)
 
 
 def _not_gguf(head: bytes) -> str | None:

@@ -35,12 +35,15 @@ Scalar = str | int | float | bool
 Value = Scalar | tuple[int, ...]  # a kept array: one of LAYER_ARRAYS
 
 TEMPLATE_KEY = "tokenizer.chat_template"
-# A projector's (mmproj) encoder shape, for the memory of its compute graph.
+# A projector's (mmproj) encoder shape, type and activation, for its compute graph's size.
 CLIP_FIELDS = ("image_size", "patch_size", "embedding_length", "feed_forward_length",
-               "attention.head_count", "block_count")
+               "attention.head_count", "block_count", "n_wa_pattern", "spatial_merge_size",
+               "projector.scale_factor")
 CLIP_KEYS = tuple(f"clip.{kind}.{key}" for kind in ("vision", "audio") for key in CLIP_FIELDS)
-KEPT_KEYS = frozenset(("general.architecture", "general.file_type",
-                       "clip.has_vision_encoder", "clip.has_audio_encoder", *CLIP_KEYS))
+CLIP_BOOLS = ("clip.has_vision_encoder", "clip.has_audio_encoder", "clip.use_silu")
+CLIP_TYPES = ("clip.projector_type", "clip.vision.projector_type")
+KEPT_KEYS = frozenset(("general.architecture", "general.file_type", *CLIP_BOOLS, *CLIP_TYPES,
+                       *CLIP_KEYS))
 # GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
 ARCH_FIELDS = {
     "context_length": "context_length", "block_count": "block_count",
@@ -87,8 +90,7 @@ MAX_SHOWN = 64 * 1024, 1024 * 1024  # `metadata`: bytes of a string value, and o
 # tokens: 0.03-0.14 s), but over 5 s on Debian 13 under qemu's emulation on a busy host (the
 # VM tier, tests/vm/). Going over it is a refusal for this scan only (TooSlow).
 CPU_SECONDS = 30.0
-_WINDOW = 1 << 20
-_CHECK_EVERY = 4096
+_WINDOW, _CHECK_EVERY = 1 << 20, 4096  # bytes read at a time; items between CPU checks
 
 # GGUF value types (the file format's own numbering) and how a scalar of each is stored.
 UINT32, INT32, BOOL, STRING, ARRAY = 4, 5, 7, 8, 9
@@ -389,8 +391,8 @@ def _fields(kept: dict[str, tuple[int, Value]]) -> tuple[dict[str, Scalar],
     """The kept scalars by key, and the per-layer arrays by FileHeader field."""
     arch = _typed(kept, "general.architecture", STRING)
     out: dict[str, Scalar] = {} if arch is None else {"general.architecture": arch}
-    wanted = [("general.file_type", UINT32), ("clip.has_vision_encoder", BOOL),
-              ("clip.has_audio_encoder", BOOL), *((key, UINT32) for key in CLIP_KEYS)]
+    wanted = [("general.file_type", UINT32), *((key, BOOL) for key in CLIP_BOOLS),
+              *((key, STRING) for key in CLIP_TYPES), *((key, UINT32) for key in CLIP_KEYS)]
     wanted += [(f"{arch}.{key}", UINT32) for key in KEPT_ARCH_KEYS] if arch else []
     arrays = {field: array for field, key in LAYER_ARRAYS.items()
               if isinstance(array := kept.get(f"{arch}.{key}", (0, None))[1], tuple)}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamad.catalog.gguf_info import EXPERTS, Projector, TensorBytes
-from llamad.memory import layers
+from llamad.memory import layers, projector
 from llamad.memory.layers import ModelInfo
 from llamad.memory.learned import Learned
 from llamad.memory.serverargs import ServerArgs, parse_args
@@ -36,8 +36,6 @@ CUDA_FIXED = 600 * MIB
 # libraries and kernels) and 208 MiB of anonymous and shared memory (the runtime).
 CUDA_LIBS_RAM = 320 * MIB
 CUDA_RUNTIME_RAM = 224 * MIB
-# Head sizes CUDA has flash-attention kernels for (ggml-cuda/fattn.cu, K and V alike).
-CUDA_FLASH_HEADS = frozenset((40, 64, 72, 80, 96, 112, 128, 256))
 # llama-server copies the KV state of each prompt its slots move on from into a cache in
 # host RAM (--cache-ram), 8192 MiB by default: Gemma 3 270M at -c 4096 grew by 24 MiB per
 # distinct 700-token prompt, from 362 MiB to 1330 MiB after 40 of them, bound for 8 GiB.
@@ -153,23 +151,12 @@ def _sum(*parts: Memory) -> Memory:
 
 
 def _projector(proj: Projector | None, s: ServerArgs, plan: _Plan) -> Estimate:
-    """The multimodal projector: its file (read, not mapped) and the compute graph its
-    encoder reserves for the largest image, on the GPU when the model uses one
-    (--mmproj-offload). The graph, per patch, as llama-server sizes it (measured): the
-    feed-forward stage's ff + 3 x embedding floats or the attention's 5 x embedding, and,
-    without flash attention, each head's scores over all patches beside 6 x embedding.
-    llama-server's default (auto) uses flash attention wherever the backend has it: the
-    CPU for every head size, CUDA for CUDA_FLASH_HEADS."""
+    """The multimodal projector: its file (read, not mapped) and the compute graph of its
+    encoder (projector.py), on the GPU when the model uses one (--mmproj-offload)."""
     if proj is None or not s.mmproj:
         return Estimate(Memory(), Memory(), Memory(), Memory(), 0)
-    n, embd = proj.tokens, proj.embedding
     on_gpu = plan.any and s.mmproj_offload
-    flash = s.flash_attn == "on" or (s.flash_attn == "auto" and (
-        not on_gpu or embd // proj.heads in CUDA_FLASH_HEADS))
-    per_patch = max(proj.feed_forward + 3 * embd, 5 * embd)
-    if not flash:
-        per_patch = max(per_patch, n * proj.heads + 6 * embd)
-    graph = n * per_patch * 4 + MIB  # and the image itself, the pooling, the projection
+    graph = projector.graph(proj, s.flash_attn, on_gpu)
     if on_gpu:
         return Estimate(Memory(proj.size, proj.size), Memory(), Memory(0, graph), Memory(), 0,
                         mapped=proj.size)

@@ -100,6 +100,43 @@ def write_gemma3_mmproj(path: Path, *, text_embd: int, embd: int, ff: int, heads
     return _written(w, path)
 
 
+def write_qwen25vl_mmproj(path: Path, *, text_embd: int, embd: int, ff: int, heads: int,
+                          blocks: int = 8, window_pattern: int = 8) -> Path:
+    """A Qwen2.5-VL vision projector llama-server loads beside a model whose embedding is
+    `text_embd`: 14 px patches merged 2 x 2, a gated feed-forward, window attention with
+    full attention every `window_pattern` blocks. Zeros; its compute buffer is real."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_string("clip.projector_type", "qwen2.5vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_silu", True)
+    for key, value in (("embedding_length", embd), ("feed_forward_length", ff),
+                       ("block_count", blocks), ("projection_dim", text_embd),
+                       ("attention.head_count", heads), ("image_size", 560),
+                       ("patch_size", 14), ("n_wa_pattern", window_pattern)):
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    w.add_tensor("v.patch_embd.weight", _f16(embd, 3, 14, 14))
+    w.add_tensor("v.patch_embd.weight.1", _f16(embd, 3, 14, 14))
+    vectors = {"v.post_ln.weight": embd, "mm.0.bias": 4 * embd, "mm.2.bias": text_embd}
+    for i in range(blocks):
+        for name, shape in (("attn_q", (embd, embd)), ("attn_k", (embd, embd)),
+                            ("attn_v", (embd, embd)), ("attn_out", (embd, embd)),
+                            ("ffn_up", (ff, embd)), ("ffn_gate", (ff, embd)),
+                            ("ffn_down", (embd, ff))):
+            w.add_tensor(f"v.blk.{i}.{name}.weight", _f16(*shape))
+            vectors[f"v.blk.{i}.{name}.bias"] = shape[0]
+        vectors.update({f"v.blk.{i}.ln1.weight": embd, f"v.blk.{i}.ln2.weight": embd})
+    for name, size in vectors.items():
+        w.add_tensor(name, np.zeros(size, dtype=np.float32))
+    w.add_tensor("mm.0.weight", _f16(4 * embd, 4 * embd))
+    w.add_tensor("mm.2.weight", _f16(text_embd, 4 * embd))
+    return _written(w, path)
+
+
 def truncate(path: Path, keep: int) -> Path:
     """Cut a file down to its first `keep` bytes (a download that stopped)."""
     with open(path, "r+b") as f:
