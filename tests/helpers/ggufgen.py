@@ -83,7 +83,7 @@ def write_gemma3_mmproj(path: Path, *, text_embd: int, embd: int, ff: int, heads
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     patches = (image_size // patch_size) ** 2
     w.add_tensor("v.patch_embd.weight", _f16(embd, 3, patch_size, patch_size))
-    w.add_tensor("v.position_embd.weight", _f16(patches, embd))
+    w.add_tensor("v.position_embd.weight", np.zeros((patches, embd), dtype=np.float32))
     vectors = ["v.patch_embd.bias", "v.post_ln.weight", "v.post_ln.bias",
                "mm.soft_emb_norm.weight"]
     for i in range(blocks):
