@@ -67,35 +67,17 @@ def write_gemma3_mmproj(path: Path, *, text_embd: int, embd: int, ff: int, heads
     """A Gemma 3 vision projector (SigLIP encoder) llama-server loads beside a Gemma 3 model
     whose embedding is `text_embd`: every tensor its loader asks for, zeros. Its compute
     buffer, reserved at load for one image of `image_size`, is real."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), "clip")
-    w.add_string("clip.projector_type", "gemma3")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_gelu", True)
-    for key, value in (("embedding_length", embd), ("feed_forward_length", ff),
-                       ("block_count", blocks), ("projection_dim", text_embd),
-                       ("attention.head_count", heads), ("image_size", image_size),
-                       ("patch_size", patch_size)):
-        w.add_uint32(f"clip.vision.{key}", value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    patches = (image_size // patch_size) ** 2
+    w = _clip_writer(path, "gemma3", "gelu", embedding_length=embd, feed_forward_length=ff,
+                     block_count=blocks, projection_dim=text_embd, image_size=image_size,
+                     patch_size=patch_size, **{"attention.head_count": heads})
     w.add_tensor("v.patch_embd.weight", _f16(embd, 3, patch_size, patch_size))
-    w.add_tensor("v.position_embd.weight", np.zeros((patches, embd), dtype=np.float32))
-    vectors = ["v.patch_embd.bias", "v.post_ln.weight", "v.post_ln.bias",
-               "mm.soft_emb_norm.weight"]
+    w.add_tensor("v.position_embd.weight",
+                 np.zeros(((image_size // patch_size) ** 2, embd), dtype=np.float32))
+    vectors = {"v.patch_embd.bias": embd, "v.post_ln.weight": embd, "v.post_ln.bias": embd,
+               "mm.soft_emb_norm.weight": embd}
     for i in range(blocks):
-        for name, shape in (("attn_q", (embd, embd)), ("attn_k", (embd, embd)),
-                            ("attn_v", (embd, embd)), ("attn_out", (embd, embd)),
-                            ("ffn_up", (ff, embd)), ("ffn_down", (embd, ff))):
-            w.add_tensor(f"v.blk.{i}.{name}.weight", _f16(*shape))
-            vectors.append(f"v.blk.{i}.{name}.bias" if name != "ffn_up" else "")
-        w.add_tensor(f"v.blk.{i}.ffn_up.bias", np.zeros(ff, dtype=np.float32))
-        vectors += [f"v.blk.{i}.{n}.{k}" for n in ("ln1", "ln2") for k in ("weight", "bias")]
-    for name in filter(None, vectors):
-        w.add_tensor(name, np.zeros(embd, dtype=np.float32))
+        _clip_block(w, vectors, i, embd, ff, gated=False)
+    _vectors(w, vectors)
     w.add_tensor("mm.input_projection.weight", _f16(embd, text_embd))
     return _written(w, path)
 
@@ -105,36 +87,52 @@ def write_qwen25vl_mmproj(path: Path, *, text_embd: int, embd: int, ff: int, hea
     """A Qwen2.5-VL vision projector llama-server loads beside a model whose embedding is
     `text_embd`: 14 px patches merged 2 x 2, a gated feed-forward, window attention with
     full attention every `window_pattern` blocks. Zeros; its compute buffer is real."""
+    w = _clip_writer(path, "qwen2.5vl_merger", "silu", embedding_length=embd,
+                     feed_forward_length=ff, block_count=blocks, projection_dim=text_embd,
+                     image_size=560, patch_size=14, n_wa_pattern=window_pattern,
+                     **{"attention.head_count": heads})
+    w.add_tensor("v.patch_embd.weight", _f16(embd, 3, 14, 14))
+    w.add_tensor("v.patch_embd.weight.1", _f16(embd, 3, 14, 14))
+    vectors = {"v.post_ln.weight": embd, "mm.0.bias": 4 * embd, "mm.2.bias": text_embd}
+    for i in range(blocks):
+        _clip_block(w, vectors, i, embd, ff, gated=True)
+    _vectors(w, vectors)
+    w.add_tensor("mm.0.weight", _f16(4 * embd, 4 * embd))
+    w.add_tensor("mm.2.weight", _f16(text_embd, 4 * embd))
+    return _written(w, path)
+
+
+def _clip_writer(path: Path, projector: str, activation: str, **vision: int) -> gguf.GGUFWriter:
+    """A projector file's header: its type, activation and `clip.vision.*` numbers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "clip")
-    w.add_string("clip.projector_type", "qwen2.5vl_merger")
+    w.add_string("clip.projector_type", projector)
     w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.use_silu", True)
-    for key, value in (("embedding_length", embd), ("feed_forward_length", ff),
-                       ("block_count", blocks), ("projection_dim", text_embd),
-                       ("attention.head_count", heads), ("image_size", 560),
-                       ("patch_size", 14), ("n_wa_pattern", window_pattern)):
+    w.add_bool(f"clip.use_{activation}", True)
+    for key, value in vision.items():
         w.add_uint32(f"clip.vision.{key}", value)
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    w.add_tensor("v.patch_embd.weight", _f16(embd, 3, 14, 14))
-    w.add_tensor("v.patch_embd.weight.1", _f16(embd, 3, 14, 14))
-    vectors = {"v.post_ln.weight": embd, "mm.0.bias": 4 * embd, "mm.2.bias": text_embd}
-    for i in range(blocks):
-        for name, shape in (("attn_q", (embd, embd)), ("attn_k", (embd, embd)),
-                            ("attn_v", (embd, embd)), ("attn_out", (embd, embd)),
-                            ("ffn_up", (ff, embd)), ("ffn_gate", (ff, embd)),
-                            ("ffn_down", (embd, ff))):
-            w.add_tensor(f"v.blk.{i}.{name}.weight", _f16(*shape))
-            vectors[f"v.blk.{i}.{name}.bias"] = shape[0]
-        vectors.update({f"v.blk.{i}.ln1.weight": embd, f"v.blk.{i}.ln2.weight": embd})
+    return w
+
+
+def _clip_block(w: gguf.GGUFWriter, vectors: dict[str, int], i: int, embd: int, ff: int,
+                gated: bool) -> None:
+    """Encoder block i's matrices; its biases and norms go into `vectors`, written later."""
+    shapes = [("attn_q", (embd, embd)), ("attn_k", (embd, embd)), ("attn_v", (embd, embd)),
+              ("attn_out", (embd, embd)), ("ffn_up", (ff, embd)), ("ffn_down", (embd, ff))]
+    for name, shape in shapes + ([("ffn_gate", (ff, embd))] if gated else []):
+        w.add_tensor(f"v.blk.{i}.{name}.weight", _f16(*shape))
+        vectors[f"v.blk.{i}.{name}.bias"] = shape[0]
+    norms = ("ln1.weight", "ln2.weight") + (() if gated else ("ln1.bias", "ln2.bias"))
+    vectors.update({f"v.blk.{i}.{norm}": embd for norm in norms})
+
+
+def _vectors(w: gguf.GGUFWriter, vectors: dict[str, int]) -> None:
     for name, size in vectors.items():
         w.add_tensor(name, np.zeros(size, dtype=np.float32))
-    w.add_tensor("mm.0.weight", _f16(4 * embd, 4 * embd))
-    w.add_tensor("mm.2.weight", _f16(text_embd, 4 * embd))
-    return _written(w, path)
 
 
 def truncate(path: Path, keep: int) -> Path:
