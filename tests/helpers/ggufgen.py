@@ -168,41 +168,20 @@ def write_llama(path: Path, *, embd: int, ff: int, heads: int, heads_kv: int, he
     F16 zeros, and a byte-level vocabulary. Its answers are nonsense; its buffers are real.
     `arch="olmo2"` (heads x head_dim = embd) has OLMo 2's norms instead, and with
     `sliding_window` its sliding-window layers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = _attention_model(path, arch, embd=embd, ff=ff, heads=heads, heads_kv=heads_kv,
+                         head_dim=head_dim, blocks=blocks, vocab=vocab, context=context,
+                         eps=1e-5)
     if sliding_window:
         w.add_sliding_window(sliding_window)
-    w.add_context_length(context)
-    w.add_block_count(blocks)
-    w.add_embedding_length(embd)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(heads_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    _byte_vocabulary(w, vocab)
-
-    w.add_tensor("token_embd.weight", _f16(vocab, embd))
-    w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
-    w.add_tensor("output.weight", _f16(vocab, embd))
     for i in range(blocks):
-        for name, shape in (("attn_q", (heads * head_dim, embd)),
-                            ("attn_k", (heads_kv * head_dim, embd)),
-                            ("attn_v", (heads_kv * head_dim, embd)),
-                            ("attn_output", (embd, heads * head_dim)),
-                            ("ffn_gate", (ff, embd)), ("ffn_up", (ff, embd)),
+        for name, shape in (("ffn_gate", (ff, embd)), ("ffn_up", (ff, embd)),
                             ("ffn_down", (embd, ff))):
             w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
         norms = {"attn_norm": embd, "ffn_norm": embd} if arch == "llama" else {
             "post_attention_norm": embd, "post_ffw_norm": embd, "attn_q_norm": embd,
             "attn_k_norm": heads_kv * head_dim}
-        for norm, size in norms.items():
-            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
+        _norms(w, i, norms)
     return _written(w, path)
-
 
 
 def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int,
@@ -213,27 +192,53 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
     arch="llama" Mixtral's (whose header gives the experts' width as feed_forward_length
     only, and no Q/K norms); with arch="qwen2moe" Qwen2-MoE's, a shared expert of width
     `shared` beside the chosen ones."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(32768)
-    w.add_block_count(blocks)
-    w.add_embedding_length(embd)
-    w.add_feed_forward_length(ff_exp)
-    w.add_head_count(heads)
-    w.add_head_count_kv(heads_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-6)
+    w = _attention_model(path, arch, embd=embd, ff=ff_exp, heads=heads, heads_kv=heads_kv,
+                         head_dim=head_dim, blocks=blocks, vocab=vocab, context=32768,
+                         eps=1e-6)
     w.add_expert_count(experts)
     w.add_expert_used_count(used)
     if arch != "llama":
         w.add_expert_feed_forward_length(ff_exp)
     if shared:
         w.add_uint32(f"{arch}.expert_shared_feed_forward_length", shared)
+    for i in range(blocks):
+        for name, shape in (("ffn_gate_exps", (experts, ff_exp, embd)),
+                            ("ffn_up_exps", (experts, ff_exp, embd)),
+                            ("ffn_down_exps", (experts, embd, ff_exp))):
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((experts, embd), np.float32))
+        if shared:
+            for part, dims in (("ffn_gate_shexp", (shared, embd)),
+                               ("ffn_up_shexp", (shared, embd)),
+                               ("ffn_down_shexp", (embd, shared))):
+                w.add_tensor(f"blk.{i}.{part}.weight", _f16(*dims))
+            w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", np.zeros(embd, np.float32))
+        norms = {"attn_norm": embd, "ffn_norm": embd}
+        if arch == "qwen3moe":
+            norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
+        _norms(w, i, norms)
+    return _written(w, path)
+
+
+def _attention_model(path: Path, arch: str, *, embd: int, ff: int, heads: int, heads_kv: int,
+                     head_dim: int, blocks: int, vocab: int, context: int,
+                     eps: float) -> gguf.GGUFWriter:
+    """What the generated attention models share: their header, a byte-level vocabulary,
+    the input and output layers and each block's attention; the caller adds the rest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(context)
+    w.add_block_count(blocks)
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(eps)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     _byte_vocabulary(w, vocab)
-
     w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
     w.add_tensor("output.weight", _f16(vocab, embd))
@@ -241,24 +246,14 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
         for name, shape in (("attn_q", (heads * head_dim, embd)),
                             ("attn_k", (heads_kv * head_dim, embd)),
                             ("attn_v", (heads_kv * head_dim, embd)),
-                            ("attn_output", (embd, heads * head_dim)),
-                            ("ffn_gate_exps", (experts, ff_exp, embd)),
-                            ("ffn_up_exps", (experts, ff_exp, embd)),
-                            ("ffn_down_exps", (experts, embd, ff_exp))):
+                            ("attn_output", (embd, heads * head_dim))):
             w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
-        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((experts, embd), np.float32))
-        if shared:
-            for name, shape in (("ffn_gate_shexp", (shared, embd)),
-                                ("ffn_up_shexp", (shared, embd)),
-                                ("ffn_down_shexp", (embd, shared))):
-                w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
-            w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", np.zeros(embd, np.float32))
-        norms = {"attn_norm": embd, "ffn_norm": embd}
-        if arch == "qwen3moe":
-            norms |= {"attn_q_norm": head_dim, "attn_k_norm": head_dim}
-        for norm, size in norms.items():
-            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
-    return _written(w, path)
+    return w
+
+
+def _norms(w: gguf.GGUFWriter, i: int, norms: dict[str, int]) -> None:
+    for norm, size in norms.items():
+        w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
 
 
 def write_deepseek2(path: Path, *, embd: int, heads: int, kv_lora: int, rope: int,
