@@ -102,7 +102,7 @@ class Projector(NamedTuple):
     embedding: int
     feed_forward: int
     heads: int
-    gated: bool = False  # a SiLU feed-forward, gated (SwiGLU) in every projector that has one
+    gated: bool = False  # clip.use_silu: the converters that set it write SwiGLU encoders
     window: bool = False  # window attention (Qwen2.5-VL): a mask of every patch pair
 
     @classmethod
