@@ -56,7 +56,9 @@ def test_projector_shape_from_its_header(tmp_path: Path, subtests) -> None:  # t
     """The image a projector's graph is sized for: its fixed size in patches, or, for one
     that takes any size, llama-server's warmup in merged tokens times the merge squared (the
     header's, else the type's own); a SiLU feed-forward is gated; n_wa_pattern is window
-    attention. The figures themselves are checked against llama-server in test_memory.py."""
+    attention. llama.cpp reads some of these keys for some projector types only, so one of
+    the wrong type makes no file unservable. The figures themselves are checked against
+    llama-server in test_memory.py."""
     table: list[tuple[str, dict[str, int | str | bool], tuple[int, bool, bool]]] = [
         ("fixed size", {"clip.projector_type": "gemma3", "clip.vision.image_size": 896,
                         "clip.vision.patch_size": 14}, (4096, False, False)),
@@ -68,6 +70,9 @@ def test_projector_shape_from_its_header(tmp_path: Path, subtests) -> None:  # t
             "clip.use_silu": True}, (1024, True, False)),
         ("gemma 4, its type's own merge", {"clip.projector_type": "gemma4v"}, (256 * 9, False,
                                                                                False)),
+        ("a key only some projectors read, of the wrong type, is left out, not refused", {
+            "clip.projector_type": "gemma3", "clip.vision.n_wa_pattern": "8",
+            "clip.vision.spatial_merge_size": "2"}, (4096, False, False)),
         ("mixed modalities name the vision type apart", {
             "clip.projector_type": "qwen2.5o", "clip.vision.projector_type": "qwen2.5vl_merger",
             "clip.vision.projector.scale_factor": 3}, (46 * 46 * 9, False, False)),

@@ -12,8 +12,8 @@ in the file before it acts on it:
 - at most MAX_STRINGS array strings stepped over, MAX_LAYERS layers, GGML_MAX_DIMS
   dimensions, and CPU_SECONDS of this thread's time per file;
 - the keys llamad keeps (KEPT_KEYS, the architecture's ARCH_FIELDS) must have the type
-  llama.cpp reads them as (UINT32 for numbers), so no negative or oversized number
-  reaches the memory estimate.
+  llama.cpp reads them as (UINT32 for numbers; CLIP_SOME's are left out instead), so no
+  negative or oversized number reaches the memory estimate.
 
 It reads through one 1 MiB window with pread (never mmap: a file truncated meanwhile would
 be SIGBUS), so it costs about that much memory whatever the file claims.
@@ -22,6 +22,7 @@ be SIGBUS), so it costs about that much memory whatever the file claims.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import struct
@@ -42,6 +43,9 @@ CLIP_FIELDS = ("image_size", "patch_size", "embedding_length", "feed_forward_len
 CLIP_KEYS = tuple(f"clip.{kind}.{key}" for kind in ("vision", "audio") for key in CLIP_FIELDS)
 CLIP_BOOLS = ("clip.has_vision_encoder", "clip.has_audio_encoder", "clip.use_silu")
 CLIP_TYPES = ("clip.projector_type", "clip.vision.projector_type")
+# Keys llama.cpp reads for some projector types only: one of another type is left out, not
+# refused, since llama.cpp may never read it in that file.
+CLIP_SOME = frozenset((CLIP_TYPES[1], *(k for k in CLIP_KEYS if k.endswith(CLIP_FIELDS[6:]))))
 KEPT_KEYS = frozenset(("general.architecture", "general.file_type", *CLIP_BOOLS, *CLIP_TYPES,
                        *CLIP_KEYS))
 # GGUFInfo's whole-number fields and the keys `<arch>.<key>` they come from.
@@ -98,9 +102,8 @@ _SCALARS = {0: struct.Struct("<B"), 1: struct.Struct("<b"), 2: struct.Struct("<H
             3: struct.Struct("<h"), 4: struct.Struct("<I"), 5: struct.Struct("<i"),
             6: struct.Struct("<f"), 7: struct.Struct("<?"), 10: struct.Struct("<Q"),
             11: struct.Struct("<q"), 12: struct.Struct("<d")}
-_TYPE_NAMES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32",
-               6: "FLOAT32", 7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64",
-               12: "FLOAT64"}
+_TYPE_NAMES = dict(enumerate(("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32",
+                               "BOOL", "STRING", "ARRAY", "UINT64", "INT64", "FLOAT64")))
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _HEAD = struct.Struct("<4sIQQ")
 
@@ -137,8 +140,7 @@ class TensorBytes(NamedTuple):
         layers: dict[int, int] = {}
         experts: dict[int, int] = {}
         kinds: dict[str, tuple[int, int]] = {}
-        inp = out = vocab = 0
-        tied = True
+        inp, out, vocab, tied = 0, 0, 0, True
         for name, size, rows in tensors:
             block = _block(name)
             if block is not None:
@@ -181,9 +183,7 @@ class TensorBytes(NamedTuple):
 
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    n = max(len(a), len(b))
-    return tuple(x + y for x, y in zip(a + (0,) * (n - len(a)), b + (0,) * (n - len(b)),
-                                       strict=True))
+    return tuple(map(sum, itertools.zip_longest(a, b, fillvalue=0)))
 
 
 def _block(name: str) -> int | None:
@@ -230,9 +230,8 @@ class _Source:
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd, self.size, self.pos = fd, size, 0
-        self.window, self.at = b"", 0
+        self.window, self.at, self.strings = b"", 0, 0
         self.deadline = time.thread_time() + CPU_SECONDS
-        self.strings = 0
 
     def left(self) -> int:
         return self.size - self.pos
@@ -397,7 +396,8 @@ def _fields(kept: dict[str, tuple[int, Value]]) -> tuple[dict[str, Scalar],
     arrays = {field: array for field, key in LAYER_ARRAYS.items()
               if isinstance(array := kept.get(f"{arch}.{key}", (0, None))[1], tuple)}
     for key, kind in wanted:
-        if isinstance(kept.get(key, (0, None))[1], tuple):
+        found = kept.get(key, (kind, None))
+        if isinstance(found[1], tuple) or (key in CLIP_SOME and found[0] != kind):
             continue
         value = _typed(kept, key, kind)
         if value is not None:
