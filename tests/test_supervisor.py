@@ -33,6 +33,7 @@ from llamad.memory.gpu import GpuMonitor
 from llamad.memory.measure import Measure
 from llamad.supervisor import lifecycle, reconcile
 from llamad.supervisor.events import Cause, State
+from llamad.supervisor.slot import Slot
 from llamad.supervisor.supervisor import IllegalMove, Supervisor
 from llamad.systemd.units import Markers, UnitError, UnitSpec, UnitStatus
 
@@ -505,18 +506,9 @@ async def test_a_model_failed_by_a_bus_error_is_taken_back_from_systemd(rig: Rig
 
 
 async def test_reconcile_confirms_a_failure_before_failing_the_model(rig: Rig) -> None:
-    slot = await rig.ready("tiny-a")
-    # systemd 252 shows "failed" on the way to an automatic restart...
-    rig.units.units[slot.unit] = dataclasses.replace(
-        rig.units.units[slot.unit], active_state="failed", sub_state="failed")
-    status_calls = len(rig.units.asked)
-    await rig.sup.reconcile()
-    # ...so llamad asks again, and by then systemd restarts it: not failed.
-    rig.units.units[slot.unit] = dataclasses.replace(
-        rig.units.units[slot.unit], active_state="activating", sub_state="auto-restart")
-    await rig.watch.until("the check", lambda: len(rig.units.asked) > status_calls)
-    await asyncio.gather(*(t for t in asyncio.all_tasks()
-                           if t.get_name() == "recording the failure of tiny-a"))
+    # systemd 252 shows "failed" on the way to an automatic restart, so llamad asks again,
+    # and by then systemd restarts it: not failed.
+    slot = await failure_checked_as(rig, active_state="activating", sub_state="auto-restart")
     assert slot.state is not State.FAILED
 
 
@@ -525,17 +517,23 @@ async def test_a_restart_queued_behind_failed_is_not_a_failure(rig: Rig) -> None
     start job waiting (and its Result already reset to success): a check of the failure that
     lands there is no failure. The soak saw one, the model failed ("systemd result
     'success'") and its requests refused until a reconcile adopted the restarted unit."""
+    slot = await failure_checked_as(rig, active_state="inactive", sub_state="dead", job=1234)
+    assert slot.state is not State.FAILED
+
+
+async def failure_checked_as(rig: Rig, **status: Any) -> Slot:
+    """A ready model's unit shows "failed" to a reconcile; the check of that failure then
+    finds the unit with `status`. Returns once the check is done."""
     slot = await rig.ready("tiny-a")
     rig.units.units[slot.unit] = dataclasses.replace(
         rig.units.units[slot.unit], active_state="failed", sub_state="failed")
     status_calls = len(rig.units.asked)
     await rig.sup.reconcile()
-    rig.units.units[slot.unit] = dataclasses.replace(
-        rig.units.units[slot.unit], active_state="inactive", sub_state="dead", job=1234)
+    rig.units.units[slot.unit] = dataclasses.replace(rig.units.units[slot.unit], **status)
     await rig.watch.until("the check", lambda: len(rig.units.asked) > status_calls)
     await asyncio.gather(*(t for t in asyncio.all_tasks()
                            if t.get_name() == "recording the failure of tiny-a"))
-    assert slot.state is not State.FAILED
+    return slot
 
 
 async def test_requests_wait_for_the_first_scan_then_get_503(config: Config) -> None:
