@@ -244,9 +244,7 @@ class Lifecycle(Core):
             status = await self.units.status(slot.unit)
         finally:
             slot.checking = False
-        # Inactive with a job queued: the start of that restart, not yet begun.
-        restarting = status.sub_state == "auto-restart" or status.job != 0 or \
-            status.active_state in ("activating", "active", "reloading")
+        restarting = status.sub_state == "auto-restart" or status.coming_up
         if restarting or slot.epoch != epoch:
             return
         exit_text = self.exit_text(slot)

@@ -116,6 +116,12 @@ class UnitStatus:
         return MANAGED in self.environment
 
     @property
+    def coming_up(self) -> bool:
+        """Running, or on its way: active, activating or reloading, or inactive with a job
+        queued (a start, or a restart systemd has queued, not begun yet)."""
+        return bool(self.job) or self.active_state in ("active", "activating", "reloading")
+
+    @property
     def markers(self) -> Markers | None:
         """What llamad recorded in the unit when it started it; None: not llamad's."""
         if not self.ours:
@@ -368,8 +374,7 @@ class UnitManager:
         await self._caller.manager(b"StartTransientUnit", argv, again=False)
 
     async def _starting(self, name: str) -> bool:
-        status = await self.status(name)
-        return bool(status.job) or status.active_state in ("active", "activating", "reloading")
+        return (await self.status(name)).coming_up
 
     async def stop(self, name: str) -> None:
         await self._caller.manager(b"StopUnit", bus.args(b"ss", [name, "replace"]))
