@@ -374,7 +374,8 @@ def test_projector_compute_buffer(tmp_path: Path, subtests) -> None:  # type: ig
     With flash attention, on by default where the backend has it (auto), no head's scores
     over all patches are kept: counted anyway, Gemma 3's projector looked 1.27 GiB against
     its 0.10. Qwen2.5-VL's was counted for the header's 560 px image: 45 MiB against 705."""
-    meta = gguf_info.combine([gguf_info.read_header(rig.GEMMA)], None)
+    gemma = gguf_info.read_header(rig.GEMMA)
+    meta = gguf_info.combine([gemma], None)
     path = tmp_path / "mmproj.gguf"
     table: list[tuple[str, Callable[[], Path], float]] = [
         (f"siglip {e}/{f}/{h}, {image} px", functools.partial(
@@ -388,8 +389,7 @@ def test_projector_compute_buffer(tmp_path: Path, subtests) -> None:  # type: ig
         for e, f, h, wp in ((1280, 3420, 16, 2), (1024, 6840, 16, 2), (1536, 1024, 16, 2),
                             (1280, 3420, 16, 0), (1536, 3420, 16, 0))]
     for name, write, slack in table:  # one file at a time: the largest are 0.2 GB
-        info = gguf_info.combine([gguf_info.read_header(rig.GEMMA)],
-                                 gguf_info.read_header(write()))
+        info = gguf_info.combine([gemma], gguf_info.read_header(write()))
         for args in (["-c", "1024"], ["-c", "1024", "-fa", "off"], ["-c", "1024", "-fa", "on"]):
             with subtests.test(name, args=args):
                 both = [*args, "--mmproj", str(path)]
