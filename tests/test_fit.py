@@ -178,6 +178,9 @@ def test_ctx_max_caps_the_context(tmp_path: Path) -> None:
     # A preset's ctx-max wins over the global one.
     preset = plan(meas, model("llama", LLAMA_8B, ctx_max=32768))
     assert isinstance(preset, Load) and ctx_of(preset) == 32768
+    # Its 0 lifts the cap for that model: the trained context, as with no ctx-max at all.
+    lifted = plan(meas, model("llama", LLAMA_8B, ctx_max=0))
+    assert isinstance(lifted, Load) and ctx_of(lifted) == 131072
 
 
 def test_explicit_context_and_layers_are_kept(tmp_path: Path) -> None:

@@ -190,9 +190,10 @@ def test_fit_keys() -> None:
     x = model_settings("x", M, None, p, {})
     y = model_settings("y", M, None, p, {})
     assert (x.ctx_max, x.memory_need) == (8192, (6 * 1024**3, None))
-    assert (y.ctx_max, y.memory_need) == (None, (512 * 1024**2, int(1.5 * 1024**3)))
+    assert (y.ctx_max, y.memory_need) == (0, (512 * 1024**2, int(1.5 * 1024**3)))
     assert "memory-need = ram=536870912,vram=1610612736" in y.preset_text
-    assert model_settings("x", M, None, parse_presets(""), {}).memory_need is None
+    unset = model_settings("x", M, None, parse_presets(""), {})
+    assert (unset.ctx_max, unset.memory_need) == (None, None)
 
 
 def test_global_args_errors() -> None:

@@ -129,7 +129,7 @@ class ModelSettings:
     restore: bool = False
     # Fitting models to memory (memory/fit.py): a cap on the context llamad chooses, and
     # the memory to plan with instead of the estimate, (RAM, VRAM) bytes, None = estimate.
-    ctx_max: int | None = None
+    ctx_max: int | None = None  # None: llamad.conf's applies; 0 lifts its cap
     memory_need: tuple[int | None, int | None] | None = None
     # Per-model controls (modelkeys.py).
     concurrency_limit: int | None = None  # None: llamad.conf's concurrency-limit
@@ -396,7 +396,7 @@ def _env(section: Section | None, defaults: Section) -> tuple[str, ...]:
 
 def _ctx_max(section: Section | None, defaults: Section) -> int | None:
     value = _pick("ctx-max", section, defaults)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
         else None
 
 

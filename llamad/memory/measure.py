@@ -166,7 +166,8 @@ class Measure:
         # -c 0 asks for the whole trained context (of each slot): llama.cpp's own fitting
         # never reduces it (common/arg.cpp), and neither does llamad, nor ctx-max.
         whole = s.ctx_size == 0 and argv.has(args, "--ctx-size")
-        cap = 0 if whole else model.settings.ctx_max or self.config.ctx_max
+        preset = model.settings.ctx_max
+        cap = 0 if whole else self.config.ctx_max if preset is None else preset
         capped = bool(cap) and cap < most
         if capped:
             step = fit.STEP * streams
