@@ -114,6 +114,30 @@ def test_wanted_fields_only() -> None:
         scan(b'{"model": "' + b"m" * 70_000 + b'"}')
 
 
+def _escaped(key: str) -> bytes:
+    """`key` as JSON text with every character a \\u escape, as llama-server decodes it."""
+    return b'"' + "".join(f"\\u{ord(c):04x}" for c in key).encode() + b'"'
+
+
+def test_numbers_that_become_memory_are_bounded_however_spelled() -> None:
+    """Each of BOUNDED is refused past its bound, its key written plainly or wholly in
+    escapes, whether a small body's fields come from json.loads or a big one's from the
+    Scanner; `logprobs` is n_probs' alias, and as OpenAI's chat flag (true) no number."""
+    wanted = frozenset((*WANTED, *bodies.BOUNDED))
+    for key, (most, _) in bodies.BOUNDED.items():
+        for spelled in (json.dumps(key).encode(), _escaped(key)):
+            body = b'{"model": "m", ' + spelled + b": " + str(most + 1).encode() + b"}"
+            big = body.replace(b'"m",', b'"m", "prompt": "' + b"x" * bodies.INLINE + b'",')
+            scanner = Scanner(big, wanted)
+            assert scanner.step(time.monotonic() + 60)
+            for fields in (bodies._quick(body, wanted), scanner.fields):
+                assert fields is not None
+                with pytest.raises(BadRequest, match=f"{key} {most + 1} is too large"):
+                    bodies.check_bounds(fields)
+            bodies.check_bounds({key: most})
+    bodies.check_bounds({"logprobs": True, "top_logprobs": 20})
+
+
 def test_a_large_body_takes_many_bounded_steps() -> None:
     """With its time always up, a step does one bounded piece of work (at most 256 KiB of a
     string, 256 small array items, 32 tokens or 1 MiB of UTF-8) and returns: so each step

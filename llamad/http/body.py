@@ -40,11 +40,13 @@ UTF8_STEP = 1 << 20
 # Numbers llama-server takes up to 2^31 - 1 and turns into memory for one request: each
 # penalty window is a zeroed ring of that many tokens (8 GiB at the top), n_probs (OpenAI's
 # top_logprobs) that many candidates for every token of the answer (the whole 262k
-# vocabulary: 52 MB of JSON for two tokens). No model's context is longer than 2^24 tokens,
-# and a window longer than the context does no more; OpenAI allows 20 candidates.
+# vocabulary: 52 MB of JSON for two tokens; `logprobs` is its alias, a number in /completion
+# and OpenAI's legacy completions). No model's context is longer than 2^24 tokens, and a
+# window longer than the context does no more; OpenAI allows 20 candidates.
 BOUNDED = {"repeat_last_n": (1 << 24, "tokens, more than any model's context"),
            "dry_penalty_last_n": (1 << 24, "tokens, more than any model's context"),
-           "n_probs": (100, "candidates a token"), "top_logprobs": (100, "candidates a token")}
+           "n_probs": (100, "candidates a token"), "top_logprobs": (100, "candidates a token"),
+           "logprobs": (100, "candidates a token")}
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
@@ -239,6 +241,9 @@ class Scanner:
         self.value_start = 0  # where the current top-level value began
         self.key_start = 0  # where the current key began
         self.key: str | None = None  # the wanted top-level key whose value comes next
+        # The longest JSON text a wanted key can have: each character may be written as
+        # an escape, 12 bytes for one outside the BMP (llama-server decodes them all).
+        self.key_max = 2 + 12 * max(map(len, wanted), default=0)
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
         self.checked = 0  # bytes known to be UTF-8
         self.done = False
@@ -333,7 +338,7 @@ class Scanner:
         if self.role == "value":
             self._after_value()
             return
-        if len(self.stack) == 1 and self.pos - self.key_start <= 64:
+        if len(self.stack) == 1 and self.pos - self.key_start <= self.key_max:
             key = json.loads(self.buf[self.key_start:self.pos])
             self.key = key if key in self.wanted else None
         self.expect = "colon"
