@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -14,7 +17,7 @@ from llamad.api import dashboard, webui
 from llamad.config import Config, load_config
 from llamad.errors import ConfigError
 from llamad.http import browsers, keys, middleware
-from llamad.http.browsers import host_name, is_loopback
+from llamad.http.browsers import host_name, is_local
 
 
 @pytest.mark.parametrize(("header", "name"), [
@@ -24,11 +27,41 @@ def test_host_name(header: str, name: str) -> None:
     assert host_name(header) == name
 
 
-def test_loopback() -> None:
-    for name in ("localhost", "ui.localhost", "127.0.0.1", "127.8.9.10", "::1"):
-        assert is_loopback(name), name
-    for name in ("localhost.example.org", "10.0.0.1", "0.0.0.0", "example", "127.0.0.1.nip.io"):
-        assert not is_loopback(name), name
+def test_local_names() -> None:
+    """Names no page elsewhere can point at llamad (DNS rebinding): addresses, as clients
+    that dial 0.0.0.0 or a LAN address send them, this machine's name, a container's name
+    for its host; not names any DNS server or LAN neighbour answers for."""
+    for name in ("localhost", "ui.localhost", "127.0.0.1", "127.8.9.10", "::1", "0.0.0.0",
+                 "10.0.0.1", "fe80::1", socket.gethostname().lower(), "host.docker.internal"):
+        assert is_local(name), name
+    for name in ("localhost.example.org", "example", "127.0.0.1.nip.io", "printer.local",
+                 "internal.example.org"):
+        assert not is_local(name), name
+
+
+async def test_only_a_browser_must_send_json(subtests: Any) -> None:
+    """A POST with an Origin (every browser's) must be JSON, so no page posts a form to
+    llamad unasked; one without (curl -d, as Ollama's docs write it) is read as JSON
+    whatever its type."""
+    door = browsers.Door(Config.default(cors_origins=("http://ui.example",)), keyed=False)
+    app = web.Application(middlewares=[middleware.error_middleware, door.middleware])
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(json.loads(await request.read()))
+    app.router.add_post("/api/generate", echo)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with TestClient(TestServer(app)) as client:
+        for origin, status in ((None, 200), ("http://ui.example", 415), ("null", 403),
+                               ("http://evil.example", 403)):
+            with subtests.test(origin=origin):
+                r = await client.post("/api/generate", data=b'{"model": "m"}', headers={
+                    **form, **({"Origin": origin} if origin else {})})
+                assert r.status == status
+                if status == 200:
+                    assert await r.json() == {"model": "m"}
+        r = await client.post("/api/generate", json={"model": "m"},
+                              headers={"Origin": "http://ui.example"})
+        assert r.status == 200
 
 
 def test_cors_origins_are_origins(tmp_path: Path) -> None:

@@ -93,3 +93,18 @@ def test_the_peer_key_file(tmp_path: Path) -> None:
             load_peer_key(path)
     with pytest.raises(ConfigError, match="cannot be read"):
         load_peer_key(tmp_path / "absent")
+
+
+def test_keep_alive_is_an_admins_say() -> None:
+    """Without keys every client is admin; with keys another key's keep_alive is ignored,
+    not refused (Continue sends one with every request)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from llamad.http.keys import REQUEST_KEY, admins_say
+
+    request = make_mocked_request("POST", "/api/chat")
+    assert admins_say(request, 0.0) == 0.0
+    request[REQUEST_KEY] = Key(b"k", admin=True)
+    assert admins_say(request, -1.0) == -1.0
+    request[REQUEST_KEY] = Key(b"k")
+    assert admins_say(request, 0.0) is None

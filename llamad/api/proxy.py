@@ -75,9 +75,7 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     body, data = await read_json(request, *BOUNDED)
     check_bounds(data)
     slot = await find(request, data.get("model"))
-    keep_alive = parse_keep_alive(data.get("keep_alive"))
-    if keep_alive is not None:
-        keys.require_admin(request, "keep_alive")
+    keep_alive = keys.admins_say(request, parse_keep_alive(data.get("keep_alive")))
     streams.remember(request, slot)
     return await proxied(request, slot, body, keep_alive, stream=data.get("stream") is True)
 

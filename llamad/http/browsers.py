@@ -1,12 +1,17 @@
 """What a web page in a local user's browser can make llamad do: nothing it is not meant to.
 
-- DNS rebinding: without API keys, a request whose Host is not a loopback name or address
-  (or listed in `allowed-hosts`) is refused, so a page whose name points at 127.0.0.1 gets
-  nothing.
+- DNS rebinding: without API keys, a request whose Host is not a local name (or listed in
+  `allowed-hosts`) is refused, so a page whose name points at 127.0.0.1 gets nothing. Local
+  names are those no one outside can point here: any address (a page served from one
+  cannot be rebound), `localhost` and `*.localhost`, this machine's name, and `*.internal`
+  (a container's name for its host). Ollama takes `*.local` too, which anyone on the LAN
+  may answer for (mDNS): here it goes in `allowed-hosts`.
 - Cross-site requests: a browser sends a POST without asking first (no CORS preflight) only
-  with a form's content types, so every POST must be `application/json` (415 otherwise), or
-  `multipart/form-data` for a route declared @takes_files; a POST from another origin than
-  llamad's own that is not in `cors-origins` is refused outright.
+  with a form's content types, and with an Origin header (the Fetch standard sends one with
+  every POST). So a POST with an Origin must be `application/json` (415 otherwise), or
+  `multipart/form-data` for a route declared @takes_files, and one from another origin than
+  llamad's own that is not in `cors-origins` is refused outright. Without an Origin it is
+  no browser's, and any type is read as JSON, as Ollama does for `curl -d`.
 - CORS is llamad's own: the backends' `Access-Control-*` headers never reach the client;
   origins listed in `cors-origins` get them from llamad, and OPTIONS is answered here.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -51,14 +57,18 @@ def host_name(header: str) -> str:
     return h.rsplit(":", 1)[0].rstrip(".") if h.count(":") == 1 else h.rstrip(".")
 
 
+LOCAL_SUFFIXES = (".localhost", ".internal")
+
+
 @functools.lru_cache(maxsize=256)  # asked for every request, mostly of the same few names
-def is_loopback(name: str) -> bool:
-    if name == "localhost" or name.endswith(".localhost"):
-        return True  # RFC 6761: browsers resolve these to loopback themselves
+def is_local(name: str) -> bool:
+    if name in ("localhost", socket.gethostname().lower()) or name.endswith(LOCAL_SUFFIXES):
+        return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        ipaddress.ip_address(name)
     except ValueError:
         return False
+    return True
 
 
 class Door:
@@ -77,15 +87,15 @@ class Door:
         host = request.headers.get("Host")
         if self.check_host and host is not None:
             name = host_name(host)
-            if not is_loopback(name) and name not in self.hosts:
-                raise Refused(f"Host {name!r} is not a loopback name; add it to allowed-hosts "
+            if not is_local(name) and name not in self.hosts:
+                raise Refused(f"Host {name!r} is not a local name; add it to allowed-hosts "
                               "in llamad.conf to serve it (or set api-keys-file)",
                               code="host_not_allowed")
         origin = request.headers.get("Origin")
         if request.method == "OPTIONS":
             return self.preflight(request, origin)
-        if request.method == "POST":
-            if origin is not None and not self.cors_allowed(origin) and \
+        if request.method == "POST" and origin is not None:
+            if not self.cors_allowed(origin) and \
                     urlsplit(origin).netloc.lower() != (host or "").lower():
                 raise Refused(f"a request from the web page origin {origin!r} is refused; "
                               "list it in cors-origins to allow it", code="origin_not_allowed")

@@ -32,6 +32,7 @@ log = logging.getLogger("llamad.keys")
 ADMIN_ATTR = "llamad_admin_only"
 PUBLIC_ATTR = "llamad_public"
 H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,14 @@ def require_admin(request: web.Request, what: str) -> None:
     key = request_key(request)
     if key is not None and not key.admin:
         raise forbidden(what)
+
+
+def admins_say(request: web.Request, value: T) -> T | None:
+    """A part of a request only an admin key decides (keep_alive: how long a model that
+    every key shares stays loaded); another key's is ignored, as if not sent, rather than
+    refused: clients such as Continue send keep_alive with every request."""
+    key = request_key(request)
+    return value if key is None or key.admin else None
 
 
 def may_use(request: web.Request, model_id: str, aliases: Iterable[str] = ()) -> bool:
