@@ -168,6 +168,9 @@ def test_presets_add_and_adjust_models(tmp_path: Path) -> None:
     assert problems_about(snap, "u/none:Q8_0 is not in the llama.cpp cache")
     assert problems_about(snap, "preset [nothing] matches no model")
     assert snap.resolve("nope") is None
+    # NAME:latest is NAME, as Ollama lists models and its users name them everywhere.
+    assert snap.resolve("base:latest") is snap.resolve("b1:latest") is snap.models["base"]
+    assert snap.resolve("nope:latest") is None and snap.resolve("base:q8_0") is None
 
 
 def test_a_section_without_its_model_holds_no_name(tmp_path: Path) -> None:

@@ -94,9 +94,13 @@ class Snapshot:
                                  if more else "")
 
     def resolve(self, name: str) -> Model | None:
+        """A model by its id or alias; `NAME:latest` is NAME, as Ollama lists it and its
+        users then name it on every route."""
         model = self.models.get(name)
         if model is None and name in self.aliases:
             model = self.models.get(self.aliases[name])
+        if model is None and name.endswith(":latest"):
+            return self.resolve(name.removesuffix(":latest"))
         return model
 
 
