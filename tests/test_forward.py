@@ -22,11 +22,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from helpers import llamaserver
 from helpers.watch import eventually
 from rig import wait_for
 
-from llamad.api.forward import Watch, forward
+from llamad.api.forward import Watch, exchange, forward
 from llamad.http import record
 from llamad.http.middleware import error_middleware
 from llamad.supervisor.backend import Backend, cpu_ticks
@@ -318,3 +319,32 @@ async def test_a_silent_request_on_a_computing_backend_is_not_wedged(
         r = await client.post("/v1/chat/completions", json={})
         assert (r.status, await r.json()) == (200, {"text": "done"})
     assert rig.wedged == []
+
+
+@pytest.fixture(scope="module")
+def llama_url() -> Iterator[str]:
+    with llamaserver.running("-t", "1", "-c", "512", "-np", "1") as url:
+        yield url
+
+
+async def test_a_streams_connection_is_never_reused(llama_url: str) -> None:
+    """The real llama-server hangs up once a stream ends, though it says keep-alive: a
+    request sent on that connection before the hang-up is seen failed as if the backend
+    were gone (503, and the supervisor checked the model as if it had crashed). Sent at
+    once, as the next request to a busy llamad may be, it failed every time."""
+    backend = Backend(llama_url)
+    request = make_mocked_request("POST", "/api/chat")
+    for _ in range(5):
+        async with exchange(request, backend, "/v1/chat/completions", _hi(stream=True),
+                            Watch(60, 60, print)) as up:
+            assert up.status == 200 and up.streamed
+            assert b"".join([c async for c in up.chunks()]).endswith(b"data: [DONE]\n\n")
+        async with backend.session().post(backend.base_url + "/v1/chat/completions",
+                                          data=_hi(stream=False)) as r:
+            assert r.status == 200 and (await r.json())["choices"]
+    await backend.close()
+
+
+def _hi(stream: bool) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                       "stream": stream}).encode()

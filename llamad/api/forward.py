@@ -81,13 +81,17 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
         up = await _open(request, backend, session, body, watch)
         try:
             resp = out or web.StreamResponse()
-            if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if _streamed(up):
                 return await _stream(request, backend, up, watch, resp)
             if resp.prepared:
                 return await _last_event(resp, await _small(backend, up, watch))
             return await _plain(request, backend, up, watch, resp)
         finally:
             up.release()  # back to the pool only if the answer was read to its end
+
+
+def _streamed(up: aiohttp.ClientResponse) -> bool:
+    return up.headers.get("Content-Type", "").startswith("text/event-stream")
 
 
 async def _next(backend: Backend, up: aiohttp.ClientResponse, watch: Watch) -> bytes:
@@ -167,6 +171,10 @@ async def _open(request: web.Request, backend: Backend, session: aiohttp.ClientS
         # llama-server refuses everything with 503 while it loads: the model never saw it.
         up.close()
         raise BackendUnreachable("the model's backend is loading again; retry shortly")
+    if _streamed(up) and (conn := up.connection) is not None and conn.protocol is not None:
+        # llama-server hangs up once a stream ends, though it says keep-alive: a request
+        # sent on the connection before that is seen failed as if the backend were gone.
+        conn.protocol.force_close()
     return up
 
 
@@ -299,7 +307,7 @@ class Upstream:
 
     @property
     def streamed(self) -> bool:
-        return self.response.headers.get("Content-Type", "").startswith("text/event-stream")
+        return _streamed(self.response)
 
     async def read(self) -> bytes:
         """The whole answer, to be translated: at most TRANSLATED bytes of it (llamad holds
