@@ -15,7 +15,6 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -38,7 +37,9 @@ from llamad.supervisor.slot import Slot
 # The Ollama release whose API this answers as (GET /api/version); clients check it.
 VERSION = "0.12.0"
 # A request body is decoded whole (messages, images, inputs): json.loads holds the event
-# loop about 1 µs per item, so at most this many items (base64 images are one each).
+# loop about 1 µs per item, so at most this many items. Only structure counts (',', '[' and
+# '{' outside strings): a string is one item however long (its decoding is a copy), so a
+# document or a CSV in a message, or thousands of texts to embed, are taken as by Ollama.
 MAX_ITEMS = 50_000
 MAX_EVENT = 8 * 1024 * 1024  # bytes of one event line from llama-server
 # Inputs per /v1/embeddings request of /api/embed: at 4,096 dimensions about 1.3 MiB of
@@ -54,15 +55,14 @@ async def read_request(request: web.Request) -> dict[str, Any]:
     raw, _ = await read_json(request)
     if len(raw) > INLINE:
         items = 0
-        for start in range(0, len(raw), 1 << 20):  # 1 MiB at a time, between other work
-            part = raw[start:start + (1 << 20)]
-            items += part.count(b",") + part.count(b"[") + part.count(b"{")
+        for count in tr.json_items(raw, MAX_ITEMS):  # in steps, between other work
+            items = count
             await asyncio.sleep(0)
         if items > MAX_ITEMS:
-            raise LlamadError(f"the request holds {items} JSON items, more than the "
-                              f"{MAX_ITEMS} llamad translates for Ollama's API; send fewer "
-                              "(or use the OpenAI-compatible routes)", status=413,
-                              code="request_too_large")
+            raise LlamadError(f"the request holds more than {MAX_ITEMS} JSON items (values "
+                              "in arrays and objects), more than llamad translates for "
+                              "Ollama's API; send fewer (or use the OpenAI-compatible "
+                              "routes)", status=413, code="request_too_large")
     data: dict[str, Any] = json.loads(raw)  # read_json made sure it is a JSON object
     return data
 
@@ -80,10 +80,7 @@ async def model_slot(request: web.Request, req: dict[str, Any]) -> tuple[Slot, s
 
 
 def keep_alive_of(request: web.Request, req: dict[str, Any]) -> float | None:
-    keep_alive = parse_keep_alive(req.get("keep_alive"))
-    if keep_alive is not None:
-        keys.require_admin(request, "keep_alive")  # as on every other route
-    return keep_alive
+    return keys.admins_say(request, parse_keep_alive(req.get("keep_alive")))
 
 
 def _times(request: web.Request) -> tuple[float, float]:
@@ -132,9 +129,11 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     if not messages:
         return await lifecycle(request, slot, tr.Reply(name, tr.CHAT, False), keep_alive)
     _check_images(slot, name, tr.has_images(messages))
-    return await answer(request, slot, keep_alive, tr.CHAT_PATH,
-                        tr.chat_body(req, messages, stream, listing.n_ctx(slot.model)),
-                        tr.Reply(name, tr.CHAT, stream, top_logprobs=tr.top_logprobs(req)))
+    body = tr.chat_body(req, messages, stream, listing.n_ctx(slot.model))
+    truncate = tr.flag("truncate", req.get("truncate"), True)  # a long history's oldest go
+    return await answer(request, slot, keep_alive, tr.CHAT_PATH, body,
+                        tr.Reply(name, tr.CHAT, stream, top_logprobs=tr.top_logprobs(req)),
+                        body if truncate else None)
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
@@ -159,8 +158,7 @@ async def handle_embed(request: web.Request) -> web.StreamResponse:
     inputs = tr.embed_inputs(req.get("input"))
     dimensions = req.get("dimensions")
     tr.shorten([1.0], dimensions)  # a bad value is a 400 before anything loads
-
-    fit = Fit(models.embed_limit(slot.model), tr.flag("truncate", req.get("truncate"), True))
+    fit = models.Fit(models.embed_limit(slot.model), tr.flag("truncate", req.get("truncate"), True))
     if not inputs:  # as Ollama: load the model, embed nothing
         await lifecycle(request, slot, tr.Reply(name, tr.GENERATE, False), keep_alive)
         return web.json_response({"model": name, "embeddings": []})
@@ -168,61 +166,54 @@ async def handle_embed(request: web.Request) -> web.StreamResponse:
                          send=_embed_sender(name, inputs, dimensions, fit))
 
 
-@dataclass(frozen=True)
-class Fit:
-    """Ollama's `truncate`: an input longer than `limit` tokens is cut to fit, or refused."""
-
-    limit: int
-    truncate: bool
+async def _ask(request: web.Request, backend: Backend, watch: Watch, path: str,
+               body: dict[str, Any]) -> dict[str, Any]:
+    """One JSON request to llama-server, its answer decoded; a refusal is an error."""
+    async with exchange(request, backend, path, json.dumps(body).encode(), watch) as up:
+        data = await up.read()
+        if up.status != 200:
+            raise _refused(up, data)
+    return _decode(data)
 
 
 async def _fitted(request: web.Request, backend: Backend, watch: Watch, texts: list[str],
-                  fit: Fit) -> list[str]:
+                  fit: models.Fit) -> list[str]:
     """`texts`, each cut to `fit.limit` tokens (with the model's own BOS and EOS) as Ollama
     cuts them: tokens of the text alone, cut, written back as text. Only a text longer in
     bytes than the limit is asked about: a token is at least a byte."""
-    async def ask(path: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with exchange(request, backend, path, json.dumps(body).encode(), watch) as up:
-            data = await up.read()
-            if up.status != 200:
-                raise _refused(up, data)
-        return _decode(data)
     out, specials = [], None
     for text in texts:
         if len(text.encode()) + 2 > fit.limit:  # perhaps too long: count its tokens
             if specials is None:
-                specials = len((await ask("/tokenize", {"content": "", "add_special": True})
-                                ).get("tokens") or [])
-            tokens = (await ask("/tokenize", {"content": text})).get("tokens") or []
+                specials = len((await _ask(request, backend, watch, "/tokenize", {
+                    "content": "", "add_special": True})).get("tokens") or [])
+            tokens = (await _ask(request, backend, watch, "/tokenize", {"content": text})
+                      ).get("tokens") or []
             if len(tokens) + specials > fit.limit:
                 if not fit.truncate:
                     raise BadRequest("the input length exceeds the context length")  # Ollama's
-                text = (await ask("/detokenize", {"tokens": tokens[:fit.limit - specials]})
-                        ).get("content") or ""
+                text = (await _ask(request, backend, watch, "/detokenize", {
+                    "tokens": tokens[:fit.limit - specials]})).get("content") or ""
         out.append(text)
     return out
 
 
-def _embed_sender(name: str, inputs: list[str], dimensions: object, fit: Fit) -> Send:
+def _embed_sender(name: str, inputs: list[str], dimensions: object, fit: models.Fit) -> Send:
     """Ollama's /api/embed, EMBED_BATCH inputs per request to llama-server, each batch's
     vectors written out before the next is asked for. Asked at once, 1,500 short inputs came
     back as 20 MiB of JSON, decoded and encoded again on the event loop: llamad grew by
-    100 MiB and /health waited 2 s; up to MAX_ITEMS inputs, any client could hold it longer."""
+    100 MiB and /health waited 2 s; up to MAX_ITEMS inputs, any client could hold it longer.
+    Every input is fitted (or found too long) first, so that, as from Ollama, a refused
+    input is an error answer, not one cut off after the first batches."""
     async def send(request: web.Request, backend: Backend, body: bytes | bytearray,
                    watch: Watch, out: web.StreamResponse) -> web.StreamResponse:
         out = out or web.StreamResponse()
         write = out.write_own if isinstance(out, record.TapResponse) else out.write
-        tokens = 0
-        for start in range(0, len(inputs), EMBED_BATCH):
+        texts, tokens = await _fitted(request, backend, watch, inputs, fit), 0
+        for start in range(0, len(texts), EMBED_BATCH):
             try:
-                texts = await _fitted(request, backend, watch,
-                                      inputs[start:start + EMBED_BATCH], fit)
-                batch = json.dumps({"input": texts}).encode()
-                async with exchange(request, backend, "/v1/embeddings", batch, watch) as up:
-                    data = await up.read()
-                    if up.status != 200:
-                        raise _refused(up, data)
-                answer = _decode(data)
+                answer = await _ask(request, backend, watch, "/v1/embeddings",
+                                    {"input": texts[start:start + EMBED_BATCH]})
             except LlamadError as e:
                 if not out.prepared:
                     raise  # nothing went out: the client gets the error (or it is retried)
@@ -241,7 +232,7 @@ def _embed_sender(name: str, inputs: list[str], dimensions: object, fit: Fit) ->
         record.of(request).counts[b"prompt_tokens"] = tokens  # of all the batches
         total, load = _times(request)
         await write(f'], "total_duration": {int(total * 1e9)}, "load_duration": '
-                        f'{int(load * 1e9)}, "prompt_eval_count": {tokens}}}'.encode())
+                    f'{int(load * 1e9)}, "prompt_eval_count": {tokens}}}'.encode())
         await out.write_eof()
         return out
     return send
@@ -304,10 +295,11 @@ async def lifecycle(request: web.Request, slot: Slot, reply: tr.Reply,
 
 
 async def answer(request: web.Request, slot: Slot, keep_alive: float | None, path: str,
-                 body: dict[str, Any], reply: tr.Reply) -> web.StreamResponse:
+                 body: dict[str, Any], reply: tr.Reply,
+                 history: dict[str, Any] | None = None) -> web.StreamResponse:
     """Send the translated request to the model as proxy.proxied sends any other."""
     resp = await proxied(request, slot, json.dumps(body).encode(), keep_alive,
-                         send=_sender(path, reply))
+                         send=_sender(path, reply, history))
     record.of(request).stream = reply.stream
     return resp
 
@@ -317,20 +309,63 @@ def _refused(up: Upstream, data: bytes) -> LlamadError:
     return LlamadError(tr.error_message(data), status=up.status, code="backend_refused")
 
 
-def _sender(path: str, reply: tr.Reply) -> Send:
+def _sender(path: str, reply: tr.Reply, history: dict[str, Any] | None = None) -> Send:
+    """`history`: a chat's body, whose oldest messages may go if too long (_shorter)."""
     async def send(request: web.Request, backend: Backend, body: bytes | bytearray,
                    watch: Watch, out: web.StreamResponse) -> web.StreamResponse:
-        async with exchange(request, backend, path, bytes(body), watch) as up:
-            if up.status != 200:
-                raise _refused(up, await up.read())
-            if reply.stream and up.streamed:
-                return await _stream(request, up, out, reply)
-            reply.stream = False  # one answer, so one line
-            data = await up.read()
-            record.of(request).see(data)
-            reply.event(_decode(data))
-            return web.json_response(reply.last(*_times(request))[-1])
+        for attempt in range(2):
+            async with exchange(request, backend, path, bytes(body), watch) as up:
+                if up.status == 200:
+                    return await _answered(request, up, out, reply)
+                data = await up.read()
+            try:
+                shorter = None if attempt or history is None else \
+                    await _shorter(request, backend, watch, history, data)
+            except BackendError:
+                raise
+            except LlamadError:  # no shorter prompt could be made: the refusal stands
+                shorter = None
+            if shorter is None:
+                raise _refused(up, data)
+            body = shorter
+        raise AssertionError("a second refusal is raised above")
     return send
+
+
+async def _answered(request: web.Request, up: Upstream, out: web.StreamResponse,
+                    reply: tr.Reply) -> web.StreamResponse:
+    if reply.stream and up.streamed:
+        return await _stream(request, up, out, reply)
+    reply.stream = False  # one answer, so one line
+    data = await up.read()
+    record.of(request).see(data)
+    reply.event(_decode(data))
+    return web.json_response(reply.last(*_times(request))[-1])
+
+
+async def _shorter(request: web.Request, backend: Backend, watch: Watch,
+                   chat: dict[str, Any], refusal: bytes) -> bytes | None:
+    """Ollama's way with a history too long for the context (server/prompt.go, chatPrompt):
+    the oldest messages go, but for system messages and the latest, until the prompt fits.
+    Only once llama-server refused (its context comes with the refusal); at most log2 of the
+    messages prompts are made and counted (/apply-template, /tokenize)."""
+    budget, messages = models.prompt_budget(chat, refusal), chat["messages"]
+    if budget is None or len(messages) < 2:
+        return None  # not a context refusal, or nothing that may go
+
+    async def fits(start: int) -> bool:
+        kept = models.kept_messages(messages, start)
+        prompt = (await _ask(request, backend, watch, "/apply-template",
+                             {**chat, "messages": kept})).get("prompt") or ""
+        tokens = (await _ask(request, backend, watch, "/tokenize", {
+            "content": prompt, "add_special": True})).get("tokens") or []
+        return len(tokens) + models.IMAGE_TOKENS * models.image_parts(kept) <= budget
+    low, high = 1, len(messages) - 1  # the latest message stays, fitting or not
+    while low < high:  # the first start that fits: fewer messages, fewer tokens
+        mid = (low + high) // 2
+        low, high = (low, mid) if await fits(mid) else (mid + 1, high)
+    kept = models.kept_messages(messages, low)
+    return None if len(kept) == len(messages) else json.dumps({**chat, "messages": kept}).encode()
 
 
 def _json_sender(path: str, build: Callable[[dict[str, Any], float, float], dict[str, Any]]

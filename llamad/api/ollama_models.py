@@ -1,4 +1,5 @@
-"""What Ollama's clients see of llamad's models: their names, /api/tags, /api/show, /api/ps.
+"""What Ollama's clients see of llamad's models: their names, /api/tags, /api/show, /api/ps,
+and what fits a model's context (an /api/embed input, an /api/chat history).
 
 Names: Ollama's `model:tag`, where no tag means `latest`. llamad's `gemma` is listed as
 `gemma:latest` and answers to both; a Hugging Face name as Ollama spells it
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -161,6 +164,43 @@ def embed_limit(model: Model) -> int:
     s = memory.parse_args(model.settings.args)
     batch = min(s.batch, s.ubatch)
     return min(batch, listing.n_ctx(model) or batch)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Ollama's `truncate`: an input longer than `limit` tokens is cut to fit, or refused."""
+
+    limit: int
+    truncate: bool
+
+
+IMAGE_TOKENS = 768  # an image in a history being shortened: Ollama's guess (chatPrompt)
+
+
+def prompt_budget(chat: dict[str, Any], refusal: bytes) -> int | None:
+    """The tokens a chat's prompt may have, if llama-server refused it as longer than its
+    context (else None): the context, less room for the answer (llama-server does not make
+    room by shifting the context, as Ollama's runner does): num_predict, at most a quarter."""
+    try:
+        err = json.loads(refusal).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(err, dict) or err.get("type") != "exceed_context_size_error" or \
+            not isinstance(n_ctx := err.get("n_ctx"), int):
+        return None
+    n_predict = chat.get("n_predict", -1)
+    return n_ctx - (min(n_predict, n_ctx // 4) if n_predict > 0 else n_ctx // 4)
+
+
+def kept_messages(messages: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    """The messages from `start` on, after the system messages before it (Ollama's)."""
+    return [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
+
+
+def image_parts(messages: list[dict[str, Any]]) -> int:
+    return sum(isinstance(m.get("content"), list) and sum(
+        isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+        for m in messages)
 
 
 def capabilities(model: Model, template: str) -> list[str]:

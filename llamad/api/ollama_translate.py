@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -261,6 +263,33 @@ def generate_plan(req: dict[str, Any], stream: bool,
     return CHAT_PATH, chat_body(req, messages, stream, n_ctx)
 
 
+STEP = 1 << 20  # bytes (or 1,024 runs of escapes) json_items counts between its yields
+# Escapes in a string read_json found valid, and the text after each: 64 at most a match.
+_ESCAPES = re.compile(rb'(?:\\.[^"\\]{0,256}){1,64}')
+
+
+def json_items(raw: bytes | bytearray, most: int) -> Iterator[int]:
+    """How many items a valid JSON text holds (',', '[' and '{' outside its strings),
+    counted in short steps, each followed by the count so far; it stops past `most`."""
+    items, pos, inside, since = 0, 0, False, 0
+    while pos < len(raw) and items <= most:
+        start = pos
+        quote = raw.find(b'"', pos, pos + STEP)
+        end = min(len(raw), pos + STEP) if quote < 0 else quote
+        if inside and (slash := raw.find(b"\\", pos, end)) >= 0:  # escapes end no string
+            pos = _ESCAPES.match(raw, slash).end()  # type: ignore[union-attr]
+        else:
+            if not inside:
+                items += raw.count(b",", pos, end) + raw.count(b"[", pos, end) + \
+                    raw.count(b"{", pos, end)
+            pos, inside = (end, inside) if quote < 0 else (quote + 1, not inside)
+        since += pos - start + STEP // 1024
+        if since >= STEP:
+            since = 0
+            yield items
+    yield items
+
+
 def embed_inputs(value: object) -> list[str]:
     if isinstance(value, str):
         return [value] if value else []
@@ -298,15 +327,22 @@ def _ns(ms: object) -> int:
 
 
 def _tool_calls(calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tool calls gathered from llama-server, in Ollama's shape (arguments an object)."""
+    """Tool calls gathered from llama-server, in Ollama's shape. Their arguments are an
+    object (Ollama's clients take nothing else: ollama-python fails to validate the answer),
+    none at all an empty one; anything else fails the answer, as Ollama's own llama-server
+    runner fails it (llm/llama_server.go)."""
     out: list[dict[str, Any]] = []
     for _, call in sorted(calls.items()):
         fn = call.get("function") or {}
-        text = fn.get("arguments") or "{}"
+        text = fn.get("arguments") or ""
         try:
-            args = json.loads(text) if isinstance(text, str) else text
-        except ValueError:
-            args = text  # not JSON after all: pass it on rather than lose it
+            args = json.loads(text) if text.strip() else {}
+        except ValueError as e:
+            args = e
+        if not isinstance(args, dict):
+            raise LlamadError("the model's backend returned invalid tool call arguments for "
+                              f"{fn.get('name', '')!r} (not a JSON object): {text[:200]}",
+                              status=500, code="backend_error")
         out.append({"id": call.get("id", ""), "function": {
             "index": len(out), "name": fn.get("name", ""), "arguments": args}})
     return out

@@ -213,7 +213,7 @@ def request_key(request: web.Request) -> Key | None:
 
 
 def require_admin(request: web.Request, what: str) -> None:
-    """For admin-only parts of a request that any key may send (keep_alive in a body)."""
+    """For admin-only parts of a request that any key may send (?reload=1)."""
     key = request_key(request)
     if key is not None and not key.admin:
         raise forbidden(what)
