@@ -236,6 +236,29 @@ def test_gemma4_layer_arrays_survive_a_restart(tmp_path: Path) -> None:
         (1, 1, 0, 1, 0), 2, 32)
 
 
+def test_per_layer_heads_and_widths_and_nextn_layers(tmp_path: Path) -> None:
+    """Nemotron's deci gives heads, KV heads and feed-forward widths per layer: the model's
+    head count is the first layer's (llama.cpp's n_head()), its width the widest layer's.
+    GLM-4.5's header says how many of its last blocks are NextN layers. Both survive a
+    restart of the cache."""
+    deci = ggufgen.write_deci(tmp_path / "deci.gguf", embd=64, heads=(2, 4, 0, 2),
+                              kv_heads=(1, 2, 0, 1), ff=(128, 192, 0, 128), head_dim=32)
+    glm = ggufgen.write_glm4moe(tmp_path / "glm.gguf", embd=64, heads=2, heads_kv=1,
+                                head_dim=32, experts=4, used=2, ff_exp=64, trunk=2, nextn=1)
+    store = tmp_path / "info.json"
+    cache = InfoCache(store)
+    heads = cache.header(deci), cache.header(glm)
+    cache.save()
+    again = InfoCache(store)
+    assert (again.header(deci), again.header(glm)) == heads
+    assert (heads[0].heads, heads[0].ff_lengths) == ((2, 4, 0, 2), (128, 192, 0, 128))
+    info = combine([again.header(deci)], None)
+    assert (info.head_count, info.heads, info.kv_heads, info.feed_forward_length) == (
+        2, (2, 4, 0, 2), (1, 2, 0, 1), 192)
+    info = combine([again.header(glm)], None)
+    assert (info.block_count, info.nextn_predict_layers, info.head_count) == (3, 1, 2)
+
+
 def test_other_arrays_where_kv_heads_go_are_stepped_over(tmp_path: Path) -> None:
     """Only whole numbers, one per layer at most (MAX_LAYERS), are kept; anything else in
     that place reads as no per-layer count (the model's head count is used)."""
@@ -244,7 +267,7 @@ def test_other_arrays_where_kv_heads_go_are_stepped_over(tmp_path: Path) -> None
     u32 = struct.pack("<I", 4)
     for name, value in (("floats", arr(6, "f", [1.0, 2.0])),
                         ("too many", arr(4, "I", [1] * (MAX_LAYERS + 1))),
-                        ("signed", arr(5, "i", [0, 3]))):
+                        ("signed", arr(5, "i", [0, 3])), ("negative", arr(5, "i", [0, -3]))):
         path = tmp_path / f"{name}.gguf"
         path.write_bytes(ggufgen.raw_gguf([
             (b"general.architecture", 8, struct.pack("<Q", 4) + b"lfm2"),

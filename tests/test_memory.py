@@ -113,10 +113,17 @@ def test_parse_args(subtests) -> None:  # type: ignore[no-untyped-def]
                     draft_n_cpu_moe=2, draft_overrides=(("e", "CPU"),))),
         # llama-server takes no `--flag=value` (an invalid argument), so neither does llamad
         ("no = form", ["--flash-attn=on", "-c=16"], ServerArgs()),
+        ("speculative types add up", ["--spec-type", "ngram-simple", "--spec-type", "a,b"],
+         ServerArgs(spec_types=("ngram-simple", "a", "b"))),
     ]
     for name, args, want in table:
         with subtests.test(name):
             assert parse_args(args) == want
+    # MTP drafts load a model's NextN layers: named, or maybe inferred from a draft model.
+    assert parse_args(["--spec-type", "ngram-simple,draft-mtp"]).mtp
+    assert parse_args(["-md", "d.gguf"]).mtp
+    assert not parse_args(["-md", "d.gguf", "--spec-type", "draft-simple"]).mtp
+    assert not parse_args([]).mtp
 
 
 def kv_formula(m: Meta, n_ctx: int, bytes_per: float) -> int:
@@ -291,6 +298,7 @@ class Measured:
     output: int  # its output (logits) buffer
     peak_rss: int  # VmHWM once ready
     projector: int  # its projector's compute buffer (--mmproj), else 0
+    model: int = 0  # its model buffers on the CPU (the weights, read or mapped)
 
 
 def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
@@ -314,11 +322,14 @@ def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
     projector = re.findall(r"reserve_compute_meta: +CPU compute buffer size = +([\d.]+) MiB",
                            log_text)
     output = re.findall(r"CPU +output buffer size = +([\d.]+) MiB", log_text)
+    weights = re.findall(r"load_tensors: +CPU(?:_Mapped)? model buffer size = +([\d.]+) MiB",
+                       log_text)
     hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
     assert kv and compute and output and hwm, log_text[-2000:]
     return Measured(int(sum(float(x) for x in kv) * MIB), int(float(compute[-1]) * MIB),
                     int(float(output[-1]) * MIB), int(hwm.group(1)) * 1024,
-                    int(float(projector[-1]) * MIB) if projector else 0)
+                    int(float(projector[-1]) * MIB) if projector else 0,
+                    int(sum(float(x) for x in weights) * MIB))
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -655,6 +666,59 @@ def test_hybrid_models_have_kv_only_on_their_attention_layers(  # type: ignore[n
             print(f"\n{' '.join(args)}: KV and state estimate {est.kv.ram / MIB:.2f}, "
                   f"llama-server {real.kv / MIB:.2f} MiB")
             assert abs(est.kv.ram - real.kv) < MIB / 100
+
+
+def test_nextn_layers_are_neither_loaded_nor_cached(  # type: ignore[no-untyped-def]
+        tmp_path: Path, subtests) -> None:
+    """GLM-4.5's last block is a NextN (multi-token prediction) layer: llama-server skips its
+    weights and gives it no KV cache unless MTP drafts are on (--spec-type draft-mtp, which
+    also makes a draft context whose cache holds that layer alone). -ngl counts it still.
+    Counted as a layer like the others, the generated model's weights looked 83.36 MiB
+    against llama-server's 55.57, its KV cache 6.00 MiB against 4.00."""
+    path = ggufgen.write_glm4moe(tmp_path / "glm.gguf", embd=512, heads=8, heads_kv=2,
+                                 head_dim=64, experts=16, used=4, ff_exp=512, trunk=2, nextn=1)
+    info = gguf_info.combine([gguf_info.read_header(path)], None)
+    assert (info.block_count, info.nextn_predict_layers) == (3, 1)
+    for args in (["-c", "4096", "-np", "1"], ["-c", "8192", "-np", "2", "-fa", "off"],
+                 ["-c", "4096", "-np", "1", "--spec-type", "draft-mtp"]):
+        with subtests.test(args):
+            args = [*args, "-lm", "none"]  # read, not mapped: the weights in a buffer
+            real = run_llama_server(args, path)
+            est = estimate(info, args, gpu=False)
+            weights = est.weights.ram - est.mapped
+            print(f"\n{' '.join(args)}: weights estimate {weights / MIB:.2f}, llama-server "
+                  f"{real.model / MIB:.2f} MiB; KV {est.kv.ram / MIB:.2f}, "
+                  f"{real.kv / MIB:.2f} MiB")
+            assert abs(weights - real.model) < MIB / 100
+            assert abs(est.kv.ram - real.kv) < MIB / 100
+    # -ngl 2 offloads the output layer and the NextN layer, which holds no weights or cache.
+    est = estimate(info, ["-ngl", "2", "-c", "4096"], gpu=True)
+    assert info.tensors is not None
+    assert (est.weights.vram, est.kv.vram) == (info.tensors.output, 0)
+
+
+def test_heads_and_widths_per_layer(tmp_path: Path, subtests) -> None:  # type: ignore[no-untyped-def]
+    """Nemotron's deci gives heads, KV heads and feed-forward widths per layer: a layer
+    without KV heads has no attention, or a linear stand-in for it. Read as no head count,
+    its KV cache was left out (0 MiB against llama-server's 8.00 at -c 4096). Without flash
+    attention V is stored transposed, and llama.cpp pads every layer's to the widest, those
+    without KV heads too."""
+    path = ggufgen.write_deci(tmp_path / "deci.gguf", embd=512, heads=(8, 16, 8, 0, 8),
+                              kv_heads=(2, 4, 0, 0, 2), ff=(1024, 1536, 1024, 0, 1024),
+                              head_dim=64)
+    info = gguf_info.combine([gguf_info.read_header(path)], None)
+    assert (info.head_count, info.feed_forward_length) == (8, 1536)
+    for args in (["-c", "4096", "-np", "1"], ["-c", "8192", "-np", "2", "-fa", "off"],
+                 ["-c", "16384", "-np", "4", "-ctk", "q8_0", "-ctv", "q8_0"]):
+        with subtests.test(args):
+            real = run_llama_server(args, path)
+            est = estimate(info, args, gpu=False)
+            graph = est.compute.ram - logits(args, 1024)
+            print(f"\n{' '.join(args)}: KV estimate {est.kv.ram / MIB:.2f}, llama-server "
+                  f"{real.kv / MIB:.2f} MiB; compute estimate {graph / MIB:.2f}, "
+                  f"llama-server {real.compute / MIB:.2f} MiB")
+            assert abs(est.kv.ram - real.kv) < MIB / 100
+            assert real.compute <= graph <= real.compute * 1.35
 
 
 def test_context_checkpoints_stay_within_their_bound() -> None:

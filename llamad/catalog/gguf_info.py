@@ -15,6 +15,7 @@ from llamad.catalog import files, ggufheader
 from llamad.catalog.ggufheader import (
     ARCH_FIELDS,
     EXPERTS,
+    LAYER_ARRAYS,
     TEMPLATE_KEY,
     FileHeader,
     GGUFError,
@@ -30,7 +31,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 14  # 14: a projector's type, activation, merge and window
+CACHE_VERSION = 15  # 15: NextN layers; heads and feed-forward width per layer
 
 
 # Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no
@@ -78,6 +79,11 @@ class GGUFInfo:
     wkv_head_size: int | None = None
     token_shift_count: int | None = None
     kda_head_dim: int | None = None
+    # The last blocks that are multi-token prediction (NextN) layers (layers.nextn_layers).
+    nextn_predict_layers: int | None = None
+    # Heads per layer, where the header gives them as an array (Nemotron's deci, OpenELM);
+    # head_count is then the first layer's, as llama.cpp's n_head() is.
+    heads: tuple[int, ...] | None = None
     tensors: TensorBytes | None = None  # where the weights' bytes sit, for offload estimates
     projector: Projector | None = None  # the paired mmproj file, when there is one
     # tokenizer.chat_template is in the header; without it llama-server falls back to ChatML
@@ -210,6 +216,12 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
     # architecture. (type() rather than isinstance(): a bool is no count.)
     ints = {name: value if type(value) is int else None
             for name, key in _arch_keys(p) for value in (fields.get(key),)}
+    # Per-layer arrays instead of a number: the first layer's heads (llama.cpp sizes a head
+    # by them), the widest feed-forward stage (the compute graph's).
+    if ints["head_count"] is None and first.heads:
+        ints["head_count"] = first.heads[0]
+    if ints["feed_forward_length"] is None and first.ff_lengths:
+        ints["feed_forward_length"] = max(first.ff_lengths)
     return GGUFInfo(
         architecture=arch,
         parameters=sum(s.parameters for s in shards) or None,
@@ -222,6 +234,7 @@ def combine(shards: list[FileHeader], mmproj: FileHeader | None) -> GGUFInfo:
         projector=Projector.of(mmproj) if mmproj is not None else None,
         kv_heads=first.kv_heads or None,
         swa_pattern=first.swa_pattern or None,
+        heads=first.heads or None,
         **ints,
     )
 
@@ -233,8 +246,8 @@ def _arch_keys(prefix: str) -> tuple[tuple[str, str], ...]:
 
 def _header(value: dict[str, Any]) -> FileHeader:
     tensors = TensorBytes.load(value.pop("tensors"))
-    kv_heads, swa_pattern = tuple(value.pop("kv_heads")), tuple(value.pop("swa_pattern", ()))
-    return FileHeader(**value, tensors=tensors, kv_heads=kv_heads, swa_pattern=swa_pattern)
+    value |= {field: tuple(value[field]) for field in LAYER_ARRAYS}
+    return FileHeader(**value, tensors=tensors)
 
 
 def _stat_key(st: os.stat_result) -> StatKey:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import re
 import struct
@@ -69,13 +70,16 @@ ARCH_FIELDS = {
     "ssm_state_size": "ssm.state_size", "ssm_group_count": "ssm.group_count",
     "shortconv_l_cache": "shortconv.l_cache", "wkv_head_size": "wkv.head_size",
     "token_shift_count": "token_shift_count", "kda_head_dim": "kda.head_dim",
+    "nextn_predict_layers": "nextn_predict_layers",  # the last blocks: multi-token prediction
 }
 KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
-# The per-layer arrays kept, one of each at most, by FileHeader field: the KV heads of each
-# layer (llama.cpp's get_key_or_arr; 0 for a hybrid model's recurrent layers, which have no
-# KV cache), and which layers use a sliding window (Gemma 4's, a bool each).
+# The per-layer arrays kept, one of each at most, by FileHeader field (llama.cpp's
+# get_key_or_arr): the KV heads of each layer (0 for a hybrid model's recurrent layers, which
+# have no KV cache), which layers use a sliding window (Gemma 4's, a bool each), and the heads
+# and feed-forward width of each layer (Nemotron's `deci`, OpenELM).
 LAYER_ARRAYS = {"kv_heads": "attention.head_count_kv",
-                "swa_pattern": "attention.sliding_window_pattern"}
+                "swa_pattern": "attention.sliding_window_pattern",
+                "heads": "attention.head_count", "ff_lengths": "feed_forward_length"}
 # Tensors llama.cpp keeps with the input layer, which always stays on the host.
 INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
 # A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
@@ -211,6 +215,8 @@ class FileHeader:
     chat_template: bool = True
     kv_heads: tuple[int, ...] = ()  # per layer, where the header gives them as an array
     swa_pattern: tuple[int, ...] = ()  # per layer: 1 where it uses a sliding window
+    heads: tuple[int, ...] = ()  # per layer, where the header gives them as an array
+    ff_lengths: tuple[int, ...] = ()  # the same for the feed-forward width
 
 
 @functools.cache
@@ -233,9 +239,6 @@ class _Source:
         self.window, self.at, self.strings = b"", 0, 0
         self.deadline = time.thread_time() + CPU_SECONDS
 
-    def left(self) -> int:
-        return self.size - self.pos
-
     def need(self, n: int) -> None:
         if n > self.size - self.pos:
             raise GGUFError("truncated")
@@ -252,12 +255,10 @@ class _Source:
         return self.window[start:start + n]
 
     def u32(self) -> int:
-        value: int = _U32.unpack(self.take(4))[0]
-        return value
+        return int(_U32.unpack(self.take(4))[0])
 
     def u64(self) -> int:
-        value: int = _U64.unpack(self.take(8))[0]
-        return value
+        return int(_U64.unpack(self.take(8))[0])
 
     def skip(self, n: int) -> None:
         self.need(n)
@@ -393,8 +394,10 @@ def _fields(kept: dict[str, tuple[int, Value]]) -> tuple[dict[str, Scalar],
     wanted = [("general.file_type", UINT32), *((key, BOOL) for key in CLIP_BOOLS),
               *((key, STRING) for key in CLIP_TYPES), *((key, UINT32) for key in CLIP_KEYS)]
     wanted += [(f"{arch}.{key}", UINT32) for key in KEPT_ARCH_KEYS] if arch else []
+    # A negative count (an INT32 array) would shrink the estimate: such an array is left out.
     arrays = {field: array for field, key in LAYER_ARRAYS.items()
-              if isinstance(array := kept.get(f"{arch}.{key}", (0, None))[1], tuple)}
+              if isinstance(array := kept.get(f"{arch}.{key}", (0, None))[1], tuple)
+              and min(array, default=0) >= 0}
     for key, kind in wanted:
         found = kept.get(key, (kind, None))
         if isinstance(found[1], tuple) or (key in CLIP_SOME and found[0] != kind):
@@ -409,8 +412,7 @@ class _Tally:
     """What the tensor infos add up to, kept as sums (never a list of tensors)."""
 
     def __init__(self) -> None:
-        self.parameters = 0
-        self.end = 0  # relative to the data section
+        self.parameters, self.end = 0, 0  # end: relative to the data section
         self.types: Counter[str] = Counter()
 
 
@@ -427,9 +429,7 @@ def _tensors(src: _Source, count: int, tally: _Tally) -> Iterator[tuple[str, int
         if any(d < 0 for d in shape) or kind not in types:
             raise GGUFError(f"has a tensor with a bad shape or unknown type {kind}")
         type_name, block, size = types[kind]
-        elements = 1
-        for d in shape:
-            elements *= d
+        elements = math.prod(shape)
         if elements >= 2**63 or (shape and shape[0] % block):
             raise GGUFError(f"has a tensor whose shape does not fit its type {type_name}")
         nbytes = elements // block * size

@@ -182,7 +182,7 @@ def _moved(info: ModelInfo, s: ServerArgs, plan: _Plan) -> int:
     cpu = [p for text, buft in s.overrides if buft.upper().startswith("CPU")
            and (p := _pattern(text)) is not None]
     moved = 0
-    for il in range(plan.i_start, plan.n_layer):
+    for il in range(plan.i_start, plan.n_layer - layers.nextn_layers(info, s.mtp)):
         has_experts = il < len(table.experts) and table.experts[il] > 0
         experts_out = il < s.n_cpu_moe and has_experts
         moved += table.experts[il] if experts_out else 0
@@ -205,7 +205,7 @@ def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
     """
     s = parse_args(args)
     plan = _Plan.of(info.block_count or 0, s.gpu_layers, True)
-    remote, host, largest = _rpc_split(info, plan)
+    remote, host, largest = _rpc_split(info, s, plan)
     ctx, kv = _kv(info, s, plan)
     compute = _compute(info, s, plan)
     mapped = host if s.load_mode in ("auto", "mmap", "mmap+mlock") else 0
@@ -213,14 +213,15 @@ def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
                     mapped=mapped)
 
 
-def _rpc_split(info: ModelInfo, plan: _Plan) -> tuple[int, int, int]:
+def _rpc_split(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, int, int]:
     """(bytes sent to the workers, bytes the host keeps, the largest piece sent at once:
     a repeating layer's tensors, or the head with a tied embedding's copy)."""
     table: TensorBytes | None = getattr(info, "tensors", None)
     if table is not None and table.layers:
-        sent = [b for i, b in enumerate(table.layers) if plan.on_gpu(i)]
+        loaded = _loaded(info, s, table)
+        sent = [b for i, b in enumerate(loaded) if plan.on_gpu(i)]
         head = table.output + (table.input if table.tied else 0) if plan.output else 0
-        host = table.input + sum(table.layers) - sum(sent) + (0 if plan.output else table.output)
+        host = table.input + sum(loaded) - sum(sent) + (0 if plan.output else table.output)
         return sum(sent) + head, host, max([*sent, head])
     n_layer = plan.n_layer
     on = (n_layer - plan.i_start) + (1 if plan.output else 0)
@@ -234,8 +235,9 @@ def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan, moved: int = 0) -> tup
     loading touches every tensor once."""
     table: TensorBytes | None = getattr(info, "tensors", None)
     if table is not None and table.layers:
-        vram = sum(b for i, b in enumerate(table.layers) if plan.on_gpu(i)) - moved
-        host = table.input + sum(table.layers) - vram
+        loaded = _loaded(info, s, table)
+        vram = sum(b for i, b in enumerate(loaded) if plan.on_gpu(i)) - moved
+        host = table.input + sum(loaded) - vram
         if plan.output:
             # A tied head is the token embedding, copied to the output layer's device.
             vram += table.output + (table.input if table.tied else 0)
@@ -251,6 +253,12 @@ def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan, moved: int = 0) -> tup
     pages = 0 if s.load_mode == "dio" else info.size
     anon = 0 if s.load_mode in ("auto", "mmap", "mmap+mlock") else host
     return Memory(pages + anon, vram), pages
+
+
+def _loaded(info: ModelInfo, s: ServerArgs, table: TensorBytes) -> tuple[int, ...]:
+    """Bytes of each repeating layer llama-server loads: not the NextN layers it skips."""
+    nextn = layers.nextn_layers(info, s.mtp)
+    return table.layers[:len(table.layers) - nextn] if nextn else table.layers
 
 
 @dataclass(frozen=True)
@@ -290,13 +298,19 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
     if not n_layer or not heads or not info.embedding_length:
         return 0, Memory()
     cells = _cells(info, s)
-    per_head = (_per_head(info, s), _per_head(info, s, swa=True))
-    kv_heads = layers.kv_heads(info, n_layer)
+    sizes = (layers.head_sizes(info), layers.head_sizes(info, swa=True))
+    kv_heads = layers.kv_heads(info, n_layer, s.mtp)
     swa = layers.swa_layers(info) if cells.swa else frozenset()
+    # V stored transposed (no flash attention) may be padded to the widest layer's.
+    padded = layers.padded_v(info, n_layer, s.mtp) if s.flash_attn == "off" else None
     gpu = host = 0.0
     for il in range(n_layer):
         on = il in swa
-        size = (cells.swa if on else cells.full) * cells.streams * kv_heads[il] * per_head[on]
+        k_len, v_len = sizes[on]
+        v = kv_heads[il] * v_len if padded is None else padded[il]
+        cell = kv_heads[il] * k_len * _type_bytes(s.cache_type_k) + v * _type_bytes(
+            s.cache_type_v)
+        size = (cells.swa if on else cells.full) * cells.streams * cell
         if s.kv_offload and plan.on_gpu(il):
             gpu += size
         else:
@@ -305,23 +319,14 @@ def _kv(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, Memory]:
 
 
 def _per_head(info: ModelInfo, s: ServerArgs, swa: bool = False) -> float:
-    """Bytes of one KV head's key and value in one cell (of a sliding-window layer: Gemma 4
-    gives those their own head size). With multi-head latent attention (DeepSeek 2 and 3,
-    Kimi K2, GLM-4.7-Flash: the header gives key_length_mla) llama.cpp caches the compressed
-    latent as the one head's K, and no V."""
-    head_dim = (info.embedding_length or 0) // (info.head_count or 1)
-    k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
-    if swa:
-        k_len = getattr(info, "key_length_swa", None) or k_len
-        v_len = getattr(info, "value_length_swa", None) or v_len
-    if getattr(info, "key_length_mla", None):
-        v_len = 0
+    """Bytes of one KV head's key and value in one cell."""
+    k_len, v_len = layers.head_sizes(info, swa)
     return k_len * _type_bytes(s.cache_type_k) + v_len * _type_bytes(s.cache_type_v)
 
 
 def _state(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Memory:
     """The recurrent layers' state: one per sequence (slot), on each layer's device."""
-    recurrent = layers.recurrent_layers(info, info.block_count or 0)
+    recurrent = layers.recurrent_layers(info, info.block_count or 0, s.mtp)
     size = max(1, s.parallel or 4) * layers.state_bytes(info)
     gpu = sum(size for il in recurrent if s.kv_offload and plan.on_gpu(il))
     return Memory(len(recurrent) * size - gpu, gpu)
@@ -365,8 +370,9 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
     flash attention, else f32) plus the larger working set, the feed-forward stage's or,
     without flash attention, the attention scores'. A quantised K cache adds a copy of Q."""
     n_embd = info.embedding_length or 4096
-    heads = info.head_count or 32
-    k_len = info.key_length or n_embd // heads
+    k_len = info.key_length or n_embd // (info.head_count or 32)
+    # The most heads of any layer (a header may give them per layer): its scores are largest.
+    heads = max(getattr(info, "heads", None) or (info.head_count or 32,))
     cells = _cells(info, s)
     ub = _ubatch(s, _n_ctx(info, s))
     ff, outputs = _feed_forward(info, n_embd)
@@ -447,12 +453,12 @@ def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
     cache's: not planned for, added to MemoryMax (memory_limit)."""
     s = parse_args(args)
     n_layer, n_seq = info.block_count or 0, s.parallel or 4
-    per_seq = len(layers.recurrent_layers(info, n_layer)) * layers.state_bytes(info)
+    per_seq = len(layers.recurrent_layers(info, n_layer, s.mtp)) * layers.state_bytes(info)
     window = layers.window(info)
     if window and not s.swa_full and info.head_count:
         # A slot's own sliding-window cells, as a cache of one stream per slot holds them.
         cells = _cells(info, dataclasses.replace(s, kv_unified=False)).swa
-        heads = layers.kv_heads(info, n_layer)
+        heads = layers.kv_heads(info, n_layer, s.mtp)
         per_seq += int(cells * _per_head(info, s, swa=True) * sum(
             heads[il] for il in layers.swa_layers(info)))
     return n_seq * s.ctx_checkpoints * per_seq

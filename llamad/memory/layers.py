@@ -26,6 +26,8 @@ FIXED_WINDOW = {"llama4": 8192, "smallthinker": 4096}
 # hybrids (LFM2, Granite 4.0-H, Nemotron-H, Jamba, Kimi Linear...) the layers whose KV head
 # count is 0.
 NO_ATTENTION = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+# Layers without KV heads that keep no state either: Nemotron's (deci) with no attention.
+NO_STATE = frozenset({"deci"})
 STATE_EVERYWHERE = NO_ATTENTION | {"falcon-h1"}
 ATTENTION_EVERY = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
 STATE_BYTES = 4
@@ -33,6 +35,15 @@ STATE_BYTES = 4
 # layer's (llama.cpp's n_layer_kv_from_start): Gemma 3n's first 20, Gemma 4's all but the
 # header's `attention.shared_kv_layers`.
 KV_FROM_START = {"gemma3n": 20}
+# NextN (multi-token prediction) layers, the header's last `nextn_predict_layers` blocks: of
+# these architectures llama-server neither loads them (TENSOR_SKIP) nor gives them a KV cache
+# or recurrent state (they are past llama.cpp's n_layer()), unless MTP drafts are on; -ngl
+# still counts them. Not listed, they count as any layer, an upper bound: BailingMoE 3's and
+# Nemotron-H's hybrid caches keep their KV, though their weights are skipped.
+NEXTN_SKIPPED = frozenset({"glm4", "glm4moe", "glm-dsa", "glm5-next", "deepseek2",
+                           "deepseek32", "deepseek4", "qwen3next", "qwen35", "qwen35moe",
+                           "qwen4exp", "mimo2", "step35", "hy_v3", "cohere2moe", "bailingmoe2",
+                           "exaone4", "exaone-moe", "dots3note"})
 
 
 class ModelInfo(Protocol):
@@ -41,8 +52,9 @@ class ModelInfo(Protocol):
     `shared_kv_layers`, `feed_forward_length`, `expert_count`, `expert_used_count`,
     `expert_feed_forward_length`, `expert_shared_feed_forward_length`, the recurrent state's
     `full_attention_interval`, `ssm_*`, `shortconv_l_cache`, `wkv_head_size`,
-    `token_shift_count` and `kda_head_dim` (ints); `swa_pattern` and `kv_heads` (per layer);
-    and `tensors` (gguf_info.TensorBytes), without which weights are split by layer count."""
+    `token_shift_count`, `kda_head_dim` and `nextn_predict_layers` (ints); `swa_pattern`,
+    `kv_heads` and `heads` (per layer); and `tensors` (gguf_info.TensorBytes), without which
+    weights are split by layer count."""
 
     @property
     def architecture(self) -> str | None: ...
@@ -88,11 +100,52 @@ def swa_layers(info: ModelInfo) -> frozenset[int]:
                      if n == 0 or (il % n != 0 if first else il % n < n - 1))
 
 
-def kv_heads(info: ModelInfo, n_layer: int) -> list[int]:
-    """KV heads of each layer's own cache: 0 for a recurrent layer, and for one that reuses
-    an earlier layer's cache."""
-    own = own_kv_layers(info, n_layer)
+def nextn_layers(info: ModelInfo, mtp: bool = False) -> int:
+    """How many of the last blocks llama-server neither loads nor caches: NEXTN_SKIPPED's
+    NextN layers, unless MTP drafts load them (`mtp`). None where they are all the model has
+    (llama.cpp then keeps them), or where the file has no tensors in the first of them
+    (llama.cpp's DeepSeek 4 then counts them as trunk layers; an upper bound for the rest)."""
+    n, nextn = info.block_count or 0, getattr(info, "nextn_predict_layers", None) or 0
+    if mtp or info.architecture not in NEXTN_SKIPPED or not 0 < nextn < n:
+        return 0
+    table = getattr(getattr(info, "tensors", None), "layers", ())
+    return nextn if len(table) > n - nextn and table[n - nextn] > 0 else 0
+
+
+def kv_heads(info: ModelInfo, n_layer: int, mtp: bool = False) -> list[int]:
+    """KV heads of each layer's own cache: 0 for a recurrent layer, for one that reuses an
+    earlier layer's cache, and for a NextN layer left unloaded (`mtp`: nextn_layers)."""
+    own = min(own_kv_layers(info, n_layer), n_layer - nextn_layers(info, mtp))
     return [h if il < own else 0 for il, h in enumerate(_heads(info, n_layer))]
+
+
+def padded_v(info: ModelInfo, n_layer: int, mtp: bool = False) -> list[int] | None:
+    """Each layer's V width (floats a cell) when V is stored transposed (flash attention off)
+    and layers' widths differ: llama.cpp pads every layer with a cache of its own to the
+    widest (TAG_V_CACHE_VARIABLE), even one without KV heads (deci's). None where every
+    layer's is the same."""
+    swa, v_len = swa_layers(info), (head_sizes(info)[1], head_sizes(info, swa=True)[1])
+    widths = [h * v_len[il in swa] for il, h in enumerate(_heads(info, n_layer))]
+    if len(set(widths)) < 2:
+        return None
+    own = min(own_kv_layers(info, n_layer), n_layer - nextn_layers(info, mtp))
+    recurrent = set(recurrent_layers(info, n_layer, mtp))
+    return [max(widths) if il < own and il not in recurrent else 0 for il in range(n_layer)]
+
+
+def head_sizes(info: ModelInfo, swa: bool = False) -> tuple[int, int]:
+    """Floats of one KV head's key and value in one cell (of a sliding-window layer: Gemma 4
+    gives those their own head size). With multi-head latent attention (DeepSeek 2 and 3,
+    Kimi K2, GLM-4.7-Flash: the header gives key_length_mla) llama.cpp caches the compressed
+    latent as the one head's K, and no V."""
+    head_dim = (info.embedding_length or 0) // (info.head_count or 1)
+    k_len, v_len = info.key_length or head_dim, info.value_length or head_dim
+    if swa:
+        k_len = getattr(info, "key_length_swa", None) or k_len
+        v_len = getattr(info, "value_length_swa", None) or v_len
+    if getattr(info, "key_length_mla", None):
+        v_len = 0
+    return k_len, v_len
 
 
 def own_kv_layers(info: ModelInfo, n_layer: int) -> int:
@@ -101,7 +154,11 @@ def own_kv_layers(info: ModelInfo, n_layer: int) -> int:
 
 
 def _heads(info: ModelInfo, n_layer: int) -> list[int]:
+    # KV heads per layer; where the header gives neither array nor number, the heads' own
+    # (llama.cpp: n_head_kv defaults to n_head, layer by layer).
     given = getattr(info, "kv_heads", None)
+    if given is None and info.head_count_kv is None:
+        given = getattr(info, "heads", None)
     if isinstance(given, tuple) and len(given) >= n_layer:
         heads = list(given[:n_layer])
     else:
@@ -113,11 +170,15 @@ def _heads(info: ModelInfo, n_layer: int) -> list[int]:
     return [0] * n_layer if arch in NO_ATTENTION else heads
 
 
-def recurrent_layers(info: ModelInfo, n_layer: int) -> list[int]:
-    """The layers with a recurrent state: those without KV heads, or all of them."""
+def recurrent_layers(info: ModelInfo, n_layer: int, mtp: bool = False) -> list[int]:
+    """The layers with a recurrent state: those without KV heads, or all of them; never a
+    NextN layer left unloaded."""
+    trunk = n_layer - nextn_layers(info, mtp)
+    if (info.architecture or "") in NO_STATE:
+        return []
     if (info.architecture or "") in STATE_EVERYWHERE:
-        return list(range(n_layer))
-    return [il for il, heads in enumerate(_heads(info, n_layer)) if heads == 0]
+        return list(range(trunk))
+    return [il for il, heads in enumerate(_heads(info, n_layer)[:trunk]) if heads == 0]
 
 
 def state_bytes(info: ModelInfo) -> int:

@@ -47,6 +47,14 @@ class ServerArgs:
     draft_overrides: tuple[tuple[str, str], ...] = ()
     cache_ram: int | None = None  # MiB of the prompt cache (--cache-ram); None: not given
     ctx_checkpoints: int = 32  # per slot (--ctx-checkpoints)
+    spec_types: tuple[str, ...] = ()  # --spec-type's, every time given (they add up)
+
+    @property
+    def mtp(self) -> bool:
+        """Multi-token prediction drafts, which load the model's NextN layers: named, or
+        maybe inferred (without --spec-type, llama.cpp picks draft-mtp where the draft
+        model's file has NextN layers)."""
+        return "draft-mtp" in self.spec_types or (self.draft and not self.spec_types)
 
 
 _VALUES = {
@@ -94,6 +102,10 @@ def _parsed(args: tuple[str, ...]) -> ServerArgs:
             pairs += [tuple(p.rsplit("=", 1)) for p in value.split(",") if "=" in p]
         elif flag in _PRESENT:
             found[_PRESENT[flag]] = bool(value)
+        elif flag == "--spec-type":
+            types = found.setdefault("spec_types", [])
+            assert isinstance(types, list)
+            types += value.split(",")
     return _settings(found)
 
 
@@ -122,6 +134,7 @@ def _split(text: str) -> tuple[float, ...]:
 def _settings(found: dict[str, object]) -> ServerArgs:
     parallel = _number(found, "parallel", -1)
     unified = found.get("kv_unified")
+    types = found.get("spec_types")
     fa = str(found.get("flash_attn", "auto")).lower()
 
     def text(key: str, default: str) -> str:
@@ -153,4 +166,5 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         draft_overrides=pairs("draft_overrides"),
         cache_ram=_number(found, "cache_ram", -1) if "cache_ram" in found else None,
         ctx_checkpoints=max(0, _number(found, "ctx_checkpoints", 32)),
+        spec_types=tuple(map(str, types)) if isinstance(types, list) else (),
     )

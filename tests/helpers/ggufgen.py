@@ -220,6 +220,78 @@ def write_moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int
     return _written(w, path)
 
 
+def write_glm4moe(path: Path, *, embd: int, heads: int, heads_kv: int, head_dim: int,
+                  experts: int, used: int, ff_exp: int, trunk: int = 2, nextn: int = 1,
+                  vocab: int = 1024) -> Path:
+    """A GLM-4.5-style mixture of experts llama-server loads and runs: `trunk` layers and
+    after them `nextn` NextN (multi-token prediction) layers, each with a shared expert;
+    the NextN layers also hold their projection and norms."""
+    blocks = trunk + nextn
+    w = _attention_model(path, "glm4moe", embd=embd, ff=ff_exp, heads=heads,
+                         heads_kv=heads_kv, head_dim=head_dim, blocks=blocks, vocab=vocab,
+                         context=32768, eps=1e-5)
+    w.add_expert_count(experts)
+    w.add_expert_used_count(used)
+    w.add_expert_feed_forward_length(ff_exp)
+    w.add_uint32("glm4moe.expert_shared_count", 1)
+    w.add_uint32("glm4moe.leading_dense_block_count", 0)
+    w.add_uint32("glm4moe.nextn_predict_layers", nextn)
+    for i in range(blocks):
+        for name, shape in (("ffn_gate_exps", (experts, ff_exp, embd)),
+                            ("ffn_up_exps", (experts, ff_exp, embd)),
+                            ("ffn_down_exps", (experts, embd, ff_exp)),
+                            ("ffn_gate_shexp", (ff_exp, embd)), ("ffn_up_shexp", (ff_exp, embd)),
+                            ("ffn_down_shexp", (embd, ff_exp))):
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((experts, embd), np.float32))
+        w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.zeros(experts, np.float32))
+        norms = {"attn_norm": embd, "post_attention_norm": embd}
+        if i >= trunk:
+            w.add_tensor(f"blk.{i}.nextn.eh_proj.weight", _f16(embd, 2 * embd))
+            norms |= {"nextn.enorm": embd, "nextn.hnorm": embd, "nextn.shared_head_norm": embd}
+        _norms(w, i, norms)
+    return _written(w, path)
+
+
+def write_deci(path: Path, *, embd: int, heads: Sequence[int], kv_heads: Sequence[int],
+               ff: Sequence[int], head_dim: int, vocab: int = 1024) -> Path:
+    """A Nemotron-style `deci` model llama-server loads and runs, its header giving the
+    heads, KV heads and feed-forward width of each layer as arrays: attention where a
+    layer has KV heads, a linear stand-in where it has heads but none, nothing where it has
+    neither; a feed-forward stage where its width is not 0."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "deci")
+    w.add_context_length(32768)
+    w.add_block_count(len(heads))
+    w.add_embedding_length(embd)
+    w.add_feed_forward_length(list(ff))
+    w.add_head_count(list(heads))
+    w.add_head_count_kv(list(kv_heads))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    _byte_vocabulary(w, vocab)
+    w.add_tensor("token_embd.weight", _f16(vocab, embd))
+    w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
+    w.add_tensor("output.weight", _f16(vocab, embd))
+    for i, (n_head, kv, width) in enumerate(zip(heads, kv_heads, ff, strict=True)):
+        tensors = {"attn_output": (embd, embd)} if n_head and not kv else {}
+        if kv:
+            tensors = {"attn_q": (n_head * head_dim, embd), "attn_k": (kv * head_dim, embd),
+                       "attn_v": (kv * head_dim, embd),
+                       "attn_output": (embd, n_head * head_dim)}
+        if width:
+            tensors |= {"ffn_gate": (width, embd), "ffn_up": (width, embd),
+                        "ffn_down": (embd, width)}
+        for name, shape in tensors.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", _f16(*shape))
+        _norms(w, i, ({"attn_norm": embd} if n_head else {}) | (
+            {"ffn_norm": embd} if width else {}))
+    return _written(w, path)
+
+
 def _attention_model(path: Path, arch: str, *, embd: int, ff: int, heads: int, heads_kv: int,
                      head_dim: int, blocks: int, vocab: int, context: int,
                      eps: float) -> gguf.GGUFWriter:
