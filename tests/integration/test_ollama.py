@@ -268,7 +268,7 @@ def test_ollama_api_keys(llamad_factory: Factory, box: rig.Box) -> None:
     assert client("k-user").generate(model="gemma-a", keep_alive=0).done_reason == "load"
     assert list(d.model_units()) == ["llama-server@gemma-a.service"]
     assert client("k-admin").generate(model="gemma-a", keep_alive=0).done_reason == "unload"
-    assert d.model_units() == {}
+    rig.wait_for("gemma-a to stop", lambda: d.model_units() == {}, timeout=30)
 
 
 def test_langchain_chat_ollama(llamad_factory: Factory) -> None:
