@@ -81,6 +81,10 @@ def test_ollama_client(llamad_factory: Factory) -> None:
     # llama.cpp's built-in `gemma` template (as Jinja), chosen by llamad.
     assert shown.template and shown.template.startswith("{%- set system")
     assert shown.capabilities == ["completion"] and d.model_units() == {}  # show loads nothing
+    # The context one request may use, as Modelfile parameters: what Continue sizes prompts by.
+    listing = json.loads(get(d, "/v1/models")[1])["data"]
+    n_ctx = next(m["context_length"] for m in listing if m["id"] == "gemma")
+    assert shown.parameters is not None and shown.parameters.split() == ["num_ctx", str(n_ctx)]
 
     # A chat, whole: Ollama's fields, options as llama.cpp's samplers, no ChatML tags.
     answer = client.chat(model="gemma:latest", messages=QUESTION, options=SHORT, stream=False)
