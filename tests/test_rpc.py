@@ -175,8 +175,10 @@ class BigInfo(NamedTuple):
 def test_a_model_larger_than_the_host_needs_only_its_local_share() -> None:
     info = BigInfo()
     est = memory.estimate_rpc(info, ("-c", "8192", "--rpc", "10.0.0.1:1,10.0.0.2:1"))
-    # The host keeps the token embedding and, while loading, one layer on its way.
-    assert est.total.ram < 1050 * MIB + 850 * MIB + 300 * MIB
+    # The host keeps the token embedding and, while loading, one layer on its way; over two
+    # workers the graph runs as a pipeline, and the host keeps four copies of its inputs
+    # (memory/pipeline.py).
+    assert est.total.ram < 1050 * MIB + 850 * MIB + 600 * MIB
     assert est.total.vram > info.size - 1050 * MIB
     assert memory.estimate(info, ("-c", "8192"), gpu=False).total.ram > info.size
 

@@ -14,8 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llamad.catalog import rpcargs
 from llamad.catalog.gguf_info import EXPERTS, Projector, TensorBytes
-from llamad.memory import layers, projector
+from llamad.memory import feedforward, layers, pipeline, projector
 from llamad.memory.layers import ModelInfo
 from llamad.memory.learned import Learned
 from llamad.memory.serverargs import ServerArgs, parse_args
@@ -120,14 +121,15 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
     """
     s = parse_args(args)
     plan = _Plan.of(info.block_count or 0, s.gpu_layers, gpu)
-    main = _parts(info, s, plan)
+    main = _parts(info, s, plan, n_gpus)
     extras = [_projector(getattr(info, "projector", None), s, plan)]
     if s.draft and draft is not None:
         ds = dataclasses.replace(
             s, gpu_layers=s.draft_gpu_layers, cache_type_k=s.draft_cache_type_k,
             cache_type_v=s.draft_cache_type_v, n_cpu_moe=s.draft_n_cpu_moe,
             overrides=s.draft_overrides)
-        extras.append(_parts(draft, ds, _Plan.of(draft.block_count or 0, ds.gpu_layers, gpu)))
+        extras.append(_parts(draft, ds, _Plan.of(draft.block_count or 0, ds.gpu_layers, gpu),
+                             n_gpus))
     on_gpu = plan.any or any(e.weights.vram for e in extras)
     ram = PROCESS_RAM + (CUDA_LIBS_RAM if gpu else 0) + (CUDA_RUNTIME_RAM if on_gpu else 0)
     overhead = Memory(ram, cuda_fixed * max(1, n_gpus) if on_gpu else 0)
@@ -137,13 +139,13 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
                     mapped=sum(e.mapped for e in (main, *extras)) + (CUDA_LIBS_RAM if gpu else 0))
 
 
-def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Estimate:
+def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan, devices: int = 1) -> Estimate:
     """One model's weights, KV cache and compute buffers (no process overhead)."""
     moved = _moved(info, s, plan)
     weights, mapped = _weights(info, s, plan, moved)
     ctx, kv = _kv(info, s, plan)
-    return Estimate(weights, _sum(kv, _state(info, s, plan)), _compute(info, s, plan, moved > 0),
-                    Memory(), ctx, mapped)
+    compute = _compute(info, s, plan, moved > 0, devices)
+    return Estimate(weights, _sum(kv, _state(info, s, plan)), compute, Memory(), ctx, mapped)
 
 
 def _sum(*parts: Memory) -> Memory:
@@ -207,7 +209,7 @@ def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
     plan = _Plan.of(info.block_count or 0, s.gpu_layers, True)
     remote, host, largest = _rpc_split(info, s, plan)
     ctx, kv = _kv(info, s, plan)
-    compute = _compute(info, s, plan)
+    compute = _compute(info, s, plan, devices=len(rpcargs.workers(args)))
     mapped = host if s.load_mode in ("auto", "mmap", "mmap+mlock") else 0
     return Estimate(Memory(host, remote), kv, compute, Memory(PROCESS_RAM + largest, 0), ctx,
                     mapped=mapped)
@@ -332,21 +334,26 @@ def _state(info: ModelInfo, s: ServerArgs, plan: _Plan) -> Memory:
     return Memory(len(recurrent) * size - gpu, gpu)
 
 
-def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan, host_weights: bool = False) -> Memory:
+def _compute(info: ModelInfo, s: ServerArgs, plan: _Plan, host_weights: bool = False,
+             devices: int = 1) -> Memory:
     """The compute buffers llama.cpp reserves for its worst-case graph, and the logits.
 
     With layers on the GPU the whole graph runs there (large batches of host layers too,
-    through op offload); the host keeps a full graph only for weights it holds (layers, or
-    tensors overrides keep there), else the input embeddings. The logits buffer (one row
-    per slot) is host memory either way.
+    through op offload), a working set on each device (pipeline.py: when several run as a
+    pipeline); the host keeps a full graph only for weights it holds (layers, or tensors
+    overrides keep there), else the input embeddings. Logits (a row per slot): host memory.
     """
     logits = _logits(info, s)
     graph = _graph(info, s)
     if not plan.any:
         return Memory(graph + logits, 0)
-    inputs = _ubatch(s, _n_ctx(info, s)) * (info.embedding_length or 4096) * 4
-    host = graph if plan.i_start > 0 or host_weights else inputs
-    return Memory(host + logits, graph)
+    state = _ubatch(s, _n_ctx(info, s)) * (info.embedding_length or 4096) * 4
+    masks = _masks(info, s)
+    if pipeline.enabled(s, devices, plan.i_start == 0 and plan.output):
+        return Memory(pipeline.host(masks, state) + logits,
+                      devices * pipeline.device(graph, masks, state))
+    host = graph if plan.i_start > 0 or host_weights else state
+    return Memory(host + logits, max(1, devices) * graph)
 
 
 def _logits(info: ModelInfo, s: ServerArgs) -> int:
@@ -375,15 +382,13 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
     heads = max(getattr(info, "heads", None) or (info.head_count or 32,))
     cells = _cells(info, s)
     ub = _ubatch(s, _n_ctx(info, s))
-    ff, outputs = _feed_forward(info, n_embd)
+    ff, outputs = feedforward.width(info, n_embd, GRAPH_FF)
     work = ub * (GRAPH_FF * ff + GRAPH_EMBD * n_embd + outputs + GRAPH_FIXED) * 4
-    mask_cells = cells.full + cells.swa
+    masks = _masks(info, s)
     if s.flash_attn == "off":
         scores = ub * cells.full * heads * 4 + ub * (
             GRAPH_EMBD * n_embd + 3 * heads * k_len + GRAPH_FIXED) * 4
-        masks, work = ub * mask_cells * 4, max(work, scores)
-    else:
-        masks = ub * mask_cells * 2
+        work = max(work, scores)
     if _type_bytes(s.cache_type_k) < 2:
         masks += ub * heads * k_len * 2
     if s.embedding:
@@ -392,23 +397,11 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
     return masks + max(work, _logits(info, s))
 
 
-def _feed_forward(info: ModelInfo, n_embd: int) -> tuple[int, int]:
-    """Floats a token of the feed-forward stage: its width (a mixture of experts': the
-    chosen experts', used x expert width, the expert width being feed_forward_length where
-    the header gives no other, as for Mixtral), and the chosen experts' outputs before they
-    are summed, used x embedding, where they find no room freed by the experts' activations
-    (llama.cpp's graph allocator reuses those only where the embedding is at most twice an
-    expert's width). A shared expert runs after the sum: where it is the wider stage, its
-    width alone counts. test_memory.py checks each case against llama-server's buffers."""
-    ff = getattr(info, "feed_forward_length", None) or 0
-    used = getattr(info, "expert_used_count", None) or 0
-    width = getattr(info, "expert_feed_forward_length", None) or (
-        ff if getattr(info, "expert_count", None) else 0)
-    if not used or not width:
-        return ff or 4 * n_embd, 0
-    chosen = max(ff, used * width), used * n_embd if n_embd > 2 * width else 0
-    shared = getattr(info, "expert_shared_feed_forward_length", None) or 0
-    return (shared, 0) if GRAPH_FF * shared > GRAPH_FF * chosen[0] + chosen[1] else chosen
+def _masks(info: ModelInfo, s: ServerArgs) -> int:
+    """The attention masks: one per kind of layer, a row per token, f16 with flash attention."""
+    cells = _cells(info, s)
+    return _ubatch(s, _n_ctx(info, s)) * (cells.full + cells.swa) * (
+        4 if s.flash_attn == "off" else 2)
 
 
 def _ubatch(s: ServerArgs, n_ctx: int) -> int:
