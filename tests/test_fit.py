@@ -392,6 +392,15 @@ def test_model_larger_than_free_ram_loads_on_the_gpu(tmp_path: Path) -> None:
         "evicting nothing"
     budget = plan(meas, m, ram=RAM, budget=4 * GIB)
     assert isinstance(budget, Reject) and "needs 5." in budget.message, budget
+    # Locked (-lm mmap+mlock), only the host's tensors' pages stay: the token embedding
+    # (the first of the file). With the head on the host (-ngl 0) the lock spans the file.
+    locked = model("llama", LLAMA_8B, "--load-mode mmap+mlock")
+    load = plan(meas, locked, ram=4 * GIB)
+    assert isinstance(load, Load) and load.gpus == (0,) and ctx_of(load) == 131072
+    assert load.fit is not None and load.fit.need.ram <= 3 * GIB
+    held = model("llama", LLAMA_8B, "--load-mode mmap+mlock --n-gpu-layers 0 -c 8192")
+    refused = plan(meas, held, PINNED, ram=4 * GIB)
+    assert isinstance(refused, Reject) and "of RAM" in refused.message, refused
     # With -ngl given (nothing to fit) the same.
     fixed = model("llama", LLAMA_8B, "--n-gpu-layers 99 --ctx-size 8192")
     assert meas.fitter(fixed) is None

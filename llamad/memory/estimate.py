@@ -73,6 +73,7 @@ class Estimate:
     overhead: Memory  # the process, and CUDA's fixed cost per GPU and on the host
     ctx: int  # KV cells of a full-attention layer: the context all slots share
     mapped: int = 0  # bytes of `total.ram` that are file pages (model, libraries)
+    locked: int = 0  # bytes of `mapped` that -lm mmap+mlock locks
 
     @property
     def total(self) -> Memory:
@@ -136,16 +137,18 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
     return Estimate(_sum(main.weights, *(e.weights for e in extras)),
                     _sum(main.kv, *(e.kv for e in extras)),
                     _sum(main.compute, *(e.compute for e in extras)), overhead, main.ctx,
-                    mapped=sum(e.mapped for e in (main, *extras)) + (CUDA_LIBS_RAM if gpu else 0))
+                    mapped=sum(e.mapped for e in (main, *extras)) + (CUDA_LIBS_RAM if gpu else 0),
+                    locked=main.locked + sum(e.mapped for e in extras))
 
 
 def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan, devices: int = 1) -> Estimate:
     """One model's weights, KV cache and compute buffers (no process overhead)."""
     moved = _moved(info, s, plan)
-    weights, mapped = _weights(info, s, plan, moved)
+    weights, mapped, locked = _weights(info, s, plan, moved)
     ctx, kv = _kv(info, s, plan)
     compute = _compute(info, s, plan, moved > 0, devices)
-    return Estimate(weights, _sum(kv, _state(info, s, plan)), compute, Memory(), ctx, mapped)
+    return Estimate(weights, _sum(kv, _state(info, s, plan)), compute, Memory(), ctx, mapped,
+                    locked)
 
 
 def _sum(*parts: Memory) -> Memory:
@@ -231,10 +234,14 @@ def _rpc_split(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, int, i
     return remote, info.size - remote, info.size // (n_layer + 1) if on else 0
 
 
-def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan, moved: int = 0) -> tuple[Memory, int]:
-    """(weights per device, file pages): the GPU holds its layers' tensors, less those
-    overrides keep on the host (`moved`); the host maps or reads the whole file, since
-    loading touches every tensor once."""
+def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan,
+             moved: int = 0) -> tuple[Memory, int, int]:
+    """(weights per device, file pages, locked pages): the GPU holds its layers' tensors,
+    less those overrides keep on the host (`moved`); the host maps or reads the whole file,
+    since loading touches every tensor once. -lm mmap+mlock locks the mapping from its start
+    to the end of the last tensor the host keeps (llama-model-loader's grow_to): the input
+    layer and the host's layers, which come first in the file, or all of it where the host
+    keeps the head, which comes last."""
     table: TensorBytes | None = getattr(info, "tensors", None)
     if table is not None and table.layers:
         loaded = _loaded(info, s, table)
@@ -254,7 +261,8 @@ def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan, moved: int = 0) -> tup
     # the page cache, other reads fill it.
     pages = 0 if s.load_mode == "dio" else info.size
     anon = 0 if s.load_mode in ("auto", "mmap", "mmap+mlock") else host
-    return Memory(pages + anon, vram), pages
+    locked = 0 if s.load_mode != "mmap+mlock" else host if plan.output else pages
+    return Memory(pages + anon, vram), pages, locked
 
 
 def _loaded(info: ModelInfo, s: ServerArgs, table: TensorBytes) -> tuple[int, ...]:
@@ -479,7 +487,5 @@ def needs(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu:
         found = total
     else:
         found = Memory(learned.ram, total.vram if learned.vram is None else learned.vram)
-    if parse_args(args).load_mode == "mmap+mlock":
-        return found, found
     anon = max(est.anon, found.ram - est.mapped)  # a learned peak counts the pages too
-    return found, Memory(min(found.ram, anon), found.vram)
+    return found, Memory(min(found.ram, anon + est.locked), found.vram)
