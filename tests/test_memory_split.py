@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -134,13 +133,12 @@ def buffers(model: Path, args: list[str]) -> tuple[bool, list[float], float]:
         proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(model), "--host", "127.0.0.1",
                                  "--port", str(port), "-t", "2", "-lv", "4", "-fit", "off",
                                  *args], stdout=out, stderr=subprocess.STDOUT)
+        def reserved() -> bool:
+            out.seek(0)
+            return "sched_reserve: graph" in out.read() or proc.poll() is not None
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                out.seek(0)
-                if "sched_reserve: graph" in out.read():
-                    break
-                time.sleep(0.2)
+            rig.wait_for("llama-server to reserve its graph", reserved, timeout=120,
+                         interval=0.2)
         finally:
             proc.terminate()
             proc.wait(30)

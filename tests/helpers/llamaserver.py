@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import rig
 
@@ -23,17 +24,21 @@ def running(*args: str) -> Iterator[str]:
         proc = subprocess.Popen(
             [str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "--host", "127.0.0.1", "--port",
              str(port), "-fit", "off", *args], stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert proc.poll() is None, "llama-server exited"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
         try:
-            rig.wait_for("llama-server to be ready", ready, timeout=120, interval=0.2)
+            wait_ready(port, proc)
             yield f"tcp:127.0.0.1:{port}"
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[Any]) -> None:
+    """Until the llama-server `proc` on `port` answers /health; fails if it exits."""
+    def ready() -> bool:
+        assert proc.poll() is None, "llama-server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+    rig.wait_for("llama-server to be ready", ready, timeout=120, interval=0.2)
