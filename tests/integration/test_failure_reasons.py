@@ -93,12 +93,18 @@ async def test_unknown_model(llamad_factory: Factory) -> None:
 
 
 def test_curl_without_a_json_content_type(llamad_factory: Factory) -> None:
-    # The quick start's curl without its -H: curl -d sends a form's Content-Type.
+    # The quick start's curl without its -H: curl -d sends a form's Content-Type, and no
+    # Origin, so it is no browser's: answered, as Ollama answers its docs' curl -d.
     d = llamad_factory(["gemma"])
     [line] = [readme.command(c) for c in readme.quick_start()[1] if c.startswith("curl ")]
     cmd = re.sub(r" -H '[^']*'", "", line).replace("http://127.0.0.1:8080", d.url)
     assert "Content-Type" not in cmd, cmd
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    assert json.loads(out)["choices"][0]["text"], out
+    # From a web page (an Origin) a form's type is refused, before anything happens.
+    page = cmd.replace("curl ", f"curl -H 'Origin: {d.url}' ", 1)
+    out = subprocess.run(["bash", "-c", page], capture_output=True, text=True, check=True,
                          timeout=60).stdout
     assert json.loads(out)["error"]["message"] == (
         "the request body must be application/json (Content-Type), not "
