@@ -115,7 +115,7 @@ def nextn_layers(info: ModelInfo, mtp: bool = False) -> int:
 def kv_heads(info: ModelInfo, n_layer: int, mtp: bool = False) -> list[int]:
     """KV heads of each layer's own cache: 0 for a recurrent layer, for one that reuses an
     earlier layer's cache, and for a NextN layer left unloaded (`mtp`: nextn_layers)."""
-    own = min(own_kv_layers(info, n_layer), n_layer - nextn_layers(info, mtp))
+    own = own_kv_layers(info, n_layer, mtp)
     return [h if il < own else 0 for il, h in enumerate(_heads(info, n_layer))]
 
 
@@ -128,7 +128,7 @@ def padded_v(info: ModelInfo, n_layer: int, mtp: bool = False) -> list[int] | No
     widths = [h * v_len[il in swa] for il, h in enumerate(_heads(info, n_layer))]
     if len(set(widths)) < 2:
         return None
-    own = min(own_kv_layers(info, n_layer), n_layer - nextn_layers(info, mtp))
+    own = own_kv_layers(info, n_layer, mtp)
     recurrent = set(recurrent_layers(info, n_layer, mtp))
     return [max(widths) if il < own and il not in recurrent else 0 for il in range(n_layer)]
 
@@ -148,9 +148,12 @@ def head_sizes(info: ModelInfo, swa: bool = False) -> tuple[int, int]:
     return k_len, v_len
 
 
-def own_kv_layers(info: ModelInfo, n_layer: int) -> int:
+def own_kv_layers(info: ModelInfo, n_layer: int, mtp: bool = False) -> int:
+    """The first layers that hold a KV cache of their own: not those that reuse an earlier
+    layer's, nor the NextN layers left unloaded (nextn_layers)."""
     shared = getattr(info, "shared_kv_layers", None) or 0
-    return max(0, min(n_layer, KV_FROM_START.get(info.architecture or "", n_layer - shared)))
+    trunk = n_layer - nextn_layers(info, mtp)
+    return max(0, min(trunk, KV_FROM_START.get(info.architecture or "", n_layer - shared)))
 
 
 def _heads(info: ModelInfo, n_layer: int) -> list[int]:
