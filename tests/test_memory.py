@@ -9,8 +9,6 @@ import json
 import logging
 import re
 import struct
-import subprocess
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Callable
@@ -21,10 +19,8 @@ from typing import Any
 import pytest
 import rig
 from gguf import GGUFReader, GGUFValueType
-from helpers import ggufgen
+from helpers import ggufgen, llamaserver
 from helpers.h100 import H100, H100_ANON, H100_RAM, gemma_info
-from helpers.llamaserver import wait_ready
-from helpers.ports import free_port
 
 from llamad.catalog import gguf_info
 from llamad.memory import layers
@@ -303,20 +299,10 @@ class Measured:
 
 
 def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(model), "--host", "127.0.0.1",
-                                 "--port", str(port), "-t", "2", "-lv", "4", "-fit", "off",
-                                 *args],
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(port, proc)
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        out.seek(0)
-        log_text = out.read()
+    with llamaserver.started("-t", "2", "-lv", "4", *args, model=model) as server:
+        server.wait_ready()
+        peak = server.peak_rss()
+    log_text = server.log
     kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log_text)
     kv += re.findall(r"llama_memory_recurrent: size = +([\d.]+) MiB", log_text)
     compute = re.findall(r"sched_reserve: +CPU compute buffer size = +([\d.]+) MiB", log_text)
@@ -325,10 +311,9 @@ def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
     output = re.findall(r"CPU +output buffer size = +([\d.]+) MiB", log_text)
     weights = re.findall(r"load_tensors: +CPU(?:_Mapped)? model buffer size = +([\d.]+) MiB",
                        log_text)
-    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
-    assert kv and compute and output and hwm, log_text[-2000:]
+    assert kv and compute and output, log_text[-2000:]
     return Measured(int(sum(float(x) for x in kv) * MIB), int(float(compute[-1]) * MIB),
-                    int(float(output[-1]) * MIB), int(hwm.group(1)) * 1024,
+                    int(float(output[-1]) * MIB), peak,
                     int(float(projector[-1]) * MIB) if projector else 0,
                     int(sum(float(x) for x in weights) * MIB))
 
@@ -434,24 +419,14 @@ def embeddings_peak(args: list[str], inputs: list[str]) -> int:
 
 def peak_after(args: list[str], route: str, body: dict[str, Any]) -> tuple[int, Any]:
     """llama-server's peak RSS (Gemma 3 270M) after one request, and its answer."""
-    port = free_port()
-    proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "--host", "127.0.0.1",
-                             "--port", str(port), "-t", "2", "-fit", "off", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, proc)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{route}",
-                                         json.dumps(body).encode(),
+    with llamaserver.started("-t", "2", *args) as server:
+        server.wait_ready()
+        request = urllib.request.Request(f"{server.url}{route}", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as r:
             assert r.status == 200
             answer = json.loads(r.read())
-        hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{proc.pid}/status").read_text())
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert hwm
-    return int(hwm.group(1)) * 1024, answer
+        return server.peak_rss(), answer
 
 
 def png(width: int, height: int) -> bytes:
@@ -720,25 +695,16 @@ def test_context_checkpoints_stay_within_their_bound() -> None:
     args = ["-c", "8192", "-np", "1", "--ctx-checkpoints", "3", "--cache-ram", "0"]
     bound = checkpoints(read_meta(rig.GEMMA), args)
     assert bound == 1 * 3 * 15 * 1024 * 1024  # 15 SWA layers x 1024 cells x 1 KiB
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "--host",
-                                 "127.0.0.1", "--port", str(port), "-t", "2", "-lv", "4",
-                                 "-fit", "off", *args], stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(port, proc)
-            prompt = ""
-            for turn in range(6):  # one conversation, growing by ~150 tokens a turn
-                prompt += f" Turn {turn}: " + "the cat sat on the mat and looked around. " * 15
-                body = json.dumps({"prompt": prompt, "n_predict": 1}).encode()
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body)
-                with urllib.request.urlopen(req, timeout=120) as r:
-                    assert r.status == 200
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        out.seek(0)
-        log_text = out.read()
+    with llamaserver.started("-t", "2", "-lv", "4", *args) as server:
+        server.wait_ready()
+        prompt = ""
+        for turn in range(6):  # one conversation, growing by ~150 tokens a turn
+            prompt += f" Turn {turn}: " + "the cat sat on the mat and looked around. " * 15
+            body = json.dumps({"prompt": prompt, "n_predict": 1}).encode()
+            req = urllib.request.Request(f"{server.url}/completion", body)
+            with urllib.request.urlopen(req, timeout=120) as r:
+                assert r.status == 200
+    log_text = server.log
     made = re.findall(r"created context checkpoint (\d+) of (\d+) .*size = ([\d.]+) MiB",
                       log_text)
     assert len(made) >= 4, log_text[-3000:]  # more turns than it may keep

@@ -9,13 +9,12 @@ import functools
 import re
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import rig
-from helpers import ggufgen
+from helpers import ggufgen, llamaserver
 from helpers.ports import free_port
 
 from llamad.catalog import gguf_info
@@ -128,22 +127,11 @@ def _answers(address: str) -> bool:
 def buffers(model: Path, args: list[str]) -> tuple[bool, list[float], float]:
     """(pipeline parallelism on, the workers' compute buffers, the host's; MiB), as
     llama-server logs them once its context is made (it is stopped then)."""
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([str(rig.LLAMA_SERVER), "-m", str(model), "--host", "127.0.0.1",
-                                 "--port", str(port), "-t", "2", "-lv", "4", "-fit", "off",
-                                 *args], stdout=out, stderr=subprocess.STDOUT)
-        def reserved() -> bool:
-            out.seek(0)
-            return "sched_reserve: graph" in out.read() or proc.poll() is not None
-        try:
-            rig.wait_for("llama-server to reserve its graph", reserved, timeout=120,
-                         interval=0.2)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        out.seek(0)
-        text = out.read()
+    with llamaserver.started("-t", "2", "-lv", "4", *args, model=model) as server:
+        rig.wait_for("llama-server to reserve its graph", lambda: "sched_reserve: graph"
+                     in server.logged() or server.proc.poll() is not None, timeout=120,
+                     interval=0.2)
+    text = server.log
     found = re.findall(r"sched_reserve: +(\S+) compute buffer size = +([\d.]+) MiB", text)
     workers = [float(size) for name, size in found if name.startswith("RPC")]
     host = [float(size) for name, size in found if name == "CPU"]

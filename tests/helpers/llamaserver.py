@@ -1,35 +1,73 @@
-"""The pinned llama-server with the bundled Gemma, started by hand (no systemd) for tests
-that need the real HTTP side: what it sends, and when it hangs up."""
+"""The pinned llama-server, started by hand (no systemd) on loopback, for tests that need
+the real thing: what it sends, when it hangs up, what it allocates and logs."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import rig
 
 from helpers.ports import free_port
 
 
+class Server:
+    """A llama-server being run by `started()`; its whole log once it has stopped."""
+
+    def __init__(self, port: int, proc: subprocess.Popen[Any], out: IO[str]) -> None:
+        self.port, self.proc, self._out = port, proc, out
+        self.log = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        wait_ready(self.port, self.proc)
+
+    def logged(self) -> str:
+        """The log so far."""
+        self._out.seek(0)
+        return self._out.read()
+
+    def peak_rss(self) -> int:
+        """Its peak resident memory so far (VmHWM), in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+        assert hwm, status
+        return int(hwm.group(1)) * 1024
+
+
+@contextlib.contextmanager
+def started(*args: str, model: Path = rig.GEMMA) -> Iterator[Server]:
+    """llama-server with `model` and `args` (fitting off: the tests give the memory
+    arguments themselves), stopped on leaving; not waited for."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out:
+        server = Server(port, subprocess.Popen(
+            [str(rig.LLAMA_SERVER), "-m", str(model), "--host", "127.0.0.1", "--port",
+             str(port), "-fit", "off", *args], stdout=out, stderr=subprocess.STDOUT), out)
+        try:
+            yield server
+        finally:
+            server.proc.terminate()
+            server.proc.wait(30)
+            server.log = server.logged()
+
+
 @contextlib.contextmanager
 def running(*args: str) -> Iterator[str]:
     """A llama-server on loopback with `args`, ready; its backend address (`tcp:HOST:PORT`,
     as Backend takes it)."""
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            [str(rig.LLAMA_SERVER), "-m", str(rig.GEMMA), "--host", "127.0.0.1", "--port",
-             str(port), "-fit", "off", *args], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(port, proc)
-            yield f"tcp:127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with started(*args) as server:
+        server.wait_ready()
+        yield f"tcp:127.0.0.1:{server.port}"
 
 
 def wait_ready(port: int, proc: subprocess.Popen[Any]) -> None:
