@@ -51,6 +51,7 @@ async def test_an_evicted_model_comes_back_after_waiting_requests_and_gives_way_
     await rig.stopped("tiny-a")
     await rig.running("tiny-x")
     assert a.state is State.UNLOADED and sup.comeback.wanted.keys() == {"tiny-a"}
+    evicted_at = sup.comeback.wanted["tiny-a"]  # wall-clock seconds, as events tell it
 
     # tiny-c needs the room of both others while both are busy: its request waits.
     x = await sup.acquire(rig.slot("tiny-x"))
@@ -80,7 +81,8 @@ async def test_an_evicted_model_comes_back_after_waiting_requests_and_gives_way_
     await rig.running("tiny-c")
     await waiting
     sup.release(rig.slot("tiny-c"))
-    assert sup.comeback.wanted.keys() == {"tiny-a"}  # still wanted, once there is room
+    # Still wanted, once there is room, in the order of its eviction among the others.
+    assert sup.comeback.wanted == {"tiny-a": evicted_at}
     await sup.unload(rig.slot("tiny-c"))
     await rig.stopped("tiny-c")
     await rig.running("tiny-a")

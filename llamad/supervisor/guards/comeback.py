@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from llamad.supervisor.events import Cause, Change, State
@@ -37,6 +38,8 @@ class Comeback(Hook):
         self.port = port
         self.wanted: dict[str, float] = {}  # model -> when it was evicted
         self.loading: set[str] = set()  # comebacks under way, not yet ready
+        # ... and when each was evicted: one that gives way keeps its place among the others
+        self._evicted: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         port.events.subscribe(self.on_change)
 
@@ -52,14 +55,18 @@ class Comeback(Hook):
         elif c.new is State.STARTING and c.model not in self.loading:
             self.wanted.pop(c.model, None)  # a request or a load brought it back
         elif c.new is State.READY:
-            self.loading.discard(c.model)
+            self._done(c.model)
         elif c.new in GONE:
-            self.loading.discard(c.model)
+            self._done(c.model)
             if c.new is State.FAILED:
                 self.wanted.pop(c.model, None)
             if self.wanted:
                 # After the step that made this move: the scheduler's state is settled.
                 asyncio.get_running_loop().call_soon(self.bring_back)
+
+    def _done(self, model_id: str) -> None:
+        self.loading.discard(model_id)
+        self._evicted.pop(model_id, None)
 
     def bring_back(self) -> None:
         """Load the wanted models that fit now, unless a request waits for any model."""
@@ -74,7 +81,7 @@ class Comeback(Hook):
                 continue
             if not self.port.fits_now(slot):
                 continue
-            del self.wanted[model_id]
+            self._evicted[model_id] = self.wanted.pop(model_id)
             self.loading.add(model_id)
             log.info("loading model %s again: the memory it was evicted for is free "
                      "(restore = yes)", model_id)
@@ -94,7 +101,9 @@ class Comeback(Hook):
             other = self.port.slots.get(model_id)
             if other is not None and other.state in (State.STARTING, State.LOADING):
                 self.port.yield_load(other, f"gives way to a request for {slot.model.id}")
-                self.wanted[model_id] = other.last_used  # still wanted, once there is room
+                # Still wanted, once there is room; `wanted` holds wall-clock times (the
+                # events'), never a slot's monotonic ones.
+                self.wanted[model_id] = self._evicted.get(model_id, time.time())
 
     async def close(self) -> None:
         for task in self._tasks:

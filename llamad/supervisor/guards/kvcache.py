@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -45,7 +46,7 @@ from llamad.supervisor.guards import kvpolicy
 from llamad.supervisor.guards import kvserver as srv
 from llamad.supervisor.guards.kvmetrics import Figures, families
 from llamad.supervisor.guards.kvserver import KvError
-from llamad.supervisor.guards.kvstore import Entry, Store, identity
+from llamad.supervisor.guards.kvstore import INDEX, Entry, Store, identity
 from llamad.supervisor.hooks import Hook
 from llamad.systemd.unitname import instance_name
 
@@ -66,8 +67,10 @@ CHECK_TIMEOUT = 5.0  # for GET /slots after a request that used a restored slot
 # -- what a model's unit gets -------------------------------------------------
 
 def dir_name(model_id: str) -> str:
-    """The model's directory under state-dir/kv, named as its runtime directory."""
-    return be.runtime_dir(instance_name(model_id)).removeprefix("llamad/")
+    """The model's directory under state-dir/kv, named as its runtime directory; a model
+    named as the index beside them gets a name no runtime directory has (a leading "_")."""
+    name = be.runtime_dir(instance_name(model_id)).removeprefix("llamad/")
+    return f"_{name}" if name == INDEX else name
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,12 @@ def unit_parts(config: Config, model: Model) -> UnitParts | None:
 @dataclass
 class _Live:
     """A ready model llamad may save: where it listens, its key and, until a request shows
-    whether its restore took, the tokens of its smallest restored slot and llama-server's
-    counters right after the restore."""
+    whether its restore took, the tokens of each restored slot not yet used and
+    llama-server's counters since the last check."""
 
     address: str
     key: str
-    unchecked: int = 0
+    unchecked: dict[int, int] = field(default_factory=dict)  # slot -> tokens restored
     before: kvpolicy.Counters | None = None
     checking: bool = False
 
@@ -266,19 +269,20 @@ class KvCache(Hook):
             return
         if any(srv.held(s) for s in await srv.slots(backend, deadline)):
             return  # a process llamad adopted, or one that kept running: it has its cache
-        started, done = time.monotonic(), []
+        started, done = time.monotonic(), dict[int, int]()
         for e in sorted(fresh, key=lambda e: e.slot):
             if n := await self._restore_one(model, backend, e, deadline):
-                done.append((n, e.bytes))
+                done[e.slot] = n
         if not done:
             return
         took = time.monotonic() - started
         log.info("model %s: restored %d cached tokens in %.2fs", model.id,
-                 sum(n for n, _ in done), took)
+                 sum(done.values()), took)
         fixed = kvpolicy.RESTORE_FIXED * len(done)
-        self._learn(model.id, restore=max(0.0, took - fixed) / sum(b for _, b in done))
+        size = sum(e.bytes for e in fresh if e.slot in done)
+        self._learn(model.id, restore=max(0.0, took - fixed) / max(1, size))
         live.before = await srv.counters(backend, deadline)
-        live.unchecked = min(n for n, _ in done) if live.before is not None else 0
+        live.unchecked = done if live.before is not None else {}
 
     async def _restore_one(self, model: Model, backend: be.Backend, e: Entry,
                            deadline: float) -> int:
@@ -316,21 +320,41 @@ class KvCache(Hook):
 
     async def _check(self, model_id: str, live: _Live) -> None:
         backend = be.Backend(live.address)
+        deadline = time.monotonic() + CHECK_TIMEOUT
         try:
-            after = await srv.counters(backend, time.monotonic() + CHECK_TIMEOUT)
-        except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as e:
-            log.debug("model %s: GET /metrics failed: %s", model_id, e)
+            # /slots first: a request that ends between the two reads then looks not yet
+            # done, never done without its prompt in the counters.
+            slots = {s.get("id"): s for s in await srv.slots(backend, deadline)}
+            after = await srv.counters(backend, deadline)
+        except (KvError, aiohttp.ClientError, OSError, ValueError, TimeoutError) as e:
+            log.debug("model %s: GET /slots or /metrics failed: %s", model_id, e)
             return
         finally:
             live.checking = False
             await backend.close()
-        if after is None or live.before is None or not live.unchecked:
+        if after is not None and live.before is not None and live.unchecked:
+            await self._judge(model_id, live, slots, after)
+
+    async def _judge(self, model_id: str, live: _Live, slots: dict[Any, dict[str, Any]],
+                     after: kvpolicy.Counters) -> None:
+        """Judge the restore by the requests since the last check, if a restored slot served
+        one: a request on another slot computes its prompt whatever the restore did."""
+        assert live.before is not None
+        if any(srv.busy(slots.get(i)) for i in live.unchecked):
+            return  # judged once done, with the counters since the last check
+        used = {i: n for i, n in live.unchecked.items() if srv.served(slots.get(i))}
+        if not used:
+            live.before = after
             return
-        took = kvpolicy.restore_took(live.before, after, live.unchecked)
-        if took is None:
-            live.before = after  # judge the next request on its own
+        # A restored slot that now holds fewer tokens than it was given served a shorter,
+        # unrelated prompt: only one that holds at least as many can show a failed restore.
+        held = [n for i, n in used.items() if srv.held(slots[i]) >= n]
+        took = kvpolicy.restore_took(live.before, after, min(held, default=sys.maxsize))
+        if took is None:  # these slots tell nothing more; others still may
+            live.unchecked = {i: n for i, n in live.unchecked.items() if i not in used}
+            live.before = after
         elif took:
-            live.unchecked = 0
+            live.unchecked = {}
             self._figures(model_id).restores_verified += 1
         else:
             await self._failed(model_id, live, after.processed - live.before.processed)
@@ -343,7 +367,7 @@ class KvCache(Hook):
                     "kept for this model file, arguments and llama-server build",
                     model_id, computed)
         self._figures(model_id).restores_failed += 1
-        live.unchecked = 0
+        live.unchecked = {}
         self._broken.setdefault(model_id, set()).add(live.key)
         self._why_not.pop(model_id, None)
         self._learn(model_id, broken=sorted(self._broken[model_id]))

@@ -62,3 +62,14 @@ def held(slot: dict[str, Any]) -> int:
     """Tokens a slot of GET /slots holds (shown once it has served a request)."""
     n = slot.get("n_prompt_tokens", 0)
     return n if isinstance(n, int) else 0
+
+
+def served(slot: dict[str, Any] | None) -> bool:
+    """Whether a slot of GET /slots has served a request and is done with it: llama-server
+    shows a task only once a slot has had one (a restored slot has none)."""
+    return slot is not None and "id_task" in slot and not slot.get("is_processing")
+
+
+def busy(slot: dict[str, Any] | None) -> bool:
+    """Whether a slot of GET /slots is serving a request now."""
+    return slot is not None and bool(slot.get("is_processing"))
