@@ -88,13 +88,17 @@ def test_mmproj_is_added_unless_turned_off() -> None:
 
 ERRORS = [
     ("[x]\nbogus = 1\n", r"\[x\]: unknown key 'bogus'"),
-    ("[x]\nhelp = true\n", "set by llamad itself"),
+    ("[x]\nhelp = true\n", "help makes llama-server print something and exit instead of"),
+    *((f"[x]\n{key} = true\n", f"{key} makes llama-server print something and exit")
+      for key in ("list-devices", "cache-list", "completion-bash")),
     ("[x]\njinja = maybe\n", "jinja = 'maybe' is invalid; allowed: true or false"),
     ("[x]\npin = perhaps\n", "pin = 'perhaps' is invalid"),
     ("[x]\nttl = -3\n", "ttl = '-3' is invalid"),
     ("[x]\nttl = 1e12\n", "ttl = '1e12' is invalid; allowed: seconds from 0 to 9223372037"),
     ("[x]\nstop-timeout = 1e15\n", "stop-timeout = '1e15' is invalid"),
     ("[x]\nmemory-max = lots\n", "systemd size"),
+    ("[x]\nmemory-max = 0\n", "memory-max = '0' is invalid; allowed: a systemd size above 0"),
+    ("[x]\nmemory-high = 0.0%\n", "memory-high = '0.0%' is invalid"),
     ("[x]\ndevices = a,b\n", "GPU indices"),
     ("[x]\nctx-max = -1\n", "ctx-max = '-1' is invalid; allowed: a whole number of tokens"),
     ("[x]\nctx-max = big\n", "ctx-max = 'big' is invalid"),

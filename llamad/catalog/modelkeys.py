@@ -34,6 +34,9 @@ _PAIRS = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_]*=)")
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 # Set by llamad on every unit, or llama-server's own flags by another name.
 _CUDA = "CUDA_VISIBLE_DEVICES"
+# llama-server's --api-key, read from its environment (common/arg.cpp): llamad refuses the
+# flag, since its forwarded requests carry no key; in env it made each of them a 401.
+_API_KEY = "LLAMA_API_KEY"
 
 
 def check(key: str, value: str, where: str, base: Path | None = None) -> object:
@@ -55,9 +58,12 @@ def check(key: str, value: str, where: str, base: Path | None = None) -> object:
                 raise bad  # nan and inf too: a stop timeout of either failed every start
             return None if number == -1 else number
         if key in ("memory-max", "memory-high"):
-            if not SIZE.fullmatch(value.strip()):
+            size = value.strip()
+            # 0 would be a limit of no memory at all: the model killed as it starts.
+            zero = size != "infinity" and not float(size.rstrip("KMGTPE%"))
+            if not SIZE.fullmatch(size) or zero:
                 raise bad
-            return value.strip()
+            return size
         if key == "ctx-max":
             if int(value) < 0:
                 raise bad
@@ -82,8 +88,9 @@ _ALLOWED = {
     "restore": "true or false",
     "dedup-cache-models": "true or false",
     "stop-timeout": f"seconds from 0 to {DURATION_MAX:.0f}",
-    "ttl": f"seconds from 0 to {DURATION_MAX:.0f}, or -1 to inherit idle-ttl",
-    "memory-max": "a systemd size such as 8G", "memory-high": "a systemd size such as 8G",
+    "ttl": f"seconds from 0 to {DURATION_MAX:.0f} (0 = never), or -1 to inherit idle-ttl",
+    "memory-max": "a systemd size above 0 such as 8G",
+    "memory-high": "a systemd size above 0 such as 8G",
     "devices": "comma-separated GPU indices such as 0,1",
     "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
     "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
@@ -148,10 +155,41 @@ def _refused(name: str) -> str:
                 "use devices = 0,1 to choose them")
     if name.startswith("LLAMAD_"):
         return "llamad's own LLAMAD_* variables mark the units it starts"
+    if name == _API_KEY:
+        return ("it is llama-server's --api-key, which would refuse every request llamad "
+                "forwards (401); API keys belong in llamad's api-keys-file")
     if name.startswith("LLAMA_ARG_"):
         return ("it is a llama-server option by another name; give it as a preset key "
                 "(such as ctx-size = 8192), which llamad checks and passes on the command line")
     return ""
+
+
+def merged_env(*parts: object) -> tuple[str, ...]:
+    """[*]'s env, then the section's (checked pairs, or None where unset): a name given in
+    both takes the section's value."""
+    merged: dict[str, str] = {}
+    for pairs in parts:
+        for pair in pairs if isinstance(pairs, tuple) else ():
+            name, _, value = pair.partition("=")
+            merged[name] = value
+    return tuple(f"{k}={v}" for k, v in merged.items())
+
+
+def idle_ttl(value: object) -> float | None:
+    """A preset's checked ttl as the supervisor takes it: None inherits idle-ttl, and 0 is
+    never, as llamad.conf's idle-ttl = 0 and llama-swap's `ttl: 0` (math.inf, which
+    scheduler.effective_ttl reads as never; a request's keep_alive 0 still stops it)."""
+    if not isinstance(value, float):
+        return None
+    return math.inf if value == 0 else value
+
+
+def flag_value(key: str, value: str, where: str) -> None:
+    """A llama-server flag's value goes into the unit's ExecStart=, which takes no control
+    characters: refused here, naming the preset's file, line and key, not at the load."""
+    if (why := unsafe(value)) is not None:
+        raise ConfigError(f"{where}: {key} = {value!r} is invalid: the value {why}; "
+                          "allowed: one line of text.")
 
 
 def secret_values(env: tuple[str, ...]) -> list[str]:

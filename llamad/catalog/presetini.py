@@ -19,6 +19,9 @@ _HEADER = re.compile(r"[ \t]*\[[ \t]*([^\]]*?)[ \t]*\][ \t]*([;#].*)?")
 _KV = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*([^;#\r\n]*?)[ \t]*([;#].*)?")
 _BLANK = re.compile(r"[ \t]*([;#].*)?")
 _TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+# llama.cpp's grammar ends a line at \r\n, \n or \r only; str.splitlines also ends one at
+# U+2028, \x0c and others, which would make the rest of a value a key of its own.
+_EOL = re.compile(r"\r\n|\n|\r")
 
 
 @dataclass
@@ -41,14 +44,23 @@ def canonical_name(section: str) -> str:
     return head + ":" + (m.group(1) if m else tag).upper()
 
 
+def section_name(written: str) -> str:
+    """A [section]'s model name. The router spells a cache model's tag in capitals
+    (`user/repo:q4_k_m` is `user/repo:Q4_K_M`); only names of that shape are respelled,
+    since an Ollama model's (`gemma3:270m`, `hf.co/user/repo:q4_k_m`) or a file's keep
+    their case, and a section must match them as written."""
+    head = written.rpartition(":")[0]
+    return canonical_name(written) if head.count("/") == 1 else written
+
+
 def parse_ini(text: str, where: str) -> list[RawSection]:
     """The file's sections in file order; llama.cpp's INI dialect. Never raises: a line
     that cannot be read is recorded in its section's errors."""
     out: dict[str, RawSection] = {}
     current = RawSection(DEFAULT_SECTION)
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_EOL.split(text.removesuffix("\n").removesuffix("\r")), 1):
         if m := _HEADER.fullmatch(line):
-            name = canonical_name(m.group(1))
+            name = section_name(m.group(1))
             out.pop(name, None)  # a section given again starts afresh, and goes last
             current = out[name] = RawSection(name, n, text=line + "\n")
             continue

@@ -45,14 +45,17 @@ PATHS = frozenset(BY_KEY[k][0].canonical for k in (
     "lookup-cache-dynamic", "log-file", "ui-config-file", "mcp-servers-config"))
 MMPROJ_AUTO = BY_KEY["mmproj-auto"][0].canonical
 METRICS = BY_KEY["metrics"][0].canonical
-# Flags llamad itself sets for every child or that only make sense for a router.
+# Flags llamad itself sets for every child or that only make sense for a router. llama.cpp's
+# router sets or drops them too (server-models.cpp, unset_reserved_args and update_args): a
+# preset written for the router may hold them, so they are ignored with a warning, as the
+# router ignores them, instead of refused.
 OWNED = frozenset(BY_KEY[k][0].canonical for k in (
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir",
-    "models-max", "models-preset", "models-autoload", "help", "version"))
-# Of those, the ones llama.cpp's router sets itself or drops from a preset (server-models.cpp,
-# unset_reserved_args and update_args): a preset written for the router may hold them, so
-# they are ignored with a warning, as the router ignores them, instead of refused.
-ROUTER_SETS = OWNED - {BY_KEY[k][0].canonical for k in ("help", "version")}
+    "models-max", "models-preset", "models-autoload"))
+# llama-server prints something and exits 0 with these (common/arg.cpp): the model would
+# never become ready.
+EXITS = frozenset(BY_KEY[k][0].canonical for k in (
+    "help", "version", "list-devices", "cache-list", "completion-bash"))
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
 LLAMAD_ONLY = ("pin", "ttl", "memory-max", "memory-high", "devices", "split", "restore",
                *("ctx-max", "memory-need"),  # fitting models to memory (memory/fit.py)
@@ -140,6 +143,7 @@ class ModelSettings:
 def _render(flag: Flag, negated: bool, value: str, where: str, key: str) -> tuple[str, ...]:
     """argv tokens for one option; () means 'leave the flag out'."""
     if flag.kind == "value":
+        modelkeys.flag_value(key, value, where)  # no control character reaches ExecStart=
         return (flag.canonical, value)
     if flag.kind == "two":
         raise ConfigError(f"{where}: {key} takes two values, which presets do not support.")
@@ -180,6 +184,9 @@ def _check_rpc(value: str, where: str, key: str) -> None:
 
 
 def _check_owned(flag: Flag, where: str, key: str) -> None:
+    if flag.canonical in EXITS:
+        raise ConfigError(f"{where}: {key} makes llama-server print something and exit "
+                          "instead of serving the model; it cannot be given here.")
     if flag.canonical in OWNED:
         raise ConfigError(f"{where}: {key} is set by llamad itself and cannot be given here.")
 
@@ -196,7 +203,7 @@ def build_section(raw: RawSection, where: str, base: Path | None = None,
     errors = list(raw.errors)
     for key, value, line in raw.items:
         at = f"{where}:{line} [{raw.name}]"
-        if key in flags.by_key and flags.by_key[key][0].canonical in ROUTER_SETS:
+        if key in flags.by_key and flags.by_key[key][0].canonical in OWNED:
             ignored.append(f"{at}: {key} is set by llamad itself (as llama.cpp's router "
                            "sets it for each model); ignored.")
             continue
@@ -360,13 +367,14 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
     devices = _pick("devices", section, presets.defaults)
     limit = _pick(modelkeys.CONCURRENCY, section, presets.defaults)
     server = _pick(modelkeys.SERVER, section, presets.defaults)
-    env = _env(section, presets.defaults)
+    env = modelkeys.merged_env(*(part.extra.get(modelkeys.ENV) if part is not None else None
+                                 for part in (presets.defaults, section)))
     return ModelSettings(
         args=args,
         load_on_startup=startup,
         stop_timeout=float(stop) if isinstance(stop, float) else None,
         pin=pin,
-        ttl=float(ttl) if isinstance(ttl, float) else None,
+        ttl=modelkeys.idle_ttl(ttl),
         memory_max=_str_or_none(_pick("memory-max", section, presets.defaults)),
         memory_high=_str_or_none(_pick("memory-high", section, presets.defaults)),
         devices=devices if isinstance(devices, tuple) else None,
@@ -381,17 +389,6 @@ def model_settings(model_id: str, path: Path, mmproj: Path | None, presets: Pres
         env=env,
         server=server if isinstance(server, Path) else None,
     )
-
-
-def _env(section: Section | None, defaults: Section) -> tuple[str, ...]:
-    """[*]'s env, then the section's: a name given in both takes the section's value."""
-    merged: dict[str, str] = {}
-    for part in (defaults, section):
-        pairs = part.extra.get(modelkeys.ENV) if part is not None else None
-        for pair in pairs if isinstance(pairs, tuple) else ():
-            name, _, value = pair.partition("=")
-            merged[name] = value
-    return tuple(f"{k}={v}" for k, v in merged.items())
 
 
 def _ctx_max(section: Section | None, defaults: Section) -> int | None:
