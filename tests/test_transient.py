@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pystemd.dbuslib import apply_signature
@@ -67,3 +68,11 @@ def test_only_llamad_reaches_the_backend_socket() -> None:
     assert props["RuntimeDirectoryMode"] == 0o750
     assert props["TemporaryFileSystem"] == [("/run", "ro")]
     assert props["BindPaths"] == [("/run/llamad/m", "/run/llamad/m", False, 0x4000)]
+
+
+def test_stop_timeout_0_kills_at_once_before_and_after_a_daemon_reload() -> None:
+    """stop-timeout = 0: no time to exit. Sent as 0 µs, systemd would SIGKILL at once until
+    a daemon-reload, then read the unit file's TimeoutStopUSec=0 as no timeout at all (a
+    stop that may hang for ever). 1 µs means the same before and after."""
+    assert _props(dataclasses.replace(SPEC, stop_timeout=0.0))["TimeoutStopUSec"] == 1
+    assert _props(dataclasses.replace(SPEC, stop_timeout=2.5))["TimeoutStopUSec"] == 2_500_000

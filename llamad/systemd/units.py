@@ -184,7 +184,9 @@ def transient_properties(spec: UnitSpec) -> list[tuple[str, bytes, Any]]:
         ("StartLimitBurst", b"u", spec.start_limit_burst),
         ("StartLimitIntervalUSec", b"t", int(spec.start_limit_interval * USEC)),
         ("CollectMode", b"s", "inactive-or-failed"),
-        ("TimeoutStopUSec", b"t", int(spec.stop_timeout * USEC)),
+        # At least 1 µs: systemd reads a unit file's TimeoutStopUSec=0 as no timeout, so 0
+        # would kill at once until a daemon-reload and then let a stop hang for ever.
+        ("TimeoutStopUSec", b"t", max(1, int(spec.stop_timeout * USEC))),
         ("KillMode", b"s", "control-group"),
         ("MemoryAccounting", b"b", True),
         *SANDBOX,
