@@ -4,6 +4,7 @@ hub can fail it. (tests/integration/test_downloads.py runs it in its systemd uni
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import rig
@@ -302,3 +304,123 @@ def test_bad_names_are_one_sentence(cache: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 65 and time.monotonic() - started < 30
     assert "'../etc' is not a Hugging Face repository name" in proc.stdout
+
+
+def test_a_listed_size_the_file_does_not_have_fails_at_once(
+        fake_hub: FakeHub, cache: Path, notify: Notify) -> None:
+    # The tree says 1000 bytes more than the hub sends: resuming past the real end (416)
+    # started over and fetched the whole file again, forever.
+    data = blob(5000, 40)
+    fake_hub.add("org/lies", {"l-Q4_K_M.gguf": File(data, claimed=len(data) + 1000)})
+    proc = start(fake_hub, cache, "org/lies", notify)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 65, out
+    assert "the hub lists l-Q4_K_M.gguf as 6000 bytes but sends 5000" in \
+        str(notify.statuses()[-1]["error"])
+    assert len(fake_hub.gets(hashlib.sha256(data).hexdigest())) == 1
+    assert hfcache.discover(cache) == []
+
+
+def test_a_file_larger_than_listed_is_refused_before_its_bytes(
+        fake_hub: FakeHub, cache: Path) -> None:
+    data = blob(5000, 41)
+    fake_hub.add("org/short", {"s-Q4_K_M.gguf": File(data, claimed=4000)})
+    code, out = fetch(fake_hub, cache, "org/short")
+    assert code == 65 and "the hub lists s-Q4_K_M.gguf as 4000 bytes but sends 5000" in out
+
+
+@pytest.mark.parametrize("body", [b"[" * 200_000, b'{"a": ' * 100_000])
+def test_a_deeply_nested_listing_is_one_sentence(fake_hub: FakeHub, cache: Path,
+                                                 notify: Notify, body: bytes) -> None:
+    # json.loads raises RecursionError, not ValueError, for deep nesting: it crashed the
+    # downloader (exit 1, a traceback, and systemd restarting it).
+    fake_hub.add("org/nested", {"n-Q4_K_M.gguf": blob(2000, 42)}).tree_body = body
+    code, out = fetch(fake_hub, cache, "org/nested", notify)
+    assert code == 65, out
+    assert "the hub's answer about the file list of org/nested is not JSON" in \
+        str(notify.statuses()[-1]["error"])
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("where", ["http://localhost:99999/cdn/x", "http://[::1/cdn/x",
+                                   "/cdn/a b"])
+def test_a_redirect_to_a_malformed_address_is_one_sentence(
+        fake_hub: FakeHub, cache: Path, notify: Notify, where: str) -> None:
+    fake_hub.add("org/redirect", {"r-Q4_K_M.gguf": File(blob(2000, 43), location=where)})
+    code, out = fetch(fake_hub, cache, "org/redirect", notify)
+    assert code == 65, out
+    assert "which is not a valid http or https address" in str(notify.statuses()[-1]["error"])
+    assert "Traceback" not in out and not notify.ready()
+
+
+def test_starting_over_is_not_progress(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    # A hub that ends the file early, then refuses to resume it (416) without saying its
+    # size: each start over fetched the bytes again and counted as progress, so the
+    # downloader never gave up.
+    fetch = fetch_module()
+    f = hub.RemoteFile("x-Q4_K_M.gguf", 6000, "0" * 64)
+    part = fetch.Part(cache, hub.Plan(hub.Name("org/x"), "a" * 40, (f,), "org/x:Q4_K_M"), f)
+    calls: list[int] = []
+
+    def transfer(_http: object, _url: str, p: Any, _status: object) -> None:
+        calls.append(p.have)
+        assert len(calls) < 50, "it never gives up"
+        if p.have:
+            p.restart()
+            raise fetch.Retry("the hub refused to resume; starting over")
+        p.write(b"x" * 5000)
+        raise fetch.Retry("the connection ended at 5000 of 6000 bytes")
+
+    monkeypatch.setattr(fetch, "transfer", transfer)
+    monkeypatch.setattr(fetch.time, "sleep", lambda _s: None)
+    try:
+        with pytest.raises(fetch.Retry):
+            fetch.pull(None, "", part, None)
+    finally:
+        part.close()
+    assert calls == [0, 5000, 0, 5000, 0, 5000][:fetch.RETRIES + 1]
+
+
+def test_a_disk_that_fills_up_midway_fails_at_once(
+        fake_hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The disk is not the network: a write error was retried as a broken transfer (31 s
+    # of pauses, then exit 75, a restart, and only then the free-space check's refusal).
+    fetch = fetch_module()
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    fake_hub.add("org/full", {"f-Q4_K_M.gguf": blob(20_000, 44)})
+    http_ = fetch.Http(fake_hub.url, None)
+    plan = fetch.make_plan(http_, hub.Name("org/full"))
+    part = fetch.Part(cache, plan, plan.files[0])
+    real = part.file
+
+    class Full:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def write(self, _data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    part.file = Full()
+    try:
+        with pytest.raises(hub.HubError, match="No space left on device") as e:
+            fetch.transfer(http_, fetch.file_url(http_.endpoint, plan, plan.files[0]), part,
+                           fetch.Status())
+    finally:
+        real.close()
+    assert e.value.permanent
+
+
+def test_a_token_of_two_lines_is_refused_without_printing_it(
+        fake_hub: FakeHub, cache: Path) -> None:
+    # http.client refuses the header with a ValueError that quotes it: the traceback put
+    # the token in the journal.
+    token = TOKEN + "\nsecond-line"
+    code, out = fetch(fake_hub, cache, REPO, None, token)
+    assert code == 65, out
+    assert "a header holds characters HTTP does not allow" in out
+    assert TOKEN not in out and "Traceback" not in out

@@ -141,3 +141,15 @@ def test_the_command_line_shows_the_store(tmp_path: Path) -> None:
     # Here, under /tmp, as in a home directory: a store the model units cannot see.
     assert f"ollama-models: {store} is under /tmp, which model units see as an empty" in \
         checked.stderr, checked.stderr
+
+
+def test_a_manifest_nested_too_deep_is_one_problem(tmp_path: Path) -> None:
+    # json.loads raises RecursionError, not ValueError, for deep nesting: one such file
+    # stopped the whole scan (every other model went unlisted).
+    store = tmp_path / "models"
+    model = blob(store)
+    manifest(store, "registry.ollama.ai/library/deep/latest", "[" * 200_000)
+    manifest(store, "registry.ollama.ai/library/fine/latest", [(MODEL, model)])
+    problems: list[str] = []
+    assert [name for name, _, _ in discover(store, problems)] == ["fine"]
+    assert len(problems) == 1 and "deep/latest is not a JSON manifest" in problems[0]

@@ -95,26 +95,25 @@ class Http:
              ) -> http.client.HTTPResponse:
         """The final answer (its connection closes with it); OSError for no answer."""
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise HubError(f"the hub sent a download to {one_line(url)[:200]!r}, which is "
-                               "not an http or https address")
+            parts, port = _address(url)
             conn: http.client.HTTPConnection = (
-                http.client.HTTPSConnection(parts.hostname, parts.port, timeout=TIMEOUT,
+                http.client.HTTPSConnection(parts.hostname, port, timeout=TIMEOUT,
                                             context=self.tls)
                 if parts.scheme == "https" else
-                http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT))
-            sent = {"User-Agent": USER_AGENT, **(headers or {})}
+                http.client.HTTPConnection(parts.hostname, port, timeout=TIMEOUT))
+            # One connection per request: `close` hands its socket to the answer, so
+            # closing the answer closes it (else it lingers until garbage collection).
+            sent = {"User-Agent": USER_AGENT, "Connection": "close", **(headers or {})}
             if self.token and _origin(url) == self.origin:
                 sent["Authorization"] = f"Bearer {self.token}"
             path = parts.path + (f"?{parts.query}" if parts.query else "")
-            conn.request(method, path or "/", headers=sent)
+            _send(conn, method, path or "/", sent, url)
             resp = conn.getresponse()
             location = resp.getheader("Location")
             if resp.status in (301, 302, 303, 307, 308) and location:
                 resp.close()
                 conn.close()
-                url = urljoin(url, location)
+                url = _join(url, location)
                 continue
             return resp
         raise HubError(f"the hub redirected {one_line(url)[:200]} more than {MAX_REDIRECTS} "
@@ -129,8 +128,46 @@ class Http:
             raise HubError(f"the hub's answer about {what} is larger than {JSON_MAX} bytes")
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep for json
             raise HubError(f"the hub's answer about {what} is not JSON") from None
+
+
+# What the hub sends (a redirect's Location above all) is parsed by urllib and http.client,
+# which raise ValueError (and InvalidURL) for what they cannot use: one sentence instead
+# of a traceback, and permanent (a hub that sends it again would get the same).
+def _bad_address(url: str) -> HubError:
+    return HubError(f"the hub sent a download to {one_line(url)[:200]!r}, which is not a "
+                    "valid http or https address")
+
+
+def _address(url: str) -> tuple[Any, int | None]:
+    """urlsplit(url) and its port, if it is an address llamad can ask."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _bad_address(url) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _bad_address(url)
+    return parts, port
+
+
+def _join(url: str, location: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError:
+        raise _bad_address(location) from None
+
+
+def _send(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str],
+          url: str) -> None:
+    try:
+        conn.request(method, path, headers=headers)
+    except http.client.InvalidURL:
+        raise _bad_address(url) from None
+    except ValueError:  # a header value; its text may hold the token, so it is not told
+        raise HubError(f"cannot ask {one_line(url)[:200]}: a header holds characters HTTP "
+                       "does not allow (is the hf-token-file one line?)") from None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -276,7 +313,11 @@ class Part:
         self.hasher = self._new_hasher()
 
     def write(self, chunk: bytes) -> None:
-        self.file.write(chunk)
+        try:
+            self.file.write(chunk)
+        except OSError as e:  # the disk (full, read-only), not the network: no retry helps
+            raise HubError(f"cannot write {self.path}: {e.strerror or e}; what arrived stays "
+                           "for a later pull to resume") from None
         self.hasher.update(chunk)
         self.have += len(chunk)
 
@@ -304,6 +345,7 @@ def transfer(http_: Http, url: str, part: Part, status: Status) -> None:
         raise Retry(f"no answer from the hub ({e})") from None
     with resp:
         if resp.status == 416:  # the part is not a prefix of this file
+            check_size(resp, part.f)
             part.restart()
             raise Retry("the hub refused to resume; starting over")
         if resp.status >= 500 or resp.status == 429:
@@ -313,6 +355,7 @@ def transfer(http_: Http, url: str, part: Part, status: Status) -> None:
                           .startswith(f"bytes {part.have}-")):
             log(f"{part.f.path}: the hub sent the whole file again; starting over")
             part.restart()
+        check_size(resp, part.f)
         part.file.seek(part.have)
         try:
             while part.have < part.f.size:
@@ -324,6 +367,18 @@ def transfer(http_: Http, url: str, part: Part, status: Status) -> None:
         except (OSError, http.client.HTTPException) as e:
             raise Retry(f"the transfer broke off at {part.have} of {part.f.size} bytes "
                         f"({type(e).__name__}: {one_line(str(e))[:200]})") from None
+
+
+def check_size(resp: http.client.HTTPResponse, f: RemoteFile) -> None:
+    """The file's size as the answer says it must be the one the hub listed: a file read
+    to a listed size it does not reach would be resumed past its end (416), started over
+    and fetched whole again without end; one larger would fail only at its hash."""
+    told = resp.getheader("Content-Range") or ""
+    total = told.rpartition("/")[2] if told else \
+        (resp.getheader("Content-Length") or "") if resp.status == 200 else ""
+    total = total.strip()
+    if total.isdigit() and len(total) < 20 and int(total) != f.size:
+        raise HubError(f"the hub lists {f.path} as {f.size} bytes but sends {int(total)}")
 
 
 def fetch_file(http_: Http, cache: Path, plan: Plan, f: RemoteFile, status: Status) -> None:
@@ -350,12 +405,13 @@ def fetch_file(http_: Http, cache: Path, plan: Plan, f: RemoteFile, status: Stat
 
 def pull(http_: Http, url: str, part: Part, status: Status) -> None:
     failures = 0
+    furthest = part.have  # only bytes beyond it are progress: a start over is none
     while part.have < part.f.size:
-        before = part.have
         try:
             transfer(http_, url, part, status)
         except Retry as e:
-            failures = 1 if part.have > before else failures + 1
+            failures = 1 if part.have > furthest else failures + 1
+            furthest = max(furthest, part.have)
             if failures > RETRIES:
                 raise
             pause = BACKOFF * 2 ** (failures - 1)

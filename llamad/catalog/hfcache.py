@@ -75,13 +75,19 @@ def _bits(tag: str) -> int:
     return int(m.group()) if m else 0
 
 
+def _above(folder: str, model_dir: str) -> bool:
+    """Whether `folder` is the model's or one above it, in whole path components (`a` is
+    not above `ab`), as llama.cpp's find_best_sibling compares them."""
+    return not folder or model_dir == folder or model_dir.startswith(folder + "/")
+
+
 def _mmproj(files: list[str], model: str, tag: str) -> str | None:
     """The projector nearest to the model file, preferring one of the same quantization."""
     model_dir = os.path.dirname(model)
     best: tuple[int, bool, int] | None = None
     choice = None
     for f in files:
-        if "mmproj" not in os.path.basename(f) or not model_dir.startswith(os.path.dirname(f)):
+        if "mmproj" not in os.path.basename(f) or not _above(os.path.dirname(f), model_dir):
             continue
         rank = (-os.path.dirname(f).count("/") - bool(os.path.dirname(f)),
                 f"-{tag}." not in f.upper(), abs(_bits(split_tag(f)[1]) - _bits(tag)))

@@ -68,7 +68,7 @@ def _layers(manifest: Path, within: tuple[Path, ...]) -> list[dict[str, object]]
     files.confine(manifest, within)
     try:
         data = json.loads(files.read_small(manifest, MANIFEST_BYTES + 1))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for json
         raise files.Refused("is not a JSON manifest of at most 1 MiB") from None
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):

@@ -9,7 +9,8 @@ llamad's downloader use, and the ways the real one can go wrong.
 
 Repositories may be gated (401 without the token, 403 with another), hold a corrupt file
 (the tree's hash is the right one, the bytes served are not), drop the connection once
-part-way through a file, or claim a size no disk has. Every request is recorded (method,
+part-way through a file, claim a size other than the file's (one no disk has), answer the
+tree with any bytes, or redirect a file anywhere. Every request is recorded (method,
 path, Range, whether it carried the token) for the tests to check.
 
     with FakeHub() as hub:
@@ -38,6 +39,7 @@ class File:
     corrupt: bool = False  # the bytes served differ from the hash listed
     drop_at: int | None = None  # the first GET from offset 0 breaks off after this many bytes
     claimed: int | None = None  # the size the tree lists instead of the real one
+    location: str | None = None  # where its resolve URL redirects instead of the CDN
     dropped: bool = False
 
     @property
@@ -62,6 +64,7 @@ class Repo:
     files: dict[str, File]
     commit: str
     gated: bool = False
+    tree_body: bytes | None = None  # the tree's raw answer instead of the real listing
 
 
 @dataclass
@@ -175,6 +178,8 @@ class FakeHub:
         _, repo = self._repo(request)
         if request.match_info["rev"] not in (repo.commit, "main"):
             raise web.HTTPNotFound(text=json.dumps({"error": "Invalid rev id"}))
+        if repo.tree_body is not None:
+            return web.Response(body=repo.tree_body, content_type="application/json")
         out = []
         for path, f in repo.files.items():
             size = f.claimed if f.claimed is not None else len(f.data)
@@ -200,6 +205,8 @@ class FakeHub:
         if f is None or request.match_info["rev"] not in (repo.commit, "main"):
             raise web.HTTPNotFound(text=json.dumps({"error": "Entry not found"}),
                                    content_type="application/json")
+        if f.location is not None:  # set by hand: not checked, as a broken hub's is not
+            return web.Response(status=302, headers={"Location": f.location})
         if f.lfs:
             where = f"http://{self.cdn_host}:{self.port}" if self.cdn_host else ""
             raise web.HTTPFound(f"{where}/cdn/{f.oid}",
