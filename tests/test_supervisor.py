@@ -166,13 +166,15 @@ async def test_a_start_waiting_for_evictions_is_dropped_when_unloaded(rig: Rig) 
     await r.sup.close()
 
 
-async def test_evictions_that_never_finish_fail_the_load(rig: Rig) -> None:
-    r = one_fits(with_config(rig, drain_timeout=0.2))
+async def test_evictions_that_never_finish_fail_the_load(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lifecycle, "STOP_SLACK", 0.0)
+    r = one_fits(with_config(rig, drain_timeout=0.2, stop_timeout=0.0, kv_cache="no"))
     await r.ready("tiny-a")
     b = r.slot("tiny-b")
     await r.sup.load(b)  # tiny-a's stop never lands
     await r.state("tiny-b", State.FAILED)
-    assert "did not stop within drain-timeout" in b.reason
+    assert "did not stop within 0.2s (drain-timeout, then stop-timeout)" in b.reason
     assert r.units.started == ["llama-server@tiny-a.service"]
     await r.sup.close()
 

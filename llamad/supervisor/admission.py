@@ -177,7 +177,9 @@ class Admission(Lifecycle):
 
     async def unload(self, slot: Slot) -> None:
         """Stop a model; returns once its requests in flight have finished (bounded by
-        drain-timeout) and the stop is under way."""
+        drain-timeout) and the stop is under way. Not the stop call itself: a KV cache
+        saved first (before_stop) may take kv-cache-timeout, and the stop goes on
+        whatever this answers."""
         if slot.state is State.FAILED:
             slot.reason = ""
             self.move(slot, State.UNLOADED, Cause.RESET)
@@ -185,5 +187,6 @@ class Admission(Lifecycle):
             return
         self._begin_stop(slot, Cause.UNLOAD)
         deadline = time.monotonic() + self.config.drain_timeout + 1
-        while slot.state is State.STOPPING and not slot.stop_sent:
-            await self._wait_change(deadline, f"requests on {slot.model.id} to finish")
+        with contextlib.suppress(Unavailable):  # past drain-timeout the stop goes on
+            while slot.state is State.STOPPING and not slot.stop_sent and slot.in_flight:
+                await self._wait_change(deadline, f"requests on {slot.model.id} to finish")

@@ -36,6 +36,7 @@ log = logging.getLogger("llamad.supervisor")
 HEALTH_FIRST_INTERVAL = 0.005
 HEALTH_SHARE = 0.02
 HEALTH_INTERVAL = 0.1
+STOP_SLACK = 2.0  # seconds systemd may take past a unit's stop-timeout (SIGKILL, cleanup)
 STOP_WORDS = {Cause.EVICT_COUNT: "evicted", Cause.EVICT_MEMORY: "evicted", Cause.TTL: "idle TTL",
               Cause.KEEP_ALIVE: "keep_alive 0", Cause.UNLOAD: "unload requested",
               Cause.REMOVED: "removed from the catalog", Cause.CHANGED: "changed",
@@ -112,8 +113,9 @@ class Lifecycle(Core):
         if slot.state is State.UNLOADED:
             backend = self._step(slot, explicit=True)
             assert backend is None
-        if slot.state is State.UNLOADED:
-            # The scheduler said drain or wait: finish the load in the background.
+        if slot.state in (State.UNLOADED, State.STOPPING):
+            # The scheduler said drain or wait, or the model is on its way out (an
+            # answer of success must not leave it unloaded): load it in the background.
             self.spawn(self._load_later(slot), "loading")
 
     async def _load_later(self, slot: Slot) -> None:
@@ -161,14 +163,15 @@ class Lifecycle(Core):
         """`epoch` is the slot's when the start was decided: a task runs later, and a
         move meanwhile (an unload) must not be taken for the state it was decided in."""
         # Memory is only free once the evicted processes are gone.
-        deadline = time.monotonic() + self.config.drain_timeout
+        bound = self._stop_bound(evicted)
+        deadline = time.monotonic() + bound
         while any(v.state is State.STOPPING for v in evicted) and slot.epoch == epoch:
             try:
                 await self._wait_change(deadline, "evicted models to stop")
             except Unavailable:
                 if slot.epoch == epoch:
                     self._fail(slot, "the models evicted to make room did not stop within "
-                                     f"drain-timeout ({self.config.drain_timeout:g}s)")
+                                     f"{bound:g}s (drain-timeout, then stop-timeout)")
                 return
         for hook in self.hooks:
             if slot.epoch == epoch:
@@ -185,6 +188,15 @@ class Lifecycle(Core):
                 self._fail(slot, f"systemd refused to start {spec.name}: {e}")
             return
         log.info("starting %s for model %s", spec.name, slot.model.id)
+
+    def _stop_bound(self, evicted: tuple[Slot, ...]) -> float:
+        """Seconds the evicted may take to be gone: drain-timeout bounds only their
+        requests (0 is no time at all); then a KV cache may be saved, llama-server has
+        its stop-timeout before systemd kills it, and systemd takes a moment more."""
+        stops = (v.model.settings.stop_timeout for v in evicted)
+        stop = max((self.config.stop_timeout if t is None else t for t in stops), default=0.0)
+        save = self.config.kv_cache_timeout if self.config.kv_cache != "no" else 0.0
+        return self.config.drain_timeout + save + stop + STOP_SLACK
 
     def give_up(self, slot: Slot, reason: str) -> None:
         """Fail a model and stop its unit, cancelling any restart systemd has planned."""
@@ -277,12 +289,15 @@ class Lifecycle(Core):
             await asyncio.sleep(health_interval(time.monotonic() - slot.load_started))
 
     def _ready(self, slot: Slot) -> None:
-        took = time.monotonic() - slot.load_started
+        slot.alive_at = time.monotonic()
+        took = slot.alive_at - slot.load_started
         if not slot.load_time_unknown:
             slot.load_seconds = took
+            # Its idle TTL counts from now: an explicit load is a use too. Not so for a
+            # process taken over (adopted: it keeps the TTL left by the earlier llamad,
+            # take_back) or only checked again: no load of ours ended.
+            slot.last_used = slot.alive_at
         log.info("model %s ready after %.2fs", slot.model.id, took)
-        # Its idle TTL counts from now: an explicit load is a use too.
-        slot.alive_at = slot.last_used = time.monotonic()
         self.move(slot, State.READY, Cause.HEALTHY)
 
     # -- stopping ------------------------------------------------------------
@@ -443,6 +458,11 @@ class Lifecycle(Core):
         if slot.state in (State.STARTING, State.LOADING, State.READY, State.SLEEPING):
             slot.reload = True
             self._begin_stop(slot, Cause.CHANGED, "its file or arguments changed")
+        elif slot.state is State.FAILED:
+            # Its failure was the old file's or arguments' (a preset fixed after a crash
+            # loop): the next request tries the new ones, as router mode's reload allows.
+            slot.identity = None
+            self.reset(slot, "its file or arguments changed")
 
     def _identity(self, slot: Slot) -> tuple[object, ...]:
         """What a running unit was made from: its command line and its files' identity.
