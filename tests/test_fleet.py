@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -140,3 +141,60 @@ async def test_a_scoped_key_sees_only_its_models_of_the_peers(tmp_path: Path) ->
                 lists[key] = [m["id"] for m in json.loads(await r.read())["data"]]
     assert lists == {"narrow": ["a", "b", "c"], "plain": ["a", "b", "x", "c"]}
     assert seen == ["peers=no None"] * 2  # no peer-key-file: asked without a key
+
+
+# What peers that misbehave answer; each one only costs its own entries, never the listing.
+GARBAGE = {
+    "html": (200, b"<html><body>Bad gateway</body></html>", "cannot be asked"),
+    "deeply nested": (200, b"[" * 100_000, "something other than a model list"),
+    "nested in an entry": (200, b'{"data": [{"id": "z", "x": ' + b"[" * 100_000 + b"]}]}",
+                           "something other than a model list"),
+    "a redirect": (302, b"", "answered HTTP 302"),
+}
+
+
+def garbage_app(status: int, body: bytes) -> web.Application:
+    async def listing(request: web.Request) -> web.Response:
+        headers = {"Location": "http://127.0.0.1:9/v1/models"} if status == 302 else {}
+        return web.Response(status=status, body=body, headers=headers,
+                            content_type="application/json")
+    app = web.Application()
+    app.router.add_get("/v1/models", listing)
+    return app
+
+
+async def fleet_listing(peers: tuple[str, ...]) -> tuple[int, Any]:
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=await fleet.with_peers(request, LOCAL, peers, 2))
+    app = web.Application()
+    app.router.add_get("/v1/models", handle)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/v1/models")
+        return r.status, json.loads(await r.read()) if r.status == 200 else {}
+
+
+async def test_a_peer_answering_garbage_costs_only_its_own_entries(subtests: Any) -> None:
+    for name, (status, body, why) in GARBAGE.items():
+        with subtests.test(peer=name):
+            async with TestServer(garbage_app(status, body)) as bad, \
+                    TestServer(peer_app(["b"], [])) as good:
+                urls = tuple(str(p.make_url("")).rstrip("/") for p in (bad, good))
+                code, listing = await fleet_listing(urls)
+            assert code == 200
+            assert [m["id"] for m in listing["data"]] == ["a", "b"]
+            assert why in listing["peers"][0]["error"]
+
+
+async def test_a_peer_entry_whose_llamad_field_is_not_an_object_still_gets_its_host() -> None:
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "b", "llamad": "x"},
+                                           {"id": "c", "llamad": None}, {"id": 7}, "d"]})
+    app = web.Application()
+    app.router.add_get("/v1/models", listing)
+    async with TestServer(app) as peer:
+        url = str(peer.make_url("")).rstrip("/")
+        code, body = await fleet_listing((url,))
+    assert code == 200
+    assert [(m["id"], m["llamad"]) for m in body["data"]] == [
+        ("a", {"state": "ready"}), ("b", {"host": url}), ("c", {"host": url})]
+    assert body["peers"] == [{"url": url, "models": 2}]  # not 7, nor "d": not entries

@@ -88,10 +88,16 @@ async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
         for entry in entries:
             if entry.get("id") not in seen:
                 seen.add(entry.get("id"))
-                entry.setdefault("llamad", {})["host"] = url
-                listing["data"].append(entry)
+                listing["data"].append(_hosted(entry, url))
     listing["peers"] = report
     return json.dumps(listing).encode()
+
+
+def _hosted(entry: dict[str, Any], url: str) -> dict[str, Any]:
+    """A peer's entry marked with the peer that lists it. Its `llamad` is the peer's to
+    write, so anything but an object there is replaced rather than trusted."""
+    extra = entry.get("llamad")
+    return {**entry, "llamad": {**(extra if isinstance(extra, dict) else {}), "host": url}}
 
 
 def _may_see(request: web.Request, entry: dict[str, Any]) -> bool:
@@ -120,6 +126,8 @@ async def _models_of(session: aiohttp.ClientSession, url: str,
             data = await capped_json(r, MAX_LISTING)
     except TimeoutError:
         return [], f"did not answer within peer-timeout ({timeout:g}s)"
+    except RecursionError:  # JSON nested deeper than the decoder goes: not a model list
+        data = None
     except (aiohttp.ClientError, ValueError, OSError) as e:
         return [], f"cannot be asked: {e or type(e).__name__}"
     entries = data.get("data") if isinstance(data, dict) else None

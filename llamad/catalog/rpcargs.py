@@ -30,29 +30,38 @@ class Worker:
 
 
 def parse(value: str) -> tuple[Worker, ...]:
-    """`10.0.0.7:50052,[fd00::7]:50052` -> workers; ValueError with a sentence if malformed.
+    """`10.0.0.7:50052,10.0.0.8:50052` -> workers; ValueError with a sentence if malformed.
 
     Hosts must be IP addresses: the model's unit may reach only its workers (its
-    IPAddressAllow= firewall is by address), and name lookups are not allowed it either."""
-    found = []
-    for item in (v.strip() for v in value.split(",")):
-        host, sep, port = item.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not item or not sep or not host:
-            raise ValueError(f"{item!r} is not HOST:PORT")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{item!r}: the host must be an IP address (the model's unit may "
-                             "reach only its workers' addresses, and cannot look up names)"
-                             ) from None
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{item!r}: the port must be a number from 1 to 65535")
-        found.append(Worker(address.compressed, int(port)))
-    return tuple(dict.fromkeys(found))
+    IPAddressAllow= firewall is by address), and name lookups are not allowed it either.
+    llama-server gets the value as written and reads it as ggml-rpc does: split at commas,
+    spaces kept, each endpoint split at its first colon and connected to over IPv4 alone
+    (ggml-rpc's parse_endpoint and socket_t::connect); anything else aborts its load."""
+    return tuple(dict.fromkeys(_worker(item) for item in value.split(",")))
 
 
-ALLOWED = "comma-separated HOST:PORT of ggml-rpc-server workers, hosts as IP addresses"
+def _worker(item: str) -> Worker:
+    if item != item.strip():
+        raise ValueError(f"{item!r}: no space around an address (llama-server keeps it, "
+                         "and cannot resolve the host)")
+    if item.count(":") > 1 or "[" in item:
+        raise ValueError(f"{item!r}: the host must be an IPv4 address (llama.cpp's RPC "
+                         "client connects over IPv4 only)")
+    host, sep, port = item.partition(":")
+    if not sep or not host:
+        raise ValueError(f"{item!r} is not HOST:PORT")
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{item!r}: the host must be an IP address (the model's unit may "
+                         "reach only its workers' addresses, and cannot look up names)"
+                         ) from None
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"{item!r}: the port must be a number from 1 to 65535")
+    return Worker(address.compressed, int(port))
+
+
+ALLOWED = "comma-separated HOST:PORT of ggml-rpc-server workers, hosts as IPv4 addresses"
 
 
 def workers(args: Sequence[str]) -> tuple[Worker, ...]:

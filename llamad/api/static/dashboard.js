@@ -62,6 +62,16 @@ async function readEvents(url, onEvent, signal, lastId) {
     throw err;
   }
   const reader = resp.body.getReader();
+  try {
+    await dispatch(reader, onEvent);
+  } finally {
+    // Whatever ended the reading (the page's handler threw, say), let the stream go: an
+    // unread response holds its connection, and a place of max-streams, open.
+    reader.cancel().catch(() => {});
+  }
+}
+
+async function dispatch(reader, onEvent) {
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
@@ -70,20 +80,26 @@ async function readEvents(url, onEvent, signal, lastId) {
     buffer += decoder.decode(value, { stream: true });
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
+      const ev = parseBlock(buffer.slice(0, end));
       buffer = buffer.slice(end + 2);
-      const ev = { event: "message", data: "", id: null };
-      for (const line of block.split("\n")) {
-        const colon = line.indexOf(":");
-        const field = colon < 0 ? line : line.slice(0, colon);
-        const val = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-        if (field === "event") ev.event = val;
-        else if (field === "data") ev.data += (ev.data ? "\n" : "") + val;
-        else if (field === "id") ev.id = val;
-      }
-      onEvent(ev);
+      if (ev.data !== null) onEvent(ev);
     }
   }
+}
+
+// One event's lines; data is null for a block without any (a comment such as logstream's
+// `: keep-alive`), which EventSource would not dispatch either.
+function parseBlock(block) {
+  const ev = { event: "message", data: null, id: null };
+  for (const line of block.split("\n")) {
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const val = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (field === "event") ev.event = val;
+    else if (field === "data") ev.data = ev.data === null ? val : `${ev.data}\n${val}`;
+    else if (field === "id") ev.id = val;
+  }
+  return ev;
 }
 
 // -- the model table -------------------------------------------------------------
