@@ -11,8 +11,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 SCRIPT = Path(__file__).parents[1] / "llamad" / "api" / "static" / "dashboard.js"
 NODE = shutil.which("node")
 
@@ -51,14 +49,11 @@ setImmediate(() => setImmediate(() => report("still reading")));
 
 
 def read_events(chunks: list[str], fail_on: str | None = None) -> dict[str, Any]:
-    assert NODE is not None
+    assert NODE is not None, "node is not installed (make dev installs it, for the web UI)"
     out = subprocess.run([NODE, "-e", HARNESS, json.dumps([str(SCRIPT), chunks, fail_on])],
                          capture_output=True, text=True, timeout=30, check=True)
     result: dict[str, Any] = json.loads(out.stdout.splitlines()[0])
     return result
-
-
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 
 def test_a_keep_alive_comment_is_no_event() -> None:
