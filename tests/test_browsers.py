@@ -125,3 +125,18 @@ def test_the_dashboard_keeps_its_key_out_of_local_storage() -> None:
     assert "sessionStorage.getItem(KEY_STORE)" in js and "sessionStorage.setItem(KEY_STORE" in js
     assert "localStorage.getItem" not in js and "localStorage.setItem" not in js
     assert "localStorage.removeItem(KEY_STORE)" in js  # older versions' key is dropped
+
+
+async def test_a_listed_origin_may_send_the_delete_requests_llamad_serves() -> None:
+    """llamad has DELETE routes (a conversation's stream, /api/delete), and llama-server
+    allows DELETE to CORS origins ("GET, POST, DELETE, OPTIONS"): a page in cors-origins
+    was refused DELETE /v1/stream at its preflight."""
+    door = browsers.Door(Config.default(cors_origins=("http://ui.example",)), keyed=False)
+    app = web.Application(middlewares=[middleware.error_middleware, door.middleware])
+    app.on_response_prepare.append(door.on_prepare)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.options("/v1/stream?conv_id=c", headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Method": "DELETE"})
+        assert r.status == 204
+        allowed = {m.strip() for m in r.headers["Access-Control-Allow-Methods"].split(",")}
+        assert {"GET", "POST", "DELETE"} <= allowed

@@ -42,7 +42,9 @@ class FakeServer:
     """What the next requests meet; `connections` counts the distinct ones seen."""
 
     health: str = "ok"  # ok, loading (503) or silent
-    answer: str = "ok"  # ok, hang-up, loading, silent, or stall (one event, then silence)
+    # ok, hang-up, loading, silent, stall (one event, then silence) or die (one event, then
+    # the connection is gone)
+    answer: str = "ok"
     delay: float = 0.0  # seconds of silence before answering, as a long prompt
     connections: list[int] = field(default_factory=list)
     never: asyncio.Event = field(default_factory=asyncio.Event)
@@ -82,6 +84,10 @@ class FakeServer:
         await resp.prepare(request)
         await resp.write(b'data: {"n": 1}\n\n')
         if self.answer == "stall":
+            await self.never.wait()
+        if self.answer == "die":
+            assert request.transport is not None
+            request.transport.close()
             await self.never.wait()
         await resp.write(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
         return resp
@@ -132,8 +138,13 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async def handle(request: web.Request) -> web.StreamResponse:
         global RECORD
         RECORD = record.of(request)
+        out = record.TapResponse(RECORD)
+        if "X-Begun" in request.headers:  # as a stream that waited for its model's load
+            out.content_type = "text/event-stream"
+            await out.prepare(request)
+            await out.comment("loading")
         return await forward(request, backend, await request.read(),
-                             Watch(IDLE, HEALTH, wedged.append), record.TapResponse(RECORD))
+                             Watch(IDLE, HEALTH, wedged.append), out)
     front = web.Application(middlewares=[error_middleware])
     front.router.add_post("/v1/chat/completions", handle)
     client = TestClient(TestServer(front))
@@ -201,6 +212,33 @@ async def test_a_wedged_stream_ends_with_an_error_event_and_is_reported(rig: Rig
     assert events[-1]["error"]["code"] == "backend_timeout", events
     assert IDLE + HEALTH <= took < IDLE + HEALTH + 2
     assert len(rig.wedged) == 1 and "/health" in rig.wedged[0]
+    assert (RECORD.status, RECORD.code) == (504, "backend_timeout")  # not 200 in the log
+
+
+async def test_a_stream_whose_backend_dies_ends_with_an_error_event_and_is_a_failure(
+        rig: Rig) -> None:
+    """The client gets a clean end (an error event), and the request log and
+    llamad_requests_total say the answer failed, as for a plain answer cut halfway: a
+    crash mid-stream was counted as a 200."""
+    rig.server.answer = "die"
+    status, events = await chat(rig, stream=True)
+    assert status == 200
+    assert events[-1]["error"]["code"] == "backend_failed", events
+    assert (RECORD.status, RECORD.code) == (502, "backend_failed")
+
+
+async def test_a_plain_error_to_a_begun_stream_is_its_last_event_and_a_failure(
+        rig: Rig) -> None:
+    """A stream that waited for its model's load has sent its 200 already; an error the
+    backend then answers is the stream's last event, and the request log and
+    llamad_requests_total say the backend's status, not 200."""
+    rig.server.answer = "loading"  # a 503 of the backend's own: /health says it is up
+    async with rig.client.post("/v1/chat/completions", json={"stream": True},
+                               headers={"X-Begun": "1"}) as r:
+        assert r.status == 200
+        text = await r.text()
+    assert text.endswith('data: {"error": {"message": "Loading model"}}\n\n'), text
+    assert RECORD.status == 503
 
 
 async def test_a_backend_answering_other_requests_is_not_wedged(rig: Rig) -> None:

@@ -84,7 +84,9 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
             if _streamed(up):
                 return await _stream(request, backend, up, watch, resp)
             if resp.prepared:
-                return await _last_event(resp, await _small(backend, up, watch))
+                data = await _small(backend, up, watch)
+                record.of(request).settle(up.status)  # the 200 that went out was llamad's
+                return await _last_event(resp, data)
             return await _plain(request, backend, up, watch, resp)
         finally:
             up.release()  # back to the pool only if the answer was read to its end
@@ -247,15 +249,16 @@ async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResp
         try:
             chunk = await _piece(backend, up.content, watch)
         except _Wedged as e:
-            await _error_event(resp, BackendTimeout(f"the model's backend stopped answering "
-                                                    f"mid-stream ({e}); it is being restarted"))
+            await _broken(request, resp, BackendTimeout(
+                f"the model's backend stopped answering mid-stream ({e}); it is being "
+                "restarted"))
             await resp.write_eof()
             watch.on_wedged(str(e))
             return resp
         except FAILURES as e:
             # Headers are gone already: tell the client in the stream, never truncate silently.
-            await _error_event(resp, BackendError(f"the model's backend failed mid-stream "
-                                                  f"({_why(e)})"))
+            await _broken(request, resp, BackendError(f"the model's backend failed mid-stream "
+                                                      f"({_why(e)})"))
             break
         if not chunk:
             break
@@ -277,6 +280,13 @@ async def _last_event(resp: web.StreamResponse, data: bytes) -> web.StreamRespon
     await resp.write(b"data: " + event.encode() + b"\n\n")
     await resp.write_eof()
     return resp
+
+
+async def _broken(request: web.Request, resp: web.StreamResponse, err: LlamadError) -> None:
+    """A stream the backend broke: its last event says why, and the request log and the
+    metrics count it as failed, as a plain answer cut halfway (its 200 went out already)."""
+    record.of(request).settle(err.status, err.code)
+    await _error_event(resp, err)
 
 
 async def _error_event(resp: web.StreamResponse, err: LlamadError) -> None:

@@ -36,6 +36,9 @@ STEP_SECONDS = 0.002  # work on the event loop before a body goes to the scannin
 INLINE = 65536  # bodies up to this size are checked on the loop at once
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval for llamad serve
 UTF8_STEP = 1 << 20
+# RFC 8259 lets a parser ignore a byte order mark at the start, and llama-server's does:
+# bodies saved by Notepad or PowerShell begin with one.
+BOM = b"\xef\xbb\xbf"
 
 # Numbers llama-server takes up to 2^31 - 1 and turns into memory for one request: each
 # penalty window is a zeroed ring of that many tokens (8 GiB at the top), n_probs (OpenAI's
@@ -185,7 +188,7 @@ def _quick(body: bytes | bytearray, wanted: frozenset[str]) -> dict[str, Any] | 
             or _LONG_DIGITS.search(body):
         return None
     try:
-        value = json.loads(body.decode(), parse_constant=_no_constant)
+        value = json.loads(body.decode().removeprefix("\ufeff"), parse_constant=_no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError too
         return None
     if not isinstance(value, dict):
@@ -232,7 +235,7 @@ class Scanner:
                  ) -> None:
         self.buf = body
         self.wanted = wanted
-        self.pos = 0
+        self.pos = len(BOM) if body[:len(BOM)] == BOM else 0
         self.fields: dict[str, Any] = {}
         self.stack: list[int] = []  # the opening bracket of each open container
         self.expect = "value"

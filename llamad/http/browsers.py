@@ -34,7 +34,7 @@ FILES_ATTR = "llamad_takes_files"
 # Answers that are data (JSON, events, a backend's text), should a browser be sent to one:
 # nothing loads or runs, and no page may frame it.
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; sandbox"
-METHODS = "GET, POST, OPTIONS"
+METHODS = "GET, POST, DELETE, OPTIONS"  # llama-server's own; llamad has DELETE routes too
 H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 
