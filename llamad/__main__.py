@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import gc
 import importlib
+import io
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad import __version__
-from llamad.cli import ENV_KEY, ENV_URL
+from llamad.cli import ENV_KEY, ENV_URL, LOG_LINES_MAX
 from llamad.errors import LlamadError
 from llamad.log import die, setup_logging
 
@@ -72,6 +74,36 @@ def _aiohttp_without_system_cas() -> None:
                 os.environ[name] = value
 
 
+def _seconds(least: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from `least` (NaN would make --wait
+    wait for ever, a negative --watch a traceback from time.sleep)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value >= least if inclusive else value > least)):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds {'>=' if inclusive else '>'} {least:g}")
+        return value
+    parse.__name__ = "seconds"
+    return parse
+
+
+def _count(most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 0 to `most` (what llamad's API takes)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {most}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="PATH",
                    help="configuration file (default /etc/llamad/llamad.conf)")
@@ -114,7 +146,7 @@ def add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model")
     _client_args(p)
     p.add_argument("--wait", action="store_true", help="return once the model is ready")
-    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds(0, True), default=300, metavar="SECONDS",
                    help="how long --wait waits (default 300)")
     p.set_defaults(func=lambda a: imported("cli.ctl").cmd_load(_client(a), a.model, a.wait,
                                                               a.timeout, a.json))
@@ -147,8 +179,9 @@ def add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model", nargs="?", help="a model's unit instead of llamad's")
     _client_args(p, "print each entry as a JSON line")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    p.add_argument("-n", "--lines", type=int, default=20, metavar="N",
-                   help="how many earlier lines to print first (default 20)")
+    p.add_argument("-n", "--lines", type=_count(LOG_LINES_MAX), default=20, metavar="N",
+                   help=f"how many earlier lines to print first (default 20, at most "
+                   f"{LOG_LINES_MAX})")
     p.set_defaults(func=lambda a: imported("cli.ctl").cmd_logs(_client(a), a.model, a.follow,
                                                               a.lines, a.json))
 
@@ -156,7 +189,8 @@ def add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ps", help="show the running daemon's models as a table")
     _client_args(p, "print the daemon's /status as JSON")
-    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+    p.add_argument("--watch", type=_seconds(0, False), nargs="?", const=2.0,
+                   metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until interrupted")
     p.set_defaults(func=lambda a: imported("cli.ctl").cmd_ps(_client(a), a.json, a.watch))
 
@@ -164,7 +198,7 @@ def add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("top", help="a live table of the daemon's models (ps --watch)")
     _client_args(p, "print the daemon's /status as one JSON line each time")
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--interval", type=_seconds(0, False), default=2.0, metavar="SECONDS",
                    help="seconds between redraws (default 2)")
     p.set_defaults(func=lambda a: imported("cli.ctl").cmd_ps(_client(a), a.json, a.interval))
 
@@ -211,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _forgiving_streams()
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -219,7 +254,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         die(e.message)
     except KeyboardInterrupt:  # the way out of logs -f and top
         return 130
+    except BrokenPipeError:  # `llamad logs | head -1`: the reader left; nothing to say
+        # Python flushes stdout once more at exit: into /dev/null, not the broken pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as if SIGPIPE had ended it, which the shell reports so
     return status
+
+
+def _forgiving_streams() -> None:
+    """A terminal whose locale is not UTF-8 gets \\uXXXX for what it cannot show (a model's
+    name) rather than a UnicodeEncodeError; a closed stdout (`llamad models >&-`) is
+    /dev/null rather than None."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 if __name__ == "__main__":

@@ -206,17 +206,32 @@ def load_config(path: Path | None = None) -> Config:
         if explicit:
             raise ConfigError(f"{path}: the configuration file does not exist.")
         return Config.default()
-    try:
-        obj = ConfigObj(str(path), configspec=_spec_lines(), file_error=True,
-                        encoding="utf-8", list_values=True)
-    except (ConfigObjError, OSError, UnicodeDecodeError) as e:
-        line = getattr(e, "line_number", None)
-        where = f"{path}:{line}" if line else str(path)
-        raise ConfigError(f"{where}: cannot be read as a configuration file: {e}.") from e
+    if path.is_dir():  # configobj would say "Config file not found"
+        raise ConfigError(f"{path} is a directory, not a configuration file.")
+    obj = _parsed(path)
     if obj.sections:
         raise ConfigError(f"{path}: section [{obj.sections[0]}] is not allowed; "
                           "the file has keys only.")
     return Config(**_build(path, _validated(obj, path)))
+
+
+def _parsed(path: Path) -> ConfigObj:
+    """The file as configobj reads it, without interpolation: a `%(name)s` in a value (an
+    argument of llama-server's) is meant as written, and configobj's interpolation would
+    replace it or raise from deep inside validation, a traceback."""
+    try:
+        return ConfigObj(str(path), configspec=_spec_lines(), file_error=True,
+                         encoding="utf-8", list_values=True, interpolation=False)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: is not UTF-8 text (byte {e.start + 1} of the file); "
+                          "save it as UTF-8.") from e
+    except (ConfigObjError, OSError) as e:
+        # Of several errors configobj's message is "several errors.\nFirst error ...".
+        first = (getattr(e, "errors", None) or [e])[0]
+        line = getattr(first, "line_number", None)
+        where = f"{path}:{line}" if line else str(path)
+        said = str(first).rstrip(".")
+        raise ConfigError(f"{where}: cannot be read as a configuration file: {said}.") from e
 
 
 def _spec_lines() -> list[str]:
@@ -256,10 +271,17 @@ def _validated(obj: ConfigObj, path: Path | None) -> dict[str, Any]:
             raise _bad(path, key, raw.get(key))
     extra = get_extra_values(obj)
     if extra:
-        key = extra[0][1]
-        known = ", ".join(SPEC)
-        raise ConfigError(f"{_where(path, key)}unknown key {key!r}; known keys: {known}.")
+        raise _unknown(path, extra[0][1])
     return dict(obj)
+
+
+def _unknown(path: Path | None, key: str) -> ConfigError:
+    """An unknown key, with the known key it most likely misspells, else all of them."""
+    import difflib  # here: 1 ms of every start, socket-activated ones included, otherwise
+
+    close = difflib.get_close_matches(key.lower(), SPEC, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(SPEC)}."
+    return ConfigError(f"{_where(path, key)}unknown key {key!r}; {hint}")
 
 
 def _opt_path(value: str | None) -> Path | None:
@@ -284,10 +306,11 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
             raise _bad(path, key, v[key])
     if v["ui-dir"] and not Path(v["ui-dir"]).is_absolute():
         raise _bad(path, "ui-dir", v["ui-dir"])
-    for origin in v["cors-origins"]:
+    # Empty entries ("cors-origins =", a trailing comma) are none, as below.
+    for origin in filter(None, v["cors-origins"]):
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise _bad(path, "cors-origins", origin)
-    for peer in v["peers"]:
+    for peer in filter(None, v["peers"]):
         if not _ORIGIN.fullmatch(peer.lower()):
             raise _bad(path, "peers", peer)
     if v["hf-endpoint"] and not _URL.fullmatch(v["hf-endpoint"]):

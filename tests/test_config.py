@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +119,54 @@ def test_config_is_frozen() -> None:
     c = Config.default()
     with pytest.raises(AttributeError):
         c.models_max = 3  # type: ignore[misc]
+
+
+def test_percent_signs_are_taken_as_written(tmp_path: Path) -> None:
+    """configobj's interpolation was on: `%(name)s` in a value became another key's value,
+    or a MissingInterpolationOption traceback (from `llamad serve` too)."""
+    c = load_config(write(tmp_path, "args = '--alias %(models-max)s --x %(nope)s'\n"))
+    assert c.args == ("--alias", "%(models-max)s", "--x", "%(nope)s")
+
+
+def test_every_documented_default_is_the_default(tmp_path: Path) -> None:
+    """Uncommenting any `# key = value` line of etc/llamad.conf changes nothing: `# peers =`
+    and `# cors-origins =` were refused as invalid."""
+    reference = Path(__file__).parent.parent / "etc" / "llamad.conf"
+    for line in reference.read_text().splitlines():
+        key = line[2:].partition(" =")[0]
+        if key in SPEC and line.startswith(f"# {key} =") and key != "models-preset":
+            c = load_config(write(tmp_path, line[2:] + "\n"))
+            assert c == Config.default(path=tmp_path / "llamad.conf"), line
+
+
+def test_unknown_key_suggests_the_known_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "model-max = 2\n"))
+    assert e.value.message == (f"{tmp_path / 'llamad.conf'}:1: unknown key 'model-max'; "
+                               "did you mean 'models-max'?")
+
+
+@pytest.mark.parametrize(("make", "said"), [
+    (lambda p: p.mkdir(), "is a directory, not a configuration file."),
+    (lambda p: p.write_bytes(b"models-dir = /m\xff\n"), "is not UTF-8 text"),
+    (lambda p: p.write_text("models-max = 1\nmodels-max = 2\n"), "Duplicate keyword name"),
+])
+def test_unreadable_files_are_one_sentence(tmp_path: Path, make: Any, said: str) -> None:
+    path = tmp_path / "llamad.conf"
+    make(path)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert said in e.value.message and str(path) in e.value.message, e.value.message
+    assert not e.value.message.endswith("..") and "\n" not in e.value.message
+
+
+def test_the_reference_config_states_each_numeric_range() -> None:
+    """A key's comment in etc/llamad.conf names the bounds its check enforces (those short of
+    DURATION_MAX's "for ever"), so a reader learns them before llamad refuses a value."""
+    reference = Path(__file__).parent.parent / "etc" / "llamad.conf"
+    blocks = reference.read_text().split("\n\n")
+    for key, (check, _) in SPEC.items():
+        [block] = [b for b in blocks if f"\n# {key} =" in f"\n{b}"]
+        for bound in re.findall(r"(?:min|max)=([0-9.]+)(?=[,)])", check):
+            if float(bound) < 1e9:
+                assert re.search(rf"(?<![0-9.]){re.escape(bound)}(?![0-9])", block), (key, bound)

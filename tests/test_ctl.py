@@ -65,7 +65,7 @@ def test_ps_table() -> None:
 def test_log_events_and_lines() -> None:
     stream = io.BytesIO(b'id: c1\ndata: {"time": 0, "unit": "u", "priority": 6, '
                         b'"message": "hello\\u001b[31m"}\n\n: a comment\n\n')
-    entries = list(ctl._events(ctl.Client("http://x", None), stream))  # type: ignore[arg-type]
+    entries = list(ctl._events(ctl.Client("http://x", None), stream))
     assert entries == [{"id": "c1", "time": 0, "unit": "u", "priority": 6,
                         "message": "hello\x1b[31m"}]
     assert ctl._log_line(entries[0]).endswith(" u: hello\\x1b[31m")  # no escape to the tty
@@ -176,7 +176,8 @@ async def test_pull_sends_the_key_to_llamad_alone() -> None:
 
 async def _serving(answers: dict[str, bytes]) -> TestServer:
     async def answer(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        kind = "text/event-stream" if request.path.startswith("/logs") else "application/json"
+        resp = web.StreamResponse(headers={"Content-Type": kind})
         await resp.prepare(request)
         await resp.write(answers[request.path])
         return resp

@@ -15,9 +15,11 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -51,10 +53,10 @@ class Client:
 
     @classmethod
     def make(cls, config_path: Path | None, url: str | None) -> Client:
-        key = os.environ.get(ENV_KEY) or None
+        key = _key(os.environ.get(ENV_KEY) or None)
         given = url or os.environ.get(ENV_URL)
         if given:
-            return cls(given.rstrip("/"), key)
+            return cls(_base(given, "--url" if url else f"${ENV_URL}"), key)
         found = llamad_socket() if config_path is None else None
         if found is None:
             return cls("http://" + load_config(config_path).listen, key)
@@ -139,6 +141,18 @@ class Client:
                               "program may hold llamad's port")
         return found
 
+    @contextlib.contextmanager
+    def expect(self, path: str) -> Iterator[None]:
+        """Reading llamad's answer to `path`: a JSON object without the fields llamad
+        always sends (another program's) is an error sentence, not a KeyError."""
+        try:
+            yield
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise LlamadError(f"{self.base} answered {path} without llamad's fields "
+                              f"({type(e).__name__}: {one_line(str(e))[:60]}), so it is not "
+                              "llamad's answer; another program may hold llamad's port"
+                              ) from None
+
     def lines(self, resp: HTTPResponse) -> Iterator[bytes]:
         """The lines of a streamed answer, each at most LINE_MAX bytes."""
         while raw := resp.readline(LINE_MAX + 1):
@@ -158,6 +172,31 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 # No proxy from the environment either: the key is for llamad alone.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+
+# What --url and $LLAMAD_URL may be: http(s)://HOST[:PORT], or HOST:PORT as $OLLAMA_HOST is.
+_URL = re.compile(r"(https?://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?"
+                  r"(/[A-Za-z0-9._~%/-]*)?")
+
+
+def _base(given: str, where: str) -> str:
+    """The base URL of an address given on the command line or in the environment; a
+    malformed one is a sentence (urllib would raise ValueError at the first request)."""
+    m = _URL.fullmatch(given.strip())
+    if m is None or (m[1] is None and m[3] is None) or (m[3] and int(m[3][1:]) > 65535):
+        raise LlamadError(f"{where} {one_line(given)!r} is not llamad's address; give an "
+                          "http:// URL such as http://127.0.0.1:8080 (or HOST:PORT)")
+    # A path stays: llamad behind a reverse proxy under a prefix.
+    return f"{m[1] or 'http://'}{m[2]}{m[3] or ''}{m[4] or ''}".rstrip("/")
+
+
+def _key(key: str | None) -> str | None:
+    """$LLAMAD_API_KEY as an HTTP header can carry it: printable ASCII, no spaces (never
+    echoed: it is a secret)."""
+    if key is not None and not re.fullmatch(r"[!-~]+", key):
+        raise LlamadError(f"${ENV_KEY} holds spaces, control or non-ASCII characters, which "
+                          "no key in llamad's api-keys-file has; set it to the key alone")
+    return key
 
 
 def llamad_socket() -> tuple[str, bool] | None:
@@ -183,12 +222,14 @@ def _print_json(data: Any) -> None:
 
 def cmd_load(client: Client, model: str, wait: bool, timeout: float, as_json: bool) -> int:
     answer = client.post("/models/load", {"model": model})
+    with client.expect("/models/load"):
+        name, state = str(answer["model"]), str(answer["state"])
     if wait:
-        answer["state"] = wait_ready(client, answer["model"], timeout)
+        answer["state"] = state = wait_ready(client, name, timeout)
     if as_json:
         _print_json(answer)
     else:
-        print(one_line(f"{answer['model']}: {answer['state']}"))
+        print(one_line(f"{name}: {state}"))
     return 0
 
 
@@ -196,12 +237,15 @@ def wait_ready(client: Client, model: str, timeout: float) -> str:
     """Poll until the model is ready; a failure or the timeout is an error sentence."""
     deadline = time.monotonic() + timeout
     while True:
-        found = client.get("/status")["models"].get(model)
-        state = found["state"] if found else "unloaded"
+        status = client.get("/status")
+        with client.expect("/status"):
+            found = status["models"].get(model)
+            state = str(found["state"]) if found else "unloaded"
+            reason = str(found.get("reason")) if state == "failed" else ""
         if state in ("ready", "sleeping"):  # sleeping: loaded, its next request wakes it
             return state
         if state == "failed":
-            raise LlamadError(f"model {model} failed to load: {one_line(str(found['reason']))}")
+            raise LlamadError(f"model {model} failed to load: {one_line(reason)}")
         if time.monotonic() > deadline:
             raise LlamadError(f"model {model} is still {state} after {timeout:g}s")
         time.sleep(0.2)
@@ -209,10 +253,12 @@ def wait_ready(client: Client, model: str, timeout: float) -> str:
 
 def cmd_unload(client: Client, model: str, as_json: bool) -> int:
     answer = client.post("/models/unload", {"model": model})
+    with client.expect("/models/unload"):
+        said = f"{answer['model']}: {answer['state']}"
     if as_json:
         _print_json(answer)
     else:
-        print(one_line(f"{answer['model']}: {answer['state']}"))
+        print(one_line(said))
     return 0
 
 
@@ -222,19 +268,29 @@ def cmd_logs(client: Client, model: str | None, follow: bool, lines: int,
     path = "/logs/stream" + (f"/{urllib.parse.quote(model, safe='/:')}" if model else "")
     query = f"?lines={lines}&follow={int(follow)}"
     with client.open("GET", path + query, timeout=None) as r:
-        try:
-            for entry in _events(client, r):
-                print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
-        except BROKEN as e:
-            raise LlamadError(f"{client.base} stopped sending its log ({e})") from None
+        if r.headers.get_content_type() != "text/event-stream":
+            raise LlamadError(f"{client.base} answered {path} with "
+                              f"{one_line(r.headers.get_content_type())}, not llamad's "
+                              "event stream; another program may hold llamad's port")
+        for entry in _events(client, _unbroken(client, r)):
+            print(json.dumps(entry) if as_json else _log_line(entry), flush=True)
     if follow:  # llamad never ends a followed stream but when it stops
         raise LlamadError(f"{client.base} stopped sending its log (llamad stopped?)")
     return 0
 
 
-def _events(client: Client, resp: HTTPResponse) -> Iterator[dict[str, Any]]:
+def _unbroken(client: Client, resp: HTTPResponse) -> Iterator[bytes]:
+    """The stream's lines; a cut (llamad stopped) is a sentence. Only reading is covered:
+    a closed stdout (`llamad logs | head`) is the reader's leaving, not llamad's."""
+    try:
+        yield from client.lines(resp)
+    except BROKEN as e:
+        raise LlamadError(f"{client.base} stopped sending its log ({e})") from None
+
+
+def _events(client: Client, lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
     entry: dict[str, Any] = {}
-    for raw in client.lines(resp):
+    for raw in lines:
         line = raw.decode("utf-8", errors="replace").rstrip("\n")
         if line.startswith("id: "):
             entry["id"] = line[4:]
@@ -258,9 +314,11 @@ def cmd_ps(client: Client, as_json: bool, watch: float | None) -> int:
         if as_json:
             print(json.dumps(status), flush=True)
         else:
+            with client.expect("/status"):
+                table = ps_table(status)
             if watch:
                 sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: a live table
-            print("\n".join(map(one_line, ps_table(status))), flush=True)
+            print("\n".join(table), flush=True)
         if not watch:
             return 0
         time.sleep(watch)
@@ -280,13 +338,22 @@ def ps_table(status: dict[str, Any]) -> list[str]:
                      ttl, str(fit.get("ctx") or "-")))
         if fit.get("reason"):
             fits.append(one_line(f"{model}: {fit['reason']}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-           for r in rows]
+    # Escaped before measuring (what the terminal shows), measured in its columns.
+    cells = [[one_line(c) for c in r] for r in rows]
+    widths = [max(width(r[i]) for r in cells) for i in range(len(cells[0]))]
+    out = ["  ".join(c + " " * (w - width(c)) for c, w in zip(r, widths, strict=True)).rstrip()
+           for r in cells]
     out += fits  # what fitting chose for each model, and why
     out += [f"GPU {g['index']} {g['name']}: {_mib(g['used'])} used of {_mib(g['total'])}"
             for g in status.get("gpus", [])]
-    return [*out, status["status"]]
+    return [*map(one_line, out), one_line(str(status["status"]))]
+
+
+def width(text: str) -> int:
+    """Terminal columns of `text`: East Asian wide and full-width characters take two,
+    combining marks and format characters none (wcwidth's rules, roughly)."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def _in_flight(d: dict[str, Any]) -> str:

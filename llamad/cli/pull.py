@@ -30,6 +30,8 @@ def cmd_pull(client: Client, name: str, as_json: bool, out: TextIO = sys.stdout)
         model = resp.headers.get("X-Llamad-Model") or name
         try:
             last = _follow(client, resp, name, bars, as_json, out)
+        except BrokenPipeError:  # stdout's reader left (`| head`): not llamad's doing
+            raise
         except BROKEN as e:
             last, why = {}, f" ({e})"
         else:
