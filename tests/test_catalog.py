@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,20 @@ def test_models_dir_naming(tmp_path: Path) -> None:
     assert snap.models["Alpha"].created == int(d.joinpath("Alpha.gguf").stat().st_mtime)
 
 
+def test_top_level_names_drop_every_gguf_as_the_router_does(tmp_path: Path) -> None:
+    # llama-server's router removes every ".gguf" from a top-level file's name, not only the
+    # suffix: clients send the ids it lists, so `a.gguf.gguf` must be `a` here too.
+    d = tmp_path / "models"
+    ggufgen.write_model(d / "a.gguf.gguf")
+    ggufgen.write_model(d / "x.gguf-y.gguf")
+    ggufgen.write_model(d / "f.gguf" / "inner.gguf")  # a directory keeps its name whole
+    ggufgen.write_model(d / ".gguf.gguf")  # no name at all: a problem, not a model ""
+    age(d)
+    snap = scan(config(d))
+    assert sorted(snap.models) == ["a", "f.gguf", "x-y"]
+    assert any(".gguf.gguf has no name left" in p for p in snap.problems), snap.problems
+
+
 def test_gemma_is_discovered(tmp_path: Path) -> None:
     d = tmp_path / "models"
     d.mkdir()
@@ -87,6 +102,27 @@ def test_unservable_files_are_skipped_with_one_problem_each(tmp_path: Path) -> N
     assert all(p.endswith(".") for p in snap.problems)
 
 
+def test_a_models_directory_that_cannot_be_listed_is_a_problem_not_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # EACCES even for root (NFS with root_squash), or for `llamad models` run by a user:
+    # one problem line, and the other directories are still served.
+    locked, other = tmp_path / "locked", tmp_path / "other"
+    ggufgen.write_model(locked / "a.gguf")
+    ggufgen.write_model(other / "b.gguf")
+    age(tmp_path)
+    scandir = os.scandir
+
+    def denied(path: str | os.PathLike[str]) -> object:
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)  # the module discover.py lists with
+    snap = scan(config(locked, other))
+    assert sorted(snap.models) == ["b"]
+    assert len(problems_about(snap, str(locked))) == 1, snap.problems
+
+
 def test_file_still_being_written_waits(tmp_path: Path) -> None:
     d = tmp_path / "models"
     ggufgen.write_model(d / "fresh.gguf")
@@ -96,6 +132,17 @@ def test_file_still_being_written_waits(tmp_path: Path) -> None:
     age(d)
     later = scan(config(d), settle=30)
     assert "fresh" in later.models and not later.pending
+
+
+def test_a_file_dated_in_the_future_is_served_not_held_for_ever(tmp_path: Path) -> None:
+    # An mtime ahead of the clock (a tarball from a machine whose clock runs ahead, `touch
+    # -d tomorrow`) tells nothing about a write in progress: waiting until the clock
+    # passes it would hide the model for as long, with a rescan every settle window.
+    d = tmp_path / "models"
+    ahead = time.time() + 86_400
+    os.utime(ggufgen.write_model(d / "tomorrow.gguf"), (ahead, ahead))
+    snap = scan(config(d), settle=30)
+    assert "tomorrow" in snap.models and not snap.pending
 
 
 def test_llama_cache_layout(tmp_path: Path) -> None:

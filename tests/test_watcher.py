@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import ggufgen
 from helpers.catalogs import DEBOUNCE, Feed, aged_model, make_catalog
 
-from llamad.catalog.catalog import Snapshot
+from llamad.catalog.catalog import Catalog, Snapshot
 from llamad.catalog.watcher import CatalogWatcher
 
 
@@ -159,3 +162,40 @@ async def test_a_directory_gone_before_its_watch_is_no_wedge(tmp_path: Path) -> 
         await feed.until(lambda s: "a" in s.models)
         aged_model(models / "b.gguf")  # seen through the directory's own watch by now
         await feed.until(lambda s: "b" in s.models)
+
+
+async def test_a_full_inotify_watch_table_polls_slowly_not_busily(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # fs.inotify.max_user_watches reached (a big tree, other programs' watches): the
+    # directory is there but cannot be watched. Rescanning at once to retry would rescan
+    # every debounce for ever; llamad says so once and rescans at the poll interval.
+    models = tmp_path / "models"
+    aged_model(models / "a.gguf")
+    catalog = make_catalog(models)
+    scans = _count_scans(catalog)
+
+    def full(self: object, handler: object, path: str, recursive: bool = False) -> object:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr("llamad.catalog.watcher.Observer.schedule", full)
+    async with CatalogWatcher(catalog, debounce=DEBOUNCE) as w:
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            await asyncio.wait_for(w.rescan_now(), 10)
+        assert "a" in catalog.snapshot.models
+        timer = w._timer
+        assert timer is not None and timer.when() - loop.time() > DEBOUNCE * 10
+        assert scans() == 4  # the start's and the three asked for, no more
+    told = [r for r in caplog.records if str(models) in r.getMessage()]
+    assert len(told) == 1 and "inotify watch limit" in told[0].getMessage()
+
+
+def _count_scans(catalog: Catalog) -> Callable[[], int]:
+    count, compute = [0], catalog.compute
+
+    def counting() -> Snapshot:
+        count[0] += 1
+        return compute()
+
+    catalog.compute = counting  # type: ignore[method-assign]
+    return lambda: count[0]

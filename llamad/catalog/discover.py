@@ -63,6 +63,13 @@ class Scan:
         """files.confine to the directories scanned (raises files.Refused)."""
         files.confine(path, self.within)
 
+    def _recent(self, st: os.stat_result) -> bool:
+        """Modified within the settle window: maybe still being written. An mtime further
+        ahead of the clock than the window (a copy from a machine whose clock runs ahead)
+        tells nothing of a write; the length check (ggufheader) still catches a partial
+        file. Waiting for the clock to pass it could hide the model for days."""
+        return abs(self.now - st.st_mtime) < self.settle
+
     def header(self, path: Path) -> FileHeader | None:
         """The file's header, or None (with a problem noted) if it cannot be served now."""
         self.seen.add(str(path))
@@ -71,7 +78,7 @@ class Scan:
         except files.Refused as e:
             self.problems.append(f"{path} {e}; skipped.")
             return None
-        if self.now - st.st_mtime < self.settle and not _placed_blob(path):
+        if self._recent(st) and not _placed_blob(path):
             self.pending = True
             self.unsettled.add(path)
             self.problems.append(f"{path} is still being written; it will be added when done.")
@@ -179,6 +186,22 @@ def _scan_subdir(directory: Path, scan: Scan) -> Found | None:
                  draft=Path(drafts[0].path) if drafts else None)
 
 
+def _top_level_name(filename: str) -> str:
+    """The router's id for a file at the top of a models directory: every ".gguf" in its
+    name removed, not only the suffix (`a.gguf.gguf` is `a`), since clients send its ids."""
+    return filename.replace(".gguf", "")
+
+
+def _subdirs(directory: Path) -> list[str]:
+    """The directories in `directory`, sorted; none if it cannot be listed (EACCES under NFS
+    root_squash, gone meanwhile): _gguf_entries has told why, and the scan goes on."""
+    try:
+        with os.scandir(directory) as it:
+            return sorted(e.path for e in it if _is(e.is_dir))
+    except OSError:
+        return []
+
+
 def discover_models_dir(directory: Path, scan: Scan) -> list[Found]:
     if not directory.is_dir():
         scan.problems.append(f"models directory {directory} does not exist or is not a "
@@ -191,12 +214,14 @@ def discover_models_dir(directory: Path, scan: Scan) -> list[Found]:
         split = split_info(entry.name)
         if split is not None and split[1] != 1:
             continue  # served as part of its first shard
+        if not _top_level_name(entry.name):
+            scan.problems.append(f"{entry.path} has no name left once '.gguf' is taken "
+                                 "away; skipped.")
+            continue
         shards = shard_set(Path(entry.path), scan)
         if shards is not None:
-            found.append(Found(entry.name.removesuffix(".gguf"), shards, None, "models_dir"))
-    with os.scandir(directory) as it:
-        subdirs = sorted(e.path for e in it if _is(e.is_dir))
-    for sub in subdirs:
+            found.append(Found(_top_level_name(entry.name), shards, None, "models_dir"))
+    for sub in _subdirs(directory):
         if (model := _scan_subdir(Path(sub), scan)) is not None:
             found.append(model)
     return found

@@ -12,6 +12,7 @@ each scan the watches follow what exists, so it is seen once it appears, without
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,9 @@ from llamad.config import cache_dir
 log = logging.getLogger("llamad.watcher")
 
 DEBOUNCE_SECONDS = 0.5
+# How often a directory that is there but cannot be watched (the inotify watch limit
+# reached) is scanned instead: rarely, since each scan lists every directory.
+POLL_SECONDS = 30.0
 # Reads (our own header scans included) must not trigger rescans; newer watchdog
 # versions report opens and read-only closes, 2.2 does not. A touch is an attribute
 # change: 2.2 reports it as "modified", newer versions as "attrib".
@@ -76,10 +80,13 @@ class CatalogWatcher:
     """
 
     def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop | None = None,
-                 debounce: float = DEBOUNCE_SECONDS) -> None:
+                 debounce: float = DEBOUNCE_SECONDS, poll: float = POLL_SECONDS) -> None:
         self.catalog = catalog
         self._loop = loop
         self.debounce = debounce
+        self.poll = poll
+        # Directories there but not watched (told once each): scanned every `poll` seconds.
+        self._unwatched: set[Path] = set()
         self._observer: BaseObserver | None = None
         self._watches: dict[Place, tuple[_Handler, ObservedWatch]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -142,18 +149,35 @@ class CatalogWatcher:
             if place not in wanted or wanted[place] != handler.only or handler.ended:
                 observer.unschedule(watch)
                 del self._watches[place]
-        new = [p for p in wanted if p not in self._watches]
-        for place in new:
-            directory, recursive, _ = place
-            handler = _Handler(self, directory, wanted[place])
-            try:
-                watch = observer.schedule(handler, str(directory), recursive=recursive)
-            except OSError as e:
-                # Gone since _wanted() saw it: `new` asks for one more scan, which looks again.
-                log.debug("cannot watch %s yet: %s", directory, e)
-                continue
-            self._watches[place] = (handler, watch)
-        return bool(new)
+        self._unwatched &= {directory for directory, _, _ in wanted}
+        again = False
+        for place in [p for p in wanted if p not in self._watches]:
+            again |= self._schedule(observer, place, wanted[place])
+        return again
+
+    def _schedule(self, observer: BaseObserver, place: Place, only: Only) -> bool:
+        """Watch `place`. True if a scan should follow at once: it is newly watched, or
+        it went away meanwhile (that scan then watches what is there instead)."""
+        directory, recursive, _ = place
+        handler = _Handler(self, directory, only)
+        try:
+            watch = observer.schedule(handler, str(directory), recursive=recursive)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            log.debug("cannot watch %s yet: %s", directory, e)
+            return True
+        except OSError as e:
+            # Most often the inotify watch limit: it stays reached, and a scan at once to
+            # try again would rescan every debounce for ever. Poll instead (_follow_up).
+            if directory not in self._unwatched:
+                log.warning("cannot watch %s (%s); scanning it every %.0f s instead%s",
+                            directory, e.strerror, self.poll,
+                            " (raise fs.inotify.max_user_watches)"
+                            if e.errno == errno.ENOSPC else "")
+            self._unwatched.add(directory)
+            return False
+        self._unwatched.discard(directory)
+        self._watches[place] = (handler, watch)
+        return True
 
     async def _follow_disk(self) -> bool:
         return await self.loop.run_in_executor(None, self._sync)
@@ -222,6 +246,10 @@ class CatalogWatcher:
         self._follow_up()
 
     def _follow_up(self) -> None:
-        # A file that looked unfinished sends no more events once it is done.
-        if self.catalog.snapshot.pending and self._timer is None:
+        if self._timer is not None:
+            return
+        if self.catalog.snapshot.pending:
+            # A file that looked unfinished sends no more events once it is done.
             self.poke(self.catalog.settle + self.debounce)
+        elif self._unwatched:
+            self.poke(self.poll)  # nothing would tell of their changes
