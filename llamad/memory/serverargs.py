@@ -109,6 +109,14 @@ def _parsed(args: tuple[str, ...]) -> ServerArgs:
     return _settings(found)
 
 
+# -fa's spellings as llama-server reads them (common/arg.cpp is_truthy, is_falsey, is_autoy):
+# `-fa 1` read as anything but on once counted a projector's attention scores without flash
+# attention, 1 GiB for Gemma 3's SigLIP. Any other value llama-server refuses at start.
+_FLASH = {**dict.fromkeys(("on", "enabled", "true", "1"), "on"),
+          **dict.fromkeys(("off", "disabled", "false", "0"), "off"),
+          **dict.fromkeys(("auto", "-1"), "auto")}
+
+
 def _number(found: dict[str, object], key: str, default: int) -> int:
     value = found.get(key, default)
     try:
@@ -135,7 +143,7 @@ def _settings(found: dict[str, object]) -> ServerArgs:
     parallel = _number(found, "parallel", -1)
     unified = found.get("kv_unified")
     types = found.get("spec_types")
-    fa = str(found.get("flash_attn", "auto")).lower()
+    fa = _FLASH.get(str(found.get("flash_attn", "auto")).lower(), "auto")
 
     def text(key: str, default: str) -> str:
         return str(found.get(key, default)).lower()
@@ -149,10 +157,12 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         cache_type_k=text("cache_type_k", "f16"), cache_type_v=text("cache_type_v", "f16"),
         parallel=parallel if parallel > 0 else None,
         kv_unified=unified if isinstance(unified, bool) else None,
-        kv_per_slot=max(0, _number(found, "kv_per_slot", 0)),
+        # llama-server sizes the pool from --kv-unified-per-slot only where no -c is given:
+        # `-c 0` (the trained context) pins it too (tools/server/server.cpp).
+        kv_per_slot=0 if "ctx_size" in found else max(0, _number(found, "kv_per_slot", 0)),
         ubatch=max(1, _number(found, "ubatch", 512)), batch=max(1, _number(found, "batch", 2048)),
         swa_full=bool(found.get("swa_full", False)), kv_offload=bool(found.get("kv_offload", True)),
-        flash_attn="off" if fa in ("off", "0", "false", "disabled") else fa,
+        flash_attn=fa,
         load_mode=text("load_mode", "auto"),
         n_cpu_moe=max(0, _number(found, "n_cpu_moe", 0)), overrides=pairs("overrides"),
         split_mode=text("split_mode", "layer"), tensor_split=_split(text("tensor_split", "")),
