@@ -288,36 +288,6 @@ def read_meta(path: Path) -> Meta:
                 size=path.stat().st_size)
 
 
-@dataclass(frozen=True)
-class Measured:
-    kv: int  # llama.cpp's own KV cache size, summed over its caches, recurrent state too
-    compute: int  # its compute buffer
-    output: int  # its output (logits) buffer
-    peak_rss: int  # VmHWM once ready
-    projector: int  # its projector's compute buffer (--mmproj), else 0
-    model: int = 0  # its model buffers on the CPU (the weights, read or mapped)
-
-
-def run_llama_server(args: list[str], model: Path = rig.GEMMA) -> Measured:
-    with llamaserver.started("-t", "2", "-lv", "4", *args, model=model) as server:
-        server.wait_ready()
-        peak = server.peak_rss()
-    log_text = server.log
-    kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log_text)
-    kv += re.findall(r"llama_memory_recurrent: size = +([\d.]+) MiB", log_text)
-    compute = re.findall(r"sched_reserve: +CPU compute buffer size = +([\d.]+) MiB", log_text)
-    projector = re.findall(r"reserve_compute_meta: +CPU compute buffer size = +([\d.]+) MiB",
-                           log_text)
-    output = re.findall(r"CPU +output buffer size = +([\d.]+) MiB", log_text)
-    weights = re.findall(r"load_tensors: +CPU(?:_Mapped)? model buffer size = +([\d.]+) MiB",
-                       log_text)
-    assert kv and compute and output, log_text[-2000:]
-    return Measured(int(sum(float(x) for x in kv) * MIB), int(float(compute[-1]) * MIB),
-                    int(float(output[-1]) * MIB), peak,
-                    int(float(projector[-1]) * MIB) if projector else 0,
-                    int(sum(float(x) for x in weights) * MIB))
-
-
 def logits(args: list[str], vocab: int) -> int:
     """The estimate's output buffer: one row of logits per slot."""
     return (parse_args(args).parallel or 4) * vocab * 4
@@ -338,7 +308,7 @@ def test_estimate_against_real_llama_server(subtests) -> None:  # type: ignore[n
     for name, args in table:
         with subtests.test(name):
             est = estimate(meta, args, gpu=False)
-            real = run_llama_server(args)
+            real = llamaserver.measured(args)
             graph = est.compute.ram - logits(args, 262144)
             print(f"\n{name}: estimate {est.total.ram / MIB:.1f} MiB (KV {est.kv.ram / MIB:.1f},"
                   f" compute {graph / MIB:.2f}); llama-server KV"
@@ -381,7 +351,7 @@ def test_projector_compute_buffer(tmp_path: Path, subtests) -> None:  # type: ig
                 both = [*args, "--mmproj", str(path)]
                 graph = estimate(info, both, gpu=False).compute.ram \
                     - estimate(meta, args, gpu=False).compute.ram
-                real = run_llama_server(both)
+                real = llamaserver.measured(both)
                 print(f"\n{name} {' '.join(args)}: projector graph {graph / MIB:.2f},"
                       f" llama-server {real.projector / MIB:.2f} MiB")
                 assert real.projector <= graph <= real.projector * slack
@@ -398,7 +368,7 @@ def test_embeddings_output_every_token(subtests) -> None:  # type: ignore[no-unt
                  ["-c", "4096", "--reranking", "-fa", "off", "-np", "1"]):
         with subtests.test(" ".join(args)):
             est = estimate(meta, args, gpu=False)
-            real = run_llama_server(args)
+            real = llamaserver.measured(args)
             # The output buffer grown: 512 rows of logits and an embedding (Gemma's 640).
             graph = est.compute.ram - 512 * (262144 + 640) * 4
             assert real.compute <= graph <= real.compute * 1.1, (graph / MIB, real.compute / MIB)
@@ -482,7 +452,7 @@ def test_compute_buffer_of_other_shapes(tmp_path: Path, subtests) -> None:  # ty
                         value_length=head_dim, feed_forward_length=ff,
                         size=path.stat().st_size)
             for args in (["-c", "1024"], ["-c", "4096", "-ub", "256", "-np", "1"]):
-                real = run_llama_server(args, path)
+                real = llamaserver.measured(args, path)
                 graph = estimate(meta, args, gpu=False).compute.ram - logits(args, 262144)
                 print(f"\n{name} {' '.join(args)}: compute estimate {graph / MIB:.2f},"
                       f" llama-server {real.compute / MIB:.2f} MiB")
@@ -512,7 +482,7 @@ def test_compute_buffer_of_mixtures_of_experts(tmp_path: Path, subtests) -> None
                                      ff_exp=ff_exp, arch=arch, shared=shared)
             info = gguf_info.combine([gguf_info.read_header(path)], None)
             for args in (["-c", "1024"], ["-c", "4096", "-ub", "256", "-np", "1"]):
-                real = run_llama_server(args, path)
+                real = llamaserver.measured(args, path)
                 graph = estimate(info, args, gpu=False).compute.ram - logits(args, 1024)
                 print(f"\n{name} {' '.join(args)}: compute estimate {graph / MIB:.2f},"
                       f" llama-server {real.compute / MIB:.2f} MiB")
@@ -535,7 +505,7 @@ def test_multi_head_latent_attention_caches_no_values(tmp_path: Path, subtests) 
             assert info.key_length_mla == (64 if mla else None)
             for args in (["-c", "4096", "-np", "1"],
                          ["-c", "16384", "-np", "4", "-ctk", "q8_0", "-ctv", "q8_0"]):
-                real = run_llama_server(args, path)
+                real = llamaserver.measured(args, path)
                 est = estimate(info, args, gpu=False)
                 graph = est.compute.ram - logits(args, 1024)
                 print(f"\nMLA {mla} {' '.join(args)}: KV estimate {est.kv.ram / MIB:.2f}, "
@@ -600,7 +570,7 @@ def test_sliding_window_layers_of_other_architectures(tmp_path: Path) -> None:
                 head_count_kv=2, embedding_length=512, key_length=64, value_length=64,
                 feed_forward_length=1024, sliding_window=512, size=path.stat().st_size)
     args = ["-c", "16384", "-np", "1"]
-    real = run_llama_server(args, path)
+    real = llamaserver.measured(args, path)
     est = estimate(meta, args, gpu=False)
     assert abs(est.kv.ram - real.kv) < MIB / 100, (est.kv.ram / MIB, real.kv / MIB)
 
@@ -618,7 +588,7 @@ def test_hybrid_models_have_kv_only_on_their_attention_layers(  # type: ignore[n
         "lfm2", (0, 0, 2, 0, 0, 2), 3)
     for args in (["-c", "16384", "-np", "4"], ["-c", "8192", "-np", "1", "-ctk", "q8_0"]):
         with subtests.test(args):
-            real = run_llama_server(args, path)
+            real = llamaserver.measured(args, path)
             est = estimate(info, args, gpu=False)
             print(f"\n{' '.join(args)}: KV and state estimate {est.kv.ram / MIB:.2f}, "
                   f"llama-server {real.kv / MIB:.2f} MiB")
@@ -640,7 +610,7 @@ def test_nextn_layers_are_neither_loaded_nor_cached(  # type: ignore[no-untyped-
                  ["-c", "4096", "-np", "1", "--spec-type", "draft-mtp"]):
         with subtests.test(args):
             args = [*args, "-lm", "none"]  # read, not mapped: the weights in a buffer
-            real = run_llama_server(args, path)
+            real = llamaserver.measured(args, path)
             est = estimate(info, args, gpu=False)
             weights = est.weights.ram - est.mapped
             print(f"\n{' '.join(args)}: weights estimate {weights / MIB:.2f}, llama-server "
@@ -677,7 +647,7 @@ def kv_and_graph_match(subtests: Any, info: gguf_info.GGUFInfo, path: Path,
     generated models' vocabulary is 1,024 tokens)."""
     for args in arg_sets:
         with subtests.test(args):
-            real = run_llama_server(args, path)
+            real = llamaserver.measured(args, path)
             est = estimate(info, args, gpu=False)
             graph = est.compute.ram - logits(args, 1024)
             print(f"\n{' '.join(args)}: KV estimate {est.kv.ram / MIB:.2f}, llama-server "
@@ -725,7 +695,7 @@ def test_rwkv_keeps_a_state_on_every_layer_and_no_kv(  # type: ignore[no-untyped
     assert (info.architecture, info.wkv_head_size, info.head_count) == ("rwkv6", 64, 0)
     for args in (["-c", "4096", "-np", "4"], ["-c", "65536", "-np", "1"]):
         with subtests.test(args):
-            real = run_llama_server(args, path)
+            real = llamaserver.measured(args, path)
             est = estimate(info, args, gpu=False)
             print(f"\n{' '.join(args)}: state estimate {est.kv.ram / MIB:.3f}, "
                   f"llama-server {real.kv / MIB:.3f} MiB")

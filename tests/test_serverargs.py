@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import rig
-from helpers import ggufgen
-from test_memory import run_llama_server
+from helpers import ggufgen, llamaserver
 
 from llamad.catalog import gguf_info
 from llamad.memory.estimate import estimate
@@ -38,7 +37,7 @@ def test_flash_attention_on_spelled_1_for_a_projector(tmp_path: Path) -> None:
         args = [*base, "-fa", value]
         est = estimate(info, args, gpu=False)
         assert est.total == on.total, value
-        real = run_llama_server(args)
+        real = llamaserver.measured(args)
         graph = est.compute.ram - estimate(gguf_info.combine(
             [gguf_info.read_header(rig.GEMMA)], None), args, gpu=False).compute.ram
         print(f"\n-fa {value}: estimate {est.total.ram / 2**20:.1f} MiB, projector graph"
@@ -55,7 +54,7 @@ def test_whole_context_pins_the_pool_over_a_per_slot_limit() -> None:
     meta = gguf_info.combine([gguf_info.read_header(rig.GEMMA)], None)
     args = ["-c", "0", "-np", "2", "--kv-unified-per-slot", "2048"]
     est = estimate(meta, args, gpu=False)
-    real = run_llama_server(args)
+    real = llamaserver.measured(args)
     print(f"\nKV: estimate {est.kv.ram / 2**20:.2f}, llama-server {real.kv / 2**20:.2f} MiB")
     assert est.kv.ram == real.kv
     assert parse_args(["--kv-unified-per-slot", "2048"]).kv_per_slot == 2048

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,3 +81,39 @@ def wait_ready(port: int, proc: subprocess.Popen[Any]) -> None:
         except OSError:
             return False
     rig.wait_for("llama-server to be ready", ready, timeout=120, interval=0.2)
+
+
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What llama-server allocated, as its log (-lv 4) and /proc tell, in bytes."""
+
+    kv: int  # llama.cpp's own KV cache size, summed over its caches, recurrent state too
+    compute: int  # its compute buffer
+    output: int  # its output (logits) buffer
+    peak_rss: int  # VmHWM once ready
+    projector: int  # its projector's compute buffer (--mmproj), else 0
+    model: int = 0  # its model buffers on the CPU (the weights, read or mapped)
+
+
+def measured(args: list[str], model: Path = rig.GEMMA) -> Measured:
+    """Start llama-server with `args`, wait until it is ready, stop it: what it allocated."""
+    with started("-t", "2", "-lv", "4", *args, model=model) as server:
+        server.wait_ready()
+        peak = server.peak_rss()
+    log = server.log
+    kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log)
+    kv += re.findall(r"llama_memory_recurrent: size = +([\d.]+) MiB", log)
+    compute = re.findall(r"sched_reserve: +CPU compute buffer size = +([\d.]+) MiB", log)
+    projector = re.findall(r"reserve_compute_meta: +CPU compute buffer size = +([\d.]+) MiB",
+                           log)
+    output = re.findall(r"CPU +output buffer size = +([\d.]+) MiB", log)
+    weights = re.findall(r"load_tensors: +CPU(?:_Mapped)? model buffer size = +([\d.]+) MiB",
+                         log)
+    assert kv and compute and output, log[-2000:]
+    return Measured(int(sum(float(x) for x in kv) * MIB), int(float(compute[-1]) * MIB),
+                    int(float(output[-1]) * MIB), peak,
+                    int(float(projector[-1]) * MIB) if projector else 0,
+                    int(sum(float(x) for x in weights) * MIB))
