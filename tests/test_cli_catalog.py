@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,8 +148,19 @@ def test_models_waits_for_a_file_copied_a_moment_ago(tmp_path: Path) -> None:
                     "models-preset =\n")
     now = time.time()
     os.utime(fresh, (now, now + 0.5))  # inside the settle window for 1.5 s
-    os.utime(growing, (now, now + 60))  # a copy that goes on for a minute
-    run = llamad("models", "--config", str(conf), "--json", home=tmp_path)
+    done = threading.Event()
+
+    def copying() -> None:  # a copy that goes on while `llamad models` runs
+        while not done.wait(0.1):
+            os.utime(growing)
+
+    writer = threading.Thread(target=copying)
+    writer.start()
+    try:
+        run = llamad("models", "--config", str(conf), "--json", home=tmp_path)
+    finally:
+        done.set()
+        writer.join()
     assert run.returncode == 0, run.stderr
     assert [m["id"] for m in json.loads(run.stdout)] == ["fresh"]
     assert run.stderr == f"llamad: {growing} is still being written; it will be added when " \
