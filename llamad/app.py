@@ -55,6 +55,7 @@ STOP_GRACE = 2.0
 STOP_DEADLINE = 70.0
 # A stop not over after this long (beyond shutdown-grace) says what it waits for.
 STOP_SLOW = 10.0
+STOP_MARGIN = 10.0  # systemd's SIGKILL no sooner than this after stop_deadline's exit
 STARTING = "reading the models"  # STATUS= from READY until the first scan is in
 FLAGS_FILE = "llama-server-flags.json"  # in state-dir: flagtable.remember_in
 
@@ -85,6 +86,8 @@ class Daemon:
         # The first scan is the watcher's (the _watcher context), in a worker thread.
         self.catalog = Catalog(config, cache=InfoCache(config.state_dir / "gguf-info.json"))
         self.stop = asyncio.Event()
+        # 1 once llamad gave up on itself: Restart=on-failure restarts nothing after 0.
+        self.exit_status = 0
         self.reloads: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
         # Connections that have sent a request (their transports): see stop_accepting.
@@ -98,6 +101,7 @@ class Daemon:
         self.keyring = keys.Keyring(config.api_keys_file, config.peer_key_file)
         self.keyed = config.api_keys_file is not None
         self.runner: web.AppRunner | None = None
+        self._sampling: asyncio.Task[None] | None = None  # the tick's measurement (_measure)
         self.metrics = metrics.Metrics(self._connections)
         # Writes the request log (if on) and llamad's notes into models' journals.
         self.journal = requestlog.JournalWriter()
@@ -230,7 +234,7 @@ class Daemon:
             await sup.take_back()
         except Exception:  # as when this came before READY: exit, systemd starts llamad again
             log.exception("reading the models and adopting their units failed; exiting")
-            self.stop.set()
+            self.give_up()
             return
         sup.opened.set()
         self.notifier.status(report.status_line(sup))  # before any waiting request resumes
@@ -267,7 +271,12 @@ class Daemon:
         if not task.cancelled():
             # Without the tick no TTL runs and the watchdog starves: let systemd restart us.
             log.error("the periodic tick ended: %r; exiting", task.exception())
-            self.stop.set()
+            self.give_up()
+
+    def give_up(self) -> None:
+        """Exit with a failure, so that systemd starts llamad again (Restart=on-failure)."""
+        self.exit_status = 1
+        self.stop.set()
 
     async def _tick_once(self) -> None:
         sup = self.sup
@@ -277,11 +286,19 @@ class Daemon:
         sup.probe()
         sup.watch_sleep()
         self.notifier.status(report.status_line(sup))
-        await sample(sup)  # after the ping: D-Bus calls may be slow
+        self._measure(sup)
         idle_for = time.monotonic() - self.last_request
         if self.config.idle_exit and idle_for > self.config.idle_exit and sup.quiet() \
                 and sup.opened.is_set() and not self.stop.is_set():
             await self._exit_when_idle(sup, idle_for)
+
+    def _measure(self, sup: Supervisor) -> None:
+        """Measure beside the tick, one measurement at a time: it asks systemd about each
+        running model, and a systemd slow to answer (sd-bus waits 25 s per call) must hold
+        back neither the next WATCHDOG=1 (WatchdogSec=30s would kill a healthy llamad)
+        nor pile up calls behind itself. The supervisor cancels it on close."""
+        if self._sampling is None or self._sampling.done():
+            self._sampling = sup.spawn(sample(sup), "measuring the models' memory")
 
     async def _exit_when_idle(self, sup: Supervisor, idle_for: float) -> None:
         try:
@@ -345,7 +362,8 @@ def runner_kwargs() -> dict[str, Any]:
     return {"handler_cancellation": True} if "handler_cancellation" in params else {}
 
 
-async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier) -> None:
+async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier) -> int:
+    """Serve until asked to stop; the exit status."""
     # Big request bodies are checked on a thread (body.py): hand the GIL back to the event
     # loop within 1 ms rather than Python's default 5 ms.
     sys.setswitchinterval(body.SWITCH_INTERVAL)
@@ -362,6 +380,7 @@ async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier
     await runner.setup()
     assert runner.server is not None
     servers = []
+    slow: asyncio.TimerHandle | None = None
     try:
         for sock in sockets:
             # aiohttp's protocol, guarded per connection: the connection cap, and a
@@ -371,24 +390,35 @@ async def serve(config: Config, sockets: list[socket.socket], notifier: Notifier
         log.info("serving on %s: %s", ", ".join(str(s.getsockname()) for s in sockets), status)
         notifier.ready(status)
         await daemon.stop.wait()
+        slow = begin_stop(notifier, config.shutdown_grace)
         await fleet.drain(app, config.shutdown_grace)  # a load balancer's cue to move on
     finally:
-        stop_deadline(config.shutdown_grace + STOP_DEADLINE)
-        slow = loop.call_later(config.shutdown_grace + STOP_SLOW, stop_is_slow)
-        notifier.stopping()
+        if slow is None:  # failed before it began serving: nothing to drain
+            slow = begin_stop(notifier, 0)
         await stop_accepting(servers, runner, daemon.answered)
         # Backends keep running: the next llamad adopts them.
         with contextlib.suppress(Exception):
             await runner.cleanup()
         await asyncio.gather(*daemon.reloads, return_exceptions=True)
         slow.cancel()
+    return daemon.exit_status
+
+
+def begin_stop(notifier: Notifier, grace: float) -> asyncio.TimerHandle:
+    """From SIGTERM on: the stop may take `grace` and STOP_DEADLINE more. systemd is told
+    so, with a margin (its default stop timeout, 90 s, would SIGKILL a longer grace, and
+    before stop_deadline says where a stop hangs); the deadline and the slow-stop report
+    count from now, not from the end of the grace. Returns the report's timer."""
+    notifier.stopping(grace + STOP_DEADLINE + STOP_MARGIN)
+    stop_deadline(grace + STOP_DEADLINE)
+    return asyncio.get_running_loop().call_later(grace + STOP_SLOW, stop_is_slow)
 
 
 def stop_deadline(seconds: float) -> None:
     """A stop that has not ended after `seconds` hangs (a thread stuck in a library, a
     cleanup that never returns) and keeps the port from the next llamad: Python's own
     traceback of every thread goes to the journal and llamad exits (status 1), before
-    systemd's SIGKILL at TimeoutStopSec= (90 s) would, leaving no trace of where."""
+    systemd's SIGKILL (begin_stop's EXTEND_TIMEOUT_USEC=) would, leaving no trace of where."""
     faulthandler.dump_traceback_later(seconds, exit=True)
 
 
@@ -432,7 +462,7 @@ def load(config_path: Path | None) -> tuple[Config | None, ConfigError | None]:
     return config, None
 
 
-async def main(config_path: Path | None, listen: str | None) -> None:
+async def main(config_path: Path | None, listen: str | None) -> int:
     """Serve; with an error in llamad.conf, stand by on the same sockets until it is fixed
     (api/standby.py). Without sockets from systemd or --listen, the error is raised: no
     client waits on a socket then, and where to listen is part of what is broken."""
@@ -449,20 +479,19 @@ async def main(config_path: Path | None, listen: str | None) -> None:
         config = await standby.wait_until_fixed(sockets, error, notifier,
                                                 lambda: load(config_path))
         if config is None:
-            return  # asked to stop while standing by
+            return 0  # asked to stop while standing by
     for problem in unitpaths.config_problems(config):
         log.warning("%s", problem)  # the same warnings as check-config's, in the journal
-    await serve(config, sockets, notifier)
+    return await serve(config, sockets, notifier)
 
 
 def run(config_path: Path | None, listen: str | None) -> int:
     """`llamad serve`: returns the exit status. An error in llamad.conf is answered with
     503s (standby) where clients can reach llamad, else raised (ConfigError)."""
     try:
-        asyncio.run(main(config_path, listen))
+        return asyncio.run(main(config_path, listen))
     except OSError as e:
         die(f"cannot listen: {e}", hint="another process may hold the port")
     except UnitError as e:
         die(str(e))
-    return 0
 

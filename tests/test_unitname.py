@@ -8,7 +8,9 @@ import subprocess
 import pytest
 from pytest_subtests import SubTests
 
+from llamad.systemd.downloadunit import download_unit, remove_unit
 from llamad.systemd.unitname import (
+    INSTANCE_MAX,
     UNIT_NAME_MAX,
     instance_name,
     is_model_unit,
@@ -75,3 +77,15 @@ def test_markers_map_a_unit_back_to_its_model() -> None:
                         environment=("PATH=/usr/bin", *markers.environment()))
     assert status.ours and status.markers == markers
     assert UnitStatus("u", environment=("PATH=/usr/bin", "LLAMAD_MODEL=a")).markers is None
+
+
+def test_download_and_removal_units_fit_systemds_limit_too(subtests: SubTests) -> None:
+    """Their prefixes are longer than llama-server@'s, and they run with PrivateTmp= as well:
+    a name at the model units' limit made a download unit too long for its /tmp directory
+    ("File name too long" at every start)."""
+    for name in ["x" * INSTANCE_MAX, "x" * 300, "u/" + "r" * 250 + ":Q4_0", "a/b"]:
+        for unit in (download_unit(name), remove_unit(name)):
+            with subtests.test(unit=unit):
+                assert len(unit) <= UNIT_NAME_MAX
+                assert systemd_accepts(unit), unit
+    assert download_unit("x" * INSTANCE_MAX) != download_unit("x" * (INSTANCE_MAX - 1))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from llamad.config import Config
 from llamad.systemd import unitpaths, units
 from llamad.systemd.units import UnitSpec
 
@@ -121,3 +122,21 @@ def test_the_token_file_is_checked(tmp_path: Path) -> None:
         f"hf-token-file: {token} is readable by group or others (mode 0644); chmod 600 it."]
     token.chmod(0o600)
     assert unitpaths.token_problems(token) == []
+
+
+def test_run_is_hidden_from_model_units() -> None:
+    """Model units mount an empty, read-only /run (TemporaryFileSystem=) with only their own
+    socket directory bound back in: a model on a disk mounted under /run/media, which
+    llamad itself sees and catalogues, fails to load; the sentence must say why."""
+    box = unitpaths.sandbox(spec())
+    said = unitpaths.problem(Path("/run/media/ann/disk/m.gguf"), box, "r")
+    assert said is not None and "/run, which model units see as" in said, said
+    assert "TemporaryFileSystem=" in said
+    # llamad.service has no such /run: a preset there is read.
+    preset = Path("/run/llamad-test.ini")
+    problems = unitpaths.config_problems(Config.default(models_dirs=(), models_preset=preset,
+                                                        llama_cache=False))
+    assert not [p for p in problems if "models-preset" in p and "TemporaryFileSystem" in p]
+    # Downloads have no such /run: the code they run is judged by their own sandbox.
+    assert not unitpaths.hidden(Path("/run/x"), unitpaths.Sandbox(unitpaths.hidden_places(
+        [("PrivateTmp", b"b", True)]), None))

@@ -61,6 +61,9 @@ async def wait_until_fixed(sockets: list[socket.socket], error: ConfigError,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A reload (SIGHUP) is no stop: the file is read again within a second anyway. Left to
+    # its default, it would end llamad in a way systemd's Restart=on-failure takes as clean.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     standby = Standby(error)
     runner = web.AppRunner(standby.app(), access_log=None)
     await runner.setup()

@@ -67,5 +67,7 @@ class Notifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
-    def stopping(self) -> None:
-        self.send("STOPPING=1")
+    def stopping(self, seconds: float) -> None:
+        """STOPPING=1, and how long the stop may take: systemd's stop timeout
+        (TimeoutStopSec=, 90 s by default) is extended to at least that, from now."""
+        self.send(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad.systemd import unitpaths
-from llamad.systemd.unitname import instance_name
+from llamad.systemd.unitname import UNIT_NAME_MAX, instance_name
 from llamad.systemd.units import SANDBOX, USEC
 
 DOWNLOAD_PREFIX = "llamad-download@"
@@ -44,11 +44,18 @@ def hidden_code(props: Sequence[tuple[str, bytes, Any]],
 
 
 def download_unit(name: str) -> str:
-    return f"{DOWNLOAD_PREFIX}{instance_name(name)}{SUFFIX}"
+    return _unit(DOWNLOAD_PREFIX, name)
 
 
 def remove_unit(name: str) -> str:
-    return f"{REMOVE_PREFIX}{instance_name(name)}{SUFFIX}"
+    return _unit(REMOVE_PREFIX, name)
+
+
+def _unit(prefix: str, name: str) -> str:
+    # Their prefixes are longer than llama-server@'s, and they have PrivateTmp= too: the
+    # whole name must fit UNIT_NAME_MAX (unitname.py says why).
+    limit = UNIT_NAME_MAX - len(prefix) - len(SUFFIX)
+    return f"{prefix}{instance_name(name, limit)}{SUFFIX}"
 
 
 def argv(python: str, cache: Path, endpoint: str, name: str, remove: bool = False,

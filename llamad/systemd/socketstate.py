@@ -14,11 +14,12 @@ from pathlib import Path
 
 UNIT = "llamad.socket"
 RESTART = f"then `systemctl restart {UNIT}`"
+SYSTEMD_RUN = Path("/run/systemd/system")  # there when PID 1 is systemd
 
 
 def problems() -> list[str]:
     """Why llamad.socket does not listen, where systemd runs it and it has failed."""
-    if not Path("/run/systemd/system").is_dir():
+    if not SYSTEMD_RUN.is_dir():
         return []  # PID 1 is not systemd: nothing to ask
     try:
         out = subprocess.run(["systemctl", "show", UNIT, "-p", "ActiveState", "-p", "Result",
@@ -26,10 +27,10 @@ def problems() -> list[str]:
                              check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    props = dict(line.partition("=")[::2] for line in out.splitlines())
+    props, listen = parse_show(out)
     if props.get("ActiveState") != "failed":
         return []
-    held = [a for a in _addresses(props.get("Listen", "")) if taken(a)]
+    held = [a for a in _addresses(listen) if taken(a)]
     if held:
         return [f"{UNIT} failed: another program listens on {a} (`ss -ltnp` names it); "
                 f"stop it, or move llamad with `systemctl edit {UNIT}`, {RESTART}"
@@ -38,11 +39,29 @@ def problems() -> list[str]:
             f"`journalctl -u {UNIT}` says why; {RESTART}"]
 
 
-def _addresses(listen: str) -> list[str]:
-    """TCP addresses of `systemctl show -P Listen`: `127.0.0.1:8080 (Stream) ...`."""
-    words = listen.split()
-    return [a for a, kind in zip(words[::2], words[1::2], strict=False)
-            if kind == "(Stream)" and not a.startswith(("/", "@"))]
+def parse_show(out: str) -> tuple[dict[str, str], list[str]]:
+    """`systemctl show`'s KEY=VALUE lines: the single-valued properties, and the Listen=
+    values, which come one line per address (systemd 252), not as one line."""
+    props: dict[str, str] = {}
+    listen: list[str] = []
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key == "Listen":
+            listen.append(value)
+        else:
+            props[key] = value
+    return props, listen
+
+
+def _addresses(listen: list[str]) -> list[str]:
+    """The TCP addresses among Listen= values (`127.0.0.1:8080 (Stream)`); split at the
+    last ` (`: a UNIX socket's path may hold spaces."""
+    found = []
+    for value in listen:
+        address, _, kind = value.rpartition(" (")
+        if kind == "Stream)" and not address.startswith(("/", "@")):
+            found.append(address)
+    return found
 
 
 def taken(address: str) -> bool:

@@ -30,14 +30,15 @@ def _hash(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:HASH_LEN]
 
 
-def instance_name(model_id: str) -> str:
+def instance_name(model_id: str, limit: int = INSTANCE_MAX) -> str:
+    """`limit`: the longest instance the unit's prefix and suffix leave room for."""
     if (_PLAIN.fullmatch(model_id) and not model_id.startswith(".")
-            and len(model_id) <= INSTANCE_MAX):
+            and len(model_id) <= limit):
         return model_id
     readable = _OTHER.sub("_", model_id.replace("/", "-"))
     if readable.startswith("."):
         readable = "_" + readable[1:]
-    readable = readable[:INSTANCE_MAX - HASH_LEN - 1]
+    readable = readable[:limit - HASH_LEN - 1]
     return f"{readable}-{_hash(model_id)}" if readable else _hash(model_id)
 
 

@@ -28,6 +28,7 @@ from llamad.systemd.units import UnitSpec, transient_properties
 _PRIVATE_TMP = (("/tmp", "/var/tmp"), "an empty private directory (PrivateTmp=yes)")
 _PROTECT_HOME = (("/home", "/root", "/run/user"), "an empty directory (ProtectHome={})")
 _PRIVATE_DEVICES = (("/dev/shm",), "an empty private directory (PrivateDevices=yes)")
+_TMPFS = "an empty directory (TemporaryFileSystem=)"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ def hidden_places(properties: Sequence[tuple[str, bytes, Any]]) -> tuple[tuple[s
         hidden += [(p, _PROTECT_HOME[1].format(home)) for p in _PROTECT_HOME[0]]
     if props.get("PrivateDevices"):
         hidden += [(p, _PRIVATE_DEVICES[1]) for p in _PRIVATE_DEVICES[0]]
+    # Only the last of a repeated property counts here, as in the dict above: model units
+    # set TemporaryFileSystem= once (/run, with their socket directory bound back in).
+    for path, _options in props.get("TemporaryFileSystem", ()):
+        hidden.append((path, _TMPFS))
     for path in props.get("InaccessiblePaths", ()):
         hidden.append((path, "inaccessible (InaccessiblePaths=)"))
     return tuple(hidden)
@@ -105,7 +110,10 @@ def config_problems(config: Config) -> list[str]:
     checks += [("models-dir", d, box, "d", MOVE_MODEL) for d in config.models_dirs]
     if config.models_preset is not None:
         # Read by llamad.service as root: only what its sandbox hides matters.
-        as_root = Sandbox(box.hidden, "root", "llamad.service")
+        # llamad.service has the model units' PrivateTmp= and ProtectHome=, not their
+        # empty /run (it needs the backends' sockets there).
+        as_root = Sandbox(tuple(h for h in box.hidden if h[1] != _TMPFS), "root",
+                          "llamad.service")
         checks.append(("models-preset", config.models_preset, as_root, "r",
                        "keep it in /etc/llamad"))
     cache = cache_dir(config) if config.llama_cache else None
