@@ -98,27 +98,27 @@ async def test_an_answer_without_llamads_fields_is_one_sentence(args: tuple[str,
     assert "not llamad's" in err, err
 
 
-async def test_ps_of_a_status_without_models_is_one_sentence() -> None:
-    async def odd(request: web.Request) -> web.Response:
-        return web.json_response({"models": {"m": {"state": "ready"}}})
+async def not_llamads(command: str, path: str, answer: web.Response) -> None:
+    """`llamad COMMAND` against a server whose `path` gives `answer`: one sentence saying
+    the answer is not llamad's."""
+    async def handler(request: web.Request) -> web.Response:
+        return answer
     app = web.Application()
-    app.router.add_get("/status", odd)
+    app.router.add_get(path, handler)
     async with TestServer(app) as server:
-        code, _, err = await run("ps", "--url", str(server.make_url("")))
+        code, _, err = await run(command, "--url", str(server.make_url("")))
     one_sentence(code, err)
     assert "not llamad's" in err, err
+
+
+async def test_ps_of_a_status_without_models_is_one_sentence() -> None:
+    await not_llamads("ps", "/status", web.json_response({"models": {"m": {"state": "ready"}}}))
 
 
 async def test_logs_from_something_that_is_not_an_event_stream() -> None:
     """A web server's page at /logs/stream printed nothing and exited 0."""
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(text="<html>hello</html>", content_type="text/html")
-    app = web.Application()
-    app.router.add_get("/logs/stream", page)
-    async with TestServer(app) as server:
-        code, _, err = await run("logs", "--url", str(server.make_url("")))
-    one_sentence(code, err)
-    assert "not llamad's" in err, err
+    await not_llamads("logs", "/logs/stream",
+                      web.Response(text="<html>hello</html>", content_type="text/html"))
 
 
 @pytest.mark.parametrize("args", [("logs",), ("logs", "--json"), ("ps", "--watch", "0.01"),
