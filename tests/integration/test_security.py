@@ -91,15 +91,18 @@ async def test_long_and_odd_names_are_served_and_c1_controls_refused(
             d.log()
 
 
-async def test_control_characters_from_presets_stop_at_the_systemd_boundary(
+async def test_control_characters_from_presets_never_reach_systemd(
         llamad_factory: Factory) -> None:
     # A tab inside a preset value passes the INI parser; it must still never reach systemd.
+    # It is refused where it is read, naming the file, line and key (d0f635c); the D-Bus
+    # boundary refuses any that come another way (test_safetext.py).
     d = llamad_factory(["gemma-a"], preset="[gemma-a]\nchat-template = a\tb\n")
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, d.url, "gemma-a")
     assert status == 503, body
     message = body["error"]["message"]
-    assert "refuses to send ExecStart=" in message and "control characters" in message
+    assert "presets.ini:2 [gemma-a]: chat-template" in message, message
+    assert "control characters" in message
     assert d.model_units() == {}
 
 
