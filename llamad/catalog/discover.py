@@ -214,13 +214,14 @@ def discover_models_dir(directory: Path, scan: Scan) -> list[Found]:
         split = split_info(entry.name)
         if split is not None and split[1] != 1:
             continue  # served as part of its first shard
-        if not _top_level_name(entry.name):
+        name = _top_level_name(entry.name)
+        if not name:
             scan.problems.append(f"{entry.path} has no name left once '.gguf' is taken "
                                  "away; skipped.")
             continue
         shards = shard_set(Path(entry.path), scan)
         if shards is not None:
-            found.append(Found(_top_level_name(entry.name), shards, None, "models_dir"))
+            found.append(Found(name, shards, None, "models_dir"))
     for sub in _subdirs(directory):
         if (model := _scan_subdir(Path(sub), scan)) is not None:
             found.append(model)
