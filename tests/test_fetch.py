@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,34 @@ def test_one_file_is_fetched_once_for_two_names(cache: Path, tmp_path: Path) -> 
         assert len(slow.gets(oid)) == 1
         assert "another download is fetching it; waiting for it" in out1 + out2
         assert not list(cache.rglob("*" + hub.PARTIAL))
+
+
+def test_a_waiter_starts_afresh_after_the_other_download_fails_its_hash(
+        fake_hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The waiter held the lock of a part file the failed download had deleted: it read back
+    # the bad bytes, failed the hash in turn, and unlinked whatever part file was then at
+    # that path (a third download's).
+    fetch = fetch_module()
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    data = blob(50_000, 45)
+    fake_hub.add("org/race", {"r-Q4_K_M.gguf": data})
+    http_ = fetch.Http(fake_hub.url, None)
+    plan = fetch.make_plan(http_, hub.Name("org/race"))
+    first = fetch.Part(cache, plan, plan.files[0])
+    first.lock(fetch.Status())
+    waiter = threading.Thread(target=fetch.fetch_file,
+                              args=(http_, cache, plan, plan.files[0], fetch.Status()))
+    waiter.start()
+    rig.wait_for("the waiter to open the part file", lambda: any(
+        os.path.realpath(f"/proc/self/fd/{fd}") == str(first.path)
+        for fd in os.listdir("/proc/self/fd") if int(fd) != first.file.fileno()))
+    first.write(b"\0" * len(data))
+    with pytest.raises(hub.HubError, match="does not match"):
+        first.verify_and_place()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert first.final.read_bytes() == data
+    assert not first.path.exists()
 
 
 def test_split_model_comes_whole(fake_hub: FakeHub, cache: Path) -> None:

@@ -161,7 +161,13 @@ def test_env_concurrency_and_server_keys(tmp_path: Path) -> None:
     assert settings("").concurrency_limit is None  # llamad.conf's default then
 
 
+def test_a_quoted_env_value_keeps_its_commas_and_equals_signs() -> None:
+    s = settings('[x]\nenv = OPTS="-a, B=c", D=1, E=""\n')
+    assert s.env == ("OPTS=-a, B=c", "D=1", "E=")
+
+
 ENV_ERRORS = [
+    ('env = A="x, B=1', "opening quote"),
     ("env = CUDA_VISIBLE_DEVICES=0", "use devices = 0,1"),
     ("env = LLAMAD_MODEL=other", "mark the units"),
     ("env = LLAMA_ARG_CTX_SIZE=1", "give it as a preset key"),

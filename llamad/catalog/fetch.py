@@ -383,8 +383,12 @@ def check_size(resp: http.client.HTTPResponse, f: RemoteFile) -> None:
 
 def fetch_file(http_: Http, cache: Path, plan: Plan, f: RemoteFile, status: Status) -> None:
     part = Part(cache, plan, f)
-    try:
+    part.lock(status)
+    while not part.ours():  # the download waited for failed its hash and deleted the file
+        part.close()
+        part = Part(cache, plan, f)
         part.lock(status)
+    try:
         if part.final.exists():  # another download placed it meanwhile
             if part.ours():
                 part.path.unlink()

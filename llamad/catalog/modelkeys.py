@@ -28,8 +28,9 @@ KEYS = (CONCURRENCY, ENV, SERVER)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A comma starts a new pair only where NAME= follows: values such as HIP_VISIBLE_DEVICES=0,1
-# keep their commas.
+# keep their commas. A value in double quotes is taken as it is, for one that holds ", B=".
 _PAIRS = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_]*=)")
+_QUOTED = re.compile(r'("[^"]*")')
 # Names whose values llamad treats as secrets: masked wherever llamad shows them.
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 # Set by llamad on every unit, or llama-server's own flags by another name.
@@ -95,7 +96,8 @@ _ALLOWED = {
     "ctx-max": "a whole number of tokens >= 0 (0 = no cap)",
     "memory-need": "a size such as 6G (RAM), or ram=SIZE and/or vram=SIZE separated by commas",
     CONCURRENCY: "a whole number >= 0 (0 = no limit)",
-    ENV: "NAME=value pairs separated by commas, such as GGML_CUDA_ENABLE_UNIFIED_MEMORY=1",
+    ENV: ("NAME=value pairs separated by commas, such as GGML_CUDA_ENABLE_UNIFIED_MEMORY=1; "
+          'a value in double quotes may hold ", NAME="'),
     SERVER: "the absolute path of a llama-server binary (or one relative to the preset file)",
 }
 
@@ -132,21 +134,39 @@ def _bad(where: str, key: str, value: str, why: str = "") -> ConfigError:
 
 
 def env_pairs(value: str, where: str) -> tuple[str, ...]:
-    """`A=1, B=x,y` -> ("A=1", "B=x,y"), each checked."""
+    """`A=1, B=x,y, C="u, D=v"` -> ("A=1", "B=x,y", "C=u, D=v"), each checked."""
     out: dict[str, str] = {}
-    for pair in (p.strip() for p in _PAIRS.split(value.strip()) if p.strip()):
+    for pair in (p.strip() for p in _split_pairs(value.strip()) if p.strip()):
         name, eq, val = pair.partition("=")
-        name = name.strip()
+        name, val = name.strip(), val.strip()
         if not eq or not _NAME.fullmatch(name):
             raise _bad(where, ENV, pair, " (not NAME=value)")
+        if val.startswith('"'):
+            if len(val) < 2 or not val.endswith('"') or '"' in val[1:-1]:
+                raise _bad(where, ENV, pair, " (an opening quote without its closing one "
+                           "at the end of the value)")
+            val = val[1:-1]
         if (why := unsafe(val)) is not None:
             raise ConfigError(f"{where}: env {name}: the value {why}; systemd's Environment= "
                               "takes one line of text.")
         refused = _refused(name)
         if refused:
             raise ConfigError(f"{where}: env {name} cannot be set here: {refused}.")
-        out[name] = val.strip()
+        out[name] = val
     return tuple(f"{k}={v}" for k, v in out.items())
+
+
+def _split_pairs(value: str) -> list[str]:
+    """Pairs split at `, NAME=` outside double quotes."""
+    pairs = [""]
+    for k, chunk in enumerate(_QUOTED.split(value)):
+        if k % 2:  # a quoted run: never split
+            pairs[-1] += chunk
+            continue
+        first, *rest = _PAIRS.split(chunk)
+        pairs[-1] += first
+        pairs.extend(rest)
+    return pairs
 
 
 def _refused(name: str) -> str:
