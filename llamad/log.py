@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -11,6 +12,17 @@ from llamad import redact
 from llamad.safetext import CONTROL, one_line
 
 log = logging.getLogger("llamad")
+# Printable to the journal, yet a terminal reorders the rest of the line after a bidi
+# override or isolate (Trojan Source), and Unicode-aware readers break lines at U+2028/9.
+# The catalog takes model names holding them: they have no control character.
+INVISIBLE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def readable(text: str) -> str:
+    """`text` as one log line that shows what it holds: control characters, bidi
+    formatting and line separators escaped."""
+    text = one_line(text) if CONTROL.search(text) else text
+    return INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -27,7 +39,7 @@ def _clean(record: logging.LogRecord) -> bool:
     """A message is one journal entry: a newline in a model name must not forge a second
     one (tracebacks, added after the message, keep theirs); and no secret shows."""
     message = record.getMessage()
-    shown = redact.text(one_line(message) if CONTROL.search(message) else message)
+    shown = redact.text(readable(message))
     if shown != message:
         record.msg, record.args = shown, None
     return True

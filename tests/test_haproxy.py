@@ -68,6 +68,17 @@ def test_the_command_prints_it_and_refuses_bad_input_in_a_sentence(tmp_path: Pat
         haproxy.config([], "127.0.0.1:9000")
 
 
+def test_one_host_written_two_ways_is_one_host() -> None:
+    """`10.0.0.2:8080` and `10.0.0.2:08080` (or `LLM-2` and `llm-2`) are one llamad:
+    HAProxy took both as servers, so that host got twice its share of the models."""
+    for twice in (["127.0.0.2:8080", "127.0.0.2:08080"], ["LLM-2:8080", "llm-2:8080"]):
+        with pytest.raises(ConfigError, match="given twice"):
+            haproxy.config(twice, "127.0.0.1:9000")
+    hosts = [haproxy.host("LLM-2:08080")]
+    assert haproxy.placements(["m=llm-2:8080"], hosts) == {"m": "llm-2:8080"}
+    assert "    server llm-2:8080 llm-2:8080" in haproxy.config(hosts, "127.0.0.1:9000")
+
+
 async def host_app(name: str) -> web.AppRunner:
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -30,12 +30,14 @@ CHECK_EVERY = "1s"
 
 
 def host(text: str) -> str:
-    """'HOST:PORT' checked, as HAProxy takes it; anything else raises one sentence."""
+    """'HOST:PORT' checked, as HAProxy takes it; anything else raises one sentence. One
+    spelling per host (names and hex digits in lower case, the port without leading
+    zeros), so that the same host given twice is seen to be."""
     m = _HOST.fullmatch(text.strip())
     if m is None or not 0 < int(m.group(2)) < 65536:
         raise ConfigError(f"{text!r} is not a llamad host; give HOST:PORT such as "
                           "10.0.0.2:8080 or [fd00::2]:8080")
-    return text.strip()
+    return f"{m.group(1).lower()}:{int(m.group(2))}"
 
 
 def _name(address: str) -> str:

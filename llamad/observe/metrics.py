@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from llamad.catalog import argv as args
 from llamad.http import keys
 from llamad.http.context import app_key
 from llamad.http.record import Record
@@ -43,9 +44,10 @@ from llamad.supervisor.supervisor import Supervisor
 
 MODEL_TIMEOUT = 2.0  # seconds for one model's /metrics
 MODEL_BYTES = 4 << 20  # bytes of one model's /metrics (llama-server's are ~3 KiB)
-OWN = "llamad_"  # llamad's own families; a backend's by that name are dropped
+BACKEND = "llamacpp:"  # the only families passed through from a model's /metrics
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_WRITTEN = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", re.M)  # sample names as written
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 EVICTIONS = frozenset({Cause.EVICT_COUNT, Cause.EVICT_MEMORY, Cause.TTL, Cause.KEEP_ALIVE,
                        Cause.UNLOAD, Cause.REMOVED})
@@ -119,9 +121,11 @@ class Metrics:
     async def render(self) -> bytes:
         """The whole exposition: llamad's series, then the ready models'."""
         models = await model_metrics(self.sup.loaded_models() if self.sup else [])
-        extra = CollectorRegistry()
-        extra.register(_Fixed(list(models.values())))
-        return generate_latest(self.registry) + generate_latest(extra)
+        # Read on the loop, which owns the supervisor's state; written on a thread: with a
+        # thousand models the text is ~0.2 s of pure Python that requests would wait for.
+        fixed = CollectorRegistry()
+        fixed.register(_Fixed([*self.registry.collect(), *models.values()]))
+        return await asyncio.to_thread(generate_latest, fixed)
 
 
 class _WithoutCreated(Collector):
@@ -236,38 +240,70 @@ def _machine(sup: Supervisor, connections: int) -> Iterator[Metric]:
 
 async def model_metrics(slots: list[SlotView]) -> dict[str, Metric]:
     """llamacpp:* families of every ready model, each sample labelled with its model."""
-    # A sleeping llama-server answers /metrics from its cache without waking.
+    # A sleeping llama-server answers /metrics from its cache without waking. One started
+    # without --metrics (`metrics = false`) answers 501: not asked, and not down.
     ready = [s for s in slots if s.state in (State.READY, State.SLEEPING)
-             and s.backend is not None]
+             and s.backend is not None and _serves_metrics(s)]
     texts = await asyncio.gather(*(_fetch(s) for s in ready))
     # Parsing is pure Python: on a thread, so a big answer does not hold the event loop
     # in one piece (its size is bounded by MODEL_BYTES).
-    parsed = await asyncio.to_thread(lambda: [_parse(t) if t is not None else None
-                                              for t in texts])
+    families = await asyncio.to_thread(
+        passthrough, [(s.model.id, t) for s, t in zip(ready, texts, strict=True)])
+    return {f.name: f for f in families}
+
+
+def _serves_metrics(slot: SlotView) -> bool:
+    """Whether the model's llama-server was given --metrics (unitspec.build)."""
+    settings = slot.model.settings
+    return settings.metrics or args.has(settings.args, "--metrics")
+
+
+def passthrough(texts: list[tuple[str, str | None]]) -> list[Metric]:
+    """The families of each model's /metrics text (None: it did not answer), each sample
+    labelled with its model, and whether each answered (llamad_model_metrics_up)."""
     merged: dict[str, Metric] = {}
     up = _gauge("llamad_model_metrics_up", "1 if the model's own /metrics answered in time",
                 ("model",))
-    for slot, families in zip(ready, parsed, strict=True):
-        up.add_metric([slot.model.id], float(families is not None))
+    for model, text in texts:
+        families = _parse(text) if text is not None else None
+        up.add_metric([model], float(families is not None))
         for family in families or ():
             into = merged.setdefault(family.name, Metric(family.name, family.documentation,
                                                          family.type))
             for s in family.samples:
-                into.add_sample(s.name, {**s.labels, "model": slot.model.id}, s.value)
+                into.add_sample(s.name, {**s.labels, "model": model}, s.value)
     merged[up.name] = up
-    return merged
+    return list(merged.values())
 
 
 def _parse(text: str) -> list[Metric]:
-    """A backend's families, less any that would pass for llamad's own (llamad_*) or
-    whose names or labels the exposition format does not allow."""
+    """A backend's llamacpp:* families whose names and labels the exposition format
+    allows, named as the backend wrote them. Only llama-server's own prefix: any other
+    family (process_*, llamad_*) could be one llamad writes, and a second TYPE line for a
+    name makes strict parsers (promtool, Prometheus' expfmt) refuse the whole page."""
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError:  # not Prometheus text: leave that model out
         return []
-    return [f for f in families if _NAME.fullmatch(f.name) and not f.name.startswith(OWN)
+    written = set(_WRITTEN.findall(text))
+    return [_as_written(f, written) for f in families
+            if f.name.startswith(BACKEND) and _NAME.fullmatch(f.name)
             and all(_NAME.fullmatch(s.name) and all(
                 _LABEL.fullmatch(k) and k != "model" for k in s.labels) for s in f.samples)]
+
+
+def _as_written(family: Metric, written: set[str]) -> Metric:
+    """prometheus_client's parser names a counter's samples *_total where the text did
+    not (llama-server's `llamacpp:n_tokens_max`), and its writer announces the family as
+    such: that family keeps the backend's name, untyped, as dashboards on llama-server
+    query it."""
+    if family.type != "counter" or all(s.name in written for s in family.samples):
+        return family
+    out = Metric(family.name, family.documentation, "unknown")
+    for s in family.samples:
+        name = s.name if s.name in written else s.name.removesuffix("_total")
+        out.add_sample(name, s.labels, s.value)
+    return out
 
 
 async def _fetch(slot: SlotView) -> str | None:

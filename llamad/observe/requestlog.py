@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from llamad.http.record import Record
+from llamad.log import readable
 from llamad.safetext import one_line
 from llamad.supervisor.events import Cause, Change, State
 
@@ -56,7 +57,9 @@ def fields(rec: Record) -> dict[str, str]:
         out["CODE"] = clean(rec.code)
     tokens = (f", {rec.prompt_tokens or 0}+{rec.completion_tokens or 0} tokens"
               if rec.prompt_tokens is not None or rec.completion_tokens is not None else "")
-    out["MESSAGE"] = (f"{out['MODEL']} {out['METHOD']} {out['PATH']} {rec.status}"
+    # What journalctl prints: bidi formatting escaped too. MODEL= keeps the name, so that
+    # `journalctl MODEL=<name>` finds it.
+    out["MESSAGE"] = (f"{readable(rec.model)} {out['METHOD']} {readable(out['PATH'])} {rec.status}"
                       f"{' ' + out['CODE'] if rec.code else ''} in "
                       f"{numbers['DURATION_MS']} ms{tokens}")
     return out
