@@ -264,7 +264,7 @@ async def test_the_exposition_is_written_off_the_event_loop(
     m = Metrics(lambda: 0)
     m.watch(sup)
     written_on: list[threading.Thread] = []
-    real = metrics_module.generate_latest
+    real = generate_latest
 
     def generate(registry: Any) -> bytes:
         written_on.append(threading.current_thread())
