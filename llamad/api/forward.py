@@ -41,6 +41,10 @@ HOP_BY_HOP = frozenset((
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
     # llamad's own say on how browsers treat its answers (browsers.py), never a backend's.
     "content-security-policy", "x-content-type-options", "x-frame-options",
+    # A browser sends a host's cookies to every port of it (another local web app's login
+    # token), and keeps one set by any port for all: none passes between a browser and a
+    # model's unit, which llama-server never reads or sets anyway.
+    "cookie", "set-cookie", "set-cookie2",
 ))
 FAILURES = (TimeoutError, aiohttp.ClientError, OSError)
 SMALL = 1 << 20  # bytes of a plain answer that ends a stream which has begun

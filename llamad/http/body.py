@@ -33,6 +33,10 @@ WANTED = ("model", "keep_alive", "stream")
 MAX_DEPTH = 512
 WANTED_MAX = 65536  # bytes of a wanted value's JSON text
 STEP_SECONDS = 0.002  # work on the event loop before a body goes to the scanning thread
+# Work on the scanning thread for one body before the bodies queued behind it get theirs:
+# a body built to be slow to check (25 MiB of [[0]] items took 28 s) must not hold up
+# every other big body meanwhile.
+SLICE_SECONDS = 0.05
 INLINE = 65536  # bodies up to this size are checked on the loop at once
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval for llamad serve
 UTF8_STEP = 1 << 20
@@ -159,12 +163,14 @@ async def read_json(request: web.Request, *also: str) -> tuple[bytearray, Fields
     scan = Scanner(body, wanted)
     if scan.step(math.inf if len(body) <= INLINE else time.monotonic() + STEP_SECONDS):
         return body, Fields(scan.fields, scan.wanted)
-    # A big body is checked on llamad's one scanning thread. Its steps are short Python
-    # and regular-expression calls, so the GIL changes hands every few milliseconds and
-    # the event loop, asleep in its poll most of the time, answers at once when woken.
+    # A big body is checked on llamad's one scanning thread, a slice at a time, taking turns
+    # with the others. Its steps are short Python and regular-expression calls, so the GIL
+    # changes hands every few milliseconds and the event loop, asleep in its poll most of
+    # the time, answers at once when woken.
     try:
-        await asyncio.get_running_loop().run_in_executor(limits.of(request).scanner,
-                                                         scan.step, math.inf)
+        while not await asyncio.get_running_loop().run_in_executor(
+                limits.of(request).scanner, scan.slice, SLICE_SECONDS):
+            pass
     except asyncio.CancelledError:
         scan.abandoned = True  # the client left: stop checking its body
         raise
@@ -219,6 +225,11 @@ _ITEM = (rb"(?>" + _SCALAR + rb"|\[" + _WS + rb"(?:" + _SCALAR + rb"(?:" + _SEP 
 _ARRAY_RUN = re.compile(rb"(?:" + _WS + _ITEM + _SEP + rb"){1,64}")
 _PAIR_RUN = re.compile(rb"(?:" + _WS + _SHORT_STRING + _WS + rb":" + _WS + _ITEM + _SEP +
                        rb"){1,64}")
+# The same at the top, for keys without escapes: a run is skipped only if no wanted key's
+# text is in it (a value that spells one sends the run through the general steps). 28 MiB
+# of top-level keys took 15 s of the one scanning thread, which every big body waits for.
+_TOP_PAIR_RUN = re.compile(rb"(?:" + _WS + rb'"[^"\\\x00-\x1f]{0,64}"' + _WS + rb":" + _WS +
+                           _ITEM + _SEP + rb"){1,64}")
 _SPACE = re.compile(_WS)
 OPEN = {ord("{"): ord("}"), ord("["): ord("]")}
 
@@ -247,6 +258,7 @@ class Scanner:
         # The longest JSON text a wanted key can have: each character may be written as
         # an escape, 12 bytes for one outside the BMP (llama-server decodes them all).
         self.key_max = 2 + 12 * max(map(len, wanted), default=0)
+        self.quoted = [json.dumps(key).encode() for key in wanted]
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
         self.checked = 0  # bytes known to be UTF-8
         self.done = False
@@ -255,6 +267,10 @@ class Scanner:
     def fail(self, what: str) -> BadRequest:
         return BadRequest(f"the request body is not valid JSON: {what} at byte {self.pos}",
                           code="invalid_json")
+
+    def slice(self, seconds: float) -> bool:
+        """step() for `seconds` from now."""
+        return self.step(time.monotonic() + seconds)
 
     def step(self, deadline: float) -> bool:
         """Work until done (True) or past the deadline (False); raises BadRequest."""
@@ -316,11 +332,18 @@ class Scanner:
             raise self.fail("a value was expected")
 
     def _runs(self) -> None:
-        """Skip small scalars in bulk where they are all an array or object holds."""
-        run = _ARRAY_RUN if self.stack[-1] == ord("[") else _PAIR_RUN
-        if len(self.stack) > 1 and (m := run.match(self.buf, self.pos)):
-            self.pos = m.end()
-            self.fresh = False
+        """Skip small scalars in bulk where they are all an array or object holds, and
+        top-level pairs of them that hold no wanted key."""
+        if len(self.stack) == 1:
+            m = _TOP_PAIR_RUN.match(self.buf, self.pos)
+            if m is None or any(self.buf.find(q, m.start(), m.end()) >= 0 for q in self.quoted):
+                return
+        else:
+            run = _ARRAY_RUN if self.stack[-1] == ord("[") else _PAIR_RUN
+            if not (m := run.match(self.buf, self.pos)):
+                return
+        self.pos = m.end()
+        self.fresh = False
 
     def _open_string(self, role: str) -> None:
         self.role, self.expect = role, "string"

@@ -17,7 +17,11 @@
   has bytes waiting for it is cut off, so neither a stream nor a request is held for ever
   by a client that stopped reading (Guard sees the transport's buffer fill and drain).
 - Bytes: each body is at most `max-body-mb` (413), and all bodies held at once at most
-  `max-bodies-mb`: a request that would pass it gets 503 before its body is read.
+  `max-bodies-mb`: a request that would pass it gets 503 before its body is read. A
+  compressed body (Content-Encoding) gets 415 unread, as from llama-server, and its
+  connection is closed: aiohttp inflates a body as it reads it, and reads what is left of
+  one after the answer, so 4 MiB of gzip from a client without a key cost 4 GiB inflated
+  and seconds of the event loop.
 
 aiohttp has no header timeout (not in 3.8, Debian 12's, nor later): `Guard` wraps its
 protocol object per connection and only sees bytes and the middleware, so it works with
@@ -98,6 +102,11 @@ class Limits:
         if guard is not None:
             guard.handling()
         try:
+            if (coding := compressed(request)) is not None:
+                if guard is not None:  # else aiohttp reads and inflates the rest itself
+                    guard.discard()
+                    request.content.feed_eof()
+                raise not_decoded(coding)
             resp: web.StreamResponse = await handler(request)
             return resp
         finally:
@@ -197,6 +206,7 @@ class Guard(asyncio.Protocol):
         self.refused = False
         self.send_timer: asyncio.TimerHandle | None = None
         self.unsent = 0  # bytes the transport held when its buffer was last looked at
+        self.discarding = False  # the request's body is refused: no more of it is read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -215,7 +225,7 @@ class Guard(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self.refused or self.phase == "closing":
+        if self.refused or self.phase == "closing" or self.discarding:
             return  # read and dropped, so the answer already sent is not lost to a reset
         if self.phase == "idle":
             self.phase = "receiving"
@@ -274,9 +284,23 @@ class Guard(asyncio.Protocol):
         self.phase = "handling"
         self._disarm()
 
+    def discard(self) -> None:
+        """The request is refused with its body unread: aiohttp is given no more of it
+        (it would read it, inflated, after the answer: the caller also ends the body
+        where it is), and the connection ends LINGER seconds after the answer."""
+        self.discarding = True
+
     def answered(self) -> None:
+        transport = self.transport
+        if self.discarding:
+            # Not closed at once: unread bytes would reset the connection, losing the answer.
+            self.phase = "closing"
+            self._disarm()
+            if transport is not None:
+                self.timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+            return
         self.phase = "idle"
-        if self.transport is not None and not self.transport.is_closing():
+        if transport is not None and not transport.is_closing():
             self._arm()
 
     def _arm(self) -> None:
@@ -318,6 +342,29 @@ def canned(status: int, reason: str, err: LlamadError) -> bytes:
 def too_slow(timeout: float) -> LlamadError:
     err = LlamadError(f"the request did not arrive within receive-timeout ({timeout:g}s)",
                       status=408, code="request_timeout")
+    err.type = "invalid_request_error"
+    return err
+
+
+IDENTITY = ("", "identity")
+NOT_DECODED = "unsupported_content_encoding"
+
+
+def compressed(request: web.Request) -> str | None:
+    """The request's Content-Encoding, unless it is none (or identity)."""
+    if "Content-Encoding" not in request.headers:
+        return None
+    codings = [c.strip().lower() for header in request.headers.getall("Content-Encoding", [])
+               for c in header.split(",")]
+    return ", ".join(c for c in codings if c not in IDENTITY) or None
+
+
+def not_decoded(coding: str) -> LlamadError:
+    err = LlamadError(f"llamad reads request bodies as they are, not compressed "
+                      f"(Content-Encoding: {coding}); send it uncompressed, as llama-server "
+                      "and Ollama take it", status=415, code=NOT_DECODED,
+                      # Guard.discard ends the connection; a client must not send more on it.
+                      headers={"Connection": "close"})
     err.type = "invalid_request_error"
     return err
 
