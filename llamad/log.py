@@ -33,6 +33,23 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_clean)
+    logging.getLogger("aiohttp.server").addFilter(client_faults)
+
+
+def client_faults(record: logging.LogRecord) -> bool:
+    """A request aiohttp could not parse is the client's fault: one line, not an error
+    with a traceback, each of whose lines would be a journal entry (any client could then
+    push llamad's own lines past journald's rate limit)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None:
+        return True
+    from aiohttp.http_exceptions import HttpProcessingError  # loaded: aiohttp logged this
+    if isinstance(exc, HttpProcessingError):
+        first = (str(exc.message).splitlines() or [""])[0].rstrip(":")
+        record.msg, record.args = f"refused a malformed HTTP request: {first}", None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _clean(record: logging.LogRecord) -> bool:

@@ -3,15 +3,18 @@ exposition every Prometheus parser takes, log lines a terminal cannot reorder.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
 
+import pytest
+from aiohttp import web
 from helpers.supervised import serving
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llamad.http.record import Record
-from llamad.log import _clean
+from llamad.log import _clean, client_faults, setup_logging
 from llamad.observe import metrics, requestlog
 from llamad.observe.metrics import Metrics
 
@@ -122,3 +125,37 @@ async def test_a_model_without_metrics_is_not_reported_down(tmp_path: Path) -> N
         families = await metrics.model_metrics(rig.sup.loaded_models())
     up = {s.labels["model"]: s.value for s in families["llamad_model_metrics_up"].samples}
     assert up == {"on": 0.0}  # the fake llama-server here has no /metrics
+
+
+BAD_REQUESTS = (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+
+
+async def test_a_malformed_request_is_one_log_line_without_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logged each at ERROR with a traceback: under systemd every line of it is a
+    journal entry, so any client could push llamad's own lines past journald's rate limit."""
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    setup_logging()
+    try:
+        for raw in BAD_REQUESTS:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            assert (await asyncio.wait_for(reader.read(12), 10)).endswith(b" 400")
+            writer.close()
+    finally:
+        logging.getLogger("aiohttp.server").removeFilter(client_faults)
+        await runner.cleanup()
+    got = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(got) == len(BAD_REQUESTS), got
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in got)
+    assert got[0].getMessage() == "refused a malformed HTTP request: Duplicate Content-Length"
