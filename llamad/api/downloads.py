@@ -141,6 +141,24 @@ async def handle_pull(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def file_line(path: str, f: dict[str, Any]) -> dict[str, Any]:
+    """One file's progress line. Its digest names the hash the download checks it by: an
+    LFS file's SHA-256, as Ollama's blobs, or a file kept in git by its git SHA-1, never
+    labelled sha256. Without an id, no digest: Ollama's CLI labels a bar digest[7:19]."""
+    oid = str(f.get("oid") or "")
+    out = {"status": f"pulling {oid[:12] or path}", "total": f["total"], "completed": f["done"]}
+    if oid:
+        out["digest"] = hub.RemoteFile(path, f["total"], oid).digest
+    return out
+
+
+def verifying(d: Download) -> str:
+    """Ollama's "verifying sha256 digest", with the hashes the files were checked by."""
+    kinds = sorted({hub.RemoteFile(p, 0, str(f["oid"])).digest.partition(":")[0]
+                    for p, f in d.files.items() if f.get("oid")} or {"sha256"}, reverse=True)
+    return f"verifying {' and '.join(kinds)} digest{'s' if len(kinds) > 1 else ''}"
+
+
 async def stream_progress(resp: web.StreamResponse, d: Download) -> None:
     sent: dict[str, tuple[int, float]] = {}  # path -> (bytes told, when)
     while True:
@@ -148,9 +166,7 @@ async def stream_progress(resp: web.StreamResponse, d: Download) -> None:
             told, when = sent.get(path, (-1, 0.0))
             now = time.monotonic()
             if f["done"] != told and (now - when >= LINE_EVERY or f["done"] == f["total"]):
-                oid = str(f.get("oid") or "")
-                await line(resp, {"status": f"pulling {oid[:12]}", "digest": f"sha256:{oid}",
-                                  "total": f["total"], "completed": f["done"]})
+                await line(resp, file_line(path, f))
                 sent[path] = (f["done"], now)
         if d.ended:
             break
@@ -159,7 +175,7 @@ async def stream_progress(resp: web.StreamResponse, d: Download) -> None:
     if d.state == "failed":
         await line(resp, {"error": d.error})
         return
-    for status in ("verifying sha256 digest", "writing manifest", "success"):
+    for status in (verifying(d), "writing manifest", "success"):
         await line(resp, {"status": status})
 
 

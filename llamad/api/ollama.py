@@ -115,9 +115,10 @@ async def handle_show(request: web.Request) -> web.Response:
         header = dict(await asyncio.to_thread(models.header, slot.model.path))
     except (OSError, GGUFError) as e:
         raise LlamadError(f"the file of model {slot.model.id} cannot be read: {e}") from e
+    own = await asyncio.to_thread(models.own_template, slot.model.settings.args)
     sup = supervisor(request)
     n_ctx = listing.n_ctx(slot.model, sup.measure.run_args(slot.model))
-    return web.json_response(models.show(slot.model, header, n_ctx))
+    return web.json_response(models.show(slot.model, header, n_ctx, own))
 
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
