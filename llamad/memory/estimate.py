@@ -9,14 +9,12 @@ a CUDA process. Learned figures (learned.py) replace it after a real load.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamad.catalog import rpcargs
-from llamad.catalog.gguf_info import EXPERTS, Projector, TensorBytes
-from llamad.memory import feedforward, layers, pipeline, projector
+from llamad.catalog.gguf_info import Projector, TensorBytes
+from llamad.memory import feedforward, layers, overrides, pipeline, placement, projector
 from llamad.memory.layers import ModelInfo
 from llamad.memory.learned import Learned
 from llamad.memory.serverargs import ServerArgs, parse_args
@@ -111,23 +109,27 @@ class _Plan:
 
 
 def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int = CUDA_FIXED,
-             n_gpus: int = 1, draft: ModelInfo | None = None) -> Estimate:
+             n_gpus: int = 1, draft: ModelInfo | None = None, adapters: int = 0) -> Estimate:
     """Estimated RAM and VRAM of llama-server running this model with these arguments.
 
     `gpu`: the machine has a GPU to offload to (and llama-server is a CUDA build);
     `cuda_fixed`: a CUDA process's fixed cost on each GPU; `n_gpus`: GPUs the model spreads
     over; `draft`: the draft model's metadata, when the arguments load one (--model-draft).
-    The projector (--mmproj) comes from `info.projector`. Unknown metadata makes the estimate
-    cruder, never smaller than the weights.
+    `adapters`: bytes of the LoRA adapters they load (overrides.adapter_bytes), placed as
+    their layers are. The projector (--mmproj) comes from `info.projector`. Unknown metadata
+    makes the estimate cruder, never smaller than the weights.
     """
     s = parse_args(args)
+    info = overrides.header(info, s)
     plan = _Plan.of(info.block_count or 0, s.gpu_layers, gpu)
     main = _parts(info, s, plan, n_gpus)
-    extras = [_projector(getattr(info, "projector", None), s, plan)]
+    lora = adapters * (plan.n_layer - plan.i_start) // plan.n_layer if plan.n_layer else 0
+    extras = [_projector(getattr(info, "projector", None), s, plan),
+              Estimate(Memory(adapters - lora, lora), Memory(), Memory(), Memory(), 0)]
     if s.draft and draft is not None:
         ds = dataclasses.replace(
             s, gpu_layers=s.draft_gpu_layers, cache_type_k=s.draft_cache_type_k,
-            cache_type_v=s.draft_cache_type_v, n_cpu_moe=s.draft_n_cpu_moe,
+            cache_type_v=s.draft_cache_type_v, n_cpu_moe=s.draft_n_cpu_moe, n_cpu_ffn=0,
             overrides=s.draft_overrides)
         extras.append(_parts(draft, ds, _Plan.of(draft.block_count or 0, ds.gpu_layers, gpu),
                              n_gpus))
@@ -143,7 +145,7 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
 
 def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan, devices: int = 1) -> Estimate:
     """One model's weights, KV cache and compute buffers (no process overhead)."""
-    moved = _moved(info, s, plan)
+    moved = placement.moved(info, s, plan.i_start, plan.n_layer) if plan.any else 0
     weights, mapped, locked = _weights(info, s, plan, moved)
     ctx, kv = _kv(info, s, plan)
     compute = _compute(info, s, plan, moved > 0, devices)
@@ -169,34 +171,6 @@ def _projector(proj: Projector | None, s: ServerArgs, plan: _Plan) -> Estimate:
                     mapped=proj.size)
 
 
-@functools.lru_cache(maxsize=256)
-def _pattern(text: str) -> re.Pattern[str] | None:
-    try:
-        return re.compile(text)
-    except re.error:
-        return None  # llama-server itself refuses it at start; the unit's log says so
-
-
-def _moved(info: ModelInfo, s: ServerArgs, plan: _Plan) -> int:
-    """Bytes of the GPU's layers that tensor overrides keep on the host: the expert weights
-    of the first --n-cpu-moe layers, and tensors an -ot pattern sends to a CPU buffer
-    (matched against `blk.N.<name>`, with that tensor's average size per layer)."""
-    table: TensorBytes | None = getattr(info, "tensors", None)
-    if table is None or not plan.any or not (s.n_cpu_moe or s.overrides):
-        return 0
-    cpu = [p for text, buft in s.overrides if buft.upper().startswith("CPU")
-           and (p := _pattern(text)) is not None]
-    moved = 0
-    for il in range(plan.i_start, plan.n_layer - layers.nextn_layers(info, s.mtp)):
-        has_experts = il < len(table.experts) and table.experts[il] > 0
-        experts_out = il < s.n_cpu_moe and has_experts
-        moved += table.experts[il] if experts_out else 0
-        for kind, total, count in table.kinds:
-            if EXPERTS.search(kind) and (experts_out or not has_experts):
-                continue
-            if any(p.search(f"blk.{il}.{kind}") for p in cpu):
-                moved += total // max(1, count)
-    return moved
 def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
     """The memory of a model spread over llama.cpp RPC workers (`--rpc`) by a llama-server
     that uses no local GPU: the workers take the GPU's part of the plan (the layers -ngl
@@ -383,7 +357,9 @@ def _vocab(info: ModelInfo) -> int:
 def _graph(info: ModelInfo, s: ServerArgs) -> int:
     """Bytes of one compute buffer: the attention masks (one per kind of layer; f16 with
     flash attention, else f32) plus the larger working set, the feed-forward stage's or,
-    without flash attention, the attention scores'. A quantised K cache adds a copy of Q."""
+    without flash attention, the attention scores', or the logits with the micro-batch's
+    last activations (and scores) beside them (many slots: Gemma at -np 32 -ub 1024, 45.6
+    MiB against the logits' 32). A quantised K cache adds a copy of Q."""
     n_embd = info.embedding_length or 4096
     k_len = info.key_length or n_embd // (info.head_count or 32)
     # The most heads of any layer (a header may give them per layer): its scores are largest.
@@ -393,16 +369,17 @@ def _graph(info: ModelInfo, s: ServerArgs) -> int:
     ff, outputs = feedforward.width(info, n_embd, GRAPH_FF)
     work = ub * (GRAPH_FF * ff + GRAPH_EMBD * n_embd + outputs + GRAPH_FIXED) * 4
     masks = _masks(info, s)
+    beside = ub * (GRAPH_EMBD * n_embd + GRAPH_FIXED) * 4
     if s.flash_attn == "off":
-        scores = ub * cells.full * heads * 4 + ub * (
-            GRAPH_EMBD * n_embd + 3 * heads * k_len + GRAPH_FIXED) * 4
-        work = max(work, scores)
+        beside += ub * cells.full * heads * 4
+        work = max(work, beside + ub * 3 * heads * k_len * 4)
     if _type_bytes(s.cache_type_k) < 2:
         masks += ub * heads * k_len * 2
     if s.embedding:
         head = ub * _vocab(info) * 4 if info.architecture not in ENCODERS else 0
         return masks + work + head
-    return masks + max(work, _logits(info, s))
+    rows = (s.parallel or 4) * n_embd * 4  # the output layer's input, a row per slot
+    return masks + max(work, _logits(info, s) + rows + beside)
 
 
 def _masks(info: ModelInfo, s: ServerArgs) -> int:
@@ -441,7 +418,8 @@ def prompt_cache_mib(info: ModelInfo, args: Sequence[str]) -> int:
     cache, so that the prompt cache holds about one more context (llama.cpp's own floor is
     the context's tokens; its 8 GiB default lets it grow far past that, unplanned), at most
     llama.cpp's default. 0 where the header cannot size the KV cache: llama-server's default."""
-    kv = _kv(info, parse_args(args), _Plan.of(info.block_count or 0, 0, False))[1]
+    s = parse_args(args)
+    kv = _kv(overrides.header(info, s), s, _Plan.of(info.block_count or 0, 0, False))[1]
     size = kv.ram + kv.vram
     return min(CACHE_RAM_MIB, -(-size // MIB)) if size else 0
 
@@ -453,6 +431,7 @@ def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
     LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY). A bound llama-server keeps itself, as the prompt
     cache's: not planned for, added to MemoryMax (memory_limit)."""
     s = parse_args(args)
+    info = overrides.header(info, s)
     n_layer, n_seq = info.block_count or 0, s.parallel or 4
     per_seq = len(layers.recurrent_layers(info, n_layer, s.mtp)) * layers.state_bytes(info)
     window = layers.window(info)
@@ -466,22 +445,24 @@ def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
 
 
 def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
-         cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None) -> Memory:
+         cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None,
+         adapters: int = 0) -> Memory:
     """What the scheduler should plan for: the learned figures, the estimate where none."""
     return needs(info, args, learned, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus,
-                 draft=draft)[0]
+                 draft=draft, adapters=adapters)[0]
 
 
 def needs(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
-          cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1,
-          draft: ModelInfo | None = None) -> tuple[Memory, Memory]:
+          cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None,
+          adapters: int = 0) -> tuple[Memory, Memory]:
     """(need, floor): what to plan for, and the part of it a load cannot do without.
 
     The floor leaves out the file pages (the weights mapped or read, the CUDA libraries):
     clean page cache the kernel drops and reads again, so llama-server loads a model larger
     than the RAM free (it copies the GPU's tensors out of the mapping and unmaps them; on
     the CPU it reads pages again as it needs them). Locked pages (-lm mmap+mlock) stay."""
-    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus, draft=draft)
+    est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus, draft=draft,
+                   adapters=adapters)
     total = est.total
     if learned is None or not learned.ram:
         found = total

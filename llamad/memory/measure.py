@@ -15,7 +15,7 @@ from llamad.catalog import rpcargs as rpc
 from llamad.catalog.catalog import Model
 from llamad.config import Config
 from llamad.memory import estimate as memory
-from llamad.memory import fit, gpu, learned
+from llamad.memory import fit, gpu, learned, overrides
 from llamad.memory.types import GpuFree, Memory, Resources
 from llamad.sizes import MIB
 
@@ -30,7 +30,8 @@ PLAUSIBLE_CUDA_FIXED = (64 * MIB, 4096 * MIB)
 MAX_PRICES = 20_000  # needs kept for fitting candidates before the cache starts afresh
 # With any of these the preset leaves fitting to llama-server, or places layers itself.
 FIT_FLAGS = ("--fit", "--fit-target", "--fit-ctx")
-PLACING = ("--n-gpu-layers", "--override-tensor", "--n-cpu-moe", "--cpu-moe", "--tensor-split")
+PLACING = ("--n-gpu-layers", "--override-tensor", "--n-cpu-moe", "--cpu-moe", "--n-cpu-ffn",
+           "--tensor-split")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class Measure:
     def _need(self, model: Model, args: tuple[str, ...]) -> Memory:
         # Whatever the need is computed from: a file replaced under the same arguments,
         # or a preset's new memory-need, must not meet an old figure.
-        key = (model.id, args, model.info, model.draft, model.settings.memory_need)
+        key = (model.id, args, model.info, model.draft, model.settings.memory_need,
+               overrides.adapter_bytes(args))
         found = self._needs.get(key)
         if found is None:
             found = self._priced(model, args)[0]
@@ -126,7 +128,8 @@ class Measure:
         fixed, n_gpus = self._cuda(model)
         need, floor = memory.needs(
             model.info, args, self.learned.get(model.id, args), gpu=self.monitor.available,
-            cuda_fixed=fixed, n_gpus=n_gpus, draft=model.draft)
+            cuda_fixed=fixed, n_gpus=n_gpus, draft=model.draft,
+            adapters=overrides.adapter_bytes(args))
         given = model.settings.memory_need  # the preset's figure beats the estimate
         if given is not None:
             need = Memory(need.ram if given[0] is None else given[0],
@@ -161,7 +164,7 @@ class Measure:
         s = memory.parse_args(args)
         unified = s.kv_unified if s.kv_unified is not None else s.parallel is None
         streams = 1 if unified else (s.parallel or 4)
-        trained = info.context_length or 0
+        trained = overrides.header(info, s).context_length or 0  # as --override-kv sets it
         most = trained * streams
         # -c 0 asks for the whole trained context (of each slot): llama.cpp's own fitting
         # never reduces it (common/arg.cpp), and neither does llamad, nor ctx-max.
@@ -211,7 +214,8 @@ class Measure:
         fixed, n_gpus = self._cuda(model)
         return memory.estimate(model.info, args, gpu=self.monitor.available,
                                cuda_fixed=fixed if cuda_fixed is None else cuda_fixed,
-                               n_gpus=n_gpus, draft=model.draft)
+                               n_gpus=n_gpus, draft=model.draft,
+                               adapters=overrides.adapter_bytes(args))
 
     def derived_limit(self, model: Model) -> int | None:
         """MemoryMax for memory-limit = estimate (memory.memory_limit); None without metadata."""

@@ -5,7 +5,8 @@ wins, as in llama.cpp; a value that is no number falls back to the default."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llamad.catalog import argv
@@ -13,7 +14,8 @@ from llamad.catalog import argv
 ALL_LAYERS = 10**6  # --cpu-moe: the experts of every layer stay on the host
 
 
-@dataclass(frozen=True)
+# Slots: one is kept per listed model's arguments, and a dict of 35 fields takes 1.6 KB.
+@dataclass(frozen=True, slots=True)
 class ServerArgs:
     """The llama-server arguments that change a model's memory."""
 
@@ -48,6 +50,14 @@ class ServerArgs:
     cache_ram: int | None = None  # MiB of the prompt cache (--cache-ram); None: not given
     ctx_checkpoints: int = 32  # per slot (--ctx-checkpoints)
     spec_types: tuple[str, ...] = ()  # --spec-type's, every time given (they add up)
+    # The dense feed-forward weights of the first n layers stay on the host (--n-cpu-ffn;
+    # each given adds its overrides, so the most of them counts).
+    n_cpu_ffn: int = 0
+    # Given every time, they add up: header values replaced, (KEY, TYPE:VALUE) in order
+    # (--override-kv; llama.cpp keeps the first of a key), and the LoRA adapters' files
+    # (--lora, --lora-scaled), loaded beside the weights.
+    kv_overrides: tuple[tuple[str, str], ...] = ()
+    adapters: tuple[str, ...] = ()
 
     @property
     def mtp(self) -> bool:
@@ -77,6 +87,13 @@ _SWITCHES = {
 }
 _OVERRIDES = {"--override-tensor": "overrides", "--override-tensor-draft": "draft_overrides"}
 _PRESENT = {"--mmproj": "mmproj", "--model-draft": "draft"}
+# Flags whose comma-separated values add up, every time given, and how each is read:
+# --lora-scaled's FNAME:SCALE names its file first; --override-kv's KEY=TYPE:VALUE.
+_LISTS = {"--spec-type": "spec_types", "--lora": "adapters", "--lora-scaled": "adapters",
+          "--override-kv": "kv_overrides"}
+_LISTS_ITEM: dict[str, Callable[[str], object]] = {
+    "--spec-type": str, "--lora": str, "--lora-scaled": lambda x: x.split(":")[0],
+    "--override-kv": lambda x: tuple(x.split("=", 1)) if "=" in x else ("", x)}
 
 
 def parse_args(args: Sequence[str]) -> ServerArgs:
@@ -102,10 +119,12 @@ def _parsed(args: tuple[str, ...]) -> ServerArgs:
             pairs += [tuple(p.rsplit("=", 1)) for p in value.split(",") if "=" in p]
         elif flag in _PRESENT:
             found[_PRESENT[flag]] = bool(value)
-        elif flag == "--spec-type":
-            types = found.setdefault("spec_types", [])
-            assert isinstance(types, list)
-            types += value.split(",")
+        elif flag in _LISTS:
+            items = found.setdefault(_LISTS[flag], [])
+            assert isinstance(items, list)
+            items += [_LISTS_ITEM[flag](x) for x in value.split(",") if x]
+        elif flag == "--n-cpu-ffn":
+            found["n_cpu_ffn"] = max(_number(found, "n_cpu_ffn", 0), stoi(value, 0))
     return _settings(found)
 
 
@@ -118,11 +137,22 @@ _FLASH = {**dict.fromkeys(("on", "enabled", "true", "1"), "on"),
 
 
 def _number(found: dict[str, object], key: str, default: int) -> int:
-    value = found.get(key, default)
-    try:
-        return int(str(value))
-    except ValueError:
-        return default
+    return stoi(str(found.get(key, default)), default)
+
+
+# std::stoi, as llama-server reads a number: the leading digits (`-c 4096.5` is 4096).
+_LEADING = re.compile(r"\s*[+-]?\d+")
+
+
+def stoi(text: str, default: int) -> int:
+    """The number `text` starts with, else `default`."""
+    found = _LEADING.match(text)
+    return int(found.group()) if found else default
+
+
+def _list(found: dict[str, object], key: str) -> list[object]:
+    value = found.get(key, [])
+    return value if isinstance(value, list) else []
 
 
 def _layers(found: dict[str, object], key: str) -> int | None:
@@ -177,4 +207,6 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         cache_ram=_number(found, "cache_ram", -1) if "cache_ram" in found else None,
         ctx_checkpoints=max(0, _number(found, "ctx_checkpoints", 32)),
         spec_types=tuple(map(str, types)) if isinstance(types, list) else (),
+        n_cpu_ffn=_number(found, "n_cpu_ffn", 0), kv_overrides=pairs("kv_overrides"),
+        adapters=tuple(str(a) for a in _list(found, "adapters")),
     )
