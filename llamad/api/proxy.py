@@ -76,8 +76,35 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     check_bounds(data)
     slot = await find(request, data.get("model"))
     keep_alive = keys.admins_say(request, parse_keep_alive(data.get("keep_alive")))
-    streams.remember(request, slot)
-    return await proxied(request, slot, body, keep_alive, stream=data.get("stream") is True)
+    stream = data.get("stream") is True
+    if not request.headers.get(streams.HEADER):
+        return await proxied(request, slot, body, keep_alive, stream)
+    return await _conversation(request, slot, body, keep_alive, stream)
+
+
+async def _conversation(request: web.Request, slot: Slot, body: bytes | bytearray,
+                        keep_alive: float | None, stream: bool) -> web.StreamResponse:
+    """A request of a conversation (X-Conversation-Id, llama.cpp's web UI), as in the
+    router: it goes on when its client leaves (a page reloaded while the model loads), and
+    the model keeps the answer in the conversation's stream, which GET /v1/stream resumes;
+    only a stop (DELETE /v1/stream) cancels it, also while the model loads."""
+    unless_stopped = streams.remember(request, slot)
+
+    async def send(request: web.Request, backend: Backend, body: bytes | bytearray,
+                   watch: Watch, out: web.StreamResponse) -> web.StreamResponse:
+        unless_stopped()
+        return await forward(request, backend, body, watch, out)
+    task = asyncio.ensure_future(proxied(request, slot, body, keep_alive, stream, send,
+                                         detached=True))
+    task.add_done_callback(_left_behind)
+    return await asyncio.shield(task)
+
+
+def _left_behind(task: asyncio.Task[web.StreamResponse]) -> None:
+    """Whatever ended a conversation's request is its handler's to report; with its client
+    gone there is none, and nobody to tell."""
+    if not task.cancelled() and (e := task.exception()) is not None:
+        log.debug("a conversation's request ended: %r", e)
 
 
 @browsers.takes_files
@@ -100,9 +127,10 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
 
 async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
                   keep_alive: float | None = None, stream: bool = False,
-                  send: Send = forward) -> web.StreamResponse:
+                  send: Send = forward, detached: bool = False) -> web.StreamResponse:
     """`stream`: the client reads server-sent events, so load progress may go out as SSE
-    comments before the answer (progress.py)."""
+    comments before the answer (progress.py). `detached`: the request is sent even if its
+    client left during the load (_conversation)."""
     sup = supervisor(request)
     wait = progress.Wait(request, sup, slot, stream)
     load = autoload(request)
@@ -116,7 +144,7 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
                 if sup.config.debug_request_delay:
                     await asyncio.sleep(sup.config.debug_request_delay)
                 return await send(request, backend, body, watch(sup, slot, backend),
-                                  await wait.done())
+                                  await (_answer_into(wait) if detached else wait.done()))
         except BackendUnreachable:
             if not load:
                 raise
@@ -124,8 +152,19 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
             # the backend (use() waits for that), send it one more time.
             async with sup.use(slot, keep_alive) as backend:
                 return await send(request, backend, body, watch(sup, slot, backend),
-                                  await wait.done())
+                                  await (_answer_into(wait) if detached else wait.done()))
     return wait.response
+
+
+async def _answer_into(wait: progress.Wait) -> web.StreamResponse:
+    """The response a detached request's answer goes into: the one load progress began. A
+    client that left during the load failed a progress comment; the request is sent all
+    the same, into a response that fails once written: the model keeps the answer in the
+    conversation's stream."""
+    try:
+        return await wait.done()
+    except ConnectionResetError:
+        return web.StreamResponse()
 
 
 @keys.admin_only

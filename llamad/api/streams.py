@@ -8,8 +8,10 @@ conversation went to and sends these requests there; they never load a model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -32,20 +34,29 @@ LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=2)
 
 
 class Conversations:
-    """conversation id -> model id, bounded."""
+    """conversation id -> model id, bounded; each request's registration has a ticket, which
+    a stop (forget) or a newer request of the conversation invalidates."""
 
     def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
-        self._owner: OrderedDict[str, str] = OrderedDict()
+        self._owner: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._tickets = itertools.count(1)
 
-    def remember(self, conv: str, model: str) -> None:
-        self._owner[conv] = model
+    def remember(self, conv: str, model: str) -> int:
+        ticket = next(self._tickets)
+        self._owner[conv] = (model, ticket)
         self._owner.move_to_end(conv)
         while len(self._owner) > self.limit:
             self._owner.popitem(last=False)
+        return ticket
 
     def owner(self, conv: str) -> str | None:
-        return self._owner.get(conv)
+        entry = self._owner.get(conv)
+        return entry[0] if entry else None
+
+    def alive(self, conv: str, ticket: int) -> bool:
+        entry = self._owner.get(conv)
+        return entry is not None and entry[1] == ticket
 
     def forget(self, conv: str) -> None:
         self._owner.pop(conv, None)
@@ -54,10 +65,23 @@ class Conversations:
 CONVERSATIONS: Any = app_key("conversations", Conversations)
 
 
-def remember(request: web.Request, slot: Slot) -> None:
+def remember(request: web.Request, slot: Slot) -> Callable[[], None]:
+    """Note the request's conversation, before any wait for its model to load. Returns the
+    check to make once the model is ready: as in the router, a stop (DELETE /v1/stream)
+    meanwhile cancels the request, so a stop pressed during a load leaves no generation
+    behind that nobody reads."""
     conv = request.headers.get(HEADER)
-    if conv:
-        request.app[CONVERSATIONS].remember(conv, slot.model.id)
+    if not conv:
+        return lambda: None
+    convs: Conversations = request.app[CONVERSATIONS]
+    ticket = convs.remember(conv, slot.model.id)
+
+    def check() -> None:
+        # A later request of the conversation re-registers it, as the router's map does.
+        if not convs.alive(conv, ticket):
+            raise BadRequest("request cancelled by a stop while the model was loading",
+                             code="request_cancelled")
+    return check
 
 
 def _owner(request: web.Request, conv: str) -> tuple[str | None, Slot | None]:
