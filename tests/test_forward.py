@@ -128,6 +128,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     app = web.Application()
     app.router.add_get("/health", fake.on_health)
     app.router.add_post("/v1/chat/completions", fake.on_chat)
+    app.router.add_post("/v1/messages", fake.on_chat)
     runner = web.AppRunner(app)
     await runner.setup()
     sock = tmp_path / "llama.sock"
@@ -147,6 +148,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                              Watch(IDLE, HEALTH, wedged.append), out)
     front = web.Application(middlewares=[error_middleware])
     front.router.add_post("/v1/chat/completions", handle)
+    front.router.add_post("/v1/messages", handle)
     client = TestClient(TestServer(front))
     await client.start_server()
     try:
@@ -239,6 +241,23 @@ async def test_a_plain_error_to_a_begun_stream_is_its_last_event_and_a_failure(
         text = await r.text()
     assert text.endswith('data: {"error": {"message": "Loading model"}}\n\n'), text
     assert RECORD.status == 503
+
+
+async def test_an_anthropic_stream_names_its_error_event(rig: Rig) -> None:
+    """Anthropic's SDK reads only named events (llama-server writes `event: error` on
+    /v1/messages): llamad's unnamed error event was a silent cut to it."""
+    for answer, begun, code in (("die", {}, "backend_failed"),
+                                ("loading", {"X-Begun": "1"}, None)):
+        rig.server.answer = answer
+        async with rig.client.post("/v1/messages", json={"stream": True},
+                                   headers=begun) as r:
+            text = await r.text()
+        name, data = text.split("\n\n")[-2].split("\n")
+        assert name == "event: error", text
+        event = json.loads(data.removeprefix("data: "))
+        assert event["type"] == "error" and event["error"].get("code") == code, event
+    async with rig.client.post("/v1/chat/completions", json={"stream": True}) as r:
+        assert "event:" not in await r.text()  # OpenAI's streams stay unnamed
 
 
 async def test_a_backend_answering_other_requests_is_not_wedged(rig: Rig) -> None:

@@ -38,10 +38,12 @@ def app(sup: Supervisor) -> web.Application:
 CHAT = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
-async def test_a_stop_while_the_model_loads_cancels_the_waiting_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_stop_while_the_model_loads_cancels_the_waiting_request(
+        tmp_path: Path, path: str) -> None:
     async with serving(tmp_path, ["tiny-a"]) as r, TestClient(TestServer(app(r.sup))) as client:
         pending = asyncio.ensure_future(client.post(
-            "/v1/chat/completions", json=CHAT, headers={"X-Conversation-Id": "c1"}))
+            path, json=CHAT, headers={"X-Conversation-Id": "c1"}))
         slot = await r.started("tiny-a")
         stop = await client.delete("/v1/stream", params={"conv_id": "c1"})
         assert stop.status == 204
@@ -52,6 +54,9 @@ async def test_a_stop_while_the_model_loads_cancels_the_waiting_request(tmp_path
         # The router answers 400 before any byte went out; llamad's stream may have
         # begun with load progress, so the error is its last event then.
         assert "request cancelled by a stop while the model was loading" in text, text
+        # Anthropic's SDK reads only named events (llama-server names its error event there).
+        named = text.endswith('\n\n') and '\nevent: error\ndata: {"type": "error", "error"' in text
+        assert named == (path == "/v1/messages"), text
         # The stop ended that request only: the conversation's next one is served.
         async with client.post("/v1/chat/completions", json=CHAT,
                                headers={"X-Conversation-Id": "c1"}) as resp:

@@ -90,7 +90,7 @@ async def forward(request: web.Request, backend: Backend, body: bytes | bytearra
             if resp.prepared:
                 data = await _small(backend, up, watch)
                 record.of(request).settle(up.status)  # the 200 that went out was llamad's
-                return await _last_event(resp, data)
+                return await _last_event(request, resp, data)
             return await _plain(request, backend, up, watch, resp)
         finally:
             up.release()  # back to the pool only if the answer was read to its end
@@ -274,27 +274,38 @@ async def _stream(request: web.Request, backend: Backend, up: aiohttp.ClientResp
     return resp
 
 
-async def _last_event(resp: web.StreamResponse, data: bytes) -> web.StreamResponse:
+async def _last_event(request: web.Request, resp: web.StreamResponse,
+                      data: bytes) -> web.StreamResponse:
     """A plain answer (an error) to a stream that has begun: its last event."""
     try:
-        event = json.dumps(json.loads(data))  # one line, whatever the backend's layout
+        body = json.loads(data)  # written again on one line, whatever the backend's layout
     except ValueError:
-        event = json.dumps(BackendError("the model's backend answered the stream with "
-                                        "something other than JSON").body())
-    await resp.write(b"data: " + event.encode() + b"\n\n")
+        body = BackendError("the model's backend answered the stream with something other "
+                            "than JSON").body()
+    await resp.write(error_event(request, body))
     await resp.write_eof()
     return resp
+
+
+# Anthropic's streams name their events, and its SDK reads only named ones: an error
+# event without `event: error` (llama-server writes one there) would be a silent cut.
+NAMED_EVENTS = frozenset(("/v1/messages",))
+
+
+def error_event(request: web.Request, body: Any) -> bytes:
+    """An error as a stream's last event, as the request's route writes events."""
+    if request.path not in NAMED_EVENTS:
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+    if isinstance(body, dict):
+        body = {"type": "error", **body}  # Anthropic's error event: {"type": "error", ...}
+    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
 
 
 async def _broken(request: web.Request, resp: web.StreamResponse, err: LlamadError) -> None:
     """A stream the backend broke: its last event says why, and the request log and the
     metrics count it as failed, as a plain answer cut halfway (its 200 went out already)."""
     record.of(request).settle(err.status, err.code)
-    await _error_event(resp, err)
-
-
-async def _error_event(resp: web.StreamResponse, err: LlamadError) -> None:
-    await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+    await resp.write(error_event(request, err.body()))
 
 
 def _why(e: BaseException) -> str:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from types import TracebackType
 
 from aiohttp import web
 
 from llamad.api.feed import expected_load_seconds
+from llamad.api.forward import error_event
 from llamad.errors import LlamadError
 from llamad.http import record
 from llamad.safetext import one_line
@@ -98,6 +98,6 @@ class Wait:
         if not self.response.prepared:
             return False  # an ordinary error response
         self.record.settle(exc.status, exc.code)
-        await self.response.write_own(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
+        await self.response.write_own(error_event(self.request, exc.body()))
         await self.response.write_eof()
         return True
