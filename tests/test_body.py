@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from llamad.errors import BadRequest
 from llamad.http import body as bodies
 from llamad.http.body import MAX_DEPTH, WANTED, Scanner, parse_keep_alive
+from llamad.http.limits import LIMITS
 
 
 def scan(body: bytes) -> dict[str, Any]:
@@ -169,9 +170,8 @@ async def test_read_json_small_and_big(subtests: Any) -> None:
     """Through aiohttp: a small body is checked on the loop, a big one on the thread."""
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
+    from helpers import guarded
 
-    from llamad.config import Config
-    from llamad.http import limits, middleware
     from llamad.http.body import read_json
 
     async def handle(request: web.Request) -> web.Response:
@@ -180,11 +180,8 @@ async def test_read_json_small_and_big(subtests: Any) -> None:
             fields.get("other")  # never decoded: asking is a bug, and says so
         return web.json_response({"fields": fields.values, "size": len(body)})
 
-    lim = limits.Limits(Config.default())
-    app = web.Application(middlewares=[lim.middleware, middleware.error_middleware])
-    app[limits.LIMITS] = lim
-    app.router.add_post("/", handle)
-    app.on_cleanup.append(lim.close)
+    app = guarded.body_checking(handle)
+    lim = app[LIMITS]
     async with TestClient(TestServer(app)) as client:
         for size in (10, 1 << 20):
             with subtests.test(size=size):
@@ -203,10 +200,9 @@ async def test_a_client_gone_mid_body_is_no_error_of_llamads() -> None:
     """A client that closes before its body is complete: client_gone, not a traceback."""
     from aiohttp import web
     from aiohttp.test_utils import TestServer
+    from helpers import guarded
 
-    from llamad.config import Config
     from llamad.errors import LlamadError
-    from llamad.http import limits, middleware
     from llamad.http.body import read_json
 
     outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
@@ -219,11 +215,8 @@ async def test_a_client_gone_mid_body_is_no_error_of_llamads() -> None:
             raise
         return web.json_response({})
 
-    lim = limits.Limits(Config.default())
-    app = web.Application(middlewares=[lim.middleware, middleware.error_middleware])
-    app[limits.LIMITS] = lim
-    app.router.add_post("/", handle)
-    app.on_cleanup.append(lim.close)
+    app = guarded.body_checking(handle)
+    lim = app[LIMITS]
     async with TestServer(app) as server:
         _, writer = await asyncio.open_connection(server.host, server.port)
         writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers import guarded
 from helpers.watch import eventually
 
 from llamad.api import fleet
 from llamad.app import runner_kwargs
 from llamad.config import Config
-from llamad.http import keys, limits, middleware
+from llamad.http import limits
 from llamad.http.body import read_json
 
 KEYS = "boss admin\nnarrow models=m\nother models=m\n"
@@ -61,10 +62,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[int, limits.Limits, asyn
         fleet.check_health(request.app)
         return web.json_response({})
 
-    app = web.Application(middlewares=[
-        middleware.error_middleware, lim.middleware,
-        keys.middleware(keys.Keyring(tmp_path / "keys")), lim.admit])
-    app[limits.LIMITS] = lim
+    app = guarded.keyed(lim, tmp_path / "keys")
     app.router.add_get("/slow", slow)
     app.router.add_post("/echo", echo)
     app.router.add_get("/feed", feed)

@@ -76,9 +76,8 @@ async def test_a_body_slow_to_check_does_not_hold_up_the_others(
     prompt sent after it wait until it is done."""
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
+    from helpers import guarded
 
-    from llamad.config import Config
-    from llamad.http import limits, middleware
     from llamad.http.body import read_json
 
     slow_began = threading.Event()
@@ -96,11 +95,7 @@ async def test_a_body_slow_to_check_does_not_hold_up_the_others(
         done.append(fields.get("model"))
         return web.json_response({})
 
-    lim = limits.Limits(Config.default())
-    app = web.Application(middlewares=[lim.middleware, middleware.error_middleware])
-    app[limits.LIMITS] = lim
-    app.router.add_post("/", handle)
-    app.on_cleanup.append(lim.close)
+    app = guarded.body_checking(handle)
     slow = b'{"model": "slow", "x": [' + b",".join([b"[[0]]"] * 300_000) + b"]}"
     prompt = json.dumps({"model": "prompt", "prompt": "word " * 2_000_000}).encode()
     async with TestClient(TestServer(app)) as client:

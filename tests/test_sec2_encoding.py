@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 from aiohttp import compression_utils, web
+from helpers import guarded
 
 from llamad.app import runner_kwargs
 from llamad.config import Config
-from llamad.http import keys, limits, middleware
+from llamad.http import limits
 from llamad.http.body import read_json
 
 INFLATED: list[int] = []  # bytes aiohttp decompressed, call by call
@@ -53,10 +54,7 @@ async def port(tmp_path: Path) -> AsyncIterator[int]:
         _, fields = await read_json(request)
         return web.json_response(fields.values)
 
-    app = web.Application(middlewares=[
-        middleware.error_middleware, lim.middleware,
-        keys.middleware(keys.Keyring(tmp_path / "keys")), lim.admit])
-    app[limits.LIMITS] = lim
+    app = guarded.keyed(lim, tmp_path / "keys")
     app.router.add_post("/v1/completions", echo)
     app.router.add_post("/api/generate", echo)
     runner = web.AppRunner(app, **runner_kwargs())
