@@ -323,9 +323,9 @@ class Part:
 
     def verify_and_place(self) -> None:
         got = self.hasher.hexdigest()
-        if got != self.f.oid:
-            self.file.close()
+        if got != self.f.oid:  # deleted under the lock: a waiter then finds the path gone
             self.path.unlink(missing_ok=True)
+            self.file.close()
             raise HubError(f"{self.f.path} does not match the hub's {self.f.digest} (it hashes "
                            f"to {got}); the download was deleted")
         self.file.flush()
