@@ -48,8 +48,9 @@ class Wait:
     """`async with Wait(...)` around getting the model and forwarding to it."""
 
     def __init__(self, request: web.Request, sup: Supervisor, slot: Slot,
-                 stream: bool) -> None:
+                 stream: bool, detached: bool = False) -> None:
         self.request = request
+        self.detached = detached  # the request is sent even if its client left meanwhile
         self.slot = slot
         self.record = record.of(request)
         self.record.model = slot.model.id
@@ -66,10 +67,18 @@ class Wait:
         return self
 
     async def done(self) -> web.StreamResponse:
-        """The backend is ours: no more comments; the answer goes into `self.response`."""
+        """The backend is ours: no more comments; the answer goes into `self.response`.
+        A detached request whose client left during the load (a comment failed) is sent
+        all the same, into a response that fails once written: the model keeps the answer
+        in the conversation's stream."""
         if self.record.acquired is None:
             self.record.acquired = time.monotonic()
-        await self._halt()
+        try:
+            await self._halt()
+        except ConnectionResetError:
+            if not self.detached:
+                raise
+            return web.StreamResponse()
         return self.response
 
     async def _halt(self) -> None:

@@ -132,7 +132,7 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
     comments before the answer (progress.py). `detached`: the request is sent even if its
     client left during the load (_conversation)."""
     sup = supervisor(request)
-    wait = progress.Wait(request, sup, slot, stream)
+    wait = progress.Wait(request, sup, slot, stream, detached)
     load = autoload(request)
     if not load and slot.state not in _WAITING:
         raise BadRequest(f"model {slot.model.id} is not loaded and this request does not "
@@ -144,7 +144,7 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
                 if sup.config.debug_request_delay:
                     await asyncio.sleep(sup.config.debug_request_delay)
                 return await send(request, backend, body, watch(sup, slot, backend),
-                                  await (_answer_into(wait) if detached else wait.done()))
+                                  await wait.done())
         except BackendUnreachable:
             if not load:
                 raise
@@ -152,19 +152,8 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
             # the backend (use() waits for that), send it one more time.
             async with sup.use(slot, keep_alive) as backend:
                 return await send(request, backend, body, watch(sup, slot, backend),
-                                  await (_answer_into(wait) if detached else wait.done()))
+                                  await wait.done())
     return wait.response
-
-
-async def _answer_into(wait: progress.Wait) -> web.StreamResponse:
-    """The response a detached request's answer goes into: the one load progress began. A
-    client that left during the load failed a progress comment; the request is sent all
-    the same, into a response that fails once written: the model keeps the answer in the
-    conversation's stream."""
-    try:
-        return await wait.done()
-    except ConnectionResetError:
-        return web.StreamResponse()
 
 
 @keys.admin_only

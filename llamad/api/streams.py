@@ -70,9 +70,7 @@ def remember(request: web.Request, slot: Slot) -> Callable[[], None]:
     check to make once the model is ready: as in the router, a stop (DELETE /v1/stream)
     meanwhile cancels the request, so a stop pressed during a load leaves no generation
     behind that nobody reads."""
-    conv = request.headers.get(HEADER)
-    if not conv:
-        return lambda: None
+    conv = request.headers[HEADER]
     convs: Conversations = request.app[CONVERSATIONS]
     ticket = convs.remember(conv, slot.model.id)
 

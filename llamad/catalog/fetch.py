@@ -390,8 +390,7 @@ def fetch_file(http_: Http, cache: Path, plan: Plan, f: RemoteFile, status: Stat
         part.lock(status)
     try:
         if part.final.exists():  # another download placed it meanwhile
-            if part.ours():
-                part.path.unlink()
+            part.path.unlink()  # ours: the loop above holds its lock
             return
         part.read_back()
         if part.have:
