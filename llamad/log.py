@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from typing import NoReturn
 
 from llamad import redact
-from llamad.safetext import CONTROL, one_line
+from llamad.safetext import one_line, readable
 
 log = logging.getLogger("llamad")
-# Printable to the journal, yet a terminal reorders the rest of the line after a bidi
-# override or isolate (Trojan Source), and Unicode-aware readers break lines at U+2028/9.
-# The catalog takes model names holding them: they have no control character.
-INVISIBLE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
-
-
-def readable(text: str) -> str:
-    """`text` as one log line that shows what it holds: control characters, bidi
-    formatting and line separators escaped."""
-    text = one_line(text) if CONTROL.search(text) else text
-    return INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def setup_logging(verbose: bool = False) -> None:

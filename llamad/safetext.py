@@ -29,3 +29,16 @@ def one_line(text: str) -> str:
     text = CONTROL.sub(lambda m: "\\" + {"\n": "n", "\r": "r", "\t": "t"}.get(
         m.group(), f"x{ord(m.group()):02x}"), text)
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# Printable to the journal, yet a terminal reorders the rest of the line after a bidi
+# override or isolate (Trojan Source), and Unicode-aware readers break lines at U+2028/9.
+# The catalog takes model names holding them: they have no control character.
+INVISIBLE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def readable(text: str) -> str:
+    """`text` as one log line that shows what it holds: control characters, bidi
+    formatting and line separators escaped."""
+    text = one_line(text) if CONTROL.search(text) else text
+    return INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

@@ -32,11 +32,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from llamad.catalog import argv as args
 from llamad.http import keys
 from llamad.http.context import app_key
 from llamad.http.record import Record
 from llamad.memory.gpu import mem_available
+from llamad.supervisor import unitspec
 from llamad.supervisor.backend import read_capped
 from llamad.supervisor.events import Cause, Change, State
 from llamad.supervisor.slot import SlotView
@@ -243,19 +243,13 @@ async def model_metrics(slots: list[SlotView]) -> dict[str, Metric]:
     # A sleeping llama-server answers /metrics from its cache without waking. One started
     # without --metrics (`metrics = false`) answers 501: not asked, and not down.
     ready = [s for s in slots if s.state in (State.READY, State.SLEEPING)
-             and s.backend is not None and _serves_metrics(s)]
+             and s.backend is not None and unitspec.serves_metrics(s.model)]
     texts = await asyncio.gather(*(_fetch(s) for s in ready))
     # Parsing is pure Python: on a thread, so a big answer does not hold the event loop
     # in one piece (its size is bounded by MODEL_BYTES).
     families = await asyncio.to_thread(
         passthrough, [(s.model.id, t) for s, t in zip(ready, texts, strict=True)])
     return {f.name: f for f in families}
-
-
-def _serves_metrics(slot: SlotView) -> bool:
-    """Whether the model's llama-server was given --metrics (unitspec.build)."""
-    settings = slot.model.settings
-    return settings.metrics or args.has(settings.args, "--metrics")
 
 
 def passthrough(texts: list[tuple[str, str | None]]) -> list[Metric]:

@@ -28,8 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from llamad.http.record import Record
-from llamad.log import readable
-from llamad.safetext import one_line
+from llamad.safetext import one_line, readable
 from llamad.supervisor.events import Cause, Change, State
 
 log = logging.getLogger("llamad.requestlog")

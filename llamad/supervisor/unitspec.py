@@ -73,6 +73,12 @@ def memory_max(config: Config, model: Model,
     return None
 
 
+def serves_metrics(model: Model) -> bool:
+    """Whether the model's llama-server is given --metrics: by its preset's `metrics` (on
+    unless it says no, build adds the flag) or by its own arguments."""
+    return model.settings.metrics or args.has(model.settings.args, "--metrics")
+
+
 def build(config: Config, model: Model, address: str, gpus: tuple[str, ...],
           memory_max: int | None, fit: Choice | None = None,
           cache: tuple[str, ...] = ()) -> UnitSpec:
