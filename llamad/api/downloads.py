@@ -66,6 +66,14 @@ async def handle_delete(request: web.Request) -> web.Response:
     return web.json_response({"success": True})
 
 
+@keys.admin_only
+async def handle_openai_delete(request: web.Request) -> web.Response:
+    """DELETE /v1/models/{id} (the OpenAI SDK's models.delete): as DELETE /models, answered
+    in OpenAI's shape. llama-server has no such route (404)."""
+    removed = await remove(request, request.match_info["id"])
+    return web.json_response({"id": removed, "object": "model", "deleted": True})
+
+
 async def remove(request: web.Request, text: str) -> str:
     """Stop whatever uses the model, remove its files, rescan; the id removed."""
     if not text:
@@ -214,6 +222,7 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/models", handle_download)
     r.add_delete("/models", handle_delete)
+    r.add_delete("/v1/models/{id:.+}", handle_openai_delete)
     r.add_post("/api/pull", handle_pull)
     r.add_delete("/api/delete", handle_ollama_delete)
 

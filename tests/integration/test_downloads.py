@@ -244,7 +244,8 @@ async def test_downloads_and_deletes_are_for_admin_keys_only(
                 ("POST", "/models", {"json": {"model": TINY_ID}}),
                 ("DELETE", "/models", {"params": {"model": TINY_ID}}),
                 ("POST", "/api/pull", {"json": {"model": TINY_ID}}),
-                ("DELETE", "/api/delete", {"json": {"model": TINY_ID}})]
+                ("DELETE", "/api/delete", {"json": {"model": TINY_ID}}),
+                ("DELETE", f"/v1/models/{TINY_ID}", {})]
             for method, path, kw in cases:
                 async with s.request(method, d.url + path, **kw,
                                      headers={"Authorization": f"Bearer {key}"}) as r:
@@ -380,6 +381,26 @@ async def test_deleting_a_loaded_model_unloads_it_first(
         assert r.status == 400
         assert "is not removable" in (await r.json())["error"]["message"]
     assert (other.models_dir / "gemma-x.gguf").exists()
+
+
+async def test_the_openai_client_deletes_a_download(
+        llamad_factory: Factory, box: rig.Box, assets: rig.Assets, fake_hub: FakeHub) -> None:
+    """llama-server has no DELETE /v1/models/{id} (404); OpenAI's models.delete removes a
+    model, so llamad takes it as DELETE /models, in OpenAI's shape."""
+    import openai
+    d = downloader(box, assets, llamad_factory, fake_hub, "cache-openai")
+    async with aiohttp.ClientSession() as s, \
+            s.post(d.url + "/api/pull", json={"model": TINY_ID, "stream": False}) as r:
+        assert r.status == 200, await r.text()
+    client = openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="none", max_retries=0)
+    async with client:
+        assert TINY_ID in {m.id async for m in client.models.list()}
+        gone = await client.models.delete(TINY_ID)
+        assert (gone.id, gone.object, gone.deleted) == (TINY_ID, "model", True)
+        assert TINY_ID not in {m.id async for m in client.models.list()}
+        with pytest.raises(openai.NotFoundError):
+            await client.models.delete(TINY_ID)
+    assert TINY_ID not in models(d.url)
 
 
 async def test_ollamas_own_client_pulls_and_deletes(llamad_factory: Factory, box: rig.Box,

@@ -117,7 +117,8 @@ async def test_routes_llamad_answers(llamad_factory: Factory) -> None:
                 # Downloads go to llama.cpp's cache, which this llamad does not serve
                 # (test_downloads.py downloads).
                 ("POST", "/models", {"model": "u/r:Q4_0"}, 400),
-                ("DELETE", "/models?model=u/r:Q4_0", None, 404)]:
+                ("DELETE", "/models?model=u/r:Q4_0", None, 404),
+                ("DELETE", "/v1/models/u/r:Q4_0", None, 404)]:
             async with s.request(method, d.url + path, json=body) as r:
                 assert r.status == want, (method, path, r.status, await r.text())
     assert d.model_units() == {}
