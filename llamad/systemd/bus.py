@@ -3,7 +3,9 @@ bus went away (`systemctl restart dbus`). units.py says what to call; this says 
 
 Method calls run on one worker thread that owns its own connection, because sd-bus is
 synchronous and not thread-safe. Signals arrive on a second connection read from the
-event loop with `add_reader`, so nothing here blocks the loop. Arguments are marshalled
+event loop with `add_reader`. pystemd holds the GIL through a call's whole round trip, so
+a call still stalls the loop for as long as it takes: the calls made again and again
+(units.list_ours, units.memory) are kept few and small. Arguments are marshalled
 here with their D-Bus signatures rather than through pystemd's own property table, which
 differs between pystemd 0.11 (Debian 12) and later releases and lacks some we need.
 """

@@ -304,6 +304,7 @@ class UnitManager:
         self.follow(on_change, on_reconnect)
         self._caller = bus.Caller()
         self._memory_peak = True  # until this systemd says it has no MemoryPeak
+        self._known: dict[str, UnitStatus] = {}  # list_ours's last reading of each unit
         self._signals = bus.Signals(self._caller, self._on_props, self._on_removed,
                                     lambda: self._on_reconnect())
 
@@ -466,6 +467,24 @@ class UnitManager:
         return [bus.to_str(row[0]) for row in body]
 
     async def list_ours(self) -> list[UnitStatus]:
-        """Loaded model units that carry llamad's marker."""
-        found = [await self.status(name) for name in await self.names(UNIT_PATTERN)]
-        return [s for s in found if s.ours]
+        """Loaded model units that carry llamad's marker. Reconcile asks every few seconds,
+        and pystemd holds the GIL through a call: each unit's status() (~300 properties)
+        stalls the event loop ~3 ms, a Get ~0.3 ms. So a unit whose state, job and
+        invocation are as last read is not read again (nothing else in it changes)."""
+        rows = await self._caller.manager(b"ListUnitsByPatterns",
+                                          bus.args(b"asas", [[], [UNIT_PATTERN]]))
+        known, self._known = self._known, {}
+        for row in rows:
+            name = bus.to_str(row[0])
+            last = known.get(name)
+            if last is None or (last.active_state, last.sub_state, last.job) != (
+                    bus.to_str(row[3]), bus.to_str(row[4]), int(row[7])) or \
+                    await self._invocation(name) != last.invocation_id:
+                last = await self.status(name)
+            self._known[name] = last
+        return [s for s in self._known.values() if s.ours]
+
+    async def _invocation(self, name: str) -> str:
+        found = await self._caller.call(bus.unit_path(name), bus.PROPS_IFACE, b"Get",
+                                        bus.args(b"ss", [UNIT_IFACE, "InvocationID"]))
+        return bytes(found).hex()
