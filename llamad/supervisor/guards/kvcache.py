@@ -7,8 +7,8 @@ Which models and which slots: kvpolicy.py (by default where it pays).
   lifecycle.py's stop path); when the model next answers /health, its saved slots are
   restored before it is marked ready (`restore`). Crashes, removed or changed files and
   llamad's own exit save nothing.
-- **Checked.** The request that next uses a restored slot shows whether the restore took
-  (`request_ended`: GET /slots, the tokens it took from the cache). One that did not is
+- **Checked.** Before it serves, each restored slot is sent its saved prompt (kvprobe);
+  where that tells nothing, by its next request (`request_ended`). One that did not is
   logged, counted, and turns restores off for that model and build (`Rates.broken`), so a
   llama.cpp restore bug fails open: the model recomputes, as without a cache.
 - **Which cache.** Each save is keyed by `identity()`: the model files' and llama-server's
@@ -42,7 +42,7 @@ from llamad.config import Config
 from llamad.sizes import MIB
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, Change, State
-from llamad.supervisor.guards import kvpolicy
+from llamad.supervisor.guards import kvpolicy, kvprobe
 from llamad.supervisor.guards import kvserver as srv
 from llamad.supervisor.guards.kvmetrics import Figures, families
 from llamad.supervisor.guards.kvserver import KvError
@@ -281,8 +281,15 @@ class KvCache(Hook):
         fixed = kvpolicy.RESTORE_FIXED * len(done)
         size = sum(e.bytes for e in fresh if e.slot in done)
         self._learn(model.id, restore=max(0.0, took - fixed) / max(1, size))
+        # Probed now, before any request: a client's own prompt tells less (kvprobe.py).
+        found = await kvprobe.judge(backend, {e.slot: self.store.path(e) for e in fresh
+                                              if e.slot in done}, deadline)
+        if failed := [v[1] for v in found.values() if v is not None and not v[0]]:
+            return await self._failed(model.id, live, sum(failed))
+        self._figures(model.id).restores_verified += sum(v is not None for v in found.values())
         live.before = await srv.counters(backend, deadline)
-        live.unchecked = done if live.before is not None else {}
+        live.unchecked = {i: n for i, n in done.items() if found.get(i) is None} \
+            if live.before is not None else {}
 
     async def _restore_one(self, model: Model, backend: be.Backend, e: Entry,
                            deadline: float) -> int:
@@ -362,8 +369,8 @@ class KvCache(Hook):
     async def _failed(self, model_id: str, live: _Live, computed: float) -> None:
         """A restore that did not take: off for this model and build from now on."""
         assert self.store is not None
-        log.warning("model %s: the KV cache it restored did not take: the next request "
-                    "computed %d prompt tokens, none from the cache; KV caches are no longer "
+        log.warning("model %s: the KV cache it restored did not take: %d prompt "
+                    "tokens were computed again, none from the cache; KV caches are no longer "
                     "kept for this model file, arguments and llama-server build",
                     model_id, computed)
         self._figures(model_id).restores_failed += 1
