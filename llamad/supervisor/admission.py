@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from llamad.catalog.catalog import may_appear
+from llamad.catalog.catalog import Snapshot, may_appear
 from llamad.errors import (
     BackendError,
     BackendUnreachable,
@@ -69,9 +69,11 @@ class Admission(Lifecycle):
         return self.slots[model.id]
 
     @contextlib.asynccontextmanager
-    async def use(self, slot: Slot, keep_alive: float | None = None) -> AsyncIterator[be.Backend]:
-        """Hold the model for one request: wait until it is ready, count it in flight."""
-        backend = await self.acquire(slot)
+    async def use(self, slot: Slot, keep_alive: float | None = None,
+                  load: bool | None = None) -> AsyncIterator[be.Backend]:
+        """Hold the model for one request: wait until it is ready, count it in flight.
+        `load`: whether the request may load it (`?autoload=`); None: models-autoload."""
+        backend = await self.acquire(slot, load=load)
         self.sessions.hold(backend)
         try:
             yield backend
@@ -85,27 +87,57 @@ class Admission(Lifecycle):
             if self.sessions.let_go(backend) is not None:
                 self._close(backend)
 
-    async def acquire(self, slot: Slot, explicit: bool = False) -> be.Backend:
+    async def acquire(self, slot: Slot, explicit: bool = False,
+                      load: bool | None = None) -> be.Backend:
         self.refuse_broken(slot)
         limit = self.concurrency(slot)
+        self._refuse_full(slot, limit)
+        may_load = explicit or (self.config.models_autoload if load is None else load)
+        if not may_load and slot.state is State.UNLOADED:
+            raise self._not_loaded(slot)
+        for hook in self.hooks:  # e.g. a model whose rpc worker is down: 503, nothing started
+            await hook.admit(slot)
+        # Again: requests that came while a hook awaited (an rpc worker probed) are not
+        # counted queued yet, and a burst of them would all pass the first look.
+        self._refuse_full(slot, limit)
+        deadline = time.monotonic() + self.config.queue_timeout
+        await self._line_up(slot, limit, deadline)
+        try:
+            if may_load:
+                return await self._admit(slot, explicit, deadline)
+            return await self._admit_loaded(slot, deadline)
+        except BaseException:
+            slot.gate.leave(self.concurrency(slot))
+            raise
+
+    def _refuse_full(self, slot: Slot, limit: int) -> None:
         if slot.queued >= self.config.queue_size:
             full = (f"model {slot.model.id} has {slot.queued} requests waiting, the queue "
                     "limit; retry later")
             if limit:  # the queue of its concurrency limit: as llama-swap, 429
                 raise TooManyRequests(f"{full} (concurrency-limit {limit})")
             raise Unavailable(full, code="queue_full")
-        if not self.config.models_autoload and slot.state is State.UNLOADED and not explicit:
-            raise BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
-                             "POST /models/load first", code="model_not_loaded")
-        for hook in self.hooks:  # e.g. a model whose rpc worker is down: 503, nothing started
-            await hook.admit(slot)
-        deadline = time.monotonic() + self.config.queue_timeout
-        await self._line_up(slot, limit, deadline)
+
+    @staticmethod
+    def _not_loaded(slot: Slot) -> BadRequest:
+        return BadRequest(f"model {slot.model.id} is not loaded and autoload is off; "
+                          "POST /models/load first", code="model_not_loaded")
+
+    async def _admit_loaded(self, slot: Slot, deadline: float) -> be.Backend:
+        """_admit for a request that may not load its model (models-autoload = no), as
+        router mode refuses one: a model that stops while it waits (an unload draining)
+        answers as if it had been unloaded at the door, rather than loaded again by it."""
+        slot.queued += 1
         try:
-            return await self._admit(slot, explicit, deadline)
-        except BaseException:
-            slot.gate.leave(self.concurrency(slot))
-            raise
+            while True:
+                if slot.state is State.UNLOADED:
+                    raise self._not_loaded(slot)
+                backend = self._step(slot, False)
+                if backend is not None:
+                    return backend
+                await self._wait_change(deadline, f"model {slot.model.id} to become ready")
+        finally:
+            slot.queued -= 1
 
     def concurrency(self, slot: SlotView) -> int:
         """Requests forwarded to the model at once at most; 0 = no limit. Read afresh each
@@ -123,6 +155,14 @@ class Admission(Lifecycle):
                               f"{slot.model.id} (concurrency-limit)", code="timeout") from None
         finally:
             slot.queued -= 1
+
+    def update_snapshot(self, snapshot: Snapshot) -> None:
+        """A preset's concurrency-limit applies at once: raised, it lets in the requests
+        already waiting, not only once one in flight ends (a long stream may hold its
+        place for minutes)."""
+        super().update_snapshot(snapshot)
+        for slot in self.slots.values():
+            slot.gate.pass_on(self.concurrency(slot))
 
     def refuse_broken(self, slot: Slot) -> None:
         """A model a preset error touches is not served until the file is fixed."""
@@ -142,7 +182,9 @@ class Admission(Lifecycle):
         slot.last_used = slot.alive_at = time.monotonic()
         if keep_alive is not None:
             slot.keep_alive = keep_alive
-        if keep_alive == 0 and slot.in_flight == 0 and slot.queued == 0:
+        # keep_alive is a TTL, and a pin outlasts every TTL (as expired() has it): a
+        # client's keep_alive 0 stops a pinned model only once it is unpinned.
+        if keep_alive == 0 and slot.in_flight == 0 and slot.queued == 0 and not slot.pinned:
             self._begin_stop(slot, Cause.KEEP_ALIVE)
         self._notify()
 

@@ -51,10 +51,14 @@ class Idle(Sleeping):
         """Stop the TTL timers an earlier llamad left; an adopted model keeps the time left."""
         for unit, due in (await self.units.take_ttl_timers()).items():
             slot = self.by_unit(unit)
-            ttl = self.ttl(slot) if slot is not None else None
-            if slot is None or slot.state is State.UNLOADED or not due or ttl is None:
+            if slot is None or slot.state is State.UNLOADED or not due:
                 continue
             left = max(0.0, due - time.monotonic())
+            ttl = self.ttl(slot)
+            if ttl is None or ttl < left:
+                # A TTL longer than this llamad's own was a request's keep_alive, which
+                # only the earlier llamad knew: kept, as what is left of it.
+                slot.keep_alive = ttl = left
             slot.last_used = time.monotonic() - max(0.0, ttl - left)
             log.info("model %s: took back %s with %.0fs of idle TTL left", slot.model.id,
                      ttl_units(unit)[0], left)
