@@ -22,7 +22,7 @@ from helpers.supervised import Rig
 from llamad.config import Config
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, Change, State
-from llamad.supervisor.guards import kvcache, kvprobe
+from llamad.supervisor.guards import kvcache, kvprobe, kvstore
 from llamad.supervisor.guards.kvcache import KvCache, dir_name
 
 # Token ids of a generated vocabulary: a conversation, and an unrelated, longer prompt.
@@ -155,3 +155,17 @@ def test_the_tokens_of_a_slot_file_are_read_from_its_header(tmp_path: Path) -> N
     short = tmp_path / "short.bin"
     short.write_bytes(b"ggsq")
     assert kvprobe.saved_tokens(short) is None
+
+
+async def test_a_save_drops_the_saves_of_models_no_longer_in_the_catalog(
+        kv_rig: Rig) -> None:
+    """Saves of a model removed or renamed were kept (disk, /metrics) until other saves
+    pushed them out: the next save drops them."""
+    kv = kv_rig.sup.kv
+    assert kv.store is not None
+    orphan = kv.store.model_dir("gone") / "1-0.bin"
+    orphan.write_bytes(b"\0" * 1000)
+    kv.store.add([kvstore.Entry("gone", "gone", orphan.name, "k", 0, tokens=10, at=1.0)])
+    assert kv.store.usage()["gone"] == (10, 1000)
+    await save_conversation(kv_rig, "plain")
+    assert set(kv.stored) == {"plain"} and not orphan.exists()

@@ -4,9 +4,11 @@ with the real llama-server, are in tests/integration/test_kvcache.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 from helpers import ggufgen
 
@@ -216,3 +218,22 @@ def test_learned_rates_and_broken_builds_survive_a_restart(tmp_path: Path) -> No
     again.open()
     assert again.rates("a") == rates and again.broken() == {"a": {"k1"}}
     assert again.rates("b") == kvpolicy.Rates()
+
+
+def test_saves_and_rates_of_models_gone_from_the_catalog_are_dropped(tmp_path: Path) -> None:
+    """A model removed or renamed left its saves on disk (and in /metrics) until other
+    saves pushed them out, and its learned rates for good."""
+    store = Store(tmp_path / "kv", 100 * MIB)
+    store.open()
+    a, gone = saved(store, "a", 0, 1000, 1.0), saved(store, "gone", 0, 1000, 2.0)
+    store.add([a, gone])
+    for model in ("a", "gone"):
+        store.learn(model, kvpolicy.Rates(prefill=0.001))
+    assert store.keep_only({"a", "b"}) == [dataclasses.replace(gone, sha256=mock.ANY)]
+    assert set(store.usage()) == {"a"} and store.path(a).exists()
+    assert not store.path(gone).exists()
+    again = Store(tmp_path / "kv", 100 * MIB)
+    again.open()
+    assert [e.model for e in again.entries("a")] == ["a"] and not again.entries("gone")
+    assert again.rates("gone") == kvpolicy.Rates() and again.rates("a").prefill == 0.001
+    assert store.keep_only({"a"}) == []

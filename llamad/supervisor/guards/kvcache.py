@@ -485,6 +485,8 @@ class KvCache(Hook):
                      "oldest, to stay within kv-cache-max-mb", e.model, e.slot, e.tokens,
                      e.bytes / MIB)
             self._discard(e.model, "disk_bound")
+        # After a save the catalog is surely read (it holds the model just saved).
+        await self._io(self.store.keep_only, frozenset(self.port.slots))
 
     def _kept(self, model_id: str, task: asyncio.Task[None]) -> None:
         if self._keeping.get(model_id) is task:

@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -160,6 +160,25 @@ class Store:
             self._entries = [e for e in self._entries if e not in dropped]
             self._write()
         self._unlink(dropped)
+
+    def keep_only(self, models: Container[str]) -> list[Entry]:
+        """Forget the saves and rates of models not among `models` (the catalog): removed or
+        renamed, nothing would restore them, and they held disk until other saves pushed
+        them out. Returns the saves dropped."""
+        with self._lock:
+            gone = [e for e in self._entries if e.model not in models]
+            stale = [m for m in self._rates if m not in models]
+            if not gone and not stale:
+                return []
+            self._entries = [e for e in self._entries if e.model in models]
+            for m in stale:
+                del self._rates[m]
+            self._write()
+        self._unlink(gone)
+        for e in gone:
+            log.info("dropped the KV cache of model %s, slot %d: the model is no longer in "
+                     "the catalog", e.model, e.slot)
+        return gone
 
     def verify(self, e: Entry) -> str | None:
         """None if the file is as saved, else why not."""
