@@ -3,10 +3,12 @@ is still loaded when a new unit of that name is made."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llamad.systemd import bus
 from llamad.systemd.bus import UnitError
+from llamad.systemd.unitmemory import UnitMemory
 from llamad.systemd.units import UnitManager
 
 
@@ -71,12 +73,12 @@ async def test_a_start_no_longer_wanted_stops_nothing() -> None:
 class Properties:
     """Answers Properties.Get from a table: a value, or an error's text to raise."""
 
-    def __init__(self, **table: int | str) -> None:
+    def __init__(self, **table: int | str | bytes) -> None:
         self.table = table
         self.asked: list[str] = []
 
     async def call(self, path: bytes, iface: bytes, method: bytes, argv: Any,
-                   again: bool = True) -> int:
+                   again: bool = True) -> int | bytes:
         assert method == b"Get"
         prop = argv[-1][1].decode()  # apply_signature's (type, value) pairs
         self.asked.append(prop)
@@ -89,7 +91,8 @@ class Properties:
         pass
 
 
-async def test_memory_asks_for_two_properties_and_copes_without_a_peak(subtests) -> None:  # type: ignore[no-untyped-def]
+async def test_memory_asks_for_two_properties_and_copes_without_a_peak(  # type: ignore[no-untyped-def]
+        subtests, tmp_path: Path) -> None:
     """memory() asks systemd for MemoryCurrent and MemoryPeak alone, not the ~300 properties
     of status(). systemd before 256 (Debian 12's 252, on a cgroup v2 host) has no MemoryPeak:
     its error (the text below is what 252 answers) is taken once, and not asked again.
@@ -109,13 +112,15 @@ async def test_memory_asks_for_two_properties_and_copes_without_a_peak(subtests)
             systemd = Properties(**table)
             units = UnitManager(lambda name, props: None)
             units._caller = systemd  # type: ignore[assignment]
+            units._memory = UnitMemory(root=tmp_path)  # no cgroup v2 there: systemd asked
             assert [await units.memory(unit), await units.memory(unit)] == want
             assert systemd.asked == asked
 
 
-async def test_memory_passes_on_other_errors() -> None:
+async def test_memory_passes_on_other_errors(tmp_path: Path) -> None:
     """A unit gone meanwhile is the sampler's to handle (it falls back to the process)."""
     units = UnitManager(lambda name, props: None)
+    units._memory = UnitMemory(root=tmp_path)
     units._caller = Properties(  # type: ignore[assignment]
         MemoryCurrent=300, MemoryPeak="org.freedesktop.systemd1.NoSuchUnit: Unit m not loaded.")
     try:
@@ -182,3 +187,35 @@ async def test_list_ours_reads_a_unit_again_only_when_it_changed() -> None:
     systemd.units = {a: _unit(b"\x03", active="deactivating")}
     assert await listed() == {a: ("deactivating", "03", 0)}
     assert systemd.asked == ["List", "GetAll", "GetAll"]
+
+
+async def test_memory_under_cgroup_v2_is_read_from_the_cgroups_files(tmp_path: Path) -> None:
+    """Under cgroup v2 the kernel's memory.current and memory.peak are read: no D-Bus call
+    at every tick (each stalls the event loop for its round trip), and a peak where systemd
+    has none (252, Debian 12's). The cgroup is asked for once; a unit moved to another slice
+    (its directory gone) is asked for again, systemd answering meanwhile."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    unit = "llama-server@m.service"
+    where = tmp_path / "llama.slice" / unit
+    where.mkdir(parents=True)
+    (where / "memory.current").write_text("300\n")
+    (where / "memory.peak").write_text("500\n")
+    systemd = Properties(ControlGroup=f"/llama.slice/{unit}".encode(), MemoryCurrent=301,
+                         MemoryPeak="[err -53]: Unknown property MemoryPeak.")
+    units = UnitManager(lambda name, props: None)
+    units._caller = systemd  # type: ignore[assignment]
+    units._memory = UnitMemory(root=tmp_path)
+    assert [await units.memory(unit), await units.memory(unit)] == [(300, 500)] * 2
+    assert systemd.asked == ["ControlGroup"]
+    (where / "memory.peak").unlink()  # a kernel before 5.19
+    assert await units.memory(unit) == (300, None)
+    systemd.asked.clear()
+    (where / "memory.current").unlink()
+    systemd.table["ControlGroup"] = f"/other.slice/{unit}".encode()
+    assert await units.memory(unit) == (301, None)
+    assert systemd.asked == ["MemoryCurrent", "MemoryPeak"]
+    moved = tmp_path / "other.slice" / unit
+    moved.mkdir(parents=True)
+    (moved / "memory.current").write_text("700\n")
+    assert await units.memory(unit) == (700, None)
+    assert systemd.asked == ["MemoryCurrent", "MemoryPeak", "ControlGroup"]

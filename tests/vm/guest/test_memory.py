@@ -6,7 +6,7 @@
   ubatch, the preset's 64 tokens, over its slot's context; conftest.PRESETS.)
 - The learned figure (learned.json) is the cgroup's own peak (MemoryPeak), not a process's.
 - The RAM llamad shows in `llamad ps`, GET /status, GET /v1/models and /metrics is the
-  cgroup's memory.current.
+  cgroup's memory.current, which llamad's sandbox lets it read.
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ def test_ram_shown_everywhere_is_the_cgroups() -> None:
 
     wait_for("llamad ps to show /status's RAM", ps_same, 30, interval=1)
     assert int(current.read_text()) != _vm_rss(info["main_pid"])
+    # llamad reads these files itself (unitmemory.py), from inside its sandbox
+    # (ProtectControlGroups=, PrivateUsers=): seen from its namespaces, they are there.
+    llamad = show("llamad.service", "MainPID")
+    for name in ("memory.current", "memory.peak"):
+        seen = sh(f"nsenter -t {llamad} -m -U cat {current.parent / name}")
+        assert int(seen) > 0, name
 
 
 def _metric(name: str) -> int:
