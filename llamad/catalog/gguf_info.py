@@ -12,16 +12,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from llamad.catalog import files, ggufheader
-from llamad.catalog.ggufheader import (
-    ARCH_FIELDS,
-    EXPERTS,
-    LAYER_ARRAYS,
-    TEMPLATE_KEY,
-    FileHeader,
-    GGUFError,
-    Scalar,
-    TensorBytes,
-)
+from llamad.catalog.ggufheader import ARCH_FIELDS, LAYER_ARRAYS, TEMPLATE_KEY, FileHeader, Scalar
+from llamad.catalog.tensortable import EXPERTS, GGUFError, TensorBytes
 from llamad.statefile import read_json, write_json
 
 # What a header says lives in ggufheader.py; the catalog imports these names from here.
@@ -31,7 +23,7 @@ __all__ = ["EXPERTS", "TEMPLATE_KEY", "FileHeader", "GGUFError", "GGUFInfo", "In
 log = logging.getLogger("llamad.gguf")
 
 StatKey = tuple[int, int, int, int]
-CACHE_VERSION = 15  # 15: NextN layers; heads and feed-forward width per layer
+CACHE_VERSION = 16  # 16: the bytes llama.cpp repacks on x86 (TensorBytes.repack)
 
 
 # Slots: one per model stays ~350 bytes. As a dict, from 30 fields on Python 3.11 no

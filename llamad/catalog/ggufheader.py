@@ -22,16 +22,18 @@ be SIGBUS), so it costs about that much memory whatever the file claims.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
-import re
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+
+# The tensor table's sums (and GGUFError, which it raises too) live in tensortable.py.
+from llamad.catalog.tensortable import MAX_LAYERS as MAX_LAYERS
+from llamad.catalog.tensortable import GGUFError as GGUFError
+from llamad.catalog.tensortable import Tensor, TensorBytes
 
 Scalar = str | int | float | bool
 Value = Scalar | tuple[int, ...]  # a kept array: one of LAYER_ARRAYS
@@ -80,16 +82,9 @@ KEPT_ARCH_KEYS = tuple(ARCH_FIELDS.values())
 LAYER_ARRAYS = {"kv_heads": "attention.head_count_kv",
                 "swa_pattern": "attention.sliding_window_pattern",
                 "heads": "attention.head_count", "ff_lengths": "feed_forward_length"}
-# Tensors llama.cpp keeps with the input layer, which always stays on the host.
-INPUT_TENSORS = ("token_embd", "position_embd", "token_types", "per_layer_token_embd")
-# A mixture-of-experts layer's expert weights, as llama.cpp's --cpu-moe pattern names them.
-EXPERTS = re.compile(r"ffn_(up|down|gate_up|gate)_(ch|)exps")
-
 MAX_TENSORS = 65_536  # the biggest published models have a few thousand per file
 MAX_KEYS = 100_000  # real files have tens
 MAX_STRINGS = 8_000_000  # array strings per file: vocabularies and merges have up to ~1M
-MAX_LAYERS = 4096  # llama.cpp's own limit is 512 (LLAMA_MAX_LAYERS)
-MAX_KINDS = 4096  # tensor names within a layer (ffn_up.weight ...): real files have tens
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME less its NUL: llama.cpp refuses longer tensor names
 MAX_KEPT = 4096  # bytes of a kept string value
@@ -112,94 +107,9 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _HEAD = struct.Struct("<4sIQQ")
 
 
-class GGUFError(Exception):
-    """The file is not a complete, readable GGUF file; the message says why."""
-
-
 class TooSlow(GGUFError):
     """Reading the header took more than CPU_SECONDS: on a busy or emulated machine a real
     file can, so this refusal is not remembered (InfoCache): the next scan reads it again."""
-
-
-class TensorBytes(NamedTuple):
-    """The tensor table boiled down to what placement needs: bytes per repeating layer
-    (`blk.N.*`), of the input layer (token embeddings, kept on the host), and of the output
-    layer (everything else: output norm and head). Without an `output.weight` tensor the head
-    is tied to the token embedding, which llama.cpp then also copies to the output's device.
-    For tensor overrides (--cpu-moe, --n-cpu-moe, -ot): the expert weights per layer, and
-    per tensor name within a layer (`ffn_up.weight`) its bytes over all layers and in how
-    many layers it is."""
-
-    layers: tuple[int, ...] = ()
-    input: int = 0
-    output: int = 0
-    tied: bool = True
-    vocab: int = 0  # token embedding rows
-    experts: tuple[int, ...] = ()  # bytes of blk.N.ffn_*_exps per layer; () for dense models
-    kinds: tuple[tuple[str, int, int], ...] = ()  # (name in the layer, bytes, layers)
-
-    @classmethod
-    def of(cls, tensors: Iterable[tuple[str, int, int]]) -> TensorBytes:
-        """From (name, bytes, last dimension) per tensor."""
-        layers: dict[int, int] = {}
-        experts: dict[int, int] = {}
-        kinds: dict[str, tuple[int, int]] = {}
-        inp, out, vocab, tied = 0, 0, 0, True
-        for name, size, rows in tensors:
-            block = _block(name)
-            if block is not None:
-                layers[block] = layers.get(block, 0) + size
-                kind = name.split(".", 2)[2] if name.count(".") >= 2 else ""
-                total, count = kinds.get(kind, (0, 0))
-                kinds[kind] = (total + size, count + 1)
-                if len(kinds) > MAX_KINDS:
-                    raise GGUFError(f"names more than {MAX_KINDS} kinds of layer tensors")
-                if EXPERTS.search(kind):
-                    experts[block] = experts.get(block, 0) + size
-            elif name.startswith(INPUT_TENSORS):
-                inp += size
-                vocab = rows if name == "token_embd.weight" else vocab
-            else:
-                out += size
-                tied = tied and name != "output.weight"
-        n = max(layers, default=-1) + 1
-        return cls(tuple(layers.get(i, 0) for i in range(n)), inp, out, tied, vocab,
-                   tuple(experts.get(i, 0) for i in range(n)) if experts else (),
-                   tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
-
-    def plus(self, other: TensorBytes) -> TensorBytes:
-        """Two shards of one model together."""
-        kinds = {k: (t, c) for k, t, c in self.kinds}
-        for k, t, c in other.kinds:
-            total, count = kinds.get(k, (0, 0))
-            kinds[k] = (total + t, count + c)
-        return TensorBytes(_add(self.layers, other.layers), self.input + other.input,
-                           self.output + other.output, self.tied and other.tied,
-                           self.vocab or other.vocab, _add(self.experts, other.experts),
-                           tuple((k, t, c) for k, (t, c) in sorted(kinds.items())))
-
-    @classmethod
-    def load(cls, value: list[Any]) -> TensorBytes:
-        """From its JSON form in the header cache (lists for tuples)."""
-        layers, inp, out, tied, vocab, experts, kinds = value
-        return cls(tuple(layers), inp, out, tied, vocab, tuple(experts),
-                   tuple((str(k), int(t), int(c)) for k, t, c in kinds))
-
-
-def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(map(sum, itertools.zip_longest(a, b, fillvalue=0)))
-
-
-def _block(name: str) -> int | None:
-    if not name.startswith("blk."):
-        return None
-    number = name[4:].partition(".")[0]
-    if not number.isdigit():
-        return None
-    if len(number) > 6 or int(number) >= MAX_LAYERS:
-        raise GGUFError(f"names a tensor of layer {number[:12]}; llamad reads at most "
-                        f"{MAX_LAYERS} layers")
-    return int(number)
 
 
 @dataclass(frozen=True)
@@ -416,8 +326,8 @@ class _Tally:
         self.types: Counter[str] = Counter()
 
 
-def _tensors(src: _Source, count: int, tally: _Tally) -> Iterator[tuple[str, int, int]]:
-    """(name, bytes, last dimension) of each tensor info, tallied as they pass."""
+def _tensors(src: _Source, count: int, tally: _Tally) -> Iterator[Tensor]:
+    """Each tensor info, tallied as they pass."""
     types, _ = _ggml()
     for i in range(count):
         name = src.take(src.string_length(MAX_NAME)).decode("utf-8", "replace")
@@ -439,7 +349,7 @@ def _tensors(src: _Source, count: int, tally: _Tally) -> Iterator[tuple[str, int
             tally.types[type_name] += 1
         if i % _CHECK_EVERY == 0:
             src.tick()
-        yield name, nbytes, shape[-1] if dims > 1 else 0
+        yield Tensor(name, nbytes, shape, type_name)
 
 
 def _counts(src: _Source) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from llamad.catalog import rpcargs
 from llamad.catalog.gguf_info import Projector, TensorBytes
-from llamad.memory import feedforward, layers, overrides, pipeline, placement, projector
+from llamad.memory import feedforward, layers, overrides, pipeline, placement, projector, repack
 from llamad.memory.layers import ModelInfo
 from llamad.memory.learned import Learned
 from llamad.memory.serverargs import ServerArgs, parse_args
@@ -25,8 +25,9 @@ __all__ = ["ModelInfo", "ServerArgs", "parse_args"]  # re-exported: read through
 
 # Host memory of llama-server itself beyond its buffers: code, vocabulary, HTTP server and
 # the buffers' small change (measured on this CPU build: 20.5 MiB anonymous plus 6 MiB of
-# binary), with room for x86 repacked weight copies (12.7 MiB for Gemma 3 270M).
-PROCESS_RAM = 64 * MIB
+# binary). It once held room for x86's repacked weights too (12.7 MiB for Gemma 3 270M),
+# which are counted apart now (repack.py): a 186 MiB Q4_0 model's 132 MiB did not fit it.
+PROCESS_RAM = 52 * MIB
 # A CUDA process on a GPU before its first buffer: the context, cuBLAS' workspace, kernels.
 # Measured 588-590 MiB on an H100 (driver 580, CUDA 13); it depends on GPU and driver, so
 # llamad learns it per GPU (learned.GpuCosts) and uses this until the first load.
@@ -72,6 +73,7 @@ class Estimate:
     ctx: int  # KV cells of a full-attention layer: the context all slots share
     mapped: int = 0  # bytes of `total.ram` that are file pages (model, libraries)
     locked: int = 0  # bytes of `mapped` that -lm mmap+mlock locks
+    repacked: int = 0  # bytes of `weights.ram` that are the CPU's copies (repack.py): anonymous
 
     @property
     def total(self) -> Memory:
@@ -109,7 +111,8 @@ class _Plan:
 
 
 def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int = CUDA_FIXED,
-             n_gpus: int = 1, draft: ModelInfo | None = None, adapters: int = 0) -> Estimate:
+             n_gpus: int = 1, draft: ModelInfo | None = None, adapters: int = 0,
+             cpu_repacks: bool | None = None) -> Estimate:
     """Estimated RAM and VRAM of llama-server running this model with these arguments.
 
     `gpu`: the machine has a GPU to offload to (and llama-server is a CUDA build);
@@ -117,12 +120,14 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
     over; `draft`: the draft model's metadata, when the arguments load one (--model-draft).
     `adapters`: bytes of the LoRA adapters they load (overrides.adapter_bytes), placed as
     their layers are. The projector (--mmproj) comes from `info.projector`. Unknown metadata
-    makes the estimate cruder, never smaller than the weights.
+    makes the estimate cruder, never smaller than the weights. `cpu_repacks`: whether the
+    CPU llama-server runs on repacks weights (repack.py); None: this machine's.
     """
     s = parse_args(args)
     info = overrides.header(info, s)
     plan = _Plan.of(info.block_count or 0, s.gpu_layers, gpu)
-    main = _parts(info, s, plan, n_gpus)
+    cpu = repack.here() if cpu_repacks is None else cpu_repacks
+    main = _parts(info, s, plan, n_gpus, repack.copies(s, cpu=cpu, gpu=gpu))
     lora = adapters * (plan.n_layer - plan.i_start) // plan.n_layer if plan.n_layer else 0
     extras = [_projector(getattr(info, "projector", None), s, plan),
               Estimate(Memory(adapters - lora, lora), Memory(), Memory(), Memory(), 0)]
@@ -132,7 +137,7 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
             cache_type_v=s.draft_cache_type_v, n_cpu_moe=s.draft_n_cpu_moe, n_cpu_ffn=0,
             overrides=s.draft_overrides)
         extras.append(_parts(draft, ds, _Plan.of(draft.block_count or 0, ds.gpu_layers, gpu),
-                             n_gpus))
+                             n_gpus, repack.copies(ds, cpu=cpu, gpu=gpu)))
     on_gpu = plan.any or any(e.weights.vram for e in extras)
     ram = PROCESS_RAM + (CUDA_LIBS_RAM if gpu else 0) + (CUDA_RUNTIME_RAM if on_gpu else 0)
     overhead = Memory(ram, cuda_fixed * max(1, n_gpus) if on_gpu else 0)
@@ -140,17 +145,31 @@ def estimate(info: ModelInfo, args: Sequence[str], *, gpu: bool, cuda_fixed: int
                     _sum(main.kv, *(e.kv for e in extras)),
                     _sum(main.compute, *(e.compute for e in extras)), overhead, main.ctx,
                     mapped=sum(e.mapped for e in (main, *extras)) + (CUDA_LIBS_RAM if gpu else 0),
-                    locked=main.locked + sum(e.mapped for e in extras))
+                    locked=main.locked + sum(e.mapped for e in extras),
+                    repacked=sum(e.repacked for e in (main, *extras)))
 
 
-def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan, devices: int = 1) -> Estimate:
-    """One model's weights, KV cache and compute buffers (no process overhead)."""
+def _parts(info: ModelInfo, s: ServerArgs, plan: _Plan, devices: int = 1,
+           copies: bool = False) -> Estimate:
+    """One model's weights, KV cache and compute buffers (no process overhead); `copies`:
+    the CPU copies the host's matrices (repack.py), anonymous memory beside the file's."""
     moved = placement.moved(info, s, plan.i_start, plan.n_layer) if plan.any else 0
     weights, mapped, locked = _weights(info, s, plan, moved)
+    copied = _copied(info, s, plan, copies, moved)
     ctx, kv = _kv(info, s, plan)
     compute = _compute(info, s, plan, moved > 0, devices)
-    return Estimate(weights, _sum(kv, _state(info, s, plan)), compute, Memory(), ctx, mapped,
-                    locked)
+    return Estimate(_sum(weights, Memory(copied, 0)), _sum(kv, _state(info, s, plan)), compute,
+                    Memory(), ctx, mapped, locked, copied)
+
+
+def _copied(info: ModelInfo, s: ServerArgs, plan: _Plan, copies: bool, moved: int = 0) -> int:
+    """Bytes the CPU copies of the matrices the host holds (repack.py): of its share of the
+    repeating layers' bytes (with `moved` bytes overrides keep there) and of the head."""
+    table: TensorBytes | None = getattr(info, "tensors", None)
+    if table is None or not copies:
+        return 0
+    host = sum(b for i, b in enumerate(_loaded(info, s, table)) if not plan.on_gpu(i)) + moved
+    return repack.host_bytes(table, host / (sum(table.layers) or 1), not plan.output)
 
 
 def _sum(*parts: Memory) -> Memory:
@@ -188,8 +207,10 @@ def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
     ctx, kv = _kv(info, s, plan)
     compute = _compute(info, s, plan, devices=len(rpcargs.workers(args)))
     mapped = host if s.load_mode in ("auto", "mmap", "mmap+mlock") else 0
-    return Estimate(Memory(host, remote), kv, compute, Memory(PROCESS_RAM + largest, 0), ctx,
-                    mapped=mapped)
+    # RPC devices have no host buffer type: the host's matrices are copied as on a CPU alone.
+    copied = _copied(info, s, plan, repack.copies(s, cpu=repack.here(), gpu=False))
+    return Estimate(Memory(host + copied, remote), kv, compute, Memory(PROCESS_RAM + largest, 0),
+                    ctx, mapped=mapped, repacked=copied)
 
 
 def _rpc_split(info: ModelInfo, s: ServerArgs, plan: _Plan) -> tuple[int, int, int]:
@@ -446,23 +467,24 @@ def checkpoints(info: ModelInfo, args: Sequence[str]) -> int:
 
 def need(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
          cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None,
-         adapters: int = 0) -> Memory:
+         adapters: int = 0, cpu_repacks: bool | None = None) -> Memory:
     """What the scheduler should plan for: the learned figures, the estimate where none."""
     return needs(info, args, learned, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus,
-                 draft=draft, adapters=adapters)[0]
+                 draft=draft, adapters=adapters, cpu_repacks=cpu_repacks)[0]
 
 
 def needs(info: ModelInfo, args: Sequence[str], learned: Learned | None, *, gpu: bool,
           cuda_fixed: int = CUDA_FIXED, n_gpus: int = 1, draft: ModelInfo | None = None,
-          adapters: int = 0) -> tuple[Memory, Memory]:
+          adapters: int = 0, cpu_repacks: bool | None = None) -> tuple[Memory, Memory]:
     """(need, floor): what to plan for, and the part of it a load cannot do without.
 
     The floor leaves out the file pages (the weights mapped or read, the CUDA libraries):
     clean page cache the kernel drops and reads again, so llama-server loads a model larger
     than the RAM free (it copies the GPU's tensors out of the mapping and unmaps them; on
-    the CPU it reads pages again as it needs them). Locked pages (-lm mmap+mlock) stay."""
+    the CPU it reads pages again as it needs them). Locked pages (-lm mmap+mlock) stay, and
+    so do the CPU's copies of the weights (repack.py), counted before a first load too."""
     est = estimate(info, args, gpu=gpu, cuda_fixed=cuda_fixed, n_gpus=n_gpus, draft=draft,
-                   adapters=adapters)
+                   adapters=adapters, cpu_repacks=cpu_repacks)
     total = est.total
     if learned is None or not learned.ram:
         found = total

@@ -32,6 +32,8 @@ class ServerArgs:
     kv_offload: bool = True
     flash_attn: str = "auto"  # auto resolves to on wherever the backend supports it
     load_mode: str = "auto"  # auto and mmap map the file; none and mlock read it; dio bypasses
+    repack: bool = True  # -nr: no copies of the weights for the CPU's kernels (repack.py)
+    no_host: bool = False  # --no-host: the host's weights on a GPU machine may be repacked
     # Tensors kept on the host although their layer is on the GPU: the expert weights of the
     # first n_cpu_moe layers (--n-cpu-moe; --cpu-moe: all), and -ot PATTERN=BUFFER pairs.
     n_cpu_moe: int = 0
@@ -84,6 +86,7 @@ _SWITCHES = {
     "--kv-offload": ("kv_offload", True), "--mmproj-offload": ("mmproj_offload", True),
     "--cpu-moe": ("n_cpu_moe", ALL_LAYERS), "--cpu-moe-draft": ("draft_n_cpu_moe", ALL_LAYERS),
     "--embeddings": ("embedding", True), "--reranking": ("embedding", True),
+    "--repack": ("repack", True), "--no-host": ("no_host", True),
 }
 _OVERRIDES = {"--override-tensor": "overrides", "--override-tensor-draft": "draft_overrides"}
 _PRESENT = {"--mmproj": "mmproj", "--model-draft": "draft"}
@@ -193,7 +196,8 @@ def _settings(found: dict[str, object]) -> ServerArgs:
         ubatch=max(1, _number(found, "ubatch", 512)), batch=max(1, _number(found, "batch", 2048)),
         swa_full=bool(found.get("swa_full", False)), kv_offload=bool(found.get("kv_offload", True)),
         flash_attn=fa,
-        load_mode=text("load_mode", "auto"),
+        load_mode=text("load_mode", "auto"), repack=bool(found.get("repack", True)),
+        no_host=bool(found.get("no_host", False)),
         n_cpu_moe=max(0, _number(found, "n_cpu_moe", 0)), overrides=pairs("overrides"),
         split_mode=text("split_mode", "layer"), tensor_split=_split(text("tensor_split", "")),
         mmproj=bool(found.get("mmproj", False)),
