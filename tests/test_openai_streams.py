@@ -97,3 +97,19 @@ async def test_a_conversation_outlives_a_client_that_leaves_while_the_model_load
             # The request still reached the model, whose stream keeps the answer.
             await eventually("the request to be done with", lambda: slot.served == 1)
             assert sent == ["c2"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_stream_refused_before_any_wait_keeps_its_status(tmp_path: Path,
+                                                                  path: str) -> None:
+    """A model that failed is refused at once (an explicit load retries it): nothing loads,
+    so no progress goes out and the 503 is the client's, as the router's 500 is (SDKs pick
+    the exception, and whether to retry, by it)."""
+    async with serving(tmp_path, ["tiny-a"]) as r, TestClient(TestServer(app(r.sup))) as client:
+        await r.sup.load(r.slot("tiny-a"))
+        slot = await r.started("tiny-a")
+        r.units.gone(r.sup, slot.unit, result="exit-code")
+        await r.state("tiny-a", State.FAILED)
+        async with client.post(path, json=CHAT) as resp:
+            assert resp.status == 503, await resp.text()
+            assert (await resp.json())["error"]["code"] == "model_failed"

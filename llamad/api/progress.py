@@ -89,6 +89,8 @@ class Wait:
             self._ticker = None
 
     async def _tick(self) -> None:
+        if self._stop.is_set():
+            return  # the wait ended before the first comment: the status line is not ours
         resp = self.response
         resp.headers.update(SSE_HEADERS)
         await resp.prepare(self.request)
