@@ -11,9 +11,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 from helpers.ports import free_port
 from helpers.watch import eventually
@@ -86,9 +89,13 @@ async def host_app(name: str) -> web.AppRunner:
     async def chat(request: web.Request) -> web.Response:
         return web.json_response({"host": name, "model": (await request.json())["model"]})
 
+    async def other(request: web.Request) -> web.Response:
+        return web.json_response({"host": name})
+
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_route("*", "/{tail:.*}", other)
     runner = web.AppRunner(app)
     await runner.setup()
     return runner
@@ -144,3 +151,40 @@ async def test_routes_by_model_and_fails_over(
         await runners[second].cleanup()
         after = {m: await post(s, url, m) for m in [*names, "pinned"]}
         assert after == {m: (200, first) for m in [*names, "pinned"]}, after
+
+
+def named_elsewhere(model: str) -> list[tuple[str, str, Any]]:
+    """Requests that name `model` elsewhere than in a body's "model": llama.cpp's web UI
+    asks GET /props?model= when a model is picked, and looks up and resumes its streams
+    as CONVERSATION::MODEL; a client asks a model's entry or journal by its path."""
+    q = quote(model, safe="")
+    conv = quote(f"chat-1::{model}", safe="")
+    gets = [f"/props?model={q}&autoload=false", f"/props?model={q}", f"/slots?model={q}",
+            f"/metrics?model={q}", f"/lora-adapters?model={q}", f"/v1/models/{q}",
+            f"/logs/stream/{q}", f"/v1/stream?conv_id={conv}&from=0"]
+    return [*(("GET", path, None) for path in gets), ("DELETE", f"/v1/models/{model}", None),
+            ("DELETE", f"/v1/stream?conv_id={conv}", None),
+            ("POST", "/v1/streams/lookup", {"conversation_ids": [f"chat-1::{model}"]})]
+
+
+async def test_a_model_named_in_the_query_or_path_reaches_its_host(
+        two_hosts: tuple[str, dict[str, web.AppRunner]]) -> None:
+    """round 2: only the body's "model" was read, so these went round-robin: GET
+    /props?model=M loaded M on a host where its chat requests never go (a second copy, or
+    "not loaded" to the web UI while M served on its own host)."""
+    url, runners = two_hosts
+    names = [f"org/model-{i}" for i in range(8)]
+    async with aiohttp.ClientSession() as s:
+        async def up() -> bool:
+            return (await post(s, url, "pinned"))[0] == 200
+        await eventually("haproxy to come up", up, timeout=10, every=0.05)
+        home = {m: (await post(s, url, m))[1] for m in names}
+        assert set(home.values()) == set(runners), home
+
+        async def who(method: str, path: str, body: Any) -> str:
+            async with s.request(method, yarl.URL(url + path, encoded=True), json=body) as r:
+                return str((await r.json())["host"])
+        wrong = [(m, method, path, host) for m in names
+                 for method, path, body in named_elsewhere(m) for _ in range(2)
+                 if (host := await who(method, path, body)) != home[m]]
+    assert not wrong, wrong

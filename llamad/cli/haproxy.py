@@ -2,12 +2,14 @@
 prints from a list of hosts (docs/scaling.md explains it,
 tests/integration/test_haproxy_fleet.py runs it).
 
-Each model lives on one host: requests are hashed on the JSON body's "model" with
-consistent hashing (a host that leaves or joins moves only its own share of the models), or
-pinned to a host with `--place MODEL=HOST:PORT` (ignored while that host is down). Every
-host's /health is checked each second; two failures take it out (llamad answers 503 there
-while draining, see fleet.py), two successes bring it back. A request that cannot reach
-its host, or gets no answer at all, is sent to the next host.
+Each model lives on one host: requests are hashed on the model they name (the JSON body's
+"model", else `?model=`, the path of /v1/models/ID and /logs/stream/ID, or a stream's
+CONVERSATION::MODEL) with consistent hashing (a host that leaves or joins moves only its
+own share of the models), or pinned to a host with `--place MODEL=HOST:PORT` (ignored
+while that host is down). Every host's /health is checked each second; two failures take
+it out (llamad answers 503 there while draining, see fleet.py), two successes bring it
+back. A request that cannot reach its host, or gets no answer at all, is sent to the next
+host.
 """
 
 from __future__ import annotations
@@ -27,6 +29,24 @@ _MODEL = re.compile(r"[A-Za-z0-9._:/@+][A-Za-z0-9._:/@+-]*")
 # "model" lies beyond it is balanced round-robin: a cold load on another host, not an error.
 BUFSIZE = 262144
 CHECK_EVERY = "1s"
+_UNSET = "if !{ var(txn.model) -m found }"
+# Requests that name their model elsewhere than in a JSON body go to that model's host
+# too: round-robin, GET /props?model=M (which llama.cpp's web UI asks when M is picked)
+# loaded M on a second host, and a stream was resumed where it never ran. Decoded, as the
+# body's name is: "org%2Fm" and "org/m" are one model, hashed alike.
+_ELSEWHERE = (
+    "    # GET /props?model=, /slots?model=, /metrics?model=, /lora-adapters?model=",
+    f"    http-request set-var(txn.model) url_param(model),url_dec {_UNSET}",
+    "    # GET /v1/models/ID, DELETE /v1/models/ID, GET /logs/stream/ID",
+    *(f"    http-request set-var(txn.model) path,regsub(^{p},),url_dec {_UNSET} "
+      f"{{ path_beg {p} }}" for p in ("/v1/models/", "/logs/stream/")),
+    "    # A stream resumed, stopped or looked up: CONVERSATION::MODEL (llama.cpp's web UI;",
+    "    # a lookup of several models' conversations goes to the first one's host)",
+    "    http-request set-var(txn.model) url_param(conv_id),url_dec,regsub(^.*::,) "
+    f"{_UNSET} {{ url_param(conv_id),url_dec -m sub :: }}",
+    "    http-request set-var(txn.model) req.body,json_query('$.conversation_ids[0]'),"
+    f"regsub(^.*::,) {_UNSET} {{ req.body,json_query('$.conversation_ids[0]') -m sub :: }}",
+)
 
 
 def host(text: str) -> str:
@@ -93,6 +113,7 @@ def config(hosts: Sequence[str], listen: str, place: Mapping[str, str] | None = 
         f"    bind {listen}",
         "    option http-buffer-request",
         "    http-request set-var(txn.model) req.body,json_query('$.model')",
+        *_ELSEWHERE,
         "    default_backend llamad_hosts",
         "",
         "backend llamad_hosts",
