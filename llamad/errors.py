@@ -56,6 +56,16 @@ class NotFound(LlamadError):
     code = "model_not_found"
 
 
+def unknown_model(name: str, peers: bool) -> NotFound:
+    """A model this llamad does not serve. With peers, GET /v1/models also lists the other
+    hosts' models: sending a user back there alone would not say why it is listed."""
+    if peers:
+        return NotFound(f"model {name!r} is not served by this host; GET /v1/models lists the "
+                        "fleet's models with the host of each (llamad.host): send the request "
+                        "there, or through the fleet's HAProxy (llamad haproxy-config)")
+    return NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
+
+
 class Unavailable(LlamadError):
     """The model cannot serve now; the client may retry after `retry_after` seconds."""
 

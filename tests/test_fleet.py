@@ -15,12 +15,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers.ports import refused_url
+from helpers.supervised import serving
 from helpers.watch import eventually
 
-from llamad.api import fleet
+from llamad.api import fleet, proxy
 from llamad.config import load_config
 from llamad.errors import ConfigError
-from llamad.http import keys
+from llamad.http import keys, limits, record
+from llamad.http.context import SUPERVISOR
 from llamad.http.middleware import error_middleware
 
 LOCAL = b'{"object": "list", "data": [{"id": "a", "llamad": {"state": "ready"}}]}'
@@ -198,3 +200,23 @@ async def test_a_peer_entry_whose_llamad_field_is_not_an_object_still_gets_its_h
     assert [(m["id"], m["llamad"]) for m in body["data"]] == [
         ("a", {"state": "ready"}), ("b", {"host": url}), ("c", {"host": url})]
     assert body["peers"] == [{"url": url, "models": 2}]  # not 7, nor "d": not entries
+
+
+async def test_a_model_of_another_host_is_404_saying_where_to_send_it(tmp_path: Path) -> None:
+    """With peers, GET /v1/models lists the other hosts' models too: a request for one of
+    them here was told to look at GET /v1/models, which lists it."""
+    for peers, said in (((), "is not known to llamad"),
+                        (("http://10.0.0.9:8080",), "is not served by this host")):
+        async with serving(tmp_path / str(len(peers)), ["tiny-a"], peers=peers) as r:
+            lim = limits.Limits(r.sup.config)
+            app = web.Application(middlewares=[error_middleware, lim.middleware, lim.admit,
+                                               record.middleware([])])
+            app[limits.LIMITS], app[SUPERVISOR] = lim, r.sup
+            app.on_cleanup.append(lim.close)
+            proxy.add_routes(app)
+            async with TestClient(TestServer(app)) as client, client.post(
+                    "/v1/chat/completions", json={"model": "beta", "messages": []}) as resp:
+                assert resp.status == 404
+                message = (await resp.json())["error"]["message"]
+                assert message.startswith(f"model 'beta' {said}"), message
+                assert ("llamad.host" in message) == bool(peers)

@@ -30,8 +30,9 @@ def supervisor(request: web.Request) -> Supervisor:
 
 def resolve(request: web.Request, name: object) -> Slot:
     """The model a request names, as far as its API key may see it (keys.py)."""
-    slot = supervisor(request).resolve(name)
-    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    sup = supervisor(request)
+    slot = sup.resolve(name)
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name), bool(sup.config.peers))
     return slot
 
 
@@ -41,7 +42,7 @@ async def find(request: web.Request, name: object) -> Slot:
     is coming."""
     sup = supervisor(request)
     slot = await sup.find(name) if keys.may_use(request, str(name)) else sup.resolve(name)
-    keys.check_model(request, slot.model.id, slot.model.aliases, str(name))
+    keys.check_model(request, slot.model.id, slot.model.aliases, str(name), bool(sup.config.peers))
     return slot
 
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from llamad.errors import ConfigError, LlamadError, NotFound
+from llamad.errors import ConfigError, LlamadError, unknown_model
 
 log = logging.getLogger("llamad.keys")
 
@@ -233,7 +233,7 @@ def may_use(request: web.Request, model_id: str, aliases: Iterable[str] = ()) ->
 
 
 def check_model(request: web.Request, model_id: str, aliases: Iterable[str],
-                name: str) -> None:
+                name: str, peers: bool) -> None:
     """A scoped key's other models look exactly like unknown ones."""
     if not may_use(request, model_id, aliases):
-        raise NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
+        raise unknown_model(name, peers)

@@ -17,6 +17,7 @@ from llamad.errors import (
     NotFound,
     TooManyRequests,
     Unavailable,
+    unknown_model,
 )
 from llamad.supervisor import backend as be
 from llamad.supervisor.events import Cause, State
@@ -65,7 +66,7 @@ class Admission(Lifecycle):
                              code="model_required")
         model = self.snapshot.resolve(name)
         if model is None or model.id not in self.slots:
-            raise NotFound(f"model {name!r} is not known to llamad; GET /v1/models lists them")
+            raise unknown_model(name, bool(self.config.peers))
         return self.slots[model.id]
 
     @contextlib.asynccontextmanager
