@@ -113,3 +113,21 @@ async def test_a_stream_refused_before_any_wait_keeps_its_status(tmp_path: Path,
         async with client.post(path, json=CHAT) as resp:
             assert resp.status == 503, await resp.text()
             assert (await resp.json())["error"]["code"] == "model_failed"
+
+
+async def test_autoload_true_in_the_query_loads_where_models_autoload_is_off(
+        tmp_path: Path) -> None:
+    """Router mode takes ?autoload= over --no-models-autoload, both ways: llamad checked the
+    query at the door, then refused the load by the configuration alone."""
+    async with serving(tmp_path, ["tiny-a"], models_autoload=False) as r, \
+            TestClient(TestServer(app(r.sup))) as client:
+        async with client.post("/v1/chat/completions", json={**CHAT, "stream": False}) as resp:
+            assert resp.status == 400 and "autoload is off" in await resp.text()
+        pending = asyncio.ensure_future(client.post(
+            "/v1/chat/completions?autoload=true", json={**CHAT, "stream": False}))
+        slot = await r.started("tiny-a")
+        r.units.active(r.sup, slot.unit)
+        resp = await pending
+        # The fake llama-server answers /health and /props alone: its 404 says it was asked.
+        assert (resp.status, await resp.text()) == (404, "404: Not Found")
+        assert slot.state is State.READY and slot.served == 1

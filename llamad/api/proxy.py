@@ -140,7 +140,7 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
                          code="model_not_loaded")
     async with wait:  # an error once load progress went out ends the stream instead
         try:
-            async with sup.use(slot, keep_alive) as backend:
+            async with sup.use(slot, keep_alive, load=load) as backend:
                 if sup.config.debug_request_delay:
                     await asyncio.sleep(sup.config.debug_request_delay)
                 return await send(request, backend, body, watch(sup, slot, backend),
@@ -150,7 +150,7 @@ async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
                 raise
             # Nothing came back, so the model never answered: once systemd has restarted
             # the backend (use() waits for that), send it one more time.
-            async with sup.use(slot, keep_alive) as backend:
+            async with sup.use(slot, keep_alive, load=load) as backend:
                 return await send(request, backend, body, watch(sup, slot, backend),
                                   await wait.done())
     return wait.response
