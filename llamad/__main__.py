@@ -104,13 +104,24 @@ def _count(most: int) -> Callable[[str], int]:
     return parse
 
 
+def _listen(text: str) -> str:
+    """An argparse type: HOST:PORT as llamad.conf's listen takes it (an empty HOST is
+    loopback), checked before anything binds, where it was a traceback."""
+    config = importlib.import_module("llamad.config")
+    if not config.valid_listen("127.0.0.1" + text if text.startswith(":") else text, 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, PORT from 0 (any "
+                                         "free one) to 65535, such as 127.0.0.1:8080")
+    return text
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="PATH",
                    help="configuration file (default /etc/llamad/llamad.conf)")
 
 
 def add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("models", help="list the models llamad would serve")
+    p = sub.add_parser("models", aliases=["list", "ls"],  # Ollama's words for it
+                       help="list the models llamad would serve")
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=lambda a: imported("cli.models").cmd_models(a.config, a.json))
@@ -125,15 +136,16 @@ def add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the proxy (socket-activated under systemd)")
     _config_arg(p)
-    p.add_argument("--listen", metavar="HOST:PORT",
+    p.add_argument("--listen", metavar="HOST:PORT", type=_listen,
                    help="listen here when systemd passes no socket (default: config's listen)")
     p.set_defaults(func=lambda a: imported("app").run(a.config, a.listen))
 
 
 def _client_args(p: argparse.ArgumentParser, json_help: str = "print JSON") -> None:
     _config_arg(p)
-    p.add_argument("--url", help=f"llamad's address (default: ${ENV_URL}, else the "
-                   "config's listen); the API key comes from $" + ENV_KEY)
+    p.add_argument("--url", help=f"llamad's address (default: ${ENV_URL}, else where "
+                   "llamad.socket listens, else the config's listen); the API key comes "
+                   "from $" + ENV_KEY)
     p.add_argument("--json", action="store_true", help=json_help)
 
 
@@ -153,7 +165,8 @@ def add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def add_unload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("unload", help="unload a model once its requests have finished")
+    p = sub.add_parser("unload", aliases=["stop"],  # `ollama stop MODEL`
+                       help="unload a model once its requests have finished")
     p.add_argument("model")
     _client_args(p)
     p.set_defaults(func=lambda a: imported("cli.ctl").cmd_unload(_client(a), a.model, a.json))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from configobj import ConfigObj, ConfigObjError, DuplicateError, flatten_errors, get_extra_values
 from validate import Validator
 
 from llamad.errors import ConfigError
@@ -39,13 +39,14 @@ def _seconds(least: float, default: float, note: str = "") -> tuple[str, str]:
 # syntax; the second column is what an error message tells the user.
 SPEC: dict[str, tuple[str, str]] = {
     "models-dir": ("force_list(default=list('/var/lib/llamad/models'))",
-                   "one or more directory paths separated by commas"),
+                   "one or more absolute directory paths separated by commas"),
     "llama-cache": ("boolean(default=yes)", "yes or no"),
-    "llama-cache-dir": ("string(default='')", "a directory path or empty"),
+    "llama-cache-dir": ("string(default='')", "an absolute directory path or empty"),
     "ollama-models": ("string(default='/usr/share/ollama/.ollama/models')",
-                      "a directory path or empty"),
-    "models-preset": ("string(default=None)", "a file path or empty"),
-    "llama-server": ("string(default='')", "the path of the llama-server binary"),
+                      "an absolute directory path or empty"),
+    "models-preset": ("string(default=None)", "an absolute file path or empty"),
+    "llama-server": ("string(default='')", "the absolute path of the llama-server binary, "
+                     "or empty for /usr/bin's or /usr/local/bin's"),
     "args": ("string(default='')", "llama-server arguments in shell syntax"),
     "models-max": ("integer(min=0, default=4)", "a whole number >= 0 (0 = unlimited)"),
     "models-autoload": ("boolean(default=yes)", "yes or no"),
@@ -57,7 +58,7 @@ SPEC: dict[str, tuple[str, str]] = {
                "HOST:PORT, PORT from 1 to 65535, such as 127.0.0.1:8080 or [::1]:8080"),
     "idle-ttl": _seconds(0, 0, " (0 = never)"),
     "idle-exit": _seconds(0, 0, " (0 = never)"),
-    "api-keys-file": ("string(default='')", "a file path or empty"),
+    "api-keys-file": ("string(default='')", "an absolute file path or empty"),
     "allowed-hosts": ("force_list(default=list())",
                       "host names separated by commas, or * for any"),
     "cors-origins": ("force_list(default=list())",
@@ -76,7 +77,9 @@ SPEC: dict[str, tuple[str, str]] = {
     "send-timeout": _seconds(1, 60),
     "stop-timeout": _seconds(0, 10),
     "restart-sec": _seconds(0, 2),
-    "start-limit-burst": ("integer(min=0, default=3)", "a whole number >= 0"),
+    # systemd's StartLimitBurst= is an unsigned 32-bit number (D-Bus `u`).
+    "start-limit-burst": ("integer(min=0, max=4294967295, default=3)",
+                          "a whole number from 0 to 4294967295"),
     "start-limit-interval": _seconds(0, 60),
     "unit-user": ("string(default='dynamic')", "dynamic or a user name"),
     "memory-reserve-mb": ("integer(min=0, default=1024)", "a whole number of MiB >= 0"),
@@ -102,7 +105,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "peers": ("force_list(default=list())",
               "other llamads' URLs such as http://10.0.0.3:8080 separated by commas"),
     "peer-timeout": ("float(min=0.1, max=60, default=2)", "seconds from 0.1 to 60"),
-    "peer-key-file": ("string(default='')", "a file path or empty"),
+    "peer-key-file": ("string(default='')", "an absolute file path or empty"),
     "shutdown-grace": ("float(min=0, max=300, default=0)", "seconds from 0 to 300"),
     # -- fitting models to memory (memory/fit.py) --
     "fit-min-ctx": ("integer(min=256, default=4096)", "a whole number of tokens >= 256"),
@@ -208,6 +211,9 @@ def load_config(path: Path | None = None) -> Config:
         return Config.default()
     if path.is_dir():  # configobj would say "Config file not found"
         raise ConfigError(f"{path} is a directory, not a configuration file.")
+    if not path.is_file():  # /dev/null, a pipe: configobj's "not found" of what exists
+        raise ConfigError(f"{path} is not a regular file (a device, a pipe or a socket); "
+                          "give a configuration file's path.")
     obj = _parsed(path)
     if obj.sections:
         raise ConfigError(f"{path}: section [{obj.sections[0]}] is not allowed; "
@@ -228,29 +234,41 @@ def _parsed(path: Path) -> ConfigObj:
     except (ConfigObjError, OSError) as e:
         # Of several errors configobj's message is "several errors.\nFirst error ...".
         first = (getattr(e, "errors", None) or [e])[0]
+        if isinstance(first, DuplicateError):
+            raise _twice(path, first) from e
         line = getattr(first, "line_number", None)
         where = f"{path}:{line}" if line else str(path)
         said = str(first).rstrip(".")
         raise ConfigError(f"{where}: cannot be read as a configuration file: {said}.") from e
 
 
+def _twice(path: Path, e: DuplicateError) -> ConfigError:
+    key = e.line.partition("=")[0].strip()
+    first = next(iter(_lines(path, key)), "?")
+    return ConfigError(f"{path}:{e.line_number}: {key} is set twice (lines {first} and "
+                       f"{e.line_number}); keep one.")
+
+
 def _spec_lines() -> list[str]:
     return [f"{key} = {check}" for key, (check, _) in SPEC.items()]
+
+
+def _lines(path: Path, key: str) -> list[int]:
+    """The numbers of the lines that set `key`."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return [n for n, text in enumerate(f, 1)
+                    if re.match(rf"\s*{re.escape(key)}\s*=", text)]
+    except OSError:
+        return []
 
 
 def _where(path: Path | None, key: str) -> str:
     """`file:line: ` of the key's (last) line in the file; `file: ` if it is not there."""
     if path is None:
         return ""
-    line = 0
-    try:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for n, text in enumerate(f, 1):
-                if re.match(rf"\s*{re.escape(key)}\s*=", text):
-                    line = n
-    except OSError:
-        pass
-    return f"{path}:{line}: " if line else f"{path}: "
+    lines = _lines(path, key)
+    return f"{path}:{lines[-1]}: " if lines else f"{path}: "
 
 
 def _bad(path: Path | None, key: str, value: object) -> ConfigError:
@@ -284,16 +302,37 @@ def _unknown(path: Path | None, key: str) -> ConfigError:
     return ConfigError(f"{_where(path, key)}unknown key {key!r}; {hint}")
 
 
+def valid_listen(text: str, least: int = 1) -> bool:
+    """Whether `text` is HOST:PORT as `listen` takes it (`llamad serve --listen` takes port
+    0 too: any free one, for tests)."""
+    listen = _LISTEN.fullmatch(text)
+    return listen is not None and least <= int(listen[2]) <= 65535
+
+
 def _opt_path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+# Paths that must be absolute (where one may be empty, only when given). llamad.service
+# runs in /, `llamad check-config` and `llamad models` wherever the user stands: a relative
+# path would name one place to them and another to the daemon.
+_ABSOLUTE = ("run-dir", "state-dir", "ui-dir", "llama-cache-dir", "ollama-models",
+             "models-preset", "llama-server", "api-keys-file", "peer-key-file",
+             "hf-token-file")
+
+
+def _check_absolute(path: Path | None, v: dict[str, Any]) -> None:
+    for key, value in [*((k, v[k]) for k in _ABSOLUTE), *(("models-dir", d)
+                                                        for d in v["models-dir"])]:
+        if (value or key in ("run-dir", "state-dir")) and not Path(value).is_absolute():
+            raise _bad(path, key, value)
 
 
 def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
     """Turn validated values into Config attributes, checking what validate cannot."""
     if v["slice-memory-max"] and not SIZE.fullmatch(v["slice-memory-max"]):
         raise _bad(path, "slice-memory-max", v["slice-memory-max"])
-    listen = _LISTEN.fullmatch(v["listen"])
-    if not listen or not 1 <= int(listen[2]) <= 65535:
+    if not valid_listen(v["listen"]):
         raise _bad(path, "listen", v["listen"])
     try:
         args = tuple(shlex.split(v["args"]))
@@ -301,11 +340,7 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
         raise _bad(path, "args", v["args"]) from e
     if not v["unit-user"] or not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", v["unit-user"]):
         raise _bad(path, "unit-user", v["unit-user"])
-    for key in ("run-dir", "state-dir"):
-        if not Path(v[key]).is_absolute():
-            raise _bad(path, key, v[key])
-    if v["ui-dir"] and not Path(v["ui-dir"]).is_absolute():
-        raise _bad(path, "ui-dir", v["ui-dir"])
+    _check_absolute(path, v)
     # Empty entries ("cors-origins =", a trailing comma) are none, as below.
     for origin in filter(None, v["cors-origins"]):
         if origin != "*" and not _ORIGIN.fullmatch(origin):
@@ -315,8 +350,6 @@ def _build(path: Path | None, v: dict[str, Any]) -> dict[str, Any]:
             raise _bad(path, "peers", peer)
     if v["hf-endpoint"] and not _URL.fullmatch(v["hf-endpoint"]):
         raise _bad(path, "hf-endpoint", v["hf-endpoint"])
-    if v["hf-token-file"] and not Path(v["hf-token-file"]).is_absolute():
-        raise _bad(path, "hf-token-file", v["hf-token-file"])
     preset = v["models-preset"]
     if preset is None:
         preset = str(DEFAULT_PRESETS) if DEFAULT_PRESETS.exists() else ""

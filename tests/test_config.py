@@ -149,7 +149,7 @@ def test_unknown_key_suggests_the_known_one(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("make", "said"), [
     (lambda p: p.mkdir(), "is a directory, not a configuration file."),
     (lambda p: p.write_bytes(b"models-dir = /m\xff\n"), "is not UTF-8 text"),
-    (lambda p: p.write_text("models-max = 1\nmodels-max = 2\n"), "Duplicate keyword name"),
+    (lambda p: p.write_text("models-max = 1\nmodels-max = 2\n"), "models-max is set twice"),
 ])
 def test_unreadable_files_are_one_sentence(tmp_path: Path, make: Any, said: str) -> None:
     path = tmp_path / "llamad.conf"

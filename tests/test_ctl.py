@@ -24,8 +24,10 @@ def complete(*words: str) -> list[str]:
     """What bash offers after `words` (the last one being completed)."""
     script = completion.bash(parser())
     line = " ".join(f"'{w}'" for w in words)
-    out = subprocess.run(["bash", "-c", f'{script}\nCOMP_WORDS=({line}); '
-                          f'COMP_CWORD={len(words) - 1}; _llamad; echo "${{COMPREPLY[@]}}"'],
+    # bash sets COMP_LINE and COMP_POINT too: the line up to the cursor, at its end here.
+    out = subprocess.run(["bash", "-c", f'{script}\nCOMP_WORDS=({line}); COMP_LINE="$1"; '
+                          f'COMP_POINT=${{#1}}; COMP_CWORD={len(words) - 1}; _llamad; '
+                          'echo "${COMPREPLY[@]}"', "_", " ".join(words)],
                          capture_output=True, text=True, check=True)
     return out.stdout.split()
 
