@@ -79,6 +79,8 @@ async def test_a_key_that_is_not_utf8_is_a_wrong_key(tmp_path: Path,
             writer.close()
             assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
             assert b'"code": "invalid_api_key"' in answer
+            # Both headers a client may use are named (Anthropic's SDKs send x-api-key).
+            assert b"(Authorization: Bearer KEY, or x-api-key: KEY)" in answer
     assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
 
 

@@ -186,8 +186,8 @@ def middleware(keyring: Keyring) -> Any:
         if request.path not in ("/health", "/v1/health") and not public:
             key = find(keyring.keys, presented(request))
             if key is None:
-                raise _refused("a valid API key is required (Authorization: Bearer KEY)",
-                               401, "invalid_api_key", "authentication_error")
+                raise _refused("a valid API key is required (Authorization: Bearer KEY, or "
+                               "x-api-key: KEY)", 401, "invalid_api_key", "authentication_error")
             request[REQUEST_KEY] = key
             if getattr(request.match_info.handler, ADMIN_ATTR, False) and not key.admin:
                 raise forbidden(f"{request.method} {request.path}")
