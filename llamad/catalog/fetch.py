@@ -33,9 +33,9 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from llamad.catalog import hub
+from llamad.catalog.fetchstatus import Status
 from llamad.catalog.hub import HubError, Name, Plan, RemoteFile
 from llamad.safetext import one_line
-from llamad.systemd.activation import Notifier
 
 EXIT_PERMANENT = 65  # EX_DATAERR
 EXIT_RETRY = 75  # EX_TEMPFAIL
@@ -47,38 +47,12 @@ RETRIES = 5  # failed attempts in a row before the process gives up (systemd res
 BACKOFF = 1.0  # seconds before the first retry, doubled each time
 MAX_REDIRECTS = 5
 DISK_MARGIN = 64 * 1024 * 1024  # bytes left free beyond what the files need
-STATUS_EVERY = 0.25  # seconds between progress lines
 TOKEN_CREDENTIAL = "hf-token"
 USER_AGENT = "llamad-fetch/1"
 
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-class Status:
-    """The unit's STATUS= line: one JSON object, sent at each phase and, while bytes
-    arrive, every STATUS_EVERY seconds."""
-
-    def __init__(self) -> None:
-        self.notifier = Notifier()
-        self.fields: dict[str, Any] = {"phase": "planning"}
-        self.last = 0.0
-        self.base = 0  # bytes of the files already in place
-
-    def send(self, ready: bool = False, **fields: Any) -> None:
-        self.fields.update(fields)
-        text = json.dumps(self.fields, separators=(",", ":"))
-        self.notifier.send(("READY=1\n" if ready else "") + "STATUS=" + text)
-        self.last = time.monotonic()
-
-    def progress(self, file_done: int, phase: str = "downloading") -> None:
-        fields: dict[str, Any] = {"phase": phase, "file_done": file_done,
-                                  "done": self.base + file_done}
-        if time.monotonic() - self.last >= STATUS_EVERY:
-            self.send(**fields)
-        else:
-            self.fields.update(fields)
 
 
 class Http:
@@ -382,6 +356,10 @@ def check_size(resp: http.client.HTTPResponse, f: RemoteFile) -> None:
 
 
 def fetch_file(http_: Http, cache: Path, plan: Plan, f: RemoteFile, status: Status) -> None:
+    # Named before any wait for its lock: a status of this file with the last one's hash,
+    # size and address would show llamad's listeners the wrong file.
+    status.fields.update(file=f.path, oid=f.oid, file_total=f.size, file_done=0,
+                         url=file_url(http_.endpoint, plan, f))
     part = Part(cache, plan, f)
     part.lock(status)
     while not part.ours():  # the download waited for failed its hash and deleted the file
@@ -395,9 +373,7 @@ def fetch_file(http_: Http, cache: Path, plan: Plan, f: RemoteFile, status: Stat
         part.read_back()
         if part.have:
             log(f"{f.path}: resuming at {part.have} of {f.size} bytes")
-        status.send(file=f.path, oid=f.oid, file_total=f.size,
-                    url=file_url(http_.endpoint, plan, f))
-        status.progress(part.have)
+        status.send(phase="downloading", file_done=part.have, done=status.base + part.have)
         pull(http_, file_url(http_.endpoint, plan, f), part, status)
         status.send(phase="verifying")
         part.verify_and_place()

@@ -41,6 +41,7 @@ POLL = 0.25  # seconds between looks at a running download's unit
 READY_TIMEOUT = du.PLAN_TIMEOUT + 15  # a start that neither plans nor fails by then
 REMOVE_TIMEOUT = 60.0
 STATUS_MAX = 8192  # characters of a unit's status text read
+PLAN_KEYS = ("model", "commit", "preset", "total", "files")  # the downloader's READY=1 status
 
 
 class DownloadFailed(LlamadError):
@@ -77,10 +78,22 @@ class Download:
 
     def take(self, status: dict[str, Any]) -> bool:
         """A new status line; whether it says anything new."""
+        if self.planned() and "commit" not in status:
+            # A downloader systemd restarted tells its own status (none, then perhaps a
+            # failure to reach the hub) before it plans again: the download stays planned,
+            # or the follower would take a restart for the end (StartLimitBurst= decides).
+            status = {**{k: self.status[k] for k in PLAN_KEYS if k in self.status}, **status}
         if status == self.status:
             return False
         self.status = status
         path = status.get("file")
+        # A poll every POLL s misses a file's last bytes (its hash check, a small file
+        # whole): the downloader names the next file only once one is in place, and its
+        # "done" ends them all. Else a file's last line (Ollama's bar) stayed part-way.
+        # (A restarted downloader's first lines name no file: that ends none.)
+        for seen, f in self.files.items():
+            if (isinstance(path, str) and seen != path) or status.get("phase") == "done":
+                f["done"] = f["total"]
         if isinstance(path, str) and isinstance(status.get("file_total"), int):
             self.files[path] = {"url": status.get("url"), "oid": status.get("oid"),
                                 "done": status.get("file_done", 0),
