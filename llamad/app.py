@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import dashboard, fleet, ollama, proxy, report, standby, webui
+from llamad.api import dashboard, fleet, ollama, peerforward, proxy, report, standby, webui
 from llamad.api import downloads as api_downloads
 from llamad.api import models as api
 from llamad.catalog import flagtable
@@ -126,6 +126,7 @@ class Daemon:
         app[limits.LIMITS] = lim
         app[keys.KEYRING] = self.keyring
         app[fleet.DRAINING] = fleet.Draining()  # /health says so after SIGTERM
+        peerforward.install(app)  # requests for the peers' models go there
         app.on_cleanup.append(lim.close)
         proxy.add_routes(app)
         api.add_routes(app)

@@ -65,7 +65,7 @@ def test_a_start_imports_no_lxml_and_loads_no_ca_certificates() -> None:
 
 def test_peers_over_https_are_still_verified() -> None:
     from llamad.api import fleet
-    context = fleet._verified()
+    context = fleet.verified()
     assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
     assert context.cert_store_stats()["x509_ca"] == \
         ssl.create_default_context().cert_store_stats()["x509_ca"]

@@ -6,6 +6,8 @@
 - One catalog: with `peers` set, GET /v1/models also lists the models of the other llamads
   (asked at once, each bounded by `peer-timeout`), so a client of the fleet sees every
   model whichever host answered. A peer is asked with `?peers=no`, so it lists only its own.
+  What the peers listed is kept (PeerMap): a request for a model only a peer serves is
+  forwarded there (peerforward.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import functools
 import json
 import logging
 import ssl
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -72,10 +76,9 @@ async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
     The peers are asked with llamad's own `key` (peer-key-file), never with the client's:
     a client's key, an admin's too, would travel in clear text to every peer. So the
     client's scope is applied here, to the peers' entries."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    limit = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=limit, headers=headers) as session:
-        answers = await asyncio.gather(*(_models_of(session, url, timeout) for url in peers))
+    answers = await ask_peers(peers, timeout, key)
+    if PEER_MAP in request.app:
+        request.app[PEER_MAP].learn(peers, answers)
     listing = json.loads(local)
     seen = {e.get("id") for e in listing["data"]}
     report: list[dict[str, Any]] = []
@@ -93,6 +96,87 @@ async def with_peers(request: web.Request, local: bytes, peers: tuple[str, ...],
     return json.dumps(listing).encode()
 
 
+async def ask_peers(peers: tuple[str, ...], timeout: float,
+                    key: str | None) -> list[tuple[list[Any], str]]:
+    """Each peer's own models, or why not; all asked at once, each within `timeout`."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limit = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=limit, headers=headers) as session:
+        return await asyncio.gather(*(_models_of(session, url, timeout) for url in peers))
+
+
+@dataclass(frozen=True)
+class PeerModel:
+    """A model a peer listed: where it is, and what a client's key is checked against."""
+
+    url: str
+    model: str
+    aliases: tuple[str, ...]
+
+
+class PeerMap:
+    """Which peer serves which model (by id or alias), from the last listing of the peers:
+    GET /v1/models' or its own, made at most every FRESH seconds while names are found and
+    at most every RETRY seconds for a name that is not (a client's typo asks no peer
+    more often than that)."""
+
+    FRESH = 10.0
+    RETRY = 2.0
+
+    def __init__(self) -> None:
+        self.names: dict[str, PeerModel] = {}
+        self.asked = -float("inf")  # monotonic time the last listing began
+        self._asking: asyncio.Task[None] | None = None
+
+    def learn(self, peers: tuple[str, ...], answers: list[tuple[list[Any], str]]) -> None:
+        """A listing's answers; a peer that failed to answer keeps the models it listed
+        before. The first peer listing a name gets it, ids before aliases, as in the
+        listing."""
+        found: list[PeerModel] = []
+        kept = list(dict.fromkeys(self.names.values()))
+        for url, (entries, error) in zip(peers, answers, strict=True):
+            if error:  # down for now: its requests get a 502 naming it, not a 404
+                found.extend(m for m in kept if m.url == url)
+            for entry in entries:
+                model, aliases = entry.get("id"), entry.get("aliases")
+                if isinstance(model, str):
+                    found.append(PeerModel(url, model, tuple(
+                        a for a in aliases if isinstance(a, str))
+                        if isinstance(aliases, list) else ()))
+        names: dict[str, PeerModel] = {}
+        for m in found:
+            names.setdefault(m.model, m)
+        for m in found:
+            for alias in m.aliases:
+                names.setdefault(alias, m)
+        self.names = names
+        self.asked = max(self.asked, time.monotonic())  # GET /v1/models' listing counts too
+
+    async def find(self, name: str, peers: tuple[str, ...], timeout: float,
+                   key: str | None) -> PeerModel | None:
+        """The peer model `name` names. A name not known is looked for in a new listing
+        (bounded by `timeout`); a known one is used while a stale listing is renewed."""
+        age = time.monotonic() - self.asked
+        known = self.names.get(name)
+        if (known is None and age >= self.RETRY) or age >= self.FRESH:
+            self._ask(peers, timeout, key)
+        if known is None and self._asking is not None and not self._asking.done():
+            await asyncio.shield(self._asking)  # a client leaving does not cut it for others
+            return self.names.get(name)
+        return known
+
+    def _ask(self, peers: tuple[str, ...], timeout: float, key: str | None) -> None:
+        if self._asking is None or self._asking.done():
+            self.asked = time.monotonic()
+
+            async def ask() -> None:
+                self.learn(peers, await ask_peers(peers, timeout, key))
+            self._asking = asyncio.ensure_future(ask())
+
+
+PEER_MAP: Any = app_key("peer_map", PeerMap)
+
+
 def _hosted(entry: dict[str, Any], url: str) -> dict[str, Any]:
     """A peer's entry marked with the peer that lists it. Its `llamad` is the peer's to
     write, so anything but an object there is replaced rather than trusted."""
@@ -108,7 +192,7 @@ def _may_see(request: web.Request, entry: dict[str, Any]) -> bool:
 
 
 @functools.cache
-def _verified() -> ssl.SSLContext:
+def verified() -> ssl.SSLContext:
     """A client context that verifies peers against the system's CAs. Not aiohttp's own:
     llamad imports aiohttp without loading the CAs (llamad/__init__.py)."""
     return ssl.create_default_context()
@@ -120,7 +204,7 @@ async def _models_of(session: aiohttp.ClientSession, url: str,
     try:
         async with session.get(f"{url}/v1/models", params={"peers": LOCAL_ONLY},
                                allow_redirects=False,
-                               ssl=_verified() if url.startswith("https:") else True) as r:
+                               ssl=verified() if url.startswith("https:") else True) as r:
             if r.status != 200:
                 return [], f"answered HTTP {r.status}"
             data = await capped_json(r, MAX_LISTING)

@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from llamad.api import progress, streams
+from llamad.api import peerforward, progress, streams
 from llamad.api.forward import Watch, forward, watch
 from llamad.api.models import router_props
-from llamad.errors import BackendUnreachable, BadRequest, LlamadError
+from llamad.errors import BackendUnreachable, BadRequest, LlamadError, NotFound
 from llamad.http import browsers, keys, multipart
 from llamad.http.body import BOUNDED, check_bounds, parse_keep_alive, read_json
 from llamad.http.context import find, resolve, supervisor
@@ -74,7 +74,10 @@ def autoload(request: web.Request) -> bool:
 async def handle_post(request: web.Request) -> web.StreamResponse:
     body, data = await read_json(request, *BOUNDED)
     check_bounds(data)
-    slot = await find(request, data.get("model"))
+    try:
+        slot = await find(request, data.get("model"))
+    except NotFound as e:  # perhaps a peer's model (try costs nothing on the local path)
+        return await peerforward.elsewhere(request, e, body, data.get("model"))
     keep_alive = keys.admins_say(request, parse_keep_alive(data.get("keep_alive")))
     stream = data.get("stream") is True
     if not request.headers.get(streams.HEADER):
@@ -113,7 +116,11 @@ async def handle_form(request: web.Request) -> web.StreamResponse:
     if not request.content_type.startswith("multipart/form-data"):
         return await handle_post(request)
     body, name = await multipart.read_field(request, "model")
-    return await proxied(request, resolve(request, name), body)
+    try:
+        slot = resolve(request, name)
+    except NotFound as e:
+        return await peerforward.elsewhere(request, e, body, name)
+    return await proxied(request, slot, body)
 
 
 async def handle_get(request: web.Request) -> web.StreamResponse:
@@ -122,7 +129,11 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
         return await metrics.handle(request)  # llamad's own, for Prometheus
     if name is None and request.path == "/props":
         return await router_props(request)
-    return await proxied(request, resolve(request, name), b"")
+    try:
+        slot = resolve(request, name)
+    except NotFound as e:
+        return await peerforward.elsewhere(request, e, b"", name)
+    return await proxied(request, slot, b"")
 
 
 async def proxied(request: web.Request, slot: Slot, body: bytes | bytearray,
