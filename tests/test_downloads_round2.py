@@ -24,7 +24,7 @@ import ollama as ollama_client
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers.fakehub import FakeHub
+from helpers.fakehub import FakeHub, blob
 
 from llamad.api import downloads
 from llamad.catalog import hfcache, hub
@@ -88,15 +88,6 @@ async def test_a_file_finished_between_two_looks_ends_complete(
     assert {d: (line["completed"], line["total"]) for d, line in last.items()} == {
         "sha256:" + "a" * 64: (3000, 3000), "sha256:" + "b" * 64: (200, 200)}
     assert lines[-1] == {"status": "success"}
-
-
-def blob(n: int, seed: int) -> bytes:
-    out = bytearray()
-    block = hashlib.sha256(b"%d" % seed).digest()
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:n])
 
 
 @pytest.fixture

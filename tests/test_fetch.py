@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import rig
-from helpers.fakehub import TOKEN, FakeHub, File
+from helpers.fakehub import TOKEN, FakeHub, File, blob
 from helpers.ports import refused_url
 
 from llamad.catalog import hfcache, hub
@@ -30,16 +30,6 @@ REPO = "org/model-GGUF"
 Q4 = "model-Q4_K_M.gguf"
 Q8 = "model-Q8_0.gguf"
 MMPROJ = "mmproj-model-f16.gguf"
-
-
-def blob(n: int, seed: int) -> bytes:
-    """n pseudo-random bytes (a file's content; the hub hashes it)."""
-    out = bytearray()
-    block = hashlib.sha256(b"%d" % seed).digest()
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:n])
 
 
 @pytest.fixture

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import rig
 from helpers import ggufgen
-from helpers.llamaserver import started
+from helpers.llamaserver import complete_tokens, started
 from helpers.supervised import Rig
 
 from llamad.catalog.catalog import scan
@@ -59,15 +56,6 @@ def server_args(kv: KvCache) -> tuple[str, ...]:
     return ("-c", "4096", "-np", "2", "-t", "1", "--metrics", "--slot-save-path", f"{save}/")
 
 
-def complete(url: str, prompt: list[int], **extra: Any) -> dict[str, Any]:
-    body = json.dumps({"prompt": prompt, "n_predict": 1, "cache_prompt": True, **extra})
-    req = urllib.request.Request(url + "/completion", body.encode(),
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        out: dict[str, Any] = json.loads(r.read())
-        return out
-
-
 async def checked(kv: KvCache) -> None:
     """Until the checks request_ended began have run."""
     await asyncio.wait_for(asyncio.gather(*kv._checks), 30)
@@ -81,7 +69,7 @@ async def save_conversation(kv_rig: Rig) -> None:
         server.wait_ready()
         backend = be.Backend(f"tcp:127.0.0.1:{server.port}")
         await kv.restore(model, backend)  # nothing saved yet: only noted as ready
-        complete(server.url, CONVERSATION, id_slot=0)
+        complete_tokens(server.url, CONVERSATION, id_slot=0)
         kv.on_change(Change(MODEL, State.READY, State.STOPPING, Cause.EVICT_COUNT,
                             at=time.time()))
         await kv.save(model)
@@ -110,7 +98,7 @@ async def test_a_request_on_another_slot_does_not_fail_the_restore(kv_rig: Rig) 
     async with restored(kv_rig) as url:
         # Another client's longer conversation comes first: llama-server gives it the
         # other, empty slot. It computes all of it and takes nothing from any cache...
-        other = complete(url, UNRELATED)
+        other = complete_tokens(url, UNRELATED)
         assert other["id_slot"] == 1 and other["timings"]["prompt_n"] == len(UNRELATED)
         kv.request_ended(slot)
         await checked(kv)
@@ -118,7 +106,7 @@ async def test_a_request_on_another_slot_does_not_fail_the_restore(kv_rig: Rig) 
         assert kv.figures[MODEL].restores_failed == 0
         assert kv.why_not(slot.model) is None and kv.stored[MODEL][0] == len(CONVERSATION)
         # The conversation itself continues from the restored slot: the restore took.
-        again = complete(url, [*CONVERSATION, 7, 8])
+        again = complete_tokens(url, [*CONVERSATION, 7, 8])
         assert again["id_slot"] == 0 and again["timings"]["prompt_n"] <= 4, again["timings"]
         kv.request_ended(slot)
         await checked(kv)
@@ -135,10 +123,10 @@ async def test_a_short_request_on_the_restored_slot_says_nothing_against_it(
         assert kv.figures[MODEL].restores_verified == 1
         # A short request on the restored slot, then a longer unrelated one: neither is
         # a restore that did not take (tests/test_kv_round2.py has one that is).
-        complete(url, [9, 9, 9], id_slot=0)
+        complete_tokens(url, [9, 9, 9], id_slot=0)
         kv.request_ended(slot)
         await checked(kv)
-        out = complete(url, UNRELATED, id_slot=0)
+        out = complete_tokens(url, UNRELATED, id_slot=0)
         assert out["timings"]["prompt_n"] == len(UNRELATED)
         kv.request_ended(slot)
         await checked(kv)

@@ -5,10 +5,8 @@ really does not take is caught before any request pays for it."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 import rig
 from helpers import ggufgen
-from helpers.llamaserver import started
+from helpers.llamaserver import complete_tokens, started
 from helpers.supervised import Rig
 
 from llamad.config import Config
@@ -57,15 +55,6 @@ def server_args(kv: KvCache, model: str, *extra: str) -> tuple[str, ...]:
             *extra)
 
 
-def complete(url: str, prompt: list[int], **extra: Any) -> dict[str, Any]:
-    body = json.dumps({"prompt": prompt, "n_predict": 1, "cache_prompt": True, **extra})
-    req = urllib.request.Request(url + "/completion", body.encode(),
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        out: dict[str, Any] = json.loads(r.read())
-        return out
-
-
 async def save_conversation(kv_rig: Rig, name: str, *extra: str) -> None:
     """The model's slot 0 holds CONVERSATION and is saved as an eviction saves it."""
     kv, model = kv_rig.sup.kv, kv_rig.slot(name).model
@@ -74,7 +63,7 @@ async def save_conversation(kv_rig: Rig, name: str, *extra: str) -> None:
         server.wait_ready()
         backend = be.Backend(f"tcp:127.0.0.1:{server.port}")
         await kv.restore(model, backend)
-        complete(server.url, CONVERSATION)
+        complete_tokens(server.url, CONVERSATION)
         kv.on_change(Change(name, State.READY, State.STOPPING, Cause.EVICT_COUNT,
                             at=time.time()))
         await kv.save(model)
@@ -93,7 +82,7 @@ async def restore_then(kv_rig: Rig, name: str, prompt: list[int], *extra: str,
         backend = be.Backend(f"tcp:127.0.0.1:{server.port}")
         await kv.restore(slot.model, backend)
         await backend.close()
-        out = complete(server.url, prompt, **body)
+        out = complete_tokens(server.url, prompt, **body)
         kv.request_ended(slot)
         for task in list(kv._checks):
             await task
@@ -133,7 +122,7 @@ async def test_a_restore_that_does_not_take_is_caught_before_the_first_request(
         await backend.close()
         assert kv.figures["swa"].restores_failed == kv_rig_failed + 1  # before any request
         # The probe computed the conversation again: its next turn reuses that.
-        again = complete(server.url, [*CONVERSATION, 7, 8])
+        again = complete_tokens(server.url, [*CONVERSATION, 7, 8])
         assert again["timings"]["prompt_n"] <= 3, again["timings"]
     assert kv.why_not(swa) == kvcache.BROKEN and "swa" not in kv.stored
 

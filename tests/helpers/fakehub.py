@@ -262,3 +262,13 @@ def _gated(refusal: type[web.HTTPException], why: str) -> web.HTTPException:
     """The hub's refusal of a gated repository, with its reason where clients read it."""
     return refusal(text=json.dumps({"error": why}), content_type="application/json",
                    headers={"X-Error-Code": "GatedRepo", "X-Error-Message": why})
+
+
+def blob(n: int, seed: int) -> bytes:
+    """n pseudo-random bytes (a file's content; the hub hashes it)."""
+    out = bytearray()
+    block = hashlib.sha256(b"%d" % seed).digest()
+    while len(out) < n:
+        block = hashlib.sha256(block).digest()
+        out += block
+    return bytes(out[:n])

@@ -292,11 +292,11 @@ def write_deci(path: Path, *, embd: int, heads: Sequence[int], kv_heads: Sequenc
     return _written(w, path)
 
 
-def _attention_model(path: Path, arch: str, *, embd: int, ff: int, heads: int, heads_kv: int,
-                     head_dim: int, blocks: int, vocab: int, context: int,
-                     eps: float) -> gguf.GGUFWriter:
-    """What the generated attention models share: their header, a byte-level vocabulary,
-    the input and output layers and each block's attention; the caller adds the rest."""
+def attention_header(path: Path, arch: str, *, embd: int, ff: int, heads: int, heads_kv: int,
+                     head_dim: int, blocks: int, vocab: int, context: int, eps: float,
+                     file_type: gguf.LlamaFileType) -> gguf.GGUFWriter:
+    """A writer with an attention model's header keys and a made-up vocabulary, no tensors
+    yet (quantgen.py's models share it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(context)
@@ -309,8 +309,19 @@ def _attention_model(path: Path, arch: str, *, embd: int, ff: int, heads: int, h
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(eps)
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    w.add_file_type(int(file_type))
     _byte_vocabulary(w, vocab)
+    return w
+
+
+def _attention_model(path: Path, arch: str, *, embd: int, ff: int, heads: int, heads_kv: int,
+                     head_dim: int, blocks: int, vocab: int, context: int,
+                     eps: float) -> gguf.GGUFWriter:
+    """What the generated attention models share: their header, a byte-level vocabulary,
+    the input and output layers and each block's attention; the caller adds the rest."""
+    w = attention_header(path, arch, embd=embd, ff=ff, heads=heads, heads_kv=heads_kv,
+                         head_dim=head_dim, blocks=blocks, vocab=vocab, context=context,
+                         eps=eps, file_type=gguf.LlamaFileType.MOSTLY_F16)
     w.add_tensor("token_embd.weight", _f16(vocab, embd))
     w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
     w.add_tensor("output.weight", _f16(vocab, embd))

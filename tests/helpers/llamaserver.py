@@ -4,6 +4,7 @@ the real thing: what it sends, when it hangs up, what it allocates and logs."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import tempfile
@@ -117,3 +118,14 @@ def measured(args: list[str], model: Path = rig.GEMMA) -> Measured:
                     int(float(output[-1]) * MIB), peak,
                     int(float(projector[-1]) * MIB) if projector else 0,
                     int(sum(float(x) for x in weights) * MIB))
+
+
+def complete_tokens(url: str, prompt: list[int], **extra: Any) -> dict[str, Any]:
+    """llama-server's /completion of a prompt of token ids, one token asked for, its cache
+    used: the answer (its `timings` say what was taken from the cache)."""
+    body = json.dumps({"prompt": prompt, "n_predict": 1, "cache_prompt": True, **extra})
+    req = urllib.request.Request(url + "/completion", body.encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out: dict[str, Any] = json.loads(r.read())
+        return out
