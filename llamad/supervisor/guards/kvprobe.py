@@ -82,15 +82,12 @@ async def took(backend: be.Backend, slot: int, tokens: list[int],
     return (False, computed) if computed >= len(tokens) - 1 else None
 
 
-async def judge(backend: be.Backend, files: dict[int, Path],
-                deadline: float) -> dict[int, tuple[bool, int] | None]:
-    """Each restored slot (slot -> its file) probed in turn, within the deadline."""
-    out: dict[int, tuple[bool, int] | None] = {}
-    for slot, path in sorted(files.items()):
-        try:
-            tokens = await asyncio.to_thread(saved_tokens, path)
-        except OSError:
-            tokens = None
-        out[slot] = None if tokens is None else \
-            await took(backend, slot, tokens, deadline - time.monotonic())
-    return out
+async def judge(backend: be.Backend, slot: int, path: Path,
+                deadline: float) -> tuple[bool, int] | None:
+    """took() for a restored slot and the file it was restored from, within the deadline."""
+    try:
+        tokens = await asyncio.to_thread(saved_tokens, path)
+    except OSError:
+        return None
+    return None if tokens is None else \
+        await took(backend, slot, tokens, deadline - time.monotonic())
