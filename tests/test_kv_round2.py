@@ -55,21 +55,22 @@ def server_args(kv: KvCache, model: str, *extra: str) -> tuple[str, ...]:
             *extra)
 
 
-async def save_conversation(kv_rig: Rig, name: str, *extra: str) -> None:
-    """The model's slot 0 holds CONVERSATION and is saved as an eviction saves it."""
+async def save_conversation(kv_rig: Rig, name: str, *extra: str,
+                            conversation: list[int] = CONVERSATION) -> None:
+    """The model's slot 0 holds `conversation` and is saved as an eviction saves it."""
     kv, model = kv_rig.sup.kv, kv_rig.slot(name).model
     assert kv.why_not(model) is None
     with started(*server_args(kv, name, *extra), model=model.shards[0]) as server:
         server.wait_ready()
         backend = be.Backend(f"tcp:127.0.0.1:{server.port}")
         await kv.restore(model, backend)
-        complete_tokens(server.url, CONVERSATION)
+        complete_tokens(server.url, conversation)
         kv.on_change(Change(name, State.READY, State.STOPPING, Cause.EVICT_COUNT,
                             at=time.time()))
         await kv.save(model)
         await kv.close()
         await backend.close()
-    assert kv.stored[name][0] == len(CONVERSATION)
+    assert kv.stored[name][0] == len(conversation)
 
 
 async def restore_then(kv_rig: Rig, name: str, prompt: list[int], *extra: str,
@@ -158,3 +159,17 @@ async def test_a_save_drops_the_saves_of_models_no_longer_in_the_catalog(
     assert kv.store.usage()["gone"] == (10, 1000)
     await save_conversation(kv_rig, "plain")
     assert set(kv.stored) == {"plain"} and not orphan.exists()
+
+
+async def test_a_small_restore_is_not_worth_a_probe(kv_rig: Rig) -> None:
+    """A probe costs the load 30-50 ms: a restore of fewer than kvprobe.MIN_TOKENS is not
+    probed, nor judged by the requests after it (which cannot tell)."""
+    kv = kv_rig.sup.kv
+    short = CONVERSATION[:kvprobe.MIN_TOKENS - 10]
+    await save_conversation(kv_rig, "plain", conversation=short)
+    timings = await restore_then(kv_rig, "plain", UNRELATED)
+    assert timings["cache_n"] == 0
+    figures = kv.figures["plain"]
+    assert (figures.restored_tokens, figures.restores_verified, figures.restores_failed) == (
+        len(short), 0, 0)
+    assert kv.why_not(kv_rig.slot("plain").model) is None

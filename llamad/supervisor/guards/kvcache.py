@@ -7,9 +7,8 @@ Which models and which slots: kvpolicy.py (by default where it pays).
   lifecycle.py's stop path); when the model next answers /health, its saved slots are
   restored before it is marked ready (`restore`). Crashes, removed or changed files and
   llamad's own exit save nothing.
-- **Checked.** By a probe of the restored slot holding most (kvprobe), else the next requests
-  (`request_ended`). One that did not take is logged, counted, and turns restores off for
-  that model and build (`Rates.broken`): a restore bug fails open, the model recomputes.
+- **Checked.** By a probe (kvprobe), else the next requests (`request_ended`). One that did
+  not take is logged, counted, and turns restores off for that model and build: it fails open.
 - **Which cache.** Each save is keyed by `identity()`: the model files' and llama-server's
   (device, inode, size, mtime) and the model's exact arguments. A load whose identity
   differs drops the saved caches and restores nothing.
@@ -275,13 +274,14 @@ class KvCache(Hook):
         if not done:
             return
         took = time.monotonic() - started
-        log.info("model %s: restored %d cached tokens in %.2fs", model.id,
-                 sum(done.values()), took)
+        log.info("model %s: restored %d cached tokens in %.2fs", model.id, sum(done.values()), took)
         fixed = kvpolicy.RESTORE_FIXED * len(done)
         size = sum(e.bytes for e in fresh if e.slot in done)
         self._learn(model.id, restore=max(0.0, took - fixed) / max(1, size))
-        # One slot probed: a restore that does not take fails all alike; a probe costs ~20 ms.
+        # One slot probed (a restore that does not take fails all alike), where worth its cost.
         probed = max((e for e in fresh if e.slot in done), key=lambda e: done[e.slot])
+        if done[probed.slot] < kvprobe.MIN_TOKENS:
+            return
         if (found := await kvprobe.judge(backend, probed.slot, self.store.path(probed),
                                          deadline)) is not None:
             if not found[0]:

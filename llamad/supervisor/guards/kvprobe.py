@@ -28,6 +28,10 @@ MAGIC = 0x67677371  # "ggsq"
 VERSION = 4  # LLAMA_STATE_SEQ_VERSION of the builds whose format this reads
 MAX_TOKENS = 1 << 22  # beyond any context llama-server takes
 PACKED = -1  # LLAMA_TOKEN_NULL: llama-server's packed prompt, not a bare token list
+# Fewer restored tokens are not checked at all: a probe costs the load 30-50 ms (a cold
+# start of Gemma 3 270M, 32 small slots restored: 0.95 s against 0.87 without), and a
+# restore of so few that did not take costs little; a client's request cannot tell (above).
+MIN_TOKENS = 256
 
 
 def saved_tokens(path: Path) -> list[int] | None:
