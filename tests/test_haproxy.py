@@ -132,15 +132,19 @@ async def post(s: aiohttp.ClientSession, url: str, model: str) -> tuple[int, str
         return 0, ""
 
 
+async def haproxy_up(s: aiohttp.ClientSession, url: str) -> None:
+    async def up() -> bool:
+        return (await post(s, url, "pinned"))[0] == 200
+    await eventually("haproxy to come up", up, timeout=10, every=0.05)
+
+
 async def test_routes_by_model_and_fails_over(
         two_hosts: tuple[str, dict[str, web.AppRunner]]) -> None:
     url, runners = two_hosts
     first, second = runners
     names = [f"model-{i}" for i in range(12)]
     async with aiohttp.ClientSession() as s:
-        async def up() -> bool:
-            return (await post(s, url, "pinned"))[0] == 200
-        await eventually("haproxy to come up", up, timeout=10, every=0.05)
+        await haproxy_up(s, url)
         # Each model always goes to one host; the models are spread over both.
         where = {m: {(await post(s, url, m))[1] for _ in range(3)} for m in names}
         assert all(len(hosts) == 1 for hosts in where.values()), where
@@ -175,9 +179,7 @@ async def test_a_model_named_in_the_query_or_path_reaches_its_host(
     url, runners = two_hosts
     names = [f"org/model-{i}" for i in range(8)]
     async with aiohttp.ClientSession() as s:
-        async def up() -> bool:
-            return (await post(s, url, "pinned"))[0] == 200
-        await eventually("haproxy to come up", up, timeout=10, every=0.05)
+        await haproxy_up(s, url)
         home = {m: (await post(s, url, m))[1] for m in names}
         assert set(home.values()) == set(runners), home
 

@@ -206,7 +206,7 @@ def estimate_rpc(info: ModelInfo, args: Sequence[str]) -> Estimate:
     remote, host, largest = _rpc_split(info, s, plan)
     ctx, kv = _kv(info, s, plan)
     compute = _compute(info, s, plan, devices=len(rpcargs.workers(args)))
-    mapped = host if s.load_mode in ("auto", "mmap", "mmap+mlock") else 0
+    mapped = host if s.maps_file else 0
     # RPC devices have no host buffer type: the host's matrices are copied as on a CPU alone.
     copied = _copied(info, s, plan, repack.copies(s, cpu=repack.here(), gpu=False))
     return Estimate(Memory(host + copied, remote), kv, compute, Memory(PROCESS_RAM + largest, 0),
@@ -255,7 +255,7 @@ def _weights(info: ModelInfo, s: ServerArgs, plan: _Plan,
     # Without mmap the host's tensors are read into anonymous buffers; direct I/O skips
     # the page cache, other reads fill it.
     pages = 0 if s.load_mode == "dio" else info.size
-    anon = 0 if s.load_mode in ("auto", "mmap", "mmap+mlock") else host
+    anon = 0 if s.maps_file else host
     locked = 0 if s.load_mode != "mmap+mlock" else host if plan.output else pages
     return Memory(pages + anon, vram), pages, locked
 

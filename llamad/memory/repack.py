@@ -52,8 +52,7 @@ def here() -> bool:
 def copies(s: ServerArgs, *, cpu: bool, gpu: bool) -> bool:
     """Whether llama-server copies the host's matrices with these arguments: `cpu`, this
     machine's CPU repacks (here()); `gpu`, llama-server has a CUDA device."""
-    return (cpu and s.repack and (not gpu or s.no_host)
-            and s.load_mode in ("auto", "mmap", "mmap+mlock"))
+    return cpu and s.repack and (not gpu or s.no_host) and s.maps_file
 
 
 def host_bytes(table: TensorBytes, layers: float, head: bool) -> int:

@@ -62,6 +62,11 @@ class ServerArgs:
     adapters: tuple[str, ...] = ()
 
     @property
+    def maps_file(self) -> bool:
+        """The model file is mapped (its pages are page cache), not read into memory."""
+        return self.load_mode in ("auto", "mmap", "mmap+mlock")
+
+    @property
     def mtp(self) -> bool:
         """Multi-token prediction drafts, which load the model's NextN layers: named, or
         maybe inferred (without --spec-type, llama.cpp picks draft-mtp where the draft
